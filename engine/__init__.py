@@ -1,0 +1,34 @@
+"""probescope: watch a PyTorch model learn, cheaply enough to leave it on.
+
+Importing probescope does no work: no threads, no device context, no kernel compilation.
+"""
+
+from probescope.events import EVENTS, Callback
+from probescope.monitor import Monitor
+from probescope.probes import CurveProbe, GridProbe, LossProbe, PredictionProbe, Probe, ProbeContext, ProbeStats
+from probescope.ring import Frame, FrameRing
+from probescope.run import Run, RunWriter, open_run
+from probescope.schedule import Schedule, StepInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EVENTS",
+    "Callback",
+    "CurveProbe",
+    "Frame",
+    "FrameRing",
+    "GridProbe",
+    "LossProbe",
+    "Monitor",
+    "PredictionProbe",
+    "Probe",
+    "ProbeContext",
+    "ProbeStats",
+    "Run",
+    "RunWriter",
+    "Schedule",
+    "StepInfo",
+    "__version__",
+    "open_run",
+]

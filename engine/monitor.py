@@ -1,0 +1,422 @@
+"""Monitor: attaches probes to a training run and keeps them off the training path."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from probescope.events import EVENTS, Callback
+from probescope.history import History
+from probescope.probes.base import Probe, ProbeContext, ProbeStats
+from probescope.ring import Frame, FrameRing
+from probescope.run import RunWriter
+from probescope.schedule import StepInfo
+from probescope.snapshot import SnapshotPool
+from probescope.worker import ProbeWorker
+
+log = logging.getLogger("probescope")
+
+
+@dataclass
+class _ProbeState:
+    probe: Probe
+    ring: FrameRing
+    stats: ProbeStats = field(default_factory=ProbeStats)
+    enabled: bool = True
+    busy: bool = False
+    last_step: int = -1
+    recorded_seq: int = -1
+
+
+class Monitor:
+    """Watches ``model`` with ``probes`` while it trains.
+
+    Use it as a context manager around a plain loop and call ``step(loss=...)`` after each
+    optimizer step (and ``end_epoch()`` after each epoch), or drive it through the fastai
+    event names (``before_fit()``, ``after_loss(loss=...)``, ``after_step()``, ...).
+    Probes run on a worker thread on a snapshot of the weights of one step; a probe due while
+    its previous evaluation still runs is skipped. A probe that raises is disabled with one
+    warning; training goes on. With ``run_dir`` every frame is recorded there.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        probes: Iterable[Probe] = (),
+        *,
+        optimizer=None,
+        run_dir: str | os.PathLike | None = None,
+        overwrite: bool = False,
+        snapshot: str = "copy",
+        ring_capacity: int = 8,
+        callbacks: Iterable[Callback] = (),
+        final_frame: bool = True,
+        close_timeout: float = 60.0,
+        metadata: Mapping[str, Any] | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Monitor: model must be a torch.nn.Module, got {type(model).__name__}")
+        probes = list(probes)
+        for p in probes:
+            if not isinstance(p, Probe):
+                raise TypeError(f"Monitor: probes must be Probe instances, got {type(p).__name__}")
+        names = [p.name for p in probes]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"Monitor: probe names must be unique; {duplicates} repeat "
+                             "(give each probe a name=...)")
+        callbacks = list(callbacks)
+        for c in callbacks:
+            if not isinstance(c, Callback):
+                raise TypeError(f"Monitor: callbacks must be Callback instances, got {type(c).__name__}")
+        for p in probes:
+            p.attach(model)
+        self.model, self.optimizer = model, optimizer
+        self.history = History()
+        self._pool = SnapshotPool(model, snapshot)
+        self._wake = threading.Event()
+        self._probes = {
+            p.name: _ProbeState(p, FrameRing(p.name, ring_capacity, on_commit=self._wake.set)) for p in probes
+        }
+        self._callbacks = sorted([*probes, *callbacks], key=lambda c: c.order)
+        self._run_dir, self._overwrite = run_dir, overwrite
+        self._final_frame, self._close_timeout = final_frame, close_timeout
+        self._metadata = dict(metadata or {})
+        self._step = 0
+        self._epoch = 0
+        self._started = self._closed = False
+        self._stop_recorder = False
+        self._worker: ProbeWorker | None = None
+        self._recorder: threading.Thread | None = None
+        self.writer: RunWriter | None = None
+        self._t_start = 0.0
+        self._failed_callbacks: set[int] = set()
+
+    # ---- public state -------------------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps completed so far (0 before the first)."""
+        return self._step
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch, counted from 0."""
+        return self._epoch
+
+    @property
+    def probes(self) -> dict[str, Probe]:
+        """The probes, by name."""
+        return {name: st.probe for name, st in self._probes.items()}
+
+    @property
+    def stats(self) -> dict[str, ProbeStats]:
+        """Counters per probe: run, skipped, failed, milliseconds per evaluation."""
+        return {name: st.stats for name, st in self._probes.items()}
+
+    @property
+    def snapshot_bytes(self) -> int:
+        """Memory held by weight snapshots."""
+        return self._pool.nbytes
+
+    def ring(self, name: str) -> FrameRing:
+        """The frame ring of probe ``name``."""
+        return self._probes[name].ring
+
+    def latest(self, name: str) -> Frame | None:
+        """The newest frame of probe ``name``; never blocks."""
+        return self._probes[name].ring.latest()
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def start(self) -> Monitor:
+        """Open the run directory, start the worker and take the step-0 frames (idempotent)."""
+        if self._started:
+            return self
+        if self._closed:
+            raise RuntimeError("Monitor: a closed monitor cannot start again")
+        self._started = True
+        self._t_start = time.perf_counter()
+        if self._run_dir is not None:
+            self.writer = RunWriter(self._run_dir, overwrite=self._overwrite)
+            for st in self._probes.values():
+                p = st.probe
+                self.writer.add_probe(p.name, p.kind, {**p.config(), "schedule": p.schedule.describe()},
+                                      p.static())
+            self.writer.update_meta(model=_describe_model(self.model), snapshot=self._pool.strategy,
+                                    metadata=self._metadata)
+        self._worker = ProbeWorker()
+        self._recorder = threading.Thread(target=self._record_loop, name="probescope-recorder", daemon=True)
+        self._recorder.start()
+        self._fire("before_fit")
+        self._probe_now(self._due_at_step())
+        return self
+
+    def close(self) -> None:
+        """Finish: wait for running probes, take the final frames, flush the run (idempotent)."""
+        if self._closed or not self._started:
+            self._closed = True
+            return
+        self._closed = True
+        if not self._worker.wait_idle(self._close_timeout):
+            log.warning("Monitor: a probe still runs after %.0f s; closing without waiting for it",
+                        self._close_timeout)
+        if self._final_frame:
+            final = [st for st in self._probes.values()
+                     if st.enabled and not st.busy and st.last_step != self._step]
+            self._probe_now(final, inline=True)
+        self._fire("after_fit")
+        self._worker.close(timeout=1.0)
+        self._stop_recorder = True
+        self._wake.set()
+        self._recorder.join()
+        if self.writer is not None:
+            self.writer.save_model(self.model)
+            self.writer.finish(self.summary())
+
+    def __enter__(self) -> Monitor:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- the training loop's calls ------------------------------------------------------
+    def step(self, loss=None) -> None:
+        """Call after each optimizer step; ``loss`` is the batch's loss (a tensor is fine)."""
+        if loss is not None:
+            self._record_loss(loss)
+        self.after_step()
+
+    def log(self, **values) -> None:
+        """Record scalars at the current step, e.g. ``log(valid_loss=0.3, accuracy=0.9)``."""
+        for name, value in values.items():
+            self.history.append(name, self._step, self._epoch, value)
+
+    def end_epoch(self) -> None:
+        """Call after each epoch; epoch-based schedules fire here."""
+        self.after_epoch()
+
+    def event(self, name: str, **kwargs) -> None:
+        """Deliver a training event by its fastai name."""
+        if name not in EVENTS:
+            raise ValueError(f"Monitor: unknown event {name!r}; events are {EVENTS}")
+        getattr(self, name)(**kwargs)
+
+    def before_fit(self, **kwargs) -> None:
+        """Start monitoring (same as ``start()``)."""
+        self.start()
+
+    def before_epoch(self, **kwargs) -> None:
+        self._fire("before_epoch", **kwargs)
+
+    def before_train(self, **kwargs) -> None:
+        self._fire("before_train", **kwargs)
+
+    def before_batch(self, **kwargs) -> None:
+        self._fire("before_batch", **kwargs)
+
+    def after_pred(self, **kwargs) -> None:
+        self._fire("after_pred", **kwargs)
+
+    def after_loss(self, loss=None, **kwargs) -> None:
+        """Record the batch loss of the step in progress."""
+        if loss is not None:
+            self._record_loss(loss)
+        self._fire("after_loss", loss=loss, **kwargs)
+
+    def before_backward(self, **kwargs) -> None:
+        self._fire("before_backward", **kwargs)
+
+    def after_backward(self, **kwargs) -> None:
+        self._fire("after_backward", **kwargs)
+
+    def after_step(self, **kwargs) -> None:
+        """The optimizer stepped: count the step and launch the probes that are due."""
+        if not self._started:
+            self.start()
+        self._step += 1
+        if self.optimizer is not None:
+            self.history.append("lr", self._step, self._epoch, self.optimizer.param_groups[0]["lr"])
+        self._fire("after_step", **kwargs)
+        self._probe_now(self._due_at_step())
+
+    def after_batch(self, **kwargs) -> None:
+        self._fire("after_batch", **kwargs)
+
+    def after_train(self, **kwargs) -> None:
+        self._fire("after_train", **kwargs)
+
+    def before_validate(self, **kwargs) -> None:
+        self._fire("before_validate", **kwargs)
+
+    def after_validate(self, **values) -> None:
+        """Validation finished: record the given values (``valid_loss=...``, metrics)."""
+        self.log(**values)
+        self._fire("after_validate", **values)
+
+    def after_epoch(self, **kwargs) -> None:
+        """An epoch ended: fire epoch schedules, then move to the next epoch."""
+        if not self._started:
+            self.start()
+        self._fire("after_epoch", **kwargs)
+        due = [st for st in self._probes.values() if st.enabled and st.last_step != self._step
+               and self._ask(st, lambda s: s.due_at_epoch_end(self._epoch))]
+        self._probe_now(self._skip_busy(due))
+        self._epoch += 1
+
+    def after_fit(self, **kwargs) -> None:
+        """Stop monitoring (same as ``close()``)."""
+        self.close()
+
+    # ---- internals ----------------------------------------------------------------------
+    def _record_loss(self, loss) -> None:
+        self.history.append(History.BATCH_LOSS, self._step + 1, self._epoch, loss)
+
+    def _fire(self, event: str, **kwargs) -> None:
+        for cb in self._callbacks:
+            if id(cb) in self._failed_callbacks:
+                continue
+            try:
+                getattr(cb, event)(self, **kwargs)
+            except Exception as err:
+                self._failed_callbacks.add(id(cb))
+                state = self._probes.get(getattr(cb, "name", None))
+                if state is not None and state.probe is cb:
+                    state.enabled = False
+                log.warning("%s raised in %s and is disabled: %s: %s", type(cb).__name__, event,
+                            type(err).__name__, err)
+
+    def _ask(self, st: _ProbeState, question) -> bool:
+        try:
+            return bool(question(st.probe.schedule))
+        except Exception as err:
+            st.enabled = False
+            log.warning("%s %r: its schedule raised (%s: %s); the probe is disabled",
+                        type(st.probe).__name__, st.probe.name, type(err).__name__, err)
+            return False
+
+    def _due_at_step(self) -> list[_ProbeState]:
+        info = StepInfo(self._step, self._epoch, self)
+        due = [st for st in self._probes.values() if st.enabled and self._ask(st, lambda s: s.due(info))]
+        return self._skip_busy(due)
+
+    @staticmethod
+    def _skip_busy(due: list[_ProbeState]) -> list[_ProbeState]:
+        free = []
+        for st in due:
+            if st.busy:
+                st.stats.skipped += 1
+            else:
+                free.append(st)
+        return free
+
+    def _probe_now(self, states: list[_ProbeState], inline: bool = False) -> None:
+        """Snapshot the weights and evaluate ``states`` on the worker (or here, if inline)."""
+        if not states:
+            return
+        inline = inline or self._pool.inline
+        shadow = self._pool.acquire()
+        if shadow is None:
+            for st in states:
+                st.stats.skipped += 1
+            return
+        for st in states:
+            st.busy, st.last_step = True, self._step
+        job = _Job(self, shadow, states, self._step, self._epoch, self.history.lengths())
+        if inline:
+            job()
+        else:
+            self._worker.submit(job)
+
+    def _record_loop(self) -> None:
+        while True:
+            self._wake.wait(0.25)
+            self._wake.clear()
+            stopping = self._stop_recorder
+            for st in self._probes.values():
+                for frame in st.ring.read_since(st.recorded_seq):
+                    st.recorded_seq = frame.seq
+                    if self.writer is not None:
+                        self.writer.write_frame(frame)
+                if st.ring.dropped:
+                    st.probe.warn_once("dropped", "the recorder fell behind and lost frames; "
+                                       "raise ring_capacity or probe less often")
+            if stopping:
+                return
+
+    def summary(self) -> dict[str, Any]:
+        """What happened so far: steps, epochs, frames, per-probe counters, memory."""
+        elapsed = time.perf_counter() - self._t_start if self._started else 0.0
+        return {
+            "steps": self._step,
+            "epochs": self._epoch,
+            "wall_seconds": round(elapsed, 3),
+            "snapshot_bytes": self._pool.nbytes,
+            "frames_written": self.writer.frames_written if self.writer else 0,
+            "probes": {name: {**st.stats.as_dict(), "enabled": st.enabled, "frames": st.ring.written,
+                              "dropped": st.ring.dropped}
+                       for name, st in self._probes.items()},
+        }
+
+
+class _Job:
+    """One snapshot evaluated by a list of probes, writing into their rings."""
+
+    def __init__(self, monitor: Monitor, shadow: nn.Module, states, step: int, epoch: int, cut):
+        self.monitor, self.shadow, self.states = monitor, shadow, states
+        self.step, self.epoch, self.cut = step, epoch, cut
+
+    def __call__(self) -> None:
+        import torch
+
+        pool = self.monitor._pool
+        restore = pool.strategy == "sync" and self.shadow.training
+        try:
+            if restore:
+                self.shadow.eval()
+            with torch.no_grad():
+                context = ProbeContext(self.step, self.epoch, self.monitor.history.read(self.cut))
+                for st in self.states:
+                    self._evaluate(st, context)
+        finally:
+            for st in self.states:
+                st.busy = False
+            if restore:
+                self.shadow.train()
+            pool.release(self.shadow)
+
+    def _evaluate(self, st: _ProbeState, context: ProbeContext) -> None:
+        t0 = time.perf_counter()
+        try:
+            data = st.probe.evaluate(self.shadow, context)
+            st.ring.write(data, self.step, self.epoch)
+        except Exception as err:
+            st.stats.failed += 1
+            st.enabled = False
+            log.warning("%s %r failed at step %d and is disabled; training goes on. %s: %s",
+                        type(st.probe).__name__, st.probe.name, self.step, type(err).__name__, err,
+                        exc_info=log.isEnabledFor(logging.DEBUG))
+            return
+        finally:
+            st.busy = False
+        ms = (time.perf_counter() - t0) * 1000.0
+        st.stats.run += 1
+        st.stats.total_ms += ms
+        st.stats.last_ms = ms
+
+
+def _describe_model(model: nn.Module) -> dict[str, Any]:
+    params = list(model.parameters())
+    text = repr(model)
+    return {
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "parameters": sum(p.numel() for p in params),
+        "device": str(params[0].device) if params else "cpu",
+        "dtype": str(params[0].dtype).replace("torch.", "") if params else "float32",
+        "repr": text if len(text) < 4000 else text[:4000] + " ...",
+    }

@@ -1,0 +1,9 @@
+"""The probes: what probescope evaluates on a snapshot of the model while it trains."""
+
+from probescope.probes.base import Probe, ProbeContext, ProbeStats
+from probescope.probes.curve import CurveProbe
+from probescope.probes.grid import GridProbe
+from probescope.probes.loss import LossProbe
+from probescope.probes.prediction import PredictionProbe
+
+__all__ = ["CurveProbe", "GridProbe", "LossProbe", "PredictionProbe", "Probe", "ProbeContext", "ProbeStats"]

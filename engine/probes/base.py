@@ -1,0 +1,169 @@
+"""What every probe shares: its run-time context, its counters, input checks, forward helpers."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from probescope.events import Callback
+from probescope.history import Series
+from probescope.schedule import Schedule
+
+log = logging.getLogger("probescope")
+
+
+@dataclass
+class ProbeStats:
+    """Counters for one probe: evaluations run, skipped (busy), failed, and their cost."""
+
+    run: int = 0
+    skipped: int = 0
+    failed: int = 0
+    total_ms: float = 0.0
+    last_ms: float = 0.0
+
+    @property
+    def mean_ms(self) -> float:
+        """Mean milliseconds per evaluation (0 before the first)."""
+        return self.total_ms / self.run if self.run else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "run": self.run,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "mean_ms": round(self.mean_ms, 4),
+            "total_ms": round(self.total_ms, 3),
+        }
+
+
+@dataclass
+class ProbeContext:
+    """What a probe evaluation knows besides the model: its step and the history so far."""
+
+    step: int
+    epoch: int
+    history: dict[str, Series] = field(default_factory=dict)
+
+
+class Probe(Callback):
+    """Evaluates a model snapshot into a frame: a dict of arrays.
+
+    Subclasses validate their own arguments in ``__init__`` (before any training), check
+    the model in ``attach`` and do the work in ``evaluate``, which runs on the probe worker
+    with a consistent snapshot of the weights.
+    """
+
+    kind: ClassVar[str] = "probe"
+    default_schedule: ClassVar[Schedule] = Schedule.every(10)
+
+    def __init__(self, *, name: str | None = None, schedule: Schedule | None = None):
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(
+                f"{type(self).__name__}: name must use letters, digits, '_', '.' or '-', "
+                f"got {name!r}"
+            )
+        if schedule is not None and not isinstance(schedule, Schedule):
+            raise TypeError(
+                f"{type(self).__name__}: schedule must be a Schedule (e.g. Schedule.every(10)), "
+                f"got {type(schedule).__name__}"
+            )
+        self.name = name or self.kind
+        self.schedule = schedule if schedule is not None else self.default_schedule
+        self._warned: set[str] = set()
+
+    def attach(self, model: nn.Module) -> None:
+        """Check the probe against the model it will watch; raise ValueError if they do not fit."""
+
+    def static(self) -> dict[str, np.ndarray]:
+        """Arrays that never change between frames (grid axes, data points)."""
+        return {}
+
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable parameters, stored in the run's metadata."""
+        return {}
+
+    def evaluate(self, model: nn.Module, context: ProbeContext) -> dict[str, Any]:
+        """One frame from a snapshot of the model."""
+        raise NotImplementedError
+
+    def warn_once(self, cause: str, message: str) -> None:
+        """Log a warning the first time ``cause`` happens for this probe."""
+        if cause not in self._warned:
+            self._warned.add(cause)
+            log.warning("%s %r: %s", type(self).__name__, self.name, message)
+
+
+def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of a model's first parameter (CPU float32 if it has none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def as_float_tensor(name: str, value, *, ndim: tuple[int, ...], owner: str) -> torch.Tensor:
+    """``value`` as a float32 CPU tensor of one of the allowed ranks, or a clear ValueError."""
+    if value is None:
+        raise ValueError(f"{owner}: {name} is required")
+    try:
+        t = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{owner}: {name} must be an array or tensor ({err})") from None
+    t = t.detach().to("cpu", torch.float32)
+    if t.dim() not in ndim:
+        raise ValueError(f"{owner}: {name} must have {' or '.join(map(str, ndim))} dimensions, "
+                         f"got shape {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{owner}: {name} is empty")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{owner}: {name} contains NaN or infinite values")
+    return t
+
+
+def check_forward(owner: str, model: nn.Module, sample: torch.Tensor) -> torch.Tensor:
+    """Run the model once on ``sample``; turn a shape error into a sentence about the input."""
+    device, dtype = model_device_dtype(model)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(sample.to(device, dtype))
+    except Exception as err:
+        raise ValueError(
+            f"{owner}: the model rejected inputs of shape {tuple(sample.shape)} "
+            f"(input width {sample.shape[-1]}): {type(err).__name__}: {err}"
+        ) from err
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{owner}: the model must return a tensor, got {type(out).__name__}")
+    return out
+
+
+def batched_forward(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The model's outputs on ``inputs`` in chunks of ``batch_size``, as float32 on the CPU."""
+    device, dtype = model_device_dtype(model)
+    outs = []
+    with torch.no_grad():
+        for start in range(0, inputs.shape[0], batch_size):
+            chunk = inputs[start : start + batch_size].to(device, dtype, non_blocking=True)
+            outs.append(model(chunk).float())
+    out = torch.cat(outs)
+    return out.reshape(out.shape[0], -1).cpu()
+
+
+def outputs_to_probs(logits: torch.Tensor, output: str) -> torch.Tensor:
+    """``(N, K)`` model outputs -> ``(N, C)`` class probabilities."""
+    if output == "probs":
+        return logits
+    if output == "sigmoid" or (output == "auto" and logits.shape[-1] == 1):
+        p = torch.sigmoid(logits[:, :1])
+        return torch.cat([1.0 - p, p], dim=-1)
+    return torch.softmax(logits, dim=-1)

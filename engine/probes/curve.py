@@ -1,0 +1,139 @@
+"""CurveProbe: a 1-feature -> 1-target model drawn as a curve with a band of its per-point loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from probescope.history import History
+from probescope.kernels import smooth_1d
+from probescope.probes.base import Probe, ProbeContext, as_float_tensor, batched_forward, check_forward
+from probescope.schedule import Schedule
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "mse": lambda pred, target: (pred - target) ** 2,
+    "mae": lambda pred, target: (pred - target).abs(),
+}
+
+
+class CurveProbe(Probe):
+    """The model's current curve over a fixed, sorted representative sample of (x, y).
+
+    Each frame holds the curve ``y_pred``, the per-point ``loss`` (smoothed by a moving
+    average of odd width ``loss_smoothing``, as ``numpy.convolve(mode='same')`` does), the
+    band ``y_pred ± loss``, the mean loss over the sample, and two series: that mean loss at
+    every frame so far and the loss of every training batch so far.
+    """
+
+    kind = "curve"
+    default_schedule = Schedule.every(5)
+
+    def __init__(
+        self,
+        x,
+        y,
+        *,
+        loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "mse",
+        loss_smoothing: int = 1,
+        smoothing_kind: str = "box",
+        graph_sparsity: int = 1,
+        scatter_sparsity: int = 1,
+        batch_size: int = 65536,
+        name: str | None = None,
+        schedule: Schedule | None = None,
+    ):
+        super().__init__(name=name, schedule=schedule)
+        owner = f"CurveProbe {self.name!r}"
+        xt = as_float_tensor("x", x, ndim=(1, 2), owner=owner).reshape(len(x), -1)
+        yt = as_float_tensor("y", y, ndim=(1, 2), owner=owner).reshape(len(y), -1)
+        if xt.shape[1] != 1 or yt.shape[1] != 1:
+            raise ValueError(f"{owner}: needs one feature and one target, got x of width "
+                             f"{xt.shape[1]} and y of width {yt.shape[1]}")
+        if xt.shape[0] != yt.shape[0]:
+            raise ValueError(f"{owner}: x has {xt.shape[0]} points but y has {yt.shape[0]}")
+        if isinstance(loss, str) and loss not in LOSSES:
+            raise ValueError(f"{owner}: loss must be one of {tuple(LOSSES)} or a callable, got {loss!r}")
+        if not callable(loss) and not isinstance(loss, str):
+            raise TypeError(f"{owner}: loss must be a name or a callable, got {type(loss).__name__}")
+        if isinstance(loss_smoothing, bool) or not isinstance(loss_smoothing, int) or loss_smoothing < 1 \
+                or loss_smoothing % 2 == 0:
+            raise ValueError(f"{owner}: loss_smoothing must be a positive odd integer (a centred "
+                             f"moving average), got {loss_smoothing!r}")
+        if smoothing_kind not in ("box", "gaussian"):
+            raise ValueError(f"{owner}: smoothing_kind must be 'box' or 'gaussian', got {smoothing_kind!r}")
+        for label, value in (("graph_sparsity", graph_sparsity), ("scatter_sparsity", scatter_sparsity),
+                             ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{owner}: {label} must be a positive integer, got {value!r}")
+        order = torch.argsort(xt[:, 0], stable=True)
+        self.x_all, self.y_all = xt[order, 0], yt[order, 0]
+        self.x_eval = self.x_all[::graph_sparsity].contiguous()
+        self.y_eval = self.y_all[::graph_sparsity].contiguous()
+        if self.x_eval.shape[0] < loss_smoothing:
+            raise ValueError(f"{owner}: loss_smoothing {loss_smoothing} is wider than the "
+                             f"{self.x_eval.shape[0]} evaluated points")
+        self.loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
+        self.loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
+        self.loss_smoothing, self.smoothing_kind = loss_smoothing, smoothing_kind
+        self.graph_sparsity, self.scatter_sparsity, self.batch_size = graph_sparsity, scatter_sparsity, batch_size
+        self._total_steps: list[int] = []
+        self._total_loss: list[float] = []
+
+    def attach(self, model: nn.Module) -> None:
+        owner = f"CurveProbe {self.name!r}"
+        out = check_forward(owner, model, self.x_eval[:2, None])
+        if out.reshape(2, -1).shape[1] != 1:
+            raise ValueError(f"{owner}: the model must return one output per sample, got shape "
+                             f"{tuple(out.shape)} for a batch of 2")
+
+    def per_point_loss(self, y_pred: torch.Tensor) -> torch.Tensor:
+        """The loss of every evaluated point, before smoothing."""
+        loss = self.loss_fn(y_pred, self.y_eval)
+        if loss.shape != y_pred.shape:
+            raise ValueError(f"CurveProbe {self.name!r}: the loss callable must return one value "
+                             f"per point (shape {tuple(y_pred.shape)}), got {tuple(loss.shape)}")
+        return loss
+
+    def evaluate(self, model: nn.Module, context: ProbeContext) -> dict[str, Any]:
+        y_pred = batched_forward(model, self.x_eval[:, None], self.batch_size)[:, 0]
+        raw = self.per_point_loss(y_pred)
+        band = smooth_1d(raw, self.loss_smoothing, self.smoothing_kind)
+        total = float(raw.mean())
+        if not np.isfinite(total):
+            self.warn_once("nonfinite", f"non-finite predictions or loss at step {context.step}")
+        self._total_steps.append(context.step)
+        self._total_loss.append(total)
+        batch = context.history.get(History.BATCH_LOSS)
+        return {
+            "y_pred": y_pred,
+            "loss": band,
+            "band_lower": y_pred - band,
+            "band_upper": y_pred + band,
+            "total_loss": np.float64(total),
+            "total_loss_steps": np.asarray(self._total_steps, dtype=np.int64),
+            "total_loss_series": np.asarray(self._total_loss, dtype=np.float64),
+            "batch_loss_steps": batch.steps if batch is not None else np.zeros(0, np.int64),
+            "batch_loss_series": batch.values if batch is not None else np.zeros(0),
+        }
+
+    def static(self) -> dict[str, np.ndarray]:
+        return {
+            "x": self.x_eval.numpy(),
+            "y": self.y_eval.numpy(),
+            "scatter_x": self.x_all[:: self.scatter_sparsity].numpy(),
+            "scatter_y": self.y_all[:: self.scatter_sparsity].numpy(),
+        }
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "loss": self.loss_name,
+            "loss_smoothing": self.loss_smoothing,
+            "smoothing_kind": self.smoothing_kind,
+            "graph_sparsity": self.graph_sparsity,
+            "scatter_sparsity": self.scatter_sparsity,
+            "points": int(self.x_eval.shape[0]),
+        }

@@ -1,0 +1,206 @@
+"""GridProbe: the class-probability map of a model over a dense 2-D grid of its input space."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from probescope.kernels import default_palette, grid_inputs, probs_to_rgba
+from probescope.kernels.colormap import MODES
+from probescope.probes.base import (
+    Probe,
+    ProbeContext,
+    as_float_tensor,
+    batched_forward,
+    check_forward,
+    outputs_to_probs,
+)
+from probescope.schedule import Schedule
+
+OUTPUTS = ("auto", "softmax", "sigmoid", "probs")
+
+
+class GridProbe(Probe):
+    """Class-probability map over a 2-D rectangle of input space, coloured by ``mode``.
+
+    Pixel (r, c) of every frame is the model at input
+    ``origin + us[c] * axis_u + vs[r] * axis_v``; row 0 is the top of the picture, so
+    ``vs`` decreases down the rows. For 2-feature inputs the plane is the input space itself
+    (origin 0, unit axes); for wider inputs it passes through three given samples
+    (``plane=(a, b, c)``) or through the data's mean along its two principal directions
+    (``plane="pca"``, the default).
+    """
+
+    kind = "grid"
+    default_schedule = Schedule.every(10)
+
+    def __init__(
+        self,
+        data,
+        labels=None,
+        *,
+        domain: tuple[float, float, float, float] | None = None,
+        margin: float = 0.1,
+        resolution: int | tuple[int, int] = 256,
+        mode: str = "region",
+        class_index: int = 1,
+        output: str = "auto",
+        plane: str | tuple | None = None,
+        points: bool = True,
+        point_sparsity: int = 1,
+        batch_size: int = 65536,
+        name: str | None = None,
+        schedule: Schedule | None = None,
+    ):
+        super().__init__(name=name, schedule=schedule)
+        owner = f"GridProbe {self.name!r}"
+        x = as_float_tensor("data", data, ndim=(2,), owner=owner)
+        if x.shape[1] < 2:
+            raise ValueError(f"{owner}: data must have at least 2 features, got {x.shape[1]}")
+        if mode not in MODES:
+            raise ValueError(f"{owner}: mode must be one of {MODES}, got {mode!r}")
+        if output not in OUTPUTS:
+            raise ValueError(f"{owner}: output must be one of {OUTPUTS}, got {output!r}")
+        width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
+        for label, n in (("width", width), ("height", height)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"{owner}: resolution {label} must be a positive integer, got {n!r}")
+        if not isinstance(point_sparsity, int) or point_sparsity < 1:
+            raise ValueError(f"{owner}: point_sparsity must be a positive integer, got {point_sparsity!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"{owner}: batch_size must be a positive integer, got {batch_size!r}")
+        if not margin >= 0:
+            raise ValueError(f"{owner}: margin must be >= 0, got {margin!r}")
+        self.labels = None
+        if labels is not None:
+            y = torch.as_tensor(np.asarray(labels)).reshape(-1)
+            if y.shape[0] != x.shape[0]:
+                raise ValueError(f"{owner}: {y.shape[0]} labels for {x.shape[0]} data points")
+            self.labels = y.long()
+
+        self.origin, self.axis_u, self.axis_v = _plane(owner, x, plane)
+        uv = _project(x, self.origin, self.axis_u, self.axis_v)
+        if domain is None:
+            lo, hi = uv.min(dim=0).values, uv.max(dim=0).values
+            pad = (hi - lo) * margin
+            domain = (float(lo[0] - pad[0]), float(hi[0] + pad[0]), float(lo[1] - pad[1]), float(hi[1] + pad[1]))
+        if len(domain) != 4 or not all(np.isfinite(domain)):
+            raise ValueError(f"{owner}: domain must be 4 finite numbers (u0, u1, v0, v1), got {domain!r}")
+        u0, u1, v0, v1 = (float(d) for d in domain)
+        if not (u1 > u0 and v1 > v0):
+            raise ValueError(
+                f"{owner}: the domain {domain!r} has zero area; it needs u1 > u0 and v1 > v0 "
+                "(all data on one line? pass domain= explicitly)"
+            )
+        self.domain = (u0, u1, v0, v1)
+        self.width, self.height = width, height
+        self.us = _pixel_centres(u0, u1, width)
+        self.vs = _pixel_centres(v0, v1, height).flip(0)
+        self.mode, self.class_index, self.output = mode, class_index, output
+        self.points, self.point_sparsity, self.batch_size = points, point_sparsity, batch_size
+        self.data_uv = uv
+        self.num_classes: int | None = None
+        self.palette: torch.Tensor | None = None
+        self.inputs = grid_inputs(self.origin, self.axis_u, self.axis_v, self.us, self.vs)
+
+    def attach(self, model: nn.Module) -> None:
+        owner = f"GridProbe {self.name!r}"
+        out = check_forward(owner, model, self.inputs[:2])
+        if out.dim() != 2 or out.shape[0] != 2:
+            raise ValueError(f"{owner}: the model must map (N, d) inputs to (N, K) outputs, "
+                             f"got {tuple(out.shape)} for a batch of 2")
+        k = out.shape[1]
+        self.num_classes = 2 if (self.output == "sigmoid" or (self.output == "auto" and k == 1)) else k
+        if self.mode == "prob" and not 0 <= self.class_index < self.num_classes:
+            raise ValueError(f"{owner}: class_index {self.class_index} is out of range for "
+                             f"{self.num_classes} classes")
+        self.palette = default_palette(self.num_classes)
+
+    def evaluate(self, model: nn.Module, context: ProbeContext) -> dict[str, Any]:
+        logits = batched_forward(model, self.inputs, self.batch_size)
+        probs = outputs_to_probs(logits, self.output).reshape(self.height, self.width, -1)
+        if not torch.isfinite(probs).all():
+            self.warn_once(
+                "nonfinite",
+                f"non-finite model outputs at step {context.step}; those pixels are drawn "
+                "in magenta (RGBA 255, 0, 255). Training goes on.",
+            )
+        rgba = probs_to_rgba(probs, self.mode, self.palette, self.class_index)
+        return {"probs": probs, "rgba": rgba}
+
+    def static(self) -> dict[str, np.ndarray]:
+        keep = slice(None, None, self.point_sparsity)
+        arrays = {
+            "us": self.us.numpy(),
+            "vs": self.vs.numpy(),
+            "origin": self.origin.numpy(),
+            "axis_u": self.axis_u.numpy(),
+            "axis_v": self.axis_v.numpy(),
+            "palette": self.palette.numpy() if self.palette is not None else np.zeros((0, 3), np.uint8),
+        }
+        if self.points:
+            arrays["points_uv"] = self.data_uv[keep].numpy()
+            if self.labels is not None:
+                arrays["points_label"] = self.labels[keep].numpy()
+        return arrays
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "domain": list(self.domain),
+            "resolution": [self.width, self.height],
+            "mode": self.mode,
+            "class_index": self.class_index,
+            "output": self.output,
+            "num_classes": self.num_classes,
+            "points": self.points,
+            "point_sparsity": self.point_sparsity,
+            "input_dim": int(self.origin.shape[0]),
+        }
+
+
+def _pixel_centres(lo: float, hi: float, n: int) -> torch.Tensor:
+    step = (hi - lo) / n
+    return lo + step * (torch.arange(n, dtype=torch.float64) + 0.5).to(torch.float32)
+
+
+def _plane(owner: str, x: torch.Tensor, plane) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Origin and two orthonormal axes of the plane the grid lies on."""
+    d = x.shape[1]
+    if plane is None:
+        if d == 2:
+            return torch.zeros(2), torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+        plane = "pca"
+    if isinstance(plane, str):
+        if plane != "pca":
+            raise ValueError(f"{owner}: plane must be None, 'pca' or three samples, got {plane!r}")
+        if x.shape[0] < 3:
+            raise ValueError(f"{owner}: plane='pca' needs at least 3 data points, got {x.shape[0]}")
+        mean = x.mean(dim=0)
+        _, s, vh = torch.linalg.svd((x - mean).double(), full_matrices=False)
+        if s.shape[0] < 2 or s[1] <= 1e-12 * max(float(s[0]), 1.0):
+            raise ValueError(f"{owner}: the data spans fewer than two directions; no PCA plane")
+        return mean, vh[0].float(), vh[1].float()
+    try:
+        a, b, c = (as_float_tensor("plane point", p, ndim=(1,), owner=owner) for p in plane)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{owner}: plane must be three samples of width {d}: {err}") from None
+    for p in (a, b, c):
+        if p.shape[0] != d:
+            raise ValueError(f"{owner}: plane samples have width {p.shape[0]}, data has {d}")
+    e1 = (b - a).double()
+    if e1.norm() == 0:
+        raise ValueError(f"{owner}: the plane's first two samples coincide")
+    e1 = e1 / e1.norm()
+    e2 = (c - a).double()
+    e2 = e2 - (e2 @ e1) * e1
+    if e2.norm() <= 1e-9 * max(float((c - a).norm()), 1.0):
+        raise ValueError(f"{owner}: the three plane samples are collinear")
+    return a, e1.float(), (e2 / e2.norm()).float()
+
+
+def _project(x: torch.Tensor, origin, axis_u, axis_v) -> torch.Tensor:
+    rel = x - origin
+    return torch.stack([rel @ axis_u, rel @ axis_v], dim=1)

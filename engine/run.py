@@ -1,0 +1,209 @@
+"""The run directory: every frame of every probe on disk, append-only, readable at any time.
+
+Layout::
+
+    RUN/run.json                      metadata: probes and their configs, model, status, summary
+    RUN/probes/<name>/static.npz      arrays that never change (grid axes, data points)
+    RUN/probes/<name>/frames/<seq>.npz one file per frame: its arrays plus __step__, __epoch__, ...
+    RUN/model.pt                      the model's final state_dict
+
+Every file is written to a temporary name and renamed into place, so a reader (or a crash)
+sees each frame whole or not at all: a killed writer loses at most the frame in flight.
+Nothing read back is unpickled: arrays load with ``allow_pickle=False`` and the weights with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from probescope.ring import Frame
+
+log = logging.getLogger("probescope")
+
+FORMAT = "probescope-run"
+FORMAT_VERSION = 1
+_META_KEYS = ("__seq__", "__step__", "__epoch__", "__time__")
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+
+
+def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+class RunWriter:
+    """Writes a run directory. Disk errors are logged once and stop recording, never training."""
+
+    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False):
+        self.path = Path(path)
+        if (self.path / "run.json").exists():
+            if not overwrite:
+                raise FileExistsError(f"{self.path} already holds a run; pass overwrite=True or "
+                                      "choose another directory")
+            shutil.rmtree(self.path / "probes", ignore_errors=True)
+            for name in ("run.json", "model.pt"):
+                (self.path / name).unlink(missing_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.meta: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "status": "running",
+            "probes": {},
+        }
+        self.frames_written = 0
+        self.failed = False
+        self._guard(lambda: _write_json(self.path / "run.json", self.meta))
+
+    def _guard(self, action) -> bool:
+        if self.failed:
+            return False
+        try:
+            action()
+            return True
+        except OSError as err:
+            self.failed = True
+            log.warning("RunWriter %s: cannot write (%s); recording stops, training goes on",
+                        self.path, err)
+            return False
+
+    def update_meta(self, **fields: Any) -> None:
+        """Merge ``fields`` into run.json."""
+        self.meta.update(fields)
+        self._guard(lambda: _write_json(self.path / "run.json", self.meta))
+
+    def add_probe(self, name: str, kind: str, config: dict, static: Mapping[str, np.ndarray]) -> None:
+        """Declare a probe: its folder, its config and its static arrays."""
+        folder = self.path / "probes" / name
+
+        def write() -> None:
+            (folder / "frames").mkdir(parents=True, exist_ok=True)
+            _write_npz(folder / "static.npz", static)
+
+        self._guard(write)
+        self.meta["probes"][name] = {"kind": kind, "config": config}
+        self.update_meta()
+
+    def write_frame(self, frame: Frame) -> bool:
+        """Append one frame; False if it could not be written."""
+        arrays = dict(frame.data)
+        arrays.update(__seq__=np.int64(frame.seq), __step__=np.int64(frame.step),
+                      __epoch__=np.int64(frame.epoch), __time__=np.float64(frame.time))
+        path = self.path / "probes" / frame.probe / "frames" / f"{frame.seq:07d}.npz"
+        ok = self._guard(lambda: _write_npz(path, arrays))
+        self.frames_written += ok
+        return ok
+
+    def save_model(self, model: torch.nn.Module) -> None:
+        """Save the model's state_dict as model.pt."""
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        self._guard(lambda: _atomic_write(self.path / "model.pt", lambda f: torch.save(state, f)))
+
+    def finish(self, summary: dict) -> None:
+        """Mark the run finished and store its summary."""
+        self.update_meta(status="finished", finished=datetime.now(timezone.utc).isoformat(
+            timespec="seconds"), summary=summary)
+
+
+class ProbeRecord:
+    """The recorded frames of one probe; re-lists its folder on ``refresh()`` while a run grows."""
+
+    def __init__(self, run: Run, name: str, info: dict):
+        self.run, self.name = run, name
+        self.kind: str = info["kind"]
+        self.config: dict = info.get("config", {})
+        self.folder = run.path / "probes" / name
+        self._static: dict[str, np.ndarray] | None = None
+        self.paths: list[Path] = []
+        self.refresh()
+
+    def refresh(self) -> int:
+        """Pick up frames written since the last look; returns the frame count."""
+        self.paths = sorted(p for p in (self.folder / "frames").glob("*.npz") if not p.name.startswith("."))
+        return len(self.paths)
+
+    @property
+    def static(self) -> dict[str, np.ndarray]:
+        """The probe's arrays that never change."""
+        if self._static is None:
+            with np.load(self.folder / "static.npz", allow_pickle=False) as z:
+                self._static = {k: z[k] for k in z.files}
+        return self._static
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def frame(self, index: int) -> Frame:
+        """Frame number ``index`` in recording order (negative counts from the end)."""
+        with np.load(self.paths[index], allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files if k not in _META_KEYS}
+            return Frame(probe=self.name, seq=int(z["__seq__"]), step=int(z["__step__"]),
+                         epoch=int(z["__epoch__"]), time=float(z["__time__"]), data=data)
+
+    def frames(self) -> Iterator[Frame]:
+        """Every recorded frame, oldest first."""
+        for i in range(len(self.paths)):
+            yield self.frame(i)
+
+    def steps(self) -> list[int]:
+        """The step of every recorded frame."""
+        return [f.step for f in self.frames()]
+
+
+class Run:
+    """A run directory opened for reading (also while it is still being written)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        meta_path = self.path / "run.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{self.path} is not a probescope run (no run.json)")
+        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path} is not a probescope run file")
+        self.probes = {name: ProbeRecord(self, name, info) for name, info in self.meta["probes"].items()}
+
+    def probe(self, name: str) -> ProbeRecord:
+        """One probe's record, by name."""
+        if name not in self.probes:
+            raise KeyError(f"no probe {name!r} in {self.path}; it has {sorted(self.probes)}")
+        return self.probes[name]
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The final weights (model.pt), loaded without unpickling arbitrary objects."""
+        return torch.load(self.path / "model.pt", map_location="cpu", weights_only=True)
+
+    def wait_for_frames(self, timeout: float) -> None:
+        """Sleep until new frames appear in any probe or ``timeout`` passes (for following a run)."""
+        counts = {n: len(p) for n, p in self.probes.items()}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(p.refresh() != counts[n] for n, p in self.probes.items()):
+                return
+            time.sleep(0.1)
+
+
+def open_run(path: str | os.PathLike) -> Run:
+    """Open a run directory for reading."""
+    return Run(path)

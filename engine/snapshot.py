@@ -1,0 +1,71 @@
+"""Consistent copies of the weights of one step, for probes to evaluate off the training path.
+
+Strategies:
+- ``copy`` (default): the parameters and buffers are copied, at the step boundary, into
+  preallocated shadow models (eval mode, no grad). Probes never see a half-updated model.
+- ``sync``: no copy; the probe runs inline in the training thread between steps (for tiny
+  models, where a copy costs more than the probe).
+- ``live``: no copy; the worker reads the live module while training goes on. Racy: a frame
+  may mix weights of neighbouring steps. The module runs in whatever mode it is in.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import torch
+from torch import nn
+
+STRATEGIES = ("copy", "sync", "live")
+
+
+class SnapshotPool:
+    """Hands out shadow models holding the weights of the current step."""
+
+    def __init__(self, model: nn.Module, strategy: str = "copy", size: int = 2):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"snapshot must be one of {STRATEGIES}, got {strategy!r}")
+        self.model, self.strategy = model, strategy
+        self._free: list[nn.Module] = []
+        self._lock = threading.Lock()
+        self._live_tensors: list[torch.Tensor] = []
+        self._shadow_tensors: dict[int, list[torch.Tensor]] = {}
+        if strategy == "copy":
+            self._live_tensors = _state_tensors(model)
+            for _ in range(size):
+                shadow = copy.deepcopy(model).eval().requires_grad_(False)
+                self._shadow_tensors[id(shadow)] = _state_tensors(shadow)
+                self._free.append(shadow)
+
+    @property
+    def inline(self) -> bool:
+        """Whether probes run in the training thread (``sync``)."""
+        return self.strategy == "sync"
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the shadow copies."""
+        return sum(t.numel() * t.element_size() for ts in self._shadow_tensors.values() for t in ts)
+
+    def acquire(self) -> nn.Module | None:
+        """A model with this step's weights, or None if every shadow is still in use."""
+        if self.strategy != "copy":
+            return self.model
+        with self._lock:
+            if not self._free:
+                return None
+            shadow = self._free.pop()
+        with torch.no_grad():
+            torch._foreach_copy_(self._shadow_tensors[id(shadow)], self._live_tensors)
+        return shadow
+
+    def release(self, shadow: nn.Module) -> None:
+        """Give a shadow back once its probes are done."""
+        if self.strategy == "copy":
+            with self._lock:
+                self._free.append(shadow)
+
+
+def _state_tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [t for t in model.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor)]

@@ -1,0 +1,115 @@
+"""Probabilities -> RGBA pixels for the map modes ``region``, ``boundary`` and ``prob``.
+
+Exact semantics (every implementation matches ``probs_to_rgba_reference``):
+
+- a pixel with any non-finite probability gets ``NONFINITE_RGBA``;
+- ``region``: the argmax class's colour, blended towards white as its probability falls
+  towards chance, ``shade = clamp((p_max - 1/C) / (1 - 1/C), 0, 1)``;
+- ``boundary``: a pale class colour that darkens to ``BOUNDARY_INK`` where the margin
+  ``m = p_top1 - p_top2`` vanishes, ``t = 1 - (1 - m)^4``;
+- ``prob``: the probability of one class through a blue-white-red diverging ramp
+  (white at 0.5).
+
+Channels are rounded half up and clamped to [0, 255]; alpha is 255.
+"""
+
+from __future__ import annotations
+
+import colorsys
+
+import torch
+
+MODES = ("region", "boundary", "prob")
+NONFINITE_RGBA = (255, 0, 255, 255)
+BOUNDARY_INK = (28, 28, 36)
+BOUNDARY_PALE = 0.55
+# Anchors of the diverging ramp at q = 0, 0.25, 0.5, 0.75, 1 (ColorBrewer RdBu, reversed).
+DIVERGING_ANCHORS = (
+    (33, 102, 172),
+    (146, 197, 222),
+    (247, 247, 247),
+    (244, 165, 130),
+    (178, 24, 43),
+)
+_BASE_PALETTE = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+)  # fmt: skip
+
+
+def default_palette(num_classes: int) -> torch.Tensor:
+    """A ``(num_classes, 3)`` uint8 palette: ten distinct colours, then golden-ratio hues."""
+    colours = list(_BASE_PALETTE[:num_classes])
+    for i in range(len(colours), num_classes):
+        hue = (i * 0.618033988749895) % 1.0
+        r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 0.85)
+        colours.append((round(r * 255), round(g * 255), round(b * 255)))
+    return torch.tensor(colours, dtype=torch.uint8).reshape(num_classes, 3)
+
+
+def _to_uint8(rgb: torch.Tensor) -> torch.Tensor:
+    return (rgb + 0.5).floor().clamp(0, 255).to(torch.uint8)
+
+
+def probs_to_rgba_reference(
+    probs: torch.Tensor,
+    mode: str,
+    palette: torch.Tensor,
+    class_index: int = 0,
+) -> torch.Tensor:
+    """``(H, W, C)`` probabilities -> ``(H, W, 4)`` uint8 RGBA, computed in float32."""
+    p = probs.to(torch.float32)
+    num_classes = p.shape[-1]
+    pal = palette.to(device=p.device, dtype=torch.float32)
+    if mode == "region":
+        p_max, k = p.max(dim=-1)
+        if num_classes == 1:
+            shade = torch.ones_like(p_max)
+        else:
+            chance = 1.0 / num_classes
+            shade = ((p_max - chance) / (1.0 - chance)).clamp(0.0, 1.0)
+        rgb = 255.0 + (pal[k] - 255.0) * shade[..., None]
+    elif mode == "boundary":
+        if num_classes == 1:
+            margin = torch.ones(p.shape[:-1], device=p.device)
+            k = torch.zeros(p.shape[:-1], dtype=torch.long, device=p.device)
+        else:
+            top2, idx = p.topk(2, dim=-1)
+            margin = (top2[..., 0] - top2[..., 1]).clamp(0.0, 1.0)
+            k = idx[..., 0]
+        t = 1.0 - (1.0 - margin) ** 4
+        pale = pal[k] * (1.0 - BOUNDARY_PALE) + 255.0 * BOUNDARY_PALE
+        ink = torch.tensor(BOUNDARY_INK, dtype=torch.float32, device=p.device)
+        rgb = ink + (pale - ink) * t[..., None]
+    elif mode == "prob":
+        anchors = torch.tensor(DIVERGING_ANCHORS, dtype=torch.float32, device=p.device)
+        q = p[..., class_index].clamp(0.0, 1.0) * (len(DIVERGING_ANCHORS) - 1)
+        lo = q.floor().clamp(max=len(DIVERGING_ANCHORS) - 2).long()
+        frac = (q - lo)[..., None]
+        rgb = anchors[lo] + (anchors[lo + 1] - anchors[lo]) * frac
+    else:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    rgba = torch.empty((*p.shape[:-1], 4), dtype=torch.uint8, device=p.device)
+    rgba[..., :3] = _to_uint8(torch.nan_to_num(rgb))
+    rgba[..., 3] = 255
+    bad = ~torch.isfinite(p).all(dim=-1)
+    if bad.any():
+        rgba[bad] = torch.tensor(NONFINITE_RGBA, dtype=torch.uint8, device=p.device)
+    return rgba
+
+
+def probs_to_rgba(
+    probs: torch.Tensor,
+    mode: str,
+    palette: torch.Tensor,
+    class_index: int = 0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Colour a probability map; writes into ``out`` (e.g. a ring slot) when given."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    rgba = probs_to_rgba_reference(probs, mode, palette, class_index)
+    if out is None:
+        return rgba
+    out.copy_(rgba)
+    return out

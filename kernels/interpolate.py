@@ -1,0 +1,38 @@
+"""Frames in between two recorded frames, so that sparse probing still animates smoothly."""
+
+from __future__ import annotations
+
+import torch
+
+METHODS = ("linear", "smoothstep")
+
+
+def interpolation_weights(k: int, method: str) -> torch.Tensor:
+    """The k blend weights in (0, 1), evenly spaced in time, eased by ``method``."""
+    if method not in METHODS:
+        raise ValueError(f"interpolation method must be one of {METHODS}, got {method!r}")
+    t = torch.arange(1, k + 1, dtype=torch.float64) / (k + 1)
+    if method == "smoothstep":
+        t = t * t * (3.0 - 2.0 * t)
+    return t
+
+
+def interpolate_frames_reference(
+    first: torch.Tensor, second: torch.Tensor, k: int, method: str = "linear"
+) -> torch.Tensor:
+    """The k frames strictly between ``first`` and ``second``: shape ``(k, *first.shape)``."""
+    t = interpolation_weights(k, method).to(first.device)
+    t = t.reshape(-1, *([1] * first.dim()))
+    blended = first.to(torch.float64) + (second.to(torch.float64) - first.to(torch.float64)) * t
+    return blended.to(first.dtype)
+
+
+def interpolate_frames(
+    first: torch.Tensor, second: torch.Tensor, k: int, method: str = "linear"
+) -> torch.Tensor:
+    """k frames between two frames of the same shape, linear or smoothstep in time."""
+    if first.shape != second.shape:
+        raise ValueError(f"frames differ in shape: {tuple(first.shape)} vs {tuple(second.shape)}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    return interpolate_frames_reference(first, second, k, method)

@@ -1,0 +1,43 @@
+"""1-D smoothing of a per-point series (the curve probe's loss band)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def smoothing_window(width: int, kind: str = "box", sigma: float | None = None) -> torch.Tensor:
+    """Normalised float64 window of odd ``width``: ``box`` (moving average) or ``gaussian``."""
+    if width < 1 or width % 2 == 0:
+        raise ValueError(f"smoothing width must be a positive odd integer, got {width!r}")
+    if kind == "box":
+        return torch.full((width,), 1.0 / width, dtype=torch.float64)
+    if kind == "gaussian":
+        sigma = width / 4.0 if sigma is None else float(sigma)
+        if not sigma > 0 or not math.isfinite(sigma):
+            raise ValueError(f"gaussian smoothing needs a positive sigma, got {sigma!r}")
+        offsets = torch.arange(width, dtype=torch.float64) - width // 2
+        window = torch.exp(-0.5 * (offsets / sigma) ** 2)
+        return window / window.sum()
+    raise ValueError(f"smoothing kind must be 'box' or 'gaussian', got {kind!r}")
+
+
+def smooth_1d_reference(
+    values: torch.Tensor, width: int, kind: str = "box", sigma: float | None = None
+) -> torch.Tensor:
+    """Smoothed copy of ``values`` with numpy.convolve(mode='same') edges (zeros outside)."""
+    window = smoothing_window(width, kind, sigma).to(values.device, torch.float64)
+    padded = F.pad(values.to(torch.float64)[None, None], (width // 2, width // 2))
+    # conv1d is a correlation; the windows are symmetric, so it equals the convolution.
+    return F.conv1d(padded, window[None, None])[0, 0].to(values.dtype)
+
+
+def smooth_1d(
+    values: torch.Tensor, width: int, kind: str = "box", sigma: float | None = None
+) -> torch.Tensor:
+    """Moving-average or Gaussian smoothing of a 1-D series; same length as the input."""
+    if width == 1 and kind == "box":
+        return values.clone()
+    return smooth_1d_reference(values, width, kind, sigma)
