@@ -1,0 +1,136 @@
+"""The ``probescope`` command: demo, export, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from probescope.datasets import DATASETS
+from probescope.kernels.interpolate import METHODS
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from probescope.demo import run_demo
+
+    result = run_demo(args.dataset, args.out, epochs=args.epochs, seed=args.seed, baseline=not args.no_baseline,
+                      resolution=args.resolution, progress=not args.quiet)
+    print(result.report())
+    return 0
+
+
+def _formats(text: str) -> list[str]:
+    from probescope.export import FORMATS
+
+    formats = [f.strip() for f in text.split(",") if f.strip()]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise argparse.ArgumentTypeError(f"formats must be among {', '.join(FORMATS)}; got {text!r}")
+    return formats
+
+
+def _export(args: argparse.Namespace) -> int:
+    from probescope.export import export_final_pictures, export_run
+    from probescope.run import open_run
+
+    run = open_run(args.run)
+    out = Path(args.out or Path(args.run) / "exports")
+    formats = [f for group in args.format for f in group]
+    files = export_run(run, out, formats, probes=args.probe, interpolate=args.interpolate, method=args.method,
+                       fps=args.fps, progress=not args.quiet)
+    written = [p for paths in files.values() for p in paths]
+    if args.final_pictures:
+        written += export_final_pictures(run, out)
+    pngs = [p for p in written if p.suffix == ".png"]
+    others = [p for p in written if p.suffix != ".png"]
+    for p in others:
+        print(p)
+    if pngs:
+        print(f"{len(pngs)} PNG files under {out}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from probescope.run import open_run
+
+    run = open_run(args.run)
+    meta = run.meta
+    if args.json:
+        print(json.dumps(meta, indent=2))
+        return 0
+    print(f"run       {run.path}")
+    print(f"status    {meta.get('status')}   created {meta.get('created')}")
+    model = meta.get("model", {})
+    if model:
+        print(f"model     {model.get('class')}  {model.get('parameters', 0):,} parameters  "
+              f"({model.get('device')}, {model.get('dtype')})")
+    summary = meta.get("summary", {})
+    if summary:
+        print(f"training  {summary.get('steps')} steps, {summary.get('epochs')} epochs, "
+              f"{summary.get('wall_seconds')} s monitored")
+    has_model = (run.path / "model.pt").exists()
+    print(f"weights   {'model.pt' if has_model else '(none yet)'}")
+    print("probes")
+    for name, record in run.probes.items():
+        steps = record.steps() if len(record) else []
+        span = f"steps {steps[0]}..{steps[-1]}" if steps else "no frames"
+        stats = summary.get("probes", {}).get(name)
+        cost = f", {stats['mean_ms']:.2f} ms/frame, {stats['skipped']} skipped, {stats['failed']} failed" \
+            if stats else ""
+        print(f"  {name:<12} {record.kind:<10} {len(record):>5} frames  {span}{cost}")
+        config = {k: v for k, v in record.config.items() if k != "schedule"}
+        print(f"  {'':<12} {json.dumps(config)}")
+        print(f"  {'':<12} schedule {json.dumps(record.config.get('schedule'))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="probescope", description="Watch a PyTorch model learn.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train an MLP on built-in data with probes; record and export the run")
+    demo.add_argument("--dataset", choices=DATASETS, default="blobs7")
+    demo.add_argument("--out", type=Path, default=None, help="run directory (default runs/demo-<dataset>)")
+    demo.add_argument("--epochs", type=int, default=None, help="epochs (default depends on the data set)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--resolution", type=int, default=192, help="grid map resolution per axis")
+    demo.add_argument("--no-baseline", action="store_true", help="skip the training run without probes")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=_demo)
+
+    export = sub.add_parser("export", help="render a recorded run to MP4, GIF or PNG frames")
+    export.add_argument("run", type=Path)
+    export.add_argument("--format", type=_formats, action="append", required=True,
+                        help="mp4, gif or png; repeat or separate with commas")
+    export.add_argument("--out", type=Path, default=None, help="output folder (default RUN/exports)")
+    export.add_argument("--probe", action="append", default=None, help="only this probe (repeatable)")
+    export.add_argument("--interpolate", type=int, default=0, help="frames to add between recorded frames")
+    export.add_argument("--method", choices=METHODS, default="linear", help="interpolation easing")
+    export.add_argument("--fps", type=float, default=12.0)
+    export.add_argument("--final-pictures", action="store_true",
+                        help="also write each probe's final figure, small multiples and raw final map")
+    export.add_argument("--quiet", action="store_true")
+    export.set_defaults(func=_export)
+
+    info = sub.add_parser("info", help="describe a run directory")
+    info.add_argument("run", type=Path)
+    info.add_argument("--json", action="store_true", help="print run.json as is")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``probescope`` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
+        print(f"probescope {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""The demo: train an MLP on a built-in data set with the fitting probes, record, export."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from probescope.datasets import Dataset, make_dataset
+from probescope.export import export_final_pictures, export_probe
+from probescope.monitor import Monitor
+from probescope.probes import CurveProbe, GridProbe, LossProbe, PredictionProbe, Probe
+from probescope.run import open_run
+from probescope.schedule import Schedule
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
+SETTINGS = {
+    #            widths (hidden),  activation, epochs, learning rate
+    "blobs7": ((64, 64), "relu", 20, 3e-3),
+    "moons": ((64, 64), "relu", 25, 1e-2),
+    "spirals": ((128, 128, 128), "relu", 60, 5e-3),
+    "wave": ((64, 64), "tanh", 60, 1e-2),
+}
+
+
+def build_mlp(widths: list[int] | tuple[int, ...], activation: str = "relu") -> nn.Sequential:
+    """``Linear`` layers of the given widths with ``activation`` between them."""
+    layers: list[nn.Module] = []
+    for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(w_in, w_out))
+        if i < len(widths) - 2:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+def demo_probes(data: Dataset, resolution: int = 192) -> list[Probe]:
+    """The probes that fit the data set: a map (or a curve), predictions and losses."""
+    dense_early = Schedule.log_spaced(12)
+    probes: list[Probe] = [
+        PredictionProbe(data.x_valid, data.y_valid, schedule=Schedule.every_epoch()),
+        LossProbe(schedule=Schedule.every_epoch()),
+    ]
+    if data.task == "regression":
+        probes.insert(0, CurveProbe(data.x_train, data.y_train, loss_smoothing=41, graph_sparsity=2,
+                                    schedule=dense_early | Schedule.every(25)))
+    else:
+        mode = "prob" if data.num_classes == 2 else "region"
+        probes.insert(0, GridProbe(data.x_train, data.y_train, resolution=resolution, mode=mode,
+                                   point_sparsity=2, schedule=dense_early | Schedule.every_epoch(2)))
+    return probes
+
+
+def _loss_fn(data: Dataset):
+    return nn.functional.cross_entropy if data.task == "classification" else nn.functional.mse_loss
+
+
+def _targets(data: Dataset, y: torch.Tensor) -> torch.Tensor:
+    return y if data.task == "classification" else y[:, None]
+
+
+def evaluate(model: nn.Module, data: Dataset) -> dict[str, float]:
+    """Valid loss, plus accuracy for classification."""
+    with torch.no_grad():
+        out = model(data.x_valid)
+        result = {"valid_loss": float(_loss_fn(data)(out, _targets(data, data.y_valid)))}
+        if data.task == "classification":
+            result["valid_accuracy"] = float((out.argmax(1) == data.y_valid).float().mean())
+    return result
+
+
+def train(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: int = 64, seed: int = 0,
+          monitor: Monitor | None = None, desc: str = "train", progress: bool = True) -> dict[str, float]:
+    """A plain PyTorch loop; with a monitor it reports every step, epoch and valid result."""
+    loss_fn = _loss_fn(data)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    if monitor is not None:
+        monitor.optimizer = optimizer
+    generator = torch.Generator().manual_seed(seed)
+    n = data.x_train.shape[0]
+    result: dict[str, float] = {}
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, unit="epoch")
+    for _ in bar:
+        model.train()
+        for idx in torch.randperm(n, generator=generator).split(batch_size):
+            loss = loss_fn(model(data.x_train[idx]), _targets(data, data.y_train[idx]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if monitor is not None:
+                monitor.step(loss=loss.detach())
+        model.eval()
+        result = evaluate(model, data)
+        if monitor is not None:
+            monitor.log(**result)
+            monitor.end_epoch()
+        bar.set_postfix({k.removeprefix("valid_"): f"{v:.4f}" for k, v in result.items()})
+    return result
+
+
+@dataclass
+class DemoResult:
+    """What the demo did and where it put it."""
+
+    dataset: str
+    out: Path
+    epochs: int
+    steps: int
+    metrics: dict[str, float]
+    seconds_with_probes: float
+    seconds_without_probes: float | None
+    seconds_closing: float
+    probe_summary: dict
+    files: list[Path] = field(default_factory=list)
+
+    def report(self) -> str:
+        """A human-readable summary."""
+        lines = [f"probescope demo: {self.dataset} -> {self.out}"]
+        metric = ("valid accuracy", self.metrics["valid_accuracy"]) if "valid_accuracy" in self.metrics \
+            else ("valid loss (MSE)", self.metrics["valid_loss"])
+        lines.append(f"  {metric[0]} {metric[1]:.4f} after {self.epochs} epochs ({self.steps} steps)")
+        frames = ", ".join(f"{n} {s['frames']}" for n, s in self.probe_summary.items())
+        lines.append(f"  frames recorded: {frames}")
+        costs = ", ".join(f"{n} {s['mean_ms']:.1f} ms" for n, s in self.probe_summary.items())
+        lines.append(f"  cost per probe frame (worker thread): {costs}")
+        skipped = sum(s["skipped"] for s in self.probe_summary.values())
+        failed = sum(s["failed"] for s in self.probe_summary.values())
+        lines.append(f"  probes skipped while busy: {skipped}, failed: {failed}")
+        if self.seconds_without_probes:
+            ratio = self.seconds_with_probes / self.seconds_without_probes
+            lines.append(f"  training loop: {self.seconds_with_probes:.2f} s with probes, "
+                         f"{self.seconds_without_probes:.2f} s without ({ratio:.2f}x); "
+                         f"final frames and flush {self.seconds_closing:.2f} s")
+        else:
+            lines.append(f"  training loop: {self.seconds_with_probes:.2f} s with probes")
+        lines.append("  files: " + ", ".join(str(p.relative_to(self.out)) for p in self.files))
+        return "\n".join(lines)
+
+
+def run_demo(dataset: str = "blobs7", out: str | Path | None = None, *, epochs: int | None = None,
+             seed: int = 0, baseline: bool = True, export: bool = True, resolution: int = 192,
+             progress: bool = True) -> DemoResult:
+    """Train on ``dataset`` without probes (the baseline), then with them; record and export."""
+    data = make_dataset(dataset, seed=seed)
+    hidden, activation, default_epochs, lr = SETTINGS[dataset]
+    epochs = default_epochs if epochs is None else epochs
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    out = Path(out or f"runs/demo-{dataset}")
+    widths = [data.input_dim, *hidden, data.output_dim]
+
+    seconds_without = None
+    if baseline:
+        # Warm up (allocator, thread pools, kernels) so that neither timed run pays for it.
+        torch.manual_seed(seed)
+        train(build_mlp(widths, activation), data, epochs=1, lr=lr, seed=seed, progress=False)
+        torch.manual_seed(seed)
+        model = build_mlp(widths, activation)
+        t0 = time.perf_counter()
+        train(model, data, epochs=epochs, lr=lr, seed=seed, desc="baseline (no probes)", progress=progress)
+        seconds_without = time.perf_counter() - t0
+
+    torch.manual_seed(seed)
+    model = build_mlp(widths, activation)
+    monitor = Monitor(model, demo_probes(data, resolution), run_dir=out, overwrite=True,
+                      metadata={"demo": {"dataset": dataset, "widths": widths, "activation": activation,
+                                         "epochs": epochs, "seed": seed, "lr": lr}})
+    monitor.start()
+    t0 = time.perf_counter()
+    metrics = train(model, data, epochs=epochs, lr=lr, seed=seed, monitor=monitor, desc="with probes",
+                    progress=progress)
+    seconds_with = time.perf_counter() - t0
+    monitor.close()
+    seconds_closing = time.perf_counter() - t0 - seconds_with
+
+    files: list[Path] = []
+    if export:
+        run = open_run(out)
+        main = next(iter(run.probes))
+        files += export_probe(run.probe(main), out, ("mp4", "gif"), interpolate=3, method="smoothstep",
+                              fps=15, progress=progress)
+        files += export_final_pictures(run, out)
+    summary = monitor.summary()
+    return DemoResult(dataset, out, epochs, summary["steps"], metrics, seconds_with, seconds_without,
+                      seconds_closing, summary["probes"], files)

@@ -1,0 +1,171 @@
+"""Exporters: a recorded run to PNG frames, GIF and MP4, with frames interpolated in between.
+
+Interpolation blends the probe's values, not its pictures: a grid map's probabilities are
+blended and coloured again, so an in-between frame is a map a model could have produced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from probescope.figures import FrameRenderer, plot_frame, small_multiples
+from probescope.kernels import interpolate_frames, probs_to_rgba
+from probescope.kernels.interpolate import METHODS, interpolation_weights
+from probescope.run import ProbeRecord, Run
+
+FORMATS = ("mp4", "gif", "png")
+
+
+def _blend(record: ProbeRecord, first: dict, second: dict, k: int, method: str) -> list[dict]:
+    """The k data dicts between two frames; arrays that cannot be blended come from ``first``."""
+    blended = [dict(first) for _ in range(k)]
+    for key, a in first.items():
+        b = second.get(key)
+        if b is None or a.shape != b.shape or not np.issubdtype(a.dtype, np.floating):
+            continue
+        frames = interpolate_frames(torch.from_numpy(a), torch.from_numpy(b), k, method).numpy()
+        for i in range(k):
+            blended[i][key] = frames[i]
+    if record.kind == "grid":
+        config = record.config
+        palette = torch.from_numpy(record.static["palette"])
+        for data in blended:
+            data["rgba"] = probs_to_rgba(torch.from_numpy(data["probs"]), config["mode"], palette,
+                                         config["class_index"]).numpy()
+    return blended
+
+
+def timeline(record: ProbeRecord, interpolate: int = 0, method: str = "linear") -> Iterator[tuple[dict, float, float]]:
+    """(data, step, epoch) for every recorded frame, with ``interpolate`` frames between each pair."""
+    if interpolate < 0:
+        raise ValueError(f"interpolate must be >= 0, got {interpolate}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    previous = None
+    for frame in record.frames():
+        if previous is not None and interpolate:
+            weights = interpolation_weights(interpolate, method).numpy()
+            between = _blend(record, previous.data, frame.data, interpolate, method)
+            for t, data in zip(weights, between):
+                yield (data, previous.step + t * (frame.step - previous.step),
+                       previous.epoch + t * (frame.epoch - previous.epoch))
+        yield frame.data, frame.step, frame.epoch
+        previous = frame
+
+
+def export_probe(
+    record: ProbeRecord,
+    out: str | Path,
+    formats: Iterable[str] = ("mp4",),
+    *,
+    interpolate: int = 0,
+    method: str = "linear",
+    fps: float = 12.0,
+    size: tuple[int, int] = (768, 512),
+    gif_scale: float = 0.5,
+    progress: bool = False,
+) -> list[Path]:
+    """Render one probe's frames once and write each requested format; returns the files."""
+    formats = list(dict.fromkeys(formats))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"formats must be among {FORMATS}, got {unknown}")
+    if len(record) == 0:
+        raise ValueError(f"probe {record.name!r} has no frames to export")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    renderer = FrameRenderer(record, size=size)
+    written: list[Path] = []
+    mp4 = gif_frames = None
+    if "mp4" in formats:
+        path = out / f"{record.name}.mp4"
+        mp4 = imageio.get_writer(path, format="FFMPEG", mode="I", fps=fps, codec="libx264",
+                                 pixelformat="yuv420p", macro_block_size=16, ffmpeg_log_level="error")
+        written.append(path)
+    if "gif" in formats:
+        gif_frames = []
+    png_dir = out / record.name if "png" in formats else None
+    if png_dir is not None:
+        png_dir.mkdir(exist_ok=True)
+    total = len(record) + max(len(record) - 1, 0) * interpolate
+    try:
+        items = timeline(record, interpolate, method)
+        for index, (data, step, epoch) in enumerate(
+            tqdm(items, total=total, desc=f"export {record.name}", disable=not progress, leave=False)
+        ):
+            renderer.draw(data, step, epoch)
+            image = renderer.image()
+            if mp4 is not None:
+                mp4.append_data(image)
+            if gif_frames is not None:
+                small = Image.fromarray(image)
+                if gif_scale != 1.0:
+                    small = small.resize((round(image.shape[1] * gif_scale), round(image.shape[0] * gif_scale)),
+                                         Image.Resampling.LANCZOS)
+                gif_frames.append(small.quantize(colors=255, method=Image.Quantize.MEDIANCUT))
+            if png_dir is not None:
+                path = png_dir / f"{index:05d}_step{round(step):07d}.png"
+                Image.fromarray(image).save(path)
+                written.append(path)
+    finally:
+        if mp4 is not None:
+            mp4.close()
+    if gif_frames:
+        path = out / f"{record.name}.gif"
+        gif_frames[0].save(path, save_all=True, append_images=gif_frames[1:], duration=round(1000 / fps),
+                           loop=0, optimize=False, disposal=1)
+        written.append(path)
+    return written
+
+
+def export_run(
+    run: Run,
+    out: str | Path,
+    formats: Iterable[str] = ("mp4",),
+    *,
+    probes: Iterable[str] | None = None,
+    interpolate: int = 0,
+    method: str = "linear",
+    fps: float = 12.0,
+    progress: bool = False,
+) -> dict[str, list[Path]]:
+    """Export every probe (or the named ones) of a run; returns the files per probe."""
+    names = list(probes) if probes is not None else list(run.probes)
+    return {
+        name: export_probe(run.probe(name), out, formats, interpolate=interpolate, method=method, fps=fps,
+                           progress=progress)
+        for name in names
+        if len(run.probe(name))
+    }
+
+
+def export_final_pictures(run: Run, out: str | Path) -> list[Path]:
+    """PNGs of the final state: each probe's last frame, its small multiples, and raw grid maps.
+
+    ``<grid>_final_map.png`` is the last map itself, one pixel per grid point, exactly the
+    recorded RGBA; the other pictures are figures with axes and captions.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, record in run.probes.items():
+        if not len(record):
+            continue
+        path = out / f"{name}_final.png"
+        plot_frame(record).savefig(path)
+        written.append(path)
+        path = out / f"{name}_small_multiples.png"
+        small_multiples(record).savefig(path)
+        written.append(path)
+        if record.kind == "grid":
+            path = out / f"{name}_final_map.png"
+            Image.fromarray(record.frame(-1).data["rgba"]).save(path)
+            written.append(path)
+    return written

@@ -1,0 +1,295 @@
+"""Static figures (matplotlib) for every probe kind: one frame, or small multiples over training.
+
+Each probe kind has a panel that builds its artists once and updates them in place per
+frame; the exporters reuse the same panels to render animation frames. No pyplot: figures
+are plain ``Figure`` objects on an Agg canvas, so nothing depends on a display.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from probescope.kernels import default_palette
+from probescope.run import ProbeRecord
+
+BAND_COLOUR = "steelblue"
+
+
+def _colours(palette: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return palette[labels.astype(np.int64) % len(palette)] / 255.0
+
+
+def _fixed_limits(values: np.ndarray, pad: float = 0.08) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    span = hi - lo or 1.0
+    return lo - pad * span, hi + pad * span
+
+
+class GridPanel:
+    """The probability map as an image, with the training points on top."""
+
+    def __init__(self, ax: Axes, record: ProbeRecord, compact: bool = False):
+        static, config = record.static, record.config
+        u0, u1, v0, v1 = config["domain"]
+        w, h = config["resolution"]
+        self.image = ax.imshow(np.zeros((h, w, 4), np.uint8), extent=(u0, u1, v0, v1), origin="upper",
+                               interpolation="nearest", aspect="auto")
+        palette = static["palette"] if len(static["palette"]) else default_palette(2).numpy()
+        if "points_uv" in static:
+            uv = static["points_uv"]
+            labels = static.get("points_label")
+            colours = _colours(palette, labels) if labels is not None else "white"
+            ax.scatter(uv[:, 0], uv[:, 1], c=colours, s=4 if compact else 9, edgecolors="black",
+                       linewidths=0.25 if compact else 0.4, zorder=3)
+        ax.set_xlim(u0, u1)
+        ax.set_ylim(v0, v1)
+        plane = config.get("input_dim", 2) > 2
+        if compact:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        else:
+            ax.set_xlabel("u (plane axis 1)" if plane else "x₁")
+            ax.set_ylabel("v (plane axis 2)" if plane else "x₂")
+            if config["mode"] == "prob":
+                ax.set_title(f"P(class {config['class_index']}): blue 0, white 0.5, red 1", fontsize=9)
+            elif len(palette) <= 12:
+                handles = [Patch(color=c / 255.0, label=f"class {i}") for i, c in enumerate(palette)]
+                ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
+                          frameon=False)
+
+    def update(self, data: dict[str, np.ndarray]) -> None:
+        self.image.set_data(data["rgba"])
+
+
+class CurvePanel:
+    """Data scatter, the model's curve and the per-point loss band."""
+
+    def __init__(self, ax: Axes, record: ProbeRecord, compact: bool = False):
+        static = record.static
+        self.ax, self.x = ax, static["x"]
+        ax.scatter(static["scatter_x"], static["scatter_y"], s=3 if compact else 5, color="0.55",
+                   alpha=0.45, linewidths=0, zorder=1)
+        (self.line,) = ax.plot(self.x, np.zeros_like(self.x), color=BAND_COLOUR, lw=1.5 if compact else 2.5,
+                               zorder=5)
+        self.band = None
+        ax.set_xlim(*_fixed_limits(static["scatter_x"], 0.02))
+        ax.set_ylim(*_fixed_limits(static["scatter_y"], 0.15))
+        if compact:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        else:
+            ax.set_xlabel("x")
+            ax.set_ylabel("y")
+
+    def update(self, data: dict[str, np.ndarray]) -> None:
+        self.line.set_ydata(data["y_pred"])
+        if self.band is not None:
+            self.band.remove()
+        self.band = self.ax.fill_between(self.x, data["band_lower"], data["band_upper"], color=BAND_COLOUR,
+                                         alpha=0.25, linewidth=0, zorder=4)
+
+
+class SeriesPanel:
+    """Line charts of named series ``series/<name>/steps|values``, updated in place."""
+
+    def __init__(self, ax: Axes, title: str | None = None, log_y: bool = True):
+        self.ax, self.log_y = ax, log_y
+        self.lines: dict[str, Any] = {}
+        if title:
+            ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+
+    def set_series(self, name: str, steps: np.ndarray, values: np.ndarray, **style) -> None:
+        line = self.lines.get(name)
+        if line is None:
+            (line,) = self.ax.plot([], [], label=name, **style)
+            self.lines[name] = line
+        line.set_data(steps, values)
+
+    def rescale(self) -> None:
+        values = [np.asarray(line.get_ydata(), float) for line in self.lines.values()]
+        values = np.concatenate(values) if values else np.zeros(0)
+        positive = values[np.isfinite(values) & (values > 0)]
+        if self.log_y and positive.size and positive.size == values[np.isfinite(values)].size:
+            self.ax.set_yscale("log")
+        self.ax.relim()
+        self.ax.autoscale_view()
+
+
+class LossPanel:
+    """Train loss per step and per epoch, valid loss, and metrics on a second axis."""
+
+    STYLES = {
+        "train_loss": {"color": "0.6", "lw": 0.8},
+        "train_loss_epoch": {"color": "tab:blue", "lw": 2, "marker": "o", "ms": 3},
+        "valid_loss": {"color": "tab:orange", "lw": 2, "marker": "s", "ms": 3},
+    }
+    METRIC_COLOURS = ("tab:green", "tab:purple", "tab:red", "tab:brown", "tab:pink", "tab:olive")
+
+    def __init__(self, ax: Axes, record: ProbeRecord | None = None, compact: bool = False,
+                 log_y: bool = True):
+        self.losses = SeriesPanel(ax, None if compact else "loss", log_y)
+        self.metrics_ax = ax.twinx()
+        self.metrics = SeriesPanel(self.metrics_ax, None, log_y=False)
+        self.metrics_ax.set_xlabel("")
+        if not compact:
+            ax.set_ylabel("loss")
+            self.metrics_ax.set_ylabel("metrics (dashed)")
+        self.compact = compact
+
+    def _metric_colour(self, name: str) -> str:
+        known = {**self.metrics.lines, **self.losses.lines}
+        if name in known:
+            return known[name].get_color()
+        return self.METRIC_COLOURS[len(known) % len(self.METRIC_COLOURS)]
+
+    def update(self, data: dict[str, np.ndarray]) -> None:
+        names = sorted({k.split("/")[1] for k in data if k.startswith("series/")})
+        for name in names:
+            steps, values = data[f"series/{name}/steps"], data[f"series/{name}/values"]
+            if name == "lr":
+                continue
+            target = self.losses if "loss" in name else self.metrics
+            style = self.STYLES.get(name) or {"lw": 1.5, "ls": "--", "color": self._metric_colour(name)}
+            target.set_series(name, steps, values, **style)
+        self.losses.rescale()
+        self.metrics.rescale()
+        if not self.compact and names:
+            handles = list(self.losses.lines.values()) + list(self.metrics.lines.values())
+            self.losses.ax.legend(handles=handles, labels=[h.get_label() for h in handles], fontsize=8,
+                                  loc="upper right")
+
+
+class PredictionPanel:
+    """Predictions on the fixed batch: jittered probability of the true class, or y_hat vs y."""
+
+    def __init__(self, ax: Axes, record: ProbeRecord, compact: bool = False):
+        static, config = record.static, record.config
+        self.ax, self.task = ax, config["task"]
+        y, jitter = static["y_true"], static["jitter"]
+        size = 4 if compact else 10
+        if self.task == "regression":
+            lo, hi = _fixed_limits(y)
+            ax.plot([lo, hi], [lo, hi], color="0.4", lw=1, ls="--")
+            self.points = ax.scatter(y, y, s=size, color="tab:green", alpha=0.5, linewidths=0)
+            ax.set_xlim(lo, hi)
+            ax.set_ylim(lo, hi)
+            if not compact:
+                ax.set_xlabel("y (true)")
+                ax.set_ylabel("ŷ (predicted)")
+        elif self.task == "binary":
+            self.y = y
+            colours = _colours(default_palette(2).numpy(), y)
+            self.points = ax.scatter(np.zeros_like(y), y + jitter, s=size, c=colours, alpha=0.5, linewidths=0)
+            ax.axvline(config["threshold"], color="0.3", lw=1, ls="--")
+            ax.set_xlim(-0.02, 1.02)
+            ax.set_yticks([0, 1], ["class 0", "class 1"])
+            if not compact:
+                ax.set_xlabel("predicted P(class 1)")
+        else:
+            classes = config["num_classes"]
+            palette = default_palette(classes).numpy()
+            self.points = ax.scatter(y + jitter, np.zeros_like(y), s=size, c=_colours(palette, y), alpha=0.5,
+                                     linewidths=0)
+            self.means = [ax.plot([c - 0.4, c + 0.4], [np.nan, np.nan], color="black", lw=2)[0]
+                          for c in range(classes)]
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlim(-0.6, classes - 0.4)
+            ax.set_xticks(range(classes))
+            if not compact:
+                ax.set_xlabel("true class")
+                ax.set_ylabel("predicted P(true class)")
+        self.ax, self.compact = ax, compact
+
+    def update(self, data: dict[str, np.ndarray]) -> None:
+        offsets = self.points.get_offsets()
+        if self.task == "regression":
+            offsets[:, 1] = data["y_pred"]
+            label = f"MSE {float(data['mse']):.4g}   R² {float(data['r2']):.3f}"
+        elif self.task == "binary":
+            offsets[:, 0] = data["prob_pos"]
+            label = (f"accuracy {float(data['accuracy']):.3f}   sensitivity {float(data['sensitivity']):.3f}"
+                     f"   specificity {float(data['specificity']):.3f}")
+        else:
+            offsets[:, 1] = data["prob_true"]
+            for line, mean in zip(self.means, data["class_mean"]):
+                line.set_ydata([mean, mean])
+            label = f"accuracy {float(data['accuracy']):.3f}"
+        self.points.set_offsets(offsets)
+        if not self.compact:
+            self.ax.set_title(label, fontsize=9)
+
+
+PANELS = {"grid": GridPanel, "curve": CurvePanel, "prediction": PredictionPanel, "loss": LossPanel}
+
+
+class FrameRenderer:
+    """Renders frames of one probe to RGB images, reusing one figure and its artists."""
+
+    def __init__(self, record: ProbeRecord, *, size: tuple[int, int] = (768, 512), dpi: int = 100):
+        if record.kind not in PANELS:
+            raise ValueError(f"no figure for probe kind {record.kind!r}")
+        self.record = record
+        self.figure = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
+        self.canvas = FigureCanvasAgg(self.figure)
+        self.side: list[SeriesPanel] = []
+        if record.kind == "curve":
+            spec = self.figure.add_gridspec(2, 3)
+            self.panel = CurvePanel(self.figure.add_subplot(spec[:, :2]), record)
+            self.side = [SeriesPanel(self.figure.add_subplot(spec[0, 2]), "loss over the sample"),
+                         SeriesPanel(self.figure.add_subplot(spec[1, 2]), "batch loss")]
+        else:
+            self.panel = PANELS[record.kind](self.figure.add_subplot(1, 1, 1), record)
+        self.title = self.figure.suptitle("", fontsize=11)
+        self.figure.set_layout_engine("tight" if record.kind != "grid" else "constrained")
+
+    def draw(self, data: dict[str, np.ndarray], step: float, epoch: float) -> None:
+        """Update every artist to ``data`` and caption the figure with step and epoch."""
+        self.panel.update(data)
+        if self.side:
+            self.side[0].set_series("sample", data["total_loss_steps"], data["total_loss_series"],
+                                    color=BAND_COLOUR, lw=1.5)
+            self.side[1].set_series("batch", data["batch_loss_steps"], data["batch_loss_series"],
+                                    color="0.5", lw=0.8)
+            for panel in self.side:
+                panel.rescale()
+        self.title.set_text(f"{self.record.name}  ·  step {round(step)}  ·  epoch {round(epoch)}")
+
+    def image(self) -> np.ndarray:
+        """The current figure as an (H, W, 3) uint8 array."""
+        self.canvas.draw()
+        return np.asarray(self.canvas.buffer_rgba())[..., :3].copy()
+
+
+def plot_frame(record: ProbeRecord, index: int = -1, **kwargs) -> Figure:
+    """A figure of one recorded frame (default: the last)."""
+    frame = record.frame(index)
+    renderer = FrameRenderer(record, **kwargs)
+    renderer.draw(frame.data, frame.step, frame.epoch)
+    return renderer.figure
+
+
+def small_multiples(record: ProbeRecord, count: int = 12, columns: int = 4, cell: float = 2.4) -> Figure:
+    """A grid of ``count`` frames spread evenly over training, each captioned with its step."""
+    total = len(record)
+    if total == 0:
+        raise ValueError(f"probe {record.name!r} has no frames yet")
+    picks = sorted({round(i) for i in np.linspace(0, total - 1, min(count, total))})
+    rows = -(-len(picks) // columns)
+    cols = min(columns, len(picks))
+    figure = Figure(figsize=(cell * cols, cell * rows + 0.4), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    for i, index in enumerate(picks):
+        ax = figure.add_subplot(rows, cols, i + 1)
+        frame = record.frame(index)
+        PANELS[record.kind](ax, record, compact=True).update(frame.data)
+        ax.set_title(f"step {frame.step} · epoch {frame.epoch}", fontsize=8)
+    figure.suptitle(f"{record.name} across training", fontsize=10)
+    return figure

@@ -1,0 +1,69 @@
+"""Shared fixtures: small generated data, small models, and a recording probe."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from probescope import Probe, Schedule
+
+
+@pytest.fixture
+def blobs():
+    from probescope.datasets import make_dataset
+
+    return make_dataset("blobs7", seed=3, n=700)
+
+
+@pytest.fixture
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 7))
+
+
+class RecordingProbe(Probe):
+    """Records the step of every evaluation; can block until released, or raise."""
+
+    kind = "recording"
+
+    def __init__(self, *, schedule=None, name=None, block: threading.Event | None = None, raise_at=None):
+        super().__init__(name=name, schedule=schedule or Schedule.every(1))
+        self.steps: list[int] = []
+        self.block, self.raise_at = block, raise_at
+        self.started = threading.Event()
+
+    def evaluate(self, model, context):
+        self.started.set()
+        if self.block is not None:
+            assert self.block.wait(10), "test never released the probe"
+        if self.raise_at is not None and context.step >= self.raise_at:
+            raise RuntimeError("probe exploded")
+        self.steps.append(context.step)
+        return {"step": np.int64(context.step)}
+
+
+@pytest.fixture
+def recording_probe():
+    return RecordingProbe
+
+
+def train_steps(monitor, model, x, y, steps: int, *, batch: int = 50, wait: bool = True, epoch_every=None):
+    """Plain SGD steps under ``monitor``; ``wait`` lets the probe worker finish after each step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for s in range(steps):
+        i = (s * batch) % max(1, x.shape[0] - batch)
+        loss = nn.functional.cross_entropy(model(x[i : i + batch]), y[i : i + batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        monitor.step(loss=loss.detach())
+        if wait:
+            monitor._worker.wait_idle(10)
+        if epoch_every and (s + 1) % epoch_every == 0:
+            monitor.end_epoch()
+            if wait:
+                monitor._worker.wait_idle(10)

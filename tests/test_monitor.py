@@ -1,0 +1,167 @@
+"""The Monitor keeps probes off the training path: skipping, failures, snapshots, events."""
+
+import logging
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from probescope import EVENTS, Callback, GridProbe, Monitor, Probe, Schedule
+from tests.conftest import train_steps
+
+
+def test_skips_probe_while_previous_still_running(mlp, blobs, recording_probe):
+    release = threading.Event()
+    probe = recording_probe(schedule=Schedule.every(1), block=release)
+    monitor = Monitor(mlp, [probe], final_frame=False).start()
+    assert probe.started.wait(5)  # the step-0 evaluation is now blocked in the worker
+    train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 6, wait=False)
+    assert monitor.stats[probe.name].skipped == 6
+    release.set()
+    monitor._worker.wait_idle(5)
+    train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 2)
+    monitor.close()
+    assert probe.steps == [0, 7, 8]
+    stats = monitor.stats[probe.name]
+    assert (stats.run, stats.skipped, stats.failed) == (3, 6, 0)
+    assert stats.mean_ms > 0
+
+
+def test_training_loop_does_not_wait_for_a_slow_probe(mlp, blobs, recording_probe):
+    release = threading.Event()
+    probe = recording_probe(block=release)
+    monitor = Monitor(mlp, [probe], final_frame=False).start()
+    finished = threading.Event()
+
+    def loop():
+        train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 20, wait=False)
+        finished.set()
+
+    threading.Thread(target=loop).start()
+    assert finished.wait(10), "training blocked behind a probe that never finished"
+    release.set()
+    monitor.close()
+
+
+def test_probe_exception_disables_it_with_one_warning_and_training_goes_on(mlp, blobs, recording_probe, caplog):
+    bad = recording_probe(name="bad", raise_at=3)
+    good = recording_probe(name="good", schedule=Schedule.every(2))
+    with caplog.at_level(logging.WARNING, logger="probescope"), Monitor(mlp, [bad, good]) as monitor:
+        train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 8)
+    assert bad.steps == [0, 1, 2]
+    assert good.steps == [0, 2, 4, 6, 8]
+    assert monitor.stats["bad"].failed == 1
+    messages = [r.getMessage() for r in caplog.records if "'bad'" in r.getMessage()]
+    assert len(messages) == 1 and "probe exploded" in messages[0] and "disabled" in messages[0]
+
+
+class StepReader(Probe):
+    """Reads back every weight of the snapshot it is given."""
+
+    kind = "weights"
+
+    def evaluate(self, model, context):
+        values = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        return {"values": values.numpy().copy()}
+
+
+@pytest.mark.parametrize("snapshot", ["copy", "sync"])
+def test_every_frame_sees_the_weights_of_one_single_step(snapshot):
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 4))
+    frames = []
+    probe = StepReader(schedule=Schedule.every(1))
+    monitor = Monitor(model, [probe], snapshot=snapshot, ring_capacity=256).start()
+    ring = monitor.ring(probe.name)
+    seen = -1
+    for step in range(1, 200):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float(step))  # a model whose every weight is its step number
+        monitor.step()
+        for frame in ring.read_since(seen):
+            seen = frame.seq
+            frames.append(frame)
+    monitor.close()
+    frames += ring.read_since(seen)
+    assert len(frames) >= 3
+    trained = [f for f in frames if f.step > 0]  # step 0 holds the random initial weights
+    assert len(trained) >= 2
+    for frame in trained:
+        values = frame.data["values"]
+        assert np.all(values == values[0]), f"frame at step {frame.step} mixes weights of several steps"
+        assert values[0] == frame.step
+
+
+def test_closing_mid_probe_neither_deadlocks_nor_loses_written_frames(tmp_path, mlp, blobs, recording_probe):
+    release = threading.Event()
+    blocker = recording_probe(name="slow", schedule=Schedule.steps([3]), block=release)
+    quick = recording_probe(name="quick")
+    monitor = Monitor(mlp, [quick, blocker], run_dir=tmp_path / "run", close_timeout=0.5).start()
+    train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 3, wait=False)
+    assert blocker.started.wait(5)
+    monitor.close()  # the slow probe is still blocked: close gives up waiting after 0.5 s
+    release.set()
+    from probescope import open_run
+
+    run = open_run(tmp_path / "run")
+    assert run.meta["status"] == "finished"
+    assert len(run.probe("quick")) == monitor.stats["quick"].run >= 1
+
+
+def test_fastai_event_names_reach_callbacks_in_order(mlp, blobs):
+    trace = []
+
+    class Recorder(Callback):
+        pass
+
+    for event in EVENTS:
+        setattr(Recorder, event, lambda self, monitor, _e=event, **kw: trace.append(_e))
+    monitor = Monitor(mlp, [], callbacks=[Recorder()])
+    x, y = blobs.x_train[:20], blobs.y_train[:20]
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.1)
+    monitor.before_fit()
+    monitor.before_epoch()
+    monitor.before_train()
+    monitor.before_batch()
+    out = mlp(x)
+    monitor.after_pred()
+    loss = nn.functional.cross_entropy(out, y)
+    monitor.after_loss(loss=loss)
+    monitor.before_backward()
+    loss.backward()
+    monitor.after_backward()
+    opt.step()
+    monitor.after_step()
+    monitor.after_batch()
+    monitor.after_train()
+    monitor.before_validate()
+    monitor.after_validate(valid_loss=0.5)
+    monitor.after_epoch()
+    monitor.event("after_fit")
+    assert trace == list(EVENTS)
+    assert monitor.step_count == 1 and monitor.epoch == 1
+    history = monitor.history.read()
+    assert history["batch_loss"].steps.tolist() == [1]
+    assert history["valid_loss"].values.tolist() == [0.5]
+
+
+def test_unknown_event_name_is_rejected(mlp):
+    with pytest.raises(ValueError, match="unknown event"):
+        Monitor(mlp).event("after_everything")
+
+
+def test_duplicate_probe_names_are_rejected(mlp, blobs):
+    with pytest.raises(ValueError, match="unique"):
+        Monitor(mlp, [GridProbe(blobs.x_train), GridProbe(blobs.x_train)])
+
+
+def test_counters_and_ring_are_exposed(mlp, blobs):
+    probe = GridProbe(blobs.x_train, resolution=8, schedule=Schedule.every(2))
+    with Monitor(mlp, [probe]) as monitor:
+        train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 4)
+        latest = monitor.latest("grid")
+    assert latest.step == 4 and latest.data["rgba"].shape == (8, 8, 4)
+    assert monitor.stats["grid"].run == 3
+    assert monitor.snapshot_bytes == 2 * sum(p.numel() * 4 for p in mlp.parameters())
