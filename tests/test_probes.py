@@ -1,0 +1,268 @@
+"""Each probe computes what it claims, checked against an independent computation."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from probescope import CurveProbe, GridProbe, LossProbe, Monitor, PredictionProbe, Schedule
+from probescope.kernels import NONFINITE_RGBA, default_palette, probs_to_rgba
+from probescope.probes.base import ProbeContext
+from tests.conftest import train_steps
+
+
+def _evaluate(probe, model, step=0):
+    probe.attach(model)
+    return probe.evaluate(model, ProbeContext(step=step, epoch=0))
+
+
+@pytest.mark.parametrize("resolution", [(37, 23), (1, 5), 16])
+def test_grid_pixel_equals_softmax_of_the_model_at_that_pixels_coordinates(mlp, resolution):
+    data = torch.randn(50, 2) * 3
+    domain = (-2.0, 3.0, -1.5, 4.0)
+    probe = GridProbe(data, domain=domain, resolution=resolution)
+    frame = _evaluate(probe, mlp)
+    w, h = (resolution, resolution) if isinstance(resolution, int) else resolution
+    probs = frame["probs"].numpy()
+    assert probs.shape == (h, w, 7)
+    rng = np.random.default_rng(0)
+    for r, c in [(0, 0), (h - 1, w - 1), *zip(rng.integers(0, h, 8), rng.integers(0, w, 8))]:
+        # Pixel centres, computed here from the domain alone; row 0 is the top (largest v).
+        u = domain[0] + (c + 0.5) * (domain[1] - domain[0]) / w
+        v = domain[3] - (r + 0.5) * (domain[3] - domain[2]) / h
+        with torch.no_grad():
+            expected = torch.softmax(mlp(torch.tensor([[u, v]], dtype=torch.float32)), dim=1)[0]
+        np.testing.assert_allclose(probs[r, c], expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_grid_region_colour_is_the_class_colour_shaded_by_probability(mlp):
+    probe = GridProbe(torch.randn(40, 2), resolution=9)
+    frame = _evaluate(probe, mlp)
+    probs, rgba = frame["probs"].numpy(), frame["rgba"].numpy()
+    palette = default_palette(7).numpy().astype(np.float64)
+    k = probs.argmax(-1)
+    shade = np.clip((probs.max(-1) - 1 / 7) / (1 - 1 / 7), 0, 1)
+    expected = np.floor(255 + (palette[k] - 255) * shade[..., None] + 0.5)
+    np.testing.assert_allclose(rgba[..., :3], expected, atol=1)  # float32 vs float64 rounding
+    assert (rgba[..., 3] == 255).all()
+
+
+def test_grid_plane_through_three_samples_puts_the_first_at_its_origin():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    a, b, c = torch.randn(3, 5)
+    probe = GridProbe(torch.randn(30, 5), plane=(a, b, c), domain=(-1.0, 1.0, -1.0, 1.0), resolution=(4, 4))
+    frame = _evaluate(probe, model)
+    # Domain [-1, 1]^2 at 4 pixels: the pixel centred at (u, v) = (0.25, 0.25) is row 1, column 2.
+    e1 = (b - a) / (b - a).norm()
+    e2 = (c - a) - ((c - a) @ e1) * e1
+    e2 = e2 / e2.norm()
+    point = a + 0.25 * e1 + 0.25 * e2
+    with torch.no_grad():
+        expected = torch.softmax(model(point[None]), 1)[0]
+    np.testing.assert_allclose(frame["probs"][1, 2].numpy(), expected.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_grid_pca_plane_spans_the_data_principal_directions():
+    torch.manual_seed(2)
+    flat = torch.randn(400, 2) * torch.tensor([5.0, 2.0])
+    lift = torch.linalg.qr(torch.randn(6, 6)).Q[:, :2]  # an orthonormal 2-D subspace of R^6
+    data = flat @ lift.T + 1.0
+    probe = GridProbe(data)
+    basis = torch.stack([probe.axis_u, probe.axis_v], 1)
+    # The plane's axes span the same subspace as ``lift``: projecting one onto the other keeps it.
+    np.testing.assert_allclose((lift @ (lift.T @ basis)).numpy(), basis.numpy(), atol=1e-4)
+    np.testing.assert_allclose(probe.origin.numpy(), data.mean(0).numpy(), atol=1e-4)
+
+
+def test_grid_domain_defaults_to_the_data_bounds_plus_margin():
+    data = torch.tensor([[0.0, 0.0], [10.0, 4.0], [5.0, 1.0]])
+    probe = GridProbe(data, margin=0.1)
+    assert probe.domain == pytest.approx((-1.0, 11.0, -0.4, 4.4))
+
+
+def test_grid_non_finite_outputs_get_magenta_one_warning_and_training_goes_on(blobs, caplog):
+    class Poisoned(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(2, 7)
+
+        def forward(self, x):
+            out = self.linear(x)
+            return torch.where(x[:, :1] > 0, torch.full_like(out, float("nan")), out)
+
+    model = Poisoned()
+    probe = GridProbe(blobs.x_train, resolution=10, domain=(-1.0, 1.0, -1.0, 1.0), schedule=Schedule.every(1))
+    x = blobs.x_train.clone()
+    x[:, 0] = -x[:, 0].abs() - 0.1  # training inputs stay where the model is finite
+    with caplog.at_level(logging.WARNING, logger="probescope"), Monitor(model, [probe]) as monitor:
+        train_steps(monitor, model, x, blobs.y_train, 3)
+    frame = monitor.latest("grid")
+    rgba = frame.data["rgba"]
+    assert (rgba[:, 5:] == NONFINITE_RGBA).all()  # u > 0: the right half
+    assert not (rgba[:, :5] == NONFINITE_RGBA).all(-1).any()
+    assert monitor.stats["grid"].run == 4 and monitor.stats["grid"].failed == 0  # steps 0..3
+    warnings = [r for r in caplog.records if "non-finite" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"data": torch.zeros(0, 2)}, "empty"),
+        ({"data": torch.ones(10, 2)}, "zero area"),
+        ({"data": torch.randn(10, 2), "domain": (0.0, 0.0, 0.0, 1.0)}, "zero area"),
+        ({"data": torch.randn(10, 2), "mode": "contour"}, "mode must be one of"),
+        ({"data": torch.randn(10, 1)}, "at least 2 features"),
+        ({"data": torch.randn(10, 2), "resolution": 0}, "resolution"),
+        ({"data": torch.randn(10, 3), "plane": (torch.zeros(3), torch.ones(3), 2 * torch.ones(3))}, "collinear"),
+        ({"data": torch.randn(10, 2), "labels": [0, 1]}, "2 labels for 10"),
+        ({"data": [[0.0, float("nan")], [1.0, 1.0]]}, "NaN"),
+    ],
+)
+def test_grid_probe_rejects_bad_input_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GridProbe(**kwargs)
+
+
+def test_wrong_input_width_is_a_clear_error_when_the_monitor_is_built(mlp):
+    probe = GridProbe(torch.randn(20, 3))  # 3 features, the model takes 2
+    with pytest.raises(ValueError, match=r"rejected inputs of shape \(2, 3\) \(input width 3\)"):
+        Monitor(mlp, [probe])
+
+
+def _wave(n=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, generator=g) * 6 - 3
+    return x, torch.sin(x) + 0.1 * torch.randn(n, generator=g)
+
+
+@pytest.mark.parametrize(("smoothing", "sparsity"), [(1, 1), (7, 1), (15, 3)])
+def test_curve_band_equals_the_smoothed_per_point_loss(smoothing, sparsity):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1))
+    x, y = _wave()
+    probe = CurveProbe(x, y, loss_smoothing=smoothing, graph_sparsity=sparsity)
+    frame = _evaluate(probe, model, step=4)
+    order = np.argsort(x.numpy(), kind="stable")[::sparsity]
+    xs, ys = x.numpy()[order], y.numpy()[order]
+    with torch.no_grad():
+        y_pred = model(torch.from_numpy(xs)[:, None])[:, 0].numpy().astype(np.float64)
+    loss = np.convolve((y_pred - ys) ** 2, np.ones(smoothing) / smoothing, mode="same")
+    np.testing.assert_allclose(frame["y_pred"].numpy(), y_pred, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(frame["loss"].numpy(), loss, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(frame["band_upper"].numpy(), y_pred + loss, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(frame["band_lower"].numpy(), y_pred - loss, rtol=1e-4, atol=1e-5)
+    assert float(frame["total_loss"]) == pytest.approx(np.mean((y_pred - ys) ** 2), rel=1e-5)
+    assert frame["total_loss_steps"].tolist() == [4]
+
+
+def test_curve_probe_keeps_the_sample_loss_and_batch_loss_series():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+    x, y = _wave()
+    probe = CurveProbe(x, y, schedule=Schedule.every(2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with Monitor(model, [probe]) as monitor:
+        for _ in range(6):
+            loss = nn.functional.mse_loss(model(x[:, None])[:, 0], y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step(loss=loss.detach())
+            monitor._worker.wait_idle(5)
+    frame = monitor.latest("curve")
+    assert frame.data["total_loss_steps"].tolist() == [0, 2, 4, 6]
+    assert frame.data["batch_loss_steps"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert np.all(np.diff(frame.data["total_loss_series"]) < 0)  # plain GD on a smooth loss descends
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"loss_smoothing": 4}, "odd"),
+        ({"loss_smoothing": 0}, "odd"),
+        ({"x": torch.zeros(0), "y": torch.zeros(0)}, "empty"),
+        ({"x": torch.zeros(5, 2), "y": torch.zeros(5)}, "one feature"),
+        ({"y": torch.zeros(3)}, "points but y has"),
+        ({"loss": "hinge"}, "loss must be one of"),
+        ({"graph_sparsity": 0}, "graph_sparsity"),
+    ],
+)
+def test_curve_probe_rejects_bad_input_at_construction(kwargs, message):
+    x, y = _wave(20)
+    with pytest.raises(ValueError, match=message):
+        CurveProbe(**{"x": x, "y": y, **kwargs})
+
+
+def test_prediction_probe_classification_reports_probability_of_the_true_class(mlp, blobs):
+    probe = PredictionProbe(blobs.x_valid, blobs.y_valid, show_perc=0.5, seed=4)
+    frame = _evaluate(probe, mlp)
+    assert probe.task == "classification" and probe.x.shape[0] == round(0.5 * blobs.x_valid.shape[0])
+    with torch.no_grad():
+        probs = torch.softmax(mlp(probe.x), 1).double()
+    labels = probe.y.long()
+    np.testing.assert_allclose(frame["prob_true"].numpy(), probs[torch.arange(len(labels)), labels].numpy(),
+                               rtol=1e-5)
+    assert float(frame["accuracy"]) == pytest.approx(float((probs.argmax(1) == labels).double().mean()))
+
+
+def test_prediction_probe_binary_sensitivity_and_specificity_at_threshold():
+    model = nn.Linear(1, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        model.bias.fill_(0.0)
+    x = torch.tensor([[-2.0], [-1.0], [0.5], [3.0], [-0.5], [2.0]])
+    y = torch.tensor([0, 0, 0, 1, 1, 1])
+    probe = PredictionProbe(x, y, threshold=0.5)
+    frame = _evaluate(probe, model)
+    # sigmoid(x) >= 0.5 exactly when x >= 0: predicted positive for 0.5, 3.0, 2.0.
+    assert probe.task == "binary"
+    assert float(frame["sensitivity"]) == pytest.approx(2 / 3)
+    assert float(frame["specificity"]) == pytest.approx(2 / 3)
+
+
+def test_prediction_probe_regression_reports_y_hat(mlp):
+    model = nn.Linear(3, 1)
+    x, y = torch.randn(30, 3), torch.randn(30) * 2.5
+    frame = _evaluate(PredictionProbe(x, y), model)
+    with torch.no_grad():
+        y_hat = model(x)[:, 0].double()
+    np.testing.assert_allclose(frame["y_pred"].numpy(), y_hat.numpy(), rtol=1e-6)
+    assert float(frame["mse"]) == pytest.approx(float(((y_hat - y.double()) ** 2).mean()))
+
+
+def test_loss_probe_reports_step_epoch_and_valid_series(mlp, blobs):
+    probe = LossProbe(valid=(blobs.x_valid, blobs.y_valid), loss_fn=nn.functional.cross_entropy,
+                      metrics={"accuracy": lambda p, t: (p.argmax(1) == t).float().mean()})
+    with Monitor(mlp, [probe]) as monitor:
+        train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 12, epoch_every=4)
+        monitor.log(custom=3.0)
+    data = monitor.latest("loss").data
+    train = data["series/train_loss/values"]
+    assert data["series/train_loss/steps"].tolist() == list(range(1, 13))
+    np.testing.assert_allclose(data["series/train_loss_epoch/values"], train.reshape(3, 4).mean(1))
+    assert data["series/train_loss_epoch/steps"].tolist() == [4, 8, 12]
+    assert data["series/valid_loss/steps"].tolist() == [0, 4, 8, 12]
+    with torch.no_grad():
+        out = mlp(blobs.x_valid)
+    assert data["series/valid_loss/values"][-1] == pytest.approx(
+        float(nn.functional.cross_entropy(out, blobs.y_valid)), rel=1e-5)
+    assert data["series/accuracy/values"][-1] == pytest.approx(
+        float((out.argmax(1) == blobs.y_valid).float().mean()))
+    assert "series/custom/values" not in data  # logged after the last frame was taken
+
+
+def test_loss_probe_metrics_need_valid_data():
+    with pytest.raises(ValueError, match="valid"):
+        LossProbe(metrics={"accuracy": lambda p, t: 0.0})
+
+
+def test_probs_to_rgba_writes_into_the_given_slot():
+    probs = torch.softmax(torch.randn(5, 6, 3), -1)
+    slot = torch.full((5, 6, 4), 7, dtype=torch.uint8)  # poisoned
+    out = probs_to_rgba(probs, "boundary", default_palette(3), out=slot)
+    assert out is slot
+    assert torch.equal(slot, probs_to_rgba(probs, "boundary", default_palette(3)))
