@@ -1,0 +1,130 @@
+"""The run directory: append-only, readable while written and after a kill, no pickle."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from probescope import GridProbe, LossProbe, Monitor, Schedule, open_run
+from tests.conftest import train_steps
+
+
+def test_every_frame_lands_with_its_step_epoch_and_config(tmp_path, mlp, blobs):
+    probes = [GridProbe(blobs.x_train, blobs.y_train, resolution=12, schedule=Schedule.every(3)), LossProbe()]
+    with Monitor(mlp, probes, run_dir=tmp_path, metadata={"note": "hi"}) as monitor:
+        train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 10, epoch_every=5)
+    run = open_run(tmp_path)
+    assert run.meta["status"] == "finished" and run.meta["metadata"] == {"note": "hi"}
+    grid = run.probe("grid")
+    assert grid.steps() == [0, 3, 6, 9, 10]
+    assert [f.epoch for f in grid.frames()] == [0, 0, 1, 1, 2]
+    assert grid.config["resolution"] == [12, 12] and grid.config["schedule"] == {"kind": "every", "n": 3}
+    np.testing.assert_array_equal(grid.frame(-1).data["rgba"], monitor.latest("grid").data["rgba"])
+    assert grid.static["points_label"].shape[0] == blobs.x_train.shape[0]
+    assert run.probe("loss").steps() == [0, 5, 10]
+    assert run.meta["summary"]["probes"]["grid"]["run"] == 5
+
+
+def test_final_weights_are_a_state_dict_that_loads_without_pickle(tmp_path, mlp, blobs):
+    with Monitor(mlp, [GridProbe(blobs.x_train, resolution=4)], run_dir=tmp_path) as monitor:
+        train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 3)
+    state = open_run(tmp_path).model_state()  # torch.load(weights_only=True)
+    for key, value in mlp.state_dict().items():
+        assert torch.equal(state[key], value)
+
+
+def test_frames_are_plain_npy_arrays_without_pickled_objects(tmp_path, mlp, blobs):
+    with Monitor(mlp, [GridProbe(blobs.x_train, resolution=4), LossProbe()], run_dir=tmp_path) as monitor:
+        train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 2)
+    for path in (tmp_path / "probes").rglob("*.npz"):
+        with np.load(path, allow_pickle=False) as z:
+            for key in z.files:
+                assert z[key].dtype != object
+        assert all(name.endswith(".npy") for name in zipfile.ZipFile(path).namelist())
+
+
+def test_an_existing_run_is_not_overwritten_by_accident(tmp_path, mlp, blobs):
+    Monitor(mlp, [], run_dir=tmp_path).start().close()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        Monitor(mlp, [], run_dir=tmp_path).start()
+    Monitor(mlp, [], run_dir=tmp_path, overwrite=True).start().close()
+
+
+def test_a_full_disk_stops_recording_with_one_warning_and_training_goes_on(tmp_path, mlp, blobs, caplog, monkeypatch):
+    import probescope.run as run_module
+
+    monitor = Monitor(mlp, [GridProbe(blobs.x_train, resolution=4, schedule=Schedule.every(1))],
+                      run_dir=tmp_path).start()
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_module, "_write_npz", full)
+    train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 5)
+    monitor.close()
+    assert monitor.step_count == 5 and monitor.stats["grid"].run == 6
+    warnings = [r for r in caplog.records if "No space left" in r.getMessage()]
+    assert len(warnings) == 1 and "training goes on" in warnings[0].getMessage()
+
+
+WRITER = textwrap.dedent("""
+    import sys, torch
+    from torch import nn
+    from probescope import GridProbe, Monitor, Schedule
+    torch.manual_seed(0)
+    x = torch.randn(400, 2)
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = Monitor(model, [GridProbe(x, y, resolution=64, schedule=Schedule.every(1))], run_dir=sys.argv[1])
+    monitor.start()
+    while True:  # trains until killed
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(); loss.backward(); opt.step()
+        monitor.step(loss=loss.detach())
+""")
+
+
+def test_a_writer_killed_mid_run_leaves_a_readable_run(tmp_path):
+    run_dir = tmp_path / "run"
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    proc = subprocess.Popen([sys.executable, str(script), str(run_dir)])
+    try:
+        frames = run_dir / "probes" / "grid" / "frames"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(list(frames.glob("*.npz"))) < 20:
+            time.sleep(0.05)
+        assert len(list(frames.glob("*.npz"))) >= 20, "the writer did not record frames in time"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    run = open_run(run_dir)
+    assert run.meta["status"] == "running"
+    grid = run.probe("grid")
+    assert len(grid) >= 20
+    steps = [frame.step for frame in grid.frames()]  # every file loads whole
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    assert grid.frame(-1).data["probs"].shape == (64, 64, 2)
+
+
+def test_a_reader_follows_a_run_while_it_is_written(tmp_path, mlp, blobs):
+    monitor = Monitor(mlp, [GridProbe(blobs.x_train, resolution=4, schedule=Schedule.every(1))],
+                      run_dir=tmp_path).start()
+    train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 2)
+    run = open_run(tmp_path)
+    before = len(run.probe("grid"))
+    train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 3)
+    run.wait_for_frames(timeout=5)
+    deadline = time.monotonic() + 5
+    while run.probe("grid").refresh() < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(run.probe("grid")) == before + 3
+    monitor.close()
