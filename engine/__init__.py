@@ -5,7 +5,15 @@ Importing probescope does no work: no threads, no device context, no kernel comp
 
 from probescope.events import EVENTS, Callback
 from probescope.monitor import Monitor
-from probescope.probes import CurveProbe, GridProbe, LossProbe, PredictionProbe, Probe, ProbeContext, ProbeStats
+from probescope.probes import (
+    CurveProbe,
+    GridProbe,
+    LossProbe,
+    PredictionProbe,
+    Probe,
+    ProbeContext,
+    ProbeStats,
+)
 from probescope.ring import Frame, FrameRing
 from probescope.run import Run, RunWriter, open_run
 from probescope.schedule import Schedule, StepInfo

@@ -15,8 +15,15 @@ from probescope.kernels.interpolate import METHODS
 def _demo(args: argparse.Namespace) -> int:
     from probescope.demo import run_demo
 
-    result = run_demo(args.dataset, args.out, epochs=args.epochs, seed=args.seed, baseline=not args.no_baseline,
-                      resolution=args.resolution, progress=not args.quiet)
+    result = run_demo(
+        args.dataset,
+        args.out,
+        epochs=args.epochs,
+        seed=args.seed,
+        baseline=not args.no_baseline,
+        resolution=args.resolution,
+        progress=not args.quiet,
+    )
     print(result.report())
     return 0
 
@@ -38,8 +45,16 @@ def _export(args: argparse.Namespace) -> int:
     run = open_run(args.run)
     out = Path(args.out or Path(args.run) / "exports")
     formats = [f for group in args.format for f in group]
-    files = export_run(run, out, formats, probes=args.probe, interpolate=args.interpolate, method=args.method,
-                       fps=args.fps, progress=not args.quiet)
+    files = export_run(
+        run,
+        out,
+        formats,
+        probes=args.probe,
+        interpolate=args.interpolate,
+        method=args.method,
+        fps=args.fps,
+        progress=not args.quiet,
+    )
     written = [p for paths in files.values() for p in paths]
     if args.final_pictures:
         written += export_final_pictures(run, out)
@@ -64,12 +79,16 @@ def _info(args: argparse.Namespace) -> int:
     print(f"status    {meta.get('status')}   created {meta.get('created')}")
     model = meta.get("model", {})
     if model:
-        print(f"model     {model.get('class')}  {model.get('parameters', 0):,} parameters  "
-              f"({model.get('device')}, {model.get('dtype')})")
+        print(
+            f"model     {model.get('class')}  {model.get('parameters', 0):,} parameters  "
+            f"({model.get('device')}, {model.get('dtype')})"
+        )
     summary = meta.get("summary", {})
     if summary:
-        print(f"training  {summary.get('steps')} steps, {summary.get('epochs')} epochs, "
-              f"{summary.get('wall_seconds')} s monitored")
+        print(
+            f"training  {summary.get('steps')} steps, {summary.get('epochs')} epochs, "
+            f"{summary.get('wall_seconds')} s monitored"
+        )
     has_model = (run.path / "model.pt").exists()
     print(f"weights   {'model.pt' if has_model else '(none yet)'}")
     print("probes")
@@ -77,8 +96,11 @@ def _info(args: argparse.Namespace) -> int:
         steps = record.steps() if len(record) else []
         span = f"steps {steps[0]}..{steps[-1]}" if steps else "no frames"
         stats = summary.get("probes", {}).get(name)
-        cost = f", {stats['mean_ms']:.2f} ms/frame, {stats['skipped']} skipped, {stats['failed']} failed" \
-            if stats else ""
+        cost = (
+            f", {stats['mean_ms']:.2f} ms/frame, {stats['skipped']} skipped, {stats['failed']} failed"
+            if stats
+            else ""
+        )
         print(f"  {name:<12} {record.kind:<10} {len(record):>5} frames  {span}{cost}")
         config = {k: v for k, v in record.config.items() if k != "schedule"}
         print(f"  {'':<12} {json.dumps(config)}")
@@ -102,15 +124,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="render a recorded run to MP4, GIF or PNG frames")
     export.add_argument("run", type=Path)
-    export.add_argument("--format", type=_formats, action="append", required=True,
-                        help="mp4, gif or png; repeat or separate with commas")
+    export.add_argument(
+        "--format",
+        type=_formats,
+        action="append",
+        required=True,
+        help="mp4, gif or png; repeat or separate with commas",
+    )
     export.add_argument("--out", type=Path, default=None, help="output folder (default RUN/exports)")
     export.add_argument("--probe", action="append", default=None, help="only this probe (repeatable)")
     export.add_argument("--interpolate", type=int, default=0, help="frames to add between recorded frames")
     export.add_argument("--method", choices=METHODS, default="linear", help="interpolation easing")
     export.add_argument("--fps", type=float, default=12.0)
-    export.add_argument("--final-pictures", action="store_true",
-                        help="also write each probe's final figure, small multiples and raw final map")
+    export.add_argument(
+        "--final-pictures",
+        action="store_true",
+        help="also write each probe's final figure, small multiples and raw final map",
+    )
     export.add_argument("--quiet", action="store_true")
     export.set_defaults(func=_export)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ SETTINGS = {
 def build_mlp(widths: list[int] | tuple[int, ...], activation: str = "relu") -> nn.Sequential:
     """``Linear`` layers of the given widths with ``activation`` between them."""
     layers: list[nn.Module] = []
-    for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (w_in, w_out) in enumerate(itertools.pairwise(widths)):
         layers.append(nn.Linear(w_in, w_out))
         if i < len(widths) - 2:
             layers.append(ACTIVATIONS[activation]())
@@ -45,12 +46,29 @@ def demo_probes(data: Dataset, resolution: int = 192) -> list[Probe]:
         LossProbe(schedule=Schedule.every_epoch()),
     ]
     if data.task == "regression":
-        probes.insert(0, CurveProbe(data.x_train, data.y_train, loss_smoothing=41, graph_sparsity=2,
-                                    schedule=dense_early | Schedule.every(25)))
+        probes.insert(
+            0,
+            CurveProbe(
+                data.x_train,
+                data.y_train,
+                loss_smoothing=41,
+                graph_sparsity=2,
+                schedule=dense_early | Schedule.every(25),
+            ),
+        )
     else:
         mode = "prob" if data.num_classes == 2 else "region"
-        probes.insert(0, GridProbe(data.x_train, data.y_train, resolution=resolution, mode=mode,
-                                   point_sparsity=2, schedule=dense_early | Schedule.every_epoch(2)))
+        probes.insert(
+            0,
+            GridProbe(
+                data.x_train,
+                data.y_train,
+                resolution=resolution,
+                mode=mode,
+                point_sparsity=2,
+                schedule=dense_early | Schedule.every_epoch(2),
+            ),
+        )
     return probes
 
 
@@ -72,8 +90,18 @@ def evaluate(model: nn.Module, data: Dataset) -> dict[str, float]:
     return result
 
 
-def train(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: int = 64, seed: int = 0,
-          monitor: Monitor | None = None, desc: str = "train", progress: bool = True) -> dict[str, float]:
+def train(
+    model: nn.Module,
+    data: Dataset,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int = 64,
+    seed: int = 0,
+    monitor: Monitor | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> dict[str, float]:
     """A plain PyTorch loop; with a monitor it reports every step, epoch and valid result."""
     loss_fn = _loss_fn(data)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -119,8 +147,11 @@ class DemoResult:
     def report(self) -> str:
         """A human-readable summary."""
         lines = [f"probescope demo: {self.dataset} -> {self.out}"]
-        metric = ("valid accuracy", self.metrics["valid_accuracy"]) if "valid_accuracy" in self.metrics \
+        metric = (
+            ("valid accuracy", self.metrics["valid_accuracy"])
+            if "valid_accuracy" in self.metrics
             else ("valid loss (MSE)", self.metrics["valid_loss"])
+        )
         lines.append(f"  {metric[0]} {metric[1]:.4f} after {self.epochs} epochs ({self.steps} steps)")
         frames = ", ".join(f"{n} {s['frames']}" for n, s in self.probe_summary.items())
         lines.append(f"  frames recorded: {frames}")
@@ -131,18 +162,28 @@ class DemoResult:
         lines.append(f"  probes skipped while busy: {skipped}, failed: {failed}")
         if self.seconds_without_probes:
             ratio = self.seconds_with_probes / self.seconds_without_probes
-            lines.append(f"  training loop: {self.seconds_with_probes:.2f} s with probes, "
-                         f"{self.seconds_without_probes:.2f} s without ({ratio:.2f}x); "
-                         f"final frames and flush {self.seconds_closing:.2f} s")
+            lines.append(
+                f"  training loop: {self.seconds_with_probes:.2f} s with probes, "
+                f"{self.seconds_without_probes:.2f} s without ({ratio:.2f}x); "
+                f"final frames and flush {self.seconds_closing:.2f} s"
+            )
         else:
             lines.append(f"  training loop: {self.seconds_with_probes:.2f} s with probes")
         lines.append("  files: " + ", ".join(str(p.relative_to(self.out)) for p in self.files))
         return "\n".join(lines)
 
 
-def run_demo(dataset: str = "blobs7", out: str | Path | None = None, *, epochs: int | None = None,
-             seed: int = 0, baseline: bool = True, export: bool = True, resolution: int = 192,
-             progress: bool = True) -> DemoResult:
+def run_demo(
+    dataset: str = "blobs7",
+    out: str | Path | None = None,
+    *,
+    epochs: int | None = None,
+    seed: int = 0,
+    baseline: bool = True,
+    export: bool = True,
+    resolution: int = 192,
+    progress: bool = True,
+) -> DemoResult:
     """Train on ``dataset`` without probes (the baseline), then with them; record and export."""
     data = make_dataset(dataset, seed=seed)
     hidden, activation, default_epochs, lr = SETTINGS[dataset]
@@ -165,13 +206,27 @@ def run_demo(dataset: str = "blobs7", out: str | Path | None = None, *, epochs: 
 
     torch.manual_seed(seed)
     model = build_mlp(widths, activation)
-    monitor = Monitor(model, demo_probes(data, resolution), run_dir=out, overwrite=True,
-                      metadata={"demo": {"dataset": dataset, "widths": widths, "activation": activation,
-                                         "epochs": epochs, "seed": seed, "lr": lr}})
+    monitor = Monitor(
+        model,
+        demo_probes(data, resolution),
+        run_dir=out,
+        overwrite=True,
+        metadata={
+            "demo": {
+                "dataset": dataset,
+                "widths": widths,
+                "activation": activation,
+                "epochs": epochs,
+                "seed": seed,
+                "lr": lr,
+            }
+        },
+    )
     monitor.start()
     t0 = time.perf_counter()
-    metrics = train(model, data, epochs=epochs, lr=lr, seed=seed, monitor=monitor, desc="with probes",
-                    progress=progress)
+    metrics = train(
+        model, data, epochs=epochs, lr=lr, seed=seed, monitor=monitor, desc="with probes", progress=progress
+    )
     seconds_with = time.perf_counter() - t0
     monitor.close()
     seconds_closing = time.perf_counter() - t0 - seconds_with
@@ -180,9 +235,26 @@ def run_demo(dataset: str = "blobs7", out: str | Path | None = None, *, epochs: 
     if export:
         run = open_run(out)
         main = next(iter(run.probes))
-        files += export_probe(run.probe(main), out, ("mp4", "gif"), interpolate=3, method="smoothstep",
-                              fps=15, progress=progress)
+        files += export_probe(
+            run.probe(main),
+            out,
+            ("mp4", "gif"),
+            interpolate=3,
+            method="smoothstep",
+            fps=15,
+            progress=progress,
+        )
         files += export_final_pictures(run, out)
     summary = monitor.summary()
-    return DemoResult(dataset, out, epochs, summary["steps"], metrics, seconds_with, seconds_without,
-                      seconds_closing, summary["probes"], files)
+    return DemoResult(
+        dataset,
+        out,
+        epochs,
+        summary["steps"],
+        metrics,
+        seconds_with,
+        seconds_without,
+        seconds_closing,
+        summary["probes"],
+        files,
+    )

@@ -37,12 +37,15 @@ def _blend(record: ProbeRecord, first: dict, second: dict, k: int, method: str) 
         config = record.config
         palette = torch.from_numpy(record.static["palette"])
         for data in blended:
-            data["rgba"] = probs_to_rgba(torch.from_numpy(data["probs"]), config["mode"], palette,
-                                         config["class_index"]).numpy()
+            data["rgba"] = probs_to_rgba(
+                torch.from_numpy(data["probs"]), config["mode"], palette, config["class_index"]
+            ).numpy()
     return blended
 
 
-def timeline(record: ProbeRecord, interpolate: int = 0, method: str = "linear") -> Iterator[tuple[dict, float, float]]:
+def timeline(
+    record: ProbeRecord, interpolate: int = 0, method: str = "linear"
+) -> Iterator[tuple[dict, float, float]]:
     """(data, step, epoch) for every recorded frame, with ``interpolate`` frames between each pair."""
     if interpolate < 0:
         raise ValueError(f"interpolate must be >= 0, got {interpolate}")
@@ -53,9 +56,12 @@ def timeline(record: ProbeRecord, interpolate: int = 0, method: str = "linear") 
         if previous is not None and interpolate:
             weights = interpolation_weights(interpolate, method).numpy()
             between = _blend(record, previous.data, frame.data, interpolate, method)
-            for t, data in zip(weights, between):
-                yield (data, previous.step + t * (frame.step - previous.step),
-                       previous.epoch + t * (frame.epoch - previous.epoch))
+            for t, data in zip(weights, between, strict=True):
+                yield (
+                    data,
+                    previous.step + t * (frame.step - previous.step),
+                    previous.epoch + t * (frame.epoch - previous.epoch),
+                )
         yield frame.data, frame.step, frame.epoch
         previous = frame
 
@@ -86,8 +92,16 @@ def export_probe(
     mp4 = gif_frames = None
     if "mp4" in formats:
         path = out / f"{record.name}.mp4"
-        mp4 = imageio.get_writer(path, format="FFMPEG", mode="I", fps=fps, codec="libx264",
-                                 pixelformat="yuv420p", macro_block_size=16, ffmpeg_log_level="error")
+        mp4 = imageio.get_writer(
+            path,
+            format="FFMPEG",
+            mode="I",
+            fps=fps,
+            codec="libx264",
+            pixelformat="yuv420p",
+            macro_block_size=16,
+            ffmpeg_log_level="error",
+        )
         written.append(path)
     if "gif" in formats:
         gif_frames = []
@@ -107,8 +121,10 @@ def export_probe(
             if gif_frames is not None:
                 small = Image.fromarray(image)
                 if gif_scale != 1.0:
-                    small = small.resize((round(image.shape[1] * gif_scale), round(image.shape[0] * gif_scale)),
-                                         Image.Resampling.LANCZOS)
+                    small = small.resize(
+                        (round(image.shape[1] * gif_scale), round(image.shape[0] * gif_scale)),
+                        Image.Resampling.LANCZOS,
+                    )
                 gif_frames.append(small.quantize(colors=255, method=Image.Quantize.MEDIANCUT))
             if png_dir is not None:
                 path = png_dir / f"{index:05d}_step{round(step):07d}.png"
@@ -119,8 +135,15 @@ def export_probe(
             mp4.close()
     if gif_frames:
         path = out / f"{record.name}.gif"
-        gif_frames[0].save(path, save_all=True, append_images=gif_frames[1:], duration=round(1000 / fps),
-                           loop=0, optimize=False, disposal=1)
+        gif_frames[0].save(
+            path,
+            save_all=True,
+            append_images=gif_frames[1:],
+            duration=round(1000 / fps),
+            loop=0,
+            optimize=False,
+            disposal=1,
+        )
         written.append(path)
     return written
 
@@ -139,8 +162,9 @@ def export_run(
     """Export every probe (or the named ones) of a run; returns the files per probe."""
     names = list(probes) if probes is not None else list(run.probes)
     return {
-        name: export_probe(run.probe(name), out, formats, interpolate=interpolate, method=method, fps=fps,
-                           progress=progress)
+        name: export_probe(
+            run.probe(name), out, formats, interpolate=interpolate, method=method, fps=fps, progress=progress
+        )
         for name in names
         if len(run.probe(name))
     }

@@ -7,7 +7,7 @@ are plain ``Figure`` objects on an Agg canvas, so nothing depends on a display.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -39,15 +39,27 @@ class GridPanel:
         static, config = record.static, record.config
         u0, u1, v0, v1 = config["domain"]
         w, h = config["resolution"]
-        self.image = ax.imshow(np.zeros((h, w, 4), np.uint8), extent=(u0, u1, v0, v1), origin="upper",
-                               interpolation="nearest", aspect="auto")
+        self.image = ax.imshow(
+            np.zeros((h, w, 4), np.uint8),
+            extent=(u0, u1, v0, v1),
+            origin="upper",
+            interpolation="nearest",
+            aspect="auto",
+        )
         palette = static["palette"] if len(static["palette"]) else default_palette(2).numpy()
         if "points_uv" in static:
             uv = static["points_uv"]
             labels = static.get("points_label")
             colours = _colours(palette, labels) if labels is not None else "white"
-            ax.scatter(uv[:, 0], uv[:, 1], c=colours, s=4 if compact else 9, edgecolors="black",
-                       linewidths=0.25 if compact else 0.4, zorder=3)
+            ax.scatter(
+                uv[:, 0],
+                uv[:, 1],
+                c=colours,
+                s=4 if compact else 9,
+                edgecolors="black",
+                linewidths=0.25 if compact else 0.4,
+                zorder=3,
+            )
         ax.set_xlim(u0, u1)
         ax.set_ylim(v0, v1)
         plane = config.get("input_dim", 2) > 2
@@ -61,8 +73,9 @@ class GridPanel:
                 ax.set_title(f"P(class {config['class_index']}): blue 0, white 0.5, red 1", fontsize=9)
             elif len(palette) <= 12:
                 handles = [Patch(color=c / 255.0, label=f"class {i}") for i, c in enumerate(palette)]
-                ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
-                          frameon=False)
+                ax.legend(
+                    handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False
+                )
 
     def update(self, data: dict[str, np.ndarray]) -> None:
         self.image.set_data(data["rgba"])
@@ -74,10 +87,18 @@ class CurvePanel:
     def __init__(self, ax: Axes, record: ProbeRecord, compact: bool = False):
         static = record.static
         self.ax, self.x = ax, static["x"]
-        ax.scatter(static["scatter_x"], static["scatter_y"], s=3 if compact else 5, color="0.55",
-                   alpha=0.45, linewidths=0, zorder=1)
-        (self.line,) = ax.plot(self.x, np.zeros_like(self.x), color=BAND_COLOUR, lw=1.5 if compact else 2.5,
-                               zorder=5)
+        ax.scatter(
+            static["scatter_x"],
+            static["scatter_y"],
+            s=3 if compact else 5,
+            color="0.55",
+            alpha=0.45,
+            linewidths=0,
+            zorder=1,
+        )
+        (self.line,) = ax.plot(
+            self.x, np.zeros_like(self.x), color=BAND_COLOUR, lw=1.5 if compact else 2.5, zorder=5
+        )
         self.band = None
         ax.set_xlim(*_fixed_limits(static["scatter_x"], 0.02))
         ax.set_ylim(*_fixed_limits(static["scatter_y"], 0.15))
@@ -92,8 +113,15 @@ class CurvePanel:
         self.line.set_ydata(data["y_pred"])
         if self.band is not None:
             self.band.remove()
-        self.band = self.ax.fill_between(self.x, data["band_lower"], data["band_upper"], color=BAND_COLOUR,
-                                         alpha=0.25, linewidth=0, zorder=4)
+        self.band = self.ax.fill_between(
+            self.x,
+            data["band_lower"],
+            data["band_upper"],
+            color=BAND_COLOUR,
+            alpha=0.25,
+            linewidth=0,
+            zorder=4,
+        )
 
 
 class SeriesPanel:
@@ -126,15 +154,23 @@ class SeriesPanel:
 class LossPanel:
     """Train loss per step and per epoch, valid loss, and metrics on a second axis."""
 
-    STYLES = {
+    STYLES: ClassVar[dict[str, dict]] = {
         "train_loss": {"color": "0.6", "lw": 0.8},
         "train_loss_epoch": {"color": "tab:blue", "lw": 2, "marker": "o", "ms": 3},
         "valid_loss": {"color": "tab:orange", "lw": 2, "marker": "s", "ms": 3},
     }
-    METRIC_COLOURS = ("tab:green", "tab:purple", "tab:red", "tab:brown", "tab:pink", "tab:olive")
+    METRIC_COLOURS: ClassVar[tuple[str, ...]] = (
+        "tab:green",
+        "tab:purple",
+        "tab:red",
+        "tab:brown",
+        "tab:pink",
+        "tab:olive",
+    )
 
-    def __init__(self, ax: Axes, record: ProbeRecord | None = None, compact: bool = False,
-                 log_y: bool = True):
+    def __init__(
+        self, ax: Axes, record: ProbeRecord | None = None, compact: bool = False, log_y: bool = True
+    ):
         self.losses = SeriesPanel(ax, None if compact else "loss", log_y)
         self.metrics_ax = ax.twinx()
         self.metrics = SeriesPanel(self.metrics_ax, None, log_y=False)
@@ -163,8 +199,9 @@ class LossPanel:
         self.metrics.rescale()
         if not self.compact and names:
             handles = list(self.losses.lines.values()) + list(self.metrics.lines.values())
-            self.losses.ax.legend(handles=handles, labels=[h.get_label() for h in handles], fontsize=8,
-                                  loc="upper right")
+            self.losses.ax.legend(
+                handles=handles, labels=[h.get_label() for h in handles], fontsize=8, loc="upper right"
+            )
 
 
 class PredictionPanel:
@@ -196,10 +233,12 @@ class PredictionPanel:
         else:
             classes = config["num_classes"]
             palette = default_palette(classes).numpy()
-            self.points = ax.scatter(y + jitter, np.zeros_like(y), s=size, c=_colours(palette, y), alpha=0.5,
-                                     linewidths=0)
-            self.means = [ax.plot([c - 0.4, c + 0.4], [np.nan, np.nan], color="black", lw=2)[0]
-                          for c in range(classes)]
+            self.points = ax.scatter(
+                y + jitter, np.zeros_like(y), s=size, c=_colours(palette, y), alpha=0.5, linewidths=0
+            )
+            self.means = [
+                ax.plot([c - 0.4, c + 0.4], [np.nan, np.nan], color="black", lw=2)[0] for c in range(classes)
+            ]
             ax.set_ylim(-0.02, 1.02)
             ax.set_xlim(-0.6, classes - 0.4)
             ax.set_xticks(range(classes))
@@ -215,11 +254,13 @@ class PredictionPanel:
             label = f"MSE {float(data['mse']):.4g}   R² {float(data['r2']):.3f}"
         elif self.task == "binary":
             offsets[:, 0] = data["prob_pos"]
-            label = (f"accuracy {float(data['accuracy']):.3f}   sensitivity {float(data['sensitivity']):.3f}"
-                     f"   specificity {float(data['specificity']):.3f}")
+            label = (
+                f"accuracy {float(data['accuracy']):.3f}   sensitivity {float(data['sensitivity']):.3f}"
+                f"   specificity {float(data['specificity']):.3f}"
+            )
         else:
             offsets[:, 1] = data["prob_true"]
-            for line, mean in zip(self.means, data["class_mean"]):
+            for line, mean in zip(self.means, data["class_mean"], strict=True):
                 line.set_ydata([mean, mean])
             label = f"accuracy {float(data['accuracy']):.3f}"
         self.points.set_offsets(offsets)
@@ -243,8 +284,10 @@ class FrameRenderer:
         if record.kind == "curve":
             spec = self.figure.add_gridspec(2, 3)
             self.panel = CurvePanel(self.figure.add_subplot(spec[:, :2]), record)
-            self.side = [SeriesPanel(self.figure.add_subplot(spec[0, 2]), "loss over the sample"),
-                         SeriesPanel(self.figure.add_subplot(spec[1, 2]), "batch loss")]
+            self.side = [
+                SeriesPanel(self.figure.add_subplot(spec[0, 2]), "loss over the sample"),
+                SeriesPanel(self.figure.add_subplot(spec[1, 2]), "batch loss"),
+            ]
         else:
             self.panel = PANELS[record.kind](self.figure.add_subplot(1, 1, 1), record)
         self.title = self.figure.suptitle("", fontsize=11)
@@ -254,10 +297,12 @@ class FrameRenderer:
         """Update every artist to ``data`` and caption the figure with step and epoch."""
         self.panel.update(data)
         if self.side:
-            self.side[0].set_series("sample", data["total_loss_steps"], data["total_loss_series"],
-                                    color=BAND_COLOUR, lw=1.5)
-            self.side[1].set_series("batch", data["batch_loss_steps"], data["batch_loss_series"],
-                                    color="0.5", lw=0.8)
+            self.side[0].set_series(
+                "sample", data["total_loss_steps"], data["total_loss_series"], color=BAND_COLOUR, lw=1.5
+            )
+            self.side[1].set_series(
+                "batch", data["batch_loss_steps"], data["batch_loss_series"], color="0.5", lw=0.8
+            )
             for panel in self.side:
                 panel.rescale()
         self.title.set_text(f"{self.record.name}  ·  step {round(step)}  ·  epoch {round(epoch)}")

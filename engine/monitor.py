@@ -44,6 +44,10 @@ class Monitor:
     Probes run on a worker thread on a snapshot of the weights of one step; a probe due while
     its previous evaluation still runs is skipped. A probe that raises is disabled with one
     warning; training goes on. With ``run_dir`` every frame is recorded there.
+
+    ``snapshot`` is ``"copy"``, ``"sync"`` or ``"live"`` (see probescope.snapshot);
+    ``probe_threads`` caps the CPU threads the probe worker uses (training keeps the rest);
+    ``final_frame`` takes one last frame of every probe at ``close()``.
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class Monitor:
         callbacks: Iterable[Callback] = (),
         final_frame: bool = True,
         close_timeout: float = 60.0,
+        probe_threads: int = 1,
         metadata: Mapping[str, Any] | None = None,
     ):
         if not isinstance(model, nn.Module):
@@ -70,8 +75,11 @@ class Monitor:
         names = [p.name for p in probes]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"Monitor: probe names must be unique; {duplicates} repeat "
-                             "(give each probe a name=...)")
+            raise ValueError(
+                f"Monitor: probe names must be unique; {duplicates} repeat (give each probe a name=...)"
+            )
+        if isinstance(probe_threads, bool) or not isinstance(probe_threads, int) or probe_threads < 1:
+            raise ValueError(f"Monitor: probe_threads must be a positive integer, got {probe_threads!r}")
         callbacks = list(callbacks)
         for c in callbacks:
             if not isinstance(c, Callback):
@@ -89,6 +97,7 @@ class Monitor:
         self._run_dir, self._overwrite = run_dir, overwrite
         self._final_frame, self._close_timeout = final_frame, close_timeout
         self._metadata = dict(metadata or {})
+        self._probe_threads = probe_threads
         self._step = 0
         self._epoch = 0
         self._started = self._closed = False
@@ -146,11 +155,13 @@ class Monitor:
             self.writer = RunWriter(self._run_dir, overwrite=self._overwrite)
             for st in self._probes.values():
                 p = st.probe
-                self.writer.add_probe(p.name, p.kind, {**p.config(), "schedule": p.schedule.describe()},
-                                      p.static())
-            self.writer.update_meta(model=_describe_model(self.model), snapshot=self._pool.strategy,
-                                    metadata=self._metadata)
-        self._worker = ProbeWorker()
+                self.writer.add_probe(
+                    p.name, p.kind, {**p.config(), "schedule": p.schedule.describe()}, p.static()
+                )
+            self.writer.update_meta(
+                model=_describe_model(self.model), snapshot=self._pool.strategy, metadata=self._metadata
+            )
+        self._worker = ProbeWorker(threads=self._probe_threads)
         self._recorder = threading.Thread(target=self._record_loop, name="probescope-recorder", daemon=True)
         self._recorder.start()
         self._fire("before_fit")
@@ -164,11 +175,16 @@ class Monitor:
             return
         self._closed = True
         if not self._worker.wait_idle(self._close_timeout):
-            log.warning("Monitor: a probe still runs after %.0f s; closing without waiting for it",
-                        self._close_timeout)
+            log.warning(
+                "Monitor: a probe still runs after %.0f s; closing without waiting for it",
+                self._close_timeout,
+            )
         if self._final_frame:
-            final = [st for st in self._probes.values()
-                     if st.enabled and not st.busy and st.last_step != self._step]
+            final = [
+                st
+                for st in self._probes.values()
+                if st.enabled and not st.busy and st.last_step != self._step
+            ]
             self._probe_now(final, inline=True)
         self._fire("after_fit")
         self._worker.close(timeout=1.0)
@@ -264,8 +280,13 @@ class Monitor:
         if not self._started:
             self.start()
         self._fire("after_epoch", **kwargs)
-        due = [st for st in self._probes.values() if st.enabled and st.last_step != self._step
-               and self._ask(st, lambda s: s.due_at_epoch_end(self._epoch))]
+        due = [
+            st
+            for st in self._probes.values()
+            if st.enabled
+            and st.last_step != self._step
+            and self._ask(st, lambda s: s.due_at_epoch_end(self._epoch))
+        ]
         self._probe_now(self._skip_busy(due))
         self._epoch += 1
 
@@ -288,16 +309,26 @@ class Monitor:
                 state = self._probes.get(getattr(cb, "name", None))
                 if state is not None and state.probe is cb:
                     state.enabled = False
-                log.warning("%s raised in %s and is disabled: %s: %s", type(cb).__name__, event,
-                            type(err).__name__, err)
+                log.warning(
+                    "%s raised in %s and is disabled: %s: %s",
+                    type(cb).__name__,
+                    event,
+                    type(err).__name__,
+                    err,
+                )
 
     def _ask(self, st: _ProbeState, question) -> bool:
         try:
             return bool(question(st.probe.schedule))
         except Exception as err:
             st.enabled = False
-            log.warning("%s %r: its schedule raised (%s: %s); the probe is disabled",
-                        type(st.probe).__name__, st.probe.name, type(err).__name__, err)
+            log.warning(
+                "%s %r: its schedule raised (%s: %s); the probe is disabled",
+                type(st.probe).__name__,
+                st.probe.name,
+                type(err).__name__,
+                err,
+            )
             return False
 
     def _due_at_step(self) -> list[_ProbeState]:
@@ -344,8 +375,10 @@ class Monitor:
                     if self.writer is not None:
                         self.writer.write_frame(frame)
                 if st.ring.dropped:
-                    st.probe.warn_once("dropped", "the recorder fell behind and lost frames; "
-                                       "raise ring_capacity or probe less often")
+                    st.probe.warn_once(
+                        "dropped",
+                        "the recorder fell behind and lost frames; raise ring_capacity or probe less often",
+                    )
             if stopping:
                 return
 
@@ -358,9 +391,15 @@ class Monitor:
             "wall_seconds": round(elapsed, 3),
             "snapshot_bytes": self._pool.nbytes,
             "frames_written": self.writer.frames_written if self.writer else 0,
-            "probes": {name: {**st.stats.as_dict(), "enabled": st.enabled, "frames": st.ring.written,
-                              "dropped": st.ring.dropped}
-                       for name, st in self._probes.items()},
+            "probes": {
+                name: {
+                    **st.stats.as_dict(),
+                    "enabled": st.enabled,
+                    "frames": st.ring.written,
+                    "dropped": st.ring.dropped,
+                }
+                for name, st in self._probes.items()
+            },
         }
 
 
@@ -398,9 +437,15 @@ class _Job:
         except Exception as err:
             st.stats.failed += 1
             st.enabled = False
-            log.warning("%s %r failed at step %d and is disabled; training goes on. %s: %s",
-                        type(st.probe).__name__, st.probe.name, self.step, type(err).__name__, err,
-                        exc_info=log.isEnabledFor(logging.DEBUG))
+            log.warning(
+                "%s %r failed at step %d and is disabled; training goes on. %s: %s",
+                type(st.probe).__name__,
+                st.probe.name,
+                self.step,
+                type(err).__name__,
+                err,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
             return
         finally:
             st.busy = False

@@ -9,7 +9,6 @@ they are counted in ``dropped``.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field

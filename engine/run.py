@@ -59,8 +59,9 @@ class RunWriter:
         self.path = Path(path)
         if (self.path / "run.json").exists():
             if not overwrite:
-                raise FileExistsError(f"{self.path} already holds a run; pass overwrite=True or "
-                                      "choose another directory")
+                raise FileExistsError(
+                    f"{self.path} already holds a run; pass overwrite=True or choose another directory"
+                )
             shutil.rmtree(self.path / "probes", ignore_errors=True)
             for name in ("run.json", "model.pt"):
                 (self.path / name).unlink(missing_ok=True)
@@ -84,8 +85,7 @@ class RunWriter:
             return True
         except OSError as err:
             self.failed = True
-            log.warning("RunWriter %s: cannot write (%s); recording stops, training goes on",
-                        self.path, err)
+            log.warning("RunWriter %s: cannot write (%s); recording stops, training goes on", self.path, err)
             return False
 
     def update_meta(self, **fields: Any) -> None:
@@ -108,8 +108,12 @@ class RunWriter:
     def write_frame(self, frame: Frame) -> bool:
         """Append one frame; False if it could not be written."""
         arrays = dict(frame.data)
-        arrays.update(__seq__=np.int64(frame.seq), __step__=np.int64(frame.step),
-                      __epoch__=np.int64(frame.epoch), __time__=np.float64(frame.time))
+        arrays.update(
+            __seq__=np.int64(frame.seq),
+            __step__=np.int64(frame.step),
+            __epoch__=np.int64(frame.epoch),
+            __time__=np.float64(frame.time),
+        )
         path = self.path / "probes" / frame.probe / "frames" / f"{frame.seq:07d}.npz"
         ok = self._guard(lambda: _write_npz(path, arrays))
         self.frames_written += ok
@@ -122,8 +126,11 @@ class RunWriter:
 
     def finish(self, summary: dict) -> None:
         """Mark the run finished and store its summary."""
-        self.update_meta(status="finished", finished=datetime.now(timezone.utc).isoformat(
-            timespec="seconds"), summary=summary)
+        self.update_meta(
+            status="finished",
+            finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            summary=summary,
+        )
 
 
 class ProbeRecord:
@@ -158,8 +165,14 @@ class ProbeRecord:
         """Frame number ``index`` in recording order (negative counts from the end)."""
         with np.load(self.paths[index], allow_pickle=False) as z:
             data = {k: z[k] for k in z.files if k not in _META_KEYS}
-            return Frame(probe=self.name, seq=int(z["__seq__"]), step=int(z["__step__"]),
-                         epoch=int(z["__epoch__"]), time=float(z["__time__"]), data=data)
+            return Frame(
+                probe=self.name,
+                seq=int(z["__seq__"]),
+                step=int(z["__step__"]),
+                epoch=int(z["__epoch__"]),
+                time=float(z["__time__"]),
+                data=data,
+            )
 
     def frames(self) -> Iterator[Frame]:
         """Every recorded frame, oldest first."""

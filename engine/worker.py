@@ -15,9 +15,14 @@ _STOP = object()
 
 
 class ProbeWorker:
-    """Runs submitted jobs on a daemon thread, with gradients off; never raises into callers."""
+    """Runs submitted jobs on a daemon thread, with gradients off; never raises into callers.
 
-    def __init__(self, name: str = "probescope-worker"):
+    ``threads`` caps the CPU threads of the worker's own torch operations (an OpenMP
+    setting local to the worker thread), so probes leave the other cores to training.
+    """
+
+    def __init__(self, name: str = "probescope-worker", threads: int = 1):
+        self._threads = threads
         self._queue: queue.Queue = queue.Queue()
         self._pending = 0
         self._idle = threading.Condition()
@@ -43,6 +48,7 @@ class ProbeWorker:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        torch.set_num_threads(self._threads)
         while True:
             job = self._queue.get()
             if job is _STOP:

@@ -54,6 +54,8 @@ def recording_probe():
 def train_steps(monitor, model, x, y, steps: int, *, batch: int = 50, wait: bool = True, epoch_every=None):
     """Plain SGD steps under ``monitor``; ``wait`` lets the probe worker finish after each step."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    if wait:
+        monitor._worker.wait_idle(10)  # the step-0 frames, taken at start()
     for s in range(steps):
         i = (s * batch) % max(1, x.shape[0] - batch)
         loss = nn.functional.cross_entropy(model(x[i : i + batch]), y[i : i + batch])

@@ -2,6 +2,7 @@
 
 import logging
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -45,7 +46,9 @@ def test_training_loop_does_not_wait_for_a_slow_probe(mlp, blobs, recording_prob
     monitor.close()
 
 
-def test_probe_exception_disables_it_with_one_warning_and_training_goes_on(mlp, blobs, recording_probe, caplog):
+def test_probe_exception_disables_it_with_one_warning_and_training_goes_on(
+    mlp, blobs, recording_probe, caplog
+):
     bad = recording_probe(name="bad", raise_at=3)
     good = recording_probe(name="good", schedule=Schedule.every(2))
     with caplog.at_level(logging.WARNING, logger="probescope"), Monitor(mlp, [bad, good]) as monitor:
@@ -80,6 +83,7 @@ def test_every_frame_sees_the_weights_of_one_single_step(snapshot):
             for p in model.parameters():
                 p.fill_(float(step))  # a model whose every weight is its step number
         monitor.step()
+        time.sleep(0.0005)  # a training step takes time; without it the loop outruns the worker
         for frame in ring.read_since(seen):
             seen = frame.seq
             frames.append(frame)
@@ -87,7 +91,7 @@ def test_every_frame_sees_the_weights_of_one_single_step(snapshot):
     frames += ring.read_since(seen)
     assert len(frames) >= 3
     trained = [f for f in frames if f.step > 0]  # step 0 holds the random initial weights
-    assert len(trained) >= 2
+    assert len(trained) >= 5
     for frame in trained:
         values = frame.data["values"]
         assert np.all(values == values[0]), f"frame at step {frame.step} mixes weights of several steps"

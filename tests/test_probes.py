@@ -28,7 +28,7 @@ def test_grid_pixel_equals_softmax_of_the_model_at_that_pixels_coordinates(mlp, 
     probs = frame["probs"].numpy()
     assert probs.shape == (h, w, 7)
     rng = np.random.default_rng(0)
-    for r, c in [(0, 0), (h - 1, w - 1), *zip(rng.integers(0, h, 8), rng.integers(0, w, 8))]:
+    for r, c in [(0, 0), (h - 1, w - 1), *zip(rng.integers(0, h, 8), rng.integers(0, w, 8), strict=True)]:
         # Pixel centres, computed here from the domain alone; row 0 is the top (largest v).
         u = domain[0] + (c + 0.5) * (domain[1] - domain[0]) / w
         v = domain[3] - (r + 0.5) * (domain[3] - domain[2]) / h
@@ -117,7 +117,10 @@ def test_grid_non_finite_outputs_get_magenta_one_warning_and_training_goes_on(bl
         ({"data": torch.randn(10, 2), "mode": "contour"}, "mode must be one of"),
         ({"data": torch.randn(10, 1)}, "at least 2 features"),
         ({"data": torch.randn(10, 2), "resolution": 0}, "resolution"),
-        ({"data": torch.randn(10, 3), "plane": (torch.zeros(3), torch.ones(3), 2 * torch.ones(3))}, "collinear"),
+        (
+            {"data": torch.randn(10, 3), "plane": (torch.zeros(3), torch.ones(3), 2 * torch.ones(3))},
+            "collinear",
+        ),
         ({"data": torch.randn(10, 2), "labels": [0, 1]}, "2 labels for 10"),
         ({"data": [[0.0, float("nan")], [1.0, 1.0]]}, "NaN"),
     ],
@@ -204,8 +207,9 @@ def test_prediction_probe_classification_reports_probability_of_the_true_class(m
     with torch.no_grad():
         probs = torch.softmax(mlp(probe.x), 1).double()
     labels = probe.y.long()
-    np.testing.assert_allclose(frame["prob_true"].numpy(), probs[torch.arange(len(labels)), labels].numpy(),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        frame["prob_true"].numpy(), probs[torch.arange(len(labels)), labels].numpy(), rtol=1e-5
+    )
     assert float(frame["accuracy"]) == pytest.approx(float((probs.argmax(1) == labels).double().mean()))
 
 
@@ -235,8 +239,11 @@ def test_prediction_probe_regression_reports_y_hat(mlp):
 
 
 def test_loss_probe_reports_step_epoch_and_valid_series(mlp, blobs):
-    probe = LossProbe(valid=(blobs.x_valid, blobs.y_valid), loss_fn=nn.functional.cross_entropy,
-                      metrics={"accuracy": lambda p, t: (p.argmax(1) == t).float().mean()})
+    probe = LossProbe(
+        valid=(blobs.x_valid, blobs.y_valid),
+        loss_fn=nn.functional.cross_entropy,
+        metrics={"accuracy": lambda p, t: (p.argmax(1) == t).float().mean()},
+    )
     with Monitor(mlp, [probe]) as monitor:
         train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 12, epoch_every=4)
         monitor.log(custom=3.0)
@@ -249,9 +256,11 @@ def test_loss_probe_reports_step_epoch_and_valid_series(mlp, blobs):
     with torch.no_grad():
         out = mlp(blobs.x_valid)
     assert data["series/valid_loss/values"][-1] == pytest.approx(
-        float(nn.functional.cross_entropy(out, blobs.y_valid)), rel=1e-5)
+        float(nn.functional.cross_entropy(out, blobs.y_valid)), rel=1e-5
+    )
     assert data["series/accuracy/values"][-1] == pytest.approx(
-        float((out.argmax(1) == blobs.y_valid).float().mean()))
+        float((out.argmax(1) == blobs.y_valid).float().mean())
+    )
     assert "series/custom/values" not in data  # logged after the last frame was taken
 
 

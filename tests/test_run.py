@@ -57,11 +57,14 @@ def test_an_existing_run_is_not_overwritten_by_accident(tmp_path, mlp, blobs):
     Monitor(mlp, [], run_dir=tmp_path, overwrite=True).start().close()
 
 
-def test_a_full_disk_stops_recording_with_one_warning_and_training_goes_on(tmp_path, mlp, blobs, caplog, monkeypatch):
+def test_a_full_disk_stops_recording_with_one_warning_and_training_goes_on(
+    tmp_path, mlp, blobs, caplog, monkeypatch
+):
     import probescope.run as run_module
 
-    monitor = Monitor(mlp, [GridProbe(blobs.x_train, resolution=4, schedule=Schedule.every(1))],
-                      run_dir=tmp_path).start()
+    monitor = Monitor(
+        mlp, [GridProbe(blobs.x_train, resolution=4, schedule=Schedule.every(1))], run_dir=tmp_path
+    ).start()
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -83,7 +86,8 @@ WRITER = textwrap.dedent("""
     y = (x[:, 0] > 0).long()
     model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    monitor = Monitor(model, [GridProbe(x, y, resolution=64, schedule=Schedule.every(1))], run_dir=sys.argv[1])
+    probe = GridProbe(x, y, resolution=64, schedule=Schedule.every(1))
+    monitor = Monitor(model, [probe], run_dir=sys.argv[1])
     monitor.start()
     while True:  # trains until killed
         loss = nn.functional.cross_entropy(model(x), y)
@@ -116,15 +120,21 @@ def test_a_writer_killed_mid_run_leaves_a_readable_run(tmp_path):
 
 
 def test_a_reader_follows_a_run_while_it_is_written(tmp_path, mlp, blobs):
-    monitor = Monitor(mlp, [GridProbe(blobs.x_train, resolution=4, schedule=Schedule.every(1))],
-                      run_dir=tmp_path).start()
+    monitor = Monitor(
+        mlp, [GridProbe(blobs.x_train, resolution=4, schedule=Schedule.every(1))], run_dir=tmp_path
+    ).start()
     train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 2)
     run = open_run(tmp_path)
-    before = len(run.probe("grid"))
+    grid = run.probe("grid")
+
+    def recorded(count):
+        deadline = time.monotonic() + 10
+        while grid.refresh() < count and time.monotonic() < deadline:
+            run.wait_for_frames(timeout=0.5)
+        return len(grid)
+
+    assert recorded(3) == 3  # steps 0, 1, 2
     train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 3)
-    run.wait_for_frames(timeout=5)
-    deadline = time.monotonic() + 5
-    while run.probe("grid").refresh() < before + 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(run.probe("grid")) == before + 3
+    assert recorded(6) == 6
+    assert grid.steps() == [0, 1, 2, 3, 4, 5]
     monitor.close()

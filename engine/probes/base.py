@@ -66,8 +66,7 @@ class Probe(Callback):
     def __init__(self, *, name: str | None = None, schedule: Schedule | None = None):
         if name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ValueError(
-                f"{type(self).__name__}: name must use letters, digits, '_', '.' or '-', "
-                f"got {name!r}"
+                f"{type(self).__name__}: name must use letters, digits, '_', '.' or '-', got {name!r}"
             )
         if schedule is not None and not isinstance(schedule, Schedule):
             raise TypeError(
@@ -118,8 +117,9 @@ def as_float_tensor(name: str, value, *, ndim: tuple[int, ...], owner: str) -> t
         raise TypeError(f"{owner}: {name} must be an array or tensor ({err})") from None
     t = t.detach().to("cpu", torch.float32)
     if t.dim() not in ndim:
-        raise ValueError(f"{owner}: {name} must have {' or '.join(map(str, ndim))} dimensions, "
-                         f"got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{owner}: {name} must have {' or '.join(map(str, ndim))} dimensions, got shape {tuple(t.shape)}"
+        )
     if t.shape[0] == 0:
         raise ValueError(f"{owner}: {name} is empty")
     if not torch.isfinite(t).all():

@@ -51,22 +51,33 @@ class CurveProbe(Probe):
         xt = as_float_tensor("x", x, ndim=(1, 2), owner=owner).reshape(len(x), -1)
         yt = as_float_tensor("y", y, ndim=(1, 2), owner=owner).reshape(len(y), -1)
         if xt.shape[1] != 1 or yt.shape[1] != 1:
-            raise ValueError(f"{owner}: needs one feature and one target, got x of width "
-                             f"{xt.shape[1]} and y of width {yt.shape[1]}")
+            raise ValueError(
+                f"{owner}: needs one feature and one target, got x of width "
+                f"{xt.shape[1]} and y of width {yt.shape[1]}"
+            )
         if xt.shape[0] != yt.shape[0]:
             raise ValueError(f"{owner}: x has {xt.shape[0]} points but y has {yt.shape[0]}")
         if isinstance(loss, str) and loss not in LOSSES:
             raise ValueError(f"{owner}: loss must be one of {tuple(LOSSES)} or a callable, got {loss!r}")
         if not callable(loss) and not isinstance(loss, str):
             raise TypeError(f"{owner}: loss must be a name or a callable, got {type(loss).__name__}")
-        if isinstance(loss_smoothing, bool) or not isinstance(loss_smoothing, int) or loss_smoothing < 1 \
-                or loss_smoothing % 2 == 0:
-            raise ValueError(f"{owner}: loss_smoothing must be a positive odd integer (a centred "
-                             f"moving average), got {loss_smoothing!r}")
+        if (
+            isinstance(loss_smoothing, bool)
+            or not isinstance(loss_smoothing, int)
+            or loss_smoothing < 1
+            or loss_smoothing % 2 == 0
+        ):
+            raise ValueError(
+                f"{owner}: loss_smoothing must be a positive odd integer (a centred "
+                f"moving average), got {loss_smoothing!r}"
+            )
         if smoothing_kind not in ("box", "gaussian"):
             raise ValueError(f"{owner}: smoothing_kind must be 'box' or 'gaussian', got {smoothing_kind!r}")
-        for label, value in (("graph_sparsity", graph_sparsity), ("scatter_sparsity", scatter_sparsity),
-                             ("batch_size", batch_size)):
+        for label, value in (
+            ("graph_sparsity", graph_sparsity),
+            ("scatter_sparsity", scatter_sparsity),
+            ("batch_size", batch_size),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{owner}: {label} must be a positive integer, got {value!r}")
         order = torch.argsort(xt[:, 0], stable=True)
@@ -74,12 +85,18 @@ class CurveProbe(Probe):
         self.x_eval = self.x_all[::graph_sparsity].contiguous()
         self.y_eval = self.y_all[::graph_sparsity].contiguous()
         if self.x_eval.shape[0] < loss_smoothing:
-            raise ValueError(f"{owner}: loss_smoothing {loss_smoothing} is wider than the "
-                             f"{self.x_eval.shape[0]} evaluated points")
+            raise ValueError(
+                f"{owner}: loss_smoothing {loss_smoothing} is wider than the "
+                f"{self.x_eval.shape[0]} evaluated points"
+            )
         self.loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
         self.loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
         self.loss_smoothing, self.smoothing_kind = loss_smoothing, smoothing_kind
-        self.graph_sparsity, self.scatter_sparsity, self.batch_size = graph_sparsity, scatter_sparsity, batch_size
+        self.graph_sparsity, self.scatter_sparsity, self.batch_size = (
+            graph_sparsity,
+            scatter_sparsity,
+            batch_size,
+        )
         self._total_steps: list[int] = []
         self._total_loss: list[float] = []
 
@@ -87,15 +104,19 @@ class CurveProbe(Probe):
         owner = f"CurveProbe {self.name!r}"
         out = check_forward(owner, model, self.x_eval[:2, None])
         if out.reshape(2, -1).shape[1] != 1:
-            raise ValueError(f"{owner}: the model must return one output per sample, got shape "
-                             f"{tuple(out.shape)} for a batch of 2")
+            raise ValueError(
+                f"{owner}: the model must return one output per sample, got shape "
+                f"{tuple(out.shape)} for a batch of 2"
+            )
 
     def per_point_loss(self, y_pred: torch.Tensor) -> torch.Tensor:
         """The loss of every evaluated point, before smoothing."""
         loss = self.loss_fn(y_pred, self.y_eval)
         if loss.shape != y_pred.shape:
-            raise ValueError(f"CurveProbe {self.name!r}: the loss callable must return one value "
-                             f"per point (shape {tuple(y_pred.shape)}), got {tuple(loss.shape)}")
+            raise ValueError(
+                f"CurveProbe {self.name!r}: the loss callable must return one value "
+                f"per point (shape {tuple(y_pred.shape)}), got {tuple(loss.shape)}"
+            )
         return loss
 
     def evaluate(self, model: nn.Module, context: ProbeContext) -> dict[str, Any]:

@@ -86,7 +86,12 @@ class GridProbe(Probe):
         if domain is None:
             lo, hi = uv.min(dim=0).values, uv.max(dim=0).values
             pad = (hi - lo) * margin
-            domain = (float(lo[0] - pad[0]), float(hi[0] + pad[0]), float(lo[1] - pad[1]), float(hi[1] + pad[1]))
+            domain = (
+                float(lo[0] - pad[0]),
+                float(hi[0] + pad[0]),
+                float(lo[1] - pad[1]),
+                float(hi[1] + pad[1]),
+            )
         if len(domain) != 4 or not all(np.isfinite(domain)):
             raise ValueError(f"{owner}: domain must be 4 finite numbers (u0, u1, v0, v1), got {domain!r}")
         u0, u1, v0, v1 = (float(d) for d in domain)
@@ -110,13 +115,16 @@ class GridProbe(Probe):
         owner = f"GridProbe {self.name!r}"
         out = check_forward(owner, model, self.inputs[:2])
         if out.dim() != 2 or out.shape[0] != 2:
-            raise ValueError(f"{owner}: the model must map (N, d) inputs to (N, K) outputs, "
-                             f"got {tuple(out.shape)} for a batch of 2")
+            raise ValueError(
+                f"{owner}: the model must map (N, d) inputs to (N, K) outputs, "
+                f"got {tuple(out.shape)} for a batch of 2"
+            )
         k = out.shape[1]
         self.num_classes = 2 if (self.output == "sigmoid" or (self.output == "auto" and k == 1)) else k
         if self.mode == "prob" and not 0 <= self.class_index < self.num_classes:
-            raise ValueError(f"{owner}: class_index {self.class_index} is out of range for "
-                             f"{self.num_classes} classes")
+            raise ValueError(
+                f"{owner}: class_index {self.class_index} is out of range for {self.num_classes} classes"
+            )
         self.palette = default_palette(self.num_classes)
 
     def evaluate(self, model: nn.Module, context: ProbeContext) -> dict[str, Any]:

@@ -50,11 +50,15 @@ class LossProbe(Probe):
             if len(valid) != 2:
                 raise ValueError(f"{owner}: valid must be a pair (x, y)")
             self.valid_x = as_float_tensor("valid x", valid[0], ndim=(1, 2, 3, 4, 5), owner=owner)
-            self.valid_y = torch.as_tensor(np.asarray(valid[1]) if not isinstance(valid[1], torch.Tensor)
-                                           else valid[1]).detach().cpu()
+            self.valid_y = (
+                torch.as_tensor(np.asarray(valid[1]) if not isinstance(valid[1], torch.Tensor) else valid[1])
+                .detach()
+                .cpu()
+            )
             if self.valid_y.shape[0] != self.valid_x.shape[0]:
-                raise ValueError(f"{owner}: valid x has {self.valid_x.shape[0]} samples, y has "
-                                 f"{self.valid_y.shape[0]}")
+                raise ValueError(
+                    f"{owner}: valid x has {self.valid_x.shape[0]} samples, y has {self.valid_y.shape[0]}"
+                )
             if loss_fn is None:
                 raise ValueError(f"{owner}: valid data needs a loss_fn(pred, target)")
         elif metrics:
@@ -94,5 +98,7 @@ class LossProbe(Probe):
         return frame
 
     def config(self) -> dict[str, Any]:
-        return {"valid_samples": 0 if self.valid_x is None else int(self.valid_x.shape[0]),
-                "metrics": sorted(self.metrics)}
+        return {
+            "valid_samples": 0 if self.valid_x is None else int(self.valid_x.shape[0]),
+            "metrics": sorted(self.metrics),
+        }

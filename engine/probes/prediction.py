@@ -97,8 +97,10 @@ class PredictionProbe(Probe):
                 raise ValueError(f"{owner}: task {task!r} needs integer class labels")
             self.num_classes = 2 if task == "binary" else width
             if self.y.min() < 0 or self.y.max() >= self.num_classes:
-                raise ValueError(f"{owner}: labels must lie in [0, {self.num_classes}), got "
-                                 f"[{int(self.y.min())}, {int(self.y.max())}]")
+                raise ValueError(
+                    f"{owner}: labels must lie in [0, {self.num_classes}), got "
+                    f"[{int(self.y.min())}, {int(self.y.max())}]"
+                )
         elif width != 1:
             raise ValueError(f"{owner}: regression needs one output per sample, the model gives {width}")
         self.task = task
@@ -109,8 +111,11 @@ class PredictionProbe(Probe):
             y_pred = out[:, 0].double()
             mse = float(((y_pred - self.y) ** 2).mean())
             var = float(((self.y - self.y.mean()) ** 2).mean())
-            return {"y_pred": y_pred, "mse": np.float64(mse),
-                    "r2": np.float64(1.0 - mse / var if var > 0 else np.nan)}
+            return {
+                "y_pred": y_pred,
+                "mse": np.float64(mse),
+                "r2": np.float64(1.0 - mse / var if var > 0 else np.nan),
+            }
         probs = outputs_to_probs(out, self.output).double()
         labels = self.y.long()
         if self.task == "binary":
@@ -119,20 +124,32 @@ class PredictionProbe(Probe):
             pos, neg = labels == 1, labels == 0
             sens = float((pred[pos] == 1).double().mean()) if pos.any() else np.nan
             spec = float((pred[neg] == 0).double().mean()) if neg.any() else np.nan
-            return {"prob_pos": prob_pos, "accuracy": np.float64(float((pred == labels).double().mean())),
-                    "sensitivity": np.float64(sens), "specificity": np.float64(spec)}
+            return {
+                "prob_pos": prob_pos,
+                "accuracy": np.float64(float((pred == labels).double().mean())),
+                "sensitivity": np.float64(sens),
+                "specificity": np.float64(spec),
+            }
         prob_true = probs.gather(1, labels[:, None])[:, 0]
         pred = probs.argmax(dim=1)
         class_mean = torch.full((self.num_classes,), float("nan"), dtype=torch.float64)
         for c in labels.unique().tolist():
             class_mean[c] = prob_true[labels == c].mean()
-        return {"prob_true": prob_true, "pred": pred,
-                "accuracy": np.float64(float((pred == labels).double().mean())),
-                "class_mean": class_mean}
+        return {
+            "prob_true": prob_true,
+            "pred": pred,
+            "accuracy": np.float64(float((pred == labels).double().mean())),
+            "class_mean": class_mean,
+        }
 
     def static(self) -> dict[str, np.ndarray]:
         return {"y_true": self.y.numpy(), "jitter": self.jitter.numpy()}
 
     def config(self) -> dict[str, Any]:
-        return {"task": self.task, "num_classes": self.num_classes, "samples": int(self.x.shape[0]),
-                "show_perc": self.show_perc, "threshold": self.threshold}
+        return {
+            "task": self.task,
+            "num_classes": self.num_classes,
+            "samples": int(self.x.shape[0]),
+            "show_perc": self.show_perc,
+            "threshold": self.threshold,
+        }

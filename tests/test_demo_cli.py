@@ -1,0 +1,121 @@
+"""The main job end to end: the demo command, then info and export on its run."""
+
+import json
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from probescope import open_run
+from probescope.cli import main
+from probescope.kernels import default_palette
+
+
+@pytest.fixture(scope="module")
+def blobs7_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "blobs7"
+    assert main(["demo", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def _independent_model(meta: dict) -> nn.Module:
+    spec = meta["metadata"]["demo"]
+    assert spec["activation"] == "relu"
+    widths = spec["widths"]
+    layers = []
+    for i in range(len(widths) - 1):
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def test_demo_reaches_95_percent_and_prints_a_summary(blobs7_run, capsys):
+    run = open_run(blobs7_run)
+    accuracy = run.probe("prediction").frame(-1).data["accuracy"]
+    assert float(accuracy) >= 0.95
+    assert run.meta["status"] == "finished"
+
+
+def test_demo_leaves_an_mp4_and_a_gif_whose_frames_change(blobs7_run):
+    for name in ("grid.mp4", "grid.gif"):
+        frames = list(iio.imiter(blobs7_run / name))
+        assert len(frames) > 10
+        first, last = frames[0].astype(int), frames[-1].astype(int)
+        assert np.abs(first - last).mean() > 5, f"{name}: the map does not change over training"
+
+
+def test_last_map_matches_an_independent_evaluation_of_model_pt(blobs7_run):
+    run = open_run(blobs7_run)
+    model = _independent_model(run.meta)
+    model.load_state_dict(torch.load(blobs7_run / "model.pt", weights_only=True))
+    config = run.probe("grid").config
+    u0, u1, v0, v1 = config["domain"]
+    w, h = config["resolution"]
+    us = u0 + (np.arange(w) + 0.5) * (u1 - u0) / w
+    vs = v1 - (np.arange(h) + 0.5) * (v1 - v0) / h  # row 0 at the top
+    points = np.stack(np.meshgrid(us, vs), -1).reshape(-1, 2).astype(np.float32)
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.from_numpy(points)), 1).numpy().reshape(h, w, -1)
+    last = run.probe("grid").frame(-1)
+    np.testing.assert_allclose(last.data["probs"], probs, rtol=1e-4, atol=1e-5)
+    # The map image is that probability map in region colours: argmax class, shaded by confidence.
+    png = iio.imread(blobs7_run / "grid_final_map.png")
+    palette = default_palette(probs.shape[-1]).numpy().astype(np.float64)
+    chance = 1 / probs.shape[-1]
+    shade = np.clip((probs.max(-1) - chance) / (1 - chance), 0, 1)
+    expected = np.floor(255 + (palette[probs.argmax(-1)] - 255) * shade[..., None] + 0.5)
+    assert png.shape == (h, w, 4)
+    assert np.abs(png[..., :3] - expected).max() <= 1
+
+
+def test_info_describes_the_run(blobs7_run, capsys):
+    assert main(["info", str(blobs7_run)]) == 0
+    text = capsys.readouterr().out
+    assert "finished" in text and "grid" in text and "frames" in text
+    assert main(["info", str(blobs7_run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "probescope-run"
+
+
+def test_export_command_writes_each_format(blobs7_run, tmp_path, capsys):
+    code = main(
+        [
+            "export",
+            str(blobs7_run),
+            "--format",
+            "gif,png",
+            "--probe",
+            "loss",
+            "--out",
+            str(tmp_path),
+            "--interpolate",
+            "1",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    n = len(open_run(blobs7_run).probe("loss"))
+    assert len(list(iio.imiter(tmp_path / "loss.gif"))) == 2 * n - 1
+    assert len(list((tmp_path / "loss").glob("*.png"))) == 2 * n - 1
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    assert main(["info", str(tmp_path)]) == 2
+    assert "not a probescope run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path), "--format", "avi"])
+
+
+def test_wave_demo_leaves_the_curve_animation(tmp_path):
+    out = tmp_path / "wave"
+    assert (
+        main(["demo", "--dataset", "wave", "--out", str(out), "--epochs", "6", "--no-baseline", "--quiet"])
+        == 0
+    )
+    run = open_run(out)
+    assert run.probe("curve").kind == "curve" and len(run.probe("curve")) > 5
+    frames = list(iio.imiter(out / "curve.mp4"))
+    assert len(frames) > 10 and np.abs(frames[0].astype(int) - frames[-1].astype(int)).mean() > 1
+    assert (out / "curve_final.png").exists()

@@ -1,0 +1,102 @@
+"""Exports decode with the right frame count and size; figures draw every probe kind."""
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from probescope import CurveProbe, GridProbe, LossProbe, Monitor, PredictionProbe, Schedule, open_run
+from probescope.export import export_final_pictures, export_probe, export_run, timeline
+from probescope.figures import FrameRenderer, small_multiples
+from tests.conftest import train_steps
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    from probescope.datasets import make_dataset
+
+    data = make_dataset("blobs7", seed=1, n=500)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 7))
+    path = tmp_path_factory.mktemp("run")
+    probes = [
+        GridProbe(data.x_train, data.y_train, resolution=24, schedule=Schedule.every(4)),
+        PredictionProbe(data.x_valid, data.y_valid, schedule=Schedule.every(4)),
+        LossProbe(),
+    ]
+    with Monitor(model, probes, run_dir=path) as monitor:
+        train_steps(monitor, model, data.x_train, data.y_train, 12, epoch_every=4)
+    return open_run(path)
+
+
+def test_interpolation_adds_k_frames_between_each_recorded_pair(recorded):
+    grid = recorded.probe("grid")
+    items = list(timeline(grid, interpolate=3, method="smoothstep"))
+    assert len(items) == len(grid) + 3 * (len(grid) - 1)
+    steps = [step for _, step, _ in items]
+    assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == 12
+    # An in-between map is a coloured blend of the two probability maps around it.
+    first, second = grid.frame(0).data["probs"], grid.frame(1).data["probs"]
+    t = 0.25 * 0.25 * (3 - 2 * 0.25)
+    np.testing.assert_allclose(items[1][0]["probs"], first + (second - first) * t, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "gif"])
+def test_animations_decode_with_the_right_frame_count_and_size(recorded, tmp_path, fmt):
+    grid = recorded.probe("grid")
+    (path,) = export_probe(grid, tmp_path, [fmt], interpolate=2, size=(320, 240), gif_scale=1.0)
+    frames = list(iio.imiter(path))  # iterate: the MP4 reader reports an unknown length
+    assert len(frames) == len(grid) + 2 * (len(grid) - 1)
+    assert frames[0].shape[:2] == (240, 320)
+    assert np.abs(frames[0].astype(int) - frames[-1].astype(int)).mean() > 1, "frames do not change"
+
+
+def test_png_export_writes_one_file_per_frame(recorded, tmp_path):
+    files = export_run(recorded, tmp_path, ["png"], probes=["prediction", "loss"])
+    for name in ("prediction", "loss"):
+        pngs = [p for p in files[name] if p.suffix == ".png"]
+        assert len(pngs) == len(recorded.probe(name))
+        assert iio.imread(pngs[0]).shape == (512, 768, 4) or iio.imread(pngs[0]).shape == (512, 768, 3)
+
+
+def test_final_map_png_is_exactly_the_last_recorded_map(recorded, tmp_path):
+    export_final_pictures(recorded, tmp_path)
+    png = iio.imread(tmp_path / "grid_final_map.png")
+    np.testing.assert_array_equal(png, recorded.probe("grid").frame(-1).data["rgba"])
+    for name in ("grid", "prediction", "loss"):
+        assert (tmp_path / f"{name}_final.png").exists() and (
+            tmp_path / f"{name}_small_multiples.png"
+        ).exists()
+
+
+def test_unknown_format_is_rejected(recorded, tmp_path):
+    with pytest.raises(ValueError, match="formats must be among"):
+        export_probe(recorded.probe("grid"), tmp_path, ["avi"])
+
+
+def test_curve_figure_draws_the_band_and_both_loss_series(tmp_path):
+    torch.manual_seed(0)
+    x = torch.linspace(-2, 2, 80)
+    y = x**2
+    model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with Monitor(
+        model, [CurveProbe(x, y, loss_smoothing=5, schedule=Schedule.every(1))], run_dir=tmp_path
+    ) as m:
+        for _ in range(4):
+            loss = nn.functional.mse_loss(model(x[:, None])[:, 0], y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            m.step(loss=loss.detach())
+    record = open_run(tmp_path).probe("curve")
+    renderer = FrameRenderer(record, size=(400, 300))
+    frame = record.frame(-1)
+    renderer.draw(frame.data, frame.step, frame.epoch)
+    image = renderer.image()
+    assert image.shape == (300, 400, 3) and image.std() > 10
+    assert len(renderer.side[0].lines["sample"].get_xdata()) == len(record)
+    assert len(renderer.side[1].lines["batch"].get_xdata()) == frame.step
+    assert renderer.figure._suptitle.get_text().endswith(f"step {frame.step}  ·  epoch 0")
+    assert small_multiples(record).axes

@@ -1,0 +1,131 @@
+"""Reference kernels against independent computations (numpy, float64), at awkward shapes.
+
+Tolerances: smoothing and interpolation are computed in float64, so 1e-12 relative; colour
+channels are compared exactly where the float32 inputs make rounding unambiguous.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from probescope.kernels import (
+    NONFINITE_RGBA,
+    default_palette,
+    grid_inputs,
+    interpolate_frames,
+    probs_to_rgba,
+    smooth_1d,
+)
+from probescope.kernels.colormap import BOUNDARY_INK, DIVERGING_ANCHORS
+
+
+@pytest.mark.parametrize(
+    ("n", "width"), [(1, 1), (2, 1), (7, 3), (7, 7), (100, 9), (100, 51), (1001, 9), (1001, 51)]
+)
+def test_box_smoothing_matches_numpy_convolve_same(n, width):
+    values = torch.from_numpy(np.random.default_rng(n * width).normal(size=n))
+    expected = np.convolve(values.numpy(), np.ones(width) / width, mode="same")
+    np.testing.assert_allclose(smooth_1d(values, width).numpy(), expected, rtol=1e-12, atol=1e-15)
+
+
+def test_gaussian_smoothing_matches_numpy_with_a_normalised_window():
+    values = np.random.default_rng(1).normal(size=57)
+    offsets = np.arange(11) - 5
+    window = np.exp(-0.5 * (offsets / 2.0) ** 2)
+    expected = np.convolve(values, window / window.sum(), mode="same")
+    actual = smooth_1d(torch.from_numpy(values), 11, "gaussian", sigma=2.0).numpy()
+    np.testing.assert_allclose(actual, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("width", [0, 2, 10, -3])
+def test_smoothing_rejects_even_or_non_positive_widths(width):
+    with pytest.raises(ValueError, match="odd"):
+        smooth_1d(torch.zeros(20), width)
+
+
+@pytest.mark.parametrize("method", ["linear", "smoothstep"])
+@pytest.mark.parametrize("shape", [(1,), (5, 3), (7, 11, 2)])
+def test_interpolated_frames_lie_between_the_two_frames(method, shape):
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=shape), rng.normal(size=shape)
+    k = 4
+    frames = interpolate_frames(torch.from_numpy(a), torch.from_numpy(b), k, method).numpy()
+    t = np.arange(1, k + 1) / (k + 1)
+    if method == "smoothstep":
+        t = t * t * (3 - 2 * t)
+    for i in range(k):
+        np.testing.assert_allclose(frames[i], a + (b - a) * t[i], rtol=1e-12, atol=1e-15)
+
+
+def test_interpolation_of_zero_frames_is_empty_and_shapes_must_match():
+    assert interpolate_frames(torch.zeros(3), torch.ones(3), 0).shape == (0, 3)
+    with pytest.raises(ValueError, match="shape"):
+        interpolate_frames(torch.zeros(3), torch.ones(4), 2)
+
+
+@pytest.mark.parametrize(("w", "h", "d"), [(1, 1, 2), (5, 3, 2), (4, 7, 6)])
+def test_grid_inputs_are_row_major_points_on_the_plane(w, h, d):
+    g = torch.Generator().manual_seed(w * h * d)
+    origin, u, v = torch.randn(3, d, generator=g, dtype=torch.float64)
+    us, vs = (
+        torch.randn(w, generator=g, dtype=torch.float64),
+        torch.randn(h, generator=g, dtype=torch.float64),
+    )
+    points = grid_inputs(origin, u, v, us, vs)
+    for r in range(h):
+        for c in range(w):
+            np.testing.assert_allclose(
+                points[r * w + c].numpy(), (origin + us[c] * u + vs[r] * v).numpy(), rtol=1e-12, atol=1e-12
+            )
+
+
+def test_region_mode_one_hot_is_the_palette_colour_and_uniform_is_white():
+    palette = default_palette(5)
+    one_hot = torch.eye(5)[None]  # (1, 5, 5)
+    rgba = probs_to_rgba(one_hot, "region", palette)
+    assert torch.equal(rgba[0, :, :3], palette)
+    uniform = torch.full((2, 3, 5), 0.2)
+    assert (probs_to_rgba(uniform, "region", palette)[..., :3] == 255).all()
+
+
+def test_single_class_maps_colour_every_pixel_with_that_class():
+    probs = torch.ones(3, 4, 1)
+    palette = default_palette(1)
+    for mode in ("region", "boundary"):
+        rgba = probs_to_rgba(probs, mode, palette)
+        assert (rgba[..., 3] == 255).all() and not (
+            rgba == torch.tensor(NONFINITE_RGBA, dtype=torch.uint8)
+        ).all(-1).any()
+    assert torch.equal(probs_to_rgba(probs, "region", palette)[0, 0, :3], palette[0])
+
+
+def test_boundary_mode_is_ink_where_the_top_two_classes_tie():
+    probs = torch.tensor([[[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]])
+    rgba = probs_to_rgba(probs, "boundary", default_palette(3))
+    assert tuple(rgba[0, 0, :3].tolist()) == BOUNDARY_INK
+    pale = np.floor(default_palette(3)[0].numpy() * 0.45 + 255 * 0.55 + 0.5)
+    np.testing.assert_allclose(rgba[0, 1, :3].numpy(), pale, atol=1)
+
+
+def test_prob_mode_hits_the_diverging_anchors():
+    q = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
+    probs = torch.stack([1 - q, q], -1)[None]  # (1, 5, 2)
+    rgba = probs_to_rgba(probs, "prob", default_palette(2), class_index=1)
+    assert [tuple(c) for c in rgba[0, :, :3].tolist()] == list(DIVERGING_ANCHORS)
+
+
+@pytest.mark.parametrize("mode", ["region", "boundary", "prob"])
+def test_non_finite_pixels_get_the_distinct_colour(mode):
+    probs = torch.softmax(torch.randn(4, 5, 3), -1)
+    probs[1, 2, 0] = float("nan")
+    probs[3, 4, 2] = float("inf")
+    rgba = probs_to_rgba(probs, mode, default_palette(3), class_index=1)
+    bad = torch.zeros(4, 5, dtype=torch.bool)
+    bad[1, 2] = bad[3, 4] = True
+    magenta = (rgba == torch.tensor(NONFINITE_RGBA, dtype=torch.uint8)).all(-1)
+    assert torch.equal(magenta, bad)
+
+
+def test_palette_colours_are_distinct_for_many_classes():
+    palette = default_palette(40)
+    assert len({tuple(c) for c in palette.tolist()}) == 40
