@@ -24,7 +24,7 @@ SETTINGS = {
     "blobs7": ((64, 64), "relu", 20, 3e-3),
     "moons": ((64, 64), "relu", 25, 1e-2),
     "spirals": ((128, 128, 128), "relu", 60, 5e-3),
-    "wave": ((64, 64), "tanh", 60, 1e-2),
+    "wave": ((64, 64, 64), "silu", 60, 5e-3),
 }
 
 
@@ -53,6 +53,7 @@ def demo_probes(data: Dataset, resolution: int = 192) -> list[Probe]:
                 data.y_train,
                 loss_smoothing=41,
                 graph_sparsity=2,
+                band="rms",
                 schedule=dense_early | Schedule.every(25),
             ),
         )

@@ -100,6 +100,7 @@ class Monitor:
         self._probe_threads = probe_threads
         self._step = 0
         self._epoch = 0
+        self._last_step_epoch = 0
         self._started = self._closed = False
         self._stop_recorder = False
         self._worker: ProbeWorker | None = None
@@ -185,7 +186,7 @@ class Monitor:
                 for st in self._probes.values()
                 if st.enabled and not st.busy and st.last_step != self._step
             ]
-            self._probe_now(final, inline=True)
+            self._probe_now(final, inline=True, epoch=self._last_step_epoch)
         self._fire("after_fit")
         self._worker.close(timeout=1.0)
         self._stop_recorder = True
@@ -256,6 +257,7 @@ class Monitor:
         if not self._started:
             self.start()
         self._step += 1
+        self._last_step_epoch = self._epoch
         if self.optimizer is not None:
             self.history.append("lr", self._step, self._epoch, self.optimizer.param_groups[0]["lr"])
         self._fire("after_step", **kwargs)
@@ -346,7 +348,7 @@ class Monitor:
                 free.append(st)
         return free
 
-    def _probe_now(self, states: list[_ProbeState], inline: bool = False) -> None:
+    def _probe_now(self, states: list[_ProbeState], inline: bool = False, epoch: int | None = None) -> None:
         """Snapshot the weights and evaluate ``states`` on the worker (or here, if inline)."""
         if not states:
             return
@@ -358,7 +360,8 @@ class Monitor:
             return
         for st in states:
             st.busy, st.last_step = True, self._step
-        job = _Job(self, shadow, states, self._step, self._epoch, self.history.lengths())
+        epoch = self._epoch if epoch is None else epoch
+        job = _Job(self, shadow, states, self._step, epoch, self.history.lengths())
         if inline:
             job()
         else:

@@ -70,3 +70,10 @@ def test_final_frame_is_taken_at_close_unless_already_recorded(mlp, blobs, recor
     with Monitor(mlp, [probe]) as monitor:
         train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 7)
     assert probe.steps == [0, 5, 7]
+
+
+def test_final_frame_after_the_last_epoch_carries_that_epoch(mlp, blobs, recording_probe):
+    probe = recording_probe(schedule=Schedule.every(100))
+    with Monitor(mlp, [probe]) as monitor:
+        train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 6, epoch_every=3)
+    assert monitor.epoch == 2 and monitor.latest(probe.name).epoch == 1

@@ -25,8 +25,9 @@ class CurveProbe(Probe):
 
     Each frame holds the curve ``y_pred``, the per-point ``loss`` (smoothed by a moving
     average of odd width ``loss_smoothing``, as ``numpy.convolve(mode='same')`` does), the
-    band ``y_pred ± loss``, the mean loss over the sample, and two series: that mean loss at
-    every frame so far and the loss of every training batch so far.
+    band ``y_pred ± loss`` (or ``± sqrt(loss)`` with ``band="rms"``, in y's units for MSE), the
+    mean loss over the sample, and two series: that mean loss at every frame so far and the
+    loss of every training batch so far.
     """
 
     kind = "curve"
@@ -40,6 +41,7 @@ class CurveProbe(Probe):
         loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "mse",
         loss_smoothing: int = 1,
         smoothing_kind: str = "box",
+        band: str = "loss",
         graph_sparsity: int = 1,
         scatter_sparsity: int = 1,
         batch_size: int = 65536,
@@ -71,6 +73,8 @@ class CurveProbe(Probe):
                 f"{owner}: loss_smoothing must be a positive odd integer (a centred "
                 f"moving average), got {loss_smoothing!r}"
             )
+        if band not in ("loss", "rms"):
+            raise ValueError(f"{owner}: band must be 'loss' or 'rms', got {band!r}")
         if smoothing_kind not in ("box", "gaussian"):
             raise ValueError(f"{owner}: smoothing_kind must be 'box' or 'gaussian', got {smoothing_kind!r}")
         for label, value in (
@@ -91,7 +95,7 @@ class CurveProbe(Probe):
             )
         self.loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
         self.loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
-        self.loss_smoothing, self.smoothing_kind = loss_smoothing, smoothing_kind
+        self.loss_smoothing, self.smoothing_kind, self.band = loss_smoothing, smoothing_kind, band
         self.graph_sparsity, self.scatter_sparsity, self.batch_size = (
             graph_sparsity,
             scatter_sparsity,
@@ -122,7 +126,8 @@ class CurveProbe(Probe):
     def evaluate(self, model: nn.Module, context: ProbeContext) -> dict[str, Any]:
         y_pred = batched_forward(model, self.x_eval[:, None], self.batch_size)[:, 0]
         raw = self.per_point_loss(y_pred)
-        band = smooth_1d(raw, self.loss_smoothing, self.smoothing_kind)
+        smoothed = smooth_1d(raw, self.loss_smoothing, self.smoothing_kind)
+        half_width = smoothed.clamp(min=0).sqrt() if self.band == "rms" else smoothed
         total = float(raw.mean())
         if not np.isfinite(total):
             self.warn_once("nonfinite", f"non-finite predictions or loss at step {context.step}")
@@ -131,9 +136,9 @@ class CurveProbe(Probe):
         batch = context.history.get(History.BATCH_LOSS)
         return {
             "y_pred": y_pred,
-            "loss": band,
-            "band_lower": y_pred - band,
-            "band_upper": y_pred + band,
+            "loss": smoothed,
+            "band_lower": y_pred - half_width,
+            "band_upper": y_pred + half_width,
             "total_loss": np.float64(total),
             "total_loss_steps": np.asarray(self._total_steps, dtype=np.int64),
             "total_loss_series": np.asarray(self._total_loss, dtype=np.float64),
@@ -154,6 +159,7 @@ class CurveProbe(Probe):
             "loss": self.loss_name,
             "loss_smoothing": self.loss_smoothing,
             "smoothing_kind": self.smoothing_kind,
+            "band": self.band,
             "graph_sparsity": self.graph_sparsity,
             "scatter_sparsity": self.scatter_sparsity,
             "points": int(self.x_eval.shape[0]),
