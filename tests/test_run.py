@@ -24,7 +24,7 @@ def test_every_frame_lands_with_its_step_epoch_and_config(tmp_path, mlp, blobs):
     assert run.meta["status"] == "finished" and run.meta["metadata"] == {"note": "hi"}
     grid = run.probe("grid")
     assert grid.steps() == [0, 3, 6, 9, 10]
-    assert [f.epoch for f in grid.frames()] == [0, 0, 1, 1, 2]
+    assert [f.epoch for f in grid.frames()] == [0, 0, 1, 1, 1]  # the final frame: epoch of step 10
     assert grid.config["resolution"] == [12, 12] and grid.config["schedule"] == {"kind": "every", "n": 3}
     np.testing.assert_array_equal(grid.frame(-1).data["rgba"], monitor.latest("grid").data["rgba"])
     assert grid.static["points_label"].shape[0] == blobs.x_train.shape[0]
