@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from probescope.events import EVENTS, Callback
@@ -163,6 +164,16 @@ class Monitor:
                 model=_describe_model(self.model), snapshot=self._pool.strategy, metadata=self._metadata
             )
         self._worker = ProbeWorker(threads=self._probe_threads)
+        cores = os.cpu_count() or 1
+        if torch.get_num_threads() + self._probe_threads > cores:
+            log.info(
+                "Monitor: training uses %d CPU threads and probes %d on %d cores; "
+                "torch.set_num_threads(%d) in the training thread avoids oversubscription",
+                torch.get_num_threads(),
+                self._probe_threads,
+                cores,
+                max(1, cores - self._probe_threads),
+            )
         self._recorder = threading.Thread(target=self._record_loop, name="probescope-recorder", daemon=True)
         self._recorder.start()
         self._fire("before_fit")

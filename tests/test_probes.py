@@ -168,7 +168,9 @@ def test_curve_rms_band_is_the_root_of_the_smoothed_squared_error():
     x, y = _wave()
     frame = _evaluate(CurveProbe(x, y, loss_smoothing=9, band="rms"), model)
     half_width = np.sqrt(frame["loss"].numpy())
-    np.testing.assert_allclose((frame["band_upper"] - frame["y_pred"]).numpy(), half_width, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        (frame["band_upper"] - frame["y_pred"]).numpy(), half_width, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_curve_probe_keeps_the_sample_loss_and_batch_loss_series():
