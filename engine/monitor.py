@@ -20,6 +20,7 @@ from probescope.ring import Frame, FrameRing
 from probescope.run import RunWriter
 from probescope.schedule import StepInfo
 from probescope.snapshot import SnapshotPool
+from probescope.validation import positive_int
 from probescope.worker import ProbeWorker
 
 log = logging.getLogger("probescope")
@@ -79,8 +80,8 @@ class Monitor:
             raise ValueError(
                 f"Monitor: probe names must be unique; {duplicates} repeat (give each probe a name=...)"
             )
-        if isinstance(probe_threads, bool) or not isinstance(probe_threads, int) or probe_threads < 1:
-            raise ValueError(f"Monitor: probe_threads must be a positive integer, got {probe_threads!r}")
+        positive_int("Monitor: probe_threads", probe_threads)
+        positive_int("Monitor: ring_capacity", ring_capacity)
         callbacks = list(callbacks)
         for c in callbacks:
             if not isinstance(c, Callback):

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from probescope.validation import positive_int
+
 
 @dataclass(frozen=True)
 class StepInfo:
@@ -77,15 +79,9 @@ class Schedule:
         return Schedule()
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 class EveryNSteps(Schedule):
     def __init__(self, n: int):
-        self.n = _positive_int("Schedule.every(n)", n)
+        self.n = positive_int("Schedule.every(n)", n)
 
     def due(self, info: StepInfo) -> bool:
         return info.step % self.n == 0
@@ -96,7 +92,7 @@ class EveryNSteps(Schedule):
 
 class EveryNEpochs(Schedule):
     def __init__(self, n: int):
-        self.n = _positive_int("Schedule.every_epoch(n)", n)
+        self.n = positive_int("Schedule.every_epoch(n)", n)
 
     def due(self, info: StepInfo) -> bool:
         return info.step == 0
@@ -149,7 +145,7 @@ class LogSpaced(Schedule):
     """Due at step 0 and at ceil(10 ** (k / per_decade)) for k = 0, 1, 2, ..."""
 
     def __init__(self, per_decade: int):
-        self.per_decade = _positive_int("Schedule.log_spaced(per_decade)", per_decade)
+        self.per_decade = positive_int("Schedule.log_spaced(per_decade)", per_decade)
 
     def _target(self, k: int) -> int:
         return math.ceil(10.0 ** (k / self.per_decade) - 1e-9)

@@ -13,6 +13,7 @@ from probescope.history import History
 from probescope.kernels import smooth_1d
 from probescope.probes.base import Probe, ProbeContext, as_float_tensor, batched_forward, check_forward
 from probescope.schedule import Schedule
+from probescope.validation import positive_int
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "mse": lambda pred, target: (pred - target) ** 2,
@@ -77,13 +78,9 @@ class CurveProbe(Probe):
             raise ValueError(f"{owner}: band must be 'loss' or 'rms', got {band!r}")
         if smoothing_kind not in ("box", "gaussian"):
             raise ValueError(f"{owner}: smoothing_kind must be 'box' or 'gaussian', got {smoothing_kind!r}")
-        for label, value in (
-            ("graph_sparsity", graph_sparsity),
-            ("scatter_sparsity", scatter_sparsity),
-            ("batch_size", batch_size),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{owner}: {label} must be a positive integer, got {value!r}")
+        positive_int(f"{owner}: graph_sparsity", graph_sparsity)
+        positive_int(f"{owner}: scatter_sparsity", scatter_sparsity)
+        positive_int(f"{owner}: batch_size", batch_size)
         order = torch.argsort(xt[:, 0], stable=True)
         self.x_all, self.y_all = xt[order, 0], yt[order, 0]
         self.x_eval = self.x_all[::graph_sparsity].contiguous()

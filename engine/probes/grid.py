@@ -19,6 +19,7 @@ from probescope.probes.base import (
     outputs_to_probs,
 )
 from probescope.schedule import Schedule
+from probescope.validation import positive_int
 
 OUTPUTS = ("auto", "softmax", "sigmoid", "probs")
 
@@ -65,13 +66,10 @@ class GridProbe(Probe):
         if output not in OUTPUTS:
             raise ValueError(f"{owner}: output must be one of {OUTPUTS}, got {output!r}")
         width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
-        for label, n in (("width", width), ("height", height)):
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"{owner}: resolution {label} must be a positive integer, got {n!r}")
-        if not isinstance(point_sparsity, int) or point_sparsity < 1:
-            raise ValueError(f"{owner}: point_sparsity must be a positive integer, got {point_sparsity!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"{owner}: batch_size must be a positive integer, got {batch_size!r}")
+        positive_int(f"{owner}: resolution width", width)
+        positive_int(f"{owner}: resolution height", height)
+        positive_int(f"{owner}: point_sparsity", point_sparsity)
+        positive_int(f"{owner}: batch_size", batch_size)
         if not margin >= 0:
             raise ValueError(f"{owner}: margin must be >= 0, got {margin!r}")
         self.labels = None
