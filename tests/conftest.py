@@ -69,3 +69,16 @@ def train_steps(monitor, model, x, y, steps: int, *, batch: int = 50, wait: bool
             monitor.end_epoch()
             if wait:
                 monitor._worker.wait_idle(10)
+
+
+def fit_curve(monitor, model, x, y, steps: int, *, wait: bool = True):
+    """Full-batch gradient descent on MSE for a 1-feature model under ``monitor``."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(steps):
+        loss = nn.functional.mse_loss(model(x[:, None])[:, 0], y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        monitor.step(loss=loss.detach())
+        if wait:
+            monitor._worker.wait_idle(5)

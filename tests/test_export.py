@@ -9,7 +9,7 @@ from torch import nn
 from probescope import CurveProbe, GridProbe, LossProbe, Monitor, PredictionProbe, Schedule, open_run
 from probescope.export import export_final_pictures, export_probe, export_run, timeline
 from probescope.figures import FrameRenderer, small_multiples
-from tests.conftest import train_steps
+from tests.conftest import fit_curve, train_steps
 
 
 @pytest.fixture(scope="module")
@@ -80,16 +80,10 @@ def test_curve_figure_draws_the_band_and_both_loss_series(tmp_path):
     x = torch.linspace(-2, 2, 80)
     y = x**2
     model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with Monitor(
         model, [CurveProbe(x, y, loss_smoothing=5, schedule=Schedule.every(1))], run_dir=tmp_path
     ) as m:
-        for _ in range(4):
-            loss = nn.functional.mse_loss(model(x[:, None])[:, 0], y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            m.step(loss=loss.detach())
+        fit_curve(m, model, x, y, 4, wait=False)
     record = open_run(tmp_path).probe("curve")
     renderer = FrameRenderer(record, size=(400, 300))
     frame = record.frame(-1)

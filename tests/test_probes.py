@@ -10,7 +10,7 @@ from torch import nn
 from probescope import CurveProbe, GridProbe, LossProbe, Monitor, PredictionProbe, Schedule
 from probescope.kernels import NONFINITE_RGBA, default_palette, probs_to_rgba
 from probescope.probes.base import ProbeContext
-from tests.conftest import train_steps
+from tests.conftest import fit_curve, train_steps
 
 
 def _evaluate(probe, model, step=0):
@@ -178,15 +178,9 @@ def test_curve_probe_keeps_the_sample_loss_and_batch_loss_series():
     model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
     x, y = _wave()
     probe = CurveProbe(x, y, schedule=Schedule.every(2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with Monitor(model, [probe]) as monitor:
-        for _ in range(6):
-            loss = nn.functional.mse_loss(model(x[:, None])[:, 0], y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            monitor.step(loss=loss.detach())
-            monitor._worker.wait_idle(5)
+        monitor._worker.wait_idle(5)
+        fit_curve(monitor, model, x, y, 6)
     frame = monitor.latest("curve")
     assert frame.data["total_loss_steps"].tolist() == [0, 2, 4, 6]
     assert frame.data["batch_loss_steps"].tolist() == [1, 2, 3, 4, 5, 6]
