@@ -1,0 +1,170 @@
+"""Fused grid MLP on the CPU: a block of pixels at a time, every activation in a per-thread buffer.
+
+Each parallel iteration owns BLOCK pixels. It generates their plane coordinates, runs the
+first layer as three fused multiply-adds per unit (the layer is folded into the plane), then
+every further layer as a small matrix product over the block with the activation applied in
+place, and finally softmax or sigmoid straight into the output rows. The hidden activations
+live in two (BLOCK, max width) buffers that stay in the core's cache; nothing of size
+(pixels, width) is ever allocated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+
+from probescope.kernels._numba import FASTMATH
+from probescope.kernels.grid_mlp import OUTPUT_CODES, FusableMLP, GridSpec, output_width
+
+BLOCK = 64
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _activate(x, code, slope):
+    if code == 1:
+        return max(x, 0.0)
+    if code == 2:
+        return x if x >= 0.0 else x * slope
+    if code == 3:
+        return math.tanh(x)
+    if code == 4:
+        return 1.0 / (1.0 + math.exp(-x))
+    if code == 5:
+        return x / (1.0 + math.exp(-x))
+    if code == 6:
+        return 0.5 * x * (1.0 + math.erf(x * 0.7071067811865476))
+    if code == 7:
+        return 0.5 * x * (1.0 + math.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    return x
+
+
+@numba.njit(fastmath=FASTMATH)
+def _activate_rows(buf, rows, code, slope):
+    if code == 0:
+        return
+    for k in range(rows):
+        for p in range(BLOCK):
+            buf[k, p] = _activate(buf[k, p], code, slope)
+
+
+@numba.njit(fastmath=FASTMATH)
+def _linear(src, dst, acc, n_in, n_out, weights, w_off, biases, b_off, code, slope):
+    """dst[:n_out] = act(W @ src[:n_in] + b) for a block of pixels; W is (n_out, n_in) row-major.
+
+    Feature-major buffers make the innermost loop a fixed-length sweep over the block's pixels,
+    which LLVM turns into a few vector registers of accumulators (``acc``) reused for every k.
+    """
+    for j in range(n_out):
+        bias = biases[b_off + j]
+        for p in range(BLOCK):
+            acc[p] = bias
+        row = w_off + j * n_in
+        for k in range(n_in):
+            w = weights[row + k]
+            for p in range(BLOCK):
+                acc[p] += w * src[k, p]
+        if code == 0:
+            for p in range(BLOCK):
+                dst[j, p] = acc[p]
+        elif code == 1:
+            for p in range(BLOCK):
+                dst[j, p] = max(acc[p], 0.0)
+        else:
+            for p in range(BLOCK):
+                dst[j, p] = _activate(acc[p], code, slope)
+
+
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+def grid_mlp_kernel(out, plane, weights, w_offsets, biases, b_offsets, widths, acts, slope,
+                    width, n_pixels, u0, du, v0, dv, out_mode):  # fmt: skip
+    n_layers = widths.shape[0]
+    max_width = widths.max()
+    first = widths[0]
+    n_blocks = (n_pixels + BLOCK - 1) // BLOCK
+    for blk in numba.prange(n_blocks):
+        a = np.empty((max_width, BLOCK), np.float32)
+        b = np.empty((max_width, BLOCK), np.float32)
+        acc = np.empty(BLOCK, np.float32)
+        u = np.empty(BLOCK, np.float32)
+        v = np.empty(BLOCK, np.float32)
+        start = blk * BLOCK
+        rows = min(BLOCK, n_pixels - start)
+        for p in range(BLOCK):
+            pixel = start + min(p, rows - 1)  # the block's tail repeats its last pixel
+            r = pixel // width
+            u[p] = u0 + (pixel - r * width) * du
+            v[p] = v0 + r * dv
+        for j in range(first):
+            c0, cu, cv = plane[0, j], plane[1, j], plane[2, j]
+            for p in range(BLOCK):
+                a[j, p] = c0 + u[p] * cu + v[p] * cv
+        _activate_rows(a, first, acts[0], slope)
+        n_in = first
+        for layer in range(1, n_layers):
+            n_out = widths[layer]
+            w_off, b_off = w_offsets[layer - 1], b_offsets[layer - 1]
+            _linear(a, b, acc, n_in, n_out, weights, w_off, biases, b_off, acts[layer], slope)
+            a, b = b, a
+            n_in = n_out
+        _write_outputs(out, start, rows, a, n_in, u, v, out_mode)  # u, v: free scratch now
+
+
+@numba.njit(fastmath=FASTMATH)
+def _write_outputs(out, start, rows, logits, n_out, top, total, out_mode):
+    """Softmax over the units (vectorised across the block's pixels), sigmoid pair, or raw."""
+    if out_mode == 1:
+        for p in range(BLOCK):
+            top[p] = logits[0, p]
+            total[p] = 0.0
+        for j in range(1, n_out):
+            for p in range(BLOCK):
+                top[p] = max(top[p], logits[j, p])
+        for j in range(n_out):
+            for p in range(BLOCK):
+                e = math.exp(logits[j, p] - top[p])
+                logits[j, p] = e
+                total[p] += e
+        for p in range(rows):
+            scale = 1.0 / total[p]
+            for j in range(n_out):
+                out[start + p, j] = logits[j, p] * scale
+    elif out_mode == 2:
+        for p in range(rows):
+            s = 1.0 / (1.0 + math.exp(-logits[0, p]))
+            out[start + p, 0] = 1.0 - s
+            out[start + p, 1] = s
+    else:
+        for p in range(rows):
+            for j in range(n_out):
+                out[start + p, j] = logits[j, p]
+
+
+def pack_layers(mlp: FusableMLP) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every Linear after the first, (out, in) row-major, laid end to end in float32."""
+    ws, bs = [], []
+    for w, b in zip(mlp.weights[1:], mlp.biases[1:]):
+        ws.append(w.detach().to(torch.float32).contiguous().reshape(-1))
+        bs.append(b.detach().to(torch.float32) if b is not None else torch.zeros(w.shape[0]))
+    if not ws:
+        ws, bs = [torch.zeros(1)], [torch.zeros(1)]
+    w_offsets = np.cumsum([0] + [w.numel() for w in ws])[:-1].astype(np.int64)
+    b_offsets = np.cumsum([0] + [b.numel() for b in bs])[:-1].astype(np.int64)
+    return torch.cat(ws).numpy(), w_offsets, torch.cat(bs).numpy(), b_offsets
+
+
+def grid_mlp_numba(mlp: FusableMLP, grid: GridSpec, output: str) -> torch.Tensor:
+    """``(height, width, C)`` float32 from the fused CPU kernel; ``output`` is already resolved."""
+    n_pixels = grid.width * grid.height
+    out = torch.empty((n_pixels, output_width(output, mlp.out_features)), dtype=torch.float32)
+    plane = mlp.plane_layer(grid).numpy()
+    weights, w_offsets, biases, b_offsets = pack_layers(mlp)
+    grid_mlp_kernel(
+        out.numpy(), plane, weights, w_offsets, biases, b_offsets,
+        np.asarray(mlp.widths, np.int64), np.asarray(mlp.activation_codes(), np.int64),
+        np.float32(mlp.negative_slope), grid.width, n_pixels,
+        grid.u0, grid.du, grid.v0, grid.dv, OUTPUT_CODES[output],
+    )  # fmt: skip
+    return out.reshape(grid.height, grid.width, -1)

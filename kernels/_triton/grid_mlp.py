@@ -1,0 +1,186 @@
+"""Fused grid MLP on the GPU: coordinates, every layer, softmax, in one kernel per frame.
+
+One program owns BLOCK_M pixels. It computes their plane coordinates from its program id,
+runs the first layer as fused multiply-adds (the layer is folded into the plane, so K = 2
+never reaches the matrix units), and then the remaining layers two at a time: for the middle
+layer of a pair it produces BLOCK_N units at a time and immediately multiplies them into the
+pair's second layer, so a full-width hidden layer never has to exist anywhere, and wide
+(1024) layers need only an (HIDDEN, BLOCK_N) weight tile in shared memory. An odd last
+layer is one plain product. Softmax (or the sigmoid pair) runs on the logits in registers,
+and only the (pixels, classes) probabilities are stored.
+
+Widths are padded to powers of two with zero weights, so padded units contribute nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from probescope.kernels.backend import next_power_of_2, triton_interpreting
+from probescope.kernels.grid_mlp import OUTPUT_CODES, FusableMLP, GridSpec, output_width
+
+_DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _activate(x, CODE: tl.constexpr, slope):
+    if CODE == 1:
+        x = tl.maximum(x, 0.0)
+    elif CODE == 2:
+        x = tl.where(x >= 0.0, x, x * slope)
+    elif CODE == 3:
+        x = 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    elif CODE == 4:
+        x = tl.sigmoid(x)
+    elif CODE == 5:
+        x = x * tl.sigmoid(x)
+    elif CODE == 6:
+        x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif CODE == 7:
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        x = 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
+    return x
+
+
+@triton.jit
+def _dot(a, b, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """a @ b with fp32 accumulation; EMULATE rounds to DOT_DTYPE but multiplies in fp32."""
+    if EMULATE:
+        return tl.dot(a.to(DOT_DTYPE).to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    if DOT_DTYPE == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a.to(DOT_DTYPE), b, out_dtype=tl.float32)
+
+
+@triton.jit
+def _grid_mlp_kernel(
+    out_ptr, plane_ptr, hidden_w_ptr, hidden_b_ptr, out_w_ptr, out_b_ptr,
+    n_pixels, width, u0, du, v0, dv, slope, out_stride,
+    NUM_LINEAR: tl.constexpr, NUM_OUT: tl.constexpr, OUT_COLS: tl.constexpr,
+    HIDDEN: tl.constexpr, OUT_PAD: tl.constexpr, ACTS: tl.constexpr, OUT_MODE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    pixel = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row = pixel // width
+    u = (u0 + (pixel - row * width).to(tl.float32) * du)[:, None]
+    v = (v0 + row.to(tl.float32) * dv)[:, None]
+    out_cols = tl.arange(0, OUT_PAD)
+
+    if NUM_LINEAR == 1:
+        c0 = tl.load(plane_ptr + out_cols)[None, :]
+        cu = tl.load(plane_ptr + OUT_PAD + out_cols)[None, :]
+        cv = tl.load(plane_ptr + 2 * OUT_PAD + out_cols)[None, :]
+        logits = _activate(c0 + u * cu + v * cv, ACTS & 15, slope)
+    else:
+        cols = tl.arange(0, HIDDEN)
+        c0 = tl.load(plane_ptr + cols)[None, :]
+        cu = tl.load(plane_ptr + HIDDEN + cols)[None, :]
+        cv = tl.load(plane_ptr + 2 * HIDDEN + cols)[None, :]
+        h = _activate(c0 + u * cu + v * cv, ACTS & 15, slope)
+        chunk = tl.arange(0, BLOCK_N)
+        # Linear layers 1 .. NUM_LINEAR-1, in pairs (middle, second).
+        for pair in tl.static_range((NUM_LINEAR - 1) // 2):
+            middle: tl.constexpr = 1 + 2 * pair
+            second: tl.constexpr = 2 + 2 * pair
+            mid_w = hidden_w_ptr + (middle - 1) * HIDDEN * HIDDEN
+            mid_b = hidden_b_ptr + (middle - 1) * HIDDEN
+            if second == NUM_LINEAR - 1:
+                acc = tl.zeros((BLOCK_M, OUT_PAD), tl.float32)
+                for n0 in range(0, HIDDEN, BLOCK_N):
+                    w = tl.load(mid_w + cols[:, None] * HIDDEN + (n0 + chunk)[None, :])
+                    z = _dot(h, w, DOT_DTYPE, EMULATE) + tl.load(mid_b + n0 + chunk)[None, :]
+                    z = _activate(z, (ACTS >> (4 * middle)) & 15, slope)
+                    w2 = tl.load(out_w_ptr + (n0 + chunk)[:, None] * OUT_PAD + out_cols[None, :])
+                    acc += _dot(z, w2, DOT_DTYPE, EMULATE)
+                h = _activate(acc + tl.load(out_b_ptr + out_cols)[None, :], (ACTS >> (4 * second)) & 15, slope)
+            else:
+                sec_w = hidden_w_ptr + (second - 1) * HIDDEN * HIDDEN
+                sec_b = hidden_b_ptr + (second - 1) * HIDDEN
+                acc = tl.zeros((BLOCK_M, HIDDEN), tl.float32)
+                for n0 in range(0, HIDDEN, BLOCK_N):
+                    w = tl.load(mid_w + cols[:, None] * HIDDEN + (n0 + chunk)[None, :])
+                    z = _dot(h, w, DOT_DTYPE, EMULATE) + tl.load(mid_b + n0 + chunk)[None, :]
+                    z = _activate(z, (ACTS >> (4 * middle)) & 15, slope)
+                    w2 = tl.load(sec_w + (n0 + chunk)[:, None] * HIDDEN + cols[None, :])
+                    acc += _dot(z, w2, DOT_DTYPE, EMULATE)
+                h = _activate(acc + tl.load(sec_b + cols)[None, :], (ACTS >> (4 * second)) & 15, slope)
+        if (NUM_LINEAR - 1) % 2 == 1:
+            w = tl.load(out_w_ptr + cols[:, None] * OUT_PAD + out_cols[None, :])
+            logits = _dot(h, w, DOT_DTYPE, EMULATE) + tl.load(out_b_ptr + out_cols)[None, :]
+            logits = _activate(logits, (ACTS >> (4 * (NUM_LINEAR - 1))) & 15, slope)
+        else:
+            logits = h
+
+    if OUT_MODE == 1:
+        logits = tl.where(out_cols[None, :] < NUM_OUT, logits, float("-inf"))
+        top = tl.max(logits, axis=1)
+        e = tl.exp(logits - top[:, None])
+        result = e / tl.sum(e, axis=1)[:, None]
+    elif OUT_MODE == 2:
+        first = tl.sum(tl.where(out_cols[None, :] == 0, logits, 0.0), axis=1)
+        p = tl.sigmoid(first)[:, None]
+        result = tl.where(out_cols[None, :] == 0, 1.0 - p, p)
+    else:
+        result = logits
+    mask = (pixel < n_pixels)[:, None] & (out_cols[None, :] < OUT_COLS)
+    tl.store(out_ptr + pixel[:, None] * out_stride + out_cols[None, :], result, mask=mask)
+
+
+def _pad(t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    padded = torch.zeros(shape, dtype=dtype, device=t.device)
+    padded[tuple(slice(0, n) for n in t.shape)] = t.to(dtype)
+    return padded
+
+
+def pack_layers(mlp: FusableMLP, hidden: int, out_pad: int, weight_dtype: torch.dtype):
+    """Zero-padded weights: hidden layers (in, out) as [L-2, H, H], the output layer as [H, OUT_PAD]."""
+    device = mlp.device
+    middle = [(w.detach().T, b) for w, b in zip(mlp.weights[1:-1], mlp.biases[1:-1])]
+    hidden_w = torch.zeros((max(len(middle), 1), hidden, hidden), dtype=weight_dtype, device=device)
+    hidden_b = torch.zeros((max(len(middle), 1), hidden), dtype=torch.float32, device=device)
+    for i, (w, b) in enumerate(middle):
+        hidden_w[i, : w.shape[0], : w.shape[1]] = w.to(weight_dtype)
+        if b is not None:
+            hidden_b[i, : b.shape[0]] = b.detach().float()
+    if len(mlp.weights) > 1:
+        out_w = _pad(mlp.weights[-1].detach().T, (hidden, out_pad), weight_dtype)
+        last_b = mlp.biases[-1]
+        out_b = _pad(last_b.detach(), (out_pad,), torch.float32) if last_b is not None else None
+    else:
+        out_w = torch.zeros((1,), dtype=weight_dtype, device=device)
+        out_b = None
+    if out_b is None:
+        out_b = torch.zeros((out_pad,), dtype=torch.float32, device=device)
+    return hidden_w, hidden_b, out_w, out_b
+
+
+def grid_mlp_triton(
+    mlp: FusableMLP, grid: GridSpec, output: str, block_m: int | None = None
+) -> torch.Tensor:
+    """``(height, width, C)`` float32 from the fused Triton kernel; ``output`` is already resolved."""
+    emulate = triton_interpreting() and mlp.dtype == torch.bfloat16  # the interpreter lacks bf16 dots
+    widths = mlp.widths
+    hidden = max(16, next_power_of_2(max(widths[:-1]))) if len(widths) > 1 else 16
+    out_pad = max(16, next_power_of_2(widths[-1]))
+    weight_dtype = torch.float32 if emulate else mlp.dtype
+    hidden_w, hidden_b, out_w, out_b = pack_layers(mlp, hidden, out_pad, weight_dtype)
+    plane = _pad(mlp.plane_layer(grid), (3, hidden if len(widths) > 1 else out_pad), torch.float32)
+    acts = sum(code << (4 * i) for i, code in enumerate(mlp.activation_codes()))
+
+    n_pixels = grid.width * grid.height
+    cols = output_width(output, mlp.out_features)
+    out = torch.empty((n_pixels, cols), dtype=torch.float32, device=mlp.device)
+    if block_m is None:
+        block_m = 128 if triton_interpreting() else (64 if hidden <= 128 else 32 if hidden <= 256 else 16)
+    block_n = min(hidden, 64)
+    _grid_mlp_kernel[(triton.cdiv(n_pixels, block_m),)](
+        out, plane.contiguous(), hidden_w, hidden_b, out_w, out_b,
+        n_pixels, grid.width, grid.u0, grid.du, grid.v0, grid.dv, mlp.negative_slope, out.stride(0),
+        NUM_LINEAR=len(widths), NUM_OUT=widths[-1], OUT_COLS=cols, HIDDEN=hidden, OUT_PAD=out_pad,
+        ACTS=acts, OUT_MODE=OUTPUT_CODES[output], DOT_DTYPE=_DOT_DTYPES[mlp.dtype], EMULATE=emulate,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4 if hidden <= 128 else 8,
+    )  # fmt: skip
+    return out.reshape(grid.height, grid.width, cols)

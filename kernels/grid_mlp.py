@@ -1,0 +1,396 @@
+"""Evaluate a model over a dense 2-D grid of its input space, straight to class probabilities.
+
+The grid is a plane through a d-dimensional input space: pixel (r, c) is the input
+``origin + (u0 + c·du)·axis_u + (v0 + r·dv)·axis_v`` (``GridSpec``). A fusable MLP (an
+``nn.Sequential`` of Linear layers with element-wise activations between them) runs as one
+fused kernel per frame: the grid's coordinates are generated inside the kernel and the first
+layer is folded into the plane, ``W1·(o + u·a + v·b) + b1 = c0 + u·cu + v·cv``, so no input
+point and no hidden activation is ever written to memory. Any other module falls back to
+materialising the points and calling the module's own forward, in chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from probescope.kernels.backend import choose_impl
+
+log = logging.getLogger("probescope")
+
+OUTPUTS = ("auto", "softmax", "sigmoid", "raw")
+# Activation codes shared by every implementation (Triton packs them four bits a layer).
+ACTIVATIONS = {
+    "identity": 0,
+    "relu": 1,
+    "leaky_relu": 2,
+    "tanh": 3,
+    "sigmoid": 4,
+    "silu": 5,
+    "gelu": 6,
+    "gelu_tanh": 7,
+}
+OUTPUT_CODES = {"raw": 0, "softmax": 1, "sigmoid": 2}
+MAX_LINEAR_LAYERS = 8
+MAX_WIDTH = 1024
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class NotFusableError(ValueError):
+    """The module is not an MLP the fused kernels can evaluate; the reason says why."""
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """A ``height`` x ``width`` grid of points on the plane (origin, axis_u, axis_v).
+
+    Pixel (r, c) has plane coordinates ``u = u0 + c·du``, ``v = v0 + r·dv``; row 0 is the top of
+    the picture, so ``dv`` is usually negative.
+    """
+
+    origin: torch.Tensor
+    axis_u: torch.Tensor
+    axis_v: torch.Tensor
+    u0: float
+    du: float
+    v0: float
+    dv: float
+    width: int
+    height: int
+
+    def __post_init__(self) -> None:
+        for name in ("origin", "axis_u", "axis_v"):
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor) or value.dim() != 1:
+                raise ValueError(f"GridSpec: {name} must be a 1-D tensor, got {value!r}")
+            object.__setattr__(self, name, value.detach().to("cpu", torch.float64))
+        if not self.origin.shape == self.axis_u.shape == self.axis_v.shape:
+            raise ValueError(
+                "GridSpec: origin, axis_u and axis_v must have the same length, got "
+                f"{self.origin.shape[0]}, {self.axis_u.shape[0]}, {self.axis_v.shape[0]}"
+            )
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GridSpec: {name} must be a positive integer, got {value!r}")
+        for name in ("u0", "du", "v0", "dv"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"GridSpec: {name} must be finite, got {getattr(self, name)!r}")
+
+    @classmethod
+    def rectangle(
+        cls, domain: tuple[float, float, float, float], width: int, height: int
+    ) -> GridSpec:
+        """Pixel centres of the 2-D rectangle ``(x0, x1, y0, y1)``, row 0 at the top (y1)."""
+        return cls.on_plane(torch.zeros(2), torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]),
+                            domain, width, height)  # fmt: skip
+
+    @classmethod
+    def on_plane(
+        cls,
+        origin: torch.Tensor,
+        axis_u: torch.Tensor,
+        axis_v: torch.Tensor,
+        domain: tuple[float, float, float, float],
+        width: int,
+        height: int,
+    ) -> GridSpec:
+        """Pixel centres of the plane rectangle ``(u0, u1, v0, v1)``, row 0 at the top (v1)."""
+        u_lo, u_hi, v_lo, v_hi = (float(x) for x in domain)
+        du, dv = (u_hi - u_lo) / width, (v_hi - v_lo) / height
+        return cls(origin, axis_u, axis_v, u_lo + 0.5 * du, du, v_hi - 0.5 * dv, -dv, width, height)
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.origin.shape[0])
+
+    def us(self) -> torch.Tensor:
+        return self.u0 + self.du * torch.arange(self.width, dtype=torch.float64)
+
+    def vs(self) -> torch.Tensor:
+        return self.v0 + self.dv * torch.arange(self.height, dtype=torch.float64)
+
+    def points(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The ``(height * width, d)`` input points, row-major: row ``r * width + c`` is pixel (r, c)."""
+        us, vs = self.us(), self.vs()
+        pts = self.origin + vs[:, None, None] * self.axis_v + us[None, :, None] * self.axis_u
+        return pts.reshape(-1, self.input_dim).to(dtype)
+
+
+@dataclass(frozen=True)
+class FusableMLP:
+    """The layers of an MLP the fused kernels evaluate: ``act_i(W_i x + b_i)`` for each Linear i.
+
+    ``activations[i]`` follows Linear i; the last one is usually ``identity``. Tensors are the
+    module's own parameters (no copy), so a FusableMLP always sees the current weights.
+    """
+
+    weights: tuple[torch.Tensor, ...]
+    biases: tuple[torch.Tensor | None, ...]
+    activations: tuple[str, ...]
+    negative_slope: float = 0.01
+
+    @classmethod
+    def from_module(cls, model: nn.Module) -> FusableMLP:
+        """The MLP inside ``model``; raises NotFusableError saying why when there is none."""
+        layers = list(_flatten_sequential(model))
+        weights, biases, acts = [], [], []
+        slopes = set()
+        for layer in layers:
+            if isinstance(layer, nn.Linear):
+                weights.append(layer.weight)
+                biases.append(layer.bias)
+                acts.append("identity")
+                continue
+            if isinstance(layer, (nn.Identity, nn.Flatten)) or (
+                isinstance(layer, nn.Dropout) and (not layer.training or layer.p == 0)
+            ):
+                continue
+            name = _activation_name(layer)
+            if name is None:
+                raise NotFusableError(f"{type(layer).__name__} is not a Linear layer or a fusable activation")
+            if not weights:
+                raise NotFusableError("an activation comes before the first Linear layer")
+            if acts[-1] != "identity":
+                raise NotFusableError("two activations follow one Linear layer")
+            acts[-1] = name
+            if name == "leaky_relu":
+                slopes.add(float(layer.negative_slope))
+        if not weights:
+            raise NotFusableError("no Linear layer")
+        if len(slopes) > 1:
+            raise NotFusableError(f"LeakyReLU layers with different slopes {sorted(slopes)}")
+        mlp = cls(tuple(weights), tuple(biases), tuple(acts), slopes.pop() if slopes else 0.01)
+        mlp._check()
+        return mlp
+
+    def _check(self) -> None:
+        if len(self.weights) > MAX_LINEAR_LAYERS:
+            raise NotFusableError(f"{len(self.weights)} Linear layers; the fused kernels take {MAX_LINEAR_LAYERS}")
+        first = self.weights[0]
+        for i, w in enumerate(self.weights):
+            if w.dtype not in FUSED_DTYPES:
+                raise NotFusableError(f"Linear {i} has dtype {w.dtype}; fused dtypes are {FUSED_DTYPES}")
+            if w.dtype != first.dtype or w.device != first.device:
+                raise NotFusableError("the Linear layers differ in dtype or device")
+            if i and w.shape[1] != self.weights[i - 1].shape[0]:
+                raise NotFusableError(f"Linear {i} takes {w.shape[1]} inputs after a layer of {self.weights[i - 1].shape[0]}")
+        for w in self.weights[:-1]:
+            if w.shape[0] > MAX_WIDTH:
+                raise NotFusableError(f"a hidden layer of width {w.shape[0]}; the fused kernels take {MAX_WIDTH}")
+        if self.weights[-1].shape[0] > MAX_WIDTH:
+            raise NotFusableError(f"{self.weights[-1].shape[0]} outputs; the fused kernels take {MAX_WIDTH}")
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weights[0].shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weights[-1].shape[0])
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Output width of every Linear layer, the last being the number of outputs."""
+        return tuple(int(w.shape[0]) for w in self.weights)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights[0].device
+
+    def activation_codes(self) -> list[int]:
+        return [ACTIVATIONS[a] for a in self.activations]
+
+    def plane_layer(self, grid: GridSpec) -> torch.Tensor:
+        """``(3, width_1)`` float32 rows c0, cu, cv: the first layer folded into the grid's plane."""
+        w = self.weights[0].detach().to(torch.float64)
+        origin, axis_u, axis_v = (t.to(w.device) for t in (grid.origin, grid.axis_u, grid.axis_v))
+        c0 = w @ origin
+        if self.biases[0] is not None:
+            c0 = c0 + self.biases[0].detach().to(torch.float64)
+        return torch.stack([c0, w @ axis_u, w @ axis_v]).to(torch.float32)
+
+
+def _flatten_sequential(module: nn.Module):
+    if type(module).forward is not nn.Sequential.forward:
+        if isinstance(module, nn.Linear):
+            yield module
+            return
+        raise NotFusableError(f"{type(module).__name__} has its own forward; only nn.Sequential MLPs fuse")
+    for child in module:
+        if isinstance(child, nn.Sequential):
+            yield from _flatten_sequential(child)
+        else:
+            yield child
+
+
+def _activation_name(layer: nn.Module) -> str | None:
+    if type(layer) is nn.ReLU:
+        return "relu"
+    if type(layer) is nn.LeakyReLU:
+        return "leaky_relu"
+    if type(layer) is nn.Tanh:
+        return "tanh"
+    if type(layer) is nn.Sigmoid:
+        return "sigmoid"
+    if type(layer) is nn.SiLU:
+        return "silu"
+    if type(layer) is nn.GELU:
+        return "gelu" if layer.approximate == "none" else "gelu_tanh"
+    return None
+
+
+def apply_activation(x: torch.Tensor, name: str, negative_slope: float = 0.01) -> torch.Tensor:
+    """The torch definition of every activation code."""
+    if name == "identity":
+        return x
+    if name == "relu":
+        return F.relu(x)
+    if name == "leaky_relu":
+        return F.leaky_relu(x, negative_slope)
+    if name == "tanh":
+        return torch.tanh(x)
+    if name == "sigmoid":
+        return torch.sigmoid(x)
+    if name == "silu":
+        return F.silu(x)
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}")
+
+
+def resolve_output(output: str, num_outputs: int) -> str:
+    """``auto`` -> ``sigmoid`` for one output, ``softmax`` otherwise."""
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if output == "auto":
+        return "sigmoid" if num_outputs == 1 else "softmax"
+    return output
+
+
+def output_width(output: str, num_outputs: int) -> int:
+    """Columns of the result: two class probabilities for a 1-output sigmoid model."""
+    return 2 if resolve_output(output, num_outputs) == "sigmoid" else num_outputs
+
+
+def outputs_to_probs(outputs: torch.Tensor, output: str) -> torch.Tensor:
+    """``(N, K)`` model outputs -> ``(N, C)``: softmax, ``[1 - p, p]`` from a sigmoid, or as they are."""
+    mode = resolve_output(output, outputs.shape[-1])
+    if mode == "raw":
+        return outputs
+    if mode == "sigmoid":
+        p = torch.sigmoid(outputs[..., :1])
+        return torch.cat([1.0 - p, p], dim=-1)
+    return torch.softmax(outputs, dim=-1)
+
+
+def grid_mlp_reference(mlp: FusableMLP, grid: GridSpec, output: str = "auto") -> torch.Tensor:
+    """``(height, width, C)`` float64: the MLP's exact weights evaluated in float64 on the grid."""
+    h = grid.points(torch.float64).to(mlp.device)
+    for w, b, act in zip(mlp.weights, mlp.biases, mlp.activations):
+        h = h @ w.detach().to(torch.float64).T
+        if b is not None:
+            h = h + b.detach().to(torch.float64)
+        h = apply_activation(h, act, mlp.negative_slope)
+    probs = outputs_to_probs(h, output)
+    return probs.reshape(grid.height, grid.width, -1)
+
+
+def module_forward_on_grid(
+    model: nn.Module, grid: GridSpec, output: str = "auto", batch_size: int = 65536
+) -> torch.Tensor:
+    """``(height, width, C)`` float32 through the module's own forward, in chunks (the fallback)."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    points = grid.points(torch.float32)
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, points.shape[0], batch_size):
+            x = points[start : start + batch_size].to(device, dtype, non_blocking=True)
+            y = model(x).float()
+            chunks.append(y.reshape(y.shape[0], -1))
+    outputs = torch.cat(chunks)
+    return outputs_to_probs(outputs, output).reshape(grid.height, grid.width, -1)
+
+
+def grid_mlp(
+    model: nn.Module | FusableMLP,
+    grid: GridSpec,
+    output: str = "auto",
+    *,
+    out: torch.Tensor | None = None,
+    impl: str = "auto",
+    batch_size: int = 65536,
+) -> torch.Tensor:
+    """``(height, width, C)`` float32 probabilities (or raw outputs) of ``model`` over ``grid``.
+
+    A fusable MLP runs fused (Triton on CUDA, Numba on CPU); any other module transparently
+    runs its own forward on the materialised grid. ``out`` (e.g. a ring slot) receives the
+    result when given.
+    """
+    if isinstance(model, FusableMLP):
+        mlp = model
+    else:
+        try:
+            mlp = FusableMLP.from_module(model)
+        except NotFusableError as err:
+            log.debug("grid_mlp: %s; using the module's forward", err)
+            mlp = None
+    if mlp is not None and mlp.in_features != grid.input_dim:
+        raise ValueError(f"grid_mlp: the grid has {grid.input_dim} input dimensions, the MLP takes {mlp.in_features}")
+    if mlp is None:
+        result = module_forward_on_grid(model, grid, output, batch_size)
+        kind = "torch"
+    else:
+        kind = choose_impl("grid_mlp", mlp.device, impl)
+        result = _fused(kind, mlp, grid, output, batch_size)
+    if out is None:
+        return result
+    out.copy_(result.reshape(out.shape))
+    return out
+
+
+def _fused(kind: str, mlp: FusableMLP, grid: GridSpec, output: str, batch_size: int) -> torch.Tensor:
+    if kind == "triton":
+        from probescope.kernels._triton.grid_mlp import grid_mlp_triton
+
+        return grid_mlp_triton(mlp, grid, resolve_output(output, mlp.out_features))
+    if kind == "numba":
+        from probescope.kernels._numba.grid_mlp import grid_mlp_numba
+
+        return grid_mlp_numba(mlp, grid, resolve_output(output, mlp.out_features))
+    return _torch_eager(mlp, grid, output, batch_size)
+
+
+def _torch_eager(mlp: FusableMLP, grid: GridSpec, output: str, batch_size: int) -> torch.Tensor:
+    """The naive way: materialise the points, then one torch op per layer, chunk by chunk."""
+    points = grid.points(torch.float32)
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, points.shape[0], batch_size):
+            h = points[start : start + batch_size].to(mlp.device, mlp.dtype)
+            for w, b, act in zip(mlp.weights, mlp.biases, mlp.activations):
+                h = apply_activation(F.linear(h, w, b), act, mlp.negative_slope)
+            chunks.append(h.float())
+    return outputs_to_probs(torch.cat(chunks), output).reshape(grid.height, grid.width, -1)
+
+
+def fused_path(model: nn.Module, impl: str = "auto") -> str:
+    """Which path ``grid_mlp`` takes for ``model``: ``triton``, ``numba``, ``torch`` or ``module forward``."""
+    try:
+        mlp = FusableMLP.from_module(model)
+    except NotFusableError as err:
+        return f"module forward ({err})"
+    return choose_impl("grid_mlp", mlp.device, impl)
