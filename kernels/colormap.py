@@ -19,6 +19,8 @@ import colorsys
 
 import torch
 
+from probescope.kernels.backend import choose_impl
+
 MODES = ("region", "boundary", "prob")
 NONFINITE_RGBA = (255, 0, 255, 255)
 BOUNDARY_INK = (28, 28, 36)
@@ -83,7 +85,7 @@ def probs_to_rgba_reference(
         rgb = ink + (pale - ink) * t[..., None]
     elif mode == "prob":
         anchors = torch.tensor(DIVERGING_ANCHORS, dtype=torch.float32, device=p.device)
-        q = p[..., class_index].clamp(0.0, 1.0) * (len(DIVERGING_ANCHORS) - 1)
+        q = torch.nan_to_num(p[..., class_index]).clamp(0.0, 1.0) * (len(DIVERGING_ANCHORS) - 1)
         lo = q.floor().clamp(max=len(DIVERGING_ANCHORS) - 2).long()
         frac = (q - lo)[..., None]
         rgb = anchors[lo] + (anchors[lo + 1] - anchors[lo]) * frac
@@ -104,12 +106,37 @@ def probs_to_rgba(
     palette: torch.Tensor,
     class_index: int = 0,
     out: torch.Tensor | None = None,
+    *,
+    impl: str = "auto",
 ) -> torch.Tensor:
-    """Colour a probability map; writes into ``out`` (e.g. a ring slot) when given."""
+    """Colour a ``(..., C)`` probability map into ``(..., 4)`` uint8; writes into ``out`` (a ring slot)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    rgba = probs_to_rgba_reference(probs, mode, palette, class_index)
-    if out is None:
-        return rgba
-    out.copy_(rgba)
-    return out
+    num_classes = probs.shape[-1]
+    if palette.shape != (num_classes, 3) and mode != "prob":
+        raise ValueError(
+            f"palette must be ({num_classes}, 3) for {num_classes} classes, got {tuple(palette.shape)}"
+        )
+    if mode == "prob" and not 0 <= class_index < num_classes:
+        raise ValueError(f"class_index {class_index} is out of range for {num_classes} classes")
+    shape = (*probs.shape[:-1], 4)
+    if out is not None and (tuple(out.shape) != shape or out.dtype != torch.uint8):
+        raise ValueError(f"out must be a uint8 tensor of shape {shape}, got {out.dtype} {tuple(out.shape)}")
+    kind = choose_impl("probs_to_rgba", probs.device, impl)
+    if kind == "torch":
+        rgba = probs_to_rgba_reference(probs, mode, palette, class_index)
+        return rgba if out is None else out.copy_(rgba)
+    target = (
+        out
+        if out is not None and out.is_contiguous()
+        else torch.empty(shape, dtype=torch.uint8, device=probs.device)
+    )
+    if kind == "triton":
+        from probescope.kernels._triton.colormap import probs_to_rgba_triton as run
+    else:
+        from probescope.kernels._numba.colormap import probs_to_rgba_numba as run
+    run(probs, mode, palette, class_index, target)
+    if out is not None and target is not out:
+        out.copy_(target)
+        return out
+    return target

@@ -83,9 +83,7 @@ class GridSpec:
                 raise ValueError(f"GridSpec: {name} must be finite, got {getattr(self, name)!r}")
 
     @classmethod
-    def rectangle(
-        cls, domain: tuple[float, float, float, float], width: int, height: int
-    ) -> GridSpec:
+    def rectangle(cls, domain: tuple[float, float, float, float], width: int, height: int) -> GridSpec:
         """Pixel centres of the 2-D rectangle ``(x0, x1, y0, y1)``, row 0 at the top (y1)."""
         return cls.on_plane(torch.zeros(2), torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]),
                             domain, width, height)  # fmt: skip
@@ -102,6 +100,9 @@ class GridSpec:
     ) -> GridSpec:
         """Pixel centres of the plane rectangle ``(u0, u1, v0, v1)``, row 0 at the top (v1)."""
         u_lo, u_hi, v_lo, v_hi = (float(x) for x in domain)
+        for name, n in (("width", width), ("height", height)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"GridSpec: {name} must be a positive integer, got {n!r}")
         du, dv = (u_hi - u_lo) / width, (v_hi - v_lo) / height
         return cls(origin, axis_u, axis_v, u_lo + 0.5 * du, du, v_hi - 0.5 * dv, -dv, width, height)
 
@@ -171,7 +172,9 @@ class FusableMLP:
 
     def _check(self) -> None:
         if len(self.weights) > MAX_LINEAR_LAYERS:
-            raise NotFusableError(f"{len(self.weights)} Linear layers; the fused kernels take {MAX_LINEAR_LAYERS}")
+            raise NotFusableError(
+                f"{len(self.weights)} Linear layers; the fused kernels take {MAX_LINEAR_LAYERS}"
+            )
         first = self.weights[0]
         for i, w in enumerate(self.weights):
             if w.dtype not in FUSED_DTYPES:
@@ -179,10 +182,14 @@ class FusableMLP:
             if w.dtype != first.dtype or w.device != first.device:
                 raise NotFusableError("the Linear layers differ in dtype or device")
             if i and w.shape[1] != self.weights[i - 1].shape[0]:
-                raise NotFusableError(f"Linear {i} takes {w.shape[1]} inputs after a layer of {self.weights[i - 1].shape[0]}")
+                raise NotFusableError(
+                    f"Linear {i} takes {w.shape[1]} inputs after a layer of {self.weights[i - 1].shape[0]}"
+                )
         for w in self.weights[:-1]:
             if w.shape[0] > MAX_WIDTH:
-                raise NotFusableError(f"a hidden layer of width {w.shape[0]}; the fused kernels take {MAX_WIDTH}")
+                raise NotFusableError(
+                    f"a hidden layer of width {w.shape[0]}; the fused kernels take {MAX_WIDTH}"
+                )
         if self.weights[-1].shape[0] > MAX_WIDTH:
             raise NotFusableError(f"{self.weights[-1].shape[0]} outputs; the fused kernels take {MAX_WIDTH}")
 
@@ -298,7 +305,7 @@ def outputs_to_probs(outputs: torch.Tensor, output: str) -> torch.Tensor:
 def grid_mlp_reference(mlp: FusableMLP, grid: GridSpec, output: str = "auto") -> torch.Tensor:
     """``(height, width, C)`` float64: the MLP's exact weights evaluated in float64 on the grid."""
     h = grid.points(torch.float64).to(mlp.device)
-    for w, b, act in zip(mlp.weights, mlp.biases, mlp.activations):
+    for w, b, act in zip(mlp.weights, mlp.biases, mlp.activations, strict=True):
         h = h @ w.detach().to(torch.float64).T
         if b is not None:
             h = h + b.detach().to(torch.float64)
@@ -349,29 +356,33 @@ def grid_mlp(
             log.debug("grid_mlp: %s; using the module's forward", err)
             mlp = None
     if mlp is not None and mlp.in_features != grid.input_dim:
-        raise ValueError(f"grid_mlp: the grid has {grid.input_dim} input dimensions, the MLP takes {mlp.in_features}")
+        raise ValueError(
+            f"grid_mlp: the grid has {grid.input_dim} input dimensions, the MLP takes {mlp.in_features}"
+        )
     if mlp is None:
         result = module_forward_on_grid(model, grid, output, batch_size)
-        kind = "torch"
-    else:
-        kind = choose_impl("grid_mlp", mlp.device, impl)
-        result = _fused(kind, mlp, grid, output, batch_size)
-    if out is None:
-        return result
-    out.copy_(result.reshape(out.shape))
-    return out
-
-
-def _fused(kind: str, mlp: FusableMLP, grid: GridSpec, output: str, batch_size: int) -> torch.Tensor:
+        return result if out is None else out.copy_(result.reshape(out.shape))
+    kind = choose_impl("grid_mlp", mlp.device, impl)
+    if kind == "torch":
+        result = _torch_eager(mlp, grid, output, batch_size)
+        return result if out is None else out.copy_(result.reshape(out.shape))
+    mode = resolve_output(output, mlp.out_features)
+    shape = (grid.height, grid.width, output_width(mode, mlp.out_features))
+    if out is not None and out.numel() != math.prod(shape):
+        raise ValueError(f"grid_mlp: out has {out.numel()} elements, the result has shape {shape}")
+    direct = (
+        out is not None and out.dtype == torch.float32 and out.is_contiguous() and out.device == mlp.device
+    )
+    target = out if direct else torch.empty(shape, dtype=torch.float32, device=mlp.device)
     if kind == "triton":
-        from probescope.kernels._triton.grid_mlp import grid_mlp_triton
-
-        return grid_mlp_triton(mlp, grid, resolve_output(output, mlp.out_features))
-    if kind == "numba":
-        from probescope.kernels._numba.grid_mlp import grid_mlp_numba
-
-        return grid_mlp_numba(mlp, grid, resolve_output(output, mlp.out_features))
-    return _torch_eager(mlp, grid, output, batch_size)
+        from probescope.kernels._triton.grid_mlp import grid_mlp_triton as run
+    else:
+        from probescope.kernels._numba.grid_mlp import grid_mlp_numba as run
+    run(mlp, grid, mode, target.view(-1, shape[-1]))
+    if out is not None and not direct:
+        out.copy_(target.reshape(out.shape))
+        return out
+    return target.view(shape) if out is None else out
 
 
 def _torch_eager(mlp: FusableMLP, grid: GridSpec, output: str, batch_size: int) -> torch.Tensor:
@@ -381,7 +392,7 @@ def _torch_eager(mlp: FusableMLP, grid: GridSpec, output: str, batch_size: int) 
     with torch.no_grad():
         for start in range(0, points.shape[0], batch_size):
             h = points[start : start + batch_size].to(mlp.device, mlp.dtype)
-            for w, b, act in zip(mlp.weights, mlp.biases, mlp.activations):
+            for w, b, act in zip(mlp.weights, mlp.biases, mlp.activations, strict=True):
                 h = apply_activation(F.linear(h, w, b), act, mlp.negative_slope)
             chunks.append(h.float())
     return outputs_to_probs(torch.cat(chunks), output).reshape(grid.height, grid.width, -1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from probescope.kernels.backend import choose_impl
+
 METHODS = ("linear", "smoothstep")
 
 
@@ -28,11 +30,26 @@ def interpolate_frames_reference(
 
 
 def interpolate_frames(
-    first: torch.Tensor, second: torch.Tensor, k: int, method: str = "linear"
+    first: torch.Tensor, second: torch.Tensor, k: int, method: str = "linear", *, impl: str = "auto"
 ) -> torch.Tensor:
     """k frames between two frames of the same shape, linear or smoothstep in time."""
-    if first.shape != second.shape:
-        raise ValueError(f"frames differ in shape: {tuple(first.shape)} vs {tuple(second.shape)}")
+    if first.shape != second.shape or first.dtype != second.dtype:
+        raise ValueError(
+            "frames differ in shape or dtype: "
+            f"{first.dtype} {tuple(first.shape)} vs {second.dtype} {tuple(second.shape)}"
+        )
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
+    weights = interpolation_weights(k, method)
+    which = choose_impl("interpolate_frames", first.device, impl)
+    if k == 0 or first.numel() == 0 or not first.is_floating_point():
+        which = "torch"
+    if which == "triton":
+        from probescope.kernels._triton.interpolate import interpolate_frames_triton
+
+        return interpolate_frames_triton(first, second, weights)
+    if which == "numba":
+        from probescope.kernels._numba.interpolate import interpolate_frames_numba
+
+        return interpolate_frames_numba(first, second, weights)
     return interpolate_frames_reference(first, second, k, method)

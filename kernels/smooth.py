@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from probescope.kernels.backend import choose_impl
+
 
 def smoothing_window(width: int, kind: str = "box", sigma: float | None = None) -> torch.Tensor:
     """Normalised float64 window of odd ``width``: ``box`` (moving average) or ``gaussian``."""
@@ -35,9 +37,21 @@ def smooth_1d_reference(
 
 
 def smooth_1d(
-    values: torch.Tensor, width: int, kind: str = "box", sigma: float | None = None
+    values: torch.Tensor, width: int, kind: str = "box", sigma: float | None = None, *, impl: str = "auto"
 ) -> torch.Tensor:
     """Moving-average or Gaussian smoothing of a 1-D series; same length as the input."""
-    if width == 1 and kind == "box":
+    if values.dim() != 1:
+        raise ValueError(f"smooth_1d takes a 1-D series, got shape {tuple(values.shape)}")
+    window = smoothing_window(width, kind, sigma)
+    if width == 1:
         return values.clone()
+    which = choose_impl("smooth_1d", values.device, impl)
+    if which == "triton":
+        from probescope.kernels._triton.smooth import smooth_1d_triton
+
+        return smooth_1d_triton(values, window)
+    if which == "numba":
+        from probescope.kernels._numba.smooth import smooth_1d_numba
+
+        return smooth_1d_numba(values, window)
     return smooth_1d_reference(values, width, kind, sigma)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from probescope.kernels._numba import FASTMATH
-from probescope.kernels.grid_mlp import OUTPUT_CODES, FusableMLP, GridSpec, output_width
+from probescope.kernels.grid_mlp import OUTPUT_CODES, FusableMLP, GridSpec
 
 BLOCK = 64
 
@@ -145,7 +145,7 @@ def _write_outputs(out, start, rows, logits, n_out, top, total, out_mode):
 def pack_layers(mlp: FusableMLP) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every Linear after the first, (out, in) row-major, laid end to end in float32."""
     ws, bs = [], []
-    for w, b in zip(mlp.weights[1:], mlp.biases[1:]):
+    for w, b in zip(mlp.weights[1:], mlp.biases[1:], strict=True):
         ws.append(w.detach().to(torch.float32).contiguous().reshape(-1))
         bs.append(b.detach().to(torch.float32) if b is not None else torch.zeros(w.shape[0]))
     if not ws:
@@ -155,10 +155,9 @@ def pack_layers(mlp: FusableMLP) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
     return torch.cat(ws).numpy(), w_offsets, torch.cat(bs).numpy(), b_offsets
 
 
-def grid_mlp_numba(mlp: FusableMLP, grid: GridSpec, output: str) -> torch.Tensor:
-    """``(height, width, C)`` float32 from the fused CPU kernel; ``output`` is already resolved."""
+def grid_mlp_numba(mlp: FusableMLP, grid: GridSpec, output: str, out: torch.Tensor) -> torch.Tensor:
+    """Fill ``out`` (pixels, C) float32 from the fused CPU kernel; ``output`` is already resolved."""
     n_pixels = grid.width * grid.height
-    out = torch.empty((n_pixels, output_width(output, mlp.out_features)), dtype=torch.float32)
     plane = mlp.plane_layer(grid).numpy()
     weights, w_offsets, biases, b_offsets = pack_layers(mlp)
     grid_mlp_kernel(
@@ -167,4 +166,4 @@ def grid_mlp_numba(mlp: FusableMLP, grid: GridSpec, output: str) -> torch.Tensor
         np.float32(mlp.negative_slope), grid.width, n_pixels,
         grid.u0, grid.du, grid.v0, grid.dv, OUTPUT_CODES[output],
     )  # fmt: skip
-    return out.reshape(grid.height, grid.width, -1)
+    return out

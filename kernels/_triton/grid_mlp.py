@@ -49,7 +49,7 @@ def _dot(a, b, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
     """a @ b with fp32 accumulation; EMULATE rounds to DOT_DTYPE but multiplies in fp32."""
     if EMULATE:
         return tl.dot(a.to(DOT_DTYPE).to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    if DOT_DTYPE == tl.float32:
+    if tl.float32 == DOT_DTYPE:
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a.to(DOT_DTYPE), b, out_dtype=tl.float32)
 
@@ -95,7 +95,9 @@ def _grid_mlp_kernel(
                     z = _activate(z, (ACTS >> (4 * middle)) & 15, slope)
                     w2 = tl.load(out_w_ptr + (n0 + chunk)[:, None] * OUT_PAD + out_cols[None, :])
                     acc += _dot(z, w2, DOT_DTYPE, EMULATE)
-                h = _activate(acc + tl.load(out_b_ptr + out_cols)[None, :], (ACTS >> (4 * second)) & 15, slope)
+                h = _activate(
+                    acc + tl.load(out_b_ptr + out_cols)[None, :], (ACTS >> (4 * second)) & 15, slope
+                )
             else:
                 sec_w = hidden_w_ptr + (second - 1) * HIDDEN * HIDDEN
                 sec_b = hidden_b_ptr + (second - 1) * HIDDEN
@@ -138,7 +140,7 @@ def _pad(t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.T
 def pack_layers(mlp: FusableMLP, hidden: int, out_pad: int, weight_dtype: torch.dtype):
     """Zero-padded weights: hidden layers (in, out) as [L-2, H, H], the output layer as [H, OUT_PAD]."""
     device = mlp.device
-    middle = [(w.detach().T, b) for w, b in zip(mlp.weights[1:-1], mlp.biases[1:-1])]
+    middle = [(w.detach().T, b) for w, b in zip(mlp.weights[1:-1], mlp.biases[1:-1], strict=True)]
     hidden_w = torch.zeros((max(len(middle), 1), hidden, hidden), dtype=weight_dtype, device=device)
     hidden_b = torch.zeros((max(len(middle), 1), hidden), dtype=torch.float32, device=device)
     for i, (w, b) in enumerate(middle):
@@ -158,9 +160,9 @@ def pack_layers(mlp: FusableMLP, hidden: int, out_pad: int, weight_dtype: torch.
 
 
 def grid_mlp_triton(
-    mlp: FusableMLP, grid: GridSpec, output: str, block_m: int | None = None
+    mlp: FusableMLP, grid: GridSpec, output: str, out: torch.Tensor, block_m: int | None = None
 ) -> torch.Tensor:
-    """``(height, width, C)`` float32 from the fused Triton kernel; ``output`` is already resolved."""
+    """Fill ``out`` (pixels, C) float32 from the fused Triton kernel; ``output`` is already resolved."""
     emulate = triton_interpreting() and mlp.dtype == torch.bfloat16  # the interpreter lacks bf16 dots
     widths = mlp.widths
     hidden = max(16, next_power_of_2(max(widths[:-1]))) if len(widths) > 1 else 16
@@ -172,7 +174,6 @@ def grid_mlp_triton(
 
     n_pixels = grid.width * grid.height
     cols = output_width(output, mlp.out_features)
-    out = torch.empty((n_pixels, cols), dtype=torch.float32, device=mlp.device)
     if block_m is None:
         block_m = 128 if triton_interpreting() else (64 if hidden <= 128 else 32 if hidden <= 256 else 16)
     block_n = min(hidden, 64)
@@ -183,4 +184,4 @@ def grid_mlp_triton(
         ACTS=acts, OUT_MODE=OUTPUT_CODES[output], DOT_DTYPE=_DOT_DTYPES[mlp.dtype], EMULATE=emulate,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4 if hidden <= 128 else 8,
     )  # fmt: skip
-    return out.reshape(grid.height, grid.width, cols)
+    return out

@@ -1,0 +1,89 @@
+"""One-pass tensor statistics and power-iteration spectral norm on the CPU."""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+
+CHUNK = 16384
+
+
+@numba.njit(parallel=True, cache=True)
+def tensor_stats_partials_kernel(x, near_zero, partials):
+    n = x.shape[0]
+    for c in numba.prange(partials.shape[0]):
+        start = c * CHUNK
+        stop = min(start + CHUNK, n)
+        count = total = l1 = sumsq = biggest = small = bad = 0.0
+        for i in range(start, stop):
+            v = np.float64(x[i])
+            if not math.isfinite(v):
+                bad += 1.0
+                continue
+            count += 1.0
+            total += v
+            a = abs(v)
+            l1 += a
+            sumsq += v * v
+            biggest = max(biggest, a)
+            if a <= near_zero:
+                small += 1.0
+        mean = total / max(count, 1.0)
+        m2 = 0.0
+        for i in range(start, stop):
+            v = np.float64(x[i])
+            if math.isfinite(v):
+                m2 += (v - mean) * (v - mean)
+        partials[c, 0], partials[c, 1], partials[c, 2], partials[c, 3] = count, total, m2, l1
+        partials[c, 4], partials[c, 5], partials[c, 6], partials[c, 7] = sumsq, biggest, small, bad
+
+
+def tensor_stats_partials_numba(x: torch.Tensor, near_zero: float) -> torch.Tensor:
+    """``(chunks, 8)`` float64 partials: count, sum, M2, L1, sum of squares, max|x|, near-zero, non-finite."""
+    flat = x.detach().reshape(-1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.to(torch.float32)
+    flat = flat.contiguous()
+    partials = torch.empty((max(1, -(-flat.numel() // CHUNK)), 8), dtype=torch.float64)
+    tensor_stats_partials_kernel(flat.numpy(), float(near_zero), partials.numpy())
+    return partials
+
+
+@numba.njit(cache=True)
+def power_iteration_kernel(matrix, v, iterations):
+    rows, cols = matrix.shape
+    u = np.zeros(rows)
+    sigma = 0.0
+    for _ in range(iterations):
+        for i in range(rows):
+            acc = 0.0
+            for j in range(cols):
+                acc += matrix[i, j] * v[j]
+            u[i] = acc
+        sigma = math.sqrt((u * u).sum())
+        if sigma == 0.0:
+            return 0.0
+        u /= sigma
+        for j in range(cols):
+            v[j] = 0.0
+        for i in range(rows):
+            for j in range(cols):
+                v[j] += matrix[i, j] * u[i]
+        norm = math.sqrt((v * v).sum())
+        if norm == 0.0:
+            return 0.0
+        v /= norm
+        sigma = norm
+    return sigma
+
+
+def spectral_norm_numba(
+    matrix: torch.Tensor, v: torch.Tensor, iterations: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    m = matrix.detach().to(torch.float64).contiguous().numpy()
+    vec = v.detach().to(torch.float64).clone().numpy()
+    sigma = power_iteration_kernel(m, vec, iterations)
+    return torch.tensor(sigma, dtype=torch.float64), torch.from_numpy(vec)

@@ -1,0 +1,98 @@
+"""Probabilities -> packed RGBA on the GPU: one program per BLOCK pixels, one 4-byte store each."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from probescope.kernels.backend import next_power_of_2
+from probescope.kernels.colormap import BOUNDARY_INK, BOUNDARY_PALE, DIVERGING_ANCHORS, MODES, NONFINITE_RGBA
+
+# Little-endian int32 words whose bytes are R, G, B, A.
+_PACKED_NONFINITE = int.from_bytes(bytes(NONFINITE_RGBA), "little", signed=True)
+_OPAQUE = int.from_bytes(bytes((0, 0, 0, 255)), "little", signed=True)
+
+
+@triton.jit
+def _gather_rgb(table_ptr, index, ROW: tl.constexpr):
+    return (
+        tl.load(table_ptr + index * ROW).to(tl.float32),
+        tl.load(table_ptr + index * ROW + 1).to(tl.float32),
+        tl.load(table_ptr + index * ROW + 2).to(tl.float32),
+    )
+
+
+@triton.jit
+def _to_byte(x):
+    return tl.minimum(tl.maximum(tl.floor(x + 0.5), 0.0), 255.0).to(tl.int32)
+
+
+@triton.jit
+def _probs_to_rgba_kernel(
+    probs_ptr, palette_ptr, anchors_ptr, out_ptr, n_pixels, class_index,
+    NUM_CLASSES: tl.constexpr, CLASSES_PAD: tl.constexpr, MODE: tl.constexpr,
+    INK_R: tl.constexpr, INK_G: tl.constexpr, INK_B: tl.constexpr, PALE: tl.constexpr,
+    NONFINITE: tl.constexpr, OPAQUE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    pixel = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, CLASSES_PAD)[None, :]
+    inside = pixel < n_pixels
+    valid = inside[:, None] & (cols < NUM_CLASSES)
+    p = tl.load(probs_ptr + pixel[:, None] * NUM_CLASSES + cols, mask=valid, other=0.0).to(tl.float32)
+    bad = tl.sum(tl.where(valid & ((p != p) | (tl.abs(p) == float("inf"))), 1, 0), axis=1) > 0
+    p = tl.where(bad[:, None], 0.0, p)  # their colour is NONFINITE anyway; keep argmax defined
+    p = tl.where(cols < NUM_CLASSES, p, float("-inf"))
+    if MODE == 2:  # prob: one class through the diverging ramp
+        q = tl.sum(tl.where(cols == class_index, p, 0.0), axis=1)
+        q = tl.minimum(tl.maximum(q, 0.0), 1.0) * 4.0
+        lo = tl.minimum(tl.floor(q), 3.0)
+        frac = q - lo
+        lo_i = tl.where(bad, 0, lo.to(tl.int32))
+        r0, g0, b0 = _gather_rgb(anchors_ptr, lo_i, 3)
+        r1, g1, b1 = _gather_rgb(anchors_ptr, lo_i + 1, 3)
+        r, g, b = r0 + (r1 - r0) * frac, g0 + (g1 - g0) * frac, b0 + (b1 - b0) * frac
+    else:
+        top, k = tl.max(p, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        k = tl.where(bad, 0, tl.minimum(tl.maximum(k, 0), NUM_CLASSES - 1))
+        pr, pg, pb = _gather_rgb(palette_ptr, k, 3)
+        if MODE == 0:  # region
+            if NUM_CLASSES == 1:
+                shade = tl.full(top.shape, 1.0, tl.float32)
+            else:
+                chance = 1.0 / NUM_CLASSES
+                shade = tl.minimum(tl.maximum((top - chance) / (1.0 - chance), 0.0), 1.0)
+            r, g, b = 255.0 + (pr - 255.0) * shade, 255.0 + (pg - 255.0) * shade, 255.0 + (pb - 255.0) * shade
+        else:  # boundary
+            if NUM_CLASSES == 1:
+                margin = tl.full(top.shape, 1.0, tl.float32)
+            else:
+                second = tl.max(tl.where(cols == k[:, None], float("-inf"), p), axis=1)
+                margin = tl.minimum(tl.maximum(top - second, 0.0), 1.0)
+            rest = 1.0 - margin
+            t = 1.0 - rest * rest * rest * rest
+            r = INK_R + (pr * (1.0 - PALE) + 255.0 * PALE - INK_R) * t
+            g = INK_G + (pg * (1.0 - PALE) + 255.0 * PALE - INK_G) * t
+            b = INK_B + (pb * (1.0 - PALE) + 255.0 * PALE - INK_B) * t
+    packed = _to_byte(r) | (_to_byte(g) << 8) | (_to_byte(b) << 16) | OPAQUE
+    packed = tl.where(bad, NONFINITE, packed)
+    tl.store(out_ptr + pixel, packed, mask=inside)
+
+
+def probs_to_rgba_triton(
+    probs: torch.Tensor, mode: str, palette: torch.Tensor, class_index: int, out: torch.Tensor
+) -> torch.Tensor:
+    """Colour ``probs`` (..., C) into the contiguous uint8 ``out`` (..., 4)."""
+    num_classes = probs.shape[-1]
+    flat = probs.reshape(-1, num_classes).contiguous()
+    n_pixels = flat.shape[0]
+    palette = palette.to(probs.device, torch.uint8).contiguous()
+    anchors = torch.tensor(DIVERGING_ANCHORS, dtype=torch.uint8, device=probs.device)
+    block = 256 if num_classes <= 16 else 64
+    _probs_to_rgba_kernel[(triton.cdiv(max(n_pixels, 1), block),)](
+        flat, palette, anchors, out.view(torch.int32), n_pixels, class_index,
+        NUM_CLASSES=num_classes, CLASSES_PAD=next_power_of_2(num_classes), MODE=MODES.index(mode),
+        INK_R=float(BOUNDARY_INK[0]), INK_G=float(BOUNDARY_INK[1]), INK_B=float(BOUNDARY_INK[2]),
+        PALE=BOUNDARY_PALE, NONFINITE=_PACKED_NONFINITE, OPAQUE=_OPAQUE, BLOCK=block,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,449 @@
+"""Every implementation of every kernel op, held to its torch reference on random inputs.
+
+Tolerances are stated per op and dtype. Outputs are poisoned (see ``poisoned``), so an element
+an implementation fails to write cannot pass. Without a GPU the Triton kernels run in Triton's
+interpreter on CPU tensors (sizes kept small); with one, the same tests run on CUDA.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from probescope.kernels import (
+    NONFINITE_RGBA,
+    STAT_NAMES,
+    FusableMLP,
+    GridSpec,
+    NotFusableError,
+    default_palette,
+    ema_frames,
+    ema_frames_reference,
+    grid_mlp,
+    grid_mlp_reference,
+    interpolate_frames,
+    interpolate_frames_reference,
+    lds_kernel_window,
+    lds_weights,
+    lds_weights_reference,
+    module_forward_on_grid,
+    probs_to_rgba,
+    probs_to_rgba_reference,
+    smooth_1d,
+    smooth_1d_reference,
+    spectral_norm,
+    spectral_norm_reference,
+    tensor_stats,
+    tensor_stats_reference,
+)
+from tests.kernel_cases import IMPLS, device_for
+
+# Absolute error allowed on probabilities against the float64 reference. fp32: accumulation
+# order only. fp16 / bf16: activations are rounded to 11 / 8 significant bits before every
+# matrix product, as tensor cores need (the Numba path computes in fp32 and meets 1e-5).
+PROB_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+ACTIVATION_MODULES = {
+    "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.2),
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+}
+
+
+def make_mlp(widths, activation="relu", dtype=torch.float32, seed=0, scale=1.0):
+    torch.manual_seed(seed)
+    layers = []
+    for i in range(len(widths) - 1):
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < len(widths) - 2:
+            layers.append(ACTIVATION_MODULES[activation]())
+    model = nn.Sequential(*layers)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    return model.to(dtype)
+
+
+def random_grid(d, width, height, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    origin, u, v = (torch.randn(d, generator=g, dtype=torch.float64) for _ in range(3))
+    return GridSpec.on_plane(origin, u, v, (-2.0, 2.5, -1.5, 1.0), width, height)
+
+
+def max_error(got, ref):
+    return (got.double().cpu() - ref.double().cpu()).abs().max().item()
+
+
+# ---------------------------------------------------------------- grid_mlp
+
+GRID_CASES = [
+    # (widths, activation, grid width, grid height)
+    ((2, 32, 32, 3), "relu", 37, 23),
+    ((2, 24, 40, 20, 7), "gelu", 19, 11),  # non-powers of two, three hidden layers
+    ((5, 100, 70, 10), "leaky_relu", 13, 9),  # 5-D input: the grid is a plane through it
+    ((2, 16, 1), "tanh", 1, 17),  # one pixel wide; one output -> sigmoid pair
+    ((2, 16, 1), "silu", 17, 1),  # one pixel high
+    ((2, 5), "relu", 7, 6),  # logistic regression: no hidden layer
+    ((2, 12, 12, 12, 12, 12, 4), "gelu_tanh", 9, 8),  # six Linear layers (odd pair count)
+    ((3, 300, 2), "sigmoid", 11, 5),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(("widths", "activation", "w", "h"), GRID_CASES)
+def test_grid_mlp_matches_float64_reference(poisoned, impl, widths, activation, w, h):
+    model = make_mlp(widths, activation).to(device_for(impl))
+    grid = random_grid(widths[0], w, h)
+    ref = grid_mlp_reference(FusableMLP.from_module(model), grid)
+    got = grid_mlp(model, grid, impl=impl)
+    assert got.shape == ref.shape == (h, w, max(widths[-1], 2) if widths[-1] == 1 else widths[-1])
+    assert got.dtype == torch.float32
+    assert max_error(got, ref) <= PROB_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_grid_mlp_half_precision_models(poisoned, impl, dtype, activation):
+    model = make_mlp((2, 48, 48, 5), activation, dtype=dtype).to(device_for(impl))
+    grid = random_grid(2, 21, 10)
+    ref = grid_mlp_reference(FusableMLP.from_module(model), grid)
+    got = grid_mlp(model, grid, impl=impl)
+    assert max_error(got, ref) <= PROB_TOL[dtype]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("activation", sorted(ACTIVATION_MODULES))
+def test_grid_mlp_every_activation(poisoned, impl, activation):
+    model = make_mlp((2, 20, 20, 3), activation, scale=2.0).to(device_for(impl))
+    grid = random_grid(2, 15, 6)
+    ref = grid_mlp_reference(FusableMLP.from_module(model), grid)
+    assert max_error(grid_mlp(model, grid, impl=impl), ref) <= PROB_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grid_mlp_width_1024_and_raw_regression_outputs(poisoned, impl):
+    model = make_mlp((2, 1024, 1024, 10), "relu").to(device_for(impl))
+    grid = random_grid(2, 9, 4)
+    mlp = FusableMLP.from_module(model)
+    probs_ref, raw_ref = grid_mlp_reference(mlp, grid), grid_mlp_reference(mlp, grid, "raw")
+    assert max_error(grid_mlp(model, grid, impl=impl), probs_ref) <= 1e-5
+    raw = grid_mlp(model, grid, "raw", impl=impl)
+    assert max_error(raw, raw_ref) <= 1e-5 * max(1.0, raw_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grid_mlp_single_class_softmax_is_one_everywhere(poisoned, impl):
+    model = make_mlp((2, 8, 1), "relu").to(device_for(impl))
+    got = grid_mlp(model, random_grid(2, 5, 3), "softmax", impl=impl)
+    assert got.shape == (3, 5, 1)
+    assert torch.equal(got.cpu(), torch.ones(3, 5, 1))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grid_mlp_writes_into_the_given_slot(impl):
+    model = make_mlp((2, 16, 4), "relu").to(device_for(impl))
+    grid = random_grid(2, 6, 5)
+    slot = torch.full((5, 6, 4), float("nan"), device=device_for(impl))
+    result = grid_mlp(model, grid, out=slot, impl=impl)
+    assert result is slot
+    assert max_error(slot, grid_mlp_reference(FusableMLP.from_module(model), grid)) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grid_mlp_non_finite_weights_give_non_finite_pixels(impl):
+    model = make_mlp((2, 8, 3), "relu").to(device_for(impl))
+    with torch.no_grad():
+        model[2].bias[1] = float("nan")
+    got = grid_mlp(model, random_grid(2, 4, 4), impl=impl)
+    assert torch.isnan(got).all(dim=-1).all()
+
+
+class Wrapped(nn.Module):
+    """An MLP behind a custom forward: not provably an MLP, so it takes the fallback."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_a_non_fusable_model_gives_the_same_map_through_the_fallback():
+    inner = make_mlp((2, 32, 32, 7), "gelu")
+    grid = random_grid(2, 33, 17)
+    with pytest.raises(NotFusableError, match="own forward"):
+        FusableMLP.from_module(Wrapped(inner))
+    fused = grid_mlp(inner, grid)
+    fallback = grid_mlp(Wrapped(inner), grid)
+    assert max_error(fallback, fused) <= 1e-5
+    assert (
+        max_error(
+            module_forward_on_grid(inner, grid), grid_mlp_reference(FusableMLP.from_module(inner), grid)
+        )
+        <= 1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        (nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), "BatchNorm1d"),
+        (nn.Sequential(nn.ReLU(), nn.Linear(2, 2)), "before the first Linear"),
+        (nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Tanh(), nn.Linear(4, 2)), "two activations"),
+        (nn.Sequential(nn.Linear(2, 2048), nn.ReLU(), nn.Linear(2048, 2)), "width 2048"),
+        (nn.Sequential(nn.Linear(2, 4).double()), "dtype"),
+    ],
+)
+def test_models_that_do_not_fuse_say_why(model, reason):
+    with pytest.raises(NotFusableError, match=reason):
+        FusableMLP.from_module(model)
+
+
+def test_nested_sequentials_dropout_in_eval_and_identity_fuse():
+    inner = nn.Sequential(nn.Linear(2, 8), nn.ReLU())
+    model = nn.Sequential(nn.Flatten(), inner, nn.Dropout(0.5), nn.Identity(), nn.Linear(8, 3)).eval()
+    mlp = FusableMLP.from_module(model)
+    assert mlp.widths == (8, 3) and mlp.activations == ("relu", "identity")
+    grid = random_grid(2, 5, 5)
+    assert max_error(grid_mlp(model, grid), module_forward_on_grid(model, grid)) <= 1e-5
+
+
+def test_grid_spec_rectangle_puts_row_zero_at_the_top_and_validates():
+    grid = GridSpec.rectangle((0.0, 4.0, 0.0, 2.0), 4, 2)
+    pts = grid.points().reshape(2, 4, 2)
+    assert torch.allclose(pts[0, :, 0], torch.tensor([0.5, 1.5, 2.5, 3.5]))
+    assert torch.allclose(pts[:, 0, 1], torch.tensor([1.5, 0.5]))
+    with pytest.raises(ValueError, match="width"):
+        GridSpec.rectangle((0, 1, 0, 1), 0, 3)
+    with pytest.raises(ValueError, match="same length"):
+        GridSpec(torch.zeros(2), torch.zeros(3), torch.zeros(2), 0.0, 1.0, 0.0, 1.0, 2, 2)
+
+
+# ---------------------------------------------------------------- probs_to_rgba
+
+
+def random_probs(h, w, c, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(h, w, c, generator=g) * 3
+    return torch.softmax(logits, dim=-1).to(device)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ["region", "boundary", "prob"])
+@pytest.mark.parametrize(("h", "w", "c"), [(1, 1, 3), (1, 29, 2), (13, 7, 1), (17, 19, 7), (5, 3, 23)])
+def test_probs_to_rgba_matches_reference_into_a_poisoned_slot(impl, mode, h, w, c):
+    device = device_for(impl)
+    probs = random_probs(h, w, c, seed=h * w * c, device=device)
+    probs[0, 0, 0] = float("nan") if h * w > 1 else probs[0, 0, 0]
+    palette = default_palette(c)
+    ref = probs_to_rgba_reference(probs.cpu(), mode, palette, class_index=c - 1)
+    for poison in (0, 255):
+        slot = torch.full((h, w, 4), poison, dtype=torch.uint8, device=device)
+        got = probs_to_rgba(probs, mode, palette, class_index=c - 1, out=slot, impl=impl)
+        assert got is slot
+        # Rounding half up is exact in both; float32 evaluation order can move a channel by 1.
+        diff = (got.cpu().int() - ref.int()).abs()
+        assert diff.max() <= 1
+        assert (diff == 0).float().mean() >= 0.99
+    if h * w > 1:
+        assert tuple(got[0, 0].cpu().tolist()) == NONFINITE_RGBA
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_probs_to_rgba_half_precision_inputs_and_non_contiguous_slots(impl):
+    device = device_for(impl)
+    probs = random_probs(9, 8, 4, device=device).to(torch.float16)
+    palette = default_palette(4)
+    backing = torch.zeros((8, 9, 4), dtype=torch.uint8, device=device)
+    slot = backing.transpose(0, 1)  # (9, 8, 4), not contiguous
+    probs_to_rgba(probs, "region", palette, out=slot, impl=impl)
+    ref = probs_to_rgba_reference(probs.float().cpu(), "region", palette)
+    assert (slot.cpu().int() - ref.int()).abs().max() <= 1
+
+
+def test_probs_to_rgba_rejects_a_wrong_slot_or_class():
+    probs = random_probs(4, 4, 3)
+    with pytest.raises(ValueError, match="out must be"):
+        probs_to_rgba(probs, "region", default_palette(3), out=torch.zeros(4, 4, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="class_index"):
+        probs_to_rgba(probs, "prob", default_palette(3), class_index=3)
+
+
+# ---------------------------------------------------------------- smooth_1d
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(("n", "width", "kind"), [(1, 3, "box"), (7, 9, "gaussian"), (100, 5, "box"),
+                                                   (1000, 31, "gaussian"), (333, 1, "box")])  # fmt: skip
+def test_smooth_1d_matches_numpy_convolve_same(poisoned, impl, n, width, kind):
+    values = torch.randn(n, generator=torch.Generator().manual_seed(n), dtype=torch.float32)
+    got = smooth_1d(values.to(device_for(impl)), width, kind, impl=impl)
+    ref = smooth_1d_reference(values.double(), width, kind)
+    window = torch.ones(width) / width if kind == "box" else None
+    if window is not None:
+        assert np.allclose(
+            ref.numpy(), np.convolve(values.double().numpy(), window.double().numpy(), mode="same")
+        )
+    assert got.shape == values.shape and got.dtype == values.dtype
+    assert max_error(got, ref) <= 1e-5
+
+
+# ---------------------------------------------------------------- ema_frames
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(1, 1), (6, 5, 7, 3), (3, 1001)])
+def test_ema_frames_matches_reference_and_chains_through_state(poisoned, impl, shape):
+    device = device_for(impl)
+    frames = torch.rand(shape, generator=torch.Generator().manual_seed(len(shape)))
+    got = ema_frames(frames.to(device), 0.3, impl=impl)
+    ref = ema_frames_reference(frames.double(), 0.3)
+    assert max_error(got, ref) <= 1e-6
+    # Two calls chained through ``state`` equal one call over the whole stack.
+    state = frames[0].clone().to(device)
+    head = ema_frames(frames[:1].to(device), 0.3, state=state, impl=impl)
+    tail = ema_frames(frames[1:].to(device), 0.3, state=state, impl=impl)
+    assert max_error(torch.cat([head, tail]), ref) <= 1e-6
+    assert max_error(state, ref[-1]) <= 1e-6
+
+
+def test_ema_frames_rejects_bad_alpha_and_state():
+    with pytest.raises(ValueError, match="alpha"):
+        ema_frames(torch.zeros(2, 3), 0.0)
+    with pytest.raises(ValueError, match="state"):
+        ema_frames(torch.zeros(2, 3), 0.5, state=torch.zeros(4))
+
+
+# ---------------------------------------------------------------- interpolate_frames
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("method", ["linear", "smoothstep"])
+@pytest.mark.parametrize(("shape", "k", "dtype"), [((1,), 1, torch.float32), ((7, 5, 3), 4, torch.float32),
+                                                    ((33, 17, 2), 3, torch.float16)])  # fmt: skip
+def test_interpolate_frames_matches_reference(poisoned, impl, method, shape, k, dtype):
+    device = device_for(impl)
+    g = torch.Generator().manual_seed(k)
+    a, b = torch.rand(shape, generator=g).to(dtype), torch.rand(shape, generator=g).to(dtype)
+    got = interpolate_frames(a.to(device), b.to(device), k, method, impl=impl)
+    ref = interpolate_frames_reference(a.double(), b.double(), k, method)
+    assert got.shape == (k, *shape) and got.dtype == dtype
+    assert max_error(got, ref) <= (1e-6 if dtype == torch.float32 else 1e-3)
+
+
+# ---------------------------------------------------------------- lds_weights
+
+
+def tsai_style_lds(labels, n_bins, label_range, reweight, kernel, ks, sigma, max_rel_weight):
+    """The seed's algorithm written with numpy/scipy, as an independent check of ours."""
+    from scipy.ndimage import convolve1d, gaussian_filter1d
+    from scipy.signal.windows import triang
+
+    half = (ks - 1) // 2
+    if kernel == "gaussian":
+        base = [0.0] * half + [1.0] + [0.0] * half
+        window = gaussian_filter1d(base, sigma=sigma) / max(gaussian_filter1d(base, sigma=sigma))
+    elif kernel == "triang":
+        window = triang(ks)
+    else:
+        window = np.exp(-np.abs(np.arange(-half, half + 1)) / sigma)
+        window = window / window.max()
+    counts, _ = np.histogram(labels, bins=n_bins, range=label_range)
+    density = np.sqrt(counts) if reweight == "sqrt_inv" else counts.astype(float)
+    smoothed = convolve1d(density, weights=window, mode="constant")
+    lo, hi = label_range
+    index = np.clip(np.floor((labels - lo) * np.float32(n_bins / (hi - lo))).astype(int), 0, n_bins - 1)
+    weights = 1.0 / smoothed[index]
+    if max_rel_weight is not None:
+        weights = np.clip(weights, None, weights.min() * max_rel_weight)
+    return weights / weights.sum() * len(labels), window
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "triang", "laplace"])
+@pytest.mark.parametrize(("ks", "sigma"), [(9, 1.0), (5, 2.0), (1, 1.0)])
+def test_lds_window_matches_scipy(kernel, ks, sigma):
+    pytest.importorskip("scipy")
+    _, window = tsai_style_lds(np.zeros(3, np.float32), 3, (0.0, 1.0), "inv", kernel, ks, sigma, None)
+    assert np.allclose(lds_kernel_window(kernel, ks, sigma).numpy(), window, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    ("kernel", "reweight", "max_rel"),
+    [("gaussian", "inv", None), ("triang", "sqrt_inv", 4.0), ("laplace", "inv", 2.0)],
+)
+def test_lds_weights_match_reference_and_the_seed_algorithm(poisoned, impl, kernel, reweight, max_rel):
+    pytest.importorskip("scipy")
+    g = torch.Generator().manual_seed(5)
+    labels = torch.cat([torch.randn(10, generator=g) - 20, torch.randn(100, generator=g) * 2,
+                        torch.randn(301, generator=g) * 2 + 12])  # fmt: skip
+    got = lds_weights(labels.to(device_for(impl)), 50, None, reweight, kernel, 5, 2.0, max_rel, impl=impl)
+    ref = lds_weights_reference(labels, 50, None, reweight, kernel, 5, 2.0, max_rel)
+    assert got.shape == labels.shape
+    assert max_error(got, ref) <= 1e-5
+    lo, hi = float(labels.min()), float(labels.max())
+    seed, _ = tsai_style_lds(labels.numpy(), 50, (lo, hi), reweight, kernel, 5, 2.0, max_rel)
+    assert np.allclose(ref.numpy(), seed, rtol=1e-5)
+    assert abs(float(got.mean()) - 1.0) < 1e-5
+
+
+def test_lds_weights_favour_rare_labels_and_default_to_unit_bins():
+    labels = torch.cat([torch.zeros(90), torch.full((10,), 5.0)])
+    w = lds_weights(labels, kernel="gaussian", kernel_size=1)
+    assert torch.allclose(w[:90], torch.full((90,), w[0].item()))
+    assert w[95] / w[0] == pytest.approx(9.0, rel=1e-5)
+    with pytest.raises(ValueError, match="reweight"):
+        lds_weights(labels, reweight="log")
+
+
+# ---------------------------------------------------------------- tensor_stats
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(("shape", "dtype"), [((1,), torch.float32), ((37, 53), torch.float32),
+                                              ((9000,), torch.bfloat16), ((3, 5, 7, 11), torch.float16),
+                                              ((20001,), torch.float32)])  # fmt: skip
+def test_tensor_stats_match_reference(poisoned, impl, shape, dtype):
+    g = torch.Generator().manual_seed(shape[0])
+    x = (torch.randn(shape, generator=g) * 3 + 100).to(dtype)  # a large mean: variance must not cancel
+    flat = x.reshape(-1)
+    flat[:: max(1, flat.numel() // 7)] = 0.0
+    got = tensor_stats(x.to(device_for(impl)), near_zero=1e-3, impl=impl)
+    ref = tensor_stats_reference(x, near_zero=1e-3)
+    assert got.dtype == torch.float64 and got.shape == (len(STAT_NAMES),)
+    # float32 block sums: relative error ~1e-6 of the magnitudes involved.
+    assert torch.allclose(got.cpu(), ref, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tensor_stats_skip_non_finite_entries_and_count_them(impl):
+    x = torch.tensor([1.0, float("nan"), -3.0, float("inf"), 0.0])
+    got = tensor_stats(x.to(device_for(impl)), impl=impl).cpu()
+    stats = dict(zip(STAT_NAMES, got.tolist(), strict=True))
+    assert stats["mean"] == pytest.approx(-2 / 3)
+    assert stats["max_abs"] == 3.0 and stats["l1"] == 4.0
+    assert stats["nonfinite"] == pytest.approx(0.4) and stats["near_zero"] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("impl", ["torch", "numba"])
+@pytest.mark.parametrize("shape", [(1, 1), (64, 48), (7, 3, 3, 3)])
+def test_spectral_norm_by_power_iteration_matches_svd(impl, shape):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(shape, generator=g)
+    flat = w.reshape(shape[0], -1)
+    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    s = torch.linspace(2.5, 1.0, s.numel())
+    s[0] = 5.0  # a clear spectral gap: the error shrinks by 4x per iteration
+    w = (u * s) @ vh
+    sigma, v = spectral_norm(w.reshape(shape), iterations=60, impl=impl)
+    assert float(sigma) == pytest.approx(spectral_norm_reference(w), rel=1e-5)
+    warm, _ = spectral_norm(w.reshape(shape), iterations=2, v=v, impl=impl)
+    assert float(warm) == pytest.approx(float(sigma), rel=1e-5)
