@@ -49,6 +49,7 @@ class ProbeWorker:
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         torch.set_num_threads(self._threads)
+        _limit_numba_threads(self._threads)
         while True:
             job = self._queue.get()
             if job is _STOP:
@@ -61,3 +62,12 @@ class ProbeWorker:
                 with self._idle:
                     self._pending -= 1
                     self._idle.notify_all()
+
+
+def _limit_numba_threads(threads: int) -> None:
+    """Numba's thread count is per calling thread: cap the probe thread's parallel kernels too."""
+    try:
+        import numba
+    except ImportError:
+        return
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))

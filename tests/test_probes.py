@@ -37,6 +37,39 @@ def test_grid_pixel_equals_softmax_of_the_model_at_that_pixels_coordinates(mlp, 
         np.testing.assert_allclose(probs[r, c], expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
+class _Wrapped(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_grid_fuses_a_sequential_mlp_and_falls_back_to_the_forward_of_anything_else(mlp):
+    data = torch.randn(50, 2) * 3
+    fused, fallback = GridProbe(data, resolution=24), GridProbe(data, resolution=24)
+    a, b = _evaluate(fused, mlp), _evaluate(fallback, _Wrapped(mlp))
+    assert fused.config()["path"] == "numba"
+    assert fallback.config()["path"].startswith("module forward")
+    np.testing.assert_allclose(a["probs"].numpy(), b["probs"].numpy(), atol=1e-5)
+
+
+def test_grid_smoothing_is_an_ema_of_the_unsmoothed_maps(mlp):
+    data = torch.randn(50, 2) * 3
+    plain, smooth = GridProbe(data, resolution=9), GridProbe(data, resolution=9, smoothing=0.25)
+    plain.attach(mlp)
+    smooth.attach(mlp)
+    expected = None
+    for step in range(3):
+        with torch.no_grad():
+            mlp[0].weight.add_(0.3)
+        raw = plain.evaluate(mlp, ProbeContext(step=step, epoch=0))["probs"]
+        got = smooth.evaluate(mlp, ProbeContext(step=step, epoch=0))["probs"]
+        expected = raw if expected is None else expected + 0.25 * (raw - expected)
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-6)
+
+
 def test_grid_region_colour_is_the_class_colour_shaded_by_probability(mlp):
     probe = GridProbe(torch.randn(40, 2), resolution=9)
     frame = _evaluate(probe, mlp)

@@ -13,6 +13,7 @@ from torch import nn
 
 from probescope.events import Callback
 from probescope.history import Series
+from probescope.kernels.grid_mlp import outputs_to_probs as kernel_outputs_to_probs
 from probescope.schedule import Schedule
 
 log = logging.getLogger("probescope")
@@ -160,10 +161,5 @@ def batched_forward(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> 
 
 
 def outputs_to_probs(logits: torch.Tensor, output: str) -> torch.Tensor:
-    """``(N, K)`` model outputs -> ``(N, C)`` class probabilities."""
-    if output == "probs":
-        return logits
-    if output == "sigmoid" or (output == "auto" and logits.shape[-1] == 1):
-        p = torch.sigmoid(logits[:, :1])
-        return torch.cat([1.0 - p, p], dim=-1)
-    return torch.softmax(logits, dim=-1)
+    """``(N, K)`` model outputs -> ``(N, C)`` class probabilities (``probs``: already probabilities)."""
+    return kernel_outputs_to_probs(logits, "raw" if output == "probs" else output)

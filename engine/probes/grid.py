@@ -8,16 +8,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from probescope.kernels import default_palette, grid_inputs, probs_to_rgba
+from probescope.kernels import GridSpec, default_palette, ema_frames, fused_path, grid_mlp, probs_to_rgba
 from probescope.kernels.colormap import MODES
-from probescope.probes.base import (
-    Probe,
-    ProbeContext,
-    as_float_tensor,
-    batched_forward,
-    check_forward,
-    outputs_to_probs,
-)
+from probescope.probes.base import Probe, ProbeContext, as_float_tensor, check_forward
 from probescope.schedule import Schedule
 from probescope.validation import positive_int
 
@@ -33,6 +26,11 @@ class GridProbe(Probe):
     (origin 0, unit axes); for wider inputs it passes through three given samples
     (``plane=(a, b, c)``) or through the data's mean along its two principal directions
     (``plane="pca"``, the default).
+
+    An ``nn.Sequential`` MLP is evaluated by the fused ``grid_mlp`` kernel (Numba on CPU, Triton
+    on CUDA): the grid's points and hidden activations never exist in memory. Any other model
+    runs its own forward on the grid in chunks of ``batch_size``. ``smoothing`` (an EMA weight
+    in (0, 1]) blends each map with the previous ones so that a live view does not flicker.
     """
 
     kind = "grid"
@@ -53,6 +51,7 @@ class GridProbe(Probe):
         points: bool = True,
         point_sparsity: int = 1,
         batch_size: int = 65536,
+        smoothing: float | None = None,
         name: str | None = None,
         schedule: Schedule | None = None,
     ):
@@ -70,6 +69,8 @@ class GridProbe(Probe):
         positive_int(f"{owner}: resolution height", height)
         positive_int(f"{owner}: point_sparsity", point_sparsity)
         positive_int(f"{owner}: batch_size", batch_size)
+        if smoothing is not None and not 0 < smoothing <= 1:
+            raise ValueError(f"{owner}: smoothing must be an EMA weight in (0, 1] or None, got {smoothing!r}")
         if not margin >= 0:
             raise ValueError(f"{owner}: margin must be >= 0, got {margin!r}")
         self.labels = None
@@ -100,18 +101,21 @@ class GridProbe(Probe):
             )
         self.domain = (u0, u1, v0, v1)
         self.width, self.height = width, height
-        self.us = _pixel_centres(u0, u1, width)
-        self.vs = _pixel_centres(v0, v1, height).flip(0)
+        self.grid = GridSpec.on_plane(self.origin, self.axis_u, self.axis_v, self.domain, width, height)
+        self.us = self.grid.us().float()
+        self.vs = self.grid.vs().float()
+        self.smoothing = smoothing
+        self._ema_state: torch.Tensor | None = None
+        self.path = "not attached"
         self.mode, self.class_index, self.output = mode, class_index, output
         self.points, self.point_sparsity, self.batch_size = points, point_sparsity, batch_size
         self.data_uv = uv
         self.num_classes: int | None = None
         self.palette: torch.Tensor | None = None
-        self.inputs = grid_inputs(self.origin, self.axis_u, self.axis_v, self.us, self.vs)
 
     def attach(self, model: nn.Module) -> None:
         owner = f"GridProbe {self.name!r}"
-        out = check_forward(owner, model, self.inputs[:2])
+        out = check_forward(owner, model, self.grid.points()[:2])
         if out.dim() != 2 or out.shape[0] != 2:
             raise ValueError(
                 f"{owner}: the model must map (N, d) inputs to (N, K) outputs, "
@@ -124,10 +128,21 @@ class GridProbe(Probe):
                 f"{owner}: class_index {self.class_index} is out of range for {self.num_classes} classes"
             )
         self.palette = default_palette(self.num_classes)
+        self.path = fused_path(model)
+        # Compile the kernels now, before training, on a 2 x 2 grid of the same model.
+        tiny = GridSpec.on_plane(self.origin, self.axis_u, self.axis_v, self.domain, 2, 2)
+        probs = grid_mlp(model, tiny, self._kernel_output(), batch_size=self.batch_size)
+        probs_to_rgba(probs.float(), self.mode, self.palette, self.class_index)
+
+    def _kernel_output(self) -> str:
+        return "raw" if self.output == "probs" else self.output
 
     def evaluate(self, model: nn.Module, context: ProbeContext) -> dict[str, Any]:
-        logits = batched_forward(model, self.inputs, self.batch_size)
-        probs = outputs_to_probs(logits, self.output).reshape(self.height, self.width, -1)
+        probs = grid_mlp(model, self.grid, self._kernel_output(), batch_size=self.batch_size).cpu()
+        if self.smoothing is not None:
+            if self._ema_state is None or self._ema_state.shape != probs.shape:
+                self._ema_state = probs.clone()
+            probs = ema_frames(probs[None], self.smoothing, state=self._ema_state)[0]
         if not torch.isfinite(probs).all():
             self.warn_once(
                 "nonfinite",
@@ -164,12 +179,9 @@ class GridProbe(Probe):
             "points": self.points,
             "point_sparsity": self.point_sparsity,
             "input_dim": int(self.origin.shape[0]),
+            "smoothing": self.smoothing,
+            "path": self.path,
         }
-
-
-def _pixel_centres(lo: float, hi: float, n: int) -> torch.Tensor:
-    step = (hi - lo) / n
-    return lo + step * (torch.arange(n, dtype=torch.float64) + 0.5).to(torch.float32)
 
 
 def _plane(owner: str, x: torch.Tensor, plane) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
