@@ -8,6 +8,8 @@ fraction of the device's measured peak, and the speed-up over each baseline.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from torch import nn
@@ -44,7 +46,7 @@ def build_mlp(widths, dtype, device) -> nn.Sequential:
 
 
 def mlp_flops(widths) -> int:
-    return 2 * sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=True))
+    return 2 * sum(a * b for a, b in itertools.pairwise(widths))
 
 
 def naive_torch(model, grid: GridSpec, dtype, device):
@@ -87,8 +89,7 @@ def grid_cases(device: torch.device, quick: bool):
         plan += [("2-256-256-256-7", 256, torch.float32)]
         if not quick:
             plan += [("2-256-256-256-7", 1024, torch.float32), ("2-1024-1024-10", 256, torch.float32)]
-    for name, size, dtype in plan:
-        yield name, size, dtype
+    yield from plan
 
 
 def bench_grid_mlp(device: torch.device, quick: bool, peaks: dict):
@@ -118,27 +119,14 @@ def bench_grid_mlp(device: torch.device, quick: bool, peaks: dict):
 
 
 def bench_elementwise(device: torch.device, quick: bool, peaks: dict):
-    """probs_to_rgba, ema_frames, interpolate_frames on maps; smooth_1d, lds_weights, tensor_stats on vectors."""
+    """probs_to_rgba, ema_frames and interpolate_frames on maps; smooth_1d, lds_weights and
+    tensor_stats on vectors."""
     ours = "triton" if device.type == "cuda" else "numba"
     repeats = 3 if quick else 7
     sizes = [256, 1024] if quick or device.type == "cpu" else [256, 1024, 2048]
     g = torch.Generator().manual_seed(0)
     for size in sizes:
-        probs = torch.softmax(torch.randn(size, size, 7, generator=g), -1).to(device)
-        palette = default_palette(7)
-        slot = torch.empty(size, size, 4, dtype=torch.uint8, device=device)
-        frames = torch.rand(4, size, size, 7, generator=g).to(device)
-        cases = {
-            "probs_to_rgba region": (
-                lambda i: probs_to_rgba(probs, "region", palette, out=slot, impl=i),
-                probs.numel() * 4 + slot.numel(),
-            ),
-            "ema_frames 4 frames": (lambda i: ema_frames(frames, 0.3, impl=i), frames.numel() * 8),
-            "interpolate_frames k=4": (
-                lambda i: interpolate_frames(frames[0], frames[1], 4, impl=i),
-                frames[0].numel() * 4 * 6,
-            ),
-        }
+        cases = _map_cases(size, g, device)
         yield from _rows(cases, f"{size}²", ours, device, repeats, peaks)
     n = 1 << (20 if quick else 22)
     vec = torch.randn(n, generator=g).to(device)
@@ -148,6 +136,24 @@ def bench_elementwise(device: torch.device, quick: bool, peaks: dict):
         "smooth_1d width 31": (lambda i: smooth_1d(vec[: n // 16], 31, "gaussian", impl=i), n // 16 * 8),
     }
     yield from _rows(cases, f"n={n}", ours, device, repeats, peaks)
+
+
+def _map_cases(size: int, g: torch.Generator, device: torch.device) -> dict:
+    probs = torch.softmax(torch.randn(size, size, 7, generator=g), -1).to(device)
+    palette = default_palette(7)
+    slot = torch.empty(size, size, 4, dtype=torch.uint8, device=device)
+    frames = torch.rand(4, size, size, 7, generator=g).to(device)
+    return {
+        "probs_to_rgba region": (
+            lambda i: probs_to_rgba(probs, "region", palette, out=slot, impl=i),
+            probs.numel() * 4 + slot.numel(),
+        ),
+        "ema_frames 4 frames": (lambda i: ema_frames(frames, 0.3, impl=i), frames.numel() * 8),
+        "interpolate_frames k=4": (
+            lambda i: interpolate_frames(frames[0], frames[1], 4, impl=i),
+            frames[0].numel() * 4 * 6,
+        ),
+    }
 
 
 def _rows(cases, size_label, ours, device, repeats, peaks):
