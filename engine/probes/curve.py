@@ -109,6 +109,8 @@ class CurveProbe(Probe):
                 f"{owner}: the model must return one output per sample, got shape "
                 f"{tuple(out.shape)} for a batch of 2"
             )
+        # Compile the smoothing kernel now, before training, not in the first probe frame.
+        smooth_1d(torch.zeros(3), self.loss_smoothing, self.smoothing_kind)
 
     def per_point_loss(self, y_pred: torch.Tensor) -> torch.Tensor:
         """The loss of every evaluated point, before smoothing."""
