@@ -39,6 +39,9 @@ OUTPUT_CODES = {"raw": 0, "softmax": 1, "sigmoid": 2}
 MAX_LINEAR_LAYERS = 8
 MAX_WIDTH = 1024
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Measured on a 2-core CPU (benchmarks/RESULTS.md): the fused Numba kernel beats torch up to
+# width 256 and loses to BLAS at 1024, so impl="auto" sends wider CPU MLPs to torch.
+NUMBA_MAX_AUTO_WIDTH = 256
 
 
 class NotFusableError(ValueError):
@@ -363,6 +366,8 @@ def grid_mlp(
         result = module_forward_on_grid(model, grid, output, batch_size)
         return result if out is None else out.copy_(result.reshape(out.shape))
     kind = choose_impl("grid_mlp", mlp.device, impl)
+    if impl == "auto" and kind == "numba" and max(mlp.widths) > NUMBA_MAX_AUTO_WIDTH:
+        kind = "torch"  # wide layers are matrix products: the CPU BLAS behind torch wins there
     if kind == "torch":
         result = _torch_eager(mlp, grid, output, batch_size)
         return result if out is None else out.copy_(result.reshape(out.shape))
@@ -404,4 +409,7 @@ def fused_path(model: nn.Module, impl: str = "auto") -> str:
         mlp = FusableMLP.from_module(model)
     except NotFusableError as err:
         return f"module forward ({err})"
-    return choose_impl("grid_mlp", mlp.device, impl)
+    kind = choose_impl("grid_mlp", mlp.device, impl)
+    if impl == "auto" and kind == "numba" and max(mlp.widths) > NUMBA_MAX_AUTO_WIDTH:
+        return "torch"
+    return kind

@@ -138,6 +138,13 @@ def test_grid_mlp_width_1024_and_raw_regression_outputs(poisoned, impl):
     assert max_error(raw, raw_ref) <= 1e-5 * max(1.0, raw_ref.abs().max().item())
 
 
+def test_auto_dispatch_sends_wide_cpu_mlps_to_torch_and_narrow_ones_to_numba():
+    from probescope.kernels import fused_path
+
+    assert fused_path(make_mlp((2, 64, 3))) == "numba"
+    assert fused_path(make_mlp((2, 512, 3))) == "torch"
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_grid_mlp_single_class_softmax_is_one_everywhere(poisoned, impl):
     model = make_mlp((2, 8, 1), "relu").to(device_for(impl))
