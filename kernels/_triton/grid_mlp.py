@@ -55,6 +55,23 @@ def _dot(a, b, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _layer_pair(h, mid_w, mid_b, next_w, next_b, slope, MID_ACT: tl.constexpr, NEXT_ACT: tl.constexpr,
+                HIDDEN: tl.constexpr, NEXT: tl.constexpr, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """act(act(h @ W_mid + b_mid) @ W_next + b_next), the middle layer BLOCK_N units at a time."""
+    cols = tl.arange(0, HIDDEN)
+    chunk = tl.arange(0, BLOCK_N)
+    next_cols = tl.arange(0, NEXT)
+    acc = tl.zeros((BLOCK_M, NEXT), tl.float32)
+    for n0 in range(0, HIDDEN, BLOCK_N):
+        w = tl.load(mid_w + cols[:, None] * HIDDEN + (n0 + chunk)[None, :])
+        z = _activate(_dot(h, w, DOT_DTYPE, EMULATE) + tl.load(mid_b + n0 + chunk)[None, :], MID_ACT, slope)
+        w2 = tl.load(next_w + (n0 + chunk)[:, None] * NEXT + next_cols[None, :])
+        acc += _dot(z, w2, DOT_DTYPE, EMULATE)
+    return _activate(acc + tl.load(next_b + next_cols)[None, :], NEXT_ACT, slope)
+
+
+@triton.jit
 def _grid_mlp_kernel(
     out_ptr, plane_ptr, hidden_w_ptr, hidden_b_ptr, out_w_ptr, out_b_ptr,
     n_pixels, width, u0, du, v0, dv, slope, out_stride,
@@ -80,7 +97,6 @@ def _grid_mlp_kernel(
         cu = tl.load(plane_ptr + HIDDEN + cols)[None, :]
         cv = tl.load(plane_ptr + 2 * HIDDEN + cols)[None, :]
         h = _activate(c0 + u * cu + v * cv, ACTS & 15, slope)
-        chunk = tl.arange(0, BLOCK_N)
         # Linear layers 1 .. NUM_LINEAR-1, in pairs (middle, second).
         for pair in tl.static_range((NUM_LINEAR - 1) // 2):
             middle: tl.constexpr = 1 + 2 * pair
@@ -88,27 +104,15 @@ def _grid_mlp_kernel(
             mid_w = hidden_w_ptr + (middle - 1) * HIDDEN * HIDDEN
             mid_b = hidden_b_ptr + (middle - 1) * HIDDEN
             if second == NUM_LINEAR - 1:
-                acc = tl.zeros((BLOCK_M, OUT_PAD), tl.float32)
-                for n0 in range(0, HIDDEN, BLOCK_N):
-                    w = tl.load(mid_w + cols[:, None] * HIDDEN + (n0 + chunk)[None, :])
-                    z = _dot(h, w, DOT_DTYPE, EMULATE) + tl.load(mid_b + n0 + chunk)[None, :]
-                    z = _activate(z, (ACTS >> (4 * middle)) & 15, slope)
-                    w2 = tl.load(out_w_ptr + (n0 + chunk)[:, None] * OUT_PAD + out_cols[None, :])
-                    acc += _dot(z, w2, DOT_DTYPE, EMULATE)
-                h = _activate(
-                    acc + tl.load(out_b_ptr + out_cols)[None, :], (ACTS >> (4 * second)) & 15, slope
-                )
+                h = _layer_pair(h, mid_w, mid_b, out_w_ptr, out_b_ptr, slope, (ACTS >> (4 * middle)) & 15,
+                                (ACTS >> (4 * second)) & 15, HIDDEN, OUT_PAD, DOT_DTYPE, EMULATE,
+                                BLOCK_M, BLOCK_N)  # fmt: skip
             else:
                 sec_w = hidden_w_ptr + (second - 1) * HIDDEN * HIDDEN
                 sec_b = hidden_b_ptr + (second - 1) * HIDDEN
-                acc = tl.zeros((BLOCK_M, HIDDEN), tl.float32)
-                for n0 in range(0, HIDDEN, BLOCK_N):
-                    w = tl.load(mid_w + cols[:, None] * HIDDEN + (n0 + chunk)[None, :])
-                    z = _dot(h, w, DOT_DTYPE, EMULATE) + tl.load(mid_b + n0 + chunk)[None, :]
-                    z = _activate(z, (ACTS >> (4 * middle)) & 15, slope)
-                    w2 = tl.load(sec_w + (n0 + chunk)[:, None] * HIDDEN + cols[None, :])
-                    acc += _dot(z, w2, DOT_DTYPE, EMULATE)
-                h = _activate(acc + tl.load(sec_b + cols)[None, :], (ACTS >> (4 * second)) & 15, slope)
+                h = _layer_pair(h, mid_w, mid_b, sec_w, sec_b, slope, (ACTS >> (4 * middle)) & 15,
+                                (ACTS >> (4 * second)) & 15, HIDDEN, HIDDEN, DOT_DTYPE, EMULATE,
+                                BLOCK_M, BLOCK_N)  # fmt: skip
         if (NUM_LINEAR - 1) % 2 == 1:
             w = tl.load(out_w_ptr + cols[:, None] * OUT_PAD + out_cols[None, :])
             logits = _dot(h, w, DOT_DTYPE, EMULATE) + tl.load(out_b_ptr + out_cols)[None, :]
