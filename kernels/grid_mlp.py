@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from probescope.kernels.backend import choose_impl
+from probescope.kernels.grid import grid_inputs_reference
 
 log = logging.getLogger("probescope")
 
@@ -121,9 +122,7 @@ class GridSpec:
 
     def points(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The ``(height * width, d)`` input points, row-major: row ``r * width + c`` is pixel (r, c)."""
-        us, vs = self.us(), self.vs()
-        pts = self.origin + vs[:, None, None] * self.axis_v + us[None, :, None] * self.axis_u
-        return pts.reshape(-1, self.input_dim).to(dtype)
+        return grid_inputs_reference(self.origin, self.axis_u, self.axis_v, self.us(), self.vs()).to(dtype)
 
 
 @dataclass(frozen=True)

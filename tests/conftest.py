@@ -54,6 +54,17 @@ class RecordingProbe(Probe):
         return {"step": np.int64(context.step)}
 
 
+class WrappedModule(nn.Module):
+    """A model behind a custom forward: not provably an MLP, so grids take the fallback path."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
 @pytest.fixture
 def recording_probe():
     return RecordingProbe
@@ -67,26 +78,24 @@ def train_steps(monitor, model, x, y, steps: int, *, batch: int = 50, wait: bool
     for s in range(steps):
         i = (s * batch) % max(1, x.shape[0] - batch)
         loss = nn.functional.cross_entropy(model(x[i : i + batch]), y[i : i + batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        monitor.step(loss=loss.detach())
-        if wait:
-            monitor._worker.wait_idle(10)
+        _sgd_step(monitor, optimizer, loss, wait)
         if epoch_every and (s + 1) % epoch_every == 0:
             monitor.end_epoch()
             if wait:
                 monitor._worker.wait_idle(10)
 
 
+def _sgd_step(monitor, optimizer, loss, wait: bool) -> None:
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    monitor.step(loss=loss.detach())
+    if wait:
+        monitor._worker.wait_idle(10)
+
+
 def fit_curve(monitor, model, x, y, steps: int, *, wait: bool = True):
     """Full-batch gradient descent on MSE for a 1-feature model under ``monitor``."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     for _ in range(steps):
-        loss = nn.functional.mse_loss(model(x[:, None])[:, 0], y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        monitor.step(loss=loss.detach())
-        if wait:
-            monitor._worker.wait_idle(5)
+        _sgd_step(monitor, optimizer, nn.functional.mse_loss(model(x[:, None])[:, 0], y), wait)

@@ -38,6 +38,7 @@ from probescope.kernels import (
     tensor_stats,
     tensor_stats_reference,
 )
+from tests.conftest import WrappedModule
 from tests.kernel_cases import IMPLS, device_for
 
 # Absolute error allowed on probabilities against the float64 reference. fp32: accumulation
@@ -172,24 +173,13 @@ def test_grid_mlp_non_finite_weights_give_non_finite_pixels(impl):
     assert torch.isnan(got).all(dim=-1).all()
 
 
-class Wrapped(nn.Module):
-    """An MLP behind a custom forward: not provably an MLP, so it takes the fallback."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return self.inner(x)
-
-
 def test_a_non_fusable_model_gives_the_same_map_through_the_fallback():
     inner = make_mlp((2, 32, 32, 7), "gelu")
     grid = random_grid(2, 33, 17)
     with pytest.raises(NotFusableError, match="own forward"):
-        FusableMLP.from_module(Wrapped(inner))
+        FusableMLP.from_module(WrappedModule(inner))
     fused = grid_mlp(inner, grid)
-    fallback = grid_mlp(Wrapped(inner), grid)
+    fallback = grid_mlp(WrappedModule(inner), grid)
     assert max_error(fallback, fused) <= 1e-5
     assert (
         max_error(

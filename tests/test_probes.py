@@ -10,7 +10,7 @@ from torch import nn
 from probescope import CurveProbe, GridProbe, LossProbe, Monitor, PredictionProbe, Schedule
 from probescope.kernels import NONFINITE_RGBA, default_palette, probs_to_rgba
 from probescope.probes.base import ProbeContext
-from tests.conftest import fit_curve, train_steps
+from tests.conftest import WrappedModule, fit_curve, train_steps
 
 
 def _evaluate(probe, model, step=0):
@@ -37,19 +37,10 @@ def test_grid_pixel_equals_softmax_of_the_model_at_that_pixels_coordinates(mlp, 
         np.testing.assert_allclose(probs[r, c], expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
-class _Wrapped(nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return self.inner(x)
-
-
 def test_grid_fuses_a_sequential_mlp_and_falls_back_to_the_forward_of_anything_else(mlp):
     data = torch.randn(50, 2) * 3
     fused, fallback = GridProbe(data, resolution=24), GridProbe(data, resolution=24)
-    a, b = _evaluate(fused, mlp), _evaluate(fallback, _Wrapped(mlp))
+    a, b = _evaluate(fused, mlp), _evaluate(fallback, WrappedModule(mlp))
     assert fused.config()["path"] == "numba"
     assert fallback.config()["path"].startswith("module forward")
     np.testing.assert_allclose(a["probs"].numpy(), b["probs"].numpy(), atol=1e-5)
