@@ -163,10 +163,22 @@ def pack_layers(mlp: FusableMLP, hidden: int, out_pad: int, weight_dtype: torch.
     return hidden_w, hidden_b, out_w, out_b
 
 
+def launch_config(hidden: int, dtype: torch.dtype) -> dict:
+    """BLOCK_M, BLOCK_N and num_warps for a padded hidden width."""
+    if triton_interpreting():
+        return {"block_m": 128, "block_n": min(hidden, 64), "num_warps": 4}
+    block_m = 64 if hidden <= 128 else 32 if hidden <= 256 else 16
+    return {"block_m": block_m, "block_n": min(hidden, 64), "num_warps": 4 if hidden <= 128 else 8}
+
+
 def grid_mlp_triton(
-    mlp: FusableMLP, grid: GridSpec, output: str, out: torch.Tensor, block_m: int | None = None
+    mlp: FusableMLP, grid: GridSpec, output: str, out: torch.Tensor, **config: int
 ) -> torch.Tensor:
-    """Fill ``out`` (pixels, C) float32 from the fused Triton kernel; ``output`` is already resolved."""
+    """Fill ``out`` (pixels, C) float32 from the fused Triton kernel; ``output`` is already resolved.
+
+    ``config`` overrides :func:`launch_config` (``block_m``, ``block_n``, ``num_warps``,
+    ``num_stages``), for tuning.
+    """
     emulate = triton_interpreting() and mlp.dtype == torch.bfloat16  # the interpreter lacks bf16 dots
     widths = mlp.widths
     hidden = max(16, next_power_of_2(max(widths[:-1]))) if len(widths) > 1 else 16
@@ -178,14 +190,14 @@ def grid_mlp_triton(
 
     n_pixels = grid.width * grid.height
     cols = output_width(output, mlp.out_features)
-    if block_m is None:
-        block_m = 128 if triton_interpreting() else (64 if hidden <= 128 else 32 if hidden <= 256 else 16)
-    block_n = min(hidden, 64)
+    config = {**launch_config(hidden, mlp.dtype), **config}
+    block_m = config["block_m"]
     _grid_mlp_kernel[(triton.cdiv(n_pixels, block_m),)](
         out, plane.contiguous(), hidden_w, hidden_b, out_w, out_b,
         n_pixels, grid.width, grid.u0, grid.du, grid.v0, grid.dv, mlp.negative_slope, out.stride(0),
         NUM_LINEAR=len(widths), NUM_OUT=widths[-1], OUT_COLS=cols, HIDDEN=hidden, OUT_PAD=out_pad,
         ACTS=acts, OUT_MODE=OUTPUT_CODES[output], DOT_DTYPE=_DOT_DTYPES[mlp.dtype], EMULATE=emulate,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4 if hidden <= 128 else 8,
+        BLOCK_M=block_m, BLOCK_N=config["block_n"], num_warps=config["num_warps"],
+        **({"num_stages": config["num_stages"]} if "num_stages" in config else {}),
     )  # fmt: skip
     return out

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs on a lent GPU machine whose python3 already has torch, triton, numba and pytest:
+# installs probescope without touching those, then runs the named steps, logs under $OUT.
+#   bash benchmarks/on_device.sh [tests] [tune] [kernels] [overhead] ...
+set -uo pipefail
+export PYTHONUNBUFFERED=1 OUT=${OUT:-benchmark-results}
+mkdir -p "$OUT"
+if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python3 -m pip install --no-deps --no-build-isolation -e .
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, triton, numba; print('torch', torch.__version__, 'triton', triton.__version__, 'numba', numba.__version__)"
+for step in "$@"; do
+  echo "=== $step $(date -Is)"
+  case $step in
+    tests) python3 -m pytest -q -p no:cacheprovider -x --timeout 300 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
+    tests-all) python3 -m pytest -q -p no:cacheprovider --timeout 300 2>&1 | tee "$OUT/pytest.log" | tail -60 ;;
+    tune) python3 -m benchmarks.tune_grid_mlp --out "$OUT" 2>&1 | tee "$OUT/tune.log" ;;
+    *) python3 -m benchmarks "$step" --device cuda --out "$OUT/$step" 2>&1 | tee "$OUT/$step.log" | grep -v '%|' ;;
+  esac
+done

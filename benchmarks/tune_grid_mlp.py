@@ -1,0 +1,86 @@
+"""Sweep the Triton grid_mlp kernel's launch configuration on a CUDA device.
+
+``python -m benchmarks.tune_grid_mlp [--size 1024] [--out DIR]``: for each MLP and dtype,
+every (BLOCK_M, BLOCK_N, num_warps) that compiles, timed with CUDA events
+(median of repeated launches), against the current ``launch_config`` and torch eager. The
+table it prints is what ``kernels/_triton/grid_mlp.py: launch_config`` is set from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+from benchmarks.kernels import MLPS, build_mlp, mlp_flops, naive_torch
+from benchmarks.timing import measure
+from probescope.kernels import GridSpec
+from probescope.kernels.grid_mlp import FusableMLP, resolve_output
+
+CASES = [
+    ("2-32-32-3", torch.float32),
+    ("2-64-64-3", torch.bfloat16),
+    ("2-256-256-256-7", torch.bfloat16),
+    ("2-256-256-256-7", torch.float32),
+    ("2-1024-1024-10", torch.bfloat16),
+]
+
+
+def tune_case(name: str, dtype: torch.dtype, size: int) -> dict:
+    from probescope.kernels._triton.grid_mlp import grid_mlp_triton, launch_config
+
+    device = torch.device("cuda")
+    grid = GridSpec.rectangle((-3.0, 3.0, -3.0, 3.0), size, size)
+    widths = MLPS[name]
+    model = build_mlp(widths, dtype, device)
+    mlp = FusableMLP.from_module(model)
+    mode = resolve_output("auto", mlp.out_features)
+    out = torch.empty(size * size, widths[-1], device=device)
+    reference = naive_torch(model, grid, dtype, device)
+    eager = measure(reference, device, repeats=10)["median_s"]
+    expected = reference().reshape(out.shape)
+    hidden = max(16, 1 << (max(widths[:-1]) - 1).bit_length())
+    results = []
+    for bm, bn, warps in itertools.product([16, 32, 64, 128], [32, 64, 128], [4, 8]):
+        if bn > hidden:
+            continue
+        config = {"block_m": bm, "block_n": bn, "num_warps": warps}
+        try:
+            t = measure(lambda c=config: grid_mlp_triton(mlp, grid, mode, out, **c), device, repeats=10)
+        except Exception as err:  # out of shared memory or registers: not a candidate
+            results.append({**config, "error": type(err).__name__})
+            continue
+        error = (out - expected).abs().max().item()
+        results.append({**config, "median_s": t["median_s"], "max_abs_error": error})
+    default = launch_config(hidden, dtype)
+    t_default = measure(lambda: grid_mlp_triton(mlp, grid, mode, out), device, repeats=10)["median_s"]
+    flops = mlp_flops(widths) * size**2
+    print(f"\n{name} {dtype} {size}²: torch eager {eager * 1e3:.3f} ms, "
+          f"current {default} {t_default * 1e3:.3f} ms ({eager / t_default:.2f}x)")  # fmt: skip
+    for r in sorted((r for r in results if "median_s" in r), key=lambda r: r["median_s"])[:6]:
+        print(f"  BM {r['block_m']:4d} BN {r['block_n']:4d} warps {r['num_warps']}: "
+              f"{r['median_s'] * 1e3:.3f} ms, {flops / r['median_s'] / 1e12:.1f} TFLOP/s, "
+              f"{eager / r['median_s']:.2f}x eager, max err {r['max_abs_error']:.1e}")  # fmt: skip
+    failed = [r for r in results if "error" in r]
+    if failed:
+        print(f"  {len(failed)} configurations did not run ({sorted({r['error'] for r in failed})})")
+    return {"mlp": name, "dtype": str(dtype), "size": size, "eager_s": eager, "default": default,
+            "default_s": t_default, "results": results}  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tune_grid_mlp", description=__doc__)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
+    args = parser.parse_args()
+    report = [tune_case(name, dtype, args.size) for name, dtype in CASES]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tune_grid_mlp.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
