@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks import kernels
+from benchmarks import analysis, kernels
 from benchmarks.timing import device_name, device_peaks
 
-SUITES = {"kernels": kernels}
+SUITES = {"kernels": kernels, "analysis": analysis}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,14 +76,16 @@ def format_table(rows: list[dict], peaks: dict) -> str:
         for provider, r in row["results"].items():
             if "flops" in r:
                 throughput = f"{r['points_per_s'] / 1e6:.1f} Mpt/s, {r['flops'] / 1e9:.1f} GFLOP/s"
-                frac = r["fraction_of_matmul_peak"]
+                frac = f"{r['fraction_of_matmul_peak']:.0%}"
+            elif "rate" in r:
+                throughput, frac = r["rate"], ""
             else:
                 throughput = f"{r['bytes_per_s'] / 1e9:.2f} GB/s"
-                frac = r["fraction_of_copy_peak"]
+                frac = f"{r['fraction_of_copy_peak']:.0%}"
             speedup = "" if provider == row["ours"] else f"{r['median_s'] / ours:.2f}x"
             lines.append(
                 f"| {row['op']} | {row['case']} | {provider} | {r['median_s'] * 1e3:.2f} | {throughput} "
-                f"| {frac:.0%} | {speedup} |"
+                f"| {frac} | {speedup} |"
             )
     return "\n".join(lines)
 

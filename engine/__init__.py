@@ -13,6 +13,7 @@ from probescope.probes import (
     Probe,
     ProbeContext,
     ProbeStats,
+    StatsProbe,
 )
 from probescope.ring import Frame, FrameRing
 from probescope.run import Run, RunWriter, open_run
@@ -36,6 +37,7 @@ __all__ = [
     "Run",
     "RunWriter",
     "Schedule",
+    "StatsProbe",
     "StepInfo",
     "__version__",
     "open_run",

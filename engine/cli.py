@@ -1,4 +1,4 @@
-"""The ``probescope`` command: demo, export, info."""
+"""The ``probescope`` command: demo, zoo, analyze, export, info."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from probescope.kernels.interpolate import METHODS
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.dataset == "modadd":
+        return _run_zoo("mlp", args.out or Path("runs/demo-modadd"), args.seeds, args.steps, args.quiet)
     from probescope.demo import run_demo
 
     result = run_demo(
@@ -25,6 +27,55 @@ def _demo(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(result.report())
+    return 0
+
+
+def _run_zoo(name: str, out: Path, seeds: int, steps: int | None, quiet: bool) -> int:
+    from probescope.zoo import run_zoo
+
+    result = run_zoo(name, out, seeds=seeds, steps=steps, progress=not quiet)
+    print(result.report_text())
+    return 0
+
+
+def _zoo(args: argparse.Namespace) -> int:
+    return _run_zoo(
+        args.model, args.out or Path(f"runs/zoo-{args.model}"), args.seeds, args.steps, args.quiet
+    )
+
+
+def _states(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"states must be 'auto' or a positive integer, got {text!r}")
+    return value
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    try:
+        from probescope.analysis import latent_states, write_report
+    except ImportError as err:
+        raise ValueError(f"the analysis needs: pip install 'probescope[analysis]' ({err})") from err
+    metrics = [m for group in args.metrics for m in group.split(",") if m] if args.metrics else None
+    result = latent_states(
+        args.runs,
+        metrics=metrics,
+        n_states=args.states,
+        max_states=args.max_states,
+        restarts=args.restarts,
+        probe=args.probe,
+        progress=not args.quiet,
+    )
+    out = args.out or Path(args.runs[0]) / "analysis"
+    paths = write_report(result, out, title=args.title or f"Training map: {', '.join(result.runs)}")
+    print(result.summary())
+    for path in paths.values():
+        print(path)
     return 0
 
 
@@ -113,14 +164,47 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train an MLP on built-in data with probes; record and export the run")
-    demo.add_argument("--dataset", choices=DATASETS, default="blobs7")
+    demo.add_argument(
+        "--dataset",
+        choices=(*DATASETS, "modadd"),
+        default="blobs7",
+        help="a 2-D data set, or modadd: modular addition, several seeds, and their latent states (grokking)",
+    )
     demo.add_argument("--out", type=Path, default=None, help="run directory (default runs/demo-<dataset>)")
     demo.add_argument("--epochs", type=int, default=None, help="epochs (default depends on the data set)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--resolution", type=int, default=192, help="grid map resolution per axis")
     demo.add_argument("--no-baseline", action="store_true", help="skip the training run without probes")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--seeds", type=int, default=3, help="modadd: runs with different seeds")
+    demo.add_argument("--steps", type=int, default=None, help="modadd: optimizer steps per run")
     demo.set_defaults(func=_demo)
+
+    from probescope.zoo import ZOO
+
+    zoo = sub.add_parser(
+        "zoo", help="train a zoo model on generated data (several seeds) and analyse its phases"
+    )
+    zoo.add_argument("model", choices=sorted(ZOO))
+    zoo.add_argument("--out", type=Path, default=None, help="folder for the runs (default runs/zoo-<model>)")
+    zoo.add_argument("--seeds", type=int, default=3)
+    zoo.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default per model)")
+    zoo.add_argument("--quiet", action="store_true")
+    zoo.set_defaults(func=_zoo)
+
+    analyze = sub.add_parser(
+        "analyze", help="latent states of training (HMM) over runs; writes the training map"
+    )
+    analyze.add_argument("runs", type=Path, nargs="+", help="run directories with a stats probe")
+    analyze.add_argument("--out", type=Path, default=None, help="report folder (default FIRST_RUN/analysis)")
+    analyze.add_argument("--metrics", action="append", default=None, help="columns to use (comma-separated)")
+    analyze.add_argument("--states", type=_states, default="auto", help="'auto' (BIC) or a number")
+    analyze.add_argument("--max-states", type=int, default=8)
+    analyze.add_argument("--restarts", type=int, default=3)
+    analyze.add_argument("--probe", default=None, help="the stats probe's name (default: the first)")
+    analyze.add_argument("--title", default=None)
+    analyze.add_argument("--quiet", action="store_true")
+    analyze.set_defaults(func=_analyze)
 
     export = sub.add_parser("export", help="render a recorded run to MP4, GIF or PNG frames")
     export.add_argument("run", type=Path)

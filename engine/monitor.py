@@ -90,7 +90,7 @@ class Monitor:
             p.attach(model)
         self.model, self.optimizer = model, optimizer
         self.history = History()
-        self._pool = SnapshotPool(model, snapshot)
+        self._pool = SnapshotPool(model, snapshot, grads=any(p.needs_grads for p in probes))
         self._wake = threading.Event()
         self._probes = {
             p.name: _ProbeState(p, FrameRing(p.name, ring_capacity, on_commit=self._wake.set)) for p in probes
@@ -206,6 +206,9 @@ class Monitor:
         self._recorder.join()
         if self.writer is not None:
             self.writer.save_model(self.model)
+            for st in self._probes.values():
+                if st.probe.tabular and st.ring.written:
+                    self.writer.write_table(st.probe.name)
             self.writer.finish(self.summary())
 
     def __enter__(self) -> Monitor:

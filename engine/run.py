@@ -124,6 +124,18 @@ class RunWriter:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         self._guard(lambda: _atomic_write(self.path / "model.pt", lambda f: torch.save(state, f)))
 
+    def write_table(self, name: str) -> None:
+        """Store a tabular probe's frames as ``probes/<name>/table.parquet`` (needs pandas, pyarrow)."""
+        try:
+            import pandas  # noqa: F401
+            import pyarrow  # noqa: F401
+        except ImportError:
+            log.info("RunWriter: pandas or pyarrow is missing; %s's table stays in its frames", name)
+            return
+        table = Run(self.path).probe(name).table()
+        path = self.path / "probes" / name / "table.parquet"
+        self._guard(lambda: _atomic_write(path, lambda f: table.to_parquet(f, index=False)))
+
     def finish(self, summary: dict) -> None:
         """Mark the run finished and store its summary."""
         self.update_meta(
@@ -182,6 +194,26 @@ class ProbeRecord:
     def steps(self) -> list[int]:
         """The step of every recorded frame."""
         return [f.step for f in self.frames()]
+
+    def table(self):
+        """A tabular probe's frames (e.g. StatsProbe's) as a pandas DataFrame: one row per frame,
+        columns ``step``, ``epoch``, ``time`` and one per metric. Reads ``table.parquet`` when
+        the run has finished, else the frames recorded so far."""
+        import pandas as pd
+
+        parquet = self.folder / "table.parquet"
+        if parquet.exists() and self.run.meta.get("status") == "finished":
+            return pd.read_parquet(parquet)
+        if "columns" not in self.static:
+            raise ValueError(f"probe {self.name!r} ({self.kind}) does not record a table")
+        columns = [str(c) for c in self.static["columns"]]
+        rows = []
+        for frame in self.frames():
+            row = {"step": frame.step, "epoch": frame.epoch, "time": frame.time}
+            row.update(zip(columns, frame.data["values"].tolist(), strict=True))
+            row.update({k: float(v) for k, v in frame.data.items() if k != "values" and v.ndim == 0})
+            rows.append(row)
+        return pd.DataFrame(rows, columns=["step", "epoch", "time", *columns] if not rows else None)
 
 
 class Run:

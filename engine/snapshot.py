@@ -7,6 +7,10 @@ Strategies:
   models, where a copy costs more than the probe).
 - ``live``: no copy; the worker reads the live module while training goes on. Racy: a frame
   may mix weights of neighbouring steps. The module runs in whatever mode it is in.
+
+With ``grads=True`` (a probe reads gradients), a ``copy`` snapshot also copies each
+parameter's ``.grad`` into a preallocated buffer of the shadow; a parameter with no gradient
+at the step boundary has none in the shadow either.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ STRATEGIES = ("copy", "sync", "live")
 class SnapshotPool:
     """Hands out shadow models holding the weights of the current step."""
 
-    def __init__(self, model: nn.Module, strategy: str = "copy", size: int = 2):
+    def __init__(self, model: nn.Module, strategy: str = "copy", size: int = 2, grads: bool = False):
         if strategy not in STRATEGIES:
             raise ValueError(f"snapshot must be one of {STRATEGIES}, got {strategy!r}")
         self.model, self.strategy = model, strategy
@@ -31,11 +35,20 @@ class SnapshotPool:
         self._lock = threading.Lock()
         self._live_tensors: list[torch.Tensor] = []
         self._shadow_tensors: dict[int, list[torch.Tensor]] = {}
+        self._live_params: list[nn.Parameter] = []
+        self._shadow_grads: dict[int, list[tuple[nn.Parameter, torch.Tensor]]] = {}
         if strategy == "copy":
             self._live_tensors = _state_tensors(model)
+            if grads:
+                self._live_params = [p for p in model.parameters() if p.requires_grad]
             for _ in range(size):
                 shadow = copy.deepcopy(model).eval().requires_grad_(False)
                 self._shadow_tensors[id(shadow)] = _state_tensors(shadow)
+                if grads:
+                    by_id = {id(p): q for p, q in zip(model.parameters(), shadow.parameters(), strict=True)}
+                    self._shadow_grads[id(shadow)] = [
+                        (by_id[id(p)], torch.empty_like(p)) for p in self._live_params
+                    ]
                 self._free.append(shadow)
 
     @property
@@ -45,8 +58,10 @@ class SnapshotPool:
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the shadow copies."""
-        return sum(t.numel() * t.element_size() for ts in self._shadow_tensors.values() for t in ts)
+        """Memory held by the shadow copies (and their gradient buffers)."""
+        weights = sum(t.numel() * t.element_size() for ts in self._shadow_tensors.values() for t in ts)
+        grads = sum(g.numel() * g.element_size() for gs in self._shadow_grads.values() for _, g in gs)
+        return weights + grads
 
     def acquire(self) -> nn.Module | None:
         """A model with this step's weights, or None if every shadow is still in use."""
@@ -58,7 +73,21 @@ class SnapshotPool:
             shadow = self._free.pop()
         with torch.no_grad():
             torch._foreach_copy_(self._shadow_tensors[id(shadow)], self._live_tensors)
+            if self._live_params:
+                self._copy_grads(self._shadow_grads[id(shadow)])
         return shadow
+
+    def _copy_grads(self, pairs: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+        sources, targets = [], []
+        for live, (param, buffer) in zip(self._live_params, pairs, strict=True):
+            if live.grad is None:
+                param.grad = None
+            else:
+                param.grad = buffer
+                sources.append(live.grad)
+                targets.append(buffer)
+        if sources:
+            torch._foreach_copy_(targets, sources)
 
     def release(self, shadow: nn.Module) -> None:
         """Give a shadow back once its probes are done."""

@@ -5,5 +5,15 @@ from probescope.probes.curve import CurveProbe
 from probescope.probes.grid import GridProbe
 from probescope.probes.loss import LossProbe
 from probescope.probes.prediction import PredictionProbe
+from probescope.probes.stats import StatsProbe
 
-__all__ = ["CurveProbe", "GridProbe", "LossProbe", "PredictionProbe", "Probe", "ProbeContext", "ProbeStats"]
+__all__ = [
+    "CurveProbe",
+    "GridProbe",
+    "LossProbe",
+    "PredictionProbe",
+    "Probe",
+    "ProbeContext",
+    "ProbeStats",
+    "StatsProbe",
+]

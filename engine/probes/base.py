@@ -63,6 +63,11 @@ class Probe(Callback):
 
     kind: ClassVar[str] = "probe"
     default_schedule: ClassVar[Schedule] = Schedule.every(10)
+    #: Whether ``evaluate`` reads ``.grad`` of the parameters (the snapshot then copies them).
+    needs_grads: bool = False
+    #: Whether frames are table rows (``values`` under the static ``columns``, plus scalars):
+    #: the finished run then also stores ``table.parquet``.
+    tabular: ClassVar[bool] = False
 
     def __init__(self, *, name: str | None = None, schedule: Schedule | None = None):
         if name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
@@ -128,6 +133,28 @@ def as_float_tensor(name: str, value, *, ndim: tuple[int, ...], owner: str) -> t
     return t
 
 
+def as_input_tensor(name: str, value, *, owner: str) -> torch.Tensor:
+    """Model inputs as a CPU tensor: floating point as float32 (checked finite), integers (token
+    ids, indices) kept as they are."""
+    if value is None:
+        raise ValueError(f"{owner}: {name} is required")
+    t = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+    if t.is_floating_point():
+        return as_float_tensor(name, t, ndim=tuple(range(1, 8)), owner=owner)
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{owner}: {name} must hold floats or integers, got {t.dtype}")
+    if t.dim() == 0 or t.shape[0] == 0:
+        raise ValueError(f"{owner}: {name} is empty")
+    return t.detach().cpu()
+
+
+def to_model(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` on the model's device; floating inputs in the model's dtype, integer ones unchanged."""
+    if x.is_floating_point():
+        return x.to(device, dtype, non_blocking=True)
+    return x.to(device, non_blocking=True)
+
+
 def check_forward(owner: str, model: nn.Module, sample: torch.Tensor) -> torch.Tensor:
     """Run the model once on ``sample``; turn a shape error into a sentence about the input."""
     device, dtype = model_device_dtype(model)
@@ -135,7 +162,7 @@ def check_forward(owner: str, model: nn.Module, sample: torch.Tensor) -> torch.T
     try:
         model.eval()
         with torch.no_grad():
-            out = model(sample.to(device, dtype))
+            out = model(to_model(sample, device, dtype))
     except Exception as err:
         raise ValueError(
             f"{owner}: the model rejected inputs of shape {tuple(sample.shape)} "
@@ -154,7 +181,7 @@ def batched_forward(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> 
     outs = []
     with torch.no_grad():
         for start in range(0, inputs.shape[0], batch_size):
-            chunk = inputs[start : start + batch_size].to(device, dtype, non_blocking=True)
+            chunk = to_model(inputs[start : start + batch_size], device, dtype)
             outs.append(model(chunk).float())
     out = torch.cat(outs)
     return out.reshape(out.shape[0], -1).cpu()

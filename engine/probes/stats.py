@@ -1,0 +1,306 @@
+"""StatsProbe: statistics of weights, gradients and activations at hook points, over training.
+
+The raw material of the latent-state analysis (probescope.analysis, after Hu et al., "Latent
+State Models of Training Dynamics"): per hook point and per frame, the kernels' one-pass
+``tensor_stats`` (mean, variance, L1 and L2 norms, max |x|, near-zero and non-finite
+fractions) and the spectral norm of each weight matrix, plus the run's losses and metrics.
+Everything is computed on the model's device and copied to the host once per frame.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from probescope.history import History
+from probescope.kernels.stats import STAT_NAMES, spectral_norm, tensor_stats
+from probescope.probes.base import (
+    Probe,
+    ProbeContext,
+    as_input_tensor,
+    batched_forward,
+    check_forward,
+    model_device_dtype,
+    to_model,
+)
+from probescope.schedule import Schedule
+
+log = logging.getLogger("probescope")
+
+TARGETS = ("weights", "grads", "activations")
+_PREFIX = {"weights": "weight", "grads": "grad", "activations": "act"}
+
+
+class StatsProbe(Probe):
+    """Per-tensor statistics at hook points, one row of a steps x metrics table per frame.
+
+    ``hooks``: module names or glob patterns over ``model.named_modules()`` (``"*"``: every
+    module). Each matched module contributes its own parameters (weights, and with
+    ``"grads"`` in ``targets`` their gradients as of the step boundary) and, when ``batch``
+    is given, its output on that fixed batch (``"activations"``; forward hooks on the
+    snapshot). ``spectral``: also the largest singular value of every parameter with two or
+    more dimensions, by warm-started power iteration. ``valid=(x, y)`` with ``loss_fn`` and
+    ``metrics`` adds ``valid_loss`` and each metric evaluated on the snapshot; every scalar the
+    training loop logs (``Monitor.step(loss=...)``, ``Monitor.log(...)``) is added as its mean
+    since the previous frame.
+
+    Columns are ``<target>/<tensor>/<stat>``, e.g. ``weight/fc1.weight/l2``,
+    ``grad/fc1.weight/max_abs``, ``act/fc1/near_zero``, and ``loss/<series>``. Read the table
+    with ``open_run(path).probe("stats").table()`` (a pandas DataFrame); a finished run also
+    holds it as ``probes/<name>/table.parquet``.
+    """
+
+    kind = "stats"
+    default_schedule = Schedule.every(10)
+    tabular = True
+
+    def __init__(
+        self,
+        hooks: str | Iterable[str] = "*",
+        *,
+        targets: Iterable[str] | None = None,
+        batch=None,
+        spectral: bool = True,
+        spectral_iterations: int = 3,
+        near_zero: float = 1e-3,
+        valid: tuple | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        metrics: Mapping[str, Callable[[torch.Tensor, torch.Tensor], Any]] | None = None,
+        batch_size: int = 8192,
+        name: str | None = None,
+        schedule: Schedule | None = None,
+    ):
+        super().__init__(name=name, schedule=schedule)
+        owner = f"StatsProbe {self.name!r}"
+        self.patterns = [hooks] if isinstance(hooks, str) else list(hooks)
+        if not self.patterns or not all(isinstance(p, str) and p for p in self.patterns):
+            raise ValueError(f"{owner}: hooks must be module names or glob patterns, got {hooks!r}")
+        if targets is None:
+            targets = ("weights", "activations") if batch is not None else ("weights",)
+        self.targets = tuple(targets)
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad or not self.targets:
+            raise ValueError(f"{owner}: targets must be among {TARGETS}, got {list(self.targets)}")
+        if "activations" in self.targets and batch is None:
+            raise ValueError(f"{owner}: activation statistics need a fixed input batch (batch=...)")
+        self.batch = None
+        if batch is not None:
+            self.batch = as_input_tensor("batch", batch, owner=owner)
+        if isinstance(spectral_iterations, bool) or not isinstance(spectral_iterations, int):
+            raise TypeError(f"{owner}: spectral_iterations must be an int")
+        if spectral_iterations < 1:
+            raise ValueError(f"{owner}: spectral_iterations must be >= 1, got {spectral_iterations}")
+        if not near_zero >= 0:
+            raise ValueError(f"{owner}: near_zero must be >= 0, got {near_zero!r}")
+        self.spectral, self.spectral_iterations, self.near_zero = spectral, spectral_iterations, near_zero
+        self.needs_grads = "grads" in self.targets
+        self.valid_x = self.valid_y = None
+        self.metrics = dict(metrics or {})
+        if valid is not None:
+            if len(valid) != 2 or loss_fn is None:
+                raise ValueError(f"{owner}: valid must be a pair (x, y) and needs a loss_fn(pred, target)")
+            self.valid_x = as_input_tensor("valid x", valid[0], owner=owner)
+            y = valid[1]
+            self.valid_y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).cpu()
+            if self.valid_y.shape[0] != self.valid_x.shape[0]:
+                raise ValueError(f"{owner}: valid x and y differ in length")
+        elif self.metrics:
+            raise ValueError(f"{owner}: metrics are evaluated on valid data; pass valid=(x, y)")
+        self.loss_fn, self.batch_size = loss_fn, batch_size
+        self.parameters: list[str] = []  # qualified parameter names
+        self.modules: list[str] = []  # modules whose outputs are measured
+        self.columns: list[str] = []
+        self._matrices: set[str] = set()
+        self._vectors: dict[str, torch.Tensor] = {}  # power-iteration warm starts
+        self._last_step = -1
+
+    # ---- set-up -------------------------------------------------------------------------
+    def _matches(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+
+    def attach(self, model: nn.Module) -> None:
+        owner = f"StatsProbe {self.name!r}"
+        modules = dict(model.named_modules())
+        matched = [n for n in modules if self._matches(n) or (n == "" and "" in self.patterns)]
+        unused = [p for p in self.patterns if not any(fnmatch.fnmatchcase(n, p) for n in modules)]
+        if unused:
+            names = ", ".join(repr(n) for n in modules if n) or "(none)"
+            raise ValueError(f"{owner}: hook patterns {unused} match no module; the modules are {names}")
+        self.parameters = [
+            f"{m}.{p}" if m else p for m in matched for p, _ in modules[m].named_parameters(recurse=False)
+        ]
+        if "activations" in self.targets:
+            # Leaf modules only under a broad pattern: a container's output repeats its last child's.
+            self.modules = [m for m in matched if m and not any(True for _ in modules[m].children())]
+            if not self.modules:
+                raise ValueError(f"{owner}: the hook patterns match no module whose output can be measured")
+            self._check_outputs(model)
+        if not self.parameters and "activations" not in self.targets:
+            raise ValueError(f"{owner}: the hook patterns {self.patterns} match no module with parameters")
+        if self.valid_x is not None:
+            check_forward(owner, model, self.valid_x[:2])
+        named = dict(model.named_parameters())
+        self._matrices = {q for q in self.parameters if named[q].dim() >= 2}
+        self.columns = self._column_names()
+        # Compile the kernels now, before training, not in the first frame.
+        probe = torch.zeros(3, 3, device=next((p.device for p in named.values()), torch.device("cpu")))
+        tensor_stats(probe, self.near_zero)
+        if self._matrices and self.spectral:
+            spectral_norm(probe, 1)
+
+    def _check_outputs(self, model: nn.Module) -> None:
+        """Keep the modules that produce a tensor on the batch. One named exactly must; one
+        matched by a glob pattern is dropped if it does not (e.g. the ``out_proj`` that
+        ``nn.MultiheadAttention`` holds but never calls)."""
+        kinds: dict[str, str] = {}
+        with _ForwardHooks(model, self.modules, lambda n, t: kinds.__setitem__(n, "tensor")):
+            check_forward(f"StatsProbe {self.name!r}", model, self.batch[:2])
+        silent = [m for m in self.modules if m not in kinds]
+        named = [m for m in silent if m in self.patterns]
+        if named:
+            raise ValueError(
+                f"StatsProbe {self.name!r}: modules {named} produced no floating-point tensor on the batch "
+                "(not called in forward, or their output is not a tensor)"
+            )
+        if silent:
+            log.info("StatsProbe %r: no activations from %s (not called in forward)", self.name, silent)
+        self.modules = [m for m in self.modules if m in kinds]
+        if not self.modules:
+            raise ValueError(f"StatsProbe {self.name!r}: no hooked module produced a tensor on the batch")
+
+    def _column_names(self) -> list[str]:
+        columns = []
+        for target in ("weights", "grads"):
+            if target in self.targets:
+                for p in self.parameters:
+                    columns += [f"{_PREFIX[target]}/{p}/{s}" for s in STAT_NAMES]
+                    if target == "weights" and self.spectral and p in self._matrices:
+                        columns.append(f"weight/{p}/spectral")
+        for m in self.modules:
+            columns += [f"act/{m}/{s}" for s in STAT_NAMES]
+        if self.valid_x is not None:
+            columns += ["loss/valid_loss"] + [f"loss/{k}" for k in self.metrics]
+        return columns
+
+    # ---- evaluation ---------------------------------------------------------------------
+    def evaluate(self, model: nn.Module, context: ProbeContext) -> dict[str, Any]:
+        params = dict(model.named_parameters())
+        device = next((p.device for p in params.values()), torch.device("cpu"))
+        nan = torch.full((len(STAT_NAMES),), float("nan"), dtype=torch.float64, device=device)
+        parts: list[torch.Tensor] = []  # all on the model's device: one copy to the host at the end
+        for target in ("weights", "grads"):
+            if target not in self.targets:
+                continue
+            for qualified in self.parameters:
+                p = params[qualified]
+                tensor = p.detach() if target == "weights" else p.grad
+                if tensor is None and context.step > 0:  # before the first backward, no gradient yet
+                    self.warn_once(
+                        "no-grad",
+                        f"{qualified} has no gradient at the step boundary (call Monitor.step() before "
+                        "optimizer.zero_grad()); its gradient statistics are NaN",
+                    )
+                if tensor is None:
+                    parts.append(nan)
+                else:
+                    parts.append(tensor_stats(tensor, self.near_zero))
+                if target == "weights" and self.spectral and qualified in self._matrices:
+                    parts.append(self._spectral(qualified, p.detach()).to(torch.float64))
+        if "activations" in self.targets:
+            parts += self._activation_stats(model, device, nan)
+        values = torch.cat([t.reshape(-1) for t in parts]).cpu() if parts else torch.zeros(0)
+        if self.valid_x is not None:
+            values = torch.cat([values.to(torch.float64), self._valid_metrics(model)])
+        values = values.to(torch.float64).numpy()
+        frame: dict[str, Any] = {"values": values}
+        frame.update(self._history_means(context))
+        self._last_step = context.step
+        return frame
+
+    def _spectral(self, qualified: str, weight: torch.Tensor) -> torch.Tensor:
+        v = self._vectors.get(qualified)
+        # Cold start: enough iterations to converge; later frames warm-start from the last vector.
+        iterations = self.spectral_iterations if v is not None else max(30, self.spectral_iterations)
+        sigma, v = spectral_norm(weight, iterations, v=v)
+        self._vectors[qualified] = v.detach()
+        return sigma.reshape(1)
+
+    def _activation_stats(self, model: nn.Module, device, nan: torch.Tensor) -> list[torch.Tensor]:
+        found: dict[str, torch.Tensor] = {}
+
+        def measure(name: str, out: torch.Tensor) -> None:
+            found[name] = tensor_stats(out, self.near_zero)
+
+        with _ForwardHooks(model, self.modules, measure), torch.no_grad():
+            model(to_model(self.batch, *model_device_dtype(model)))
+        return [found.get(m, nan) for m in self.modules]
+
+    def _valid_metrics(self, model: nn.Module) -> torch.Tensor:
+        pred = batched_forward(model, self.valid_x, self.batch_size)
+        target = self.valid_y
+        if pred.shape[1] == 1 and target.dim() == 1 and target.is_floating_point():
+            pred = pred[:, 0]
+        values = [float(self.loss_fn(pred, target))] + [
+            float(fn(pred, target)) for fn in self.metrics.values()
+        ]
+        return torch.tensor(values, dtype=torch.float64)
+
+    def _history_means(self, context: ProbeContext) -> dict[str, np.ndarray]:
+        out = {}
+        for name, series in context.history.items():
+            if len(series.values) == 0:
+                continue
+            recent = series.steps > self._last_step
+            values = series.values[recent] if recent.any() else series.values[-1:]
+            key = "train_loss" if name == History.BATCH_LOSS else name
+            out[f"loss/{key}"] = np.float64(np.mean(values))
+        return out
+
+    # ---- what the run stores ------------------------------------------------------------
+    def static(self) -> dict[str, np.ndarray]:
+        return {"columns": np.asarray(self.columns, dtype=str)}
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "hooks": self.patterns,
+            "targets": list(self.targets),
+            "parameters": self.parameters,
+            "modules": self.modules,
+            "spectral": self.spectral,
+            "near_zero": self.near_zero,
+            "columns": len(self.columns),
+        }
+
+
+class _ForwardHooks:
+    """Forward hooks on the named modules calling ``fn(name, output_tensor)``; removed on exit."""
+
+    def __init__(self, model: nn.Module, names: list[str], fn: Callable[[str, torch.Tensor], None]):
+        modules = dict(model.named_modules())
+        self.handles = []
+        for name in names:
+            self.handles.append(modules[name].register_forward_hook(self._hook(name, fn)))
+
+    @staticmethod
+    def _hook(name, fn):
+        def hook(module, inputs, output):
+            tensor = output
+            if isinstance(output, (tuple, list)):
+                tensor = next((o for o in output if isinstance(o, torch.Tensor)), None)
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                fn(name, tensor.detach())
+
+        return hook
+
+    def __enter__(self) -> _ForwardHooks:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()

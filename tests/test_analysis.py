@@ -1,0 +1,208 @@
+"""Latent states of training: recovery of a known HMM, the report's files, the page in Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+from hmmlearn.hmm import GaussianHMM
+from PIL import Image
+from scipy.optimize import linear_sum_assignment
+
+from probescope.analysis import RunSeries, latent_states, transition_graph, write_report
+from probescope.analysis.report import segments
+from probescope.cli import main
+
+TRANSMAT = np.array([[0.97, 0.03, 0.0], [0.0, 0.98, 0.02], [0.01, 0.0, 0.99]])
+
+
+def _sample_runs(runs=4, length=400, metrics=6, seed=0):
+    """Metric series sampled from a known 3-state Gaussian HMM, in assorted units."""
+    rng = np.random.default_rng(seed)
+    true = GaussianHMM(3, covariance_type="diag", random_state=seed)
+    true.startprob_ = np.array([1.0, 0.0, 0.0])
+    true.transmat_ = TRANSMAT
+    true.means_ = rng.normal(size=(3, metrics)) * 1.5
+    true.covars_ = np.full((3, metrics), 0.5)
+    scale, offset = rng.uniform(0.01, 100.0, metrics), rng.normal(size=metrics) * 10
+    series, truth = [], []
+    for r in range(runs):
+        x, states = true.sample(length, random_state=seed * 100 + r)
+        names = [f"metric{j}" for j in range(metrics)]
+        series.append(RunSeries(f"seed{r}", np.arange(length) * 10, x * scale + offset, names))
+        truth.append(states)
+    return series, truth
+
+
+def _agreement(found: list[np.ndarray], truth: list[np.ndarray]) -> float:
+    """Fraction of steps whose state matches, under the best one-to-one relabelling."""
+    f, t = np.concatenate(found), np.concatenate(truth)
+    counts = np.zeros((f.max() + 1, t.max() + 1))
+    np.add.at(counts, (f, t), 1)
+    rows, cols = linear_sum_assignment(-counts)
+    return counts[rows, cols].sum() / len(t)
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    series, truth = _sample_runs()
+    return series, truth, latent_states(series, max_states=6, n_jobs=1)
+
+
+def test_a_known_three_state_hmm_is_recovered(synthetic):
+    _series, truth, result = synthetic
+    assert result.n_states == 3
+    assert min(result.selection, key=lambda r: r["bic"])["n_states"] == 3
+    assert _agreement(result.states, truth) >= 0.95
+    # States are numbered by position in training: every run starts in state 0 as the truth does.
+    assert all(s[0] == 0 for s in result.states)
+    np.testing.assert_allclose(result.transmat.sum(axis=1), 1.0, rtol=1e-9)
+    np.testing.assert_allclose(np.diag(result.transmat), np.diag(TRANSMAT), atol=0.02)
+    assert [r["n_states"] for r in result.selection] == list(range(1, 7))
+    assert all(np.isfinite(r["heldout_loglik"]) for r in result.selection)
+
+
+def test_state_means_come_back_in_the_metrics_own_units(synthetic):
+    series, _, result = synthetic
+    values = np.concatenate([s.values for s in series])
+    states = np.concatenate(result.states)
+    for k in range(result.n_states):
+        np.testing.assert_allclose(result.means_raw[k], values[states == k].mean(axis=0), rtol=0.05, atol=0.1)
+    top_metric, z = result.distinguishing[0][0]
+    assert top_metric in result.metrics and abs(z) == np.abs(result.means[0]).max()
+
+
+def test_constant_metrics_are_dropped_and_gaps_carried_forward():
+    series, truth = _sample_runs(runs=3, length=300, metrics=4, seed=1)
+    for s in series:
+        s.values = np.column_stack([s.values, np.full(len(s.values), 7.0)])
+        s.metrics = [*s.metrics, "constant"]
+        s.values[50:55, 0] = np.nan
+    result = latent_states(series, n_states=3, n_jobs=1)
+    assert result.dropped_metrics == ["constant"] and "constant" not in result.metrics
+    assert _agreement(result.states, truth) >= 0.95
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"n_states": 0}, "positive integer or 'auto'"), ({"n_states": "many"}, "positive integer or 'auto'"),
+     ({"metrics": ["metric0", "missing"]}, r"\['missing'\] are not in every run"),
+     ({"restarts": 0}, "restarts")],
+)  # fmt: skip
+def test_bad_arguments_are_refused(kwargs, match):
+    series, _ = _sample_runs(runs=1, length=50, metrics=2)
+    with pytest.raises(ValueError, match=match):
+        latent_states(series, **kwargs)
+
+
+def test_dataframes_work_as_runs():
+    series, truth = _sample_runs(runs=2, length=300, metrics=3, seed=2)
+    frames = []
+    for s in series:
+        frame = pd.DataFrame(s.values, columns=s.metrics)
+        frame.insert(0, "step", s.steps)
+        frames.append(frame)
+    result = latent_states(frames, n_states=3, n_jobs=1)
+    assert result.runs == ["run0", "run1"] and _agreement(result.states, truth) >= 0.95
+
+
+def test_transition_graph_and_segments_follow_the_states(synthetic):
+    _, _, result = synthetic
+    graph = transition_graph(result)
+    assert sorted(graph.nodes) == [0, 1, 2]
+    assert graph.nodes[0]["occupancy"] == pytest.approx(result.occupancy[0])
+    for i, j, d in graph.edges(data=True):
+        assert d["leave"] == pytest.approx(result.leave_probabilities()[i, j]) and d["leave"] >= 0.02
+    steps = np.array([0, 10, 20, 30, 40])
+    assert segments(np.array([0, 0, 1, 1, 2]), steps) == [(0.0, 15.0, 0), (15.0, 35.0, 1), (35.0, 40.0, 2)]
+
+
+def test_write_report_writes_every_file(synthetic, tmp_path):
+    _, _, result = synthetic
+    paths = write_report(result, tmp_path / "report", title="Synthetic <runs>")
+    table = pd.read_csv(paths["states.csv"])
+    assert len(table) == sum(len(s) for s in result.states)
+    np.testing.assert_array_equal(table[table.run == "seed1"].state, result.states[1])
+    meta = json.loads(paths["states.json"].read_text())
+    assert meta["n_states"] == 3 and np.allclose(meta["transmat"], result.transmat)
+    assert meta["boundaries"]["seed0"] == result.boundaries(0)
+    image = np.asarray(Image.open(paths["training_map.png"]).convert("RGB"))
+    assert image.shape[0] > 300 and len(np.unique(image.reshape(-1, 3), axis=0)) > 50
+    page = paths["report.html"].read_text()
+    assert "Synthetic &lt;runs&gt;" in page and "<script src=" not in page  # self-contained, escaped
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def render_dom(path, tmp_path) -> tuple[str, str]:
+    """The page's DOM after its scripts ran in headless Chromium, and Chromium's log."""
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}", "--enable-logging=stderr", "--v=0",
+        "--virtual-time-budget=15000", "--dump-dom", path.as_uri(),
+    ]  # fmt: skip
+    done = subprocess.run([_chromium(), *flags], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout, done.stderr
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Chromium (Debian: chromium; .ci/run installs it)")
+def test_the_html_report_renders_offline_in_headless_chromium(synthetic, tmp_path):
+    _, _, result = synthetic
+    path = write_report(result, tmp_path / "report")["report.html"]
+    dom, log = render_dom(path, tmp_path)
+    assert "Uncaught" not in log, log[-2000:]
+    graph_at, charts_at = dom.index('id="training-map-graph"'), dom.index('id="training-map-charts"')
+    graph, charts = dom[graph_at:charts_at], dom[charts_at:]
+    for part in (graph, charts):  # plotly ran: each div became a plot with its SVG
+        assert (
+            "js-plotly-plot" in dom[dom.rfind("<div", 0, dom.index(part[:30])) : dom.index(part[:30]) + 200]
+        )
+        assert 'class="main-svg"' in part
+    # The graph: one marker per state; the charts: one line per metric and run, one shaded
+    # background rectangle per stretch of equal state.
+    assert len(re.findall(r'class="point"', graph)) == result.n_states
+    shown = min(6, len(result.metrics))
+    assert len(re.findall(r'class="js-line"', charts)) == len(result.runs) * shown + shown  # + legend
+    stretches = sum(len(segments(s, t)) for s, t in zip(result.states, result.steps, strict=True))
+    assert len(re.findall(r'<path data-index="\d+" fill-rule="evenodd"', charts)) == stretches
+
+
+def test_analyze_command_reads_recorded_runs(tmp_path, capsys):
+    from probescope import Monitor, Schedule, StatsProbe
+
+    series, _ = _sample_runs(runs=2, length=120, metrics=3, seed=3)
+    # Record each series as a run through a real monitor: a model whose weights follow it.
+    import torch
+    from torch import nn
+
+    for s in series:
+        model = nn.Linear(3, 1, bias=False)
+        with Monitor(model, [StatsProbe("*", spectral=False, schedule=Schedule.every(1))],
+                     run_dir=tmp_path / s.label, snapshot="sync", ring_capacity=256) as mon:  # fmt: skip
+            for row in s.values:
+                with torch.no_grad():
+                    model.weight.copy_(torch.as_tensor(row, dtype=torch.float32)[None])
+                mon.step()
+    out = tmp_path / "report"
+    metrics = "weight/weight/mean,weight/weight/l2"
+    code = main(["analyze", str(tmp_path / "seed0"), str(tmp_path / "seed1"), "--out", str(out),
+                 "--metrics", metrics, "--max-states", "4", "--quiet"])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "latent states over 2 run(s), 2 metrics" in printed
+    assert {p.name for p in out.iterdir()} >= {"report.html", "training_map.png", "states.csv", "states.json"}
+    assert len(pd.read_csv(out / "states.csv")) == 2 * 121  # the step-0 frame and 120 steps per run
+
+
+def test_analyze_command_says_what_is_wrong(tmp_path, capsys):
+    assert main(["analyze", str(tmp_path / "missing")]) == 2
+    assert "is not a probescope run" in capsys.readouterr().err

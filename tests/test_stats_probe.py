@@ -1,0 +1,209 @@
+"""StatsProbe: statistics at hook points against torch references, the table, the snapshot's grads."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from probescope import Monitor, Schedule, StatsProbe, open_run
+from probescope.kernels.stats import STAT_NAMES, spectral_norm_reference, tensor_stats_reference
+from probescope.snapshot import SnapshotPool
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 24), nn.ReLU(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 3))
+
+
+def _data(n=200):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 2, generator=g)
+    return x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+
+
+def _train(model, monitor, x, y, steps, lr=0.05):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        monitor.step(loss=loss.detach())
+    return losses
+
+
+def _row(table: pd.DataFrame, step: int) -> pd.Series:
+    rows = table[table.step == step]
+    assert len(rows) == 1, f"one frame at step {step}, got {len(rows)}"
+    return rows.iloc[0]
+
+
+def test_weight_grad_and_activation_stats_match_torch_references(tmp_path):
+    model, (x, y) = _model(), _data()
+    batch = x[:37]
+    probe = StatsProbe(["0", "2", "4", "1"], targets=("weights", "grads", "activations"), batch=batch,
+                       schedule=Schedule.every(5), spectral_iterations=4)  # fmt: skip
+    with Monitor(model, [probe], run_dir=tmp_path / "run") as mon:
+        _train(model, mon, x, y, steps=23)
+    table = open_run(tmp_path / "run").probe("stats").table()
+    final = _row(table, 23)  # the final frame, taken at close with the final weights and grads
+    for name, p in model.named_parameters():
+        expected = tensor_stats_reference(p.detach(), probe.near_zero).numpy()
+        got = np.array([final[f"weight/{name}/{s}"] for s in STAT_NAMES])
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7, err_msg=name)
+        expected = tensor_stats_reference(p.grad, probe.near_zero).numpy()
+        got = np.array([final[f"grad/{name}/{s}"] for s in STAT_NAMES])
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9, err_msg=f"grad {name}")
+        if p.dim() == 2:  # warm-started power iteration vs the SVD: 0.5 %
+            np.testing.assert_allclose(
+                final[f"weight/{name}/spectral"], spectral_norm_reference(p), rtol=5e-3
+            )
+    outputs = {}
+    hooks = [
+        model[int(i)].register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o)) for i in "0124"
+    ]
+    with torch.no_grad():
+        model.eval()
+        model(batch)
+    for h in hooks:
+        h.remove()
+    for i in "0124":
+        expected = tensor_stats_reference(outputs[i], probe.near_zero).numpy()
+        got = np.array([final[f"act/{i}/{s}"] for s in STAT_NAMES])
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7, err_msg=f"activation of {i}")
+
+
+def test_each_frame_reads_the_weights_of_its_own_step(tmp_path):
+    """Every weight set to the step number before each step: each frame's mean is its step."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    probe = StatsProbe("*", spectral=False, schedule=Schedule.every(1))
+    with Monitor(model, [probe], run_dir=tmp_path / "run") as mon:
+        for step in range(1, 40):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float(step))
+            mon.step()
+            time.sleep(0.01)  # give the worker time: a probe still busy would skip this step
+    table = open_run(tmp_path / "run").probe("stats").table()
+    table = table[table.step > 0]  # step 0: the initial weights
+    assert len(table) >= 10
+    for column in [c for c in table.columns if c.endswith("/mean")]:
+        np.testing.assert_array_equal(table[column].to_numpy(), table.step.to_numpy(dtype=float), column)
+        np.testing.assert_array_equal(table[column.replace("/mean", "/var")].to_numpy(), 0.0)
+
+
+def test_losses_are_means_since_the_previous_frame_and_valid_metrics_come_from_the_snapshot(tmp_path):
+    model, (x, y) = _model(), _data()
+    probe = StatsProbe(
+        "4", valid=(x, y), loss_fn=F.cross_entropy,
+        metrics={"acc": lambda p, t: (p.argmax(1) == t).float().mean()}, schedule=Schedule.every(4),
+    )  # fmt: skip
+    with Monitor(model, [probe], run_dir=tmp_path / "run", snapshot="sync") as mon:
+        losses = _train(model, mon, x, y, steps=12)
+        with torch.no_grad():
+            valid_loss = float(F.cross_entropy(model(x), y))
+    table = open_run(tmp_path / "run").probe("stats").table()
+    assert list(table.step) == [0, 4, 8, 12]
+    np.testing.assert_allclose(_row(table, 8)["loss/train_loss"], np.mean(losses[4:8]), rtol=1e-6)
+    np.testing.assert_allclose(_row(table, 12)["loss/valid_loss"], valid_loss, rtol=1e-5)
+    assert 0.0 <= _row(table, 12)["loss/acc"] <= 1.0
+
+
+def test_the_finished_run_stores_a_parquet_table_that_pandas_and_pyarrow_read(tmp_path):
+    model, (x, y) = _model(), _data()
+    probe = StatsProbe("*", schedule=Schedule.every(3))
+    with Monitor(model, [probe], run_dir=tmp_path / "run") as mon:
+        _train(model, mon, x, y, steps=10)
+    path = tmp_path / "run" / "probes" / "stats" / "table.parquet"
+    arrow = pq.read_table(path)
+    frame = pd.read_parquet(path)
+    assert arrow.num_rows == len(frame) == len(open_run(tmp_path / "run").probe("stats")) >= 3
+    assert {"step", "epoch", "weight/0.weight/l2", "weight/4.weight/spectral", "loss/train_loss"} <= set(
+        frame
+    )
+    assert frame["weight/0.weight/l2"].notna().all()
+
+
+def test_gradient_columns_warn_and_hold_nan_when_grads_are_gone_at_the_step_boundary(tmp_path, caplog):
+    model, (x, y) = _model(), _data()
+    probe = StatsProbe("0", targets=("weights", "grads"), schedule=Schedule.every(2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Monitor(model, [probe], run_dir=tmp_path / "run") as mon:
+        for _ in range(4):
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)  # before the monitor sees the step: nothing to read
+            mon.step()
+    table = open_run(tmp_path / "run").probe("stats").table()
+    assert table["grad/0.weight/l2"].isna().all() and table["weight/0.weight/l2"].notna().all()
+    assert "no gradient at the step boundary" in caplog.text
+
+
+def test_snapshot_copies_gradients_and_leaves_absent_ones_absent():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    pool = SnapshotPool(model, "copy", grads=True)
+    model(torch.randn(5, 3)).sum().backward()
+    model[1].bias.grad = None
+    shadow = pool.acquire()
+    torch.testing.assert_close(shadow[0].weight.grad, model[0].weight.grad, rtol=0, atol=0)
+    assert shadow[1].bias.grad is None
+    assert shadow[0].weight.grad.data_ptr() != model[0].weight.grad.data_ptr()
+    model[0].weight.grad += 1.0  # the live gradient moves on; the snapshot keeps its copy
+    assert not torch.equal(shadow[0].weight.grad, model[0].weight.grad)
+    weights = sum(t.numel() for t in model.state_dict().values()) * 4
+    assert pool.nbytes == 2 * weights + 2 * sum(p.numel() for p in model.parameters()) * 4
+
+
+def test_integer_inputs_reach_embedding_models(tmp_path):
+    model = nn.Sequential(nn.Embedding(11, 5), nn.Flatten(), nn.Linear(10, 11))
+    tokens = torch.randint(0, 11, (30, 2))
+    probe = StatsProbe("*", batch=tokens, valid=(tokens, tokens[:, 0]), loss_fn=F.cross_entropy)
+    with Monitor(model, [probe], run_dir=tmp_path / "run") as mon:
+        mon.step()
+    table = open_run(tmp_path / "run").probe("stats").table()
+    assert np.isfinite(table["act/0/l2"]).all() and np.isfinite(table["loss/valid_loss"]).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"hooks": "nope*"}, r"match no module; the modules are '0', '1', '2'"),
+        ({"hooks": []}, "hooks must be"),
+        ({"targets": ("weights", "biases")}, "targets must be among"),
+        ({"targets": ("activations",)}, "need a fixed input batch"),
+        ({"spectral_iterations": 0}, "spectral_iterations must be >= 1"),
+        ({"near_zero": -1.0}, "near_zero must be >= 0"),
+        ({"metrics": {"a": len}}, "pass valid"),
+        ({"valid": (torch.zeros(3, 2), torch.zeros(3))}, "loss_fn"),
+        ({"batch": torch.zeros(0, 2)}, "empty"),
+    ],
+)
+def test_bad_arguments_are_refused_before_training(kwargs, match):
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=match):
+        StatsProbe(**kwargs).attach(model)
+
+
+def test_modules_that_never_run_are_refused_by_name_and_left_out_by_pattern():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    with pytest.raises(ValueError, match=r"\['unused'\] produced no floating-point tensor"):
+        StatsProbe(["used", "unused"], batch=torch.zeros(4, 2)).attach(Branchy())
+    broad = StatsProbe("*", batch=torch.zeros(4, 2))  # a glob pattern: the silent module is left out
+    broad.attach(Branchy())
+    assert broad.modules == ["used"] and not any(c.startswith("act/unused") for c in broad.columns)
