@@ -80,6 +80,9 @@ class Monitor:
             raise ValueError(
                 f"Monitor: probe names must be unique; {duplicates} repeat (give each probe a name=...)"
             )
+        schedules = [id(p.schedule) for p in probes if p.schedule.state() is not None]
+        if len(schedules) != len(set(schedules)):
+            raise ValueError("Monitor: each probe needs its own Schedule.budget(...); two probes share one")
         positive_int("Monitor: probe_threads", probe_threads)
         positive_int("Monitor: ring_capacity", ring_capacity)
         callbacks = list(callbacks)
@@ -109,6 +112,7 @@ class Monitor:
         self._recorder: threading.Thread | None = None
         self.writer: RunWriter | None = None
         self._t_start = 0.0
+        self._t_last_step: float | None = None
         self._failed_callbacks: set[int] = set()
 
     # ---- public state -------------------------------------------------------------------
@@ -271,6 +275,11 @@ class Monitor:
         """The optimizer stepped: count the step and launch the probes that are due."""
         if not self._started:
             self.start()
+        now = time.perf_counter()
+        if self._t_last_step is not None:
+            for st in self._probes.values():
+                _observe(st, step_s=now - self._t_last_step)
+        self._t_last_step = now
         self._step += 1
         self._last_step_epoch = self._epoch
         if self.optimizer is not None:
@@ -368,7 +377,9 @@ class Monitor:
         if not states:
             return
         inline = inline or self._pool.inline
+        t0 = time.perf_counter()
         shadow = self._pool.acquire()
+        copy_s = (time.perf_counter() - t0) / len(states)  # the snapshot's cost, shared out
         if shadow is None:
             for st in states:
                 st.stats.skipped += 1
@@ -376,7 +387,7 @@ class Monitor:
         for st in states:
             st.busy, st.last_step = True, self._step
         epoch = self._epoch if epoch is None else epoch
-        job = _Job(self, shadow, states, self._step, epoch, self.history.lengths())
+        job = _Job(self, shadow, states, self._step, epoch, self.history.lengths(), copy_s)
         if inline:
             job()
         else:
@@ -415,6 +426,7 @@ class Monitor:
                     "enabled": st.enabled,
                     "frames": st.ring.written,
                     "dropped": st.ring.dropped,
+                    **({"schedule": state} if (state := _schedule_state(st)) is not None else {}),
                 }
                 for name, st in self._probes.items()
             },
@@ -424,9 +436,11 @@ class Monitor:
 class _Job:
     """One snapshot evaluated by a list of probes, writing into their rings."""
 
-    def __init__(self, monitor: Monitor, shadow: nn.Module, states, step: int, epoch: int, cut):
+    def __init__(
+        self, monitor: Monitor, shadow: nn.Module, states, step: int, epoch: int, cut, copy_s: float
+    ):
         self.monitor, self.shadow, self.states = monitor, shadow, states
-        self.step, self.epoch, self.cut = step, epoch, cut
+        self.step, self.epoch, self.cut, self.copy_s = step, epoch, cut, copy_s
 
     def __call__(self) -> None:
         import torch
@@ -471,6 +485,22 @@ class _Job:
         st.stats.run += 1
         st.stats.total_ms += ms
         st.stats.last_ms = ms
+        _observe(st, probe_s=ms / 1000.0 + self.copy_s)
+
+
+def _schedule_state(st: _ProbeState) -> dict | None:
+    try:
+        return st.probe.schedule.state()
+    except Exception:
+        return None
+
+
+def _observe(st: _ProbeState, **times: float) -> None:
+    """Feed a timing to the probe's schedule (budget mode); a schedule that raises is ignored."""
+    try:
+        st.probe.schedule.observe(**times)
+    except Exception as err:
+        st.probe.warn_once("observe", f"its schedule's observe() raised ({type(err).__name__}: {err})")
 
 
 def _describe_model(model: nn.Module) -> dict[str, Any]:

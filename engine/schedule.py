@@ -7,12 +7,15 @@ an epoch ends (``Monitor.end_epoch()``), epochs counted from 0.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from probescope.validation import positive_int
+
+log = logging.getLogger("probescope")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,13 @@ class Schedule:
     def describe(self) -> dict:
         """A JSON-serialisable description, stored in the run's metadata."""
         return {"kind": type(self).__name__}
+
+    def observe(self, *, step_s: float | None = None, probe_s: float | None = None) -> None:
+        """Told the duration of a training step or of one evaluation of its probe (budget mode)."""
+
+    def state(self) -> dict | None:
+        """What an adaptive schedule has learned so far (budget mode), for the run's summary."""
+        return None
 
     def __or__(self, other: Schedule) -> Schedule:
         return AnyOf((self, other))
@@ -72,6 +82,12 @@ class Schedule:
     def log_spaced(per_decade: int = 10) -> Schedule:
         """Dense early, sparse late: about ``per_decade`` frames per factor of ten in steps."""
         return LogSpaced(per_decade)
+
+    @staticmethod
+    def budget(fraction: float, *, start: int = 10, max_interval: int = 100_000) -> Schedule:
+        """As often as costs at most ``fraction`` of training time: the interval between frames
+        adapts to the measured probe and step times (see ``Budget``)."""
+        return Budget(fraction, start=start, max_interval=max_interval)
 
     @staticmethod
     def never() -> Schedule:
@@ -164,6 +180,74 @@ class LogSpaced(Schedule):
         return {"kind": "log_spaced", "per_decade": self.per_decade}
 
 
+class Budget(Schedule):
+    """Frames as often as a cost budget allows: ``fraction`` of the training time.
+
+    The Monitor reports the wall time of every training step (between consecutive optimizer
+    steps, from the training thread) and of every evaluation of the probe, its weight snapshot
+    included (CUDA events on a GPU, clocks on the CPU). Both are smoothed (exponential moving
+    averages, weight 0.2), and the probe is due when ``interval`` steps have passed since its
+    last frame, where ``interval = ceil(probe_time / (fraction * step_time))``, between 1 and
+    ``max_interval``. Until both are measured the interval is ``start``. The cost counted is
+    the probe's whole evaluation time, as if it ran in the training thread, which bounds what
+    a probe running beside training can take from it. Step 0 is always probed. One Budget
+    belongs to one probe.
+    """
+
+    SMOOTHING = 0.2
+
+    def __init__(self, fraction: float, *, start: int = 10, max_interval: int = 100_000):
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+            raise ValueError(f"Schedule.budget(fraction) needs 0 < fraction <= 1, got {fraction!r}")
+        self.fraction = float(fraction)
+        self.start = positive_int("Schedule.budget(start=)", start)
+        self.max_interval = positive_int("Schedule.budget(max_interval=)", max_interval)
+        self.interval = self.start
+        self.step_s: float | None = None
+        self.probe_s: float | None = None
+        self.changes: list[tuple[int, int]] = []  # (step, new interval)
+        self._last = 0
+        self._step = 0
+
+    def due(self, info: StepInfo) -> bool:
+        self._step = info.step
+        if info.step == 0 or info.step - self._last >= self.interval:
+            self._last = info.step
+            return True
+        return False
+
+    def observe(self, *, step_s: float | None = None, probe_s: float | None = None) -> None:
+        a = self.SMOOTHING
+        if step_s is not None and step_s > 0:
+            self.step_s = step_s if self.step_s is None else (1 - a) * self.step_s + a * step_s
+        if probe_s is not None and probe_s >= 0:
+            self.probe_s = probe_s if self.probe_s is None else (1 - a) * self.probe_s + a * probe_s
+        if self.step_s is None or self.probe_s is None:
+            return
+        wanted = math.ceil(self.probe_s / (self.fraction * self.step_s) - 1e-9)
+        interval = min(max(wanted, 1), self.max_interval)
+        if interval != self.interval:
+            previous, self.interval = self.interval, interval
+            if not self.changes or abs(interval - previous) > 0.25 * previous:
+                self.changes.append((self._step, interval))
+                log.info(
+                    "Schedule.budget(%g): probe %.2f ms, step %.2f ms -> every %d steps",
+                    self.fraction, self.probe_s * 1e3, self.step_s * 1e3, interval,
+                )  # fmt: skip
+
+    def describe(self) -> dict:
+        return {"kind": "budget", "fraction": self.fraction, "start": self.start}
+
+    def state(self) -> dict:
+        return {
+            "fraction": self.fraction,
+            "interval": self.interval,
+            "probe_ms": None if self.probe_s is None else round(self.probe_s * 1e3, 4),
+            "step_ms": None if self.step_s is None else round(self.step_s * 1e3, 4),
+            "changes": self.changes[-50:],
+        }
+
+
 class AnyOf(Schedule):
     def __init__(self, schedules: Iterable[Schedule]):
         self.schedules = tuple(schedules)
@@ -176,3 +260,11 @@ class AnyOf(Schedule):
 
     def describe(self) -> dict:
         return {"kind": "any", "of": [s.describe() for s in self.schedules]}
+
+    def observe(self, **times) -> None:
+        for s in self.schedules:
+            s.observe(**times)
+
+    def state(self) -> dict | None:
+        states = [s.state() for s in self.schedules]
+        return {"of": states} if any(x is not None for x in states) else None
