@@ -185,6 +185,11 @@ class Monitor:
         self._probe_now(self._due_at_step())
         return self
 
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until the probe evaluations in flight have finished (training does not need
+        to: this is for benchmarks, tests and notebooks); False on timeout."""
+        return self._worker is None or self._worker.wait_idle(timeout)
+
     def close(self) -> None:
         """Finish: wait for running probes, take the final frames, flush the run (idempotent)."""
         if self._closed or not self._started:

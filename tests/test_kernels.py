@@ -129,3 +129,42 @@ def test_non_finite_pixels_get_the_distinct_colour(mode):
 def test_palette_colours_are_distinct_for_many_classes():
     palette = default_palette(40)
     assert len({tuple(c) for c in palette.tolist()}) == 40
+
+
+@pytest.mark.parametrize("op", ["grid_mlp", "tensor_stats", "spectral_norm"])
+def test_numba_kernels_release_the_gil_so_training_threads_keep_running(op):
+    """A probe's CPU kernel on the worker thread must not stall the training thread's Python.
+    (Numba's parallel kernels release the GIL by themselves; serial ones, like the power
+    iteration, only with nogil=True.)"""
+    pytest.importorskip("numba")
+    import threading
+    import time
+
+    from torch import nn
+
+    from probescope.kernels import GridSpec, grid_mlp, spectral_norm, tensor_stats
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 7))
+    big = torch.randn(1 << 24)
+    matrix = torch.randn(1024, 1024)
+    grid = GridSpec.rectangle((-1.0, 1.0, -1.0, 1.0), 512, 512)
+    run = {
+        "grid_mlp": lambda: grid_mlp(model, grid, impl="numba"),
+        "tensor_stats": lambda: tensor_stats(big, impl="numba"),
+        "spectral_norm": lambda: spectral_norm(matrix, 60, impl="numba"),
+    }[op]
+    run()  # compiled and warm
+    t0 = time.perf_counter()
+    run()
+    alone = time.perf_counter() - t0
+    worker = threading.Thread(target=run)
+    ticks = 0
+    worker.start()
+    while worker.is_alive():
+        ticks += 1
+        time.sleep(0)  # pure Python: needs the GIL for every tick
+    worker.join()
+    # Holding the GIL, the kernel would leave this loop a tick or two; released, the loop
+    # spins freely (tens of thousands of ticks a second) for the kernel's whole duration.
+    assert ticks > 2000 * max(alone, 0.01), (ticks, alone)

@@ -11,7 +11,7 @@ from torch import nn
 from probescope.probes.base import (
     Probe,
     ProbeContext,
-    as_float_tensor,
+    as_input_tensor,
     batched_forward,
     check_forward,
     outputs_to_probs,
@@ -54,7 +54,7 @@ class PredictionProbe(Probe):
     ):
         super().__init__(name=name, schedule=schedule)
         owner = f"PredictionProbe {self.name!r}"
-        xt = as_float_tensor("x", x, ndim=(1, 2, 3, 4, 5), owner=owner)
+        xt = as_input_tensor("x", x, owner=owner)
         yt = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).detach().cpu()
         if yt.dim() > 1:
             yt = yt.reshape(yt.shape[0], -1)

@@ -21,7 +21,7 @@ def _byte(x):
     return np.uint8(min(max(math.floor(x + 0.5), 0.0), 255.0))
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def probs_to_rgba_kernel(probs, palette, out, mode, class_index, ink, pale, anchors, nonfinite):
     n, classes = probs.shape
     for i in numba.prange(n):

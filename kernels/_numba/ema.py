@@ -9,7 +9,7 @@ import torch
 from probescope.kernels._numba import FASTMATH
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def ema_frames_kernel(frames, state, out, alpha):
     steps, n = frames.shape
     for i in numba.prange(n):

@@ -41,7 +41,7 @@ def _activate(x, code, slope):
     return x
 
 
-@numba.njit(fastmath=FASTMATH)
+@numba.njit(fastmath=FASTMATH, nogil=True)
 def _activate_rows(buf, rows, code, slope):
     if code == 0:
         return
@@ -50,7 +50,7 @@ def _activate_rows(buf, rows, code, slope):
             buf[k, p] = _activate(buf[k, p], code, slope)
 
 
-@numba.njit(fastmath=FASTMATH)
+@numba.njit(fastmath=FASTMATH, nogil=True)
 def _linear(src, dst, acc, n_in, n_out, weights, w_off, biases, b_off, code, slope):
     """dst[:n_out] = act(W @ src[:n_in] + b) for a block of pixels; W is (n_out, n_in) row-major.
 
@@ -77,7 +77,7 @@ def _linear(src, dst, acc, n_in, n_out, weights, w_off, biases, b_off, code, slo
                 dst[j, p] = _activate(acc[p], code, slope)
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def grid_mlp_kernel(out, plane, weights, w_offsets, biases, b_offsets, widths, acts, slope,
                     width, n_pixels, u0, du, v0, dv, out_mode):  # fmt: skip
     n_layers = widths.shape[0]
@@ -112,7 +112,7 @@ def grid_mlp_kernel(out, plane, weights, w_offsets, biases, b_offsets, widths, a
         _write_outputs(out, start, rows, a, n_in, u, v, out_mode)  # u, v: free scratch now
 
 
-@numba.njit(fastmath=FASTMATH)
+@numba.njit(fastmath=FASTMATH, nogil=True)
 def _write_outputs(out, start, rows, logits, n_out, top, total, out_mode):
     """Softmax over the units (vectorised across the block's pixels), sigmoid pair, or raw."""
     if out_mode == 1:

@@ -8,7 +8,7 @@ import torch
 from probescope.kernels._numba import FASTMATH
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def interpolate_frames_kernel(first, second, weights, out):
     n = first.shape[0]
     for i in numba.prange(n):

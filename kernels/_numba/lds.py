@@ -15,14 +15,14 @@ def _bin_index(x, lo, scale, n_bins):
     return min(max(b, 0), n_bins - 1)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def histogram_kernel(labels, counts, lo, scale):
     n_bins = counts.shape[0]
     for x in labels:
         counts[_bin_index(x, lo, scale, n_bins)] += 1
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def gather_kernel(labels, bin_weights, out, lo, scale):
     n_bins = bin_weights.shape[0]
     for i in numba.prange(labels.shape[0]):

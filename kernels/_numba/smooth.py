@@ -8,7 +8,7 @@ import torch
 from probescope.kernels._numba import FASTMATH
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def smooth_1d_kernel(values, window, out):
     n, width = values.shape[0], window.shape[0]
     half = width // 2

@@ -11,7 +11,7 @@ import torch
 CHUNK = 16384
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def tensor_stats_partials_kernel(x, near_zero, partials):
     n = x.shape[0]
     for c in numba.prange(partials.shape[0]):
@@ -52,7 +52,7 @@ def tensor_stats_partials_numba(x: torch.Tensor, near_zero: float) -> torch.Tens
     return partials
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def power_iteration_kernel(matrix, v, iterations):
     rows, cols = matrix.shape
     u = np.zeros(rows)
