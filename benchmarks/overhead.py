@@ -173,12 +173,25 @@ def _train(w: Workload, monitor: Monitor | None, steps: int) -> None:
             monitor.step(loss=loss.detach())
 
 
-def measure_modes(w: Workload, device: torch.device, rounds: int) -> dict[str, dict]:
+def _window(w: Workload, monitor: Monitor | None, off_step_s: float | None, limit_s: float) -> int:
+    """Steps to time: the workload's count, or for a budget two of its intervals (so that the
+    window holds frames and their cost is amortised as in a long run), within ``limit_s``."""
+    intervals = [
+        s["interval"] for p in (monitor.probes.values() if monitor else ()) if (s := p.schedule.state())
+    ]
+    if not intervals or off_step_s is None:
+        return w.steps
+    return max(w.steps, min(2 * max(intervals), int(limit_s / off_step_s)))
+
+
+def measure_modes(w: Workload, device: torch.device, rounds: int, limit_s: float = 30.0) -> dict[str, dict]:
     """Interleaved rounds of every mode; per mode the median step time and probe figures."""
     times: dict[str, list[float]] = {m: [] for m in MODES}
     frames: dict[str, list[float]] = {m: [] for m in MODES}
     latency: dict[str, list[float]] = {m: [] for m in MODES}
     intervals: dict[str, list] = {m: [] for m in MODES}
+    windows: dict[str, list[int]] = {m: [] for m in MODES}
+    counts: dict[str, list[int]] = {m: [] for m in MODES}
     w.model.train()
     for _ in range(rounds):
         for mode, schedule in MODES.items():
@@ -191,15 +204,21 @@ def measure_modes(w: Workload, device: torch.device, rounds: int) -> dict[str, d
                 _sync(device)
                 if monitor is not None:  # steady state: the step-0 frame is not part of the window
                     monitor.drain()
+                    _train(w, monitor, 6)  # a budget measures idle steps before it settles
+                    _sync(device)
+                off_step = statistics.median(times["off"]) if times["off"] else None
+                steps = _window(w, monitor, off_step, limit_s)
                 before = {n: monitor.ring(n).written for n in monitor.probes} if monitor else {}
                 t0 = time.perf_counter()
-                _train(w, monitor, w.steps)
+                _train(w, monitor, steps)
                 _sync(device)
                 elapsed = time.perf_counter() - t0
-                times[mode].append(elapsed / w.steps)
+                times[mode].append(elapsed / steps)
+                windows[mode].append(steps)
                 if monitor is not None:
                     written = sum(monitor.ring(n).written - before[n] for n in monitor.probes)
                     frames[mode].append(written / elapsed)
+                    counts[mode].append(written)
                     stats = monitor.stats
                     latency[mode].append(statistics.fmean(s.mean_ms for s in stats.values()))
                     states = [p.schedule.state() for p in monitor.probes.values()]
@@ -220,6 +239,10 @@ def measure_modes(w: Workload, device: torch.device, rounds: int) -> dict[str, d
         if intervals[mode]:
             r["budget_interval"] = intervals[mode][-1]
             text += f", every {r['budget_interval']} steps"
+        r["window_steps"] = windows[mode][-1]
+        if counts[mode]:
+            r["frames_in_window"] = counts[mode]
+            text += f"; windows of {windows[mode][-1]} steps held {counts[mode]} frames"
         r["rate"] = text
         results[mode] = r
     return results

@@ -280,17 +280,17 @@ class Monitor:
         """The optimizer stepped: count the step and launch the probes that are due."""
         if not self._started:
             self.start()
-        now = time.perf_counter()
-        if self._t_last_step is not None:
+        if self._t_last_step is not None:  # the step's time, without this method's own work
+            step_s = time.perf_counter() - self._t_last_step
             for st in self._probes.values():
-                _observe(st, step_s=now - self._t_last_step)
-        self._t_last_step = now
+                _observe(st, step_s=step_s, busy=st.busy)
         self._step += 1
         self._last_step_epoch = self._epoch
         if self.optimizer is not None:
             self.history.append("lr", self._step, self._epoch, self.optimizer.param_groups[0]["lr"])
         self._fire("after_step", **kwargs)
         self._probe_now(self._due_at_step())
+        self._t_last_step = time.perf_counter()
 
     def after_batch(self, **kwargs) -> None:
         self._fire("after_batch", **kwargs)
@@ -490,7 +490,7 @@ class _Job:
         st.stats.run += 1
         st.stats.total_ms += ms
         st.stats.last_ms = ms
-        _observe(st, probe_s=ms / 1000.0 + self.copy_s)
+        _observe(st, probe_s=ms / 1000.0 + self.copy_s, copy_s=self.copy_s)
 
 
 def _schedule_state(st: _ProbeState) -> dict | None:
@@ -500,7 +500,7 @@ def _schedule_state(st: _ProbeState) -> dict | None:
         return None
 
 
-def _observe(st: _ProbeState, **times: float) -> None:
+def _observe(st: _ProbeState, **times) -> None:
     """Feed a timing to the probe's schedule (budget mode); a schedule that raises is ignored."""
     try:
         st.probe.schedule.observe(**times)

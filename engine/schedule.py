@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,8 +44,16 @@ class Schedule:
         """A JSON-serialisable description, stored in the run's metadata."""
         return {"kind": type(self).__name__}
 
-    def observe(self, *, step_s: float | None = None, probe_s: float | None = None) -> None:
-        """Told the duration of a training step or of one evaluation of its probe (budget mode)."""
+    def observe(
+        self,
+        *,
+        step_s: float | None = None,
+        probe_s: float | None = None,
+        busy: bool = False,
+        copy_s: float | None = None,
+    ) -> None:
+        """Told the duration of a training step (and whether its probe was running during it),
+        of one evaluation of its probe, or of its weight snapshot (budget mode)."""
 
     def state(self) -> dict | None:
         """What an adaptive schedule has learned so far (budget mode), for the run's summary."""
@@ -184,17 +194,23 @@ class Budget(Schedule):
     """Frames as often as a cost budget allows: ``fraction`` of the training time.
 
     The Monitor reports the wall time of every training step (between consecutive optimizer
-    steps, from the training thread) and of every evaluation of the probe, its weight snapshot
-    included (CUDA events on a GPU, clocks on the CPU). Both are smoothed (exponential moving
-    averages, weight 0.2), and the probe is due when ``interval`` steps have passed since its
-    last frame, where ``interval = ceil(probe_time / (fraction * step_time))``, between 1 and
-    ``max_interval``. Until both are measured the interval is ``start``. The cost counted is
-    the probe's whole evaluation time, as if it ran in the training thread, which bounds what
-    a probe running beside training can take from it. Step 0 is always probed. One Budget
-    belongs to one probe.
+    steps, without the Monitor's own work) and whether this probe was running meanwhile, and
+    the end of every evaluation with its time and its weight snapshot's. What a frame costs
+    training is measured, not assumed: the steps that ran beside the evaluation took longer
+    than idle steps do, and the frame's cost is that excess, summed over those steps, plus the
+    snapshot's copy, which the training thread pays itself. Until an idle step time is known
+    (the median of the last ``WINDOW`` idle steps, at least ``MIN_SAMPLES`` of them, so that a
+    pause in training does not pass for a step) and one frame has been measured, the whole
+    evaluation counts, as if it ran in the training thread. The cost is the median of the last
+    five frames'. The probe is due when ``interval`` steps have passed since its last frame,
+    ``interval = ceil(cost / (fraction * idle_step))`` between 1 and ``max_interval``, and
+    ``start`` until the first measurements. Step 0 is always probed. One Budget belongs to one
+    probe.
     """
 
-    SMOOTHING = 0.2
+    WINDOW = 25
+    MIN_SAMPLES = 5
+    FRAMES = 5
 
     def __init__(self, fraction: float, *, start: int = 10, max_interval: int = 100_000):
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
@@ -203,8 +219,10 @@ class Budget(Schedule):
         self.start = positive_int("Schedule.budget(start=)", start)
         self.max_interval = positive_int("Schedule.budget(max_interval=)", max_interval)
         self.interval = self.start
-        self.step_s: float | None = None
-        self.probe_s: float | None = None
+        self._idle: deque[float] = deque(maxlen=self.WINDOW)
+        self._probe: deque[float] = deque(maxlen=self.WINDOW)
+        self._frames: deque[float] = deque(maxlen=self.FRAMES)  # measured cost of recent frames
+        self._beside: list[float] = []  # steps that ran beside the evaluation in flight
         self.changes: list[tuple[int, int]] = []  # (step, new interval)
         self._last = 0
         self._step = 0
@@ -216,34 +234,72 @@ class Budget(Schedule):
             return True
         return False
 
-    def observe(self, *, step_s: float | None = None, probe_s: float | None = None) -> None:
-        a = self.SMOOTHING
+    @property
+    def step_s(self) -> float | None:
+        """Typical time of a step while the probe is idle (None until enough are seen)."""
+        return statistics.median(self._idle) if len(self._idle) >= self.MIN_SAMPLES else None
+
+    @property
+    def probe_s(self) -> float | None:
+        """Typical time of one evaluation, snapshot included."""
+        return statistics.median(self._probe) if self._probe else None
+
+    @property
+    def cost_s(self) -> float | None:
+        """What one frame costs training, as measured so far (None before any measurement)."""
+        if self._frames:
+            return statistics.median(self._frames)
+        return self.probe_s  # nothing measured beside training yet: count it as if serial
+
+    def observe(
+        self,
+        *,
+        step_s: float | None = None,
+        probe_s: float | None = None,
+        busy: bool = False,
+        copy_s: float | None = None,
+    ) -> None:
         if step_s is not None and step_s > 0:
-            self.step_s = step_s if self.step_s is None else (1 - a) * self.step_s + a * step_s
+            (self._beside if busy else self._idle).append(step_s)
         if probe_s is not None and probe_s >= 0:
-            self.probe_s = probe_s if self.probe_s is None else (1 - a) * self.probe_s + a * probe_s
-        if self.step_s is None or self.probe_s is None:
+            self._probe.append(probe_s)
+            idle = self.step_s
+            if idle is not None and self._beside:
+                excess = sum(max(t - idle, 0.0) for t in self._beside)
+                self._frames.append(excess + (copy_s or 0.0))
+            self._beside.clear()
+        self._adapt()
+
+    def _adapt(self) -> None:
+        cost, step = self.cost_s, self.step_s
+        if cost is None or step is None:
             return
-        wanted = math.ceil(self.probe_s / (self.fraction * self.step_s) - 1e-9)
+        wanted = math.ceil(cost / (self.fraction * step) - 1e-9)
         interval = min(max(wanted, 1), self.max_interval)
         if interval != self.interval:
             previous, self.interval = self.interval, interval
             if not self.changes or abs(interval - previous) > 0.25 * previous:
                 self.changes.append((self._step, interval))
                 log.info(
-                    "Schedule.budget(%g): probe %.2f ms, step %.2f ms -> every %d steps",
-                    self.fraction, self.probe_s * 1e3, self.step_s * 1e3, interval,
+                    "Schedule.budget(%g): a frame costs training %.2f ms (evaluation %.2f ms), a step "
+                    "%.2f ms -> every %d steps",
+                    self.fraction, cost * 1e3, (self.probe_s or 0.0) * 1e3, step * 1e3, interval,
                 )  # fmt: skip
 
     def describe(self) -> dict:
         return {"kind": "budget", "fraction": self.fraction, "start": self.start}
 
     def state(self) -> dict:
+        def ms(x: float | None) -> float | None:
+            return None if x is None else round(x * 1e3, 4)
+
         return {
             "fraction": self.fraction,
             "interval": self.interval,
-            "probe_ms": None if self.probe_s is None else round(self.probe_s * 1e3, 4),
-            "step_ms": None if self.step_s is None else round(self.step_s * 1e3, 4),
+            "cost_ms": ms(self.cost_s),
+            "probe_ms": ms(self.probe_s),
+            "step_ms": ms(self.step_s),
+            "frames_measured": len(self._frames),
             "changes": self.changes[-50:],
         }
 

@@ -82,19 +82,48 @@ def test_final_frame_after_the_last_epoch_carries_that_epoch(mlp, blobs, recordi
 def test_budget_interval_is_probe_time_over_fraction_of_step_time():
     budget = Schedule.budget(0.05, start=7)
     assert fired(budget, 30) == [0, 7, 14, 21, 28]  # nothing measured yet: the start interval
-    budget.observe(step_s=0.010)
-    budget.observe(probe_s=0.005)  # 5 ms of probe per 10 ms step at 5 %: every 10 steps
+    budget.observe(probe_s=0.005)  # no step seen beside it: counted as if serial
+    for _ in range(4):
+        budget.observe(step_s=0.010)
+    assert budget.interval == 7  # four idle steps are too few to go by
+    budget.observe(step_s=0.010)  # 5 ms of probe per 10 ms step at 5 %: every 10 steps
     assert budget.interval == 10
     assert [s for s in range(29, 80) if budget.due(StepInfo(s, 0))] == [38, 48, 58, 68, 78]
-    for _ in range(40):  # the step gets 4x slower: the smoothed interval falls towards 3
+    for _ in range(40):  # the step gets 4x slower: the median follows, the interval falls to 3
         budget.observe(step_s=0.040)
+    assert budget.interval == 3
+    for _ in range(5):  # a few pauses in training (validation, a checkpoint) are not steps
+        budget.observe(step_s=5.0)
     assert budget.interval == 3
     state = budget.state()
     assert state["fraction"] == 0.05 and state["interval"] == 3 and state["changes"][0][1] == 10
     assert budget.describe() == {"kind": "budget", "fraction": 0.05, "start": 7}
     never_slower = Schedule.budget(0.5, max_interval=4)
-    never_slower.observe(step_s=0.001, probe_s=1.0)
+    never_slower.observe(probe_s=1.0)
+    for _ in range(5):
+        never_slower.observe(step_s=0.001)
     assert never_slower.interval == 4
+
+
+def test_budget_counts_what_a_frame_costs_training_not_the_evaluation_time():
+    budget = Schedule.budget(0.05)
+    for _ in range(5):
+        budget.observe(step_s=0.010)
+    budget.observe(step_s=3.0)  # a pause between steps: the median ignores it
+    for _ in range(5):  # a 50 ms evaluation beside training: its five steps took 2 ms longer each
+        budget.observe(step_s=0.012, busy=True)
+    budget.observe(probe_s=0.050, copy_s=0.0001)
+    assert budget.cost_s == pytest.approx(5 * 0.002 + 0.0001) and budget.interval == 21
+    budget.observe(step_s=0.030, busy=True)  # one step waits 20 ms (a lock held): that counts
+    budget.observe(probe_s=0.050, copy_s=0.0001)
+    assert budget.state()["frames_measured"] == 2 and budget.cost_s == pytest.approx(0.0151)
+    free = Schedule.budget(0.05)
+    for _ in range(5):
+        free.observe(step_s=0.010)
+    for _ in range(5):
+        free.observe(step_s=0.009, busy=True)  # no contention: only the snapshot's copy is paid
+    free.observe(probe_s=0.050, copy_s=0.0002)
+    assert free.cost_s == pytest.approx(0.0002) and free.interval == 1
 
 
 @pytest.mark.parametrize("bad", [0, -0.1, 1.5, "2%", True])
@@ -103,11 +132,10 @@ def test_budget_rejects_fractions_outside_zero_to_one(bad):
         Schedule.budget(bad)
 
 
-def test_monitor_adapts_a_budget_to_the_measured_times_and_records_it(mlp, tmp_path):
-    """A 12 ms probe, ~1.5 ms steps, a 20 % budget: about one frame in 40 steps."""
+def test_monitor_feeds_a_budget_and_records_what_it_chose(mlp, tmp_path):
     import time
 
-    from probescope import Probe
+    from probescope import Probe, open_run
 
     class Slow(Probe):
         def evaluate(self, model, context):
@@ -116,23 +144,15 @@ def test_monitor_adapts_a_budget_to_the_measured_times_and_records_it(mlp, tmp_p
 
     probe = Slow(name="slow", schedule=Schedule.budget(0.2, start=5))
     with Monitor(mlp, [probe], run_dir=tmp_path / "run", final_frame=False) as mon:
-        for _ in range(400):
+        for _ in range(200):
             time.sleep(0.0015)
             mon.step()
-    summary = mon.summary()["probes"]["slow"]
-    state = summary["schedule"]
-    assert 15 <= state["interval"] <= 80, state
-    assert 0.01 <= state["probe_ms"] / 1e3 <= 0.05 and 0.0015 <= state["step_ms"] / 1e3 <= 0.01
-    frames = summary["frames"]
-    assert 400 / 80 <= frames <= 400 / 15 + 8, summary  # + the first frames at the start interval
-    probe_time = summary["total_ms"]
-    assert probe_time / (400 * state["step_ms"]) < 0.2 * 1.6  # within the budget, start-up included
-    from probescope import open_run
-
-    assert (
-        open_run(tmp_path / "run").meta["summary"]["probes"]["slow"]["schedule"]["interval"]
-        == state["interval"]
-    )
+    state = mon.summary()["probes"]["slow"]["schedule"]
+    assert state["probe_ms"] >= 10.0 and state["step_ms"] >= 1.4  # measured, not defaults
+    assert state["cost_ms"] is not None and state["frames_measured"] >= 1
+    assert 1 <= state["interval"] <= 100_000 and mon.summary()["probes"]["slow"]["frames"] >= 2
+    recorded = open_run(tmp_path / "run").meta["summary"]["probes"]["slow"]["schedule"]
+    assert recorded["interval"] == state["interval"] and recorded["fraction"] == 0.2
 
 
 def test_a_budget_belongs_to_one_probe(mlp, recording_probe):
