@@ -168,3 +168,27 @@ def test_numba_kernels_release_the_gil_so_training_threads_keep_running(op):
     # Holding the GIL, the kernel would leave this loop a tick or two; released, the loop
     # spins freely (tens of thousands of ticks a second) for the kernel's whole duration.
     assert ticks > 2000 * max(alone, 0.01), (ticks, alone)
+
+
+def test_numba_kernels_leave_the_callers_torch_thread_count_alone():
+    """Numba's OpenMP layer sets the calling thread's OpenMP thread count when it starts, and
+    torch shares that setting: a probe compiling at attach in the training thread once turned
+    the user's torch.set_num_threads(1) into 2, oversubscribing the cores the probe worker
+    uses (a loop beside a GridProbe ran 3x slower). A fresh interpreter, so that Numba starts."""
+    pytest.importorskip("numba")
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from torch import nn
+torch.set_num_threads(1)
+from probescope.kernels import GridSpec, grid_mlp, tensor_stats
+model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 3))
+grid_mlp(model, GridSpec.rectangle((-1.0, 1.0, -1.0, 1.0), 33, 17), impl="numba")
+tensor_stats(torch.randn(1000), impl="numba")
+print(torch.get_num_threads())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "1"

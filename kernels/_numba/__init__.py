@@ -3,3 +3,35 @@
 # Fast-math without the no-NaN/no-Inf assumptions: non-finite values must survive, so that a
 # diverging model shows up as non-finite pixels instead of silently wrong colours.
 FASTMATH = {"contract", "reassoc", "arcp", "afn", "nsz"}
+
+
+def threads_aware(kernel):
+    """``kernel`` (a parallel Numba kernel), or its serial twin when the calling thread allows
+    Numba a single thread (the probe worker's default).
+
+    Under Numba's OpenMP threading layer a parallel region starts a team of every thread even
+    when all but one are masked off, and the idle ones spin after it, on the cores training
+    uses. The serial twin (the same code with ``prange`` as ``range``) starts no team.
+    """
+    import numba
+    import torch
+
+    options = {k: v for k, v in kernel.targetoptions.items() if k in ("fastmath", "nogil", "boundscheck")}
+    serial = numba.njit(parallel=False, cache=True, **options)(kernel.py_func)
+
+    def call(*args):
+        # Numba's OpenMP layer sets the calling thread's OpenMP thread count when it starts
+        # and when it runs a parallel kernel, and torch shares that setting: a kernel run in
+        # the training thread (a probe compiling at attach) would silently undo the user's
+        # torch.set_num_threads. Put it back.
+        threads = torch.get_num_threads()
+        try:
+            return (serial if numba.get_num_threads() == 1 else kernel)(*args)
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+
+    call.parallel, call.serial = kernel, serial
+    call.__name__ = call.__qualname__ = kernel.__name__
+    call.__doc__ = kernel.__doc__
+    return call

@@ -8,7 +8,7 @@ import numba
 import numpy as np
 import torch
 
-from probescope.kernels._numba import FASTMATH
+from probescope.kernels._numba import FASTMATH, threads_aware
 from probescope.kernels.colormap import BOUNDARY_INK, BOUNDARY_PALE, DIVERGING_ANCHORS, MODES, NONFINITE_RGBA
 
 _INK = np.asarray(BOUNDARY_INK, np.float32)
@@ -60,6 +60,9 @@ def probs_to_rgba_kernel(probs, palette, out, mode, class_index, ink, pale, anch
                 value = anchors[j, ch] + (anchors[j + 1, ch] - anchors[j, ch]) * (q - lo)
             out[i, ch] = _byte(value)
         out[i, 3] = 255
+
+
+probs_to_rgba_kernel = threads_aware(probs_to_rgba_kernel)
 
 
 def probs_to_rgba_numba(

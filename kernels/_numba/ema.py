@@ -6,7 +6,7 @@ import numba
 import numpy as np
 import torch
 
-from probescope.kernels._numba import FASTMATH
+from probescope.kernels._numba import FASTMATH, threads_aware
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
@@ -18,6 +18,9 @@ def ema_frames_kernel(frames, state, out, alpha):
             s += alpha * (frames[t, i] - s)
             out[t, i] = s
         state[i] = s
+
+
+ema_frames_kernel = threads_aware(ema_frames_kernel)
 
 
 def ema_frames_numba(frames: torch.Tensor, alpha: float, state: torch.Tensor | None) -> torch.Tensor:

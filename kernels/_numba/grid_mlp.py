@@ -16,7 +16,7 @@ import numba
 import numpy as np
 import torch
 
-from probescope.kernels._numba import FASTMATH
+from probescope.kernels._numba import FASTMATH, threads_aware
 from probescope.kernels.grid_mlp import OUTPUT_CODES, FusableMLP, GridSpec
 
 BLOCK = 64
@@ -110,6 +110,9 @@ def grid_mlp_kernel(out, plane, weights, w_offsets, biases, b_offsets, widths, a
             a, b = b, a
             n_in = n_out
         _write_outputs(out, start, rows, a, n_in, u, v, out_mode)  # u, v: free scratch now
+
+
+grid_mlp_kernel = threads_aware(grid_mlp_kernel)
 
 
 @numba.njit(fastmath=FASTMATH, nogil=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numba
 import torch
 
-from probescope.kernels._numba import FASTMATH
+from probescope.kernels._numba import FASTMATH, threads_aware
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
@@ -16,6 +16,9 @@ def interpolate_frames_kernel(first, second, weights, out):
         delta = second[i] - a
         for j in range(weights.shape[0]):
             out[j, i] = a + delta * weights[j]
+
+
+interpolate_frames_kernel = threads_aware(interpolate_frames_kernel)
 
 
 def interpolate_frames_numba(

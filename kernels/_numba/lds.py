@@ -8,6 +8,8 @@ import numba
 import numpy as np
 import torch
 
+from probescope.kernels._numba import threads_aware
+
 
 @numba.njit(inline="always")
 def _bin_index(x, lo, scale, n_bins):
@@ -27,6 +29,9 @@ def gather_kernel(labels, bin_weights, out, lo, scale):
     n_bins = bin_weights.shape[0]
     for i in numba.prange(labels.shape[0]):
         out[i] = bin_weights[_bin_index(labels[i], lo, scale, n_bins)]
+
+
+gather_kernel = threads_aware(gather_kernel)
 
 
 def histogram_numba(labels: torch.Tensor, lo: float, scale: float, n_bins: int) -> torch.Tensor:

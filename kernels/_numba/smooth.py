@@ -5,7 +5,7 @@ from __future__ import annotations
 import numba
 import torch
 
-from probescope.kernels._numba import FASTMATH
+from probescope.kernels._numba import FASTMATH, threads_aware
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
@@ -17,6 +17,9 @@ def smooth_1d_kernel(values, window, out):
         for t in range(max(0, half - i), min(width, n + half - i)):
             acc += window[t] * values[i + t - half]
         out[i] = acc
+
+
+smooth_1d_kernel = threads_aware(smooth_1d_kernel)
 
 
 def smooth_1d_numba(values: torch.Tensor, window: torch.Tensor) -> torch.Tensor:

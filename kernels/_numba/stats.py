@@ -8,6 +8,8 @@ import numba
 import numpy as np
 import torch
 
+from probescope.kernels._numba import threads_aware
+
 CHUNK = 16384
 
 
@@ -39,6 +41,9 @@ def tensor_stats_partials_kernel(x, near_zero, partials):
                 m2 += (v - mean) * (v - mean)
         partials[c, 0], partials[c, 1], partials[c, 2], partials[c, 3] = count, total, m2, l1
         partials[c, 4], partials[c, 5], partials[c, 6], partials[c, 7] = sumsq, biggest, small, bad
+
+
+tensor_stats_partials_kernel = threads_aware(tensor_stats_partials_kernel)
 
 
 def tensor_stats_partials_numba(x: torch.Tensor, near_zero: float) -> torch.Tensor:
