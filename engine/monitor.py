@@ -35,6 +35,7 @@ class _ProbeState:
     busy: bool = False
     last_step: int = -1
     recorded_seq: int = -1
+    adaptive: bool = False  # its schedule learns from timings (budget mode)
 
 
 class Monitor:
@@ -80,8 +81,8 @@ class Monitor:
             raise ValueError(
                 f"Monitor: probe names must be unique; {duplicates} repeat (give each probe a name=...)"
             )
-        schedules = [id(p.schedule) for p in probes if p.schedule.state() is not None]
-        if len(schedules) != len(set(schedules)):
+        adaptive = [id(p.schedule) for p in probes if p.schedule.state() is not None]
+        if len(adaptive) != len(set(adaptive)):
             raise ValueError("Monitor: each probe needs its own Schedule.budget(...); two probes share one")
         positive_int("Monitor: probe_threads", probe_threads)
         positive_int("Monitor: ring_capacity", ring_capacity)
@@ -96,8 +97,14 @@ class Monitor:
         self._pool = SnapshotPool(model, snapshot, grads=any(p.needs_grads for p in probes))
         self._wake = threading.Event()
         self._probes = {
-            p.name: _ProbeState(p, FrameRing(p.name, ring_capacity, on_commit=self._wake.set)) for p in probes
+            p.name: _ProbeState(
+                p,
+                FrameRing(p.name, ring_capacity, on_commit=self._wake.set),
+                adaptive=id(p.schedule) in adaptive,
+            )
+            for p in probes
         }
+        self._adaptive = [st for st in self._probes.values() if st.adaptive]
         self._callbacks = sorted([*probes, *callbacks], key=lambda c: c.order)
         self._run_dir, self._overwrite = run_dir, overwrite
         self._final_frame, self._close_timeout = final_frame, close_timeout
@@ -282,7 +289,7 @@ class Monitor:
             self.start()
         if self._t_last_step is not None:  # the step's time, without this method's own work
             step_s = time.perf_counter() - self._t_last_step
-            for st in self._probes.values():
+            for st in self._adaptive:
                 _observe(st, step_s=step_s, busy=st.busy)
         self._step += 1
         self._last_step_epoch = self._epoch
@@ -431,7 +438,7 @@ class Monitor:
                     "enabled": st.enabled,
                     "frames": st.ring.written,
                     "dropped": st.ring.dropped,
-                    **({"schedule": state} if (state := _schedule_state(st)) is not None else {}),
+                    **({"schedule": _schedule_state(st)} if st.adaptive else {}),
                 }
                 for name, st in self._probes.items()
             },
@@ -490,7 +497,8 @@ class _Job:
         st.stats.run += 1
         st.stats.total_ms += ms
         st.stats.last_ms = ms
-        _observe(st, probe_s=ms / 1000.0 + self.copy_s, copy_s=self.copy_s)
+        if st.adaptive:
+            _observe(st, probe_s=ms / 1000.0 + self.copy_s, copy_s=self.copy_s)
 
 
 def _schedule_state(st: _ProbeState) -> dict | None:

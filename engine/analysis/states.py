@@ -14,6 +14,7 @@ mean position in training, so state 0 is where runs start.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -183,33 +184,30 @@ def latent_states(
     train, held = _split(z)
     jobs = [(k, random_state + r) for k in candidates for r in range(restarts)]
     fitted = _run_jobs([(train, k, seed, n_iter) for k, seed in jobs], n_jobs, progress, "fitting candidates")
-    selection = []
+    x_train, l_train = _xl(train)
+    x_held, l_held = _xl(held)
+    selection, best_fit = [], {}
     for k in candidates:
         fits = [f for (kk, _), f in zip(jobs, fitted, strict=True) if kk == k and f is not None]
         if not fits:
             continue
-        best = max(fits, key=lambda m: m.score(*_xl(train)))
-        x_train, l_train = _xl(train)
-        x_held, l_held = _xl(held)
+        scores = [m.score(x_train, l_train) for m in fits]
+        best_fit[k] = best = fits[int(np.argmax(scores))]
         selection.append(
             {
                 "n_states": k,
                 "bic": float(best.bic(x_train, l_train)),
-                "train_loglik": float(best.score(x_train, l_train) / len(x_train)),
+                "train_loglik": float(max(scores) / len(x_train)),
                 "heldout_loglik": float(best.score(x_held, l_held) / len(x_held))
                 if len(x_held)
-                else float("nan"),
+                else math.nan,
             }
         )
     if not selection:
         raise RuntimeError("no hidden Markov model could be fitted to these series")
     chosen = min(selection, key=lambda row: row["bic"])["n_states"]
-
-    # The chosen candidate, refitted on every run from the best training-split fit.
-    best = max(
-        (f for (k, _), f in zip(jobs, fitted, strict=True) if k == chosen and f is not None),
-        key=lambda m: m.score(*_xl(train)),
-    )
+    # The chosen candidate, refitted on every run from its best training-split fit.
+    best = best_fit[chosen]
     model = _refit(best, z, n_iter)
     return _describe(model, series, z, names, dropped, selection, (mean, std))
 

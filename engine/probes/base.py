@@ -155,6 +155,50 @@ def to_model(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch
     return x.to(device, non_blocking=True)
 
 
+class ValidSet:
+    """Held-out data a probe scores the snapshot on: ``valid_loss`` and named metrics.
+
+    ``valid=(x, y)`` needs ``loss_fn(pred, target)``; ``metrics`` are ``{name: fn(pred, target)}``
+    and need ``valid``. Arguments are checked here, before any training. ``valid=None`` with
+    no metrics gives an empty set (``bool(valid_set)`` is False).
+    """
+
+    def __init__(self, owner: str, valid, loss_fn, metrics, batch_size: int):
+        self.metrics = dict(metrics or {})
+        for key, fn in self.metrics.items():
+            if not callable(fn):
+                raise TypeError(f"{owner}: metric {key!r} must be callable(pred, target)")
+        self.x = self.y = None
+        if valid is not None:
+            if len(valid) != 2:
+                raise ValueError(f"{owner}: valid must be a pair (x, y)")
+            self.x = as_input_tensor("valid x", valid[0], owner=owner)
+            y = valid[1]
+            self.y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).detach().cpu()
+            if self.y.shape[0] != self.x.shape[0]:
+                raise ValueError(f"{owner}: valid x has {self.x.shape[0]} samples, y has {self.y.shape[0]}")
+            if loss_fn is None:
+                raise ValueError(f"{owner}: valid data needs a loss_fn(pred, target)")
+        elif self.metrics:
+            raise ValueError(f"{owner}: metrics are evaluated on valid data; pass valid=(x, y)")
+        self.loss_fn, self.batch_size = loss_fn, batch_size
+
+    def __bool__(self) -> bool:
+        return self.x is not None
+
+    @property
+    def names(self) -> list[str]:
+        """``valid_loss`` and the metrics, in the order ``evaluate`` returns them."""
+        return ["valid_loss", *self.metrics]
+
+    def evaluate(self, model: nn.Module) -> list[float]:
+        """The loss and each metric of ``model`` on the data."""
+        pred = batched_forward(model, self.x, self.batch_size)
+        if pred.shape[1] == 1 and self.y.dim() == 1 and self.y.is_floating_point():
+            pred = pred[:, 0]
+        return [float(self.loss_fn(pred, self.y))] + [float(fn(pred, self.y)) for fn in self.metrics.values()]
+
+
 def check_forward(owner: str, model: nn.Module, sample: torch.Tensor) -> torch.Tensor:
     """Run the model once on ``sample``; turn a shape error into a sentence about the input."""
     device, dtype = model_device_dtype(model)

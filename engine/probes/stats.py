@@ -23,8 +23,8 @@ from probescope.kernels.stats import STAT_NAMES, spectral_norm, tensor_stats
 from probescope.probes.base import (
     Probe,
     ProbeContext,
+    ValidSet,
     as_input_tensor,
-    batched_forward,
     check_forward,
     model_device_dtype,
     to_model,
@@ -100,19 +100,7 @@ class StatsProbe(Probe):
             raise ValueError(f"{owner}: near_zero must be >= 0, got {near_zero!r}")
         self.spectral, self.spectral_iterations, self.near_zero = spectral, spectral_iterations, near_zero
         self.needs_grads = "grads" in self.targets
-        self.valid_x = self.valid_y = None
-        self.metrics = dict(metrics or {})
-        if valid is not None:
-            if len(valid) != 2 or loss_fn is None:
-                raise ValueError(f"{owner}: valid must be a pair (x, y) and needs a loss_fn(pred, target)")
-            self.valid_x = as_input_tensor("valid x", valid[0], owner=owner)
-            y = valid[1]
-            self.valid_y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).cpu()
-            if self.valid_y.shape[0] != self.valid_x.shape[0]:
-                raise ValueError(f"{owner}: valid x and y differ in length")
-        elif self.metrics:
-            raise ValueError(f"{owner}: metrics are evaluated on valid data; pass valid=(x, y)")
-        self.loss_fn, self.batch_size = loss_fn, batch_size
+        self.valid = ValidSet(owner, valid, loss_fn, metrics, batch_size)
         self.parameters: list[str] = []  # qualified parameter names
         self.modules: list[str] = []  # modules whose outputs are measured
         self.columns: list[str] = []
@@ -143,8 +131,8 @@ class StatsProbe(Probe):
             self._check_outputs(model)
         if not self.parameters and "activations" not in self.targets:
             raise ValueError(f"{owner}: the hook patterns {self.patterns} match no module with parameters")
-        if self.valid_x is not None:
-            check_forward(owner, model, self.valid_x[:2])
+        if self.valid:
+            check_forward(owner, model, self.valid.x[:2])
         named = dict(model.named_parameters())
         self._matrices = {q for q in self.parameters if named[q].dim() >= 2}
         self.columns = self._column_names()
@@ -184,8 +172,7 @@ class StatsProbe(Probe):
                         columns.append(f"weight/{p}/spectral")
         for m in self.modules:
             columns += [f"act/{m}/{s}" for s in STAT_NAMES]
-        if self.valid_x is not None:
-            columns += ["loss/valid_loss"] + [f"loss/{k}" for k in self.metrics]
+        columns += [f"loss/{k}" for k in self.valid.names] if self.valid else []
         return columns
 
     # ---- evaluation ---------------------------------------------------------------------
@@ -214,11 +201,10 @@ class StatsProbe(Probe):
                     parts.append(self._spectral(qualified, p.detach()).to(torch.float64))
         if "activations" in self.targets:
             parts += self._activation_stats(model, device, nan)
-        values = torch.cat([t.reshape(-1) for t in parts]).cpu() if parts else torch.zeros(0)
-        if self.valid_x is not None:
-            values = torch.cat([values.to(torch.float64), self._valid_metrics(model)])
-        values = values.to(torch.float64).numpy()
-        frame: dict[str, Any] = {"values": values}
+        values = torch.cat([t.reshape(-1) for t in parts]).cpu().numpy() if parts else np.zeros(0)
+        if self.valid:
+            values = np.concatenate([values, self.valid.evaluate(model)])
+        frame: dict[str, Any] = {"values": values.astype(np.float64)}
         frame.update(self._history_means(context))
         self._last_step = context.step
         return frame
@@ -240,16 +226,6 @@ class StatsProbe(Probe):
         with _ForwardHooks(model, self.modules, measure), torch.no_grad():
             model(to_model(self.batch, *model_device_dtype(model)))
         return [found.get(m, nan) for m in self.modules]
-
-    def _valid_metrics(self, model: nn.Module) -> torch.Tensor:
-        pred = batched_forward(model, self.valid_x, self.batch_size)
-        target = self.valid_y
-        if pred.shape[1] == 1 and target.dim() == 1 and target.is_floating_point():
-            pred = pred[:, 0]
-        values = [float(self.loss_fn(pred, target))] + [
-            float(fn(pred, target)) for fn in self.metrics.values()
-        ]
-        return torch.tensor(values, dtype=torch.float64)
 
     def _history_means(self, context: ProbeContext) -> dict[str, np.ndarray]:
         out = {}
