@@ -2,6 +2,7 @@
 # Runs on a lent GPU machine whose python3 already has torch, triton, numba and pytest:
 # installs probescope without touching those, then runs the named steps, logs under $OUT.
 #   bash benchmarks/on_device.sh [tests] [tune] [kernels] [overhead] ...
+# STEP_TIMEOUT (seconds, default 900) bounds each step, so one slow step leaves time for the rest.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-benchmark-results}
 mkdir -p "$OUT"
@@ -11,10 +12,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton, numba; print('torch', torch.__version__, 'triton', triton.__version__, 'numba', numba.__version__)"
 for step in "$@"; do
   echo "=== $step $(date -Is)"
+  T="timeout ${STEP_TIMEOUT:-900}"
   case $step in
-    tests) python3 -m pytest -q -p no:cacheprovider -x --timeout 300 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
-    tests-all) python3 -m pytest -q -p no:cacheprovider --timeout 300 2>&1 | tee "$OUT/pytest.log" | tail -60 ;;
-    tune) python3 -m benchmarks.tune_grid_mlp --out "$OUT" 2>&1 | tee "$OUT/tune.log" ;;
-    *) python3 -m benchmarks "$step" --device cuda --out "$OUT/$step" 2>&1 | tee "$OUT/$step.log" | grep -v '%|' ;;
+    tests) $T python3 -m pytest -q -p no:cacheprovider -x --timeout 300 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
+    tests-all) $T python3 -m pytest -q -p no:cacheprovider --timeout 300 2>&1 | tee "$OUT/pytest.log" | tail -60 ;;
+    tune) $T python3 -m benchmarks.tune_grid_mlp --out "$OUT" 2>&1 | tee "$OUT/tune.log" ;;
+    *) $T python3 -m benchmarks "$step" --device cuda --out "$OUT/$step" 2>&1 | tee "$OUT/$step.log" | grep -v '%|' ;;
   esac
 done

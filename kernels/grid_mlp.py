@@ -43,6 +43,10 @@ FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Measured on a 2-core CPU (benchmarks/RESULTS.md): the fused Numba kernel beats torch up to
 # width 256 and loses to BLAS at 1024, so impl="auto" sends wider CPU MLPs to torch.
 NUMBA_MAX_AUTO_WIDTH = 256
+# Measured on an H100 (benchmarks/RESULTS.md, 2026-11-23): the fused Triton kernel beats torch
+# eager for 16-bit MLPs up to width 256 and fp32 ones up to 64 (its exact fp32 products run
+# on the CUDA cores); wider ones go to torch's matrix products under impl="auto".
+TRITON_MAX_AUTO_WIDTH = {torch.float32: 64, torch.float16: 256, torch.bfloat16: 256}
 
 
 class NotFusableError(ValueError):
@@ -364,9 +368,7 @@ def grid_mlp(
     if mlp is None:
         result = module_forward_on_grid(model, grid, output, batch_size)
         return result if out is None else out.copy_(result.reshape(out.shape))
-    kind = choose_impl("grid_mlp", mlp.device, impl)
-    if impl == "auto" and kind == "numba" and max(mlp.widths) > NUMBA_MAX_AUTO_WIDTH:
-        kind = "torch"  # wide layers are matrix products: the CPU BLAS behind torch wins there
+    kind = _auto_kind(mlp, impl)
     if kind == "torch":
         result = _torch_eager(mlp, grid, output, batch_size)
         return result if out is None else out.copy_(result.reshape(out.shape))
@@ -408,7 +410,17 @@ def fused_path(model: nn.Module, impl: str = "auto") -> str:
         mlp = FusableMLP.from_module(model)
     except NotFusableError as err:
         return f"module forward ({err})"
+    return _auto_kind(mlp, impl)
+
+
+def _auto_kind(mlp: FusableMLP, impl: str) -> str:
+    """The implementation for ``mlp``: ``impl`` if named, else the fastest measured one."""
     kind = choose_impl("grid_mlp", mlp.device, impl)
-    if impl == "auto" and kind == "numba" and max(mlp.widths) > NUMBA_MAX_AUTO_WIDTH:
+    if impl != "auto":
+        return kind
+    width = max(mlp.widths)
+    if kind == "numba" and width > NUMBA_MAX_AUTO_WIDTH:
+        return "torch"  # wide layers are matrix products: the CPU BLAS behind torch wins there
+    if kind == "triton" and width > TRITON_MAX_AUTO_WIDTH[mlp.dtype]:
         return "torch"
     return kind

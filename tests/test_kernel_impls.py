@@ -7,6 +7,8 @@ interpreter on CPU tensors (sizes kept small); with one, the same tests run on C
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -444,3 +446,14 @@ def test_spectral_norm_by_power_iteration_matches_svd(impl, shape):
     assert float(sigma) == pytest.approx(spectral_norm_reference(w), rel=1e-5)
     warm, _ = spectral_norm(w.reshape(shape), iterations=2, v=v, impl=impl)
     assert float(warm) == pytest.approx(float(sigma), rel=1e-5)
+
+
+def test_auto_on_cuda_sends_what_triton_does_slower_to_torch(monkeypatch):
+    # The widths measured on an H100 (benchmarks/RESULTS.md): 16-bit up to 256, fp32 up to 64.
+    gm = importlib.import_module("probescope.kernels.grid_mlp")  # the module, not the function
+    monkeypatch.setattr(gm, "choose_impl", lambda op, device, impl: "triton" if impl == "auto" else impl)
+    assert gm.fused_path(make_mlp((2, 64, 64, 3))) == "triton"
+    assert gm.fused_path(make_mlp((2, 128, 3))) == "torch"
+    assert gm.fused_path(make_mlp((2, 256, 256, 7), dtype=torch.bfloat16)) == "triton"
+    assert gm.fused_path(make_mlp((2, 1024, 10), dtype=torch.float16)) == "torch"
+    assert gm.fused_path(make_mlp((2, 1024, 10)), impl="triton") == "triton"

@@ -9,6 +9,14 @@ pair's second layer, so a full-width hidden layer never has to exist anywhere, a
 layer is one plain product. Softmax (or the sigmoid pair) runs on the logits in registers,
 and only the (pixels, classes) probabilities are stored.
 
+Activations are held transposed, (units, pixels), and every product is weights @ activations:
+the weight tile is the matrix units' A operand, loaded from memory, and the activations are
+the B operand. The row-major form (activations @ weights, activations as A operand straight
+from registers) is miscompiled by Triton 3.6 on Hopper when two products are chained in the
+loop (wrong sums with BLOCK_N = 64, illegal addresses with bf16 64-wide layers; found on an
+H100 with benchmarks' diagnostics, recorded in benchmarks/RESULTS.md); this form is correct at
+every tile size tried.
+
 Widths are padded to powers of two with zero weights, so padded units contribute nothing.
 """
 
@@ -17,6 +25,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from probescope.kernels.backend import next_power_of_2, triton_interpreting
 from probescope.kernels.grid_mlp import OUTPUT_CODES, FusableMLP, GridSpec, output_width
@@ -45,30 +54,31 @@ def _activate(x, CODE: tl.constexpr, slope):
 
 
 @triton.jit
-def _dot(a, b, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """a @ b with fp32 accumulation; EMULATE rounds to DOT_DTYPE but multiplies in fp32."""
+def _dot(w, x, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """w @ x with fp32 accumulation, x rounded to DOT_DTYPE; EMULATE multiplies in fp32."""
     if EMULATE:
-        return tl.dot(a.to(DOT_DTYPE).to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(w.to(tl.float32), x.to(DOT_DTYPE).to(tl.float32), input_precision="ieee")
     if tl.float32 == DOT_DTYPE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a.to(DOT_DTYPE), b, out_dtype=tl.float32)
+        return tl.dot(w, x, input_precision="ieee")
+    return tl.dot(w, x.to(DOT_DTYPE), out_dtype=tl.float32)
 
 
 @triton.jit
 def _layer_pair(h, mid_w, mid_b, next_w, next_b, slope, MID_ACT: tl.constexpr, NEXT_ACT: tl.constexpr,
                 HIDDEN: tl.constexpr, NEXT: tl.constexpr, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """act(act(h @ W_mid + b_mid) @ W_next + b_next), the middle layer BLOCK_N units at a time."""
+                BLOCK_N: tl.constexpr):  # fmt: skip
+    """act(W_next^T act(W_mid^T h + b_mid) + b_next) on transposed activations h (HIDDEN, pixels),
+    the middle layer BLOCK_N units at a time. Weights are stored (in, out) row-major."""
     cols = tl.arange(0, HIDDEN)
     chunk = tl.arange(0, BLOCK_N)
     next_cols = tl.arange(0, NEXT)
-    acc = tl.zeros((BLOCK_M, NEXT), tl.float32)
+    acc = tl.zeros((NEXT, h.shape[1]), tl.float32)
     for n0 in range(0, HIDDEN, BLOCK_N):
-        w = tl.load(mid_w + cols[:, None] * HIDDEN + (n0 + chunk)[None, :])
-        z = _activate(_dot(h, w, DOT_DTYPE, EMULATE) + tl.load(mid_b + n0 + chunk)[None, :], MID_ACT, slope)
-        w2 = tl.load(next_w + (n0 + chunk)[:, None] * NEXT + next_cols[None, :])
-        acc += _dot(z, w2, DOT_DTYPE, EMULATE)
-    return _activate(acc + tl.load(next_b + next_cols)[None, :], NEXT_ACT, slope)
+        w = tl.load(mid_w + cols[None, :] * HIDDEN + (n0 + chunk)[:, None])  # (BLOCK_N, HIDDEN)
+        z = _activate(_dot(w, h, DOT_DTYPE, EMULATE) + tl.load(mid_b + n0 + chunk)[:, None], MID_ACT, slope)
+        w2 = tl.load(next_w + (n0 + chunk)[None, :] * NEXT + next_cols[:, None])  # (NEXT, BLOCK_N)
+        acc += _dot(w2, z, DOT_DTYPE, EMULATE)
+    return _activate(acc + tl.load(next_b + next_cols)[:, None], NEXT_ACT, slope)
 
 
 @triton.jit
@@ -82,57 +92,52 @@ def _grid_mlp_kernel(
     pid = tl.program_id(0)
     pixel = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row = pixel // width
-    u = (u0 + (pixel - row * width).to(tl.float32) * du)[:, None]
-    v = (v0 + row.to(tl.float32) * dv)[:, None]
+    u = (u0 + (pixel - row * width).to(tl.float32) * du)[None, :]
+    v = (v0 + row.to(tl.float32) * dv)[None, :]
     out_cols = tl.arange(0, OUT_PAD)
 
     if NUM_LINEAR == 1:
-        c0 = tl.load(plane_ptr + out_cols)[None, :]
-        cu = tl.load(plane_ptr + OUT_PAD + out_cols)[None, :]
-        cv = tl.load(plane_ptr + 2 * OUT_PAD + out_cols)[None, :]
-        logits = _activate(c0 + u * cu + v * cv, ACTS & 15, slope)
+        c0 = tl.load(plane_ptr + out_cols)[:, None]
+        cu = tl.load(plane_ptr + OUT_PAD + out_cols)[:, None]
+        cv = tl.load(plane_ptr + 2 * OUT_PAD + out_cols)[:, None]
+        logits = _activate(c0 + cu * u + cv * v, ACTS & 15, slope)
     else:
         cols = tl.arange(0, HIDDEN)
-        c0 = tl.load(plane_ptr + cols)[None, :]
-        cu = tl.load(plane_ptr + HIDDEN + cols)[None, :]
-        cv = tl.load(plane_ptr + 2 * HIDDEN + cols)[None, :]
-        h = _activate(c0 + u * cu + v * cv, ACTS & 15, slope)
-        # Linear layers 1 .. NUM_LINEAR-1, in pairs (middle, second).
-        for pair in tl.static_range((NUM_LINEAR - 1) // 2):
-            middle: tl.constexpr = 1 + 2 * pair
-            second: tl.constexpr = 2 + 2 * pair
-            mid_w = hidden_w_ptr + (middle - 1) * HIDDEN * HIDDEN
-            mid_b = hidden_b_ptr + (middle - 1) * HIDDEN
-            if second == NUM_LINEAR - 1:
-                h = _layer_pair(h, mid_w, mid_b, out_w_ptr, out_b_ptr, slope, (ACTS >> (4 * middle)) & 15,
-                                (ACTS >> (4 * second)) & 15, HIDDEN, OUT_PAD, DOT_DTYPE, EMULATE,
-                                BLOCK_M, BLOCK_N)  # fmt: skip
-            else:
-                sec_w = hidden_w_ptr + (second - 1) * HIDDEN * HIDDEN
-                sec_b = hidden_b_ptr + (second - 1) * HIDDEN
-                h = _layer_pair(h, mid_w, mid_b, sec_w, sec_b, slope, (ACTS >> (4 * middle)) & 15,
-                                (ACTS >> (4 * second)) & 15, HIDDEN, HIDDEN, DOT_DTYPE, EMULATE,
-                                BLOCK_M, BLOCK_N)  # fmt: skip
-        if (NUM_LINEAR - 1) % 2 == 1:
-            w = tl.load(out_w_ptr + cols[:, None] * OUT_PAD + out_cols[None, :])
-            logits = _dot(h, w, DOT_DTYPE, EMULATE) + tl.load(out_b_ptr + out_cols)[None, :]
-            logits = _activate(logits, (ACTS >> (4 * (NUM_LINEAR - 1))) & 15, slope)
+        c0 = tl.load(plane_ptr + cols)[:, None]
+        cu = tl.load(plane_ptr + HIDDEN + cols)[:, None]
+        cv = tl.load(plane_ptr + 2 * HIDDEN + cols)[:, None]
+        h = _activate(c0 + cu * u + cv * v, ACTS & 15, slope)  # (HIDDEN, BLOCK_M)
+        # Linear layers 1 .. NUM_LINEAR-1 in pairs (middle, second): first the pairs whose second
+        # layer is hidden, then either a last pair ending in the output layer or the output alone.
+        for pair in tl.static_range((NUM_LINEAR - 2) // 2):
+            h = _layer_pair(h, hidden_w_ptr + 2 * pair * HIDDEN * HIDDEN, hidden_b_ptr + 2 * pair * HIDDEN,
+                            hidden_w_ptr + (2 * pair + 1) * HIDDEN * HIDDEN,
+                            hidden_b_ptr + (2 * pair + 1) * HIDDEN, slope,
+                            (ACTS >> (4 * (2 * pair + 1))) & 15, (ACTS >> (4 * (2 * pair + 2))) & 15,
+                            HIDDEN, HIDDEN, DOT_DTYPE, EMULATE, BLOCK_N)  # fmt: skip
+        if (NUM_LINEAR - 1) % 2 == 0:
+            logits = _layer_pair(h, hidden_w_ptr + (NUM_LINEAR - 3) * HIDDEN * HIDDEN,
+                                 hidden_b_ptr + (NUM_LINEAR - 3) * HIDDEN, out_w_ptr, out_b_ptr, slope,
+                                 (ACTS >> (4 * (NUM_LINEAR - 2))) & 15, (ACTS >> (4 * (NUM_LINEAR - 1))) & 15,
+                                 HIDDEN, OUT_PAD, DOT_DTYPE, EMULATE, BLOCK_N)  # fmt: skip
         else:
-            logits = h
+            w = tl.load(out_w_ptr + cols[None, :] * OUT_PAD + out_cols[:, None])  # (OUT_PAD, HIDDEN)
+            logits = _dot(w, h, DOT_DTYPE, EMULATE) + tl.load(out_b_ptr + out_cols)[:, None]
+            logits = _activate(logits, (ACTS >> (4 * (NUM_LINEAR - 1))) & 15, slope)
 
     if OUT_MODE == 1:
-        logits = tl.where(out_cols[None, :] < NUM_OUT, logits, float("-inf"))
-        top = tl.max(logits, axis=1)
-        e = tl.exp(logits - top[:, None])
-        result = e / tl.sum(e, axis=1)[:, None]
+        logits = tl.where(out_cols[:, None] < NUM_OUT, logits, float("-inf"))
+        top = tl.max(logits, axis=0)
+        e = tl.exp(logits - top[None, :])
+        result = e / tl.sum(e, axis=0)[None, :]
     elif OUT_MODE == 2:
-        first = tl.sum(tl.where(out_cols[None, :] == 0, logits, 0.0), axis=1)
-        p = tl.sigmoid(first)[:, None]
-        result = tl.where(out_cols[None, :] == 0, 1.0 - p, p)
+        first = tl.sum(tl.where(out_cols[:, None] == 0, logits, 0.0), axis=0)
+        p = tl.sigmoid(first)[None, :]
+        result = tl.where(out_cols[:, None] == 0, 1.0 - p, p)
     else:
         result = logits
-    mask = (pixel < n_pixels)[:, None] & (out_cols[None, :] < OUT_COLS)
-    tl.store(out_ptr + pixel[:, None] * out_stride + out_cols[None, :], result, mask=mask)
+    mask = (pixel < n_pixels)[None, :] & (out_cols[:, None] < OUT_COLS)
+    tl.store(out_ptr + pixel[None, :] * out_stride + out_cols[:, None], result, mask=mask)
 
 
 def _pad(t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -164,11 +169,34 @@ def pack_layers(mlp: FusableMLP, hidden: int, out_pad: int, weight_dtype: torch.
 
 
 def launch_config(hidden: int, dtype: torch.dtype) -> dict:
-    """BLOCK_M, BLOCK_N and num_warps for a padded hidden width."""
+    """BLOCK_M, BLOCK_N and num_warps for a padded hidden width.
+
+    A program keeps a (BLOCK_N, HIDDEN) weight tile per pipeline stage and its (HIDDEN, BLOCK_M)
+    activations in shared memory, so wide layers take narrow tiles; :func:`grid_mlp_triton`
+    shrinks a configuration that does not fit the device's shared memory.
+    """
     if triton_interpreting():
         return {"block_m": 128, "block_n": min(hidden, 64), "num_warps": 4}
-    block_m = 64 if hidden <= 128 else 32 if hidden <= 256 else 16
-    return {"block_m": block_m, "block_n": min(hidden, 64), "num_warps": 4 if hidden <= 128 else 8}
+    # Swept on an H100 (python -m benchmarks.tune_grid_mlp, benchmarks/RESULTS.md, 2026-11-23).
+    if hidden <= 64:
+        return {"block_m": 128, "block_n": min(hidden, 64), "num_warps": 4}
+    if hidden <= 256:
+        return {"block_m": 128, "block_n": 32, "num_warps": 8}
+    return {"block_m": 32, "block_n": 16 if dtype == torch.float32 else 32, "num_warps": 4}
+
+
+def _smaller(config: dict) -> dict | None:
+    """The next configuration to try after an out-of-shared-memory error, or None."""
+    if config.get("num_stages", 3) > 1:
+        return {**config, "num_stages": config.get("num_stages", 3) - 1}
+    if config["block_n"] > 16:
+        return {**config, "block_n": config["block_n"] // 2, "num_stages": 2}
+    if config["block_m"] > 16:
+        return {**config, "block_m": config["block_m"] // 2, "num_stages": 2}
+    return None
+
+
+_FITTED: dict[tuple, dict] = {}  # launch configurations that fit, by kernel shape and device
 
 
 def grid_mlp_triton(
@@ -189,15 +217,35 @@ def grid_mlp_triton(
     acts = sum(code << (4 * i) for i, code in enumerate(mlp.activation_codes()))
 
     n_pixels = grid.width * grid.height
-    cols = output_width(output, mlp.out_features)
-    config = {**launch_config(hidden, mlp.dtype), **config}
-    block_m = config["block_m"]
-    _grid_mlp_kernel[(triton.cdiv(n_pixels, block_m),)](
+    constants = dict(
+        NUM_LINEAR=len(widths), NUM_OUT=widths[-1], OUT_COLS=output_width(output, mlp.out_features),
+        HIDDEN=hidden, OUT_PAD=out_pad, ACTS=acts, OUT_MODE=OUTPUT_CODES[output],
+        DOT_DTYPE=_DOT_DTYPES[mlp.dtype], EMULATE=emulate,
+    )  # fmt: skip
+    args = (
         out, plane.contiguous(), hidden_w, hidden_b, out_w, out_b,
         n_pixels, grid.width, grid.u0, grid.du, grid.v0, grid.dv, mlp.negative_slope, out.stride(0),
-        NUM_LINEAR=len(widths), NUM_OUT=widths[-1], OUT_COLS=cols, HIDDEN=hidden, OUT_PAD=out_pad,
-        ACTS=acts, OUT_MODE=OUTPUT_CODES[output], DOT_DTYPE=_DOT_DTYPES[mlp.dtype], EMULATE=emulate,
-        BLOCK_M=block_m, BLOCK_N=config["block_n"], num_warps=config["num_warps"],
-        **({"num_stages": config["num_stages"]} if "num_stages" in config else {}),
     )  # fmt: skip
-    return out
+    key = (tuple(sorted(constants.items(), key=str)), out.device)
+    tuned = bool(config)
+    config = {**_FITTED.get(key, launch_config(hidden, mlp.dtype)), **config}
+    while True:
+        try:
+            _launch(args, constants, config)
+        except OutOfResources:
+            smaller = None if tuned else _smaller(config)
+            if smaller is None:
+                raise
+            config = smaller
+            continue
+        if not tuned:
+            _FITTED[key] = config
+        return out
+
+
+def _launch(args: tuple, constants: dict, config: dict) -> None:
+    stages = {"num_stages": config["num_stages"]} if "num_stages" in config else {}
+    _grid_mlp_kernel[(triton.cdiv(args[6], config["block_m"]),)](
+        *args, **constants, BLOCK_M=config["block_m"], BLOCK_N=config["block_n"],
+        num_warps=config["num_warps"], **stages,
+    )  # fmt: skip
