@@ -197,7 +197,9 @@ def measure_modes(w: Workload, device: torch.device, rounds: int, limit_s: float
         for mode, schedule in MODES.items():
             monitor = None
             if schedule is not None:
-                monitor = Monitor(w.model, w.probes(schedule), final_frame=False, probe_threads=1)
+                monitor = Monitor(
+                    w.model, w.probes(schedule), optimizer=w.optimizer, final_frame=False, probe_threads=1
+                )
                 monitor.start()
             try:
                 _train(w, monitor, w.warmup)

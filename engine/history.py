@@ -32,8 +32,19 @@ class _Column:
         self.floats: list[float] = []  # raw converted so far (worker side)
 
     def series(self, length: int) -> Series:
-        for value in self.raw[len(self.floats) : length]:
-            self.floats.append(float(value.item()) if isinstance(value, torch.Tensor) else value)
+        start = len(self.floats)
+        pending = self.raw[start:length]
+        on_gpu = [i for i, v in enumerate(pending) if isinstance(v, torch.Tensor) and v.is_cuda]
+        if on_gpu:  # one pinned copy and an event wait: no stream synchronisation
+            from probescope.streams import to_host
+
+            (host,) = to_host([torch.stack([pending[i].reshape(()).float() for i in on_gpu])])
+            for i, value in zip(on_gpu, host.tolist(), strict=True):
+                pending[i] = value
+        for i, value in enumerate(pending):
+            value = float(value.item()) if isinstance(value, torch.Tensor) else value
+            self.floats.append(value)
+            self.raw[start + i] = value  # let the tensor go
         return Series(
             np.asarray(self.steps[:length], dtype=np.int64),
             np.asarray(self.epochs[:length], dtype=np.int64),

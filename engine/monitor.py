@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -20,6 +21,7 @@ from probescope.ring import Frame, FrameRing
 from probescope.run import RunWriter
 from probescope.schedule import StepInfo
 from probescope.snapshot import SnapshotPool
+from probescope.streams import ProbeStreams, model_device
 from probescope.validation import positive_int
 from probescope.worker import ProbeWorker
 
@@ -51,6 +53,13 @@ class Monitor:
     ``snapshot`` is ``"copy"``, ``"sync"`` or ``"live"`` (see probescope.snapshot);
     ``probe_threads`` caps the CPU threads the probe worker uses (training keeps the rest);
     ``final_frame`` takes one last frame of every probe at ``close()``.
+
+    On CUDA, probes run on a low-priority probe stream and the snapshot copy is ordered
+    against training with events only; the training thread never waits on the host for a
+    probe. Given ``optimizer``, training waits (on the GPU) for a snapshot copy only before its
+    next optimizer step, so the next forward and backward overlap it.
+    ``high_priority_training=True`` creates a high-priority stream for training to run on:
+    wrap the loop in ``with monitor.training_stream():``.
     """
 
     def __init__(
@@ -68,6 +77,7 @@ class Monitor:
         close_timeout: float = 60.0,
         probe_threads: int = 1,
         metadata: Mapping[str, Any] | None = None,
+        high_priority_training: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -94,7 +104,24 @@ class Monitor:
             p.attach(model)
         self.model, self.optimizer = model, optimizer
         self.history = History()
-        self._pool = SnapshotPool(model, snapshot, grads=any(p.needs_grads for p in probes))
+        device = model_device(model)
+        self._streams = (
+            ProbeStreams(device, high_priority_training)
+            if device.type == "cuda" and torch.cuda.is_available()
+            else None
+        )
+        self._pool = SnapshotPool(
+            model,
+            snapshot,
+            grads=any(p.needs_grads for p in probes),
+            streams=self._streams,
+            defer_wait=optimizer is not None and hasattr(optimizer, "register_step_pre_hook"),
+        )
+        self._optimizer_hook = None
+        if self._streams is not None and not self._pool._wait_now:
+            self._optimizer_hook = optimizer.register_step_pre_hook(
+                lambda *_: self._streams.before_weights_change()
+            )
         self._wake = threading.Event()
         self._probes = {
             p.name: _ProbeState(
@@ -155,6 +182,13 @@ class Monitor:
     def latest(self, name: str) -> Frame | None:
         """The newest frame of probe ``name``; never blocks."""
         return self._probes[name].ring.latest()
+
+    def training_stream(self):
+        """A context manager that runs training on the high-priority stream (CUDA, with
+        ``high_priority_training=True``); a no-op otherwise."""
+        if self._streams is None:
+            return contextlib.nullcontext()
+        return self._streams.training_context()
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> Monitor:
@@ -217,6 +251,9 @@ class Monitor:
             self._probe_now(final, inline=True, epoch=self._last_step_epoch)
         self._fire("after_fit")
         self._worker.close(timeout=1.0)
+        if self._optimizer_hook is not None:
+            self._optimizer_hook.remove()
+            self._streams.before_weights_change()
         self._stop_recorder = True
         self._wake.set()
         self._recorder.join()
@@ -293,8 +330,9 @@ class Monitor:
                 _observe(st, step_s=step_s, busy=st.busy)
         self._step += 1
         self._last_step_epoch = self._epoch
-        if self.optimizer is not None:
-            self.history.append("lr", self._step, self._epoch, self.optimizer.param_groups[0]["lr"])
+        lr = _learning_rate(self.optimizer)
+        if lr is not None:
+            self.history.append("lr", self._step, self._epoch, lr)
         self._fire("after_step", **kwargs)
         self._probe_now(self._due_at_step())
         self._t_last_step = time.perf_counter()
@@ -459,10 +497,12 @@ class _Job:
 
         pool = self.monitor._pool
         restore = pool.strategy == "sync" and self.shadow.training
+        streams = self.monitor._streams
+        on_stream = streams.probe_context() if streams and not pool.inline else contextlib.nullcontext()
         try:
             if restore:
                 self.shadow.eval()
-            with torch.no_grad():
+            with torch.no_grad(), on_stream:
                 context = ProbeContext(self.step, self.epoch, self.monitor.history.read(self.cut))
                 for st in self.states:
                     self._evaluate(st, context)
@@ -514,6 +554,15 @@ def _observe(st: _ProbeState, **times) -> None:
         st.probe.schedule.observe(**times)
     except Exception as err:
         st.probe.warn_once("observe", f"its schedule's observe() raised ({type(err).__name__}: {err})")
+
+
+def _learning_rate(optimizer):
+    """The first parameter group's learning rate (a float or a 0-d tensor), or None."""
+    try:
+        lr = optimizer.param_groups[0].get("lr")
+    except (AttributeError, IndexError, TypeError):
+        return None
+    return lr if isinstance(lr, (int, float, torch.Tensor)) else None
 
 
 def _describe_model(model: nn.Module) -> dict[str, Any]:

@@ -5,6 +5,12 @@ overwrites whatever was there. Readers never wait for the writer: ``latest()`` c
 newest completed slot and checks (seqlock-style) that it was not rewritten meanwhile.
 A reader that falls more than ``capacity`` frames behind loses the overwritten frames;
 they are counted in ``dropped``.
+
+Frames made of CUDA tensors also keep a device copy: ``capacity`` device slots, each with
+an event recorded after its copy, so ``latest_device()`` hands a GPU reader (the viewer's
+CUDA-OpenGL upload) the newest completed slot without any synchronisation. The host copy
+goes through pinned buffers owned by the slot (non-blocking copies and an event wait on
+the writer's thread, never a stream synchronisation).
 """
 
 from __future__ import annotations
@@ -29,11 +35,25 @@ class Frame:
     data: dict[str, np.ndarray] = field(repr=False)
 
 
+@dataclass
+class DeviceFrame:
+    """The device copy of one frame: tensors that stay valid until the ring laps the slot."""
+
+    probe: str
+    seq: int
+    step: int
+    epoch: int
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+
+
 class _Slot:
-    __slots__ = ("arrays", "epoch", "seq", "step", "time", "version")
+    __slots__ = ("arrays", "device", "epoch", "event", "pinned", "seq", "step", "time", "version")
 
     def __init__(self) -> None:
         self.arrays: dict[str, np.ndarray] = {}
+        self.device: dict[str, torch.Tensor] = {}  # CUDA frames: the device copy
+        self.pinned: dict[str, torch.Tensor] = {}  # CUDA frames: the pinned host copy
+        self.event = None  # recorded after the device copy
         self.version = 0  # odd while being written
         self.seq = -1
         self.step = 0
@@ -80,7 +100,13 @@ class FrameRing:
         for key in list(arrays):
             if key not in data:
                 del arrays[key]
+        cuda = {k: v for k, v in data.items() if isinstance(v, torch.Tensor) and v.is_cuda}
+        if cuda:
+            self._write_device(slot, cuda)
         for key, value in data.items():
+            if key in cuda:
+                arrays[key] = slot.pinned[key].numpy()
+                continue
             src = _as_numpy(value)
             dst = arrays.get(key)
             if dst is not None and dst.shape == src.shape and dst.dtype == src.dtype:
@@ -94,6 +120,32 @@ class FrameRing:
         if self._on_commit is not None:
             self._on_commit()
         return seq
+
+    @staticmethod
+    def _write_device(slot: _Slot, tensors: dict[str, torch.Tensor]) -> None:
+        from probescope.streams import to_host
+
+        slot.seq = -1  # not a completed device frame until the new event is recorded
+        for key, t in tensors.items():
+            dst = slot.device.get(key)
+            if dst is None or dst.shape != t.shape or dst.dtype != t.dtype or dst.device != t.device:
+                dst = slot.device[key] = torch.empty_like(t, memory_format=torch.contiguous_format)
+            dst.copy_(t.detach())
+        for key in [k for k in slot.device if k not in tensors]:
+            del slot.device[key]
+        slot.event = torch.cuda.Event()
+        slot.event.record()
+        keys = list(tensors)
+        pinned = to_host([slot.device[k] for k in keys], [slot.pinned.get(k) for k in keys])
+        slot.pinned = dict(zip(keys, pinned, strict=True))
+
+    def latest_device(self) -> DeviceFrame | None:
+        """The newest frame whose device copy has completed (CUDA frames only); never syncs."""
+        for seq in range(self.newest_seq, max(-1, self.newest_seq - self.capacity), -1):
+            slot = self._slots[seq % self.capacity]
+            if slot.seq == seq and slot.device and slot.event is not None and slot.event.query():
+                return DeviceFrame(self.name, seq, slot.step, slot.epoch, dict(slot.device))
+        return None
 
     def _read(self, seq: int) -> Frame | None:
         """A consistent copy of frame ``seq``, or None if it is gone or being overwritten."""

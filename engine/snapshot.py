@@ -11,6 +11,9 @@ Strategies:
 With ``grads=True`` (a probe reads gradients), a ``copy`` snapshot also copies each
 parameter's ``.grad`` into a preallocated buffer of the shadow; a parameter with no gradient
 at the step boundary has none in the shadow either.
+
+On CUDA (``streams`` given) the copy runs on the probe stream, ordered against training by
+events only (see probescope.streams): the training thread enqueues it and goes on.
 """
 
 from __future__ import annotations
@@ -21,16 +24,29 @@ import threading
 import torch
 from torch import nn
 
+from probescope.streams import ProbeStreams
+
 STRATEGIES = ("copy", "sync", "live")
 
 
 class SnapshotPool:
     """Hands out shadow models holding the weights of the current step."""
 
-    def __init__(self, model: nn.Module, strategy: str = "copy", size: int = 2, grads: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        strategy: str = "copy",
+        size: int = 2,
+        grads: bool = False,
+        streams: ProbeStreams | None = None,
+        defer_wait: bool = False,
+    ):
         if strategy not in STRATEGIES:
             raise ValueError(f"snapshot must be one of {STRATEGIES}, got {strategy!r}")
         self.model, self.strategy = model, strategy
+        self.streams = streams
+        # Weights change only at the next optimizer step, but gradients at the next backward.
+        self._wait_now = grads or not defer_wait
         self._free: list[nn.Module] = []
         self._lock = threading.Lock()
         self._live_tensors: list[torch.Tensor] = []
@@ -71,11 +87,20 @@ class SnapshotPool:
             if not self._free:
                 return None
             shadow = self._free.pop()
+        if self.streams is None:
+            self._copy_into(shadow)
+            return shadow
+        self.streams.start_snapshot()
+        with self.streams.probe_context():
+            self._copy_into(shadow)
+        self.streams.end_snapshot(wait_now=self._wait_now)
+        return shadow
+
+    def _copy_into(self, shadow: nn.Module) -> None:
         with torch.no_grad():
             torch._foreach_copy_(self._shadow_tensors[id(shadow)], self._live_tensors)
             if self._live_params:
                 self._copy_grads(self._shadow_grads[id(shadow)])
-        return shadow
 
     def _copy_grads(self, pairs: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
         sources, targets = [], []

@@ -1,0 +1,102 @@
+"""CUDA streams and events that keep probes off the training stream.
+
+The training thread never waits on the host for a probe. At a step boundary it records an
+event on its stream; the probe stream waits for it (on the GPU) and copies the weights into
+a shadow model; the probe stream records ``copied``; the training stream waits for
+``copied`` (on the GPU) before the weights change again: before the next optimizer step when
+the Monitor knows the optimizer (so the next forward and backward overlap the copy), else
+right away. Probes then run on the probe stream and their results come back through pinned
+host buffers and event waits on the worker thread, never through a stream synchronisation.
+
+PyTorch's default stream already has the lowest priority, so probes cannot be made to yield
+to it; ``ProbeStreams(high_priority_training=True)`` gives training a stream of the highest
+priority to run on (``Monitor.training_stream()``), and the probe stream keeps the lowest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import torch
+
+
+class ProbeStreams:
+    """The probe stream of one CUDA device and the events that order it against training."""
+
+    def __init__(self, device: torch.device, high_priority_training: bool = False):
+        self.device = device
+        priority_range = getattr(torch.cuda.Stream, "priority_range", None)
+        low, high = priority_range() if priority_range else (0, -1)  # lower number: higher priority
+        self.probe = torch.cuda.Stream(device, priority=low)
+        self.training = torch.cuda.Stream(device, priority=high) if high_priority_training else None
+        self._pending: torch.cuda.Event | None = None
+        self._lock = threading.Lock()
+
+    def start_snapshot(self) -> None:
+        """On the training thread: make the probe stream wait for everything enqueued so far."""
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.device))
+        self.probe.wait_event(ready)
+
+    def end_snapshot(self, wait_now: bool) -> None:
+        """On the training thread, after the copy was enqueued on the probe stream: the
+        training stream waits for it now, or at the next optimizer step (``wait_now=False``)."""
+        copied = torch.cuda.Event()
+        copied.record(self.probe)
+        if wait_now:
+            torch.cuda.current_stream(self.device).wait_event(copied)
+        else:
+            with self._lock:
+                self._pending = copied
+
+    def before_weights_change(self) -> None:
+        """On the training thread (an optimizer step pre-hook): wait, on the GPU, for the copy."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            torch.cuda.current_stream(self.device).wait_event(pending)
+
+    @contextlib.contextmanager
+    def probe_context(self) -> Iterator[None]:
+        """Run the enclosed probe work on the probe stream."""
+        with torch.cuda.stream(self.probe):
+            yield
+
+    @contextlib.contextmanager
+    def training_context(self) -> Iterator[None]:
+        """Run the enclosed training on the high-priority training stream (if there is one)."""
+        if self.training is None:
+            yield
+            return
+        self.training.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.training):
+            yield
+        torch.cuda.current_stream(self.device).wait_stream(self.training)
+
+
+def to_host(tensors: list[torch.Tensor], buffers: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Copy CUDA tensors into pinned host buffers (reused when they fit) without a stream
+    synchronisation: non-blocking copies on the current stream, then one event wait."""
+    if buffers is None or len(buffers) != len(tensors):
+        buffers = [None] * len(tensors)
+    out = []
+    for t, buf in zip(tensors, buffers, strict=True):
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        buf.copy_(t, non_blocking=True)
+        out.append(buf)
+    done = torch.cuda.Event()
+    done.record()
+    done.synchronize()  # waits for this event only; the training stream is not involved
+    return out
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU when it has none)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")

@@ -1,0 +1,163 @@
+"""The CUDA path: probe stream, event-ordered snapshots, device ring, no host syncs in training.
+
+These need a GPU and are skipped without one (the CPU thread path has the same tests in
+test_monitor.py).
+"""
+
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from probescope import GridProbe, LossProbe, Monitor, PredictionProbe, Probe, Schedule
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+class SlowStepReader(Probe):
+    """Reads every weight of its snapshot after keeping the probe stream busy for a while."""
+
+    kind = "weights"
+
+    def evaluate(self, model, context):
+        torch.cuda._sleep(200_000)  # about 0.1 ms of GPU time before the read
+        return {"values": torch.cat([p.detach().reshape(-1) for p in model.parameters()])}
+
+
+class SetToStep(torch.optim.Optimizer):
+    """An optimizer whose step sets every weight to its step number."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+        self.count = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.count += 1
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.fill_(float(self.count))
+
+
+def _big_model():
+    return nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 1024), nn.Linear(1024, 8)).cuda()
+
+
+@pytest.mark.parametrize("hook", [False, True], ids=["wait-at-copy", "wait-at-optimizer-step"])
+def test_every_cuda_frame_sees_the_weights_of_one_single_step(hook):
+    model = _big_model()
+    optimizer = SetToStep(model.parameters())
+    probe = SlowStepReader(schedule=Schedule.every(1))
+    monitor = Monitor(model, [probe], optimizer=optimizer if hook else None, ring_capacity=512).start()
+    for _ in range(300):
+        if not hook:
+            with torch.no_grad():  # the weights change outside any optimizer: wait at the copy
+                for p in model.parameters():
+                    p.fill_(float(optimizer.count + 1))
+            optimizer.count += 1
+        else:
+            optimizer.step()
+        monitor.step()
+    monitor.close()
+    frames = [f for f in monitor.ring(probe.name).read_since(-1) if f.step > 0]
+    assert len(frames) >= 5
+    for frame in frames:
+        values = frame.data["values"]
+        assert np.all(values == frame.step), f"frame at step {frame.step} mixes weights of several steps"
+
+
+def _sync_warnings(run):
+    """Run ``run`` with CUDA sync debugging on; (thread name, message) of every sync warning."""
+    seen: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if "synchroniz" in text.lower():
+            with lock:
+                seen.append((threading.current_thread().name, text))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        original, warnings.showwarning = warnings.showwarning, show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning = original
+    return seen
+
+
+def _train(monitor, model, optimizer, x, y, steps):
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        monitor.step(loss=loss)
+
+
+def test_monitored_training_never_synchronises_and_frames_cross_without_stream_syncs():
+    model = _big_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x, y = torch.randn(256, 1024, device="cuda"), torch.randint(0, 8, (256,), device="cuda")
+    probe = SlowStepReader(schedule=Schedule.every(1))
+    monitor = Monitor(model, [probe], optimizer=optimizer).start()
+    monitor.drain(30)
+    _train(monitor, model, optimizer, x, y, 3)  # warm-up: allocator, kernels
+    monitor.drain(30)
+    seen = _sync_warnings(lambda: (_train(monitor, model, optimizer, x, y, 50), monitor.drain(30)))
+    monitor.close()
+    assert seen == [], f"host synchronisations: {seen[:3]}"
+    assert monitor.stats[probe.name].run >= 5 and monitor.stats[probe.name].failed == 0
+    assert len(monitor.history.read()["batch_loss"].values) == 53
+
+
+def test_real_probes_never_make_the_training_thread_synchronise():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    x, y = torch.randn(512, 2, device="cuda"), torch.randint(0, 3, (512,), device="cuda")
+    probes = [
+        GridProbe(x.cpu(), y.cpu(), resolution=128, schedule=Schedule.every(2)),
+        PredictionProbe(x[:128], y[:128], schedule=Schedule.every(5)),
+        LossProbe(schedule=Schedule.every(5)),
+    ]
+    monitor = Monitor(model, probes, optimizer=optimizer).start()
+    _train(monitor, model, optimizer, x, y, 3)
+    monitor.drain(60)
+    seen = _sync_warnings(lambda: _train(monitor, model, optimizer, x, y, 40))
+    monitor.close()
+    training = [s for s in seen if s[0] == threading.main_thread().name]
+    assert training == [], f"the training thread synchronised: {training[:3]}"
+    for p in probes:
+        assert monitor.stats[p.name].run >= 2 and monitor.stats[p.name].failed == 0, p.name
+
+
+def test_device_ring_hands_out_the_newest_completed_frame_without_a_sync():
+    model = _big_model()
+    probe = SlowStepReader(schedule=Schedule.every(1))
+    monitor = Monitor(model, [probe]).start()
+    monitor.drain(30)
+    frame = monitor.ring(probe.name).latest_device()
+    host = monitor.latest(probe.name)
+    assert frame is not None and frame.seq == host.seq and frame.tensors["values"].is_cuda
+    np.testing.assert_array_equal(frame.tensors["values"].cpu().numpy(), host.data["values"])
+    monitor.close()
+
+
+def test_high_priority_training_stream_trains_and_probes_still_run():
+    model = _big_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x, y = torch.randn(64, 1024, device="cuda"), torch.randint(0, 8, (64,), device="cuda")
+    probe = SlowStepReader(schedule=Schedule.every(2))
+    monitor = Monitor(model, [probe], optimizer=optimizer, high_priority_training=True).start()
+    with monitor.training_stream():
+        assert torch.cuda.current_stream() == monitor._streams.training
+        _train(monitor, model, optimizer, x, y, 10)
+    monitor.close()
+    assert monitor.stats[probe.name].run >= 5 and monitor.stats[probe.name].failed == 0
