@@ -1,4 +1,4 @@
-"""The ``probescope`` command: demo, zoo, analyze, export, info."""
+"""The ``probescope`` command: demo, zoo, analyze, view, export, info."""
 
 from __future__ import annotations
 
@@ -105,6 +105,7 @@ def _export(args: argparse.Namespace) -> int:
         method=args.method,
         fps=args.fps,
         progress=not args.quiet,
+        renderer=args.renderer,
     )
     written = [p for paths in files.values() for p in paths]
     if args.final_pictures:
@@ -115,6 +116,29 @@ def _export(args: argparse.Namespace) -> int:
         print(p)
     if pngs:
         print(f"{len(pngs)} PNG files under {out}")
+    return 0
+
+
+def _view(args: argparse.Namespace) -> int:
+    from probescope.viewers.backend import ViewerUnavailable
+    from probescope.viewers.viewer import RunSource, Viewer
+
+    source = RunSource(args.run, follow=args.follow)
+    try:
+        viewer = Viewer(source, offscreen=args.offscreen, fps=args.fps, log_loss=not args.linear_loss,
+                        probes=args.probe)  # fmt: skip
+    except ViewerUnavailable as err:
+        print(f"probescope view: {err}", file=sys.stderr)
+        return 3
+    print(f"viewer: {viewer.backend} backend, {source.upload_path()} upload", file=sys.stderr)
+    if args.offscreen:
+        if args.follow or not viewer.timeline:
+            viewer.refresh()
+        else:
+            viewer.go_to(len(viewer.timeline) - 1 if args.step is None else viewer.timeline.index(args.step))
+        print(viewer.save_png(args.out or Path(args.run) / "view.png"))
+        return 0
+    viewer.run(replay_fps=args.replay_fps)
     return 0
 
 
@@ -221,12 +245,34 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--method", choices=METHODS, default="linear", help="interpolation easing")
     export.add_argument("--fps", type=float, default=12.0)
     export.add_argument(
+        "--renderer",
+        choices=("mpl", "gl"),
+        default="mpl",
+        help="mpl: matplotlib figures; gl: the OpenGL viewer's panels, rendered offscreen (EGL)",
+    )
+    export.add_argument(
         "--final-pictures",
         action="store_true",
         help="also write each probe's final figure, small multiples and raw final map",
     )
     export.add_argument("--quiet", action="store_true")
     export.set_defaults(func=_export)
+
+    view = sub.add_parser("view", help="watch a run live (--follow) or replay a finished one")
+    view.add_argument("run", type=Path)
+    view.add_argument(
+        "--follow", action="store_true", help="keep reading new frames while the run is written"
+    )
+    view.add_argument("--fps", type=float, default=30.0, help="display refresh rate for --follow")
+    view.add_argument("--replay-fps", type=float, default=10.0, help="recorded frames per second in a replay")
+    view.add_argument("--probe", action="append", default=None, help="only this probe (repeatable)")
+    view.add_argument("--linear-loss", action="store_true", help="loss on a linear axis (default log10)")
+    view.add_argument("--offscreen", action="store_true", help="render once through EGL and save a PNG")
+    view.add_argument("--step", type=int, default=None, help="with --offscreen: the recorded step to draw")
+    view.add_argument(
+        "--out", type=Path, default=None, help="with --offscreen: the PNG (default RUN/view.png)"
+    )
+    view.set_defaults(func=_view)
 
     info = sub.add_parser("info", help="describe a run directory")
     info.add_argument("run", type=Path)

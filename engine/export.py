@@ -77,8 +77,12 @@ def export_probe(
     size: tuple[int, int] = (768, 512),
     gif_scale: float = 0.5,
     progress: bool = False,
+    renderer: str = "mpl",
 ) -> list[Path]:
-    """Render one probe's frames once and write each requested format; returns the files."""
+    """Render one probe's frames once and write each requested format; returns the files.
+
+    ``renderer``: ``"mpl"`` draws matplotlib figures, ``"gl"`` the OpenGL viewer's panel for
+    the probe, offscreen through EGL."""
     formats = list(dict.fromkeys(formats))
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
@@ -87,7 +91,14 @@ def export_probe(
         raise ValueError(f"probe {record.name!r} has no frames to export")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    renderer = FrameRenderer(record, size=size)
+    if renderer == "gl":
+        from probescope.viewers.viewer import GLFrameRenderer
+
+        renderer = GLFrameRenderer(record, size=size)
+    elif renderer == "mpl":
+        renderer = FrameRenderer(record, size=size)
+    else:
+        raise ValueError(f"renderer must be 'mpl' or 'gl', got {renderer!r}")
     written: list[Path] = []
     mp4 = gif_frames = None
     if "mp4" in formats:
@@ -158,12 +169,20 @@ def export_run(
     method: str = "linear",
     fps: float = 12.0,
     progress: bool = False,
+    renderer: str = "mpl",
 ) -> dict[str, list[Path]]:
     """Export every probe (or the named ones) of a run; returns the files per probe."""
     names = list(probes) if probes is not None else list(run.probes)
     return {
         name: export_probe(
-            run.probe(name), out, formats, interpolate=interpolate, method=method, fps=fps, progress=progress
+            run.probe(name),
+            out,
+            formats,
+            interpolate=interpolate,
+            method=method,
+            fps=fps,
+            progress=progress,
+            renderer=renderer,
         )
         for name in names
         if len(run.probe(name))

@@ -60,6 +60,11 @@ class Monitor:
     next optimizer step, so the next forward and backward overlap it.
     ``high_priority_training=True`` creates a high-priority stream for training to run on:
     wrap the loop in ``with monitor.training_stream():``.
+
+    ``viewer=True`` opens the OpenGL viewer in this process (``"offscreen"``: rendered
+    through EGL, for headless machines and tests); the training thread lets it draw the
+    newest frames at most ``viewer_fps`` times a second. A viewer that cannot open or is
+    closed costs one warning; training goes on.
     """
 
     def __init__(
@@ -78,6 +83,8 @@ class Monitor:
         probe_threads: int = 1,
         metadata: Mapping[str, Any] | None = None,
         high_priority_training: bool = False,
+        viewer: bool | str = False,
+        viewer_fps: float = 30.0,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -148,6 +155,10 @@ class Monitor:
         self._t_start = 0.0
         self._t_last_step: float | None = None
         self._failed_callbacks: set[int] = set()
+        if viewer not in (False, True, "offscreen"):
+            raise ValueError(f"Monitor: viewer must be True, False or 'offscreen', got {viewer!r}")
+        self._viewer_mode, self._viewer_fps = viewer, viewer_fps
+        self.viewer = None
 
     # ---- public state -------------------------------------------------------------------
     @property
@@ -224,7 +235,34 @@ class Monitor:
         self._recorder.start()
         self._fire("before_fit")
         self._probe_now(self._due_at_step())
+        if self._viewer_mode:
+            self._open_viewer()
         return self
+
+    def _open_viewer(self) -> None:
+        try:
+            from probescope.viewers.viewer import MonitorSource, Viewer
+
+            self.viewer = Viewer(
+                MonitorSource(self), offscreen=self._viewer_mode == "offscreen", fps=self._viewer_fps
+            )
+        except Exception as err:
+            log.warning(
+                "Monitor: the viewer could not open (%s: %s); training goes on", type(err).__name__, err
+            )
+            self.viewer = None
+
+    def _pump_viewer(self) -> None:
+        try:
+            self.viewer.pump()
+        except Exception as err:
+            log.warning(
+                "Monitor: the viewer failed (%s: %s) and is closed; training goes on", type(err).__name__, err
+            )
+            self.viewer.closed = True
+        if self.viewer.closed:
+            log.info("Monitor: the viewer was closed; training goes on")
+            self.viewer = None
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until the probe evaluations in flight have finished (training does not need
@@ -254,6 +292,10 @@ class Monitor:
         if self._optimizer_hook is not None:
             self._optimizer_hook.remove()
             self._streams.before_weights_change()
+        if self.viewer is not None:
+            with contextlib.suppress(Exception):
+                self.viewer.refresh()
+                self.viewer.close()
         self._stop_recorder = True
         self._wake.set()
         self._recorder.join()
@@ -335,6 +377,8 @@ class Monitor:
             self.history.append("lr", self._step, self._epoch, lr)
         self._fire("after_step", **kwargs)
         self._probe_now(self._due_at_step())
+        if self.viewer is not None:
+            self._pump_viewer()
         self._t_last_step = time.perf_counter()
 
     def after_batch(self, **kwargs) -> None:

@@ -1,0 +1,349 @@
+"""One vispy panel per probe kind: axes, caption, legend, and visuals updated in place.
+
+A panel is built from a :class:`PanelSpec` (name, kind, config, static arrays: what a probe
+or a recorded run says about itself) into a cell of a SceneCanvas grid, and ``update(data,
+step, epoch)`` moves its visuals to one frame. Nothing is re-created per frame: the map's
+texture, the lines' vertices and the markers' positions are updated in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from vispy import scene
+from vispy.visuals.transforms import STTransform
+
+from probescope.kernels import default_palette
+
+BAND = (0.84, 0.15, 0.16)  # the curve and its loss band
+GREY = (0.45, 0.45, 0.45, 1.0)
+METRIC_COLOURS = ((0.17, 0.63, 0.17), (0.58, 0.40, 0.74), (0.84, 0.15, 0.16), (0.55, 0.34, 0.29))
+
+
+@dataclass
+class PanelSpec:
+    """What a panel needs to know about its probe."""
+
+    name: str
+    kind: str
+    config: dict[str, Any] = field(default_factory=dict)
+    static: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def of_probe(cls, probe) -> PanelSpec:
+        return cls(probe.name, probe.kind, probe.config(), probe.static())
+
+    @classmethod
+    def of_record(cls, record) -> PanelSpec:
+        return cls(record.name, record.kind, record.config, record.static)
+
+
+def _rgba(colours: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+    colours = np.asarray(colours, dtype=np.float32)
+    if colours.max(initial=0) > 1.0:
+        colours = colours / 255.0
+    return np.concatenate([colours[:, :3], np.full((len(colours), 1), alpha, np.float32)], axis=1)
+
+
+def _limits(values: np.ndarray, pad: float = 0.08) -> tuple[float, float]:
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(values.min()), float(values.max())
+    span = hi - lo or max(abs(hi), 1.0)
+    return lo - pad * span, hi + pad * span
+
+
+class Panel:
+    """Caption, a pan-and-zoom view with ticked axes, and an optional legend column."""
+
+    x_label = "x"
+    y_label = "y"
+
+    def __init__(self, parent_grid, spec: PanelSpec, row: int, col: int, legend: list | None = None):
+        self.spec = spec
+        self.grid = parent_grid.add_grid(row=row, col=col, margin=4)
+        self.caption = scene.Label(spec.name, color="black", font_size=9, anchor_x="left")
+        self.caption.height_max = 26
+        self.grid.add_widget(self.caption, row=0, col=0, col_span=3 if legend else 2)
+        self.y_axis = scene.AxisWidget(orientation="left", axis_label=self.y_label, axis_font_size=7,
+                                       axis_label_margin=32, tick_label_margin=4, text_color="black",
+                                       axis_color="black", tick_color="black")  # fmt: skip
+        self.y_axis.width_max = 58
+        self.grid.add_widget(self.y_axis, row=1, col=0)
+        self.x_axis = scene.AxisWidget(orientation="bottom", axis_label=self.x_label, axis_font_size=7,
+                                       axis_label_margin=26, tick_label_margin=12, text_color="black",
+                                       axis_color="black", tick_color="black")  # fmt: skip
+        self.x_axis.height_max = 40
+        self.grid.add_widget(self.x_axis, row=2, col=1)
+        self.view = self.grid.add_view(row=1, col=1, border_color=(0.5, 0.5, 0.5, 1.0), bgcolor="white")
+        self.view.camera = scene.PanZoomCamera()
+        self.x_axis.link_view(self.view)
+        self.y_axis.link_view(self.view)
+        if legend:
+            column = self.grid.add_grid(row=1, col=2)
+            column.width_max = 90
+            for i, (text, colour) in enumerate(legend):
+                label = scene.Label(text, color=colour, font_size=7, anchor_x="left")
+                column.add_widget(label, row=i, col=0)
+            column.add_widget(scene.Widget(), row=len(legend), col=0)  # pushes the entries up
+        self.step = self.epoch = None
+
+    def set_range(self, x: tuple[float, float], y: tuple[float, float]) -> None:
+        self.view.camera.set_range(x=x, y=y, z=(-1.0, 1.0), margin=0)
+
+    def update(self, data: dict[str, np.ndarray], step: float, epoch: float) -> None:
+        self.step, self.epoch = round(step), round(epoch)
+        self.caption.text = (
+            f"{self.spec.name}  ·  step {self.step}  ·  epoch {self.epoch}{self.subtitle(data)}"
+        )
+        self.draw(data)
+
+    def subtitle(self, data: dict[str, np.ndarray]) -> str:
+        return ""
+
+    def draw(self, data: dict[str, np.ndarray]) -> None:
+        raise NotImplementedError
+
+    def data_to_canvas(self, x: float, y: float) -> tuple[float, float]:
+        """Canvas pixel coordinates (x right, y down) of a data point of this panel."""
+        mapped = self.view.scene.node_transform(self.view.canvas.scene).map([[x, y, 0, 1]])[0]
+        return float(mapped[0] / mapped[3]), float(mapped[1] / mapped[3])
+
+
+class MapPanel(Panel):
+    """The probability map as an Image whose texture takes each frame's RGBA, points on top."""
+
+    def __init__(self, parent_grid, spec: PanelSpec, row: int, col: int):
+        config, static = spec.config, spec.static
+        palette = static.get("palette")
+        if palette is None or len(palette) == 0:
+            palette = default_palette(max(2, config.get("num_classes") or 2)).numpy()
+        self.palette = np.asarray(palette)
+        legend = None
+        if config.get("mode") == "prob":
+            legend = [
+                (f"P(class {config.get('class_index', 1)}) 0", (0.2, 0.3, 0.9)),
+                ("1", (0.85, 0.1, 0.1)),
+            ]
+        elif len(self.palette) <= 12:
+            legend = [(f"class {i}", tuple(c)) for i, c in enumerate(_rgba(self.palette))]
+        plane = config.get("input_dim", 2) > 2
+        self.x_label, self.y_label = ("u", "v") if plane else ("x1", "x2")
+        super().__init__(parent_grid, spec, row, col, legend)
+        u0, u1, v0, v1 = config["domain"]
+        w, h = config["resolution"]
+        self.image = scene.visuals.Image(np.zeros((h, w, 4), np.uint8), parent=self.view.scene,
+                                         interpolation="nearest", method="subdivide")  # fmt: skip
+        # Row 0 of a frame is the top of the domain (v1): scale rows downwards.
+        self.image.transform = STTransform(scale=((u1 - u0) / w, -(v1 - v0) / h), translate=(u0, v1))
+        self.points = None
+        if "points_uv" in static and len(static["points_uv"]):
+            uv = np.asarray(static["points_uv"], np.float32)
+            labels = static.get("points_label")
+            face = (
+                _rgba(self.palette[np.asarray(labels, int) % len(self.palette)])
+                if labels is not None
+                else np.ones((len(uv), 4), np.float32)
+            )
+            self.points = scene.visuals.Markers(parent=self.view.scene)
+            self.points.set_data(uv, face_color=face, edge_color="black", edge_width=0.5, size=5)
+            self.points.order = -1  # above the image
+        self.set_range((u0, u1), (v0, v1))
+
+    def draw(self, data: dict[str, np.ndarray]) -> None:
+        self.image.set_data(np.ascontiguousarray(data["rgba"]))
+
+
+class CurvePanel(Panel):
+    """Data points, the model's curve and the per-point loss band."""
+
+    def __init__(self, parent_grid, spec: PanelSpec, row: int, col: int):
+        super().__init__(parent_grid, spec, row, col)
+        static = spec.static
+        self.x = np.asarray(static["x"], np.float32)
+        n = len(self.x)
+        scatter = np.stack([static["scatter_x"], static["scatter_y"]], axis=1).astype(np.float32)
+        self.data_points = scene.visuals.Markers(parent=self.view.scene)
+        self.data_points.set_data(scatter, face_color=(0.55, 0.55, 0.55, 0.6), edge_width=0, size=4)
+        idx = np.arange(n - 1)
+        faces = np.concatenate(
+            [np.stack([idx, idx + 1, n + idx], 1), np.stack([idx + 1, n + idx + 1, n + idx], 1)]
+        )
+        self.faces = faces.astype(np.uint32)
+        self.band = scene.visuals.Mesh(
+            vertices=np.zeros((2 * n, 2), np.float32),
+            faces=self.faces,
+            color=(*BAND, 0.25),
+            parent=self.view.scene,
+        )
+        self.line = scene.visuals.Line(
+            np.stack([self.x, np.zeros_like(self.x)], 1),
+            color=(*BAND, 1.0),
+            width=2.5,
+            parent=self.view.scene,
+        )
+        self.set_range(_limits(static["scatter_x"], 0.02), _limits(static["scatter_y"], 0.15))
+
+    def draw(self, data: dict[str, np.ndarray]) -> None:
+        lower = np.asarray(data["band_lower"], np.float32)
+        upper = np.asarray(data["band_upper"], np.float32)
+        vertices = np.concatenate([np.stack([self.x, lower], 1), np.stack([self.x, upper], 1)])
+        self.band.set_data(vertices=vertices, faces=self.faces, color=(*BAND, 0.25))
+        self.line.set_data(pos=np.stack([self.x, np.asarray(data["y_pred"], np.float32)], 1))
+
+
+class PredictionPanel(Panel):
+    """Predictions on the fixed batch: jittered probability of the true class, or y_hat vs y."""
+
+    def __init__(self, parent_grid, spec: PanelSpec, row: int, col: int):
+        config, static = spec.config, spec.static
+        self.task = config["task"]
+        self.y = np.asarray(static["y_true"], np.float32)
+        self.jitter = np.asarray(static["jitter"], np.float32)
+        legend = None
+        if self.task == "regression":
+            self.x_label, self.y_label = "y (true)", "y (predicted)"
+        elif self.task == "binary":
+            self.x_label, self.y_label = "predicted P(class 1)", "true class"
+            self.colours = _rgba(default_palette(2).numpy()[self.y.astype(int)], 0.6)
+            legend = [(f"class {i}", tuple(c)) for i, c in enumerate(_rgba(default_palette(2).numpy()))]
+        else:
+            classes = int(config["num_classes"])
+            palette = default_palette(classes).numpy()
+            self.x_label, self.y_label = "true class", "predicted P(true class)"
+            self.colours = _rgba(palette[self.y.astype(int)], 0.6)
+            if classes <= 12:
+                legend = [(f"class {i}", tuple(c)) for i, c in enumerate(_rgba(palette))]
+        super().__init__(parent_grid, spec, row, col, legend)
+        self.points = scene.visuals.Markers(parent=self.view.scene)
+        if self.task == "regression":
+            lo, hi = _limits(self.y)
+            scene.visuals.Line(np.array([[lo, lo], [hi, hi]], np.float32), color=GREY, parent=self.view.scene)
+            self.set_range((lo, hi), (lo, hi))
+        elif self.task == "binary":
+            threshold = float(config.get("threshold", 0.5))
+            scene.visuals.Line(np.array([[threshold, -0.5], [threshold, 1.5]], np.float32), color=GREY,
+                               parent=self.view.scene)  # fmt: skip
+            self.set_range((-0.02, 1.02), (-0.5, 1.5))
+        else:
+            self.set_range((-0.6, int(config["num_classes"]) - 0.4), (-0.02, 1.02))
+
+    def positions(self, data: dict[str, np.ndarray]) -> np.ndarray:
+        if self.task == "regression":
+            return np.stack([self.y, np.asarray(data["y_pred"], np.float32)], 1)
+        if self.task == "binary":
+            return np.stack([np.asarray(data["prob_pos"], np.float32), self.y + self.jitter], 1)
+        return np.stack([self.y + self.jitter, np.asarray(data["prob_true"], np.float32)], 1)
+
+    def draw(self, data: dict[str, np.ndarray]) -> None:
+        colour = (0.17, 0.63, 0.17, 0.6) if self.task == "regression" else self.colours
+        self.points.set_data(self.positions(data), face_color=colour, edge_width=0, size=6)
+
+    def subtitle(self, data: dict[str, np.ndarray]) -> str:
+        if self.task == "regression":
+            return f"  ·  MSE {float(data['mse']):.4g}  R² {float(data['r2']):.3f}"
+        return f"  ·  accuracy {float(data['accuracy']):.3f}"
+
+
+class SeriesPanel(Panel):
+    """Lines of named series over steps, optionally on a log10 scale."""
+
+    x_label = "step"
+
+    def __init__(self, parent_grid, spec: PanelSpec, row: int, col: int, log_y: bool = True, legend=None):
+        self.log_y = log_y
+        self.y_label = "log10 value" if log_y else "value"
+        super().__init__(parent_grid, spec, row, col, legend)
+        self.lines: dict[str, scene.visuals.Line] = {}
+
+    def set_series(self, name: str, steps: np.ndarray, values: np.ndarray, colour) -> None:
+        values = np.asarray(values, np.float64)
+        if self.log_y:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                values = np.where(values > 0, np.log10(values), np.nan)
+        keep = np.isfinite(values)
+        pos = np.stack([np.asarray(steps, np.float64)[keep], values[keep]], 1).astype(np.float32)
+        if len(pos) < 2:
+            pos = np.concatenate([pos, pos])[:2] if len(pos) else np.zeros((2, 2), np.float32)
+        line = self.lines.get(name)
+        if line is None:
+            line = self.lines[name] = scene.visuals.Line(pos, color=colour, width=1.5, parent=self.view.scene)
+        else:
+            line.set_data(pos=pos, color=colour)
+
+    def rescale(self) -> None:
+        points = [line.pos for line in self.lines.values() if line.pos is not None]
+        if points:
+            stacked = np.concatenate(points)
+            self.set_range(_limits(stacked[:, 0], 0.02), _limits(stacked[:, 1]))
+
+
+class LossPanel(SeriesPanel):
+    """Train loss per step and epoch, valid loss and metrics (metrics on a linear scale)."""
+
+    COLOURS: ClassVar[dict[str, tuple]] = {"train_loss": GREY, "train_loss_epoch": (0.12, 0.47, 0.71, 1.0),
+                                 "valid_loss": (1.0, 0.5, 0.05, 1.0)}  # fmt: skip
+
+    def __init__(self, parent_grid, spec: PanelSpec, row: int, col: int, log_y: bool = True):
+        super().__init__(parent_grid, spec, row, col, log_y=log_y)
+
+    def colour(self, name: str):
+        if name in self.COLOURS:
+            return self.COLOURS[name]
+        return (*METRIC_COLOURS[len(self.lines) % len(METRIC_COLOURS)], 1.0)
+
+    def draw(self, data: dict[str, np.ndarray]) -> None:
+        names = sorted({k.split("/")[1] for k in data if k.startswith("series/")} - {"lr"})
+        for name in names:
+            line = self.lines.get(name)
+            colour = line.color if line is not None else self.colour(name)
+            self.set_series(name, data[f"series/{name}/steps"], data[f"series/{name}/values"], colour)
+        self.rescale()
+
+    def subtitle(self, data: dict[str, np.ndarray]) -> str:
+        names = sorted({k.split("/")[1] for k in data if k.startswith("series/")} - {"lr"})
+        return "  ·  " + ", ".join(names) if names else ""
+
+
+class StatsPanel(SeriesPanel):
+    """Statistics at the hook points over the frames seen so far (L2 norms, spectral norms)."""
+
+    def __init__(self, parent_grid, spec: PanelSpec, row: int, col: int, max_lines: int = 6):
+        columns = [str(c) for c in spec.static.get("columns", [])]
+        chosen = [c for c in columns if c.endswith("/l2") or c.endswith("/spectral")][:max_lines]
+        self.columns = {c: columns.index(c) for c in chosen}
+        legend = [(c, (*METRIC_COLOURS[i % len(METRIC_COLOURS)], 1.0)) for i, c in enumerate(chosen)]
+        super().__init__(parent_grid, spec, row, col, log_y=True, legend=legend)
+        self.history: dict[str, list[tuple[float, float]]] = {c: [] for c in chosen}
+        self._last_step: float | None = None
+
+    def update(self, data: dict[str, np.ndarray], step: float, epoch: float) -> None:
+        values = np.asarray(data["values"], np.float64)
+        if self._last_step is not None and step < self._last_step:  # replay went back: start over
+            for series in self.history.values():
+                series.clear()
+        self._last_step = step
+        for column, index in self.columns.items():
+            series = self.history[column]
+            if not series or series[-1][0] != step:
+                series.append((step, values[index] if index < len(values) else np.nan))
+        super().update(data, step, epoch)
+
+    def draw(self, data: dict[str, np.ndarray]) -> None:
+        for i, (column, series) in enumerate(self.history.items()):
+            steps, values = (np.array(v) for v in zip(*series, strict=True)) if series else ([], [])
+            self.set_series(column, np.asarray(steps), np.asarray(values), (*METRIC_COLOURS[i % 4], 1.0))
+        self.rescale()
+
+
+PANELS = {
+    "grid": MapPanel,
+    "curve": CurvePanel,
+    "prediction": PredictionPanel,
+    "loss": LossPanel,
+    "stats": StatsPanel,
+}

@@ -1,0 +1,306 @@
+"""The live viewer: one SceneCanvas, one panel per probe, drawing only the newest frame.
+
+Sources: a :class:`MonitorSource` reads the monitor's rings in the training process
+(``latest()`` never blocks the writer); a :class:`RunSource` reads a run directory, either
+following it while it is written (``probescope view RUN --follow``) or replaying a finished
+run on a timeline of its recorded steps.
+
+Keys: space pauses the display (never training) or, in a replay, plays and pauses; s saves
+a PNG; r starts and stops recording an MP4; q closes; left and right step a replay.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from probescope.viewers.backend import use_backend
+
+log = logging.getLogger("probescope")
+
+
+class MonitorSource:
+    """Frames straight from a live Monitor's rings."""
+
+    def __init__(self, monitor):
+        from probescope.viewers.panels import PanelSpec
+
+        self.monitor = monitor
+        self.specs = [PanelSpec.of_probe(p) for p in monitor.probes.values()]
+        self.out_dir = Path(monitor.writer.path) if monitor.writer is not None else Path.cwd()
+
+    def latest(self, name: str):
+        return self.monitor.latest(name)
+
+    def upload_path(self) -> str:
+        for spec in self.specs:
+            if self.monitor.ring(spec.name).latest_device() is not None:
+                return "host (pinned copies of device frames)"
+        return "host"
+
+
+class RunSource:
+    """Frames from a run directory; ``follow`` re-reads it for new frames."""
+
+    def __init__(self, path: str | Path, follow: bool = False):
+        from probescope.run import open_run
+        from probescope.viewers.panels import PANELS, PanelSpec
+
+        self.run = open_run(path)
+        self.follow = follow
+        self.specs = [PanelSpec.of_record(self.run.probe(n)) for n in self.run.probes]
+        self.specs = [s for s in self.specs if s.kind in PANELS]
+        self.out_dir = Path(path)
+
+    def latest(self, name: str):
+        record = self.run.probe(name)
+        if self.follow:
+            record.refresh()
+        return record.frame(len(record) - 1) if len(record) else None
+
+    def timeline(self) -> list[int]:
+        """Every recorded step of any probe, in order."""
+        return sorted({s for spec in self.specs for s in self.run.probe(spec.name).steps()})
+
+    def at_step(self, name: str, step: int):
+        """The newest frame of ``name`` recorded at or before ``step`` (None before its first)."""
+        record = self.run.probe(name)
+        steps = record.steps()
+        index = int(np.searchsorted(steps, step, side="right")) - 1
+        return record.frame(index) if index >= 0 else None
+
+    def upload_path(self) -> str:
+        return "host"
+
+
+class Viewer:
+    """Panels for every probe of ``source`` on one canvas.
+
+    ``offscreen=True`` renders through EGL (tests, exports, headless machines); otherwise a
+    window opens (``run()`` drives it, or ``pump()`` from a training loop).
+    """
+
+    def __init__(
+        self,
+        source,
+        *,
+        offscreen: bool = False,
+        size: tuple[int, int] | None = None,
+        columns: int | None = None,
+        log_loss: bool = True,
+        fps: float = 60.0,
+        probes: Iterable[str] | None = None,
+    ):
+        self.backend = use_backend(offscreen)
+        from vispy import scene
+
+        from probescope.viewers.panels import PANELS, LossPanel
+
+        self.source, self.offscreen, self.fps = source, offscreen, fps
+        specs = [s for s in source.specs if s.kind in PANELS and (probes is None or s.name in set(probes))]
+        if not specs:
+            raise ValueError("the viewer has no probe to show (grid, curve, prediction, loss or stats)")
+        columns = columns or min(len(specs), 3)
+        rows = math.ceil(len(specs) / columns)
+        size = size or (min(560 * columns, 1680), min(460 * rows, 1380))
+        self.canvas = scene.SceneCanvas(
+            title="probescope", size=size, show=not offscreen, bgcolor="white", keys=None, resizable=True
+        )
+        grid = self.canvas.central_widget.add_grid(margin=6)
+        self.panels = {}
+        for i, spec in enumerate(specs):
+            row, col = divmod(i, columns)
+            kind = PANELS[spec.kind]
+            extra = {"log_y": log_loss} if kind is LossPanel else {}
+            self.panels[spec.name] = kind(grid, spec, row, col, **extra)
+        self.shown: dict[str, int] = {}  # probe -> seq of the frame on screen
+        self.paused = self.closed = False
+        self.recording = None
+        self._recording_path: Path | None = None
+        self._last_pump = 0.0
+        self.timeline: list[int] = source.timeline() if hasattr(source, "timeline") else []
+        self.position = len(self.timeline) - 1
+        self.playing = False
+        self.canvas.events.key_press.connect(self._on_key)
+        self.canvas.events.close.connect(self._on_close)
+        log.info("viewer: %s backend, %s upload", self.backend, source.upload_path())
+
+    # ---- frames -------------------------------------------------------------------------
+    def refresh(self) -> bool:
+        """Show the newest frame of every probe (unless paused); True if anything changed."""
+        if self.paused or self.closed:
+            return False
+        changed = False
+        for name, panel in self.panels.items():
+            frame = self.source.latest(name)
+            if frame is None or self.shown.get(name) == frame.seq:
+                continue
+            panel.update(frame.data, frame.step, frame.epoch)
+            self.shown[name] = frame.seq
+            changed = True
+        if changed:
+            self._after_change()
+        return changed
+
+    def show_step(self, step: int) -> None:
+        """Replay: show every probe's newest frame at or before ``step``."""
+        for name, panel in self.panels.items():
+            frame = self.source.at_step(name, step)
+            if frame is not None and self.shown.get(name) != frame.seq:
+                panel.update(frame.data, frame.step, frame.epoch)
+                self.shown[name] = frame.seq
+        self._after_change()
+
+    def go_to(self, position: int) -> int:
+        """Replay: move to timeline position ``position`` (clamped); returns its step."""
+        if not self.timeline:
+            raise ValueError("this viewer has no recorded timeline to step through")
+        self.position = max(0, min(position, len(self.timeline) - 1))
+        step = self.timeline[self.position]
+        self.show_step(step)
+        return step
+
+    def _after_change(self) -> None:
+        if self.recording is not None:
+            self._append_recording()
+        if not self.offscreen:
+            self.canvas.update()
+
+    def render(self) -> np.ndarray:
+        """The canvas as an (H, W, 4) uint8 array."""
+        return self.canvas.render(alpha=True)
+
+    # ---- keys ---------------------------------------------------------------------------
+    def save_png(self, path: str | Path | None = None) -> Path:
+        from PIL import Image
+
+        steps = [p.step for p in self.panels.values() if p.step is not None]
+        path = Path(path or self.source.out_dir / f"view_step{max(steps, default=0):07d}.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(self.render()).save(path)
+        log.info("viewer: saved %s", path)
+        return path
+
+    def toggle_recording(self, path: str | Path | None = None) -> Path | None:
+        """Start recording every displayed change to an MP4, or stop and return its path."""
+        import imageio.v2 as imageio
+
+        if self.recording is not None:
+            self.recording.close()
+            self.recording, done = None, self._recording_path
+            log.info("viewer: recorded %s", done)
+            return done
+        path = Path(path or self.source.out_dir / f"view_{time.strftime('%Y%m%d-%H%M%S')}.mp4")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.recording = imageio.get_writer(path, format="FFMPEG", mode="I", fps=min(self.fps, 30),
+                                            codec="libx264", pixelformat="yuv420p", macro_block_size=16,
+                                            ffmpeg_log_level="error")  # fmt: skip
+        self._recording_path = path
+        self._append_recording()
+        return None
+
+    def _append_recording(self) -> None:
+        image = self.render()[..., :3]
+        h, w = (image.shape[0] // 16) * 16, (image.shape[1] // 16) * 16
+        self.recording.append_data(np.ascontiguousarray(image[:h, :w]))
+
+    def _on_key(self, event) -> None:
+        key = event.key.name if event.key is not None else event.text
+        if key == "Space":
+            if self.timeline and not getattr(self.source, "follow", True):
+                self.playing = not self.playing
+            else:
+                self.paused = not self.paused
+        elif key in ("S", "s"):
+            self.save_png()
+        elif key in ("R", "r"):
+            self.toggle_recording()
+        elif key in ("Q", "q", "Escape"):
+            self.close()
+        elif key == "Right" and self.timeline:
+            self.go_to(self.position + 1)
+        elif key == "Left" and self.timeline:
+            self.go_to(self.position - 1)
+
+    # ---- lifetime -----------------------------------------------------------------------
+    def _on_close(self, event=None) -> None:
+        self.closed = True
+        if self.recording is not None:
+            self.toggle_recording()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._on_close()
+            self.canvas.close()
+
+    def pump(self) -> None:
+        """From a training loop: at most ``fps`` times a second, draw the newest frames and
+        let the window handle its events. Cheap when nothing is due."""
+        now = time.perf_counter()
+        if self.closed or now - self._last_pump < 1.0 / self.fps:
+            return
+        self._last_pump = now
+        from vispy import app
+
+        self.refresh()
+        app.process_events()
+
+    def run(self, replay_fps: float = 10.0) -> None:
+        """Open the window and draw until it is closed: live sources at ``fps``; a replay
+        plays its timeline at ``replay_fps`` frames per second when space is pressed."""
+        from vispy import app
+
+        if self.timeline and not getattr(self.source, "follow", True):
+            self.go_to(0)
+            self.playing = True
+
+            def tick(event) -> None:
+                if self.playing and self.position < len(self.timeline) - 1:
+                    self.go_to(self.position + 1)
+
+            self._timer = app.Timer(1.0 / replay_fps, connect=tick, start=True)
+        else:
+            self._timer = app.Timer(1.0 / self.fps, connect=lambda event: self.refresh(), start=True)
+        self.canvas.show()
+        app.run()
+
+
+class GLFrameRenderer:
+    """One probe's panel offscreen, with the interface of the matplotlib FrameRenderer:
+    ``draw(data, step, epoch)`` then ``image()`` (H, W, 3 uint8). For the exporters."""
+
+    def __init__(self, record, *, size: tuple[int, int] = (768, 512)):
+        from probescope.viewers.panels import PANELS
+
+        if record.kind not in PANELS:
+            raise ValueError(f"no GL panel for probe kind {record.kind!r}")
+        self.viewer = Viewer(_RecordSource(record), offscreen=True, size=size, columns=1)
+        self.panel = self.viewer.panels[record.name]
+
+    def draw(self, data: dict[str, np.ndarray], step: float, epoch: float) -> None:
+        self.panel.update(data, step, epoch)
+
+    def image(self) -> np.ndarray:
+        return self.viewer.render()[..., :3].copy()
+
+    def close(self) -> None:
+        self.viewer.close()
+
+
+class _RecordSource:
+    def __init__(self, record):
+        from probescope.viewers.panels import PanelSpec
+
+        self.specs = [PanelSpec.of_record(record)]
+        self.out_dir = Path.cwd()
+
+    def latest(self, name: str):
+        return None
+
+    def upload_path(self) -> str:
+        return "host"
