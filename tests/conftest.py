@@ -99,3 +99,22 @@ def fit_curve(monitor, model, x, y, steps: int, *, wait: bool = True):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     for _ in range(steps):
         _sgd_step(monitor, optimizer, nn.functional.mse_loss(model(x[:, None])[:, 0], y), wait)
+
+
+def record_blobs_run(path, *, grid_every: int, other_every: int, steps: int, epoch_every: int):
+    """A recorded run of a small MLP on blobs7 with a GridProbe, a PredictionProbe and a
+    LossProbe; returns the run directory."""
+    from probescope import GridProbe, LossProbe, Monitor, PredictionProbe
+    from probescope.datasets import make_dataset
+
+    data = make_dataset("blobs7", seed=1, n=400)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 7))
+    probes = [
+        GridProbe(data.x_train, data.y_train, resolution=24, schedule=Schedule.every(grid_every)),
+        PredictionProbe(data.x_valid, data.y_valid, schedule=Schedule.every(other_every)),
+        LossProbe(schedule=Schedule.every(other_every)),
+    ]
+    with Monitor(model, probes, run_dir=path) as monitor:
+        train_steps(monitor, model, data.x_train, data.y_train, steps, epoch_every=epoch_every)
+    return path

@@ -6,28 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from probescope import CurveProbe, GridProbe, LossProbe, Monitor, PredictionProbe, Schedule, open_run
+from probescope import CurveProbe, Monitor, Schedule, open_run
 from probescope.export import export_final_pictures, export_probe, export_run, timeline
 from probescope.figures import FrameRenderer, small_multiples
-from tests.conftest import fit_curve, train_steps
+from tests.conftest import fit_curve, record_blobs_run
 
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
-    from probescope.datasets import make_dataset
-
-    data = make_dataset("blobs7", seed=1, n=500)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 7))
     path = tmp_path_factory.mktemp("run")
-    probes = [
-        GridProbe(data.x_train, data.y_train, resolution=24, schedule=Schedule.every(4)),
-        PredictionProbe(data.x_valid, data.y_valid, schedule=Schedule.every(4)),
-        LossProbe(),
-    ]
-    with Monitor(model, probes, run_dir=path) as monitor:
-        train_steps(monitor, model, data.x_train, data.y_train, 12, epoch_every=4)
-    return open_run(path)
+    return open_run(record_blobs_run(path, grid_every=4, other_every=4, steps=12, epoch_every=4))
 
 
 def test_interpolation_adds_k_frames_between_each_recorded_pair(recorded):

@@ -184,6 +184,7 @@ class CurvePanel(Panel):
             np.stack([self.x, np.zeros_like(self.x)], 1),
             color=(*BAND, 1.0),
             width=2.5,
+            method="agg",  # thick lines: GL's own line width is 1 px on core profiles
             parent=self.view.scene,
         )
         self.set_range(_limits(static["scatter_x"], 0.02), _limits(static["scatter_y"], 0.15))
@@ -271,7 +272,9 @@ class SeriesPanel(Panel):
             pos = np.concatenate([pos, pos])[:2] if len(pos) else np.zeros((2, 2), np.float32)
         line = self.lines.get(name)
         if line is None:
-            line = self.lines[name] = scene.visuals.Line(pos, color=colour, width=1.5, parent=self.view.scene)
+            line = self.lines[name] = scene.visuals.Line(
+                pos, color=colour, width=2.0, method="agg", parent=self.view.scene
+            )
         else:
             line.set_data(pos=pos, color=colour)
 

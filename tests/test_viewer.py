@@ -1,0 +1,281 @@
+"""The OpenGL viewer, rendered offscreen through EGL (Mesa's llvmpipe on a CPU machine).
+
+Each panel's pixels are checked against the frame data at points mapped through the panel's
+own transform; replay visits every recorded step; a closed viewer never stops training.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from probescope import CurveProbe, GridProbe, Monitor, Schedule, open_run
+from probescope.ring import Frame
+from tests.conftest import fit_curve, record_blobs_run, train_steps
+
+viewer_module = pytest.importorskip("probescope.viewers.viewer")
+from probescope.viewers.backend import ViewerUnavailable, use_backend  # noqa: E402
+from probescope.viewers.panels import BAND, GREY, PanelSpec  # noqa: E402
+
+try:
+    use_backend(offscreen=True)
+except ViewerUnavailable as err:  # .ci/run installs Mesa's EGL, so CI always runs these
+    pytest.skip(f"no EGL: {err}", allow_module_level=True)
+
+Viewer, RunSource = viewer_module.Viewer, viewer_module.RunSource
+
+
+class FrameSource:
+    """A viewer source that hands out frames set by the test."""
+
+    def __init__(self, *specs):
+        self.specs = list(specs)
+        self.frames: dict[str, Frame] = {}
+        self.out_dir = None
+
+    def show(self, name, data, step, epoch=0):
+        seq = self.frames[name].seq + 1 if name in self.frames else 0
+        self.frames[name] = Frame(name, seq, step, epoch, 0.0, data)
+
+    def latest(self, name):
+        return self.frames.get(name)
+
+    def upload_path(self):
+        return "host"
+
+
+def pixel(image, panel, x, y):
+    """The rendered RGB at data point (x, y) of ``panel``."""
+    cx, cy = panel.data_to_canvas(x, y)
+    return image[int(cy), int(cx), :3].astype(int)
+
+
+def distance_near(image, panel, x, y, colour, radius=1):
+    """The smallest colour distance to ``colour`` within ``radius`` pixels of data point (x, y)."""
+    cx, cy = (int(v) for v in panel.data_to_canvas(x, y))
+    patch = image[cy - radius : cy + radius + 1, cx - radius : cx + radius + 1, :3].astype(float)
+    return float(np.abs(patch - np.asarray(colour, float)).max(-1).min())
+
+
+@pytest.fixture(scope="module")
+def trained_map():
+    from probescope.datasets import make_dataset
+
+    data = make_dataset("blobs7", seed=1, n=400)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 7))
+    probe = GridProbe(
+        data.x_train, data.y_train, resolution=(37, 23), points=False, schedule=Schedule.every(10)
+    )
+    with Monitor(model, [probe]) as monitor:
+        train_steps(monitor, model, data.x_train, data.y_train, 30)
+    return PanelSpec.of_probe(probe), monitor.latest(probe.name)
+
+
+def test_map_pixels_have_the_colour_of_their_grid_point(trained_map):
+    spec, frame = trained_map
+    source = FrameSource(spec)
+    source.show(spec.name, frame.data, frame.step)
+    viewer = Viewer(source, offscreen=True, size=(700, 520))
+    assert viewer.refresh()
+    image = viewer.render()
+    panel = viewer.panels[spec.name]
+    us, vs = spec.static["us"], spec.static["vs"]
+    rgba, probs = frame.data["rgba"], frame.data["probs"]
+    palette = spec.static["palette"].astype(int)
+    rng = np.random.default_rng(0)
+    for r, c in zip(rng.integers(0, len(vs), 40), rng.integers(0, len(us), 40), strict=True):
+        got = pixel(image, panel, us[c], vs[r])
+        np.testing.assert_allclose(got, rgba[r, c, :3], atol=2, err_msg=f"grid point ({r}, {c})")
+    sure = np.argwhere(probs.max(-1) > 0.97)  # a sure point shows its class's colour itself
+    assert len(sure) >= 5
+    for r, c in sure[rng.choice(len(sure), 5, replace=False)]:
+        got = pixel(image, panel, us[c], vs[r])
+        assert np.abs(got - palette[probs[r, c].argmax()]).max() <= 12, f"grid point ({r}, {c})"
+    viewer.close()
+
+
+def test_caption_follows_the_frames_step(trained_map):
+    spec, frame = trained_map
+    source = FrameSource(spec)
+    viewer = Viewer(source, offscreen=True, size=(600, 480))
+    captions, images = [], []
+    for step in (10, 20):
+        source.show(spec.name, frame.data, step, epoch=step // 10)
+        assert viewer.refresh()
+        captions.append(viewer.panels[spec.name].caption.text)
+        images.append(viewer.render())
+    assert "step 10" in captions[0] and "epoch 1" in captions[0] and "step 20" in captions[1]
+    top = slice(0, 40)  # the caption's band; the map itself is identical in both frames
+    assert np.any(images[0][top] != images[1][top])
+    assert not viewer.refresh()  # nothing new: nothing redrawn
+    viewer.close()
+
+
+def test_curve_panel_draws_the_curve_and_its_loss_band():
+    x = np.linspace(-2.0, 2.0, 41).astype(np.float32)
+    spec = PanelSpec(
+        "curve",
+        "curve",
+        {},
+        {"x": x, "scatter_x": np.array([-2.0, 2.0]), "scatter_y": np.array([-3.0, 3.0])},
+    )
+    y = np.sin(x)
+    source = FrameSource(spec)
+    source.show("curve", {"y_pred": y, "band_lower": y - 0.6, "band_upper": y + 0.6}, 5)
+    viewer = Viewer(source, offscreen=True, size=(640, 480))
+    viewer.refresh()
+    image = viewer.render()
+    panel = viewer.panels["curve"]
+    line = np.array(BAND) * 255
+    band = 0.25 * line + 0.75 * 255  # the band: 25 % of the curve's colour over white
+    for i in (8, 20, 31):
+        xm, ym = (x[i] + x[i + 1]) / 2, (y[i] + y[i + 1]) / 2  # on the polyline, between vertices
+        assert distance_near(image, panel, xm, ym, line) <= 40, f"curve at x={xm}"
+        assert np.abs(pixel(image, panel, x[i], y[i] + 0.35) - band).max() <= 12, f"band at x={x[i]}"
+        assert np.all(pixel(image, panel, x[i], y[i] + 1.2) >= 250), f"outside the band at x={x[i]}"
+    viewer.close()
+
+
+def test_prediction_markers_sit_at_each_sample_in_its_class_colour():
+    from probescope.kernels import default_palette
+
+    y_true = np.array([0, 1, 2, 0, 1, 2], np.int64)
+    jitter = np.zeros(6, np.float32)
+    spec = PanelSpec(
+        "pred", "prediction", {"task": "multiclass", "num_classes": 3}, {"y_true": y_true, "jitter": jitter}
+    )
+    prob_true = np.array([0.9, 0.2, 0.6, 0.1, 0.95, 0.4], np.float32)
+    source = FrameSource(spec)
+    source.show("pred", {"prob_true": prob_true, "class_mean": np.zeros(3), "accuracy": np.float64(0.5)}, 3)
+    viewer = Viewer(source, offscreen=True, size=(640, 480))
+    viewer.refresh()
+    image = viewer.render()
+    panel = viewer.panels["pred"]
+    palette = default_palette(3).numpy().astype(float)
+    for cls, p in zip(y_true, prob_true, strict=True):
+        expected = 0.6 * palette[cls] + 0.4 * 255  # markers at 60 % opacity over white
+        assert np.abs(pixel(image, panel, cls, p) - expected).max() <= 14, f"class {cls} at {p}"
+    assert np.all(pixel(image, panel, 1.0, 0.55) >= 250)  # no marker there
+    assert "accuracy 0.500" in panel.caption.text
+    viewer.close()
+
+
+def test_loss_panel_plots_log10_loss_over_steps():
+    steps = np.arange(1, 51, dtype=np.float64)
+    loss = 2.0 * np.exp(-steps / 15.0)
+    spec = PanelSpec("loss", "loss", {}, {})
+    source = FrameSource(spec)
+    source.show("loss", {"series/train_loss/steps": steps, "series/train_loss/values": loss}, 50)
+    viewer = Viewer(source, offscreen=True, size=(640, 480))
+    viewer.refresh()
+    image = viewer.render()
+    panel = viewer.panels["loss"]
+    for i in (5, 25, 45):
+        grey = np.array(GREY[:3]) * 255
+        # an antialiased 2-px line: well away from white (140 from the line's grey)
+        near = distance_near(image, panel, steps[i], np.log10(loss[i]), grey)
+        assert near <= 100, f"loss at step {steps[i]}"
+        assert np.all(pixel(image, panel, steps[i], np.log10(loss[i]) + 0.3) >= 250)
+    viewer.close()
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    path = tmp_path_factory.mktemp("run")
+    return record_blobs_run(path, grid_every=3, other_every=5, steps=15, epoch_every=5)
+
+
+def test_replay_visits_every_recorded_step(recorded):
+    run = open_run(recorded)
+    viewer = Viewer(RunSource(recorded), offscreen=True, size=(900, 400))
+    expected = sorted({s for name in run.probes for s in run.probe(name).steps()})
+    assert viewer.timeline == expected
+    shown = {name: [] for name in viewer.panels}
+    for i in range(len(viewer.timeline)):
+        assert viewer.go_to(i) == expected[i]
+        for name, panel in viewer.panels.items():
+            if panel.step is not None and (not shown[name] or shown[name][-1] != panel.step):
+                shown[name].append(panel.step)
+    for name in viewer.panels:
+        assert shown[name] == run.probe(name).steps(), name
+    viewer.close()
+
+
+def test_closing_the_viewer_never_stops_training(mlp, blobs, caplog):
+    probe = GridProbe(blobs.x_train, blobs.y_train, resolution=16, schedule=Schedule.every(2))
+    monitor = Monitor(mlp, [probe], viewer="offscreen", viewer_fps=1000.0).start()
+    assert monitor.viewer is not None
+    train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 4)
+    assert monitor.viewer.shown.get(probe.name) is not None  # it drew frames while training
+    monitor.viewer.close()  # the user closes the window
+    written = monitor.ring(probe.name).written
+    train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 6)
+    assert monitor.viewer is None and monitor.step_count == 10
+    assert monitor.ring(probe.name).written > written  # probes went on
+    monitor.close()
+
+
+def test_gl_export_and_offscreen_view_command(recorded, tmp_path):
+    from probescope.cli import main
+    from probescope.export import export_probe
+
+    run = open_run(recorded)
+    files = export_probe(run.probe("grid"), tmp_path / "gl", ["png", "gif"], renderer="gl", size=(400, 300))
+    pngs = [f for f in files if f.suffix == ".png"]
+    assert len(pngs) == len(run.probe("grid"))
+    import imageio.v3 as iio
+
+    assert iio.imread(pngs[0]).shape == (300, 400, 3)
+    assert iio.imread(tmp_path / "gl" / "grid.gif", index=None).shape[0] == len(pngs)
+    out = tmp_path / "view.png"
+    assert main(["view", str(recorded), "--offscreen", "--step", "6", "--out", str(out)]) == 0
+    assert iio.imread(out).shape[2] in (3, 4)
+
+
+def test_no_display_gives_a_clear_message_and_training_goes_on(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    code = (
+        "import logging, torch\n"
+        "from torch import nn\n"
+        "from probescope import Monitor, LossProbe\n"
+        "from probescope.viewers.backend import use_backend, ViewerUnavailable\n"
+        "try:\n"
+        "    use_backend(offscreen=False)\n"
+        "except ViewerUnavailable as err:\n"
+        "    print('MESSAGE', err)\n"
+        "logging.basicConfig()\n"
+        "model = nn.Linear(2, 2)\n"
+        "with Monitor(model, [LossProbe()], viewer=True) as m:\n"
+        "    for _ in range(3):\n"
+        "        m.step(loss=model(torch.ones(1, 2)).sum())\n"
+        "print('STEPS', m.step_count)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "MESSAGE no display here" in done.stdout and "--follow" in done.stdout
+    assert "STEPS 3" in done.stdout
+    assert "the viewer could not open" in done.stderr
+
+
+def test_curve_probe_run_replays_in_the_curve_panel(tmp_path):
+    torch.manual_seed(0)
+    x = torch.linspace(-2, 2, 200).unsqueeze(1)
+    y = torch.sin(2 * x)
+    model = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 1))
+    probe = CurveProbe(x, y, schedule=Schedule.every(5))
+    with Monitor(model, [probe], run_dir=tmp_path / "run") as monitor:
+        fit_curve(monitor, model, x, y, 10)
+    viewer = Viewer(RunSource(tmp_path / "run"), offscreen=True, size=(500, 400))
+    viewer.go_to(len(viewer.timeline) - 1)
+    frame = open_run(tmp_path / "run").probe(probe.name).frame(-1)
+    panel = viewer.panels[probe.name]
+    np.testing.assert_allclose(panel.line.pos[:, 1], frame.data["y_pred"], rtol=1e-6)
+    image = viewer.render()
+    i = len(panel.x) // 2
+    assert pixel(image, panel, panel.x[i], frame.data["y_pred"][i]).min() < 250  # the curve is drawn there
+    viewer.close()
