@@ -279,3 +279,58 @@ def test_curve_probe_run_replays_in_the_curve_panel(tmp_path):
     i = len(panel.x) // 2
     assert pixel(image, panel, panel.x[i], frame.data["y_pred"][i]).min() < 250  # the curve is drawn there
     viewer.close()
+
+
+def test_the_map_texture_has_a_gl_name_for_cuda_registration(trained_map):
+    from vispy.gloo import gl
+
+    from probescope.viewers.interop import gl_texture_name
+
+    spec, frame = trained_map
+    source = FrameSource(spec)
+    source.show(spec.name, frame.data, frame.step)
+    viewer = Viewer(source, offscreen=True, size=(500, 400))
+    viewer.refresh()
+    viewer.render()  # creates the texture on the GL side
+    panel = viewer.panels[spec.name]
+    name = gl_texture_name(viewer.canvas, panel.image._texture)
+    viewer.canvas.set_current()
+    assert name > 0 and gl.glIsTexture(name)
+    assert panel.image._texture._internalformat == "rgba8"  # a sized format CUDA can register
+    viewer.close()
+
+
+def test_device_frames_fall_back_to_host_upload_and_say_why(trained_map):
+    spec, frame = trained_map
+    viewer = Viewer(FrameSource(spec), offscreen=True, size=(600, 450))
+    panel = viewer.panels[spec.name]
+    rgba = torch.from_numpy(frame.data["rgba"].copy())
+    rgba[..., :3] = 255 - rgba[..., :3]  # a frame the panel has not shown before
+    panel.update_device(rgba, 7, 1)
+    assert panel.upload_path == "host (frames are not on a CUDA device)"
+    assert viewer.upload_paths() == {spec.name: panel.upload_path}
+    image = viewer.render()
+    us, vs = spec.static["us"], spec.static["vs"]
+    for r, c in ((0, 0), (len(vs) // 2, len(us) // 3), (len(vs) - 1, len(us) - 1)):
+        np.testing.assert_allclose(pixel(image, panel, us[c], vs[r]), rgba[r, c, :3].numpy(), atol=2)
+    assert "step 7" in panel.caption.text
+    viewer.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_frames_reach_the_texture_through_interop_or_say_why(trained_map):
+    spec, frame = trained_map
+    viewer = Viewer(FrameSource(spec), offscreen=True, size=(600, 450))
+    panel = viewer.panels[spec.name]
+    panel.update({"rgba": frame.data["rgba"]}, 1, 0)
+    viewer.render()  # the texture exists: interop can register it
+    rgba = torch.from_numpy(frame.data["rgba"].copy()).cuda()
+    rgba[..., :3] = 255 - rgba[..., :3]
+    panel.update_device(rgba, 2, 0)
+    image = viewer.render()
+    us, vs = spec.static["us"], spec.static["vs"]
+    expected = rgba.cpu().numpy()
+    for r, c in ((1, 1), (len(vs) // 2, len(us) // 2)):
+        np.testing.assert_allclose(pixel(image, panel, us[c], vs[r]), expected[r, c, :3], atol=2)
+    assert panel.upload_path == "cuda-gl interop" or panel.upload_path.startswith("host (")
+    viewer.close()

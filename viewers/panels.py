@@ -136,8 +136,12 @@ class MapPanel(Panel):
         super().__init__(parent_grid, spec, row, col, legend)
         u0, u1, v0, v1 = config["domain"]
         w, h = config["resolution"]
+        # A sized internal format: CUDA can register the texture for the interop upload.
         self.image = scene.visuals.Image(np.zeros((h, w, 4), np.uint8), parent=self.view.scene,
-                                         interpolation="nearest", method="subdivide")  # fmt: skip
+                                         interpolation="nearest", method="subdivide",
+                                         texture_format="r8")  # fmt: skip  (vispy makes it rgba8)
+        self.interop = None
+        self.upload_path = "host"
         # Row 0 of a frame is the top of the domain (v1): scale rows downwards.
         self.image.transform = STTransform(scale=((u1 - u0) / w, -(v1 - v0) / h), translate=(u0, v1))
         self.points = None
@@ -156,6 +160,29 @@ class MapPanel(Panel):
 
     def draw(self, data: dict[str, np.ndarray]) -> None:
         self.image.set_data(np.ascontiguousarray(data["rgba"]))
+
+    def update_device(self, rgba, step: float, epoch: float) -> None:
+        """Show an (H, W, 4) uint8 CUDA frame: through CUDA-GL interop when it can be used
+        (registered on first use, after the texture exists), else through host memory."""
+        from probescope.viewers.interop import InteropTexture, why_not_interop
+
+        if self.interop is None and self.upload_path == "host":
+            reason = why_not_interop(rgba.device)
+            if reason is None:
+                try:
+                    self.interop = InteropTexture(self.view.canvas, self.image._texture, rgba.device)
+                    self.upload_path = "cuda-gl interop"
+                except Exception as err:
+                    reason = f"{type(err).__name__}: {err}"
+            if reason is not None:
+                self.upload_path = f"host ({reason})"
+        if self.interop is not None:
+            self.step, self.epoch = round(step), round(epoch)
+            self.caption.text = f"{self.spec.name}  ·  step {self.step}  ·  epoch {self.epoch}"
+            self.interop.upload(rgba)
+            self.image.update()
+        else:
+            self.update({"rgba": rgba.cpu().numpy()}, step, epoch)
 
 
 class CurvePanel(Panel):

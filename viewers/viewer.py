@@ -37,11 +37,13 @@ class MonitorSource:
     def latest(self, name: str):
         return self.monitor.latest(name)
 
+    def latest_device(self, name: str):
+        """The newest completed device frame (CUDA frames only; never syncs), or None."""
+        return self.monitor.ring(name).latest_device()
+
     def upload_path(self) -> str:
-        for spec in self.specs:
-            if self.monitor.ring(spec.name).latest_device() is not None:
-                return "host (pinned copies of device frames)"
-        return "host"
+        cuda = any(self.latest_device(spec.name) is not None for spec in self.specs)
+        return "CUDA frames: interop when the GL context shares their GPU, else host" if cuda else "host"
 
 
 class RunSource:
@@ -137,6 +139,9 @@ class Viewer:
             return False
         changed = False
         for name, panel in self.panels.items():
+            if self._refresh_from_device(name, panel):
+                changed = True
+                continue
             frame = self.source.latest(name)
             if frame is None or self.shown.get(name) == frame.seq:
                 continue
@@ -146,6 +151,21 @@ class Viewer:
         if changed:
             self._after_change()
         return changed
+
+    def _refresh_from_device(self, name: str, panel) -> bool:
+        """A map panel of a live CUDA run takes its newest frame from the device ring."""
+        if not hasattr(panel, "update_device") or not hasattr(self.source, "latest_device"):
+            return False
+        frame = self.source.latest_device(name)
+        if frame is None or "rgba" not in frame.tensors or self.shown.get(name) == frame.seq:
+            return False
+        panel.update_device(frame.tensors["rgba"], frame.step, frame.epoch)
+        self.shown[name] = frame.seq
+        return True
+
+    def upload_paths(self) -> dict[str, str]:
+        """How each map panel's frames reach its texture (after its first frame)."""
+        return {name: p.upload_path for name, p in self.panels.items() if hasattr(p, "upload_path")}
 
     def show_step(self, step: int) -> None:
         """Replay: show every probe's newest frame at or before ``step``."""
