@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +61,11 @@ class Monitor:
     ``high_priority_training=True`` creates a high-priority stream for training to run on:
     wrap the loop in ``with monitor.training_stream():``.
 
+    ``snapshot_params`` (glob patterns over state_dict names) copies only part of a model
+    too large to copy whole; ``snapshot_host=True`` keeps the copy in (pinned) host memory and
+    evaluates probes on the CPU (see probescope.snapshot). ``summary()["snapshot_bytes"]`` and
+    the run's metadata give the snapshot's memory.
+
     ``viewer=True`` opens the OpenGL viewer in this process (``"offscreen"``: rendered
     through EGL, for headless machines and tests); the training thread lets it draw the
     newest frames at most ``viewer_fps`` times a second. A viewer that cannot open or is
@@ -85,6 +90,8 @@ class Monitor:
         high_priority_training: bool = False,
         viewer: bool | str = False,
         viewer_fps: float = 30.0,
+        snapshot_params: Sequence[str] | None = None,
+        snapshot_host: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -123,6 +130,8 @@ class Monitor:
             grads=any(p.needs_grads for p in probes),
             streams=self._streams,
             defer_wait=optimizer is not None and hasattr(optimizer, "register_step_pre_hook"),
+            params=snapshot_params,
+            host=snapshot_host,
         )
         self._optimizer_hook = None
         if self._streams is not None and not self._pool._wait_now:
@@ -218,7 +227,10 @@ class Monitor:
                     p.name, p.kind, {**p.config(), "schedule": p.schedule.describe()}, p.static()
                 )
             self.writer.update_meta(
-                model=_describe_model(self.model), snapshot=self._pool.strategy, metadata=self._metadata
+                model=_describe_model(self.model),
+                snapshot=self._pool.strategy,
+                snapshot_detail=self._pool.describe(),
+                metadata=self._metadata,
             )
         self._worker = ProbeWorker(threads=self._probe_threads)
         cores = os.cpu_count() or 1
@@ -546,6 +558,7 @@ class _Job:
         try:
             if restore:
                 self.shadow.eval()
+            pool.wait_ready(self.shadow)
             with torch.no_grad(), on_stream:
                 context = ProbeContext(self.step, self.epoch, self.monitor.history.read(self.cut))
                 for st in self.states:

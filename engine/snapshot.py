@@ -14,12 +14,21 @@ at the step boundary has none in the shadow either.
 
 On CUDA (``streams`` given) the copy runs on the probe stream, ordered against training by
 events only (see probescope.streams): the training thread enqueues it and goes on.
+
+For models too large to copy whole: ``params`` (glob patterns over state_dict names, e.g.
+``["head.*", "blocks.11.*"]``) copies only the matching tensors; the shadow shares every other
+tensor with the live model, so probes read those live (racy, like ``live``). ``host=True``
+keeps the shadow in host memory (pinned when CUDA is present; the copy is non-blocking on
+the probe stream and the probe waits for its event), and probes evaluate it on the CPU.
+``nbytes`` is what the snapshot holds.
 """
 
 from __future__ import annotations
 
 import copy
+import fnmatch
 import threading
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -40,9 +49,15 @@ class SnapshotPool:
         grads: bool = False,
         streams: ProbeStreams | None = None,
         defer_wait: bool = False,
+        params: Sequence[str] | None = None,
+        host: bool = False,
     ):
         if strategy not in STRATEGIES:
             raise ValueError(f"snapshot must be one of {STRATEGIES}, got {strategy!r}")
+        if (params is not None or host) and strategy != "copy":
+            raise ValueError("snapshot_params and snapshot_host apply to the 'copy' snapshot only")
+        if params is not None and host:
+            raise ValueError("a host snapshot copies the whole model; snapshot_params keeps part of it live")
         self.model, self.strategy = model, strategy
         self.streams = streams
         # Weights change only at the next optimizer step, but gradients at the next backward.
@@ -53,19 +68,43 @@ class SnapshotPool:
         self._shadow_tensors: dict[int, list[torch.Tensor]] = {}
         self._live_params: list[nn.Parameter] = []
         self._shadow_grads: dict[int, list[tuple[nn.Parameter, torch.Tensor]]] = {}
+        self._ready: dict[int, torch.cuda.Event] = {}
+        self.host = host
         if strategy == "copy":
-            self._live_tensors = _state_tensors(model)
+            named = _named_state_tensors(model)
+            chosen = _select(named, params)
+            self._live_tensors = [t for n, t in named if n in chosen]
             if grads:
-                self._live_params = [p for p in model.parameters() if p.requires_grad]
+                copied = {id(t) for t in self._live_tensors}
+                self._live_params = [p for p in model.parameters() if p.requires_grad and id(p) in copied]
+            shared = {id(t): t for n, t in named if n not in chosen}
             for _ in range(size):
-                shadow = copy.deepcopy(model).eval().requires_grad_(False)
-                self._shadow_tensors[id(shadow)] = _state_tensors(shadow)
+                shadow = copy.deepcopy(model, memo=dict(shared)).eval()
+                by_name = dict(_named_state_tensors(shadow))
+                own = [by_name[n] for n, _ in named if n in chosen]
+                for t in own:
+                    t.requires_grad_(False)
+                if host:
+                    _to_host(own)
+                self._shadow_tensors[id(shadow)] = own
                 if grads:
                     by_id = {id(p): q for p, q in zip(model.parameters(), shadow.parameters(), strict=True)}
                     self._shadow_grads[id(shadow)] = [
-                        (by_id[id(p)], torch.empty_like(p)) for p in self._live_params
+                        (by_id[id(p)], _grad_buffer(p, host)) for p in self._live_params
                     ]
                 self._free.append(shadow)
+
+    def describe(self) -> dict:
+        """Strategy, what is copied, where, and the memory held (for the run's metadata)."""
+        copied = sum(t.numel() for t in self._live_tensors)
+        total = sum(t.numel() for _, t in _named_state_tensors(self.model))
+        return {
+            "strategy": self.strategy,
+            "host": self.host,
+            "copied_elements": copied if self.strategy == "copy" else 0,
+            "model_elements": total,
+            "bytes": self.nbytes,
+        }
 
     @property
     def inline(self) -> bool:
@@ -93,12 +132,26 @@ class SnapshotPool:
         self.streams.start_snapshot()
         with self.streams.probe_context():
             self._copy_into(shadow)
+            if self.host:
+                self._ready[id(shadow)] = ready = torch.cuda.Event()
+                ready.record()
         self.streams.end_snapshot(wait_now=self._wait_now)
         return shadow
 
+    def wait_ready(self, shadow: nn.Module) -> None:
+        """On the probe's thread: wait for a host snapshot's non-blocking copy (an event wait)."""
+        ready = self._ready.pop(id(shadow), None)
+        if ready is not None:
+            ready.synchronize()
+
     def _copy_into(self, shadow: nn.Module) -> None:
         with torch.no_grad():
-            torch._foreach_copy_(self._shadow_tensors[id(shadow)], self._live_tensors)
+            targets = self._shadow_tensors[id(shadow)]
+            if self.host:
+                for dst, src in zip(targets, self._live_tensors, strict=True):
+                    dst.copy_(src, non_blocking=True)
+            else:
+                torch._foreach_copy_(targets, self._live_tensors)
             if self._live_params:
                 self._copy_grads(self._shadow_grads[id(shadow)])
 
@@ -111,7 +164,10 @@ class SnapshotPool:
                 param.grad = buffer
                 sources.append(live.grad)
                 targets.append(buffer)
-        if sources:
+        if sources and self.host:
+            for dst, src in zip(targets, sources, strict=True):
+                dst.copy_(src, non_blocking=True)
+        elif sources:
             torch._foreach_copy_(targets, sources)
 
     def release(self, shadow: nn.Module) -> None:
@@ -121,5 +177,33 @@ class SnapshotPool:
                 self._free.append(shadow)
 
 
-def _state_tensors(model: nn.Module) -> list[torch.Tensor]:
-    return [t for t in model.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor)]
+def _named_state_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(n, t) for n, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)]
+
+
+def _select(named: list[tuple[str, torch.Tensor]], patterns: Sequence[str] | None) -> set[str]:
+    """The state_dict names to copy: all, or those matching any of ``patterns``."""
+    names = [n for n, _ in named]
+    if patterns is None:
+        return set(names)
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    chosen = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+    if not chosen:
+        raise ValueError(
+            f"snapshot_params {list(patterns)} match no tensor of the model (names: {names[:6]} ...)"
+        )
+    return chosen
+
+
+def _grad_buffer(param: torch.Tensor, host: bool) -> torch.Tensor:
+    if not host:
+        return torch.empty_like(param)
+    return torch.empty(param.shape, dtype=param.dtype, pin_memory=torch.cuda.is_available())
+
+
+def _to_host(tensors: list[torch.Tensor]) -> None:
+    """Move a shadow's own tensors to host memory, pinned when CUDA is present."""
+    pin = torch.cuda.is_available()
+    for t in tensors:
+        t.data = t.data.to("cpu").pin_memory() if pin else t.data.to("cpu")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from probescope import EVENTS, Callback, GridProbe, Monitor, Probe, Schedule
+from probescope import EVENTS, Callback, GridProbe, Monitor, Probe, Schedule, open_run
 from tests.conftest import train_steps
 
 
@@ -171,3 +171,60 @@ def test_counters_and_ring_are_exposed(mlp, blobs):
     assert latest.step == 4 and latest.data["rgba"].shape == (8, 8, 4)
     assert monitor.stats["grid"].run == 3
     assert monitor.snapshot_bytes == 2 * sum(p.numel() * 4 for p in mlp.parameters())
+
+
+def test_a_parameter_subset_snapshot_copies_only_the_chosen_tensors(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 4))
+    probe = StepReader(schedule=Schedule.every(1))
+    monitor = Monitor(model, [probe], snapshot_params=["1.*"], ring_capacity=256, run_dir=tmp_path / "run")
+    shadow = monitor._pool._free[0]
+    assert shadow[0].weight is model[0].weight and shadow[0].bias is model[0].bias  # shared, live
+    assert shadow[1].weight is not model[1].weight
+    assert all(p.requires_grad for p in model.parameters())  # training's parameters untouched
+    layer1 = sum(p.numel() * p.element_size() for p in model[1].parameters())
+    assert monitor.snapshot_bytes == 2 * layer1  # two shadows, layer 1 only
+    monitor.start()
+    for step in range(1, 40):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float(step))
+        monitor.step()
+        time.sleep(0.0005)
+    monitor.close()
+    frames = [f for f in monitor.ring(probe.name).read_since(-1) if f.step > 0]
+    copied = 64 * 64 + 64  # StepReader lists layer 0's tensors first, then layer 1's
+    assert len(frames) >= 3
+    for frame in frames:
+        assert np.all(frame.data["values"][copied:] == frame.step)  # the copied layer: one step
+    detail = open_run(tmp_path / "run").meta["snapshot_detail"]
+    assert detail["copied_elements"] == 64 * 4 + 4 and detail["bytes"] == 2 * layer1
+
+
+def test_a_host_snapshot_evaluates_consistent_frames(tmp_path):
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+    probe = StepReader(schedule=Schedule.every(1))
+    monitor = Monitor(model, [probe], snapshot_host=True, ring_capacity=256).start()
+    for step in range(1, 30):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float(step))
+        monitor.step()
+        time.sleep(0.0005)
+    monitor.close()
+    frames = [f for f in monitor.ring(probe.name).read_since(-1) if f.step > 0]
+    assert len(frames) >= 3 and all(np.all(f.data["values"] == f.step) for f in frames)
+    assert monitor._pool.describe()["host"] is True
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"snapshot_params": ["decoder.*"]}, "match no tensor"),
+        ({"snapshot_params": ["0.*"], "snapshot_host": True}, "copies the whole model"),
+        ({"snapshot_params": ["0.*"], "snapshot": "sync"}, "'copy' snapshot only"),
+    ],
+)
+def test_snapshot_options_that_cannot_work_are_refused(kwargs, message):
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=message):
+        Monitor(model, [StepReader()], **kwargs)
