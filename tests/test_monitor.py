@@ -173,6 +173,16 @@ def test_counters_and_ring_are_exposed(mlp, blobs):
     assert monitor.snapshot_bytes == 2 * sum(p.numel() * 4 for p in mlp.parameters())
 
 
+def _steps_set_to_their_number(monitor, model, steps):
+    """Steps of a model whose every weight is set to the step number before the step."""
+    for step in range(1, steps):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float(step))
+        monitor.step()
+        time.sleep(0.0005)  # a training step takes time; without it the loop outruns the worker
+
+
 def test_a_parameter_subset_snapshot_copies_only_the_chosen_tensors(tmp_path):
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 4))
     probe = StepReader(schedule=Schedule.every(1))
@@ -184,12 +194,7 @@ def test_a_parameter_subset_snapshot_copies_only_the_chosen_tensors(tmp_path):
     layer1 = sum(p.numel() * p.element_size() for p in model[1].parameters())
     assert monitor.snapshot_bytes == 2 * layer1  # two shadows, layer 1 only
     monitor.start()
-    for step in range(1, 40):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.fill_(float(step))
-        monitor.step()
-        time.sleep(0.0005)
+    _steps_set_to_their_number(monitor, model, 40)
     monitor.close()
     frames = [f for f in monitor.ring(probe.name).read_since(-1) if f.step > 0]
     copied = 64 * 64 + 64  # StepReader lists layer 0's tensors first, then layer 1's
@@ -204,12 +209,7 @@ def test_a_host_snapshot_evaluates_consistent_frames(tmp_path):
     model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
     probe = StepReader(schedule=Schedule.every(1))
     monitor = Monitor(model, [probe], snapshot_host=True, ring_capacity=256).start()
-    for step in range(1, 30):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.fill_(float(step))
-        monitor.step()
-        time.sleep(0.0005)
+    _steps_set_to_their_number(monitor, model, 30)
     monitor.close()
     frames = [f for f in monitor.ring(probe.name).read_since(-1) if f.step > 0]
     assert len(frames) >= 3 and all(np.all(f.data["values"] == f.step) for f in frames)
