@@ -6,6 +6,13 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-benchmark-results}
 mkdir -p "$OUT"
+# The viewer suite needs vispy's wheels in .whl and the GL loaders in .gl (Debian packages
+# libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2, fetched with apt-get download; see
+# the device tool's README); the NVIDIA driver provides EGL itself.
+if [ -d .gl ]; then
+  for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
+  export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+fi
 if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python3 -m pip install --no-deps --no-build-isolation -e .
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
