@@ -21,7 +21,7 @@ from probescope.ring import Frame, FrameRing
 from probescope.run import RunWriter
 from probescope.schedule import StepInfo
 from probescope.snapshot import SnapshotPool
-from probescope.streams import ProbeStreams, model_device
+from probescope.streams import ProbeStreams, StepClock, model_device
 from probescope.validation import positive_int
 from probescope.worker import ProbeWorker
 
@@ -133,6 +133,7 @@ class Monitor:
             params=snapshot_params,
             host=snapshot_host,
         )
+        self._clock = StepClock(device) if self._streams is not None else None
         self._optimizer_hook = None
         if self._streams is not None and not self._pool._wait_now:
             self._optimizer_hook = optimizer.register_step_pre_hook(
@@ -378,7 +379,11 @@ class Monitor:
         """The optimizer stepped: count the step and launch the probes that are due."""
         if not self._started:
             self.start()
-        if self._t_last_step is not None:  # the step's time, without this method's own work
+        if self._clock is not None and self._adaptive:  # CUDA: the steps' GPU time, no sync
+            for step_s, flags in self._clock.mark(tuple(st.busy for st in self._adaptive)):
+                for st, busy in zip(self._adaptive, flags, strict=True):
+                    _observe(st, step_s=step_s, busy=busy)
+        elif self._t_last_step is not None:  # the step's time, without this method's own work
             step_s = time.perf_counter() - self._t_last_step
             for st in self._adaptive:
                 _observe(st, step_s=step_s, busy=st.busy)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections import deque
 from collections.abc import Iterator
 
 import torch
@@ -74,6 +75,32 @@ class ProbeStreams:
         with torch.cuda.stream(self.training):
             yield
         torch.cuda.current_stream(self.device).wait_stream(self.training)
+
+
+class StepClock:
+    """Training step durations from CUDA events on the training stream, read without a sync.
+
+    ``mark(tag)`` records an event at a step boundary and returns ``(seconds, tag)`` for every
+    step whose closing event has completed since the last call (the tag is the one given with
+    that closing event). Steps are timed on the GPU's own timeline, so asynchronous launches
+    do not hide their cost; nothing waits for the GPU.
+    """
+
+    def __init__(self, device: torch.device | None = None, event_factory=None):
+        self.device = device
+        self._new_event = event_factory or (lambda: torch.cuda.Event(enable_timing=True))
+        self._pending: deque = deque()
+
+    def mark(self, tag=None) -> list[tuple[float, object]]:
+        event = self._new_event()
+        event.record(torch.cuda.current_stream(self.device) if self.device is not None else None)
+        self._pending.append((event, tag))
+        done = []
+        while len(self._pending) >= 2 and self._pending[1][0].query():
+            start, _ = self._pending.popleft()
+            end, end_tag = self._pending[0]
+            done.append((start.elapsed_time(end) / 1000.0, end_tag))
+        return done
 
 
 def to_host(tensors: list[torch.Tensor], buffers: list[torch.Tensor] | None = None) -> list[torch.Tensor]:

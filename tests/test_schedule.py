@@ -159,3 +159,41 @@ def test_a_budget_belongs_to_one_probe(mlp, recording_probe):
     shared = Schedule.budget(0.1)
     with pytest.raises(ValueError, match=r"its own Schedule\.budget"):
         Monitor(mlp, [recording_probe(name="a", schedule=shared), recording_probe(name="b", schedule=shared)])
+
+
+def test_step_clock_reports_each_step_once_its_closing_event_completed():
+    from probescope.streams import StepClock
+
+    made = []
+
+    class FakeEvent:
+        """An event whose completion the test controls; times in seconds of a fake clock."""
+
+        def __init__(self):
+            self.done, self.t = False, None
+            made.append(self)
+
+        def record(self, stream=None):
+            self.t = now[0]
+
+        def query(self):
+            return self.done
+
+        def elapsed_time(self, other):
+            assert self.done and other.done, "elapsed_time of an unfinished event would raise"
+            return (other.t - self.t) * 1000.0
+
+    now = [0.0]
+    clock = StepClock(event_factory=FakeEvent)
+    assert clock.mark("a") == []
+    now[0] = 0.010
+    assert clock.mark("b") == []  # the GPU has not reached the step boundary yet
+    now[0] = 0.025
+    made[0].done = made[1].done = True
+    assert clock.mark("c") == [(pytest.approx(0.010), "b")]
+    now[0] = 0.045
+    made[2].done = True
+    assert clock.mark("d") == [(pytest.approx(0.015), "c")]  # the new event is not done yet
+    now[0] = 0.050
+    made[3].done = True
+    assert clock.mark("e") == [(pytest.approx(0.020), "d")]
