@@ -127,7 +127,7 @@ def test_real_probes_never_make_the_training_thread_synchronise():
     probes = [
         GridProbe(x.cpu(), y.cpu(), resolution=128, schedule=Schedule.every(2)),
         PredictionProbe(x[:128], y[:128], schedule=Schedule.every(5)),
-        LossProbe(schedule=Schedule.every(5)),
+        LossProbe(schedule=Schedule.budget(0.05)),  # its step clock reads CUDA events
     ]
     monitor = Monitor(model, probes, optimizer=optimizer).start()
     _train(monitor, model, optimizer, x, y, 3)
@@ -137,7 +137,7 @@ def test_real_probes_never_make_the_training_thread_synchronise():
     training = [s for s in seen if s[0] == threading.main_thread().name]
     assert training == [], f"the training thread synchronised: {training[:3]}"
     for p in probes:
-        assert monitor.stats[p.name].run >= 2 and monitor.stats[p.name].failed == 0, p.name
+        assert monitor.stats[p.name].run >= 1 and monitor.stats[p.name].failed == 0, p.name
 
 
 def test_device_ring_hands_out_the_newest_completed_frame_without_a_sync():
