@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from probescope.events import EVENTS, Callback
+from probescope.graphs import ForwardGraphs
 from probescope.history import History
 from probescope.probes.base import Probe, ProbeContext, ProbeStats
 from probescope.ring import Frame, FrameRing
@@ -66,6 +67,10 @@ class Monitor:
     evaluates probes on the CPU (see probescope.snapshot). ``summary()["snapshot_bytes"]`` and
     the run's metadata give the snapshot's memory.
 
+    ``cuda_graphs=True`` captures each probe's fixed-batch forward (predictions, curve,
+    valid set) as a CUDA graph per shadow and replays it; a forward that cannot be captured
+    falls back to eager with one logged reason (probescope.graphs).
+
     ``viewer=True`` opens the OpenGL viewer in this process (``"offscreen"``: rendered
     through EGL, for headless machines and tests); the training thread lets it draw the
     newest frames at most ``viewer_fps`` times a second. A viewer that cannot open or is
@@ -92,6 +97,7 @@ class Monitor:
         viewer_fps: float = 30.0,
         snapshot_params: Sequence[str] | None = None,
         snapshot_host: bool = False,
+        cuda_graphs: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -116,6 +122,10 @@ class Monitor:
                 raise TypeError(f"Monitor: callbacks must be Callback instances, got {type(c).__name__}")
         for p in probes:
             p.attach(model)
+            if cuda_graphs:  # fixed-batch forwards replay CUDA graphs (see probescope.graphs)
+                p.graphs = ForwardGraphs(p.name)
+                if getattr(p, "valid", None) is not None:
+                    p.valid.graphs = ForwardGraphs(f"{p.name} (valid set)")
         self.model, self.optimizer = model, optimizer
         self.history = History()
         device = model_device(model)

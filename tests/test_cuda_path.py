@@ -163,3 +163,33 @@ def test_high_priority_training_stream_trains_and_probes_still_run():
         _train(monitor, model, optimizer, x, y, 10)
     monitor.close()
     assert monitor.stats[probe.name].run >= 5 and monitor.stats[probe.name].failed == 0
+
+
+class HostSyncing(nn.Module):
+    """A forward with a host sync: it cannot be captured in a CUDA graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.linear(x) * (1.0 if float(x.sum()) > -1e9 else 0.0)
+
+
+@pytest.mark.parametrize("capturable", [True, False])
+def test_cuda_graph_replays_match_eager_forwards_or_fall_back(capturable):
+    torch.manual_seed(0)
+    model = (
+        nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 3)) if capturable else HostSyncing()
+    ).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(300, 2, device="cuda"), torch.randint(0, 3, (300,), device="cuda")
+    probe = PredictionProbe(x[:100].cpu(), y[:100].cpu(), batch_size=64, schedule=Schedule.every(1))
+    with Monitor(model, [probe], optimizer=optimizer, cuda_graphs=True) as monitor:
+        _train(monitor, model, optimizer, x, y, 8)
+    assert probe.graphs.active is capturable
+    assert monitor.stats[probe.name].failed == 0
+    eager = PredictionProbe(x[:100].cpu(), y[:100].cpu(), batch_size=64).evaluate(model, None)
+    np.testing.assert_allclose(
+        monitor.latest(probe.name).data["prob_true"], eager["prob_true"].numpy(), rtol=1e-5
+    )

@@ -228,3 +228,21 @@ def test_snapshot_options_that_cannot_work_are_refused(kwargs, message):
     model = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ValueError, match=message):
         Monitor(model, [StepReader()], **kwargs)
+
+
+def test_cuda_graphs_on_a_cpu_model_fall_back_with_one_reason(mlp, blobs, caplog):
+    from probescope import PredictionProbe
+
+    probe = PredictionProbe(blobs.x_valid, blobs.y_valid, schedule=Schedule.every(1))
+    with (
+        caplog.at_level(logging.WARNING, logger="probescope"),
+        Monitor(mlp, [probe], cuda_graphs=True) as monitor,
+    ):
+        train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 3)
+    messages = [r.getMessage() for r in caplog.records if "CUDA graphs are off" in r.getMessage()]
+    assert messages == [
+        "prediction: CUDA graphs are off (the model is not on a CUDA device); its forward runs eagerly"
+    ]
+    assert monitor.stats["prediction"].failed == 0 and monitor.stats["prediction"].run >= 3
+    expected = probe.evaluate(mlp, None)["prob_true"].numpy()  # the final frame: final weights
+    np.testing.assert_allclose(monitor.latest("prediction").data["prob_true"], expected, rtol=1e-6)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from probescope.events import Callback
+from probescope.graphs import ForwardGraphs
 from probescope.history import Series
 from probescope.kernels.grid_mlp import outputs_to_probs as kernel_outputs_to_probs
 from probescope.schedule import Schedule
@@ -82,6 +83,7 @@ class Probe(Callback):
         self.name = name or self.kind
         self.schedule = schedule if schedule is not None else self.default_schedule
         self._warned: set[str] = set()
+        self.graphs: ForwardGraphs | None = None  # set by Monitor(cuda_graphs=True)
 
     def attach(self, model: nn.Module) -> None:
         """Check the probe against the model it will watch; raise ValueError if they do not fit."""
@@ -164,6 +166,7 @@ class ValidSet:
     """
 
     def __init__(self, owner: str, valid, loss_fn, metrics, batch_size: int):
+        self.graphs: ForwardGraphs | None = None  # set by Monitor(cuda_graphs=True)
         self.metrics = dict(metrics or {})
         for key, fn in self.metrics.items():
             if not callable(fn):
@@ -193,7 +196,7 @@ class ValidSet:
 
     def evaluate(self, model: nn.Module) -> list[float]:
         """The loss and each metric of ``model`` on the data."""
-        pred = batched_forward(model, self.x, self.batch_size)
+        pred = batched_forward(model, self.x, self.batch_size, self.graphs)
         if pred.shape[1] == 1 and self.y.dim() == 1 and self.y.is_floating_point():
             pred = pred[:, 0]
         return [float(self.loss_fn(pred, self.y))] + [float(fn(pred, self.y)) for fn in self.metrics.values()]
@@ -219,14 +222,21 @@ def check_forward(owner: str, model: nn.Module, sample: torch.Tensor) -> torch.T
     return out
 
 
-def batched_forward(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The model's outputs on ``inputs`` in chunks of ``batch_size``, as float32 on the CPU."""
+def batched_forward(
+    model: nn.Module, inputs: torch.Tensor, batch_size: int, graphs: ForwardGraphs | None = None
+) -> torch.Tensor:
+    """The model's outputs on ``inputs`` in chunks of ``batch_size``, as float32 on the CPU;
+    replayed from CUDA graphs when ``graphs`` is given (fixed inputs only)."""
     device, dtype = model_device_dtype(model)
     outs = []
     with torch.no_grad():
-        for start in range(0, inputs.shape[0], batch_size):
-            chunk = to_model(inputs[start : start + batch_size], device, dtype)
-            outs.append(model(chunk).float())
+        for i, start in enumerate(range(0, inputs.shape[0], batch_size)):
+
+            def chunk(start=start):
+                return to_model(inputs[start : start + batch_size], device, dtype)
+
+            out = model(chunk()) if graphs is None else graphs.forward(model, i, chunk)
+            outs.append(out.float())
     out = torch.cat(outs)
     return out.reshape(out.shape[0], -1).cpu()
 

@@ -123,7 +123,7 @@ class CurveProbe(Probe):
         return loss
 
     def evaluate(self, model: nn.Module, context: ProbeContext) -> dict[str, Any]:
-        y_pred = batched_forward(model, self.x_eval[:, None], self.batch_size)[:, 0]
+        y_pred = batched_forward(model, self.x_eval[:, None], self.batch_size, self.graphs)[:, 0]
         raw = self.per_point_loss(y_pred)
         smoothed = smooth_1d(raw, self.loss_smoothing, self.smoothing_kind)
         half_width = smoothed.clamp(min=0).sqrt() if self.band == "rms" else smoothed

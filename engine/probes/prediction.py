@@ -106,7 +106,7 @@ class PredictionProbe(Probe):
         self.task = task
 
     def evaluate(self, model: nn.Module, context: ProbeContext) -> dict[str, Any]:
-        out = batched_forward(model, self.x, self.batch_size)
+        out = batched_forward(model, self.x, self.batch_size, self.graphs)
         if self.task == "regression":
             y_pred = out[:, 0].double()
             mse = float(((y_pred - self.y) ** 2).mean())
