@@ -138,19 +138,30 @@ class GridProbe(Probe):
         return "raw" if self.output == "probs" else self.output
 
     def evaluate(self, model: nn.Module, context: ProbeContext) -> dict[str, Any]:
-        probs = grid_mlp(model, self.grid, self._kernel_output(), batch_size=self.batch_size).cpu()
+        # Everything stays on the model's device (on CUDA: the probe stream) until the ring
+        # copies the frame out; the colour mapping runs there too.
+        probs = grid_mlp(model, self.grid, self._kernel_output(), batch_size=self.batch_size)
         if self.smoothing is not None:
-            if self._ema_state is None or self._ema_state.shape != probs.shape:
+            if (
+                self._ema_state is None
+                or self._ema_state.shape != probs.shape
+                or self._ema_state.device != probs.device
+            ):
                 self._ema_state = probs.clone()
             probs = ema_frames(probs[None], self.smoothing, state=self._ema_state)[0]
-        if not torch.isfinite(probs).all():
+        if not bool(torch.isfinite(probs).all()):  # on CUDA, waits for the probe stream only
             self.warn_once(
                 "nonfinite",
                 f"non-finite model outputs at step {context.step}; those pixels are drawn "
                 "in magenta (RGBA 255, 0, 255). Training goes on.",
             )
-        rgba = probs_to_rgba(probs, self.mode, self.palette, self.class_index)
+        rgba = probs_to_rgba(probs, self.mode, self._palette_on(probs.device), self.class_index)
         return {"probs": probs, "rgba": rgba}
+
+    def _palette_on(self, device: torch.device) -> torch.Tensor:
+        if self.palette.device != device:
+            self.palette = self.palette.to(device)
+        return self.palette
 
     def static(self) -> dict[str, np.ndarray]:
         keep = slice(None, None, self.point_sparsity)
@@ -160,7 +171,7 @@ class GridProbe(Probe):
             "origin": self.origin.numpy(),
             "axis_u": self.axis_u.numpy(),
             "axis_v": self.axis_v.numpy(),
-            "palette": self.palette.numpy() if self.palette is not None else np.zeros((0, 3), np.uint8),
+            "palette": self.palette.cpu().numpy() if self.palette is not None else np.zeros((0, 3), np.uint8),
         }
         if self.points:
             arrays["points_uv"] = self.data_uv[keep].numpy()
