@@ -7,6 +7,7 @@ own transform; replay visits every recorded step; a closed viewer never stops tr
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -334,3 +335,51 @@ def test_cuda_frames_reach_the_texture_through_interop_or_say_why(trained_map):
         np.testing.assert_allclose(pixel(image, panel, us[c], vs[r]), expected[r, c, :3], atol=2)
     assert panel.upload_path == "cuda-gl interop" or panel.upload_path.startswith("host (")
     viewer.close()
+
+
+def test_follow_sees_a_run_grow_while_it_is_written(tmp_path, mlp, blobs):
+    probe = GridProbe(blobs.x_train, blobs.y_train, resolution=16, schedule=Schedule.every(2))
+    monitor = Monitor(mlp, [probe], run_dir=tmp_path / "live").start()
+    train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 2)
+    open_run(tmp_path / "live").wait_for_frames(10)
+    viewer = Viewer(RunSource(tmp_path / "live", follow=True), offscreen=True, size=(400, 300))
+    assert viewer.refresh()
+    first = viewer.panels[probe.name].step
+    train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 6)
+    monitor.drain(10)
+    deadline = time.time() + 10
+    while viewer.panels[probe.name].step == first and time.time() < deadline:
+        viewer.refresh()  # the recorder writes frames to disk on its own thread
+        time.sleep(0.05)
+    assert viewer.panels[probe.name].step > first
+    monitor.close()
+    viewer.close()
+
+
+def test_keys_pause_save_record_step_and_quit(recorded, tmp_path):
+    class Key:
+        def __init__(self, name):
+            self.key = type("K", (), {"name": name})()
+            self.text = name
+
+    viewer = Viewer(RunSource(recorded), offscreen=True, size=(640, 320))
+    viewer.source.out_dir = tmp_path
+    viewer.go_to(0)
+    viewer._on_key(Key("Right"))
+    assert viewer.position == 1
+    viewer._on_key(Key("Left"))
+    assert viewer.position == 0
+    viewer._on_key(Key("S"))
+    assert len(list(tmp_path.glob("view_step*.png"))) == 1
+    viewer._on_key(Key("R"))  # start recording; every change is a video frame
+    for i in range(1, 5):
+        viewer.go_to(i)
+    viewer._on_key(Key("R"))  # stop
+    import imageio.v3 as iio
+
+    (video,) = tmp_path.glob("view_*.mp4")
+    assert iio.imread(video, index=None).shape[0] == 5  # the frame at start plus four changes
+    viewer._on_key(Key("Space"))  # a replay: space plays and pauses
+    assert viewer.playing
+    viewer._on_key(Key("Q"))
+    assert viewer.closed

@@ -137,9 +137,13 @@ class MapPanel(Panel):
         u0, u1, v0, v1 = config["domain"]
         w, h = config["resolution"]
         # A sized internal format: CUDA can register the texture for the interop upload.
-        self.image = scene.visuals.Image(np.zeros((h, w, 4), np.uint8), parent=self.view.scene,
-                                         interpolation="nearest", method="subdivide",
-                                         texture_format="r8")  # fmt: skip  (vispy makes it rgba8)
+        self.image = scene.visuals.Image(
+            np.zeros((h, w, 4), np.uint8),
+            parent=self.view.scene,
+            interpolation="nearest",
+            method="subdivide",
+            texture_format="r8",
+        )  # fmt: skip  (vispy makes it rgba8)
         self.interop = None
         self.upload_path = "host"
         # Row 0 of a frame is the top of the domain (v1): scale rows downwards.

@@ -58,6 +58,7 @@ class RunSource:
         self.specs = [PanelSpec.of_record(self.run.probe(n)) for n in self.run.probes]
         self.specs = [s for s in self.specs if s.kind in PANELS]
         self.out_dir = Path(path)
+        self._steps: dict[str, list[int]] = {}  # a replay reads each probe's steps once
 
     def latest(self, name: str):
         record = self.run.probe(name)
@@ -65,14 +66,19 @@ class RunSource:
             record.refresh()
         return record.frame(len(record) - 1) if len(record) else None
 
+    def steps(self, name: str) -> list[int]:
+        if name not in self._steps:
+            self._steps[name] = self.run.probe(name).steps()
+        return self._steps[name]
+
     def timeline(self) -> list[int]:
         """Every recorded step of any probe, in order."""
-        return sorted({s for spec in self.specs for s in self.run.probe(spec.name).steps()})
+        return sorted({s for spec in self.specs for s in self.steps(spec.name)})
 
     def at_step(self, name: str, step: int):
         """The newest frame of ``name`` recorded at or before ``step`` (None before its first)."""
         record = self.run.probe(name)
-        steps = record.steps()
+        steps = self.steps(name)
         index = int(np.searchsorted(steps, step, side="right")) - 1
         return record.frame(index) if index >= 0 else None
 
