@@ -25,6 +25,7 @@ def _demo(args: argparse.Namespace) -> int:
         baseline=not args.no_baseline,
         resolution=args.resolution,
         progress=not args.quiet,
+        viewer=args.view,
     )
     print(result.report())
     return 0
@@ -200,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--resolution", type=int, default=192, help="grid map resolution per axis")
     demo.add_argument("--no-baseline", action="store_true", help="skip the training run without probes")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument(
+        "--view", action="store_true", help="watch training in the OpenGL viewer (needs a display)"
+    )
     demo.add_argument("--seeds", type=int, default=3, help="modadd: runs with different seeds")
     demo.add_argument("--steps", type=int, default=None, help="modadd: optimizer steps per run")
     demo.set_defaults(func=_demo)

@@ -185,8 +185,11 @@ def run_demo(
     export: bool = True,
     resolution: int = 192,
     progress: bool = True,
+    viewer: bool | str = False,
 ) -> DemoResult:
-    """Train on ``dataset`` without probes (the baseline), then with them; record and export."""
+    """Train on ``dataset`` without probes (the baseline), then with them; record and export.
+
+    ``viewer``: watch it in the OpenGL viewer while it trains (see Monitor)."""
     data = make_dataset(dataset, seed=seed)
     epochs = SETTINGS[dataset][2] if epochs is None else epochs
     if epochs < 1:
@@ -198,7 +201,7 @@ def run_demo(
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     try:
-        return _run_demo(data, dataset, out, epochs, seed, baseline, export, resolution, progress)
+        return _run_demo(data, dataset, out, epochs, seed, baseline, export, resolution, progress, viewer)
     finally:
         torch.set_num_threads(threads)
 
@@ -213,6 +216,7 @@ def _run_demo(
     export: bool,
     resolution: int,
     progress: bool,
+    viewer: bool | str,
 ) -> DemoResult:
     hidden, activation, _, lr = SETTINGS[dataset]
     widths = [data.input_dim, *hidden, data.output_dim]
@@ -235,6 +239,7 @@ def _run_demo(
         demo_probes(data, resolution),
         run_dir=out,
         overwrite=True,
+        viewer=viewer,
         metadata={
             "demo": {
                 "dataset": dataset,
