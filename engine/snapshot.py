@@ -121,6 +121,8 @@ class SnapshotPool:
     def acquire(self) -> nn.Module | None:
         """A model with this step's weights, or None if every shadow is still in use."""
         if self.strategy != "copy":
+            if self.strategy == "live" and self.streams is not None:
+                self.streams.start_snapshot()  # the probe stream still waits for this step's work
             return self.model
         with self._lock:
             if not self._free:
