@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from probescope.kernels.backend import choose_impl
+from probescope.kernels.backend import choose_impl, device_copy
 from probescope.kernels.grid import grid_inputs_reference
 
 log = logging.getLogger("probescope")
@@ -226,7 +226,7 @@ class FusableMLP:
     def plane_layer(self, grid: GridSpec) -> torch.Tensor:
         """``(3, width_1)`` float32 rows c0, cu, cv: the first layer folded into the grid's plane."""
         w = self.weights[0].detach().to(torch.float64)
-        origin, axis_u, axis_v = (t.to(w.device) for t in (grid.origin, grid.axis_u, grid.axis_v))
+        origin, axis_u, axis_v = (device_copy(t, w.device) for t in (grid.origin, grid.axis_u, grid.axis_v))
         c0 = w @ origin
         if self.biases[0] is not None:
             c0 = c0 + self.biases[0].detach().to(torch.float64)

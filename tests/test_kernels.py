@@ -192,3 +192,15 @@ print(torch.get_num_threads())
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == "1"
+
+
+def test_colour_tables_are_copied_to_a_device_once_and_again_when_changed():
+    from probescope.kernels.backend import device_copy
+
+    palette = torch.tensor([[1, 2, 3], [4, 5, 6]], dtype=torch.uint8)
+    meta = torch.device("meta")  # another device than the table's, without a GPU
+    first = device_copy(palette, meta)
+    assert first.device == meta and device_copy(palette, meta) is first
+    palette[0, 0] = 9  # an in-place change bumps the version: a fresh copy
+    assert device_copy(palette, meta) is not first
+    assert device_copy(palette, torch.device("cpu")).data_ptr() == palette.data_ptr()

@@ -6,12 +6,15 @@ import torch
 import triton
 import triton.language as tl
 
-from probescope.kernels.backend import next_power_of_2
+from probescope.kernels.backend import device_copy, next_power_of_2
 from probescope.kernels.colormap import BOUNDARY_INK, BOUNDARY_PALE, DIVERGING_ANCHORS, MODES, NONFINITE_RGBA
 
 # Little-endian int32 words whose bytes are R, G, B, A.
 _PACKED_NONFINITE = int.from_bytes(bytes(NONFINITE_RGBA), "little", signed=True)
 _OPAQUE = int.from_bytes(bytes((0, 0, 0, 255)), "little", signed=True)
+
+
+_ANCHORS = torch.tensor(DIVERGING_ANCHORS, dtype=torch.uint8)
 
 
 @triton.jit
@@ -86,8 +89,8 @@ def probs_to_rgba_triton(
     num_classes = probs.shape[-1]
     flat = probs.reshape(-1, num_classes).contiguous()
     n_pixels = flat.shape[0]
-    palette = palette.to(probs.device, torch.uint8).contiguous()
-    anchors = torch.tensor(DIVERGING_ANCHORS, dtype=torch.uint8, device=probs.device)
+    palette = device_copy(palette, probs.device, torch.uint8)
+    anchors = device_copy(_ANCHORS, probs.device)
     block = 256 if num_classes <= 16 else 64
     _probs_to_rgba_kernel[(triton.cdiv(max(n_pixels, 1), block),)](
         flat, palette, anchors, out.view(torch.int32), n_pixels, class_index,
