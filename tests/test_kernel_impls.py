@@ -457,3 +457,18 @@ def test_auto_on_cuda_sends_what_triton_does_slower_to_torch(monkeypatch):
     assert gm.fused_path(make_mlp((2, 256, 256, 7), dtype=torch.bfloat16)) == "triton"
     assert gm.fused_path(make_mlp((2, 1024, 10), dtype=torch.float16)) == "torch"
     assert gm.fused_path(make_mlp((2, 1024, 10)), impl="triton") == "triton"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grid_mlp_follows_weights_changed_in_place_between_frames(poisoned, impl):
+    # A shadow model's weights are overwritten in place every frame: nothing may be stale.
+    model = make_mlp((2, 24, 24, 24, 5), "relu").to(device_for(impl))
+    grid = random_grid(2, 11, 7)
+    first = grid_mlp(model, grid, impl=impl).clone()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.5).add_(0.1)
+    second = grid_mlp(model, grid, impl=impl)
+    reference = grid_mlp_reference(FusableMLP.from_module(model), grid)
+    assert max_error(second, reference) <= PROB_TOL[torch.float32]
+    assert max_error(first, reference) > 0.01  # the change is visible in the map

@@ -147,25 +147,57 @@ def _pad(t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.T
 
 
 def pack_layers(mlp: FusableMLP, hidden: int, out_pad: int, weight_dtype: torch.dtype):
-    """Zero-padded weights: hidden layers (in, out) as [L-2, H, H], the output layer as [H, OUT_PAD]."""
-    device = mlp.device
-    middle = [(w.detach().T, b) for w, b in zip(mlp.weights[1:-1], mlp.biases[1:-1], strict=True)]
-    hidden_w = torch.zeros((max(len(middle), 1), hidden, hidden), dtype=weight_dtype, device=device)
-    hidden_b = torch.zeros((max(len(middle), 1), hidden), dtype=torch.float32, device=device)
-    for i, (w, b) in enumerate(middle):
-        hidden_w[i, : w.shape[0], : w.shape[1]] = w.to(weight_dtype)
-        if b is not None:
-            hidden_b[i, : b.shape[0]] = b.detach().float()
-    if len(mlp.weights) > 1:
-        out_w = _pad(mlp.weights[-1].detach().T, (hidden, out_pad), weight_dtype)
-        last_b = mlp.biases[-1]
-        out_b = _pad(last_b.detach(), (out_pad,), torch.float32) if last_b is not None else None
-    else:
-        out_w = torch.zeros((1,), dtype=weight_dtype, device=device)
-        out_b = None
-    if out_b is None:
+    """Zero-padded weights: hidden layers (in, out) as [L-2, H, H], the output layer as [H, OUT_PAD].
+
+    The buffers are allocated once per MLP (per set of parameter tensors) and refreshed with
+    one multi-tensor copy per call, so a frame costs a single op here, not a dozen."""
+    key = (tuple(map(id, mlp.weights)), tuple(map(id, mlp.biases)), hidden, out_pad, weight_dtype)
+    packed = _PACKED.get(key)
+    if packed is None:
+        if len(_PACKED) >= 32:
+            _PACKED.clear()
+        packed = _PACKED[key] = _PackedLayers(mlp, hidden, out_pad, weight_dtype)
+    packed.refresh()
+    return packed.buffers
+
+
+class _PackedLayers:
+    """Padded buffers of one MLP and the (buffer view, parameter view) pairs that fill them."""
+
+    def __init__(self, mlp: FusableMLP, hidden: int, out_pad: int, weight_dtype: torch.dtype):
+        device = mlp.device
+        self.keep = (mlp.weights, mlp.biases)  # held: the key's ids stay theirs
+        middle = list(zip(mlp.weights[1:-1], mlp.biases[1:-1], strict=True))
+        hidden_w = torch.zeros((max(len(middle), 1), hidden, hidden), dtype=weight_dtype, device=device)
+        hidden_b = torch.zeros((max(len(middle), 1), hidden), dtype=torch.float32, device=device)
+        targets, sources = [], []
+        for i, (w, b) in enumerate(middle):
+            targets.append(hidden_w[i, : w.shape[1], : w.shape[0]])
+            sources.append(w.detach().T)
+            if b is not None:
+                targets.append(hidden_b[i, : b.shape[0]])
+                sources.append(b.detach())
         out_b = torch.zeros((out_pad,), dtype=torch.float32, device=device)
-    return hidden_w, hidden_b, out_w, out_b
+        if len(mlp.weights) > 1:
+            last_w, last_b = mlp.weights[-1], mlp.biases[-1]
+            out_w = torch.zeros((hidden, out_pad), dtype=weight_dtype, device=device)
+            targets.append(out_w[: last_w.shape[1], : last_w.shape[0]])
+            sources.append(last_w.detach().T)
+            if last_b is not None:
+                targets.append(out_b[: last_b.shape[0]])
+                sources.append(last_b.detach())
+        else:
+            out_w = torch.zeros((1,), dtype=weight_dtype, device=device)
+        self.buffers = (hidden_w, hidden_b, out_w, out_b)
+        self.targets, self.sources = targets, sources
+
+    def refresh(self) -> None:
+        if self.targets:
+            with torch.no_grad():
+                torch._foreach_copy_(self.targets, self.sources)
+
+
+_PACKED: dict[tuple, _PackedLayers] = {}
 
 
 def launch_config(hidden: int, dtype: torch.dtype) -> dict:
