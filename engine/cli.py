@@ -165,6 +165,11 @@ def _info(args: argparse.Namespace) -> int:
             f"training  {summary.get('steps')} steps, {summary.get('epochs')} epochs, "
             f"{summary.get('wall_seconds')} s monitored"
         )
+    snap = meta.get("snapshot_detail")
+    if snap:
+        where = "pinned host memory" if snap.get("host") else "the model's device"
+        share = f"{snap['copied_elements']:,} of {snap['model_elements']:,} elements"
+        print(f"snapshot  {snap['strategy']}: {share} in {where}, {snap['bytes'] / 2**20:.1f} MiB")
     has_model = (run.path / "model.pt").exists()
     print(f"weights   {'model.pt' if has_model else '(none yet)'}")
     print("probes")

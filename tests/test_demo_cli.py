@@ -75,6 +75,7 @@ def test_info_describes_the_run(blobs7_run, capsys):
     assert main(["info", str(blobs7_run)]) == 0
     text = capsys.readouterr().out
     assert "finished" in text and "grid" in text and "frames" in text
+    assert "snapshot  copy: " in text and "in the model's device" in text  # what the copy holds
     assert main(["info", str(blobs7_run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["format"] == "probescope-run"
 
