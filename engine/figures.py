@@ -25,7 +25,9 @@ def _colours(palette: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return palette[labels.astype(np.int64) % len(palette)] / 255.0
 
 
-def _fixed_limits(values: np.ndarray, pad: float = 0.08) -> tuple[float, float]:
+def fixed_limits(values, pad: float = 0.08) -> tuple[float, float]:
+    """Axis limits around the finite ``values`` with ``pad`` of their span on each side."""
+    values = np.asarray(values, dtype=np.float64)
     finite = values[np.isfinite(values)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     span = hi - lo or 1.0
@@ -100,8 +102,8 @@ class CurvePanel:
             self.x, np.zeros_like(self.x), color=BAND_COLOUR, lw=1.5 if compact else 2.5, zorder=5
         )
         self.band = None
-        ax.set_xlim(*_fixed_limits(static["scatter_x"], 0.02))
-        ax.set_ylim(*_fixed_limits(static["scatter_y"], 0.15))
+        ax.set_xlim(*fixed_limits(static["scatter_x"], 0.02))
+        ax.set_ylim(*fixed_limits(static["scatter_y"], 0.15))
         if compact:
             ax.set_xticks([])
             ax.set_yticks([])
@@ -213,7 +215,7 @@ class PredictionPanel:
         y, jitter = static["y_true"], static["jitter"]
         size = 4 if compact else 10
         if self.task == "regression":
-            lo, hi = _fixed_limits(y)
+            lo, hi = fixed_limits(y)
             ax.plot([lo, hi], [lo, hi], color="0.4", lw=1, ls="--")
             self.points = ax.scatter(y, y, s=size, color="tab:green", alpha=0.5, linewidths=0)
             ax.set_xlim(lo, hi)

@@ -17,12 +17,12 @@ from torch import nn
 from probescope.events import EVENTS, Callback
 from probescope.graphs import ForwardGraphs
 from probescope.history import History
-from probescope.probes.base import Probe, ProbeContext, ProbeStats
+from probescope.probes.base import Probe, ProbeContext, ProbeStats, model_device_dtype
 from probescope.ring import Frame, FrameRing
 from probescope.run import RunWriter
 from probescope.schedule import StepInfo
 from probescope.snapshot import SnapshotPool
-from probescope.streams import ProbeStreams, StepClock, model_device
+from probescope.streams import ProbeStreams, StepClock
 from probescope.validation import positive_int
 from probescope.worker import ProbeWorker
 
@@ -128,7 +128,7 @@ class Monitor:
                     p.valid.graphs = ForwardGraphs(f"{p.name} (valid set)")
         self.model, self.optimizer = model, optimizer
         self.history = History()
-        device = model_device(model)
+        device, _ = model_device_dtype(model)
         self._streams = (
             ProbeStreams(device, high_priority_training)
             if device.type == "cuda" and torch.cuda.is_available()

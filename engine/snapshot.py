@@ -148,12 +148,8 @@ class SnapshotPool:
 
     def _copy_into(self, shadow: nn.Module) -> None:
         with torch.no_grad():
-            targets = self._shadow_tensors[id(shadow)]
-            if self.host:
-                for dst, src in zip(targets, self._live_tensors, strict=True):
-                    dst.copy_(src, non_blocking=True)
-            else:
-                torch._foreach_copy_(targets, self._live_tensors)
+            # Non-blocking into a pinned host copy: the probe waits for its event (wait_ready).
+            torch._foreach_copy_(self._shadow_tensors[id(shadow)], self._live_tensors, non_blocking=self.host)
             if self._live_params:
                 self._copy_grads(self._shadow_grads[id(shadow)])
 
@@ -166,11 +162,8 @@ class SnapshotPool:
                 param.grad = buffer
                 sources.append(live.grad)
                 targets.append(buffer)
-        if sources and self.host:
-            for dst, src in zip(targets, sources, strict=True):
-                dst.copy_(src, non_blocking=True)
-        elif sources:
-            torch._foreach_copy_(targets, sources)
+        if sources:
+            torch._foreach_copy_(targets, sources, non_blocking=self.host)
 
     def release(self, shadow: nn.Module) -> None:
         """Give a shadow back once its probes are done."""

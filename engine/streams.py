@@ -90,9 +90,10 @@ class StepClock:
         self.device = device
         self._new_event = event_factory or (lambda: torch.cuda.Event(enable_timing=True))
         self._pending: deque = deque()
+        self._spare: list = []  # finished events, recorded again: no event creation per step
 
     def mark(self, tag=None) -> list[tuple[float, object]]:
-        event = self._new_event()
+        event = self._spare.pop() if self._spare else self._new_event()
         event.record(torch.cuda.current_stream(self.device) if self.device is not None else None)
         self._pending.append((event, tag))
         done = []
@@ -100,6 +101,7 @@ class StepClock:
             start, _ = self._pending.popleft()
             end, end_tag = self._pending[0]
             done.append((start.elapsed_time(end) / 1000.0, end_tag))
+            self._spare.append(start)
         return done
 
 
@@ -118,12 +120,3 @@ def to_host(tensors: list[torch.Tensor], buffers: list[torch.Tensor] | None = No
     done.record()
     done.synchronize()  # waits for this event only; the training stream is not involved
     return out
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU when it has none)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")

@@ -164,17 +164,19 @@ def test_a_budget_belongs_to_one_probe(mlp, recording_probe):
 def test_step_clock_reports_each_step_once_its_closing_event_completed():
     from probescope.streams import StepClock
 
-    made = []
+    made, recorded = [], []  # events created; events in the order they were recorded
 
     class FakeEvent:
-        """An event whose completion the test controls; times in seconds of a fake clock."""
+        """An event whose completion the test controls; times in seconds of a fake clock.
+        Recording again resets it, as with a CUDA event."""
 
         def __init__(self):
             self.done, self.t = False, None
             made.append(self)
 
         def record(self, stream=None):
-            self.t = now[0]
+            self.done, self.t = False, now[0]
+            recorded.append(self)
 
         def query(self):
             return self.done
@@ -189,11 +191,12 @@ def test_step_clock_reports_each_step_once_its_closing_event_completed():
     now[0] = 0.010
     assert clock.mark("b") == []  # the GPU has not reached the step boundary yet
     now[0] = 0.025
-    made[0].done = made[1].done = True
+    recorded[0].done = recorded[1].done = True
     assert clock.mark("c") == [(pytest.approx(0.010), "b")]
     now[0] = 0.045
-    made[2].done = True
+    recorded[2].done = True
     assert clock.mark("d") == [(pytest.approx(0.015), "c")]  # the new event is not done yet
     now[0] = 0.050
-    made[3].done = True
+    recorded[3].done = True
     assert clock.mark("e") == [(pytest.approx(0.020), "d")]
+    assert len(made) == 3  # finished events are recorded again, not created per step

@@ -15,6 +15,7 @@ import numpy as np
 from vispy import scene
 from vispy.visuals.transforms import STTransform
 
+from probescope.figures import fixed_limits
 from probescope.kernels import default_palette
 
 BAND = (0.84, 0.15, 0.16)  # the curve and its loss band
@@ -45,16 +46,6 @@ def _rgba(colours: np.ndarray, alpha: float = 1.0) -> np.ndarray:
     if colours.max(initial=0) > 1.0:
         colours = colours / 255.0
     return np.concatenate([colours[:, :3], np.full((len(colours), 1), alpha, np.float32)], axis=1)
-
-
-def _limits(values: np.ndarray, pad: float = 0.08) -> tuple[float, float]:
-    values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return 0.0, 1.0
-    lo, hi = float(values.min()), float(values.max())
-    span = hi - lo or max(abs(hi), 1.0)
-    return lo - pad * span, hi + pad * span
 
 
 class Panel:
@@ -218,7 +209,7 @@ class CurvePanel(Panel):
             method="agg",  # thick lines: GL's own line width is 1 px on core profiles
             parent=self.view.scene,
         )
-        self.set_range(_limits(static["scatter_x"], 0.02), _limits(static["scatter_y"], 0.15))
+        self.set_range(fixed_limits(static["scatter_x"], 0.02), fixed_limits(static["scatter_y"], 0.15))
 
     def draw(self, data: dict[str, np.ndarray]) -> None:
         lower = np.asarray(data["band_lower"], np.float32)
@@ -253,7 +244,7 @@ class PredictionPanel(Panel):
         super().__init__(parent_grid, spec, row, col, legend)
         self.points = scene.visuals.Markers(parent=self.view.scene)
         if self.task == "regression":
-            lo, hi = _limits(self.y)
+            lo, hi = fixed_limits(self.y)
             scene.visuals.Line(np.array([[lo, lo], [hi, hi]], np.float32), color=GREY, parent=self.view.scene)
             self.set_range((lo, hi), (lo, hi))
         elif self.task == "binary":
@@ -313,7 +304,7 @@ class SeriesPanel(Panel):
         points = [line.pos for line in self.lines.values() if line.pos is not None]
         if points:
             stacked = np.concatenate(points)
-            self.set_range(_limits(stacked[:, 0], 0.02), _limits(stacked[:, 1]))
+            self.set_range(fixed_limits(stacked[:, 0], 0.02), fixed_limits(stacked[:, 1]))
 
 
 class LossPanel(SeriesPanel):

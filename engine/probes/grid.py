@@ -155,13 +155,8 @@ class GridProbe(Probe):
                 f"non-finite model outputs at step {context.step}; those pixels are drawn "
                 "in magenta (RGBA 255, 0, 255). Training goes on.",
             )
-        rgba = probs_to_rgba(probs, self.mode, self._palette_on(probs.device), self.class_index)
+        rgba = probs_to_rgba(probs, self.mode, self.palette, self.class_index)
         return {"probs": probs, "rgba": rgba}
-
-    def _palette_on(self, device: torch.device) -> torch.Tensor:
-        if self.palette.device != device:
-            self.palette = self.palette.to(device)
-        return self.palette
 
     def static(self) -> dict[str, np.ndarray]:
         keep = slice(None, None, self.point_sparsity)
@@ -171,7 +166,7 @@ class GridProbe(Probe):
             "origin": self.origin.numpy(),
             "axis_u": self.axis_u.numpy(),
             "axis_v": self.axis_v.numpy(),
-            "palette": self.palette.cpu().numpy() if self.palette is not None else np.zeros((0, 3), np.uint8),
+            "palette": self.palette.numpy() if self.palette is not None else np.zeros((0, 3), np.uint8),
         }
         if self.points:
             arrays["points_uv"] = self.data_uv[keep].numpy()
