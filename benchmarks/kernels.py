@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.timing import measure
+from benchmarks.timing import measure, measure_graph
 from probescope.kernels import (
     GridSpec,
     default_palette,
@@ -159,11 +159,18 @@ def _map_cases(size: int, g: torch.Generator, device: torch.device) -> dict:
 def _rows(cases, size_label, ours, device, repeats, peaks):
     for op, (fn, nbytes) in cases.items():
         row = {"op": op, "case": size_label, "results": {}, "ours": ours}
+        # Back-to-back calls: a frame op's throughput with the launch queue full.
+        inner = 20 if device.type == "cuda" else 1
         for provider in (ours, "torch"):
-            t = measure(lambda f=fn, p=provider: f(p), device, repeats=repeats)
+            t = measure(lambda f=fn, p=provider: f(p), device, repeats=repeats, inner=inner)
+            row["results"][provider] = t
+        if device.type == "cuda":  # the kernel alone, launches replayed from a CUDA graph
+            t = measure_graph(lambda f=fn: f(ours), repeats=repeats)
+            if t is not None:
+                row["results"][f"{ours} (graph)"] = t
+        for t in row["results"].values():
             t["bytes_per_s"] = nbytes / t["median_s"]
             t["fraction_of_copy_peak"] = t["bytes_per_s"] / peaks["copy_bytes_per_s"]
-            row["results"][provider] = t
         yield row
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on a lent GPU machine whose python3 already has torch, triton, numba and pytest:
 # installs probescope without touching those, then runs the named steps, logs under $OUT.
-#   bash benchmarks/on_device.sh [tests] [tune] [kernels] [overhead] ...
+#   bash benchmarks/on_device.sh [tests|tests-all|tests-par] [tune] [kernels] [overhead] ...
+# (tests-par: the whole suite in 8 pytest-xdist workers, one file per worker at a time)
 # STEP_TIMEOUT (seconds, default 900) bounds each step, so one slow step leaves time for the rest.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-benchmark-results}
@@ -22,6 +23,7 @@ for step in "$@"; do
   T="timeout ${STEP_TIMEOUT:-900}"
   case $step in
     tests) $T python3 -m pytest -q -p no:cacheprovider -x --timeout 300 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
+    tests-par) $T python3 -m pytest -q -p no:cacheprovider -n 8 --dist loadfile --timeout 300 2>&1 | tee "$OUT/pytest.log" | tail -60 ;;
     tests-all) $T python3 -m pytest -q -p no:cacheprovider --timeout 300 2>&1 | tee "$OUT/pytest.log" | tail -60 ;;
     tune) $T python3 -m benchmarks.tune_grid_mlp --out "$OUT" 2>&1 | tee "$OUT/tune.log" ;;
     *) $T python3 -m benchmarks "$step" --device cuda --out "$OUT/$step" 2>&1 | tee "$OUT/$step.log" | grep -v '%|' ;;

@@ -9,8 +9,12 @@ from collections.abc import Callable
 import torch
 
 
-def measure(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1) -> dict:
-    """Median, min and max seconds of ``fn`` over ``repeats`` calls after ``warmup`` calls."""
+def measure(
+    fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1, inner: int = 1
+) -> dict:
+    """Median, min and max seconds per call of ``fn`` over ``repeats`` timings after ``warmup``
+    calls; each timing spans ``inner`` back-to-back calls, so on a GPU a short kernel is timed
+    with the launch queue full (its throughput) rather than one launch's latency."""
     for _ in range(warmup):
         fn()
     times = []
@@ -18,20 +22,48 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int = 5, wa
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(inner):
+                fn()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
+            times.append(start.elapsed_time(end) / 1e3 / inner)
         else:
             t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+            for _ in range(inner):
+                fn()
+            times.append((time.perf_counter() - t0) / inner)
     return {
         "median_s": statistics.median(times),
         "min_s": min(times),
         "max_s": max(times),
         "repeats": repeats,
+        "inner": inner,
     }
+
+
+def measure_graph(fn: Callable[[], object], repeats: int = 5, inner: int = 20) -> dict | None:
+    """Like :func:`measure` on CUDA, but replaying ``inner`` calls captured in one CUDA graph: the
+    kernels' own time, with no launch cost. None when ``fn`` cannot be captured (it synchronises
+    or allocates in a way capture forbids)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm-up outside capture: compilation, caches
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(inner):
+                fn()
+    except Exception:  # any capture failure means "not capturable"
+        torch.cuda.synchronize()
+        return None
+    graph.replay()
+    result = measure(graph.replay, torch.device("cuda"), repeats=repeats)
+    for key in ("median_s", "min_s", "max_s"):
+        result[key] /= inner
+    result["inner"] = inner
+    return result
 
 
 def device_peaks(device: torch.device, quick: bool) -> dict:

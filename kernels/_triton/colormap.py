@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from probescope.kernels.backend import device_copy, next_power_of_2
+from probescope.kernels.backend import device_copy
 from probescope.kernels.colormap import BOUNDARY_INK, BOUNDARY_PALE, DIVERGING_ANCHORS, MODES, NONFINITE_RGBA
 
 # Little-endian int32 words whose bytes are R, G, B, A.
@@ -34,43 +34,54 @@ def _to_byte(x):
 @triton.jit
 def _probs_to_rgba_kernel(
     probs_ptr, palette_ptr, anchors_ptr, out_ptr, n_pixels, class_index,
-    NUM_CLASSES: tl.constexpr, CLASSES_PAD: tl.constexpr, MODE: tl.constexpr,
+    NUM_CLASSES: tl.constexpr, MODE: tl.constexpr,
     INK_R: tl.constexpr, INK_G: tl.constexpr, INK_B: tl.constexpr, PALE: tl.constexpr,
     NONFINITE: tl.constexpr, OPAQUE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pixel = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, CLASSES_PAD)[None, :]
+    # One pass over the classes, one strided load each (the rows' cache lines are shared by
+    # consecutive loads), with a running top-1/top-2 in registers: no 2-D tile, no index
+    # reduction, and every probability is read from memory once.
+    pixel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = pixel < n_pixels
-    valid = inside[:, None] & (cols < NUM_CLASSES)
-    p = tl.load(probs_ptr + pixel[:, None] * NUM_CLASSES + cols, mask=valid, other=0.0).to(tl.float32)
-    bad = tl.sum(tl.where(valid & ((p != p) | (tl.abs(p) == float("inf"))), 1, 0), axis=1) > 0
-    p = tl.where(bad[:, None], 0.0, p)  # their colour is NONFINITE anyway; keep argmax defined
-    p = tl.where(cols < NUM_CLASSES, p, float("-inf"))
+    row = probs_ptr + pixel * NUM_CLASSES
+    bad = tl.zeros([BLOCK], dtype=tl.int1)
+    top = tl.full([BLOCK], float("-inf"), tl.float32)
+    second = tl.full([BLOCK], float("-inf"), tl.float32)
+    k = tl.zeros([BLOCK], dtype=tl.int32)
+    q = tl.zeros([BLOCK], dtype=tl.float32)
+    for c in tl.static_range(NUM_CLASSES):
+        p = tl.load(row + c, mask=inside, other=0.0).to(tl.float32)
+        finite = (p == p) & (tl.abs(p) != float("inf"))
+        bad = bad | ~finite
+        p = tl.where(finite, p, 0.0)
+        if MODE == 2:
+            q = tl.where(class_index == c, p, q)
+        else:
+            better = p > top  # strict: the first of equal maxima wins, as torch's argmax
+            second = tl.where(better, top, tl.maximum(second, p))
+            k = tl.where(better, c, k)
+            top = tl.where(better, p, top)
     if MODE == 2:  # prob: one class through the diverging ramp
-        q = tl.sum(tl.where(cols == class_index, p, 0.0), axis=1)
         q = tl.minimum(tl.maximum(q, 0.0), 1.0) * 4.0
         lo = tl.minimum(tl.floor(q), 3.0)
         frac = q - lo
-        lo_i = tl.where(bad, 0, lo.to(tl.int32))
+        lo_i = lo.to(tl.int32)
         r0, g0, b0 = _gather_rgb(anchors_ptr, lo_i, 3)
         r1, g1, b1 = _gather_rgb(anchors_ptr, lo_i + 1, 3)
         r, g, b = r0 + (r1 - r0) * frac, g0 + (g1 - g0) * frac, b0 + (b1 - b0) * frac
     else:
-        top, k = tl.max(p, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        k = tl.where(bad, 0, tl.minimum(tl.maximum(k, 0), NUM_CLASSES - 1))
         pr, pg, pb = _gather_rgb(palette_ptr, k, 3)
         if MODE == 0:  # region
             if NUM_CLASSES == 1:
-                shade = tl.full(top.shape, 1.0, tl.float32)
+                shade = tl.full([BLOCK], 1.0, tl.float32)
             else:
                 chance = 1.0 / NUM_CLASSES
                 shade = tl.minimum(tl.maximum((top - chance) / (1.0 - chance), 0.0), 1.0)
             r, g, b = 255.0 + (pr - 255.0) * shade, 255.0 + (pg - 255.0) * shade, 255.0 + (pb - 255.0) * shade
         else:  # boundary
             if NUM_CLASSES == 1:
-                margin = tl.full(top.shape, 1.0, tl.float32)
+                margin = tl.full([BLOCK], 1.0, tl.float32)
             else:
-                second = tl.max(tl.where(cols == k[:, None], float("-inf"), p), axis=1)
                 margin = tl.minimum(tl.maximum(top - second, 0.0), 1.0)
             rest = 1.0 - margin
             t = 1.0 - rest * rest * rest * rest
@@ -91,10 +102,10 @@ def probs_to_rgba_triton(
     n_pixels = flat.shape[0]
     palette = device_copy(palette, probs.device, torch.uint8)
     anchors = device_copy(_ANCHORS, probs.device)
-    block = 256 if num_classes <= 16 else 64
+    block = 1024
     _probs_to_rgba_kernel[(triton.cdiv(max(n_pixels, 1), block),)](
         flat, palette, anchors, out.view(torch.int32), n_pixels, class_index,
-        NUM_CLASSES=num_classes, CLASSES_PAD=next_power_of_2(num_classes), MODE=MODES.index(mode),
+        NUM_CLASSES=num_classes, MODE=MODES.index(mode),
         INK_R=float(BOUNDARY_INK[0]), INK_G=float(BOUNDARY_INK[1]), INK_B=float(BOUNDARY_INK[2]),
         PALE=BOUNDARY_PALE, NONFINITE=_PACKED_NONFINITE, OPAQUE=_OPAQUE, BLOCK=block,
     )  # fmt: skip
