@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
                 row["suite"] = name
                 rows.append(row)
                 bar.update()
+                # Written as rows arrive, so a run cut short keeps what it measured.
+                (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+                bar.write("\n".join(format_table([row], peaks).splitlines()[2:]))
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     table = format_table(rows, peaks)
     (args.out / "results.md").write_text(table + "\n")

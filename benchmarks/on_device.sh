@@ -2,7 +2,7 @@
 # Runs on a lent GPU machine whose python3 already has torch, triton, numba and pytest:
 # installs probescope without touching those, then runs the named steps, logs under $OUT.
 #   bash benchmarks/on_device.sh [tests|tests-all|tests-par] [tune] [kernels] [overhead] ...
-# (tests-par: the whole suite in 8 pytest-xdist workers, one file per worker at a time)
+# (tests-par: the whole suite in 8 pytest-xdist workers)
 # STEP_TIMEOUT (seconds, default 900) bounds each step, so one slow step leaves time for the rest.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-benchmark-results}
@@ -13,6 +13,13 @@ mkdir -p "$OUT"
 if [ -d .gl ]; then
   for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
   export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+  # vispy's text needs libfontconfig (its fonts are bundled); unpack a library only where
+  # the machine lacks it, so nothing it has is replaced.
+  for f in .gl/fc/*.deb; do
+    lib=$(dpkg -c "$f" | grep -o 'lib[a-z0-9_-]*\.so\.[0-9]*' | head -1)
+    if [ -z "$lib" ] || ! ldconfig -p | grep -q "$lib "; then dpkg -x "$f" /; fi
+  done
+  ldconfig
 fi
 if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python3 -m pip install --no-deps --no-build-isolation -e .
@@ -23,7 +30,7 @@ for step in "$@"; do
   T="timeout ${STEP_TIMEOUT:-900}"
   case $step in
     tests) $T python3 -m pytest -q -p no:cacheprovider -x --timeout 300 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
-    tests-par) $T python3 -m pytest -q -p no:cacheprovider -n 8 --dist loadfile --timeout 300 2>&1 | tee "$OUT/pytest.log" | tail -60 ;;
+    tests-par) $T python3 -m pytest -v -p no:cacheprovider -p no:benchmark -n 8 --timeout 300 -rfE --durations=15 2>&1 | tee "$OUT/pytest.log" | grep -v "PASSED\|SKIPPED" | tail -60 ;;
     tests-all) $T python3 -m pytest -q -p no:cacheprovider --timeout 300 2>&1 | tee "$OUT/pytest.log" | tail -60 ;;
     tune) $T python3 -m benchmarks.tune_grid_mlp --out "$OUT" 2>&1 | tee "$OUT/tune.log" ;;
     *) $T python3 -m benchmarks "$step" --device cuda --out "$OUT/$step" 2>&1 | tee "$OUT/$step.log" | grep -v '%|' ;;
