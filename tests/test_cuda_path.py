@@ -189,7 +189,9 @@ def test_cuda_graph_replays_match_eager_forwards_or_fall_back(capturable):
         _train(monitor, model, optimizer, x, y, 8)
     assert probe.graphs.active is capturable
     assert monitor.stats[probe.name].failed == 0
-    eager = PredictionProbe(x[:100].cpu(), y[:100].cpu(), batch_size=64).evaluate(model, None)
+    reference = PredictionProbe(x[:100].cpu(), y[:100].cpu(), batch_size=64)
+    reference.attach(model)
+    eager = reference.evaluate(model, None)
     np.testing.assert_allclose(
         monitor.latest(probe.name).data["prob_true"], eager["prob_true"].numpy(), rtol=1e-5
     )

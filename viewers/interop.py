@@ -44,12 +44,12 @@ def why_not_interop(device) -> str | None:
     return None
 
 
-def _check(result):
+def _check(result, what: str):
     err, *rest = result if isinstance(result, tuple) else (result,)
     from cuda.bindings import runtime
 
     if err != runtime.cudaError_t.cudaSuccess:
-        raise RuntimeError(f"CUDA runtime: {err}")
+        raise RuntimeError(f"{what}: {err}")
     return rest[0] if len(rest) == 1 else tuple(rest)
 
 
@@ -61,9 +61,14 @@ class InteropTexture:
         import torch
         from cuda.bindings import runtime
 
-        self.runtime, self.device = runtime, device
+        self.runtime, self.device, self.canvas = runtime, device, canvas
+        # CUDA resolves the texture name in the calling thread's current GL context: make it
+        # this canvas's (another canvas may have drawn last).
+        canvas.set_current()
         name = gl_texture_name(canvas, texture)
-        count, devices = _check(runtime.cudaGLGetDevices(1, runtime.cudaGLDeviceList.cudaGLDeviceListAll))
+        count, devices = _check(
+            runtime.cudaGLGetDevices(1, runtime.cudaGLDeviceList.cudaGLDeviceListAll), "cudaGLGetDevices"
+        )
         if count < 1 or int(devices[0]) != (device.index or 0):
             raise RuntimeError(
                 f"the GL context is on CUDA device {list(devices)[:count]}, frames on {device}"
@@ -71,7 +76,8 @@ class InteropTexture:
         self.resource = _check(
             runtime.cudaGraphicsGLRegisterImage(
                 name, GL_TEXTURE_2D, runtime.cudaGraphicsRegisterFlags.cudaGraphicsRegisterFlagsWriteDiscard
-            )
+            ),
+            f"cudaGraphicsGLRegisterImage(texture {name})",
         )
         self.stream = torch.cuda.Stream(device)  # non-blocking: never serialises with training
         self.shape = tuple(texture.shape[:2])
@@ -85,20 +91,24 @@ class InteropTexture:
                 f"interop texture is {self.shape} uint8, frame is {tuple(rgba.shape)} {rgba.dtype}"
             )
         rgba = rgba.contiguous()
+        self.canvas.set_current()
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         handle = self.stream.cuda_stream
-        _check(runtime.cudaGraphicsMapResources(1, self.resource, handle))
+        _check(runtime.cudaGraphicsMapResources(1, self.resource, handle), "cudaGraphicsMapResources")
         try:
-            array = _check(runtime.cudaGraphicsSubResourceGetMappedArray(self.resource, 0, 0))
+            array = _check(
+                runtime.cudaGraphicsSubResourceGetMappedArray(self.resource, 0, 0), "GetMappedArray"
+            )
             row = self.shape[1] * 4
             _check(
                 runtime.cudaMemcpy2DToArrayAsync(
                     array, 0, 0, rgba.data_ptr(), row, row, self.shape[0],
                     runtime.cudaMemcpyKind.cudaMemcpyDeviceToDevice, handle,
-                )
+                ),
+                "cudaMemcpy2DToArrayAsync",
             )  # fmt: skip
         finally:
-            _check(runtime.cudaGraphicsUnmapResources(1, self.resource, handle))
+            _check(runtime.cudaGraphicsUnmapResources(1, self.resource, handle), "cudaGraphicsUnmapResources")
         rgba.record_stream(self.stream)
 
     def close(self) -> None:
