@@ -389,6 +389,7 @@ class Monitor:
         """The optimizer stepped: count the step and launch the probes that are due."""
         if not self._started:
             self.start()
+        t_enter = time.perf_counter()
         if self._clock is not None and self._adaptive:  # CUDA: the steps' GPU time, no sync
             for step_s, flags in self._clock.mark(tuple(st.busy for st in self._adaptive)):
                 for st, busy in zip(self._adaptive, flags, strict=True):
@@ -403,10 +404,14 @@ class Monitor:
         if lr is not None:
             self.history.append("lr", self._step, self._epoch, lr)
         self._fire("after_step", **kwargs)
-        self._probe_now(self._due_at_step())
+        due = self._due_at_step()
+        self._probe_now(due)
         if self.viewer is not None:
             self._pump_viewer()
         self._t_last_step = time.perf_counter()
+        if self._clock is None and not due:  # host-timed steps: this method's own time is
+            for st in self._adaptive:  # training's too (a launch's snapshot is counted apart)
+                _observe(st, own_s=self._t_last_step - t_enter)
 
     def after_batch(self, **kwargs) -> None:
         self._fire("after_batch", **kwargs)

@@ -51,9 +51,11 @@ class Schedule:
         probe_s: float | None = None,
         busy: bool = False,
         copy_s: float | None = None,
+        own_s: float | None = None,
     ) -> None:
         """Told the duration of a training step (and whether its probe was running during it),
-        of one evaluation of its probe, or of its weight snapshot (budget mode)."""
+        of one evaluation of its probe, of its weight snapshot, or of the Monitor's own work in
+        the training thread at one step (budget mode)."""
 
     def state(self) -> dict | None:
         """What an adaptive schedule has learned so far (budget mode), for the run's summary."""
@@ -202,9 +204,13 @@ class Budget(Schedule):
     (the median of the last ``WINDOW`` idle steps, at least ``MIN_SAMPLES`` of them, so that a
     pause in training does not pass for a step) and one frame has been measured, the whole
     evaluation counts, as if it ran in the training thread. The cost is the median of the last
-    five frames'. The probe is due when ``interval`` steps have passed since its last frame,
-    ``interval = ceil(cost / (fraction * idle_step))`` between 1 and ``max_interval``, and
-    ``start`` until the first measurements. Step 0 is always probed. One Budget belongs to one
+    five frames'. Where the Monitor times steps with the host clock (the CPU path), it also
+    reports its own work in the training thread at every step (``own_s``: counting the step,
+    recording, asking the schedules); that fixed cost is paid whether or not a frame is taken,
+    so it comes off the budget first. The probe is due when ``interval`` steps have passed since
+    its last frame, ``interval = ceil(cost / (fraction * idle_step - own))`` between 1 and
+    ``max_interval`` (``max_interval`` when the Monitor's own work alone spends the budget),
+    and ``start`` until the first measurements. Step 0 is always probed. One Budget belongs to one
     probe.
     """
 
@@ -222,6 +228,7 @@ class Budget(Schedule):
         self._idle: deque[float] = deque(maxlen=self.WINDOW)
         self._probe: deque[float] = deque(maxlen=self.WINDOW)
         self._frames: deque[float] = deque(maxlen=self.FRAMES)  # measured cost of recent frames
+        self._own: deque[float] = deque(maxlen=self.WINDOW)  # the Monitor's own work per step
         self._beside: list[float] = []  # steps that ran beside the evaluation in flight
         self.changes: list[tuple[int, int]] = []  # (step, new interval)
         self._last = 0
@@ -245,6 +252,11 @@ class Budget(Schedule):
         return statistics.median(self._probe) if self._probe else None
 
     @property
+    def own_s(self) -> float:
+        """Typical time of the Monitor's own work in the training thread per step (0 if untold)."""
+        return statistics.median(self._own) if self._own else 0.0
+
+    @property
     def cost_s(self) -> float | None:
         """What one frame costs training, as measured so far (None before any measurement)."""
         if self._frames:
@@ -258,7 +270,10 @@ class Budget(Schedule):
         probe_s: float | None = None,
         busy: bool = False,
         copy_s: float | None = None,
+        own_s: float | None = None,
     ) -> None:
+        if own_s is not None and own_s >= 0:
+            self._own.append(own_s)
         if step_s is not None and step_s > 0:
             (self._beside if busy else self._idle).append(step_s)
         if probe_s is not None and probe_s >= 0:
@@ -274,7 +289,8 @@ class Budget(Schedule):
         cost, step = self.cost_s, self.step_s
         if cost is None or step is None:
             return
-        wanted = math.ceil(cost / (self.fraction * step) - 1e-9)
+        spare = self.fraction * step - self.own_s  # what is left for frames per step
+        wanted = math.ceil(cost / spare - 1e-9) if spare > 0 else self.max_interval
         interval = min(max(wanted, 1), self.max_interval)
         if interval != self.interval:
             previous, self.interval = self.interval, interval
@@ -299,6 +315,7 @@ class Budget(Schedule):
             "cost_ms": ms(self.cost_s),
             "probe_ms": ms(self.probe_s),
             "step_ms": ms(self.step_s),
+            "own_ms": ms(self.own_s),
             "frames_measured": len(self._frames),
             "changes": self.changes[-50:],
         }

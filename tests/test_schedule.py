@@ -126,6 +126,33 @@ def test_budget_counts_what_a_frame_costs_training_not_the_evaluation_time():
     assert free.cost_s == pytest.approx(0.0002) and free.interval == 1
 
 
+def test_budget_takes_the_monitors_own_work_per_step_off_the_budget_first():
+    budget = Schedule.budget(0.05)
+    for _ in range(5):
+        budget.observe(step_s=0.010)
+    budget.observe(probe_s=0.005)  # counted as if serial: 5 ms per frame
+    assert budget.interval == 10  # 5 ms / (5 % of 10 ms)
+    for own in (0.0002, 0.0002, 0.0009):  # the Monitor spends a median 0.2 ms per step itself
+        budget.observe(own_s=own)
+    assert budget.own_s == pytest.approx(0.0002)
+    assert budget.interval == 17  # 5 ms / (0.5 ms - 0.2 ms) = 16.7
+    assert budget.state()["own_ms"] == pytest.approx(0.2)
+    for _ in range(5):
+        budget.observe(own_s=0.0006)  # the Monitor alone spends more than the budget
+    assert budget.interval == budget.max_interval
+
+
+def test_monitor_reports_its_own_work_to_a_budget_on_the_host_clock_path(mlp, blobs):
+    from probescope import GridProbe
+
+    probe = GridProbe(blobs.x_train, blobs.y_train, resolution=8, schedule=Schedule.budget(0.05))
+    monitor = Monitor(mlp, [probe], final_frame=False).start()
+    train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 30)
+    monitor.close()
+    own = probe.schedule.state()["own_ms"]
+    assert 0 < own < 50  # measured, in milliseconds: the Monitor's work at a step, not the step
+
+
 @pytest.mark.parametrize("bad", [0, -0.1, 1.5, "2%", True])
 def test_budget_rejects_fractions_outside_zero_to_one(bad):
     with pytest.raises(ValueError, match="0 < fraction <= 1"):
