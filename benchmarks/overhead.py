@@ -6,7 +6,8 @@ GPT-style Transformer on random tokens with a PredictionProbe on a fixed batch a
 StatsProbe on every weight (about 100 M parameters on CUDA; 3 M with ``--quick`` or on the
 CPU, where the full size would take hours). Each runs with probes off, every step, every 10
 steps, and at budgets of 2 % and 5 %, interleaved round by round on the same model so that
-drift in the machine's speed falls on every mode alike. Per mode: steps/s, the slowdown
+drift in the machine's speed falls on every mode alike; from the second round on, probes
+off is timed over the longest window of the round before. Per mode: steps/s, the slowdown
 against probes off (time per step / time per step off), probe latency (mean evaluation
 time) and frames/s. Step times end with a device synchronisation on CUDA.
 """
@@ -179,12 +180,17 @@ def _train(w: Workload, monitor: Monitor | None, steps: int) -> None:
             monitor.step(loss=loss.detach())
 
 
-def _window(w: Workload, monitor: Monitor | None, off_step_s: float | None, limit_s: float) -> int:
+def _window(
+    w: Workload, monitor: Monitor | None, off_step_s: float | None, limit_s: float, longest: int
+) -> int:
     """Steps to time: the workload's count, or for a budget two of its intervals (so that the
-    window holds frames and their cost is amortised as in a long run), within ``limit_s``."""
-    intervals = [
-        s["interval"] for p in (monitor.probes.values() if monitor else ()) if (s := p.schedule.state())
-    ]
+    window holds frames and their cost is amortised as in a long run), within ``limit_s``.
+    Probes off, the longest window of the round before: the reference is sampled over as long
+    a stretch as the modes it is compared with, not a short one that a passing burst of the
+    machine's other work can make fast or slow."""
+    if monitor is None:
+        return longest
+    intervals = [s["interval"] for p in monitor.probes.values() if (s := p.schedule.state())]
     if not intervals or off_step_s is None:
         return w.steps
     return max(w.steps, min(2 * max(intervals), int(limit_s / off_step_s)))
@@ -199,7 +205,9 @@ def measure_modes(w: Workload, device: torch.device, rounds: int, limit_s: float
     windows: dict[str, list[int]] = {m: [] for m in MODES}
     counts: dict[str, list[int]] = {m: [] for m in MODES}
     w.model.train()
+    longest = previous_longest = w.steps
     for _ in range(rounds):
+        previous_longest = longest
         for mode, schedule in MODES.items():
             monitor = None
             if schedule is not None:
@@ -215,7 +223,8 @@ def measure_modes(w: Workload, device: torch.device, rounds: int, limit_s: float
                     _train(w, monitor, 6)  # a budget measures idle steps before it settles
                     _sync(device)
                 off_step = statistics.median(times["off"]) if times["off"] else None
-                steps = _window(w, monitor, off_step, limit_s)
+                steps = _window(w, monitor, off_step, limit_s, previous_longest)
+                longest = max(longest, steps)
                 before = {n: monitor.ring(n).written for n in monitor.probes} if monitor else {}
                 t0 = time.perf_counter()
                 _train(w, monitor, steps)
