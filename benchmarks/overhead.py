@@ -152,16 +152,11 @@ def gpt_workload(device: torch.device, quick: bool) -> Workload:
 
 
 def workloads(device: torch.device, quick: bool) -> list[Callable[[], Workload]]:
-    if quick or device.type == "cpu":
-        grid = lambda: mlp_workload(device, 512, quick)  # noqa: E731
-        return [grid, lambda: resnet_workload(device, quick), lambda: gpt_workload(device, quick)]
     # The largest cases first, so that a run cut short has measured them.
-    return [
-        lambda: mlp_workload(device, 1024, quick),
-        lambda: gpt_workload(device, quick),
-        lambda: resnet_workload(device, quick),
-        lambda: mlp_workload(device, 512, quick),
-    ]
+    small = quick or device.type == "cpu"
+    made = [] if small else [lambda: mlp_workload(device, 1024, quick)]
+    made += [lambda: gpt_workload(device, quick), lambda: resnet_workload(device, quick)]
+    return [*made, lambda: mlp_workload(device, 512, quick)]
 
 
 def _sync(device: torch.device) -> None:
