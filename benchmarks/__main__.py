@@ -12,10 +12,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks import analysis, kernels, overhead, viewer
+from benchmarks import analysis, frame_cost, kernels, overhead, viewer
 from benchmarks.timing import device_name, device_peaks
 
-SUITES = {"kernels": kernels, "overhead": overhead, "analysis": analysis, "viewer": viewer}
+SUITES = {
+    "kernels": kernels,
+    "overhead": overhead,
+    "frames": frame_cost,
+    "analysis": analysis,
+    "viewer": viewer,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,11 +14,12 @@ time) and frames/s. Step times end with a device synchronisation on CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +29,22 @@ from probescope import GridProbe, Monitor, PredictionProbe, Schedule, StatsProbe
 from probescope.datasets import make_dataset
 from probescope.zoo import SmallResNet
 
-MODES: dict[str, Callable[[], Schedule] | None] = {
+
+@dataclass(frozen=True)
+class Mode:
+    """How the probes run in one mode: their schedule and extra Monitor options."""
+
+    schedule: Callable[[], Schedule]
+    options: Mapping = field(default_factory=dict)
+    probes: Callable[[Callable[[], Schedule]], list] | None = None  # instead of the workload's
+
+
+MODES: dict[str, Mode | None] = {
     "off": None,
-    "every step": lambda: Schedule.every(1),
-    "every 10": lambda: Schedule.every(10),
-    "budget 2%": lambda: Schedule.budget(0.02),
-    "budget 5%": lambda: Schedule.budget(0.05),
+    "every step": Mode(lambda: Schedule.every(1)),
+    "every 10": Mode(lambda: Schedule.every(10)),
+    "budget 2%": Mode(lambda: Schedule.budget(0.02)),
+    "budget 5%": Mode(lambda: Schedule.budget(0.05)),
 }
 
 
@@ -47,6 +58,7 @@ class Workload:
     probes: Callable[[Callable[[], Schedule]], list]  # a schedule factory -> fresh probes
     steps: int  # timed steps per mode and round
     warmup: int = 3
+    options: Mapping = field(default_factory=dict)  # Monitor options of every mode
 
 
 class GPT(nn.Module):
@@ -87,14 +99,18 @@ def mlp_workload(device: torch.device, resolution: int, quick: bool) -> Workload
         idx = torch.randint(0, len(x), (256,), device=device, generator=gen)
         return x[idx], y[idx]
 
+    # On CUDA a frame is one graph replay (probescope.graphs): this step is launch-bound, so
+    # the probe thread's launches, not the GPU, are what a frame takes from it.
+    graphs = device.type == "cuda"
     return Workload(
-        f"MLP 2-64-64-7, GridProbe {resolution}²",
+        f"MLP 2-64-64-7, GridProbe {resolution}²" + (", CUDA graphs" if graphs else ""),
         model,
         torch.optim.Adam(model.parameters(), 1e-3),
         batch,
         F.cross_entropy,
         lambda s: [GridProbe(data.x_train, data.y_train, resolution=resolution, schedule=s())],
         steps=400 if quick else 1000,
+        options={"cuda_graphs": True} if graphs else {},
     )
 
 
@@ -165,14 +181,15 @@ def _sync(device: torch.device) -> None:
 
 
 def _train(w: Workload, monitor: Monitor | None, steps: int) -> None:
-    for _ in range(steps):
-        x, y = w.batch()
-        loss = w.loss(w.model(x), y)
-        w.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        w.optimizer.step()
-        if monitor is not None:
-            monitor.step(loss=loss.detach())
+    with monitor.training_stream() if monitor is not None else contextlib.nullcontext():
+        for _ in range(steps):
+            x, y = w.batch()
+            loss = w.loss(w.model(x), y)
+            w.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            w.optimizer.step()
+            if monitor is not None:
+                monitor.step(loss=loss.detach())
 
 
 def _window(
@@ -191,23 +208,51 @@ def _window(
     return max(w.steps, min(2 * max(intervals), int(limit_s / off_step_s)))
 
 
-def measure_modes(w: Workload, device: torch.device, rounds: int, limit_s: float = 20.0) -> dict[str, dict]:
-    """Interleaved rounds of every mode; per mode the median step time and probe figures."""
-    times: dict[str, list[float]] = {m: [] for m in MODES}
-    frames: dict[str, list[float]] = {m: [] for m in MODES}
-    latency: dict[str, list[float]] = {m: [] for m in MODES}
-    intervals: dict[str, list] = {m: [] for m in MODES}
-    windows: dict[str, list[int]] = {m: [] for m in MODES}
-    counts: dict[str, list[int]] = {m: [] for m in MODES}
+def measure_modes(
+    w: Workload,
+    device: torch.device,
+    rounds: int,
+    limit_s: float = 20.0,
+    modes: Mapping[str, Mode | None] = MODES,
+    paired: bool = False,
+) -> dict[str, dict]:
+    """Interleaved rounds of every mode (``off``: probes off, the reference); per mode the
+    median step time and probe figures. ``paired``: every window with probes is preceded by
+    a window with probes off as long as that mode's window of the round before, and the
+    slowdown is the median of the ratios within pairs: drift in the machine's speed over
+    seconds (a shared host, clocks) cancels out of each ratio."""
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    frames: dict[str, list[float]] = {m: [] for m in modes}
+    latency: dict[str, list[float]] = {m: [] for m in modes}
+    intervals: dict[str, list] = {m: [] for m in modes}
+    windows: dict[str, list[int]] = {m: [] for m in modes}
+    counts: dict[str, list[int]] = {m: [] for m in modes}
+    ratios: dict[str, list[float]] = {m: [] for m in modes}
     w.model.train()
     longest = previous_longest = w.steps
     for _ in range(rounds):
         previous_longest = longest
-        for mode, schedule in MODES.items():
+        for mode, spec in modes.items():
             monitor = None
-            if schedule is not None:
+            pair_off = None
+            if paired and spec is not None:  # probes off, right before
+                n = windows[mode][-1] if windows[mode] else w.steps
+                _train(w, None, w.warmup)
+                _sync(device)
+                t0 = time.perf_counter()
+                _train(w, None, n)
+                _sync(device)
+                pair_off = (time.perf_counter() - t0) / n
+                times["off"].append(pair_off)
+            if spec is not None:
+                options = {**w.options, **spec.options}
                 monitor = Monitor(
-                    w.model, w.probes(schedule), optimizer=w.optimizer, final_frame=False, probe_threads=1
+                    w.model,
+                    (spec.probes or w.probes)(spec.schedule),
+                    optimizer=w.optimizer,
+                    final_frame=False,
+                    probe_threads=1,
+                    **options,
                 )
                 monitor.start()
             try:
@@ -227,6 +272,8 @@ def measure_modes(w: Workload, device: torch.device, rounds: int, limit_s: float
                 elapsed = time.perf_counter() - t0
                 times[mode].append(elapsed / steps)
                 windows[mode].append(steps)
+                if pair_off is not None:
+                    ratios[mode].append(elapsed / steps / pair_off)
                 if monitor is not None:
                     written = sum(monitor.ring(n).written - before[n] for n in monitor.probes)
                     frames[mode].append(written / elapsed)
@@ -240,10 +287,14 @@ def measure_modes(w: Workload, device: torch.device, rounds: int, limit_s: float
                     monitor.close()
     off = statistics.median(times["off"])
     results = {}
-    for mode in MODES:
+    for mode in modes:
         step = statistics.median(times[mode])
         r = {"median_s": step, "repeats": rounds, "steps_per_s": 1.0 / step, "slowdown": step / off}
         text = f"{1.0 / step:.1f} steps/s"
+        if ratios[mode]:
+            r["slowdown"] = statistics.median(ratios[mode])
+            r["pair_ratios"] = ratios[mode]
+            text += f", slowdown {r['slowdown']:.3f} (median of pairs {_fmt(ratios[mode])})"
         if frames[mode]:
             r["frames_per_s"] = statistics.median(frames[mode])
             r["probe_ms"] = statistics.median(latency[mode])
@@ -260,9 +311,18 @@ def measure_modes(w: Workload, device: torch.device, rounds: int, limit_s: float
     return results
 
 
-def run(device: torch.device, quick: bool, peaks: dict):
-    if device.type == "cpu":  # training keeps all but the probe worker's core
+def _fmt(values: list[float]) -> str:
+    return "/".join(f"{v:.3f}" for v in values)
+
+
+def leave_a_core_to_probes(device: torch.device) -> None:
+    """On the CPU, training keeps all but the probe worker's core (as the Monitor advises)."""
+    if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+
+
+def run(device: torch.device, quick: bool, peaks: dict):
+    leave_a_core_to_probes(device)
     rounds = 3
     for make in workloads(device, quick):
         w = make()

@@ -25,14 +25,25 @@ class Series:
 
 
 class _Column:
+    """One series as the training thread appends it (Python lists: an append is cheap) and as
+    readers see it (float arrays, converted once per entry: a read costs the new entries only)."""
+
     def __init__(self) -> None:
         self.steps: list[int] = []
         self.epochs: list[int] = []
-        self.raw: list[object] = []  # floats or detached 0-d tensors
-        self.floats: list[float] = []  # raw converted so far (worker side)
+        self.raw: list[object] = []  # floats or detached tensors with one element
+        self._done = 0  # entries converted into the arrays below
+        self._steps = np.empty(0, np.int64)
+        self._epochs = np.empty(0, np.int64)
+        self._values = np.empty(0, np.float64)
 
     def series(self, length: int) -> Series:
-        start = len(self.floats)
+        start = self._done
+        if length > start:
+            self._convert(start, length)
+        return Series(*(_read_only(a[:length]) for a in (self._steps, self._epochs, self._values)))
+
+    def _convert(self, start: int, length: int) -> None:
         pending = self.raw[start:length]
         on_gpu = [i for i, v in enumerate(pending) if isinstance(v, torch.Tensor) and v.is_cuda]
         if on_gpu:  # one pinned copy and an event wait: no stream synchronisation
@@ -41,15 +52,25 @@ class _Column:
             (host,) = to_host([torch.stack([pending[i].reshape(()).float() for i in on_gpu])])
             for i, value in zip(on_gpu, host.tolist(), strict=True):
                 pending[i] = value
-        for i, value in enumerate(pending):
-            value = float(value.item()) if isinstance(value, torch.Tensor) else value
-            self.floats.append(value)
-            self.raw[start + i] = value  # let the tensor go
-        return Series(
-            np.asarray(self.steps[:length], dtype=np.int64),
-            np.asarray(self.epochs[:length], dtype=np.int64),
-            np.asarray(self.floats[:length], dtype=np.float64),
-        )
+        if length > len(self._values):  # grow by doubling: amortised O(1) per entry
+            size = max(length, 2 * len(self._values), 64)
+            self._steps, self._epochs, self._values = (
+                np.resize(a, size) for a in (self._steps, self._epochs, self._values)
+            )
+        self._steps[start:length] = self.steps[start:length]
+        self._epochs[start:length] = self.epochs[start:length]
+        self._values[start:length] = [
+            float(v.reshape(()).item()) if isinstance(v, torch.Tensor) else v for v in pending
+        ]
+        for i in range(start, length):
+            self.raw[i] = None  # let the tensors go
+        self._done = length
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    view = a.view()
+    view.flags.writeable = False
+    return view
 
 
 class History:
@@ -66,7 +87,7 @@ class History:
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise ValueError(f"{name}: expected a scalar, got a tensor of shape {tuple(value.shape)}")
-            value = value.detach().reshape(())
+            value = value.detach()
         else:
             value = float(value)
         column = self._columns.get(name)

@@ -68,8 +68,10 @@ class Monitor:
     the run's metadata give the snapshot's memory.
 
     ``cuda_graphs=True`` captures each probe's fixed-batch forward (predictions, curve,
-    valid set) as a CUDA graph per shadow and replays it; a forward that cannot be captured
-    falls back to eager with one logged reason (probescope.graphs).
+    valid set), and GridProbe's whole frame, as a CUDA graph per shadow and replays it: a
+    frame then costs the probe thread a few calls from Python, which on a launch-bound loop
+    is what it takes from training. Work that cannot be captured falls back to eager with
+    one logged reason (probescope.graphs).
 
     ``viewer=True`` opens the OpenGL viewer in this process (``"offscreen"``: rendered
     through EGL, for headless machines and tests); the training thread lets it draw the
@@ -174,6 +176,7 @@ class Monitor:
         self.writer: RunWriter | None = None
         self._t_start = 0.0
         self._t_last_step: float | None = None
+        self._own_s: float | None = None  # this method's own time at the last step (host clock)
         self._failed_callbacks: set[int] = set()
         if viewer not in (False, True, "offscreen"):
             raise ValueError(f"Monitor: viewer must be True, False or 'offscreen', got {viewer!r}")
@@ -254,13 +257,55 @@ class Monitor:
                 cores,
                 max(1, cores - self._probe_threads),
             )
-        self._recorder = threading.Thread(target=self._record_loop, name="probescope-recorder", daemon=True)
-        self._recorder.start()
+        if self.writer is not None:  # without a run directory nobody reads every frame
+            self._recorder = threading.Thread(
+                target=self._record_loop, name="probescope-recorder", daemon=True
+            )
+            self._recorder.start()
         self._fire("before_fit")
+        self._warm_up()
         self._probe_now(self._due_at_step())
         if self._viewer_mode:
             self._open_viewer()
         return self
+
+    def _warm_up(self) -> None:
+        """With CUDA graphs: warm every probe up on every shadow before the first step, so that
+        its kernels compile and its graphs are captured now, not during training (a frame's
+        work is then the same replay from the first frame on)."""
+        states = [st for st in self._probes.values() if st.enabled and st.probe.graphs is not None]
+        if not states or self._streams is None or self._pool.inline:
+            return
+        shadows = []
+        while len(shadows) < self._pool.size and (shadow := self._pool.acquire()) is not None:
+            shadows.append(shadow)
+        try:
+            with torch.no_grad(), self._streams.probe_context():
+                for shadow in shadows:
+                    self._pool.wait_ready(shadow)
+                    for st in states:
+                        if st.enabled:
+                            self._warm_up_one(st, shadow)
+        finally:
+            for shadow in shadows:
+                self._pool.release(shadow)
+            for st in states:
+                st.probe.graphs.seal()
+                if getattr(st.probe, "valid", None) is not None and st.probe.valid.graphs is not None:
+                    st.probe.valid.graphs.seal()
+
+    def _warm_up_one(self, st: _ProbeState, shadow: nn.Module) -> None:
+        try:
+            st.probe.warm_up(shadow)
+        except Exception as err:
+            st.enabled = False
+            log.warning(
+                "%s %r failed while warming up and is disabled; training goes on. %s: %s",
+                type(st.probe).__name__,
+                st.probe.name,
+                type(err).__name__,
+                err,
+            )
 
     def _open_viewer(self) -> None:
         try:
@@ -321,7 +366,8 @@ class Monitor:
                 self.viewer.close()
         self._stop_recorder = True
         self._wake.set()
-        self._recorder.join()
+        if self._recorder is not None:
+            self._recorder.join()
         if self.writer is not None:
             self.writer.save_model(self.model)
             for st in self._probes.values():
@@ -395,9 +441,9 @@ class Monitor:
                 for st, busy in zip(self._adaptive, flags, strict=True):
                     _observe(st, step_s=step_s, busy=busy)
         elif self._t_last_step is not None:  # the step's time, without this method's own work
-            step_s = time.perf_counter() - self._t_last_step
-            for st in self._adaptive:
-                _observe(st, step_s=step_s, busy=st.busy)
+            step_s = t_enter - self._t_last_step
+            for st in self._adaptive:  # and this method's own time at the step before
+                _observe(st, step_s=step_s, busy=st.busy, own_s=self._own_s)
         self._step += 1
         self._last_step_epoch = self._epoch
         lr = _learning_rate(self.optimizer)
@@ -409,9 +455,9 @@ class Monitor:
         if self.viewer is not None:
             self._pump_viewer()
         self._t_last_step = time.perf_counter()
-        if self._clock is None and not due:  # host-timed steps: this method's own time is
-            for st in self._adaptive:  # training's too (a launch's snapshot is counted apart)
-                _observe(st, own_s=self._t_last_step - t_enter)
+        # Host-timed steps: this method's own time is training's too (told with the next step;
+        # a launch's snapshot is counted apart).
+        self._own_s = self._t_last_step - t_enter if not due else None
 
     def after_batch(self, **kwargs) -> None:
         self._fire("after_batch", **kwargs)
@@ -527,8 +573,7 @@ class Monitor:
             for st in self._probes.values():
                 for frame in st.ring.read_since(st.recorded_seq):
                     st.recorded_seq = frame.seq
-                    if self.writer is not None:
-                        self.writer.write_frame(frame)
+                    self.writer.write_frame(frame)
                 if st.ring.dropped:
                     st.probe.warn_once(
                         "dropped",
@@ -580,7 +625,8 @@ class _Job:
                 self.shadow.eval()
             pool.wait_ready(self.shadow)
             with torch.no_grad(), on_stream:
-                context = ProbeContext(self.step, self.epoch, self.monitor.history.read(self.cut))
+                history, cut = self.monitor.history, self.cut
+                context = ProbeContext(self.step, self.epoch, read=lambda: history.read(cut))
                 for st in self.states:
                     self._evaluate(st, context)
         finally:

@@ -61,6 +61,13 @@ class _Slot:
         self.time = 0.0
 
 
+def _allocate(slot: _Slot, tensors: dict[str, torch.Tensor]) -> None:
+    """Device and pinned host buffers of a slot for frames shaped like ``tensors``."""
+    for key, t in tensors.items():
+        slot.device[key] = torch.empty_like(t, memory_format=torch.contiguous_format)
+        slot.pinned[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+
+
 def _as_numpy(value) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().numpy()
@@ -121,16 +128,21 @@ class FrameRing:
             self._on_commit()
         return seq
 
-    @staticmethod
-    def _write_device(slot: _Slot, tensors: dict[str, torch.Tensor]) -> None:
+    def _write_device(self, slot: _Slot, tensors: dict[str, torch.Tensor]) -> None:
         from probescope.streams import to_host
 
+        if not slot.device:  # the first CUDA frame: every slot's buffers at once, not mid-run
+            for other in self._slots:
+                if not other.device:
+                    _allocate(other, tensors)
         slot.seq = -1  # not a completed device frame until the new event is recorded
         for key, t in tensors.items():
             dst = slot.device.get(key)
             if dst is None or dst.shape != t.shape or dst.dtype != t.dtype or dst.device != t.device:
-                dst = slot.device[key] = torch.empty_like(t, memory_format=torch.contiguous_format)
-            dst.copy_(t.detach())
+                slot.device[key] = torch.empty_like(t, memory_format=torch.contiguous_format)
+        # One multi-tensor copy: each call from the probe thread is a moment it takes Python's
+        # lock from the training thread, so a frame makes as few as it can.
+        torch._foreach_copy_([slot.device[k] for k in tensors], [t.detach() for t in tensors.values()])
         for key in [k for k in slot.device if k not in tensors]:
             del slot.device[key]
         slot.event = torch.cuda.Event()

@@ -207,7 +207,8 @@ class Budget(Schedule):
     five frames'. Where the Monitor times steps with the host clock (the CPU path), it also
     reports its own work in the training thread at every step (``own_s``: counting the step,
     recording, asking the schedules); that fixed cost is paid whether or not a frame is taken,
-    so it comes off the budget first. The probe is due when ``interval`` steps have passed since
+    so it comes off the budget first. The interval is worked out again after every frame and every
+``ADAPT_EVERY`` steps. The probe is due when ``interval`` steps have passed since
     its last frame, ``interval = ceil(cost / (fraction * idle_step - own))`` between 1 and
     ``max_interval`` (``max_interval`` when the Monitor's own work alone spends the budget),
     and ``start`` until the first measurements. Step 0 is always probed. One Budget belongs to one
@@ -217,6 +218,7 @@ class Budget(Schedule):
     WINDOW = 25
     MIN_SAMPLES = 5
     FRAMES = 5
+    ADAPT_EVERY = 8
 
     def __init__(self, fraction: float, *, start: int = 10, max_interval: int = 100_000):
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
@@ -233,6 +235,8 @@ class Budget(Schedule):
         self.changes: list[tuple[int, int]] = []  # (step, new interval)
         self._last = 0
         self._step = 0
+        self._unadapted = 0  # step observations since the interval was last worked out
+        self._settled = False  # a cost and a step time are known
 
     def due(self, info: StepInfo) -> bool:
         self._step = info.step
@@ -283,12 +287,21 @@ class Budget(Schedule):
                 excess = sum(max(t - idle, 0.0) for t in self._beside)
                 self._frames.append(excess + (copy_s or 0.0))
             self._beside.clear()
+        elif self._settled:
+            # One step's timing moves medians of WINDOW samples little: once settled, the
+            # interval is worked out after every frame and every ADAPT_EVERY-th step, so that
+            # most steps cost the training thread an append, not three medians.
+            self._unadapted += 1
+            if self._unadapted < self.ADAPT_EVERY:
+                return
+        self._unadapted = 0
         self._adapt()
 
     def _adapt(self) -> None:
         cost, step = self.cost_s, self.step_s
         if cost is None or step is None:
             return
+        self._settled = True
         spare = self.fraction * step - self.own_s  # what is left for frames per step
         wanted = math.ceil(cost / spare - 1e-9) if spare > 0 else self.max_interval
         interval = min(max(wanted, 1), self.max_interval)

@@ -59,6 +59,7 @@ class SnapshotPool:
         if params is not None and host:
             raise ValueError("a host snapshot copies the whole model; snapshot_params keeps part of it live")
         self.model, self.strategy = model, strategy
+        self.size = size if strategy == "copy" else 1  # distinct models acquire() hands out
         self.streams = streams
         # Weights change only at the next optimizer step, but gradients at the next backward.
         self._wait_now = grads or not defer_wait

@@ -110,12 +110,13 @@ def to_host(tensors: list[torch.Tensor], buffers: list[torch.Tensor] | None = No
     synchronisation: non-blocking copies on the current stream, then one event wait."""
     if buffers is None or len(buffers) != len(tensors):
         buffers = [None] * len(tensors)
-    out = []
-    for t, buf in zip(tensors, buffers, strict=True):
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        buf.copy_(t, non_blocking=True)
-        out.append(buf)
+    out = [
+        buf
+        if buf is not None and buf.shape == t.shape and buf.dtype == t.dtype
+        else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        for t, buf in zip(tensors, buffers, strict=True)
+    ]
+    torch._foreach_copy_(out, tensors, non_blocking=True)
     done = torch.cuda.Event()
     done.record()
     done.synchronize()  # waits for this event only; the training stream is not involved

@@ -4,6 +4,8 @@ These need a GPU and are skipped without one (the CPU thread path has the same t
 test_monitor.py).
 """
 
+import copy
+import logging
 import threading
 import time
 import warnings
@@ -119,7 +121,8 @@ def test_monitored_training_never_synchronises_and_frames_cross_without_stream_s
     assert len(monitor.history.read()["batch_loss"].values) == 53
 
 
-def test_real_probes_never_make_the_training_thread_synchronise():
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs"])
+def test_real_probes_never_make_the_training_thread_synchronise(graphs):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)).cuda()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
@@ -129,7 +132,7 @@ def test_real_probes_never_make_the_training_thread_synchronise():
         PredictionProbe(x[:128], y[:128], schedule=Schedule.every(5)),
         LossProbe(schedule=Schedule.budget(0.05)),  # its step clock reads CUDA events
     ]
-    monitor = Monitor(model, probes, optimizer=optimizer).start()
+    monitor = Monitor(model, probes, optimizer=optimizer, cuda_graphs=graphs).start()
     _train(monitor, model, optimizer, x, y, 3)
     monitor.drain(60)
     seen = _sync_warnings(lambda: _train(monitor, model, optimizer, x, y, 40))
@@ -138,6 +141,7 @@ def test_real_probes_never_make_the_training_thread_synchronise():
     assert training == [], f"the training thread synchronised: {training[:3]}"
     for p in probes:
         assert monitor.stats[p.name].run >= 1 and monitor.stats[p.name].failed == 0, p.name
+        assert p.graphs is None or p.graphs.active, p.graphs.reason
 
 
 def test_device_ring_hands_out_the_newest_completed_frame_without_a_sync():
@@ -189,9 +193,61 @@ def test_cuda_graph_replays_match_eager_forwards_or_fall_back(capturable):
         _train(monitor, model, optimizer, x, y, 8)
     assert probe.graphs.active is capturable
     assert monitor.stats[probe.name].failed == 0
+    torch.randn(4, device="cuda")  # a failed capture leaves the CUDA generator usable (no raise)
     reference = PredictionProbe(x[:100].cpu(), y[:100].cpu(), batch_size=64)
     reference.attach(model)
     eager = reference.evaluate(model, None)
     np.testing.assert_allclose(
         monitor.latest(probe.name).data["prob_true"], eager["prob_true"].numpy(), rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("smoothing", [None, 0.5])
+def test_grid_probe_replays_one_graph_per_shadow_and_matches_eager_frames(smoothing, caplog):
+    from probescope.graphs import ForwardGraphs
+    from probescope.probes.base import ProbeContext
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)).cuda()
+    data, labels = torch.randn(64, 2), torch.randint(0, 3, (64,))
+    options = dict(resolution=(37, 23), smoothing=smoothing, mode="boundary")
+    graphed, eager = GridProbe(data, labels, **options), GridProbe(data, labels, **options)
+    graphed.attach(model), eager.attach(model)
+    graphed.graphs = ForwardGraphs("grid")
+    shadows = [copy.deepcopy(model).eval() for _ in range(2)]  # the snapshot pool's two shadows
+    for step in range(7):
+        shadow = shadows[step % 2]
+        with torch.no_grad():  # a snapshot copy: the shadow's weights change in place
+            for p in shadow.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+            if step == 6:
+                shadow[0].weight[0, 0] = float("nan")
+        with caplog.at_level(logging.WARNING, logger="probescope"):
+            got = {k: v.clone() for k, v in graphed.evaluate(shadow, ProbeContext(step, 0)).items()}
+        want = eager.evaluate(shadow, ProbeContext(step, 0))
+        torch.testing.assert_close(got["probs"], want["probs"], rtol=1e-5, atol=1e-6, equal_nan=True)
+        torch.testing.assert_close(got["rgba"], want["rgba"], rtol=0, atol=0)
+    # Per shadow: an eager frame, a capture and replay, then replays.
+    assert graphed.graphs.active and graphed.graphs.replays == 5
+    assert "nonfinite" in graphed._warned
+    assert [r for r in caplog.records if "non-finite" in r.getMessage()]
+
+
+def test_graphs_are_captured_and_ring_slots_allocated_before_the_first_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 3)).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(300, 2, device="cuda"), torch.randint(0, 3, (300,), device="cuda")
+    probe = GridProbe(x.cpu(), y.cpu(), resolution=48, schedule=Schedule.every(1))
+    monitor = Monitor(model, [probe], optimizer=optimizer, cuda_graphs=True, ring_capacity=4).start()
+    monitor.drain()
+    # Warm-up: per shadow an eager frame, then a capture and its replay; the step-0 frame replays.
+    assert probe.graphs.replays == 3
+    ring = monitor.ring(probe.name)
+    assert all(slot.device and slot.pinned for slot in ring._slots)  # every slot, at frame one
+    buffers = [id(t) for slot in ring._slots for t in [*slot.device.values(), *slot.pinned.values()]]
+    _train(monitor, model, optimizer, x, y, 10)
+    monitor.close()
+    frames = monitor.stats[probe.name].run
+    assert frames >= 5 and probe.graphs.replays == 2 + frames  # every frame in training: a replay
+    assert [id(t) for slot in ring._slots for t in [*slot.device.values(), *slot.pinned.values()]] == buffers

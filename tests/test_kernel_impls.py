@@ -167,10 +167,19 @@ def test_grid_mlp_writes_into_the_given_slot(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_grid_mlp_non_finite_weights_give_non_finite_pixels(impl):
-    model = make_mlp((2, 8, 3), "relu").to(device_for(impl))
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "tanh", "sigmoid", "silu", "gelu"])
+@pytest.mark.parametrize("where", ["first weight", "hidden weight", "last bias"])
+def test_grid_mlp_non_finite_weights_give_non_finite_pixels(impl, activation, where):
+    # A NaN must survive every activation on its way out (a max(x, 0) on the GPU returns 0
+    # for NaN, which would hide a diverged model behind a plausible map).
+    model = make_mlp((2, 8, 8, 3), activation).to(device_for(impl))
     with torch.no_grad():
-        model[2].bias[1] = float("nan")
+        if where == "first weight":
+            model[0].weight[0, 0] = float("nan")
+        elif where == "hidden weight":
+            model[2].weight[3, 1] = float("nan")
+        else:
+            model[4].bias[1] = float("nan")
     got = grid_mlp(model, random_grid(2, 4, 4), impl=impl)
     assert torch.isnan(got).all(dim=-1).all()
 

@@ -234,15 +234,34 @@ def test_cuda_graphs_on_a_cpu_model_fall_back_with_one_reason(mlp, blobs, caplog
     from probescope import PredictionProbe
 
     probe = PredictionProbe(blobs.x_valid, blobs.y_valid, schedule=Schedule.every(1))
+    grid = GridProbe(blobs.x_train, resolution=24, smoothing=0.5, schedule=Schedule.every(1))
     with (
         caplog.at_level(logging.WARNING, logger="probescope"),
-        Monitor(mlp, [probe], cuda_graphs=True) as monitor,
+        Monitor(mlp, [probe, grid], cuda_graphs=True) as monitor,
     ):
         train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 3)
     messages = [r.getMessage() for r in caplog.records if "CUDA graphs are off" in r.getMessage()]
-    assert messages == [
-        "prediction: CUDA graphs are off (the model is not on a CUDA device); its forward runs eagerly"
+    assert sorted(messages) == [
+        "grid: CUDA graphs are off (the model is not on a CUDA device); it runs eagerly",
+        "prediction: CUDA graphs are off (the model is not on a CUDA device); it runs eagerly",
     ]
-    assert monitor.stats["prediction"].failed == 0 and monitor.stats["prediction"].run >= 3
+    for name in ("prediction", "grid"):
+        assert monitor.stats[name].failed == 0 and monitor.stats[name].run >= 4
     expected = probe.evaluate(mlp, None)["prob_true"].numpy()  # the final frame: final weights
     np.testing.assert_allclose(monitor.latest("prediction").data["prob_true"], expected, rtol=1e-6)
+    assert grid.graphs.replays == 0 and monitor.latest("grid").data["rgba"].shape == (24, 24, 4)
+
+
+def test_history_is_converted_only_for_probes_that_read_it(mlp, blobs):
+    from probescope import LossProbe
+
+    grid = GridProbe(blobs.x_train, resolution=8, schedule=Schedule.every(2))
+    with Monitor(mlp, [grid]) as monitor:
+        train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 6)
+    assert monitor.stats["grid"].run >= 3
+    assert monitor.history._columns["batch_loss"]._done == 0  # no frame paid for the losses
+
+    losses = LossProbe(schedule=Schedule.every(2))
+    with Monitor(mlp, [losses]) as monitor:
+        train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 6)
+    assert monitor.history._columns["batch_loss"]._done == 6

@@ -132,14 +132,18 @@ def test_budget_takes_the_monitors_own_work_per_step_off_the_budget_first():
         budget.observe(step_s=0.010)
     budget.observe(probe_s=0.005)  # counted as if serial: 5 ms per frame
     assert budget.interval == 10  # 5 ms / (5 % of 10 ms)
-    for own in (0.0002, 0.0002, 0.0009):  # the Monitor spends a median 0.2 ms per step itself
+    # The Monitor spends a median 0.2 ms per step itself; once settled, the interval is worked
+    # out again every ADAPT_EVERY steps (and after every frame).
+    for own in [0.0002, 0.0002, 0.0009] * 2 + [0.0002]:
         budget.observe(own_s=own)
     assert budget.own_s == pytest.approx(0.0002)
+    assert budget.interval == 10  # not yet worked out again
+    budget.observe(own_s=0.0002)
     assert budget.interval == 17  # 5 ms / (0.5 ms - 0.2 ms) = 16.7
     assert budget.state()["own_ms"] == pytest.approx(0.2)
-    for _ in range(5):
+    for _ in range(budget.ADAPT_EVERY):
         budget.observe(own_s=0.0006)  # the Monitor alone spends more than the budget
-    assert budget.interval == budget.max_interval
+    assert budget.own_s == pytest.approx(0.0006) and budget.interval == budget.max_interval
 
 
 def test_monitor_reports_its_own_work_to_a_budget_on_the_host_clock_path(mlp, blobs):

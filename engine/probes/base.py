@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -45,13 +46,30 @@ class ProbeStats:
         }
 
 
-@dataclass
 class ProbeContext:
-    """What a probe evaluation knows besides the model: its step and the history so far."""
+    """What a probe evaluation knows besides the model: its step and the history so far.
 
-    step: int
-    epoch: int
-    history: dict[str, Series] = field(default_factory=dict)
+    ``history`` is read when a probe first asks for it (``read``, a callable, gives it), so a
+    probe that never looks at the history does not pay for converting the step's losses."""
+
+    __slots__ = ("_history", "_read", "epoch", "step")
+
+    def __init__(
+        self,
+        step: int,
+        epoch: int,
+        history: dict[str, Series] | None = None,
+        *,
+        read: Callable[[], dict[str, Series]] | None = None,
+    ):
+        self.step, self.epoch = step, epoch
+        self._history, self._read = history, read
+
+    @property
+    def history(self) -> dict[str, Series]:
+        if self._history is None:
+            self._history = self._read() if self._read is not None else {}
+        return self._history
 
 
 class Probe(Callback):
@@ -87,6 +105,14 @@ class Probe(Callback):
 
     def attach(self, model: nn.Module) -> None:
         """Check the probe against the model it will watch; raise ValueError if they do not fit."""
+
+    def warm_up(self, model: nn.Module) -> None:
+        """With CUDA graphs on (``graphs`` set), once per shadow before the first step: compile
+        and capture what ``evaluate`` will replay, leaving the probe's state as it was. Here:
+        the forward of a valid set, if the probe has one."""
+        valid = getattr(self, "valid", None)
+        if valid:
+            valid.evaluate(model)
 
     def static(self) -> dict[str, np.ndarray]:
         """Arrays that never change between frames (grid axes, data points)."""

@@ -101,6 +101,9 @@ class CurveProbe(Probe):
         self._total_steps: list[int] = []
         self._total_loss: list[float] = []
 
+    def warm_up(self, model: nn.Module) -> None:
+        batched_forward(model, self.x_eval[:, None], self.batch_size, self.graphs)
+
     def attach(self, model: nn.Module) -> None:
         owner = f"CurveProbe {self.name!r}"
         out = check_forward(owner, model, self.x_eval[:2, None])

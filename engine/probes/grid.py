@@ -10,7 +10,7 @@ from torch import nn
 
 from probescope.kernels import GridSpec, default_palette, ema_frames, fused_path, grid_mlp, probs_to_rgba
 from probescope.kernels.colormap import MODES
-from probescope.probes.base import Probe, ProbeContext, as_float_tensor, check_forward
+from probescope.probes.base import Probe, ProbeContext, as_float_tensor, check_forward, model_device_dtype
 from probescope.schedule import Schedule
 from probescope.validation import positive_int
 
@@ -113,6 +113,11 @@ class GridProbe(Probe):
         self.num_classes: int | None = None
         self.palette: torch.Tensor | None = None
 
+    def warm_up(self, model: nn.Module) -> None:
+        device, _ = model_device_dtype(model)
+        for _ in range(2):  # an eager frame, then the capture (the EMA state stays the frame's)
+            self.graphs.run(("frame", id(model)), device, lambda: self._frame(model))
+
     def attach(self, model: nn.Module) -> None:
         owner = f"GridProbe {self.name!r}"
         out = check_forward(owner, model, self.grid.points()[:2])
@@ -139,7 +144,24 @@ class GridProbe(Probe):
 
     def evaluate(self, model: nn.Module, context: ProbeContext) -> dict[str, Any]:
         # Everything stays on the model's device (on CUDA: the probe stream) until the ring
-        # copies the frame out; the colour mapping runs there too.
+        # copies the frame out; the colour mapping runs there too. With CUDA graphs on, the
+        # whole frame is one replay per shadow model.
+        if self.graphs is not None:
+            device, _ = model_device_dtype(model)
+            probs, rgba, finite = self.graphs.run(("frame", id(model)), device, lambda: self._frame(model))
+        else:
+            probs, rgba, finite = self._frame(model)
+        if not bool(finite):  # on CUDA, waits for the probe stream only
+            self.warn_once(
+                "nonfinite",
+                f"non-finite model outputs at step {context.step}; those pixels are drawn "
+                "in magenta (RGBA 255, 0, 255). Training goes on.",
+            )
+        return {"probs": probs, "rgba": rgba}
+
+    def _frame(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Probabilities, colours and whether every probability is finite (a device scalar):
+        the same kernels on the same tensors at every call, so CUDA graphs can capture it."""
         probs = grid_mlp(model, self.grid, self._kernel_output(), batch_size=self.batch_size)
         if self.smoothing is not None:
             if (
@@ -149,14 +171,8 @@ class GridProbe(Probe):
             ):
                 self._ema_state = probs.clone()
             probs = ema_frames(probs[None], self.smoothing, state=self._ema_state)[0]
-        if not bool(torch.isfinite(probs).all()):  # on CUDA, waits for the probe stream only
-            self.warn_once(
-                "nonfinite",
-                f"non-finite model outputs at step {context.step}; those pixels are drawn "
-                "in magenta (RGBA 255, 0, 255). Training goes on.",
-            )
-        rgba = probs_to_rgba(probs, self.mode, self.palette, self.class_index)
-        return {"probs": probs, "rgba": rgba}
+        finite = torch.isfinite(probs).all()
+        return probs, probs_to_rgba(probs, self.mode, self.palette, self.class_index), finite
 
     def static(self) -> dict[str, np.ndarray]:
         keep = slice(None, None, self.point_sparsity)

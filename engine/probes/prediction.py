@@ -79,6 +79,9 @@ class PredictionProbe(Probe):
         self.batch_size = batch_size
         self.num_classes: int | None = None
 
+    def warm_up(self, model: nn.Module) -> None:
+        batched_forward(model, self.x, self.batch_size, self.graphs)
+
     def attach(self, model: nn.Module) -> None:
         owner = f"PredictionProbe {self.name!r}"
         out = check_forward(owner, model, self.x[:2])

@@ -36,7 +36,7 @@ _DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloa
 @triton.jit
 def _activate(x, CODE: tl.constexpr, slope):
     if CODE == 1:
-        x = tl.maximum(x, 0.0)
+        x = tl.where(x < 0.0, 0.0, x)  # NaN stays NaN (tl.maximum would return 0)
     elif CODE == 2:
         x = tl.where(x >= 0.0, x, x * slope)
     elif CODE == 3:

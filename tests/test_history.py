@@ -1,0 +1,39 @@
+"""History: cheap appends on the training thread, reads that convert each entry once."""
+
+import numpy as np
+import pytest
+import torch
+
+from probescope.history import History
+
+
+def _devices():
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_reads_up_to_a_cut_see_every_value_once_converted(device):
+    history = History()
+    rng = np.random.default_rng(0)
+    expected = rng.normal(size=300)
+    for i, value in enumerate(expected):
+        # Mixed kinds, as a loop passes them: tensors (0-d or one element) and floats.
+        given = torch.tensor([value], device=device) if i % 3 else float(value)
+        history.append("loss", i + 1, i // 100, given)
+    cuts = [history.lengths()]  # a job's cut, taken before later appends
+    history.append("loss", 301, 3, torch.tensor(9.0, device=device))
+    for length in (0, 1, 7, 64, 65, 300):  # growth past the first buffer, reads that shrink
+        series = history.read({"loss": length})["loss"]
+        np.testing.assert_allclose(series.values, expected[:length], rtol=1e-6)
+        np.testing.assert_array_equal(series.steps, np.arange(1, length + 1))
+        np.testing.assert_array_equal(series.epochs, np.arange(length) // 100)
+    assert len(history.read(cuts[0])["loss"].values) == 300
+    full = history.read()["loss"]
+    assert full.values[-1] == 9.0 and full.steps[-1] == 301
+    with pytest.raises(ValueError, match="read-only"):
+        full.values[0] = 1.0  # a reader cannot change what the next reader sees
+
+
+def test_a_tensor_with_more_than_one_element_is_refused():
+    with pytest.raises(ValueError, match="expected a scalar"):
+        History().append("loss", 1, 0, torch.ones(2))
