@@ -298,14 +298,7 @@ class Monitor:
         try:
             st.probe.warm_up(shadow)
         except Exception as err:
-            st.enabled = False
-            log.warning(
-                "%s %r failed while warming up and is disabled; training goes on. %s: %s",
-                type(st.probe).__name__,
-                st.probe.name,
-                type(err).__name__,
-                err,
-            )
+            _disable(st, "failed while warming up", err)
 
     def _open_viewer(self) -> None:
         try:
@@ -519,14 +512,7 @@ class Monitor:
         try:
             return bool(question(st.probe.schedule))
         except Exception as err:
-            st.enabled = False
-            log.warning(
-                "%s %r: its schedule raised (%s: %s); the probe is disabled",
-                type(st.probe).__name__,
-                st.probe.name,
-                type(err).__name__,
-                err,
-            )
+            _disable(st, "had its schedule raise", err)
             return False
 
     def _due_at_step(self) -> list[_ProbeState]:
@@ -662,6 +648,18 @@ class _Job:
         st.stats.last_ms = ms
         if st.adaptive:
             _observe(st, probe_s=ms / 1000.0 + self.copy_s, copy_s=self.copy_s)
+
+
+def _disable(st: _ProbeState, happened: str, err: Exception) -> None:
+    st.enabled = False
+    log.warning(
+        "%s %r %s and is disabled; training goes on. %s: %s",
+        type(st.probe).__name__,
+        st.probe.name,
+        happened,
+        type(err).__name__,
+        err,
+    )
 
 
 def _schedule_state(st: _ProbeState) -> dict | None:
