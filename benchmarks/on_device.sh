@@ -2,7 +2,7 @@
 # Runs on a lent GPU machine whose python3 already has torch, triton, numba and pytest:
 # installs probescope without touching those, then runs the named steps, logs under $OUT.
 #   bash benchmarks/on_device.sh [tests|tests-all|tests-par] [tune] [kernels] [overhead] ...
-# (tests-par: the whole suite in 8 pytest-xdist workers)
+# (tests-par: the whole suite in 8 pytest-xdist workers, two CPU threads each)
 # STEP_TIMEOUT (seconds, default 900) bounds each step, so one slow step leaves time for the rest.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-benchmark-results}
@@ -30,7 +30,7 @@ for step in "$@"; do
   T="timeout ${STEP_TIMEOUT:-900}"
   case $step in
     tests) $T python3 -m pytest -q -p no:cacheprovider -x --timeout 300 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
-    tests-par) $T python3 -m pytest -v -p no:cacheprovider -p no:benchmark -n 8 --timeout 300 -rfE --durations=15 2>&1 | tee "$OUT/pytest.log" | grep -v "PASSED\|SKIPPED" | tail -60 ;;
+    tests-par) OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 NUMBA_NUM_THREADS=2 $T python3 -m pytest -v -p no:cacheprovider -p no:benchmark -n 8 --timeout 300 -rfE --durations=15 2>&1 | tee "$OUT/pytest.log" | grep -v "PASSED\|SKIPPED" | tail -60 ;;
     tests-all) $T python3 -m pytest -q -p no:cacheprovider --timeout 300 2>&1 | tee "$OUT/pytest.log" | tail -60 ;;
     tune) $T python3 -m benchmarks.tune_grid_mlp --out "$OUT" 2>&1 | tee "$OUT/tune.log" ;;
     *) $T python3 -m benchmarks "$step" --device cuda --out "$OUT/$step" 2>&1 | tee "$OUT/$step.log" | grep -v '%|' ;;

@@ -61,13 +61,6 @@ class _Slot:
         self.time = 0.0
 
 
-def _allocate(slot: _Slot, tensors: dict[str, torch.Tensor]) -> None:
-    """Device and pinned host buffers of a slot for frames shaped like ``tensors``."""
-    for key, t in tensors.items():
-        slot.device[key] = torch.empty_like(t, memory_format=torch.contiguous_format)
-        slot.pinned[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-
-
 def _as_numpy(value) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().numpy()
@@ -131,10 +124,6 @@ class FrameRing:
     def _write_device(self, slot: _Slot, tensors: dict[str, torch.Tensor]) -> None:
         from probescope.streams import to_host
 
-        if not slot.device:  # the first CUDA frame: every slot's buffers at once, not mid-run
-            for other in self._slots:
-                if not other.device:
-                    _allocate(other, tensors)
         slot.seq = -1  # not a completed device frame until the new event is recorded
         for key, t in tensors.items():
             dst = slot.device.get(key)
