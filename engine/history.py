@@ -33,9 +33,23 @@ class _Column:
         self.epochs: list[int] = []
         self.raw: list[object] = []  # floats or detached tensors with one element
         self._done = 0  # entries converted into the arrays below
+        self.loose = 0  # device scalars at the end of raw, each its own allocation
         self._steps = np.empty(0, np.int64)
         self._epochs = np.empty(0, np.int64)
         self._values = np.empty(0, np.float64)
+
+    def compact(self) -> None:
+        """On the training thread: the loose device scalars at the end of ``raw`` become views
+        of one stacked tensor (one kernel on the training stream, no sync)."""
+        n, self.loose = self.loose, 0
+        tail = self.raw[-n:]
+        if not all(isinstance(t, torch.Tensor) for t in tail) or len({t.shape for t in tail}) != 1:
+            return  # a reader converted some of them meanwhile, or shapes differ: leave them
+        views = torch.stack(tail).reshape(-1).unbind(0)
+        start = len(self.raw) - n
+        for i, view in enumerate(views):  # entries a reader converted meanwhile stay converted
+            if isinstance(self.raw[start + i], torch.Tensor):
+                self.raw[start + i] = view
 
     def series(self, length: int) -> Series:
         start = self._done
@@ -82,12 +96,22 @@ class History:
         self._columns: dict[str, _Column] = {}
         self._read_lock = threading.Lock()
 
+    #: Loose device scalars a series holds before they are stacked into one tensor.
+    COMPACT = 256
+
     def append(self, name: str, step: int, epoch: int, value) -> None:
-        """Record ``value`` (a float or a tensor with one element) for ``name`` at ``step``."""
+        """Record ``value`` (a float or a tensor with one element) for ``name`` at ``step``.
+
+        A CPU tensor becomes a float at once (no sync involved); a CUDA one is kept as it is
+        (reading it would wait for the GPU), and every ``COMPACT`` of them are stacked into
+        one tensor, so a long run that no probe reads holds one small allocation per
+        ``COMPACT`` steps, not one per step."""
+        cuda = False
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise ValueError(f"{name}: expected a scalar, got a tensor of shape {tuple(value.shape)}")
-            value = value.detach()
+            cuda = value.is_cuda
+            value = value.detach() if cuda else value.item()
         else:
             value = float(value)
         column = self._columns.get(name)
@@ -96,6 +120,9 @@ class History:
         column.steps.append(step)
         column.epochs.append(epoch)
         column.raw.append(value)
+        column.loose = column.loose + 1 if cuda else 0
+        if column.loose >= self.COMPACT:
+            column.compact()
 
     def lengths(self) -> dict[str, int]:
         """The current length of every series: a consistent cut to read up to later."""

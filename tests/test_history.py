@@ -37,3 +37,21 @@ def test_reads_up_to_a_cut_see_every_value_once_converted(device):
 def test_a_tensor_with_more_than_one_element_is_refused():
     with pytest.raises(ValueError, match="expected a scalar"):
         History().append("loss", 1, 0, torch.ones(2))
+
+
+def test_cpu_tensors_are_kept_as_floats():
+    history = History()
+    history.append("loss", 1, 0, torch.tensor(0.5, requires_grad=True) * 2)
+    assert history._columns["loss"].raw == [1.0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_scalars_are_stacked_every_compact_steps_and_read_back_exactly():
+    history = History()
+    values = torch.randn(2 * History.COMPACT + 7, device="cuda")
+    for i in range(values.shape[0]):
+        history.append("loss", i, 0, values[i].clone())  # one allocation each, as a loss is
+    raw = history._columns["loss"].raw
+    storages = {t.untyped_storage().data_ptr() for t in raw}
+    assert len(storages) == 2 + 7  # two stacked blocks, seven loose scalars at the end
+    np.testing.assert_array_equal(history.read()["loss"].values, values.double().cpu().numpy())
