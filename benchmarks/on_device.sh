@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on a lent GPU machine whose python3 already has torch, triton, numba and pytest:
 # installs probescope without touching those, then runs the named steps, logs under $OUT.
-#   bash benchmarks/on_device.sh [tests|tests-all|tests-par] [tune] [kernels] [overhead] ...
+#   bash benchmarks/on_device.sh [tests|tests-all|tests-par] [tune] [kernels] [overhead] [frames] ...
 # (tests-par: the whole suite in 8 pytest-xdist workers, two CPU threads each)
 # STEP_TIMEOUT (seconds, default 900) bounds each step, so one slow step leaves time for the rest.
 set -uo pipefail

@@ -99,18 +99,14 @@ def mlp_workload(device: torch.device, resolution: int, quick: bool) -> Workload
         idx = torch.randint(0, len(x), (256,), device=device, generator=gen)
         return x[idx], y[idx]
 
-    # On CUDA a frame is one graph replay (probescope.graphs): this step is launch-bound, so
-    # the probe thread's launches, not the GPU, are what a frame takes from it.
-    graphs = device.type == "cuda"
     return Workload(
-        f"MLP 2-64-64-7, GridProbe {resolution}²" + (", CUDA graphs" if graphs else ""),
+        f"MLP 2-64-64-7, GridProbe {resolution}²",
         model,
         torch.optim.Adam(model.parameters(), 1e-3),
         batch,
         F.cross_entropy,
         lambda s: [GridProbe(data.x_train, data.y_train, resolution=resolution, schedule=s())],
         steps=400 if quick else 1000,
-        options={"cuda_graphs": True} if graphs else {},
     )
 
 
