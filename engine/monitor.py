@@ -70,8 +70,9 @@ class Monitor:
     ``cuda_graphs=True`` captures each probe's fixed-batch forward (predictions, curve,
     valid set), and GridProbe's whole frame, as a CUDA graph per shadow and replays it: a
     frame then costs the probe thread a few calls from Python, which on a launch-bound loop
-    is what it takes from training. Work that cannot be captured falls back to eager with
-    one logged reason (probescope.graphs).
+    is what it takes from training. Everything is captured in ``start()``, before the first
+    step, and nothing while training runs. Work that cannot be captured falls back to eager
+    with one logged reason (probescope.graphs).
 
     ``viewer=True`` opens the OpenGL viewer in this process (``"offscreen"``: rendered
     through EGL, for headless machines and tests); the training thread lets it draw the
