@@ -195,24 +195,23 @@ class LogSpaced(Schedule):
 class Budget(Schedule):
     """Frames as often as a cost budget allows: ``fraction`` of the training time.
 
-        The Monitor reports the wall time of every training step (between consecutive optimizer
-        steps, without the Monitor's own work) and whether this probe was running meanwhile, and
-        the end of every evaluation with its time and its weight snapshot's. What a frame costs
-        training is measured, not assumed: the steps that ran beside the evaluation took longer
-        than idle steps do, and the frame's cost is that excess, summed over those steps, plus the
-        snapshot's copy, which the training thread pays itself. Until an idle step time is known
-        (the median of the last ``WINDOW`` idle steps, at least ``MIN_SAMPLES`` of them, so that a
-        pause in training does not pass for a step) and one frame has been measured, the whole
-        evaluation counts, as if it ran in the training thread. The cost is the median of the last
-        five frames'. Where the Monitor times steps with the host clock (the CPU path), it also
-        reports its own work in the training thread at every step (``own_s``: counting the step,
-        recording, asking the schedules); that fixed cost is paid whether or not a frame is taken,
-        so it comes off the budget first. The interval is worked out again after every frame and every
-    ``ADAPT_EVERY`` steps. The probe is due when ``interval`` steps have passed since
-        its last frame, ``interval = ceil(cost / (fraction * idle_step - own))`` between 1 and
-        ``max_interval`` (``max_interval`` when the Monitor's own work alone spends the budget),
-        and ``start`` until the first measurements. Step 0 is always probed. One Budget belongs to one
-        probe.
+    The Monitor reports the wall time of every training step (between consecutive optimizer
+    steps, without the Monitor's own work) and whether this probe was running meanwhile, and
+    the end of every evaluation with its time and its weight snapshot's. What a frame costs
+    training is measured, not assumed: the steps that ran beside the evaluation took longer
+    than idle steps do, and the frame's cost is that excess, summed over those steps, plus the
+    snapshot's copy, which the training thread pays itself. Until an idle step time is known
+    (the median of the last ``WINDOW`` idle steps, at least ``MIN_SAMPLES`` of them, so that a
+    pause in training does not pass for a step) and one frame has been measured, the whole
+    evaluation counts, as if it ran in the training thread. The cost is the median of the last
+    five frames'. Where the Monitor times steps with the host clock (the CPU path), it also
+    reports its own work in the training thread at every step (``own_s``: counting the step,
+    recording, asking the schedules); that fixed cost is paid whether or not a frame is taken,
+    so it comes off the budget first. The probe is due when ``interval`` steps have passed since
+    its last frame, ``interval = ceil(cost / (fraction * idle_step - own))`` between 1 and
+    ``max_interval`` (``max_interval`` when the Monitor's own work alone spends the budget),
+    and ``start`` until the first measurements; it is worked out again after every frame and
+    every ``ADAPT_EVERY`` steps. Step 0 is always probed. One Budget belongs to one probe.
     """
 
     WINDOW = 25

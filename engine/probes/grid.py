@@ -114,9 +114,8 @@ class GridProbe(Probe):
         self.palette: torch.Tensor | None = None
 
     def warm_up(self, model: nn.Module) -> None:
-        device, _ = model_device_dtype(model)
         for _ in range(2):  # an eager frame, then the capture (the EMA state stays the frame's)
-            self.graphs.run(("frame", id(model)), device, lambda: self._frame(model))
+            self._graphed_frame(model)
 
     def attach(self, model: nn.Module) -> None:
         owner = f"GridProbe {self.name!r}"
@@ -146,11 +145,7 @@ class GridProbe(Probe):
         # Everything stays on the model's device (on CUDA: the probe stream) until the ring
         # copies the frame out; the colour mapping runs there too. With CUDA graphs on, the
         # whole frame is one replay per shadow model.
-        if self.graphs is not None:
-            device, _ = model_device_dtype(model)
-            probs, rgba, finite = self.graphs.run(("frame", id(model)), device, lambda: self._frame(model))
-        else:
-            probs, rgba, finite = self._frame(model)
+        probs, rgba, finite = self._frame(model) if self.graphs is None else self._graphed_frame(model)
         if not bool(finite):  # on CUDA, waits for the probe stream only
             self.warn_once(
                 "nonfinite",
@@ -158,6 +153,10 @@ class GridProbe(Probe):
                 "in magenta (RGBA 255, 0, 255). Training goes on.",
             )
         return {"probs": probs, "rgba": rgba}
+
+    def _graphed_frame(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        device, _ = model_device_dtype(model)
+        return self.graphs.run(("frame", id(model)), device, lambda: self._frame(model))
 
     def _frame(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Probabilities, colours and whether every probability is finite (a device scalar):
