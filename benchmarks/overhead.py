@@ -58,7 +58,6 @@ class Workload:
     probes: Callable[[Callable[[], Schedule]], list]  # a schedule factory -> fresh probes
     steps: int  # timed steps per mode and round
     warmup: int = 3
-    options: Mapping = field(default_factory=dict)  # Monitor options of every mode
 
 
 class GPT(nn.Module):
@@ -241,14 +240,13 @@ def measure_modes(
                 pair_off = (time.perf_counter() - t0) / n
                 times["off"].append(pair_off)
             if spec is not None:
-                options = {**w.options, **spec.options}
                 monitor = Monitor(
                     w.model,
                     (spec.probes or w.probes)(spec.schedule),
                     optimizer=w.optimizer,
                     final_frame=False,
                     probe_threads=1,
-                    **options,
+                    **spec.options,
                 )
                 monitor.start()
             try:
