@@ -39,6 +39,14 @@ class _ProbeState:
     last_step: int = -1
     recorded_seq: int = -1
     adaptive: bool = False  # its schedule learns from timings (budget mode)
+    launched: int = 0  # frames launched so far; the last one's number
+    in_step: int | None = None  # the frame in flight at some moment of the step in progress
+
+    def step_frame(self) -> int | None:
+        """At a step boundary (training thread): the frame that ran during the step that just
+        ended, and the start of the next step's record (the frame still running, if one is)."""
+        frame, self.in_step = self.in_step, (self.launched if self.busy else None)
+        return frame
 
 
 class Monitor:
@@ -431,13 +439,13 @@ class Monitor:
             self.start()
         t_enter = time.perf_counter()
         if self._clock is not None and self._adaptive:  # CUDA: the steps' GPU time, no sync
-            for step_s, flags in self._clock.mark(tuple(st.busy for st in self._adaptive)):
-                for st, busy in zip(self._adaptive, flags, strict=True):
-                    _observe(st, step_s=step_s, busy=busy)
+            for step_s, frames in self._clock.mark(tuple(st.step_frame() for st in self._adaptive)):
+                for st, frame in zip(self._adaptive, frames, strict=True):
+                    _observe(st, step_s=step_s, frame=frame)
         elif self._t_last_step is not None:  # the step's time, without this method's own work
             step_s = t_enter - self._t_last_step
             for st in self._adaptive:  # and this method's own time at the step before
-                _observe(st, step_s=step_s, busy=st.busy, own_s=self._own_s)
+                _observe(st, step_s=step_s, frame=st.step_frame(), own_s=self._own_s)
         self._step += 1
         self._last_step_epoch = self._epoch
         lr = _learning_rate(self.optimizer)
@@ -545,6 +553,8 @@ class Monitor:
             return
         for st in states:
             st.busy, st.last_step = True, self._step
+            st.launched += 1
+            st.in_step = st.launched
         epoch = self._epoch if epoch is None else epoch
         job = _Job(self, shadow, states, self._step, epoch, self.history.lengths(), copy_s)
         if inline:
@@ -599,6 +609,8 @@ class _Job:
     ):
         self.monitor, self.shadow, self.states = monitor, shadow, states
         self.step, self.epoch, self.cut, self.copy_s = step, epoch, cut, copy_s
+        self.frames = [st.launched for st in states]  # read now: a probe's next launch may come
+        # as soon as this one clears its busy flag, before its timing is told
 
     def __call__(self) -> None:
         import torch
@@ -614,8 +626,8 @@ class _Job:
             with torch.no_grad(), on_stream:
                 history, cut = self.monitor.history, self.cut
                 context = ProbeContext(self.step, self.epoch, read=lambda: history.read(cut))
-                for st in self.states:
-                    self._evaluate(st, context)
+                for st, frame in zip(self.states, self.frames, strict=True):
+                    self._evaluate(st, frame, context)
         finally:
             for st in self.states:
                 st.busy = False
@@ -623,7 +635,7 @@ class _Job:
                 self.shadow.train()
             pool.release(self.shadow)
 
-    def _evaluate(self, st: _ProbeState, context: ProbeContext) -> None:
+    def _evaluate(self, st: _ProbeState, frame: int, context: ProbeContext) -> None:
         t0 = time.perf_counter()
         try:
             data = st.probe.evaluate(self.shadow, context)
@@ -648,7 +660,7 @@ class _Job:
         st.stats.total_ms += ms
         st.stats.last_ms = ms
         if st.adaptive:
-            _observe(st, probe_s=ms / 1000.0 + self.copy_s, copy_s=self.copy_s)
+            _observe(st, probe_s=ms / 1000.0 + self.copy_s, copy_s=self.copy_s, frame=frame)
 
 
 def _disable(st: _ProbeState, happened: str, err: Exception) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -49,13 +50,14 @@ class Schedule:
         *,
         step_s: float | None = None,
         probe_s: float | None = None,
-        busy: bool = False,
+        frame: int | None = None,
         copy_s: float | None = None,
         own_s: float | None = None,
     ) -> None:
-        """Told the duration of a training step (and whether its probe was running during it),
-        of one evaluation of its probe, of its weight snapshot, or of the Monitor's own work in
-        the training thread at one step (budget mode)."""
+        """Told (budget mode) the duration of a training step, with ``frame`` the number of its
+        probe's frame that was in flight at any time during that step (None if none was); the
+        end of frame ``frame``: its evaluation's duration and its weight snapshot's; or the
+        Monitor's own work in the training thread at one step."""
 
     def state(self) -> dict | None:
         """What an adaptive schedule has learned so far (budget mode), for the run's summary."""
@@ -195,28 +197,34 @@ class LogSpaced(Schedule):
 class Budget(Schedule):
     """Frames as often as a cost budget allows: ``fraction`` of the training time.
 
-    The Monitor reports the wall time of every training step (between consecutive optimizer
-    steps, without the Monitor's own work) and whether this probe was running meanwhile, and
-    the end of every evaluation with its time and its weight snapshot's. What a frame costs
-    training is measured, not assumed: the steps that ran beside the evaluation took longer
-    than idle steps do, and the frame's cost is that excess, summed over those steps, plus the
-    snapshot's copy, which the training thread pays itself. Until an idle step time is known
-    (the median of the last ``WINDOW`` idle steps, at least ``MIN_SAMPLES`` of them, so that a
-    pause in training does not pass for a step) and one frame has been measured, the whole
-    evaluation counts, as if it ran in the training thread. The cost is the median of the last
-    five frames'. Where the Monitor times steps with the host clock (the CPU path), it also
-    reports its own work in the training thread at every step (``own_s``: counting the step,
-    recording, asking the schedules); that fixed cost is paid whether or not a frame is taken,
-    so it comes off the budget first. The probe is due when ``interval`` steps have passed since
-    its last frame, ``interval = ceil(cost / (fraction * idle_step - own))`` between 1 and
-    ``max_interval`` (``max_interval`` when the Monitor's own work alone spends the budget),
-    and ``start`` until the first measurements; it is worked out again after every frame and
-    every ``ADAPT_EVERY`` steps. Step 0 is always probed. One Budget belongs to one probe.
+    The Monitor reports the time of every training step (between consecutive optimizer steps,
+    without the Monitor's own work) with the number of this probe's frame that was in flight
+    at any moment of it, and the end of every frame with its evaluation's time and its weight
+    snapshot's. What a frame costs training is measured, not assumed: the steps that ran beside
+    it took longer than idle steps do, and its cost is that excess, summed over its steps (the
+    step that launched it, the steps it ran beside, the step in which it ended), plus the
+    snapshot's copy, which the training thread pays itself. A frame's cost is known once it has
+    ended and a step without it has been reported; the two come from different threads and, on
+    CUDA, step times arrive a step or two late, which is why steps carry the frame's number and
+    not a busy flag read at one moment (a frame shorter than a step would slip between two such
+    moments and cost nothing). Until an idle step time is known (the median of the last
+    ``WINDOW`` idle steps, at least ``MIN_SAMPLES`` of them, so that a pause in training does
+    not pass for a step) and one frame has been measured, the whole evaluation counts, as if it
+    ran in the training thread. The cost is the mean of the last ``FRAMES`` frames': what a
+    budget bounds is the total, and an occasional expensive frame is part of it. Where the
+    Monitor times steps with the host clock (the CPU path), it also reports its own work in the
+    training thread at every step (``own_s``: counting the step, recording, asking the
+    schedules); that fixed cost is paid whether or not a frame is taken, so it comes off the
+    budget first. The probe is due when ``interval`` steps have passed since its last frame,
+    ``interval = ceil(cost / (fraction * idle_step - own))`` between 1 and ``max_interval``
+    (``max_interval`` when the Monitor's own work alone spends the budget), and ``start`` until
+    the first measurements; it is worked out again after every frame and every
+    ``ADAPT_EVERY`` steps. Step 0 is always probed. One Budget belongs to one probe.
     """
 
     WINDOW = 25
     MIN_SAMPLES = 5
-    FRAMES = 5
+    FRAMES = 8
     ADAPT_EVERY = 8
 
     def __init__(self, fraction: float, *, start: int = 10, max_interval: int = 100_000):
@@ -230,7 +238,10 @@ class Budget(Schedule):
         self._probe: deque[float] = deque(maxlen=self.WINDOW)
         self._frames: deque[float] = deque(maxlen=self.FRAMES)  # measured cost of recent frames
         self._own: deque[float] = deque(maxlen=self.WINDOW)  # the Monitor's own work per step
-        self._beside: list[float] = []  # steps that ran beside the evaluation in flight
+        self._excess: dict[int, float] = {}  # frame -> its steps' excess so far (nan: unknown)
+        self._ended: dict[int, float] = {}  # frame -> its snapshot's copy, once it has ended
+        self._running: int | None = None  # the frame of the last step reported
+        self._lock = threading.Lock()  # steps are told by the training thread, frame ends by the worker
         self.changes: list[tuple[int, int]] = []  # (step, new interval)
         self._last = 0
         self._step = 0
@@ -263,7 +274,7 @@ class Budget(Schedule):
     def cost_s(self) -> float | None:
         """What one frame costs training, as measured so far (None before any measurement)."""
         if self._frames:
-            return statistics.median(self._frames)
+            return statistics.fmean(self._frames)
         return self.probe_s  # nothing measured beside training yet: count it as if serial
 
     def observe(
@@ -271,30 +282,56 @@ class Budget(Schedule):
         *,
         step_s: float | None = None,
         probe_s: float | None = None,
-        busy: bool = False,
+        frame: int | None = None,
         copy_s: float | None = None,
         own_s: float | None = None,
     ) -> None:
-        if own_s is not None and own_s >= 0:
-            self._own.append(own_s)
-        if step_s is not None and step_s > 0:
-            (self._beside if busy else self._idle).append(step_s)
-        if probe_s is not None and probe_s >= 0:
-            self._probe.append(probe_s)
-            idle = self.step_s
-            if idle is not None and self._beside:
-                excess = sum(max(t - idle, 0.0) for t in self._beside)
-                self._frames.append(excess + (copy_s or 0.0))
-            self._beside.clear()
-        elif self._settled:
-            # One step's timing moves medians of WINDOW samples little: once settled, the
-            # interval is worked out after every frame and every ADAPT_EVERY-th step, so that
-            # most steps cost the training thread an append, not three medians.
-            self._unadapted += 1
-            if self._unadapted < self.ADAPT_EVERY:
-                return
-        self._unadapted = 0
-        self._adapt()
+        with self._lock:
+            if own_s is not None and own_s >= 0:
+                self._own.append(own_s)
+            ended = probe_s is not None and probe_s >= 0
+            if ended:
+                self._probe.append(probe_s)
+                if frame is not None:
+                    self._ended[frame] = copy_s or 0.0
+            elif step_s is not None and step_s > 0:
+                self._step_seen(step_s, frame)
+            if self._settle_frames() or ended:
+                self._unadapted = 0
+                self._adapt()
+            elif self._settled:
+                # One step's timing moves medians of WINDOW samples little: once settled, the
+                # interval is worked out after every frame and every ADAPT_EVERY-th step, so
+                # that most steps cost the training thread an append, not three medians.
+                self._unadapted += 1
+                if self._unadapted >= self.ADAPT_EVERY:
+                    self._unadapted = 0
+                    self._adapt()
+            else:
+                self._adapt()
+
+    def _step_seen(self, step_s: float, frame: int | None) -> None:
+        self._running = frame
+        if frame is None:
+            self._idle.append(step_s)
+            return
+        idle = self.step_s
+        excess = max(step_s - idle, 0.0) if idle is not None else math.nan
+        self._excess[frame] = self._excess.get(frame, 0.0) + excess
+
+    def _settle_frames(self) -> bool:
+        """Move every frame that has ended and whose steps are all reported into the measured
+        costs; forget frames too old to be completed (a step report lost). True if one moved."""
+        moved = False
+        for frame in [f for f in self._ended if f in self._excess and f != self._running]:
+            cost = self._excess.pop(frame) + self._ended.pop(frame)
+            if not math.isnan(cost):
+                self._frames.append(cost)
+                moved = True
+        for pending in (self._excess, self._ended):
+            while len(pending) > 2 * self.FRAMES:
+                del pending[min(pending)]
+        return moved
 
     def _adapt(self) -> None:
         cost, step = self.cost_s, self.step_s
@@ -321,16 +358,17 @@ class Budget(Schedule):
         def ms(x: float | None) -> float | None:
             return None if x is None else round(x * 1e3, 4)
 
-        return {
-            "fraction": self.fraction,
-            "interval": self.interval,
-            "cost_ms": ms(self.cost_s),
-            "probe_ms": ms(self.probe_s),
-            "step_ms": ms(self.step_s),
-            "own_ms": ms(self.own_s),
-            "frames_measured": len(self._frames),
-            "changes": self.changes[-50:],
-        }
+        with self._lock:
+            return {
+                "fraction": self.fraction,
+                "interval": self.interval,
+                "cost_ms": ms(self.cost_s),
+                "probe_ms": ms(self.probe_s),
+                "step_ms": ms(self.step_s),
+                "own_ms": ms(self.own_s),
+                "frames_measured": len(self._frames),
+                "changes": self.changes[-50:],
+            }
 
 
 class AnyOf(Schedule):

@@ -40,9 +40,11 @@ OUTPUT_CODES = {"raw": 0, "softmax": 1, "sigmoid": 2}
 MAX_LINEAR_LAYERS = 8
 MAX_WIDTH = 1024
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Measured on a 2-core CPU (benchmarks/RESULTS.md): the fused Numba kernel beats torch up to
-# width 256 and loses to BLAS at 1024, so impl="auto" sends wider CPU MLPs to torch.
-NUMBA_MAX_AUTO_WIDTH = 256
+# Measured on a 2-core CPU (benchmarks/RESULTS.md, 2026-11-23): the fused Numba kernel runs
+# near the machine's matmul peak up to width 512 (1.7x to 3.7x faster than torch); at 1024 its
+# buffers outgrow the core's cache and it is level with torch's BLAS (0.97x to 1.46x across
+# runs), so impl="auto" sends CPU MLPs wider than 512 to torch.
+NUMBA_MAX_AUTO_WIDTH = 512
 # Measured on an H100 (benchmarks/RESULTS.md, 2026-11-23): the fused Triton kernel beats torch
 # eager for 16-bit MLPs up to width 256 and fp32 ones up to 64 (its exact fp32 products run
 # on the CUDA cores); wider ones go to torch's matrix products under impl="auto".
@@ -420,7 +422,7 @@ def _auto_kind(mlp: FusableMLP, impl: str) -> str:
         return kind
     width = max(mlp.widths)
     if kind == "numba" and width > NUMBA_MAX_AUTO_WIDTH:
-        return "torch"  # wide layers are matrix products: the CPU BLAS behind torch wins there
+        return "torch"
     if kind == "triton" and width > TRITON_MAX_AUTO_WIDTH[mlp.dtype]:
         return "torch"
     return kind
