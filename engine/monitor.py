@@ -551,12 +551,15 @@ class Monitor:
             for st in states:
                 st.stats.skipped += 1
             return
+        frames = []  # what the budget is told; an inline frame is none of the steps' time
         for st in states:
             st.busy, st.last_step = True, self._step
             st.launched += 1
-            st.in_step = st.launched
+            if not inline:  # it runs beside the step starting now
+                st.in_step = st.launched
+            frames.append(None if inline else st.launched)
         epoch = self._epoch if epoch is None else epoch
-        job = _Job(self, shadow, states, self._step, epoch, self.history.lengths(), copy_s)
+        job = _Job(self, shadow, states, frames, self._step, epoch, self.history.lengths(), copy_s)
         if inline:
             job()
         else:
@@ -605,12 +608,10 @@ class _Job:
     """One snapshot evaluated by a list of probes, writing into their rings."""
 
     def __init__(
-        self, monitor: Monitor, shadow: nn.Module, states, step: int, epoch: int, cut, copy_s: float
+        self, monitor: Monitor, shadow: nn.Module, states, frames, step: int, epoch: int, cut, copy_s: float
     ):
-        self.monitor, self.shadow, self.states = monitor, shadow, states
+        self.monitor, self.shadow, self.states, self.frames = monitor, shadow, states, frames
         self.step, self.epoch, self.cut, self.copy_s = step, epoch, cut, copy_s
-        self.frames = [st.launched for st in states]  # read now: a probe's next launch may come
-        # as soon as this one clears its busy flag, before its timing is told
 
     def __call__(self) -> None:
         import torch
@@ -635,7 +636,7 @@ class _Job:
                 self.shadow.train()
             pool.release(self.shadow)
 
-    def _evaluate(self, st: _ProbeState, frame: int, context: ProbeContext) -> None:
+    def _evaluate(self, st: _ProbeState, frame: int | None, context: ProbeContext) -> None:
         t0 = time.perf_counter()
         try:
             data = st.probe.evaluate(self.shadow, context)

@@ -198,6 +198,29 @@ def test_monitor_tells_a_budget_every_step_a_frame_ran_in_even_one_shorter_than_
     assert schedule.steps.count(None) >= len(schedule.steps) - len(tagged) > 0
 
 
+def test_budget_counts_an_inline_sync_frame_in_full(mlp):
+    # A "sync" frame runs in the training thread between two timed steps: no step shows its
+    # cost, so the whole evaluation is what it costs.
+    import time
+
+    from probescope import Probe
+
+    class Slow(Probe):
+        def evaluate(self, model, context):
+            time.sleep(0.004)
+            return {"step": context.step}
+
+    probe = Slow(name="slow", schedule=Schedule.budget(0.1, start=3))
+    with Monitor(mlp, [probe], snapshot="sync", final_frame=False) as monitor:
+        for _ in range(120):
+            time.sleep(0.001)
+            monitor.step()
+    state = probe.schedule.state()
+    assert state["frames_measured"] == 0 and state["cost_ms"] >= 4.0
+    wanted = state["cost_ms"] / (0.1 * state["step_ms"] - state["own_ms"])
+    assert abs(state["interval"] - wanted) <= 1 and state["interval"] >= 10
+
+
 def test_budget_takes_the_monitors_own_work_per_step_off_the_budget_first():
     budget = Schedule.budget(0.05)
     for _ in range(5):
