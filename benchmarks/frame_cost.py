@@ -5,10 +5,11 @@ launches), so a frame costs training the host time the probe thread takes from i
 GPU time. This suite trains that MLP with a GridProbe (1024² on CUDA, 512² on the CPU) in
 variants interleaved round by round on one model: every 10 steps with the frame launched
 kernel by kernel (eager) and replayed as one CUDA graph; every 16 and every 20 steps (30-40
-frames/s on an H100) replayed, training on the default or a high-priority stream; budget 5 %;
-and an empty probe every 20 steps (the Monitor's own share: snapshot copy, hand-off, ring). Every
-window with probes follows a window with probes off (paired), five rounds. Per variant: the
-slowdown (median of the pairs' ratios), frames/s, probe latency.
+frames/s on an H100) replayed, training on the default or a high-priority stream; budgets of
+2 % and 5 % with graph frames; and an empty probe every 20 steps (the Monitor's own share:
+snapshot copy, hand-off, ring). Every window with probes follows a window with probes off
+(paired), five rounds. Per variant: the slowdown (median of the pairs' ratios), frames/s,
+probe latency.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def variants(device: torch.device) -> dict[str, Mode | None]:
         "every 20, graph": Mode(lambda: Schedule.every(20), graphs),
         "every 20, graph, high-priority training": Mode(lambda: Schedule.every(20), high),
         "every 20, empty probe": Mode(lambda: Schedule.every(20), graphs, _empty),
+        "budget 2%, graph": Mode(lambda: Schedule.budget(0.02), graphs),
         "budget 5%, graph": Mode(lambda: Schedule.budget(0.05), graphs),
     }
 
