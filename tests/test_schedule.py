@@ -217,8 +217,9 @@ def test_budget_counts_an_inline_sync_frame_in_full(mlp):
             monitor.step()
     state = probe.schedule.state()
     assert state["frames_measured"] == 0 and state["cost_ms"] >= 4.0
+    # Worked out at most ADAPT_EVERY steps ago, from medians that have moved a little since.
     wanted = state["cost_ms"] / (0.1 * state["step_ms"] - state["own_ms"])
-    assert abs(state["interval"] - wanted) <= 1 and state["interval"] >= 10
+    assert abs(state["interval"] - wanted) <= max(1.0, 0.25 * wanted) and state["interval"] >= 10
 
 
 def test_budget_takes_the_monitors_own_work_per_step_off_the_budget_first():
