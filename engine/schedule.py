@@ -318,19 +318,22 @@ class Budget(Schedule):
         idle = self.step_s
         excess = max(step_s - idle, 0.0) if idle is not None else math.nan
         self._excess[frame] = self._excess.get(frame, 0.0) + excess
+        while len(self._excess) > 2 * self.FRAMES:  # frames that never ended (a failed probe)
+            del self._excess[min(self._excess)]
 
     def _settle_frames(self) -> bool:
         """Move every frame that has ended and whose steps are all reported into the measured
-        costs; forget frames too old to be completed (a step report lost). True if one moved."""
+        costs; forget frames too old to be completed. True if one moved."""
+        if not self._ended:
+            return False
         moved = False
         for frame in [f for f in self._ended if f in self._excess and f != self._running]:
             cost = self._excess.pop(frame) + self._ended.pop(frame)
             if not math.isnan(cost):
                 self._frames.append(cost)
                 moved = True
-        for pending in (self._excess, self._ended):
-            while len(pending) > 2 * self.FRAMES:
-                del pending[min(pending)]
+        while len(self._ended) > 2 * self.FRAMES:  # ended, but no step of theirs was ever told
+            del self._ended[min(self._ended)]
         return moved
 
     def _adapt(self) -> None:
