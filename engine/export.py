@@ -136,7 +136,8 @@ def export_probe(
                         (round(image.shape[1] * gif_scale), round(image.shape[0] * gif_scale)),
                         Image.Resampling.LANCZOS,
                     )
-                gif_frames.append(small.quantize(colors=255, method=Image.Quantize.MEDIANCUT))
+                # Octree: 20x faster than median cut, and as good on these flat-coloured maps.
+                gif_frames.append(small.quantize(colors=255, method=Image.Quantize.FASTOCTREE))
             if png_dir is not None:
                 path = png_dir / f"{index:05d}_step{round(step):07d}.png"
                 Image.fromarray(image).save(path)

@@ -294,6 +294,10 @@ class FrameRenderer:
             self.panel = PANELS[record.kind](self.figure.add_subplot(1, 1, 1), record)
         self.title = self.figure.suptitle("", fontsize=11)
         self.figure.set_layout_engine("tight" if record.kind != "grid" else "constrained")
+        # A map's axes never change, so the layout of its first picture holds for every frame:
+        # working it out again (text extents of every tick and legend entry) was a third of a
+        # frame's time. Panels whose axes rescale keep laying out each frame.
+        self._freeze_layout = record.kind == "grid"
 
     def draw(self, data: dict[str, np.ndarray], step: float, epoch: float) -> None:
         """Update every artist to ``data`` and caption the figure with step and epoch."""
@@ -312,6 +316,9 @@ class FrameRenderer:
     def image(self) -> np.ndarray:
         """The current figure as an (H, W, 3) uint8 array."""
         self.canvas.draw()
+        if self._freeze_layout:
+            self.figure.set_layout_engine("none")  # keeps the positions just worked out
+            self._freeze_layout = False
         return np.asarray(self.canvas.buffer_rgba())[..., :3].copy()
 
 

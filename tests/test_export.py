@@ -40,6 +40,19 @@ def test_animations_decode_with_the_right_frame_count_and_size(recorded, tmp_pat
     assert np.abs(frames[0].astype(int) - frames[-1].astype(int)).mean() > 1, "frames do not change"
 
 
+def test_a_reused_map_renderer_draws_every_frame_as_a_fresh_one_would(recorded):
+    # The map renderer lays its figure out once, at the first picture, and keeps that layout.
+    grid = recorded.probe("grid")
+    reused = FrameRenderer(grid, size=(400, 300))
+    for index in range(len(grid)):
+        frame = grid.frame(index)
+        reused.draw(frame.data, frame.step, frame.epoch)
+        fresh = FrameRenderer(grid, size=(400, 300))
+        fresh.draw(frame.data, frame.step, frame.epoch)
+        np.testing.assert_array_equal(reused.image(), fresh.image())
+    assert not reused.figure.get_constrained_layout()  # laid out once, then fixed
+
+
 def test_png_export_writes_one_file_per_frame(recorded, tmp_path):
     files = export_run(recorded, tmp_path, ["png"], probes=["prediction", "loss"])
     for name in ("prediction", "loss"):
