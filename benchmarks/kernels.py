@@ -16,16 +16,20 @@ from torch import nn
 
 from benchmarks.timing import measure, measure_graph
 from probescope.kernels import (
+    NONFINITE_RGBA,
     GridSpec,
     default_palette,
     ema_frames,
     grid_mlp,
     interpolate_frames,
+    lds_kernel_window,
     lds_weights,
     probs_to_rgba,
     smooth_1d,
     tensor_stats,
 )
+from probescope.kernels.interpolate import interpolation_weights
+from probescope.kernels.smooth import smoothing_window
 
 MLPS = {
     "2-32-32-3": (2, 32, 32, 3),
@@ -120,7 +124,8 @@ def bench_grid_mlp(device: torch.device, quick: bool, peaks: dict):
 
 def bench_elementwise(device: torch.device, quick: bool, peaks: dict):
     """probs_to_rgba, ema_frames and interpolate_frames on maps; smooth_1d, lds_weights and
-    tensor_stats on vectors."""
+    tensor_stats on vectors. Providers: ours, torch (the op's reference: the exact definition,
+    in float64 where it says so) and, on the CPU, NumPy in float32 as a user would write it."""
     ours = "triton" if device.type == "cuda" else "numba"
     repeats = 3 if quick else 7
     sizes = [256, 1024] if quick or device.type == "cpu" else [256, 1024, 2048]
@@ -130,10 +135,20 @@ def bench_elementwise(device: torch.device, quick: bool, peaks: dict):
         yield from _rows(cases, f"{size}²", ours, device, repeats, peaks)
     n = 1 << (20 if quick else 22)
     vec = torch.randn(n, generator=g).to(device)
+    x, short = vec.cpu().numpy(), vec[: n // 16]
+    window = smoothing_window(31, "gaussian").numpy().astype(np.float32)
     cases = {
-        "tensor_stats": (lambda i: tensor_stats(vec, impl=i), vec.numel() * 4),
-        "lds_weights": (lambda i: lds_weights(vec, bins=100, impl=i), vec.numel() * 12),
-        "smooth_1d width 31": (lambda i: smooth_1d(vec[: n // 16], 31, "gaussian", impl=i), n // 16 * 8),
+        "tensor_stats": (lambda i: tensor_stats(vec, impl=i), vec.numel() * 4, lambda: numpy_stats(x)),
+        "lds_weights": (
+            lambda i: lds_weights(vec, bins=100, impl=i),
+            vec.numel() * 12,
+            lambda: numpy_lds(x, 100),
+        ),
+        "smooth_1d width 31": (
+            lambda i: smooth_1d(short, 31, "gaussian", impl=i),
+            n // 16 * 8,
+            lambda: np.convolve(x[: n // 16], window, mode="same"),
+        ),
     }
     yield from _rows(cases, f"n={n}", ours, device, repeats, peaks)
 
@@ -143,21 +158,69 @@ def _map_cases(size: int, g: torch.Generator, device: torch.device) -> dict:
     palette = default_palette(7)
     slot = torch.empty(size, size, 4, dtype=torch.uint8, device=device)
     frames = torch.rand(4, size, size, 7, generator=g).to(device)
+    p, f = probs.cpu().numpy(), frames.cpu().numpy()
+    weights = interpolation_weights(4, "linear").numpy().astype(np.float32).reshape(-1, 1, 1, 1)
     return {
         "probs_to_rgba region": (
             lambda i: probs_to_rgba(probs, "region", palette, out=slot, impl=i),
             probs.numel() * 4 + slot.numel(),
+            lambda: numpy_region(p, palette.numpy()),
         ),
-        "ema_frames 4 frames": (lambda i: ema_frames(frames, 0.3, impl=i), frames.numel() * 8),
+        "ema_frames 4 frames": (
+            lambda i: ema_frames(frames, 0.3, impl=i),
+            frames.numel() * 8,
+            lambda: numpy_ema(f, 0.3),
+        ),
         "interpolate_frames k=4": (
             lambda i: interpolate_frames(frames[0], frames[1], 4, impl=i),
             frames[0].numel() * 4 * 6,
+            lambda: f[0] + (f[1] - f[0]) * weights,
         ),
     }
 
 
+def numpy_region(p: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """probs_to_rgba's region mode in float32 NumPy."""
+    top, k = p.max(axis=-1), p.argmax(axis=-1)
+    chance = np.float32(1.0 / p.shape[-1])
+    shade = np.clip((top - chance) / (1 - chance), 0, 1)[..., None]
+    rgba = np.empty((*p.shape[:-1], 4), np.uint8)
+    with np.errstate(invalid="ignore"):  # non-finite pixels are overwritten below
+        rgba[..., :3] = np.clip(np.floor(255 + (palette[k].astype(np.float32) - 255) * shade + 0.5), 0, 255)
+    rgba[..., 3] = 255
+    rgba[~np.isfinite(p).all(axis=-1)] = NONFINITE_RGBA
+    return rgba
+
+
+def numpy_ema(frames: np.ndarray, alpha: float) -> np.ndarray:
+    out, state = np.empty_like(frames), frames[0].copy()
+    for t in range(frames.shape[0]):
+        state += np.float32(alpha) * (frames[t] - state)
+        out[t] = state
+    return out
+
+
+def numpy_stats(x: np.ndarray, near_zero: float = 1e-6) -> np.ndarray:
+    finite = np.isfinite(x)
+    f = x[finite] if not finite.all() else x
+    a = np.abs(f)
+    return np.array([f.mean(), f.var(), a.sum(), np.sqrt(np.dot(f, f)), a.max(),
+                     (a <= near_zero).mean(), 1 - finite.mean()])  # fmt: skip
+
+
+def numpy_lds(y: np.ndarray, bins: int, size: int = 9, sigma: float = 1.0) -> np.ndarray:
+    """Gaussian-window LDS weights, inverse density, in NumPy."""
+    lo, hi = y.min(), y.max()
+    index = np.clip(np.floor((y - lo) * np.float32(bins / (hi - lo))).astype(np.int64), 0, bins - 1)
+    counts = np.bincount(index, minlength=bins).astype(np.float64)
+    smoothed = np.convolve(counts, lds_kernel_window("gaussian", size, sigma).numpy(), mode="same")
+    weights = np.where(smoothed > 0, 1.0 / np.maximum(smoothed, 1e-300), 0.0)
+    weights *= counts.sum() / (weights * counts).sum()
+    return weights.astype(np.float32)[index]
+
+
 def _rows(cases, size_label, ours, device, repeats, peaks):
-    for op, (fn, nbytes) in cases.items():
+    for op, (fn, nbytes, numpy_fn) in cases.items():
         row = {"op": op, "case": size_label, "results": {}, "ours": ours}
         # Back-to-back calls: a frame op's throughput with the launch queue full.
         inner = 20 if device.type == "cuda" else 1
@@ -168,6 +231,8 @@ def _rows(cases, size_label, ours, device, repeats, peaks):
             t = measure_graph(lambda f=fn: f(ours), repeats=repeats)
             if t is not None:
                 row["results"][f"{ours} (graph)"] = t
+        else:
+            row["results"]["numpy"] = measure(numpy_fn, device, repeats=repeats)
         for t in row["results"].values():
             t["bytes_per_s"] = nbytes / t["median_s"]
             t["fraction_of_copy_peak"] = t["bytes_per_s"] / peaks["copy_bytes_per_s"]

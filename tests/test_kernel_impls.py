@@ -294,7 +294,8 @@ def test_probs_to_rgba_rejects_a_wrong_slot_or_class():
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(("n", "width", "kind"), [(1, 3, "box"), (7, 9, "gaussian"), (100, 5, "box"),
-                                                   (1000, 31, "gaussian"), (333, 1, "box")])  # fmt: skip
+                                                   (1000, 31, "gaussian"), (333, 1, "box"),
+                                                   (4100, 31, "gaussian"), (9001, 9, "box")])  # fmt: skip
 def test_smooth_1d_matches_numpy_convolve_same(poisoned, impl, n, width, kind):
     values = torch.randn(n, generator=torch.Generator().manual_seed(n), dtype=torch.float32)
     got = smooth_1d(values.to(device_for(impl)), width, kind, impl=impl)
@@ -312,7 +313,7 @@ def test_smooth_1d_matches_numpy_convolve_same(poisoned, impl, n, width, kind):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("shape", [(1, 1), (6, 5, 7, 3), (3, 1001)])
+@pytest.mark.parametrize("shape", [(1, 1), (6, 5, 7, 3), (3, 1001), (4, 97, 101)])
 def test_ema_frames_matches_reference_and_chains_through_state(poisoned, impl, shape):
     device = device_for(impl)
     frames = torch.rand(shape, generator=torch.Generator().manual_seed(len(shape)))
@@ -340,7 +341,8 @@ def test_ema_frames_rejects_bad_alpha_and_state():
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("method", ["linear", "smoothstep"])
 @pytest.mark.parametrize(("shape", "k", "dtype"), [((1,), 1, torch.float32), ((7, 5, 3), 4, torch.float32),
-                                                    ((33, 17, 2), 3, torch.float16)])  # fmt: skip
+                                                    ((33, 17, 2), 3, torch.float16),
+                                                    ((70, 65, 3), 2, torch.float32)])  # fmt: skip
 def test_interpolate_frames_matches_reference(poisoned, impl, method, shape, k, dtype):
     device = device_for(impl)
     g = torch.Generator().manual_seed(k)

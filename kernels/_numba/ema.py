@@ -8,16 +8,23 @@ import torch
 
 from probescope.kernels._numba import FASTMATH, threads_aware
 
+BLOCK = 4096  # elements per parallel iteration
+
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def ema_frames_kernel(frames, state, out, alpha):
+    """A block of elements at a time: their running averages in a float64 row, updated by one
+    contiguous, vectorised sweep per frame."""
     steps, n = frames.shape
-    for i in numba.prange(n):
-        s = np.float64(state[i])
+    for blk in numba.prange((n + BLOCK - 1) // BLOCK):
+        lo, hi = blk * BLOCK, min((blk + 1) * BLOCK, n)
+        s = state[lo:hi].astype(np.float64)  # sweeps index slices from 0, which LLVM vectorises
         for t in range(steps):
-            s += alpha * (frames[t, i] - s)
-            out[t, i] = s
-        state[i] = s
+            x, y = frames[t, lo:hi], out[t, lo:hi]
+            for i in range(hi - lo):
+                s[i] += alpha * (x[i] - s[i])
+                y[i] = s[i]
+        state[lo:hi] = s
 
 
 ema_frames_kernel = threads_aware(ema_frames_kernel)

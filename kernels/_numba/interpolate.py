@@ -7,15 +7,23 @@ import torch
 
 from probescope.kernels._numba import FASTMATH, threads_aware
 
+BLOCK = 4096  # elements per parallel iteration
+
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def interpolate_frames_kernel(first, second, weights, out):
+    """out[j] = first + (second - first) * weights[j], a block of elements at a time: each
+    in-between frame's row is one contiguous, vectorised sweep over the block. (The sweeps
+    index slices from 0: an index Numba cannot prove non-negative keeps LLVM from vectorising,
+    which made this kernel 10x slower.)"""
     n = first.shape[0]
-    for i in numba.prange(n):
-        a = first[i]
-        delta = second[i] - a
+    for blk in numba.prange((n + BLOCK - 1) // BLOCK):
+        lo, hi = blk * BLOCK, min((blk + 1) * BLOCK, n)
+        a, b = first[lo:hi], second[lo:hi]
         for j in range(weights.shape[0]):
-            out[j, i] = a + delta * weights[j]
+            w, row = weights[j], out[j, lo:hi]
+            for i in range(hi - lo):
+                row[i] = a[i] + (b[i] - a[i]) * w
 
 
 interpolate_frames_kernel = threads_aware(interpolate_frames_kernel)
