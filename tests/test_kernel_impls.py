@@ -447,6 +447,20 @@ def test_tensor_stats_skip_non_finite_entries_and_count_them(impl):
     assert stats["nonfinite"] == pytest.approx(0.4) and stats["near_zero"] == pytest.approx(0.2)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tensor_stats_across_blocks_with_non_finite_entries_in_some(impl):
+    # Many blocks (every implementation reduces in blocks of 16384 or fewer), the largest |x|
+    # in a block that also holds an infinity, NaN in another: each block's careful path.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(100_003, generator=g)
+    x[40_000], x[40_001], x[70_000] = float("inf"), -50.0, float("nan")
+    got = tensor_stats(x.to(device_for(impl)), impl=impl).cpu()
+    ref = tensor_stats_reference(x)
+    stats = dict(zip(STAT_NAMES, got.tolist(), strict=True))
+    assert stats["max_abs"] == 50.0 and stats["nonfinite"] == pytest.approx(2 / 100_003)
+    assert torch.allclose(got, ref, rtol=2e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("impl", ["torch", "numba"])
 @pytest.mark.parametrize("shape", [(1, 1), (64, 48), (7, 3, 3, 3)])
 def test_spectral_norm_by_power_iteration_matches_svd(impl, shape):

@@ -8,39 +8,51 @@ import numba
 import numpy as np
 import torch
 
-from probescope.kernels._numba import threads_aware
+from probescope.kernels._numba import FASTMATH, threads_aware
 
 CHUNK = 16384
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def tensor_stats_partials_kernel(x, near_zero, partials):
+    """Per chunk, in float64: the sums in a first pass, max|x| in a second, M2 around the
+    chunk's mean in a third. Each pass is branch-free (a non-finite entry adds zeros and counts
+    as non-finite) and indexed from 0, so LLVM vectorises it; a max reduction in the same loop
+    as the sums, or one that has to skip non-finite entries, keeps it scalar (8x slower), so
+    only a chunk holding a non-finite entry takes the careful max."""
     n = x.shape[0]
     for c in numba.prange(partials.shape[0]):
-        start = c * CHUNK
-        stop = min(start + CHUNK, n)
-        count = total = l1 = sumsq = biggest = small = bad = 0.0
-        for i in range(start, stop):
-            v = np.float64(x[i])
-            if not math.isfinite(v):
-                bad += 1.0
-                continue
-            count += 1.0
-            total += v
+        chunk = x[c * CHUNK : min((c + 1) * CHUNK, n)]
+        count = total = l1 = sumsq = small = 0.0
+        for i in range(chunk.shape[0]):
+            v = np.float64(chunk[i])
+            finite = math.isfinite(v)
+            v = v if finite else 0.0
             a = abs(v)
+            count += finite
+            total += v
             l1 += a
             sumsq += v * v
-            biggest = max(biggest, a)
-            if a <= near_zero:
-                small += 1.0
+            small += 1.0 if finite and a <= near_zero else 0.0
+        biggest = 0.0
+        if count == chunk.shape[0]:
+            for i in range(chunk.shape[0]):
+                a = abs(chunk[i])
+                biggest = a if a > biggest else biggest
+        else:
+            for i in range(chunk.shape[0]):
+                a = abs(chunk[i])
+                if math.isfinite(a) and a > biggest:
+                    biggest = a
         mean = total / max(count, 1.0)
         m2 = 0.0
-        for i in range(start, stop):
-            v = np.float64(x[i])
-            if math.isfinite(v):
-                m2 += (v - mean) * (v - mean)
+        for i in range(chunk.shape[0]):
+            v = np.float64(chunk[i])
+            d = v - mean if math.isfinite(v) else 0.0
+            m2 += d * d
         partials[c, 0], partials[c, 1], partials[c, 2], partials[c, 3] = count, total, m2, l1
-        partials[c, 4], partials[c, 5], partials[c, 6], partials[c, 7] = sumsq, biggest, small, bad
+        partials[c, 4], partials[c, 5], partials[c, 6] = sumsq, biggest, small
+        partials[c, 7] = chunk.shape[0] - count
 
 
 tensor_stats_partials_kernel = threads_aware(tensor_stats_partials_kernel)
