@@ -17,11 +17,25 @@ def _bin_index(x, lo, scale, n_bins):
     return min(max(b, 0), n_bins - 1)
 
 
-@numba.njit(cache=True, nogil=True)
-def histogram_kernel(labels, counts, lo, scale):
-    n_bins = counts.shape[0]
-    for x in labels:
-        counts[_bin_index(x, lo, scale, n_bins)] += 1
+@numba.njit(parallel=True, cache=True, nogil=True)
+def histogram_kernel(labels, partial, lo, scale):
+    """``partial`` (parts, lanes, bins): part p counts the p-th slice of the labels, spreading
+    consecutive labels over ``lanes`` count rows, so that runs of one bin do not wait on each
+    other's increments (a chain of dependent read-modify-writes through memory)."""
+    parts, lanes, n_bins = partial.shape
+    n = labels.shape[0]
+    step = (n + parts - 1) // parts
+    for p in numba.prange(parts):
+        chunk, counts = labels[p * step : min((p + 1) * step, n)], partial[p]
+        whole = chunk.shape[0] - chunk.shape[0] % lanes
+        for i in range(0, whole, lanes):
+            for lane in range(lanes):
+                counts[lane, _bin_index(chunk[i + lane], lo, scale, n_bins)] += 1
+        for i in range(whole, chunk.shape[0]):
+            counts[0, _bin_index(chunk[i], lo, scale, n_bins)] += 1
+
+
+histogram_kernel = threads_aware(histogram_kernel)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -35,9 +49,12 @@ gather_kernel = threads_aware(gather_kernel)
 
 
 def histogram_numba(labels: torch.Tensor, lo: float, scale: float, n_bins: int) -> torch.Tensor:
-    counts = np.zeros(n_bins, np.int32)
-    histogram_kernel(labels.numpy(), counts, np.float32(lo), np.float32(scale))
-    return torch.from_numpy(counts)
+    parts, lanes = max(1, numba.get_num_threads()), 4
+    if parts * lanes * n_bins > (1 << 22):  # very many bins: a single row of counts
+        parts = lanes = 1
+    partial = np.zeros((parts, lanes, n_bins), np.int64)
+    histogram_kernel(labels.numpy(), partial, np.float32(lo), np.float32(scale))
+    return torch.from_numpy(partial.sum(axis=(0, 1)))
 
 
 def gather_numba(labels: torch.Tensor, bin_weights: torch.Tensor, lo: float, scale: float) -> torch.Tensor:
