@@ -409,6 +409,19 @@ def test_lds_weights_match_reference_and_the_seed_algorithm(poisoned, impl, kern
     assert abs(float(got.mean()) - 1.0) < 1e-5
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lds_weights_outside_the_range_and_over_many_blocks_match_reference(poisoned, impl):
+    # 10,003 labels (several binning blocks, not a multiple of the count rows), a third of them
+    # outside an explicit label_range: they count in the edge bins, exactly as the reference's.
+    g = torch.Generator().manual_seed(11)
+    labels = torch.randn(10_003, generator=g) * 3
+    got = lds_weights(labels.to(device_for(impl)), 40, (-2.0, 2.5), "sqrt_inv", "triang", 5, impl=impl)
+    ref = lds_weights_reference(labels, 40, (-2.0, 2.5), "sqrt_inv", "triang", 5)
+    assert max_error(got, ref) <= 1e-5
+    edge = labels <= -2.0
+    assert torch.allclose(got.cpu()[edge], got.cpu()[edge][0])  # one bin: one weight
+
+
 def test_lds_weights_favour_rare_labels_and_default_to_unit_bins():
     labels = torch.cat([torch.zeros(90), torch.full((10,), 5.0)])
     w = lds_weights(labels, kernel="gaussian", kernel_size=1)

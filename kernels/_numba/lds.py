@@ -2,37 +2,46 @@
 
 from __future__ import annotations
 
-import math
-
 import numba
 import numpy as np
 import torch
 
 from probescope.kernels._numba import threads_aware
 
+HIST_BLOCK = 2048  # labels binned per vectorised pass
+
 
 @numba.njit(inline="always")
 def _bin_index(x, lo, scale, n_bins):
-    b = math.floor((x - lo) * scale)
-    return min(max(b, 0), n_bins - 1)
+    # clamp(floor(t), 0, n - 1) == trunc(clamp(t, 0, n - 1)): truncation only differs from floor
+    # below 0, which the clamp removes first. The float form is what LLVM vectorises.
+    t = (x - lo) * scale
+    return int(min(max(t, np.float32(0.0)), np.float32(n_bins - 1)))
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def histogram_kernel(labels, partial, lo, scale):
-    """``partial`` (parts, lanes, bins): part p counts the p-th slice of the labels, spreading
-    consecutive labels over ``lanes`` count rows, so that runs of one bin do not wait on each
-    other's increments (a chain of dependent read-modify-writes through memory)."""
+    """``partial`` (parts, lanes, bins): part p counts the p-th slice of the labels, a block at
+    a time: the block's bin indices in one vectorised pass, then the increments, consecutive
+    labels spread over ``lanes`` count rows so that runs of one bin do not wait on each other
+    (a chain of dependent read-modify-writes through memory)."""
     parts, lanes, n_bins = partial.shape
     n = labels.shape[0]
     step = (n + parts - 1) // parts
     for p in numba.prange(parts):
         chunk, counts = labels[p * step : min((p + 1) * step, n)], partial[p]
-        whole = chunk.shape[0] - chunk.shape[0] % lanes
-        for i in range(0, whole, lanes):
-            for lane in range(lanes):
-                counts[lane, _bin_index(chunk[i + lane], lo, scale, n_bins)] += 1
-        for i in range(whole, chunk.shape[0]):
-            counts[0, _bin_index(chunk[i], lo, scale, n_bins)] += 1
+        index = np.empty(HIST_BLOCK, np.int64)
+        for start in range(0, chunk.shape[0], HIST_BLOCK):
+            block = chunk[start : start + HIST_BLOCK]
+            m = block.shape[0]
+            for i in range(m):
+                index[i] = _bin_index(block[i], lo, scale, n_bins)
+            whole = m - m % lanes
+            for i in range(0, whole, lanes):
+                for lane in range(lanes):
+                    counts[lane, index[i + lane]] += 1
+            for i in range(whole, m):
+                counts[0, index[i]] += 1
 
 
 histogram_kernel = threads_aware(histogram_kernel)
