@@ -69,26 +69,30 @@ def tensor_stats_partials_numba(x: torch.Tensor, near_zero: float) -> torch.Tens
     return partials
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def power_iteration_kernel(matrix, v, iterations):
+    """``iterations`` steps of u = W v / |W v|, v = W^T u / |W^T u| in float64 on the matrix as
+    stored (float32 or float64). Both products sweep contiguous rows, which LLVM vectorises:
+    W v as one dot product per row, W^T u as one scaled row added into v per row."""
     rows, cols = matrix.shape
     u = np.zeros(rows)
     sigma = 0.0
     for _ in range(iterations):
         for i in range(rows):
+            row = matrix[i]
             acc = 0.0
             for j in range(cols):
-                acc += matrix[i, j] * v[j]
+                acc += row[j] * v[j]
             u[i] = acc
         sigma = math.sqrt((u * u).sum())
         if sigma == 0.0:
             return 0.0
         u /= sigma
-        for j in range(cols):
-            v[j] = 0.0
+        v[:] = 0.0
         for i in range(rows):
+            row, weight = matrix[i], u[i]
             for j in range(cols):
-                v[j] += matrix[i, j] * u[i]
+                v[j] += row[j] * weight
         norm = math.sqrt((v * v).sum())
         if norm == 0.0:
             return 0.0
@@ -100,7 +104,8 @@ def power_iteration_kernel(matrix, v, iterations):
 def spectral_norm_numba(
     matrix: torch.Tensor, v: torch.Tensor, iterations: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    m = matrix.detach().to(torch.float64).contiguous().numpy()
+    keep = matrix.dtype in (torch.float32, torch.float64)  # no float64 copy of a float32 matrix
+    m = matrix.detach().to(matrix.dtype if keep else torch.float32).contiguous().numpy()
     vec = v.detach().to(torch.float64).clone().numpy()
     sigma = power_iteration_kernel(m, vec, iterations)
     return torch.tensor(sigma, dtype=torch.float64), torch.from_numpy(vec)
