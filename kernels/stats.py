@@ -61,11 +61,13 @@ def tensor_stats(x: torch.Tensor, near_zero: float = 1e-6, *, impl: str = "auto"
     which = choose_impl("tensor_stats", x.device, impl)
     if x.numel() == 0 or which == "torch":
         return tensor_stats_reference(x, near_zero)
-    if which == "triton":
-        from probescope.kernels._triton.stats import tensor_stats_partials_triton as partials
-    else:
-        from probescope.kernels._numba.stats import tensor_stats_partials_numba as partials
-    return combine_partials(partials(x, near_zero), x.numel())
+    if which == "numba":
+        from probescope.kernels._numba.stats import tensor_stats_numba
+
+        return tensor_stats_numba(x, near_zero)
+    from probescope.kernels._triton.stats import tensor_stats_partials_triton
+
+    return combine_partials(tensor_stats_partials_triton(x, near_zero), x.numel())
 
 
 def spectral_norm_reference(matrix: torch.Tensor) -> float:

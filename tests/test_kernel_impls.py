@@ -474,6 +474,20 @@ def test_tensor_stats_across_blocks_with_non_finite_entries_in_some(impl):
     assert torch.allclose(got, ref, rtol=2e-5, atol=1e-6)
 
 
+def test_numba_combine_of_partials_equals_the_torch_one():
+    from probescope.kernels._numba.stats import combine_partials_kernel
+    from probescope.kernels.stats import combine_partials
+
+    g = torch.Generator().manual_seed(2)
+    partials = torch.rand(9, 8, generator=g, dtype=torch.float64) * 10
+    partials[:, 0] = torch.tensor([5.0, 0.0, 7, 1, 3, 9, 0, 2, 4])  # two blocks with nothing finite
+    partials[[1, 6], 1:3] = 0.0
+    for rows, numel in ((partials, 60), (torch.zeros(3, 8, dtype=torch.float64), 12)):  # and no finite entry
+        out = np.empty(7)
+        combine_partials_kernel(rows.numpy(), numel, out)
+        np.testing.assert_allclose(out, combine_partials(rows, numel).numpy(), rtol=1e-12, equal_nan=True)
+
+
 @pytest.mark.parametrize("impl", ["torch", "numba"])
 @pytest.mark.parametrize("shape", [(1, 1), (64, 48), (7, 3, 3, 3)])
 def test_spectral_norm_by_power_iteration_matches_svd(impl, shape):

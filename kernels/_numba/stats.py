@@ -58,6 +58,31 @@ def tensor_stats_partials_kernel(x, near_zero, partials):
 tensor_stats_partials_kernel = threads_aware(tensor_stats_partials_kernel)
 
 
+@numba.njit(cache=True, nogil=True)
+def combine_partials_kernel(partials, numel, out):
+    """``kernels.stats.combine_partials`` for the CPU: the same formula (Chan et al.) without
+    the dozen torch calls, which cost more than the kernel itself on a small tensor."""
+    n = total = l1 = sumsq = small = bad = 0.0
+    biggest = -math.inf
+    for c in range(partials.shape[0]):
+        n += partials[c, 0]
+        total += partials[c, 1]
+        l1 += partials[c, 3]
+        sumsq += partials[c, 4]
+        biggest = max(biggest, partials[c, 5])
+        small += partials[c, 6]
+        bad += partials[c, 7]
+    mean = total / n if n > 0 else math.nan
+    var = 0.0
+    for c in range(partials.shape[0]):
+        count = partials[c, 0]
+        block_mean = partials[c, 1] / max(count, 1.0)
+        var += partials[c, 2] + count * (block_mean - mean) ** 2
+    scale = 1.0 / max(numel, 1)
+    out[0], out[1], out[2], out[3] = mean, var / n if n > 0 else math.nan, l1, math.sqrt(sumsq)
+    out[4], out[5], out[6] = biggest if n > 0 else math.nan, small * scale, bad * scale
+
+
 def tensor_stats_partials_numba(x: torch.Tensor, near_zero: float) -> torch.Tensor:
     """``(chunks, 8)`` float64 partials: count, sum, M2, L1, sum of squares, max|x|, near-zero, non-finite."""
     flat = x.detach().reshape(-1)
@@ -67,6 +92,13 @@ def tensor_stats_partials_numba(x: torch.Tensor, near_zero: float) -> torch.Tens
     partials = torch.empty((max(1, -(-flat.numel() // CHUNK)), 8), dtype=torch.float64)
     tensor_stats_partials_kernel(flat.numpy(), float(near_zero), partials.numpy())
     return partials
+
+
+def tensor_stats_numba(x: torch.Tensor, near_zero: float) -> torch.Tensor:
+    """``STAT_NAMES`` of ``x`` (a CPU tensor), float64."""
+    out = np.empty(7, np.float64)
+    combine_partials_kernel(tensor_stats_partials_numba(x, near_zero).numpy(), x.numel(), out)
+    return torch.from_numpy(out)
 
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
