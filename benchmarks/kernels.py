@@ -28,6 +28,7 @@ from probescope.kernels import (
     smooth_1d,
     tensor_stats,
 )
+from probescope.kernels.grid_mlp import FusableMLP, output_width, resolve_output
 from probescope.kernels.interpolate import interpolation_weights
 from probescope.kernels.smooth import smoothing_window
 
@@ -61,6 +62,20 @@ def naive_torch(model, grid: GridSpec, dtype, device):
             return torch.softmax(model(points).float(), dim=-1)
 
     return run
+
+
+def pixels_layout(model, grid: GridSpec):
+    """Our fused kernel in its (pixels, units) layout, which ``impl="auto"`` does not take yet."""
+    from probescope.kernels._triton.grid_mlp import grid_mlp_triton
+
+    mlp = FusableMLP.from_module(model)
+    mode = resolve_output("auto", mlp.out_features)
+    out = torch.empty(grid.width * grid.height, output_width(mode, mlp.out_features), device=mlp.device)
+    hidden = max(16, 1 << (max(mlp.widths[:-1]) - 1).bit_length())
+    # compiled for sm_90a without spills (benchmarks.triton_report); tune_grid_mlp sweeps the rest
+    config = {"layout": "pixels", "block_m": 128 if hidden <= 64 else 64, "block_n": min(hidden, 64),
+              "num_warps": 8, "num_stages": 2}  # fmt: skip
+    return lambda: grid_mlp_triton(mlp, grid, mode, out, **config)
 
 
 def numpy_mlp(model, grid: GridSpec):
@@ -104,6 +119,12 @@ def bench_grid_mlp(device: torch.device, quick: bool, peaks: dict):
         grid = GridSpec.rectangle((-3.0, 3.0, -3.0, 3.0), size, size)
         ours_impl = "triton" if device.type == "cuda" else "numba"
         providers = {ours_impl: lambda m=model, g=grid, i=ours_impl: grid_mlp(m, g, impl=i)}
+        graphed = {}
+        if device.type == "cuda":
+            # the layout whose products are all warp-group products (16-bit, up to width 256)
+            if dtype != torch.float32 and max(widths[1:-1], default=0) <= 256:
+                providers["triton pixels"] = pixels_layout(model, grid)
+            graphed = {f"{p} (graph)": fn for p, fn in providers.items()}  # launch cost taken out
         providers["torch eager"] = naive_torch(model, grid, dtype, device)
         if device.type == "cuda":
             compiled = torch.compile(model)
@@ -112,8 +133,13 @@ def bench_grid_mlp(device: torch.device, quick: bool, peaks: dict):
             providers["numpy"] = numpy_mlp(model, grid)
         flops = mlp_flops(widths) * size * size
         row = {"op": "grid_mlp", "case": f"{name} {size}² {str(dtype).replace('torch.', '')}", "results": {}}
-        for provider, fn in providers.items():
-            t = measure(fn, device, repeats=repeats)
+        for provider, fn in [*providers.items(), *graphed.items()]:
+            if provider in graphed:
+                t = measure_graph(fn, repeats=repeats, inner=5)
+            else:
+                t = measure(fn, device, repeats=repeats)
+            if t is None:  # not capturable
+                continue
             t["points_per_s"] = size * size / t["median_s"]
             t["flops"] = flops / t["median_s"]
             t["fraction_of_matmul_peak"] = t["flops"] / peaks["matmul_flops"]

@@ -1,7 +1,7 @@
 """Sweep the Triton grid_mlp kernel's launch configuration on a CUDA device.
 
-``python -m benchmarks.tune_grid_mlp [--size 1024] [--out DIR]``: for each MLP and dtype,
-every (BLOCK_M, BLOCK_N, num_warps) that compiles, timed with CUDA events
+``python -m benchmarks.tune_grid_mlp [--size 1024] [--mlp NAME] [--out DIR]``: for each MLP and dtype,
+every layout and (BLOCK_M, BLOCK_N, num_warps[, num_stages]) that compiles, timed with CUDA events
 (median of repeated launches), against the current ``launch_config`` and torch eager. The
 table it prints is what ``kernels/_triton/grid_mlp.py: launch_config`` is set from.
 """
@@ -29,6 +29,24 @@ CASES = [
 ]
 
 
+# Largest probability error a correct kernel shows against torch in each dtype (the test suite's).
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+def candidates(hidden: int, dtype: torch.dtype):
+    """Launch configurations to time: the ``units`` layout's sweep as before, and for 16-bit
+    MLPs the ``pixels`` layout (whose products are all warp-group products only in 16 bits),
+    including the configurations ``benchmarks.triton_report`` compiles without spills."""
+    for bm, bn, warps in itertools.product([16, 32, 64, 128], [32, 64, 128], [4, 8]):
+        if bn <= hidden:
+            yield {"layout": "units", "block_m": bm, "block_n": bn, "num_warps": warps}
+    if dtype == torch.float32:
+        return
+    for bm, bn, warps, stages in itertools.product([64, 128], [32, 64, 128], [4, 8, 16], [2, 3]):
+        if bn <= hidden and not (bm == 64 and warps == 16):
+            yield {"layout": "pixels", "block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages}
+
+
 def tune_case(name: str, dtype: torch.dtype, size: int) -> dict:
     from probescope.kernels._triton.grid_mlp import grid_mlp_triton, launch_config
 
@@ -44,10 +62,7 @@ def tune_case(name: str, dtype: torch.dtype, size: int) -> dict:
     expected = reference().reshape(out.shape)
     hidden = max(16, 1 << (max(widths[:-1]) - 1).bit_length())
     results = []
-    for bm, bn, warps in itertools.product([16, 32, 64, 128], [32, 64, 128], [4, 8]):
-        if bn > hidden:
-            continue
-        config = {"block_m": bm, "block_n": bn, "num_warps": warps}
+    for config in candidates(hidden, dtype):
         try:
             t = measure(lambda c=config: grid_mlp_triton(mlp, grid, mode, out, **c), device, repeats=10)
         except Exception as err:  # out of shared memory or registers: not a candidate
@@ -60,10 +75,12 @@ def tune_case(name: str, dtype: torch.dtype, size: int) -> dict:
     flops = mlp_flops(widths) * size**2
     print(f"\n{name} {dtype} {size}²: torch eager {eager * 1e3:.3f} ms, "
           f"current {default} {t_default * 1e3:.3f} ms ({eager / t_default:.2f}x)")  # fmt: skip
-    for r in sorted((r for r in results if "median_s" in r), key=lambda r: r["median_s"])[:6]:
-        print(f"  BM {r['block_m']:4d} BN {r['block_n']:4d} warps {r['num_warps']}: "
+    for r in sorted((r for r in results if "median_s" in r), key=lambda r: r["median_s"])[:8]:
+        print(f"  {r['layout']:6s} BM {r['block_m']:4d} BN {r['block_n']:4d} warps {r['num_warps']:2d} "
+              f"stages {r.get('num_stages', 3)}: "
               f"{r['median_s'] * 1e3:.3f} ms, {flops / r['median_s'] / 1e12:.1f} TFLOP/s, "
-              f"{eager / r['median_s']:.2f}x eager, max err {r['max_abs_error']:.1e}")  # fmt: skip
+              f"{eager / r['median_s']:.2f}x eager, max err {r['max_abs_error']:.1e}"
+              f"{'' if r['max_abs_error'] <= TOLERANCE[dtype] else '  WRONG (miscompiled?)'}")  # fmt: skip
     failed = [r for r in results if "error" in r]
     if failed:
         print(f"  {len(failed)} configurations did not run ({sorted({r['error'] for r in failed})})")
@@ -75,8 +92,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tune_grid_mlp", description=__doc__)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
+    parser.add_argument("--mlp", action="append", choices=sorted({name for name, _ in CASES}),
+                        help="only these MLPs (repeatable); default: every case")  # fmt: skip
     args = parser.parse_args()
-    report = [tune_case(name, dtype, args.size) for name, dtype in CASES]
+    report = [tune_case(name, dtype, args.size) for name, dtype in CASES if not args.mlp or name in args.mlp]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tune_grid_mlp.json").write_text(json.dumps(report, indent=1))
     return 0

@@ -11,6 +11,7 @@ materialising the points and calling the module's own forward, in chunks.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -120,6 +121,11 @@ class GridSpec:
     def input_dim(self) -> int:
         return int(self.origin.shape[0])
 
+    @functools.cached_property
+    def basis(self) -> torch.Tensor:
+        """``(3, d)`` float64 rows origin, axis_u, axis_v (built once; the spec is frozen)."""
+        return torch.stack([self.origin, self.axis_u, self.axis_v])
+
     def us(self) -> torch.Tensor:
         return self.u0 + self.du * torch.arange(self.width, dtype=torch.float64)
 
@@ -225,14 +231,14 @@ class FusableMLP:
     def activation_codes(self) -> list[int]:
         return [ACTIVATIONS[a] for a in self.activations]
 
-    def plane_layer(self, grid: GridSpec) -> torch.Tensor:
-        """``(3, width_1)`` float32 rows c0, cu, cv: the first layer folded into the grid's plane."""
+    def plane_layer(self, grid: GridSpec, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``(3, width_1)`` rows c0, cu, cv: the first layer folded into the grid's plane, worked
+        out in float64 and returned as float32, or written into ``out`` (four ops in all)."""
         w = self.weights[0].detach().to(torch.float64)
-        origin, axis_u, axis_v = (device_copy(t, w.device) for t in (grid.origin, grid.axis_u, grid.axis_v))
-        c0 = w @ origin
+        plane = torch.mm(device_copy(grid.basis, w.device), w.T)
         if self.biases[0] is not None:
-            c0 = c0 + self.biases[0].detach().to(torch.float64)
-        return torch.stack([c0, w @ axis_u, w @ axis_v]).to(torch.float32)
+            plane[0].add_(self.biases[0].detach())  # in place: no write-back copy
+        return plane.to(torch.float32) if out is None else out.copy_(plane)
 
 
 def _flatten_sequential(module: nn.Module):

@@ -1,6 +1,12 @@
 """The kernels suite's baselines compute what the ops compute: a speed-up over a baseline that
 does less (or something else) would be a false figure."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -54,3 +60,69 @@ def test_numpy_frame_and_vector_baselines_match_the_references(g):
     np.testing.assert_allclose(
         np.convolve(x.numpy(), window, mode="same"), smooth_1d_reference(x, 31, "gaussian"), atol=1e-5
     )
+
+
+def test_the_pixels_layout_provider_gives_the_reference_map():
+    pytest.importorskip("triton")
+    model = suite.build_mlp((2, 16, 16, 5), torch.float16, "cpu")
+    grid = GridSpec.rectangle((-3.0, 3.0, -2.0, 2.0), 13, 7)
+    ref = grid_mlp_reference(FusableMLP.from_module(model), grid).reshape(-1, 5)
+    got = suite.pixels_layout(model, grid)()
+    assert (got - ref).abs().max().item() <= 1e-2  # fp16 products, the test suite's tolerance
+
+
+# Compiled (not run) for Hopper: the interpreter runs a kernel as Python, so code that only
+# the compiler rejects passes the CPU suite; these shapes cover every branch of the kernel.
+COMPILED_SHAPES = [(2, 5), (2, 16, 1), (2, 24, 40, 20, 7), (2, 12, 12, 12, 12, 12, 4), (2, 256, 256, 256, 7)]
+REPORT_SCRIPT = """
+import json, sys, torch
+from benchmarks.triton_report import compile_config
+for widths in {shapes}:
+    for dtype in (torch.float32, torch.bfloat16):
+        for config in (("units", 64, 32, 4, 2), ("pixels", 64, 32, 4, 2)):
+            report = compile_config(widths, dtype, config)
+            print(json.dumps({{"widths": widths, "dtype": str(dtype), **report}}))
+"""
+
+
+def test_every_grid_kernel_variant_compiles_for_hopper_and_the_report_reads_it():
+    # Triton's own compiler for sm_90a and its cuobjdump need no GPU, but not the interpreter
+    # (which the CPU suite runs under), hence a process of its own.
+    triton = pytest.importorskip("triton")
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not (tools / "cuobjdump").exists():
+        pytest.skip(f"triton {triton.__version__} ships no CUDA binary tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-c", REPORT_SCRIPT.format(shapes=COMPILED_SHAPES)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(reports) == len(COMPILED_SHAPES) * 2 * 2
+    for r in reports:
+        assert "error" not in r, r
+        assert 0 < r["registers"] <= 255 and r["shared_bytes"] >= 0 and r["spill_bytes"] is not None
+    wide = {(r["dtype"], r["config"][0]): r for r in reports if r["widths"] == [2, 256, 256, 256, 7]}
+    # bf16, activations (pixels, units): every product is a warp-group product (HGMMA) ...
+    assert wide["torch.bfloat16", "pixels"]["hgmma"] > 0 and wide["torch.bfloat16", "pixels"]["hmma"] == 0
+    # ... (units, pixels): a pair's first product has too few rows for one, so it is an HMMA
+    assert wide["torch.bfloat16", "units"]["hmma"] > 0
+    # fp32 products are exact ("ieee"): on the CUDA cores, no matrix-unit instruction at all
+    assert wide["torch.float32", "pixels"]["hgmma"] == wide["torch.float32", "pixels"]["hmma"] == 0
+    assert "HGMMA" in triton_report_row(wide["torch.bfloat16", "pixels"])
+
+
+def triton_report_row(report: dict) -> str:
+    from benchmarks.triton_report import format_row
+
+    return format_row({**report, "config": tuple(report["config"])})
+
+
+def test_triton_report_refuses_to_run_under_the_interpreter(monkeypatch, capsys):
+    pytest.importorskip("triton")
+    from benchmarks import triton_report
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(SystemExit):
+        triton_report.main(["--mlp", "2-32-32-3"])
+    assert "unset it" in capsys.readouterr().err

@@ -41,7 +41,7 @@ from probescope.kernels import (
     tensor_stats_reference,
 )
 from tests.conftest import WrappedModule
-from tests.kernel_cases import IMPLS, device_for
+from tests.kernel_cases import DEVICE, IMPLS, device_for
 
 # Absolute error allowed on probabilities against the float64 reference. fp32: accumulation
 # order only. fp16 / bf16: activations are rounded to 11 / 8 significant bits before every
@@ -140,6 +140,45 @@ def test_grid_mlp_width_1024_and_raw_regression_outputs(poisoned, impl):
     assert max_error(grid_mlp(model, grid, impl=impl), probs_ref) <= 1e-5
     raw = grid_mlp(model, grid, "raw", impl=impl)
     assert max_error(raw, raw_ref) <= 1e-5 * max(1.0, raw_ref.abs().max().item())
+
+
+TRITON = next(p for p in IMPLS if p.values == ("triton",))
+# Interpreted: every GRID_CASES shape in small tiles. On a GPU the same, plus the benchmark MLPs
+# in their real launch configurations: the shapes where Triton once miscompiled chained products.
+LAYOUT_CASES = [(widths, activation, w, h, {"block_m": 32, "block_n": 16, "num_warps": 4})
+                for widths, activation, w, h in GRID_CASES]  # fmt: skip
+if DEVICE.type == "cuda":
+    LAYOUT_CASES += [((2, 32, 32, 3), "relu", 70, 37, {}), ((2, 64, 64, 3), "relu", 70, 37, {}),
+                     ((2, 256, 256, 256, 7), "relu", 70, 37, {}),
+                     ((2, 1024, 1024, 10), "relu", 33, 9, {})]  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", [TRITON])
+@pytest.mark.parametrize("layout", ["units", "pixels"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("widths", "activation", "w", "h", "config"), LAYOUT_CASES)
+def test_triton_grid_mlp_layouts_match_the_reference(impl, layout, dtype, widths, activation, w, h, config):
+    from probescope.kernels._triton.grid_mlp import grid_mlp_triton, launch_config
+    from probescope.kernels.grid_mlp import output_width, resolve_output
+
+    model = make_mlp(widths, activation, dtype=dtype).to(device_for(impl))
+    grid = random_grid(widths[0], w, h)
+    mlp = FusableMLP.from_module(model)
+    mode = resolve_output("auto", mlp.out_features)
+    out = torch.full((w * h, output_width(mode, mlp.out_features)), float("nan"), device=device_for(impl))
+    hidden = max(16, 1 << (max(widths[:-1]) - 1).bit_length())
+    config = {**launch_config(hidden, dtype), **config, "layout": layout}
+    grid_mlp_triton(mlp, grid, mode, out, **config)
+    assert max_error(out.view(h, w, -1), grid_mlp_reference(mlp, grid)) <= PROB_TOL[dtype]
+
+
+def test_triton_grid_mlp_rejects_an_unknown_layout():
+    pytest.importorskip("triton")
+    from probescope.kernels._triton.grid_mlp import grid_mlp_triton
+
+    mlp = FusableMLP.from_module(make_mlp((2, 8, 3)))
+    with pytest.raises(ValueError, match="layout must be one of"):
+        grid_mlp_triton(mlp, random_grid(2, 3, 3), "softmax", torch.empty(9, 3), layout="rows")
 
 
 def test_auto_dispatch_sends_cpu_mlps_up_to_width_512_to_numba_and_wider_ones_to_torch():

@@ -9,13 +9,19 @@ pair's second layer, so a full-width hidden layer never has to exist anywhere, a
 layer is one plain product. Softmax (or the sigmoid pair) runs on the logits in registers,
 and only the (pixels, classes) probabilities are stored.
 
-Activations are held transposed, (units, pixels), and every product is weights @ activations:
-the weight tile is the matrix units' A operand, loaded from memory, and the activations are
-the B operand. The row-major form (activations @ weights, activations as A operand straight
-from registers) is miscompiled by Triton 3.6 on Hopper when two products are chained in the
-loop (wrong sums with BLOCK_N = 64, illegal addresses with bf16 64-wide layers; found on an
-H100 with benchmarks' diagnostics, recorded in benchmarks/RESULTS.md); this form is correct at
-every tile size tried.
+Two layouts of the same computation (``layout`` in the launch configuration):
+
+- ``units`` (the default): activations held transposed, (units, pixels), every product
+  weights @ activations, the weight tile being the matrix units' A operand. A pair's first
+  product has only BLOCK_N rows, too few for Hopper's warp-group products (64 rows a warp
+  group), so it runs on the older mma instructions. Correct at every tile size tried on an H100.
+- ``pixels``: activations (pixels, units), every product activations @ weights, the form of a
+  fused attention kernel (pixels are its queries, a layer pair its keys and values). With
+  BLOCK_M = 128 both products of a pair are warp-group products (compiled for sm_90a: 36
+  wgmma, no mma.sync, weight loads pipelined; ``python -m benchmarks.triton_report``). Triton
+  3.6 on an H100 miscompiled this form in small chained cases (wrong sums at width 64 with 16
+  outputs, benchmarks/triton_chained_dot.py, RESULTS.md), so it is opt-in until the CUDA tests
+  (which run both layouts) and ``benchmarks.tune_grid_mlp`` have passed it on a GPU.
 
 Widths are padded to powers of two with zero weights, so padded units contribute nothing.
 """
@@ -64,21 +70,88 @@ def _dot(w, x, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _pixels_dot(x, w, acc, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """acc + x @ w with fp32 accumulation, activations x rounded to DOT_DTYPE (weights already are);
+    EMULATE multiplies the rounded values in fp32."""
+    if EMULATE:
+        return tl.dot(x.to(DOT_DTYPE).to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    if tl.float32 == DOT_DTYPE:
+        return tl.dot(x, w, acc, input_precision="ieee")
+    return tl.dot(x.to(DOT_DTYPE), w, acc, out_dtype=tl.float32)
+
+
+@triton.jit
 def _layer_pair(h, mid_w, mid_b, next_w, next_b, slope, MID_ACT: tl.constexpr, NEXT_ACT: tl.constexpr,
                 HIDDEN: tl.constexpr, NEXT: tl.constexpr, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
-                BLOCK_N: tl.constexpr):  # fmt: skip
-    """act(W_next^T act(W_mid^T h + b_mid) + b_next) on transposed activations h (HIDDEN, pixels),
-    the middle layer BLOCK_N units at a time. Weights are stored (in, out) row-major."""
+                BLOCK_N: tl.constexpr, PIXELS_FIRST: tl.constexpr):  # fmt: skip
+    """act(act(h W_mid + b_mid) W_next + b_next), the middle layer BLOCK_N units at a time, on
+    activations h (HIDDEN, pixels), or (pixels, HIDDEN) if PIXELS_FIRST. Weights are stored
+    (in, out) row-major."""
     cols = tl.arange(0, HIDDEN)
     chunk = tl.arange(0, BLOCK_N)
     next_cols = tl.arange(0, NEXT)
-    acc = tl.zeros((NEXT, h.shape[1]), tl.float32)
-    for n0 in range(0, HIDDEN, BLOCK_N):
-        w = tl.load(mid_w + cols[None, :] * HIDDEN + (n0 + chunk)[:, None])  # (BLOCK_N, HIDDEN)
-        z = _activate(_dot(w, h, DOT_DTYPE, EMULATE) + tl.load(mid_b + n0 + chunk)[:, None], MID_ACT, slope)
-        w2 = tl.load(next_w + (n0 + chunk)[None, :] * NEXT + next_cols[:, None])  # (NEXT, BLOCK_N)
-        acc += _dot(w2, z, DOT_DTYPE, EMULATE)
-    return _activate(acc + tl.load(next_b + next_cols)[:, None], NEXT_ACT, slope)
+    if PIXELS_FIRST:
+        acc = tl.zeros((h.shape[0], NEXT), tl.float32)
+        for n0 in range(0, HIDDEN, BLOCK_N):
+            w = tl.load(mid_w + cols[:, None] * HIDDEN + (n0 + chunk)[None, :])  # (HIDDEN, BLOCK_N)
+            z = _pixels_dot(h, w, tl.zeros((h.shape[0], BLOCK_N), tl.float32), DOT_DTYPE, EMULATE)
+            z = _activate(z + tl.load(mid_b + n0 + chunk)[None, :], MID_ACT, slope)
+            w2 = tl.load(next_w + (n0 + chunk)[:, None] * NEXT + next_cols[None, :])  # (BLOCK_N, NEXT)
+            acc = _pixels_dot(z, w2, acc, DOT_DTYPE, EMULATE)
+        out = _activate(acc + tl.load(next_b + next_cols)[None, :], NEXT_ACT, slope)
+    else:  # (a compiled jit function has one return: code after an early one is still built)
+        acc = tl.zeros((NEXT, h.shape[1]), tl.float32)
+        for n0 in range(0, HIDDEN, BLOCK_N):
+            w = tl.load(mid_w + cols[None, :] * HIDDEN + (n0 + chunk)[:, None])  # (BLOCK_N, HIDDEN)
+            z = _dot(w, h, DOT_DTYPE, EMULATE) + tl.load(mid_b + n0 + chunk)[:, None]
+            z = _activate(z, MID_ACT, slope)
+            w2 = tl.load(next_w + (n0 + chunk)[None, :] * NEXT + next_cols[:, None])  # (NEXT, BLOCK_N)
+            acc += _dot(w2, z, DOT_DTYPE, EMULATE)
+        out = _activate(acc + tl.load(next_b + next_cols)[:, None], NEXT_ACT, slope)
+    return out
+
+
+@triton.jit
+def _last_layer(h, w_ptr, b_ptr, slope, ACT: tl.constexpr, HIDDEN: tl.constexpr, OUT_PAD: tl.constexpr,
+                DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr, PIXELS_FIRST: tl.constexpr):  # fmt: skip
+    """act(h W + b) for the output layer alone, W stored (HIDDEN, OUT_PAD) row-major."""
+    cols = tl.arange(0, HIDDEN)
+    out_cols = tl.arange(0, OUT_PAD)
+    if PIXELS_FIRST:
+        w = tl.load(w_ptr + cols[:, None] * OUT_PAD + out_cols[None, :])  # (HIDDEN, OUT_PAD)
+        logits = _pixels_dot(h, w, tl.zeros((h.shape[0], OUT_PAD), tl.float32), DOT_DTYPE, EMULATE)
+        logits = _activate(logits + tl.load(b_ptr + out_cols)[None, :], ACT, slope)
+    else:
+        w = tl.load(w_ptr + cols[None, :] * OUT_PAD + out_cols[:, None])  # (OUT_PAD, HIDDEN)
+        logits = _activate(_dot(w, h, DOT_DTYPE, EMULATE) + tl.load(b_ptr + out_cols)[:, None], ACT, slope)
+    return logits
+
+
+@triton.jit
+def _plane_layer(plane_ptr, u, v, slope, N: tl.constexpr, ACT: tl.constexpr, PIXELS_FIRST: tl.constexpr):
+    """act(c0 + u·cu + v·cv): the first layer's N units at each pixel's plane coordinates."""
+    units = tl.arange(0, N)
+    axis: tl.constexpr = 1 if PIXELS_FIRST else 0  # where the units run
+    c0 = tl.expand_dims(tl.load(plane_ptr + units), 1 - axis)
+    cu = tl.expand_dims(tl.load(plane_ptr + N + units), 1 - axis)
+    cv = tl.expand_dims(tl.load(plane_ptr + 2 * N + units), 1 - axis)
+    return _activate(c0 + cu * tl.expand_dims(u, axis) + cv * tl.expand_dims(v, axis), ACT, slope)
+
+
+@triton.jit
+def _outputs(logits, col, NUM_OUT: tl.constexpr, OUT_MODE: tl.constexpr, AXIS: tl.constexpr):
+    """Softmax over the NUM_OUT real outputs, the [1 - p, p] sigmoid pair, or the raw logits;
+    ``col`` is each element's output column, and the outputs run along ``AXIS``."""
+    if OUT_MODE == 1:
+        logits = tl.where(col < NUM_OUT, logits, float("-inf"))
+        e = tl.exp(logits - tl.expand_dims(tl.max(logits, axis=AXIS), AXIS))
+        result = e / tl.expand_dims(tl.sum(e, axis=AXIS), AXIS)
+    elif OUT_MODE == 2:
+        p = tl.expand_dims(tl.sigmoid(tl.sum(tl.where(col == 0, logits, 0.0), axis=AXIS)), AXIS)
+        result = tl.where(col == 0, 1.0 - p, p)
+    else:
+        result = logits
+    return result
 
 
 @triton.jit
@@ -88,25 +161,18 @@ def _grid_mlp_kernel(
     NUM_LINEAR: tl.constexpr, NUM_OUT: tl.constexpr, OUT_COLS: tl.constexpr,
     HIDDEN: tl.constexpr, OUT_PAD: tl.constexpr, ACTS: tl.constexpr, OUT_MODE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PIXELS_FIRST: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    pixel = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    pixel = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row = pixel // width
-    u = (u0 + (pixel - row * width).to(tl.float32) * du)[None, :]
-    v = (v0 + row.to(tl.float32) * dv)[None, :]
-    out_cols = tl.arange(0, OUT_PAD)
+    u = u0 + (pixel - row * width).to(tl.float32) * du
+    v = v0 + row.to(tl.float32) * dv
+    axis: tl.constexpr = 1 if PIXELS_FIRST else 0  # where the units run
 
     if NUM_LINEAR == 1:
-        c0 = tl.load(plane_ptr + out_cols)[:, None]
-        cu = tl.load(plane_ptr + OUT_PAD + out_cols)[:, None]
-        cv = tl.load(plane_ptr + 2 * OUT_PAD + out_cols)[:, None]
-        logits = _activate(c0 + cu * u + cv * v, ACTS & 15, slope)
+        logits = _plane_layer(plane_ptr, u, v, slope, OUT_PAD, ACTS & 15, PIXELS_FIRST)
     else:
-        cols = tl.arange(0, HIDDEN)
-        c0 = tl.load(plane_ptr + cols)[:, None]
-        cu = tl.load(plane_ptr + HIDDEN + cols)[:, None]
-        cv = tl.load(plane_ptr + 2 * HIDDEN + cols)[:, None]
-        h = _activate(c0 + cu * u + cv * v, ACTS & 15, slope)  # (HIDDEN, BLOCK_M)
+        h = _plane_layer(plane_ptr, u, v, slope, HIDDEN, ACTS & 15, PIXELS_FIRST)
         # Linear layers 1 .. NUM_LINEAR-1 in pairs (middle, second): first the pairs whose second
         # layer is hidden, then either a last pair ending in the output layer or the output alone.
         for pair in tl.static_range((NUM_LINEAR - 2) // 2):
@@ -114,43 +180,29 @@ def _grid_mlp_kernel(
                             hidden_w_ptr + (2 * pair + 1) * HIDDEN * HIDDEN,
                             hidden_b_ptr + (2 * pair + 1) * HIDDEN, slope,
                             (ACTS >> (4 * (2 * pair + 1))) & 15, (ACTS >> (4 * (2 * pair + 2))) & 15,
-                            HIDDEN, HIDDEN, DOT_DTYPE, EMULATE, BLOCK_N)  # fmt: skip
+                            HIDDEN, HIDDEN, DOT_DTYPE, EMULATE, BLOCK_N, PIXELS_FIRST)  # fmt: skip
         if (NUM_LINEAR - 1) % 2 == 0:
             logits = _layer_pair(h, hidden_w_ptr + (NUM_LINEAR - 3) * HIDDEN * HIDDEN,
                                  hidden_b_ptr + (NUM_LINEAR - 3) * HIDDEN, out_w_ptr, out_b_ptr, slope,
                                  (ACTS >> (4 * (NUM_LINEAR - 2))) & 15, (ACTS >> (4 * (NUM_LINEAR - 1))) & 15,
-                                 HIDDEN, OUT_PAD, DOT_DTYPE, EMULATE, BLOCK_N)  # fmt: skip
+                                 HIDDEN, OUT_PAD, DOT_DTYPE, EMULATE, BLOCK_N, PIXELS_FIRST)  # fmt: skip
         else:
-            w = tl.load(out_w_ptr + cols[None, :] * OUT_PAD + out_cols[:, None])  # (OUT_PAD, HIDDEN)
-            logits = _dot(w, h, DOT_DTYPE, EMULATE) + tl.load(out_b_ptr + out_cols)[:, None]
-            logits = _activate(logits, (ACTS >> (4 * (NUM_LINEAR - 1))) & 15, slope)
+            logits = _last_layer(h, out_w_ptr, out_b_ptr, slope, (ACTS >> (4 * (NUM_LINEAR - 1))) & 15,
+                                 HIDDEN, OUT_PAD, DOT_DTYPE, EMULATE, PIXELS_FIRST)  # fmt: skip
 
-    if OUT_MODE == 1:
-        logits = tl.where(out_cols[:, None] < NUM_OUT, logits, float("-inf"))
-        top = tl.max(logits, axis=0)
-        e = tl.exp(logits - top[None, :])
-        result = e / tl.sum(e, axis=0)[None, :]
-    elif OUT_MODE == 2:
-        first = tl.sum(tl.where(out_cols[:, None] == 0, logits, 0.0), axis=0)
-        p = tl.sigmoid(first)[None, :]
-        result = tl.where(out_cols[:, None] == 0, 1.0 - p, p)
-    else:
-        result = logits
-    mask = (pixel < n_pixels)[None, :] & (out_cols[:, None] < OUT_COLS)
-    tl.store(out_ptr + pixel[None, :] * out_stride + out_cols[:, None], result, mask=mask)
+    col = tl.expand_dims(tl.arange(0, OUT_PAD), 1 - axis)
+    pixel = tl.expand_dims(pixel, axis)
+    result = _outputs(logits, col, NUM_OUT, OUT_MODE, axis)
+    tl.store(out_ptr + pixel * out_stride + col, result, mask=(pixel < n_pixels) & (col < OUT_COLS))
 
 
-def _pad(t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    padded = torch.zeros(shape, dtype=dtype, device=t.device)
-    padded[tuple(slice(0, n) for n in t.shape)] = t.to(dtype)
-    return padded
+def pack_layers(mlp: FusableMLP, grid: GridSpec, hidden: int, out_pad: int, weight_dtype: torch.dtype):
+    """Zero-padded kernel inputs: the first layer folded into the grid's plane as [3, H] (or
+    [3, OUT_PAD] without hidden layers), hidden layers (in, out) as [L-2, H, H], their biases,
+    the output layer as [H, OUT_PAD] and its bias.
 
-
-def pack_layers(mlp: FusableMLP, hidden: int, out_pad: int, weight_dtype: torch.dtype):
-    """Zero-padded weights: hidden layers (in, out) as [L-2, H, H], the output layer as [H, OUT_PAD].
-
-    The buffers are allocated once per MLP (per set of parameter tensors) and refreshed with
-    one multi-tensor copy per call, so a frame costs a single op here, not a dozen."""
+    The buffers are allocated once per MLP (per set of parameter tensors) and refreshed from
+    the current weights on every call: one multi-tensor copy, and four ops for the plane."""
     key = (tuple(map(id, mlp.weights)), tuple(map(id, mlp.biases)), hidden, out_pad, weight_dtype)
     packed = _PACKED.get(key)
     if packed is None:
@@ -158,7 +210,8 @@ def pack_layers(mlp: FusableMLP, hidden: int, out_pad: int, weight_dtype: torch.
             _PACKED.clear()
         packed = _PACKED[key] = _PackedLayers(mlp, hidden, out_pad, weight_dtype)
     packed.refresh()
-    return packed.buffers
+    mlp.plane_layer(grid, out=packed.plane[:, : mlp.widths[0]])
+    return (packed.plane, *packed.buffers)
 
 
 class _PackedLayers:
@@ -167,6 +220,7 @@ class _PackedLayers:
     def __init__(self, mlp: FusableMLP, hidden: int, out_pad: int, weight_dtype: torch.dtype):
         device = mlp.device
         self.keep = (mlp.weights, mlp.biases)  # held: the key's ids stay theirs
+        self.plane = torch.zeros((3, hidden if len(mlp.weights) > 1 else out_pad), device=device)
         middle = list(zip(mlp.weights[1:-1], mlp.biases[1:-1], strict=True))
         hidden_w = torch.zeros((max(len(middle), 1), hidden, hidden), dtype=weight_dtype, device=device)
         hidden_b = torch.zeros((max(len(middle), 1), hidden), dtype=torch.float32, device=device)
@@ -208,13 +262,13 @@ def launch_config(hidden: int, dtype: torch.dtype) -> dict:
     shrinks a configuration that does not fit the device's shared memory.
     """
     if triton_interpreting():
-        return {"block_m": 128, "block_n": min(hidden, 64), "num_warps": 4}
+        return {"layout": "units", "block_m": 128, "block_n": min(hidden, 64), "num_warps": 4}
     # Swept on an H100 (python -m benchmarks.tune_grid_mlp, benchmarks/RESULTS.md, 2026-11-23).
     if hidden <= 64:
-        return {"block_m": 128, "block_n": min(hidden, 64), "num_warps": 4}
+        return {"layout": "units", "block_m": 128, "block_n": min(hidden, 64), "num_warps": 4}
     if hidden <= 256:
-        return {"block_m": 128, "block_n": 32, "num_warps": 8}
-    return {"block_m": 32, "block_n": 16 if dtype == torch.float32 else 32, "num_warps": 4}
+        return {"layout": "units", "block_m": 128, "block_n": 32, "num_warps": 8}
+    return {"layout": "units", "block_m": 32, "block_n": 16 if dtype == torch.float32 else 32, "num_warps": 4}
 
 
 def _smaller(config: dict) -> dict | None:
@@ -236,31 +290,17 @@ def grid_mlp_triton(
 ) -> torch.Tensor:
     """Fill ``out`` (pixels, C) float32 from the fused Triton kernel; ``output`` is already resolved.
 
-    ``config`` overrides :func:`launch_config` (``block_m``, ``block_n``, ``num_warps``,
-    ``num_stages``), for tuning.
+    ``config`` overrides :func:`launch_config` (``layout``: ``units`` or ``pixels``, ``block_m``,
+    ``block_n``, ``num_warps``, ``num_stages``), for tuning.
     """
-    emulate = triton_interpreting() and mlp.dtype == torch.bfloat16  # the interpreter lacks bf16 dots
-    widths = mlp.widths
-    hidden = max(16, next_power_of_2(max(widths[:-1]))) if len(widths) > 1 else 16
-    out_pad = max(16, next_power_of_2(widths[-1]))
-    weight_dtype = torch.float32 if emulate else mlp.dtype
-    hidden_w, hidden_b, out_w, out_b = pack_layers(mlp, hidden, out_pad, weight_dtype)
-    plane = _pad(mlp.plane_layer(grid), (3, hidden if len(widths) > 1 else out_pad), torch.float32)
-    acts = sum(code << (4 * i) for i, code in enumerate(mlp.activation_codes()))
-
-    n_pixels = grid.width * grid.height
-    constants = dict(
-        NUM_LINEAR=len(widths), NUM_OUT=widths[-1], OUT_COLS=output_width(output, mlp.out_features),
-        HIDDEN=hidden, OUT_PAD=out_pad, ACTS=acts, OUT_MODE=OUTPUT_CODES[output],
-        DOT_DTYPE=_DOT_DTYPES[mlp.dtype], EMULATE=emulate,
-    )  # fmt: skip
-    args = (
-        out, plane.contiguous(), hidden_w, hidden_b, out_w, out_b,
-        n_pixels, grid.width, grid.u0, grid.du, grid.v0, grid.dv, mlp.negative_slope, out.stride(0),
-    )  # fmt: skip
-    key = (tuple(sorted(constants.items(), key=str)), out.device)
+    if config.get("layout", "units") not in LAYOUTS:
+        raise ValueError(
+            f"grid_mlp_triton: layout must be one of {sorted(LAYOUTS)}, got {config['layout']!r}"
+        )
+    args, constants = kernel_arguments(mlp, grid, output, out)
+    key = (*constants.values(), out.device)  # the constants are always built in this order
     tuned = bool(config)
-    config = {**_FITTED.get(key, launch_config(hidden, mlp.dtype)), **config}
+    config = {**_FITTED.get(key, launch_config(constants["HIDDEN"], mlp.dtype)), **config}
     while True:
         try:
             _launch(args, constants, config)
@@ -275,9 +315,39 @@ def grid_mlp_triton(
         return out
 
 
+def kernel_arguments(
+    mlp: FusableMLP, grid: GridSpec, output: str, out: torch.Tensor, emulate: bool | None = None
+) -> tuple[tuple, dict]:
+    """The kernel's run-time arguments (packed from the current weights) and compile-time
+    constants. ``emulate`` (fp32 products of bf16-rounded values) defaults to on for bf16
+    under the interpreter, which lacks bf16 products."""
+    if emulate is None:
+        emulate = triton_interpreting() and mlp.dtype == torch.bfloat16
+    widths = mlp.widths
+    hidden = max(16, next_power_of_2(max(widths[:-1]))) if len(widths) > 1 else 16
+    out_pad = max(16, next_power_of_2(widths[-1]))
+    weight_dtype = torch.float32 if emulate else mlp.dtype
+    plane, hidden_w, hidden_b, out_w, out_b = pack_layers(mlp, grid, hidden, out_pad, weight_dtype)
+    constants = dict(
+        NUM_LINEAR=len(widths), NUM_OUT=widths[-1], OUT_COLS=output_width(output, mlp.out_features),
+        HIDDEN=hidden, OUT_PAD=out_pad, OUT_MODE=OUTPUT_CODES[output],
+        ACTS=sum(code << (4 * i) for i, code in enumerate(mlp.activation_codes())),
+        DOT_DTYPE=_DOT_DTYPES[mlp.dtype], EMULATE=emulate,
+    )  # fmt: skip
+    args = (
+        out, plane, hidden_w, hidden_b, out_w, out_b, grid.width * grid.height, grid.width,
+        grid.u0, grid.du, grid.v0, grid.dv, mlp.negative_slope, out.stride(0),
+    )  # fmt: skip
+    return args, constants
+
+
+LAYOUTS = {"units": False, "pixels": True}  # layout -> PIXELS_FIRST
+
+
 def _launch(args: tuple, constants: dict, config: dict) -> None:
     stages = {"num_stages": config["num_stages"]} if "num_stages" in config else {}
     _grid_mlp_kernel[(triton.cdiv(args[6], config["block_m"]),)](
         *args, **constants, BLOCK_M=config["block_m"], BLOCK_N=config["block_n"],
+        PIXELS_FIRST=LAYOUTS[config.get("layout", "units")],
         num_warps=config["num_warps"], **stages,
     )  # fmt: skip
