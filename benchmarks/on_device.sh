@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs on a lent GPU machine whose python3 already has torch, triton, numba and pytest:
 # installs probescope without touching those, then runs the named steps, logs under $OUT.
-#   bash benchmarks/on_device.sh [tests|tests-all|tests-par] [tune] [kernels] [overhead] [frames] ...
+#   bash benchmarks/on_device.sh [tests|tests-all|tests-par] [tune|tune-target] [report] [kernels] [overhead] [frames] ...
+# (tune-target: the launch sweep of the MLPs behind the kernel targets only; report: what the
+# grid kernel compiles to with this machine's Triton, benchmarks/triton_report.py)
 # (tests-par: the whole suite in 8 pytest-xdist workers, two CPU threads each)
 # STEP_TIMEOUT (seconds, default 900) bounds each step, so one slow step leaves time for the rest.
 set -uo pipefail
@@ -33,6 +35,8 @@ for step in "$@"; do
     tests-par) OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 NUMBA_NUM_THREADS=2 $T python3 -m pytest -v -p no:cacheprovider -p no:benchmark -n 8 --timeout 300 -rfE --durations=15 2>&1 | tee "$OUT/pytest.log" | grep -v "PASSED\|SKIPPED" | tail -60 ;;
     tests-all) $T python3 -m pytest -q -p no:cacheprovider --timeout 300 2>&1 | tee "$OUT/pytest.log" | tail -60 ;;
     tune) $T python3 -m benchmarks.tune_grid_mlp --out "$OUT" 2>&1 | tee "$OUT/tune.log" ;;
+    tune-target) $T python3 -m benchmarks.tune_grid_mlp --mlp 2-256-256-256-7 --mlp 2-64-64-3 --out "$OUT" 2>&1 | tee "$OUT/tune.log" ;;
+    report) $T python3 -m benchmarks.triton_report 2>&1 | tee "$OUT/triton_report.log" ;;
     *) $T python3 -m benchmarks "$step" --device cuda --out "$OUT/$step" 2>&1 | tee "$OUT/$step.log" | grep -v '%|' ;;
   esac
 done
