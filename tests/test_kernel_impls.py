@@ -158,7 +158,7 @@ if DEVICE.type == "cuda":
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("widths", "activation", "w", "h", "config"), LAYOUT_CASES)
 def test_triton_grid_mlp_layouts_match_the_reference(impl, layout, dtype, widths, activation, w, h, config):
-    from probescope.kernels._triton.grid_mlp import grid_mlp_triton, launch_config
+    from probescope.kernels._triton.grid_mlp import grid_mlp_triton
     from probescope.kernels.grid_mlp import output_width, resolve_output
 
     model = make_mlp(widths, activation, dtype=dtype).to(device_for(impl))
@@ -166,10 +166,39 @@ def test_triton_grid_mlp_layouts_match_the_reference(impl, layout, dtype, widths
     mlp = FusableMLP.from_module(model)
     mode = resolve_output("auto", mlp.out_features)
     out = torch.full((w * h, output_width(mode, mlp.out_features)), float("nan"), device=device_for(impl))
-    hidden = max(16, 1 << (max(widths[:-1]) - 1).bit_length())
-    config = {**launch_config(hidden, dtype), **config, "layout": layout}
-    grid_mlp_triton(mlp, grid, mode, out, **config)
+    # an empty config: the launch configuration (shrunk to fit if it must), the layout named
+    grid_mlp_triton(mlp, grid, mode, out, **config, layout=layout)
     assert max_error(out.view(h, w, -1), grid_mlp_reference(mlp, grid)) <= PROB_TOL[dtype]
+
+
+def test_triton_launch_shrinks_a_configuration_that_does_not_fit_unless_it_was_given(monkeypatch):
+    pytest.importorskip("triton")
+    from triton.runtime.errors import OutOfResources
+
+    import probescope.kernels._triton.grid_mlp as tg
+
+    launched = []
+
+    def launch(args, constants, config):  # a device whose shared memory takes BLOCK_N <= 16 only
+        launched.append(dict(config))
+        if config["block_n"] > 16:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+
+    monkeypatch.setattr(tg, "_launch", launch)
+    monkeypatch.setattr(tg, "_FITTED", {})
+    mlp = FusableMLP.from_module(make_mlp((2, 64, 64, 3)))
+    grid, out = random_grid(2, 5, 4), torch.empty(20, 3)
+    tg.grid_mlp_triton(mlp, grid, "softmax", out, layout="pixels")  # a layout alone: shrinks
+    assert launched[-1]["block_n"] == 16 and launched[-1]["layout"] == "pixels"
+    assert len(launched) > 1 and launched[0]["block_n"] > 16
+    launched.clear()
+    tg.grid_mlp_triton(mlp, grid, "softmax", out, layout="pixels")  # the fitted one, at once
+    assert [c["block_n"] for c in launched] == [16]
+    launched.clear()
+    tg.grid_mlp_triton(mlp, grid, "softmax", out)  # the other layout is fitted on its own
+    assert launched[0]["layout"] == "units" and launched[0]["block_n"] > 16
+    with pytest.raises(OutOfResources):  # block sizes given (a tuning run): no silent change
+        tg.grid_mlp_triton(mlp, grid, "softmax", out, block_m=64, block_n=32, num_warps=4)
 
 
 def test_triton_grid_mlp_rejects_an_unknown_layout():

@@ -298,8 +298,9 @@ def grid_mlp_triton(
             f"grid_mlp_triton: layout must be one of {sorted(LAYOUTS)}, got {config['layout']!r}"
         )
     args, constants = kernel_arguments(mlp, grid, output, out)
-    key = (*constants.values(), out.device)  # the constants are always built in this order
-    tuned = bool(config)
+    # the constants are always built in this order; a layout alone still shrinks to fit
+    key = (*constants.values(), config.get("layout"), out.device)
+    tuned = any(name != "layout" for name in config)
     config = {**_FITTED.get(key, launch_config(constants["HIDDEN"], mlp.dtype)), **config}
     while True:
         try:
