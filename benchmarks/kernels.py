@@ -28,7 +28,6 @@ from probescope.kernels import (
     smooth_1d,
     tensor_stats,
 )
-from probescope.kernels.grid_mlp import FusableMLP, output_width, resolve_output
 from probescope.kernels.interpolate import interpolation_weights
 from probescope.kernels.smooth import smoothing_window
 
@@ -62,20 +61,6 @@ def naive_torch(model, grid: GridSpec, dtype, device):
             return torch.softmax(model(points).float(), dim=-1)
 
     return run
-
-
-def pixels_layout(model, grid: GridSpec):
-    """Our fused kernel in its (pixels, units) layout, which ``impl="auto"`` does not take yet."""
-    from probescope.kernels._triton.grid_mlp import grid_mlp_triton
-
-    mlp = FusableMLP.from_module(model)
-    mode = resolve_output("auto", mlp.out_features)
-    out = torch.empty(grid.width * grid.height, output_width(mode, mlp.out_features), device=mlp.device)
-    hidden = max(16, 1 << (max(mlp.widths[:-1]) - 1).bit_length())
-    # compiled for sm_90a without spills (benchmarks.triton_report); tune_grid_mlp sweeps the rest
-    config = {"layout": "pixels", "block_m": 128 if hidden <= 64 else 64, "block_n": min(hidden, 64),
-              "num_warps": 8, "num_stages": 2}  # fmt: skip
-    return lambda: grid_mlp_triton(mlp, grid, mode, out, **config)
 
 
 def numpy_mlp(model, grid: GridSpec):
@@ -119,12 +104,8 @@ def bench_grid_mlp(device: torch.device, quick: bool, peaks: dict):
         grid = GridSpec.rectangle((-3.0, 3.0, -3.0, 3.0), size, size)
         ours_impl = "triton" if device.type == "cuda" else "numba"
         providers = {ours_impl: lambda m=model, g=grid, i=ours_impl: grid_mlp(m, g, impl=i)}
-        graphed = {}
-        if device.type == "cuda":
-            # the layout whose products are all warp-group products (16-bit, up to width 256)
-            if dtype != torch.float32 and max(widths[1:-1], default=0) <= 256:
-                providers["triton pixels"] = pixels_layout(model, grid)
-            graphed = {f"{p} (graph)": fn for p, fn in providers.items()}  # launch cost taken out
+        # on CUDA, ours also replayed from a CUDA graph: the kernel without its launch cost
+        graphed = {f"{ours_impl} (graph)": providers[ours_impl]} if device.type == "cuda" else {}
         providers["torch eager"] = naive_torch(model, grid, dtype, device)
         if device.type == "cuda":
             compiled = torch.compile(model)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on a lent GPU machine whose python3 already has torch, triton, numba and pytest:
 # installs probescope without touching those, then runs the named steps, logs under $OUT.
-#   bash benchmarks/on_device.sh [tests|tests-all|tests-par] [tune|tune-target] [report] [kernels] [overhead] [frames] ...
+#   bash benchmarks/on_device.sh [tests|tests-all|tests-par|tests-pixels] [tune|tune-target] [report] [kernels] [overhead] [frames] ...
 # (tune-target: the launch sweep of the MLPs behind the kernel targets only; report: what the
 # grid kernel compiles to with this machine's Triton, benchmarks/triton_report.py)
 # (tests-par: the whole suite in 8 pytest-xdist workers, two CPU threads each)
@@ -32,10 +32,15 @@ for step in "$@"; do
   T="timeout ${STEP_TIMEOUT:-900}"
   case $step in
     tests) $T python3 -m pytest -q -p no:cacheprovider -x --timeout 300 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
-    tests-par) OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 NUMBA_NUM_THREADS=2 $T python3 -m pytest -v -p no:cacheprovider -p no:benchmark -n 8 --timeout 300 -rfE --durations=15 2>&1 | tee "$OUT/pytest.log" | grep -v "PASSED\|SKIPPED" | tail -60 ;;
+    # The grid kernel's pixels layout is not yet proven on a GPU: its tests run in a process of
+    # their own, so an illegal address there (a sticky CUDA error) cannot fail the others.
+    tests-par) OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 NUMBA_NUM_THREADS=2 $T python3 -m pytest -v -p no:cacheprovider -p no:benchmark -n 8 --timeout 300 -rfE --durations=15 -k "not (layouts and pixels)" 2>&1 | tee "$OUT/pytest.log" | grep -v "PASSED\|SKIPPED" | tail -60
+      $T python3 -m pytest -q -p no:cacheprovider -p no:benchmark --timeout 300 -rfE -k "layouts and pixels" 2>&1 | tee "$OUT/pytest-pixels.log" | tail -30 ;;
+    tests-pixels) $T python3 -m pytest -v -p no:cacheprovider -p no:benchmark --timeout 300 -rfE -k "layouts and pixels" 2>&1 | tee "$OUT/pytest-pixels.log" | grep -v PASSED | tail -40 ;;
     tests-all) $T python3 -m pytest -q -p no:cacheprovider --timeout 300 2>&1 | tee "$OUT/pytest.log" | tail -60 ;;
     tune) $T python3 -m benchmarks.tune_grid_mlp --out "$OUT" 2>&1 | tee "$OUT/tune.log" ;;
-    tune-target) $T python3 -m benchmarks.tune_grid_mlp --mlp 2-256-256-256-7 --mlp 2-64-64-3 --out "$OUT" 2>&1 | tee "$OUT/tune.log" ;;
+    # one process an MLP: a configuration that faults the GPU cannot lose the other's sweep
+    tune-target) for m in 2-256-256-256-7 2-64-64-3; do $T python3 -m benchmarks.tune_grid_mlp --mlp $m --out "$OUT/tune-$m" 2>&1 | tee "$OUT/tune-$m.log"; done ;;
     report) $T python3 -m benchmarks.triton_report 2>&1 | tee "$OUT/triton_report.log" ;;
     *) $T python3 -m benchmarks "$step" --device cuda --out "$OUT/$step" 2>&1 | tee "$OUT/$step.log" | grep -v '%|' ;;
   esac
