@@ -4,7 +4,8 @@
 #   bash benchmarks/on_device.sh [tests|tests-all|tests-par|tests-pixels] [tune|tune-target] [report] [kernels] [overhead] [frames] ...
 # (tune-target: the launch sweep of the MLPs behind the kernel targets only; report: what the
 # grid kernel compiles to with this machine's Triton, benchmarks/triton_report.py)
-# (tests-par: the whole suite in 8 pytest-xdist workers, two CPU threads each)
+# (tests-par: the whole suite but the pixels layout's tests in 8 pytest-xdist workers, two CPU
+# threads each; tests-pixels: those, in one process)
 # STEP_TIMEOUT (seconds, default 900) bounds each step, so one slow step leaves time for the rest.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-benchmark-results}
@@ -33,9 +34,8 @@ for step in "$@"; do
   case $step in
     tests) $T python3 -m pytest -q -p no:cacheprovider -x --timeout 300 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
     # The grid kernel's pixels layout is not yet proven on a GPU: its tests run in a process of
-    # their own, so an illegal address there (a sticky CUDA error) cannot fail the others.
-    tests-par) OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 NUMBA_NUM_THREADS=2 $T python3 -m pytest -v -p no:cacheprovider -p no:benchmark -n 8 --timeout 300 -rfE --durations=15 -k "not (layouts and pixels)" 2>&1 | tee "$OUT/pytest.log" | grep -v "PASSED\|SKIPPED" | tail -60
-      $T python3 -m pytest -q -p no:cacheprovider -p no:benchmark --timeout 300 -rfE -k "layouts and pixels" 2>&1 | tee "$OUT/pytest-pixels.log" | tail -30 ;;
+    # their own (tests-pixels), so an illegal address there (a sticky CUDA error) cannot fail others.
+    tests-par) OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 NUMBA_NUM_THREADS=2 $T python3 -m pytest -v -p no:cacheprovider -p no:benchmark -n 8 --timeout 300 -rfE --durations=15 -k "not (layouts and pixels)" 2>&1 | tee "$OUT/pytest.log" | grep -v "PASSED\|SKIPPED" | tail -60 ;;
     tests-pixels) $T python3 -m pytest -v -p no:cacheprovider -p no:benchmark --timeout 300 -rfE -k "layouts and pixels" 2>&1 | tee "$OUT/pytest-pixels.log" | grep -v PASSED | tail -40 ;;
     tests-all) $T python3 -m pytest -q -p no:cacheprovider --timeout 300 2>&1 | tee "$OUT/pytest.log" | tail -60 ;;
     tune) $T python3 -m benchmarks.tune_grid_mlp --out "$OUT" 2>&1 | tee "$OUT/tune.log" ;;
