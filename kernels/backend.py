@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import weakref
 
 import torch
 
@@ -66,23 +67,22 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-_DEVICE_COPIES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (source, its device copy)
+_DEVICE_COPIES: dict[tuple, torch.Tensor] = {}  # (id, version, dtype, device) -> the device copy
 
 
 def device_copy(table: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``table`` (a small host constant: a palette, a grid's plane) as a contiguous tensor on
     ``device``, copied there once and again only after it changes in place: a copy per frame
-    would be a synchronous host-to-device transfer on the probe's stream. The cache holds the
-    source, so its identity cannot be reused by another tensor while cached."""
+    would be a synchronous host-to-device transfer on the probe's stream. A copy lives as long
+    as its source: a CUDA graph that captured a frame reads it at every replay, so it is never
+    evicted for room, and it goes when the source is garbage (whose id another tensor may then
+    take)."""
     dtype = dtype or table.dtype
     if table.device == device:
         return table.to(dtype).contiguous()
     key = (id(table), table._version, dtype, str(device))
-    hit = _DEVICE_COPIES.get(key)
-    if hit is not None and hit[0] is table:
-        return hit[1]
-    if len(_DEVICE_COPIES) >= 256:
-        _DEVICE_COPIES.clear()
-    copy = table.to(device, dtype).contiguous()
-    _DEVICE_COPIES[key] = (table, copy)
+    copy = _DEVICE_COPIES.get(key)
+    if copy is None:
+        copy = _DEVICE_COPIES[key] = table.to(device, dtype).contiguous()
+        weakref.finalize(table, _DEVICE_COPIES.pop, key, None)
     return copy

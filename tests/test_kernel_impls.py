@@ -201,6 +201,31 @@ def test_triton_launch_shrinks_a_configuration_that_does_not_fit_unless_it_was_g
         tg.grid_mlp_triton(mlp, grid, "softmax", out, block_m=64, block_n=32, num_warps=4)
 
 
+def test_triton_packed_weights_live_as_long_as_the_parameters_and_no_longer(monkeypatch):
+    # A CUDA graph of a frame reads the packed buffers at every replay: evicting them to make
+    # room (as the cache once did past 32 MLPs) would leave it reading freed memory.
+    pytest.importorskip("triton")
+    import gc
+
+    import probescope.kernels._triton.grid_mlp as tg
+
+    monkeypatch.setattr(tg, "_launch", lambda *args: None)
+    monkeypatch.setattr(tg, "_PACKED", {})
+    grid = random_grid(2, 3, 3)
+    kept = FusableMLP.from_module(make_mlp((2, 8, 3)))
+    tg.grid_mlp_triton(kept, grid, "softmax", torch.empty(9, 3))
+    (entry,) = tg._PACKED.values()
+    for seed in range(40):  # many other models come and go
+        other = FusableMLP.from_module(make_mlp((2, 8, 3), seed=seed + 1))
+        tg.grid_mlp_triton(other, grid, "softmax", torch.empty(9, 3))
+        del other
+    gc.collect()
+    assert list(tg._PACKED.values()) == [entry]  # the live model's buffers, the same ones
+    del kept
+    gc.collect()
+    assert tg._PACKED == {}
+
+
 def test_triton_grid_mlp_rejects_an_unknown_layout():
     pytest.importorskip("triton")
     from probescope.kernels._triton.grid_mlp import grid_mlp_triton

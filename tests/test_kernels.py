@@ -204,3 +204,24 @@ def test_colour_tables_are_copied_to_a_device_once_and_again_when_changed():
     palette[0, 0] = 9  # an in-place change bumps the version: a fresh copy
     assert device_copy(palette, meta) is not first
     assert device_copy(palette, torch.device("cpu")).data_ptr() == palette.data_ptr()
+
+
+def test_device_copies_live_as_long_as_their_source_and_no_longer():
+    # A captured frame's CUDA graph reads the copy at every replay: it may not be evicted for
+    # room while the source lives (the cache once cleared itself at 256 tables).
+    import gc
+
+    from probescope.kernels import backend
+
+    meta = torch.device("meta")
+    before = len(backend._DEVICE_COPIES)
+    kept = torch.arange(6, dtype=torch.uint8).reshape(2, 3)
+    first = backend.device_copy(kept, meta)
+    for i in range(300):  # many other tables come and go
+        backend.device_copy(torch.full((2, 3), i % 256, dtype=torch.uint8), meta)
+    gc.collect()
+    assert backend.device_copy(kept, meta) is first
+    assert len(backend._DEVICE_COPIES) == before + 1
+    del kept
+    gc.collect()
+    assert len(backend._DEVICE_COPIES) == before

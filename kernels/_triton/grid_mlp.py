@@ -28,6 +28,8 @@ Widths are padded to powers of two with zero weights, so padded units contribute
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -202,13 +204,17 @@ def pack_layers(mlp: FusableMLP, grid: GridSpec, hidden: int, out_pad: int, weig
     the output layer as [H, OUT_PAD] and its bias.
 
     The buffers are allocated once per MLP (per set of parameter tensors) and refreshed from
-    the current weights on every call: one multi-tensor copy, and four ops for the plane."""
+    the current weights on every call: one multi-tensor copy, and four ops for the plane. They
+    live exactly as long as those parameters: a captured CUDA graph of a frame reads them at
+    every replay, so they are never evicted for room, and once any of the parameters is
+    garbage (its id free for another tensor) the entry goes with it."""
+    params = [t for t in (*mlp.weights, *mlp.biases) if t is not None]
     key = (tuple(map(id, mlp.weights)), tuple(map(id, mlp.biases)), hidden, out_pad, weight_dtype)
     packed = _PACKED.get(key)
     if packed is None:
-        if len(_PACKED) >= 32:
-            _PACKED.clear()
         packed = _PACKED[key] = _PackedLayers(mlp, hidden, out_pad, weight_dtype)
+        for t in params:
+            weakref.finalize(t, _PACKED.pop, key, None)
     packed.refresh()
     mlp.plane_layer(grid, out=packed.plane[:, : mlp.widths[0]])
     return (packed.plane, *packed.buffers)
@@ -219,7 +225,6 @@ class _PackedLayers:
 
     def __init__(self, mlp: FusableMLP, hidden: int, out_pad: int, weight_dtype: torch.dtype):
         device = mlp.device
-        self.keep = (mlp.weights, mlp.biases)  # held: the key's ids stay theirs
         self.plane = torch.zeros((3, hidden if len(mlp.weights) > 1 else out_pad), device=device)
         middle = list(zip(mlp.weights[1:-1], mlp.biases[1:-1], strict=True))
         hidden_w = torch.zeros((max(len(middle), 1), hidden, hidden), dtype=weight_dtype, device=device)
