@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -11,19 +12,28 @@ from probescope.kernels.backend import choose_impl
 
 
 def smoothing_window(width: int, kind: str = "box", sigma: float | None = None) -> torch.Tensor:
-    """Normalised float64 window of odd ``width``: ``box`` (moving average) or ``gaussian``."""
+    """Normalised float64 window of odd ``width``: ``box`` (moving average) or ``gaussian``.
+
+    The same tensor for the same arguments (shared: read it, do not write it), so the GPU
+    path copies it to the device once, not at every frame."""
     if width < 1 or width % 2 == 0:
         raise ValueError(f"smoothing width must be a positive odd integer, got {width!r}")
-    if kind == "box":
-        return torch.full((width,), 1.0 / width, dtype=torch.float64)
     if kind == "gaussian":
         sigma = width / 4.0 if sigma is None else float(sigma)
         if not sigma > 0 or not math.isfinite(sigma):
             raise ValueError(f"gaussian smoothing needs a positive sigma, got {sigma!r}")
-        offsets = torch.arange(width, dtype=torch.float64) - width // 2
-        window = torch.exp(-0.5 * (offsets / sigma) ** 2)
-        return window / window.sum()
-    raise ValueError(f"smoothing kind must be 'box' or 'gaussian', got {kind!r}")
+    elif kind != "box":
+        raise ValueError(f"smoothing kind must be 'box' or 'gaussian', got {kind!r}")
+    return _window(width, kind, sigma if kind == "gaussian" else None)
+
+
+@functools.lru_cache(maxsize=64)
+def _window(width: int, kind: str, sigma: float | None) -> torch.Tensor:
+    if kind == "box":
+        return torch.full((width,), 1.0 / width, dtype=torch.float64)
+    offsets = torch.arange(width, dtype=torch.float64) - width // 2
+    window = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return window / window.sum()
 
 
 def smooth_1d_reference(

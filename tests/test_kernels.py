@@ -225,3 +225,14 @@ def test_device_copies_live_as_long_as_their_source_and_no_longer():
     del kept
     gc.collect()
     assert len(backend._DEVICE_COPIES) == before
+
+
+def test_a_smoothing_window_is_built_once_so_the_gpu_copies_it_once():
+    from probescope.kernels.smooth import smoothing_window
+
+    assert smoothing_window(31, "gaussian") is smoothing_window(31, "gaussian", 31 / 4.0)
+    assert smoothing_window(31, "gaussian", 3.0) is not smoothing_window(31, "gaussian")
+    assert smoothing_window(5) is smoothing_window(5, "box", sigma=2.0)  # sigma means nothing here
+    assert float(smoothing_window(31, "gaussian", 3.0).sum()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="positive sigma"):
+        smoothing_window(5, "gaussian", -1.0)

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from probescope.kernels.backend import device_copy
+
 
 @triton.jit
 def _smooth_1d_kernel(values_ptr, window_ptr, out_ptr, n, width, BLOCK: tl.constexpr):
@@ -26,6 +28,6 @@ def smooth_1d_triton(values: torch.Tensor, window: torch.Tensor) -> torch.Tensor
     n = values.numel()
     block = 256
     _smooth_1d_kernel[(triton.cdiv(max(n, 1), block),)](
-        values, window.to(values.device, torch.float32), out, n, window.numel(), BLOCK=block
+        values, device_copy(window, values.device, torch.float32), out, n, window.numel(), BLOCK=block
     )
     return out
