@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from probescope.kernels.backend import choose_impl
@@ -10,9 +12,17 @@ METHODS = ("linear", "smoothstep")
 
 
 def interpolation_weights(k: int, method: str) -> torch.Tensor:
-    """The k blend weights in (0, 1), evenly spaced in time, eased by ``method``."""
+    """The k blend weights in (0, 1), evenly spaced in time, eased by ``method``.
+
+    The same tensor for the same arguments (shared: read it, do not write it), so the GPU
+    path copies it to the device once, not at every call."""
     if method not in METHODS:
         raise ValueError(f"interpolation method must be one of {METHODS}, got {method!r}")
+    return _weights(k, method)
+
+
+@functools.lru_cache(maxsize=64)
+def _weights(k: int, method: str) -> torch.Tensor:
     t = torch.arange(1, k + 1, dtype=torch.float64) / (k + 1)
     if method == "smoothstep":
         t = t * t * (3.0 - 2.0 * t)

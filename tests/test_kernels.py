@@ -236,3 +236,12 @@ def test_a_smoothing_window_is_built_once_so_the_gpu_copies_it_once():
     assert float(smoothing_window(31, "gaussian", 3.0).sum()) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="positive sigma"):
         smoothing_window(5, "gaussian", -1.0)
+
+
+def test_interpolation_weights_are_built_once_so_the_gpu_copies_them_once():
+    from probescope.kernels.interpolate import interpolation_weights
+
+    assert interpolation_weights(4, "smoothstep") is interpolation_weights(4, "smoothstep")
+    assert interpolation_weights(4, "linear") is not interpolation_weights(4, "smoothstep")
+    expected = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
+    assert torch.allclose(interpolation_weights(3, "linear"), expected)

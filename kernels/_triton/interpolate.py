@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from probescope.kernels.backend import device_copy
+
 
 @triton.jit
 def _interpolate_frames_kernel(first_ptr, second_ptr, weights_ptr, out_ptr, n, k, BLOCK: tl.constexpr):
@@ -28,6 +30,6 @@ def interpolate_frames_triton(
     n = first.numel()
     block = 1024
     _interpolate_frames_kernel[(triton.cdiv(max(n, 1), block),)](
-        first, second, weights.to(first.device, torch.float32), out, n, k, BLOCK=block
+        first, second, device_copy(weights, first.device, torch.float32), out, n, k, BLOCK=block
     )
     return out
