@@ -48,10 +48,14 @@ def candidates(hidden: int, dtype: torch.dtype):
             yield {"layout": "pixels", "block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages}
 
 
-def tune_case(name: str, dtype: torch.dtype, size: int) -> dict:
+def tune_case(
+    name: str, dtype: torch.dtype, size: int, device: str = "cuda", configs: list[dict] | None = None
+) -> dict:
+    """Time every candidate configuration (or ``configs``) of one MLP; each result is checked
+    against torch eager (written into NaN, so a configuration that writes nothing is wrong)."""
     from probescope.kernels._triton.grid_mlp import grid_mlp_triton, launch_config
 
-    device = torch.device("cuda")
+    device = torch.device(device)
     grid = GridSpec.rectangle((-3.0, 3.0, -3.0, 3.0), size, size)
     widths = MLPS[name]
     model = build_mlp(widths, dtype, device)
@@ -63,14 +67,16 @@ def tune_case(name: str, dtype: torch.dtype, size: int) -> dict:
     expected = reference().reshape(out.shape)
     hidden = max(16, 1 << (max(widths[:-1]) - 1).bit_length())
     results = []
-    for config in candidates(hidden, dtype):
+    for config in candidates(hidden, dtype) if configs is None else configs:
+        out.fill_(float("nan"))
         try:
             t = measure(lambda c=config: grid_mlp_triton(mlp, grid, mode, out, **c), device, repeats=10)
         except Exception as err:  # out of shared memory or registers: not a candidate
             results.append({**config, "error": type(err).__name__})
             continue
-        error = (out - expected).abs().max().item()
-        results.append({**config, "median_s": t["median_s"], "max_abs_error": error})
+        error = (out - expected).abs().max().item()  # NaN where anything was left unwritten
+        results.append({**config, "median_s": t["median_s"], "max_abs_error": error,
+                        "correct": error <= TOLERANCE[dtype]})  # fmt: skip
     default = launch_config(hidden, dtype)
     t_default = measure(lambda: grid_mlp_triton(mlp, grid, mode, out), device, repeats=10)["median_s"]
     flops = mlp_flops(widths) * size**2
@@ -81,7 +87,7 @@ def tune_case(name: str, dtype: torch.dtype, size: int) -> dict:
               f"stages {r.get('num_stages', 3)}: "
               f"{r['median_s'] * 1e3:.3f} ms, {flops / r['median_s'] / 1e12:.1f} TFLOP/s, "
               f"{eager / r['median_s']:.2f}x eager, max err {r['max_abs_error']:.1e}"
-              f"{'' if r['max_abs_error'] <= TOLERANCE[dtype] else '  WRONG (miscompiled?)'}")  # fmt: skip
+              f"{'' if r['correct'] else '  WRONG (miscompiled?)'}")  # fmt: skip
     failed = [r for r in results if "error" in r]
     if failed:
         print(f"  {len(failed)} configurations did not run ({sorted({r['error'] for r in failed})})")

@@ -117,3 +117,31 @@ def test_triton_report_refuses_to_run_under_the_interpreter(monkeypatch, capsys)
     with pytest.raises(SystemExit):
         triton_report.main(["--mlp", "2-32-32-3"])
     assert "unset it" in capsys.readouterr().err
+
+
+def test_the_launch_sweep_checks_every_configuration_it_times(monkeypatch, capsys):
+    # Run where the suite runs (the interpreter on a CPU): a configuration that leaves its
+    # output unwritten must come out wrong, not inherit the previous one's correct map.
+    pytest.importorskip("triton")
+    import probescope.kernels._triton.grid_mlp as tg
+    from benchmarks import tune_grid_mlp
+    from probescope.kernels.backend import triton_interpreting
+
+    if torch.cuda.is_available() and not triton_interpreting():
+        pytest.skip("interpreter check; on a GPU the sweep itself runs (benchmarks/on_device.sh)")
+    real = tg.grid_mlp_triton
+
+    def sometimes_idle(mlp, grid, output, out, **config):
+        return out if config.get("layout") == "pixels" else real(mlp, grid, output, out, **config)
+
+    monkeypatch.setattr(tg, "grid_mlp_triton", sometimes_idle)
+    tile = {"block_m": 32, "block_n": 16, "num_warps": 4}
+    configs = [{"layout": "units", **tile}, {"layout": "pixels", **tile, "num_stages": 2}]
+    report = tune_grid_mlp.tune_case("2-32-32-3", torch.float32, 8, device="cpu", configs=configs)
+    units, pixels = report["results"]
+    assert units["correct"] and units["max_abs_error"] <= 1e-4
+    assert not pixels["correct"]
+    assert "WRONG" in capsys.readouterr().out
+    layouts = {c["layout"] for c in tune_grid_mlp.candidates(256, torch.bfloat16)}
+    assert layouts == {"units", "pixels"}  # 16-bit: both; fp32: units only (its products are FMAs)
+    assert {c["layout"] for c in tune_grid_mlp.candidates(256, torch.float32)} == {"units"}
