@@ -3,7 +3,8 @@
 # installs probescope without touching those, then runs the named steps, logs under $OUT.
 #   bash benchmarks/on_device.sh [tests|tests-all|tests-par|tests-pixels] [tune|tune-target] [report] [kernels] [overhead] [frames] ...
 # (tune-target: the launch sweep of the MLPs behind the kernel targets only; report: what the
-# grid kernel compiles to with this machine's Triton, benchmarks/triton_report.py)
+# grid kernel compiles to with this machine's Triton, and whether it still miscompiles chained
+# row-major products: benchmarks/triton_report.py, benchmarks/triton_chained_dot.py)
 # (tests-par: the whole suite but the pixels layout's tests in 8 pytest-xdist workers, two CPU
 # threads each; tests-pixels: those, in one process)
 # STEP_TIMEOUT (seconds, default 900) bounds each step, so one slow step leaves time for the rest.
@@ -41,7 +42,8 @@ for step in "$@"; do
     tune) $T python3 -m benchmarks.tune_grid_mlp --out "$OUT" 2>&1 | tee "$OUT/tune.log" ;;
     # one process an MLP: a configuration that faults the GPU cannot lose the other's sweep
     tune-target) for m in 2-256-256-256-7 2-64-64-3; do $T python3 -m benchmarks.tune_grid_mlp --mlp $m --out "$OUT/tune-$m" 2>&1 | tee "$OUT/tune-$m.log"; done ;;
-    report) $T python3 -m benchmarks.triton_report 2>&1 | tee "$OUT/triton_report.log" ;;
+    report) $T python3 -m benchmarks.triton_report 2>&1 | tee "$OUT/triton_report.log"
+      $T python3 -m benchmarks.triton_chained_dot 2>&1 | tee "$OUT/triton_chained_dot.log" ;;
     *) $T python3 -m benchmarks "$step" --device cuda --out "$OUT/$step" 2>&1 | tee "$OUT/$step.log" | grep -v '%|' ;;
   esac
 done
