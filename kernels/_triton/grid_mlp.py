@@ -15,14 +15,17 @@ Two layouts of the same computation (``layout`` in the launch configuration):
   weights @ activations, the weight tile being the matrix units' A operand. A pair's first
   product has only BLOCK_N rows, too few for Hopper's warp-group products (64 rows a warp
   group), so it runs on the older mma instructions. Correct at every tile size tried on an H100.
-- ``pixels``: activations (pixels, units), every product activations @ weights, the form of a
-  fused attention kernel (pixels are its queries, a layer pair its keys and values). With
-  BLOCK_M = 128 both products of a pair are warp-group products (compiled for sm_90a: 36
-  wgmma, no mma.sync, weight loads pipelined; ``python -m benchmarks.triton_report``). Triton
-  3.6 on an H100 miscompiled this form in small chained cases (wrong sums at width 64 with 16
-  outputs, benchmarks/triton_chained_dot.py, RESULTS.md), so it is opt-in until the CUDA tests
-  (which run both layouts) and ``benchmarks.tune_grid_mlp`` have passed it on a GPU.
+- ``pixels``: activations (pixels, units), the products of hidden layers activations @
+  weights, the form of a fused attention kernel (pixels are its queries, a layer pair its keys
+  and values). With BLOCK_M >= 64 both products of a hidden pair are warp-group products
+  (compiled for sm_90a and read back: ``python -m benchmarks.triton_report``). The output
+  layer's narrow product is still taken in the units form (its activations transposed once):
+  Triton 3.6 on an H100 miscompiled chained row-major products whose second has 16 columns
+  (benchmarks/triton_chained_dot.py, RESULTS.md), which is exactly that product. Opt-in until
+  the CUDA tests (which run both layouts) and ``benchmarks.tune_grid_mlp`` have passed and
+  timed it on a GPU.
 
+Either way the logits come out (outputs, pixels), and the softmax and store are shared.
 Widths are padded to powers of two with zero weights, so padded units contribute nothing.
 """
 
@@ -83,16 +86,35 @@ def _pixels_dot(x, w, acc, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _transposed(x, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """x.T, rounded to the product dtype first (half the bytes through shared memory)."""
+    if EMULATE:
+        return tl.trans(x)  # rounded by the product that takes it
+    return tl.trans(x.to(DOT_DTYPE))
+
+
+@triton.jit
 def _layer_pair(h, mid_w, mid_b, next_w, next_b, slope, MID_ACT: tl.constexpr, NEXT_ACT: tl.constexpr,
                 HIDDEN: tl.constexpr, NEXT: tl.constexpr, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
-                BLOCK_N: tl.constexpr, PIXELS_FIRST: tl.constexpr):  # fmt: skip
+                BLOCK_N: tl.constexpr, PIXELS_FIRST: tl.constexpr, UNITS_OUT: tl.constexpr):  # fmt: skip
     """act(act(h W_mid + b_mid) W_next + b_next), the middle layer BLOCK_N units at a time, on
-    activations h (HIDDEN, pixels), or (pixels, HIDDEN) if PIXELS_FIRST. Weights are stored
-    (in, out) row-major."""
+    activations h (HIDDEN, pixels), or (pixels, HIDDEN) if PIXELS_FIRST. The result is
+    (NEXT, pixels), or (pixels, NEXT) if PIXELS_FIRST and not UNITS_OUT: with UNITS_OUT the
+    second product is taken in the units form (weights @ activations), the form proven on
+    Hopper for a narrow output layer. Weights are stored (in, out) row-major."""
     cols = tl.arange(0, HIDDEN)
     chunk = tl.arange(0, BLOCK_N)
     next_cols = tl.arange(0, NEXT)
-    if PIXELS_FIRST:
+    if PIXELS_FIRST and UNITS_OUT:
+        acc = tl.zeros((NEXT, h.shape[0]), tl.float32)
+        for n0 in range(0, HIDDEN, BLOCK_N):
+            w = tl.load(mid_w + cols[:, None] * HIDDEN + (n0 + chunk)[None, :])  # (HIDDEN, BLOCK_N)
+            z = _pixels_dot(h, w, tl.zeros((h.shape[0], BLOCK_N), tl.float32), DOT_DTYPE, EMULATE)
+            z = _activate(z + tl.load(mid_b + n0 + chunk)[None, :], MID_ACT, slope)
+            w2 = tl.load(next_w + (n0 + chunk)[None, :] * NEXT + next_cols[:, None])  # (NEXT, BLOCK_N)
+            acc += _dot(w2, _transposed(z, DOT_DTYPE, EMULATE), DOT_DTYPE, EMULATE)
+        out = _activate(acc + tl.load(next_b + next_cols)[:, None], NEXT_ACT, slope)
+    elif PIXELS_FIRST:
         acc = tl.zeros((h.shape[0], NEXT), tl.float32)
         for n0 in range(0, HIDDEN, BLOCK_N):
             w = tl.load(mid_w + cols[:, None] * HIDDEN + (n0 + chunk)[None, :])  # (HIDDEN, BLOCK_N)
@@ -115,18 +137,13 @@ def _layer_pair(h, mid_w, mid_b, next_w, next_b, slope, MID_ACT: tl.constexpr, N
 
 @triton.jit
 def _last_layer(h, w_ptr, b_ptr, slope, ACT: tl.constexpr, HIDDEN: tl.constexpr, OUT_PAD: tl.constexpr,
-                DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr, PIXELS_FIRST: tl.constexpr):  # fmt: skip
-    """act(h W + b) for the output layer alone, W stored (HIDDEN, OUT_PAD) row-major."""
+                DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
+    """act(W^T h + b) for the output layer alone, on activations h (HIDDEN, pixels); W stored
+    (HIDDEN, OUT_PAD) row-major."""
     cols = tl.arange(0, HIDDEN)
     out_cols = tl.arange(0, OUT_PAD)
-    if PIXELS_FIRST:
-        w = tl.load(w_ptr + cols[:, None] * OUT_PAD + out_cols[None, :])  # (HIDDEN, OUT_PAD)
-        logits = _pixels_dot(h, w, tl.zeros((h.shape[0], OUT_PAD), tl.float32), DOT_DTYPE, EMULATE)
-        logits = _activate(logits + tl.load(b_ptr + out_cols)[None, :], ACT, slope)
-    else:
-        w = tl.load(w_ptr + cols[None, :] * OUT_PAD + out_cols[:, None])  # (OUT_PAD, HIDDEN)
-        logits = _activate(_dot(w, h, DOT_DTYPE, EMULATE) + tl.load(b_ptr + out_cols)[:, None], ACT, slope)
-    return logits
+    w = tl.load(w_ptr + cols[None, :] * OUT_PAD + out_cols[:, None])  # (OUT_PAD, HIDDEN)
+    return _activate(_dot(w, h, DOT_DTYPE, EMULATE) + tl.load(b_ptr + out_cols)[:, None], ACT, slope)
 
 
 @triton.jit
@@ -141,15 +158,15 @@ def _plane_layer(plane_ptr, u, v, slope, N: tl.constexpr, ACT: tl.constexpr, PIX
 
 
 @triton.jit
-def _outputs(logits, col, NUM_OUT: tl.constexpr, OUT_MODE: tl.constexpr, AXIS: tl.constexpr):
-    """Softmax over the NUM_OUT real outputs, the [1 - p, p] sigmoid pair, or the raw logits;
-    ``col`` is each element's output column, and the outputs run along ``AXIS``."""
+def _outputs(logits, col, NUM_OUT: tl.constexpr, OUT_MODE: tl.constexpr):
+    """Softmax over the NUM_OUT real outputs, the [1 - p, p] sigmoid pair, or the raw logits,
+    on (OUT_PAD, pixels) logits; ``col`` is each row's output column."""
     if OUT_MODE == 1:
         logits = tl.where(col < NUM_OUT, logits, float("-inf"))
-        e = tl.exp(logits - tl.expand_dims(tl.max(logits, axis=AXIS), AXIS))
-        result = e / tl.expand_dims(tl.sum(e, axis=AXIS), AXIS)
+        e = tl.exp(logits - tl.max(logits, axis=0)[None, :])
+        result = e / tl.sum(e, axis=0)[None, :]
     elif OUT_MODE == 2:
-        p = tl.expand_dims(tl.sigmoid(tl.sum(tl.where(col == 0, logits, 0.0), axis=AXIS)), AXIS)
+        p = tl.sigmoid(tl.sum(tl.where(col == 0, logits, 0.0), axis=0))[None, :]
         result = tl.where(col == 0, 1.0 - p, p)
     else:
         result = logits
@@ -169,10 +186,11 @@ def _grid_mlp_kernel(
     row = pixel // width
     u = u0 + (pixel - row * width).to(tl.float32) * du
     v = v0 + row.to(tl.float32) * dv
-    axis: tl.constexpr = 1 if PIXELS_FIRST else 0  # where the units run
 
+    # Logits always come out (OUT_PAD, pixels): the output layer's narrow product is taken in
+    # the units form in both layouts (see the module's docstring).
     if NUM_LINEAR == 1:
-        logits = _plane_layer(plane_ptr, u, v, slope, OUT_PAD, ACTS & 15, PIXELS_FIRST)
+        logits = _plane_layer(plane_ptr, u, v, slope, OUT_PAD, ACTS & 15, False)
     else:
         h = _plane_layer(plane_ptr, u, v, slope, HIDDEN, ACTS & 15, PIXELS_FIRST)
         # Linear layers 1 .. NUM_LINEAR-1 in pairs (middle, second): first the pairs whose second
@@ -182,20 +200,24 @@ def _grid_mlp_kernel(
                             hidden_w_ptr + (2 * pair + 1) * HIDDEN * HIDDEN,
                             hidden_b_ptr + (2 * pair + 1) * HIDDEN, slope,
                             (ACTS >> (4 * (2 * pair + 1))) & 15, (ACTS >> (4 * (2 * pair + 2))) & 15,
-                            HIDDEN, HIDDEN, DOT_DTYPE, EMULATE, BLOCK_N, PIXELS_FIRST)  # fmt: skip
+                            HIDDEN, HIDDEN, DOT_DTYPE, EMULATE, BLOCK_N, PIXELS_FIRST,
+                            UNITS_OUT=False)  # fmt: skip
         if (NUM_LINEAR - 1) % 2 == 0:
             logits = _layer_pair(h, hidden_w_ptr + (NUM_LINEAR - 3) * HIDDEN * HIDDEN,
                                  hidden_b_ptr + (NUM_LINEAR - 3) * HIDDEN, out_w_ptr, out_b_ptr, slope,
                                  (ACTS >> (4 * (NUM_LINEAR - 2))) & 15, (ACTS >> (4 * (NUM_LINEAR - 1))) & 15,
-                                 HIDDEN, OUT_PAD, DOT_DTYPE, EMULATE, BLOCK_N, PIXELS_FIRST)  # fmt: skip
+                                 HIDDEN, OUT_PAD, DOT_DTYPE, EMULATE, BLOCK_N, PIXELS_FIRST,
+                                 UNITS_OUT=True)  # fmt: skip
         else:
+            if PIXELS_FIRST:
+                h = _transposed(h, DOT_DTYPE, EMULATE)
             logits = _last_layer(h, out_w_ptr, out_b_ptr, slope, (ACTS >> (4 * (NUM_LINEAR - 1))) & 15,
-                                 HIDDEN, OUT_PAD, DOT_DTYPE, EMULATE, PIXELS_FIRST)  # fmt: skip
+                                 HIDDEN, OUT_PAD, DOT_DTYPE, EMULATE)  # fmt: skip
 
-    col = tl.expand_dims(tl.arange(0, OUT_PAD), 1 - axis)
-    pixel = tl.expand_dims(pixel, axis)
-    result = _outputs(logits, col, NUM_OUT, OUT_MODE, axis)
-    tl.store(out_ptr + pixel * out_stride + col, result, mask=(pixel < n_pixels) & (col < OUT_COLS))
+    out_cols = tl.arange(0, OUT_PAD)
+    result = _outputs(logits, out_cols[:, None], NUM_OUT, OUT_MODE)
+    mask = (pixel < n_pixels)[None, :] & (out_cols[:, None] < OUT_COLS)
+    tl.store(out_ptr + pixel[None, :] * out_stride + out_cols[:, None], result, mask=mask)
 
 
 def pack_layers(mlp: FusableMLP, grid: GridSpec, hidden: int, out_pad: int, weight_dtype: torch.dtype):
