@@ -68,12 +68,23 @@ COMPILED_SHAPES = [(2, 5), (2, 16, 1), (2, 24, 40, 20, 7), (2, 12, 12, 12, 12, 1
 REPORT_SCRIPT = """
 import json, sys, torch
 from benchmarks.triton_report import compile_config
+from probescope.kernels._triton.grid_mlp import launch_config
 for widths in {shapes}:
     for dtype in (torch.float32, torch.bfloat16):
         for config in (("units", 64, 32, 4, 2), ("pixels", 64, 32, 4, 2)):
             report = compile_config(widths, dtype, config)
             print(json.dumps({{"widths": widths, "dtype": str(dtype), **report}}))
+# the launch configurations impl="auto" uses: fp32 up to width 64, 16-bit up to 256
+for widths, dtype in {defaults}:
+    c = launch_config(max(16, 1 << (max(widths[:-1]) - 1).bit_length()), dtype)
+    config = (c["layout"], c["block_m"], c["block_n"], c["num_warps"], c.get("num_stages", 3))
+    report = compile_config(widths, dtype, config)
+    print(json.dumps({{"widths": widths, "dtype": str(dtype), "default": True, **report}}))
 """
+DEFAULT_CASES = (
+    "[((2, 32, 32, 3), torch.float32), ((2, 64, 64, 3), torch.float32),"
+    " ((2, 64, 64, 3), torch.bfloat16), ((2, 256, 256, 256, 7), torch.bfloat16)]"
+)
 
 
 def test_every_grid_kernel_variant_compiles_for_hopper_and_the_report_reads_it():
@@ -85,11 +96,15 @@ def test_every_grid_kernel_variant_compiles_for_hopper_and_the_report_reads_it()
         pytest.skip(f"triton {triton.__version__} ships no CUDA binary tools")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "-c", REPORT_SCRIPT.format(shapes=COMPILED_SHAPES)]
+    command = [sys.executable, "-c", REPORT_SCRIPT.format(shapes=COMPILED_SHAPES, defaults=DEFAULT_CASES)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=root)
     assert done.returncode == 0, done.stderr[-2000:]
     reports = [json.loads(line) for line in done.stdout.splitlines()]
-    assert len(reports) == len(COMPILED_SHAPES) * 2 * 2
+    defaults = [r for r in reports if r.get("default")]
+    reports = [r for r in reports if not r.get("default")]
+    assert len(reports) == len(COMPILED_SHAPES) * 2 * 2 and len(defaults) == 4
+    for r in defaults:  # what impl="auto" launches keeps every value in registers
+        assert "error" not in r and r["spill_bytes"] == 0, r
     for r in reports:
         assert "error" not in r, r
         assert 0 < r["registers"] <= 255 and r["shared_bytes"] >= 0 and r["spill_bytes"] is not None

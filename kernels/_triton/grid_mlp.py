@@ -291,8 +291,11 @@ def launch_config(hidden: int, dtype: torch.dtype) -> dict:
     if triton_interpreting():
         return {"layout": "units", "block_m": 128, "block_n": min(hidden, 64), "num_warps": 4}
     # Swept on an H100 (python -m benchmarks.tune_grid_mlp, benchmarks/RESULTS.md, 2026-11-23).
+    # fp32 up to width 64 on 8 warps: the sweep's winner for 2-32-32-3 fp32, and at width 64
+    # the 4-warp tile spills registers (benchmarks.triton_report; 8 warps: 66, no spill).
     if hidden <= 64:
-        return {"layout": "units", "block_m": 128, "block_n": min(hidden, 64), "num_warps": 4}
+        warps = 8 if dtype == torch.float32 else 4
+        return {"layout": "units", "block_m": 128, "block_n": min(hidden, 64), "num_warps": warps}
     if hidden <= 256:
         return {"layout": "units", "block_m": 128, "block_n": 32, "num_warps": 8}
     return {"layout": "units", "block_m": 32, "block_n": 16 if dtype == torch.float32 else 32, "num_warps": 4}
