@@ -241,7 +241,20 @@ class FusableMLP:
         return plane.to(torch.float32) if out is None else out.copy_(plane)
 
 
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model inside the wrappers that only change how it runs: ``torch.compile``'s
+    OptimizedModule, DataParallel, DistributedDataParallel (same parameters, same function)."""
+    while True:
+        if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            module = module.module
+        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):  # torch.compile
+            module = module._orig_mod
+        else:
+            return module
+
+
 def _flatten_sequential(module: nn.Module):
+    module = unwrap(module)
     if type(module).forward is not nn.Sequential.forward:
         if isinstance(module, nn.Linear):
             yield module

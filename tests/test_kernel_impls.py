@@ -621,3 +621,18 @@ def test_grid_mlp_follows_weights_changed_in_place_between_frames(poisoned, impl
     reference = grid_mlp_reference(FusableMLP.from_module(model), grid)
     assert max_error(second, reference) <= PROB_TOL[torch.float32]
     assert max_error(first, reference) > 0.01  # the change is visible in the map
+
+
+@pytest.mark.parametrize("wrap", ["torch.compile", "DataParallel", "both"])
+def test_an_mlp_behind_compile_or_data_parallel_still_fuses(wrap):
+    # Wrappers that change how a model runs, not what it computes: the fused kernel sees through.
+    inner = make_mlp((2, 16, 16, 3), "tanh")
+    model = {
+        "torch.compile": lambda: torch.compile(inner),  # lazy: nothing compiles here
+        "DataParallel": lambda: nn.DataParallel(inner),
+        "both": lambda: torch.compile(nn.DataParallel(inner)),
+    }[wrap]()
+    mlp = FusableMLP.from_module(model)
+    assert mlp.weights[0] is inner[0].weight and mlp.activations == ("tanh", "tanh", "identity")
+    grid = random_grid(2, 7, 5)
+    assert max_error(grid_mlp(model, grid), grid_mlp_reference(FusableMLP.from_module(inner), grid)) <= 1e-5
