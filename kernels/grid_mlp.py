@@ -11,6 +11,7 @@ materialising the points and calling the module's own forward, in chunks.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -141,14 +142,17 @@ class GridSpec:
 class FusableMLP:
     """The layers of an MLP the fused kernels evaluate: ``act_i(W_i x + b_i)`` for each Linear i.
 
-    ``activations[i]`` follows Linear i; the last one is usually ``identity``. Tensors are the
-    module's own parameters (no copy), so a FusableMLP always sees the current weights.
+    ``activations[i]`` follows Linear i; the last one is usually ``identity``. ``final`` says
+    what the module's outputs are (see :func:`final_output_kind`): a trailing Softmax or
+    LogSoftmax is not among the layers but recorded there. Tensors are the module's own
+    parameters (no copy), so a FusableMLP always sees the current weights.
     """
 
     weights: tuple[torch.Tensor, ...]
     biases: tuple[torch.Tensor | None, ...]
     activations: tuple[str, ...]
     negative_slope: float = 0.01
+    final: str = "logits"
 
     @classmethod
     def from_module(cls, model: nn.Module) -> FusableMLP:
@@ -156,15 +160,21 @@ class FusableMLP:
         layers = list(_flatten_sequential(model))
         weights, biases, acts = [], [], []
         slopes = set()
+        final = None  # a Softmax / LogSoftmax seen: only pass-through layers may follow it
         for layer in layers:
+            if final is not None and not _passes_through(layer):
+                raise NotFusableError(f"{type(layer).__name__} follows a {final} over the outputs")
+            if isinstance(layer, (nn.Softmax, nn.LogSoftmax)):
+                if not weights or layer.dim not in (None, -1, 1):
+                    raise NotFusableError(f"{type(layer).__name__} is not over the last layer's outputs")
+                final = "softmax" if isinstance(layer, nn.Softmax) else "log_softmax"
+                continue
             if isinstance(layer, nn.Linear):
                 weights.append(layer.weight)
                 biases.append(layer.bias)
                 acts.append("identity")
                 continue
-            if isinstance(layer, (nn.Identity, nn.Flatten)) or (
-                isinstance(layer, nn.Dropout) and (not layer.training or layer.p == 0)
-            ):
+            if _passes_through(layer):
                 continue
             name = _activation_name(layer)
             if name is None:
@@ -180,7 +190,9 @@ class FusableMLP:
             raise NotFusableError("no Linear layer")
         if len(slopes) > 1:
             raise NotFusableError(f"LeakyReLU layers with different slopes {sorted(slopes)}")
-        mlp = cls(tuple(weights), tuple(biases), tuple(acts), slopes.pop() if slopes else 0.01)
+        if final is None:
+            final = "sigmoid" if acts[-1] == "sigmoid" else "logits"
+        mlp = cls(tuple(weights), tuple(biases), tuple(acts), slopes.pop() if slopes else 0.01, final)
         mlp._check()
         return mlp
 
@@ -267,6 +279,36 @@ def _flatten_sequential(module: nn.Module):
             yield child
 
 
+def _passes_through(layer: nn.Module) -> bool:
+    """A layer that leaves its input as it is when evaluating (Identity, Flatten, Dropout off)."""
+    return isinstance(layer, (nn.Identity, nn.Flatten)) or (
+        isinstance(layer, nn.Dropout) and (not layer.training or layer.p == 0)
+    )
+
+
+FINALS = ("logits", "sigmoid", "softmax", "log_softmax")
+
+
+def final_output_kind(model: nn.Module) -> str:
+    """What ``model``'s outputs are, read from its last layer: ``softmax`` / ``log_softmax`` (an
+    nn.Softmax / nn.LogSoftmax over the outputs), ``sigmoid`` (an nn.Sigmoid), else ``logits``
+    (also for any module whose forward is its own: nothing can be read from it).
+
+    ``output="auto"`` turns logits into probabilities and takes probabilities as they are,
+    so a model trained with BCELoss behind a Sigmoid is not squashed twice."""
+    last = unwrap(model)
+    while type(last).forward is nn.Sequential.forward:
+        children = [c for c in last if not _passes_through(c)]
+        if not children:
+            return "logits"
+        last = unwrap(children[-1])
+    if isinstance(last, nn.Softmax) and last.dim in (None, -1, 1):
+        return "softmax"
+    if isinstance(last, nn.LogSoftmax) and last.dim in (None, -1, 1):
+        return "log_softmax"
+    return "sigmoid" if isinstance(last, nn.Sigmoid) else "logits"
+
+
 def _activation_name(layer: nn.Module) -> str | None:
     if type(layer) is nn.ReLU:
         return "relu"
@@ -318,9 +360,21 @@ def output_width(output: str, num_outputs: int) -> int:
     return 2 if resolve_output(output, num_outputs) == "sigmoid" else num_outputs
 
 
-def outputs_to_probs(outputs: torch.Tensor, output: str) -> torch.Tensor:
-    """``(N, K)`` model outputs -> ``(N, C)``: softmax, ``[1 - p, p]`` from a sigmoid, or as they are."""
+def outputs_to_probs(outputs: torch.Tensor, output: str, final: str = "logits") -> torch.Tensor:
+    """``(N, K)`` model outputs -> ``(N, C)``: softmax, ``[1 - p, p]`` from a sigmoid, or as they are.
+
+    ``final`` is what the outputs already are (:func:`final_output_kind`): with ``auto``,
+    probabilities stay probabilities (log-probabilities are exponentiated, one sigmoid output
+    becomes its ``[1 - p, p]`` pair); ``softmax`` and ``sigmoid`` always do what they say."""
     mode = resolve_output(output, outputs.shape[-1])
+    if output == "auto" and final != "logits":
+        if final not in FINALS:
+            raise ValueError(f"final must be one of {FINALS}, got {final!r}")
+        if final == "log_softmax":
+            return outputs.exp()
+        if final == "sigmoid" and outputs.shape[-1] == 1:
+            return torch.cat([1.0 - outputs, outputs], dim=-1)
+        return outputs
     if mode == "raw":
         return outputs
     if mode == "sigmoid":
@@ -337,7 +391,7 @@ def grid_mlp_reference(mlp: FusableMLP, grid: GridSpec, output: str = "auto") ->
         if b is not None:
             h = h + b.detach().to(torch.float64)
         h = apply_activation(h, act, mlp.negative_slope)
-    probs = outputs_to_probs(h, output)
+    probs = outputs_to_probs(_apply_final(h, mlp.final), output, mlp.final)
     return probs.reshape(grid.height, grid.width, -1)
 
 
@@ -356,7 +410,7 @@ def module_forward_on_grid(
             y = model(x).float()
             chunks.append(y.reshape(y.shape[0], -1))
     outputs = torch.cat(chunks)
-    return outputs_to_probs(outputs, output).reshape(grid.height, grid.width, -1)
+    return outputs_to_probs(outputs, output, final_output_kind(model)).reshape(grid.height, grid.width, -1)
 
 
 def grid_mlp(
@@ -390,10 +444,11 @@ def grid_mlp(
         result = module_forward_on_grid(model, grid, output, batch_size)
         return result if out is None else out.copy_(result.reshape(out.shape))
     kind = _auto_kind(mlp, impl)
-    if kind == "torch":
+    plan = _kernel_plan(mlp, output)
+    if kind == "torch" or plan is None:
         result = _torch_eager(mlp, grid, output, batch_size)
         return result if out is None else out.copy_(result.reshape(out.shape))
-    mode = resolve_output(output, mlp.out_features)
+    mlp, mode = plan
     shape = (grid.height, grid.width, output_width(mode, mlp.out_features))
     if out is not None and out.numel() != math.prod(shape):
         raise ValueError(f"grid_mlp: out has {out.numel()} elements, the result has shape {shape}")
@@ -421,8 +476,32 @@ def _torch_eager(mlp: FusableMLP, grid: GridSpec, output: str, batch_size: int) 
             h = points[start : start + batch_size].to(mlp.device, mlp.dtype)
             for w, b, act in zip(mlp.weights, mlp.biases, mlp.activations, strict=True):
                 h = apply_activation(F.linear(h, w, b), act, mlp.negative_slope)
-            chunks.append(h.float())
-    return outputs_to_probs(torch.cat(chunks), output).reshape(grid.height, grid.width, -1)
+            chunks.append(_apply_final(h.float(), mlp.final))
+    return outputs_to_probs(torch.cat(chunks), output, mlp.final).reshape(grid.height, grid.width, -1)
+
+
+def _apply_final(h: torch.Tensor, final: str) -> torch.Tensor:
+    """The trailing Softmax / LogSoftmax a FusableMLP records rather than holds as a layer."""
+    if final == "softmax":
+        return torch.softmax(h, dim=-1)
+    return torch.log_softmax(h, dim=-1) if final == "log_softmax" else h
+
+
+def _kernel_plan(mlp: FusableMLP, output: str) -> tuple[FusableMLP, str] | None:
+    """The MLP and kernel output mode that give ``outputs_to_probs(module outputs, output,
+    mlp.final)``, or None where no kernel mode does (the torch path computes those)."""
+    mode = resolve_output(output, mlp.out_features)  # validates ``output``
+    if mlp.final == "logits":
+        return mlp, mode
+    if output not in ("auto", "raw"):  # softmax / sigmoid of probabilities, as asked
+        return None
+    if mlp.final == "sigmoid":
+        if output == "auto" and mlp.out_features == 1:  # the kernel's [1 - p, p] from the logit
+            return dataclasses.replace(mlp, activations=(*mlp.activations[:-1], "identity")), "sigmoid"
+        return mlp, "raw"
+    if mlp.final == "softmax":
+        return mlp, "softmax"
+    return (mlp, "softmax") if output == "auto" else None  # log-probabilities: none in the kernel
 
 
 def fused_path(model: nn.Module, impl: str = "auto") -> str:

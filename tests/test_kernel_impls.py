@@ -636,3 +636,69 @@ def test_an_mlp_behind_compile_or_data_parallel_still_fuses(wrap):
     assert mlp.weights[0] is inner[0].weight and mlp.activations == ("tanh", "tanh", "identity")
     grid = random_grid(2, 7, 5)
     assert max_error(grid_mlp(model, grid), grid_mlp_reference(FusableMLP.from_module(inner), grid)) <= 1e-5
+
+
+# A model whose last layer already makes probabilities (BCELoss behind a Sigmoid, a Keras-style
+# Softmax): "auto" takes them as they are instead of squashing them a second time.
+FINAL_LAYERS = {
+    "sigmoid, one output": ((2, 12, 1), nn.Sigmoid(), lambda y: torch.cat([1 - y, y], -1)),
+    "sigmoid, multi-label": ((2, 12, 3), nn.Sigmoid(), lambda y: y),
+    "softmax": ((2, 12, 12, 4), nn.Softmax(dim=-1), lambda y: y),
+    "log-softmax": ((2, 12, 4), nn.LogSoftmax(dim=1), torch.exp),
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", sorted(FINAL_LAYERS))
+def test_auto_output_takes_a_models_own_probabilities_as_they_are(poisoned, impl, case):
+    widths, last, expected = FINAL_LAYERS[case]
+    model = nn.Sequential(*make_mlp(widths, "relu"), last).to(device_for(impl))
+    grid = random_grid(2, 9, 7)
+    with torch.no_grad():
+        module_out = model(grid.points().to(device_for(impl)))
+    want = expected(module_out).reshape(7, 9, -1)
+    assert max_error(grid_mlp(model, grid, impl=impl), want) <= 1e-5
+    assert max_error(grid_mlp(model, grid, "raw", impl=impl), module_out.reshape(7, 9, -1)) <= 1e-5
+    # asked for explicitly, a softmax is a softmax of the module's outputs, whatever they are
+    assert (
+        max_error(
+            grid_mlp(model, grid, "softmax", impl=impl), torch.softmax(module_out, -1).reshape(7, 9, -1)
+        )
+        <= 1e-5
+    )
+
+
+def test_what_a_models_outputs_are_is_read_from_its_last_layer():
+    from probescope.kernels import final_output_kind
+
+    assert final_output_kind(make_mlp((2, 8, 3))) == "logits"
+    assert (
+        final_output_kind(nn.Sequential(nn.Linear(2, 1), nn.Sigmoid(), nn.Dropout(0.2).eval())) == "sigmoid"
+    )
+    assert (
+        final_output_kind(torch.compile(nn.Sequential(nn.Linear(2, 3), nn.Sequential(nn.Softmax(-1)))))
+        == "softmax"
+    )
+    assert final_output_kind(nn.Sequential(nn.Linear(2, 3), nn.Softmax(dim=0))) == "logits"  # over the batch
+    assert (
+        final_output_kind(WrappedModule(nn.Sequential(nn.Linear(2, 1), nn.Sigmoid()))) == "logits"
+    )  # opaque
+    with pytest.raises(NotFusableError, match="follows a softmax"):
+        FusableMLP.from_module(nn.Sequential(nn.Linear(2, 3), nn.Softmax(-1), nn.Linear(3, 3)))
+
+
+def test_prediction_probe_takes_a_sigmoid_models_probabilities_as_they_are():
+    from probescope.probes import PredictionProbe
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 2)
+    y = (x[:, 0] > 0).float()
+    model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1), nn.Sigmoid())
+    probe = PredictionProbe(x, y)
+    probe.attach(model)
+    frame = probe.evaluate(model, None)
+    with torch.no_grad():
+        p = model(x)[:, 0].double()
+    assert probe.task == "binary"
+    key = next(k for k in frame if k.startswith("prob"))
+    assert torch.allclose(torch.as_tensor(frame[key]).double().reshape(-1)[: len(p)], p, atol=1e-6)

@@ -267,6 +267,7 @@ def batched_forward(
     return out.reshape(out.shape[0], -1).cpu()
 
 
-def outputs_to_probs(logits: torch.Tensor, output: str) -> torch.Tensor:
-    """``(N, K)`` model outputs -> ``(N, C)`` class probabilities (``probs``: already probabilities)."""
-    return kernel_outputs_to_probs(logits, "raw" if output == "probs" else output)
+def outputs_to_probs(logits: torch.Tensor, output: str, final: str = "logits") -> torch.Tensor:
+    """``(N, K)`` model outputs -> ``(N, C)`` class probabilities (``probs``: already probabilities;
+    ``final``: what the model's last layer makes them, see ``final_output_kind``)."""
+    return kernel_outputs_to_probs(logits, "raw" if output == "probs" else output, final)

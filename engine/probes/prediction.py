@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from probescope.kernels.grid_mlp import final_output_kind
 from probescope.probes.base import (
     Probe,
     ProbeContext,
@@ -76,6 +77,7 @@ class PredictionProbe(Probe):
         self.jitter = (torch.rand(n_keep, generator=generator, dtype=torch.float64) - 0.5) * 2 * jitter
         self.task, self.requested_task = task, task
         self.show_perc, self.threshold, self.output = show_perc, threshold, output
+        self.final = "logits"  # what the model's outputs are; read from it when attached
         self.batch_size = batch_size
         self.num_classes: int | None = None
 
@@ -83,6 +85,7 @@ class PredictionProbe(Probe):
         batched_forward(model, self.x, self.batch_size, self.graphs)
 
     def attach(self, model: nn.Module) -> None:
+        self.final = final_output_kind(model)  # a Sigmoid / Softmax at the end: already probabilities
         owner = f"PredictionProbe {self.name!r}"
         out = check_forward(owner, model, self.x[:2])
         width = out.reshape(out.shape[0], -1).shape[1]
@@ -119,7 +122,7 @@ class PredictionProbe(Probe):
                 "mse": np.float64(mse),
                 "r2": np.float64(1.0 - mse / var if var > 0 else np.nan),
             }
-        probs = outputs_to_probs(out, self.output).double()
+        probs = outputs_to_probs(out, self.output, self.final).double()
         labels = self.y.long()
         if self.task == "binary":
             prob_pos = probs[:, -1]
