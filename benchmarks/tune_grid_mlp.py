@@ -53,7 +53,7 @@ def tune_case(
 ) -> dict:
     """Time every candidate configuration (or ``configs``) of one MLP; each result is checked
     against torch eager (written into NaN, so a configuration that writes nothing is wrong)."""
-    from probescope.kernels._triton.grid_mlp import grid_mlp_triton, launch_config
+    from probescope.kernels._triton.grid_mlp import grid_mlp_triton, launch_config, padded_hidden
 
     device = torch.device(device)
     grid = GridSpec.rectangle((-3.0, 3.0, -3.0, 3.0), size, size)
@@ -65,7 +65,7 @@ def tune_case(
     reference = naive_torch(model, grid, dtype, device)
     eager = measure(reference, device, repeats=10)["median_s"]
     expected = reference().reshape(out.shape)
-    hidden = max(16, 1 << (max(widths[:-1]) - 1).bit_length())
+    hidden = padded_hidden(mlp.widths)
     results = []
     for config in candidates(hidden, dtype) if configs is None else configs:
         out.fill_(float("nan"))

@@ -68,7 +68,7 @@ COMPILED_SHAPES = [(2, 5), (2, 16, 1), (2, 24, 40, 20, 7), (2, 12, 12, 12, 12, 1
 REPORT_SCRIPT = """
 import json, sys, torch
 from benchmarks.triton_report import compile_config
-from probescope.kernels._triton.grid_mlp import launch_config
+from probescope.kernels._triton.grid_mlp import launch_config, padded_hidden
 for widths in {shapes}:
     for dtype in (torch.float32, torch.bfloat16):
         for config in (("units", 64, 32, 4, 2), ("pixels", 64, 32, 4, 2)):
@@ -76,7 +76,7 @@ for widths in {shapes}:
             print(json.dumps({{"widths": widths, "dtype": str(dtype), **report}}))
 # the launch configurations impl="auto" uses: fp32 up to width 64, 16-bit up to 256
 for widths, dtype in {defaults}:
-    c = launch_config(max(16, 1 << (max(widths[:-1]) - 1).bit_length()), dtype)
+    c = launch_config(padded_hidden(widths[1:]), dtype)
     config = (c["layout"], c["block_m"], c["block_n"], c["num_warps"], c.get("num_stages", 3))
     report = compile_config(widths, dtype, config)
     print(json.dumps({{"widths": widths, "dtype": str(dtype), "default": True, **report}}))

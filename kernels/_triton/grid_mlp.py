@@ -281,6 +281,12 @@ class _PackedLayers:
 _PACKED: dict[tuple, _PackedLayers] = {}
 
 
+def padded_hidden(widths: tuple[int, ...]) -> int:
+    """The kernel's hidden width for Linear output ``widths``: the widest hidden layer, padded
+    to a power of two of at least 16 (the smallest matrix-unit tile)."""
+    return max(16, next_power_of_2(max(widths[:-1]))) if len(widths) > 1 else 16
+
+
 def launch_config(hidden: int, dtype: torch.dtype) -> dict:
     """BLOCK_M, BLOCK_N and num_warps for a padded hidden width.
 
@@ -355,7 +361,7 @@ def kernel_arguments(
     if emulate is None:
         emulate = triton_interpreting() and mlp.dtype == torch.bfloat16
     widths = mlp.widths
-    hidden = max(16, next_power_of_2(max(widths[:-1]))) if len(widths) > 1 else 16
+    hidden = padded_hidden(widths)
     out_pad = max(16, next_power_of_2(widths[-1]))
     weight_dtype = torch.float32 if emulate else mlp.dtype
     plane, hidden_w, hidden_b, out_w, out_b = pack_layers(mlp, grid, hidden, out_pad, weight_dtype)
