@@ -702,3 +702,31 @@ def test_prediction_probe_takes_a_sigmoid_models_probabilities_as_they_are():
     assert probe.task == "binary"
     key = next(k for k in frame if k.startswith("prob"))
     assert torch.allclose(torch.as_tensor(frame[key]).double().reshape(-1)[: len(p)], p, atol=1e-6)
+
+
+def test_a_triton_grid_frame_costs_five_device_ops_besides_its_kernel(monkeypatch):
+    # Each op a frame launches is host time on the probe thread (and a lock taken from the
+    # training thread): the packed weights are one multi-tensor copy, the plane four ops.
+    pytest.importorskip("triton")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import probescope.kernels._triton.grid_mlp as tg
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(tg, "_launch", lambda *args: None)
+    model = make_mlp((2, 32, 32, 32, 7))
+    grid = random_grid(2, 8, 8)
+    grid_mlp(model, grid, impl="triton")  # buffers allocated, tables copied: once
+    with Ops() as ops:
+        grid_mlp(model, grid, impl="triton")
+    # ops that only make a view or an empty tensor launch nothing on a GPU
+    free = {"empty", "view", "alias", "detach", "permute", "select", "t", "transpose", "slice"}
+    assert [n for n in ops.names if n not in free] == ["_foreach_copy_", "_to_copy", "mm", "add_", "copy_"]
