@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from probescope.distributed import Placement, check_probeable, placement, unwrap, wrapper_names
 from probescope.events import EVENTS, Callback
 from probescope.graphs import ForwardGraphs
 from probescope.history import History
@@ -82,6 +83,15 @@ class Monitor:
     step, and nothing while training runs. Work that cannot be captured falls back to eager
     with one logged reason (probescope.graphs).
 
+    Wrapped models (DistributedDataParallel, DataParallel, ``torch.compile``) are probed
+    through the module inside the wrappers (``monitor.model``): probes never call a wrapper's
+    forward, module names in hook patterns are the inner module's, and ``model.pt`` holds its
+    state_dict. Under ``torch.distributed`` only rank ``probe_rank`` (0) probes and records;
+    on every other rank the Monitor is inert (no snapshot, thread, run directory, viewer or
+    callbacks; a step costs a counter), so run the same script on every rank. Its loss graph
+    is that rank's own batch loss. Sharded models (FSDP) are refused: see
+    probescope.distributed.
+
     ``viewer=True`` opens the OpenGL viewer in this process (``"offscreen"``: rendered
     through EGL, for headless machines and tests); the training thread lets it draw the
     newest frames at most ``viewer_fps`` times a second. A viewer that cannot open or is
@@ -109,9 +119,26 @@ class Monitor:
         snapshot_params: Sequence[str] | None = None,
         snapshot_host: bool = False,
         cuda_graphs: bool = False,
+        probe_rank: int = 0,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor: model must be a torch.nn.Module, got {type(model).__name__}")
+        if viewer not in (False, True, "offscreen"):
+            raise ValueError(f"Monitor: viewer must be True, False or 'offscreen', got {viewer!r}")
+        if isinstance(probe_rank, bool) or not isinstance(probe_rank, int) or probe_rank < 0:
+            raise ValueError(f"Monitor: probe_rank must be a rank (an int >= 0), got {probe_rank!r}")
+        self.placement: Placement = placement()
+        if probe_rank >= self.placement.world_size:
+            raise ValueError(
+                f"Monitor: probe_rank {probe_rank} is not a rank of this job (world size "
+                f"{self.placement.world_size})"
+            )
+        self.wrappers = wrapper_names(model)
+        model = unwrap(model)
+        check_probeable(model, self.placement)
+        # Every rank checks its arguments and attaches its probes (the same errors everywhere);
+        # only the probing rank keeps them.
+        self.probing = self.placement.rank == probe_rank
         probes = list(probes)
         for p in probes:
             if not isinstance(p, Probe):
@@ -137,17 +164,20 @@ class Monitor:
                 p.graphs = ForwardGraphs(p.name)
                 if getattr(p, "valid", None) is not None:
                     p.valid.graphs = ForwardGraphs(f"{p.name} (valid set)")
+        if not self.probing:
+            probes, callbacks, run_dir, viewer = [], [], None, False
         self.model, self.optimizer = model, optimizer
         self.history = History()
         device, _ = model_device_dtype(model)
         self._streams = (
             ProbeStreams(device, high_priority_training)
-            if device.type == "cuda" and torch.cuda.is_available()
+            if self.probing and device.type == "cuda" and torch.cuda.is_available()
             else None
         )
         self._pool = SnapshotPool(
             model,
             snapshot,
+            size=2 if self.probing else 0,  # an inert rank checks the arguments and copies nothing
             grads=any(p.needs_grads for p in probes),
             streams=self._streams,
             defer_wait=optimizer is not None and hasattr(optimizer, "register_step_pre_hook"),
@@ -187,8 +217,6 @@ class Monitor:
         self._t_last_step: float | None = None
         self._own_s: float | None = None  # this method's own time at the last step (host clock)
         self._failed_callbacks: set[int] = set()
-        if viewer not in (False, True, "offscreen"):
-            raise ValueError(f"Monitor: viewer must be True, False or 'offscreen', got {viewer!r}")
         self._viewer_mode, self._viewer_fps = viewer, viewer_fps
         self.viewer = None
 
@@ -223,8 +251,14 @@ class Monitor:
         return self._probes[name].ring
 
     def latest(self, name: str) -> Frame | None:
-        """The newest frame of probe ``name``; never blocks."""
-        return self._probes[name].ring.latest()
+        """The newest frame of probe ``name`` (None before its first, and on a rank that does
+        not probe); never blocks."""
+        st = self._probes.get(name)
+        if st is None:
+            if not self.probing:
+                return None
+            raise KeyError(f"Monitor: no probe named {name!r}; the probes are {sorted(self._probes)}")
+        return st.ring.latest()
 
     def training_stream(self):
         """A context manager that runs training on the high-priority stream (CUDA, with
@@ -242,6 +276,13 @@ class Monitor:
             raise RuntimeError("Monitor: a closed monitor cannot start again")
         self._started = True
         self._t_start = time.perf_counter()
+        if not self.probing:
+            log.info(
+                "Monitor: rank %d of %d is not the probing rank; it probes and records nothing",
+                self.placement.rank,
+                self.placement.world_size,
+            )
+            return self
         if self._run_dir is not None:
             self.writer = RunWriter(self._run_dir, overwrite=self._overwrite)
             for st in self._probes.values():
@@ -250,7 +291,8 @@ class Monitor:
                     p.name, p.kind, {**p.config(), "schedule": p.schedule.describe()}, p.static()
                 )
             self.writer.update_meta(
-                model=_describe_model(self.model),
+                model={**_describe_model(self.model), "wrappers": self.wrappers},
+                distributed=self.placement.describe(),
                 snapshot=self._pool.strategy,
                 snapshot_detail=self._pool.describe(),
                 metadata=self._metadata,
@@ -341,7 +383,7 @@ class Monitor:
 
     def close(self) -> None:
         """Finish: wait for running probes, take the final frames, flush the run (idempotent)."""
-        if self._closed or not self._started:
+        if self._closed or not self._started or not self.probing:
             self._closed = True
             return
         self._closed = True
@@ -392,6 +434,8 @@ class Monitor:
 
     def log(self, **values) -> None:
         """Record scalars at the current step, e.g. ``log(valid_loss=0.3, accuracy=0.9)``."""
+        if not self.probing:
+            return
         for name, value in values.items():
             self.history.append(name, self._step, self._epoch, value)
 
@@ -437,6 +481,9 @@ class Monitor:
         """The optimizer stepped: count the step and launch the probes that are due."""
         if not self._started:
             self.start()
+        if not self.probing:
+            self._step += 1
+            return
         t_enter = time.perf_counter()
         if self._clock is not None and self._adaptive:  # CUDA: the steps' GPU time, no sync
             for step_s, frames in self._clock.mark(tuple(st.step_frame() for st in self._adaptive)):
@@ -496,7 +543,8 @@ class Monitor:
 
     # ---- internals ----------------------------------------------------------------------
     def _record_loss(self, loss) -> None:
-        self.history.append(History.BATCH_LOSS, self._step + 1, self._epoch, loss)
+        if self.probing:
+            self.history.append(History.BATCH_LOSS, self._step + 1, self._epoch, loss)
 
     def _fire(self, event: str, **kwargs) -> None:
         for cb in self._callbacks:
@@ -588,6 +636,8 @@ class Monitor:
         return {
             "steps": self._step,
             "epochs": self._epoch,
+            "rank": self.placement.rank,
+            "probing": self.probing,
             "wall_seconds": round(elapsed, 3),
             "snapshot_bytes": self._pool.nbytes,
             "frames_written": self.writer.frames_written if self.writer else 0,

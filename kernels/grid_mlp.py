@@ -256,13 +256,26 @@ class FusableMLP:
 def unwrap(module: nn.Module) -> nn.Module:
     """The model inside the wrappers that only change how it runs: ``torch.compile``'s
     OptimizedModule, DataParallel, DistributedDataParallel (same parameters, same function)."""
-    while True:
-        if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            module = module.module
-        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):  # torch.compile
-            module = module._orig_mod
-        else:
-            return module
+    while (inner := _inside(module)) is not module:
+        module = inner
+    return module
+
+
+def wrapper_names(module: nn.Module) -> list[str]:
+    """The class names of the wrappers ``unwrap`` takes off ``module``, outermost first."""
+    names = []
+    while (inner := _inside(module)) is not module:
+        names.append(type(module).__name__)
+        module = inner
+    return names
+
+
+def _inside(module: nn.Module) -> nn.Module:
+    """The module one wrapper holds, or ``module`` itself if it is no wrapper."""
+    if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return module.module
+    inner = getattr(module, "_orig_mod", None)  # torch.compile
+    return inner if isinstance(inner, nn.Module) else module
 
 
 def _flatten_sequential(module: nn.Module):
