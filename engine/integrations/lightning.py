@@ -1,0 +1,97 @@
+"""Lightning: a Callback that attaches a Monitor to ``Trainer.fit``.
+
+    from probescope.integrations.lightning import ProbescopeCallback
+
+    trainer = L.Trainer(callbacks=[ProbescopeCallback([ps.GridProbe(x, y)], run_dir="runs/x")])
+
+The Monitor starts when fitting starts (the module is on its device and the optimizers
+exist), takes a step after every optimizer step (with gradient accumulation, every
+``accumulate_grad_batches`` batches), records each batch's training loss, and closes when
+fitting ends or fails (the frames written so far stay on disk). Probes call the
+LightningModule's ``forward``. Lightning runs callbacks on every rank; the Monitor probes on
+one (see probescope.distributed).
+
+The metrics logged during validation (``self.log`` in ``validation_step``) are recorded at
+the end of each validation run, so LossProbe draws them beside the training loss.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+
+from probescope.monitor import Monitor
+from probescope.probes.base import Probe
+
+_OWN = ("model", "probes", "optimizer")  # what the callback passes to the Monitor itself
+
+
+class ProbescopeCallback(L.Callback):
+    """Monitor a LightningModule while ``Trainer.fit`` trains it.
+
+    ``probes`` and every keyword argument go to ``probescope.Monitor`` (``run_dir``,
+    ``viewer``, ``snapshot``, ``cuda_graphs``, ...); the model and its first optimizer come
+    from the trainer. ``monitor`` is the Monitor of the fit in progress (or the last one).
+    """
+
+    def __init__(self, probes: Iterable[Probe], **monitor_kwargs: Any):
+        parameters = inspect.signature(Monitor).parameters
+        unknown = sorted(k for k in monitor_kwargs if k not in parameters or k in _OWN)
+        if unknown:
+            options = ", ".join(k for k in parameters if k not in _OWN)
+            raise TypeError(f"ProbescopeCallback: unknown Monitor arguments {unknown}; they are {options}")
+        self.probes = list(probes)
+        self.monitor_kwargs = monitor_kwargs
+        self.monitor: Monitor | None = None
+        self._optimizer_steps = 0
+        self._before_validation: dict[str, Any] = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        self.monitor = Monitor(pl_module, self.probes, optimizer=optimizer, **self.monitor_kwargs)
+        self._optimizer_steps = trainer.global_step
+        self.monitor.start()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self.monitor.after_loss(loss=loss.detach())
+        if trainer.global_step > self._optimizer_steps:  # an optimizer step has just run
+            self._optimizer_steps = trainer.global_step
+            self.monitor.after_step()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._before_validation = dict(trainer.callback_metrics)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self.monitor is None:
+            return
+        before = self._before_validation
+        logged = {
+            name: value
+            for name, value in trainer.callback_metrics.items()
+            if before.get(name) is not value and _is_scalar(value)
+        }
+        if logged:
+            self.monitor.after_validate(**logged)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.monitor.end_epoch()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._close()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+
+
+def _is_scalar(value) -> bool:
+    return isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)

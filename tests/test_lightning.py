@@ -1,0 +1,140 @@
+"""The Lightning callback: a Monitor driven by Trainer.fit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import probescope as ps
+
+L = pytest.importorskip("lightning")  # in the dev extra: CI runs these
+from probescope.integrations.lightning import ProbescopeCallback  # noqa: E402
+
+
+class Blobs(L.LightningModule):
+    def __init__(self, fail_at: int | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 7))
+        self.fail_at = fail_at
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        if self.fail_at is not None and self.global_step >= self.fail_at:
+            raise RuntimeError("training diverged")
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss, on_step=True)  # not the monitor's batch loss series
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("valid_loss", nn.functional.cross_entropy(logits, y))
+        self.log("accuracy", (logits.argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.2)
+
+
+def _fit(module, data, callback, epochs=2, accumulate=1):
+    x, y = data.x_train[:320], data.y_train[:320]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    valid = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:96], y[:96]), batch_size=48)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[callback],
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, loader, valid)
+    return trainer
+
+
+def test_a_fit_is_monitored_step_by_step_with_its_validation_metrics(tmp_path, blobs):
+    x, y = blobs.x_train, blobs.y_train
+    callback = ProbescopeCallback(
+        [
+            ps.GridProbe(x, y, resolution=16, schedule=ps.Schedule.every(2)),
+            ps.PredictionProbe(x[-50:], y[-50:], schedule=ps.Schedule.every_epoch()),
+            ps.LossProbe(),
+        ],
+        run_dir=tmp_path / "run",
+        snapshot="sync",
+    )
+    module = Blobs()
+    trainer = _fit(module, blobs, callback, epochs=2, accumulate=2)  # 10 batches, 5 steps an epoch
+    monitor = callback.monitor
+    assert trainer.global_step == 10 and monitor.step_count == 10 and monitor.epoch == 2
+    assert monitor.model is module
+    for name, counters in monitor.summary()["probes"].items():
+        assert counters["failed"] == 0 and counters["frames"] >= 2, (name, counters)
+
+    run = ps.open_run(tmp_path / "run")
+    assert run.meta["finished"]
+    grid_steps = [f.step for f in run.probe("grid").frames()]
+    assert grid_steps == [0, 2, 4, 6, 8, 10]  # every 2 optimizer steps, not batches
+    state = torch.load(tmp_path / "run" / "model.pt")
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+
+    final = run.probe("loss").frames()
+    *_, last = final
+    series = {k.split("/")[1] for k in last.data}
+    assert {"valid_loss", "accuracy"} <= series  # validation metrics, not the sanity check's
+    for name in ("valid_loss", "accuracy"):
+        assert len(last.data[f"series/{name}/values"]) == 2  # one per validation run
+    assert "train_loss" in series  # the batch loss from the training step's outputs
+    steps = last.data["series/train_loss/steps"]
+    assert len(steps) == 20 and np.all(np.diff(steps) >= 0)  # every batch, two per step
+
+
+def test_a_failing_fit_closes_the_monitor_and_keeps_its_frames(tmp_path, blobs):
+    x, y = blobs.x_train, blobs.y_train
+    grid = ps.GridProbe(x, y, resolution=16, schedule=ps.Schedule.every(1))
+    callback = ProbescopeCallback([grid], run_dir=tmp_path / "run", snapshot="sync")
+    with pytest.raises(RuntimeError, match="training diverged"):
+        _fit(Blobs(fail_at=3), blobs, callback)
+    run = ps.open_run(tmp_path / "run")
+    assert run.meta["finished"]
+    steps = [f.step for f in run.probe("grid").frames()]
+    assert steps == [0, 1, 2, 3]  # every step until the failure, the last one from close()
+
+
+def test_unknown_monitor_arguments_are_refused_at_construction():
+    with pytest.raises(TypeError, match=r"unknown Monitor arguments \['optimizer', 'run_directory'\]"):
+        ProbescopeCallback([], run_directory="x", optimizer=None)
+
+
+def test_under_ddp_one_rank_probes_and_writes_the_run(tmp_path, blobs):
+    x, y = blobs.x_train, blobs.y_train
+    callback = ProbescopeCallback(
+        [ps.GridProbe(x, y, resolution=16), ps.LossProbe()], run_dir=tmp_path / "run"
+    )
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:256], y[:256]), batch_size=32)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Blobs(), loader)
+    run = ps.open_run(tmp_path / "run")
+    assert run.meta["finished"] and run.meta["distributed"]["world_size"] == 2
+    assert run.meta["distributed"]["rank"] == 0
+    assert run.meta["summary"]["steps"] == 4  # 256 samples, 32 a batch, split over two ranks
+    assert run.meta["summary"]["probes"]["grid"]["failed"] == 0
