@@ -211,9 +211,48 @@ def test_curve_probe_keeps_the_sample_loss_and_batch_loss_series():
     assert np.all(np.diff(frame.data["total_loss_series"]) < 0)  # plain GD on a smooth loss descends
 
 
+@pytest.mark.parametrize("targets", ["one per output", "the chosen one"])
+def test_curve_probe_draws_the_chosen_output_of_a_multi_output_model(targets):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = _wave()
+    ys = torch.stack([y, 2 * y, y - 1], dim=1)  # three targets
+    probe = CurveProbe(x, ys if targets == "one per output" else ys[:, 2], output=2, loss_smoothing=5)
+    Monitor(model, [probe])  # attach checks the widths
+    frame = _evaluate(probe, model)
+    order = np.argsort(x.numpy(), kind="stable")
+    with torch.no_grad():
+        y_pred = model(x[order][:, None])[:, 2].double().numpy()
+    target = ys[order, 2].double().numpy()
+    np.testing.assert_allclose(frame["y_pred"].numpy(), y_pred, rtol=1e-5, atol=1e-6)
+    loss = np.convolve((y_pred - target) ** 2, np.ones(5) / 5, mode="same")
+    np.testing.assert_allclose(frame["loss"].numpy(), loss, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(probe.static()["y"], target, rtol=0, atol=0)
+    assert probe.config()["output"] == 2
+
+
+@pytest.mark.parametrize(
+    ("targets", "output", "message"),
+    [
+        (1, None, "returns 3 outputs per sample.*output=j"),
+        (1, 3, "output 3 is not one of the model's 3 outputs"),
+        (2, 1, "y has 2 targets but the model returns 3 outputs"),
+    ],
+)
+def test_curve_probe_output_must_fit_the_model(targets, output, message):
+    model = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = _wave(20)
+    probe = CurveProbe(x, y[:, None].repeat(1, targets), output=output)
+    with pytest.raises(ValueError, match=message):
+        Monitor(model, [probe])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
+        ({"y": torch.zeros(20, 2)}, "y has 2 targets; choose one with output=j"),
+        ({"y": torch.zeros(20, 2), "output": 2}, "output 2 is not a column of y"),
+        ({"output": -1}, "output must be the index"),
         ({"loss_smoothing": 4}, "odd"),
         ({"loss_smoothing": 0}, "odd"),
         ({"x": torch.zeros(0), "y": torch.zeros(0)}, "empty"),

@@ -24,6 +24,10 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 class CurveProbe(Probe):
     """The model's current curve over a fixed, sorted representative sample of (x, y).
 
+    One input feature. For a model with several outputs, ``output=j`` draws output ``j``
+    against target ``j`` (``y`` then holds either that target or one column per output);
+    one probe per output draws them all.
+
     Each frame holds the curve ``y_pred``, the per-point ``loss`` (smoothed by a moving
     average of odd width ``loss_smoothing``, as ``numpy.convolve(mode='same')`` does), the
     band ``y_pred ± loss`` (or ``± sqrt(loss)`` with ``band="rms"``, in y's units for MSE), the
@@ -45,6 +49,7 @@ class CurveProbe(Probe):
         band: str = "loss",
         graph_sparsity: int = 1,
         scatter_sparsity: int = 1,
+        output: int | None = None,
         batch_size: int = 65536,
         name: str | None = None,
         schedule: Schedule | None = None,
@@ -53,11 +58,18 @@ class CurveProbe(Probe):
         owner = f"CurveProbe {self.name!r}"
         xt = as_float_tensor("x", x, ndim=(1, 2), owner=owner).reshape(len(x), -1)
         yt = as_float_tensor("y", y, ndim=(1, 2), owner=owner).reshape(len(y), -1)
-        if xt.shape[1] != 1 or yt.shape[1] != 1:
-            raise ValueError(
-                f"{owner}: needs one feature and one target, got x of width "
-                f"{xt.shape[1]} and y of width {yt.shape[1]}"
-            )
+        if xt.shape[1] != 1:
+            raise ValueError(f"{owner}: needs one feature, got x of width {xt.shape[1]}")
+        if output is not None and (isinstance(output, bool) or not isinstance(output, int) or output < 0):
+            raise ValueError(f"{owner}: output must be the index of one model output, got {output!r}")
+        if yt.shape[1] != 1:
+            if output is None:
+                raise ValueError(
+                    f"{owner}: y has {yt.shape[1]} targets; choose one with output=j "
+                    "(one CurveProbe per output draws them all)"
+                )
+            if output >= yt.shape[1]:
+                raise ValueError(f"{owner}: output {output} is not a column of y ({yt.shape[1]} targets)")
         if xt.shape[0] != yt.shape[0]:
             raise ValueError(f"{owner}: x has {xt.shape[0]} points but y has {yt.shape[0]}")
         if isinstance(loss, str) and loss not in LOSSES:
@@ -81,8 +93,9 @@ class CurveProbe(Probe):
         positive_int(f"{owner}: graph_sparsity", graph_sparsity)
         positive_int(f"{owner}: scatter_sparsity", scatter_sparsity)
         positive_int(f"{owner}: batch_size", batch_size)
+        self.output, self.targets = output, yt.shape[1]
         order = torch.argsort(xt[:, 0], stable=True)
-        self.x_all, self.y_all = xt[order, 0], yt[order, 0]
+        self.x_all, self.y_all = xt[order, 0], yt[order, 0 if self.targets == 1 else output]
         self.x_eval = self.x_all[::graph_sparsity].contiguous()
         self.y_eval = self.y_all[::graph_sparsity].contiguous()
         if self.x_eval.shape[0] < loss_smoothing:
@@ -107,11 +120,16 @@ class CurveProbe(Probe):
     def attach(self, model: nn.Module) -> None:
         owner = f"CurveProbe {self.name!r}"
         out = check_forward(owner, model, self.x_eval[:2, None])
-        if out.reshape(2, -1).shape[1] != 1:
+        width = out.reshape(2, -1).shape[1]
+        if self.output is None and width != 1:
             raise ValueError(
-                f"{owner}: the model must return one output per sample, got shape "
-                f"{tuple(out.shape)} for a batch of 2"
+                f"{owner}: the model returns {width} outputs per sample (shape {tuple(out.shape)} for a "
+                "batch of 2); choose the one to draw with output=j"
             )
+        if self.output is not None and self.output >= width:
+            raise ValueError(f"{owner}: output {self.output} is not one of the model's {width} outputs")
+        if self.targets != 1 and self.targets != width:
+            raise ValueError(f"{owner}: y has {self.targets} targets but the model returns {width} outputs")
         # Compile the smoothing kernel now, before training, not in the first probe frame.
         smooth_1d(torch.zeros(3), self.loss_smoothing, self.smoothing_kind)
 
@@ -126,7 +144,9 @@ class CurveProbe(Probe):
         return loss
 
     def evaluate(self, model: nn.Module, context: ProbeContext) -> dict[str, Any]:
-        y_pred = batched_forward(model, self.x_eval[:, None], self.batch_size, self.graphs)[:, 0]
+        y_pred = batched_forward(model, self.x_eval[:, None], self.batch_size, self.graphs)[
+            :, self.output or 0
+        ]
         raw = self.per_point_loss(y_pred)
         smoothed = smooth_1d(raw, self.loss_smoothing, self.smoothing_kind)
         half_width = smoothed.clamp(min=0).sqrt() if self.band == "rms" else smoothed
@@ -164,5 +184,6 @@ class CurveProbe(Probe):
             "band": self.band,
             "graph_sparsity": self.graph_sparsity,
             "scatter_sparsity": self.scatter_sparsity,
+            "output": self.output,
             "points": int(self.x_eval.shape[0]),
         }
