@@ -206,3 +206,65 @@ def test_analyze_command_reads_recorded_runs(tmp_path, capsys):
 def test_analyze_command_says_what_is_wrong(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "missing")]) == 2
     assert "is not a probescope run" in capsys.readouterr().err
+
+
+# ---- online decoding ----------------------------------------------------------------------
+
+
+def test_online_filtering_equals_the_hmms_posterior_at_the_last_step(synthetic):
+    series, _, result = synthetic
+    tracker = result.state_model().tracker()
+    z = result.series[1]  # run 1, z-scored as the model saw it
+    raw = series[1].values
+    for t in range(len(raw)):
+        online = tracker.update(raw[t])
+        if t in (0, 1, 7, 60, 399):
+            # the smoothed posterior of a sequence's last step is the filtered one
+            np.testing.assert_allclose(
+                online, result.model.predict_proba(z[: t + 1])[-1], rtol=1e-6, atol=1e-9
+            )
+    assert tracker.steps == len(raw)
+
+
+def test_online_gaps_carry_forward_and_unseen_metrics_are_left_out(synthetic):
+    from probescope.analysis import StateModel
+
+    series, _, result = synthetic
+    model = result.state_model()
+    raw = series[2].values[:40].copy()
+    raw[10:15, 3] = np.nan  # a gap: the offline fit carries the last value forward
+    tracker = model.tracker()
+    filled = raw.copy()
+    filled[10:15, 3] = raw[9, 3]
+    z = (filled - model.center) / model.scale
+    for t in range(40):
+        online = tracker.update(raw[t])
+    np.testing.assert_allclose(online, result.model.predict_proba(z)[-1], rtol=1e-6, atol=1e-9)
+
+    # A metric not recorded yet is marginalised out: the same as a model without it.
+    without = StateModel(
+        model.metrics[1:], model.startprob, model.transmat, model.means[:, 1:], model.variances[:, 1:],
+        model.center[1:], model.scale[1:],
+    )  # fmt: skip
+    a, b = model.tracker(), without.tracker()
+    blank = raw[:20].copy()
+    blank[:, 0] = np.nan
+    for t in range(20):
+        np.testing.assert_allclose(a.update(blank[t]), b.update(blank[t, 1:]), rtol=1e-9, atol=1e-12)
+
+
+def test_the_states_file_holds_what_online_decoding_needs(synthetic, tmp_path):
+    from probescope.analysis import StateModel
+
+    _, _, result = synthetic
+    write_report(result, tmp_path / "report")
+    loaded, fitted = StateModel.load(tmp_path / "report"), result.state_model()
+    assert loaded.metrics == fitted.metrics
+    for field in ("startprob", "transmat", "means", "variances", "center", "scale"):
+        np.testing.assert_array_equal(getattr(loaded, field), getattr(fitted, field), err_msg=field)
+    old = json.loads((tmp_path / "report" / "states.json").read_text())
+    del old["variances_z"]
+    with pytest.raises(ValueError, match=r"lacks \['variances_z'\]"):
+        StateModel.from_json(old)
+    with pytest.raises(FileNotFoundError, match="no states file"):
+        StateModel.load(tmp_path / "nowhere")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -207,3 +208,58 @@ def test_modules_that_never_run_are_refused_by_name_and_left_out_by_pattern():
     broad = StatsProbe("*", batch=torch.zeros(4, 2))  # a glob pattern: the silent module is left out
     broad.attach(Branchy())
     assert broad.modules == ["used"] and not any(c.startswith("act/unused") for c in broad.columns)
+
+
+def _two_state_model(metric="weight/0.weight/l2", low=1.0, high=9.0):
+    from probescope.analysis import StateModel
+
+    return StateModel(
+        [metric],
+        startprob=np.array([1.0, 0.0]),
+        transmat=np.array([[0.9, 0.1], [0.1, 0.9]]),
+        means=np.array([[low], [high]]),
+        variances=np.array([[1.0], [1.0]]),
+        center=np.zeros(1),
+        scale=np.ones(1),
+    )
+
+
+@pytest.mark.parametrize("given_as", ["model", "path"])
+def test_a_state_model_decodes_the_run_online_frame_by_frame(tmp_path, given_as, caplog):
+    model = nn.Sequential(nn.Linear(1, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.zero_()
+    states = _two_state_model()
+    if given_as == "path":
+        (tmp_path / "states.json").write_text(json.dumps(states.to_json()))
+        states = tmp_path / "states.json"
+    probe = StatsProbe("0", spectral=False, states=states, schedule=Schedule.every(1))
+    caplog.set_level("INFO", logger="probescope")
+    # every frame recorded: a ring that holds them all (the loop outruns the recorder)
+    with Monitor(model, [probe], snapshot="sync", run_dir=tmp_path / "run", ring_capacity=16) as monitor:
+        for step in range(1, 11):
+            with torch.no_grad():
+                model[0].weight.fill_(step)  # the weight's L2 norm is the step number
+            monitor.step()
+    table = open_run(tmp_path / "run").probe("stats").table()
+    np.testing.assert_array_equal(table["weight/0.weight/l2"], np.arange(11.0))
+    decoded = table["state"].to_numpy()
+    assert decoded.tolist() == [0] * 6 + [1] * 5  # norm 0..5 nearer state 0, 6..10 nearer 1
+    assert probe.transitions == [(6, 0, 1)]
+    assert "latent state 0 -> 1 at step 6" in caplog.text
+    frame = monitor.latest("stats").data
+    assert frame["state"] == 1 and frame["state_probs"].shape == (2,)
+    assert frame["state_probs"].sum() == pytest.approx(1.0) and frame["state_probs"][1] > 0.99
+    # the decoded state is not a metric for the next analysis
+    from probescope.analysis import load_series
+
+    _, metrics = load_series([tmp_path / "run"])
+    assert "state" not in metrics and "weight/0.weight/l2" in metrics
+
+
+def test_a_state_model_over_metrics_this_probe_does_not_record_is_refused():
+    probe = StatsProbe("0", spectral=False, states=_two_state_model("weight/9.weight/l2"))
+    with pytest.raises(ValueError, match=r"does not record: \['weight/9.weight/l2'\]"):
+        Monitor(nn.Sequential(nn.Linear(1, 1)), [probe])
+    with pytest.raises(TypeError, match="states must be"):
+        StatsProbe("0", states=3)

@@ -386,3 +386,30 @@ def test_keys_pause_save_record_step_and_quit(recorded, tmp_path):
     assert viewer.playing
     viewer._on_key(Key("Q"))
     assert viewer.closed
+
+
+def test_stats_panel_shows_the_latent_state_of_every_frame():
+    from vispy.color import Color
+
+    from probescope.analysis.report import state_colour
+
+    column = "weight/0.weight/l2"
+    spec = PanelSpec("stats", "stats", {}, {"columns": np.array([column])})
+    source = FrameSource(spec)
+    viewer = Viewer(source, offscreen=True, size=(640, 480))
+    states = [0] * 5 + [2] * 5
+    for step, state in enumerate(states):
+        probs = np.eye(3)[state] * 0.9 + 0.1 / 3
+        source.show(
+            "stats", {"values": np.array([1.0 + step]), "state": np.int64(state), "state_probs": probs}, step
+        )
+        viewer.refresh()
+    image = viewer.render()
+    panel = viewer.panels["stats"]
+    rect = panel.view.camera.rect
+    y = rect.bottom + 0.03 * rect.height  # the band along the bottom
+    for step, state in ((1.5, 0), (3.5, 0), (5.5, 2), (8.5, 2)):
+        colour = np.array(Color(state_colour(state)).rgb) * 255
+        assert distance_near(image, panel, step, y, colour) <= 30, f"state {state} at step {step}"
+    assert "latent state 2 (p=0.93)" in panel.caption.text
+    viewer.close()

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 from vispy import scene
+from vispy.color import Color
 from vispy.visuals.transforms import STTransform
 
 from probescope.figures import fixed_limits
@@ -335,7 +336,11 @@ class LossPanel(SeriesPanel):
 
 
 class StatsPanel(SeriesPanel):
-    """Statistics at the hook points over the frames seen so far (L2 norms, spectral norms)."""
+    """Statistics at the hook points over the frames seen so far (L2 norms, spectral norms).
+
+    With a state model (``StatsProbe(states=...)``), a strip along the bottom shows the
+    latent state at every frame so far, in the training map's state colours, and the caption
+    names the current one."""
 
     def __init__(self, parent_grid, spec: PanelSpec, row: int, col: int, max_lines: int = 6):
         columns = [str(c) for c in spec.static.get("columns", [])]
@@ -344,6 +349,8 @@ class StatsPanel(SeriesPanel):
         legend = [(c, (*METRIC_COLOURS[i % len(METRIC_COLOURS)], 1.0)) for i, c in enumerate(chosen)]
         super().__init__(parent_grid, spec, row, col, log_y=True, legend=legend)
         self.history: dict[str, list[tuple[float, float]]] = {c: [] for c in chosen}
+        self.states: list[tuple[float, int]] = []  # (step, latent state) per frame
+        self.strip: scene.visuals.Mesh | None = None
         self._last_step: float | None = None
 
     def update(self, data: dict[str, np.ndarray], step: float, epoch: float) -> None:
@@ -351,7 +358,10 @@ class StatsPanel(SeriesPanel):
         if self._last_step is not None and step < self._last_step:  # replay went back: start over
             for series in self.history.values():
                 series.clear()
+            self.states.clear()
         self._last_step = step
+        if "state" in data and (not self.states or self.states[-1][0] != step):
+            self.states.append((step, int(data["state"])))
         for column, index in self.columns.items():
             series = self.history[column]
             if not series or series[-1][0] != step:
@@ -363,6 +373,40 @@ class StatsPanel(SeriesPanel):
             steps, values = (np.array(v) for v in zip(*series, strict=True)) if series else ([], [])
             self.set_series(column, np.asarray(steps), np.asarray(values), (*METRIC_COLOURS[i % 4], 1.0))
         self.rescale()
+        if self.states:
+            self._draw_states()
+
+    def subtitle(self, data: dict[str, np.ndarray]) -> str:
+        if "state" not in data:
+            return ""
+        state = int(data["state"])
+        probs = np.asarray(data.get("state_probs", ()), np.float64)
+        p = f" (p={probs[state]:.2f})" if state < len(probs) else ""
+        return f"  ·  latent state {state}{p}"
+
+    def _draw_states(self) -> None:
+        """One band per frame, from its step to the next, along the bottom of the view."""
+        from probescope.analysis.report import state_colour
+
+        steps = np.array([s for s, _ in self.states], np.float64)
+        ends = np.append(steps[1:], steps[-1] + (steps[-1] - steps[-2] if len(steps) > 1 else 1.0))
+        rect = self.view.camera.rect
+        y0, y1 = rect.bottom + 0.01 * rect.height, rect.bottom + 0.05 * rect.height
+        n = len(steps)
+        vertices = np.empty((4 * n, 2), np.float32)
+        vertices[0::4] = np.stack([steps, np.full(n, y0)], 1)
+        vertices[1::4] = np.stack([ends, np.full(n, y0)], 1)
+        vertices[2::4] = np.stack([ends, np.full(n, y1)], 1)
+        vertices[3::4] = np.stack([steps, np.full(n, y1)], 1)
+        first = 4 * np.arange(n, dtype=np.uint32)[:, None]
+        corners = np.array([[0, 1, 2], [0, 2, 3]], np.uint32)  # two triangles a band
+        faces = np.concatenate([first + corners[0], first + corners[1]])
+        colours = np.array([Color(state_colour(k)).rgba for _, k in self.states], np.float32)
+        face_colours = np.concatenate([colours, colours])
+        if self.strip is None:
+            self.strip = scene.visuals.Mesh(vertices, faces, face_colors=face_colours, parent=self.view.scene)
+        else:
+            self.strip.set_data(vertices=vertices, faces=faces, face_colors=face_colours)
 
 
 PANELS = {

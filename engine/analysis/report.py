@@ -344,6 +344,8 @@ def states_json(result: LatentStates) -> dict:
         "selection": result.selection,
         "distinguishing": [[{"metric": m, "z": z} for m, z in d] for d in result.distinguishing],
         "boundaries": {label: result.boundaries(i) for i, label in enumerate(result.runs)},
+        # what decoding a new run needs (StateModel.load): variances and the z-scoring
+        **(result.state_model().to_json() if result.model is not None else {}),
     }
 
 

@@ -61,6 +61,12 @@ class LatentStates:
         s = self.states[run]
         return [int(self.steps[run][i]) for i in np.flatnonzero(s[1:] != s[:-1]) + 1]
 
+    def state_model(self):
+        """What decoding a new run needs, online (probescope.analysis.online.StateModel)."""
+        from probescope.analysis.online import StateModel
+
+        return StateModel.from_states(self)
+
     def leave_probabilities(self) -> np.ndarray:
         """P(next state j | leaving state i): the transition matrix without its diagonal,
         rows renormalised (zero rows stay zero)."""
@@ -116,7 +122,7 @@ def load_series(
             tables.append((run.path.name, run.probe(name).table()))
     if not tables:
         raise ValueError("latent_states needs at least one run")
-    reserved = {"step", "epoch", "time"}
+    reserved = {"step", "epoch", "time", "state"}  # "state": decoded online, not a metric
     common = [c for c in tables[0][1].columns if c not in reserved and all(c in t.columns for _, t in tables)]
     if metrics is not None:
         missing = [m for m in metrics if m not in common]

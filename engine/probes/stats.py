@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -50,6 +51,13 @@ class StatsProbe(Probe):
     training loop logs (``Monitor.step(loss=...)``, ``Monitor.log(...)``) is added as its mean
     since the previous frame.
 
+    ``states``: a state model fitted on earlier runs (``latent_states(...).state_model()``,
+    or the ``states.json`` that ``write_report`` writes, or its directory): every frame then
+    also holds ``state`` (the most likely latent state now) and ``state_probs`` (P(state |
+    the frames so far), filtered online), and each change of state is logged and kept in
+    ``transitions`` as (step, from, to). Its metrics must be among this probe's columns (or
+    ``loss/<series>`` that the loop logs).
+
     Columns are ``<target>/<tensor>/<stat>``, e.g. ``weight/fc1.weight/l2``,
     ``grad/fc1.weight/max_abs``, ``act/fc1/near_zero``, and ``loss/<series>``. Read the table
     with ``open_run(path).probe("stats").table()`` (a pandas DataFrame); a finished run also
@@ -73,11 +81,15 @@ class StatsProbe(Probe):
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         metrics: Mapping[str, Callable[[torch.Tensor, torch.Tensor], Any]] | None = None,
         batch_size: int = 8192,
+        states=None,
         name: str | None = None,
         schedule: Schedule | None = None,
     ):
         super().__init__(name=name, schedule=schedule)
         owner = f"StatsProbe {self.name!r}"
+        self.states = _state_model(owner, states)
+        self.transitions: list[tuple[int, int, int]] = []
+        self._tracker = None
         self.patterns = [hooks] if isinstance(hooks, str) else list(hooks)
         if not self.patterns or not all(isinstance(p, str) and p for p in self.patterns):
             raise ValueError(f"{owner}: hooks must be module names or glob patterns, got {hooks!r}")
@@ -136,6 +148,8 @@ class StatsProbe(Probe):
         named = dict(model.named_parameters())
         self._matrices = {q for q in self.parameters if named[q].dim() >= 2}
         self.columns = self._column_names()
+        if self.states is not None:
+            self._check_states(owner)
         # Compile the kernels now, before training, not in the first frame.
         probe = torch.zeros(3, 3, device=next((p.device for p in named.values()), torch.device("cpu")))
         tensor_stats(probe, self.near_zero)
@@ -206,8 +220,40 @@ class StatsProbe(Probe):
             values = np.concatenate([values, self.valid.evaluate(model)])
         frame: dict[str, Any] = {"values": values.astype(np.float64)}
         frame.update(self._history_means(context))
+        if self._tracker is not None and context.step != self._last_step:
+            self._track(frame, context.step)
         self._last_step = context.step
         return frame
+
+    def _check_states(self, owner: str) -> None:
+        missing = [m for m in self.states.metrics if m not in self.columns and not m.startswith("loss/")]
+        if missing:
+            raise ValueError(
+                f"{owner}: the state model was fitted on metrics this probe does not record: "
+                f"{missing[:5]}{' ...' if len(missing) > 5 else ''} (hook the same modules with the same "
+                "targets as the runs it was fitted on)"
+            )
+        index = {c: i for i, c in enumerate(self.columns)}
+        self._state_sources = [index.get(m, m) for m in self.states.metrics]  # column index or frame key
+        self._tracker = self.states.tracker()
+        self.transitions = []
+
+    def _track(self, frame: dict[str, Any], step: int) -> None:
+        values = frame["values"]
+        observed = [
+            values[src] if isinstance(src, int) else float(frame.get(src, np.nan))
+            for src in self._state_sources
+        ]
+        before = self._tracker.steps
+        previous = int(self._state) if before else None
+        probs = self._tracker.update(observed)
+        self._state = state = int(np.argmax(probs))
+        frame["state"] = np.int64(state)
+        frame["state_probs"] = probs
+        if previous is not None and state != previous:
+            self.transitions.append((step, previous, state))
+            log.info("StatsProbe %r: latent state %d -> %d at step %d (p=%.2f)", self.name, previous, state,
+                     step, probs[state])  # fmt: skip
 
     def _spectral(self, qualified: str, weight: torch.Tensor) -> torch.Tensor:
         v = self._vectors.get(qualified)
@@ -251,7 +297,25 @@ class StatsProbe(Probe):
             "spectral": self.spectral,
             "near_zero": self.near_zero,
             "columns": len(self.columns),
+            **({"states": self.states.to_json()} if self.states is not None else {}),
         }
+
+
+def _state_model(owner: str, states):
+    """``states`` as a StateModel: one, a LatentStates, or the path of a states.json."""
+    if states is None:
+        return None
+    from probescope.analysis.online import StateModel
+
+    if isinstance(states, StateModel):
+        return states
+    if hasattr(states, "state_model"):
+        return states.state_model()
+    if isinstance(states, (str, os.PathLike)):
+        return StateModel.load(states)
+    raise TypeError(
+        f"{owner}: states must be a StateModel, a LatentStates or a path, got {type(states).__name__}"
+    )
 
 
 class _ForwardHooks:

@@ -1,0 +1,159 @@
+"""Latent states while training runs: a fitted state model, decoded one frame at a time.
+
+``latent_states`` fits a Gaussian HMM to finished runs. ``StateModel`` keeps what decoding
+needs (the metrics it was fitted on, their z-scoring, the start and transition
+probabilities, each state's mean and variance) and reads and writes it as JSON (the
+``states.json`` that ``write_report`` writes). ``StateTracker`` filters a new run as it
+trains: after each observation, P(state now | everything seen so far), by the forward
+recursion of the HMM, in numpy; no hmmlearn needed while training. A metric missing from an
+observation (NaN) carries its last value forward, as the offline fit does; one never seen
+yet is left out of the likelihood (a diagonal Gaussian marginalised over it).
+
+Give one to a StatsProbe (``StatsProbe(..., states="analysis/states.json")``) and every frame
+carries the current state; a change of state is logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "probescope-states"
+
+
+@dataclass(frozen=True)
+class StateModel:
+    """A Gaussian HMM with diagonal covariances over z-scored metrics."""
+
+    metrics: list[str]
+    startprob: np.ndarray  # (K,)
+    transmat: np.ndarray  # (K, K)
+    means: np.ndarray  # (K, M), z-scores
+    variances: np.ndarray  # (K, M), of the z-scores
+    center: np.ndarray  # (M,) the metrics' means ...
+    scale: np.ndarray  # (M,) ... and standard deviations, over the runs it was fitted on
+
+    def __post_init__(self):
+        k, m = self.means.shape
+        shapes = {
+            "startprob": (self.startprob.shape, (k,)),
+            "transmat": (self.transmat.shape, (k, k)),
+            "variances": (self.variances.shape, (k, m)),
+            "center": (self.center.shape, (m,)),
+            "scale": (self.scale.shape, (m,)),
+        }
+        bad = {name: got for name, (got, want) in shapes.items() if got != want}
+        if bad or len(self.metrics) != m:
+            raise ValueError(f"StateModel: inconsistent shapes for {k} states and {m} metrics: {bad}")
+        if not (np.all(self.variances > 0) and np.all(self.scale > 0)):
+            raise ValueError("StateModel: variances and scales must be positive")
+
+    @property
+    def n_states(self) -> int:
+        return int(self.means.shape[0])
+
+    @classmethod
+    def from_states(cls, result) -> StateModel:
+        """The model behind a ``LatentStates`` (what ``latent_states`` returned)."""
+        if result.model is None or result.zscore is None:
+            raise ValueError("StateModel: this LatentStates carries no fitted model")
+        covars = np.asarray(result.model._covars_, np.float64)  # diagonal: (K, M)
+        center, scale = result.zscore
+        return cls(
+            list(result.metrics),
+            np.asarray(result.startprob, np.float64),
+            np.asarray(result.transmat, np.float64),
+            np.asarray(result.means, np.float64),
+            covars,
+            np.asarray(center, np.float64),
+            np.asarray(scale, np.float64),
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "metrics": self.metrics,
+            "startprob": self.startprob.tolist(),
+            "transmat": self.transmat.tolist(),
+            "means_z": self.means.tolist(),
+            "variances_z": self.variances.tolist(),
+            "zscore": {"mean": self.center.tolist(), "std": self.scale.tolist()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> StateModel:
+        missing = [
+            k
+            for k in ("metrics", "startprob", "transmat", "means_z", "variances_z", "zscore")
+            if k not in data
+        ]
+        if missing:
+            raise ValueError(
+                f"StateModel: the states file lacks {missing} (written by an older probescope? "
+                "run the analysis again)"
+            )
+        array = lambda key: np.asarray(data[key], np.float64)  # noqa: E731
+        return cls(
+            [str(m) for m in data["metrics"]],
+            array("startprob"),
+            array("transmat"),
+            array("means_z"),
+            array("variances_z"),
+            np.asarray(data["zscore"]["mean"], np.float64),
+            np.asarray(data["zscore"]["std"], np.float64),
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> StateModel:
+        """Read ``states.json`` (or the analysis directory holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "states.json"
+        if not path.exists():
+            raise FileNotFoundError(f"StateModel: no states file at {path} (write_report writes states.json)")
+        return cls.from_json(json.loads(path.read_text()))
+
+    def tracker(self) -> StateTracker:
+        return StateTracker(self)
+
+
+class StateTracker:
+    """Forward filtering of one run: ``update(values)`` for each new observation (the
+    metrics in ``model.metrics`` order, in their own units) returns P(state | all so far)."""
+
+    def __init__(self, model: StateModel):
+        self.model = model
+        self._log_alpha: np.ndarray | None = None  # normalised log-posterior after the last step
+        self.steps = 0  # observations seen so far
+        self._last = np.full(len(model.metrics), np.nan)  # carried forward for gaps
+        self._log_trans = np.log(np.where(model.transmat > 0, model.transmat, 1e-300))
+        self._log_norm = -0.5 * np.log(2.0 * np.pi * model.variances)  # (K, M)
+
+    def update(self, values) -> np.ndarray:
+        x = np.asarray(values, np.float64).reshape(-1)
+        if x.shape != self._last.shape:
+            raise ValueError(f"StateTracker: expected {self._last.shape[0]} metrics, got {x.shape[0]}")
+        x = np.where(np.isfinite(x), x, self._last)  # gaps carry the last value forward
+        self._last = x
+        seen = np.isfinite(x)
+        z = (x - self.model.center) / self.model.scale
+        d = np.where(seen, z, 0.0)[None, :] - self.model.means
+        terms = self._log_norm - 0.5 * d * d / self.model.variances
+        log_b = np.where(seen[None, :], terms, 0.0).sum(axis=1)  # a metric never seen is left out
+        if self._log_alpha is None:
+            prior = np.log(np.where(self.model.startprob > 0, self.model.startprob, 1e-300))
+        else:
+            prior = _logsumexp(self._log_alpha[:, None] + self._log_trans, axis=0)
+        log_alpha = prior + log_b
+        self._log_alpha = log_alpha - _logsumexp(log_alpha, axis=0)
+        self.steps += 1
+        return np.exp(self._log_alpha)
+
+
+def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
+    top = np.max(a, axis=axis, keepdims=True)
+    return np.squeeze(top, axis=axis) + np.log(np.sum(np.exp(a - top), axis=axis))
