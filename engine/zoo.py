@@ -228,10 +228,13 @@ def train_zoo_run(
     every: int = 10,
     grads: bool = True,
     progress: bool = True,
+    states=None,
 ) -> dict:
     """Train zoo model ``name`` for ``steps`` optimizer steps, recording a StatsProbe table
     (weights, gradients and activations of every module, valid loss and accuracy) every
-    ``every`` steps into ``run_dir``. Returns the valid accuracy curve and the run's summary."""
+    ``every`` steps into ``run_dir``. Returns the valid accuracy curve and the run's summary;
+    with ``states`` (a state model fitted on earlier runs) also the latent-state changes
+    decoded while it trained."""
     from tqdm.auto import tqdm
 
     model, task = build(name, seed)
@@ -248,6 +251,7 @@ def train_zoo_run(
         loss_fn=F.cross_entropy,
         metrics={"valid_accuracy": accuracy},
         schedule=Schedule.every(every),
+        states=states,
     )
     generator = torch.Generator().manual_seed(seed)
     curve: list[tuple[int, float]] = []
@@ -273,7 +277,7 @@ def train_zoo_run(
                     curve.append((step, accuracy(model(task.x_valid), task.y_valid)))
             bar.update()
     return {"seed": seed, "task": task.name, "valid_accuracy": curve, "summary": monitor.summary(),
-            "run_dir": Path(run_dir)}  # fmt: skip
+            "run_dir": Path(run_dir), "transitions": list(probe.transitions)}  # fmt: skip
 
 
 def crossing_step(curve: list[tuple[int, float]], level: float = 0.5) -> int | None:
@@ -287,6 +291,7 @@ class ZooResult:
     runs: list[dict]
     states: object  # LatentStates
     report: dict[str, Path]
+    live: dict | None = None  # one more run, its states decoded while it trained
 
     def report_text(self) -> str:
         lines = [self.states.summary(), ""]
@@ -298,6 +303,16 @@ class ZooResult:
             where = (f"valid accuracy crosses 50 % at step {cross}; nearest state change at step {near}"
                      if cross is not None else "valid accuracy never reaches 50 %")  # fmt: skip
             lines.append(f"seed {run['seed']}: final valid accuracy {final:.3f}; {where}")
+        if self.live is not None:
+            cross = crossing_step(self.live["valid_accuracy"])
+            changes = [step for step, _, _ in self.live["transitions"]]
+            where = (
+                f"valid accuracy crosses 50 % at step {cross}" if cross is not None else "never reaches 50 %"
+            )
+            lines.append(
+                f"seed {self.live['seed']}, decoded live with this model while it trained: {where}; "
+                f"state changes at steps {changes}"
+            )
         lines.append(f"report: {self.report['report.html']}")
         return "\n".join(lines)
 
@@ -311,9 +326,11 @@ def run_zoo(
     every: int = 10,
     grads: bool = True,
     progress: bool = True,
+    live: bool = True,
 ) -> ZooResult:
     """Train ``seeds`` runs of zoo model ``name`` under ``out/seed<i>`` and write the latent-state
-    analysis of all of them to ``out/analysis``."""
+    analysis of all of them to ``out/analysis``; with ``live``, train one more seed under
+    ``out/live`` whose StatsProbe decodes its latent states with that model as it trains."""
     from probescope.analysis import latent_states, write_report
 
     if name not in ZOO:
@@ -329,4 +346,8 @@ def run_zoo(
     ]
     states = latent_states([r["run_dir"] for r in runs], progress=progress)
     report = write_report(states, out / "analysis", title=f"Training map: {name} on {runs[0]['task']}")
-    return ZooResult(name, runs, states, report)
+    live_run = None
+    if live:
+        live_run = train_zoo_run(name, out / "live", seed=seeds, steps=steps, every=every, grads=grads,
+                                 progress=progress, states=states.state_model())  # fmt: skip
+    return ZooResult(name, runs, states, report, live_run)

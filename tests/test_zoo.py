@@ -66,3 +66,11 @@ def test_modadd_demo_finds_a_state_change_where_validation_accuracy_crosses_half
         nearest = min(abs(b - cross) for b in boundaries)
         assert nearest <= 0.05 * steps, (cross, boundaries)
     assert (out / "analysis" / "report.html").stat().st_size > 100_000
+    # One more seed, its states decoded while it trained (filtered: from the past only), also
+    # changes state where it groks; the change is in its run's table and in the printout.
+    live = open_run(out / "live").probe("stats").table()
+    cross = crossing_step(list(zip(live.step, live["loss/valid_accuracy"], strict=True)))
+    states = live["state"].to_numpy()
+    changes = live.step.to_numpy()[1:][states[1:] != states[:-1]]
+    assert cross is not None and min(abs(changes - cross)) <= 0.05 * steps, (cross, changes)
+    assert "decoded live with this model while it trained" in printed
