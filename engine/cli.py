@@ -122,12 +122,13 @@ def _export(args: argparse.Namespace) -> int:
 
 def _view(args: argparse.Namespace) -> int:
     from probescope.viewers.backend import ViewerUnavailable
-    from probescope.viewers.viewer import RunSource, Viewer
+    from probescope.viewers.viewer import RunSource, RunsSource, Viewer
 
-    source = RunSource(args.run, follow=args.follow)
+    several = len(args.run) > 1  # side by side: one row of panels per run
+    source = RunsSource(args.run, args.follow, args.probe) if several else RunSource(args.run[0], args.follow)
     try:
         viewer = Viewer(source, offscreen=args.offscreen, fps=args.fps, log_loss=not args.linear_loss,
-                        probes=args.probe)  # fmt: skip
+                        probes=None if several else args.probe)  # fmt: skip
     except ViewerUnavailable as err:
         print(f"probescope view: {err}", file=sys.stderr)
         return 3
@@ -137,7 +138,7 @@ def _view(args: argparse.Namespace) -> int:
             viewer.refresh()
         else:
             viewer.go_to(len(viewer.timeline) - 1 if args.step is None else viewer.timeline.index(args.step))
-        print(viewer.save_png(args.out or Path(args.run) / "view.png"))
+        print(viewer.save_png(args.out or Path(args.run[0]) / "view.png"))
         return 0
     viewer.run(replay_fps=args.replay_fps)
     return 0
@@ -267,8 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--quiet", action="store_true")
     export.set_defaults(func=_export)
 
-    view = sub.add_parser("view", help="watch a run live (--follow) or replay a finished one")
-    view.add_argument("run", type=Path)
+    view = sub.add_parser(
+        "view", help="watch a run live (--follow) or replay a finished one; several runs side by side"
+    )
+    view.add_argument("run", type=Path, nargs="+", help="run directories (several: one row of panels each)")
     view.add_argument(
         "--follow", action="store_true", help="keep reading new frames while the run is written"
     )

@@ -413,3 +413,51 @@ def test_stats_panel_shows_the_latent_state_of_every_frame():
         assert distance_near(image, panel, step, y, colour) <= 30, f"state {state} at step {step}"
     assert "latent state 2 (p=0.93)" in panel.caption.text
     viewer.close()
+
+
+def test_several_runs_side_by_side_one_row_each(recorded, tmp_path):
+    from probescope.cli import main
+    from probescope.viewers.viewer import RunsSource
+
+    short = record_blobs_run(tmp_path / "short", grid_every=3, other_every=5, steps=6, epoch_every=5)
+    source = RunsSource([recorded, short], probes=["grid", "loss"])
+    viewer = Viewer(source, offscreen=True, size=(900, 700))
+    a, b = recorded.name, short.name
+    assert list(viewer.panels) == [f"{a} · grid", f"{a} · loss", f"{b} · grid", f"{b} · loss"]
+    recorded_steps = {
+        s for run in (recorded, short) for p in ("grid", "loss") for s in open_run(run).probe(p).steps()
+    }
+    assert viewer.timeline == sorted(recorded_steps)
+    for step in (6, viewer.timeline[-1]):
+        viewer.go_to(viewer.timeline.index(step))
+        image = viewer.render()
+        for run, label in ((recorded, a), (short, b)):
+            record = open_run(run).probe("grid")
+            steps = record.steps()
+            frame = record.frame(int(np.searchsorted(steps, step, side="right")) - 1)
+            panel = viewer.panels[f"{label} · grid"]
+            assert panel.step == frame.step  # each run at its own newest frame up to the step
+            us, vs = record.static["us"], record.static["vs"]
+            checked = 0
+            for r, c in np.random.default_rng(1).integers(0, len(us), (40, 2)):
+                if _near_a_marker(panel, record.static["points_uv"], us[c], vs[r]):
+                    continue  # the training points are drawn over the map
+                got = pixel(image, panel, us[c], vs[r])
+                np.testing.assert_allclose(
+                    got, frame.data["rgba"][r, c, :3], atol=2, err_msg=f"{label} {r},{c}"
+                )
+                checked += 1
+            assert checked >= 10
+    viewer.close()
+    with pytest.raises(ValueError, match=r"no run has the probes \['nope'\]"):
+        RunsSource([recorded, short], probes=["nope"])
+    out = tmp_path / "both.png"
+    assert main(["view", str(recorded), str(short), "--offscreen", "--out", str(out)]) == 0
+    import imageio.v3 as iio
+
+    assert iio.imread(out).shape[0] > 600  # two rows of panels
+
+
+def _near_a_marker(panel, points, x, y, pixels=10.0) -> bool:
+    cx, cy = panel.data_to_canvas(x, y)
+    return any(np.hypot(px - cx, py - cy) < pixels for px, py in (panel.data_to_canvas(*p) for p in points))

@@ -11,6 +11,7 @@ a PNG; r starts and stops recording an MP4; q closes; left and right step a repl
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -86,6 +87,58 @@ class RunSource:
         return "host"
 
 
+class RunsSource:
+    """Several runs side by side (seeds, settings): one row of panels per run, each panel
+    named ``<run> · <probe>``; a replay steps every run through the same steps."""
+
+    SEPARATOR = " · "
+
+    def __init__(self, paths, follow: bool = False, probes: Iterable[str] | None = None):
+        paths = [Path(p) for p in paths]
+        if not paths:
+            raise ValueError("RunsSource: give at least one run directory")
+        self.sources = [RunSource(p, follow=follow) for p in paths]
+        labels = [p.name or str(p) for p in paths]
+        if len(set(labels)) < len(labels):  # same folder names under different parents
+            labels = [f"{i}:{label}" for i, label in enumerate(labels)]
+        self.labels = labels
+        wanted = None if probes is None else set(probes)
+        self._where: dict[str, tuple[RunSource, str]] = {}
+        self.specs = []
+        for label, source in zip(labels, self.sources, strict=True):
+            for spec in source.specs:
+                if wanted is not None and spec.name not in wanted:
+                    continue
+                name = f"{label}{self.SEPARATOR}{spec.name}"
+                self._where[name] = (source, spec.name)
+                self.specs.append(dataclasses.replace(spec, name=name))
+        if wanted is not None:
+            unknown = wanted - {inner for _, inner in self._where.values()}
+            if unknown:
+                raise ValueError(f"RunsSource: no run has the probes {sorted(unknown)}")
+        owners = [owner for owner, _ in self._where.values()]
+        self.columns = max(sum(owner is src for owner in owners) for src in self.sources)  # panels a row
+        self.out_dir = paths[0]
+
+    def latest(self, name: str):
+        source, inner = self._where[name]
+        return source.latest(inner)
+
+    def steps(self, name: str) -> list[int]:
+        source, inner = self._where[name]
+        return source.steps(inner)
+
+    def timeline(self) -> list[int]:
+        return sorted({s for name in self._where for s in self.steps(name)})
+
+    def at_step(self, name: str, step: int):
+        source, inner = self._where[name]
+        return source.at_step(inner, step)
+
+    def upload_path(self) -> str:
+        return "host"
+
+
 class Viewer:
     """Panels for every probe of ``source`` on one canvas.
 
@@ -113,7 +166,7 @@ class Viewer:
         specs = [s for s in source.specs if s.kind in PANELS and (probes is None or s.name in set(probes))]
         if not specs:
             raise ValueError("the viewer has no probe to show (grid, curve, prediction, loss or stats)")
-        columns = columns or min(len(specs), 3)
+        columns = columns or getattr(source, "columns", None) or min(len(specs), 3)
         rows = math.ceil(len(specs) / columns)
         size = size or (min(560 * columns, 1680), min(460 * rows, 1380))
         self.canvas = scene.SceneCanvas(
