@@ -1,4 +1,4 @@
-"""The ``probescope`` command: demo, zoo, analyze, view, export, info."""
+"""The ``probescope`` command: demo, zoo, analyze, view, export, info, compare."""
 
 from __future__ import annotations
 
@@ -144,6 +144,20 @@ def _view(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from probescope.compare import compare_runs, write_table
+
+    table = compare_runs(args.runs)
+    with pd.option_context("display.max_columns", None, "display.width", 200):
+        print(table.to_string(float_format=lambda v: f"{v:.4g}"))
+    if args.out is not None:
+        write_table(table, args.out)
+        print(f"written: {args.out}")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from probescope.run import open_run
 
@@ -267,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--quiet", action="store_true")
     export.set_defaults(func=_export)
+
+    compare = sub.add_parser("compare", help="many runs, one table: model, steps, last metrics, probe costs")
+    compare.add_argument("runs", type=Path, nargs="+", help="run directories")
+    compare.add_argument("--out", type=Path, default=None, help="also write it: FILE.csv, .json or .md")
+    compare.set_defaults(func=_compare)
 
     view = sub.add_parser(
         "view", help="watch a run live (--follow) or replay a finished one; several runs side by side"

@@ -1,0 +1,116 @@
+"""Many runs, one table: what each run trained and what its probes saw last, side by side.
+
+For benchmark suites (many models x probes): ``compare_runs(["runs/a", "runs/b", ...])`` reads
+each run directory (finished or still running) and returns a pandas DataFrame with one row
+per run: the model, its size, steps and epochs, the monitored wall time, the last value of
+every loss and metric series (LossProbe, or StatsProbe's table), each PredictionProbe's last
+accuracy (or MSE and R²), each CurveProbe's last sample loss, and each probe's frames,
+milliseconds per frame and failures. ``probescope compare RUN [RUN ...]`` prints it and
+writes it as CSV, JSON or Markdown.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from probescope.run import Run, open_run
+
+SCALARS = {"prediction": ("accuracy", "mse", "r2"), "curve": ("total_loss",)}
+
+
+def compare_runs(runs: Iterable[str | os.PathLike | Run]):
+    """One row per run (see the module's doc); columns absent from a run are NaN."""
+    import pandas as pd
+
+    rows = [run_row(r if isinstance(r, Run) else open_run(r)) for r in runs]
+    if not rows:
+        raise ValueError("compare_runs: give at least one run")
+    frame = pd.DataFrame(rows)
+    return frame.set_index("run")
+
+
+def run_row(run: Run) -> dict[str, Any]:
+    """The comparison row of one run."""
+    meta = run.meta
+    model = meta.get("model", {})
+    summary = meta.get("summary", {})
+    row: dict[str, Any] = {
+        "run": str(run.path),
+        "status": meta.get("status"),
+        "model": str(model.get("class", "")).rsplit(".", 1)[-1],
+        "parameters": model.get("parameters"),
+        "steps": summary.get("steps"),
+        "epochs": summary.get("epochs"),
+        "wall_seconds": summary.get("wall_seconds"),
+    }
+    metrics: dict[str, float] = {}
+    costs: dict[str, Any] = {}
+    for name, record in run.probes.items():
+        stats = summary.get("probes", {}).get(name, {})
+        costs[f"{name}/frames"] = len(record)
+        costs[f"{name}/ms_per_frame"] = stats.get("mean_ms", math.nan)
+        costs[f"{name}/failed"] = stats.get("failed", 0)
+        if not len(record):
+            continue
+        if record.kind == "loss":
+            metrics.update(_last_series(record.frame(len(record) - 1).data))
+        elif record.kind == "stats":
+            table = record.table()
+            for column in table.columns:
+                if column.startswith("loss/"):
+                    values = table[column].dropna()
+                    if len(values):
+                        metrics.setdefault(column.removeprefix("loss/"), float(values.iloc[-1]))
+        elif record.kind in SCALARS:
+            data = record.frame(len(record) - 1).data
+            for key in SCALARS[record.kind]:
+                if key in data:
+                    row[f"{name}/{key}"] = float(data[key])
+    return {**row, **{k: metrics[k] for k in sorted(metrics)}, **costs}
+
+
+def _last_series(data: dict[str, np.ndarray]) -> dict[str, float]:
+    """The last value of every series of a LossProbe frame (the learning rate left out)."""
+    out = {}
+    for key, values in data.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "series" and parts[2] == "values" and parts[1] != "lr":
+            series = np.asarray(values, np.float64)
+            if series.size:
+                out[parts[1]] = float(series[-1])
+    return out
+
+
+def write_table(table, path: str | os.PathLike) -> None:
+    """Write the comparison as CSV, JSON (records) or Markdown, by the file's suffix."""
+    path = os.fspath(path)
+    if path.endswith(".csv"):
+        table.to_csv(path)
+    elif path.endswith(".json"):
+        table.reset_index().to_json(path, orient="records", indent=2)
+    elif path.endswith(".md"):
+        with open(path, "w") as f:
+            f.write(_markdown(table))
+    else:
+        raise ValueError(f"compare: write .csv, .json or .md, got {path!r}")
+
+
+def _markdown(table) -> str:
+    """A Markdown table without the optional tabulate package."""
+    columns = ["run", *table.columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for run, row in table.iterrows():
+        cells = [str(run)] + [_cell(row[c]) for c in table.columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.4g}"
+    return "" if value is None else str(value)
