@@ -461,3 +461,37 @@ def test_several_runs_side_by_side_one_row_each(recorded, tmp_path):
 def _near_a_marker(panel, points, x, y, pixels=10.0) -> bool:
     cx, cy = panel.data_to_canvas(x, y)
     return any(np.hypot(px - cx, py - cy) < pixels for px, py in (panel.data_to_canvas(*p) for p in points))
+
+
+class _Pointer:
+    def __init__(self, pos):
+        self.pos = pos
+
+
+def test_the_pointer_reads_values_off_every_panel(trained_map):
+    spec, frame = trained_map
+    steps = np.arange(1, 51, dtype=np.float64)
+    loss = 2.0 * np.exp(-steps / 15.0)
+    loss_spec = PanelSpec("loss", "loss", {}, {})
+    source = FrameSource(spec, loss_spec)
+    source.show(spec.name, frame.data, frame.step)
+    source.show("loss", {"series/train_loss/steps": steps, "series/train_loss/values": loss}, 50)
+    viewer = Viewer(source, offscreen=True, size=(1100, 480))
+    viewer.refresh()
+    viewer.render()  # laid out: each panel has its place on the canvas
+    grid, losses = viewer.panels[spec.name], viewer.panels["loss"]
+    us, vs, probs = spec.static["us"], spec.static["vs"], frame.data["probs"]
+    for r, c in ((2, 3), (11, 30), (20, 17)):
+        viewer._on_mouse(_Pointer(grid.data_to_canvas(us[c], vs[r])))
+        best = int(probs[r, c].argmax())
+        assert f"class {best} {probs[r, c, best]:.2f}" in grid.caption.text, (r, c, grid.caption.text)
+        assert losses.hover == ""  # the pointer is not over the loss panel
+    viewer._on_mouse(_Pointer(losses.data_to_canvas(20.2, np.log10(loss[19]))))
+    assert f"step 20: train_loss {loss[19]:.4g}" in losses.caption.text and grid.hover == ""
+    # a new frame under a pointer that stays: the caption reads the new values
+    source.show("loss", {"series/train_loss/steps": steps, "series/train_loss/values": loss / 2}, 51)
+    viewer.refresh()
+    assert f"step 20: train_loss {loss[19] / 2:.4g}" in losses.caption.text
+    viewer._on_mouse(_Pointer((1, 1)))  # the canvas's corner: over no panel
+    assert grid.hover == losses.hover == "" and "train_loss 0" not in losses.caption.text
+    viewer.close()

@@ -83,19 +83,52 @@ class Panel:
                 column.add_widget(label, row=i, col=0)
             column.add_widget(scene.Widget(), row=len(legend), col=0)  # pushes the entries up
         self.step = self.epoch = None
+        self.data: dict[str, np.ndarray] | None = None  # the frame on screen
+        self.hover = ""  # what the pointer is over, in the caption
+        self.hover_at: tuple[float, float] | None = None
 
     def set_range(self, x: tuple[float, float], y: tuple[float, float]) -> None:
         self.view.camera.set_range(x=x, y=y, z=(-1.0, 1.0), margin=0)
 
     def update(self, data: dict[str, np.ndarray], step: float, epoch: float) -> None:
         self.step, self.epoch = round(step), round(epoch)
-        self.caption.text = (
-            f"{self.spec.name}  ·  step {self.step}  ·  epoch {self.epoch}{self.subtitle(data)}"
-        )
+        self.data = data
         self.draw(data)
+        if self.hover:  # the pointer stays where it is: say what is under it now
+            self.hover = self.readout(*self.hover_at) or ""
+        self._set_caption()
+
+    def _set_caption(self) -> None:
+        base = f"{self.spec.name}  ·  step {self.step}  ·  epoch {self.epoch}"
+        subtitle = self.subtitle(self.data) if self.data is not None else ""
+        self.caption.text = base + subtitle + (f"  ·  {self.hover}" if self.hover else "")
 
     def subtitle(self, data: dict[str, np.ndarray]) -> str:
         return ""
+
+    def point_under(self, canvas_pos) -> tuple[float, float] | None:
+        """The data point under canvas pixel ``canvas_pos``, or None outside this panel's view."""
+        mapped = self.view.scene.node_transform(self.view.canvas.scene).imap([*canvas_pos[:2], 0, 1])
+        x, y = float(mapped[0] / mapped[3]), float(mapped[1] / mapped[3])
+        rect = self.view.camera.rect
+        inside = rect.left <= x <= rect.right and rect.bottom <= y <= rect.top
+        return (x, y) if inside else None
+
+    def point_at(self, canvas_pos) -> bool:
+        """The pointer moved to ``canvas_pos``: show what is under it; True if the caption changed."""
+        point = self.point_under(canvas_pos)
+        hover = (self.readout(*point) or "") if point is not None and self.data is not None else ""
+        self.hover_at = point
+        if hover == self.hover:
+            return False
+        self.hover = hover
+        if self.step is not None:
+            self._set_caption()
+        return True
+
+    def readout(self, x: float, y: float) -> str | None:
+        """The frame's values at data point (x, y), in words (None: nothing to say)."""
+        return None
 
     def draw(self, data: dict[str, np.ndarray]) -> None:
         raise NotImplementedError
@@ -157,6 +190,23 @@ class MapPanel(Panel):
     def draw(self, data: dict[str, np.ndarray]) -> None:
         self.image.set_data(np.ascontiguousarray(data["rgba"]))
 
+    def readout(self, x: float, y: float) -> str | None:
+        probs = None if self.data is None else self.data.get("probs")
+        if probs is None:  # a CUDA frame drawn through interop has no host copy
+            return None
+        us, vs = self.spec.static.get("us"), self.spec.static.get("vs")
+        if us is None or vs is None:
+            return None
+        c, r = int(np.abs(np.asarray(us) - x).argmin()), int(np.abs(np.asarray(vs) - y).argmin())
+        p = np.asarray(probs[r, c], np.float64).reshape(-1)
+        where = f"({x:.3g}, {y:.3g})"
+        if not np.all(np.isfinite(p)):
+            return f"{where}: not finite"
+        if len(p) == 1:
+            return f"{where}: P(class 1) {p[0]:.2f}"
+        top = np.argsort(-p, kind="stable")[:3]
+        return f"{where}: " + ", ".join(f"class {k} {p[k]:.2f}" for k in top)
+
     def update_device(self, rgba, step: float, epoch: float) -> None:
         """Show an (H, W, 4) uint8 CUDA frame: through CUDA-GL interop when it can be used
         (registered on first use, after the texture exists), else through host memory."""
@@ -174,7 +224,8 @@ class MapPanel(Panel):
                 self.upload_path = f"host ({reason})"
         if self.interop is not None:
             self.step, self.epoch = round(step), round(epoch)
-            self.caption.text = f"{self.spec.name}  ·  step {self.step}  ·  epoch {self.epoch}"
+            self.data, self.hover = None, ""  # no host copy of this frame to read values from
+            self._set_caption()
             self.interop.upload(rgba)
             self.image.update()
         else:
@@ -218,6 +269,11 @@ class CurvePanel(Panel):
         vertices = np.concatenate([np.stack([self.x, lower], 1), np.stack([self.x, upper], 1)])
         self.band.set_data(vertices=vertices, faces=self.faces, color=(*BAND, 0.25))
         self.line.set_data(pos=np.stack([self.x, np.asarray(data["y_pred"], np.float32)], 1))
+
+    def readout(self, x: float, y: float) -> str | None:
+        i = int(np.abs(self.x - x).argmin())
+        pred, loss = float(self.data["y_pred"][i]), float(self.data["loss"][i])
+        return f"x {self.x[i]:.3g}: prediction {pred:.3g}, loss {loss:.3g}"
 
 
 class PredictionPanel(Panel):
@@ -300,6 +356,18 @@ class SeriesPanel(Panel):
             )
         else:
             line.set_data(pos=pos, color=colour)
+
+    def readout(self, x: float, y: float) -> str | None:
+        parts, step = [], None
+        for name, line in self.lines.items():
+            pos = line.pos
+            if pos is None or not len(pos):
+                continue
+            i = int(np.abs(pos[:, 0] - x).argmin())
+            step = pos[i, 0] if step is None else step
+            value = 10.0 ** float(pos[i, 1]) if self.log_y else float(pos[i, 1])
+            parts.append(f"{name} {value:.4g}")
+        return f"step {step:.0f}: " + ", ".join(parts) if parts else None
 
     def rescale(self) -> None:
         points = [line.pos for line in self.lines.values() if line.pos is not None]

@@ -188,6 +188,7 @@ class Viewer:
         self.position = len(self.timeline) - 1
         self.playing = False
         self.canvas.events.key_press.connect(self._on_key)
+        self.canvas.events.mouse_move.connect(self._on_mouse)
         self.canvas.events.close.connect(self._on_close)
         log.info("viewer: %s backend, %s upload", self.backend, source.upload_path())
 
@@ -305,6 +306,14 @@ class Viewer:
             self.go_to(self.position + 1)
         elif key == "Left" and self.timeline:
             self.go_to(self.position - 1)
+
+    def _on_mouse(self, event) -> None:
+        """The pointer moved: the panel under it says what is there, in its caption."""
+        changed = False
+        for panel in self.panels.values():
+            changed |= panel.point_at(event.pos)
+        if changed and not self.offscreen:
+            self.canvas.update()
 
     # ---- lifetime -----------------------------------------------------------------------
     def _on_close(self, event=None) -> None:
