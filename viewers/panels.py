@@ -49,6 +49,20 @@ def _rgba(colours: np.ndarray, alpha: float = 1.0) -> np.ndarray:
     return np.concatenate([colours[:, :3], np.full((len(colours), 1), alpha, np.float32)], axis=1)
 
 
+class LeftLabel(scene.Label):
+    """A label whose text starts at its left edge (vispy's Label puts the text's anchor at its
+    centre, so left-anchored text began halfway across and ran off the right edge)."""
+
+    MARGIN = 4.0
+
+    def __init__(self, text: str, **kwargs):
+        super().__init__(text, anchor_x="left", **kwargs)
+
+    def _set_pos(self):
+        rect = self.rect
+        self._text_visual.pos = (rect.left + self.MARGIN, rect.center[1])
+
+
 class Panel:
     """Caption, a pan-and-zoom view with ticked axes, and an optional legend column."""
 
@@ -58,7 +72,7 @@ class Panel:
     def __init__(self, parent_grid, spec: PanelSpec, row: int, col: int, legend: list | None = None):
         self.spec = spec
         self.grid = parent_grid.add_grid(row=row, col=col, margin=4)
-        self.caption = scene.Label(spec.name, color="black", font_size=9, anchor_x="left")
+        self.caption = LeftLabel(spec.name, color="black", font_size=9)
         self.caption.height_max = 26
         self.grid.add_widget(self.caption, row=0, col=0, col_span=3 if legend else 2)
         self.y_axis = scene.AxisWidget(orientation="left", axis_label=self.y_label, axis_font_size=7,
@@ -79,7 +93,7 @@ class Panel:
             column = self.grid.add_grid(row=1, col=2)
             column.width_max = 90
             for i, (text, colour) in enumerate(legend):
-                label = scene.Label(text, color=colour, font_size=7, anchor_x="left")
+                label = LeftLabel(text, color=colour, font_size=7)
                 column.add_widget(label, row=i, col=0)
             column.add_widget(scene.Widget(), row=len(legend), col=0)  # pushes the entries up
         self.step = self.epoch = None
