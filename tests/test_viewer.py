@@ -495,3 +495,18 @@ def test_the_pointer_reads_values_off_every_panel(trained_map):
     viewer._on_mouse(_Pointer((1, 1)))  # the canvas's corner: over no panel
     assert grid.hover == losses.hover == "" and "train_loss 0" not in losses.caption.text
     viewer.close()
+
+
+def test_captions_start_at_the_panels_left_edge():
+    spec = PanelSpec("loss", "loss", {}, {})
+    source = FrameSource(spec)
+    steps = np.arange(1, 11, dtype=np.float64)
+    source.show("loss", {"series/train_loss/steps": steps, "series/train_loss/values": 1 / steps}, 10)
+    viewer = Viewer(source, offscreen=True, size=(640, 480))
+    viewer.refresh()
+    image = viewer.render()[..., :3].astype(int)
+    caption = image[:24]  # the caption's row, above the axes
+    dark = np.argwhere(caption.max(-1) < 110)[:, 1]
+    assert len(dark) and dark.min() < 30, "the caption's text starts at the left"
+    assert dark.max() < 400  # "loss · step 10 · epoch 0 · train_loss" fits well inside the panel
+    viewer.close()
