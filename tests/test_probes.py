@@ -294,6 +294,20 @@ def test_prediction_probe_binary_sensitivity_and_specificity_at_threshold():
     assert probe.task == "binary"
     assert float(frame["sensitivity"]) == pytest.approx(2 / 3)
     assert float(frame["specificity"]) == pytest.approx(2 / 3)
+    # rows: true class; columns: predicted. Class 0: -2, -1 right, 0.5 wrong; class 1: -0.5 wrong.
+    np.testing.assert_array_equal(frame["confusion"].numpy(), [[2, 1], [1, 2]])
+
+
+def test_prediction_probe_confusion_counts_every_true_and_predicted_pair(mlp, blobs):
+    probe = PredictionProbe(blobs.x_valid, blobs.y_valid)
+    frame = _evaluate(probe, mlp)
+    with torch.no_grad():
+        pred = mlp(probe.x).argmax(1).numpy()
+    expected = np.zeros((7, 7), np.int64)
+    for t, p in zip(probe.y.long().numpy(), pred, strict=True):
+        expected[t, p] += 1
+    np.testing.assert_array_equal(frame["confusion"].numpy(), expected)
+    assert np.trace(expected) / expected.sum() == pytest.approx(float(frame["accuracy"]))
 
 
 def test_prediction_probe_regression_reports_y_hat(mlp):

@@ -510,3 +510,23 @@ def test_captions_start_at_the_panels_left_edge():
     assert len(dark) and dark.min() < 30, "the caption's text starts at the left"
     assert dark.max() < 400  # "loss · step 10 · epoch 0 · train_loss" fits well inside the panel
     viewer.close()
+
+
+def test_the_pointer_over_a_class_reads_its_row_of_the_confusion_matrix():
+    y = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2], np.float32)
+    spec = PanelSpec("prediction", "prediction", {"task": "classification", "num_classes": 3},
+                     {"y_true": y, "jitter": np.zeros_like(y)})  # fmt: skip
+    source = FrameSource(spec)
+    confusion = np.array([[3, 0, 0], [1, 1, 0], [0, 3, 1]])
+    data = {"prob_true": np.full(9, 0.5), "pred": np.zeros(9, np.int64), "accuracy": np.float64(5 / 9),
+            "class_mean": np.full(3, 0.5), "confusion": confusion}  # fmt: skip
+    source.show("prediction", data, 4)
+    viewer = Viewer(source, offscreen=True, size=(640, 480))
+    viewer.refresh()
+    viewer.render()
+    panel = viewer.panels["prediction"]
+    viewer._on_mouse(_Pointer(panel.data_to_canvas(2.1, 0.4)))
+    assert "class 2: 1 of 4 right, 3 taken for class 1" in panel.caption.text
+    viewer._on_mouse(_Pointer(panel.data_to_canvas(0.0, 0.7)))
+    assert "class 0: 3 of 3 right" in panel.caption.text and "taken for" not in panel.caption.text
+    viewer.close()

@@ -342,6 +342,29 @@ class PredictionPanel(Panel):
             return f"  ·  MSE {float(data['mse']):.4g}  R² {float(data['r2']):.3f}"
         return f"  ·  accuracy {float(data['accuracy']):.3f}"
 
+    def readout(self, x: float, y: float) -> str | None:
+        """Over a class (the x-axis, or the y-axis of a binary task): its samples, how many
+        are right, and the class they are most often mistaken for."""
+        confusion = None if self.data is None else self.data.get("confusion")
+        if confusion is None:
+            return None
+        confusion = np.asarray(confusion)
+        where = y if self.task == "binary" else x
+        k = round(where)
+        if not 0 <= k < len(confusion) or abs(where - k) > 0.45:
+            return None
+        row = confusion[k]
+        total = int(row.sum())
+        if total == 0:
+            return f"class {k}: no samples"
+        text = f"class {k}: {int(row[k])} of {total} right"
+        wrong = row.copy()
+        wrong[k] = 0
+        if wrong.any():
+            j = int(wrong.argmax())
+            text += f", {int(wrong[j])} taken for class {j}"
+        return text
+
 
 class SeriesPanel(Panel):
     """Lines of named series over steps, optionally on a log10 scale."""

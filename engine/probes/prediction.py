@@ -135,6 +135,7 @@ class PredictionProbe(Probe):
                 "accuracy": np.float64(float((pred == labels).double().mean())),
                 "sensitivity": np.float64(sens),
                 "specificity": np.float64(spec),
+                "confusion": _confusion(labels, pred, 2),
             }
         prob_true = probs.gather(1, labels[:, None])[:, 0]
         pred = probs.argmax(dim=1)
@@ -146,6 +147,7 @@ class PredictionProbe(Probe):
             "pred": pred,
             "accuracy": np.float64(float((pred == labels).double().mean())),
             "class_mean": class_mean,
+            "confusion": _confusion(labels, pred, self.num_classes),
         }
 
     def static(self) -> dict[str, np.ndarray]:
@@ -159,3 +161,9 @@ class PredictionProbe(Probe):
             "show_perc": self.show_perc,
             "threshold": self.threshold,
         }
+
+
+def _confusion(labels: torch.Tensor, pred: torch.Tensor, classes: int) -> torch.Tensor:
+    """Counts of (true class, predicted class): row i, column j is how many samples of class
+    i were predicted as class j."""
+    return torch.bincount(labels * classes + pred, minlength=classes * classes).reshape(classes, classes)
