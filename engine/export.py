@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from probescope.figures import FrameRenderer, plot_frame, small_multiples
+from probescope.figures import PANELS, FrameRenderer, plot_frame, small_multiples, stats_figure
 from probescope.kernels import interpolate_frames, probs_to_rgba
 from probescope.kernels.interpolate import METHODS, interpolation_weights
 from probescope.run import ProbeRecord, Run
@@ -172,8 +172,19 @@ def export_run(
     progress: bool = False,
     renderer: str = "mpl",
 ) -> dict[str, list[Path]]:
-    """Export every probe (or the named ones) of a run; returns the files per probe."""
-    names = list(probes) if probes is not None else list(run.probes)
+    """Export every probe (or the named ones) of a run; returns the files per probe. A probe
+    drawn over training as a whole, not frame by frame (StatsProbe: see
+    ``export_final_pictures``), is left out unless named, which is an error."""
+    if probes is not None:
+        names = list(probes)
+        still = [n for n in names if run.probe(n).kind not in PANELS]
+        if still:
+            raise ValueError(
+                f"probes {still} have no frame-by-frame picture to animate; export_final_pictures "
+                "(--final-pictures) draws them over training"
+            )
+    else:
+        names = [n for n, record in run.probes.items() if record.kind in PANELS]
     return {
         name: export_probe(
             run.probe(name),
@@ -203,6 +214,11 @@ def export_final_pictures(run: Run, out: str | Path) -> list[Path]:
         if not len(record):
             continue
         path = out / f"{name}_final.png"
+        if record.kind not in PANELS:  # drawn over training as a whole
+            if record.kind == "stats":
+                stats_figure(record).savefig(path)
+                written.append(path)
+            continue
         plot_frame(record).savefig(path)
         written.append(path)
         path = out / f"{name}_small_multiples.png"

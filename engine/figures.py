@@ -347,3 +347,39 @@ def small_multiples(record: ProbeRecord, count: int = 12, columns: int = 4, cell
         ax.set_title(f"step {frame.step} · epoch {frame.epoch}", fontsize=8)
     figure.suptitle(f"{record.name} across training", fontsize=10)
     return figure
+
+
+def stats_figure(record: ProbeRecord, lines: int = 6) -> Figure:
+    """A StatsProbe over training: weight norms (L2 and spectral, log scale) above, its loss
+    and metric columns below, the background coloured by latent state when the probe
+    decoded one (``StatsProbe(states=...)``)."""
+    table = record.table()
+    if not len(table):
+        raise ValueError(f"probe {record.name!r} has no frames yet")
+    steps = table["step"].to_numpy(np.float64)
+    norms = [c for c in table.columns if c.endswith("/l2") or c.endswith("/spectral")][:lines]
+    losses = [c for c in table.columns if c.startswith("loss/")][:lines]
+    figure = Figure(figsize=(9, 6), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    top, bottom = figure.subplots(2, 1, sharex=True)
+    for ax, columns, log in ((top, norms, True), (bottom, losses, False)):
+        for column in columns:
+            ax.plot(steps, table[column].to_numpy(np.float64), lw=1.5, label=column)
+        if log and columns:
+            ax.set_yscale("log")
+        if columns:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        if "state" in table.columns:
+            from probescope.analysis.report import segments, state_colour
+
+            states = table["state"].to_numpy()
+            known = ~np.isnan(states.astype(np.float64))
+            for start, end, state in segments(states[known].astype(np.int64), steps[known]):
+                ax.axvspan(start, end, color=state_colour(state), alpha=0.15, lw=0)
+    top.set_ylabel("weight norms")
+    bottom.set_ylabel("losses and metrics")
+    bottom.set_xlabel("step")
+    figure.suptitle(
+        f"{record.name} over training" + ("  ·  latent states shaded" if "state" in table.columns else "")
+    )
+    return figure

@@ -95,3 +95,39 @@ def test_curve_figure_draws_the_band_and_both_loss_series(tmp_path):
     assert len(renderer.side[1].lines["batch"].get_xdata()) == frame.step
     assert renderer.figure._suptitle.get_text().endswith(f"step {frame.step}  ·  epoch 0")
     assert small_multiples(record).axes
+
+
+def test_a_run_with_a_stats_probe_exports_and_draws_it_over_training(tmp_path, capsys):
+    from probescope import StatsProbe
+    from probescope.cli import main
+    from probescope.figures import stats_figure
+    from tests.test_stats_probe import _two_state_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.zero_()
+    probes = [StatsProbe("0", spectral=False, states=_two_state_model(), schedule=Schedule.every(1))]
+    x, y = torch.linspace(-1, 1, 50)[:, None], torch.linspace(-1, 1, 50)
+    probes.append(CurveProbe(x, y, schedule=Schedule.every(2)))
+    with Monitor(model, probes, snapshot="sync", run_dir=tmp_path / "run", ring_capacity=16) as monitor:
+        for step in range(1, 11):
+            with torch.no_grad():
+                model[0].weight.fill_(step)
+            monitor.step(loss=torch.tensor(1.0 / step))
+    run = open_run(tmp_path / "run")
+    files = export_run(run, tmp_path / "out", ["gif"])
+    assert list(files) == ["curve"]  # the stats probe has no frame-by-frame picture to animate
+    with pytest.raises(ValueError, match=r"probes \['stats'\] have no frame-by-frame picture"):
+        export_run(run, tmp_path / "out", ["gif"], probes=["stats"])
+    written = export_final_pictures(run, tmp_path / "final")
+    assert tmp_path / "final" / "stats_final.png" in written
+    figure = stats_figure(run.probe("stats"))
+    top, bottom = figure.axes[:2]
+    np.testing.assert_allclose(top.lines[0].get_ydata()[1:], np.arange(1.0, 11.0))  # |w| = step
+    assert [line.get_label() for line in bottom.lines] == ["loss/train_loss"]
+    shaded = list(top.patches)  # one span per run of equal state: 0 until step 5, then 1
+    assert len(shaded) == 2 and "latent states shaded" in figure.texts[0].get_text()
+    assert main(["export", str(tmp_path / "run"), "--format", "png", "--final-pictures", "--quiet",
+                 "--out", str(tmp_path / "cli")]) == 0  # fmt: skip
+    assert (tmp_path / "cli" / "stats_final.png").exists()
