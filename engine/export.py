@@ -175,16 +175,19 @@ def export_run(
     """Export every probe (or the named ones) of a run; returns the files per probe. A probe
     drawn over training as a whole, not frame by frame (StatsProbe: see
     ``export_final_pictures``), is left out unless named, which is an error."""
+    animated = PANELS
+    if renderer == "gl":  # the viewer's panels: its statistics panel grows frame by frame
+        from probescope.viewers.panels import PANELS as animated
     if probes is not None:
         names = list(probes)
-        still = [n for n in names if run.probe(n).kind not in PANELS]
+        still = [n for n in names if run.probe(n).kind not in animated]
         if still:
             raise ValueError(
-                f"probes {still} have no frame-by-frame picture to animate; export_final_pictures "
-                "(--final-pictures) draws them over training"
+                f"probes {still} have no frame-by-frame picture to animate with renderer {renderer!r}; "
+                "export_final_pictures (--final-pictures) draws them over training"
             )
     else:
-        names = [n for n, record in run.probes.items() if record.kind in PANELS]
+        names = [n for n, record in run.probes.items() if record.kind in animated]
     return {
         name: export_probe(
             run.probe(name),

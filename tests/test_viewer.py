@@ -530,3 +530,21 @@ def test_the_pointer_over_a_class_reads_its_row_of_the_confusion_matrix():
     viewer._on_mouse(_Pointer(panel.data_to_canvas(0.0, 0.7)))
     assert "class 0: 3 of 3 right" in panel.caption.text and "taken for" not in panel.caption.text
     viewer.close()
+
+
+def test_gl_export_animates_a_stats_probe_frame_by_frame(tmp_path):
+    from probescope import StatsProbe
+    from probescope.export import export_run
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(64, 2)
+    y = (x[:, 0] > 0).long()
+    probe = StatsProbe("*", schedule=Schedule.every(2))
+    with Monitor(model, [probe], snapshot="sync", run_dir=tmp_path / "run", ring_capacity=16) as monitor:
+        train_steps(monitor, model, x, y, 8, batch=16)
+    run = open_run(tmp_path / "run")
+    files = export_run(run, tmp_path / "gl", ["gif"], renderer="gl")
+    import imageio.v3 as iio
+
+    assert iio.imread(files["stats"][0], index=None).shape[0] == len(run.probe("stats"))
