@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from probescope.datasets import Dataset, make_dataset
 from probescope.export import export_final_pictures, export_probe
 from probescope.monitor import Monitor
-from probescope.probes import CurveProbe, GridProbe, LossProbe, PredictionProbe, Probe
+from probescope.probes import CurveProbe, GridProbe, LossProbe, NeuronProbe, PredictionProbe, Probe
 from probescope.run import open_run
 from probescope.schedule import Schedule
 
@@ -39,8 +39,9 @@ def build_mlp(widths: list[int] | tuple[int, ...], activation: str = "relu") -> 
     return nn.Sequential(*layers)
 
 
-def demo_probes(data: Dataset, resolution: int = 192) -> list[Probe]:
-    """The probes that fit the data set: a map (or a curve), predictions and losses."""
+def demo_probes(data: Dataset, resolution: int = 192, model: nn.Module | None = None) -> list[Probe]:
+    """The probes that fit the data set: a map (or a curve), predictions and losses, and given
+    the model, the maps of its last hidden layer's units."""
     dense_early = Schedule.log_spaced(12)
     probes: list[Probe] = [
         PredictionProbe(data.x_valid, data.y_valid, schedule=Schedule.every_epoch()),
@@ -71,6 +72,18 @@ def demo_probes(data: Dataset, resolution: int = 192) -> list[Probe]:
                 schedule=dense_early | Schedule.every_epoch(2),
             ),
         )
+        hidden = [name for name, m in (model.named_children() if model is not None else []) if name][:-1]
+        if hidden:  # the activation before the output layer
+            probes.insert(
+                1,
+                NeuronProbe(
+                    data.x_train,
+                    hidden[-1],
+                    units=16,
+                    resolution=40,
+                    schedule=Schedule.every_epoch(2),  # a picture now and then: the map is the live view
+                ),
+            )
     return probes
 
 
@@ -236,7 +249,7 @@ def _run_demo(
     model = build_mlp(widths, activation)
     monitor = Monitor(
         model,
-        demo_probes(data, resolution),
+        demo_probes(data, resolution, model),
         run_dir=out,
         overwrite=True,
         viewer=viewer,

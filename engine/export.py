@@ -40,6 +40,13 @@ def _blend(record: ProbeRecord, first: dict, second: dict, k: int, method: str) 
             data["rgba"] = probs_to_rgba(
                 torch.from_numpy(data["probs"]), config["mode"], palette, config["class_index"]
             ).numpy()
+    elif record.kind == "neurons":  # the maps are blended, then coloured again
+        from probescope.probes.neurons import neuron_mosaic
+
+        for data in blended:
+            activations = torch.from_numpy(data["activations"])
+            scale = record.config["scale"] or float(data["scale"])
+            data["rgba"] = neuron_mosaic(activations, scale, record.config["columns"]).numpy()
     return blended
 
 

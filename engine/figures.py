@@ -270,7 +270,39 @@ class PredictionPanel:
             self.ax.set_title(label, fontsize=9)
 
 
-PANELS = {"grid": GridPanel, "curve": CurvePanel, "prediction": PredictionPanel, "loss": LossPanel}
+class NeuronsPanel:
+    """Each unit's map over the grid (NeuronProbe's mosaic), with the units' indices."""
+
+    def __init__(self, ax: Axes, record: ProbeRecord, compact: bool = False):
+        config = record.config
+        size, gap, columns = config["resolution"], config["gap"], config["columns"]
+        height = config["rows"] * (size + gap) - gap
+        width = columns * (size + gap) - gap
+        self.image = ax.imshow(np.zeros((height, width, 4), np.uint8), interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        self.ax, self.compact, self.layer = ax, compact, config["layer"]
+        if not compact:
+            for i, unit in enumerate(record.static["units"]):
+                r, c = divmod(i, columns)
+                ax.text(c * (size + gap) + 1, r * (size + gap) + 1, str(unit), fontsize=6, va="top",
+                        color="0.25")  # fmt: skip
+
+    def update(self, data: dict[str, np.ndarray]) -> None:
+        self.image.set_data(data["rgba"])
+        if not self.compact:
+            self.ax.set_xlabel(
+                f"units of {self.layer!r}: blue negative, white 0, red positive (±{float(data['scale']):.3g})"
+            )
+
+
+PANELS = {
+    "grid": GridPanel,
+    "curve": CurvePanel,
+    "prediction": PredictionPanel,
+    "loss": LossPanel,
+    "neurons": NeuronsPanel,
+}
 
 
 class FrameRenderer:

@@ -91,8 +91,7 @@ def _ddp_job(rank: int, world: int, store: str, out: str, probe_rank: int) -> No
                 loss.backward()
                 optimizer.step()
                 monitor.step(loss=loss)
-            monitor.drain(30)
-            latest = monitor.latest("grid")
+        latest = monitor.latest("grid")  # after close: the final frame is of the last step
         summary = monitor.summary()
         result = {
             "probing": monitor.probing,

@@ -357,3 +357,15 @@ def test_probs_to_rgba_writes_into_the_given_slot():
     out = probs_to_rgba(probs, "boundary", default_palette(3), out=slot)
     assert out is slot
     assert torch.equal(slot, probs_to_rgba(probs, "boundary", default_palette(3)))
+
+
+@pytest.mark.parametrize("resolution", [1, (1, 5), (4, 1)])
+def test_grid_probe_draws_one_pixel_wide_grids(mlp, blobs, resolution):
+    probe = GridProbe(blobs.x_train, blobs.y_train, resolution=resolution)
+    frame = _evaluate(probe, mlp)  # attaching checked the model on the grid's own points
+    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
+    points = probe.grid.points()
+    with torch.no_grad():
+        expected = torch.softmax(mlp(points), 1).reshape(height, width, -1)
+    np.testing.assert_allclose(frame["probs"].numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert frame["rgba"].shape == (height, width, 4)

@@ -548,3 +548,36 @@ def test_gl_export_animates_a_stats_probe_frame_by_frame(tmp_path):
     import imageio.v3 as iio
 
     assert iio.imread(files["stats"][0], index=None).shape[0] == len(run.probe("stats"))
+
+
+def test_neuron_maps_draw_each_unit_and_the_pointer_names_it(blobs):
+    from probescope import NeuronProbe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 9), nn.Tanh(), nn.Linear(9, 7))
+    probe = NeuronProbe(blobs.x_train, "1", units=[8, 2, 5, 0], resolution=20)
+    with Monitor(model, [probe], snapshot="sync") as monitor:
+        pass
+    frame = monitor.latest(probe.name)
+    spec = PanelSpec.of_probe(probe)
+    source = FrameSource(spec)
+    source.show(spec.name, frame.data, frame.step)
+    viewer = Viewer(source, offscreen=True, size=(640, 560))
+    viewer.refresh()
+    image = viewer.render()
+    panel = viewer.panels[spec.name]
+    rgba, acts = frame.data["rgba"], frame.data["activations"]
+    pitch = probe.resolution + 2
+    for unit, (r, c) in ((0, (3, 4)), (1, (15, 9)), (3, (10, 18))):
+        row, col = divmod(unit, probe.columns)
+        # the centre of mosaic pixel (row*pitch + r, col*pitch + c): x right, y up from the bottom
+        x, y = col * pitch + c + 0.5, panel.height - (row * pitch + r + 0.5)
+        np.testing.assert_allclose(
+            pixel(image, panel, x, y), rgba[row * pitch + r, col * pitch + c, :3], atol=2
+        )
+        viewer._on_mouse(_Pointer(panel.data_to_canvas(x, y)))
+        us, vs = probe.static()["us"], probe.static()["vs"]
+        said = f"unit {probe.units[unit]} at ({us[c]:.3g}, {vs[r]:.3g}): {acts[unit, r, c]:.3g}"
+        assert said in panel.caption.text, panel.caption.text
+    assert "4 units of '1'" in panel.caption.text
+    viewer.close()

@@ -514,10 +514,57 @@ class StatsPanel(SeriesPanel):
             self.strip.set_data(vertices=vertices, faces=faces, face_colors=face_colours)
 
 
+class NeuronsPanel(Panel):
+    """Each unit's map over the grid, as one mosaic Image (NeuronProbe); the pointer names the
+    unit and its output at that point."""
+
+    x_label = y_label = "units"
+
+    def __init__(self, parent_grid, spec: PanelSpec, row: int, col: int):
+        from probescope.kernels.colormap import DIVERGING_ANCHORS
+
+        config = spec.config
+        self.size, self.gap = int(config["resolution"]), int(config["gap"])
+        self.columns, self.rows = int(config["columns"]), int(config["rows"])
+        self.width = self.columns * (self.size + self.gap) - self.gap
+        self.height = self.rows * (self.size + self.gap) - self.gap
+        ends = np.asarray([DIVERGING_ANCHORS[0], DIVERGING_ANCHORS[-1]], np.float32)
+        legend = [(text, tuple(c)) for text, c in zip(("negative", "positive"), _rgba(ends), strict=True)]
+        super().__init__(parent_grid, spec, row, col, legend)
+        self.image = scene.visuals.Image(
+            np.zeros((self.height, self.width, 4), np.uint8),
+            parent=self.view.scene,
+            interpolation="nearest",
+            method="subdivide",
+        )
+        self.image.transform = STTransform(scale=(1.0, -1.0), translate=(0.0, self.height))  # row 0 on top
+        self.set_range((0, self.width), (0, self.height))
+
+    def draw(self, data: dict[str, np.ndarray]) -> None:
+        self.image.set_data(np.ascontiguousarray(data["rgba"]))
+
+    def subtitle(self, data: dict[str, np.ndarray]) -> str:
+        units = len(self.spec.static.get("units", ()))
+        return f"  ·  {units} units of {self.spec.config.get('layer')!r}, ±{float(data['scale']):.3g}"
+
+    def readout(self, x: float, y: float) -> str | None:
+        pitch = self.size + self.gap
+        col, px = divmod(x, pitch)
+        row, py = divmod(self.height - y, pitch)
+        unit = int(row) * self.columns + int(col)
+        activations = np.asarray(self.data["activations"])
+        if px >= self.size or py >= self.size or not 0 <= unit < len(activations) or col >= self.columns:
+            return None
+        r, c = int(py), int(px)
+        units, us, vs = (self.spec.static[k] for k in ("units", "us", "vs"))
+        return f"unit {int(units[unit])} at ({us[c]:.3g}, {vs[r]:.3g}): {float(activations[unit, r, c]):.3g}"
+
+
 PANELS = {
     "grid": MapPanel,
     "curve": CurvePanel,
     "prediction": PredictionPanel,
     "loss": LossPanel,
     "stats": StatsPanel,
+    "neurons": NeuronsPanel,
 }

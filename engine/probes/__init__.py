@@ -4,6 +4,7 @@ from probescope.probes.base import Probe, ProbeContext, ProbeStats
 from probescope.probes.curve import CurveProbe
 from probescope.probes.grid import GridProbe
 from probescope.probes.loss import LossProbe
+from probescope.probes.neurons import NeuronProbe
 from probescope.probes.prediction import PredictionProbe
 from probescope.probes.stats import StatsProbe
 
@@ -11,6 +12,7 @@ __all__ = [
     "CurveProbe",
     "GridProbe",
     "LossProbe",
+    "NeuronProbe",
     "PredictionProbe",
     "Probe",
     "ProbeContext",

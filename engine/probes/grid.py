@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -57,9 +58,6 @@ class GridProbe(Probe):
     ):
         super().__init__(name=name, schedule=schedule)
         owner = f"GridProbe {self.name!r}"
-        x = as_float_tensor("data", data, ndim=(2,), owner=owner)
-        if x.shape[1] < 2:
-            raise ValueError(f"{owner}: data must have at least 2 features, got {x.shape[1]}")
         if mode not in MODES:
             raise ValueError(f"{owner}: mode must be one of {MODES}, got {mode!r}")
         if output not in OUTPUTS:
@@ -71,37 +69,16 @@ class GridProbe(Probe):
         positive_int(f"{owner}: batch_size", batch_size)
         if smoothing is not None and not 0 < smoothing <= 1:
             raise ValueError(f"{owner}: smoothing must be an EMA weight in (0, 1] or None, got {smoothing!r}")
-        if not margin >= 0:
-            raise ValueError(f"{owner}: margin must be >= 0, got {margin!r}")
+        plane_grid = PlaneGrid.fit(owner, data, plane, domain, margin, width, height)
         self.labels = None
         if labels is not None:
             y = torch.as_tensor(np.asarray(labels)).reshape(-1)
-            if y.shape[0] != x.shape[0]:
-                raise ValueError(f"{owner}: {y.shape[0]} labels for {x.shape[0]} data points")
+            if y.shape[0] != len(plane_grid.uv):
+                raise ValueError(f"{owner}: {y.shape[0]} labels for {len(plane_grid.uv)} data points")
             self.labels = y.long()
-
-        self.origin, self.axis_u, self.axis_v = _plane(owner, x, plane)
-        uv = _project(x, self.origin, self.axis_u, self.axis_v)
-        if domain is None:
-            lo, hi = uv.min(dim=0).values, uv.max(dim=0).values
-            pad = (hi - lo) * margin
-            domain = (
-                float(lo[0] - pad[0]),
-                float(hi[0] + pad[0]),
-                float(lo[1] - pad[1]),
-                float(hi[1] + pad[1]),
-            )
-        if len(domain) != 4 or not all(np.isfinite(domain)):
-            raise ValueError(f"{owner}: domain must be 4 finite numbers (u0, u1, v0, v1), got {domain!r}")
-        u0, u1, v0, v1 = (float(d) for d in domain)
-        if not (u1 > u0 and v1 > v0):
-            raise ValueError(
-                f"{owner}: the domain {domain!r} has zero area; it needs u1 > u0 and v1 > v0 "
-                "(all data on one line? pass domain= explicitly)"
-            )
-        self.domain = (u0, u1, v0, v1)
+        self.origin, self.axis_u, self.axis_v = plane_grid.origin, plane_grid.axis_u, plane_grid.axis_v
+        self.domain, self.grid, uv = plane_grid.domain, plane_grid.grid, plane_grid.uv
         self.width, self.height = width, height
-        self.grid = GridSpec.on_plane(self.origin, self.axis_u, self.axis_v, self.domain, width, height)
         self.us = self.grid.us().float()
         self.vs = self.grid.vs().float()
         self.smoothing = smoothing
@@ -119,11 +96,12 @@ class GridProbe(Probe):
 
     def attach(self, model: nn.Module) -> None:
         owner = f"GridProbe {self.name!r}"
-        out = check_forward(owner, model, self.grid.points()[:2])
-        if out.dim() != 2 or out.shape[0] != 2:
+        sample = self.grid.points()[:2]  # one point on a one-pixel grid
+        out = check_forward(owner, model, sample)
+        if out.dim() != 2 or out.shape[0] != len(sample):
             raise ValueError(
                 f"{owner}: the model must map (N, d) inputs to (N, K) outputs, "
-                f"got {tuple(out.shape)} for a batch of 2"
+                f"got {tuple(out.shape)} for a batch of {len(sample)}"
             )
         k = out.shape[1]
         self.num_classes = 2 if (self.output == "sigmoid" or (self.output == "auto" and k == 1)) else k
@@ -205,6 +183,51 @@ class GridProbe(Probe):
             "smoothing": self.smoothing,
             "path": self.path,
         }
+
+
+@dataclass(frozen=True)
+class PlaneGrid:
+    """A ``width`` x ``height`` grid on a plane through input space, fitted to data: the plane
+    (origin and two orthonormal axes), the data projected onto it (``uv``) and the rectangle
+    it covers (``domain``: the data's extent plus ``margin`` of it on each side, unless given)."""
+
+    origin: torch.Tensor
+    axis_u: torch.Tensor
+    axis_v: torch.Tensor
+    uv: torch.Tensor
+    domain: tuple[float, float, float, float]
+    grid: GridSpec
+
+    @classmethod
+    def fit(cls, owner: str, data, plane, domain, margin: float, width: int, height: int) -> PlaneGrid:
+        """The grid for ``data`` (N, d >= 2); errors name ``owner``."""
+        x = as_float_tensor("data", data, ndim=(2,), owner=owner)
+        if x.shape[1] < 2:
+            raise ValueError(f"{owner}: data must have at least 2 features, got {x.shape[1]}")
+        if not margin >= 0:
+            raise ValueError(f"{owner}: margin must be >= 0, got {margin!r}")
+        origin, axis_u, axis_v = _plane(owner, x, plane)
+        uv = _project(x, origin, axis_u, axis_v)
+        if domain is None:
+            lo, hi = uv.min(dim=0).values, uv.max(dim=0).values
+            pad = (hi - lo) * margin
+            domain = (
+                float(lo[0] - pad[0]),
+                float(hi[0] + pad[0]),
+                float(lo[1] - pad[1]),
+                float(hi[1] + pad[1]),
+            )
+        if len(domain) != 4 or not all(np.isfinite(domain)):
+            raise ValueError(f"{owner}: domain must be 4 finite numbers (u0, u1, v0, v1), got {domain!r}")
+        u0, u1, v0, v1 = (float(d) for d in domain)
+        if not (u1 > u0 and v1 > v0):
+            raise ValueError(
+                f"{owner}: the domain {domain!r} has zero area; it needs u1 > u0 and v1 > v0 "
+                "(all data on one line? pass domain= explicitly)"
+            )
+        domain = (u0, u1, v0, v1)
+        grid = GridSpec.on_plane(origin, axis_u, axis_v, domain, width, height)
+        return cls(origin, axis_u, axis_v, uv, domain, grid)
 
 
 def _plane(owner: str, x: torch.Tensor, plane) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

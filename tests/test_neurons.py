@@ -1,0 +1,89 @@
+"""NeuronProbe: every unit's map over the grid, held to the layer's own outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from probescope import Monitor, NeuronProbe, Schedule, open_run
+from probescope.export import export_probe
+from probescope.figures import plot_frame
+from probescope.kernels.colormap import DIVERGING_ANCHORS, NONFINITE_RGBA
+from probescope.probes.neurons import GAP, neuron_mosaic
+from tests.conftest import train_steps
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 12), nn.Tanh(), nn.Linear(12, 7))
+
+
+@pytest.mark.parametrize(("units", "resolution"), [(5, 17), ([11, 0, 4], 24), (12, 1)])
+def test_each_map_is_the_units_output_at_every_grid_point(blobs, units, resolution):
+    model = _model()
+    probe = NeuronProbe(blobs.x_train, "1", units=units, resolution=resolution, schedule=Schedule.every(1))
+    with Monitor(model, [probe], snapshot="sync") as monitor:
+        train_steps(monitor, model, blobs.x_train, blobs.y_train, 3)
+    frame = monitor.latest(probe.name).data
+    chosen = list(range(units)) if isinstance(units, int) else units
+    with torch.no_grad():
+        hidden = torch.tanh(model[0](probe.grid.points()))  # pixel (r, c) is point r * W + c
+    expected = hidden[:, chosen].T.reshape(len(chosen), resolution, resolution)
+    np.testing.assert_allclose(frame["activations"], expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert float(frame["scale"]) == pytest.approx(float(expected.abs().max()))
+    np.testing.assert_array_equal(
+        frame["rgba"], neuron_mosaic(expected, float(expected.abs().max()), probe.columns).numpy()
+    )
+    assert probe.static()["units"].tolist() == chosen
+
+
+@pytest.mark.parametrize(("units", "columns"), [(1, 1), (5, 2), (7, 3)])
+def test_the_mosaic_places_each_unit_and_colours_it_by_sign(units, columns):
+    size = 3
+    activations = torch.zeros(units, size, size)
+    activations[:, 0, 0] = 2.0  # +scale: red
+    activations[:, 1, 1] = -5.0  # beyond -scale: clipped to blue
+    activations[-1, 2, 2] = float("nan")
+    mosaic = neuron_mosaic(activations, 2.0, columns).numpy()
+    rows = -(-units // columns)
+    assert mosaic.shape == (rows * (size + GAP) - GAP, columns * (size + GAP) - GAP, 4)
+    painted = np.zeros(mosaic.shape[:2], bool)
+    for u in range(units):
+        r, c = divmod(u, columns)
+        tile = mosaic[r * (size + GAP) : r * (size + GAP) + size, c * (size + GAP) : c * (size + GAP) + size]
+        painted[r * (size + GAP) : r * (size + GAP) + size, c * (size + GAP) : c * (size + GAP) + size] = True
+        np.testing.assert_array_equal(tile[0, 0, :3], DIVERGING_ANCHORS[-1])
+        np.testing.assert_array_equal(tile[1, 1, :3], DIVERGING_ANCHORS[0])
+        np.testing.assert_array_equal(tile[0, 1, :3], DIVERGING_ANCHORS[2])  # zero: the middle
+        if u == units - 1:
+            np.testing.assert_array_equal(tile[2, 2], NONFINITE_RGBA)
+    assert np.all(mosaic[~painted] == 255)  # white between (and after) the maps
+
+
+def test_bad_layers_and_units_are_refused_with_the_reason(blobs):
+    model = _model()
+    with pytest.raises(ValueError, match=r"no module named 'hidden'; the modules are '0', '1', '2'"):
+        Monitor(model, [NeuronProbe(blobs.x_train, "hidden")])
+    with pytest.raises(ValueError, match=r"units \[12\] are not among the 12 outputs of '1'"):
+        Monitor(model, [NeuronProbe(blobs.x_train, "1", units=[0, 12])])
+    with pytest.raises(ValueError, match="units must be a count or a list"):
+        NeuronProbe(blobs.x_train, "1", units=[-1])
+    with pytest.raises(ValueError, match="scale must be a positive number"):
+        NeuronProbe(blobs.x_train, "1", scale=0.0)
+
+
+def test_a_recorded_run_exports_interpolated_mosaics(blobs, tmp_path):
+    import imageio.v3 as iio
+
+    model = _model()
+    probe = NeuronProbe(blobs.x_train, "1", units=6, resolution=16, schedule=Schedule.every(2))
+    with Monitor(model, [probe], run_dir=tmp_path / "run") as monitor:
+        train_steps(monitor, model, blobs.x_train, blobs.y_train, 6)
+    record = open_run(tmp_path / "run").probe(probe.name)
+    files = export_probe(record, tmp_path / "out", ["gif"], interpolate=2)
+    frames = iio.imread(files[0], index=None)
+    assert frames.shape[0] == len(record) + 2 * (len(record) - 1)
+    figure = plot_frame(record)
+    assert "units of '1'" in figure.axes[0].get_xlabel()
