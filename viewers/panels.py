@@ -539,6 +539,9 @@ class NeuronsPanel(Panel):
         )
         self.image.transform = STTransform(scale=(1.0, -1.0), translate=(0.0, self.height))  # row 0 on top
         self.set_range((0, self.width), (0, self.height))
+        for axis in (self.x_axis, self.y_axis):  # mosaic pixels are no coordinates: no tick labels
+            axis.axis.text_color = (0.0, 0.0, 0.0, 0.0)
+            axis.axis.tick_color = (0.0, 0.0, 0.0, 0.0)
 
     def draw(self, data: dict[str, np.ndarray]) -> None:
         self.image.set_data(np.ascontiguousarray(data["rgba"]))
