@@ -581,3 +581,27 @@ def test_neuron_maps_draw_each_unit_and_the_pointer_names_it(blobs):
         assert said in panel.caption.text, panel.caption.text
     assert "4 units of '1'" in panel.caption.text
     viewer.close()
+
+
+def test_a_noisy_batch_loss_is_drawn_as_one_unbroken_line():
+    steps = np.arange(1, 881, dtype=np.float64)
+    loss = 10.0 ** (
+        -1.6 + 0.3 * np.random.default_rng(0).standard_normal(len(steps))
+    )  # noisy, a point a step
+    source = FrameSource(PanelSpec("loss", "loss", {}, {}))
+    source.show("loss", {"series/train_loss/steps": steps, "series/train_loss/values": loss}, 880)
+    viewer = Viewer(source, offscreen=True, size=(640, 480))
+    viewer.refresh()
+    image = viewer.render()[..., :3].astype(int)
+    panel = viewer.panels["loss"]
+    dark = image.max(-1) < 200
+    points = np.array([panel.data_to_canvas(s, np.log10(v)) for s, v in zip(steps, loss, strict=True)])
+    columns = points[:, 0].astype(int)
+    wanted = drawn = 0
+    for c in np.unique(columns):  # a column's points span rows lo..hi: the line crosses each of them
+        ys = points[columns == c, 1]
+        lo, hi = int(np.ceil(ys.min())), int(np.floor(ys.max()))
+        wanted += max(hi - lo, 0)
+        drawn += dark[lo:hi, c - 1 : c + 2].any(axis=1).sum()
+    assert drawn / wanted > 0.95, f"the line covers {drawn / wanted:.0%} of the rows it spans"  # agg: 26 %
+    viewer.close()

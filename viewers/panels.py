@@ -377,7 +377,11 @@ class SeriesPanel(Panel):
         super().__init__(parent_grid, spec, row, col, legend)
         self.lines: dict[str, scene.visuals.Line] = {}
 
-    def set_series(self, name: str, steps: np.ndarray, values: np.ndarray, colour) -> None:
+    def set_series(
+        self, name: str, steps: np.ndarray, values: np.ndarray, colour, dense: bool = False
+    ) -> None:
+        """Draw series ``name``; ``dense``: one point a step or so (a batch loss), drawn as a
+        thin GL line (vispy's antialiased lines break up on a zigzag of hundreds of points)."""
         values = np.asarray(values, np.float64)
         if self.log_y:
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -389,7 +393,11 @@ class SeriesPanel(Panel):
         line = self.lines.get(name)
         if line is None:
             line = self.lines[name] = scene.visuals.Line(
-                pos, color=colour, width=2.0, method="agg", parent=self.view.scene
+                pos,
+                color=colour,
+                width=1.0 if dense else 2.0,
+                method="gl" if dense else "agg",
+                parent=self.view.scene,
             )
         else:
             line.set_data(pos=pos, color=colour)
@@ -432,7 +440,8 @@ class LossPanel(SeriesPanel):
         for name in names:
             line = self.lines.get(name)
             colour = line.color if line is not None else self.colour(name)
-            self.set_series(name, data[f"series/{name}/steps"], data[f"series/{name}/values"], colour)
+            steps, values = data[f"series/{name}/steps"], data[f"series/{name}/values"]
+            self.set_series(name, steps, values, colour, dense=name == "train_loss")
         self.rescale()
 
     def subtitle(self, data: dict[str, np.ndarray]) -> str:
