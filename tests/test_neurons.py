@@ -87,3 +87,16 @@ def test_a_recorded_run_exports_interpolated_mosaics(blobs, tmp_path):
     assert frames.shape[0] == len(record) + 2 * (len(record) - 1)
     figure = plot_frame(record)
     assert "units of '1'" in figure.axes[0].get_xlabel()
+
+
+def test_a_fixed_scale_colours_every_frame_alike(blobs):
+    model = _model()
+    probe = NeuronProbe(blobs.x_train, "1", units=4, resolution=12, scale=0.25)
+    with Monitor(model, [probe], snapshot="sync") as monitor:
+        pass
+    frame = monitor.latest(probe.name).data
+    assert float(frame["scale"]) == 0.25
+    acts = torch.as_tensor(frame["activations"])
+    np.testing.assert_array_equal(frame["rgba"], neuron_mosaic(acts, 0.25, probe.columns).numpy())
+    saturated = acts.abs() >= 0.25  # beyond the scale: full colour
+    assert saturated.any() and not saturated.all()

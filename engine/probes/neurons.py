@@ -86,6 +86,7 @@ class NeuronProbe(Probe):
         self.columns, self.scale = columns, scale
         self.rows = 0
         self._points: dict[tuple, torch.Tensor] = {}  # the grid's inputs, per device and dtype
+        self._index: dict[torch.device, torch.Tensor] = {}  # the shown units, per device
 
     def attach(self, model: nn.Module) -> None:
         owner = f"NeuronProbe {self.name!r}"
@@ -114,7 +115,9 @@ class NeuronProbe(Probe):
             self._points[key] = to_model(self.grid.points(), device, dtype)
         points = self._points[key]
         modules = dict(model.named_modules())
-        index = torch.tensor(self.units, device=device)
+        index = self._index.get(device)
+        if index is None:  # copied to the device once, not at every frame
+            index = self._index[device] = torch.tensor(self.units, device=device)
         parts = []
         with _Capture(modules[self.layer]) as captured, torch.no_grad():
             for start in range(0, points.shape[0], self.batch_size):
@@ -127,11 +130,13 @@ class NeuronProbe(Probe):
             self.warn_once(
                 "nonfinite", f"non-finite outputs of {self.layer!r} at step {context.step}; drawn in magenta"
             )
-        scale = self.scale or _largest(activations)
+        # The scale stays a device scalar: on CUDA nothing here waits for the GPU but the check
+        # above (which waits for the probe stream only).
+        scale = activations.new_full((), float(self.scale)) if self.scale else _largest(activations)
         return {
             "rgba": neuron_mosaic(activations, scale, self.columns),
             "activations": activations,
-            "scale": np.float64(scale),
+            "scale": scale.to(torch.float64),
         }
 
     def static(self) -> dict[str, np.ndarray]:
@@ -154,7 +159,7 @@ class NeuronProbe(Probe):
         }
 
 
-def neuron_mosaic(activations: torch.Tensor, scale: float, columns: int) -> torch.Tensor:
+def neuron_mosaic(activations: torch.Tensor, scale: float | torch.Tensor, columns: int) -> torch.Tensor:
     """``(U, H, W)`` unit outputs -> one ``(rows*(H+GAP)-GAP, columns*(W+GAP)-GAP, 4)`` uint8
     picture: unit ``u`` at row ``u // columns``, column ``u % columns``; -scale blue, 0 white,
     +scale red, non-finite magenta; white between maps."""
@@ -174,10 +179,10 @@ def neuron_mosaic(activations: torch.Tensor, scale: float, columns: int) -> torc
     ]
 
 
-def _largest(activations: torch.Tensor) -> float:
-    finite = activations[torch.isfinite(activations)]
-    largest = float(finite.abs().max()) if finite.numel() else 0.0
-    return largest if largest > 0 else 1.0
+def _largest(activations: torch.Tensor) -> torch.Tensor:
+    """The largest finite |output| (1 where there is none), a 0-d tensor on their device."""
+    largest = torch.where(torch.isfinite(activations), activations.abs(), 0.0).amax()
+    return torch.where(largest > 0, largest, torch.ones_like(largest))
 
 
 class _Capture:
