@@ -448,6 +448,11 @@ def test_several_runs_side_by_side_one_row_each(recorded, tmp_path):
                 )
                 checked += 1
             assert checked >= 10
+        # one probe in two runs: the same axes, so the runs compare at a glance
+        rect_a, rect_b = (viewer.panels[f"{label} · loss"].view.camera.rect for label in (a, b))
+        assert (rect_a.left, rect_a.right, rect_a.bottom, rect_a.top) == pytest.approx(
+            (rect_b.left, rect_b.right, rect_b.bottom, rect_b.top)
+        )
     viewer.close()
     with pytest.raises(ValueError, match=r"no run has the probes \['nope'\]"):
         RunsSource([recorded, short], probes=["nope"])

@@ -120,6 +120,14 @@ class RunsSource:
         self.columns = max(sum(owner is src for owner in owners) for src in self.sources)  # panels a row
         self.out_dir = paths[0]
 
+    def shared_axes(self) -> list[list[str]]:
+        """Panels of the same probe in different runs: drawn on the same axes, so that runs
+        compare at a glance."""
+        groups: dict[str, list[str]] = {}
+        for name, (_, inner) in self._where.items():
+            groups.setdefault(inner, []).append(name)
+        return [names for names in groups.values() if len(names) > 1]
+
     def latest(self, name: str):
         source, inner = self._where[name]
         return source.latest(inner)
@@ -246,10 +254,23 @@ class Viewer:
         return step
 
     def _after_change(self) -> None:
+        self._share_axes()
         if self.recording is not None:
             self._append_recording()
         if not self.offscreen:
             self.canvas.update()
+
+    def _share_axes(self) -> None:
+        """Give the panels of one probe in several runs the union of their ranges."""
+        for names in getattr(self.source, "shared_axes", list)():
+            panels = [self.panels[n] for n in names if n in self.panels and self.panels[n].step is not None]
+            if len(panels) < 2:
+                continue
+            rects = [p.view.camera.rect for p in panels]
+            x = (min(r.left for r in rects), max(r.right for r in rects))
+            y = (min(r.bottom for r in rects), max(r.top for r in rects))
+            for panel in panels:
+                panel.set_range(x, y)
 
     def render(self) -> np.ndarray:
         """The canvas as an (H, W, 4) uint8 array."""
