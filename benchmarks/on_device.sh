@@ -11,6 +11,9 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-benchmark-results}
 mkdir -p "$OUT"
+# The machine reaches no package index: .whl carries the wheels it lacks (vispy, hmmlearn,
+# plotly, imageio-ffmpeg, freetype-py, hsluv; lightning, pytorch-lightning, lightning-utilities
+# and torchmetrics for the Lightning tests, which skip without them; pip download --no-deps).
 # The viewer suite needs vispy's wheels in .whl and the GL loaders in .gl (Debian packages
 # libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2, fetched with apt-get download; see
 # the device tool's README); the NVIDIA driver provides EGL itself.
