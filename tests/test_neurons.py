@@ -100,3 +100,29 @@ def test_a_fixed_scale_colours_every_frame_alike(blobs):
     np.testing.assert_array_equal(frame["rgba"], neuron_mosaic(acts, 0.25, probe.columns).numpy())
     saturated = acts.abs() >= 0.25  # beyond the scale: full colour
     assert saturated.any() and not saturated.all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_maps_come_from_the_snapshot_on_the_probe_stream(blobs):
+    model = _model().cuda()
+    probe = NeuronProbe(blobs.x_train, "1", units=[3, 1, 7], resolution=21, schedule=Schedule.every(2))
+    x, y = blobs.x_train.cuda(), blobs.y_train.cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Monitor(model, [probe], optimizer=optimizer) as monitor:
+        for _ in range(6):
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss=loss.detach())
+    assert monitor.stats[probe.name].failed == 0
+    frame = monitor.latest(probe.name)
+    assert frame.step == 6  # the final frame: the weights as training left them
+    with torch.no_grad():
+        hidden = torch.tanh(model[0](probe.grid.points().cuda())).cpu()
+    expected = hidden[:, [3, 1, 7]].T.reshape(3, 21, 21)
+    np.testing.assert_allclose(np.asarray(frame.data["activations"]), expected.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(
+        np.asarray(frame.data["rgba"]),
+        neuron_mosaic(expected, float(frame.data["scale"]), probe.columns).numpy(),
+    )
