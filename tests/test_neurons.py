@@ -122,7 +122,6 @@ def test_on_cuda_the_maps_come_from_the_snapshot_on_the_probe_stream(blobs):
         hidden = torch.tanh(model[0](probe.grid.points().cuda())).cpu()
     expected = hidden[:, [3, 1, 7]].T.reshape(3, 21, 21)
     np.testing.assert_allclose(np.asarray(frame.data["activations"]), expected.numpy(), rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(
-        np.asarray(frame.data["rgba"]),
-        neuron_mosaic(expected, float(frame.data["scale"]), probe.columns).numpy(),
-    )
+    mosaic = neuron_mosaic(expected, float(frame.data["scale"]), probe.columns).numpy().astype(int)
+    # the CUDA colour kernel against the CPU one: equal to one level of rounding
+    np.testing.assert_allclose(np.asarray(frame.data["rgba"]).astype(int), mosaic, rtol=0, atol=1)
