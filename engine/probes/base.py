@@ -271,3 +271,32 @@ def outputs_to_probs(logits: torch.Tensor, output: str, final: str = "logits") -
     """``(N, K)`` model outputs -> ``(N, C)`` class probabilities (``probs``: already probabilities;
     ``final``: what the model's last layer makes them, see ``final_output_kind``)."""
     return kernel_outputs_to_probs(logits, "raw" if output == "probs" else output, final)
+
+
+class ForwardHooks:
+    """Forward hooks on the named modules calling ``fn(name, output)`` with each one's floating-point
+    output (the first tensor of a tuple), detached; removed on exit."""
+
+    def __init__(self, model: nn.Module, names: list[str], fn: Callable[[str, torch.Tensor], None]):
+        modules = dict(model.named_modules())
+        self.handles = []
+        for name in names:
+            self.handles.append(modules[name].register_forward_hook(self._hook(name, fn)))
+
+    @staticmethod
+    def _hook(name, fn):
+        def hook(module, inputs, output):
+            tensor = output
+            if isinstance(output, (tuple, list)):
+                tensor = next((o for o in output if isinstance(o, torch.Tensor)), None)
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                fn(name, tensor.detach())
+
+        return hook
+
+    def __enter__(self) -> ForwardHooks:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()

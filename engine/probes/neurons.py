@@ -18,6 +18,7 @@ from torch import nn
 
 from probescope.kernels import probs_to_rgba
 from probescope.probes.base import (
+    ForwardHooks,
     Probe,
     ProbeContext,
     check_forward,
@@ -94,12 +95,13 @@ class NeuronProbe(Probe):
         if self.layer not in modules:
             names = ", ".join(repr(n) for n in modules if n) or "(none)"
             raise ValueError(f"{owner}: no module named {self.layer!r}; the modules are {names}")
-        captured = _Capture(modules[self.layer])
-        with captured:
+        captured: dict[str, torch.Tensor] = {}
+        with ForwardHooks(model, [self.layer], captured.__setitem__):
             check_forward(owner, model, self.grid.points()[:2])
-        if captured.output is None:
+        if self.layer not in captured:
             raise ValueError(f"{owner}: module {self.layer!r} produced no tensor in the model's forward")
-        features = captured.output.reshape(captured.output.shape[0], -1).shape[1]
+        output = captured[self.layer]
+        features = output.reshape(output.shape[0], -1).shape[1]
         if self.units is None:
             self.units = list(range(min(self._first, features)))
         bad = [u for u in self.units if u >= features]
@@ -114,15 +116,14 @@ class NeuronProbe(Probe):
         if key not in self._points:
             self._points[key] = to_model(self.grid.points(), device, dtype)
         points = self._points[key]
-        modules = dict(model.named_modules())
         index = self._index.get(device)
         if index is None:  # copied to the device once, not at every frame
             index = self._index[device] = torch.tensor(self.units, device=device)
-        parts = []
-        with _Capture(modules[self.layer]) as captured, torch.no_grad():
+        parts, captured = [], {}
+        with ForwardHooks(model, [self.layer], captured.__setitem__), torch.no_grad():
             for start in range(0, points.shape[0], self.batch_size):
                 model(points[start : start + self.batch_size])
-                out = captured.output
+                out = captured[self.layer]
                 parts.append(out.reshape(out.shape[0], -1).index_select(1, index).float())
         size = self.resolution
         activations = torch.cat(parts).T.reshape(len(self.units), size, size).contiguous()
@@ -183,23 +184,3 @@ def _largest(activations: torch.Tensor) -> torch.Tensor:
     """The largest finite |output| (1 where there is none), a 0-d tensor on their device."""
     largest = torch.where(torch.isfinite(activations), activations.abs(), 0.0).amax()
     return torch.where(largest > 0, largest, torch.ones_like(largest))
-
-
-class _Capture:
-    """A forward hook keeping the module's last output tensor (the first one of a tuple)."""
-
-    def __init__(self, module: nn.Module):
-        self.module, self.output, self.handle = module, None, None
-
-    def __enter__(self) -> _Capture:
-        self.handle = self.module.register_forward_hook(self._hook)
-        return self
-
-    def _hook(self, module, inputs, output) -> None:
-        if isinstance(output, (tuple, list)):
-            output = next((o for o in output if isinstance(o, torch.Tensor)), None)
-        if isinstance(output, torch.Tensor):
-            self.output = output.detach()
-
-    def __exit__(self, *exc) -> None:
-        self.handle.remove()

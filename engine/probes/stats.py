@@ -22,6 +22,7 @@ from torch import nn
 from probescope.history import History
 from probescope.kernels.stats import STAT_NAMES, spectral_norm, tensor_stats
 from probescope.probes.base import (
+    ForwardHooks,
     Probe,
     ProbeContext,
     ValidSet,
@@ -161,7 +162,7 @@ class StatsProbe(Probe):
         matched by a glob pattern is dropped if it does not (e.g. the ``out_proj`` that
         ``nn.MultiheadAttention`` holds but never calls)."""
         kinds: dict[str, str] = {}
-        with _ForwardHooks(model, self.modules, lambda n, t: kinds.__setitem__(n, "tensor")):
+        with ForwardHooks(model, self.modules, lambda n, t: kinds.__setitem__(n, "tensor")):
             check_forward(f"StatsProbe {self.name!r}", model, self.batch[:2])
         silent = [m for m in self.modules if m not in kinds]
         named = [m for m in silent if m in self.patterns]
@@ -269,7 +270,7 @@ class StatsProbe(Probe):
         def measure(name: str, out: torch.Tensor) -> None:
             found[name] = tensor_stats(out, self.near_zero)
 
-        with _ForwardHooks(model, self.modules, measure), torch.no_grad():
+        with ForwardHooks(model, self.modules, measure), torch.no_grad():
             model(to_model(self.batch, *model_device_dtype(model)))
         return [found.get(m, nan) for m in self.modules]
 
@@ -316,31 +317,3 @@ def _state_model(owner: str, states):
     raise TypeError(
         f"{owner}: states must be a StateModel, a LatentStates or a path, got {type(states).__name__}"
     )
-
-
-class _ForwardHooks:
-    """Forward hooks on the named modules calling ``fn(name, output_tensor)``; removed on exit."""
-
-    def __init__(self, model: nn.Module, names: list[str], fn: Callable[[str, torch.Tensor], None]):
-        modules = dict(model.named_modules())
-        self.handles = []
-        for name in names:
-            self.handles.append(modules[name].register_forward_hook(self._hook(name, fn)))
-
-    @staticmethod
-    def _hook(name, fn):
-        def hook(module, inputs, output):
-            tensor = output
-            if isinstance(output, (tuple, list)):
-                tensor = next((o for o in output if isinstance(o, torch.Tensor)), None)
-            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
-                fn(name, tensor.detach())
-
-        return hook
-
-    def __enter__(self) -> _ForwardHooks:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
