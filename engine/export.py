@@ -45,8 +45,7 @@ def _blend(record: ProbeRecord, first: dict, second: dict, k: int, method: str) 
 
         for data in blended:
             activations = torch.from_numpy(data["activations"])
-            scale = record.config["scale"] or float(data["scale"])
-            data["rgba"] = neuron_mosaic(activations, scale, record.config["columns"]).numpy()
+            data["rgba"] = neuron_mosaic(activations, float(data["scale"]), record.config["columns"]).numpy()
     return blended
 
 
