@@ -1,4 +1,4 @@
-"""The ``probescope`` command: demo, zoo, analyze, view, export, info, compare."""
+"""The ``probescope`` command: demo, zoo, analyze, view, export, info, compare, spec."""
 
 from __future__ import annotations
 
@@ -204,6 +204,13 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spec(args: argparse.Namespace) -> int:
+    from probescope.spec import describe_spec
+
+    print(describe_spec(args.path))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="probescope", description="Watch a PyTorch model learn.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -309,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("run", type=Path)
     info.add_argument("--json", action="store_true", help="print run.json as is")
     info.set_defaults(func=_info)
+
+    spec = sub.add_parser(
+        "spec", help="list a probe spec: each probe's arguments (load_probes(RUN) builds them again)"
+    )
+    spec.add_argument("path", type=Path, help="a run directory or a spec file (probes.json)")
+    spec.set_defaults(func=_spec)
     return parser
 
 

@@ -2,7 +2,8 @@
 
 For benchmark suites (many models x probes): ``compare_runs(["runs/a", "runs/b", ...])`` reads
 each run directory (finished or still running) and returns a pandas DataFrame with one row
-per run: the model, its size, steps and epochs, the monitored wall time, the last value of
+per run: the model, its size, steps and epochs, the monitored wall time, a digest of its probe
+spec (equal digests: the runs were probed the same way), the last value of
 every loss and metric series (LossProbe, or StatsProbe's table), each PredictionProbe's last
 accuracy (or MSE and R²), each CurveProbe's last sample loss, and each probe's frames,
 milliseconds per frame and failures. ``probescope compare RUN [RUN ...]`` prints it and
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from probescope.run import Run, open_run
+from probescope.spec import spec_digest
 
 SCALARS = {"prediction": ("accuracy", "mse", "r2"), "curve": ("total_loss",)}
 
@@ -47,6 +49,7 @@ def run_row(run: Run) -> dict[str, Any]:
         "steps": summary.get("steps"),
         "epochs": summary.get("epochs"),
         "wall_seconds": summary.get("wall_seconds"),
+        "probe_spec": _spec_digest(run),
     }
     metrics: dict[str, float] = {}
     costs: dict[str, Any] = {}
@@ -72,6 +75,17 @@ def run_row(run: Run) -> dict[str, Any]:
                 if key in data:
                     row[f"{name}/{key}"] = float(data[key])
     return {**row, **{k: metrics[k] for k in sorted(metrics)}, **costs}
+
+
+def _spec_digest(run: Run) -> str:
+    """The first digits of the run's probe spec digest: equal when runs were probed the same way
+    (empty for a run recorded without a spec)."""
+    if "spec" not in run.meta:
+        return ""
+    try:
+        return spec_digest(run.path)[:12]
+    except (OSError, ValueError):
+        return ""
 
 
 def _last_series(data: dict[str, np.ndarray]) -> dict[str, float]:

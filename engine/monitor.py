@@ -290,6 +290,7 @@ class Monitor:
                 self.writer.add_probe(
                     p.name, p.kind, {**p.config(), "schedule": p.schedule.describe()}, p.static()
                 )
+            self.writer.save_probes([st.probe for st in self._probes.values()])
             self.writer.update_meta(
                 model={**_describe_model(self.model), "wrappers": self.wrappers},
                 distributed=self.placement.describe(),

@@ -6,6 +6,7 @@ Layout::
     RUN/probes/<name>/static.npz      arrays that never change (grid axes, data points)
     RUN/probes/<name>/frames/<seq>.npz one file per frame: its arrays plus __step__, __epoch__, ...
     RUN/model.pt                      the model's final state_dict
+    RUN/probes.json, RUN/probes.npz   the probe spec: what was probed (see probescope.spec)
 
 Every file is written to a temporary name and renamed into place, so a reader (or a crash)
 sees each frame whole or not at all: a killed writer loses at most the frame in flight.
@@ -37,7 +38,8 @@ FORMAT_VERSION = 1
 _META_KEYS = ("__seq__", "__step__", "__epoch__", "__time__")
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Write ``path`` through a temporary file beside it, so that readers never see half of it."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         write(f)
@@ -45,11 +47,11 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
 
 
 def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 class RunWriter:
@@ -63,7 +65,7 @@ class RunWriter:
                     f"{self.path} already holds a run; pass overwrite=True or choose another directory"
                 )
             shutil.rmtree(self.path / "probes", ignore_errors=True)
-            for name in ("run.json", "model.pt"):
+            for name in ("run.json", "model.pt", "probes.json", "probes.npz"):
                 (self.path / name).unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
         self.meta: dict[str, Any] = {
@@ -105,6 +107,26 @@ class RunWriter:
         self.meta["probes"][name] = {"kind": kind, "config": config}
         self.update_meta()
 
+    def save_probes(self, probes) -> None:
+        """Write the probe spec (probes.json and probes.npz, see probescope.spec): what was probed,
+        to be loaded again with ``probescope.load_probes(run_dir)``."""
+        from probescope.spec import save_probes
+
+        def write() -> None:
+            missing = save_probes(probes, self.path / "probes.json")
+            gaps = [f"{m.probe}.{m.argument}" for m in missing]
+            self.meta["spec"] = {"file": "probes.json", "missing": gaps}
+
+        try:
+            written = self._guard(write)
+        except Exception as err:  # an argument whose own to_json fails: no spec, the run goes on
+            log.warning(
+                "RunWriter %s: the probe spec is not written (%s: %s)", self.path, type(err).__name__, err
+            )
+            return
+        if written:
+            self.update_meta()
+
     def write_frame(self, frame: Frame) -> bool:
         """Append one frame; False if it could not be written."""
         arrays = dict(frame.data)
@@ -122,7 +144,7 @@ class RunWriter:
     def save_model(self, model: torch.nn.Module) -> None:
         """Save the model's state_dict as model.pt."""
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        self._guard(lambda: _atomic_write(self.path / "model.pt", lambda f: torch.save(state, f)))
+        self._guard(lambda: atomic_write(self.path / "model.pt", lambda f: torch.save(state, f)))
 
     def write_table(self, name: str) -> None:
         """Store a tabular probe's frames as ``probes/<name>/table.parquet`` (needs pandas, pyarrow)."""
@@ -134,7 +156,7 @@ class RunWriter:
             return
         table = Run(self.path).probe(name).table()
         path = self.path / "probes" / name / "table.parquet"
-        self._guard(lambda: _atomic_write(path, lambda f: table.to_parquet(f, index=False)))
+        self._guard(lambda: atomic_write(path, lambda f: table.to_parquet(f, index=False)))
 
     def finish(self, summary: dict) -> None:
         """Mark the run finished and store its summary."""

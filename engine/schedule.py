@@ -16,6 +16,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from probescope.spec import Reproducible
 from probescope.validation import positive_int
 
 log = logging.getLogger("probescope")
@@ -30,8 +33,9 @@ class StepInfo:
     monitor: Any = None
 
 
-class Schedule:
-    """Decides at which steps (and epoch ends) a probe is due."""
+class Schedule(Reproducible):
+    """Decides at which steps (and epoch ends) a probe is due. A probe spec (probescope.spec)
+    writes a schedule down by the arguments it was built with."""
 
     def due(self, info: StepInfo) -> bool:
         """Whether the probe is due right after step ``info.step``."""
@@ -146,6 +150,9 @@ class AtSteps(Schedule):
     def describe(self) -> dict:
         return {"kind": "steps", "steps": sorted(self.steps)}
 
+    def spec_arguments(self) -> dict:
+        return {"steps": sorted(self.steps)}  # the argument may have been an iterator
+
 
 class StepMask(Schedule):
     def __init__(self, mask: Sequence[bool]):
@@ -156,6 +163,9 @@ class StepMask(Schedule):
 
     def describe(self) -> dict:
         return {"kind": "mask", "length": len(self.mask), "true": sum(self.mask)}
+
+    def spec_arguments(self) -> dict:
+        return {"mask": np.asarray(self.mask, dtype=bool)}  # an array: a long mask stays out of JSON
 
 
 class WhenCallable(Schedule):
@@ -355,7 +365,12 @@ class Budget(Schedule):
                 )  # fmt: skip
 
     def describe(self) -> dict:
-        return {"kind": "budget", "fraction": self.fraction, "start": self.start}
+        return {
+            "kind": "budget",
+            "fraction": self.fraction,
+            "start": self.start,
+            "max_interval": self.max_interval,
+        }
 
     def state(self) -> dict:
         def ms(x: float | None) -> float | None:
@@ -386,6 +401,9 @@ class AnyOf(Schedule):
 
     def describe(self) -> dict:
         return {"kind": "any", "of": [s.describe() for s in self.schedules]}
+
+    def spec_arguments(self) -> dict:
+        return {"schedules": self.schedules}  # the argument may have been an iterator
 
     def observe(self, **times) -> None:
         for s in self.schedules:

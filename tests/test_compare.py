@@ -52,6 +52,9 @@ def test_one_row_per_run_with_its_last_metrics_and_probe_costs(runs):
         float(long.probe("prediction").frame(-1).data["accuracy"])
     )
     assert row["model"] == "Sequential" and row["status"] == "finished"
+    digests = table["probe_spec"]  # long and short were probed the same way, the others not
+    assert digests.iloc[0] == digests.iloc[1] and len(set(digests)) == 3
+    assert all(len(d) == 12 for d in digests)
     assert row["steps"] == 15 and table.loc[str(runs[1]), "steps"] == 6
     curve = open_run(runs[2]).probe("curve").frame(-1).data
     assert table.loc[str(runs[2]), "curve/total_loss"] == pytest.approx(float(curve["total_loss"]))

@@ -97,7 +97,7 @@ def test_budget_interval_is_probe_time_over_fraction_of_step_time():
     assert budget.interval == 3
     state = budget.state()
     assert state["fraction"] == 0.05 and state["interval"] == 3 and state["changes"][0][1] == 10
-    assert budget.describe() == {"kind": "budget", "fraction": 0.05, "start": 7}
+    assert budget.describe() == {"kind": "budget", "fraction": 0.05, "start": 7, "max_interval": 100_000}
     never_slower = Schedule.budget(0.5, max_interval=4)
     never_slower.observe(probe_s=1.0)
     for _ in range(5):

@@ -17,6 +17,7 @@ from probescope.graphs import ForwardGraphs
 from probescope.history import Series
 from probescope.kernels.grid_mlp import outputs_to_probs as kernel_outputs_to_probs
 from probescope.schedule import Schedule
+from probescope.spec import Reproducible
 
 log = logging.getLogger("probescope")
 
@@ -72,12 +73,13 @@ class ProbeContext:
         return self._history
 
 
-class Probe(Callback):
+class Probe(Callback, Reproducible):
     """Evaluates a model snapshot into a frame: a dict of arrays.
 
     Subclasses validate their own arguments in ``__init__`` (before any training), check
     the model in ``attach`` and do the work in ``evaluate``, which runs on the probe worker
-    with a consistent snapshot of the weights.
+    with a consistent snapshot of the weights. A probe remembers the arguments it was built
+    with, so that a probe spec (probescope.spec) can write it down and build it again.
     """
 
     kind: ClassVar[str] = "probe"

@@ -289,6 +289,10 @@ class StatsProbe(Probe):
     def static(self) -> dict[str, np.ndarray]:
         return {"columns": np.asarray(self.columns, dtype=str)}
 
+    def spec_arguments(self) -> dict[str, Any]:
+        # The state model itself, not the path it may have been read from.
+        return {**super().spec_arguments(), "states": self.states}
+
     def config(self) -> dict[str, Any]:
         return {
             "hooks": self.patterns,
