@@ -6,6 +6,7 @@ Importing probescope does no work: no threads, no device context, no kernel comp
 from probescope.events import EVENTS, Callback
 from probescope.monitor import Monitor
 from probescope.probes import (
+    CheckpointProbe,
     CurveProbe,
     GridProbe,
     LossProbe,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EVENTS",
     "Callback",
+    "CheckpointProbe",
     "CurveProbe",
     "Frame",
     "FrameRing",

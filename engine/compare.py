@@ -3,11 +3,11 @@
 For benchmark suites (many models x probes): ``compare_runs(["runs/a", "runs/b", ...])`` reads
 each run directory (finished or still running) and returns a pandas DataFrame with one row
 per run: the model, its size, steps and epochs, the monitored wall time, a digest of its probe
-spec (equal digests: the runs were probed the same way), the last value of
-every loss and metric series (LossProbe, or StatsProbe's table), each PredictionProbe's last
-accuracy (or MSE and R²), each CurveProbe's last sample loss, and each probe's frames,
-milliseconds per frame and failures. ``probescope compare RUN [RUN ...]`` prints it and
-writes it as CSV, JSON or Markdown.
+spec (equal digests: the runs were probed the same way), the last value of every loss and
+metric series (LossProbe, or StatsProbe's table), each PredictionProbe's last accuracy (or MSE
+and R²), each CurveProbe's last sample loss, each CheckpointProbe's best value, and each
+probe's frames, milliseconds per frame and failures. ``probescope compare RUN [RUN ...]``
+prints it and writes it as CSV, JSON or Markdown.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 from probescope.run import Run, open_run
 from probescope.spec import spec_digest
 
-SCALARS = {"prediction": ("accuracy", "mse", "r2"), "curve": ("total_loss",)}
+SCALARS = {"prediction": ("accuracy", "mse", "r2"), "curve": ("total_loss",), "checkpoint": ("best",)}
 
 
 def compare_runs(runs: Iterable[str | os.PathLike | Run]):

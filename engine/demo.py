@@ -15,7 +15,15 @@ from tqdm.auto import tqdm
 from probescope.datasets import Dataset, make_dataset
 from probescope.export import export_final_pictures, export_probe
 from probescope.monitor import Monitor
-from probescope.probes import CurveProbe, GridProbe, LossProbe, NeuronProbe, PredictionProbe, Probe
+from probescope.probes import (
+    CheckpointProbe,
+    CurveProbe,
+    GridProbe,
+    LossProbe,
+    NeuronProbe,
+    PredictionProbe,
+    Probe,
+)
 from probescope.run import open_run
 from probescope.schedule import Schedule
 
@@ -40,12 +48,15 @@ def build_mlp(widths: list[int] | tuple[int, ...], activation: str = "relu") -> 
 
 
 def demo_probes(data: Dataset, resolution: int = 192, model: nn.Module | None = None) -> list[Probe]:
-    """The probes that fit the data set: a map (or a curve), predictions and losses, and given
-    the model, the maps of its last hidden layer's units."""
+    """The probes that fit the data set: a map (or a curve), predictions and losses, the best
+    weights by the valid result the loop logs each epoch, and given the model, the maps of its
+    last hidden layer's units."""
     dense_early = Schedule.log_spaced(12)
+    best_by = "valid_loss" if data.task == "regression" else "valid_accuracy"
     probes: list[Probe] = [
         PredictionProbe(data.x_valid, data.y_valid, schedule=Schedule.every_epoch()),
         LossProbe(schedule=Schedule.every_epoch()),
+        CheckpointProbe(best_by, schedule=Schedule.every_epoch()),
     ]
     if data.task == "regression":
         probes.insert(
@@ -158,6 +169,7 @@ class DemoResult:
     seconds_closing: float
     probe_summary: dict
     files: list[Path] = field(default_factory=list)
+    best: dict | None = None  # the best checkpoint: metric, value, step, file
 
     def report(self) -> str:
         """A human-readable summary."""
@@ -175,6 +187,11 @@ class DemoResult:
         skipped = sum(s["skipped"] for s in self.probe_summary.values())
         failed = sum(s["failed"] for s in self.probe_summary.values())
         lines.append(f"  probes skipped while busy: {skipped}, failed: {failed}")
+        if self.best is not None:
+            lines.append(
+                f"  best weights: {self.best['metric']} {self.best['value']:.4f} at step {self.best['step']}"
+                f" -> {self.best['file']}"
+            )
         if self.seconds_without_probes:
             ratio = self.seconds_with_probes / self.seconds_without_probes
             lines.append(
@@ -276,7 +293,7 @@ def _run_demo(
     files: list[Path] = []
     if export:
         run = open_run(out)
-        main = next(iter(run.probes))
+        main = next(n for n, record in run.probes.items() if record.kind in ("grid", "curve"))
         files += export_probe(
             run.probe(main),
             out,
@@ -288,6 +305,14 @@ def _run_demo(
         )
         files += export_final_pictures(run, out)
     summary = monitor.summary()
+    checkpoint = next(p for p in monitor.probes.values() if isinstance(p, CheckpointProbe))
+    best = None
+    if checkpoint.best is not None:
+        best = {
+            **checkpoint.best,
+            "metric": checkpoint.metric,
+            "file": (checkpoint.directory / checkpoint.best["file"]).relative_to(out),
+        }
     return DemoResult(
         dataset,
         out,
@@ -299,4 +324,5 @@ def _run_demo(
         seconds_closing,
         summary["probes"],
         files,
+        best,
     )

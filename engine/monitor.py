@@ -246,6 +246,11 @@ class Monitor:
         """Memory held by weight snapshots."""
         return self._pool.nbytes
 
+    @property
+    def snapshot_detail(self) -> dict:
+        """The snapshot: strategy, elements copied of the model's, host or device, bytes."""
+        return self._pool.describe()
+
     def ring(self, name: str) -> FrameRing:
         """The frame ring of probe ``name``."""
         return self._probes[name].ring

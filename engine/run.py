@@ -7,6 +7,7 @@ Layout::
     RUN/probes/<name>/frames/<seq>.npz one file per frame: its arrays plus __step__, __epoch__, ...
     RUN/model.pt                      the model's final state_dict
     RUN/probes.json, RUN/probes.npz   the probe spec: what was probed (see probescope.spec)
+    RUN/checkpoints/                  a CheckpointProbe's weights and checkpoints.json
 
 Every file is written to a temporary name and renamed into place, so a reader (or a crash)
 sees each frame whole or not at all: a killed writer loses at most the frame in flight.
@@ -64,7 +65,8 @@ class RunWriter:
                 raise FileExistsError(
                     f"{self.path} already holds a run; pass overwrite=True or choose another directory"
                 )
-            shutil.rmtree(self.path / "probes", ignore_errors=True)
+            for folder in ("probes", "checkpoints"):
+                shutil.rmtree(self.path / folder, ignore_errors=True)
             for name in ("run.json", "model.pt", "probes.json", "probes.npz"):
                 (self.path / name).unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)

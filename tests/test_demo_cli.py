@@ -71,6 +71,24 @@ def test_last_map_matches_an_independent_evaluation_of_model_pt(blobs7_run):
     assert np.abs(png[..., :3] - expected).max() <= 1
 
 
+def test_demo_keeps_the_weights_of_its_best_valid_accuracy(blobs7_run):
+    from probescope.datasets import make_dataset
+
+    run = open_run(blobs7_run)
+    index = json.loads((blobs7_run / "checkpoints" / "checkpoints.json").read_text())
+    logged = run.probe("loss").frame(-1).data  # the accuracies the loop logged, per epoch
+    accuracies = logged["series/valid_accuracy/values"]
+    assert index["best"]["value"] == pytest.approx(float(accuracies.max()))
+    step = int(logged["series/valid_accuracy/steps"][int(np.argmax(accuracies))])
+    assert index["best"]["step"] == step
+    model = _independent_model(run.meta)
+    model.load_state_dict(torch.load(blobs7_run / "checkpoints" / "model.pt", weights_only=True))
+    data = make_dataset("blobs7", seed=run.meta["metadata"]["demo"]["seed"])
+    with torch.no_grad():
+        accuracy = (model(data.x_valid).argmax(1) == data.y_valid).float().mean()
+    assert float(accuracy) == pytest.approx(index["best"]["value"])
+
+
 def test_info_describes_the_run(blobs7_run, capsys):
     assert main(["info", str(blobs7_run)]) == 0
     text = capsys.readouterr().out

@@ -1,6 +1,7 @@
 """The probes: what probescope evaluates on a snapshot of the model while it trains."""
 
 from probescope.probes.base import Probe, ProbeContext, ProbeStats
+from probescope.probes.checkpoint import CheckpointProbe
 from probescope.probes.curve import CurveProbe
 from probescope.probes.grid import GridProbe
 from probescope.probes.loss import LossProbe
@@ -9,6 +10,7 @@ from probescope.probes.prediction import PredictionProbe
 from probescope.probes.stats import StatsProbe
 
 __all__ = [
+    "CheckpointProbe",
     "CurveProbe",
     "GridProbe",
     "LossProbe",
