@@ -15,7 +15,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from probescope.figures import PANELS, FrameRenderer, plot_frame, small_multiples, stats_figure
+from probescope.figures import (
+    PANELS,
+    FrameRenderer,
+    metrics_figure,
+    plot_frame,
+    small_multiples,
+    stats_figure,
+)
 from probescope.kernels import interpolate_frames, probs_to_rgba
 from probescope.kernels.interpolate import METHODS, interpolation_weights
 from probescope.run import ProbeRecord, Run
@@ -233,6 +240,10 @@ def export_final_pictures(run: Run, out: str | Path) -> list[Path]:
         path = out / f"{name}_small_multiples.png"
         small_multiples(record).savefig(path)
         written.append(path)
+        if record.kind == "loss":
+            path = out / f"{name}_metrics.png"
+            metrics_figure(record).savefig(path)
+            written.append(path)
         if record.kind == "grid":
             path = out / f"{name}_final_map.png"
             Image.fromarray(record.frame(-1).data["rgba"]).save(path)

@@ -381,6 +381,56 @@ def small_multiples(record: ProbeRecord, count: int = 12, columns: int = 4, cell
     return figure
 
 
+def metrics_figure(record: ProbeRecord, *, final_losses: bool = True, perc: float = 0.5) -> Figure:
+    """A LossProbe's last frame as tsai's ``plot_metrics``: the losses over training, the
+    same over the last ``perc`` of it (``final_losses``, where the curves flatten and one
+    scale hides their differences), and one panel per metric, its train and valid series
+    together (``train_x`` and ``valid_x`` share the panel ``x``)."""
+    if not 0 < perc <= 1:
+        raise ValueError(f"perc must be in (0, 1], got {perc!r}")
+    if not len(record):
+        raise ValueError(f"probe {record.name!r} has no frames yet")
+    data = record.frame(-1).data
+    series = {
+        key.split("/")[1]: (data[key], data[key.removesuffix("steps") + "values"])
+        for key in data
+        if key.startswith("series/") and key.endswith("/steps") and key.split("/")[1] != "lr"
+    }
+    losses = {n: s for n, s in series.items() if "loss" in n}
+    groups: dict[str, dict[str, tuple]] = {}
+    for name, s in series.items():
+        if name not in losses:
+            groups.setdefault(name.removeprefix("train_").removeprefix("valid_"), {})[name] = s
+    panels = [("losses", losses, None)]
+    if final_losses and losses:
+        last = max(float(np.max(steps)) for steps, _ in losses.values() if len(steps))
+        first = min(float(np.min(steps)) for steps, _ in losses.values() if len(steps))
+        panels.append(("final losses", losses, last - perc * (last - first)))
+    panels += [(group, members, None) for group, members in sorted(groups.items())]
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    figure = Figure(figsize=(4 * columns, 3 * rows), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).reshape(-1)
+    for ax, (title, members, start) in zip(axes, panels, strict=False):
+        for name, (steps, values) in sorted(members.items()):
+            steps, values = np.asarray(steps, np.float64), np.asarray(values, np.float64)
+            if start is not None:
+                keep = steps >= start
+                steps, values = steps[keep], values[keep]
+            style = LossPanel.STYLES.get(name, {"lw": 1.5, "marker": "o", "ms": 3})
+            ax.plot(steps, values, label=name, **style)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(color="gainsboro", lw=0.5)
+        if members:
+            ax.legend(fontsize=7)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    figure.suptitle(f"{record.name}: losses and metrics")
+    return figure
+
+
 def stats_figure(record: ProbeRecord, lines: int = 6) -> Figure:
     """A StatsProbe over training: weight norms (L2 and spectral, log scale) above, its loss
     and metric columns below, the background coloured by latent state when the probe

@@ -131,3 +131,37 @@ def test_a_run_with_a_stats_probe_exports_and_draws_it_over_training(tmp_path, c
     assert main(["export", str(tmp_path / "run"), "--format", "png", "--final-pictures", "--quiet",
                  "--out", str(tmp_path / "cli")]) == 0  # fmt: skip
     assert (tmp_path / "cli" / "stats_final.png").exists()
+
+
+def test_metrics_figure_draws_losses_their_last_part_and_a_panel_per_metric(tmp_path):
+    from probescope import LossProbe
+    from probescope.figures import metrics_figure
+
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2)
+    with Monitor(model, [LossProbe(schedule=Schedule.never())], snapshot="sync", run_dir=tmp_path) as monitor:
+        for step in range(1, 21):
+            monitor.step(loss=torch.tensor(10.0 / step))
+            if step % 5 == 0:
+                accuracy = {"train_accuracy": step / 40, "valid_accuracy": step / 20}
+                monitor.log(valid_loss=20.0 / step, lr=0.1, **accuracy)
+                monitor.end_epoch()
+    record = open_run(tmp_path).probe("loss")
+    figure = metrics_figure(record, perc=0.25)
+    visible = [ax for ax in figure.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in visible] == ["losses", "final losses", "accuracy"]
+    losses, final, accuracy = visible
+    lines = {line.get_label(): line for line in losses.lines}
+    assert sorted(lines) == ["train_loss", "train_loss_epoch", "valid_loss"]
+    np.testing.assert_allclose(lines["train_loss"].get_ydata(), 10.0 / np.arange(1, 21))
+    final_steps = {line.get_label(): line.get_xdata() for line in final.lines}
+    assert all(min(steps) >= 20 - 0.25 * 19 for steps in final_steps.values())  # the last quarter
+    assert list(final_steps["train_loss"]) == [16, 17, 18, 19, 20]  # from 20 - 0.25 * (20 - 1)
+    accuracy_lines = {line.get_label(): line.get_ydata() for line in accuracy.lines}
+    np.testing.assert_allclose(accuracy_lines["valid_accuracy"], [0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(accuracy_lines["train_accuracy"], [0.125, 0.25, 0.375, 0.5])
+    assert tmp_path / "exports" / "loss_metrics.png" in export_final_pictures(
+        open_run(tmp_path), tmp_path / "exports"
+    )
+    with pytest.raises(ValueError, match="perc must be in"):
+        metrics_figure(record, perc=0)
