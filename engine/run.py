@@ -111,13 +111,20 @@ class RunWriter:
 
     def save_probes(self, probes) -> None:
         """Write the probe spec (probes.json and probes.npz, see probescope.spec): what was probed,
-        to be loaded again with ``probescope.load_probes(run_dir)``."""
-        from probescope.spec import save_probes
+        to be loaded again with ``probescope.load_probes(run_dir)``. What it cannot write down
+        (a lambda) is listed in run.json and logged at info level: the run itself lacks nothing."""
+        from probescope.spec import describe_missing, write_spec
 
         def write() -> None:
-            missing = save_probes(probes, self.path / "probes.json")
+            _, missing = write_spec(probes, self.path / "probes.json")
             gaps = [f"{m.probe}.{m.argument}" for m in missing]
             self.meta["spec"] = {"file": "probes.json", "missing": gaps}
+            if missing:  # the run is fine; only building its probes again will need them
+                log.info(
+                    "RunWriter %s: the probe spec lacks %s; load_probes(..., overrides=...) supplies it",
+                    self.path,
+                    describe_missing(missing),
+                )
 
         try:
             written = self._guard(write)

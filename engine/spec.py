@@ -99,6 +99,20 @@ def save_probes(probes: Iterable, path: str | os.PathLike) -> list[Missing]:
     """Write ``probes`` to ``path`` (a ``.json`` file, or a directory to hold ``probes.json``)
     and their arrays to the ``.npz`` of the same name; return what could not be written down
     (also logged, once, with how to supply it when loading)."""
+    path, missing = write_spec(probes, path)
+    if missing:
+        log.warning(
+            "probe spec %s: %s cannot be written down; load_probes(..., overrides=%s) supplies %s",
+            path,
+            describe_missing(missing),
+            _overrides_hint(missing),
+            "it" if len(missing) == 1 else "them",
+        )
+    return missing
+
+
+def write_spec(probes: Iterable, path: str | os.PathLike) -> tuple[Path, list[Missing]]:
+    """``save_probes`` without the warning: the spec file written and what it lacks."""
     path = _spec_path(path, writing=True)
     document, arrays, missing = encode_probes(probes)
     document["arrays"] = path.with_suffix(".npz").name if arrays else None
@@ -108,15 +122,12 @@ def save_probes(probes: Iterable, path: str | os.PathLike) -> list[Missing]:
     else:
         path.with_suffix(".npz").unlink(missing_ok=True)
     atomic_write(path, lambda f: f.write(json.dumps(document, indent=2).encode()))
-    if missing:
-        log.warning(
-            "probe spec %s: %s cannot be written down; load_probes(..., overrides=%s) supplies %s",
-            path,
-            "; ".join(f"{m.probe}.{m.argument} ({m.what})" for m in missing),
-            _overrides_hint(missing),
-            "it" if len(missing) == 1 else "them",
-        )
-    return missing
+    return path, missing
+
+
+def describe_missing(missing: Iterable[Missing]) -> str:
+    """``probe.argument (what it was)``, for each argument a spec could not write down."""
+    return "; ".join(f"{m.probe}.{m.argument} ({m.what})" for m in missing)
 
 
 def load_probes(path: str | os.PathLike, *, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> list:
@@ -197,7 +208,7 @@ def decode_probes(
     if missing:
         raise ValueError(
             f"load_probes: {source} could not write down "
-            + "; ".join(f"{m.probe}.{m.argument} ({m.what})" for m in missing)
+            + describe_missing(missing)
             + f"; supply {'it' if len(missing) == 1 else 'them'} with overrides={_overrides_hint(missing)}"
         )
     return [build(cls, arguments) for cls, arguments in plans]

@@ -339,3 +339,18 @@ def test_a_probe_keeps_no_device_tensor_of_its_arguments_for_the_spec(tmp_path):
     save_probes([probe], tmp_path)
     (loaded,) = load_probes(tmp_path)
     assert torch.equal(loaded.valid.x, x.cpu()) and torch.equal(loaded.valid.y, y.cpu())
+
+
+def test_a_run_lists_what_its_spec_lacks_without_a_warning(tmp_path, mlp, blobs, caplog):
+    valid = (blobs.x_valid, blobs.y_valid)
+    probes = [LossProbe(valid=valid, loss_fn=lambda p, t: F.cross_entropy(p, t), schedule=Schedule.every(2))]
+    with (
+        caplog.at_level(logging.INFO, logger="probescope"),
+        Monitor(mlp, probes, run_dir=tmp_path / "run") as monitor,
+    ):
+        train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 2)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "the probe spec lacks loss.loss_fn (a lambda at test_spec.py:" in caplog.text
+    assert open_run(tmp_path / "run").meta["spec"]["missing"] == ["loss.loss_fn"]
+    (loaded,) = load_probes(tmp_path / "run", overrides={"loss": {"loss_fn": F.cross_entropy}})
+    assert loaded.valid.loss_fn is F.cross_entropy
