@@ -305,9 +305,9 @@ def _run_demo(
         )
         files += export_final_pictures(run, out)
     summary = monitor.summary()
-    checkpoint = next(p for p in monitor.probes.values() if isinstance(p, CheckpointProbe))
+    checkpoint = next((p for p in monitor.probes.values() if isinstance(p, CheckpointProbe)), None)
     best = None
-    if checkpoint.best is not None:
+    if checkpoint is not None and checkpoint.best is not None:
         best = {
             **checkpoint.best,
             "metric": checkpoint.metric,

@@ -162,3 +162,15 @@ def test_the_launch_sweep_checks_every_configuration_it_times(monkeypatch, capsy
     layouts = {c["layout"] for c in tune_grid_mlp.candidates(256, torch.bfloat16)}
     assert layouts == {"units", "pixels"}  # 16-bit: both; fp32: units only (its products are FMAs)
     assert {c["layout"] for c in tune_grid_mlp.candidates(256, torch.float32)} == {"units"}
+
+
+def test_demo_ab_runs_the_demo_with_and_without_the_named_probe(capsys):
+    from benchmarks.demo_ab import main
+    from probescope import demo
+
+    every = demo.demo_probes
+    assert main(["--without", "checkpoint", "--runs", "1", "--epochs", "1"]) == 0
+    assert demo.demo_probes is every  # put back
+    out = capsys.readouterr().out
+    assert "   with checkpoint: loop" in out and "without checkpoint: loop" in out
+    assert "median loop with checkpoint" in out and "median loop without checkpoint" in out
