@@ -47,6 +47,13 @@ def atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def save_state(model: torch.nn.Module, path: Path) -> None:
+    """The model's state_dict, on the host, written atomically (``torch.load(weights_only=True)``
+    reads it back into any copy of the model)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
 def _write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
 
@@ -152,8 +159,7 @@ class RunWriter:
 
     def save_model(self, model: torch.nn.Module) -> None:
         """Save the model's state_dict as model.pt."""
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        self._guard(lambda: atomic_write(self.path / "model.pt", lambda f: torch.save(state, f)))
+        self._guard(lambda: save_state(model, self.path / "model.pt"))
 
     def write_table(self, name: str) -> None:
         """Store a tabular probe's frames as ``probes/<name>/table.parquet`` (needs pandas, pyarrow)."""

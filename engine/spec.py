@@ -357,18 +357,25 @@ class _Encoder:
         return {"$missing": what}
 
 
+def _resolve(path: str):
+    """The object ``module:qualname`` names (ImportError or AttributeError if none)."""
+    module, _, qualname = path.partition(":")
+    found = importlib.import_module(module)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found
+
+
 def _import_path(obj) -> str | None:
     """``module:qualname`` that imports back to ``obj`` itself, or None."""
     module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
     if not module or not qualname or "<" in qualname:
         return None
+    path = f"{module}:{qualname}"
     try:
-        found = importlib.import_module(module)
-        for part in qualname.split("."):
-            found = getattr(found, part)
+        return path if _resolve(path) is obj else None
     except (ImportError, AttributeError):
         return None
-    return f"{module}:{qualname}" if found is obj else None
 
 
 def _what(value) -> str:
@@ -405,14 +412,10 @@ class _Decoder:
                 f"load_probes: {self.source} holds {what} as {path['$missing']}; define it at the top "
                 "level of a module to write it down"
             )
-        module, _, qualname = path.partition(":")
         try:
-            found = importlib.import_module(module)
-            for part in qualname.split("."):
-                found = getattr(found, part)
+            return _resolve(path)
         except (ImportError, AttributeError) as err:
             raise ValueError(f"load_probes: cannot import {path} for {what} ({err})") from None
-        return found
 
     def value(self, node):
         if isinstance(node, list):

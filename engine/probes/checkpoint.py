@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from probescope.probes.base import Probe, ProbeContext, ValidSet, check_forward
-from probescope.run import atomic_write
+from probescope.run import atomic_write, save_state
 from probescope.schedule import Schedule
 
 KEEP = ("best", "all", "last")
@@ -118,8 +118,7 @@ class CheckpointProbe(Probe):
         if saved:
             suffix = f"_{context.step:07d}" if self.keep == "all" else ""
             entry["file"] = f"{self.fname}{suffix}.pt"
-            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            atomic_write(self.directory / entry["file"], lambda f: torch.save(state, f))
+            save_state(model, self.directory / entry["file"])
             self.files = [*self.files, entry] if self.keep == "all" else [entry]
         if better:
             self.best = entry
