@@ -70,6 +70,7 @@ def _analyze(args: argparse.Namespace) -> int:
         max_states=args.max_states,
         restarts=args.restarts,
         probe=args.probe,
+        covariance_type=args.covariance,
         progress=not args.quiet,
     )
     out = args.out or Path(args.runs[0]) / "analysis"
@@ -257,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--max-states", type=int, default=8)
     analyze.add_argument("--restarts", type=int, default=3)
     analyze.add_argument("--probe", default=None, help="the stats probe's name (default: the first)")
+    analyze.add_argument(
+        "--covariance", choices=("diag", "full", "tied", "spherical"), default="diag",
+        help="each state's Gaussian (default diag, the paper's)",
+    )  # fmt: skip
     analyze.add_argument("--title", default=None)
     analyze.add_argument("--quiet", action="store_true")
     analyze.set_defaults(func=_analyze)

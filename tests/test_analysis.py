@@ -133,8 +133,22 @@ def test_write_report_writes_every_file(synthetic, tmp_path):
     assert meta["boundaries"]["seed0"] == result.boundaries(0)
     image = np.asarray(Image.open(paths["training_map.png"]).convert("RGB"))
     assert image.shape[0] > 300 and len(np.unique(image.reshape(-1, 3), axis=0)) > 50
+    changes = {(t["from"], t["to"]): t for t in meta["transitions"]}
+    assert set(changes) == {(tr.source, tr.target) for tr in result.transitions}
+    for tr in result.transitions:
+        saved = changes[(tr.source, tr.target)]
+        assert saved["count"] == tr.count and saved["steps"] == tr.steps
+        np.testing.assert_allclose(saved["importance"], tr.importance, rtol=1e-12)
+        assert saved["drivers"][0]["metric"] == tr.drivers(result.metrics, 1)[0][0]
     page = paths["report.html"].read_text()
     assert "Synthetic &lt;runs&gt;" in page and "<script src=" not in page  # self-contained, escaped
+    # the change table and the arrows' hover text name each change's leading metric
+    for tr in result.transitions:
+        name, gradient = tr.drivers(result.metrics, 1)[0]
+        assert (
+            f"S{tr.source} → S{tr.target}</td><td>{tr.count}</td><td class=l>{name} {gradient:+.2f}" in page
+        )
+        assert f"{name}: {gradient:+.2f}" in page  # the arrow's hover text
 
 
 def _chromium() -> str | None:
@@ -195,10 +209,11 @@ def test_analyze_command_reads_recorded_runs(tmp_path, capsys):
     out = tmp_path / "report"
     metrics = "weight/weight/mean,weight/weight/l2"
     code = main(["analyze", str(tmp_path / "seed0"), str(tmp_path / "seed1"), "--out", str(out),
-                 "--metrics", metrics, "--max-states", "4", "--quiet"])  # fmt: skip
+                 "--metrics", metrics, "--max-states", "4", "--covariance", "full", "--quiet"])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
     assert "latent states over 2 run(s), 2 metrics" in printed
+    assert json.loads((out / "states.json").read_text())["covariance_type"] == "full"
     assert {p.name for p in out.iterdir()} >= {"report.html", "training_map.png", "states.csv", "states.json"}
     assert len(pd.read_csv(out / "states.csv")) == 2 * 121  # the step-0 frame and 120 steps per run
 
@@ -268,3 +283,134 @@ def test_the_states_file_holds_what_online_decoding_needs(synthetic, tmp_path):
         StateModel.from_json(old)
     with pytest.raises(FileNotFoundError, match="no states file"):
         StateModel.load(tmp_path / "nowhere")
+
+
+# ---- what drives each change of state ---------------------------------------------------------
+
+
+def test_every_change_of_state_is_listed_with_its_steps(synthetic):
+    _, _, result = synthetic
+    changes = {}
+    for label, steps, path in zip(result.runs, result.steps, result.states, strict=True):
+        for t in np.flatnonzero(path[1:] != path[:-1]) + 1:
+            changes.setdefault((int(path[t - 1]), int(path[t])), {}).setdefault(label, []).append(
+                int(steps[t])
+            )
+    assert {(tr.source, tr.target): tr.steps for tr in result.transitions} == changes
+    assert [tr.count for tr in result.transitions] == sorted(
+        (tr.count for tr in result.transitions), reverse=True
+    )
+    assert sum(tr.count for tr in result.transitions) == sum(len(result.boundaries(i)) for i in range(4))
+    # the generating chain only ever goes 0 -> 1 -> 2 -> 0
+    assert {(tr.source, tr.target) for tr in result.transitions} == {(0, 1), (1, 2), (2, 0)}
+
+
+def test_transition_importance_is_the_gradient_of_the_forward_log_odds(synthetic):
+    """Reference: the forward recursion in torch (float64) over a run's first t + 1 steps, the
+    log odds of the new state over the old at step t, differentiated by autograd w.r.t. x_t."""
+    import torch
+
+    _, _, result = synthetic
+    model = result.model
+    log_start = torch.log(torch.tensor(model.startprob_).clamp_min(1e-300))
+    log_trans = torch.log(torch.tensor(model.transmat_).clamp_min(1e-300))
+    means, var = torch.tensor(model.means_), torch.tensor(model._covars_)  # diagonal
+    for tr in result.transitions:
+        grads = []
+        for r, label in enumerate(result.runs):
+            for step in tr.steps.get(label, []):
+                t = int(np.flatnonzero(result.steps[r] == step)[0])
+                x = torch.tensor(result.series[r][: t + 1], requires_grad=True)
+                log_b = (-0.5 * (x[:, None, :] - means) ** 2 / var - 0.5 * torch.log(2 * torch.pi * var)).sum(
+                    -1
+                )
+                alpha = log_start + log_b[0]
+                for s in range(1, t + 1):
+                    alpha = torch.logsumexp(alpha[:, None] + log_trans, dim=0) + log_b[s]
+                (odds,) = torch.autograd.grad(alpha[tr.target] - alpha[tr.source], x)
+                grads.append(odds[t].numpy())
+        np.testing.assert_allclose(tr.importance, np.mean(grads, axis=0), rtol=1e-9, atol=1e-9)
+
+
+def test_the_metric_that_changes_at_a_transition_drives_it():
+    """Two states apart in one metric only (metric2, higher in state 1): that metric leads the
+    change 0 -> 1 with a positive gradient and 1 -> 0 with a negative one; the rest are ~0."""
+    rng = np.random.default_rng(3)
+    series = []
+    for r in range(3):
+        state = (np.arange(300) // 50) % 2  # 0 for 50 steps, then 1, ...
+        values = rng.normal(size=(300, 5))
+        values[:, 2] += 4.0 * state
+        series.append(RunSeries(f"run{r}", np.arange(300), values, [f"m{j}" for j in range(5)]))
+    result = latent_states(series, n_states=2, n_jobs=1)
+    by_change = {(tr.source, tr.target): tr for tr in result.transitions}
+    assert set(by_change) == {(0, 1), (1, 0)}
+    up, down = by_change[(0, 1)], by_change[(1, 0)]
+    assert up.count == 3 * 3 and down.count == 3 * 2
+    assert up.drivers(result.metrics, 1)[0][0] == "m2" and up.importance[2] > 0
+    assert down.drivers(result.metrics, 1)[0][0] == "m2" and down.importance[2] < 0
+    others = np.delete(np.abs(up.importance), 2)
+    assert others.max() < 0.2 * abs(up.importance[2])
+
+
+def test_model_selection_reports_aic_and_the_spread_over_restarts(synthetic):
+    _, _, result = synthetic
+    for row in result.selection:
+        assert row["aic"] < row["bic"]  # more than e^2 observations: BIC's penalty is the larger
+        assert row["restarts"] == 3
+        assert row["heldout_loglik_std"] >= 0 and np.isfinite(row["heldout_loglik_mean"])
+        assert row["heldout_loglik_mean"] <= max(row["heldout_loglik"], row["heldout_loglik_mean"])
+    one = next(r for r in result.selection if r["n_states"] == 1)
+    assert one["heldout_loglik_std"] == pytest.approx(0.0, abs=1e-9)  # one state: every restart agrees
+    text = result.summary()
+    assert "AIC" in text and " ± " in text and "-> " in text
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "tied", "spherical"])
+def test_other_covariance_types_recover_the_states_and_decode_online(covariance_type, tmp_path):
+    from probescope.analysis import StateModel
+
+    series, truth = _sample_runs(runs=3, length=300, metrics=4, seed=5)
+    result = latent_states(series, n_states=3, covariance_type=covariance_type, n_jobs=1)
+    assert result.model.covariance_type == covariance_type
+    assert _agreement(result.states, truth) >= 0.95
+    # online decoding through the states file equals the fitted model's filtered posterior
+    write_report(result, tmp_path)
+    model = StateModel.load(tmp_path)
+    assert (model.covariances is None) == (covariance_type == "spherical")
+    tracker, z = model.tracker(), result.series[2]
+    for t in range(60):
+        online = tracker.update(series[2].values[t])
+    np.testing.assert_allclose(online, result.model.predict_proba(z[:60])[-1], rtol=1e-6, atol=1e-9)
+    assert f"{covariance_type} covariances" in (tmp_path / "report.html").read_text()
+
+
+def test_a_full_covariance_state_model_marginalises_metrics_not_seen_yet():
+    from probescope.analysis import StateModel
+
+    rng = np.random.default_rng(0)
+    k, m = 3, 4
+    root = rng.normal(size=(k, m, m))
+    cov = root @ root.transpose(0, 2, 1) + 0.5 * np.eye(m)
+    args = (np.full(k, 1 / k), np.full((k, k), 1 / k), rng.normal(size=(k, m)))
+    full = StateModel([f"m{j}" for j in range(m)], *args, np.diagonal(cov, axis1=1, axis2=2).copy(),
+                      np.zeros(m), np.ones(m), cov)  # fmt: skip
+    without = StateModel([f"m{j}" for j in range(1, m)], args[0], args[1], args[2][:, 1:],
+                         np.diagonal(cov, axis1=1, axis2=2)[:, 1:].copy(), np.zeros(m - 1), np.ones(m - 1),
+                         cov[:, 1:, 1:])  # fmt: skip
+    a, b = full.tracker(), without.tracker()
+    x = rng.normal(size=(10, m))
+    x[:, 0] = np.nan  # metric 0 never seen: the marginal over the other three
+    for t in range(10):
+        np.testing.assert_allclose(a.update(x[t]), b.update(x[t, 1:]), rtol=1e-9, atol=1e-12)
+    # once metric 0 arrives, the full Gaussian is used (checked against scipy)
+    from scipy.stats import multivariate_normal
+
+    c = full.tracker()
+    probs = c.update(np.array([0.3, -0.2, 0.1, 0.5]))
+    dens = np.array([multivariate_normal(args[2][s], cov[s]).pdf([0.3, -0.2, 0.1, 0.5]) for s in range(k)])
+    np.testing.assert_allclose(probs, dens / dens.sum(), rtol=1e-9)
+    with pytest.raises(ValueError, match="positive definite"):
+        StateModel(full.metrics, *args, full.variances, np.zeros(m), np.ones(m), -cov)
+    with pytest.raises(ValueError, match="covariance_type must be one of"):
+        latent_states(_sample_runs(runs=1, length=50, metrics=2)[0], covariance_type="banded")

@@ -4,6 +4,7 @@ Each panel's pixels are checked against the frame data at points mapped through 
 own transform; replay visits every recorded step; a closed viewer never stops training.
 """
 
+import itertools
 import os
 import subprocess
 import sys
@@ -275,7 +276,11 @@ def test_curve_probe_run_replays_in_the_curve_panel(tmp_path):
     viewer.go_to(len(viewer.timeline) - 1)
     frame = open_run(tmp_path / "run").probe(probe.name).frame(-1)
     panel = viewer.panels[probe.name]
-    np.testing.assert_allclose(panel.line.pos[:, 1], frame.data["y_pred"], rtol=1e-6)
+    np.testing.assert_allclose(panel.curve[:, 1], frame.data["y_pred"], rtol=1e-6)
+    # the line's vertices are in pixels, its transform takes them back to the data
+    np.testing.assert_allclose(
+        panel.line.transform.map(panel.line.pos)[:, :2], panel.curve, rtol=1e-5, atol=1e-5
+    )
     image = viewer.render()
     i = len(panel.x) // 2
     assert pixel(image, panel, panel.x[i], frame.data["y_pred"][i]).min() < 250  # the curve is drawn there
@@ -609,4 +614,83 @@ def test_a_noisy_batch_loss_is_drawn_as_one_unbroken_line():
         wanted += max(hi - lo, 0)
         drawn += dark[lo:hi, c - 1 : c + 2].any(axis=1).sum()
     assert drawn / wanted > 0.95, f"the line covers {drawn / wanted:.0%} of the rows it spans"  # agg: 26 %
+    viewer.close()
+
+
+def test_checkpoint_panel_draws_the_metric_and_stars_the_best(tmp_path):
+    """A recorded run's CheckpointProbe, replayed: the metric's line through every frame, a
+    star at the best checkpoint's step and value, the caption naming it (as checkpoints.json)."""
+    import json
+
+    from probescope import CheckpointProbe
+    from probescope.datasets import make_dataset
+    from probescope.viewers.panels import CheckpointPanel
+
+    data = make_dataset("blobs7", seed=1, n=400)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 7))
+    probe = CheckpointProbe(valid=(data.x_valid, data.y_valid), loss_fn=nn.functional.cross_entropy,
+                            keep="best", schedule=Schedule.every(2))  # fmt: skip
+    with Monitor(model, [probe], run_dir=tmp_path / "run") as monitor:
+        train_steps(monitor, model, data.x_train, data.y_train, 20)
+    index = json.loads((tmp_path / "run" / "checkpoints" / "checkpoints.json").read_text())
+    record = open_run(tmp_path / "run").probe(probe.name)
+    frames = [record.frame(i) for i in range(len(record))]
+    values = {f.step: float(f.data["value"]) for f in frames}
+    assert len(values) >= 10 and len({round(v, 4) for v in values.values()}) > 3  # the metric moves
+
+    viewer = Viewer(RunSource(tmp_path / "run"), offscreen=True, size=(640, 400))
+    panel = viewer.panels[probe.name]
+    assert isinstance(panel, CheckpointPanel)
+    for i in range(len(viewer.timeline)):
+        viewer.go_to(i)
+    image = viewer.render()
+    best, best_step = index["best"]["value"], index["best"]["step"]
+    assert f"best {best:.4g} at step {best_step}" in panel.caption.text
+    assert distance_near(image, panel, best_step, best, np.array(CheckpointPanel.BEST[:3]) * 255, 2) <= 40
+    line = np.array(CheckpointPanel.VALUE[:3]) * 255
+    steps = sorted(values)
+    for a, b in itertools.pairwise(steps):  # the line passes between consecutive frames
+        if b != best_step and a != best_step:
+            mid = ((a + b) / 2, (values[a] + values[b]) / 2)
+            assert distance_near(image, panel, *mid, line, 2) <= 60, (a, b)
+    assert panel.readout(steps[3], values[steps[3]]) == f"step {steps[3]}: valid_loss {values[steps[3]]:.4g}"
+    viewer.close()
+
+
+def test_checkpoint_panel_rings_saved_frames_and_starts_over_when_a_replay_goes_back():
+    from probescope.viewers.panels import CheckpointPanel
+
+    spec = PanelSpec("ckpt", "checkpoint", {"metric": "valid_loss"}, {})
+    source = FrameSource(spec)
+    viewer = Viewer(source, offscreen=True, size=(640, 400))
+    values, best, best_step = [1.0, 0.6, 0.8, 0.5, 0.7, 0.9], np.inf, -1
+    for step, value in enumerate(values):
+        saved = value < best
+        best, best_step = (value, step) if saved else (best, best_step)
+        frame = {"value": np.float64(value), "best": np.float64(best), "best_step": np.int64(best_step),
+                 "saved": np.bool_(saved)}  # fmt: skip
+        source.show("ckpt", frame, step)
+        viewer.refresh()
+    image = viewer.render()
+    panel = viewer.panels["ckpt"]
+    assert panel.caption.text.endswith("valid_loss 0.9  ·  best 0.5 at step 3")
+    white, purple = np.full(3, 255), np.array(CheckpointPanel.VALUE[:3]) * 255
+    gold = np.array(CheckpointPanel.BEST[:3]) * 255
+    assert distance_near(image, panel, 3, 0.5, gold, 2) <= 40  # the best: a star
+    for step in (0, 1):  # saved, no longer the best: a ring, white inside
+        assert np.abs(pixel(image, panel, step, values[step]) - white).max() <= 30, step
+    for step in (2, 4, 5):  # not saved: only the line passes
+        assert distance_near(image, panel, step, values[step], purple, 1) <= 40, step
+    # the whole line is drawn: vispy's agg lines faded out along segments like these when their
+    # vertices were in data units (now in pixels, see panels.in_pixels)
+    for step in range(5):
+        for t in (0.3, 0.5, 0.7):
+            x, y = step + t, values[step] + t * (values[step + 1] - values[step])
+            assert distance_near(image, panel, x, y, purple, 1) <= 40, (x, y)
+    # a replay that goes back to step 1 starts the history over
+    source.show("ckpt", {"value": np.float64(0.6), "best": np.float64(0.6), "best_step": np.int64(1),
+                         "saved": np.bool_(True)}, 1)  # fmt: skip
+    viewer.refresh()
+    assert list(panel.history) == [1.0] and "best 0.6 at step 1" in panel.caption.text
     viewer.close()

@@ -268,13 +268,15 @@ class CurvePanel(Panel):
             color=(*BAND, 0.25),
             parent=self.view.scene,
         )
+        self.curve = np.stack([self.x, np.zeros_like(self.x)], 1)  # (x, prediction), data units
         self.line = scene.visuals.Line(
-            np.stack([self.x, np.zeros_like(self.x)], 1),
+            self.curve,
             color=(*BAND, 1.0),
             width=2.5,
             method="agg",  # thick lines: GL's own line width is 1 px on core profiles
             parent=self.view.scene,
         )
+        self.view.camera.transform.changed.connect(lambda event: in_pixels(self.line, self.curve, self.view))
         self.set_range(fixed_limits(static["scatter_x"], 0.02), fixed_limits(static["scatter_y"], 0.15))
 
     def draw(self, data: dict[str, np.ndarray]) -> None:
@@ -282,7 +284,8 @@ class CurvePanel(Panel):
         upper = np.asarray(data["band_upper"], np.float32)
         vertices = np.concatenate([np.stack([self.x, lower], 1), np.stack([self.x, upper], 1)])
         self.band.set_data(vertices=vertices, faces=self.faces, color=(*BAND, 0.25))
-        self.line.set_data(pos=np.stack([self.x, np.asarray(data["y_pred"], np.float32)], 1))
+        self.curve = np.stack([self.x, np.asarray(data["y_pred"], np.float32)], 1)
+        in_pixels(self.line, self.curve, self.view)
 
     def readout(self, x: float, y: float) -> str | None:
         i = int(np.abs(self.x - x).argmin())
@@ -366,16 +369,34 @@ class PredictionPanel(Panel):
         return text
 
 
+def in_pixels(line: scene.visuals.Line, pos: np.ndarray, view) -> None:
+    """Give an antialiased line its vertices in (about) screen pixels, with a transform back
+    to data units. vispy's agg line shader misdraws caps and joins (segments fade out) when a
+    data unit is far from a pixel, as on a plot of a loss near 1 over thousands of steps
+    (vispy issue #947, pull request #2793); in pixel units it draws them as designed. Called
+    again whenever the camera's transform changes (pan, zoom, resize, a new range)."""
+    rect = view.camera.rect
+    width, height = (float(v) for v in view.size)
+    sx = width / rect.width if rect.width > 0 and width > 0 else 1.0
+    sy = height / rect.height if rect.height > 0 and height > 0 else 1.0
+    line.set_data(pos=(np.asarray(pos, np.float64) * (sx, sy)).astype(np.float32))
+    line.transform = STTransform(scale=(1.0 / sx, 1.0 / sy))
+
+
 class SeriesPanel(Panel):
     """Lines of named series over steps, optionally on a log10 scale."""
 
     x_label = "step"
 
-    def __init__(self, parent_grid, spec: PanelSpec, row: int, col: int, log_y: bool = True, legend=None):
+    def __init__(
+        self, parent_grid, spec: PanelSpec, row: int, col: int, log_y: bool = True, legend=None, y_label=None
+    ):
         self.log_y = log_y
-        self.y_label = "log10 value" if log_y else "value"
+        self.y_label = y_label or ("log10 value" if log_y else "value")
         super().__init__(parent_grid, spec, row, col, legend)
         self.lines: dict[str, scene.visuals.Line] = {}
+        self.series: dict[str, np.ndarray] = {}  # each line's vertices in data units (x, y)
+        self.view.camera.transform.changed.connect(self._lines_in_pixels)  # pans, zooms, resizes
 
     def set_series(
         self, name: str, steps: np.ndarray, values: np.ndarray, colour, dense: bool = False
@@ -390,6 +411,7 @@ class SeriesPanel(Panel):
         pos = np.stack([np.asarray(steps, np.float64)[keep], values[keep]], 1).astype(np.float32)
         if len(pos) < 2:
             pos = np.concatenate([pos, pos])[:2] if len(pos) else np.zeros((2, 2), np.float32)
+        self.series[name] = pos
         line = self.lines.get(name)
         if line is None:
             line = self.lines[name] = scene.visuals.Line(
@@ -401,12 +423,13 @@ class SeriesPanel(Panel):
             )
         else:
             line.set_data(pos=pos, color=colour)
+        if line.method == "agg":
+            in_pixels(line, pos, self.view)
 
     def readout(self, x: float, y: float) -> str | None:
         parts, step = [], None
-        for name, line in self.lines.items():
-            pos = line.pos
-            if pos is None or not len(pos):
+        for name, pos in self.series.items():
+            if not len(pos):
                 continue
             i = int(np.abs(pos[:, 0] - x).argmin())
             step = pos[i, 0] if step is None else step
@@ -415,10 +438,14 @@ class SeriesPanel(Panel):
         return f"step {step:.0f}: " + ", ".join(parts) if parts else None
 
     def rescale(self) -> None:
-        points = [line.pos for line in self.lines.values() if line.pos is not None]
-        if points:
-            stacked = np.concatenate(points)
+        if self.series:
+            stacked = np.concatenate(list(self.series.values()))
             self.set_range(fixed_limits(stacked[:, 0], 0.02), fixed_limits(stacked[:, 1]))
+
+    def _lines_in_pixels(self, event=None) -> None:
+        for name, line in self.lines.items():  # the pixels per data unit changed
+            if line.method == "agg":
+                in_pixels(line, self.series[name], self.view)
 
 
 class LossPanel(SeriesPanel):
@@ -523,6 +550,62 @@ class StatsPanel(SeriesPanel):
             self.strip.set_data(vertices=vertices, faces=faces, face_colors=face_colours)
 
 
+class CheckpointPanel(SeriesPanel):
+    """A CheckpointProbe's metric at every frame seen so far, each saved frame ringed, the
+    best so far starred (from the frame's own ``best``: right even when a live view missed
+    frames); the caption says the value, the best and its step."""
+
+    VALUE = (*METRIC_COLOURS[1], 1.0)
+    BEST = (0.93, 0.69, 0.13, 1.0)
+
+    def __init__(self, parent_grid, spec: PanelSpec, row: int, col: int):
+        metric = str(spec.config.get("metric", "value"))
+        self.metric = metric
+        super().__init__(parent_grid, spec, row, col, log_y=False, y_label=metric)
+        self.history: dict[float, tuple[float, bool]] = {}  # step -> (value, saved)
+        self.saved = scene.visuals.Markers(parent=self.view.scene)
+        self.best = scene.visuals.Markers(parent=self.view.scene)
+        self.saved.order, self.best.order = 1, 2  # drawn after the line: on top of it
+
+    def update(self, data: dict[str, np.ndarray], step: float, epoch: float) -> None:
+        if self.history and step < max(self.history):  # a replay went back: start over
+            self.history.clear()
+        self.history[float(step)] = (float(data["value"]), bool(data["saved"]))
+        super().update(data, step, epoch)
+
+    def draw(self, data: dict[str, np.ndarray]) -> None:
+        steps = np.array(sorted(self.history), np.float64)
+        values = np.array([self.history[s][0] for s in steps], np.float64)
+        self.set_series(self.metric, steps, values, self.VALUE)
+        best, best_step = float(data["best"]), float(data["best_step"])
+        saved = np.array(
+            [(s, self.history[s][0]) for s in steps if self.history[s][1] and s != best_step], np.float32
+        ).reshape(-1, 2)
+        self._set_markers(self.saved, saved[np.isfinite(saved[:, 1])], "disc", 9, (1, 1, 1, 1), self.VALUE)
+        here = np.array([[best_step, best]], np.float32) if np.isfinite(best) and best_step >= 0 else None
+        self._set_markers(self.best, here, "star", 18, self.BEST, (0.3, 0.3, 0.3, 1.0))
+        points = [p for p in (here,) if p is not None]
+        finite = np.isfinite(values)
+        if finite.any() or points:
+            xy = np.concatenate([np.stack([steps[finite], values[finite]], 1), *points])
+            self.set_range(fixed_limits(xy[:, 0], 0.02), fixed_limits(xy[:, 1]))
+
+    @staticmethod
+    def _set_markers(markers, pos, symbol: str, size: float, face, edge) -> None:
+        if pos is None or not len(pos):
+            markers.visible = False
+            return
+        markers.set_data(pos, symbol=symbol, size=size, face_color=face, edge_color=edge, edge_width=1.2)
+        markers.visible = True
+
+    def subtitle(self, data: dict[str, np.ndarray]) -> str:
+        value, best, best_step = float(data["value"]), float(data["best"]), int(data["best_step"])
+        text = f"  ·  {self.metric} {value:.4g}"
+        if best_step >= 0:
+            text += f"  ·  best {best:.4g} at step {best_step}"
+        return text + ("  ·  saved" if bool(data["saved"]) else "")
+
+
 class NeuronsPanel(Panel):
     """Each unit's map over the grid, as one mosaic Image (NeuronProbe); the pointer names the
     unit and its output at that point."""
@@ -579,4 +662,5 @@ PANELS = {
     "loss": LossPanel,
     "stats": StatsPanel,
     "neurons": NeuronsPanel,
+    "checkpoint": CheckpointPanel,
 }

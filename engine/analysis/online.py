@@ -7,7 +7,9 @@ probabilities, each state's mean and variance) and reads and writes it as JSON (
 trains: after each observation, P(state now | everything seen so far), by the forward
 recursion of the HMM, in numpy; no hmmlearn needed while training. A metric missing from an
 observation (NaN) carries its last value forward, as the offline fit does; one never seen
-yet is left out of the likelihood (a diagonal Gaussian marginalised over it).
+yet is left out of the likelihood (each state's Gaussian marginalised over it). Diagonal and
+spherical covariances keep one variance per state and metric; full and tied ones keep each
+state's covariance matrix.
 
 Give one to a StatsProbe (``StatsProbe(..., states="analysis/states.json")``) and every frame
 carries the current state; a change of state is logged.
@@ -27,7 +29,8 @@ FORMAT = "probescope-states"
 
 @dataclass(frozen=True)
 class StateModel:
-    """A Gaussian HMM with diagonal covariances over z-scored metrics."""
+    """A Gaussian HMM over z-scored metrics: diagonal covariances (``variances``), or full
+    ones (``covariances``, with their diagonals in ``variances``)."""
 
     metrics: list[str]
     startprob: np.ndarray  # (K,)
@@ -36,6 +39,7 @@ class StateModel:
     variances: np.ndarray  # (K, M), of the z-scores
     center: np.ndarray  # (M,) the metrics' means ...
     scale: np.ndarray  # (M,) ... and standard deviations, over the runs it was fitted on
+    covariances: np.ndarray | None = None  # (K, M, M) of the z-scores; None: diagonal
 
     def __post_init__(self):
         k, m = self.means.shape
@@ -46,11 +50,20 @@ class StateModel:
             "center": (self.center.shape, (m,)),
             "scale": (self.scale.shape, (m,)),
         }
+        if self.covariances is not None:
+            shapes["covariances"] = (self.covariances.shape, (k, m, m))
         bad = {name: got for name, (got, want) in shapes.items() if got != want}
         if bad or len(self.metrics) != m:
             raise ValueError(f"StateModel: inconsistent shapes for {k} states and {m} metrics: {bad}")
         if not (np.all(self.variances > 0) and np.all(self.scale > 0)):
             raise ValueError("StateModel: variances and scales must be positive")
+        if self.covariances is not None:
+            try:
+                np.linalg.cholesky(self.covariances)
+            except np.linalg.LinAlgError:
+                raise ValueError("StateModel: covariances must be symmetric positive definite") from None
+            if not np.allclose(np.diagonal(self.covariances, axis1=1, axis2=2), self.variances):
+                raise ValueError("StateModel: variances must be the covariances' diagonals")
 
     @property
     def n_states(self) -> int:
@@ -61,16 +74,20 @@ class StateModel:
         """The model behind a ``LatentStates`` (what ``latent_states`` returned)."""
         if result.model is None or result.zscore is None:
             raise ValueError("StateModel: this LatentStates carries no fitted model")
-        covars = np.asarray(result.model._covars_, np.float64)  # diagonal: (K, M)
+        from probescope.analysis.states import full_covariances
+
+        full = full_covariances(result.model)
+        diagonal = result.model.covariance_type in ("diag", "spherical")
         center, scale = result.zscore
         return cls(
             list(result.metrics),
             np.asarray(result.startprob, np.float64),
             np.asarray(result.transmat, np.float64),
             np.asarray(result.means, np.float64),
-            covars,
+            np.diagonal(full, axis1=1, axis2=2).copy(),
             np.asarray(center, np.float64),
             np.asarray(scale, np.float64),
+            None if diagonal else full,
         )
 
     def to_json(self) -> dict:
@@ -82,6 +99,7 @@ class StateModel:
             "means_z": self.means.tolist(),
             "variances_z": self.variances.tolist(),
             "zscore": {"mean": self.center.tolist(), "std": self.scale.tolist()},
+            **({"covariances_z": self.covariances.tolist()} if self.covariances is not None else {}),
         }
 
     @classmethod
@@ -105,6 +123,7 @@ class StateModel:
             array("variances_z"),
             np.asarray(data["zscore"]["mean"], np.float64),
             np.asarray(data["zscore"]["std"], np.float64),
+            array("covariances_z") if "covariances_z" in data else None,
         )
 
     @classmethod
@@ -132,6 +151,7 @@ class StateTracker:
         self._last = np.full(len(model.metrics), np.nan)  # carried forward for gaps
         self._log_trans = np.log(np.where(model.transmat > 0, model.transmat, 1e-300))
         self._log_norm = -0.5 * np.log(2.0 * np.pi * model.variances)  # (K, M)
+        self._gaussians: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # full: per set of seen metrics
 
     def update(self, values) -> np.ndarray:
         x = np.asarray(values, np.float64).reshape(-1)
@@ -142,8 +162,13 @@ class StateTracker:
         seen = np.isfinite(x)
         z = (x - self.model.center) / self.model.scale
         d = np.where(seen, z, 0.0)[None, :] - self.model.means
-        terms = self._log_norm - 0.5 * d * d / self.model.variances
-        log_b = np.where(seen[None, :], terms, 0.0).sum(axis=1)  # a metric never seen is left out
+        if self.model.covariances is None:
+            terms = self._log_norm - 0.5 * d * d / self.model.variances
+            log_b = np.where(seen[None, :], terms, 0.0).sum(axis=1)  # a metric never seen is left out
+        else:
+            precision, log_norm = self._marginal(seen)
+            d = d[:, seen]
+            log_b = log_norm - 0.5 * np.einsum("km,kmn,kn->k", d, precision, d)
         if self._log_alpha is None:
             prior = np.log(np.where(self.model.startprob > 0, self.model.startprob, 1e-300))
         else:
@@ -152,6 +177,16 @@ class StateTracker:
         self._log_alpha = log_alpha - _logsumexp(log_alpha, axis=0)
         self.steps += 1
         return np.exp(self._log_alpha)
+
+    def _marginal(self, seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each state's Gaussian over the metrics seen so far: precision matrices and the log
+        normalisers (cached: the set of seen metrics only grows, so there are few)."""
+        key = np.packbits(seen).tobytes()
+        if key not in self._gaussians:
+            cov = self.model.covariances[:, seen][:, :, seen]
+            _, logdet = np.linalg.slogdet(2.0 * np.pi * cov)
+            self._gaussians[key] = (np.linalg.inv(cov), -0.5 * logdet)
+        return self._gaussians[key]
 
 
 def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:

@@ -177,13 +177,20 @@ def _circle(center, radius, colour):
 
 # ---- interactive report --------------------------------------------------------------------
 def graph_plotly(result: LatentStates):
-    """The transition graph as a plotly Figure (hover a state for its telling metrics)."""
+    """The transition graph as a plotly Figure (hover a state for its telling metrics, an
+    arrow's label for the metrics that drive that change)."""
     import plotly.graph_objects as go
 
     graph = transition_graph(result)
     pos = layout(graph)
+    seen = {(tr.source, tr.target): tr for tr in result.transitions}
     fig = go.Figure()
     for i, j, d in graph.edges(data=True):
+        hover = f"S{i} → S{j}: {d['leave']:.1%} of exits (p={d['p']:.4f} per step)"
+        if (i, j) in seen:
+            tr = seen[(i, j)]
+            drivers = "<br>".join(f"{html.escape(m)}: {g:+.2f}" for m, g in tr.drivers(result.metrics))
+            hover += f"<br>seen {tr.count}× in the runs; what drives it (d log-odds / d z):<br>{drivers}"
         fig.add_annotation(
             x=pos[j][0], y=pos[j][1], ax=pos[i][0], ay=pos[i][1], xref="x", yref="y", axref="x", ayref="y",
             showarrow=True, arrowhead=3, arrowwidth=0.8 + 5.0 * d["leave"], arrowcolor="rgba(80,80,80,0.7)",
@@ -193,7 +200,7 @@ def graph_plotly(result: LatentStates):
         fig.add_trace(
             go.Scatter(
                 x=[mid[0]], y=[mid[1]], mode="text", text=[f"{d['leave']:.2f}"], showlegend=False,
-                hovertext=f"S{i} → S{j}: {d['leave']:.1%} of exits (p={d['p']:.4f} per step)",
+                hovertext=hover,
                 hoverinfo="text", textfont={"size": 10, "color": "#555"},
             )
         )  # fmt: skip
@@ -275,10 +282,17 @@ th {{ background: #f4f4f4; }} td.l {{ text-align: left; }}
 <h2>States</h2>
 {states}
 <div id="training-map-charts-box">{charts}</div>
+<h2>State changes</h2>
+<p>Each change of state the runs go through, and the metrics that drive it: the gradient of
+the log odds of the new state over the old (the HMM's forward posterior) with respect to the
+metrics at the first step in the new state, per standard deviation of each metric, averaged
+over every time it happens. Positive: a rise of the metric favours the new state.</p>
+{transitions}
 <h2>Model selection</h2>
-<p>Gaussian hidden Markov models (diagonal covariances) fitted to the z-scored metrics of every
+<p>Gaussian hidden Markov models ({covariance} covariances) fitted to the z-scored metrics of every
 run at once; the number of states with the lowest BIC is chosen. Log-likelihoods are per
-observation; held-out: {heldout}.</p>
+observation; held-out: {heldout}; the held-out column is the best restart's, then the mean and
+standard deviation over every restart.</p>
 {selection}
 {dropped}
 </body></html>
@@ -306,12 +320,33 @@ def report_html(result: LatentStates, title: str = "Training map") -> str:
     )
     sel = "".join(
         f"<tr><td>{row['n_states']}{' (chosen)' if row['n_states'] == result.n_states else ''}</td>"
-        f"<td>{row['bic']:.1f}</td><td>{row['train_loglik']:.3f}</td><td>{row['heldout_loglik']:.3f}</td></tr>"
+        f"<td>{row['bic']:.1f}</td><td>{row['aic']:.1f}</td><td>{row['train_loglik']:.3f}</td>"
+        f"<td>{row['heldout_loglik']:.3f}</td>"
+        f"<td>{row['heldout_loglik_mean']:.3f} ± {row['heldout_loglik_std']:.3f} "
+        f"({row['restarts']})</td></tr>"
         for row in result.selection
     )
     selection = (
-        "<table><tr><th>states</th><th>BIC</th><th>train log-lik</th><th>held-out log-lik</th></tr>"
-        + sel + "</table>"
+        "<table><tr><th>states</th><th>BIC</th><th>AIC</th><th>train log-lik</th><th>held-out log-lik</th>"
+        "<th>held-out over restarts</th></tr>" + sel + "</table>"
+    )  # fmt: skip
+    changes = []
+    for tr in result.transitions:
+        where = "; ".join(
+            f"{html.escape(label)}: {', '.join(map(str, steps[:6]))}{' ...' if len(steps) > 6 else ''}"
+            for label, steps in tr.steps.items()
+        )
+        drivers = ", ".join(f"{html.escape(m)} {g:+.2f}" for m, g in tr.drivers(result.metrics, 4))
+        changes.append(
+            f"<tr><td class=l>S{tr.source} → S{tr.target}</td><td>{tr.count}</td>"
+            f"<td class=l>{drivers}</td><td class=l>{where}</td></tr>"
+        )
+    transitions = (
+        "<table><tr><th>change</th><th>times</th><th>what drives it</th>"
+        "<th>steps (first in the new state)</th></tr>"
+        + "".join(changes) + "</table>"
+        if changes
+        else "<p>The runs never change state.</p>"
     )  # fmt: skip
     heldout = "the last runs" if len(result.runs) >= 3 else "the last 20 % of each run"
     dropped = (
@@ -326,13 +361,15 @@ def report_html(result: LatentStates, title: str = "Training map") -> str:
     )
     return _PAGE.format(
         title=html.escape(title), lead=lead, graph=graph, charts=charts, states=states,
-        selection=selection, heldout=heldout, dropped=dropped,
+        transitions=transitions, selection=selection, heldout=heldout, dropped=dropped,
+        covariance=getattr(result.model, "covariance_type", "diag"),
     )  # fmt: skip
 
 
 def states_json(result: LatentStates) -> dict:
     return {
         "n_states": result.n_states,
+        "covariance_type": getattr(result.model, "covariance_type", "diag"),
         "runs": result.runs,
         "metrics": result.metrics,
         "dropped_metrics": result.dropped_metrics,
@@ -344,6 +381,17 @@ def states_json(result: LatentStates) -> dict:
         "selection": result.selection,
         "distinguishing": [[{"metric": m, "z": z} for m, z in d] for d in result.distinguishing],
         "boundaries": {label: result.boundaries(i) for i, label in enumerate(result.runs)},
+        "transitions": [
+            {
+                "from": tr.source,
+                "to": tr.target,
+                "count": tr.count,
+                "steps": tr.steps,
+                "drivers": [{"metric": m, "gradient": g} for m, g in tr.drivers(result.metrics, 8)],
+                "importance": tr.importance.tolist(),
+            }
+            for tr in result.transitions
+        ],
         # what decoding a new run needs (StateModel.load): variances and the z-scoring
         **(result.state_model().to_json() if result.model is not None else {}),
     }

@@ -1,14 +1,25 @@
 """Latent states of training: a Gaussian hidden Markov model over metric time series.
 
 After Hu et al., "Latent State Models of Training Dynamics" (TMLR 2023): metrics recorded
-over training (StatsProbe's table) are z-scored across every run, a Gaussian HMM with
-diagonal covariances is fitted jointly to all runs (one sequence per run; hmmlearn), with
-several random restarts per candidate number of states, and the number of states is chosen
-by BIC. Held-out log-likelihood is reported beside it: each candidate is fitted on the
-training part (all runs but the held-out ones, or each run's first 80 % when there are fewer
-than three) and scored on the rest, per observation; the chosen one is then refitted on every
-run, starting from its best training fit. States are numbered in order of their
-mean position in training, so state 0 is where runs start.
+over training (StatsProbe's table) are z-scored across every run, a Gaussian HMM (diagonal
+covariances by default; full, tied or spherical on request) is fitted jointly to all runs
+(one sequence per run; hmmlearn), with several random restarts per candidate number of
+states, and the number of states is chosen by BIC. Held-out log-likelihood is reported
+beside it: each candidate is fitted on the training part (all runs but the held-out ones, or
+each run's first 80 % when there are fewer than three) and scored on the rest, per
+observation; the chosen one is then refitted on every run, starting from its best training
+fit. States are numbered in order of their mean position in training, so state 0 is where
+runs start.
+
+Each change of state the runs go through (``LatentStates.transitions``) comes with the
+metrics that drive it, after the paper's feature importance: the gradient, with respect to
+the observation at the first step in the new state, of the forward lattice's log odds of the
+new state over the old one, log P(z_t = j | x_1..t) - log P(z_t = i | x_1..t). The forward
+terms up to t - 1 do not depend on x_t, so the gradient is exact and closed-form (the
+difference of the two states' emission gradients) and, unlike the posterior itself, does
+not vanish where the filter is already sure. Averaged over every occurrence; in z-score
+units, so a positive value means a rise of that metric by one standard deviation makes the
+new state more likely by that many nats.
 """
 
 from __future__ import annotations
@@ -24,6 +35,8 @@ import numpy as np
 
 log = logging.getLogger("probescope")
 
+COVARIANCE_TYPES = ("diag", "full", "tied", "spherical")
+
 
 @dataclass
 class RunSeries:
@@ -33,6 +46,23 @@ class RunSeries:
     steps: np.ndarray
     values: np.ndarray
     metrics: list[str] | None = None  # column names (default m0, m1, ...)
+
+
+@dataclass
+class Transition:
+    """One change of state the runs go through: from ``source`` to ``target``."""
+
+    source: int
+    target: int
+    count: int  # how often, over every run
+    steps: dict[str, list[int]]  # per run: the first step in the new state, each time
+    importance: np.ndarray  # (metrics,) mean d log-odds(target : source) / d metric, per z-score
+
+    def drivers(self, metrics: Sequence[str], count: int = 5) -> list[tuple[str, float]]:
+        """The ``count`` metrics that push hardest towards the new state, (name, gradient),
+        by the gradient's magnitude (sign: which way the metric moves the odds)."""
+        ranked = np.argsort(-np.abs(self.importance), kind="stable")[:count]
+        return [(metrics[j], float(self.importance[j])) for j in ranked]
 
 
 @dataclass
@@ -55,6 +85,7 @@ class LatentStates:
     model: object = None  # the fitted hmmlearn GaussianHMM (z-scored inputs, states renumbered)
     zscore: tuple[np.ndarray, np.ndarray] | None = None  # (mean, std) per metric
     series: list[np.ndarray] = field(default_factory=list)  # per run: (steps, metrics) z-scores
+    transitions: list[Transition] = field(default_factory=list)  # most frequent first
 
     def boundaries(self, run: int = 0) -> list[int]:
         """Steps of run ``run`` where its state changes (the first step in the new state)."""
@@ -78,17 +109,24 @@ class LatentStates:
         lines = [
             f"{self.n_states} latent states over {len(self.runs)} run(s), {len(self.metrics)} metrics "
             f"({sum(len(s) for s in self.states)} steps)",
-            "  states  BIC            log-lik/obs (train)  (held-out)",
+            "  states  BIC            AIC            log-lik/obs (train)  (held-out, restarts)",
         ]
         for row in self.selection:
             mark = " *" if row["n_states"] == self.n_states else ""
             lines.append(
-                f"  {row['n_states']:>6}  {row['bic']:>13.1f}  {row['train_loglik']:>19.3f}  "
-                f"{row['heldout_loglik']:>10.3f}{mark}"
+                f"  {row['n_states']:>6}  {row['bic']:>13.1f}  {row['aic']:>13.1f}  "
+                f"{row['train_loglik']:>19.3f}  {row['heldout_loglik']:>10.3f} "
+                f"({row['heldout_loglik_mean']:.3f} ± {row['heldout_loglik_std']:.3f}){mark}"
             )
         for k in range(self.n_states):
             top = ", ".join(f"{m} {z:+.2f}" for m, z in self.distinguishing[k][:3])
             lines.append(f"  state {k}: {self.occupancy[k]:5.1%} of steps; {top}")
+        if self.transitions:
+            lines.append("  state changes and what drives them (d log-odds / d z-score):")
+        for tr in self.transitions:
+            top = ", ".join(f"{m} {g:+.2f}" for m, g in tr.drivers(self.metrics, 3))
+            times = "once" if tr.count == 1 else f"{tr.count} times"
+            lines.append(f"  {tr.source} -> {tr.target} ({times}): {top}")
         for i, label in enumerate(self.runs):
             lines.append(f"  {label}: state changes at steps {self.boundaries(i)}")
         return "\n".join(lines)
@@ -145,6 +183,7 @@ def latent_states(
     restarts: int = 3,
     n_iter: int = 100,
     probe: str | None = None,
+    covariance_type: str = "diag",
     random_state: int = 0,
     n_jobs: int | None = None,
     progress: bool = False,
@@ -153,7 +192,13 @@ def latent_states(
 
     ``runs``: run directories, ``Run`` objects, DataFrames (a ``step`` column plus metrics) or
     ``RunSeries``; ``metrics``: the columns to use (default: every column all runs share);
-    ``n_states``: a number, or ``"auto"`` to choose 1..``max_states`` by BIC. Metrics that
+    ``n_states``: a number, or ``"auto"`` to choose 1..``max_states`` by BIC. Each candidate's
+    row in ``selection`` holds its BIC and AIC, the train and held-out log-likelihood per
+    observation of its best restart, and the held-out mean and standard deviation over its
+    ``restarts`` (how much the fit depends on the seed). ``covariance_type``: each state's
+    Gaussian, hmmlearn's ``"diag"`` (the default, and the paper's), ``"full"`` (metrics that
+    move together; needs many more steps than metrics), ``"tied"`` (one full covariance shared
+    by the states) or ``"spherical"``. Metrics that
     are constant or not finite everywhere are dropped (listed in ``dropped_metrics``); gaps
     (NaN) are carried forward. ``n_jobs`` fits candidates in parallel processes (default: one
     per core).
@@ -171,6 +216,8 @@ def latent_states(
         candidates = [n_states]
     if restarts < 1:
         raise ValueError(f"restarts must be >= 1, got {restarts}")
+    if covariance_type not in COVARIANCE_TYPES:
+        raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}")
 
     data = [_fill_gaps(s.values) for s in series]
     stacked = np.concatenate(data)
@@ -189,7 +236,12 @@ def latent_states(
 
     train, held = _split(z)
     jobs = [(k, random_state + r) for k in candidates for r in range(restarts)]
-    fitted = _run_jobs([(train, k, seed, n_iter) for k, seed in jobs], n_jobs, progress, "fitting candidates")
+    fitted = _run_jobs(
+        [(train, k, seed, n_iter, covariance_type) for k, seed in jobs],
+        n_jobs,
+        progress,
+        "fitting candidates",
+    )
     x_train, l_train = _xl(train)
     x_held, l_held = _xl(held)
     selection, best_fit = [], {}
@@ -199,14 +251,19 @@ def latent_states(
             continue
         scores = [m.score(x_train, l_train) for m in fits]
         best_fit[k] = best = fits[int(np.argmax(scores))]
+        held_scores = np.array([m.score(x_held, l_held) / len(x_held) for m in fits]) if len(x_held) else None
         selection.append(
             {
                 "n_states": k,
                 "bic": float(best.bic(x_train, l_train)),
+                "aic": float(best.aic(x_train, l_train)),
                 "train_loglik": float(max(scores) / len(x_train)),
-                "heldout_loglik": float(best.score(x_held, l_held) / len(x_held))
-                if len(x_held)
+                "heldout_loglik": float(held_scores[int(np.argmax(scores))])
+                if held_scores is not None
                 else math.nan,
+                "heldout_loglik_mean": float(held_scores.mean()) if held_scores is not None else math.nan,
+                "heldout_loglik_std": float(held_scores.std()) if held_scores is not None else math.nan,
+                "restarts": len(fits),
             }
         )
     if not selection:
@@ -254,14 +311,14 @@ def _xl(parts: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
 
 
 def _fit(args):
-    parts, k, seed, n_iter = args
+    parts, k, seed, n_iter, covariance_type = args
     from hmmlearn.hmm import GaussianHMM
 
     x, lengths = _xl(parts)
     if k > len(x):
         return None
-    model = GaussianHMM(k, covariance_type="diag", n_iter=n_iter, tol=_tolerance(len(x)), random_state=seed,
-                        min_covar=1e-3)  # fmt: skip
+    model = GaussianHMM(k, covariance_type=covariance_type, n_iter=n_iter, tol=_tolerance(len(x)),
+                        random_state=seed, min_covar=1e-3)  # fmt: skip
     return _quiet_fit(model, x, lengths, f"HMM with {k} states, seed {seed}")
 
 
@@ -322,7 +379,7 @@ def _describe(model, series, z, names, dropped, selection, zscore) -> LatentStat
     relabel = np.empty(k, np.int64)
     relabel[order] = np.arange(k)
     states = [relabel[s] for s in raw_states]
-    covars = model._covars_[order]
+    covars = model._covars_ if model.covariance_type == "tied" else model._covars_[order]
     model.startprob_ = startprob = model.startprob_[order]
     model.transmat_ = transmat = model.transmat_[np.ix_(order, order)]
     model.means_ = means = model.means_[order]
@@ -334,6 +391,7 @@ def _describe(model, series, z, names, dropped, selection, zscore) -> LatentStat
         ranked = np.argsort(-np.abs(means[s]), kind="stable")[:8]
         distinguishing.append([(names[j], float(means[s, j])) for j in ranked])
     mean, std = zscore
+    transitions = _transitions(model, series, z, states)
     return LatentStates(
         n_states=k,
         metrics=names,
@@ -351,4 +409,39 @@ def _describe(model, series, z, names, dropped, selection, zscore) -> LatentStat
         model=model,
         zscore=zscore,
         series=z,
+        transitions=transitions,
     )
+
+
+def full_covariances(model) -> np.ndarray:
+    """Each state's covariance matrix, (K, M, M), for any of hmmlearn's covariance types
+    (its own ``covars_`` mis-expands a spherical model whose variances are stored per metric)."""
+    k, m = model.means_.shape
+    c = np.asarray(model._covars_, np.float64)
+    if model.covariance_type == "spherical":
+        return c.reshape(k, -1)[:, :1, None] * np.eye(m)
+    if model.covariance_type == "diag":
+        return c[:, :, None] * np.eye(m)
+    if model.covariance_type == "tied":
+        return np.broadcast_to(c, (k, m, m)).copy()
+    return c.copy()
+
+
+def _transitions(model, series, z, states) -> list[Transition]:
+    """Every change of state in the Viterbi paths, with the gradient of the forward log odds
+    of the new state over the old at the first step in the new one (see the module's text)."""
+    precision = np.linalg.inv(full_covariances(model))
+    means = np.asarray(model.means_, np.float64)
+    found: dict[tuple[int, int], dict] = {}
+    for run, path, x in zip(series, states, z, strict=True):
+        for t in np.flatnonzero(path[1:] != path[:-1]) + 1:
+            i, j = int(path[t - 1]), int(path[t])
+            grad = precision[i] @ (x[t] - means[i]) - precision[j] @ (x[t] - means[j])
+            entry = found.setdefault((i, j), {"steps": {}, "grads": []})
+            entry["steps"].setdefault(run.label, []).append(int(run.steps[t]))
+            entry["grads"].append(grad)
+    out = [
+        Transition(i, j, len(e["grads"]), e["steps"], np.mean(e["grads"], axis=0))
+        for (i, j), e in found.items()
+    ]
+    return sorted(out, key=lambda tr: (-tr.count, tr.source, tr.target))
