@@ -31,13 +31,26 @@ FORMATS = ("mp4", "gif", "png")
 
 
 def _blend(record: ProbeRecord, first: dict, second: dict, k: int, method: str) -> list[dict]:
-    """The k data dicts between two frames; arrays that cannot be blended come from ``first``."""
+    """The k data dicts between two frames; arrays that cannot be blended come from ``first``.
+
+    ``geometric`` blends arrays that are non-negative in both frames (probabilities, losses,
+    scales) and the rest linearly (activations, predictions); a grid's in-between
+    probabilities are then normalised again per pixel: a straight line in log-probability
+    (pixels where the two frames share no class above 0 are blended linearly)."""
     blended = [dict(first) for _ in range(k)]
     for key, a in first.items():
         b = second.get(key)
         if b is None or a.shape != b.shape or not np.issubdtype(a.dtype, np.floating):
             continue
-        frames = interpolate_frames(torch.from_numpy(a), torch.from_numpy(b), k, method).numpy()
+        how = "linear" if method == "geometric" and (np.any(a < 0) or np.any(b < 0)) else method
+        frames = interpolate_frames(torch.from_numpy(a), torch.from_numpy(b), k, how).numpy()
+        if how == "geometric" and key == "probs" and record.kind == "grid":
+            total = frames.sum(axis=-1, keepdims=True)
+            # A pixel whose two frames share no class above 0 (saturated softmax) blends linearly.
+            linear = np.zeros_like(frames)
+            if not np.all(total > 0):
+                linear = interpolate_frames(torch.from_numpy(a), torch.from_numpy(b), k, "linear").numpy()
+            frames = np.divide(frames, total, out=linear, where=total > 0)
         for i in range(k):
             blended[i][key] = frames[i]
     if record.kind == "grid":

@@ -1,4 +1,12 @@
-"""Frames in between two recorded frames, so that sparse probing still animates smoothly."""
+"""Frames in between two recorded frames, so that sparse probing still animates smoothly.
+
+``linear`` and ``smoothstep`` blend a + (b - a) w, with w evenly spaced in time or eased in
+and out; ``geometric`` (train-viz's ``np.geomspace`` per element) takes a^(1 - w) b^w, evenly
+spaced in log space: for probabilities, that is a straight line in log-probability, so a
+class that is unlikely in both frames stays unlikely in between instead of passing through
+the arithmetic mean. It needs non-negative frames: an element that is 0 in either frame is
+0 in between, and a negative one gives NaN.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,7 @@ import torch
 
 from probescope.kernels.backend import choose_impl
 
-METHODS = ("linear", "smoothstep")
+METHODS = ("linear", "smoothstep", "geometric")
 
 
 def interpolation_weights(k: int, method: str) -> torch.Tensor:
@@ -35,14 +43,19 @@ def interpolate_frames_reference(
     """The k frames strictly between ``first`` and ``second``: shape ``(k, *first.shape)``."""
     t = interpolation_weights(k, method).to(first.device)
     t = t.reshape(-1, *([1] * first.dim()))
-    blended = first.to(torch.float64) + (second.to(torch.float64) - first.to(torch.float64)) * t
+    a, b = first.to(torch.float64), second.to(torch.float64)
+    if method == "geometric":
+        blended = torch.exp((1.0 - t) * torch.log(a) + t * torch.log(b))
+    else:
+        blended = a + (b - a) * t
     return blended.to(first.dtype)
 
 
 def interpolate_frames(
     first: torch.Tensor, second: torch.Tensor, k: int, method: str = "linear", *, impl: str = "auto"
 ) -> torch.Tensor:
-    """k frames between two frames of the same shape, linear or smoothstep in time."""
+    """k frames between two frames of the same shape: ``method`` is one of ``METHODS`` (see
+    the module's text)."""
     if first.shape != second.shape or first.dtype != second.dtype:
         raise ValueError(
             "frames differ in shape or dtype: "
@@ -57,9 +70,9 @@ def interpolate_frames(
     if which == "triton":
         from probescope.kernels._triton.interpolate import interpolate_frames_triton
 
-        return interpolate_frames_triton(first, second, weights)
+        return interpolate_frames_triton(first, second, weights, geometric=method == "geometric")
     if which == "numba":
         from probescope.kernels._numba.interpolate import interpolate_frames_numba
 
-        return interpolate_frames_numba(first, second, weights)
+        return interpolate_frames_numba(first, second, weights, geometric=method == "geometric")
     return interpolate_frames_reference(first, second, k, method)

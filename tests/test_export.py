@@ -30,6 +30,24 @@ def test_interpolation_adds_k_frames_between_each_recorded_pair(recorded):
     np.testing.assert_allclose(items[1][0]["probs"], first + (second - first) * t, rtol=1e-5, atol=1e-6)
 
 
+def test_geometric_interpolation_blends_probabilities_in_log_space(recorded):
+    grid = recorded.probe("grid")
+    items = list(timeline(grid, interpolate=1, method="geometric"))
+    first, second = (grid.frame(i).data["probs"].astype(np.float64) for i in (0, 1))
+    mean = np.sqrt(first * second)  # t = 1/2
+    expected = mean / mean.sum(axis=-1, keepdims=True)
+    middle = items[1][0]
+    np.testing.assert_allclose(middle["probs"], expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(middle["probs"].sum(-1), 1.0, rtol=1e-5)
+    assert middle["rgba"].shape[:2] == first.shape[:2] and middle["rgba"].dtype == np.uint8
+    # a pixel whose frames share no class above 0 is blended linearly, not left empty
+    from probescope.export import _blend
+
+    a, b = np.eye(7, dtype=np.float32)[:2, None, None]  # (1, 1, 7) each: class 0, then class 1
+    (half,) = _blend(grid, {"probs": a}, {"probs": b}, 1, "geometric")
+    np.testing.assert_allclose(half["probs"], [[[0.5, 0.5, 0, 0, 0, 0, 0]]])
+
+
 @pytest.mark.parametrize("fmt", ["mp4", "gif"])
 def test_animations_decode_with_the_right_frame_count_and_size(recorded, tmp_path, fmt):
     grid = recorded.probe("grid")

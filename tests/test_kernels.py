@@ -57,6 +57,22 @@ def test_interpolated_frames_lie_between_the_two_frames(method, shape):
         np.testing.assert_allclose(frames[i], a + (b - a) * t[i], rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("shape", [(1,), (5, 3), (7, 11, 2)])
+def test_geometric_interpolation_is_evenly_spaced_in_log_space(shape):
+    """train-viz's np.geomspace per element: a^(1-t) b^t; 0 in either frame stays 0, a
+    negative value is NaN."""
+    rng = np.random.default_rng(1)
+    a, b = rng.uniform(1e-6, 1.0, size=shape), rng.uniform(1e-6, 1.0, size=shape)
+    frames = interpolate_frames(torch.from_numpy(a), torch.from_numpy(b), 3, "geometric").numpy()
+    for i, t in enumerate((0.25, 0.5, 0.75)):
+        np.testing.assert_allclose(frames[i], a ** (1 - t) * b**t, rtol=1e-12)
+    reference = np.geomspace(a, b, 5)[1:-1]  # numpy's own, endpoints dropped
+    np.testing.assert_allclose(frames, reference, rtol=1e-12)
+    edge = interpolate_frames(torch.tensor([0.0, 0.0, 0.4, -0.5]), torch.tensor([0.0, 0.6, 0.0, 0.5]), 2,
+                              "geometric")  # fmt: skip
+    assert torch.equal(edge[:, :3], torch.zeros(2, 3)) and torch.isnan(edge[:, 3]).all()
+
+
 def test_interpolation_of_zero_frames_is_empty_and_shapes_must_match():
     assert interpolate_frames(torch.zeros(3), torch.ones(3), 0).shape == (0, 3)
     with pytest.raises(ValueError, match="shape"):
