@@ -277,7 +277,8 @@ def train_zoo_run(
                     curve.append((step, accuracy(model(task.x_valid), task.y_valid)))
             bar.update()
     return {"seed": seed, "task": task.name, "valid_accuracy": curve, "summary": monitor.summary(),
-            "run_dir": Path(run_dir), "transitions": list(probe.transitions)}  # fmt: skip
+            "run_dir": Path(run_dir), "transitions": list(probe.transitions),
+            "drivers": list(probe.transition_drivers)}  # fmt: skip
 
 
 def crossing_step(curve: list[tuple[int, float]], level: float = 0.5) -> int | None:
@@ -313,6 +314,14 @@ class ZooResult:
                 f"seed {self.live['seed']}, decoded live with this model while it trained: {where}; "
                 f"state changes at steps {changes}"
             )
+            if cross is not None and changes:
+                n = min(range(len(changes)), key=lambda i: abs(changes[i] - cross))
+                step, source, target = self.live["transitions"][n]
+                found = self.live.get("drivers") or []
+                drivers = ", ".join(f"{m} {g:+.3g}" for m, g in (found[n] if n < len(found) else []))
+                lines.append(
+                    f"  the change nearest it, {source} -> {target} at step {step}, driven by {drivers}"
+                )
         lines.append(f"report: {self.report['report.html']}")
         return "\n".join(lines)
 

@@ -414,3 +414,29 @@ def test_a_full_covariance_state_model_marginalises_metrics_not_seen_yet():
         StateModel(full.metrics, *args, full.variances, np.zeros(m), np.ones(m), -cov)
     with pytest.raises(ValueError, match="covariance_type must be one of"):
         latent_states(_sample_runs(runs=1, length=50, metrics=2)[0], covariance_type="banded")
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "full"])
+def test_live_drivers_are_the_gradient_of_the_log_odds_at_the_last_observation(covariance_type):
+    """The tracker's drivers against torch autograd through the state model's emissions, with
+    metric 0 not seen yet (left out, as the likelihood leaves it out)."""
+    import torch
+
+    series, _ = _sample_runs(runs=3, length=200, metrics=4, seed=7)
+    model = latent_states(series, n_states=3, covariance_type=covariance_type, n_jobs=1).state_model()
+    tracker = model.tracker()
+    raw = series[0].values[:30].copy()
+    raw[:, 0] = np.nan
+    for row in raw:
+        tracker.update(row)
+    z = torch.tensor((raw[-1, 1:] - model.center[1:]) / model.scale[1:], requires_grad=True)
+    cov = torch.tensor(model.covariances[:, 1:, 1:] if model.covariances is not None
+                       else np.apply_along_axis(np.diag, 1, model.variances[:, 1:]))  # fmt: skip
+    log_b = torch.distributions.MultivariateNormal(torch.tensor(model.means[:, 1:]), cov).log_prob(z)
+    (gradient,) = torch.autograd.grad(log_b[2] - log_b[0], z)
+    drivers = tracker.drivers(0, 2, count=5)
+    assert len(drivers) == 3 and all(name != model.metrics[0] for name, _ in drivers)
+    by_name = dict(drivers)
+    for j, name in enumerate(model.metrics[1:]):
+        assert by_name[name] == pytest.approx(float(gradient[j]), rel=1e-9, abs=1e-9)
+    assert model.tracker().drivers(0, 1) == []  # nothing observed yet

@@ -246,7 +246,12 @@ def test_a_state_model_decodes_the_run_online_frame_by_frame(tmp_path, given_as,
     decoded = table["state"].to_numpy()
     assert decoded.tolist() == [0] * 6 + [1] * 5  # norm 0..5 nearer state 0, 6..10 nearer 1
     assert probe.transitions == [(6, 0, 1)]
-    assert "latent state 0 -> 1 at step 6" in caplog.text
+    # what drove it: d/dz [log-odds(1 : 0)] = (z - 1) - (z - 9) = 8 for unit variances
+    assert probe.transition_drivers == [[("weight/0.weight/l2", pytest.approx(8.0))]]
+    assert (
+        "latent state 0 -> 1 at step 6 (p=" in caplog.text
+        and "driven by weight/0.weight/l2 +8" in caplog.text
+    )
     frame = monitor.latest("stats").data
     assert frame["state"] == 1 and frame["state_probs"].shape == (2,)
     assert frame["state_probs"].sum() == pytest.approx(1.0) and frame["state_probs"][1] > 0.99

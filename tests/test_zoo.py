@@ -74,3 +74,5 @@ def test_modadd_demo_finds_a_state_change_where_validation_accuracy_crosses_half
     changes = live.step.to_numpy()[1:][states[1:] != states[:-1]]
     assert cross is not None and min(abs(changes - cross)) <= 0.05 * steps, (cross, changes)
     assert "decoded live with this model while it trained" in printed
+    nearest = changes[np.argmin(abs(changes - cross))]
+    assert "the change nearest it, " in printed and f" at step {nearest}, driven by " in printed

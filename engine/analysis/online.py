@@ -140,6 +140,17 @@ class StateModel:
         return StateTracker(self)
 
 
+def odds_gradient(z: np.ndarray, means: np.ndarray, precisions: np.ndarray, source: int, target: int):
+    """d/dz [log P(target | ..., z) - log P(source | ..., z)] for Gaussian emissions: the
+    forward terms before z cancel out of the gradient, which is the difference of the two
+    states' emission gradients, P_source (z - mu_source) - P_target (z - mu_target).
+    ``precisions``: (K, M) for diagonal covariances (inverse variances), or (K, M, M)."""
+    d_source, d_target = z - means[source], z - means[target]
+    if precisions.ndim == 2:
+        return precisions[source] * d_source - precisions[target] * d_target
+    return precisions[source] @ d_source - precisions[target] @ d_target
+
+
 class StateTracker:
     """Forward filtering of one run: ``update(values)`` for each new observation (the
     metrics in ``model.metrics`` order, in their own units) returns P(state | all so far)."""
@@ -152,6 +163,7 @@ class StateTracker:
         self._log_trans = np.log(np.where(model.transmat > 0, model.transmat, 1e-300))
         self._log_norm = -0.5 * np.log(2.0 * np.pi * model.variances)  # (K, M)
         self._gaussians: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # full: per set of seen metrics
+        self._z = np.full(len(model.metrics), np.nan)  # the last observation's z-scores (NaN: not seen)
 
     def update(self, values) -> np.ndarray:
         x = np.asarray(values, np.float64).reshape(-1)
@@ -176,7 +188,26 @@ class StateTracker:
         log_alpha = prior + log_b
         self._log_alpha = log_alpha - _logsumexp(log_alpha, axis=0)
         self.steps += 1
+        self._z = np.where(seen, z, np.nan)
         return np.exp(self._log_alpha)
+
+    def drivers(self, source: int, target: int, count: int = 3) -> list[tuple[str, float]]:
+        """What pushed the filter from ``source`` towards ``target`` at the last observation:
+        the ``count`` metrics with the largest gradient of the log odds of ``target`` over
+        ``source`` (per z-score; see ``latent_states``' transitions), metrics not seen yet
+        left out."""
+        if self.steps == 0:
+            return []
+        seen = np.isfinite(self._z)
+        z, means = self._z[seen], self.model.means[:, seen]
+        if self.model.covariances is None:
+            precisions = 1.0 / self.model.variances[:, seen]
+        else:
+            precisions = self._marginal(seen)[0]
+        gradient = odds_gradient(z, means, precisions, source, target)
+        names = [m for m, ok in zip(self.model.metrics, seen, strict=True) if ok]
+        ranked = np.argsort(-np.abs(gradient), kind="stable")[:count]
+        return [(names[j], float(gradient[j])) for j in ranked]
 
     def _marginal(self, seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each state's Gaussian over the metrics seen so far: precision matrices and the log

@@ -430,13 +430,15 @@ def full_covariances(model) -> np.ndarray:
 def _transitions(model, series, z, states) -> list[Transition]:
     """Every change of state in the Viterbi paths, with the gradient of the forward log odds
     of the new state over the old at the first step in the new one (see the module's text)."""
+    from probescope.analysis.online import odds_gradient
+
     precision = np.linalg.inv(full_covariances(model))
     means = np.asarray(model.means_, np.float64)
     found: dict[tuple[int, int], dict] = {}
     for run, path, x in zip(series, states, z, strict=True):
         for t in np.flatnonzero(path[1:] != path[:-1]) + 1:
             i, j = int(path[t - 1]), int(path[t])
-            grad = precision[i] @ (x[t] - means[i]) - precision[j] @ (x[t] - means[j])
+            grad = odds_gradient(x[t], means, precision, i, j)
             entry = found.setdefault((i, j), {"steps": {}, "grads": []})
             entry["steps"].setdefault(run.label, []).append(int(run.steps[t]))
             entry["grads"].append(grad)

@@ -56,7 +56,9 @@ class StatsProbe(Probe):
     or the ``states.json`` that ``write_report`` writes, or its directory): every frame then
     also holds ``state`` (the most likely latent state now) and ``state_probs`` (P(state |
     the frames so far), filtered online), and each change of state is logged and kept in
-    ``transitions`` as (step, from, to). Its metrics must be among this probe's columns (or
+    ``transitions`` as (step, from, to), with the metrics that drove it in
+    ``transition_drivers`` (the gradient of the log odds of the new state over the old at
+    that frame, as ``latent_states`` ranks them offline). Its metrics must be among this probe's columns (or
     ``loss/<series>`` that the loop logs).
 
     Columns are ``<target>/<tensor>/<stat>``, e.g. ``weight/fc1.weight/l2``,
@@ -90,6 +92,7 @@ class StatsProbe(Probe):
         owner = f"StatsProbe {self.name!r}"
         self.states = _state_model(owner, states)
         self.transitions: list[tuple[int, int, int]] = []
+        self.transition_drivers: list[list[tuple[str, float]]] = []  # per transition: (metric, d log-odds)
         self._tracker = None
         self.patterns = [hooks] if isinstance(hooks, str) else list(hooks)
         if not self.patterns or not all(isinstance(p, str) and p for p in self.patterns):
@@ -238,6 +241,7 @@ class StatsProbe(Probe):
         self._state_sources = [index.get(m, m) for m in self.states.metrics]  # column index or frame key
         self._tracker = self.states.tracker()
         self.transitions = []
+        self.transition_drivers = []
 
     def _track(self, frame: dict[str, Any], step: int) -> None:
         values = frame["values"]
@@ -253,8 +257,11 @@ class StatsProbe(Probe):
         frame["state_probs"] = probs
         if previous is not None and state != previous:
             self.transitions.append((step, previous, state))
-            log.info("StatsProbe %r: latent state %d -> %d at step %d (p=%.2f)", self.name, previous, state,
-                     step, probs[state])  # fmt: skip
+            drivers = self._tracker.drivers(previous, state)
+            self.transition_drivers.append(drivers)
+            named = ", ".join(f"{m} {g:+.3g}" for m, g in drivers)
+            log.info("StatsProbe %r: latent state %d -> %d at step %d (p=%.2f); driven by %s", self.name,
+                     previous, state, step, probs[state], named)  # fmt: skip
 
     def _spectral(self, qualified: str, weight: torch.Tensor) -> torch.Tensor:
         v = self._vectors.get(qualified)
