@@ -642,8 +642,8 @@ def test_checkpoint_panel_draws_the_metric_and_stars_the_best(tmp_path):
     viewer = Viewer(RunSource(tmp_path / "run"), offscreen=True, size=(640, 400))
     panel = viewer.panels[probe.name]
     assert isinstance(panel, CheckpointPanel)
-    for i in range(len(viewer.timeline)):
-        viewer.go_to(i)
+    viewer.go_to(len(viewer.timeline) - 1)  # straight to the end: the replay feeds the history
+    assert sorted(panel.history) == sorted(values)
     image = viewer.render()
     best, best_step = index["best"]["value"], index["best"]["step"]
     assert f"best {best:.4g} at step {best_step}" in panel.caption.text
@@ -655,6 +655,8 @@ def test_checkpoint_panel_draws_the_metric_and_stars_the_best(tmp_path):
             mid = ((a + b) / 2, (values[a] + values[b]) / 2)
             assert distance_near(image, panel, *mid, line, 2) <= 60, (a, b)
     assert panel.readout(steps[3], values[steps[3]]) == f"step {steps[3]}: valid_loss {values[steps[3]]:.4g}"
+    viewer.go_to(viewer.timeline.index(steps[4]))  # back: the frames up to there, from the start
+    assert sorted(panel.history) == steps[:5]
     viewer.close()
 
 

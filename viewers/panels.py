@@ -68,6 +68,7 @@ class Panel:
 
     x_label = "x"
     y_label = "y"
+    accumulates = False  # draws the history of the frames it was given (replays feed it every one)
 
     def __init__(self, parent_grid, spec: PanelSpec, row: int, col: int, legend: list | None = None):
         self.spec = spec
@@ -483,6 +484,8 @@ class StatsPanel(SeriesPanel):
     latent state at every frame so far, in the training map's state colours, and the caption
     names the current one."""
 
+    accumulates = True
+
     def __init__(self, parent_grid, spec: PanelSpec, row: int, col: int, max_lines: int = 6):
         columns = [str(c) for c in spec.static.get("columns", [])]
         chosen = [c for c in columns if c.endswith("/l2") or c.endswith("/spectral")][:max_lines]
@@ -554,6 +557,8 @@ class CheckpointPanel(SeriesPanel):
     """A CheckpointProbe's metric at every frame seen so far, each saved frame ringed, the
     best so far starred (from the frame's own ``best``: right even when a live view missed
     frames); the caption says the value, the best and its step."""
+
+    accumulates = True
 
     VALUE = (*METRIC_COLOURS[1], 1.0)
     BEST = (0.93, 0.69, 0.13, 1.0)

@@ -236,12 +236,22 @@ class Viewer:
         return {name: p.upload_path for name, p in self.panels.items() if hasattr(p, "upload_path")}
 
     def show_step(self, step: int) -> None:
-        """Replay: show every probe's newest frame at or before ``step``."""
+        """Replay: show every probe's newest frame at or before ``step``. A panel that draws
+        its frames' history (statistics, checkpoints) is first given the recorded frames it
+        has not seen since its last one (from the start when the replay went back), so a
+        jump, or a first view at the last step, draws the whole history."""
         for name, panel in self.panels.items():
             frame = self.source.at_step(name, step)
-            if frame is not None and self.shown.get(name) != frame.seq:
-                panel.update(frame.data, frame.step, frame.epoch)
-                self.shown[name] = frame.seq
+            if frame is None or self.shown.get(name) == frame.seq:
+                continue
+            if panel.accumulates:
+                last = panel.step if panel.step is not None and panel.step <= frame.step else -math.inf
+                for earlier in self.source.steps(name):
+                    if last < earlier < frame.step:
+                        missed = self.source.at_step(name, earlier)
+                        panel.update(missed.data, missed.step, missed.epoch)
+            panel.update(frame.data, frame.step, frame.epoch)
+            self.shown[name] = frame.seq
         self._after_change()
 
     def go_to(self, position: int) -> int:
