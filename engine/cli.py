@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from probescope.analysis.states import COVARIANCE_TYPES
 from probescope.datasets import DATASETS
 from probescope.kernels.interpolate import METHODS
 
@@ -259,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--restarts", type=int, default=3)
     analyze.add_argument("--probe", default=None, help="the stats probe's name (default: the first)")
     analyze.add_argument(
-        "--covariance", choices=("diag", "full", "tied", "spherical"), default="diag",
+        "--covariance", choices=COVARIANCE_TYPES, default="diag",
         help="each state's Gaussian (default diag, the paper's)",
     )  # fmt: skip
     analyze.add_argument("--title", default=None)

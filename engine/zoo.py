@@ -317,8 +317,7 @@ class ZooResult:
             if cross is not None and changes:
                 n = min(range(len(changes)), key=lambda i: abs(changes[i] - cross))
                 step, source, target = self.live["transitions"][n]
-                found = self.live.get("drivers") or []
-                drivers = ", ".join(f"{m} {g:+.3g}" for m, g in (found[n] if n < len(found) else []))
+                drivers = ", ".join(f"{m} {g:+.3g}" for m, g in self.live["drivers"][n])
                 lines.append(
                     f"  the change nearest it, {source} -> {target} at step {step}, driven by {drivers}"
                 )

@@ -11,6 +11,7 @@ a PNG; r starts and stops recording an MP4; q closes; left and right step a repl
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 import math
@@ -245,11 +246,12 @@ class Viewer:
             if frame is None or self.shown.get(name) == frame.seq:
                 continue
             if panel.accumulates:
+                steps = self.source.steps(name)
                 last = panel.step if panel.step is not None and panel.step <= frame.step else -math.inf
-                for earlier in self.source.steps(name):
-                    if last < earlier < frame.step:
-                        missed = self.source.at_step(name, earlier)
-                        panel.update(missed.data, missed.step, missed.epoch)
+                start, stop = bisect.bisect_right(steps, last), bisect.bisect_left(steps, frame.step)
+                for earlier in steps[start:stop]:  # recorded after the last one shown, before this
+                    missed = self.source.at_step(name, earlier)
+                    panel.update(missed.data, missed.step, missed.epoch)
             panel.update(frame.data, frame.step, frame.epoch)
             self.shown[name] = frame.seq
         self._after_change()

@@ -151,6 +151,12 @@ def odds_gradient(z: np.ndarray, means: np.ndarray, precisions: np.ndarray, sour
     return precisions[source] @ d_source - precisions[target] @ d_target
 
 
+def top_drivers(metrics, gradient: np.ndarray, count: int) -> list[tuple[str, float]]:
+    """The ``count`` (metric, gradient) pairs with the largest gradient magnitude."""
+    ranked = np.argsort(-np.abs(gradient), kind="stable")[:count]
+    return [(metrics[j], float(gradient[j])) for j in ranked]
+
+
 class StateTracker:
     """Forward filtering of one run: ``update(values)`` for each new observation (the
     metrics in ``model.metrics`` order, in their own units) returns P(state | all so far)."""
@@ -204,10 +210,8 @@ class StateTracker:
             precisions = 1.0 / self.model.variances[:, seen]
         else:
             precisions = self._marginal(seen)[0]
-        gradient = odds_gradient(z, means, precisions, source, target)
         names = [m for m, ok in zip(self.model.metrics, seen, strict=True) if ok]
-        ranked = np.argsort(-np.abs(gradient), kind="stable")[:count]
-        return [(names[j], float(gradient[j])) for j in ranked]
+        return top_drivers(names, odds_gradient(z, means, precisions, source, target), count)
 
     def _marginal(self, seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each state's Gaussian over the metrics seen so far: precision matrices and the log

@@ -61,8 +61,9 @@ class Transition:
     def drivers(self, metrics: Sequence[str], count: int = 5) -> list[tuple[str, float]]:
         """The ``count`` metrics that push hardest towards the new state, (name, gradient),
         by the gradient's magnitude (sign: which way the metric moves the odds)."""
-        ranked = np.argsort(-np.abs(self.importance), kind="stable")[:count]
-        return [(metrics[j], float(self.importance[j])) for j in ranked]
+        from probescope.analysis.online import top_drivers
+
+        return top_drivers(metrics, self.importance, count)
 
 
 @dataclass

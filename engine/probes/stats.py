@@ -58,8 +58,8 @@ class StatsProbe(Probe):
     the frames so far), filtered online), and each change of state is logged and kept in
     ``transitions`` as (step, from, to), with the metrics that drove it in
     ``transition_drivers`` (the gradient of the log odds of the new state over the old at
-    that frame, as ``latent_states`` ranks them offline). Its metrics must be among this probe's columns (or
-    ``loss/<series>`` that the loop logs).
+    that frame, as ``latent_states`` ranks them offline). Its metrics must be among this
+    probe's columns (or ``loss/<series>`` that the loop logs).
 
     Columns are ``<target>/<tensor>/<stat>``, e.g. ``weight/fc1.weight/l2``,
     ``grad/fc1.weight/max_abs``, ``act/fc1/near_zero``, and ``loss/<series>``. Read the table
