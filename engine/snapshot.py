@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from probescope.kernels.grid_mlp import is_keras_model
 from probescope.streams import ProbeStreams
 
 STRATEGIES = ("copy", "sync", "live")
@@ -74,31 +75,30 @@ class SnapshotPool:
         if strategy == "copy":
             named = _named_state_tensors(model)
             chosen = _select(named, params)
-            self._live_tensors = [t for n, t in named if n in chosen]
+            self._live_tensors = _unique(t for n, t in named if n in chosen)
+            copied = {id(t) for t in self._live_tensors}
             if grads:
-                copied = {id(t) for t in self._live_tensors}
                 self._live_params = [p for p in model.parameters() if p.requires_grad and id(p) in copied]
-            shared = {id(t): t for n, t in named if n not in chosen}
+            shared = {id(t): t for _, t in named if id(t) not in copied}
             for _ in range(size):
-                shadow = copy.deepcopy(model, memo=dict(shared)).eval()
-                by_name = dict(_named_state_tensors(shadow))
-                own = [by_name[n] for n, _ in named if n in chosen]
+                shadow, twin = shadow_copy(model, shared)
+                shadow.eval()
+                own = [twin[id(t)] for t in self._live_tensors]
                 for t in own:
                     t.requires_grad_(False)
                 if host:
                     _to_host(own)
                 self._shadow_tensors[id(shadow)] = own
                 if grads:
-                    by_id = {id(p): q for p, q in zip(model.parameters(), shadow.parameters(), strict=True)}
                     self._shadow_grads[id(shadow)] = [
-                        (by_id[id(p)], _grad_buffer(p, host)) for p in self._live_params
+                        (twin[id(p)], _grad_buffer(p, host)) for p in self._live_params
                     ]
                 self._free.append(shadow)
 
     def describe(self) -> dict:
         """Strategy, what is copied, where, and the memory held (for the run's metadata)."""
         copied = sum(t.numel() for t in self._live_tensors)
-        total = sum(t.numel() for _, t in _named_state_tensors(self.model))
+        total = sum(t.numel() for t in _unique(t for _, t in _named_state_tensors(self.model)))
         return {
             "strategy": self.strategy,
             "host": self.host,
@@ -171,6 +171,44 @@ class SnapshotPool:
         if self.strategy == "copy":
             with self._lock:
                 self._free.append(shadow)
+
+
+def shadow_copy(
+    model: nn.Module, shared: dict[int, torch.Tensor]
+) -> tuple[nn.Module, dict[int, torch.Tensor]]:
+    """A copy of ``model`` that shares the tensors in ``shared`` (by id) and owns the rest, and
+    for each state tensor of ``model`` its counterpart in the copy (by the original's id).
+
+    Counterparts come from ``copy.deepcopy``'s memo, so they hold whatever the copy renames
+    or reorders. A Keras model (Keras 3 on its torch backend) copies through its saving format
+    instead; it is cloned layer by layer and its variables are paired in order
+    (probescope.integrations.keras)."""
+    if is_keras_model(model):
+        if shared:
+            raise ValueError(
+                "snapshot_params: a Keras model is copied whole (its variables cannot be shared)"
+            )
+        from probescope.integrations.keras import clone_for_probes
+
+        return clone_for_probes(model)
+    memo = dict(shared)
+    shadow = copy.deepcopy(model, memo)
+    twin = {id(t): memo[id(t)] for _, t in _named_state_tensors(model) if id(t) in memo}
+    missing = [n for n, t in _named_state_tensors(model) if id(t) not in twin]
+    if missing:
+        raise ValueError(
+            f"copy.deepcopy of a {type(model).__name__} does not copy its tensors one by one "
+            f"({missing[:3]} have no counterpart); use snapshot='sync' or 'live'"
+        )
+    return shadow, twin
+
+
+def _unique(tensors) -> list[torch.Tensor]:
+    """``tensors`` without repeats (a tied weight is in a state_dict under each of its names)."""
+    seen: dict[int, torch.Tensor] = {}
+    for t in tensors:
+        seen.setdefault(id(t), t)
+    return list(seen.values())
 
 
 def _named_state_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -157,6 +157,8 @@ class FusableMLP:
     @classmethod
     def from_module(cls, model: nn.Module) -> FusableMLP:
         """The MLP inside ``model``; raises NotFusableError saying why when there is none."""
+        if is_keras_model(unwrap(model)):
+            return cls._build(*_keras_parts(unwrap(model)))
         layers = list(_flatten_sequential(model))
         weights, biases, acts = [], [], []
         slopes = set()
@@ -186,6 +188,10 @@ class FusableMLP:
             acts[-1] = name
             if name == "leaky_relu":
                 slopes.add(float(layer.negative_slope))
+        return cls._build(weights, biases, acts, slopes, final)
+
+    @classmethod
+    def _build(cls, weights, biases, acts, slopes: set[float], final: str | None) -> FusableMLP:
         if not weights:
             raise NotFusableError("no Linear layer")
         if len(slopes) > 1:
@@ -310,6 +316,8 @@ def final_output_kind(model: nn.Module) -> str:
     ``output="auto"`` turns logits into probabilities and takes probabilities as they are,
     so a model trained with BCELoss behind a Sigmoid is not squashed twice."""
     last = unwrap(model)
+    if is_keras_model(last):
+        return _keras_final_kind(last)
     while type(last).forward is nn.Sequential.forward:
         children = [c for c in last if not _passes_through(c)]
         if not children:
@@ -320,6 +328,92 @@ def final_output_kind(model: nn.Module) -> str:
     if isinstance(last, nn.LogSoftmax) and last.dim in (None, -1, 1):
         return "log_softmax"
     return "sigmoid" if isinstance(last, nn.Sigmoid) else "logits"
+
+
+def is_keras_model(model: object) -> bool:
+    """Whether ``model`` is a Keras 3 model or layer (a torch module on Keras's torch backend);
+    read from its classes, without importing Keras."""
+    return any(c.__module__.split(".")[0] == "keras" for c in type(model).__mro__)
+
+
+_KERAS_ACTIVATIONS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "silu": "silu", "gelu": "gelu"}
+_KERAS_PASS_THROUGH = ("InputLayer", "Dropout", "Flatten", "Identity")
+
+
+def _keras_parts(model):
+    """The Linear layers and activations of a Keras Sequential of Dense layers, as
+    ``FusableMLP._build`` takes them. Kernels are ``(in, out)`` in Keras: their transposes
+    (views, so the MLP still sees the current weights) are the Linear weights."""
+    if type(model).__name__ != "Sequential":
+        raise NotFusableError(
+            f"a Keras {type(model).__name__}; only a keras.Sequential of Dense layers fuses"
+        )
+    weights, biases, acts, slopes, final = [], [], [], set(), None
+
+    def activate(name: str, slope: float | None = None) -> None:
+        if not weights:
+            raise NotFusableError("an activation comes before the first Dense layer")
+        if acts[-1] != "identity":
+            raise NotFusableError("two activations follow one Dense layer")
+        acts[-1] = name
+        if slope is not None:
+            slopes.add(slope)
+
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if final is not None and kind not in _KERAS_PASS_THROUGH:
+            raise NotFusableError(f"{kind} follows a {final} over the outputs")
+        if kind in _KERAS_PASS_THROUGH:
+            continue
+        if kind == "Dense":
+            weights.append(layer.kernel.value.t())
+            biases.append(layer.bias.value if layer.bias is not None else None)
+            acts.append("identity")
+        elif kind == "Softmax":
+            if not weights or layer.axis not in (-1, 1):
+                raise NotFusableError("a Softmax that is not over the last layer's outputs")
+            final = "softmax"
+            continue
+        elif kind == "LeakyReLU":
+            activate("leaky_relu", float(layer.negative_slope))
+            continue
+        elif kind == "ReLU":
+            if layer.max_value is not None or layer.threshold != 0 or layer.negative_slope != 0:
+                raise NotFusableError("a ReLU layer with a max_value, threshold or negative_slope")
+            activate("relu")
+            continue
+        elif kind != "Activation":
+            raise NotFusableError(f"a Keras {kind} layer is not a Dense layer or a fusable activation")
+        function = layer.activation
+        name = getattr(function, "__name__", "")
+        if not getattr(function, "__module__", "").startswith("keras"):
+            raise NotFusableError(f"the activation {name or function!r} is not a Keras one")
+        if name == "linear":
+            continue
+        if name in ("softmax", "log_softmax"):
+            final = name
+        elif name == "leaky_relu":
+            activate("leaky_relu", 0.2)  # keras.activations.leaky_relu's slope
+        elif name in _KERAS_ACTIVATIONS:
+            activate(_KERAS_ACTIVATIONS[name])
+        else:
+            raise NotFusableError(f"the Keras activation {name!r} has no fused form")
+    return weights, biases, acts, slopes, final
+
+
+def _keras_final_kind(model) -> str:
+    """``final_output_kind`` of a Keras model: its last layer's activation, or a last Softmax /
+    Activation layer."""
+    layers = getattr(model, "layers", None) or [model]
+    last = layers[-1]
+    if type(last).__name__ == "Softmax" and getattr(last, "axis", -1) == -1:
+        return "softmax"
+    activation = getattr(last, "activation", None)
+    if getattr(activation, "__module__", "").startswith("keras"):
+        name = getattr(activation, "__name__", "")
+        if name in ("softmax", "log_softmax", "sigmoid"):
+            return name
+    return "logits"
 
 
 def _activation_name(layer: nn.Module) -> str | None:

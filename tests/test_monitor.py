@@ -205,6 +205,38 @@ def test_a_parameter_subset_snapshot_copies_only_the_chosen_tensors(tmp_path):
     assert detail["copied_elements"] == 64 * 4 + 4 and detail["bytes"] == 2 * layer1
 
 
+def test_a_tied_weight_is_copied_once_and_stays_tied_in_the_snapshot():
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.Tanh(), shared)  # one weight under two state_dict names
+    probe = StepReader(schedule=Schedule.every(1))
+    monitor = Monitor(model, [probe], ring_capacity=256)
+    shadow = monitor._pool._free[0]
+    assert shadow[0] is shadow[2] and shadow[0].weight is not shared.weight
+    assert monitor.snapshot_bytes == 2 * (8 * 8 + 8) * 4
+    assert monitor.snapshot_detail["model_elements"] == 8 * 8 + 8
+    monitor.start()
+    _steps_set_to_their_number(monitor, model, 20)
+    monitor.close()
+    frames = [f for f in monitor.ring(probe.name).read_since(-1) if f.step > 0]
+    assert frames and all(np.all(f.data["values"] == f.step) for f in frames)
+
+
+class Rebuilt(nn.Linear):
+    """A module whose deepcopy builds a new one from its state (as Keras's copy does)."""
+
+    def __deepcopy__(self, memo):
+        copy = Rebuilt(self.in_features, self.out_features)
+        copy.load_state_dict(self.state_dict())
+        return copy
+
+
+def test_a_model_whose_copy_cannot_be_paired_tensor_by_tensor_is_refused_clearly():
+    with pytest.raises(ValueError, match="does not copy its tensors one by one.*snapshot='sync' or 'live'"):
+        Monitor(Rebuilt(2, 3), [StepReader()])
+    monitor = Monitor(Rebuilt(2, 3), [StepReader()], snapshot="sync")  # no copy: fine
+    monitor.close()
+
+
 def test_a_host_snapshot_evaluates_consistent_frames(tmp_path):
     model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
     probe = StepReader(schedule=Schedule.every(1))

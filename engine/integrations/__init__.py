@@ -1,2 +1,19 @@
 """Thin adapters from training frameworks to the Monitor (import the one you use:
-``probescope.integrations.lightning``)."""
+``probescope.integrations.lightning``, ``probescope.integrations.keras``)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+
+def check_monitor_kwargs(owner: str, kwargs: dict[str, Any], own: tuple[str, ...]) -> None:
+    """Raise a TypeError naming every key of ``kwargs`` that is not a Monitor argument the
+    adapter leaves to its user (``own``: those it passes itself)."""
+    from probescope.monitor import Monitor
+
+    parameters = inspect.signature(Monitor).parameters
+    unknown = sorted(k for k in kwargs if k not in parameters or k in own)
+    if unknown:
+        options = ", ".join(k for k in parameters if k not in own)
+        raise TypeError(f"{owner}: unknown Monitor arguments {unknown}; they are {options}")

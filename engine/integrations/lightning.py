@@ -17,13 +17,13 @@ the end of each validation run, so LossProbe draws them beside the training loss
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import lightning as L
 import torch
 
+from probescope.integrations import check_monitor_kwargs
 from probescope.monitor import Monitor
 from probescope.probes.base import Probe
 
@@ -39,11 +39,7 @@ class ProbescopeCallback(L.Callback):
     """
 
     def __init__(self, probes: Iterable[Probe], **monitor_kwargs: Any):
-        parameters = inspect.signature(Monitor).parameters
-        unknown = sorted(k for k in monitor_kwargs if k not in parameters or k in _OWN)
-        if unknown:
-            options = ", ".join(k for k in parameters if k not in _OWN)
-            raise TypeError(f"ProbescopeCallback: unknown Monitor arguments {unknown}; they are {options}")
+        check_monitor_kwargs("ProbescopeCallback", monitor_kwargs, _OWN)
         self.probes = list(probes)
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Monitor | None = None

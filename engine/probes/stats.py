@@ -136,9 +136,9 @@ class StatsProbe(Probe):
         if unused:
             names = ", ".join(repr(n) for n in modules if n) or "(none)"
             raise ValueError(f"{owner}: hook patterns {unused} match no module; the modules are {names}")
-        self.parameters = [
-            f"{m}.{p}" if m else p for m in matched for p, _ in modules[m].named_parameters(recurse=False)
-        ]
+        # Each floating-point parameter once (a tied one under its first name), as the model names it.
+        owned = {id(p) for m in matched for _, p in modules[m].named_parameters(recurse=False)}
+        self.parameters = [q for q, p in model.named_parameters() if id(p) in owned and p.is_floating_point()]
         if "activations" in self.targets:
             # Leaf modules only under a broad pattern: a container's output repeats its last child's.
             self.modules = [m for m in matched if m and not any(True for _ in modules[m].children())]
@@ -185,9 +185,9 @@ class StatsProbe(Probe):
         for target in ("weights", "grads"):
             if target in self.targets:
                 for p in self.parameters:
-                    columns += [f"{_PREFIX[target]}/{p}/{s}" for s in STAT_NAMES]
+                    columns += [f"{_PREFIX[target]}/{_label(p)}/{s}" for s in STAT_NAMES]
                     if target == "weights" and self.spectral and p in self._matrices:
-                        columns.append(f"weight/{p}/spectral")
+                        columns.append(f"weight/{_label(p)}/spectral")
         for m in self.modules:
             columns += [f"act/{m}/{s}" for s in STAT_NAMES]
         columns += [f"loss/{k}" for k in self.valid.names] if self.valid else []
@@ -328,3 +328,9 @@ def _state_model(owner: str, states):
     raise TypeError(
         f"{owner}: states must be a StateModel, a LatentStates or a path, got {type(states).__name__}"
     )
+
+
+def _label(name: str) -> str:
+    """A parameter's name in metric names: its qualified name, or for a Keras model (whose
+    torch parameters live in ``_torch_params`` dictionaries) the Keras variable path."""
+    return name.rpartition("_torch_params.")[2]
