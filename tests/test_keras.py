@@ -15,6 +15,7 @@ from probescope import (
     GridProbe,
     LossProbe,
     Monitor,
+    NeuronProbe,
     Probe,
     Schedule,
     StatsProbe,
@@ -355,3 +356,32 @@ def test_the_callback_closes_its_monitor_when_fit_raises(tmp_path):
 def test_the_callback_rejects_arguments_the_monitor_does_not_take():
     with pytest.raises(TypeError, match="unknown Monitor arguments \\['model', 'snapshots'\\]"):
         ProbescopeCallback([], model=None, snapshots="copy")
+
+
+def test_keras_layers_are_hook_points_for_activations_and_neuron_maps(tmp_path):
+    inner = keras.Sequential([keras.Input((8,)), dense(6, "tanh", name="mix")], name="block")
+    model = sequential(dense(8, "relu", name="h"), inner, dense(3, "softmax", name="out"), name="net")
+    batch = torch.randn(40, 2, generator=torch.Generator().manual_seed(2))
+    stats = StatsProbe(["h", "block.*"], targets=["weights", "activations"], batch=batch, spectral=False)
+    neurons = NeuronProbe(batch, "block.mix", units=4, resolution=12)
+    with Monitor(model, [stats, neurons], final_frame=False) as monitor:
+        monitor.step()
+        monitor.drain(10)
+        frame_stats, frame_neurons = monitor.latest(stats.name), monitor.latest(neurons.name)
+    assert stats.modules == ["h", "block.mix"]  # the leaf layers, named as Keras names them
+    weights = {c.removeprefix("weight/").rsplit("/", 1)[0] for c in stats.columns if c.startswith("weight/")}
+    assert weights == {"net/h/kernel", "net/h/bias", "block/mix/kernel", "block/mix/bias"}  # Keras's paths
+    with torch.no_grad():
+        hidden = model.layers[0](batch.to(DEVICE))
+        mixed = inner.layers[0](hidden)
+    values = frame_stats.data["values"]
+    assert values[stats.columns.index("act/h/mean")] == pytest.approx(hidden.mean().item(), rel=1e-5)
+    assert values[stats.columns.index("act/block.mix/max_abs")] == pytest.approx(
+        mixed.abs().max().item(), rel=1e-5
+    )
+    # The unit maps are the layer's outputs over the grid, unit by unit.
+    points = neurons.grid.points(torch.float32).to(DEVICE)
+    with torch.no_grad():
+        units = inner.layers[0](model.layers[0](points))[:, :4].cpu()
+    maps = torch.as_tensor(frame_neurons.data["activations"]).reshape(4, -1)
+    assert torch.allclose(maps, units.T, atol=1e-5)

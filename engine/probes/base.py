@@ -15,6 +15,7 @@ from torch import nn
 from probescope.events import Callback
 from probescope.graphs import ForwardGraphs
 from probescope.history import Series
+from probescope.kernels.grid_mlp import is_keras_model
 from probescope.kernels.grid_mlp import outputs_to_probs as kernel_outputs_to_probs
 from probescope.schedule import Schedule
 from probescope.spec import Reproducible
@@ -275,12 +276,45 @@ def outputs_to_probs(logits: torch.Tensor, output: str, final: str = "logits") -
     return kernel_outputs_to_probs(logits, "raw" if output == "probs" else output, final)
 
 
+def named_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules that hook patterns and layer names refer to: ``model.named_modules()``, or
+    for a Keras model its layers by name (a nested model's as ``outer.inner``), the model
+    itself as ``""``. Keras layers are torch modules whose forward hooks fire as usual."""
+    if not is_keras_model(model):
+        return dict(model.named_modules())
+    table: dict[str, nn.Module] = {"": model}
+
+    def visit(prefix: str, layer) -> None:
+        for child in getattr(layer, "layers", None) or []:
+            if type(child).__name__ != "InputLayer":
+                table[prefix + child.name] = child
+                visit(f"{prefix}{child.name}.", child)
+
+    visit("", model)
+    return table
+
+
+def own_parameters(module: nn.Module) -> list[torch.Tensor]:
+    """The parameters ``module`` holds itself, not through a sub-module (or Keras sub-layer)."""
+    if not is_keras_model(module):
+        return [p for _, p in module.named_parameters(recurse=False)]
+    inner = {id(v.value) for child in getattr(module, "layers", None) or [] for v in child.variables}
+    return [v.value for v in module.variables if id(v.value) not in inner]
+
+
+def is_leaf(module: nn.Module) -> bool:
+    """Whether ``module`` has no sub-modules (for a Keras layer: no sub-layers)."""
+    if is_keras_model(module):
+        return not getattr(module, "layers", None)
+    return not any(True for _ in module.children())
+
+
 class ForwardHooks:
     """Forward hooks on the named modules calling ``fn(name, output)`` with each one's floating-point
     output (the first tensor of a tuple), detached; removed on exit."""
 
     def __init__(self, model: nn.Module, names: list[str], fn: Callable[[str, torch.Tensor], None]):
-        modules = dict(model.named_modules())
+        modules = named_layers(model)
         self.handles = []
         for name in names:
             self.handles.append(modules[name].register_forward_hook(self._hook(name, fn)))

@@ -23,6 +23,7 @@ from probescope.probes.base import (
     ProbeContext,
     check_forward,
     model_device_dtype,
+    named_layers,
     to_model,
 )
 from probescope.probes.grid import PlaneGrid
@@ -34,7 +35,7 @@ WHITE = 255
 
 
 class NeuronProbe(Probe):
-    """One map per unit of ``layer`` (a name from ``model.named_modules()``) over a grid.
+    """One map per unit of ``layer`` (a name from ``model.named_modules()``, or a Keras layer name) over a grid.
 
     ``units``: how many of the layer's output features to show (the first ones), or which
     (a list of indices); a layer with more than one output dimension (a convolution) is
@@ -91,7 +92,7 @@ class NeuronProbe(Probe):
 
     def attach(self, model: nn.Module) -> None:
         owner = f"NeuronProbe {self.name!r}"
-        modules = dict(model.named_modules())
+        modules = named_layers(model)
         if self.layer not in modules:
             names = ", ".join(repr(n) for n in modules if n) or "(none)"
             raise ValueError(f"{owner}: no module named {self.layer!r}; the modules are {names}")

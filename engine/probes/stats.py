@@ -28,7 +28,10 @@ from probescope.probes.base import (
     ValidSet,
     as_input_tensor,
     check_forward,
+    is_leaf,
     model_device_dtype,
+    named_layers,
+    own_parameters,
     to_model,
 )
 from probescope.schedule import Schedule
@@ -42,8 +45,8 @@ _PREFIX = {"weights": "weight", "grads": "grad", "activations": "act"}
 class StatsProbe(Probe):
     """Per-tensor statistics at hook points, one row of a steps x metrics table per frame.
 
-    ``hooks``: module names or glob patterns over ``model.named_modules()`` (``"*"``: every
-    module). Each matched module contributes its own parameters (weights, and with
+    ``hooks``: module names or glob patterns over ``model.named_modules()`` (a Keras model's
+    layer names; ``"*"``: every module). Each matched module contributes its own parameters (weights, and with
     ``"grads"`` in ``targets`` their gradients as of the step boundary) and, when ``batch``
     is given, its output on that fixed batch (``"activations"``; forward hooks on the
     snapshot). ``spectral``: also the largest singular value of every parameter with two or
@@ -130,18 +133,18 @@ class StatsProbe(Probe):
 
     def attach(self, model: nn.Module) -> None:
         owner = f"StatsProbe {self.name!r}"
-        modules = dict(model.named_modules())
+        modules = named_layers(model)
         matched = [n for n in modules if self._matches(n) or (n == "" and "" in self.patterns)]
         unused = [p for p in self.patterns if not any(fnmatch.fnmatchcase(n, p) for n in modules)]
         if unused:
             names = ", ".join(repr(n) for n in modules if n) or "(none)"
             raise ValueError(f"{owner}: hook patterns {unused} match no module; the modules are {names}")
         # Each floating-point parameter once (a tied one under its first name), as the model names it.
-        owned = {id(p) for m in matched for _, p in modules[m].named_parameters(recurse=False)}
+        owned = {id(p) for m in matched for p in own_parameters(modules[m])}
         self.parameters = [q for q, p in model.named_parameters() if id(p) in owned and p.is_floating_point()]
         if "activations" in self.targets:
             # Leaf modules only under a broad pattern: a container's output repeats its last child's.
-            self.modules = [m for m in matched if m and not any(True for _ in modules[m].children())]
+            self.modules = [m for m in matched if m and is_leaf(modules[m])]
             if not self.modules:
                 raise ValueError(f"{owner}: the hook patterns match no module whose output can be measured")
             self._check_outputs(model)
