@@ -231,7 +231,7 @@ class Rebuilt(nn.Linear):
 
 
 def test_a_model_whose_copy_cannot_be_paired_tensor_by_tensor_is_refused_clearly():
-    with pytest.raises(ValueError, match="does not copy its tensors one by one.*snapshot='sync' or 'live'"):
+    with pytest.raises(ValueError, match=r"does not copy its tensors one by one.*snapshot='sync' or 'live'"):
         Monitor(Rebuilt(2, 3), [StepReader()])
     monitor = Monitor(Rebuilt(2, 3), [StepReader()], snapshot="sync")  # no copy: fine
     monitor.close()

@@ -107,6 +107,34 @@ def test_grid_domain_defaults_to_the_data_bounds_plus_margin():
     assert probe.domain == pytest.approx((-1.0, 11.0, -0.4, 4.4))
 
 
+@pytest.mark.parametrize(
+    ("domain", "spacing", "size", "covered"),
+    [
+        ((-1.0, 1.0, -2.0, 2.0), 0.25, (8, 16), (-1.0, 1.0, -2.0, 2.0)),  # spacing divides the domain
+        ((0.0, 1.0, 0.0, 0.5), 0.3, (4, 2), (0.0, 1.2, 0.0, 0.6)),  # it does not: extended to cover it
+        ((0.0, 0.1, 0.0, 0.1), 1.0, (1, 1), (0.0, 1.0, 0.0, 1.0)),  # one pixel
+    ],
+)
+def test_grid_spacing_sets_the_distance_between_pixels(domain, spacing, size, covered):
+    probe = GridProbe(torch.randn(20, 2), domain=domain, spacing=spacing)
+    assert (probe.width, probe.height) == size == (probe.grid.width, probe.grid.height)
+    assert probe.domain == pytest.approx(covered)
+    us, vs = probe.grid.us().numpy(), probe.grid.vs().numpy()
+    assert us[0] == pytest.approx(domain[0] + spacing / 2) and vs[-1] == pytest.approx(
+        domain[2] + spacing / 2
+    )
+    assert np.allclose(np.diff(us), spacing) and np.allclose(np.diff(vs), -spacing)  # row 0 is the top
+    assert probe.config()["resolution"] == list(size)
+
+
+@pytest.mark.parametrize(
+    ("spacing", "message"), [(0.0, "positive"), (float("nan"), "positive"), (1e-5, "at most")]
+)
+def test_grid_spacing_rejects_bad_distances(spacing, message):
+    with pytest.raises(ValueError, match=message):
+        GridProbe(torch.randn(20, 2), domain=(0.0, 1.0, 0.0, 1.0), spacing=spacing)
+
+
 def test_grid_non_finite_outputs_get_magenta_one_warning_and_training_goes_on(blobs, caplog):
     class Poisoned(nn.Module):
         def __init__(self):
@@ -369,3 +397,12 @@ def test_grid_probe_draws_one_pixel_wide_grids(mlp, blobs, resolution):
         expected = torch.softmax(mlp(points), 1).reshape(height, width, -1)
     np.testing.assert_allclose(frame["probs"].numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
     assert frame["rgba"].shape == (height, width, 4)
+
+
+def test_grid_spacing_survives_a_spec_round_trip(tmp_path):
+    from probescope import load_probes, save_probes
+
+    probe = GridProbe(torch.randn(30, 2), domain=(0.0, 1.0, 0.0, 0.5), spacing=0.3)
+    save_probes([probe], tmp_path / "probes.json")
+    (again,) = load_probes(tmp_path / "probes.json")
+    assert (again.width, again.height, again.domain) == (probe.width, probe.height, probe.domain)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,7 @@ class GridProbe(Probe):
         domain: tuple[float, float, float, float] | None = None,
         margin: float = 0.1,
         resolution: int | tuple[int, int] = 256,
+        spacing: float | None = None,
         mode: str = "region",
         class_index: int = 1,
         output: str = "auto",
@@ -69,7 +71,8 @@ class GridProbe(Probe):
         positive_int(f"{owner}: batch_size", batch_size)
         if smoothing is not None and not 0 < smoothing <= 1:
             raise ValueError(f"{owner}: smoothing must be an EMA weight in (0, 1] or None, got {smoothing!r}")
-        plane_grid = PlaneGrid.fit(owner, data, plane, domain, margin, width, height)
+        plane_grid = PlaneGrid.fit(owner, data, plane, domain, margin, width, height, spacing)
+        width, height = plane_grid.grid.width, plane_grid.grid.height
         self.labels = None
         if labels is not None:
             y = torch.as_tensor(np.asarray(labels)).reshape(-1)
@@ -199,8 +202,21 @@ class PlaneGrid:
     grid: GridSpec
 
     @classmethod
-    def fit(cls, owner: str, data, plane, domain, margin: float, width: int, height: int) -> PlaneGrid:
-        """The grid for ``data`` (N, d >= 2); errors name ``owner``."""
+    def fit(
+        cls,
+        owner: str,
+        data,
+        plane,
+        domain,
+        margin: float,
+        width: int,
+        height: int,
+        spacing: float | None = None,
+    ) -> PlaneGrid:
+        """The grid for ``data`` (N, d >= 2); errors name ``owner``. With ``spacing`` (the
+        distance between neighbouring pixels, in input units) the size follows from the domain:
+        pixels ``spacing`` wide from ``u0`` (``v0``), as many as cover it, the domain extended to
+        their edge."""
         x = as_float_tensor("data", data, ndim=(2,), owner=owner)
         if x.shape[1] < 2:
             raise ValueError(f"{owner}: data must have at least 2 features, got {x.shape[1]}")
@@ -225,9 +241,29 @@ class PlaneGrid:
                 f"{owner}: the domain {domain!r} has zero area; it needs u1 > u0 and v1 > v0 "
                 "(all data on one line? pass domain= explicitly)"
             )
+        if spacing is not None:
+            width = _points_per_axis(owner, u1 - u0, spacing)
+            height = _points_per_axis(owner, v1 - v0, spacing)
+            u1, v1 = u0 + width * spacing, v0 + height * spacing
         domain = (u0, u1, v0, v1)
         grid = GridSpec.on_plane(origin, axis_u, axis_v, domain, width, height)
         return cls(origin, axis_u, axis_v, uv, domain, grid)
+
+
+MAX_POINTS_PER_AXIS = 8192
+
+
+def _points_per_axis(owner: str, extent: float, spacing: float) -> int:
+    """How many pixels ``spacing`` wide cover ``extent``."""
+    if not (isinstance(spacing, (int, float)) and math.isfinite(spacing) and spacing > 0):
+        raise ValueError(f"{owner}: spacing must be a positive distance, got {spacing!r}")
+    count = math.ceil(extent / spacing * (1 - 1e-12))
+    if count > MAX_POINTS_PER_AXIS:
+        raise ValueError(
+            f"{owner}: spacing {spacing!r} puts {count} points on an axis of length {extent:.6g}; "
+            f"at most {MAX_POINTS_PER_AXIS} (a larger spacing, or resolution=)"
+        )
+    return max(count, 1)
 
 
 def _plane(owner: str, x: torch.Tensor, plane) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -35,7 +35,8 @@ WHITE = 255
 
 
 class NeuronProbe(Probe):
-    """One map per unit of ``layer`` (a name from ``model.named_modules()``, or a Keras layer name) over a grid.
+    """One map per unit of ``layer`` over a grid (a name from ``model.named_modules()``, or a
+    Keras layer name).
 
     ``units``: how many of the layer's output features to show (the first ones), or which
     (a list of indices); a layer with more than one output dimension (a convolution) is
