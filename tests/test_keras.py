@@ -388,3 +388,18 @@ def test_keras_layers_are_hook_points_for_activations_and_neuron_maps(tmp_path):
         units = inner.layers[0](model.layers[0](points))[:, :4].cpu()
     maps = torch.as_tensor(frame_neurons.data["activations"]).reshape(4, -1)
     assert torch.allclose(maps, units.T, atol=1e-5)
+
+
+def test_each_later_fit_with_the_same_callback_records_a_run_of_its_own(tmp_path):
+    x = np.random.default_rng(0).normal(size=(128, 1)).astype("float32")
+    model = sequential(dense(8, "tanh"), dense(1), inputs=1)
+    model.compile("adam", "mse")
+    callback = ProbescopeCallback([LossProbe()], run_dir=tmp_path / "run")
+    for epochs in (2, 3):
+        model.fit(x, 2 * x, epochs=epochs, batch_size=32, verbose=0, callbacks=[callback])
+    assert callback.fits == 2
+    first, second = open_run(tmp_path / "run"), open_run(tmp_path / "run-fit2")
+    assert first.meta["status"] == second.meta["status"] == "finished"
+    # Each run counts its own steps (4 batches an epoch) and ends with a frame of its last one.
+    assert [first.probe("loss").steps()[-1], second.probe("loss").steps()[-1]] == [2 * 4, 3 * 4]
+    assert first.meta["summary"]["steps"] == 8 and second.meta["summary"]["steps"] == 12

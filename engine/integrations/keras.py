@@ -15,6 +15,7 @@ each epoch the validation logs are recorded as ``valid_<name>`` (``val_loss`` be
 ``train_<name>``. A model's last activation (softmax, sigmoid) is read from its last layer,
 so ``output="auto"`` takes its outputs as probabilities.
 
+A later ``fit`` with the same callback records into ``RUN_DIR-fit2``, ``-fit3``, ...
 Keras calls no callback when ``fit`` raises: use the callback as a context manager (``with
 ProbescopeCallback(...) as cb: model.fit(..., callbacks=[cb])``) to close the Monitor then
 too, keeping the frames written so far.
@@ -60,6 +61,7 @@ class ProbescopeCallback(keras.callbacks.Callback):
         self.probes = list(probes)
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Monitor | None = None
+        self.fits = 0
         self._seen: tuple[torch.Tensor, torch.Tensor] | None = None  # loss total and count so far
 
     def __enter__(self) -> ProbescopeCallback:
@@ -70,7 +72,11 @@ class ProbescopeCallback(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None) -> None:
         self.close()  # a Monitor left open by a fit that raised
-        self.monitor = Monitor(self.model, self.probes, **self.monitor_kwargs)
+        self.fits += 1
+        kwargs = dict(self.monitor_kwargs)
+        if self.fits > 1 and kwargs.get("run_dir") is not None:  # the first fit's run stays as it is
+            kwargs["run_dir"] = f"{os.fspath(kwargs['run_dir'])}-fit{self.fits}"
+        self.monitor = Monitor(self.model, self.probes, **kwargs)
         self.monitor.start()
 
     def on_epoch_begin(self, epoch, logs=None) -> None:
