@@ -8,18 +8,22 @@ the probe worker's, as the Monitor advises). Each fit is timed from the end of i
 (set-up and compilation left out) to its last; the table gives the median steps/s per variant
 and its ratio to no callback. Grid: the trained model's class probabilities over a square
 grid, by the fused kernel (``grid_mlp``) and by the model's own forward on the materialised
-points (the naive way), median of repeats. Run:
-``python -m benchmarks.keras_fit [--rounds 3] [--epochs 4] [--out DIR]``.
+points (the naive way), median of repeats. ``--contention`` instead times the fit (no
+callback) alone and beside probescope's worker thread looping over the fused grid kernel or
+over long matrix products: what work on the other core costs the loop. Run:
+``python -m benchmarks.keras_fit [--rounds 3] [--epochs 4] [--contention] [--out DIR]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +38,7 @@ from benchmarks.timing import device_name
 from probescope.datasets import make_dataset
 from probescope.integrations.keras import ProbescopeCallback
 from probescope.kernels.grid_mlp import fused_path, grid_mlp, module_forward_on_grid
+from probescope.worker import ProbeWorker
 
 VARIANTS = ("off", "every 10", "every step", "budget 5%")
 SCHEDULES = {
@@ -115,6 +120,39 @@ def grid_times(model, data, resolution: int, repeats: int) -> dict[str, float]:
     return timings
 
 
+def contention(data, args) -> dict[str, float]:
+    """Keras fit (no callback) alone and beside a probe worker that loops over one kind of
+    work, taking turns: the median steps/s of each."""
+    model = build(args.hidden, data.num_classes)
+    spec = ps.GridProbe(data.x_train, resolution=512).grid
+    big = torch.randn(3000, 3000)
+
+    def grid_loop(stop):  # the fused grid kernel, as the probe worker runs it (the GIL released)
+        while not stop.is_set():
+            grid_mlp(model, spec)
+
+    def matmul_loop(stop):  # one long torch call after another (the GIL released ~1 s at a time)
+        while not stop.is_set():
+            big @ big
+
+    loads = {"alone": None, "beside the fused grid kernel": grid_loop, "beside 3000² matmuls": matmul_loop}
+    grid_mlp(model, spec)  # compiled before timing
+    rates: dict[str, list[float]] = {k: [] for k in loads}
+    for r in range(args.rounds):
+        for name, load in loads.items():
+            stop = threading.Event()
+            worker = ProbeWorker(threads=1)  # one torch and one Numba thread, as for probes
+            if load is not None:
+                worker.submit(functools.partial(load, stop))
+            try:
+                rates[name].append(fit_once("off", data, args, ""))
+            finally:
+                stop.set()
+                worker.close()
+            print(f"round {r + 1}: {name:>30}: {rates[name][-1]:.1f} steps/s", flush=True)
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -124,10 +162,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
+    parser.add_argument(
+        "--contention", action="store_true", help="instead: the fit alone and beside other work (no probes)"
+    )
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     leave_a_core_to_probes(device)  # every variant, as in the overhead suite and as the Monitor advises
     data = make_dataset("blobs7", seed=0, n=args.samples)
+    if args.contention:
+        medians = contention(data, args)
+        alone = medians["alone"]
+        print("| Keras fit | steps/s (median) | time / alone |\n|---|---|---|")
+        for name, rate in medians.items():
+            print(f"| {name} | {rate:.1f} | {alone / rate:.3f} |")
+        return 0
     rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as out:
         fit_once("every step", data, args, f"{out}/warm-up")  # first-use compilation, not timed
