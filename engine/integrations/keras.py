@@ -8,7 +8,8 @@
 On the torch backend a Keras model is a ``torch.nn.Module``, so every probe evaluates it as
 it would a torch model: on a snapshot of one step's weights, off the training path. The
 Monitor starts when fitting starts (Keras has built the model by then), takes a step after
-every training batch, and closes when fitting ends. Each batch's own loss is recorded (from
+every training batch (with ``steps_per_execution=k``, Keras reports every k batches and a
+step is k optimizer steps), and closes when fitting ends. Each batch's own loss is recorded (from
 the difference of Keras's running loss mean, on the device, without a sync); at the end of
 each epoch the validation logs are recorded as ``valid_<name>`` (``val_loss`` becomes
 ``valid_loss``, the name CheckpointProbe and LossProbe use) and the other epoch metrics as
