@@ -122,6 +122,19 @@ def test_transition_graph_and_segments_follow_the_states(synthetic):
     assert segments(np.array([0, 0, 1, 1, 2]), steps) == [(0.0, 15.0, 0), (15.0, 35.0, 1), (35.0, 40.0, 2)]
 
 
+def test_the_training_map_labels_each_change_with_its_strongest_driver(synthetic):
+    from probescope.analysis.report import edge_drivers, training_map_figure
+
+    _, _, result = synthetic
+    labels = edge_drivers(result)
+    assert set(labels) == {(tr.source, tr.target) for tr in result.transitions}
+    for tr in result.transitions:
+        name, gradient = tr.drivers(result.metrics, 1)[0]
+        assert labels[(tr.source, tr.target)] == f"{'↑' if gradient > 0 else '↓'} {name}"
+    texts = [t.get_text() for ax in training_map_figure(result).axes for t in ax.texts]
+    assert all(any(label in text for text in texts) for label in labels.values())
+
+
 def test_write_report_writes_every_file(synthetic, tmp_path):
     _, _, result = synthetic
     paths = write_report(result, tmp_path / "report", title="Synthetic <runs>")

@@ -3,7 +3,8 @@
 ``write_report(result, out)`` writes
 
 - ``training_map.png``: the state-transition graph (nodes sized by occupancy, edges by the
-  probability of going there when leaving a state; networkx lays it out) beside line charts
+  probability of going there when leaving a state and labelled with the metric that drives
+  that change most; networkx lays it out) beside line charts
   of the most telling metrics over training, one row per run, the background coloured by
   latent state;
 - ``report.html``: the same, interactive (plotly: hover, zoom, toggle metrics), in one
@@ -135,6 +136,7 @@ def _draw_graph(ax, result: LatentStates) -> None:
     graph = transition_graph(result)
     radius = {k: 0.05 + 0.2 * np.sqrt(result.occupancy[k]) for k in graph.nodes}
     pos = _spread(layout(graph), 2.4 * max(radius.values()))
+    leader = edge_drivers(result)
     for i, j, d in graph.edges(data=True):
         direction = (pos[j] - pos[i]) / max(np.linalg.norm(pos[j] - pos[i]), 1e-9)
         start, end = pos[i] + radius[i] * direction, pos[j] - radius[j] * direction
@@ -144,7 +146,8 @@ def _draw_graph(ax, result: LatentStates) -> None:
         )  # fmt: skip
         ax.add_patch(arrow)
         mid = (start + end) / 2 + 0.12 * np.array([-direction[1], direction[0]])
-        ax.text(*mid, f"{d['leave']:.2f}", fontsize=7, color="0.3", ha="center", va="center")
+        label = f"{d['leave']:.2f}" + (f"\n{leader[(i, j)]}" if (i, j) in leader else "")
+        ax.text(*mid, label, fontsize=6.5, color="0.3", ha="center", va="center", linespacing=1.1)
     for k in graph.nodes:
         ax.add_patch(_circle(pos[k], radius[k], state_colour(k)))
         ax.text(*pos[k], f"S{k}\n{result.occupancy[k]:.0%}", ha="center", va="center", fontsize=8)
@@ -157,6 +160,18 @@ def _draw_graph(ax, result: LatentStates) -> None:
     ax.set_title(
         f"{result.n_states} latent states: size = occupancy,\narrows = where a state goes next", fontsize=10
     )
+
+
+def edge_drivers(result: LatentStates) -> dict[tuple[int, int], str]:
+    """For each change of state the runs made, its strongest driver as a label: ``↑ metric``
+    when a rising metric raises the odds of the change, ``↓ metric`` when a falling one does."""
+    labels = {}
+    for tr in result.transitions:
+        drivers = tr.drivers(result.metrics, 1)
+        if drivers and np.isfinite(drivers[0][1]) and drivers[0][1] != 0:
+            name, gradient = drivers[0]
+            labels[(tr.source, tr.target)] = f"{'↑' if gradient > 0 else '↓'} {name}"
+    return labels
 
 
 def _spread(pos: dict[int, np.ndarray], min_distance: float) -> dict[int, np.ndarray]:
