@@ -46,10 +46,10 @@ class StatsProbe(Probe):
     """Per-tensor statistics at hook points, one row of a steps x metrics table per frame.
 
     ``hooks``: module names or glob patterns over ``model.named_modules()`` (a Keras model's
-    layer names; ``"*"``: every module). Each matched module contributes its own parameters (weights, and with
-    ``"grads"`` in ``targets`` their gradients as of the step boundary) and, when ``batch``
-    is given, its output on that fixed batch (``"activations"``; forward hooks on the
-    snapshot). ``spectral``: also the largest singular value of every parameter with two or
+    layer names; ``"*"``: every module). Each matched module contributes its own parameters
+    (weights, and with ``"grads"`` in ``targets`` their gradients as of the step boundary)
+    and, when ``batch`` is given, its output on that fixed batch (``"activations"``; forward
+    hooks on the snapshot). ``spectral``: also the largest singular value of every parameter with two or
     more dimensions, by warm-started power iteration. ``valid=(x, y)`` with ``loss_fn`` and
     ``metrics`` adds ``valid_loss`` and each metric evaluated on the snapshot; every scalar the
     training loop logs (``Monitor.step(loss=...)``, ``Monitor.log(...)``) is added as its mean
