@@ -9,8 +9,9 @@ the probe worker's, as the Monitor advises). Each fit is timed from the end of i
 and its ratio to no callback. Grid: the trained model's class probabilities over a square
 grid, by the fused kernel (``grid_mlp``) and by the model's own forward on the materialised
 points (the naive way), median of repeats. ``--contention`` instead times the fit (no
-callback) alone and beside probescope's worker thread looping over the fused grid kernel or
-over long matrix products: what work on the other core costs the loop. Run:
+callback) alone and beside probescope's worker thread looping over the fused grid kernel,
+over whole GridProbe frames or over long matrix products: what work on the other core costs
+the loop. Run:
 ``python -m benchmarks.keras_fit [--rounds 3] [--epochs 4] [--contention] [--out DIR]``.
 """
 
@@ -38,6 +39,7 @@ from benchmarks.timing import device_name
 from probescope.datasets import make_dataset
 from probescope.integrations.keras import ProbescopeCallback
 from probescope.kernels.grid_mlp import fused_path, grid_mlp, module_forward_on_grid
+from probescope.probes.base import ProbeContext
 from probescope.worker import ProbeWorker
 
 VARIANTS = ("off", "every 10", "every step", "budget 5%")
@@ -135,7 +137,19 @@ def contention(data, args) -> dict[str, float]:
         while not stop.is_set():
             big @ big
 
-    loads = {"alone": None, "beside the fused grid kernel": grid_loop, "beside 3000² matmuls": matmul_loop}
+    probe = ps.GridProbe(data.x_train, data.y_train, resolution=args.resolution)
+    probe.attach(model)
+
+    def frame_loop(stop):  # whole GridProbe frames (kernels, colours, finiteness check, glue)
+        while not stop.is_set():
+            probe.evaluate(model, ProbeContext(0, 0, {}))
+
+    loads = {
+        "alone": None,
+        "beside the fused grid kernel": grid_loop,
+        f"beside GridProbe {args.resolution}² frames": frame_loop,
+        "beside 3000² matmuls": matmul_loop,
+    }
     grid_mlp(model, spec)  # compiled before timing
     rates: dict[str, list[float]] = {k: [] for k in loads}
     for r in range(args.rounds):
@@ -149,7 +163,7 @@ def contention(data, args) -> dict[str, float]:
             finally:
                 stop.set()
                 worker.close()
-            print(f"round {r + 1}: {name:>30}: {rates[name][-1]:.1f} steps/s", flush=True)
+            print(f"round {r + 1}: {name:>32}: {rates[name][-1]:.1f} steps/s", flush=True)
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
