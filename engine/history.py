@@ -151,3 +151,29 @@ def epoch_means(series: Series) -> Series:
         ]
     )
     return Series(steps, epochs.astype(np.int64), means)
+
+
+MIN_POINTS = 8  # the fewest points ``envelope`` may be asked for (it keeps up to 5 per call)
+
+
+def envelope(series: Series, max_points: int) -> Series:
+    """``series`` cut to at most ``max_points`` of its own points that keep its shape (what a
+    plot of a long series needs): consecutive buckets, each keeping its lowest and highest
+    point and its first NaN, plus the first and the last point. A shorter series comes back
+    as it is."""
+    n = len(series.values)
+    if n <= max_points:
+        return series
+    buckets = max(1, (max_points - 2) // 3)
+    size = -(-n // buckets)
+    values = np.full(buckets * size, np.nan)
+    values[:n] = series.values
+    rows = values.reshape(buckets, size)
+    nan = np.isnan(rows)
+    offsets = np.arange(buckets) * size
+    lowest = np.argmin(np.where(nan, np.inf, rows), axis=1) + offsets
+    highest = np.argmax(np.where(nan, -np.inf, rows), axis=1) + offsets
+    first_nan = (np.argmax(nan, axis=1) + offsets)[nan.any(axis=1)]
+    keep = np.unique(np.concatenate([[0], lowest, highest, first_nan, [n - 1]]))
+    keep = keep[keep < n]
+    return Series(series.steps[keep], series.epochs[keep], series.values[keep])

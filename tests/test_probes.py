@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from probescope import CurveProbe, GridProbe, LossProbe, Monitor, PredictionProbe, Schedule
+from probescope.history import History
 from probescope.kernels import NONFINITE_RGBA, default_palette, probs_to_rgba
 from probescope.probes.base import ProbeContext
 from tests.conftest import WrappedModule, fit_curve, train_steps
@@ -372,6 +373,54 @@ def test_loss_probe_reports_step_epoch_and_valid_series(mlp, blobs):
         float((out.argmax(1) == blobs.y_valid).float().mean())
     )
     assert "series/custom/values" not in data  # logged after the last frame was taken
+
+
+@pytest.mark.parametrize(("n", "max_points"), [(100_003, 1000), (50, 8), (9, 8), (1000, 1000)])
+def test_envelope_keeps_a_bounded_subset_with_the_extremes_nans_and_ends(n, max_points):
+    from probescope.history import Series, envelope
+
+    rng = np.random.default_rng(n)
+    values = rng.normal(size=n)
+    spikes = rng.choice(n, size=3, replace=False)
+    values[spikes[0]], values[spikes[1]], values[spikes[2]] = 50.0, -40.0, np.nan
+    series = Series(np.arange(n) * 3, np.arange(n) // 7, values)
+    cut = envelope(series, max_points)
+    if n <= max_points:
+        assert cut is series
+        return
+    assert len(cut.values) <= max_points
+    index = cut.steps // 3  # the kept points are the series' own, in order
+    assert np.all(np.diff(index) > 0) and index[0] == 0 and index[-1] == n - 1
+    np.testing.assert_array_equal(cut.epochs, series.epochs[index])
+    np.testing.assert_array_equal(cut.values, series.values[index])
+    assert {spikes[0], spikes[1], spikes[2]} <= set(index.tolist())  # spikes and the NaN survive
+    # The whole series' extremes are among the kept points (each stretch keeps its own).
+    assert np.nanmax(cut.values) == np.nanmax(values) and np.nanmin(cut.values) == np.nanmin(values)
+
+
+def test_loss_and_curve_frames_stay_bounded_however_long_training_runs(mlp, blobs):
+    loss_probe = LossProbe(max_points=20, schedule=Schedule.every(1))
+    x, y = blobs.x_train[:, 0], blobs.x_train[:, 1]
+    curve_probe = CurveProbe(x, y, max_points=20, schedule=Schedule.every(1))
+    model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+    with Monitor(mlp, [loss_probe]) as monitor:
+        train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 60, epoch_every=30)
+    data = monitor.latest("loss").data
+    steps = data["series/train_loss/steps"]
+    assert len(steps) <= 20 and steps[0] == 1 and steps[-1] == 60
+    full = monitor.history.read()[History.BATCH_LOSS]
+    assert len(full.values) == 60 and set(steps) <= set(full.steps.tolist())
+    assert data["series/train_loss/values"].max() == full.values.max()
+    assert data["series/train_loss/values"].min() == full.values.min()
+    with Monitor(model, [curve_probe]) as monitor:
+        fit_curve(monitor, model, x, y, 40)
+    curve = monitor.latest("curve").data
+    assert len(curve["batch_loss_series"]) <= 20 and curve["batch_loss_steps"][-1] == 40
+    assert len(curve["total_loss_series"]) <= 20 and curve["total_loss_steps"][-1] == 40
+    with pytest.raises(ValueError, match="max_points must be an integer >= 8"):
+        LossProbe(max_points=4)
+    with pytest.raises(ValueError, match="max_points must be an integer >= 8"):
+        CurveProbe(np.zeros((5, 1)), np.zeros(5), max_points=7)
 
 
 def test_loss_probe_metrics_need_valid_data():

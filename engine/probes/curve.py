@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from probescope.history import History
+from probescope.history import MIN_POINTS, History, Series, envelope
 from probescope.kernels import smooth_1d
 from probescope.probes.base import Probe, ProbeContext, as_float_tensor, batched_forward, check_forward
 from probescope.schedule import Schedule
-from probescope.validation import positive_int
+from probescope.validation import at_least, positive_int
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "mse": lambda pred, target: (pred - target) ** 2,
@@ -32,7 +32,8 @@ class CurveProbe(Probe):
     average of odd width ``loss_smoothing``, as ``numpy.convolve(mode='same')`` does), the
     band ``y_pred ± loss`` (or ``± sqrt(loss)`` with ``band="rms"``, in y's units for MSE), the
     mean loss over the sample, and two series: that mean loss at every frame so far and the
-    loss of every training batch so far.
+    loss of every training batch so far, each cut to at most ``max_points`` of its points
+    that keep its shape (see ``probescope.history.envelope``).
     """
 
     kind = "curve"
@@ -51,11 +52,13 @@ class CurveProbe(Probe):
         scatter_sparsity: int = 1,
         output: int | None = None,
         batch_size: int = 65536,
+        max_points: int = 10_000,
         name: str | None = None,
         schedule: Schedule | None = None,
     ):
         super().__init__(name=name, schedule=schedule)
         owner = f"CurveProbe {self.name!r}"
+        self.max_points = at_least(f"{owner}: max_points", max_points, MIN_POINTS)
         xt = as_float_tensor("x", x, ndim=(1, 2), owner=owner).reshape(len(x), -1)
         yt = as_float_tensor("y", y, ndim=(1, 2), owner=owner).reshape(len(y), -1)
         if xt.shape[1] != 1:
@@ -156,16 +159,26 @@ class CurveProbe(Probe):
         self._total_steps.append(context.step)
         self._total_loss.append(total)
         batch = context.history.get(History.BATCH_LOSS)
+        empty = Series(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+        batch = envelope(batch if batch is not None else empty, self.max_points)
+        totals = envelope(
+            Series(
+                np.asarray(self._total_steps, dtype=np.int64),
+                np.zeros(len(self._total_steps), np.int64),
+                np.asarray(self._total_loss, dtype=np.float64),
+            ),
+            self.max_points,
+        )
         return {
             "y_pred": y_pred,
             "loss": smoothed,
             "band_lower": y_pred - half_width,
             "band_upper": y_pred + half_width,
             "total_loss": np.float64(total),
-            "total_loss_steps": np.asarray(self._total_steps, dtype=np.int64),
-            "total_loss_series": np.asarray(self._total_loss, dtype=np.float64),
-            "batch_loss_steps": batch.steps if batch is not None else np.zeros(0, np.int64),
-            "batch_loss_series": batch.values if batch is not None else np.zeros(0),
+            "total_loss_steps": totals.steps,
+            "total_loss_series": totals.values,
+            "batch_loss_steps": batch.steps,
+            "batch_loss_series": batch.values,
         }
 
     def static(self) -> dict[str, np.ndarray]:

@@ -9,9 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from probescope.history import History, Series, epoch_means
+from probescope.history import MIN_POINTS, History, Series, envelope, epoch_means
 from probescope.probes.base import Probe, ProbeContext, ValidSet, check_forward
 from probescope.schedule import Schedule
+from probescope.validation import at_least
 
 Metric = Callable[[torch.Tensor, torch.Tensor], Any]
 
@@ -22,7 +23,10 @@ class LossProbe(Probe):
     Series: ``train_loss`` (each batch's loss, from ``Monitor.step(loss=...)``),
     ``train_loss_epoch`` (its mean per epoch), everything passed to ``Monitor.log(...)``
     (e.g. ``valid_loss``, ``accuracy``), and, when ``valid=(x, y)`` is given, ``valid_loss``
-    and each of ``metrics`` evaluated by this probe on that data at every frame.
+    and each of ``metrics`` evaluated by this probe on that data at every frame. A series
+    longer than ``max_points`` is cut to that many of its points, keeping its shape (each
+    stretch's lowest, highest and first NaN point): frames stay the same size however long
+    training runs.
     Frame keys are ``series/<name>/steps`` and ``series/<name>/values``.
     """
 
@@ -36,11 +40,13 @@ class LossProbe(Probe):
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         metrics: Mapping[str, Metric] | None = None,
         batch_size: int = 65536,
+        max_points: int = 10_000,
         name: str | None = None,
         schedule: Schedule | None = None,
     ):
         super().__init__(name=name, schedule=schedule)
         self.valid = ValidSet(f"LossProbe {self.name!r}", valid, loss_fn, metrics, batch_size)
+        self.max_points = at_least(f"LossProbe {self.name!r}: max_points", max_points, MIN_POINTS)
         self._probe_series: dict[str, tuple[list[int], list[float]]] = {}
 
     def attach(self, model: nn.Module) -> None:
@@ -65,6 +71,7 @@ class LossProbe(Probe):
                 series[key] = Series(np.asarray(steps), np.zeros(len(steps), np.int64), np.asarray(values))
         frame: dict[str, Any] = {}
         for key, s in series.items():
+            s = envelope(s, self.max_points)  # a frame's size stays bounded however long the run
             frame[f"series/{key}/steps"] = s.steps
             frame[f"series/{key}/values"] = s.values
         return frame
