@@ -62,8 +62,9 @@ class _Slot:
 
 
 def _as_numpy(value) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
+    if isinstance(value, torch.Tensor):  # (CUDA ones go through _write_device)
+        value = value.detach()
+        return (value if value.device.type == "cpu" else value.cpu()).numpy()
     return np.asarray(value)
 
 

@@ -35,3 +35,18 @@ def threads_aware(kernel):
     call.__name__ = call.__qualname__ = kernel.__name__
     call.__doc__ = kernel.__doc__
     return call
+
+
+def host_array(t, dtype):
+    """A CPU tensor as a NumPy array of ``dtype``: a view when it already is one.
+
+    The Numba paths build their small inputs in NumPy rather than with torch ops: a torch op
+    releases the GIL and takes it back, and each such round trip in the probe worker lets a
+    Python-bound training loop (a Keras step) lose the GIL to it."""
+    import numpy as np
+    import torch
+
+    t = t.detach()
+    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16
+        t = t.float()
+    return np.asarray(t.numpy(), dtype=dtype)

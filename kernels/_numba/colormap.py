@@ -13,7 +13,7 @@ import numba
 import numpy as np
 import torch
 
-from probescope.kernels._numba import FASTMATH, threads_aware
+from probescope.kernels._numba import FASTMATH, host_array, threads_aware
 from probescope.kernels.colormap import BOUNDARY_INK, BOUNDARY_PALE, DIVERGING_ANCHORS, MODES, NONFINITE_RGBA
 
 _INK = np.asarray(BOUNDARY_INK, np.float32)
@@ -91,10 +91,11 @@ def probs_to_rgba_numba(
     probs: torch.Tensor, mode: str, palette: torch.Tensor, class_index: int, out: torch.Tensor
 ) -> torch.Tensor:
     """Colour ``probs`` (..., C) into the contiguous uint8 ``out`` (..., 4)."""
-    flat = probs.reshape(-1, probs.shape[-1]).to(torch.float32).contiguous()
-    words = out.view(-1, 4).numpy().view(np.uint32).reshape(-1)  # one RGBA word per pixel
+    # NumPy, not torch, for the small steps around the kernel (see host_array).
+    flat = np.ascontiguousarray(host_array(probs, np.float32).reshape(-1, probs.shape[-1]))
+    words = out.numpy().reshape(-1, 4).view(np.uint32).reshape(-1)  # one RGBA word per pixel
     probs_to_rgba_kernel(
-        flat.numpy(), palette.to(torch.uint8).contiguous().numpy(), words,
+        flat, np.ascontiguousarray(host_array(palette, np.uint8)), words,
         MODES.index(mode), class_index, _INK, np.float32(BOUNDARY_PALE), _ANCHORS, _NONFINITE,
     )  # fmt: skip
     return out

@@ -16,7 +16,7 @@ import numba
 import numpy as np
 import torch
 
-from probescope.kernels._numba import FASTMATH, threads_aware
+from probescope.kernels._numba import FASTMATH, host_array, threads_aware
 from probescope.kernels.grid_mlp import OUTPUT_CODES, FusableMLP, GridSpec
 
 BLOCK = 128  # pixels per parallel iteration: 8 AVX-512 vectors of float32
@@ -164,19 +164,28 @@ def pack_layers(mlp: FusableMLP) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
     """Every Linear after the first, (out, in) row-major, laid end to end in float32."""
     ws, bs = [], []
     for w, b in zip(mlp.weights[1:], mlp.biases[1:], strict=True):
-        ws.append(w.detach().to(torch.float32).contiguous().reshape(-1))
-        bs.append(b.detach().to(torch.float32) if b is not None else torch.zeros(w.shape[0]))
+        ws.append(np.ascontiguousarray(host_array(w, np.float32)).reshape(-1))
+        bs.append(host_array(b, np.float32) if b is not None else np.zeros(w.shape[0], np.float32))
     if not ws:
-        ws, bs = [torch.zeros(1)], [torch.zeros(1)]
-    w_offsets = np.cumsum([0] + [w.numel() for w in ws])[:-1].astype(np.int64)
-    b_offsets = np.cumsum([0] + [b.numel() for b in bs])[:-1].astype(np.int64)
-    return torch.cat(ws).numpy(), w_offsets, torch.cat(bs).numpy(), b_offsets
+        ws, bs = [np.zeros(1, np.float32)], [np.zeros(1, np.float32)]
+    w_offsets = np.cumsum([0] + [w.size for w in ws])[:-1].astype(np.int64)
+    b_offsets = np.cumsum([0] + [b.size for b in bs])[:-1].astype(np.int64)
+    return np.concatenate(ws), w_offsets, np.concatenate(bs), b_offsets
+
+
+def plane_layer(mlp: FusableMLP, grid: GridSpec) -> np.ndarray:
+    """``FusableMLP.plane_layer`` in NumPy: the first layer folded into the grid's plane, in
+    float64, returned as float32 ``(3, width_1)``."""
+    plane = host_array(grid.basis, np.float64) @ host_array(mlp.weights[0], np.float64).T
+    if mlp.biases[0] is not None:
+        plane[0] += host_array(mlp.biases[0], np.float64)
+    return plane.astype(np.float32)
 
 
 def grid_mlp_numba(mlp: FusableMLP, grid: GridSpec, output: str, out: torch.Tensor) -> torch.Tensor:
     """Fill ``out`` (pixels, C) float32 from the fused CPU kernel; ``output`` is already resolved."""
     n_pixels = grid.width * grid.height
-    plane = mlp.plane_layer(grid).numpy()
+    plane = plane_layer(mlp, grid)
     weights, w_offsets, biases, b_offsets = pack_layers(mlp)
     grid_mlp_kernel(
         out.numpy(), plane, weights, w_offsets, biases, b_offsets,
