@@ -409,3 +409,24 @@ def test_each_later_fit_with_the_same_callback_records_a_run_of_its_own(tmp_path
     # Each run counts its own steps (4 batches an epoch) and ends with a frame of its last one.
     assert [first.probe("loss").steps()[-1], second.probe("loss").steps()[-1]] == [2 * 4, 3 * 4]
     assert first.meta["summary"]["steps"] == 8 and second.meta["summary"]["steps"] == 12
+
+
+def test_keras_runs_feed_the_latent_state_analysis(tmp_path):
+    from probescope.analysis import latent_states, write_report
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 2)).astype("float32")
+    y = (x[:, 0] * x[:, 1] > 0).astype("int64")
+    runs = []
+    for seed in range(2):
+        model = sequential(dense(16, "relu", name="h"), dense(2, "softmax", name="o"), seed=seed, name="net")
+        model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+        stats = StatsProbe(targets=["weights", "grads"], spectral=False, schedule=Schedule.every(2))
+        callback = ProbescopeCallback([stats], run_dir=tmp_path / f"seed{seed}")
+        model.fit(x, y, epochs=4, batch_size=32, verbose=0, callbacks=[callback])
+        runs.append(tmp_path / f"seed{seed}")
+    result = latent_states(runs, n_states=2, n_jobs=1)
+    assert "weight/net/h/kernel/l2" in result.metrics and "grad/net/o/bias/mean" in result.metrics
+    assert [len(s) for s in result.states] == [len(open_run(r).probe("stats")) for r in runs]
+    paths = write_report(result, tmp_path / "report")
+    assert "weight/net/h/kernel" in paths["report.html"].read_text()
