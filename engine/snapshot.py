@@ -193,8 +193,9 @@ def shadow_copy(
         return clone_for_probes(model)
     memo = dict(shared)
     shadow = copy.deepcopy(model, memo)
-    twin = {id(t): memo[id(t)] for _, t in _named_state_tensors(model) if id(t) in memo}
-    missing = [n for n, t in _named_state_tensors(model) if id(t) not in twin]
+    named = _named_state_tensors(model)
+    twin = {id(t): memo[id(t)] for _, t in named if id(t) in memo}
+    missing = [n for n, t in named if id(t) not in twin]
     if missing:
         raise ValueError(
             f"copy.deepcopy of a {type(model).__name__} does not copy its tensors one by one "

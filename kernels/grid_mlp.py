@@ -157,8 +157,9 @@ class FusableMLP:
     @classmethod
     def from_module(cls, model: nn.Module) -> FusableMLP:
         """The MLP inside ``model``; raises NotFusableError saying why when there is none."""
-        if is_keras_model(unwrap(model)):
-            return cls._build(*_keras_parts(unwrap(model)))
+        inner = unwrap(model)
+        if is_keras_model(inner):
+            return cls._build(*_keras_parts(inner))
         layers = list(_flatten_sequential(model))
         weights, biases, acts = [], [], []
         slopes = set()
@@ -336,8 +337,22 @@ def is_keras_model(model: object) -> bool:
     return any(c.__module__.split(".")[0] == "keras" for c in type(model).__mro__)
 
 
-_KERAS_ACTIVATIONS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "silu": "silu", "gelu": "gelu"}
+_KERAS_ACTIVATIONS = ("relu", "tanh", "sigmoid", "silu", "gelu")  # Keras's names are the fused codes
 _KERAS_PASS_THROUGH = ("InputLayer", "Dropout", "Flatten", "Identity")
+
+
+def _keras_activation(layer) -> str | None:
+    """The name of the Keras activation function ``layer`` applies (``linear``, ``relu``,
+    ``softmax``, ...), or None when it has none or a function of its own."""
+    function = getattr(layer, "activation", None)
+    if not getattr(function, "__module__", "").startswith("keras"):
+        return None
+    return getattr(function, "__name__", None)
+
+
+def _is_keras_softmax(layer) -> bool:
+    """A Keras Softmax layer over the last axis."""
+    return type(layer).__name__ == "Softmax" and getattr(layer, "axis", -1) in (-1, 1)
 
 
 def _keras_parts(model):
@@ -370,7 +385,7 @@ def _keras_parts(model):
             biases.append(layer.bias.value if layer.bias is not None else None)
             acts.append("identity")
         elif kind == "Softmax":
-            if not weights or layer.axis not in (-1, 1):
+            if not weights or not _is_keras_softmax(layer):
                 raise NotFusableError("a Softmax that is not over the last layer's outputs")
             final = "softmax"
             continue
@@ -384,10 +399,9 @@ def _keras_parts(model):
             continue
         elif kind != "Activation":
             raise NotFusableError(f"a Keras {kind} layer is not a Dense layer or a fusable activation")
-        function = layer.activation
-        name = getattr(function, "__name__", "")
-        if not getattr(function, "__module__", "").startswith("keras"):
-            raise NotFusableError(f"the activation {name or function!r} is not a Keras one")
+        name = _keras_activation(layer)
+        if name is None:
+            raise NotFusableError(f"the activation {layer.activation!r} is not a Keras one")
         if name == "linear":
             continue
         if name in ("softmax", "log_softmax"):
@@ -395,7 +409,7 @@ def _keras_parts(model):
         elif name == "leaky_relu":
             activate("leaky_relu", 0.2)  # keras.activations.leaky_relu's slope
         elif name in _KERAS_ACTIVATIONS:
-            activate(_KERAS_ACTIVATIONS[name])
+            activate(name)
         else:
             raise NotFusableError(f"the Keras activation {name!r} has no fused form")
     return weights, biases, acts, slopes, final
@@ -404,16 +418,11 @@ def _keras_parts(model):
 def _keras_final_kind(model) -> str:
     """``final_output_kind`` of a Keras model: its last layer's activation, or a last Softmax /
     Activation layer."""
-    layers = getattr(model, "layers", None) or [model]
-    last = layers[-1]
-    if type(last).__name__ == "Softmax" and getattr(last, "axis", -1) == -1:
+    last = (getattr(model, "layers", None) or [model])[-1]
+    if _is_keras_softmax(last):
         return "softmax"
-    activation = getattr(last, "activation", None)
-    if getattr(activation, "__module__", "").startswith("keras"):
-        name = getattr(activation, "__name__", "")
-        if name in ("softmax", "log_softmax", "sigmoid"):
-            return name
-    return "logits"
+    name = _keras_activation(last)
+    return name if name in ("softmax", "log_softmax", "sigmoid") else "logits"
 
 
 def _activation_name(layer: nn.Module) -> str | None:

@@ -63,7 +63,7 @@ class ProbescopeCallback(keras.callbacks.Callback):
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Monitor | None = None
         self.fits = 0
-        self._seen: tuple[torch.Tensor, torch.Tensor] | None = None  # loss total and count so far
+        self._seen: torch.Tensor | None = None  # Keras's loss total and sample count so far
 
     def __enter__(self) -> ProbescopeCallback:
         return self
@@ -112,11 +112,10 @@ class ProbescopeCallback(keras.callbacks.Callback):
         total, count = getattr(tracker, "total", None), getattr(tracker, "count", None)
         if total is None or count is None:
             return None
-        now = (total.value.detach().clone(), count.value.detach().clone())
-        before, self._seen = self._seen, now
-        if before is None:
-            return now[0] / now[1]
-        return (now[0] - before[0]) / (now[1] - before[1])
+        now = torch.stack([total.value.detach(), count.value.detach()])  # a copy: Keras adds in place
+        grown = now if self._seen is None else now - self._seen
+        self._seen = now
+        return grown[0] / grown[1]
 
 
 def clone_for_probes(model: nn.Module) -> tuple[nn.Module, dict[int, torch.Tensor]]:
