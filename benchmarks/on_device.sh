@@ -14,7 +14,9 @@ mkdir -p "$OUT"
 # The machine reaches no package index: .whl carries the wheels it lacks (vispy, hmmlearn,
 # plotly, imageio-ffmpeg, freetype-py, hsluv; lightning, pytorch-lightning, lightning-utilities
 # and torchmetrics for the Lightning tests, keras, absl-py, namex, optree, h5py, ml-dtypes,
-# rich, markdown-it-py, mdurl and pygments for the Keras tests: each skips without them;
+# rich, markdown-it-py, mdurl and pygments for the Keras tests; fastai, fastcore, fasttransform,
+# fastdownload, plum-dispatch<2.10, beartype and fastprogress==1.0.3 (the last without
+# fasthtml) for the fastai tests, torchvision being in the image: each skips without them;
 # pip download --no-deps --python-version 3.12 --only-binary=:all:).
 # The viewer suite needs vispy's wheels in .whl and the GL loaders in .gl (Debian packages
 # libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2, fetched with apt-get download; see

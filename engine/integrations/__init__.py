@@ -1,5 +1,6 @@
 """Thin adapters from training frameworks to the Monitor (import the one you use:
-``probescope.integrations.lightning``, ``probescope.integrations.keras``)."""
+``probescope.integrations.lightning``, ``probescope.integrations.keras``,
+``probescope.integrations.fastai``)."""
 
 from __future__ import annotations
 
@@ -17,3 +18,13 @@ def check_monitor_kwargs(owner: str, kwargs: dict[str, Any], own: tuple[str, ...
     if unknown:
         options = ", ".join(k for k in parameters if k not in own)
         raise TypeError(f"{owner}: unknown Monitor arguments {unknown}; they are {options}")
+
+
+def is_scalar(value) -> bool:
+    """A number a framework logged: a Python number, a one-element tensor, a 0-d array."""
+    if isinstance(value, (int, float)):
+        return True
+    numel = getattr(value, "numel", None)  # torch tensors
+    if callable(numel):
+        return numel() == 1
+    return getattr(value, "shape", None) == ()  # NumPy and Keras scalars

@@ -35,7 +35,7 @@ import keras  # the backend is chosen by the environment at import
 import torch
 from torch import nn
 
-from probescope.integrations import check_monitor_kwargs
+from probescope.integrations import check_monitor_kwargs, is_scalar
 from probescope.monitor import Monitor
 from probescope.probes.base import Probe
 
@@ -92,7 +92,7 @@ class ProbescopeCallback(keras.callbacks.Callback):
         self.monitor.after_step()
 
     def on_epoch_end(self, epoch, logs=None) -> None:
-        values = {_series_name(k): v for k, v in (logs or {}).items() if k != "loss" and _is_scalar(v)}
+        values = {_series_name(k): v for k, v in (logs or {}).items() if k != "loss" and is_scalar(v)}
         if values:
             self.monitor.after_validate(**values)
         self.monitor.end_epoch()
@@ -161,11 +161,3 @@ def _rename_like(shadow: nn.Module, model: nn.Module, twin: dict[int, torch.Tens
 def _series_name(key: str) -> str:
     """Keras's epoch log names in probescope's words: ``val_x`` -> ``valid_x``, ``x`` -> ``train_x``."""
     return f"valid_{key[4:]}" if key.startswith("val_") else f"train_{key}"
-
-
-def _is_scalar(value) -> bool:
-    return (
-        isinstance(value, (int, float))
-        or (isinstance(value, torch.Tensor) and value.numel() == 1)
-        or (hasattr(value, "shape") and getattr(value, "shape", None) == ())
-    )

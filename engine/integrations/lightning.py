@@ -23,7 +23,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from probescope.integrations import check_monitor_kwargs
+from probescope.integrations import check_monitor_kwargs, is_scalar
 from probescope.monitor import Monitor
 from probescope.probes.base import Probe
 
@@ -70,7 +70,7 @@ class ProbescopeCallback(L.Callback):
         logged = {
             name: value
             for name, value in trainer.callback_metrics.items()
-            if before.get(name) is not value and _is_scalar(value)
+            if before.get(name) is not value and is_scalar(value)
         }
         if logged:
             self.monitor.after_validate(**logged)
@@ -87,7 +87,3 @@ class ProbescopeCallback(L.Callback):
     def _close(self) -> None:
         if self.monitor is not None:
             self.monitor.close()
-
-
-def _is_scalar(value) -> bool:
-    return isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)

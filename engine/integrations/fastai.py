@@ -1,0 +1,155 @@
+"""fastai: a Callback that attaches a Monitor to ``Learner.fit`` (and ``fit_one_cycle``,
+``fine_tune``, ...).
+
+    from probescope.integrations.fastai import ProbescopeCallback
+
+    learn = Learner(dls, model, metrics=accuracy, cbs=ProbescopeCallback(run_dir="runs/f"))
+    learn.fit_one_cycle(5, 3e-3)
+
+With no probes, the callback watches what tsai's PredictionDynamics does, live and off the
+training path: a PredictionProbe on a fixed batch of the validation set (its first) and a
+LossProbe; pass ``probes`` to choose them. The Monitor starts when fitting starts (the
+optimizer exists then), takes a step after every optimizer step (a step that a callback
+cancels, as GradientAccumulation and MixedPrecision do, is no step), records each batch's
+training loss, and at the end of each epoch the Recorder's values: ``valid_loss`` and each
+metric as ``valid_<name>`` (``train_<name>`` for training metrics). It closes when fitting
+ends. ``lr_find`` runs are not recorded.
+
+A later fit with the same callback records into ``RUN_DIR-fit2``, ``-fit3``, ... (``fine_tune``
+fits twice: frozen, then the whole model). fastai calls no callback when ``fit`` raises
+(other than its own Cancel exceptions): use the callback as a context manager (``with
+ProbescopeCallback(...) as cb: learn.fit(..., cbs=cb)``) to close the Monitor then too,
+keeping the frames written so far.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.schedule import LRFinder
+from fastai.learner import Recorder
+
+from probescope.integrations import check_monitor_kwargs, is_scalar
+from probescope.monitor import Monitor
+from probescope.probes.base import Probe
+from probescope.probes.loss import LossProbe
+from probescope.probes.prediction import PredictionProbe
+
+log = logging.getLogger(__name__)
+
+_OWN = ("model", "probes", "optimizer")  # what the callback passes to the Monitor itself
+
+
+class ProbescopeCallback(Callback):
+    """Monitor a fastai Learner's model while it fits.
+
+    ``probes`` (default: a PredictionProbe on the first validation batch and a LossProbe,
+    made anew for each fit) and every keyword argument go to ``probescope.Monitor``
+    (``run_dir``, ``viewer``, ``snapshot``, ...); the model and optimizer come from the
+    Learner. ``monitor`` is the Monitor of the fit in progress (or the last one).
+    """
+
+    order = Recorder.order + 15  # after the Recorder's epoch values and the ParamScheduler
+    run_valid = False  # the inner loop's events of training batches only
+
+    def __init__(self, probes: Iterable[Probe] | None = None, **monitor_kwargs: Any):
+        check_monitor_kwargs("ProbescopeCallback", monitor_kwargs, _OWN)
+        self.probes = None if probes is None else list(probes)
+        self.monitor_kwargs = monitor_kwargs
+        self.monitor: Monitor | None = None
+        self.fits = 0
+
+    def __enter__(self) -> ProbescopeCallback:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def before_fit(self) -> None:
+        self.close()  # a Monitor left open by a fit that raised
+        if any(isinstance(cb, LRFinder) for cb in self.learn.cbs):
+            self.monitor = None  # lr_find trains a throwaway copy of the schedule: not a run
+            return
+        self.fits += 1
+        kwargs = dict(self.monitor_kwargs)
+        if self.fits > 1 and kwargs.get("run_dir") is not None:  # the first fit's run stays as it is
+            kwargs["run_dir"] = f"{os.fspath(kwargs['run_dir'])}-fit{self.fits}"
+        probes = self.probes if self.probes is not None else default_probes(self.learn)
+        optimizer = getattr(self.learn.opt, "opt", self.learn.opt)  # OptimWrapper: the torch one
+        self.monitor = Monitor(self.learn.model, probes, optimizer=optimizer, **kwargs)
+        self.monitor.start()
+
+    def after_loss(self) -> None:
+        loss = getattr(self.learn, "loss", None)
+        if self.monitor is not None and isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self.monitor.after_loss(loss=_plain(loss.detach()))
+
+    def after_step(self) -> None:
+        if self.monitor is not None:
+            self.monitor.after_step()
+
+    def after_epoch(self) -> None:
+        if self.monitor is None:
+            return
+        values = epoch_values(self.learn)
+        if values:
+            self.monitor.after_validate(**values)
+        self.monitor.end_epoch()
+
+    def after_fit(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the Monitor of the last fit (a no-op when it is closed already)."""
+        if self.monitor is not None:
+            self.monitor.close()
+
+
+def default_probes(learn) -> list[Probe]:
+    """A LossProbe and, when the validation set has batches of one input, a PredictionProbe
+    on its first batch (fixed for the fit)."""
+    probes: list[Probe] = [LossProbe()]
+    valid = learn.dls.valid
+    try:
+        batch = valid.one_batch() if len(valid) else None
+    except Exception as err:  # a DataLoader that cannot give one batch: no prediction probe
+        log.warning("probescope: no PredictionProbe: the validation set gave no batch (%s)", err)
+        return probes
+    n_inputs = getattr(learn.dls, "n_inp", 1)
+    if batch is None or len(batch) != n_inputs + 1 or n_inputs != 1:
+        log.warning(
+            "probescope: no PredictionProbe: it takes batches of one input and one target, "
+            "and the validation set has %s; pass probes=[...] to choose them",
+            "no batch" if batch is None else f"{n_inputs} input(s) and {len(batch) - n_inputs} target(s)",
+        )
+        return probes
+    x, y = (_plain(t) for t in batch)
+    return [PredictionProbe(x, y), *probes]
+
+
+def epoch_values(learn) -> dict[str, float]:
+    """The epoch's values of the Learner's Recorder, named as probescope names series:
+    ``valid_loss``, ``valid_<metric>``, ``train_<metric>`` (the Recorder's smoothed
+    ``train_loss`` is left out: each batch's own loss is recorded)."""
+    recorder = getattr(learn, "recorder", None)
+    record = getattr(learn, "final_record", None)
+    if recorder is None or record is None:
+        return {}
+    metrics = [m.name for m in learn.metrics]
+    train = ["train_loss"] + ([f"train_{m}" for m in metrics] if recorder.train_metrics else [])
+    valid = ["valid_loss"] + [f"valid_{m}" for m in metrics] if recorder.valid_metrics else []
+    names = (train if not recorder.cancel_train else []) + (valid if not recorder.cancel_valid else [])
+    if len(names) != len(record):
+        log.warning("probescope: the Recorder's epoch values %s do not match %s; not recorded", record, names)
+        return {}
+    return {n: float(v) for n, v in zip(names, record, strict=True) if n != "train_loss" and is_scalar(v)}
+
+
+def _plain(t):
+    """A fastai tensor subclass (TensorImage, TensorCategory, ...) as a plain torch.Tensor."""
+    return t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) else t

@@ -1,0 +1,214 @@
+"""fastai: the Learner Callback, against what fastai itself computes and records."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from probescope import GridProbe, LossProbe, StatsProbe, open_run
+from probescope.datasets import blobs7
+
+fastai = pytest.importorskip("fastai")  # README: CPU machines install it with --no-deps (no torchvision)
+
+from fastai.callback.core import Callback  # noqa: E402
+from fastai.callback.progress import ProgressCallback  # noqa: E402
+from fastai.callback.schedule import fit_one_cycle, lr_find  # noqa: E402, F401  (Learner methods)
+from fastai.callback.training import GradientAccumulation  # noqa: E402
+from fastai.data.core import DataLoaders  # noqa: E402
+from fastai.data.load import DataLoader  # noqa: E402
+from fastai.learner import Learner  # noqa: E402
+from fastai.losses import CrossEntropyLossFlat  # noqa: E402
+from fastai.metrics import accuracy, error_rate  # noqa: E402
+from fastai.optimizer import OptimWrapper  # noqa: E402
+from fastai.torch_core import TensorBase, TensorCategory  # noqa: E402
+
+from probescope.integrations.fastai import ProbescopeCallback  # noqa: E402
+
+
+def blobs_dls(n=600, valid=200, bs=64, typed=False, seed=0):
+    """7 Gaussian blobs in the plane; ``typed``: fastai's tensor types, as its pipelines give."""
+    x, y = blobs7(n + valid, torch.Generator().manual_seed(seed))
+    if typed:
+        x, y = TensorBase(x), TensorCategory(y)
+    items = list(zip(x, y, strict=True))
+    torch.manual_seed(seed)  # the training DataLoader's shuffle
+    train = DataLoader(items[:n], bs=bs, shuffle=True, drop_last=False)
+    return DataLoaders(train, DataLoader(items[n:], bs=2 * bs), device="cpu")
+
+
+def learner(dls, model, **kwargs) -> Learner:
+    """A Learner without fastai's progress bars and epoch table (the tests' output stays quiet)."""
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), **kwargs)
+    learn.remove_cb(ProgressCallback)
+    learn.logger = lambda *_: None
+    return learn
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 7))
+
+
+class Seen(Callback):
+    """What fastai computes: each training batch's loss and learning rate, and the model's
+    probabilities on a batch when fitting ends."""
+
+    order = 70
+    run_valid = False
+
+    def __init__(self, batch=None):
+        self.batch, self.losses, self.lrs, self.steps, self.at_end = batch, [], [], 0, None
+
+    def after_loss(self):
+        self.losses.append(self.learn.loss.item())
+
+    def after_step(self):
+        self.steps += 1
+        self.lrs.append(self.learn.opt.hypers[0]["lr"])
+
+    def after_fit(self):
+        if self.batch is not None:
+            with torch.no_grad():
+                self.at_end = torch.softmax(self.learn.model(self.batch), dim=1).numpy()
+
+
+def last_frame(run, name):
+    record = run.probe(name)
+    return record.frame(len(record) - 1)
+
+
+def test_a_fit_one_cycle_is_recorded_with_fastais_own_losses_metrics_and_predictions(tmp_path):
+    dls = blobs_dls()
+    x_valid = dls.valid.one_batch()[0]
+    seen = Seen(x_valid)
+    callback = ProbescopeCallback(run_dir=tmp_path / "run")  # default probes: prediction dynamics
+    learn = learner(dls, mlp(), metrics=[accuracy, error_rate])
+    learn.fit_one_cycle(3, 1e-2, cbs=[callback, seen])
+
+    summary = callback.monitor.summary()
+    assert summary["steps"] == seen.steps == 3 * 10  # 600 samples in batches of 64
+    assert set(summary["probes"]) == {"prediction", "loss"}
+    assert all(p["failed"] == 0 and p["run"] >= 1 for p in summary["probes"].values())  # busy: skipped
+    run = open_run(tmp_path / "run")
+    assert run.meta["status"] == "finished"
+
+    # Each batch's own loss and the one-cycle learning rate, as fastai had them.
+    series = last_frame(run, "loss").data
+    assert np.allclose(series["series/train_loss/values"], seen.losses, rtol=1e-6)
+    assert list(series["series/train_loss/steps"]) == list(range(1, 31))
+    assert np.allclose(series["series/lr/values"], seen.lrs, rtol=1e-9)
+    # The Recorder's epoch values under probescope's names.
+    values = np.array(learn.recorder.values)  # per epoch: train_loss, valid_loss, accuracy, error_rate
+    assert np.allclose(series["series/valid_loss/values"], values[:, 1], rtol=1e-6)
+    assert np.allclose(series["series/valid_accuracy/values"], values[:, 2], rtol=1e-6)
+    assert np.allclose(series["series/valid_error_rate/values"], values[:, 3], rtol=1e-6)
+    assert list(series["series/valid_accuracy/steps"]) == [10, 20, 30]
+    assert "series/train_train_loss/values" not in series and "series/train_loss_smooth/values" not in series
+
+    # The PredictionProbe holds the first validation batch, and its last frame is the trained
+    # model's own probabilities of each sample's true class.
+    final = last_frame(run, "prediction")
+    assert final.step == 30
+    assert run.probe("prediction").config["samples"] == len(x_valid) == 128
+    y_valid = dls.valid.one_batch()[1].numpy()
+    assert np.array_equal(run.probe("prediction").static["y_true"], y_valid)
+    assert np.allclose(final.data["prob_true"], seen.at_end[np.arange(len(y_valid)), y_valid], atol=1e-6)
+    assert final.data["accuracy"] == pytest.approx((seen.at_end.argmax(1) == y_valid).mean())
+
+
+def test_lr_find_is_not_recorded_and_each_later_fit_records_a_run_of_its_own(tmp_path):
+    callback = ProbescopeCallback([LossProbe()], run_dir=tmp_path / "run")
+    learn = learner(blobs_dls(), mlp(), cbs=callback)
+    learn.lr_find(num_it=20, show_plot=False)
+    assert callback.fits == 0 and not (tmp_path / "run").exists()
+    learn.fit(1, 1e-2)
+    learn.fit_one_cycle(2, 1e-2)
+    assert callback.fits == 2
+    first, second = open_run(tmp_path / "run"), open_run(tmp_path / "run-fit2")
+    assert first.meta["status"] == second.meta["status"] == "finished"
+    assert first.meta["summary"]["steps"] == 10 and second.meta["summary"]["steps"] == 20
+    assert not (tmp_path / "run-fit3").exists()
+
+
+def test_a_step_that_gradient_accumulation_cancels_is_no_step(tmp_path):
+    seen = Seen()
+    callback = ProbescopeCallback([LossProbe()], run_dir=tmp_path / "run")
+    dls = blobs_dls(n=320, bs=16)
+    learn = learner(dls, mlp())
+    learn.fit(2, 1e-2, cbs=[GradientAccumulation(n_acc=64), callback, seen])
+    # 20 batches of 16 an epoch, an optimizer step every 64 samples: 5 an epoch.
+    assert seen.steps == 10 and callback.monitor.summary()["steps"] == 10
+    series = last_frame(open_run(tmp_path / "run"), "loss").data
+    assert len(series["series/train_loss/values"]) == 40  # every batch's loss, at its step
+    assert list(series["series/train_loss/steps"][:5]) == [1, 1, 1, 1, 2]
+
+
+def test_fastai_tensor_types_and_a_torch_optimizer_wrapper(tmp_path):
+    dls = blobs_dls(typed=True)
+    x, y = dls.valid.one_batch()
+    assert isinstance(x, TensorBase) and isinstance(y, TensorCategory)  # as fastai's pipelines give
+    grid = GridProbe(dls.train.one_batch()[0], dls.train.one_batch()[1], resolution=24)
+    stats = StatsProbe(targets=["weights", "grads"], spectral=False)
+    callback = ProbescopeCallback([grid, stats, LossProbe()], run_dir=tmp_path / "run")
+    seen = Seen()
+    opt_func = partial(OptimWrapper, opt=torch.optim.SGD, momentum=0.9)
+    learn = learner(dls, mlp(), opt_func=opt_func)
+    learn.fit(2, 0.05, cbs=[callback, seen])
+    assert callback.monitor.optimizer is learn.opt.opt  # the torch optimizer, for its step hook
+    assert all(p["failed"] == 0 for p in callback.monitor.summary()["probes"].values())
+    run = open_run(tmp_path / "run")
+    series = last_frame(run, "loss").data
+    assert np.allclose(series["series/train_loss/values"], seen.losses, rtol=1e-6)
+    assert np.allclose(series["series/lr/values"], 0.05)
+    columns = list(run.probe("stats").static["columns"])
+    weight = last_frame(run, "stats").data["values"][columns.index("weight/0.weight/l2")]
+    assert weight == pytest.approx(torch.linalg.vector_norm(learn.model[0].weight.detach()).item(), rel=1e-5)
+    probs = last_frame(run, "grid").data["probs"]
+    assert probs.shape[-1] == 7 and np.allclose(probs.sum(-1), 1.0, atol=1e-5)
+
+
+def test_validation_batches_of_several_inputs_get_no_prediction_probe(tmp_path, caplog):
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, a, b):
+            return self.net(torch.cat([a, b], dim=1))
+
+    x, y = blobs7(300, torch.Generator().manual_seed(0))
+    items = list(zip(x[:, :1], x[:, 1:], y, strict=True))
+    dls = DataLoaders(DataLoader(items[:200], bs=50), DataLoader(items[200:], bs=50), device="cpu")
+    dls.n_inp = 2
+    callback = ProbescopeCallback(run_dir=tmp_path / "run")
+    learn = learner(dls, TwoInputs())
+    with caplog.at_level(logging.WARNING, logger="probescope.integrations.fastai"):
+        learn.fit(1, 1e-2, cbs=callback)
+    assert "no PredictionProbe" in caplog.text and "2 input(s)" in caplog.text
+    assert set(callback.monitor.summary()["probes"]) == {"loss"}
+    assert open_run(tmp_path / "run").meta["summary"]["steps"] == 4
+
+
+def test_a_failing_fit_closes_the_monitor_and_keeps_its_frames(tmp_path):
+    class Boom(Callback):
+        def after_batch(self):
+            if self.training and self.iter == 4:
+                raise RuntimeError("data loader failed")
+
+    callback = ProbescopeCallback([LossProbe()], run_dir=tmp_path / "run")
+    learn = learner(blobs_dls(), mlp())
+    with pytest.raises(RuntimeError, match="data loader failed"), callback:
+        learn.fit(2, 1e-2, cbs=[callback, Boom()])
+    run = open_run(tmp_path / "run")
+    assert run.meta["status"] == "finished" and run.meta["summary"]["steps"] == 5
+    assert len(run.probe("loss")) >= 1
+
+
+def test_the_callback_rejects_arguments_the_monitor_does_not_take():
+    with pytest.raises(TypeError, match="unknown Monitor arguments \\['optimizer', 'snapshots'\\]"):
+        ProbescopeCallback([], optimizer=None, snapshots="copy")
