@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on a lent GPU machine whose python3 already has torch, triton, numba and pytest:
 # installs probescope without touching those, then runs the named steps, logs under $OUT.
-#   bash benchmarks/on_device.sh [tests|tests-all|tests-par|tests-pixels] [tune|tune-target] [report] [kernels] [overhead] [frames] [keras] ...
+#   bash benchmarks/on_device.sh [tests|tests-all|tests-par|tests-pixels] [tune|tune-target] [report] [kernels] [overhead] [frames] [fit] ...
 # (tune-target: the launch sweep of the MLPs behind the kernel targets only; report: what the
 # grid kernel compiles to with this machine's Triton, and whether it still miscompiles chained
 # row-major products: benchmarks/triton_report.py, benchmarks/triton_chained_dot.py)
@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 # plotly, imageio-ffmpeg, freetype-py, hsluv; lightning, pytorch-lightning, lightning-utilities
 # and torchmetrics for the Lightning tests, keras, absl-py, namex, optree, h5py, ml-dtypes,
 # rich, markdown-it-py, mdurl and pygments for the Keras tests; fastai, fastcore, fasttransform,
-# fastdownload, plum-dispatch<2.10, beartype and fastprogress==1.0.3 (the last without
+# fastdownload, plum-dispatch<2.10, beartype and fastprogress<1.1 (without
 # fasthtml) for the fastai tests, torchvision being in the image: each skips without them;
 # pip download --no-deps --python-version 3.12 --only-binary=:all:).
 # The viewer suite needs vispy's wheels in .whl and the GL loaders in .gl (Debian packages
@@ -49,7 +49,9 @@ for step in "$@"; do
     tune) $T python3 -m benchmarks.tune_grid_mlp --out "$OUT" 2>&1 | tee "$OUT/tune.log" ;;
     # one process an MLP: a configuration that faults the GPU cannot lose the other's sweep
     tune-target) for m in 2-256-256-256-7 2-64-64-3; do $T python3 -m benchmarks.tune_grid_mlp --mlp $m --out "$OUT/tune-$m" 2>&1 | tee "$OUT/tune-$m.log"; done ;;
-    keras) $T python3 -m benchmarks.keras_fit --out "$OUT/keras" 2>&1 | tee "$OUT/keras.log" ;;
+    fit) for fw in keras fastai lightning; do
+           $T python3 -m benchmarks.fit --framework $fw --out "$OUT/fit" 2>&1 | tee "$OUT/fit-$fw.log"
+         done ;;
     report) $T python3 -m benchmarks.triton_report 2>&1 | tee "$OUT/triton_report.log"
       $T python3 -m benchmarks.triton_chained_dot 2>&1 | tee "$OUT/triton_chained_dot.log" ;;
     *) $T python3 -m benchmarks "$step" --device cuda --out "$OUT/$step" 2>&1 | tee "$OUT/$step.log" | grep -v '%|' ;;

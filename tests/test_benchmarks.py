@@ -1,6 +1,7 @@
 """The kernels suite's baselines compute what the ops compute: a speed-up over a baseline that
 does less (or something else) would be a false figure."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from benchmarks import kernels as suite
+from probescope import LossProbe, open_run
 from probescope.kernels import (
     GridSpec,
     default_palette,
@@ -174,3 +176,35 @@ def test_demo_ab_runs_the_demo_with_and_without_the_named_probe(capsys):
     out = capsys.readouterr().out
     assert "   with checkpoint: loop" in out and "without checkpoint: loop" in out
     assert "median loop with checkpoint" in out and "median loop without checkpoint" in out
+
+
+@pytest.mark.parametrize("framework", ["keras", "fastai", "lightning"])
+def test_the_fit_benchmark_trains_every_variant_and_records_the_runs_frames(framework, tmp_path, capsys):
+    """Not a timing: the benchmark runs each framework's fit with every variant, and its probed
+    fits really record (a callback that never stepped would time nothing)."""
+    os.environ.setdefault("KERAS_BACKEND", "torch")  # before Keras is first imported
+    pytest.importorskip(framework)
+    from benchmarks import fit
+
+    threads = torch.get_num_threads()
+    try:
+        args = ["--framework", framework, "--rounds", "1", "--epochs", "2", "--samples", "400"]
+        assert fit.main([*args, "--resolution", "16", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the benchmark leaves a core to probes
+    result = json.loads((tmp_path / f"fit_{framework}.json").read_text())
+    assert [row["variant"] for row in result["fit"]] == list(fit.VARIANTS)
+    assert all(row["steps_per_s"] > 0 and len(row["rounds"]) == 1 for row in result["fit"])
+    assert result["meta"]["grid_path"] != "module forward"  # every framework's MLP fuses
+    assert bool(result["grid"]) == (framework == "keras")
+    out = capsys.readouterr().out
+    assert "| every step |" in out and "| budget 5% |" in out
+
+    # A probed fit records its run: the LossProbe's last frame is of the fit's last step.
+    bench = fit.FRAMEWORKS[framework]()
+    data, clock = fit.make_dataset("blobs7", seed=0, n=200), fit.Clock()
+    callback = bench.callback([LossProbe()], run_dir=tmp_path / "run")
+    bench.fit(bench.model(16, 7), data, argparse.Namespace(epochs=2, batch_size=32), callback, clock)
+    record = open_run(tmp_path / "run").probe("loss")
+    assert clock.steps == 2 * 5  # 160 training samples in batches of 32
+    assert record.frame(len(record) - 1).step == clock.steps

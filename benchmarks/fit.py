@@ -1,0 +1,392 @@
+"""A training framework's own fit with and without probescope's callback: Keras 3 (torch
+backend), fastai and Lightning.
+
+Fit: a 2-H-H-7 MLP on the blobs7 data in the framework's own loop, with no callback, and with
+a GridProbe and a LossProbe every 10 steps, every step and on a 5 % budget, the variants
+taking turns round after round (one machine's noise hits all of them alike; on the CPU every
+variant trains on all cores but the probe worker's, as the Monitor advises). Each fit is
+timed from the end of its first epoch (set-up and compilation left out) to its last; the
+table gives the median steps/s per variant and its ratio to no callback. Keras also times its
+MLP's grid, fused (``grid_mlp``) against the model's own forward on the materialised points
+(the naive way). ``--contention`` instead times the fit (no callback) alone and beside
+probescope's worker thread looping over the fused grid kernel, over whole GridProbe frames or
+over long matrix products: what work on the other core costs the loop. Run:
+``python -m benchmarks.fit [--framework keras|fastai|lightning] [--rounds 3] [--epochs 4]
+[--contention] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import probescope as ps
+from benchmarks.overhead import leave_a_core_to_probes
+from benchmarks.timing import device_name
+from probescope.datasets import make_dataset
+from probescope.kernels.grid_mlp import fused_path, grid_mlp, module_forward_on_grid
+from probescope.probes.base import ProbeContext
+from probescope.worker import ProbeWorker
+
+VARIANTS = ("off", "every 10", "every step", "budget 5%")
+SCHEDULES = {
+    "every 10": lambda: ps.Schedule.every(10),
+    "every step": lambda: ps.Schedule.every(1),
+    "budget 5%": lambda: ps.Schedule.budget(0.05),
+}
+LR = 3e-3
+
+
+class Clock:
+    """Wall time from the end of the first epoch to the end of the last, and the steps."""
+
+    def __init__(self):
+        self.start = self.end = 0.0
+        self.steps = 0
+
+    def epoch_end(self, epoch: int) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if epoch == 0:
+            self.start = now
+        self.end = now
+
+    def rate(self, epochs: int) -> float:
+        """Steps per second after the first epoch."""
+        return self.steps * (epochs - 1) / epochs / (self.end - self.start)
+
+
+def torch_mlp(hidden: int, classes: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes)
+    )
+
+
+class Keras:
+    """``model.fit`` of a Keras Sequential on the torch backend."""
+
+    name = "Keras"
+
+    def __init__(self):
+        os.environ.setdefault("KERAS_BACKEND", "torch")
+        import keras
+
+        from probescope.integrations.keras import ProbescopeCallback
+
+        self.keras, self.callback = keras, ProbescopeCallback
+        self.version = f"keras {keras.__version__}"
+
+    def model(self, hidden: int, classes: int):
+        keras = self.keras
+        keras.utils.set_random_seed(0)
+        dense = keras.layers.Dense
+        model = keras.Sequential(
+            [
+                keras.Input((2,)),
+                dense(hidden, activation="relu"),
+                dense(hidden, activation="relu"),
+                dense(classes, activation="softmax"),
+            ]
+        )
+        model.compile(keras.optimizers.Adam(LR), "sparse_categorical_crossentropy")
+        return model
+
+    def fit(self, model, data, args, callback, clock: Clock) -> None:
+        class Timed(self.keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                clock.epoch_end(epoch)
+
+            def on_train_batch_end(self, batch, logs=None):
+                clock.steps += 1
+
+        callbacks = [Timed()] if callback is None else [callback, Timed()]
+        x, y = data.x_train.numpy(), data.y_train.numpy()
+        model.fit(x, y, epochs=args.epochs, batch_size=args.batch_size, verbose=0, callbacks=callbacks)
+
+
+class Fastai:
+    """``Learner.fit`` (Adam, the fastai optimizer) without its progress bars."""
+
+    name = "fastai"
+
+    def __init__(self):
+        import fastai
+        from fastai.callback.core import Callback
+        from fastai.callback.progress import ProgressCallback
+        from fastai.data.core import DataLoaders
+        from fastai.data.load import DataLoader
+        from fastai.learner import Learner
+        from fastai.losses import CrossEntropyLossFlat
+
+        from probescope.integrations.fastai import ProbescopeCallback
+
+        self.callback, self.Callback = ProbescopeCallback, Callback
+        self.DataLoaders, self.DataLoader, self.Learner = DataLoaders, DataLoader, Learner
+        self.loss, self.progress = CrossEntropyLossFlat, ProgressCallback
+        self.version = f"fastai {fastai.__version__}"
+
+    def model(self, hidden: int, classes: int) -> nn.Module:
+        return torch_mlp(hidden, classes)
+
+    def fit(self, model, data, args, callback, clock: Clock) -> None:
+        class Timed(self.Callback):
+            order, run_valid = 90, False
+
+            def after_step(self):
+                clock.steps += 1
+
+            def after_epoch(self):
+                clock.epoch_end(self.epoch)
+
+        items = list(zip(data.x_train, data.y_train, strict=True))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        train = self.DataLoader(items, bs=args.batch_size, shuffle=True)
+        dls = self.DataLoaders(train, self.DataLoader(items[:0]), device=device)
+        learn = self.Learner(dls, model.to(device), loss_func=self.loss())
+        learn.remove_cb(self.progress)
+        learn.logger = lambda *_: None
+        callbacks = [Timed()] if callback is None else [callback, Timed()]
+        learn.fit(args.epochs, LR, cbs=callbacks)
+
+
+class Lightning:
+    """``Trainer.fit`` of a LightningModule (Adam) without progress bar, logger or checkpoints."""
+
+    name = "Lightning"
+
+    def __init__(self):
+        import lightning as L
+
+        from probescope.integrations.lightning import ProbescopeCallback
+
+        self.L, self.callback = L, ProbescopeCallback
+        self.version = f"lightning {L.__version__}"
+
+    def model(self, hidden: int, classes: int):
+        L = self.L
+
+        class Module(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.net = torch_mlp(hidden, classes)
+
+            def forward(self, x):
+                return self.net(x)
+
+            def training_step(self, batch, batch_idx):
+                x, y = batch
+                return nn.functional.cross_entropy(self.net(x), y)
+
+            def configure_optimizers(self):
+                return torch.optim.Adam(self.parameters(), LR)
+
+        return Module()
+
+    def fit(self, model, data, args, callback, clock: Clock) -> None:
+        L = self.L
+
+        class Timed(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                clock.steps += 1
+
+            def on_train_epoch_end(self, trainer, pl_module):
+                clock.epoch_end(trainer.current_epoch)
+
+        samples = torch.utils.data.TensorDataset(data.x_train, data.y_train)
+        loader = torch.utils.data.DataLoader(samples, batch_size=args.batch_size, shuffle=True)
+        trainer = L.Trainer(
+            max_epochs=args.epochs,
+            accelerator="auto",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[Timed()] if callback is None else [callback, Timed()],
+        )
+        trainer.fit(model, loader)
+
+    @staticmethod
+    def module(model) -> nn.Module:
+        return model.net
+
+
+FRAMEWORKS = {"keras": Keras, "fastai": Fastai, "lightning": Lightning}
+
+
+def torch_module(framework, model) -> nn.Module:
+    """The module probes evaluate (a LightningModule's network itself)."""
+    return framework.module(model) if hasattr(framework, "module") else model
+
+
+def fit_once(framework, variant: str, data, args, out: str) -> float:
+    """Steps per second after the first epoch."""
+    model = framework.model(args.hidden, data.num_classes)
+    callback = None
+    if variant != "off":
+        schedule = SCHEDULES[variant]
+        probes = [
+            ps.GridProbe(data.x_train, data.y_train, resolution=args.resolution, schedule=schedule()),
+            ps.LossProbe(schedule=schedule()),
+        ]
+        callback = framework.callback(probes, run_dir=f"{out}/{variant.replace(' ', '-')}")
+    clock = Clock()
+    framework.fit(model, data, args, callback, clock)
+    return clock.rate(args.epochs)
+
+
+def grid_times(model, data, resolution: int, repeats: int) -> dict[str, float]:
+    probe = ps.GridProbe(data.x_train, resolution=resolution)
+    spec = probe.grid
+    timings = {}
+    for name, fn in (
+        ("fused", lambda: grid_mlp(model, spec)),
+        ("forward", lambda: module_forward_on_grid(model, spec)),
+    ):
+        fn()  # compiled / warm
+        samples = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            samples.append(time.perf_counter() - t)
+        timings[name] = statistics.median(samples) * 1e3
+    return timings
+
+
+def contention(framework, data, args) -> dict[str, float]:
+    """The fit (no callback) alone and beside a probe worker that loops over one kind of
+    work, taking turns: the median steps/s of each."""
+    model = torch_module(framework, framework.model(args.hidden, data.num_classes))
+    spec = ps.GridProbe(data.x_train, resolution=512).grid
+    big = torch.randn(3000, 3000)
+
+    def grid_loop(stop):  # the fused grid kernel, as the probe worker runs it (the GIL released)
+        while not stop.is_set():
+            grid_mlp(model, spec)
+
+    def matmul_loop(stop):  # one long torch call after another (the GIL released ~1 s at a time)
+        while not stop.is_set():
+            big @ big
+
+    probe = ps.GridProbe(data.x_train, data.y_train, resolution=args.resolution)
+    probe.attach(model)
+
+    def frame_loop(stop):  # whole GridProbe frames (kernels, colours, finiteness check, glue)
+        while not stop.is_set():
+            probe.evaluate(model, ProbeContext(0, 0, {}))
+
+    loads = {
+        "alone": None,
+        "beside the fused grid kernel": grid_loop,
+        f"beside GridProbe {args.resolution}² frames": frame_loop,
+        "beside 3000² matmuls": matmul_loop,
+    }
+    grid_mlp(model, spec)  # compiled before timing
+    rates: dict[str, list[float]] = {k: [] for k in loads}
+    for r in range(args.rounds):
+        for name, load in loads.items():
+            stop = threading.Event()
+            worker = ProbeWorker(threads=1)  # one torch and one Numba thread, as for probes
+            if load is not None:
+                worker.submit(functools.partial(load, stop))
+            try:
+                rates[name].append(fit_once(framework, "off", data, args, ""))
+            finally:
+                stop.set()
+                worker.close()
+            print(f"round {r + 1}: {name:>32}: {rates[name][-1]:.1f} steps/s", flush=True)
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--framework", choices=sorted(FRAMEWORKS), default="keras")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=6000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
+    parser.add_argument(
+        "--contention", action="store_true", help="instead: the fit alone and beside other work (no probes)"
+    )
+    args = parser.parse_args(argv)
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2 (the first epoch is not timed)")
+    framework = FRAMEWORKS[args.framework]()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    leave_a_core_to_probes(device)  # every variant, as in the overhead suite and as the Monitor advises
+    data = make_dataset("blobs7", seed=0, n=args.samples)
+    if args.contention:
+        medians = contention(framework, data, args)
+        alone = medians["alone"]
+        print(f"| {framework.name} fit | steps/s (median) | time / alone |\n|---|---|---|")
+        for name, rate in medians.items():
+            print(f"| {name} | {rate:.1f} | {alone / rate:.3f} |")
+        return 0
+    rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    with tempfile.TemporaryDirectory() as out:
+        fit_once(framework, "every step", data, args, f"{out}/warm-up")  # first-use compilation, not timed
+        for r in range(args.rounds):
+            for variant in VARIANTS:
+                rates[variant].append(fit_once(framework, variant, data, args, f"{out}/{r}"))
+                print(f"round {r + 1}: {variant:>10}: {rates[variant][-1]:.1f} steps/s", flush=True)
+    off = statistics.median(rates["off"])
+    rows = [
+        {
+            "variant": v,
+            "steps_per_s": statistics.median(rates[v]),
+            "slowdown": off / statistics.median(rates[v]),
+            "rounds": rates[v],
+        }
+        for v in VARIANTS
+    ]
+    model = framework.model(args.hidden, data.num_classes)
+    grids = {n: grid_times(model, data, n, 5) for n in (256, 512)} if args.framework == "keras" else {}
+    meta = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "framework": framework.version,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "training_threads": torch.get_num_threads(),
+        "grid_path": fused_path(torch_module(framework, model)),
+    }
+    print(f"\n{meta['device']} · torch {torch.__version__} · {framework.version} · {meta['date']}")
+    print(
+        f"{framework.name} fit: 2-{args.hidden}-{args.hidden}-7 on blobs7, batch {args.batch_size}, "
+        f"grid {args.resolution}², training on {meta['training_threads']} thread(s)"
+    )
+    print("| variant | steps/s (median) | time / off |\n|---|---|---|")
+    for row in rows:
+        print(f"| {row['variant']} | {row['steps_per_s']:.1f} | {row['slowdown']:.3f} |")
+    if grids:
+        print(f"\ngrid of the {framework.name} MLP ({meta['grid_path']}) against its own forward:")
+        print("| grid | fused ms | forward ms | speed-up |\n|---|---|---|---|")
+        for n, t in grids.items():
+            print(f"| {n}² | {t['fused']:.2f} | {t['forward']:.2f} | {t['forward'] / t['fused']:.2f}x |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"fit_{args.framework}.json"
+    path.write_text(json.dumps({"meta": meta, "fit": rows, "grid": grids}, indent=1))
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
