@@ -63,9 +63,11 @@ class Seen(Callback):
 
     def __init__(self, batch=None):
         self.batch, self.losses, self.lrs, self.steps, self.at_end = batch, [], [], 0, None
+        self.loss_types = set()
 
     def after_loss(self):
         self.losses.append(self.learn.loss.item())
+        self.loss_types.add(type(self.learn.loss))
 
     def after_step(self):
         self.steps += 1
@@ -212,3 +214,24 @@ def test_a_failing_fit_closes_the_monitor_and_keeps_its_frames(tmp_path):
 def test_the_callback_rejects_arguments_the_monitor_does_not_take():
     with pytest.raises(TypeError, match="unknown Monitor arguments \\['optimizer', 'snapshots'\\]"):
         ProbescopeCallback([], optimizer=None, snapshots="copy")
+
+
+def test_batch_losses_reach_the_monitor_as_plain_tensors(monkeypatch):
+    """fastai's losses are TensorBase, whose every op goes through Python; the Monitor gets
+    plain tensors, so neither it nor the probe worker pays for that."""
+    from probescope.monitor import Monitor
+
+    given, record = [], Monitor.after_loss
+
+    def spy(self, loss=None):
+        given.append(loss)
+        record(self, loss)
+
+    monkeypatch.setattr(Monitor, "after_loss", spy)
+    callback = ProbescopeCallback([LossProbe()])
+    learn = learner(blobs_dls(typed=True), mlp())
+    seen = Seen()
+    learn.fit(1, 1e-2, cbs=[callback, seen])
+    assert seen.loss_types == {TensorBase}  # what fastai computed
+    assert len(given) == 10 and all(type(t) is torch.Tensor and not t.requires_grad for t in given)
+    assert [t.item() for t in given] == pytest.approx(seen.losses, rel=1e-6)

@@ -86,8 +86,12 @@ class ProbescopeCallback(Callback):
 
     def after_loss(self) -> None:
         loss = getattr(self.learn, "loss", None)
-        if self.monitor is not None and isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            self.monitor.after_loss(loss=_plain(loss.detach()))
+        if self.monitor is None or not isinstance(loss, torch.Tensor):
+            return
+        # fastai's tensor types send every op through Python (~5 us each): plain ops, plain result.
+        with torch._C.DisableTorchFunctionSubclass():
+            if loss.numel() == 1:
+                self.monitor.after_loss(loss=loss.detach())
 
     def after_step(self) -> None:
         if self.monitor is not None:
