@@ -21,10 +21,10 @@ from probescope.history import History
 from probescope.probes.base import Probe, ProbeContext, ProbeStats, model_device_dtype
 from probescope.ring import Frame, FrameRing
 from probescope.run import RunWriter
-from probescope.schedule import StepInfo
+from probescope.schedule import Budget, StepInfo
 from probescope.snapshot import SnapshotPool
 from probescope.streams import ProbeStreams, StepClock
-from probescope.validation import positive_int
+from probescope.validation import fraction, positive_int
 from probescope.worker import ProbeWorker
 
 log = logging.getLogger("probescope")
@@ -63,6 +63,11 @@ class Monitor:
     ``snapshot`` is ``"copy"``, ``"sync"`` or ``"live"`` (see probescope.snapshot);
     ``probe_threads`` caps the CPU threads the probe worker uses (training keeps the rest);
     ``final_frame`` takes one last frame of every probe at ``close()``.
+
+    ``budget`` (a fraction of training time, e.g. ``0.02``) puts every probe on one shared
+    budget in place of its schedule: each of n probes frames as often as ``budget / n`` of the
+    training time allows (``Schedule.budget``), and the Monitor's own per-step work comes off
+    the whole budget once. ``Schedule.budget(f)`` on a probe is that probe's own budget.
 
     On CUDA, probes run on a low-priority probe stream and the snapshot copy is ordered
     against training with events only; the training thread never waits on the host for a
@@ -120,6 +125,7 @@ class Monitor:
         snapshot_host: bool = False,
         cuda_graphs: bool = False,
         probe_rank: int = 0,
+        budget: float | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -149,6 +155,11 @@ class Monitor:
             raise ValueError(
                 f"Monitor: probe names must be unique; {duplicates} repeat (give each probe a name=...)"
             )
+        if budget is not None:
+            budget = fraction("Monitor: budget", budget)
+            for p in probes:  # one budget, shared evenly; the Monitor's own work comes off it once
+                p.schedule = Budget(budget / len(probes), own_share=1.0 / len(probes))
+        self.budget = budget
         adaptive = [id(p.schedule) for p in probes if p.schedule.state() is not None]
         if len(adaptive) != len(set(adaptive)):
             raise ValueError("Monitor: each probe needs its own Schedule.budget(...); two probes share one")
@@ -647,6 +658,7 @@ class Monitor:
             "wall_seconds": round(elapsed, 3),
             "snapshot_bytes": self._pool.nbytes,
             "frames_written": self.writer.frames_written if self.writer else 0,
+            **({"budget": self.budget} if self.budget is not None else {}),
             "probes": {
                 name: {
                     **st.stats.as_dict(),

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from probescope import validation
 from probescope.spec import Reproducible
 from probescope.validation import positive_int
 
@@ -226,10 +227,12 @@ class Budget(Schedule):
     training thread at every step (``own_s``: counting the step, recording, asking the
     schedules); that fixed cost is paid whether or not a frame is taken, so it comes off the
     budget first. The probe is due when ``interval`` steps have passed since its last frame,
-    ``interval = ceil(cost / (fraction * idle_step - own))`` between 1 and ``max_interval``
+    ``interval = ceil(cost / (fraction * idle_step - own_share * own))`` between 1 and ``max_interval``
     (``max_interval`` when the Monitor's own work alone spends the budget), and ``start`` until
     the first measurements; it is worked out again after every frame and every
-    ``ADAPT_EVERY`` steps. Step 0 is always probed. One Budget belongs to one probe.
+    ``ADAPT_EVERY`` steps. Step 0 is always probed. One Budget belongs to one probe; probes
+    that share a budget (``Monitor(budget=...)``) each get a part of it and ``own_share`` of
+    the Monitor's own work, so that the own work comes off the whole budget once.
     """
 
     WINDOW = 25
@@ -237,10 +240,11 @@ class Budget(Schedule):
     FRAMES = 8
     ADAPT_EVERY = 8
 
-    def __init__(self, fraction: float, *, start: int = 10, max_interval: int = 100_000):
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
-            raise ValueError(f"Schedule.budget(fraction) needs 0 < fraction <= 1, got {fraction!r}")
-        self.fraction = float(fraction)
+    def __init__(
+        self, fraction: float, *, start: int = 10, max_interval: int = 100_000, own_share: float = 1.0
+    ):
+        self.fraction = validation.fraction("Schedule.budget: fraction", fraction)
+        self.own_share = validation.fraction("Schedule.budget: own_share", own_share)
         self.start = positive_int("Schedule.budget(start=)", start)
         self.max_interval = positive_int("Schedule.budget(max_interval=)", max_interval)
         self.interval = self.start
@@ -351,7 +355,7 @@ class Budget(Schedule):
         if cost is None or step is None:
             return
         self._settled = True
-        spare = self.fraction * step - self.own_s  # what is left for frames per step
+        spare = self.fraction * step - self.own_share * self.own_s  # what is left for frames per step
         wanted = math.ceil(cost / spare - 1e-9) if spare > 0 else self.max_interval
         interval = min(max(wanted, 1), self.max_interval)
         if interval != self.interval:
@@ -370,6 +374,7 @@ class Budget(Schedule):
             "fraction": self.fraction,
             "start": self.start,
             "max_interval": self.max_interval,
+            "own_share": self.own_share,
         }
 
     def state(self) -> dict:

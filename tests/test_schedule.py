@@ -97,7 +97,13 @@ def test_budget_interval_is_probe_time_over_fraction_of_step_time():
     assert budget.interval == 3
     state = budget.state()
     assert state["fraction"] == 0.05 and state["interval"] == 3 and state["changes"][0][1] == 10
-    assert budget.describe() == {"kind": "budget", "fraction": 0.05, "start": 7, "max_interval": 100_000}
+    assert budget.describe() == {
+        "kind": "budget",
+        "fraction": 0.05,
+        "start": 7,
+        "max_interval": 100_000,
+        "own_share": 1.0,
+    }
     never_slower = Schedule.budget(0.5, max_interval=4)
     never_slower.observe(probe_s=1.0)
     for _ in range(5):
@@ -255,7 +261,7 @@ def test_monitor_reports_its_own_work_to_a_budget_on_the_host_clock_path(mlp, bl
 
 @pytest.mark.parametrize("bad", [0, -0.1, 1.5, "2%", True])
 def test_budget_rejects_fractions_outside_zero_to_one(bad):
-    with pytest.raises(ValueError, match="0 < fraction <= 1"):
+    with pytest.raises(ValueError, match="fraction must be a number in \\(0, 1\\]"):
         Schedule.budget(bad)
 
 
@@ -280,6 +286,45 @@ def test_monitor_feeds_a_budget_and_records_what_it_chose(mlp, tmp_path):
     assert 1 <= state["interval"] <= 100_000 and mon.summary()["probes"]["slow"]["frames"] >= 2
     recorded = open_run(tmp_path / "run").meta["summary"]["probes"]["slow"]["schedule"]
     assert recorded["interval"] == state["interval"] and recorded["fraction"] == 0.2
+
+
+def test_a_budget_part_takes_its_share_of_the_monitors_own_work():
+    from probescope.schedule import Budget
+
+    part = Budget(0.025, own_share=0.5)  # one of two probes sharing a 5 % budget
+    for _ in range(5):
+        part.observe(step_s=0.010)
+    for _ in range(5):
+        part.observe(own_s=0.0002)
+    part.observe(probe_s=0.005)
+    assert part.interval == 34  # 5 ms / (2.5 % of 10 ms - half of 0.2 ms) = 33.3
+    assert part.describe()["own_share"] == 0.5 and part.state()["own_ms"] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="own_share must be a number in"):
+        Budget(0.1, own_share=0)
+
+
+def test_a_monitor_budget_is_shared_by_every_probe(mlp, recording_probe, tmp_path):
+    from probescope import open_run
+    from probescope.schedule import Budget
+
+    a, b = recording_probe(name="a", schedule=Schedule.every(1)), recording_probe(name="b")
+    mon = Monitor(mlp, [a, b], run_dir=tmp_path / "run", budget=0.04, final_frame=False)
+    assert all(isinstance(p.schedule, Budget) for p in (a, b))
+    assert {(p.schedule.fraction, p.schedule.own_share) for p in (a, b)} == {(0.02, 0.5)}
+    assert a.schedule is not b.schedule
+    with mon:
+        for _ in range(30):
+            mon.step()
+    summary = open_run(tmp_path / "run").meta["summary"]
+    assert summary["budget"] == 0.04
+    assert {summary["probes"][n]["schedule"]["fraction"] for n in "ab"} == {0.02}
+    assert Monitor(mlp, [recording_probe(name="c")]).summary().get("budget") is None
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, "2%", True])
+def test_a_monitor_budget_must_be_a_fraction(mlp, recording_probe, bad):
+    with pytest.raises(ValueError, match="Monitor: budget must be a number in"):
+        Monitor(mlp, [recording_probe()], budget=bad)
 
 
 def test_a_budget_belongs_to_one_probe(mlp, recording_probe):
