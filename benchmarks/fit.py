@@ -40,8 +40,9 @@ from probescope.kernels.grid_mlp import fused_path, grid_mlp, module_forward_on_
 from probescope.probes.base import ProbeContext
 from probescope.worker import ProbeWorker
 
-VARIANTS = ("off", "every 10", "every step", "budget 5%")
+VARIANTS = ("off", "idle", "every 10", "every step", "budget 5%")
 SCHEDULES = {
+    "idle": ps.Schedule.never,  # the callback and the Monitor's per-step work, no frame
     "every 10": lambda: ps.Schedule.every(10),
     "every step": lambda: ps.Schedule.every(1),
     "budget 5%": ps.Schedule.never,  # the Monitor's budget replaces it
@@ -234,8 +235,9 @@ def torch_module(framework, model) -> nn.Module:
     return framework.module(model) if hasattr(framework, "module") else model
 
 
-def fit_once(framework, variant: str, data, args, out: str) -> float:
-    """Steps per second after the first epoch."""
+def fit_once(framework, variant: str, data, args, out: str) -> tuple[float, dict]:
+    """Steps per second after the first epoch, and for a budget each probe's schedule state at
+    the end (its interval and what it measured)."""
     model = framework.model(args.hidden, data.num_classes)
     callback = None
     if variant != "off":
@@ -248,7 +250,12 @@ def fit_once(framework, variant: str, data, args, out: str) -> float:
         callback = framework.callback(probes, run_dir=run_dir, **MONITOR.get(variant, {}))
     clock = Clock()
     framework.fit(model, data, args, callback, clock)
-    return clock.rate(args.epochs)
+    states, keys = {}, ("interval", "cost_ms", "probe_ms", "step_ms")
+    if callback is not None:
+        for name, probe in callback.monitor.summary()["probes"].items():
+            if "schedule" in probe:
+                states[name] = {k: probe["schedule"][k] for k in keys}
+    return clock.rate(args.epochs), states
 
 
 def grid_times(model, data, resolution: int, repeats: int) -> dict[str, float]:
@@ -308,7 +315,7 @@ def contention(framework, data, args) -> dict[str, float]:
             if load is not None:
                 worker.submit(functools.partial(load, stop))
             try:
-                rates[name].append(fit_once(framework, "off", data, args, ""))
+                rates[name].append(fit_once(framework, "off", data, args, "")[0])
             finally:
                 stop.set()
                 worker.close()
@@ -344,12 +351,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} | {rate:.1f} | {alone / rate:.3f} |")
         return 0
     rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    budgets: dict[str, list[dict]] = {v: [] for v in VARIANTS}  # per round: each probe's final state
     with tempfile.TemporaryDirectory() as out:
         fit_once(framework, "every step", data, args, f"{out}/warm-up")  # first-use compilation, not timed
         for r in range(args.rounds):
             for variant in VARIANTS:
-                rates[variant].append(fit_once(framework, variant, data, args, f"{out}/{r}"))
-                print(f"round {r + 1}: {variant:>10}: {rates[variant][-1]:.1f} steps/s", flush=True)
+                rate, states = fit_once(framework, variant, data, args, f"{out}/{r}")
+                rates[variant].append(rate)
+                budgets[variant] += [states] if states else []
+                print(f"round {r + 1}: {variant:>10}: {rate:.1f} steps/s", flush=True)
     off = statistics.median(rates["off"])
     rows = [
         {
@@ -357,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps_per_s": statistics.median(rates[v]),
             "slowdown": off / statistics.median(rates[v]),
             "rounds": rates[v],
+            **({"budget_states": budgets[v]} if budgets[v] else {}),
         }
         for v in VARIANTS
     ]
@@ -379,6 +390,19 @@ def main(argv: list[str] | None = None) -> int:
     print("| variant | steps/s (median) | time / off |\n|---|---|---|")
     for row in rows:
         print(f"| {row['variant']} | {row['steps_per_s']:.1f} | {row['slowdown']:.3f} |")
+    for row in rows:  # what the budget measured and chose, per probe (medians over the rounds)
+        for name in row.get("budget_states", [{}])[0]:
+            final = [states[name] for states in row["budget_states"] if name in states]
+
+            def median(key, final=final):
+                values = [s[key] for s in final if s[key] is not None]
+                return statistics.median(values) if values else float("nan")
+
+            print(
+                f"{row['variant']}, {name}: every {median('interval'):.0f} steps at the end; a frame "
+                f"costs training {median('cost_ms'):.2f} ms as measured (evaluation "
+                f"{median('probe_ms'):.2f} ms), an idle step {median('step_ms'):.2f} ms"
+            )
     if grids:
         print(f"\ngrid of the {framework.name} MLP ({meta['grid_path']}) against its own forward:")
         print("| grid | fused ms | forward ms | speed-up |\n|---|---|---|---|")

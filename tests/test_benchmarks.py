@@ -194,11 +194,14 @@ def test_the_fit_benchmark_trains_every_variant_and_records_the_runs_frames(fram
         torch.set_num_threads(threads)  # the benchmark leaves a core to probes
     result = json.loads((tmp_path / f"fit_{framework}.json").read_text())
     assert [row["variant"] for row in result["fit"]] == list(fit.VARIANTS)
+    budget = result["fit"][-1]["budget_states"][0]
+    assert set(budget) == {"grid", "loss"} and all(s["interval"] >= 1 for s in budget.values())
     assert all(row["steps_per_s"] > 0 and len(row["rounds"]) == 1 for row in result["fit"])
     assert result["meta"]["grid_path"] != "module forward"  # every framework's MLP fuses
     assert bool(result["grid"]) == (framework == "keras")
     out = capsys.readouterr().out
-    assert "| every step |" in out and "| budget 5% |" in out
+    assert "| every step |" in out and "| budget 5% |" in out and "| idle |" in out
+    assert "budget 5%, grid: every" in out
 
     # A probed fit records its run: the LossProbe's last frame is of the fit's last step.
     bench = fit.FRAMEWORKS[framework]()
