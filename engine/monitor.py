@@ -41,13 +41,24 @@ class _ProbeState:
     recorded_seq: int = -1
     adaptive: bool = False  # its schedule learns from timings (budget mode)
     launched: int = 0  # frames launched so far; the last one's number
-    in_step: int | None = None  # the frame in flight at some moment of the step in progress
+    in_step: int | None = None  # the frame evaluated at some moment of the step in progress
+    running: bool = False  # evaluating now (not merely queued behind another probe's frame)
+    marks: threading.Lock = field(default_factory=threading.Lock)  # in_step and running, together
 
     def step_frame(self) -> int | None:
-        """At a step boundary (training thread): the frame that ran during the step that just
-        ended, and the start of the next step's record (the frame still running, if one is)."""
-        frame, self.in_step = self.in_step, (self.launched if self.busy else None)
+        """At a step boundary (training thread): the frame that was being evaluated during the
+        step that just ended, and the start of the next step's record (the frame still being
+        evaluated, if one is). A frame waiting behind another probe's in the same job is not
+        in flight: the steps beside that other evaluation are its cost, not this one's."""
+        with self.marks:
+            frame, self.in_step = self.in_step, (self.launched if self.running else None)
         return frame
+
+    def evaluating(self, frame: int | None) -> None:
+        """On the probe worker: ``frame`` starts its evaluation (None: inline, no step's time)."""
+        if frame is not None:
+            with self.marks:
+                self.running, self.in_step = True, frame
 
 
 class Monitor:
@@ -620,8 +631,6 @@ class Monitor:
         for st in states:
             st.busy, st.last_step = True, self._step
             st.launched += 1
-            if not inline:  # it runs beside the step starting now
-                st.in_step = st.launched
             frames.append(None if inline else st.launched)
         epoch = self._epoch if epoch is None else epoch
         job = _Job(self, shadow, states, frames, self._step, epoch, self.history.lengths(), copy_s)
@@ -699,12 +708,13 @@ class _Job:
                     self._evaluate(st, frame, context)
         finally:
             for st in self.states:
-                st.busy = False
+                st.busy = st.running = False
             if restore:
                 self.shadow.train()
             pool.release(self.shadow)
 
     def _evaluate(self, st: _ProbeState, frame: int | None, context: ProbeContext) -> None:
+        st.evaluating(frame)
         t0 = time.perf_counter()
         try:
             data = st.probe.evaluate(self.shadow, context)
@@ -723,7 +733,7 @@ class _Job:
             )
             return
         finally:
-            st.busy = False
+            st.busy = st.running = False
         ms = (time.perf_counter() - t0) * 1000.0
         st.stats.run += 1
         st.stats.total_ms += ms

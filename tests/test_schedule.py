@@ -288,6 +288,54 @@ def test_monitor_feeds_a_budget_and_records_what_it_chose(mlp, tmp_path):
     assert recorded["interval"] == state["interval"] and recorded["fraction"] == 0.2
 
 
+def test_a_frame_queued_behind_another_probes_frame_is_not_told_as_in_flight(mlp):
+    """Two probes due at one step share one job; the second waits while the first evaluates,
+    and the steps beside the first evaluation are its cost, not the waiting probe's."""
+    import threading
+
+    from probescope import Probe
+
+    class Told(Schedule):
+        def __init__(self):
+            self.steps = []
+
+        def due(self, info):
+            return info.step == 1
+
+        def observe(self, *, step_s=None, probe_s=None, frame=None, copy_s=None, own_s=None):
+            if step_s is not None:
+                self.steps.append(frame)
+
+        def state(self):
+            return {}  # adaptive: the Monitor tells it every step
+
+    release, started = threading.Event(), threading.Event()
+
+    class Held(Probe):
+        def evaluate(self, model, context):
+            if context.step == 1:
+                started.set()
+                release.wait(10)
+            return {"step": context.step}
+
+    first, second = Told(), Told()
+    probes = [Held(name="held", schedule=first), Held(name="queued", schedule=second)]
+    with Monitor(mlp, probes, final_frame=False) as monitor:
+        monitor._worker.wait_idle(10)  # the step-0 frames
+        monitor.step()  # step 1: both frames launched, in one job; "held" first
+        assert started.wait(10)
+        monitor.step()  # step 2: "held" evaluating all along, "queued" waiting
+        monitor.step()  # step 3: the same
+        release.set()
+        monitor._worker.wait_idle(10)
+        monitor.step()  # step 4: "queued" ran (and ended) in it
+        monitor.step()
+    # Each list: what the step ending at steps 2, 3, 4 and 5 was told (the one ending at step 1
+    # is the first step timed: nothing before it).
+    assert first.steps[-4:] == [1, 1, 1, None]  # its first frame launched by a step
+    assert second.steps[-4:] == [None, None, 1, None]
+
+
 def test_a_budget_part_takes_its_share_of_the_monitors_own_work():
     from probescope.schedule import Budget
 
