@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import threading
@@ -40,6 +41,7 @@ class _ProbeState:
     last_step: int = -1
     recorded_seq: int = -1
     adaptive: bool = False  # its schedule learns from timings (budget mode)
+    told_quiet: bool = False  # its schedule's observe() takes ``quiet``
     launched: int = 0  # frames launched so far; the last one's number
     in_step: int | None = None  # the frame evaluated at some moment of the step in progress
     running: bool = False  # evaluating now (not merely queued behind another probe's frame)
@@ -222,6 +224,8 @@ class Monitor:
             for p in probes
         }
         self._adaptive = [st for st in self._probes.values() if st.adaptive]
+        for st in self._adaptive:
+            st.told_quiet = _takes(st.probe.schedule.observe, "quiet")
         self._callbacks = sorted([*probes, *callbacks], key=lambda c: c.order)
         self._run_dir, self._overwrite = run_dir, overwrite
         self._final_frame, self._close_timeout = final_frame, close_timeout
@@ -513,14 +517,14 @@ class Monitor:
             self._step += 1
             return
         t_enter = time.perf_counter()
+        # Every probe's frame of the step (the budgets' idle steps have none), read where the
+        # step's time is told: a mark read without a time would be lost.
         if self._clock is not None and self._adaptive:  # CUDA: the steps' GPU time, no sync
-            for step_s, frames in self._clock.mark(tuple(st.step_frame() for st in self._adaptive)):
-                for st, frame in zip(self._adaptive, frames, strict=True):
-                    _observe(st, step_s=step_s, frame=frame)
-        elif self._t_last_step is not None:  # the step's time, without this method's own work
-            step_s = t_enter - self._t_last_step
-            for st in self._adaptive:  # and this method's own time at the step before
-                _observe(st, step_s=step_s, frame=st.step_frame(), own_s=self._own_s)
+            for step_s, told in self._clock.mark(self._step_frames()):
+                self._tell_step(told, step_s=step_s)
+        elif self._t_last_step is not None and self._adaptive:  # without this method's own work
+            step_s = t_enter - self._t_last_step  # and with this method's own time at the step before
+            self._tell_step(self._step_frames(), step_s=step_s, own_s=self._own_s)
         self._step += 1
         self._last_step_epoch = self._epoch
         lr = _learning_rate(self.optimizer)
@@ -535,6 +539,17 @@ class Monitor:
         # Host-timed steps: this method's own time is training's too (told with the next step;
         # a launch's snapshot is counted apart).
         self._own_s = self._t_last_step - t_enter if not due else None
+
+    def _step_frames(self) -> tuple[int | None, ...]:
+        return tuple(st.step_frame() for st in self._probes.values())
+
+    def _tell_step(self, frames: tuple[int | None, ...], **times) -> None:
+        """Tell each budget one step's time, its own frame of the step and whether any probe's
+        frame ran in it (``frames``: every probe's, in order)."""
+        quiet = all(f is None for f in frames)
+        for st, frame in zip(self._probes.values(), frames, strict=True):
+            if st.adaptive:
+                _observe(st, frame=frame, **times, **({"quiet": quiet} if st.told_quiet else {}))
 
     def after_batch(self, **kwargs) -> None:
         self._fire("after_batch", **kwargs)
@@ -767,6 +782,15 @@ def _observe(st: _ProbeState, **times) -> None:
         st.probe.schedule.observe(**times)
     except Exception as err:
         st.probe.warn_once("observe", f"its schedule's observe() raised ({type(err).__name__}: {err})")
+
+
+def _takes(method, name: str) -> bool:
+    """Whether ``method`` accepts the keyword ``name`` (by name or through ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _learning_rate(optimizer):

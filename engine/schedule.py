@@ -58,11 +58,13 @@ class Schedule(Reproducible):
         frame: int | None = None,
         copy_s: float | None = None,
         own_s: float | None = None,
+        quiet: bool = True,
     ) -> None:
         """Told (budget mode) the duration of a training step, with ``frame`` the number of its
-        probe's frame that was in flight at any time during that step (None if none was); the
-        end of frame ``frame``: its evaluation's duration and its weight snapshot's; or the
-        Monitor's own work in the training thread at one step."""
+        probe's frame that was in flight at any time during that step (None if none was) and
+        ``quiet`` whether no probe's frame at all was (a schedule whose ``observe`` takes no
+        ``quiet`` is not told it); the end of frame ``frame``: its evaluation's duration and its
+        weight snapshot's; or the Monitor's own work in the training thread at one step."""
 
     def state(self) -> dict | None:
         """What an adaptive schedule has learned so far (budget mode), for the run's summary."""
@@ -211,9 +213,12 @@ class Budget(Schedule):
     The Monitor reports the time of every training step (between consecutive optimizer steps,
     without the Monitor's own work) with the number of this probe's frame that was in flight
     at any moment of it, and the end of every frame with its evaluation's time and its weight
-    snapshot's. What a frame costs training is measured, not assumed: the steps that ran beside
-    it took longer than idle steps do, and its cost is that excess, summed over its steps (the
-    step that launched it, the steps it ran beside, the step in which it ended), plus the
+    snapshot's. A frame is in flight while it is evaluated (not while it waits behind another
+    probe's). What a frame costs training is measured, not assumed: the steps that ran beside
+    it took longer than idle steps do (steps beside no probe's frame at all: other probes'
+    frames slow steps too and would inflate the baseline; their steps count only while too
+    few idle ones are known), and its cost is that excess, summed over its steps (the step
+    that launched it, the steps it ran beside, the step in which it ended), plus the
     snapshot's copy, which the training thread pays itself. A frame's cost is known once it has
     ended and a step without it has been reported; the two come from different threads and, on
     CUDA, step times arrive a step or two late, which is why steps carry the frame's number and
@@ -248,7 +253,8 @@ class Budget(Schedule):
         self.start = positive_int("Schedule.budget(start=)", start)
         self.max_interval = positive_int("Schedule.budget(max_interval=)", max_interval)
         self.interval = self.start
-        self._idle: deque[float] = deque(maxlen=self.WINDOW)
+        self._idle: deque[float] = deque(maxlen=self.WINDOW)  # steps beside no probe's frame
+        self._beside: deque[float] = deque(maxlen=self.WINDOW)  # beside other probes' frames only
         self._probe: deque[float] = deque(maxlen=self.WINDOW)
         self._frames: deque[float] = deque(maxlen=self.FRAMES)  # measured cost of recent frames
         self._own: deque[float] = deque(maxlen=self.WINDOW)  # the Monitor's own work per step
@@ -271,8 +277,13 @@ class Budget(Schedule):
 
     @property
     def step_s(self) -> float | None:
-        """Typical time of a step while the probe is idle (None until enough are seen)."""
-        return statistics.median(self._idle) if len(self._idle) >= self.MIN_SAMPLES else None
+        """Typical time of a step while no probe evaluates (None until enough are seen); while
+        too few such steps are known (another probe evaluates nearly always), the steps beside
+        other probes' frames count too."""
+        if len(self._idle) >= self.MIN_SAMPLES:
+            return statistics.median(self._idle)
+        steps = [*self._idle, *self._beside]
+        return statistics.median(steps) if len(steps) >= self.MIN_SAMPLES else None
 
     @property
     def probe_s(self) -> float | None:
@@ -299,6 +310,7 @@ class Budget(Schedule):
         frame: int | None = None,
         copy_s: float | None = None,
         own_s: float | None = None,
+        quiet: bool = True,
     ) -> None:
         with self._lock:
             if own_s is not None and own_s >= 0:
@@ -309,7 +321,7 @@ class Budget(Schedule):
                 if frame is not None:
                     self._ended[frame] = copy_s or 0.0
             elif step_s is not None and step_s > 0:
-                self._step_seen(step_s, frame)
+                self._step_seen(step_s, frame, quiet)
             if self._settle_frames() or ended:
                 self._unadapted = 0
                 self._adapt()
@@ -324,10 +336,10 @@ class Budget(Schedule):
             else:
                 self._adapt()
 
-    def _step_seen(self, step_s: float, frame: int | None) -> None:
+    def _step_seen(self, step_s: float, frame: int | None, quiet: bool) -> None:
         self._running = frame
         if frame is None:
-            self._idle.append(step_s)
+            (self._idle if quiet else self._beside).append(step_s)
             return
         idle = self.step_s
         excess = max(step_s - idle, 0.0) if idle is not None else math.nan

@@ -297,14 +297,15 @@ def test_a_frame_queued_behind_another_probes_frame_is_not_told_as_in_flight(mlp
 
     class Told(Schedule):
         def __init__(self):
-            self.steps = []
+            self.steps, self.quiet = [], []
 
         def due(self, info):
             return info.step == 1
 
-        def observe(self, *, step_s=None, probe_s=None, frame=None, copy_s=None, own_s=None):
+        def observe(self, *, step_s=None, probe_s=None, frame=None, copy_s=None, own_s=None, quiet=True):
             if step_s is not None:
                 self.steps.append(frame)
+                self.quiet.append(quiet)
 
         def state(self):
             return {}  # adaptive: the Monitor tells it every step
@@ -334,6 +335,24 @@ def test_a_frame_queued_behind_another_probes_frame_is_not_told_as_in_flight(mlp
     # is the first step timed: nothing before it).
     assert first.steps[-4:] == [1, 1, 1, None]  # its first frame launched by a step
     assert second.steps[-4:] == [None, None, 1, None]
+    # No step was idle for either: each ran beside the other's frame, or its own.
+    assert first.quiet[-4:] == second.quiet[-4:] == [False, False, False, True]
+
+
+def test_a_budgets_idle_steps_are_those_beside_no_probes_frame():
+    budget = Schedule.budget(0.05)
+    for _ in range(5):
+        budget.observe(step_s=0.030, quiet=False)  # beside another probe's frames
+    assert budget.step_s == pytest.approx(0.030)  # no quiet step known yet: these count
+    for _ in range(4):
+        budget.observe(step_s=0.010)
+    assert budget.step_s == pytest.approx(0.030)  # 4 quiet steps are too few alone: all 9 count
+    budget.observe(step_s=0.010)
+    assert budget.step_s == pytest.approx(0.010)  # 5 quiet steps: the baseline
+    budget.observe(step_s=0.030, frame=1)  # its own frame's step: 20 ms over the quiet baseline
+    budget.observe(probe_s=0.008, frame=1)
+    budget.observe(step_s=0.010)
+    assert budget.cost_s == pytest.approx(0.020)
 
 
 def test_a_budget_part_takes_its_share_of_the_monitors_own_work():
