@@ -129,6 +129,9 @@ def test_lr_find_is_not_recorded_and_each_later_fit_records_a_run_of_its_own(tmp
     learn.lr_find(num_it=20, show_plot=False)
     assert callback.fits == 0 and not (tmp_path / "run").exists()
     learn.fit(1, 1e-2)
+    first_monitor = callback.monitor
+    learn.lr_find(num_it=20, show_plot=False)  # between fits: the last fit's Monitor stays
+    assert callback.monitor is first_monitor and first_monitor.summary()["steps"] == 10
     learn.fit_one_cycle(2, 1e-2)
     assert callback.fits == 2
     first, second = open_run(tmp_path / "run"), open_run(tmp_path / "run-fit2")

@@ -63,6 +63,7 @@ class ProbescopeCallback(Callback):
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Monitor | None = None
         self.fits = 0
+        self._live: Monitor | None = None  # the Monitor events go to (none during lr_find)
 
     def __enter__(self) -> ProbescopeCallback:
         return self
@@ -72,38 +73,38 @@ class ProbescopeCallback(Callback):
 
     def before_fit(self) -> None:
         self.close()  # a Monitor left open by a fit that raised
+        self._live = None
         if any(isinstance(cb, LRFinder) for cb in self.learn.cbs):
-            self.monitor = None  # lr_find trains a throwaway copy of the schedule: not a run
-            return
+            return  # lr_find's fit is thrown away (fastai puts the weights back): not a run
         self.fits += 1
         kwargs = dict(self.monitor_kwargs)
         if self.fits > 1 and kwargs.get("run_dir") is not None:  # the first fit's run stays as it is
             kwargs["run_dir"] = f"{os.fspath(kwargs['run_dir'])}-fit{self.fits}"
         probes = self.probes if self.probes is not None else default_probes(self.learn)
         optimizer = getattr(self.learn.opt, "opt", self.learn.opt)  # OptimWrapper: the torch one
-        self.monitor = Monitor(self.learn.model, probes, optimizer=optimizer, **kwargs)
+        self.monitor = self._live = Monitor(self.learn.model, probes, optimizer=optimizer, **kwargs)
         self.monitor.start()
 
     def after_loss(self) -> None:
         loss = getattr(self.learn, "loss", None)
-        if self.monitor is None or not isinstance(loss, torch.Tensor):
+        if self._live is None or not isinstance(loss, torch.Tensor):
             return
         # fastai's tensor types send every op through Python (~5 us each): plain ops, plain result.
         with torch._C.DisableTorchFunctionSubclass():
             if loss.numel() == 1:
-                self.monitor.after_loss(loss=loss.detach())
+                self._live.after_loss(loss=loss.detach())
 
     def after_step(self) -> None:
-        if self.monitor is not None:
-            self.monitor.after_step()
+        if self._live is not None:
+            self._live.after_step()
 
     def after_epoch(self) -> None:
-        if self.monitor is None:
+        if self._live is None:
             return
         values = epoch_values(self.learn)
         if values:
-            self.monitor.after_validate(**values)
-        self.monitor.end_epoch()
+            self._live.after_validate(**values)
+        self._live.end_epoch()
 
     def after_fit(self) -> None:
         self.close()
