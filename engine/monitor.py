@@ -45,21 +45,33 @@ class _ProbeState:
     launched: int = 0  # frames launched so far; the last one's number
     in_step: int | None = None  # the frame evaluated at some moment of the step in progress
     running: bool = False  # evaluating now (not merely queued behind another probe's frame)
+    evaluated: int | None = None  # the frame evaluated last (its ring frame is the newest)
+    recording: bool = False  # the recorder writes every frame to the run directory
+    written_seq: int = -1  # the ring sequence number of the last frame the recorder wrote
     marks: threading.Lock = field(default_factory=threading.Lock)  # in_step and running, together
 
     def step_frame(self) -> int | None:
-        """At a step boundary (training thread): the frame that was being evaluated during the
-        step that just ended, and the start of the next step's record (the frame still being
-        evaluated, if one is). A frame waiting behind another probe's in the same job is not
-        in flight: the steps beside that other evaluation are its cost, not this one's."""
+        """At a step boundary (training thread): the frame in flight during the step that just
+        ended, and the start of the next step's record (the frame still in flight, if one is).
+        A frame is in flight while it is evaluated and, with a run directory, until the
+        recorder has written it (writing it is part of its cost). A frame waiting behind
+        another probe's in the same job is not: the steps beside that other evaluation are its
+        cost, not this one's."""
         with self.marks:
-            frame, self.in_step = self.in_step, (self.launched if self.running else None)
+            if self.running:
+                now = self.launched
+            elif self.recording and self.ring.newest_seq > self.written_seq:
+                now = self.evaluated
+            else:
+                now = None
+            frame, self.in_step = self.in_step, now
         return frame
 
     def evaluating(self, frame: int | None) -> None:
         """On the probe worker: ``frame`` starts its evaluation (None: inline, no step's time)."""
-        if frame is not None:
-            with self.marks:
+        with self.marks:
+            self.evaluated = frame
+            if frame is not None:
                 self.running, self.in_step = True, frame
 
 
@@ -341,6 +353,8 @@ class Monitor:
                 max(1, cores - self._probe_threads),
             )
         if self.writer is not None:  # without a run directory nobody reads every frame
+            for st in self._probes.values():
+                st.recording = True
             self._recorder = threading.Thread(
                 target=self._record_loop, name="probescope-recorder", daemon=True
             )
@@ -663,6 +677,7 @@ class Monitor:
                 for frame in st.ring.read_since(st.recorded_seq):
                     st.recorded_seq = frame.seq
                     self.writer.write_frame(frame)
+                    st.written_seq = frame.seq  # its budget stops counting steps against it
                 if st.ring.dropped:
                     st.probe.warn_once(
                         "dropped",

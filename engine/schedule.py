@@ -214,11 +214,12 @@ class Budget(Schedule):
     without the Monitor's own work) with the number of this probe's frame that was in flight
     at any moment of it, and the end of every frame with its evaluation's time and its weight
     snapshot's. A frame is in flight while it is evaluated (not while it waits behind another
-    probe's). What a frame costs training is measured, not assumed: the steps that ran beside
-    it took longer than idle steps do (steps beside no probe's frame at all: other probes'
-    frames slow steps too and would inflate the baseline; their steps count only while too
-    few idle ones are known), and its cost is that excess, summed over its steps (the step
-    that launched it, the steps it ran beside, the step in which it ended), plus the
+    probe's) and, with a run directory, until the recorder has written it. What a frame
+    costs training is measured, not assumed: the steps that ran beside it took longer than
+    idle steps do (steps beside no probe's frame at all: other probes' frames slow steps too
+    and would inflate the baseline; their steps count only while too few idle ones are
+    known), and its cost is that excess, summed over its steps (the step in which it
+    started, the steps it ran beside, the step in which it was done), plus the
     snapshot's copy, which the training thread pays itself. A frame's cost is known once it has
     ended and a step without it has been reported; the two come from different threads and, on
     CUDA, step times arrive a step or two late, which is why steps carry the frame's number and

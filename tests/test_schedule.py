@@ -339,6 +339,67 @@ def test_a_frame_queued_behind_another_probes_frame_is_not_told_as_in_flight(mlp
     assert first.quiet[-4:] == second.quiet[-4:] == [False, False, False, True]
 
 
+def test_with_a_run_directory_a_frame_is_in_flight_until_the_recorder_has_written_it(
+    mlp, tmp_path, monkeypatch
+):
+    """Writing a frame to disk is part of what it costs training: its budget is told the
+    frame for the steps until the recorder has written it, not only while it is evaluated."""
+    import threading
+    import time
+
+    from probescope import Probe, open_run
+    from probescope.run import RunWriter
+
+    class Told(Schedule):
+        def __init__(self):
+            self.steps = []
+
+        def due(self, info):
+            return info.step == 1
+
+        def observe(self, *, step_s=None, probe_s=None, frame=None, copy_s=None, own_s=None):
+            if step_s is not None:
+                self.steps.append(frame)
+
+        def state(self):
+            return {}
+
+    class Quick(Probe):
+        def evaluate(self, model, context):
+            return {"step": context.step}
+
+    release, writing = threading.Event(), threading.Event()
+    write = RunWriter.write_frame
+
+    def slow_write(self, frame):
+        if frame.step == 1:
+            writing.set()
+            release.wait(10)
+        return write(self, frame)
+
+    monkeypatch.setattr(RunWriter, "write_frame", slow_write)
+    schedule = Told()
+    probe = Quick(name="quick", schedule=schedule)
+    with Monitor(mlp, [probe], run_dir=tmp_path / "run", final_frame=False) as monitor:
+        monitor._worker.wait_idle(10)
+        monitor.step()  # step 1: the frame is launched
+        assert writing.wait(10)  # evaluated; the recorder is writing it
+        monitor._worker.wait_idle(10)
+        monitor.step()  # step 2: evaluated and being written
+        monitor.step()  # step 3: still being written
+        release.set()
+        frames, deadline = tmp_path / "run" / "probes" / "quick" / "frames", time.monotonic() + 10
+        state = monitor._probes["quick"]
+        while time.monotonic() < deadline and not (
+            list(frames.glob("*.npz")) and getattr(state, "written_seq", 0) >= 0  # the file, and its mark
+        ):
+            time.sleep(0.001)
+        monitor.step()  # step 4: written during it
+        monitor.step()  # step 5: nothing in flight
+    assert schedule.steps[-4:] == [1, 1, 1, None]
+    assert open_run(tmp_path / "run").probe("quick").steps() == [1]
+
+
 def test_a_budgets_idle_steps_are_those_beside_no_probes_frame():
     budget = Schedule.budget(0.05)
     for _ in range(5):
