@@ -136,20 +136,19 @@ class History:
 
 
 def epoch_means(series: Series) -> Series:
-    """Mean value per epoch; the step of each mean is the epoch's last step."""
+    """Mean of the finite values per epoch (NaN for an epoch without one); the step of each
+    mean is the epoch's last step. One pass, whatever the number of epochs: a loss frame of a
+    long run computes it on the probe worker, holding the GIL a training loop needs."""
     if len(series.values) == 0:
         return series
-    epochs = np.unique(series.epochs)
-    steps = np.array([series.steps[series.epochs == e].max() for e in epochs], dtype=np.int64)
+    epochs, which = np.unique(series.epochs, return_inverse=True)
+    steps = np.full(len(epochs), np.iinfo(np.int64).min, dtype=np.int64)
+    np.maximum.at(steps, which, series.steps)
     finite = np.isfinite(series.values)
-    means = np.array(
-        [
-            series.values[(series.epochs == e) & finite].mean()
-            if ((series.epochs == e) & finite).any()
-            else math.nan
-            for e in epochs
-        ]
-    )
+    sums = np.bincount(which[finite], weights=series.values[finite], minlength=len(epochs))
+    counts = np.bincount(which[finite], minlength=len(epochs))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(counts > 0, sums / counts, math.nan)
     return Series(steps, epochs.astype(np.int64), means)
 
 

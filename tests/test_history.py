@@ -55,3 +55,26 @@ def test_device_scalars_are_stacked_every_compact_steps_and_read_back_exactly():
     storages = {t.untyped_storage().data_ptr() for t in raw}
     assert len(storages) == 2 + 7  # two stacked blocks, seven loose scalars at the end
     np.testing.assert_array_equal(history.read()["loss"].values, values.double().cpu().numpy())
+
+
+def test_epoch_means_match_a_per_epoch_reference_with_nans_and_empty_epochs():
+    from probescope.history import Series, epoch_means
+
+    rng = np.random.default_rng(3)
+    epochs = np.sort(rng.integers(0, 40, 5000)).astype(np.int64)
+    steps = np.arange(1, 5001, dtype=np.int64)
+    values = rng.normal(size=5000)
+    values[rng.random(5000) < 0.05] = np.nan
+    values[epochs == epochs[100]] = np.inf  # an epoch with no finite value: NaN
+    got = epoch_means(Series(steps, epochs, values))
+    want_epochs = np.unique(epochs)
+    assert got.epochs.tolist() == want_epochs.tolist()
+    assert got.steps.tolist() == [int(steps[epochs == e].max()) for e in want_epochs]
+    for e, mean in zip(want_epochs, got.values, strict=True):
+        kept = values[(epochs == e) & np.isfinite(values)]
+        if kept.size:
+            assert mean == pytest.approx(kept.mean(), rel=1e-12, abs=1e-13)
+        else:
+            assert np.isnan(mean)
+    empty = Series(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+    assert len(epoch_means(empty).values) == 0
