@@ -187,6 +187,9 @@ def _info(args: argparse.Namespace) -> int:
         where = "pinned host memory" if snap.get("host") else "the model's device"
         share = f"{snap['copied_elements']:,} of {snap['model_elements']:,} elements"
         print(f"snapshot  {snap['strategy']}: {share} in {where}, {snap['bytes'] / 2**20:.1f} MiB")
+    if summary.get("budget") is not None:
+        shared = len(summary.get("probes", {}))
+        print(f"budget    {summary['budget']:.3g} of training time, shared by {shared} probe(s)")
     has_model = (run.path / "model.pt").exists()
     print(f"weights   {'model.pt' if has_model else '(none yet)'}")
     print("probes")
@@ -203,7 +206,21 @@ def _info(args: argparse.Namespace) -> int:
         config = {k: v for k, v in record.config.items() if k != "schedule"}
         print(f"  {'':<12} {json.dumps(config)}")
         print(f"  {'':<12} schedule {json.dumps(record.config.get('schedule'))}")
+        learned = (stats or {}).get("schedule")
+        if learned:  # budget mode: what it measured and chose
+            print(f"  {'':<12} {_budget_line(learned)}")
     return 0
+
+
+def _budget_line(state: dict) -> str:
+    def ms(key: str) -> str:
+        return "?" if state.get(key) is None else f"{state[key]:.2f} ms"
+
+    return (
+        f"budget {state.get('fraction', 0):.3g}: every {state.get('interval')} steps at the end; a frame "
+        f"costs training {ms('cost_ms')} (evaluation {ms('probe_ms')}), a step {ms('step_ms')}, "
+        f"the Monitor's own work {ms('own_ms')} a step; {len(state.get('changes', []))} interval change(s)"
+    )
 
 
 def _spec(args: argparse.Namespace) -> int:

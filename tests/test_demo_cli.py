@@ -138,3 +138,27 @@ def test_wave_demo_leaves_the_curve_animation(tmp_path):
     frames = list(iio.imiter(out / "curve.mp4"))
     assert len(frames) > 10 and np.abs(frames[0].astype(int) - frames[-1].astype(int)).mean() > 1
     assert (out / "curve_final.png").exists()
+
+
+def test_info_shows_a_shared_budget_and_what_each_probe_learned(tmp_path, capsys):
+    import torch
+
+    from probescope import LossProbe, Monitor, StatsProbe
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    x, y = torch.randn(64, 2), torch.randint(0, 3, (64,))
+    probes = [LossProbe(), StatsProbe(spectral=False)]
+    with Monitor(model, probes, optimizer=opt, run_dir=tmp_path / "run", budget=0.05) as monitor:
+        for _ in range(40):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step(loss=loss)
+    assert main(["info", str(tmp_path / "run")]) == 0
+    text = capsys.readouterr().out
+    assert "budget    0.05 of training time, shared by 2 probe(s)" in text
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("budget 0.025: every ")]
+    assert len(lines) == 2  # one per probe: its half of the budget, what it measured
+    assert all("a frame costs training" in line and "ms a step" in line for line in lines)
