@@ -9,9 +9,10 @@ worker's, as the Monitor advises). Each fit is timed from the end of its first e
 and compilation left out) to its last; the table gives the median steps/s per variant and
 its ratio to no callback. Keras also times its MLP's grid, fused (``grid_mlp``) against the
 model's own forward on the materialised points (the naive way). ``--contention`` instead
-times the fit (no callback) alone and beside probescope's worker thread looping over the
-fused grid kernel, over whole GridProbe frames or over long matrix products: what work on
-the other core costs the loop. Run:
+trains one fit (no callback) per kind of work from ``benchmarks.contention`` (GIL-holding
+Python, short GIL-free calls, the fused grid kernel, written GridProbe and LossProbe frames)
+beside a probe worker thread that alternates between that work and rest, and sorts the fit's
+steps by phase: what each kind of work costs the framework's own loop. Run:
 ``python -m benchmarks.fit [--framework keras|fastai|lightning] [--rounds 3] [--epochs 4]
 [--contention] [--out DIR]``.
 """
@@ -20,25 +21,25 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import statistics
 import tempfile
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import probescope as ps
+from benchmarks.contention import Alternating, Contention
+from benchmarks.contention import header as contention_header
+from benchmarks.contention import works as contention_works
 from benchmarks.overhead import leave_a_core_to_probes
 from benchmarks.timing import device_name
 from probescope.datasets import make_dataset
 from probescope.kernels.grid_mlp import fused_path, grid_mlp, module_forward_on_grid
-from probescope.probes.base import ProbeContext
-from probescope.worker import ProbeWorker
 
 VARIANTS = ("off", "idle", "every 10", "every step", "budget 5%")
 SCHEDULES = {
@@ -49,14 +50,29 @@ SCHEDULES = {
 }
 MONITOR = {"budget 5%": {"budget": 0.05}}  # one budget shared by the probes
 LR = 3e-3
+CONTENTION = (  # benchmarks.contention's kinds of work that --contention runs beside the fit
+    "pure Python 1 ms (holds the GIL), 4 ms asleep",
+    "Numba, 0.1 ms calls (GIL released)",
+    "fused grid kernel {r}²",
+    "GridProbe {r}² frame, written",
+    "LossProbe frame ({h} steps), written",
+)
 
 
 class Clock:
-    """Wall time from the end of the first epoch to the end of the last, and the steps."""
+    """Wall time from the end of the first epoch to the end of the last, and the steps; with
+    ``phase`` (a callable), also the time and phase at the end of every step (``ticks``)."""
 
-    def __init__(self):
+    def __init__(self, phase: Callable[[], int] | None = None):
         self.start = self.end = 0.0
         self.steps = 0
+        self.phase = phase
+        self.ticks: list[tuple[float, int]] = []
+
+    def step_end(self) -> None:
+        self.steps += 1
+        if self.phase is not None:
+            self.ticks.append((time.perf_counter(), self.phase()))
 
     def epoch_end(self, epoch: int) -> None:
         if torch.cuda.is_available():
@@ -113,7 +129,7 @@ class Keras:
                 clock.epoch_end(epoch)
 
             def on_train_batch_end(self, batch, logs=None):
-                clock.steps += 1
+                clock.step_end()
 
         callbacks = [Timed()] if callback is None else [callback, Timed()]
         x, y = data.x_train.numpy(), data.y_train.numpy()
@@ -149,7 +165,7 @@ class Fastai:
             order, run_valid = 90, False
 
             def after_step(self):
-                clock.steps += 1
+                clock.step_end()
 
             def after_epoch(self):
                 clock.epoch_end(self.epoch)
@@ -203,7 +219,7 @@ class Lightning:
 
         class Timed(L.Callback):
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                clock.steps += 1
+                clock.step_end()
 
             def on_train_epoch_end(self, trainer, pl_module):
                 clock.epoch_end(trainer.current_epoch)
@@ -278,49 +294,20 @@ def grid_times(model, data, resolution: int, repeats: int) -> dict[str, float]:
     return timings
 
 
-def contention(framework, data, args) -> dict[str, float]:
-    """The fit (no callback) alone and beside a probe worker that loops over one kind of
-    work, taking turns: the median steps/s of each."""
-    model = torch_module(framework, framework.model(args.hidden, data.num_classes))
-    spec = ps.GridProbe(data.x_train, resolution=512).grid
-    big = torch.randn(3000, 3000)
-
-    def grid_loop(stop):  # the fused grid kernel, as the probe worker runs it (the GIL released)
-        while not stop.is_set():
-            grid_mlp(model, spec)
-
-    def matmul_loop(stop):  # one long torch call after another (the GIL released ~1 s at a time)
-        while not stop.is_set():
-            big @ big
-
-    probe = ps.GridProbe(data.x_train, data.y_train, resolution=args.resolution)
-    probe.attach(model)
-
-    def frame_loop(stop):  # whole GridProbe frames (kernels, colours, finiteness check, glue)
-        while not stop.is_set():
-            probe.evaluate(model, ProbeContext(0, 0, {}))
-
-    loads = {
-        "alone": None,
-        "beside the fused grid kernel": grid_loop,
-        f"beside GridProbe {args.resolution}² frames": frame_loop,
-        "beside 3000² matmuls": matmul_loop,
-    }
-    grid_mlp(model, spec)  # compiled before timing
-    rates: dict[str, list[float]] = {k: [] for k in loads}
-    for r in range(args.rounds):
-        for name, load in loads.items():
-            stop = threading.Event()
-            worker = ProbeWorker(threads=1)  # one torch and one Numba thread, as for probes
-            if load is not None:
-                worker.submit(functools.partial(load, stop))
-            try:
-                rates[name].append(fit_once(framework, "off", data, args, "")[0])
-            finally:
-                stop.set()
-                worker.close()
-            print(f"round {r + 1}: {name:>32}: {rates[name][-1]:.1f} steps/s", flush=True)
-    return {k: statistics.median(v) for k, v in rates.items()}
+def contention(framework, data, args) -> dict[str, Contention]:
+    """One fit (no callback) per kind of work, beside a probe worker thread that alternates
+    between that work and rest (benchmarks.contention's method, in the framework's own loop)."""
+    history = 10_000
+    kinds = contention_works(args.resolution, history_steps=history)
+    results = {}
+    for name in CONTENTION:
+        name = name.format(r=args.resolution, h=history)
+        with Alternating(kinds[name](), period=0.1) as alternating:
+            clock = Clock(phase=lambda alternating=alternating: alternating.phase)
+            framework.fit(framework.model(args.hidden, data.num_classes), data, args, None, clock)
+        results[name] = alternating.result(clock.ticks)
+        print(f"{name}: {results[name].ratio:.3f}", flush=True)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,11 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     leave_a_core_to_probes(device)  # every variant, as in the overhead suite and as the Monitor advises
     data = make_dataset("blobs7", seed=0, n=args.samples)
     if args.contention:
-        medians = contention(framework, data, args)
-        alone = medians["alone"]
-        print(f"| {framework.name} fit | steps/s (median) | time / alone |\n|---|---|---|")
-        for name, rate in medians.items():
-            print(f"| {name} | {rate:.1f} | {alone / rate:.3f} |")
+        print(contention_header(f"the {framework.name} fit"))
+        for name, result in contention(framework, data, args).items():
+            print(result.row(name))
         return 0
     rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
     budgets: dict[str, list[dict]] = {v: [] for v in VARIANTS}  # per round: each probe's final state

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from probescope.npz import write_npz
 from probescope.ring import Frame
 
 log = logging.getLogger("probescope")
@@ -59,7 +60,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: write_npz(f, arrays))
 
 
 class RunWriter:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -211,3 +212,52 @@ def test_the_fit_benchmark_trains_every_variant_and_records_the_runs_frames(fram
     record = open_run(tmp_path / "run").probe("loss")
     assert clock.steps == 2 * 5  # 160 training samples in batches of 32
     assert record.frame(len(record) - 1).step == clock.steps
+
+
+def test_contention_sorts_steps_by_the_phase_they_ran_in_from_start_to_end():
+    """Deterministic: ticks at step ends with the worker's phase; a step across a phase change
+    is neither on nor off, and the cost per call is the on phases' lost share per call."""
+    from benchmarks.contention import Alternating
+
+    alternating = Alternating(lambda: None, period=0.1)
+    alternating.calls, alternating.busy_s, alternating.on_s = 4, 0.02, 1.0
+    ticks = [(0.0, 0), (1.0, 0), (3.0, 1), (5.0, 1), (7.0, 1), (8.0, 2), (9.0, 2)]
+    result = alternating.result(ticks)
+    assert result.off_steps == [1.0, 1.0] and result.on_steps == [2.0, 2.0]
+    assert result.ratio == 2.0 and result.call_s == 0.005
+    assert result.cost_per_call_s == pytest.approx(1.0 * (1 - 1.0 / 2.0) / 4)
+    assert result.row("x").startswith("| x | 5.000 | 1000.000 | 2000.000 | 2.000 | 125.000 |")
+    with pytest.raises(RuntimeError, match="too few steps in a phase"):
+        alternating.result([(0.0, 0), (1.0, 0), (2.0, 1)])  # no step wholly on
+
+
+def test_contention_runs_the_work_only_in_its_on_phases():
+    from benchmarks.contention import measure
+
+    running, steps = [], []
+
+    def work():
+        running.append(time.perf_counter())
+        time.sleep(0.002)
+
+    result = measure(work, lambda: steps.append(time.sleep(0.001)), seconds=0.6, period=0.05)
+    assert result.calls == len(running) - 1  # the warm-up call is not counted
+    assert result.calls > 10 and result.off_steps and result.on_steps
+    assert 0.1 < result.on_s < 0.5  # about half of 0.6 s
+    assert len(result.off_steps) + len(result.on_steps) < len(steps)  # steps across a change dropped
+
+
+def test_every_kind_of_contention_work_runs(tmp_path):
+    """Each kind of work the diagnostic (and the fit's --contention) runs beside training is a
+    working call, and the written frames read back."""
+    from benchmarks import contention, fit
+
+    kinds = contention.works(resolution=16, history_steps=300)
+    assert {name.format(r=16, h=300) for name in fit.CONTENTION} <= set(kinds)
+    for name, build in kinds.items():
+        work = build()
+        work()
+        if name.endswith("written"):
+            run = open_run(work.folder.name)
+            (probe,) = run.meta["probes"]
+            assert len(run.probe(probe)) == 1, name
