@@ -257,7 +257,7 @@ def test_every_kind_of_contention_work_runs(tmp_path):
     for name, build in kinds.items():
         work = build()
         work()
-        if name.endswith("written"):
+        if "written" in name:
             run = open_run(work.folder.name)
             (probe,) = run.meta["probes"]
             assert len(run.probe(probe)) == 1, name
