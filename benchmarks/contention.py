@@ -262,7 +262,7 @@ def _frame(probe, model, context, written: str | None) -> Callable[[], object]:
         if written:
             arrays = {k: np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in data.items()}
             writer.write_frame(Frame(probe.name, seq[0], 0, 0, time.time(), arrays))
-            seq[0] = (seq[0] + 1) % 64  # a bounded folder: later frames replace earlier files
+            seq[0] += 1  # new files, as in a run (replacing old ones would free their pages too)
 
     frame.folder = folder  # kept alive with the callable
     return frame
