@@ -119,16 +119,23 @@ class Alternating:
             self._stop.wait(self.period)
 
     def result(self, ticks: list[tuple[float, int]]) -> Contention:
-        """Sort the steps between consecutive ``(time, phase)`` ticks (one at the end of each
-        step) into off and on; a step across a phase change counts as neither."""
-        off: list[float] = []
-        on: list[float] = []
-        for (t0, p0), (t1, p1) in itertools.pairwise(ticks):
-            if p0 == p1:
-                (on if p0 % 2 else off).append(t1 - t0)
-        if not on or not off:
-            raise RuntimeError(f"contention: too few steps in a phase ({len(off)} off, {len(on)} on)")
+        """The steps between consecutive ``(time, phase)`` ticks (one at the end of each step),
+        sorted by :func:`by_phase`, with this worker's calls."""
+        off, on = by_phase(ticks)
         return Contention(self.calls, self.busy_s / max(self.calls, 1), self.on_s, off, on)
+
+
+def by_phase(ticks: list[tuple[float, int]]) -> tuple[list[float], list[float]]:
+    """The durations of the steps between consecutive ``(time, phase)`` ticks, off (even
+    phase) and on (odd); a step across a phase change counts as neither."""
+    off: list[float] = []
+    on: list[float] = []
+    for (t0, p0), (t1, p1) in itertools.pairwise(ticks):
+        if p0 == p1:
+            (on if p0 % 2 else off).append(t1 - t0)
+    if not on or not off:
+        raise RuntimeError(f"contention: too few steps in a phase ({len(off)} off, {len(on)} on)")
+    return off, on
 
 
 def header(loop: str) -> str:

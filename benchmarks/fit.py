@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 import probescope as ps
-from benchmarks.contention import Alternating, Contention
+from benchmarks.contention import Alternating, Contention, by_phase
 from benchmarks.contention import header as contention_header
 from benchmarks.contention import works as contention_works
 from benchmarks.overhead import leave_a_core_to_probes
@@ -238,17 +238,8 @@ class Lightning:
         )
         trainer.fit(model, loader)
 
-    @staticmethod
-    def module(model) -> nn.Module:
-        return model.net
-
 
 FRAMEWORKS = {"keras": Keras, "fastai": Fastai, "lightning": Lightning}
-
-
-def torch_module(framework, model) -> nn.Module:
-    """The module probes evaluate (a LightningModule's network itself)."""
-    return framework.module(model) if hasattr(framework, "module") else model
 
 
 def fit_once(framework, variant: str, data, args, out: str) -> tuple[float, dict]:
@@ -310,6 +301,80 @@ def contention(framework, data, args) -> dict[str, Contention]:
     return results
 
 
+class PhaseGate:
+    """Time in phases of ``period`` seconds from the first call: even phases off, odd ones on.
+    Open (``gate()``) in an on phase until ``margin`` seconds before its end, so that a frame
+    started in an on phase ends in it."""
+
+    def __init__(self, period: float, margin: float = 0.05):
+        self.period, self.margin = period, margin
+        self.t0: float | None = None
+
+    def phase(self) -> int:
+        now = time.perf_counter()
+        if self.t0 is None:
+            self.t0 = now
+        return int((now - self.t0) / self.period)
+
+    def __call__(self) -> bool:
+        phase = self.phase()
+        left = (phase + 1) * self.period - (time.perf_counter() - self.t0)
+        return phase % 2 == 1 and left > self.margin
+
+
+class Gated(ps.Schedule):
+    """``inner`` (a budget) asked only while ``gate()`` is open; told every timing."""
+
+    def __init__(self, inner: ps.Schedule, gate: Callable[[], bool]):
+        self.inner, self.gate = inner, gate
+
+    def due(self, info) -> bool:
+        return self.gate() and self.inner.due(info)
+
+    def observe(self, **times) -> None:  # takes quiet=: the Monitor tells it
+        self.inner.observe(**times)
+
+    def state(self) -> dict | None:
+        return self.inner.state()
+
+    def describe(self) -> dict:
+        return {"kind": "gated", "inner": self.inner.describe()}
+
+
+def budget_by_phase(framework, data, args, fraction: float = 0.05) -> dict:
+    """One fit with a GridProbe and a LossProbe sharing a budget of ``fraction`` (each
+    ``Schedule.budget(fraction / 2, own_share=0.5)``, as ``Monitor(budget=fraction)`` sets
+    them), allowed frames only in every other ``--period`` seconds: the steps of the two
+    kinds of phase, sorted as benchmarks.contention sorts them, give what the frames cost this
+    fit (the callback and the Monitor's per-step work run in both)."""
+    gate = PhaseGate(args.period)
+
+    def schedule():
+        return Gated(ps.Schedule.budget(fraction / 2, own_share=0.5), gate)
+
+    probes = [
+        ps.GridProbe(data.x_train, data.y_train, resolution=args.resolution, schedule=schedule()),
+        ps.LossProbe(schedule=schedule()),
+    ]
+    with tempfile.TemporaryDirectory() as out:
+        callback = framework.callback(probes, run_dir=f"{out}/by-phase")
+        clock = Clock(phase=gate.phase)
+        framework.fit(framework.model(args.hidden, data.num_classes), data, args, callback, clock)
+        summary = callback.monitor.summary()["probes"]
+    off, on = by_phase([tick for tick in clock.ticks if tick[0] >= clock.start])  # after epoch 1
+    frames_share = statistics.fmean(on) / statistics.fmean(off) - 1.0
+    return {
+        "fraction": fraction,
+        "period_s": args.period,
+        "off_steps": len(off),
+        "on_steps": len(on),
+        "off_step_ms": statistics.fmean(off) * 1e3,
+        "on_step_ms": statistics.fmean(on) * 1e3,
+        "frames_share": frames_share,
+        "probes": {name: {"frames": p["frames"], **p["schedule"]} for name, p in summary.items()},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--framework", choices=sorted(FRAMEWORKS), default="keras")
@@ -323,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--contention", action="store_true", help="instead: the fit alone and beside other work (no probes)"
     )
+    parser.add_argument(
+        "--budget-by-phase",
+        action="store_true",
+        help="instead: one fit on a 5 %% budget allowed frames in every other period (--period)",
+    )
+    parser.add_argument("--period", type=float, default=1.0, help="seconds per phase (--budget-by-phase)")
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (the first epoch is not timed)")
@@ -330,6 +401,29 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     leave_a_core_to_probes(device)  # every variant, as in the overhead suite and as the Monitor advises
     data = make_dataset("blobs7", seed=0, n=args.samples)
+    if args.budget_by_phase:
+        result = budget_by_phase(framework, data, args)
+        print(
+            f"{framework.name} fit, budget 5 % (shared by a GridProbe {args.resolution}² and a LossProbe), "
+            f"frames allowed in every other {args.period:g} s: steps {result['off_step_ms']:.3f} ms without "
+            f"frames ({result['off_steps']} steps), {result['on_step_ms']:.3f} ms with "
+            f"({result['on_steps']}): the frames cost {100 * result['frames_share']:.1f} % of training"
+        )
+        for name, p in result["probes"].items():
+            print(
+                f"  {name}: {p['frames']} frames, every {p['interval']} steps at the end, a frame costs "
+                f"training {p['cost_ms']} ms as measured (evaluation {p['probe_ms']} ms)"
+            )
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"fit_{args.framework}_budget_by_phase.json"
+        path.write_text(
+            json.dumps(
+                {"framework": framework.version, "args": vars(args) | {"out": str(args.out)}, **result},
+                indent=1,
+            )
+        )
+        print(f"wrote {path}")
+        return 0
     if args.contention:
         print(contention_header(f"the {framework.name} fit"))
         for name, result in contention(framework, data, args).items():
@@ -365,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         "framework": framework.version,
         "args": {k: str(v) for k, v in vars(args).items()},
         "training_threads": torch.get_num_threads(),
-        "grid_path": fused_path(torch_module(framework, model)),
+        "grid_path": fused_path(model),  # the model the callback probes (a LightningModule itself)
     }
     print(f"\n{meta['device']} · torch {torch.__version__} · {framework.version} · {meta['date']}")
     print(

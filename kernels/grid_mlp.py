@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import logging
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -290,13 +291,167 @@ def _flatten_sequential(module: nn.Module):
     if type(module).forward is not nn.Sequential.forward:
         if isinstance(module, nn.Linear):
             yield module
-            return
-        raise NotFusableError(f"{type(module).__name__} has its own forward; only nn.Sequential MLPs fuse")
+        else:
+            yield from traced_layers(module)
+        return
     for child in module:
         if isinstance(child, nn.Sequential):
             yield from _flatten_sequential(child)
         else:
             yield child
+
+
+_RECIPES: dict[tuple, tuple | str] = {}  # a module structure -> its recipe, or why there is none
+_TRACED_LOCK = threading.Lock()
+_PASS = "pass"  # an op that leaves its input as it is (Dropout off, Flatten of a 2-D batch)
+
+
+def traced_layers(module: nn.Module) -> tuple[nn.Module, ...]:
+    """The layers a module with a forward of its own applies, when that forward is a chain of
+    them: ``x = F.relu(self.fc1(x)); ...; return self.out(x)``, a LightningModule whose forward
+    calls its ``nn.Sequential``, tensor methods such as ``.relu()``, a last ``.softmax(-1)``.
+    Functional activations come back as their modules. Raises NotFusableError saying why not.
+
+    The chain is read by running the forward once on a batch of two zero inputs under a
+    ``TorchFunctionMode`` that records every torch function it calls (a mode is the calling
+    thread's own: training on another thread is untouched), and only for a module that holds
+    nothing but Linear layers, activations, Dropout, Identity, Flatten, Softmax and
+    LogSoftmax. Every recorded call must take the previous one's output and nothing else that
+    is computed, and the forward must return the last one's. What is read is kept per module
+    structure and mode (a snapshot's shadow copy in the same mode is not run again)."""
+    key = _structure(module)
+    with _TRACED_LOCK:
+        recipe = _RECIPES.get(key)
+    if recipe is None:
+        try:
+            recipe = _trace_chain(module)
+        except NotFusableError as err:
+            recipe = str(err)
+        with _TRACED_LOCK:
+            _RECIPES[key] = recipe
+    if isinstance(recipe, str):
+        raise NotFusableError(recipe)
+    return tuple(module.get_submodule(step) if isinstance(step, str) else step() for step in recipe)
+
+
+def _structure(module: nn.Module) -> tuple:
+    """What a recipe depends on: the modules' classes, names and modes (a Dropout, or a
+    functional dropout on ``self.training``, passes through only in eval mode) and the Linear
+    layers' shapes."""
+    parts = (
+        (name, type(m), m.training, tuple(m.weight.shape) if isinstance(m, nn.Linear) else None)
+        for name, m in module.named_modules()
+    )
+    return (type(module), *parts)
+
+
+_CHAIN_PARTS = (nn.Linear, nn.Dropout, nn.Identity, nn.Flatten, nn.Softmax, nn.LogSoftmax)
+
+
+class _Calls(torch.overrides.TorchFunctionMode):
+    """Every torch function called in this thread while active: (function, args, kwargs, output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.calls.append((func, args, kwargs, out))
+        return out
+
+
+def _trace_chain(module: nn.Module) -> tuple:
+    own = f"{type(module).__name__} has its own forward"
+    leaves = [m for m in module.modules() if next(m.children(), None) is None and m is not module]
+    odd = sorted({type(m).__name__ for m in leaves if not _chain_part(m)})
+    linears = [m for m in leaves if isinstance(m, nn.Linear)]
+    if not linears or odd:
+        raise NotFusableError(f"{own} and holds {', '.join(odd) or 'no Linear layer'}; only MLPs fuse")
+    names = {m: name for name, m in module.named_modules()}
+    weight = linears[0].weight
+    why = f"{own}, which fails on inputs of its Linear layers' widths"
+    for width in dict.fromkeys(m.in_features for m in linears):  # the first layer's width first
+        x = torch.zeros(2, width, dtype=weight.dtype, device=weight.device)
+        recorder = _Calls()
+        try:
+            with torch.no_grad(), recorder:
+                out = module(x)
+        except Exception:
+            continue
+        return _chain_recipe(own, recorder.calls, x, out, names)
+    raise NotFusableError(why)
+
+
+def _chain_recipe(own: str, calls: list[tuple], x, out, names: dict) -> tuple:
+    """The recipe of a chain of ``calls`` from ``x`` to ``out``: submodule names and layer
+    constructors, in order."""
+    current, recipe = x, []
+    for func, args, kwargs, result in calls:
+        called = getattr(func, "__name__", str(func))
+        if not args or args[0] is not current:
+            raise NotFusableError(f"{own}, which is not a chain of Linear layers and activations ({called})")
+        step = _chain_step(func, args, kwargs, result, names)
+        if step is None:
+            raise NotFusableError(f"{own}, which is not a chain of Linear layers and activations ({called})")
+        if step is not _PASS:
+            recipe.append(step)
+        current = result
+    if out is not current:
+        raise NotFusableError(f"{own}, which does not return its last layer's output")
+    return tuple(recipe)
+
+
+_ACTIVATION_FUNCTIONS = {
+    F.relu: "relu", torch.relu: "relu", torch.Tensor.relu: "relu", F.tanh: "tanh", torch.tanh: "tanh",
+    torch.Tensor.tanh: "tanh", F.sigmoid: "sigmoid", torch.sigmoid: "sigmoid",
+    torch.Tensor.sigmoid: "sigmoid", F.silu: "silu", F.gelu: "gelu", F.leaky_relu: "leaky_relu",
+    F.softmax: "softmax", torch.softmax: "softmax", torch.Tensor.softmax: "softmax",
+    F.log_softmax: "log_softmax", torch.log_softmax: "log_softmax", torch.Tensor.log_softmax: "log_softmax",
+}  # fmt: skip
+
+
+def _chain_step(func, args, kwargs, result, names: dict):
+    """A submodule's name (a Linear), a layer constructor (an activation), ``_PASS``, or None."""
+    extra = list(args[1:])
+    kwargs = dict(kwargs)
+    if func is F.linear:
+        weight = extra[0] if extra else kwargs.get("weight")
+        bias = extra[1] if len(extra) > 1 else kwargs.get("bias")
+        owner = next((m for m in names if isinstance(m, nn.Linear) and m.weight is weight), None)
+        return names[owner] if owner is not None and owner.bias is bias else None
+    if func is F.dropout:
+        training = extra[1] if len(extra) > 1 else kwargs.get("training", True)
+        p = extra[0] if extra else kwargs.get("p", 0.5)
+        return _PASS if not training or p == 0 else None
+    if func in (torch.flatten, torch.Tensor.flatten):
+        return _PASS if result.shape == args[0].shape else None
+    kind = _ACTIVATION_FUNCTIONS.get(func)
+    if kind is None:
+        return None
+    kwargs.pop("inplace", None)
+    kwargs.pop("_stacklevel", None)
+    if kind in ("softmax", "log_softmax"):
+        dim = kwargs.pop("dim", extra.pop(0) if extra else None)
+        if kwargs.pop("dtype", None) is not None or dim not in (-1, 1) or extra or kwargs:
+            return None
+        return functools.partial(nn.Softmax if kind == "softmax" else nn.LogSoftmax, dim)
+    if kind == "leaky_relu":
+        slope = float(kwargs.pop("negative_slope", extra.pop(0) if extra else 0.01))
+        extra = [a for a in extra if a is not False]  # F.leaky_relu(x, slope, inplace) positionally
+        return None if extra or kwargs else functools.partial(nn.LeakyReLU, slope)
+    if kind == "gelu":
+        approximate = kwargs.pop("approximate", "none")
+        return None if extra or kwargs else functools.partial(nn.GELU, approximate=approximate)
+    extra = [a for a in extra if a is not False]  # F.relu(x, False): inplace positionally
+    if extra or kwargs:
+        return None
+    return {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "silu": nn.SiLU}[kind]
+
+
+def _chain_part(layer: nn.Module) -> bool:
+    return isinstance(layer, _CHAIN_PARTS) or _activation_name(layer) is not None
 
 
 def _passes_through(layer: nn.Module) -> bool:
@@ -312,13 +467,20 @@ FINALS = ("logits", "sigmoid", "softmax", "log_softmax")
 def final_output_kind(model: nn.Module) -> str:
     """What ``model``'s outputs are, read from its last layer: ``softmax`` / ``log_softmax`` (an
     nn.Softmax / nn.LogSoftmax over the outputs), ``sigmoid`` (an nn.Sigmoid), else ``logits``
-    (also for any module whose forward is its own: nothing can be read from it).
+    (also for a module whose forward is its own, unless it is a chain of layers:
+    :func:`traced_layers`).
 
     ``output="auto"`` turns logits into probabilities and takes probabilities as they are,
     so a model trained with BCELoss behind a Sigmoid is not squashed twice."""
     last = unwrap(model)
     if is_keras_model(last):
         return _keras_final_kind(last)
+    if type(last).forward is not nn.Sequential.forward and next(last.children(), None) is not None:
+        try:
+            chain = [layer for layer in traced_layers(last) if not _passes_through(layer)]
+        except NotFusableError:
+            chain = []
+        last = chain[-1] if chain else last
     while type(last).forward is nn.Sequential.forward:
         children = [c for c in last if not _passes_through(c)]
         if not children:

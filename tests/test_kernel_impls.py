@@ -12,6 +12,7 @@ import importlib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from probescope.kernels import (
@@ -23,6 +24,8 @@ from probescope.kernels import (
     default_palette,
     ema_frames,
     ema_frames_reference,
+    final_output_kind,
+    fused_path,
     grid_mlp,
     grid_mlp_reference,
     interpolate_frames,
@@ -738,3 +741,220 @@ def test_a_triton_grid_frame_costs_five_device_ops_besides_its_kernel(monkeypatc
     # ops that only make a view or an empty tensor launch nothing on a GPU
     free = {"empty", "view", "alias", "detach", "permute", "select", "t", "transpose", "slice"}
     assert [n for n in ops.names if n not in free] == ["_foreach_copy_", "_to_copy", "mm", "add_", "copy_"]
+
+
+# ---------------------------------------------------------------- MLPs with a forward of their own
+
+
+class FunctionalMLP(nn.Module):
+    """The common hand-written style: functional activations between Linear attributes."""
+
+    def __init__(self, d=3, hidden=24, classes=5):
+        super().__init__()
+        self.fc1, self.fc2, self.out = (
+            nn.Linear(d, hidden),
+            nn.Linear(hidden, hidden),
+            nn.Linear(hidden, classes),
+        )
+
+    def forward(self, x):
+        x = F.leaky_relu(self.fc1(x), 0.2)
+        x = torch.tanh(self.fc2(x))
+        return self.out(x)
+
+
+class Delegating(nn.Module):
+    """A LightningModule's shape: forward calls one nn.Sequential (plus a Dropout, off in eval)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.drop = net, nn.Dropout(0.3)
+
+    def forward(self, x):
+        return self.net(self.drop(x))
+
+
+class MethodsMLP(nn.Module):
+    """Tensor methods and keyword arguments, ending in probabilities."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 16), nn.Linear(16, 16)
+        self.c, self.d = nn.Linear(16, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.gelu(self.a(x), approximate="tanh")
+        x = self.b(x).relu()
+        x = F.silu(self.c(x), inplace=False)
+        return self.d(x).softmax(dim=-1)
+
+
+def custom_forward_models():
+    torch.manual_seed(4)
+    return {
+        "functional": (FunctionalMLP(), ("leaky_relu", "tanh", "identity"), "logits"),
+        "delegating": (
+            Delegating(make_mlp((3, 20, 20, 5), "gelu")).eval(),
+            ("gelu", "gelu", "identity"),
+            "logits",
+        ),
+        "methods": (MethodsMLP(), ("gelu_tanh", "relu", "silu", "identity"), "softmax"),
+    }
+
+
+@pytest.mark.parametrize("name", ["functional", "delegating", "methods"])
+def test_an_mlp_with_a_forward_of_its_own_fuses_and_draws_the_map_of_its_forward(name):
+    """Read by torch.fx: the chain of layers its forward applies; the fused map is the map of
+    the module's own forward on the grid's points (fp32: 1e-5 on probabilities)."""
+    model, activations, final = custom_forward_models()[name]
+    mlp = FusableMLP.from_module(model)
+    assert mlp.activations == activations and mlp.final == final
+    linears = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    assert all(w is p for w, p in zip(mlp.weights, linears, strict=True))  # the module's own weights
+    grid = random_grid(mlp.in_features, 23, 9)
+    assert not fused_path(model).startswith("module forward")
+    probs = grid_mlp(model, grid)
+    assert max_error(probs, module_forward_on_grid(model, grid)) <= 1e-5
+    assert final_output_kind(model) == final
+
+
+def test_a_traced_chain_ending_in_softmax_takes_its_outputs_as_probabilities():
+    torch.manual_seed(5)
+
+    class SoftmaxHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 12), nn.Linear(12, 3)
+
+        def forward(self, x):
+            return F.softmax(self.b(torch.relu(self.a(x))), dim=1)
+
+    model = SoftmaxHead()
+    mlp = FusableMLP.from_module(model)
+    assert mlp.activations == ("relu", "identity") and mlp.final == "softmax"
+    assert final_output_kind(model) == "softmax"
+    grid = random_grid(2, 15, 8)
+    assert max_error(grid_mlp(model, grid), module_forward_on_grid(model, grid)) <= 1e-5
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 2), nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.b(x + torch.relu(self.a(x)))
+
+
+class Branching(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.a(x) if x.sum() > 0 else -self.a(x)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(2, 3)
+
+    def forward(self, x, scale):
+        return self.a(x) * scale
+
+
+class WithConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.a = nn.Conv1d(1, 1, 1), nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.a(x)
+
+
+class FunctionalDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return F.dropout(self.a(x), 0.5, self.training)
+
+
+@pytest.mark.parametrize(
+    "model, reason",
+    [
+        (Residual(), "not a chain"),
+        (Branching(), r"not a chain .*sum"),
+        (TwoInputs(), "fails on inputs"),
+        (WithConv(), "holds Conv1d"),
+        (FunctionalDropout(), r"not a chain .*dropout"),
+        (WrappedModule(make_mlp((2, 8, 3))), r"not a chain .*add"),
+    ],
+    ids=["residual", "data-dependent branch", "two inputs", "a convolution", "functional dropout", "an op"],
+)
+def test_a_forward_that_is_not_a_chain_of_layers_takes_the_fallback_with_its_reason(model, reason):
+    with pytest.raises(NotFusableError, match=reason):
+        FusableMLP.from_module(model)
+    assert fused_path(model).startswith("module forward")
+    if not isinstance(model, TwoInputs):  # the same map through the module's own forward
+        model.eval()
+        grid = random_grid(2, 6, 5)
+        np.testing.assert_allclose(
+            grid_mlp(model, grid, output="raw").numpy(),
+            model(grid.points()).detach().reshape(5, 6, -1).numpy(),
+            atol=1e-6,
+        )
+
+
+def test_a_structure_is_read_once_and_its_answer_kept_for_every_frame(monkeypatch):
+    module = importlib.import_module("probescope.kernels.grid_mlp")
+
+    monkeypatch.setattr(module, "_RECIPES", {})
+    calls = []
+    trace = module._trace_chain
+    monkeypatch.setattr(module, "_trace_chain", lambda m: calls.append(m) or trace(m))
+    good, bad = FunctionalMLP(), Residual()
+    for _ in range(3):
+        FusableMLP.from_module(good)
+        with pytest.raises(NotFusableError):
+            FusableMLP.from_module(bad)
+    assert calls == [good, bad]
+    twin = FunctionalMLP()  # the same structure (a snapshot's shadow copy): not run again
+    assert FusableMLP.from_module(twin).weights[0] is twin.fc1.weight  # its own weights
+    assert calls == [good, bad]
+    twin.train(False)  # another mode is another structure: a functional dropout may differ
+    FusableMLP.from_module(twin)
+    assert calls == [good, bad, twin]
+
+
+def test_the_chain_is_read_in_the_reading_thread_only(monkeypatch):
+    """The reading forward records torch calls through a TorchFunctionMode, which belongs to
+    its thread: a training step on another thread at the same moment runs as it would."""
+    import threading
+
+    module = importlib.import_module("probescope.kernels.grid_mlp")
+
+    monkeypatch.setattr(module, "_RECIPES", {})
+    entered, release = threading.Event(), threading.Event()
+
+    class Slow(FunctionalMLP):
+        def forward(self, x):
+            entered.set()
+            release.wait(10)
+            return super().forward(x)
+
+    slow = Slow()
+    reader = threading.Thread(target=lambda: FusableMLP.from_module(slow))
+    reader.start()
+    assert entered.wait(10)
+    torch.manual_seed(0)
+    trained = FunctionalMLP()  # a step here, while the reader's mode is active in its thread
+    loss = trained(torch.randn(8, 3)).square().mean()
+    loss.backward()
+    assert trained.fc1.weight.grad is not None and torch.isfinite(loss)
+    release.set()
+    reader.join(10)
+    assert not reader.is_alive()
+    assert FusableMLP.from_module(slow).activations == ("leaky_relu", "tanh", "identity")

@@ -83,6 +83,15 @@ def test_a_fit_is_monitored_step_by_step_with_its_validation_metrics(tmp_path, b
     assert run.meta["finished"]
     grid_steps = [f.step for f in run.probe("grid").frames()]
     assert grid_steps == [0, 2, 4, 6, 8, 10]  # every 2 optimizer steps, not batches
+    # The LightningModule's forward calls its nn.Sequential: the map is the fused kernel's,
+    # and it is the module's own map of its final weights.
+    assert run.probe("grid").config["path"] == "numba"
+    probe = monitor.probes["grid"]
+    with torch.no_grad():
+        own = torch.softmax(module(probe.grid.points()), -1).reshape(16, 16, 7)
+    torch.testing.assert_close(
+        torch.as_tensor(run.probe("grid").frame(-1).data["probs"]), own, atol=1e-5, rtol=0
+    )
     state = torch.load(tmp_path / "run" / "model.pt")
     for key, value in module.state_dict().items():
         torch.testing.assert_close(state[key], value, rtol=0, atol=0)
