@@ -40,6 +40,7 @@ from benchmarks.overhead import leave_a_core_to_probes
 from benchmarks.timing import device_name
 from probescope.datasets import make_dataset
 from probescope.kernels.grid_mlp import fused_path, grid_mlp, module_forward_on_grid
+from probescope.schedule import Budget
 
 VARIANTS = ("off", "idle", "every 10", "every step", "budget 5%")
 SCHEDULES = {
@@ -307,7 +308,7 @@ class PhaseGate:
     started in an on phase ends in it."""
 
     def __init__(self, period: float, margin: float = 0.05):
-        self.period, self.margin = period, margin
+        self.period, self.margin = period, min(margin, period / 4)
         self.t0: float | None = None
 
     def phase(self) -> int:
@@ -350,7 +351,7 @@ def budget_by_phase(framework, data, args, fraction: float = 0.05) -> dict:
     gate = PhaseGate(args.period)
 
     def schedule():
-        return Gated(ps.Schedule.budget(fraction / 2, own_share=0.5), gate)
+        return Gated(Budget(fraction / 2, own_share=0.5), gate)
 
     probes = [
         ps.GridProbe(data.x_train, data.y_train, resolution=args.resolution, schedule=schedule()),

@@ -261,3 +261,49 @@ def test_every_kind_of_contention_work_runs(tmp_path):
             run = open_run(work.folder.name)
             (probe,) = run.meta["probes"]
             assert len(run.probe(probe)) == 1, name
+
+
+def test_the_phase_gate_opens_in_odd_phases_until_a_margin_before_their_end(monkeypatch):
+    from types import SimpleNamespace
+
+    from benchmarks import fit
+
+    now = [100.0]
+    monkeypatch.setattr(fit, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    gate = fit.PhaseGate(1.0, margin=0.1)
+    assert gate.phase() == 0 and not gate()  # the clock starts at the first call
+    now[0] = 101.2
+    assert gate.phase() == 1 and gate()
+    now[0] = 101.95  # 0.05 s before the on phase ends: no frame may start
+    assert gate.phase() == 1 and not gate()
+    now[0] = 102.5
+    assert gate.phase() == 2 and not gate()
+
+    opened = [False]
+    budget = fit.Budget(0.05)
+    gated = fit.Gated(budget, lambda: opened[0])
+    info = fit.ps.schedule.StepInfo(step=0, epoch=0)
+    assert not gated.due(info)  # closed: the budget is not even asked
+    opened[0] = True
+    assert gated.due(info)  # step 0 is always probed
+    for _ in range(6):
+        gated.observe(step_s=0.002, quiet=True)
+    assert gated.state() == budget.state() and gated.state()["step_ms"] == 2.0
+
+
+def test_the_fit_on_a_budget_by_phase_sorts_its_steps_and_probes(tmp_path, capsys):
+    """Not a timing: one fastai fit whose frames are allowed in every other phase."""
+    pytest.importorskip("fastai")
+    from benchmarks import fit
+
+    threads = torch.get_num_threads()
+    try:
+        args = ["--framework", "fastai", "--budget-by-phase", "--epochs", "4", "--samples", "800"]
+        assert fit.main([*args, "--period", "0.02", "--resolution", "16", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "fit_fastai_budget_by_phase.json").read_text())
+    assert result["off_steps"] > 0 and result["on_steps"] > 0 and result["fraction"] == 0.05
+    assert set(result["probes"]) == {"grid", "loss"}
+    assert all(p["frames"] >= 1 and p["interval"] >= 1 for p in result["probes"].values())
+    assert "the frames cost" in capsys.readouterr().out
