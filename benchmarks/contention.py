@@ -127,11 +127,12 @@ class Alternating:
 
 def by_phase(ticks: list[tuple[float, int]]) -> tuple[list[float], list[float]]:
     """The durations of the steps between consecutive ``(time, phase)`` ticks, off (even
-    phase) and on (odd); a step across a phase change counts as neither."""
+    phase) and on (odd); a step across a phase change counts as neither, nor does one next to
+    a tick of negative phase (a pause that is no step, such as a framework's epoch end)."""
     off: list[float] = []
     on: list[float] = []
     for (t0, p0), (t1, p1) in itertools.pairwise(ticks):
-        if p0 == p1:
+        if p0 == p1 >= 0:
             (on if p0 % 2 else off).append(t1 - t0)
     if not on or not off:
         raise RuntimeError(f"contention: too few steps in a phase ({len(off)} off, {len(on)} on)")

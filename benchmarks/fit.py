@@ -60,9 +60,13 @@ CONTENTION = (  # benchmarks.contention's kinds of work that --contention runs b
 )
 
 
+BETWEEN_EPOCHS = -1  # the phase of a tick at an epoch's end: no step is measured across it
+
+
 class Clock:
     """Wall time from the end of the first epoch to the end of the last, and the steps; with
-    ``phase`` (a callable), also the time and phase at the end of every step (``ticks``)."""
+    ``phase`` (a callable), also the time and phase at the end of every step (``ticks``), and
+    a tick of phase ``BETWEEN_EPOCHS`` at the end of every epoch."""
 
     def __init__(self, phase: Callable[[], int] | None = None):
         self.start = self.end = 0.0
@@ -82,6 +86,8 @@ class Clock:
         if epoch == 0:
             self.start = now
         self.end = now
+        if self.phase is not None:  # the framework's work between epochs is no training step
+            self.ticks.append((now, BETWEEN_EPOCHS))
 
     def rate(self, epochs: int) -> float:
         """Steps per second after the first epoch."""

@@ -221,8 +221,8 @@ def test_contention_sorts_steps_by_the_phase_they_ran_in_from_start_to_end():
 
     alternating = Alternating(lambda: None, period=0.1)
     alternating.calls, alternating.busy_s, alternating.on_s = 4, 0.02, 1.0
-    ticks = [(0.0, 0), (1.0, 0), (3.0, 1), (5.0, 1), (7.0, 1), (8.0, 2), (9.0, 2)]
-    result = alternating.result(ticks)
+    ticks = [(0.0, 0), (1.0, 0), (3.0, 1), (5.0, 1), (7.0, 1), (8.0, 2), (9.0, 2), (29.0, -1), (39.0, 2)]
+    result = alternating.result(ticks)  # the two steps beside the pause (phase -1) count as neither
     assert result.off_steps == [1.0, 1.0] and result.on_steps == [2.0, 2.0]
     assert result.ratio == 2.0 and result.call_s == 0.005
     assert result.cost_per_call_s == pytest.approx(1.0 * (1 - 1.0 / 2.0) / 4)
