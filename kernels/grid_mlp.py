@@ -16,6 +16,7 @@ import functools
 import logging
 import math
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -302,6 +303,7 @@ def _flatten_sequential(module: nn.Module):
 
 
 _RECIPES: dict[tuple, tuple | str] = {}  # a module structure -> its recipe, or why there is none
+_ODD_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> why no MLP, or ""
 _TRACED_LOCK = threading.Lock()
 _PASS = "pass"  # an op that leaves its input as it is (Dropout off, Flatten of a 2-D batch)
 
@@ -319,6 +321,14 @@ def traced_layers(module: nn.Module) -> tuple[nn.Module, ...]:
     LogSoftmax. Every recorded call must take the previous one's output and nothing else that
     is computed, and the forward must return the last one's. What is read is kept per module
     structure and mode (a snapshot's shadow copy in the same mode is not run again)."""
+    with _TRACED_LOCK:
+        odd = _ODD_LAYERS.get(module)
+    if odd is None:  # once per instance: a large model's fallback does not walk it every frame
+        odd = _odd_layers(module)
+        with _TRACED_LOCK:
+            _ODD_LAYERS[module] = odd
+    if odd:
+        raise NotFusableError(odd)
     key = _structure(module)
     with _TRACED_LOCK:
         recipe = _RECIPES.get(key)
@@ -362,13 +372,19 @@ class _Calls(torch.overrides.TorchFunctionMode):
         return out
 
 
-def _trace_chain(module: nn.Module) -> tuple:
-    own = f"{type(module).__name__} has its own forward"
+def _odd_layers(module: nn.Module) -> str:
+    """Why ``module`` holds no MLP (layers of other kinds, no Linear layer), or ""."""
     leaves = [m for m in module.modules() if next(m.children(), None) is None and m is not module]
     odd = sorted({type(m).__name__ for m in leaves if not _chain_part(m)})
-    linears = [m for m in leaves if isinstance(m, nn.Linear)]
-    if not linears or odd:
-        raise NotFusableError(f"{own} and holds {', '.join(odd) or 'no Linear layer'}; only MLPs fuse")
+    if odd or not any(isinstance(m, nn.Linear) for m in leaves):
+        held = ", ".join(odd) or "no Linear layer"
+        return f"{type(module).__name__} has its own forward and holds {held}; only MLPs fuse"
+    return ""
+
+
+def _trace_chain(module: nn.Module) -> tuple:
+    own = f"{type(module).__name__} has its own forward"
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     names = {m: name for name, m in module.named_modules()}
     weight = linears[0].weight
     why = f"{own}, which fails on inputs of its Linear layers' widths"

@@ -958,3 +958,19 @@ def test_the_chain_is_read_in_the_reading_thread_only(monkeypatch):
     reader.join(10)
     assert not reader.is_alive()
     assert FusableMLP.from_module(slow).activations == ("leaky_relu", "tanh", "identity")
+
+
+def test_a_model_of_other_layers_is_walked_once_not_at_every_frame(monkeypatch):
+    """The fallback path asks at every frame whether the model fuses: a model holding other
+    layers (a CNN, a transformer) is not walked module by module each time."""
+    module = importlib.import_module("probescope.kernels.grid_mlp")
+    walks = []
+    odd_layers = module._odd_layers
+    monkeypatch.setattr(module, "_odd_layers", lambda m: walks.append(m) or odd_layers(m))
+    model = WithConv()
+    for _ in range(4):
+        assert (
+            fused_path(model)
+            == "module forward (WithConv has its own forward and holds Conv1d; only MLPs fuse)"
+        )
+    assert walks == [model]
