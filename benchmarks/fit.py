@@ -350,10 +350,10 @@ class Gated(ps.Schedule):
 
 def budget_by_phase(framework, data, args, fraction: float = 0.05) -> dict:
     """One fit with a GridProbe and a LossProbe sharing a budget of ``fraction`` (each
-    ``Schedule.budget(fraction / 2, own_share=0.5)``, as ``Monitor(budget=fraction)`` sets
-    them), allowed frames only in every other ``--period`` seconds: the steps of the two
-    kinds of phase, sorted as benchmarks.contention sorts them, give what the frames cost this
-    fit (the callback and the Monitor's per-step work run in both)."""
+    ``Budget(fraction / 2, own_share=0.5)``, as ``Monitor(budget=fraction)`` sets them),
+    allowed frames only in every other ``--period`` seconds: the steps of the two kinds of
+    phase, sorted as benchmarks.contention sorts them, give what the frames cost this fit (the
+    callback and the Monitor's per-step work run in both)."""
     gate = PhaseGate(args.period)
 
     def schedule():

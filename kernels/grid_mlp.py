@@ -304,6 +304,7 @@ def _flatten_sequential(module: nn.Module):
 
 _RECIPES: dict[tuple, tuple | str] = {}  # a module structure -> its recipe, or why there is none
 _ODD_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> why no MLP, or ""
+_RESOLVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (structure, its layers)
 _TRACED_LOCK = threading.Lock()
 _PASS = "pass"  # an op that leaves its input as it is (Dropout off, Flatten of a 2-D batch)
 
@@ -331,6 +332,9 @@ def traced_layers(module: nn.Module) -> tuple[nn.Module, ...]:
         raise NotFusableError(odd)
     key = _structure(module)
     with _TRACED_LOCK:
+        resolved = _RESOLVED.get(module)
+        if resolved is not None and resolved[0] == key:  # every frame after the first
+            return resolved[1]
         recipe = _RECIPES.get(key)
     if recipe is None:
         try:
@@ -341,7 +345,10 @@ def traced_layers(module: nn.Module) -> tuple[nn.Module, ...]:
             _RECIPES[key] = recipe
     if isinstance(recipe, str):
         raise NotFusableError(recipe)
-    return tuple(module.get_submodule(step) if isinstance(step, str) else step() for step in recipe)
+    layers = tuple(module.get_submodule(step) if isinstance(step, str) else step() for step in recipe)
+    with _TRACED_LOCK:
+        _RESOLVED[module] = (key, layers)
+    return layers
 
 
 def _structure(module: nn.Module) -> tuple:

@@ -921,6 +921,8 @@ def test_a_structure_is_read_once_and_its_answer_kept_for_every_frame(monkeypatc
         with pytest.raises(NotFusableError):
             FusableMLP.from_module(bad)
     assert calls == [good, bad]
+    layers = module.traced_layers(good)
+    assert module.traced_layers(good) is layers  # resolved once per instance, not every frame
     twin = FunctionalMLP()  # the same structure (a snapshot's shadow copy): not run again
     assert FusableMLP.from_module(twin).weights[0] is twin.fc1.weight  # its own weights
     assert calls == [good, bad]
