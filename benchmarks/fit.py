@@ -338,7 +338,7 @@ class Gated(ps.Schedule):
     def due(self, info) -> bool:
         return self.gate() and self.inner.due(info)
 
-    def observe(self, **times) -> None:  # takes quiet=: the Monitor tells it
+    def observe(self, **times) -> None:  # takes quiet= and share=: the Monitor tells them
         self.inner.observe(**times)
 
     def state(self) -> dict | None:

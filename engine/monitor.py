@@ -41,7 +41,7 @@ class _ProbeState:
     last_step: int = -1
     recorded_seq: int = -1
     adaptive: bool = False  # its schedule learns from timings (budget mode)
-    told_quiet: bool = False  # its schedule's observe() takes ``quiet``
+    told: tuple[str, ...] = ()  # what its schedule's observe() takes of ``quiet`` and ``share``
     launched: int = 0  # frames launched so far; the last one's number
     in_step: int | None = None  # the frame evaluated at some moment of the step in progress
     running: bool = False  # evaluating now (not merely queued behind another probe's frame)
@@ -237,7 +237,7 @@ class Monitor:
         }
         self._adaptive = [st for st in self._probes.values() if st.adaptive]
         for st in self._adaptive:
-            st.told_quiet = _takes(st.probe.schedule.observe, "quiet")
+            st.told = tuple(k for k in ("quiet", "share") if _takes(st.probe.schedule.observe, k))
         self._callbacks = sorted([*probes, *callbacks], key=lambda c: c.order)
         self._run_dir, self._overwrite = run_dir, overwrite
         self._final_frame, self._close_timeout = final_frame, close_timeout
@@ -558,12 +558,16 @@ class Monitor:
         return tuple(st.step_frame() for st in self._probes.values())
 
     def _tell_step(self, frames: tuple[int | None, ...], **times) -> None:
-        """Tell each budget one step's time, its own frame of the step and whether any probe's
-        frame ran in it (``frames``: every probe's, in order)."""
-        quiet = all(f is None for f in frames)
+        """Tell each budget one step's time, its own frame of the step, whether any probe's
+        frame ran in it and, where frames of several probes did, its frame's share of the step's
+        excess time (``frames``: every probe's, in order)."""
+        running = [st for st, frame in zip(self._probes.values(), frames, strict=True) if frame is not None]
+        shares = _shares(running) if len(running) > 1 else {}
+        extra = {"quiet": not running}
         for st, frame in zip(self._probes.values(), frames, strict=True):
             if st.adaptive:
-                _observe(st, frame=frame, **times, **({"quiet": quiet} if st.told_quiet else {}))
+                extra["share"] = shares.get(st.probe.name, 1.0)
+                _observe(st, frame=frame, **times, **{k: extra[k] for k in st.told})
 
     def after_batch(self, **kwargs) -> None:
         self._fire("after_batch", **kwargs)
@@ -797,6 +801,16 @@ def _observe(st: _ProbeState, **times) -> None:
         st.probe.schedule.observe(**times)
     except Exception as err:
         st.probe.warn_once("observe", f"its schedule's observe() raised ({type(err).__name__}: {err})")
+
+
+def _shares(running: list[_ProbeState]) -> dict[str, float]:
+    """How a step in which these probes' frames all ran is shared between them: in proportion to
+    their last evaluation times (evenly while one of them has none)."""
+    weights = [st.stats.last_ms if st.stats.run else 0.0 for st in running]
+    if min(weights) <= 0.0:
+        weights = [1.0] * len(running)
+    total = sum(weights)
+    return {st.probe.name: w / total for st, w in zip(running, weights, strict=True)}
 
 
 def _takes(method, name: str) -> bool:

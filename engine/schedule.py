@@ -59,12 +59,15 @@ class Schedule(Reproducible):
         copy_s: float | None = None,
         own_s: float | None = None,
         quiet: bool = True,
+        share: float = 1.0,
     ) -> None:
         """Told (budget mode) the duration of a training step, with ``frame`` the number of its
-        probe's frame that was in flight at any time during that step (None if none was) and
-        ``quiet`` whether no probe's frame at all was (a schedule whose ``observe`` takes no
-        ``quiet`` is not told it); the end of frame ``frame``: its evaluation's duration and its
-        weight snapshot's; or the Monitor's own work in the training thread at one step."""
+        probe's frame that was in flight at any time during that step (None if none was),
+        ``quiet`` whether no probe's frame at all was, and ``share`` the part of the step's
+        excess time that is this frame's where frames of several probes ran in it (a schedule
+        whose ``observe`` takes no ``quiet`` or ``share`` is not told it); the end of frame
+        ``frame``: its evaluation's duration and its weight snapshot's; or the Monitor's own
+        work in the training thread at one step."""
 
     def state(self) -> dict | None:
         """What an adaptive schedule has learned so far (budget mode), for the run's summary."""
@@ -210,41 +213,57 @@ class LogSpaced(Schedule):
 class Budget(Schedule):
     """Frames as often as a cost budget allows: ``fraction`` of the training time.
 
-    The Monitor reports the time of every training step (between consecutive optimizer steps,
-    without the Monitor's own work) with the number of this probe's frame that was in flight
-    at any moment of it, and the end of every frame with its evaluation's time and its weight
-    snapshot's. A frame is in flight while it is evaluated (not while it waits behind another
-    probe's) and, with a run directory, until the recorder has written it. What a frame
-    costs training is measured, not assumed: the steps that ran beside it took longer than
-    idle steps do (steps beside no probe's frame at all: other probes' frames slow steps too
-    and would inflate the baseline; their steps count only while too few idle ones are
-    known), and its cost is that excess, summed over its steps (the step in which it
-    started, the steps it ran beside, the step in which it was done), plus the
-    snapshot's copy, which the training thread pays itself. A frame's cost is known once it has
-    ended and a step without it has been reported; the two come from different threads and, on
-    CUDA, step times arrive a step or two late, which is why steps carry the frame's number and
-    not a busy flag read at one moment (a frame shorter than a step would slip between two such
-    moments and cost nothing). Until an idle step time is known (the median of the last
-    ``WINDOW`` idle steps, at least ``MIN_SAMPLES`` of them, so that a pause in training does
-    not pass for a step) and one frame has been measured, the whole evaluation counts, as if it
-    ran in the training thread. The cost is the mean of the last ``FRAMES`` frames': what a
-    budget bounds is the total, and an occasional expensive frame is part of it. Where the
-    Monitor times steps with the host clock (the CPU path), it also reports its own work in the
-    training thread at every step (``own_s``: counting the step, recording, asking the
-    schedules); that fixed cost is paid whether or not a frame is taken, so it comes off the
-    budget first. The probe is due when ``interval`` steps have passed since its last frame,
-    ``interval = ceil(cost / (fraction * idle_step - own_share * own))`` between 1 and ``max_interval``
-    (``max_interval`` when the Monitor's own work alone spends the budget), and ``start`` until
-    the first measurements; it is worked out again after every frame and every
-    ``ADAPT_EVERY`` steps. Step 0 is always probed. One Budget belongs to one probe; probes
-    that share a budget (``Monitor(budget=...)``) each get a part of it and ``own_share`` of
-    the Monitor's own work, so that the own work comes off the whole budget once.
+    The probe is due when ``interval`` steps have passed since its last frame, with
+    ``interval = ceil(cost / (fraction * step - own_share * own))`` between 1 and
+    ``max_interval`` (``max_interval`` when the Monitor's own work alone spends the budget),
+    worked out again after every frame and every ``ADAPT_EVERY`` steps. Step 0 is always probed.
+    One Budget belongs to one probe; probes that share a budget (``Monitor(budget=...)``) each
+    get a part of it and ``own_share`` of the Monitor's own work, so that the own work comes off
+    the whole budget once.
+
+    ``step`` is the median of the last ``WINDOW`` idle steps (at least ``MIN_SAMPLES`` of them,
+    so that a pause in training does not pass for a step): the Monitor reports the time of every
+    training step (between consecutive optimizer steps, without the Monitor's own work) with the
+    number of this probe's frame that was in flight at any moment of it. Idle steps are those
+    beside no probe's frame at all (other probes' frames slow steps too and would inflate the
+    baseline; their steps count only while too few idle ones are known). A frame is in flight
+    while it is evaluated (not while it waits behind another probe's) and, with a run
+    directory, until the recorder has written it.
+
+    ``cost`` is what a frame costs training, measured, not assumed: the steps that ran beside it
+    took longer than idle steps do, and its cost is that excess, summed over its steps (the step
+    in which it started, the steps it ran beside, the step in which it was done), plus the
+    snapshot's copy, which the training thread pays itself. A step in which frames of several
+    probes ran is shared between them (``share``: the Monitor splits it in proportion to their
+    evaluation times), so that the step's excess is counted once and a short frame beside a
+    long one is not charged with the long one's cost. A frame's cost is known once it has ended
+    and a step without it has been reported; the two come from different threads and, on CUDA,
+    step times arrive a step or two late, which is why steps carry the frame's number and not a
+    busy flag read at one moment (a frame shorter than a step would slip between two such
+    moments and cost nothing). A frame evaluated inline (the ``sync`` snapshot) runs between
+    two steps: its whole evaluation is its cost. ``cost`` is the mean of the last ``FRAMES``
+    frames': what a budget bounds is the total, and an occasional expensive frame is part of it.
+
+    Before any frame has been measured, the whole evaluation counts, as if it ran in the
+    training thread. The frame at step 0 cannot be measured (it runs beside the first steps,
+    before an idle step time is known) and its evaluation is the coldest (kernels compiled,
+    caches filled): counted as serial, it would put the next frame far later than the budget
+    needs. So the interval is ``start`` until a step time and an evaluation time are known, and
+    at most ``start`` until one frame has been measured: the next frame comes soon and is
+    measured beside training. After ``TRIALS`` frames that ended unmeasured (their steps came
+    before the step time was known, or were never reported) the serial count holds alone.
+
+    Where the Monitor times steps with the host clock (the CPU path), it also reports ``own``,
+    its own work in the training thread at every step (counting the step, recording, asking the
+    schedules): that fixed cost is paid whether or not a frame is taken, so it comes off the
+    budget first.
     """
 
     WINDOW = 25
     MIN_SAMPLES = 5
     FRAMES = 8
     ADAPT_EVERY = 8
+    TRIALS = 3
 
     def __init__(
         self, fraction: float, *, start: int = 10, max_interval: int = 100_000, own_share: float = 1.0
@@ -268,6 +287,7 @@ class Budget(Schedule):
         self._step = 0
         self._unadapted = 0  # step observations since the interval was last worked out
         self._settled = False  # a cost and a step time are known
+        self._unmeasured = 0  # frames that ended before any frame had been measured
 
     def due(self, info: StepInfo) -> bool:
         self._step = info.step
@@ -312,6 +332,7 @@ class Budget(Schedule):
         copy_s: float | None = None,
         own_s: float | None = None,
         quiet: bool = True,
+        share: float = 1.0,
     ) -> None:
         with self._lock:
             if own_s is not None and own_s >= 0:
@@ -319,10 +340,14 @@ class Budget(Schedule):
             ended = probe_s is not None and probe_s >= 0
             if ended:
                 self._probe.append(probe_s)
-                if frame is not None:
+                if frame is None:  # inline, between two steps: all of it is training's time
+                    self._frames.append(probe_s)
+                else:
                     self._ended[frame] = copy_s or 0.0
+                    if not self._frames:
+                        self._unmeasured += 1
             elif step_s is not None and step_s > 0:
-                self._step_seen(step_s, frame, quiet)
+                self._step_seen(step_s, frame, quiet, share)
             if self._settle_frames() or ended:
                 self._unadapted = 0
                 self._adapt()
@@ -337,13 +362,13 @@ class Budget(Schedule):
             else:
                 self._adapt()
 
-    def _step_seen(self, step_s: float, frame: int | None, quiet: bool) -> None:
+    def _step_seen(self, step_s: float, frame: int | None, quiet: bool, share: float) -> None:
         self._running = frame
         if frame is None:
             (self._idle if quiet else self._beside).append(step_s)
             return
         idle = self.step_s
-        excess = max(step_s - idle, 0.0) if idle is not None else math.nan
+        excess = share * max(step_s - idle, 0.0) if idle is not None else math.nan
         self._excess[frame] = self._excess.get(frame, 0.0) + excess
         while len(self._excess) > 2 * self.FRAMES:  # frames that never ended (a failed probe)
             del self._excess[min(self._excess)]
@@ -370,6 +395,8 @@ class Budget(Schedule):
         self._settled = True
         spare = self.fraction * step - self.own_share * self.own_s  # what is left for frames per step
         wanted = math.ceil(cost / spare - 1e-9) if spare > 0 else self.max_interval
+        if not self._frames and self._unmeasured < self.TRIALS:
+            wanted = min(wanted, self.start)  # the next frame soon, to be measured beside training
         interval = min(max(wanted, 1), self.max_interval)
         if interval != self.interval:
             previous, self.interval = self.interval, interval

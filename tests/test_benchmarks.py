@@ -307,3 +307,40 @@ def test_the_fit_on_a_budget_by_phase_sorts_its_steps_and_probes(tmp_path, capsy
     assert set(result["probes"]) == {"grid", "loss"}
     assert all(p["frames"] >= 1 and p["interval"] >= 1 for p in result["probes"].values())
     assert "the frames cost" in capsys.readouterr().out
+
+
+def test_the_serial_start_variant_charges_shared_steps_in_full_and_takes_no_trial_frame():
+    from benchmarks.budget_start import SerialStart
+    from probescope.schedule import Budget
+
+    for cls, cost, interval in [(Budget, 0.001, 2), (SerialStart, 0.100, 200)]:
+        budget = cls(0.05)
+        for _ in range(5):
+            budget.observe(step_s=0.010)
+        budget.observe(step_s=0.110, frame=1, quiet=False, share=0.01)  # beside a long frame
+        budget.observe(probe_s=0.001, copy_s=0.0, frame=1)
+        budget.observe(step_s=0.010)
+        assert budget.cost_s == pytest.approx(cost) and budget.interval == interval
+    cold = SerialStart(0.05, start=7)
+    for _ in range(5):
+        cold.observe(step_s=0.010)
+    cold.observe(probe_s=0.050, copy_s=0.0, frame=0)  # unmeasured: counted as serial at once
+    assert cold.interval == 100
+
+
+def test_the_budget_start_benchmark_records_each_probes_frames(tmp_path, capsys):
+    from benchmarks import budget_start
+
+    out = tmp_path / "start.json"
+    args = ["--steps", "120", "--rounds", "1", "--hidden", "8", "--resolution", "12", "--out", str(out)]
+    assert budget_start.main(args) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split()[:3] == ["variant", "probe", "2nd"]
+    result = json.loads(out.read_text())
+    for variant in ("measured", "serial start"):
+        (run,) = result["runs"][variant]
+        assert run["steps_per_s"] > 0 and set(run["probes"]) == {"grid", "loss"}
+        for probe in run["probes"].values():
+            assert probe["frames"] >= 1 and probe["interval"] >= 1 and probe["step_ms"] > 0
+            assert probe["second_frame"] is None or 0 < probe["second_frame"] < 120
+        assert f"{variant:<13} grid" in table and f"{variant:<13} loss" in table
