@@ -255,6 +255,7 @@ class Monitor:
         self._t_last_step: float | None = None
         self._own_s: float | None = None  # this method's own time at the last step (host clock)
         self._failed_callbacks: set[int] = set()
+        self._event_handlers: dict[str, list] = {}  # event -> the callbacks that handle it
         self._viewer_mode, self._viewer_fps = viewer, viewer_fps
         self.viewer = None
 
@@ -561,13 +562,17 @@ class Monitor:
         """Tell each budget one step's time, its own frame of the step, whether any probe's
         frame ran in it and, where frames of several probes did, its frame's share of the step's
         excess time (``frames``: every probe's, in order)."""
-        running = [st for st, frame in zip(self._probes.values(), frames, strict=True) if frame is not None]
+        states = self._probes.values()
+        running = [st for st, frame in zip(states, frames, strict=True) if frame is not None]
+        if not running:  # most steps: the same words for every budget
+            for st in self._adaptive:
+                _observe(st, frame=None, **times, **_QUIET[st.told])
+            return
         shares = _shares(running) if len(running) > 1 else {}
-        extra = {"quiet": not running}
-        for st, frame in zip(self._probes.values(), frames, strict=True):
+        for st, frame in zip(states, frames, strict=True):
             if st.adaptive:
-                extra["share"] = shares.get(st.probe.name, 1.0)
-                _observe(st, frame=frame, **times, **{k: extra[k] for k in st.told})
+                told = {"quiet": False, "share": shares.get(st.probe.name, 1.0)}
+                _observe(st, frame=frame, **times, **{k: told[k] for k in st.told})
 
     def after_batch(self, **kwargs) -> None:
         self._fire("after_batch", **kwargs)
@@ -607,8 +612,21 @@ class Monitor:
         if self.probing:
             self.history.append(History.BATCH_LOSS, self._step + 1, self._epoch, loss)
 
+    def _handlers(self, event: str) -> list:
+        """The callbacks that handle ``event``: a Callback whose class and instance leave the
+        hook as Callback's no-op is not called at every step."""
+        handlers = self._event_handlers.get(event)
+        if handlers is None:
+            noop = getattr(Callback, event)
+            handlers = self._event_handlers[event] = [
+                cb
+                for cb in self._callbacks
+                if getattr(type(cb), event, None) is not noop or event in getattr(cb, "__dict__", ())
+            ]
+        return handlers
+
     def _fire(self, event: str, **kwargs) -> None:
-        for cb in self._callbacks:
+        for cb in self._handlers(event):
             if id(cb) in self._failed_callbacks:
                 continue
             try:
@@ -635,7 +653,15 @@ class Monitor:
 
     def _due_at_step(self) -> list[_ProbeState]:
         info = StepInfo(self._step, self._epoch, self)
-        due = [st for st in self._probes.values() if st.enabled and self._ask(st, lambda s: s.due(info))]
+        due = []
+        for st in self._probes.values():
+            if not st.enabled:
+                continue
+            try:
+                if st.probe.schedule.due(info):
+                    due.append(st)
+            except Exception as err:
+                _disable(st, "had its schedule raise", err)
         return self._skip_busy(due)
 
     @staticmethod
@@ -801,6 +827,13 @@ def _observe(st: _ProbeState, **times) -> None:
         st.probe.schedule.observe(**times)
     except Exception as err:
         st.probe.warn_once("observe", f"its schedule's observe() raised ({type(err).__name__}: {err})")
+
+
+#: What a budget that takes ``quiet`` and ``share`` (or either) is told of a step without frames.
+_QUIET = {
+    told: {k: v for k, v in (("quiet", True), ("share", 1.0)) if k in told}
+    for told in ((), ("quiet",), ("share",), ("quiet", "share"))
+}
 
 
 def _shares(running: list[_ProbeState]) -> dict[str, float]:

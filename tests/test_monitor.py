@@ -153,6 +153,33 @@ def test_fastai_event_names_reach_callbacks_in_order(mlp, blobs):
     assert history["valid_loss"].values.tolist() == [0.5]
 
 
+def test_an_event_reaches_every_callback_that_handles_it_and_skips_the_no_op_ones(mlp):
+    calls = []
+
+    class Subclass(Callback):
+        def after_step(self, monitor, **kwargs):
+            calls.append(("subclass", kwargs))
+
+        def after_epoch(self, monitor, **kwargs):
+            calls.append(("subclass epoch", kwargs))
+
+    on_instance, untouched = Callback(), Callback()
+    on_instance.after_step = lambda monitor, **kwargs: calls.append(("instance", kwargs))
+    callbacks = [Subclass(), on_instance, untouched]
+    monitor = Monitor(mlp, [], callbacks=callbacks)
+    monitor.after_step(tag=1)
+    monitor.after_step(tag=2)
+    monitor.end_epoch()
+    assert calls == [
+        *[(who, {"tag": t}) for t in (1, 2) for who in ("subclass", "instance")],
+        ("subclass epoch", {}),
+    ]
+    assert monitor._handlers("after_step") == callbacks[:2]  # the untouched one is not called
+    assert monitor._handlers("after_epoch") == callbacks[:1]
+    assert monitor._handlers("before_batch") == []
+    monitor.close()
+
+
 def test_unknown_event_name_is_rejected(mlp):
     with pytest.raises(ValueError, match="unknown event"):
         Monitor(mlp).event("after_everything")
