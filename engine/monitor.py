@@ -345,12 +345,18 @@ class Monitor:
         self._worker = ProbeWorker(threads=self._probe_threads)
         cores = os.cpu_count() or 1
         if torch.get_num_threads() + self._probe_threads > cores:
-            log.info(
-                "Monitor: training uses %d CPU threads and probes %d on %d cores; "
+            # Training on the CPU: while a probe evaluates, training's threads wait at every
+            # parallel region for the one that shares a core with it (a frame then costs training
+            # about its whole evaluation). On a GPU the host threads matter little.
+            on_cpu = model_device_dtype(self.model)[0].type == "cpu"
+            log.log(
+                logging.WARNING if on_cpu else logging.INFO,
+                "Monitor: training uses %d CPU threads and probes %d on %d cores%s; "
                 "torch.set_num_threads(%d) in the training thread avoids oversubscription",
                 torch.get_num_threads(),
                 self._probe_threads,
                 cores,
+                ": while a probe evaluates, training waits for a core" if on_cpu else "",
                 max(1, cores - self._probe_threads),
             )
         if self.writer is not None:  # without a run directory nobody reads every frame

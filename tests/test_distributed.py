@@ -6,6 +6,7 @@ hold the Monitor to what a ``torchrun`` job does: every rank runs the same scrip
 
 from __future__ import annotations
 
+import datetime
 import json
 import threading
 import time
@@ -49,6 +50,17 @@ def run_ranks(fn, tmp_path: Path, *args, world: int = 2, timeout: float = 120.0)
 def _join(rank: int, world: int, store: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+
+
+def _leave() -> None:
+    """Leave the group together: a rank that tears gloo down while its peer still works aborts
+    at exit now and then (torch 2.13's gloo threads outlive the interpreter: "terminate called
+    without an active exception", in plain DDP too), so the ranks meet first; a rank that
+    failed before it came makes the barrier raise after 60 s instead of hanging."""
+    try:
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+    finally:
+        dist.destroy_process_group()
 
 
 def _ddp_job(rank: int, world: int, store: str, out: str, probe_rank: int) -> None:
@@ -108,7 +120,7 @@ def _ddp_job(rank: int, world: int, store: str, out: str, probe_rank: int) -> No
         }
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
-        dist.destroy_process_group()
+        _leave()
 
 
 @pytest.mark.parametrize("probe_rank", [0, 1])
@@ -171,7 +183,7 @@ def _sharded_job(rank: int, world: int, store: str, out: str) -> None:
         found["plain"] = sharding(nn.Sequential(nn.Linear(2, 3)))
         Path(out, f"rank{rank}.json").write_text(json.dumps(found))
     finally:
-        dist.destroy_process_group()
+        _leave()
 
 
 def test_sharded_models_are_refused_on_every_rank_with_the_reason(tmp_path):

@@ -324,3 +324,23 @@ def test_history_is_converted_only_for_probes_that_read_it(mlp, blobs):
     with Monitor(mlp, [losses]) as monitor:
         train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 6)
     assert monitor.history._columns["batch_loss"]._done == 6
+
+
+def test_a_cpu_model_whose_training_threads_leave_no_core_to_the_probes_gets_a_warning(mlp, caplog):
+    import os
+
+    from probescope import LossProbe
+
+    cores, before = os.cpu_count() or 1, torch.get_num_threads()
+    try:
+        for threads, warned in [(cores, True), (max(1, cores - 1), cores == 1)]:
+            torch.set_num_threads(threads)
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="probescope"):
+                Monitor(mlp, [LossProbe()], final_frame=False).start().close()
+            hints = [r for r in caplog.records if "oversubscription" in r.message]
+            assert len(hints) == int(warned)
+            for record in hints:
+                assert record.levelno == logging.WARNING and "training waits for a core" in record.message
+    finally:
+        torch.set_num_threads(before)

@@ -349,7 +349,8 @@ def test_a_run_lists_what_its_spec_lacks_without_a_warning(tmp_path, mlp, blobs,
         Monitor(mlp, probes, run_dir=tmp_path / "run") as monitor,
     ):
         train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 2)
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # (The Monitor's hint on CPU threads, a warning where training leaves no core, is not the spec's.)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "cores" not in r.getMessage()]
     assert "the probe spec lacks loss.loss_fn (a lambda at test_spec.py:" in caplog.text
     assert open_run(tmp_path / "run").meta["spec"]["missing"] == ["loss.loss_fn"]
     (loaded,) = load_probes(tmp_path / "run", overrides={"loss": {"loss_fn": F.cross_entropy}})

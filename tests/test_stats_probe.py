@@ -29,7 +29,9 @@ def _data(n=200):
     return x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
 
 
-def _train(model, monitor, x, y, steps, lr=0.05):
+def _train(model, monitor, x, y, steps, lr=0.05, drain=False):
+    """``drain``: wait for the frames in flight after every step, so that no due frame is
+    skipped because the one before it still runs (a count of frames is then exact)."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
@@ -39,6 +41,8 @@ def _train(model, monitor, x, y, steps, lr=0.05):
         opt.step()
         losses.append(loss.item())
         monitor.step(loss=loss.detach())
+        if drain:
+            monitor.drain()
     return losses
 
 
@@ -123,11 +127,12 @@ def test_the_finished_run_stores_a_parquet_table_that_pandas_and_pyarrow_read(tm
     model, (x, y) = _model(), _data()
     probe = StatsProbe("*", schedule=Schedule.every(3))
     with Monitor(model, [probe], run_dir=tmp_path / "run") as mon:
-        _train(model, mon, x, y, steps=10)
+        _train(model, mon, x, y, steps=10, drain=True)
     path = tmp_path / "run" / "probes" / "stats" / "table.parquet"
     arrow = pq.read_table(path)
     frame = pd.read_parquet(path)
-    assert arrow.num_rows == len(frame) == len(open_run(tmp_path / "run").probe("stats")) >= 3
+    assert arrow.num_rows == len(frame) == len(open_run(tmp_path / "run").probe("stats")) == 5
+    assert frame["step"].tolist() == [0, 3, 6, 9, 10]  # every third step, and the final frame
     assert {"step", "epoch", "weight/0.weight/l2", "weight/4.weight/spectral", "loss/train_loss"} <= set(
         frame
     )
