@@ -602,9 +602,7 @@ class Monitor:
         due = [
             st
             for st in self._probes.values()
-            if st.enabled
-            and st.last_step != self._step
-            and self._ask(st, lambda s: s.due_at_epoch_end(self._epoch))
+            if st.enabled and st.last_step != self._step and self._ask(st, "due_at_epoch_end", self._epoch)
         ]
         self._probe_now(self._skip_busy(due))
         self._epoch += 1
@@ -650,24 +648,19 @@ class Monitor:
                     err,
                 )
 
-    def _ask(self, st: _ProbeState, question) -> bool:
+    @staticmethod
+    def _ask(st: _ProbeState, question: str, argument) -> bool:
+        """``st``'s schedule's answer to ``question`` (a method name); a schedule that raises
+        disables its probe."""
         try:
-            return bool(question(st.probe.schedule))
+            return bool(getattr(st.probe.schedule, question)(argument))
         except Exception as err:
             _disable(st, "had its schedule raise", err)
             return False
 
     def _due_at_step(self) -> list[_ProbeState]:
         info = StepInfo(self._step, self._epoch, self)
-        due = []
-        for st in self._probes.values():
-            if not st.enabled:
-                continue
-            try:
-                if st.probe.schedule.due(info):
-                    due.append(st)
-            except Exception as err:
-                _disable(st, "had its schedule raise", err)
+        due = [st for st in self._probes.values() if st.enabled and self._ask(st, "due", info)]
         return self._skip_busy(due)
 
     @staticmethod

@@ -569,3 +569,33 @@ def test_step_clock_reports_each_step_once_its_closing_event_completed():
     recorded[3].done = True
     assert clock.mark("e") == [(pytest.approx(0.020), "d")]
     assert len(made) == 3  # finished events are recorded again, not created per step
+
+
+@pytest.mark.parametrize("question", ["due", "due_at_epoch_end"])
+def test_a_schedule_that_raises_disables_its_probe_and_training_goes_on(mlp, blobs, caplog, question):
+    import logging
+
+    from probescope import LossProbe
+
+    class Broken(Schedule):
+        def due(self, info):
+            if question == "due" and info.step == 2:
+                raise RuntimeError("broken schedule")
+            return False
+
+        def due_at_epoch_end(self, epoch):
+            if question == "due_at_epoch_end":
+                raise RuntimeError("broken schedule")
+            return False
+
+    broken, fine = LossProbe(name="broken", schedule=Broken()), LossProbe(schedule=Schedule.every(1))
+    with (
+        caplog.at_level(logging.WARNING, logger="probescope"),
+        Monitor(mlp, [broken, fine], final_frame=False) as monitor,
+    ):
+        train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 6, epoch_every=3)
+        monitor.drain()
+    assert monitor.step_count == 6 and monitor.stats["loss"].run == 7  # steps 0-6, every one
+    probes = monitor.summary()["probes"]
+    assert monitor.stats["broken"].run == 0 and not probes["broken"]["enabled"] and probes["loss"]["enabled"]
+    assert "had its schedule raise" in caplog.text and "broken schedule" in caplog.text
