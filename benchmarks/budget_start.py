@@ -40,8 +40,8 @@ class SerialStart(Budget):
 
     TRIALS = 0
 
-    def observe(self, *, share: float = 1.0, **times) -> None:
-        super().observe(**times)  # every step charged in full to each frame that ran in it
+    def observe_steps(self, steps) -> None:
+        super().observe_steps([s._replace(share=1.0) for s in steps])  # each frame charged in full
 
 
 VARIANTS = {"measured": Budget, "serial start": SerialStart}

@@ -338,8 +338,11 @@ class Gated(ps.Schedule):
     def due(self, info) -> bool:
         return self.gate() and self.inner.due(info)
 
-    def observe(self, **times) -> None:  # takes quiet= and share=: the Monitor tells them
+    def observe(self, **times) -> None:
         self.inner.observe(**times)
+
+    def observe_steps(self, steps) -> None:
+        self.inner.observe_steps(steps)
 
     def state(self) -> dict | None:
         return self.inner.state()

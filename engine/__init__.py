@@ -19,7 +19,7 @@ from probescope.probes import (
 )
 from probescope.ring import Frame, FrameRing
 from probescope.run import Run, RunWriter, open_run
-from probescope.schedule import Schedule, StepInfo
+from probescope.schedule import Schedule, StepInfo, StepTime
 from probescope.spec import load_probes, save_probes
 
 __version__ = "0.1.0"
@@ -44,6 +44,7 @@ __all__ = [
     "Schedule",
     "StatsProbe",
     "StepInfo",
+    "StepTime",
     "__version__",
     "load_probes",
     "open_run",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 import threading
@@ -22,7 +21,7 @@ from probescope.history import History
 from probescope.probes.base import Probe, ProbeContext, ProbeStats, model_device_dtype
 from probescope.ring import Frame, FrameRing
 from probescope.run import RunWriter
-from probescope.schedule import Budget, StepInfo
+from probescope.schedule import Budget, StepInfo, StepTime
 from probescope.snapshot import SnapshotPool
 from probescope.streams import ProbeStreams, StepClock
 from probescope.validation import fraction, positive_int
@@ -41,7 +40,6 @@ class _ProbeState:
     last_step: int = -1
     recorded_seq: int = -1
     adaptive: bool = False  # its schedule learns from timings (budget mode)
-    told: tuple[str, ...] = ()  # what its schedule's observe() takes of ``quiet`` and ``share``
     launched: int = 0  # frames launched so far; the last one's number
     in_step: int | None = None  # the frame evaluated at some moment of the step in progress
     running: bool = False  # evaluating now (not merely queued behind another probe's frame)
@@ -127,6 +125,9 @@ class Monitor:
     newest frames at most ``viewer_fps`` times a second. A viewer that cannot open or is
     closed costs one warning; training goes on.
     """
+
+    #: Steps the Monitor times before it tells the budgets (``Schedule.observe_steps``).
+    STEP_BATCH = 8
 
     def __init__(
         self,
@@ -236,8 +237,7 @@ class Monitor:
             for p in probes
         }
         self._adaptive = [st for st in self._probes.values() if st.adaptive]
-        for st in self._adaptive:
-            st.told = tuple(k for k in ("quiet", "share") if _takes(st.probe.schedule.observe, k))
+        self._step_times: list[tuple[float, float | None, tuple[int | None, ...]]] = []  # not yet told
         self._callbacks = sorted([*probes, *callbacks], key=lambda c: c.order)
         self._run_dir, self._overwrite = run_dir, overwrite
         self._final_frame, self._close_timeout = final_frame, close_timeout
@@ -253,7 +253,8 @@ class Monitor:
         self.writer: RunWriter | None = None
         self._t_start = 0.0
         self._t_last_step: float | None = None
-        self._own_s: float | None = None  # this method's own time at the last step (host clock)
+        self._own_s: float | None = None  # after_step's own time at the last step (host clock)
+        self._own_between = 0.0  # the Monitor's own time in the batch's events since (host clock)
         self._failed_callbacks: set[int] = set()
         self._event_handlers: dict[str, list] = {}  # event -> the callbacks that handle it
         self._viewer_mode, self._viewer_fps = viewer, viewer_fps
@@ -440,6 +441,7 @@ class Monitor:
             self._closed = True
             return
         self._closed = True
+        self._tell_steps()
         if not self._worker.wait_idle(self._close_timeout):
             log.warning(
                 "Monitor: a probe still runs after %.0f s; closing without waiting for it",
@@ -481,9 +483,10 @@ class Monitor:
     # ---- the training loop's calls ------------------------------------------------------
     def step(self, loss=None) -> None:
         """Call after each optimizer step; ``loss`` is the batch's loss (a tensor is fine)."""
+        t_enter = time.perf_counter()
         if loss is not None:
             self._record_loss(loss)
-        self.after_step()
+        self._after_step(t_enter, {})
 
     def log(self, **values) -> None:
         """Record scalars at the current step, e.g. ``log(valid_loss=0.3, accuracy=0.9)``."""
@@ -513,39 +516,56 @@ class Monitor:
         self._fire("before_train", **kwargs)
 
     def before_batch(self, **kwargs) -> None:
-        self._fire("before_batch", **kwargs)
+        self._between("before_batch", kwargs)
 
     def after_pred(self, **kwargs) -> None:
-        self._fire("after_pred", **kwargs)
+        self._between("after_pred", kwargs)
 
     def after_loss(self, loss=None, **kwargs) -> None:
         """Record the batch loss of the step in progress."""
+        t_enter = time.perf_counter()
         if loss is not None:
             self._record_loss(loss)
         self._fire("after_loss", loss=loss, **kwargs)
+        self._own_between += time.perf_counter() - t_enter
+
+    def _between(self, event: str, kwargs: dict) -> None:
+        """An event of the batch between two optimizer steps: its handlers' time is the
+        Monitor's own work in the training thread too."""
+        t_enter = time.perf_counter()
+        self._fire(event, **kwargs)
+        self._own_between += time.perf_counter() - t_enter
 
     def before_backward(self, **kwargs) -> None:
-        self._fire("before_backward", **kwargs)
+        self._between("before_backward", kwargs)
 
     def after_backward(self, **kwargs) -> None:
-        self._fire("after_backward", **kwargs)
+        self._between("after_backward", kwargs)
 
     def after_step(self, **kwargs) -> None:
         """The optimizer stepped: count the step and launch the probes that are due."""
+        self._after_step(time.perf_counter(), kwargs)
+
+    def _after_step(self, t_enter: float, kwargs: dict) -> None:
         if not self._started:
             self.start()
         if not self.probing:
             self._step += 1
             return
-        t_enter = time.perf_counter()
+        between, self._own_between = self._own_between, 0.0
         # Every probe's frame of the step (the budgets' idle steps have none), read where the
-        # step's time is told: a mark read without a time would be lost.
+        # step's time is known: a mark read without a time would be lost. The budgets are told
+        # every STEP_BATCH steps (a step costs an append here).
         if self._clock is not None and self._adaptive:  # CUDA: the steps' GPU time, no sync
-            for step_s, told in self._clock.mark(self._step_frames()):
-                self._tell_step(told, step_s=step_s)
-        elif self._t_last_step is not None and self._adaptive:  # without this method's own work
-            step_s = t_enter - self._t_last_step  # and with this method's own time at the step before
-            self._tell_step(self._step_frames(), step_s=step_s, own_s=self._own_s)
+            for step_s, frames in self._clock.mark(self._step_frames()):
+                self._step_times.append((step_s, None, frames))
+        elif self._t_last_step is not None and self._adaptive:
+            # Without the Monitor's own work, told beside it: this method's time at the step
+            # before and the batch's events since.
+            own_s = None if self._own_s is None else self._own_s + between
+            self._step_times.append((t_enter - self._t_last_step - between, own_s, self._step_frames()))
+        if len(self._step_times) >= self.STEP_BATCH:
+            self._tell_steps()
         self._step += 1
         self._last_step_epoch = self._epoch
         lr = _learning_rate(self.optimizer)
@@ -564,24 +584,32 @@ class Monitor:
     def _step_frames(self) -> tuple[int | None, ...]:
         return tuple(st.step_frame() for st in self._probes.values())
 
-    def _tell_step(self, frames: tuple[int | None, ...], **times) -> None:
-        """Tell each budget one step's time, its own frame of the step, whether any probe's
-        frame ran in it and, where frames of several probes did, its frame's share of the step's
-        excess time (``frames``: every probe's, in order)."""
-        states = self._probes.values()
-        running = [st for st, frame in zip(states, frames, strict=True) if frame is not None]
-        if not running:  # most steps: the same words for every budget
-            for st in self._adaptive:
-                _observe(st, frame=None, **times, **_QUIET[st.told])
+    def _tell_steps(self) -> None:
+        """Tell each budget the steps timed since it was last told: each step's time, its own
+        frame of the step, whether any probe's frame ran in it and, where frames of several
+        probes did, its frame's share of the step's excess time."""
+        steps, self._step_times = self._step_times, []
+        if not self._adaptive:
             return
-        shares = _shares(running) if len(running) > 1 else {}
-        for st, frame in zip(states, frames, strict=True):
-            if st.adaptive:
-                told = {"quiet": False, "share": shares.get(st.probe.name, 1.0)}
-                _observe(st, frame=frame, **times, **{k: told[k] for k in st.told})
+        states = list(self._probes.values())
+        told: dict[int, list[StepTime]] = {id(st): [] for st in self._adaptive}
+        for step_s, own_s, frames in steps:
+            running = [st for st, frame in zip(states, frames, strict=True) if frame is not None]
+            if not running:  # most steps: the same words for every budget
+                quiet = StepTime(step_s, None, True, 1.0, own_s)
+                for lst in told.values():
+                    lst.append(quiet)
+                continue
+            shares = _shares(running) if len(running) > 1 else {}
+            for st, frame in zip(states, frames, strict=True):
+                if st.adaptive:
+                    share = shares.get(st.probe.name, 1.0)
+                    told[id(st)].append(StepTime(step_s, frame, False, share, own_s))
+        for st in self._adaptive:
+            _observe(st, "observe_steps", told[id(st)])
 
     def after_batch(self, **kwargs) -> None:
-        self._fire("after_batch", **kwargs)
+        self._between("after_batch", kwargs)
 
     def after_train(self, **kwargs) -> None:
         self._fire("after_train", **kwargs)
@@ -798,7 +826,7 @@ class _Job:
         st.stats.total_ms += ms
         st.stats.last_ms = ms
         if st.adaptive:
-            _observe(st, probe_s=ms / 1000.0 + self.copy_s, copy_s=self.copy_s, frame=frame)
+            _observe(st, "observe", probe_s=ms / 1000.0 + self.copy_s, copy_s=self.copy_s, frame=frame)
 
 
 def _disable(st: _ProbeState, happened: str, err: Exception) -> None:
@@ -820,19 +848,13 @@ def _schedule_state(st: _ProbeState) -> dict | None:
         return None
 
 
-def _observe(st: _ProbeState, **times) -> None:
-    """Feed a timing to the probe's schedule (budget mode); a schedule that raises is ignored."""
+def _observe(st: _ProbeState, method: str, *args, **kwargs) -> None:
+    """Feed timings to the probe's schedule (budget mode) through ``method`` (``observe`` or
+    ``observe_steps``); a schedule that raises is ignored, with one warning."""
     try:
-        st.probe.schedule.observe(**times)
+        getattr(st.probe.schedule, method)(*args, **kwargs)
     except Exception as err:
-        st.probe.warn_once("observe", f"its schedule's observe() raised ({type(err).__name__}: {err})")
-
-
-#: What a budget that takes ``quiet`` and ``share`` (or either) is told of a step without frames.
-_QUIET = {
-    told: {k: v for k, v in (("quiet", True), ("share", 1.0)) if k in told}
-    for told in ((), ("quiet",), ("share",), ("quiet", "share"))
-}
+        st.probe.warn_once("observe", f"its schedule's {method}() raised ({type(err).__name__}: {err})")
 
 
 def _shares(running: list[_ProbeState]) -> dict[str, float]:
@@ -843,15 +865,6 @@ def _shares(running: list[_ProbeState]) -> dict[str, float]:
         weights = [1.0] * len(running)
     total = sum(weights)
     return {st.probe.name: w / total for st, w in zip(running, weights, strict=True)}
-
-
-def _takes(method, name: str) -> bool:
-    """Whether ``method`` accepts the keyword ``name`` (by name or through ``**kwargs``)."""
-    try:
-        parameters = inspect.signature(method).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _learning_rate(optimizer):

@@ -7,6 +7,8 @@ an epoch ends (``Monitor.end_epoch()``), epochs counted from 0.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 import statistics
@@ -14,7 +16,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -32,6 +34,16 @@ class StepInfo:
     step: int
     epoch: int
     monitor: Any = None
+
+
+class StepTime(NamedTuple):
+    """One training step as a budget is told it (``Schedule.observe_steps``)."""
+
+    step_s: float  # its duration, without the Monitor's own work
+    frame: int | None  # the number of this probe's frame in flight at any time during it
+    quiet: bool  # no probe's frame at all was in flight during it
+    share: float  # this frame's part of the step's excess where frames of several probes ran
+    own_s: float | None  # the Monitor's own work in the training thread at it (host clock)
 
 
 class Schedule(Reproducible):
@@ -61,13 +73,22 @@ class Schedule(Reproducible):
         quiet: bool = True,
         share: float = 1.0,
     ) -> None:
-        """Told (budget mode) the duration of a training step, with ``frame`` the number of its
-        probe's frame that was in flight at any time during that step (None if none was),
-        ``quiet`` whether no probe's frame at all was, and ``share`` the part of the step's
-        excess time that is this frame's where frames of several probes ran in it (a schedule
-        whose ``observe`` takes no ``quiet`` or ``share`` is not told it); the end of frame
-        ``frame``: its evaluation's duration and its weight snapshot's; or the Monitor's own
-        work in the training thread at one step."""
+        """Told (budget mode) the end of frame ``frame``: its evaluation's duration and its
+        weight snapshot's; or one training step (see ``observe_steps``), with ``frame`` the
+        number of its probe's frame that was in flight at any time during that step (None if
+        none was), ``quiet`` whether no probe's frame at all was, ``share`` the part of the
+        step's excess time that is this frame's where frames of several probes ran in it, and
+        ``own_s`` the Monitor's own work in the training thread at that step. A schedule whose
+        ``observe`` takes no ``quiet`` or ``share`` is not told it."""
+
+    def observe_steps(self, steps: Sequence[StepTime]) -> None:
+        """Told (budget mode) training steps in the order they ran, a few at a time (the
+        Monitor tells them in batches, so that a step costs the training thread an append).
+        By default each goes to ``observe``."""
+        told = _keywords(type(self).observe, ("quiet", "share"))
+        for s in steps:
+            extra = {"quiet": s.quiet, "share": s.share}
+            self.observe(step_s=s.step_s, frame=s.frame, own_s=s.own_s, **{k: extra[k] for k in told})
 
     def state(self) -> dict | None:
         """What an adaptive schedule has learned so far (budget mode), for the run's summary."""
@@ -216,7 +237,8 @@ class Budget(Schedule):
     The probe is due when ``interval`` steps have passed since its last frame, with
     ``interval = ceil(cost / (fraction * step - own_share * own))`` between 1 and
     ``max_interval`` (``max_interval`` when the Monitor's own work alone spends the budget),
-    worked out again after every frame and every ``ADAPT_EVERY`` steps. Step 0 is always probed.
+    worked out again after every frame and every batch of steps the Monitor tells (a few steps at
+    a time: ``observe_steps``). Step 0 is always probed.
     One Budget belongs to one probe; probes that share a budget (``Monitor(budget=...)``) each
     get a part of it and ``own_share`` of the Monitor's own work, so that the own work comes off
     the whole budget once.
@@ -262,7 +284,6 @@ class Budget(Schedule):
     WINDOW = 25
     MIN_SAMPLES = 5
     FRAMES = 8
-    ADAPT_EVERY = 8
     TRIALS = 3
 
     def __init__(
@@ -285,8 +306,6 @@ class Budget(Schedule):
         self.changes: list[tuple[int, int]] = []  # (step, new interval)
         self._last = 0
         self._step = 0
-        self._unadapted = 0  # step observations since the interval was last worked out
-        self._settled = False  # a cost and a step time are known
         self._unmeasured = 0  # frames that ended before any frame had been measured
 
     def due(self, info: StepInfo) -> bool:
@@ -334,33 +353,29 @@ class Budget(Schedule):
         quiet: bool = True,
         share: float = 1.0,
     ) -> None:
+        if probe_s is None or probe_s < 0:  # one step
+            self.observe_steps((StepTime(step_s or 0.0, frame, quiet, share, own_s),))
+            return
         with self._lock:
-            if own_s is not None and own_s >= 0:
-                self._own.append(own_s)
-            ended = probe_s is not None and probe_s >= 0
-            if ended:
-                self._probe.append(probe_s)
-                if frame is None:  # inline, between two steps: all of it is training's time
-                    self._frames.append(probe_s)
-                else:
-                    self._ended[frame] = copy_s or 0.0
-                    if not self._frames:
-                        self._unmeasured += 1
-            elif step_s is not None and step_s > 0:
-                self._step_seen(step_s, frame, quiet, share)
-            if self._settle_frames() or ended:
-                self._unadapted = 0
-                self._adapt()
-            elif self._settled:
-                # One step's timing moves medians of WINDOW samples little: once settled, the
-                # interval is worked out after every frame and every ADAPT_EVERY-th step, so
-                # that most steps cost the training thread an append, not three medians.
-                self._unadapted += 1
-                if self._unadapted >= self.ADAPT_EVERY:
-                    self._unadapted = 0
-                    self._adapt()
+            self._probe.append(probe_s)
+            if frame is None:  # inline, between two steps: all of it is training's time
+                self._frames.append(probe_s)
             else:
-                self._adapt()
+                self._ended[frame] = copy_s or 0.0
+                if not self._frames:
+                    self._unmeasured += 1
+            self._settle_frames()
+            self._adapt()
+
+    def observe_steps(self, steps: Sequence[StepTime]) -> None:
+        with self._lock:
+            for step_s, frame, quiet, share, own_s in steps:
+                if own_s is not None and own_s >= 0:
+                    self._own.append(own_s)
+                if step_s > 0:
+                    self._step_seen(step_s, frame, quiet, share)
+            self._settle_frames()
+            self._adapt()
 
     def _step_seen(self, step_s: float, frame: int | None, quiet: bool, share: float) -> None:
         self._running = frame
@@ -392,7 +407,6 @@ class Budget(Schedule):
         cost, step = self.cost_s, self.step_s
         if cost is None or step is None:
             return
-        self._settled = True
         spare = self.fraction * step - self.own_share * self.own_s  # what is left for frames per step
         wanted = math.ceil(cost / spare - 1e-9) if spare > 0 else self.max_interval
         if not self._frames and self._unmeasured < self.TRIALS:
@@ -454,6 +468,20 @@ class AnyOf(Schedule):
         for s in self.schedules:
             s.observe(**times)
 
+    def observe_steps(self, steps: Sequence[StepTime]) -> None:
+        for s in self.schedules:
+            s.observe_steps(steps)
+
     def state(self) -> dict | None:
         states = [s.state() for s in self.schedules]
         return {"of": states} if any(x is not None for x in states) else None
+
+
+@functools.cache
+def _keywords(method: Callable, names: tuple[str, ...]) -> tuple[str, ...]:
+    """Which of ``names`` ``method`` accepts as keywords (by name or through ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    return tuple(name for name in names if any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters))

@@ -344,3 +344,51 @@ def test_the_budget_start_benchmark_records_each_probes_frames(tmp_path, capsys)
             assert probe["frames"] >= 1 and probe["interval"] >= 1 and probe["step_ms"] > 0
             assert probe["second_frame"] is None or 0 < probe["second_frame"] < 120
         assert f"{variant:<13} grid" in table and f"{variant:<13} loss" in table
+
+
+def test_the_budget_accounting_benchmark_breaks_each_budgets_slowdown_down(tmp_path, capsys):
+    from benchmarks import budget_accounting
+
+    out = tmp_path / "accounting.json"
+    args = ["--steps", "120", "--rounds", "1", "--resolution", "12", "--budget", "0.5", "--out", str(out)]
+    assert budget_accounting.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("off: ") and lines[1].split()[:3] == ["mode", "slowdown", "own"]
+    assert [line[:22].strip() for line in lines[2:]] == list(budget_accounting.MODES[1:])
+    result = json.loads(out.read_text())
+    (rnd,) = result["rounds"]
+    assert rnd["off"]["step_s"] > 0 and rnd["attached"]["slowdown"] > 0
+    for mode in ("budget", "budget, told per step"):
+        b = rnd[mode]
+        assert b["own_s"] > 0 and b["slowdown"] > 0 and b["frames"] >= 0 and b["interval"] >= 1
+        # The parts are per-step times of one window: together they are its excess over off.
+        parts = b["own_s"] + b["idle_excess_s"] + b["frames_s"]
+        assert abs(parts) < 10 * rnd["off"]["step_s"]
+    assert not budget_accounting._flushing()  # denormals as they were before the run
+
+
+def test_flushing_tells_whether_denormal_floats_are_flushed():
+    from benchmarks.budget_accounting import _flushing
+
+    assert not _flushing()
+    torch.set_flush_denormal(True)
+    try:
+        assert _flushing()
+    finally:
+        torch.set_flush_denormal(False)
+    assert not _flushing()
+
+
+def test_budget_accounting_splits_a_window_into_own_work_idle_excess_and_frames():
+    from benchmarks.budget_accounting import account
+    from probescope.schedule import StepTime
+
+    told = [StepTime(0.0011, None, True, 1.0, 0.0001)] * 6 + [StepTime(0.0031, 1, False, 1.0, 0.0001)] * 2
+    state = {"step_ms": 1.1, "own_ms": 0.1, "cost_ms": 4.0, "interval": 8}
+    budget = {"told": told, "calls": [0.0001] * 8, "frames": 1, "state": state, "step_s": 0.0016}
+    parts = account(budget, off_s=0.001, steps=8)
+    assert parts["slowdown"] == pytest.approx(1.6)
+    assert parts["own_s"] == pytest.approx(0.0001)
+    assert parts["idle_excess_s"] == pytest.approx(0.0001 * 6 / 8)  # idle steps 0.1 ms over off
+    assert parts["frames_s"] == pytest.approx(2 * 0.002 / 8)  # two steps 2 ms over the idle mean
+    assert parts["believed"] == pytest.approx((0.1 + 4.0 / 8) / 1.1)

@@ -1,8 +1,9 @@
 """Schedules fire at exactly the right steps, alone and inside a Monitor."""
 
 import pytest
+import torch
 
-from probescope import Monitor, Schedule, StepInfo
+from probescope import Monitor, Schedule, StepInfo, StepTime
 from probescope.schedule import Budget
 from tests.conftest import train_steps
 
@@ -269,18 +270,16 @@ def test_budget_takes_the_monitors_own_work_per_step_off_the_budget_first():
         budget.observe(step_s=0.010)
     budget.observe(probe_s=0.005)  # counted as if serial: 5 ms per frame
     assert budget.interval == 10  # 5 ms / (5 % of 10 ms)
-    # The Monitor spends a median 0.2 ms per step itself; once settled, the interval is worked
-    # out again every ADAPT_EVERY steps (and after every frame).
-    for own in [0.0002, 0.0002, 0.0009] * 2 + [0.0002]:
-        budget.observe(own_s=own)
-    assert budget.own_s == pytest.approx(0.0002)
-    assert budget.interval == 10  # not yet worked out again
-    budget.observe(own_s=0.0002)
+    # The Monitor spends a median 0.2 ms per step itself (told with the steps, a batch at a
+    # time); the interval is worked out again after each batch (and after every frame).
+    budget.observe_steps([StepTime(0.010, None, True, 1.0, own) for own in [0.0002, 0.0002, 0.0009] * 2])
+    assert budget.own_s == pytest.approx(0.0002) and budget.step_s == pytest.approx(0.010)
     assert budget.interval == 17  # 5 ms / (0.5 ms - 0.2 ms) = 16.7
     assert budget.state()["own_ms"] == pytest.approx(0.2)
-    for _ in range(budget.ADAPT_EVERY):
-        budget.observe(own_s=0.0006)  # the Monitor alone spends more than the budget
+    budget.observe_steps([StepTime(0.010, None, True, 1.0, 0.0006)] * 8)  # the Monitor alone spends more
     assert budget.own_s == pytest.approx(0.0006) and budget.interval == budget.max_interval
+    budget.observe(own_s=0.0001)  # one step told alone: the same as a batch of one
+    assert budget.interval == budget.max_interval
 
 
 def test_monitor_reports_its_own_work_to_a_budget_on_the_host_clock_path(mlp, blobs):
@@ -599,3 +598,96 @@ def test_a_schedule_that_raises_disables_its_probe_and_training_goes_on(mlp, blo
     probes = monitor.summary()["probes"]
     assert monitor.stats["broken"].run == 0 and not probes["broken"]["enabled"] and probes["loss"]["enabled"]
     assert "had its schedule raise" in caplog.text and "broken schedule" in caplog.text
+
+
+def test_the_monitor_tells_budgets_their_steps_a_batch_at_a_time_and_the_rest_at_close(mlp):
+    import time
+
+    from probescope import Probe
+
+    class Batches(Schedule):
+        def __init__(self):
+            self.batches = []
+
+        def due(self, info):
+            return info.step % 5 == 0
+
+        def observe_steps(self, steps):
+            self.batches.append(list(steps))
+
+        def state(self):
+            return {}
+
+    class Quick(Probe):
+        def evaluate(self, model, context):
+            time.sleep(0.003)  # beside a step or two
+            return {"step": context.step}
+
+    schedule = Batches()
+    monitor = Monitor(mlp, [Quick(name="quick", schedule=schedule)], final_frame=False).start()
+    monitor.drain(10)  # the step-0 frame
+    for _ in range(20):
+        time.sleep(0.002)
+        monitor.step()
+    told = [len(b) for b in schedule.batches]
+    assert told == [Monitor.STEP_BATCH] * 2  # 19 steps timed (the first has no start), 3 kept back
+    monitor.close()
+    assert [len(b) for b in schedule.batches] == [*told, 3]
+    steps = [s for b in schedule.batches for s in b]
+    assert all(isinstance(s, StepTime) and s.step_s > 0 for s in steps)
+    assert any(s.frame is not None for s in steps) and any(s.frame is None and s.quiet for s in steps)
+
+
+def test_a_schedule_whose_observe_raises_is_warned_about_once_and_training_goes_on(mlp, caplog):
+    from probescope import Probe
+
+    class Broken(Schedule):
+        def due(self, info):
+            return info.step % 4 == 0
+
+        def observe_steps(self, steps):
+            raise RuntimeError("cannot count")
+
+        def observe(self, **times):
+            raise RuntimeError("cannot count")
+
+        def state(self):
+            return {}
+
+    class Quick(Probe):
+        def evaluate(self, model, context):
+            return {"step": context.step}
+
+    with Monitor(mlp, [Quick(name="quick", schedule=Broken())], final_frame=False) as monitor:
+        for _ in range(40):
+            monitor.step()
+            monitor.drain(10)
+    warnings = [r for r in caplog.records if "cannot count" in r.getMessage()]
+    assert len(warnings) == 1 and "schedule's" in warnings[0].getMessage()
+    assert monitor.ring("quick").written == 11  # steps 0, 4, ..., 40: its frames all came
+
+
+def test_the_monitors_own_work_includes_the_loss_record_and_the_batch_events_handlers(mlp, blobs):
+    """A handler of the batch's events (fastai's order: before_batch ... after_batch) runs in
+    the training thread: its time is the Monitor's own work, not the step's."""
+    import time
+
+    from probescope import Callback, GridProbe
+
+    class Slow(Callback):
+        def after_pred(self, monitor, **kwargs):
+            time.sleep(0.003)
+
+    probe = GridProbe(blobs.x_train, blobs.y_train, resolution=8, schedule=Schedule.budget(0.05))
+    monitor = Monitor(mlp, [probe], callbacks=[Slow()], final_frame=False).start()
+    for _ in range(40):
+        monitor.before_batch()
+        monitor.after_pred()
+        time.sleep(0.001)  # the step itself
+        monitor.after_loss(loss=torch.tensor(0.5))
+        monitor.after_step()
+        monitor.after_batch()
+    monitor.close()
+    state = probe.schedule.state()
+    assert state["own_ms"] >= 3.0  # the handler's sleep, counted as the Monitor's
+    assert 1.0 <= state["step_ms"] < 3.0  # and not as the step's
