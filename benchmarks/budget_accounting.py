@@ -11,9 +11,9 @@
   ``Monitor.STEP_BATCH`` at a time;
 - ``budget, told per step``: the same with every step told at once (``STEP_BATCH = 1``).
 
-Denormal floats are flushed: as Adam's state decays towards zero, denormal arithmetic makes
-this loop's step 20 % slower within a minute, a drift that would fall on whichever window
-comes later.
+Denormal floats are flushed (``--denormals keep`` leaves them): as Adam's state decays towards
+zero, denormal arithmetic makes this loop's step slower minute by minute, a drift that would
+fall on whichever window comes later.
 
 Per mode, medians over rounds: the slowdown (time per step against the round's ``off``) and,
 for the budgets, what the slowdown is made of, per step and as a fraction of ``off``'s step:
@@ -176,12 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=0.05)
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--denormals", choices=("flush", "keep"), default="flush")
     parser.add_argument("--out", type=Path, help="write the rounds and their medians as JSON here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     leave_a_core_to_probes(device)
     flushing = _flushing()
-    torch.set_flush_denormal(True)
+    torch.set_flush_denormal(args.denormals == "flush")
     try:
         w = mlp_workload(device, args.resolution, quick=True)
         rounds = []
