@@ -18,7 +18,8 @@ class ProbeWorker:
     """Runs submitted jobs on a daemon thread, with gradients off; never raises into callers.
 
     ``threads`` caps the CPU threads of the worker's own torch operations (an OpenMP
-    setting local to the worker thread), so probes leave the other cores to training.
+    setting local to the worker thread) and of the Numba kernels it calls, which follow it,
+    so probes leave the other cores to training.
     """
 
     def __init__(self, name: str = "probescope-worker", threads: int = 1):
@@ -48,8 +49,7 @@ class ProbeWorker:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
-        torch.set_num_threads(self._threads)
-        _limit_numba_threads(self._threads)
+        torch.set_num_threads(self._threads)  # Numba kernels follow it (kernels._numba.threads)
         while True:
             job = self._queue.get()
             if job is _STOP:
@@ -62,12 +62,3 @@ class ProbeWorker:
                 with self._idle:
                     self._pending -= 1
                     self._idle.notify_all()
-
-
-def _limit_numba_threads(threads: int) -> None:
-    """Numba's thread count is per calling thread: cap the probe thread's parallel kernels too."""
-    try:
-        import numba
-    except ImportError:
-        return
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))

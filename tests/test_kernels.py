@@ -210,6 +210,75 @@ print(torch.get_num_threads())
     assert done.stdout.split()[-1] == "1"
 
 
+def test_a_numba_kernel_uses_the_threads_torch_allows_its_calling_thread():
+    """The probe worker sets torch's thread count for itself (``probe_threads``); a Numba
+    kernel called there follows it: one thread runs the serial twin (no OpenMP team to spin
+    on training's cores), more run the parallel kernel on that many."""
+    pytest.importorskip("numba")
+    import threading
+
+    import numba
+
+    from probescope.kernels import smooth_1d
+    from probescope.kernels._numba.smooth import smooth_1d_kernel
+
+    ran = []
+    serial, parallel = smooth_1d_kernel.serial, smooth_1d_kernel.parallel
+
+    def spy(name, kernel):
+        def run(*args):
+            ran.append((name, numba.get_num_threads()))
+            return kernel(*args)
+
+        return run
+
+    values = torch.randn(1000, dtype=torch.float64)
+    expected = torch.from_numpy(np.convolve(values.numpy(), np.ones(5) / 5, mode="same"))
+
+    def in_thread(torch_threads):
+        def body():
+            torch.set_num_threads(torch_threads)
+            out = smooth_1d(values, 5, impl="numba")
+            torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+        t = threading.Thread(target=body)
+        t.start()
+        t.join()
+
+    smooth_1d_kernel.serial, smooth_1d_kernel.parallel = spy("serial", serial), spy("parallel", parallel)
+    try:
+        in_thread(1)
+        if numba.config.NUMBA_NUM_THREADS >= 2:
+            in_thread(2)
+    finally:
+        smooth_1d_kernel.serial, smooth_1d_kernel.parallel = serial, parallel
+    assert ran[0][0] == "serial"
+    if numba.config.NUMBA_NUM_THREADS >= 2:
+        assert ran[1] == ("parallel", 2)
+
+
+def test_the_probe_worker_does_not_import_numba_for_probes_that_do_not_use_it():
+    """Importing Numba takes the GIL for about 0.15 s: a worker that imported it at start
+    delayed the first frame and stalled the training thread, for probes that may never call
+    a Numba kernel (a CUDA model's). A fresh interpreter, so that nothing imported it yet."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from probescope.worker import ProbeWorker
+worker = ProbeWorker()
+ran = []
+worker.submit(lambda: ran.append(1))
+assert worker.wait_idle(30) and ran == [1]
+worker.close()
+print("numba" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "False"
+
+
 def test_colour_tables_are_copied_to_a_device_once_and_again_when_changed():
     from probescope.kernels.backend import device_copy
 

@@ -5,9 +5,20 @@
 FASTMATH = {"contract", "reassoc", "arcp", "afn", "nsz"}
 
 
+def threads() -> int:
+    """The threads a Numba kernel may use in the calling thread: as many as torch allows it
+    (the probe worker's ``probe_threads``, the training thread's ``torch.set_num_threads``),
+    at most Numba's pool. Numba's own count is per thread and starts at the whole pool in
+    every thread, so torch's is the one that says what the thread was given."""
+    import numba
+    import torch
+
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
 def threads_aware(kernel):
-    """``kernel`` (a parallel Numba kernel), or its serial twin when the calling thread allows
-    Numba a single thread (the probe worker's default).
+    """``kernel`` (a parallel Numba kernel) on ``threads()`` threads, or its serial twin when
+    the calling thread has one (the probe worker's default).
 
     Under Numba's OpenMP threading layer a parallel region starts a team of every thread even
     when all but one are masked off, and the idle ones spin after it, on the cores training
@@ -17,21 +28,26 @@ def threads_aware(kernel):
     import torch
 
     options = {k: v for k, v in kernel.targetoptions.items() if k in ("fastmath", "nogil", "boundscheck")}
-    serial = numba.njit(parallel=False, cache=True, **options)(kernel.py_func)
 
     def call(*args):
         # Numba's OpenMP layer sets the calling thread's OpenMP thread count when it starts
         # and when it runs a parallel kernel, and torch shares that setting: a kernel run in
         # the training thread (a probe compiling at attach) would silently undo the user's
         # torch.set_num_threads. Put it back.
-        threads = torch.get_num_threads()
+        before = torch.get_num_threads()
+        n = threads()
         try:
-            return (serial if numba.get_num_threads() == 1 else kernel)(*args)
+            if n == 1:
+                return call.serial(*args)
+            if numba.get_num_threads() != n:
+                numba.set_num_threads(n)
+            return call.parallel(*args)
         finally:
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
+            if torch.get_num_threads() != before:
+                torch.set_num_threads(before)
 
-    call.parallel, call.serial = kernel, serial
+    call.parallel = kernel
+    call.serial = numba.njit(parallel=False, cache=True, **options)(kernel.py_func)
     call.__name__ = call.__qualname__ = kernel.__name__
     call.__doc__ = kernel.__doc__
     return call

@@ -6,7 +6,7 @@ import numba
 import numpy as np
 import torch
 
-from probescope.kernels._numba import threads_aware
+from probescope.kernels._numba import threads, threads_aware
 
 HIST_BLOCK = 2048  # labels binned per vectorised pass
 
@@ -58,7 +58,7 @@ gather_kernel = threads_aware(gather_kernel)
 
 
 def histogram_numba(labels: torch.Tensor, lo: float, scale: float, n_bins: int) -> torch.Tensor:
-    parts, lanes = max(1, numba.get_num_threads()), 4
+    parts, lanes = threads(), 4
     if parts * lanes * n_bins > (1 << 22):  # very many bins: a single row of counts
         parts = lanes = 1
     partial = np.zeros((parts, lanes, n_bins), np.int64)
