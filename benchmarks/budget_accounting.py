@@ -21,12 +21,15 @@ the Monitor's own work (``monitor.step`` timed around the call, steps without a 
 idle steps' excess over ``off`` (steps beside no frame, as the budget times them: without the
 Monitor's own work), and the frames' (the steps beside a frame, over the idle steps' mean);
 beside what the budget believes it spends (its own work plus its frames at its measured cost,
-over its idle step).
+over its idle step). ``idle med``: how much slower the median idle step is than the median
+step of ``off`` (each timed end to end), which a few long steps (a collection, the machine's
+other work) cannot move.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -59,13 +62,15 @@ def _flushing() -> bool:
     return torch.tensor([1e-40]).mul(1.0).item() == 0.0
 
 
-def _off(w, device: torch.device, steps: int) -> float:
+def _off(w, device: torch.device, steps: int) -> tuple[float, list[float]]:
+    """A window without a Monitor: its time per step, and each step's (end to end)."""
     _train(w, None, 20)
     _sync(device)
-    t0 = time.perf_counter()
-    _train(w, None, steps)
+    ends = [time.perf_counter()]
+    _train(w, None, steps, ends=ends)
     _sync(device)
-    return (time.perf_counter() - t0) / steps
+    elapsed = time.perf_counter() - ends[0]
+    return elapsed / steps, [b - a for a, b in itertools.pairwise(ends)]
 
 
 def _monitored(w, device: torch.device, steps: int, schedule, batch: int) -> dict:
@@ -91,8 +96,9 @@ def _monitored(w, device: torch.device, steps: int, schedule, batch: int) -> dic
     return {"step_s": elapsed / steps, "calls": calls, "frames": frames, "state": schedule.state()}
 
 
-def account(budget: dict, off_s: float, steps: int) -> dict:
-    """What a budget window's slowdown is made of, per step, in seconds."""
+def account(budget: dict, off_s: float, steps: int, off_median_s: float | None = None) -> dict:
+    """What a budget window's slowdown is made of, per step, in seconds; with ``off_median_s``
+    (the median step without a Monitor) also how much the median idle step is slower."""
     told = budget["told"]
     idle = [t.step_s for t in told if t.frame is None and t.quiet]
     beside = [t.step_s for t in told if t.frame is not None]
@@ -107,6 +113,9 @@ def account(budget: dict, off_s: float, steps: int) -> dict:
         "slowdown": budget["step_s"] / off_s,
         "own_s": own,
         "idle_excess_s": (idle_mean - off_s) * len(idle) / steps,
+        "idle_median_excess": (
+            statistics.median(idle) / off_median_s - 1.0 if idle and off_median_s else None
+        ),
         "frames_s": sum(s - idle_mean for s in beside) / steps,
         "frames": budget["frames"],
         "believed": believed,
@@ -116,21 +125,26 @@ def account(budget: dict, off_s: float, steps: int) -> dict:
 
 
 def run_round(w, device: torch.device, args) -> dict:
-    before = _off(w, device, args.steps)
+    before, off_steps = _off(w, device, args.steps)
     attached = _monitored(w, device, args.steps, Schedule.never(), Monitor.STEP_BATCH)
     batched = Recorded(args.budget)
     batched_run = _monitored(w, device, args.steps, batched, Monitor.STEP_BATCH)
     per_step = Recorded(args.budget)
     per_step_run = _monitored(w, device, args.steps, per_step, 1)
-    off_s = (before + _off(w, device, args.steps)) / 2
-    out = {"off": {"step_s": off_s}, "attached": {"slowdown": attached["step_s"] / off_s}}
+    after, more = _off(w, device, args.steps)
+    off_s, off_median = (before + after) / 2, statistics.median(off_steps + more)
+    out = {
+        "off": {"step_s": off_s, "median_s": off_median},
+        "attached": {"slowdown": attached["step_s"] / off_s},
+    }
     out["attached"]["own_s"] = statistics.median(attached["calls"])
     for mode, run, schedule in (
         ("budget", batched_run, batched),
         ("budget, told per step", per_step_run, per_step),
     ):
         # Every step timed is told once, the last ones at close: the window's are the last.
-        out[mode] = account({**run, "told": schedule.told[-args.steps :]}, off_s, args.steps)
+        told = schedule.told[-args.steps :]
+        out[mode] = account({**run, "told": told}, off_s, args.steps, off_median)
     return out
 
 
@@ -152,7 +166,7 @@ def table(summary: dict) -> str:
     lines = [
         f"off: {off * 1e3:.3f} ms a step",
         f"{'mode':<22} {'slowdown':>8} {'own µs':>7} {'own':>6} {'idle':>6} {'frames':>6} "
-        f"{'sum':>6} {'believed':>8} {'frames n':>8} {'interval':>8}",
+        f"{'sum':>6} {'believed':>8} {'frames n':>8} {'interval':>8} {'idle med':>8}",
     ]
     for mode in MODES[1:]:
         s = summary[mode]
@@ -162,9 +176,10 @@ def table(summary: dict) -> str:
         believed = f"{s['believed']:>8.1%}" if "believed" in s else f"{'-':>8}"
         frames = f"{s['frames']:>8.0f}" if "frames" in s else f"{'-':>8}"
         interval = f"{s['interval']:>8.0f}" if "interval" in s else f"{'-':>8}"
+        median = f"{s['idle_median_excess']:>8.1%}" if "idle_median_excess" in s else f"{'-':>8}"
         lines.append(
             f"{mode:<22} {s['slowdown']:>8.3f} {s['own_s'] * 1e6:>7.1f} {' '.join(pct)} {total} "
-            f"{believed} {frames} {interval}"
+            f"{believed} {frames} {interval} {median}"
         )
     return "\n".join(lines)
 

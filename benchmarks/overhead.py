@@ -177,8 +177,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _train(w: Workload, monitor: Monitor | None, steps: int, calls: list[float] | None = None) -> None:
-    """``steps`` training steps; with ``calls``, the time of each ``monitor.step`` is appended."""
+def _train(
+    w: Workload,
+    monitor: Monitor | None,
+    steps: int,
+    calls: list[float] | None = None,
+    ends: list[float] | None = None,
+) -> None:
+    """``steps`` training steps; with ``calls``, the time of each ``monitor.step`` is appended,
+    with ``ends`` the clock at the end of each step (host clock, no device sync)."""
     clock = time.perf_counter
     with monitor.training_stream() if monitor is not None else contextlib.nullcontext():
         for _ in range(steps):
@@ -187,14 +194,15 @@ def _train(w: Workload, monitor: Monitor | None, steps: int, calls: list[float] 
             w.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             w.optimizer.step()
-            if monitor is None:
-                continue
-            if calls is None:
-                monitor.step(loss=loss.detach())
-            else:
-                t0 = clock()
-                monitor.step(loss=loss.detach())
-                calls.append(clock() - t0)
+            if monitor is not None:
+                if calls is None:
+                    monitor.step(loss=loss.detach())
+                else:
+                    t0 = clock()
+                    monitor.step(loss=loss.detach())
+                    calls.append(clock() - t0)
+            if ends is not None:
+                ends.append(clock())
 
 
 def _window(

@@ -357,7 +357,7 @@ def test_the_budget_accounting_benchmark_breaks_each_budgets_slowdown_down(tmp_p
     assert [line[:22].strip() for line in lines[2:]] == list(budget_accounting.MODES[1:])
     result = json.loads(out.read_text())
     (rnd,) = result["rounds"]
-    assert rnd["off"]["step_s"] > 0 and rnd["attached"]["slowdown"] > 0
+    assert rnd["off"]["step_s"] > 0 and rnd["off"]["median_s"] > 0 and rnd["attached"]["slowdown"] > 0
     for mode in ("budget", "budget, told per step"):
         b = rnd[mode]
         assert b["own_s"] > 0 and b["slowdown"] > 0 and b["frames"] >= 0 and b["interval"] >= 1
@@ -386,9 +386,11 @@ def test_budget_accounting_splits_a_window_into_own_work_idle_excess_and_frames(
     told = [StepTime(0.0011, None, True, 1.0, 0.0001)] * 6 + [StepTime(0.0031, 1, False, 1.0, 0.0001)] * 2
     state = {"step_ms": 1.1, "own_ms": 0.1, "cost_ms": 4.0, "interval": 8}
     budget = {"told": told, "calls": [0.0001] * 8, "frames": 1, "state": state, "step_s": 0.0016}
-    parts = account(budget, off_s=0.001, steps=8)
+    parts = account(budget, off_s=0.001, steps=8, off_median_s=0.001)
     assert parts["slowdown"] == pytest.approx(1.6)
     assert parts["own_s"] == pytest.approx(0.0001)
     assert parts["idle_excess_s"] == pytest.approx(0.0001 * 6 / 8)  # idle steps 0.1 ms over off
     assert parts["frames_s"] == pytest.approx(2 * 0.002 / 8)  # two steps 2 ms over the idle mean
     assert parts["believed"] == pytest.approx((0.1 + 4.0 / 8) / 1.1)
+    assert parts["idle_median_excess"] == pytest.approx(0.1)  # the median idle step, 10 % over off's
+    assert account(budget, off_s=0.001, steps=8)["idle_median_excess"] is None  # no off steps told
