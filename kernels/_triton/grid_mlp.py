@@ -11,7 +11,7 @@ and only the (pixels, classes) probabilities are stored.
 
 Two layouts of the same computation (``layout`` in the launch configuration):
 
-- ``units`` (the default): activations held transposed, (units, pixels), every product
+- ``units``: activations held transposed, (units, pixels), every product
   weights @ activations, the weight tile being the matrix units' A operand. A pair's first
   product has only BLOCK_N rows, too few for Hopper's warp-group products (64 rows a warp
   group), so it runs on the older mma instructions. Correct at every tile size tried on an H100.
@@ -21,9 +21,9 @@ Two layouts of the same computation (``layout`` in the launch configuration):
   (compiled for sm_90a and read back: ``python -m benchmarks.triton_report``). The output
   layer's narrow product is still taken in the units form (its activations transposed once):
   Triton 3.6 on an H100 miscompiled chained row-major products whose second has 16 columns
-  (benchmarks/triton_chained_dot.py, RESULTS.md), which is exactly that product. Opt-in until
-  the CUDA tests (which run both layouts) and ``benchmarks.tune_grid_mlp`` have passed and
-  timed it on a GPU.
+  (benchmarks/triton_chained_dot.py, RESULTS.md), which is exactly that product. On an H100
+  its CUDA tests passed and it was the fastest configuration swept for 16-bit hidden widths
+  64 to 256 (2026-11-24, RESULTS.md), which therefore take it; the rest keep ``units``.
 
 Either way the logits come out (outputs, pixels), and the softmax and store are shared.
 Widths are padded to powers of two with zero weights, so padded units contribute nothing.
@@ -296,7 +296,11 @@ def launch_config(hidden: int, dtype: torch.dtype) -> dict:
     """
     if triton_interpreting():
         return {"layout": "units", "block_m": 128, "block_n": min(hidden, 64), "num_warps": 4}
-    # Swept on an H100 (python -m benchmarks.tune_grid_mlp, benchmarks/RESULTS.md, 2026-11-23).
+    # Swept on an H100 (python -m benchmarks.tune_grid_mlp, benchmarks/RESULTS.md): 16-bit
+    # widths 64 to 256 in the pixels layout (2026-11-24: 2-256x3-7 bf16 at 1024² 1.02 ms against
+    # 1.47 ms in units, 2-64-64-3 0.280 against 0.343 ms); the rest as swept on 2026-11-23.
+    if dtype != torch.float32 and 64 <= hidden <= 256:
+        return {"layout": "pixels", "block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2}
     # fp32 up to width 64 on 8 warps: the sweep's winner for 2-32-32-3 fp32, and at width 64
     # the 4-warp tile spills registers (benchmarks.triton_report; 8 warps: 66, no spill).
     if hidden <= 64:
