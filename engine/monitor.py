@@ -238,6 +238,7 @@ class Monitor:
         }
         self._adaptive = [st for st in self._probes.values() if st.adaptive]
         self._step_times: list[tuple[float, float | None, tuple[int | None, ...]]] = []  # not yet told
+        self._host_budgets = bool(self._adaptive) and self._clock is None  # own work timed per event
         self._callbacks = sorted([*probes, *callbacks], key=lambda c: c.order)
         self._run_dir, self._overwrite = run_dir, overwrite
         self._final_frame, self._close_timeout = final_frame, close_timeout
@@ -523,18 +524,18 @@ class Monitor:
 
     def after_loss(self, loss=None, **kwargs) -> None:
         """Record the batch loss of the step in progress."""
-        t_enter = time.perf_counter()
+        self._between("after_loss", {"loss": loss, **kwargs}, loss)
+
+    def _between(self, event: str, kwargs: dict, loss=None) -> None:
+        """An event of the batch between two optimizer steps (and the loss it records): where
+        budgets time steps by the host clock, its time is the Monitor's own work too."""
+        timed = self._host_budgets
+        t_enter = time.perf_counter() if timed else 0.0
         if loss is not None:
             self._record_loss(loss)
-        self._fire("after_loss", loss=loss, **kwargs)
-        self._own_between += time.perf_counter() - t_enter
-
-    def _between(self, event: str, kwargs: dict) -> None:
-        """An event of the batch between two optimizer steps: its handlers' time is the
-        Monitor's own work in the training thread too."""
-        t_enter = time.perf_counter()
         self._fire(event, **kwargs)
-        self._own_between += time.perf_counter() - t_enter
+        if timed:
+            self._own_between += time.perf_counter() - t_enter
 
     def before_backward(self, **kwargs) -> None:
         self._between("before_backward", kwargs)
