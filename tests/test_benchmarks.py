@@ -394,3 +394,80 @@ def test_budget_accounting_splits_a_window_into_own_work_idle_excess_and_frames(
     assert parts["believed"] == pytest.approx((0.1 + 4.0 / 8) / 1.1)
     assert parts["idle_median_excess"] == pytest.approx(0.1)  # the median idle step, 10 % over off's
     assert account(budget, off_s=0.001, steps=8)["idle_median_excess"] is None  # no off steps told
+
+
+def test_the_stream_trace_benchmark_finds_steps_frames_and_snapshots_in_a_profile(tmp_path, capsys):
+    from benchmarks import stream_trace
+
+    args = ["--device", "cpu", "--resolution", "12", "--warmup", "10", "--steps", "40"]
+    args += ["--modes", "off", "every:5", "--out", str(tmp_path)]
+    assert stream_trace.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["mode", "step", "mean"]
+    assert [line.split()[0] for line in lines[1:3]] == ["off", "every:5"]
+    result = json.loads((tmp_path / "stream_trace.json").read_text())["results"]
+    off, every = result["off"], result["every:5"]
+    assert off["steps"] == every["steps"] == 40
+    assert off["frames"] == 0 and off["idle_steps"] == 40 and off["snapshot_median_ms"] is None
+    if every["threads_seen"]:  # a frame every 5 steps, the window's last one drained into it
+        assert 6 <= every["frames"] <= 9 and every["frame_host_median_ms"] > 0
+        assert every["beside_steps"] >= every["frames"] - 1
+    assert every["snapshot_median_ms"] > 0  # launched in the training thread: always seen
+    assert every["train_gpu_busy"] is None and every["probe_gpu_per_frame_ms"] is None  # no GPU
+    assert (tmp_path / "trace-every-5.json.gz").stat().st_size > 0
+
+
+def test_stream_trace_rejects_a_mode_it_does_not_know():
+    from benchmarks import stream_trace
+
+    assert stream_trace.parse_mode("every:3") == ("every", 3)
+    assert stream_trace.parse_mode("budget:0.02") == ("budget", 0.02)
+    for bad in ("every:0", "every", "budget:2", "budget:x", "off:1", "sometimes"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            stream_trace.parse_mode(bad)
+    with pytest.raises(SystemExit):
+        stream_trace.main(["--modes", "every:0"])
+
+
+def _x(name, ts, dur, tid=1, cat="user_annotation", **args):
+    return {"ph": "X", "name": name, "ts": ts, "dur": dur, "tid": tid, "cat": cat, "args": args}
+
+
+def test_stream_trace_analysis_splits_the_streams_by_the_thread_that_launched_them():
+    from benchmarks.stream_trace import analyse
+
+    steps = [_x("train step", 1000 * i, 1000 if i != 2 else 1600) for i in range(4)]
+    steps[3]["ts"] = 3600  # steps: 0-1000, 1000-2000, 2000-3600, 3600-4600 µs
+    frame = _x("probescope.frame:grid", 2100, 300, tid=2)
+    launches = [  # the training thread launches 1 and 2, the probe thread 3
+        _x("cudaLaunchKernel", 0, 5, tid=1, cat="cuda_runtime", correlation=1),
+        _x("cudaLaunchKernel", 0, 5, tid=1, cat="cuda_runtime", correlation=2),
+        _x("cuLaunchKernel", 2100, 5, tid=2, cat="cuda_driver", correlation=3),
+    ]
+    kernels = [
+        _x("train_a", 100, 400, tid=7, cat="kernel", correlation=1, stream=7),  # 100-500
+        _x("train_b", 2200, 800, tid=7, cat="kernel", correlation=2, stream=7),  # 2200-3000
+        _x("probe", 2400, 1000, tid=8, cat="kernel", correlation=3, stream=8),  # 2400-3400
+    ]
+    r = analyse([*steps, frame, *launches, *kernels, {"ph": "M", "name": "process_name"}])
+    assert r["steps"] == 4 and r["frames"] == 1
+    assert r["idle_steps"] == 3 and r["beside_steps"] == 1  # only step 2 meets the frame
+    assert r["idle_median_ms"] == pytest.approx(1.0) and r["beside_mean_ms"] == pytest.approx(1.6)
+    assert r["excess_per_frame_ms"] == pytest.approx(0.6)
+    assert r["frame_host_median_ms"] == pytest.approx(0.3)
+    assert r["probe_gpu_per_frame_ms"] == pytest.approx(1.0)
+    assert r["train_gpu_busy"] == pytest.approx(1200 / 4600)
+    assert r["probe_gpu_beside_training"] == pytest.approx(600 / 1000)  # 2400-3000 shared
+    assert r["training_gpu_beside_probe"] == pytest.approx(600 / 1200)
+    with pytest.raises(ValueError, match="train step"):
+        analyse([frame])
+
+
+def test_interval_helpers_merge_intersect_and_find_overlaps():
+    from benchmarks.stream_trace import intersection, length, overlaps, union
+
+    merged = union([(5, 7), (0, 2), (1, 3), (6, 6.5), (10, 11)])
+    assert merged == [(0, 3), (5, 7), (10, 11)] and length(merged) == 6
+    assert intersection(merged, [(2, 6), (10.5, 20)]) == [(2, 3), (5, 6), (10.5, 11)]
+    assert overlaps((2.5, 4), merged) and overlaps((6, 6.1), merged) and overlaps((-1, 0.5), merged)
+    assert not overlaps((3, 5), merged) and not overlaps((7, 10), merged) and not overlaps((12, 13), merged)

@@ -344,3 +344,27 @@ def test_a_cpu_model_whose_training_threads_leave_no_core_to_the_probes_gets_a_w
                 assert record.levelno == logging.WARNING and "training waits for a core" in record.message
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_torch_profile_shows_the_monitors_snapshots_and_frames(mlp, blobs, recording_probe):
+    from torch.profiler import ProfilerActivity, profile
+
+    import probescope.monitor as monitor_module
+
+    try:
+        config = {"experimental_config": torch._C._profiler._ExperimentalConfig(profile_all_threads=True)}
+    except (AttributeError, TypeError):
+        pytest.skip("this torch's profiler records one thread only")
+    probe = recording_probe(name="grid", schedule=Schedule.every(2))
+    assert isinstance(monitor_module._traced("x"), type(monitor_module.contextlib.nullcontext()))
+    with (
+        Monitor(mlp, [probe], final_frame=False) as monitor,
+        profile(activities=[ProfilerActivity.CPU], **config) as prof,
+    ):
+        assert not isinstance(monitor_module._traced("x"), type(monitor_module.contextlib.nullcontext()))
+        train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 6)
+        monitor.drain()
+    names = [e.name for e in prof.events()]
+    assert names.count("probescope.snapshot") == 3  # steps 2, 4, 6 (step 0 came before)
+    assert names.count("probescope.frame:grid") == 3
+    assert probe.steps == [0, 2, 4, 6]
