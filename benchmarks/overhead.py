@@ -177,6 +177,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def train_step(w: Workload) -> torch.Tensor:
+    """One optimizer step of ``w``; its loss."""
+    x, y = w.batch()
+    loss = w.loss(w.model(x), y)
+    w.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    w.optimizer.step()
+    return loss
+
+
 def _train(
     w: Workload,
     monitor: Monitor | None,
@@ -189,11 +199,7 @@ def _train(
     clock = time.perf_counter
     with monitor.training_stream() if monitor is not None else contextlib.nullcontext():
         for _ in range(steps):
-            x, y = w.batch()
-            loss = w.loss(w.model(x), y)
-            w.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            w.optimizer.step()
+            loss = train_step(w)
             if monitor is not None:
                 if calls is None:
                     monitor.step(loss=loss.detach())

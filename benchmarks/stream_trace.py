@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from benchmarks.overhead import _sync, _train, leave_a_core_to_probes, mlp_workload
+from benchmarks.overhead import _sync, _train, leave_a_core_to_probes, mlp_workload, train_step
 from probescope import Monitor, Schedule
 
 STEP = "train step"
@@ -92,11 +92,7 @@ def _profiled_steps(w, monitor: Monitor | None, steps: int, device: torch.device
         with profile(activities=activities, **extra) as prof, streams:
             for _ in range(steps):
                 with record_function(STEP):
-                    x, y = w.batch()
-                    loss = w.loss(w.model(x), y)
-                    w.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    w.optimizer.step()
+                    loss = train_step(w)
                     if monitor is not None:
                         monitor.step(loss=loss.detach())
             _sync(device)
