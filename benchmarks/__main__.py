@@ -94,12 +94,19 @@ def format_table(rows: list[dict], peaks: dict) -> str:
             else:
                 throughput = f"{r['bytes_per_s'] / 1e9:.2f} GB/s"
                 frac = f"{r['fraction_of_copy_peak']:.0%}"
-            speedup = "reference" if provider == reference else f"{r['median_s'] / ours:.3f}"
+            speedup = "reference" if provider == reference else f"{_ratio(r, ours):.3f}"
             lines.append(
                 f"| {row['op']} | {row['case']} | {provider} | {r['median_s'] * 1e3:.2f} | {throughput} "
                 f"| {frac} | {speedup} |"
             )
     return "\n".join(lines)
+
+
+def _ratio(result: dict, reference_s: float) -> float:
+    """A provider's time over the reference's: the suite's own slowdown where it gives one (the
+    median of paired windows' ratios, which the machine's drift does not move), else the
+    ratio of median times."""
+    return result.get("slowdown", result["median_s"] / reference_s)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -112,7 +119,7 @@ def plot(rows: list[dict], path: Path) -> None:
     references = [r.get("reference", r["ours"]) for r in rows]
     providers = sorted({p for r, ref in zip(rows, references, strict=True) for p in r["results"] if p != ref})
     for provider in providers:
-        ratios = [r["results"][provider]["median_s"] / r["results"][ref]["median_s"]
+        ratios = [_ratio(r["results"][provider], r["results"][ref]["median_s"])
                   if provider in r["results"] else float("nan")
                   for r, ref in zip(rows, references, strict=True)]  # fmt: skip
         ax.plot(range(len(rows)), ratios, "o", label=provider)

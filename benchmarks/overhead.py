@@ -10,7 +10,11 @@ workload's probes share), interleaved round by round on the same model so that
 drift in the machine's speed falls on every mode alike; from the second round on, probes
 off is timed over the longest window of the round before. Per mode: steps/s, the slowdown
 against probes off (time per step / time per step off), probe latency (mean evaluation
-time) and frames/s. Step times end with a device synchronisation on CUDA.
+time) and frames/s. Step times end with a device synchronisation on CUDA. The MLP's steps
+(about 1.5 ms of Python and launches on an H100) are the most exposed to the machine's drift
+(about ±10 % between windows a few seconds apart there): its windows with probes each come
+right after a window with probes off as long, and its slowdown is the median of those pairs'
+ratios, over five rounds (three with ``--quick``).
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class Workload:
     probes: Callable[[Callable[[], Schedule]], list]  # a schedule factory -> fresh probes
     steps: int  # timed steps per mode and round
     warmup: int = 3
+    rounds: int = 3
+    paired: bool = False  # a window with probes off right before each window with probes
 
 
 class GPT(nn.Module):
@@ -108,6 +114,8 @@ def mlp_workload(device: torch.device, resolution: int, quick: bool) -> Workload
         F.cross_entropy,
         lambda s: [GridProbe(data.x_train, data.y_train, resolution=resolution, schedule=s())],
         steps=400 if quick else 1000,
+        rounds=3 if quick else 5,
+        paired=True,
     )
 
 
@@ -341,10 +349,9 @@ def leave_a_core_to_probes(device: torch.device) -> None:
 
 def run(device: torch.device, quick: bool, peaks: dict):
     leave_a_core_to_probes(device)
-    rounds = 3
     for make in workloads(device, quick):
         w = make()
-        results = measure_modes(w, device, rounds)
+        results = measure_modes(w, device, w.rounds, paired=w.paired)
         yield {"op": "overhead", "case": w.name, "results": results, "ours": "off", "reference": "off"}
         del w
         if device.type == "cuda":

@@ -471,3 +471,35 @@ def test_interval_helpers_merge_intersect_and_find_overlaps():
     assert intersection(merged, [(2, 6), (10.5, 20)]) == [(2, 3), (5, 6), (10.5, 11)]
     assert overlaps((2.5, 4), merged) and overlaps((6, 6.1), merged) and overlaps((-1, 0.5), merged)
     assert not overlaps((3, 5), merged) and not overlaps((7, 10), merged) and not overlaps((12, 13), merged)
+
+
+def test_the_benchmark_runner_reports_the_overhead_suite_with_paired_slowdowns(tmp_path, monkeypatch, capsys):
+    import dataclasses
+    import functools
+    import statistics
+
+    from benchmarks import __main__ as runner
+    from benchmarks import overhead
+
+    def tiny(device, quick):  # the suite's MLP workload, smaller and shorter
+        return [lambda: dataclasses.replace(overhead.mlp_workload(device, 12, quick), steps=30, rounds=2)]
+
+    monkeypatch.setattr(overhead, "workloads", tiny)
+    # Budget windows span two intervals, up to limit_s: a fraction of a second here.
+    monkeypatch.setattr(overhead, "measure_modes", functools.partial(overhead.measure_modes, limit_s=0.1))
+    out = tmp_path / "out"
+    assert runner.main(["overhead", "--quick", "--device", "cpu", "--out", str(out)]) == 0
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    assert row["suite"] == row["op"] == "overhead" and row["reference"] == "off"
+    assert list(row["results"]) == list(overhead.MODES)
+    table = (out / "results.md").read_text()
+    for mode in list(overhead.MODES)[1:]:
+        r = row["results"][mode]
+        assert len(r["pair_ratios"]) == 2
+        assert r["slowdown"] == pytest.approx(statistics.median(r["pair_ratios"]))
+        assert r["frames_per_s"] > 0 and sum(r["frames_in_window"]) > 0
+        assert f"| overhead | {row['case']} | {mode} |" in table
+        assert table.split(f"| {mode} |")[1].splitlines()[0].rstrip().endswith(f"| {r['slowdown']:.3f} |")
+    assert "budget_interval" in row["results"]["budget 2%"]
+    assert (out / "results.png").stat().st_size > 0
+    assert "overhead" in capsys.readouterr().out
