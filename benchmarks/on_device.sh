@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on a lent GPU machine whose python3 already has torch, triton, numba and pytest:
 # installs probescope without touching those, then runs the named steps, logs under $OUT.
-#   bash benchmarks/on_device.sh [tests|tests-all|tests-par|tests-pixels] [tune|tune-target] [report] [kernels] [overhead] [frames] [fit] [budget-start] [budget-accounting] [stream-trace] ...
+#   bash benchmarks/on_device.sh [tests|tests-all|tests-par|tests-pixels] [tune|tune-target] [report] [kernels] [overhead] [frames] [fit] [budget-start] [budget-accounting] [stream-trace] [tune-colormap] ...
 # (tune-target: the launch sweep of the MLPs behind the kernel targets only; report: what the
 # grid kernel compiles to with this machine's Triton, and whether it still miscompiles chained
 # row-major products: benchmarks/triton_report.py, benchmarks/triton_chained_dot.py)
@@ -54,6 +54,7 @@ for step in "$@"; do
            $T python3 -m benchmarks.fit --framework $fw --out "$OUT/fit" 2>&1 | tee "$OUT/fit-$fw.log"
          done ;;
     budget-start) $T python3 -m benchmarks.budget_start --device cuda --resolution 1024 --steps 5000 --rounds 3 --out "$OUT/budget_start.json" 2>&1 | tee "$OUT/budget_start.log" ;;
+    tune-colormap) $T python3 -m benchmarks.tune_colormap --out "$OUT/tune_colormap" 2>&1 | tee "$OUT/tune_colormap.log" ;;
     stream-trace) for r in 1024 512; do $T python3 -m benchmarks.stream_trace --device cuda --resolution $r --out "$OUT/stream_trace-$r" 2>&1 | tee "$OUT/stream_trace-$r.log"; done ;;
     budget-accounting) $T python3 -m benchmarks.budget_accounting --device cuda --resolution 1024 --out "$OUT/budget_accounting.json" 2>&1 | tee "$OUT/budget_accounting.log" ;;
     report) $T python3 -m benchmarks.triton_report 2>&1 | tee "$OUT/triton_report.log"

@@ -503,3 +503,21 @@ def test_the_benchmark_runner_reports_the_overhead_suite_with_paired_slowdowns(t
     assert "budget_interval" in row["results"]["budget 2%"]
     assert (out / "results.png").stat().st_size > 0
     assert "overhead" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["region", "boundary", "prob"])
+def test_every_colouring_launch_the_sweep_times_colours_like_the_reference(mode):
+    from benchmarks import tune_colormap
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs Triton's interpreter or a GPU")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = tune_colormap.sweep(23, 7, mode, 1.0, device)  # 529 pixels: partial programs
+    assert len(rows) == len(tune_colormap.configurations()) >= 30
+    assert {r["staged"] for r in rows} == {False, True}
+    assert [r for r in rows if "error" in r or r["max_channel_error"] > 1] == []
+    assert sum(r["default"] for r in rows) == 1
+    if device.type == "cpu":
+        assert all("ms" not in r for r in rows)  # the interpreter's time is no kernel's
+    table = tune_colormap.table(23, rows)
+    assert table.count("\n") == len(rows) and "(in use)" in table and "WRONG" not in table

@@ -366,6 +366,29 @@ def test_probs_to_rgba_matches_reference_into_a_poisoned_slot(impl, mode, h, w, 
         assert tuple(got[0, 0].cpu().tolist()) == NONFINITE_RGBA
 
 
+@pytest.mark.parametrize("staged", [False, True])
+@pytest.mark.parametrize("mode", ["region", "boundary", "prob"])
+@pytest.mark.parametrize(("h", "w", "c"), [(1, 1, 3), (13, 7, 1), (17, 19, 7), (5, 3, 23)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_triton_colouring_launches_match_the_reference(staged, mode, h, w, c, dtype):
+    """Both ways a program reads its rows (strided per class, or staged in one span), with
+    programs that cover the map partly (block 64) and several times over (block 16)."""
+    from probescope.kernels._triton.colormap import probs_to_rgba_triton
+
+    device = device_for("triton")
+    probs = random_probs(h, w, c, seed=h * w + c, device=device).to(dtype)
+    if h * w > 1:
+        probs[h - 1, w - 1, c - 1] = float("inf")
+    palette = default_palette(c)
+    ref = probs_to_rgba_reference(probs.float().cpu(), mode, palette, class_index=c - 1)
+    for block in (16, 64):
+        slot = torch.full((h, w, 4), 7, dtype=torch.uint8, device=device)
+        probs_to_rgba_triton(probs, mode, palette, c - 1, slot, block=block, staged=staged, num_warps=1)
+        assert (slot.cpu().int() - ref.int()).abs().max() <= 1
+    if h * w > 1:
+        assert tuple(slot[h - 1, w - 1].cpu().tolist()) == NONFINITE_RGBA
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_probs_to_rgba_half_precision_inputs_and_non_contiguous_slots(impl):
     device = device_for(impl)

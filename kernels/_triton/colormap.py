@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from probescope.kernels.backend import device_copy
+from probescope.kernels.backend import device_copy, next_power_of_2
 from probescope.kernels.colormap import BOUNDARY_INK, BOUNDARY_PALE, DIVERGING_ANCHORS, MODES, NONFINITE_RGBA
 
 # Little-endian int32 words whose bytes are R, G, B, A.
@@ -36,21 +36,33 @@ def _probs_to_rgba_kernel(
     probs_ptr, palette_ptr, anchors_ptr, out_ptr, n_pixels, class_index,
     NUM_CLASSES: tl.constexpr, MODE: tl.constexpr,
     INK_R: tl.constexpr, INK_G: tl.constexpr, INK_B: tl.constexpr, PALE: tl.constexpr,
-    NONFINITE: tl.constexpr, OPAQUE: tl.constexpr, BLOCK: tl.constexpr,
+    NONFINITE: tl.constexpr, OPAQUE: tl.constexpr, BLOCK: tl.constexpr, STAGED: tl.constexpr,
+    FLAT: tl.constexpr,
 ):  # fmt: skip
-    # One pass over the classes, one strided load each (the rows' cache lines are shared by
-    # consecutive loads), with a running top-1/top-2 in registers: no 2-D tile, no index
-    # reduction, and every probability is read from memory once.
+    # One pass over the classes with a running top-1/top-2 in registers: no 2-D tile, no index
+    # reduction, and every probability is read from memory once. Each class's values come
+    # either from a strided load (the rows' cache lines are shared by consecutive loads) or,
+    # STAGED, from the program's whole contiguous span of BLOCK rows, loaded once in wide
+    # coalesced accesses and gathered class by class (through shared memory).
     pixel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = pixel < n_pixels
     row = probs_ptr + pixel * NUM_CLASSES
+    if STAGED:
+        span = tl.arange(0, FLAT)
+        first = tl.program_id(0).to(tl.int64) * (BLOCK * NUM_CLASSES)
+        keep = (span < BLOCK * NUM_CLASSES) & (first + span < n_pixels * NUM_CLASSES)
+        flat = tl.load(probs_ptr + first + span, mask=keep, other=0.0).to(tl.float32)
+        local = tl.arange(0, BLOCK) * NUM_CLASSES
     bad = tl.zeros([BLOCK], dtype=tl.int1)
     top = tl.full([BLOCK], float("-inf"), tl.float32)
     second = tl.full([BLOCK], float("-inf"), tl.float32)
     k = tl.zeros([BLOCK], dtype=tl.int32)
     q = tl.zeros([BLOCK], dtype=tl.float32)
     for c in tl.static_range(NUM_CLASSES):
-        p = tl.load(row + c, mask=inside, other=0.0).to(tl.float32)
+        if STAGED:
+            p = tl.gather(flat, local + c, 0)
+        else:
+            p = tl.load(row + c, mask=inside, other=0.0).to(tl.float32)
         finite = (p == p) & (tl.abs(p) != float("inf"))
         bad = bad | ~finite
         p = tl.where(finite, p, 0.0)
@@ -93,20 +105,29 @@ def _probs_to_rgba_kernel(
     tl.store(out_ptr + pixel, packed, mask=inside)
 
 
+def launch_config(num_classes: int) -> dict:
+    """Pixels per program, warps, and whether a program stages its rows (see the kernel)."""
+    return {"block": 1024, "num_warps": 4, "staged": False}
+
+
 def probs_to_rgba_triton(
-    probs: torch.Tensor, mode: str, palette: torch.Tensor, class_index: int, out: torch.Tensor
+    probs: torch.Tensor, mode: str, palette: torch.Tensor, class_index: int, out: torch.Tensor, **config
 ) -> torch.Tensor:
-    """Colour ``probs`` (..., C) into the contiguous uint8 ``out`` (..., 4)."""
+    """Colour ``probs`` (..., C) into the contiguous uint8 ``out`` (..., 4). ``config``
+    overrides :func:`launch_config` (``block``, ``num_warps``, ``staged``), for tuning."""
     num_classes = probs.shape[-1]
     flat = probs.reshape(-1, num_classes).contiguous()
     n_pixels = flat.shape[0]
     palette = device_copy(palette, probs.device, torch.uint8)
     anchors = device_copy(_ANCHORS, probs.device)
-    block = 1024
+    config = {**launch_config(num_classes), **config}
+    block = config["block"]
     _probs_to_rgba_kernel[(triton.cdiv(max(n_pixels, 1), block),)](
         flat, palette, anchors, out.view(torch.int32), n_pixels, class_index,
         NUM_CLASSES=num_classes, MODE=MODES.index(mode),
         INK_R=float(BOUNDARY_INK[0]), INK_G=float(BOUNDARY_INK[1]), INK_B=float(BOUNDARY_INK[2]),
         PALE=BOUNDARY_PALE, NONFINITE=_PACKED_NONFINITE, OPAQUE=_OPAQUE, BLOCK=block,
+        STAGED=bool(config["staged"]), FLAT=next_power_of_2(block * num_classes),
+        num_warps=config["num_warps"],
     )  # fmt: skip
     return out
