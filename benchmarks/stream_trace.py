@@ -2,14 +2,15 @@
 profiler trace (a diagnostic).
 
 ``python -m benchmarks.stream_trace [--device cpu|cuda] [--resolution 1024]
-[--modes off every:10 budget:0.02] [--warmup 300] [--steps 300] [--out DIR]``: the overhead
+[--modes off every:10 budget:0.02] [--warmup 300] [--steps 300] [--out DIR [--traces]]``: the overhead
 suite's MLP workload (2-64-64-7 on the blobs, batch 256, Adam, a GridProbe) trains under each
 mode in turn: ``off`` (no Monitor), ``every:N`` (a frame every N steps) or ``budget:F``
 (``Schedule.budget(F)``); after ``--warmup`` steps (a budget settles), ``--steps`` steps are
 profiled, each in a ``train step`` range, and the Monitor marks its snapshots
 (``probescope.snapshot``) and frames (``probescope.frame:NAME``) in the same trace.
 
-Per mode, from the trace (``DIR/trace-MODE.json.gz``, for chrome://tracing or Perfetto):
+Per mode, from the trace (kept with ``--traces`` as ``DIR/trace-MODE.json.gz``, for
+chrome://tracing or Perfetto):
 
 - ``step``: mean and median training step (host), the steps beside no frame (``idle``: no
   frame's host range and no probe kernel overlaps them) and those beside one (``beside``);
@@ -261,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", default=["off", "every:10", "budget:0.02"])
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--out", type=Path, help="keep the traces and a JSON of the results here")
+    parser.add_argument("--out", type=Path, help="write a JSON of the results here")
+    parser.add_argument("--traces", action="store_true", help="keep the traces in --out too")
     args = parser.parse_args(argv)
     for mode in args.modes:
         try:
@@ -276,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print(note, file=sys.stderr)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
-        folder = args.out or Path(scratch)
+        folder = args.out if args.out is not None and args.traces else Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
         for mode in args.modes:
             path = folder / f"trace-{mode.replace(':', '-')}.json.gz"
@@ -284,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{mode}: {json.dumps(results[mode])}", file=sys.stderr)
     print(table(results))
     if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
         record = {"args": vars(args) | {"out": str(args.out)}, "device": _device_name(device)}
         record["results"] = results
         (args.out / "stream_trace.json").write_text(json.dumps(record, indent=1))

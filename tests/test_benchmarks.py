@@ -400,7 +400,7 @@ def test_the_stream_trace_benchmark_finds_steps_frames_and_snapshots_in_a_profil
     from benchmarks import stream_trace
 
     args = ["--device", "cpu", "--resolution", "12", "--warmup", "10", "--steps", "40"]
-    args += ["--modes", "off", "every:5", "--out", str(tmp_path)]
+    args += ["--modes", "off", "every:5", "--out", str(tmp_path), "--traces"]
     assert stream_trace.main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:3] == ["mode", "step", "mean"]
