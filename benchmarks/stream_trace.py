@@ -171,6 +171,25 @@ def _ranges(events: Sequence[dict], test) -> Intervals:
     return sorted((e["ts"], e["ts"] + e["dur"]) for e in events if test(e))
 
 
+def _launched_by(gpu: Sequence[dict], launcher: dict, train_tid) -> list[bool]:
+    """Whether each GPU event is training's: by the thread whose call launched it, found through
+    the trace's correlation ids; an event whose launch the trace lacks (a library's own launch
+    API the profiler does not record) goes with what the known launches on its stream are
+    mostly, and with the probe where none on its stream is known."""
+    known: dict = {}  # stream -> [launched by training?] of its events with a known launch
+    for e in gpu:
+        tid = launcher.get(e.get("args", {}).get("correlation"))
+        if tid is not None:
+            known.setdefault(e.get("args", {}).get("stream"), []).append(tid == train_tid)
+    mostly = {stream: 2 * sum(flags) > len(flags) for stream, flags in known.items()}
+    out = []
+    for e in gpu:
+        args = e.get("args", {})
+        tid = launcher.get(args.get("correlation"))
+        out.append(tid == train_tid if tid is not None else mostly.get(args.get("stream"), False))
+    return out
+
+
 def analyse(events: Sequence[dict]) -> dict:
     """The steps, frames and GPU streams of one profiled window (times in ms, from the trace's
     microseconds)."""
@@ -189,7 +208,7 @@ def analyse(events: Sequence[dict]) -> dict:
         if e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})
     }
     gpu = [e for e in xs if e.get("cat") in GPU_CATEGORIES]
-    from_training = [launcher.get(e.get("args", {}).get("correlation")) == train_tid for e in gpu]
+    from_training = _launched_by(gpu, launcher, train_tid)
     train_gpu = union((e["ts"], e["ts"] + e["dur"]) for e, t in zip(gpu, from_training, strict=True) if t)
     probe_gpu = union((e["ts"], e["ts"] + e["dur"]) for e, t in zip(gpu, from_training, strict=True) if not t)
     busy = union([*frames, *probe_gpu])

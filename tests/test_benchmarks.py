@@ -448,6 +448,8 @@ def test_stream_trace_analysis_splits_the_streams_by_the_thread_that_launched_th
         _x("train_a", 100, 400, tid=7, cat="kernel", correlation=1, stream=7),  # 100-500
         _x("train_b", 2200, 800, tid=7, cat="kernel", correlation=2, stream=7),  # 2200-3000
         _x("probe", 2400, 1000, tid=8, cat="kernel", correlation=3, stream=8),  # 2400-3400
+        # launched by a library call the trace lacks: training's, as its stream's known ones are
+        _x("gemm", 4000, 100, tid=7, cat="kernel", correlation=99, stream=7),  # 4000-4100
     ]
     r = analyse([*steps, frame, *launches, *kernels, {"ph": "M", "name": "process_name"}])
     assert r["steps"] == 4 and r["frames"] == 1
@@ -456,9 +458,9 @@ def test_stream_trace_analysis_splits_the_streams_by_the_thread_that_launched_th
     assert r["excess_per_frame_ms"] == pytest.approx(0.6)
     assert r["frame_host_median_ms"] == pytest.approx(0.3)
     assert r["probe_gpu_per_frame_ms"] == pytest.approx(1.0)
-    assert r["train_gpu_busy"] == pytest.approx(1200 / 4600)
+    assert r["train_gpu_busy"] == pytest.approx(1300 / 4600)
     assert r["probe_gpu_beside_training"] == pytest.approx(600 / 1000)  # 2400-3000 shared
-    assert r["training_gpu_beside_probe"] == pytest.approx(600 / 1200)
+    assert r["training_gpu_beside_probe"] == pytest.approx(600 / 1300)
     with pytest.raises(ValueError, match="train step"):
         analyse([frame])
 
@@ -521,3 +523,15 @@ def test_every_colouring_launch_the_sweep_times_colours_like_the_reference(mode)
         assert all("ms" not in r for r in rows)  # the interpreter's time is no kernel's
     table = tune_colormap.table(23, rows)
     assert table.count("\n") == len(rows) and "(in use)" in table and "WRONG" not in table
+
+
+def test_a_gpu_event_without_a_known_launch_goes_with_its_streams_known_ones():
+    from benchmarks.stream_trace import _launched_by
+
+    def kernel(corr, stream):
+        return {"args": {"correlation": corr, "stream": stream}}
+
+    launcher = {1: "train", 2: "train", 3: "probe", 4: "probe"}
+    gpu = [kernel(1, 7), kernel(2, 7), kernel(3, 7), kernel(4, 8), kernel(50, 7), kernel(51, 8), kernel(52, 9)]
+    # streams: 7 mostly training's (2 of 3), 8 the probe's, 9 unknown (the probe's)
+    assert _launched_by(gpu, launcher, "train") == [True, True, False, False, True, False, False]
