@@ -532,6 +532,7 @@ def test_a_gpu_event_without_a_known_launch_goes_with_its_streams_known_ones():
         return {"args": {"correlation": corr, "stream": stream}}
 
     launcher = {1: "train", 2: "train", 3: "probe", 4: "probe"}
-    gpu = [kernel(1, 7), kernel(2, 7), kernel(3, 7), kernel(4, 8), kernel(50, 7), kernel(51, 8), kernel(52, 9)]
+    pairs = [(1, 7), (2, 7), (3, 7), (4, 8), (50, 7), (51, 8), (52, 9)]
+    gpu = [kernel(corr, stream) for corr, stream in pairs]
     # streams: 7 mostly training's (2 of 3), 8 the probe's, 9 unknown (the probe's)
     assert _launched_by(gpu, launcher, "train") == [True, True, False, False, True, False, False]
