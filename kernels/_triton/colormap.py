@@ -33,7 +33,7 @@ def _to_byte(x):
 
 @triton.jit
 def _probs_to_rgba_kernel(
-    probs_ptr, palette_ptr, anchors_ptr, out_ptr, n_pixels, class_index,
+    probs_ptr, palette_ptr, anchors_ptr, out_ptr, n_pixels, n_values, class_index,
     NUM_CLASSES: tl.constexpr, MODE: tl.constexpr,
     INK_R: tl.constexpr, INK_G: tl.constexpr, INK_B: tl.constexpr, PALE: tl.constexpr,
     NONFINITE: tl.constexpr, OPAQUE: tl.constexpr, BLOCK: tl.constexpr, STAGED: tl.constexpr,
@@ -50,7 +50,7 @@ def _probs_to_rgba_kernel(
     if STAGED:
         span = tl.arange(0, FLAT)
         first = tl.program_id(0).to(tl.int64) * (BLOCK * NUM_CLASSES)
-        keep = (span < BLOCK * NUM_CLASSES) & (first + span < n_pixels * NUM_CLASSES)
+        keep = (span < BLOCK * NUM_CLASSES) & (first + span < n_values)
         flat = tl.load(probs_ptr + first + span, mask=keep, other=0.0).to(tl.float32)
         local = tl.arange(0, BLOCK) * NUM_CLASSES
     bad = tl.zeros([BLOCK], dtype=tl.int1)
@@ -123,7 +123,7 @@ def probs_to_rgba_triton(
     config = {**launch_config(num_classes), **config}
     block = config["block"]
     _probs_to_rgba_kernel[(triton.cdiv(max(n_pixels, 1), block),)](
-        flat, palette, anchors, out.view(torch.int32), n_pixels, class_index,
+        flat, palette, anchors, out.view(torch.int32), n_pixels, n_pixels * num_classes, class_index,
         NUM_CLASSES=num_classes, MODE=MODES.index(mode),
         INK_R=float(BOUNDARY_INK[0]), INK_G=float(BOUNDARY_INK[1]), INK_B=float(BOUNDARY_INK[2]),
         PALE=BOUNDARY_PALE, NONFINITE=_PACKED_NONFINITE, OPAQUE=_OPAQUE, BLOCK=block,
