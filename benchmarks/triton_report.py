@@ -30,7 +30,10 @@ from probescope.kernels.backend import triton_interpreting
 from probescope.kernels.grid_mlp import FusableMLP, output_width, resolve_output
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+_POINTER_TYPES = {
+    torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
+    torch.uint8: "*u8", torch.int32: "*i32",
+}  # fmt: skip
 # (layout, BLOCK_M, BLOCK_N, num_warps, num_stages) compiled when none are named
 CONFIGS = [
     ("units", 128, 32, 8, 3),  # the tuned default at widths 65-256
@@ -53,9 +56,6 @@ def _tool(name: str) -> str:
 def compile_config(widths: tuple[int, ...], dtype: torch.dtype, config: tuple, arch: int = 90) -> dict:
     """Compile the kernel for the ReLU MLP of ``widths`` in one configuration for ``sm_<arch>``
     and report what the binary holds."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     from probescope.kernels._triton.grid_mlp import LAYOUTS, _grid_mlp_kernel, kernel_arguments
 
     layout, block_m, block_n, num_warps, num_stages = config
@@ -64,8 +64,15 @@ def compile_config(widths: tuple[int, ...], dtype: torch.dtype, config: tuple, a
     grid = GridSpec.rectangle((-3.0, 3.0, -3.0, 3.0), 1024, 1024)
     out = torch.empty(1, output_width(mode, mlp.out_features))
     args, constants = kernel_arguments(mlp, grid, mode, out, emulate=False)
-    kernel = _grid_mlp_kernel
     constants = {**constants, "BLOCK_M": block_m, "BLOCK_N": block_n, "PIXELS_FIRST": LAYOUTS[layout]}
+    signature, attrs = launch_signature(_grid_mlp_kernel, args, constants)
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    return {"config": config, **compile_kernel(_grid_mlp_kernel, signature, constants, attrs, options, arch)}
+
+
+def launch_signature(kernel, args: tuple, constants: dict) -> tuple[dict, dict]:
+    """The types and specialisations a real launch with ``args`` gives ``kernel``: pointers
+    and integers divisible by 16 marked so, the rest typed by value."""
     signature, attrs = {}, {}
     for index, (name, value) in enumerate(zip(kernel.arg_names, args, strict=False)):
         if isinstance(value, torch.Tensor):
@@ -78,12 +85,23 @@ def compile_config(widths: tuple[int, ...], dtype: torch.dtype, config: tuple, a
         else:
             signature[name] = "fp32"
     signature.update({name: "constexpr" for name in constants})
+    return signature, attrs
+
+
+def compile_kernel(
+    kernel, signature: dict, constants: dict, attrs: dict, options: dict, arch: int = 90
+) -> dict:
+    """Compile a Triton kernel for ``sm_<arch>`` and read what its binary holds: registers,
+    spills, shared memory, matrix products, pipelined copies, and its global loads by width
+    (``ldg``: 32-, 64- and 128-bit ``LDG`` instructions); ``error`` where it does not compile."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
-    options = {"num_warps": num_warps, "num_stages": num_stages}
     try:
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as err:  # out of shared memory and the like: a fact about the configuration
-        return {"config": config, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"}
+        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"}
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
@@ -103,7 +121,6 @@ def compile_config(widths: tuple[int, ...], dtype: torch.dtype, config: tuple, a
     registers = re.search(r"Used (\d+) registers", info.stderr)
     spills = re.search(r"(\d+) bytes spill stores", info.stderr)
     return {
-        "config": config,
         "registers": int(registers.group(1)) if registers else None,
         "spill_bytes": int(spills.group(1)) if spills else None,
         "shared_bytes": int(compiled.metadata.shared),
@@ -112,7 +129,11 @@ def compile_config(widths: tuple[int, ...], dtype: torch.dtype, config: tuple, a
         "async_copies": len(re.findall(r"cp\.async\.c[ag]", ptx)) + ptx.count("cp.async.bulk"),
         # ptxas serialising warp-group products it cannot keep in flight (a slow path)
         "wgmma_serialised": "warpgroup.wait is injected" in info.stderr or "C7515" in info.stderr,
+        "ldg": {bits: len(re.findall(rf"\bLDG\.E{suffix}\b", sass)) for bits, suffix in _LOAD_WIDTHS},
     }
+
+
+_LOAD_WIDTHS = ((32, ""), (64, r"\.64"), (128, r"\.128"))
 
 
 def format_row(r: dict) -> str:

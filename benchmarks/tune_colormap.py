@@ -1,13 +1,18 @@
 """Launch sweep of the Triton colouring kernel (``probs_to_rgba``) on a GPU.
 
 ``python -m benchmarks.tune_colormap [--sizes 1024 2048] [--classes 7] [--mode region]
-[--out DIR]``: every launch configuration (rows ``strided`` or ``staged``, pixels per
+[--out DIR] [--report]``: every launch configuration (rows ``strided`` or ``staged``, pixels per
 program, warps) colours a random probability map, is checked against the torch reference
 (every channel within 1, as the kernel tests require), and is timed from a CUDA graph of 20
 launches (the kernel's own time, no launch cost). Bandwidth counts the bytes the op must move
 (the probabilities read once, the RGBA written once) against the device's measured copy
 bandwidth; issue 3's target is 70 % of it. Prints the configurations fastest first per size
 and writes ``tune_colormap.json`` to DIR.
+
+``--report`` needs no GPU: it compiles every configuration for sm_90a (Hopper) with the
+installed Triton and prints what each binary holds: registers, spills, shared memory, and its
+global loads by width (a staged program should read its rows with 128-bit loads, a strided
+one reads 32 bits a class).
 """
 
 from __future__ import annotations
@@ -21,8 +26,15 @@ from pathlib import Path
 import torch
 
 from benchmarks.timing import device_name, device_peaks, measure_graph
+from benchmarks.triton_report import compile_kernel, launch_signature
 from probescope.kernels import default_palette, probs_to_rgba_reference
-from probescope.kernels._triton.colormap import launch_config, probs_to_rgba_triton
+from probescope.kernels._triton.colormap import (
+    _probs_to_rgba_kernel,
+    kernel_arguments,
+    launch_config,
+    probs_to_rgba_triton,
+)
+from probescope.kernels.backend import triton_interpreting
 
 BLOCKS = (256, 512, 1024, 2048, 4096)
 WARPS = (2, 4, 8, 16)
@@ -87,13 +99,50 @@ def table(size: int, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compile_report(config: dict, size: int, classes: int, mode: str, arch: int = 90) -> dict:
+    """What one configuration compiles to for ``sm_<arch>`` (no GPU needed), specialised as a
+    launch on a ``size``² map would be."""
+    probs = torch.empty(size, size, classes)
+    out = torch.empty(size, size, 4, dtype=torch.uint8)
+    _, args, constants, options = kernel_arguments(probs, mode, default_palette(classes), 0, out, **config)
+    signature, attrs = launch_signature(_probs_to_rgba_kernel, args, constants)
+    return {**config, **compile_kernel(_probs_to_rgba_kernel, signature, constants, attrs, options, arch)}
+
+
+def report_table(rows: list[dict]) -> str:
+    lines = [
+        f"{'rows':<8} {'block':>6} {'warps':>5} {'registers':>9} {'spilled':>7} {'shared':>7}  global loads"
+    ]
+    for r in rows:
+        head = f"{'staged' if r['staged'] else 'strided':<8} {r['block']:>6} {r['num_warps']:>5}"
+        if "error" in r:
+            lines.append(f"{head}  {r['error']}")
+            continue
+        loads = ", ".join(f"{n} x {bits}-bit" for bits, n in r["ldg"].items() if n)
+        lines.append(
+            f"{head} {r['registers']:>9} {r['spill_bytes']:>7} {r['shared_bytes'] // 1024:>5} KiB  {loads}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tune_colormap", description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--classes", type=int, default=7)
     parser.add_argument("--mode", choices=("region", "boundary", "prob"), default="region")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--report", action="store_true", help="compile for sm_90a and read the binaries")
     args = parser.parse_args(argv)
+    if args.report:
+        import triton
+
+        if triton_interpreting():
+            parser.error("TRITON_INTERPRET is set: interpreted kernels do not compile; unset it")
+        size = args.sizes[0]
+        what = f"probs_to_rgba {args.mode}, {args.classes} classes, {size}²"
+        print(f"{what}, for sm_90a, triton {triton.__version__}")
+        print(report_table([compile_report(c, size, args.classes, args.mode) for c in configurations()]))
+        return 0
     if not torch.cuda.is_available():
         print("tune_colormap times the Triton kernel on a GPU; torch sees none", file=sys.stderr)
         return 2

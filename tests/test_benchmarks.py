@@ -123,6 +123,40 @@ def test_every_grid_kernel_variant_compiles_for_hopper_and_the_report_reads_it()
     assert "HGMMA" in triton_report_row(wide["torch.bfloat16", "pixels"])
 
 
+def test_the_colouring_kernel_compiles_for_hopper_staged_rows_in_128_bit_loads():
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip(f"triton {triton.__version__} ships no CUDA binary tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(  # the command line's --report, then one configuration per mode as JSON
+        [sys.executable, "-c", COLOUR_SCRIPT], capture_output=True, text=True, env=env, timeout=600, cwd=root
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    table, _, rest = done.stdout.partition("JSON\n")
+    assert "staged" in table and "128-bit" in table and "error" not in table.lower()
+    reports = [json.loads(line) for line in rest.splitlines()]
+    assert len(reports) == 6
+    for r in reports:  # every mode, both read paths, the launch in use: no spill
+        assert "error" not in r and r["spill_bytes"] == 0, r
+        if r["staged"]:  # the program's rows in one span, 128 bits a load, through shared memory
+            assert r["ldg"]["128"] > 0 and r["shared_bytes"] >= 1024 * 7 * 4
+        else:  # 32 bits a class a pixel, no shared memory
+            assert r["ldg"]["128"] == 0 and r["ldg"]["32"] >= 7 and r["shared_bytes"] == 0
+
+
+COLOUR_SCRIPT = """
+import json
+from benchmarks import tune_colormap
+tune_colormap.main(["--report", "--sizes", "1024"])
+print("JSON")
+for mode in ("region", "boundary", "prob"):
+    for staged in (False, True):
+        config = {"staged": staged, "block": 1024, "num_warps": 4}
+        print(json.dumps(tune_colormap.compile_report(config, 1024, 7, mode)))
+"""
+
+
 def triton_report_row(report: dict) -> str:
     from benchmarks.triton_report import format_row
 

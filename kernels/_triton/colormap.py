@@ -115,6 +115,16 @@ def probs_to_rgba_triton(
 ) -> torch.Tensor:
     """Colour ``probs`` (..., C) into the contiguous uint8 ``out`` (..., 4). ``config``
     overrides :func:`launch_config` (``block``, ``num_warps``, ``staged``), for tuning."""
+    programs, args, constants, options = kernel_arguments(probs, mode, palette, class_index, out, **config)
+    _probs_to_rgba_kernel[(programs,)](*args, **constants, **options)
+    return out
+
+
+def kernel_arguments(
+    probs: torch.Tensor, mode: str, palette: torch.Tensor, class_index: int, out: torch.Tensor, **config
+) -> tuple[int, tuple, dict, dict]:
+    """The launch: its number of programs, run-time arguments, compile-time constants and
+    options (``benchmarks.tune_colormap --report`` compiles from the same)."""
     num_classes = probs.shape[-1]
     flat = probs.reshape(-1, num_classes).contiguous()
     n_pixels = flat.shape[0]
@@ -122,12 +132,11 @@ def probs_to_rgba_triton(
     anchors = device_copy(_ANCHORS, probs.device)
     config = {**launch_config(num_classes), **config}
     block = config["block"]
-    _probs_to_rgba_kernel[(triton.cdiv(max(n_pixels, 1), block),)](
-        flat, palette, anchors, out.view(torch.int32), n_pixels, n_pixels * num_classes, class_index,
+    args = (flat, palette, anchors, out.view(torch.int32), n_pixels, n_pixels * num_classes, class_index)
+    constants = dict(
         NUM_CLASSES=num_classes, MODE=MODES.index(mode),
         INK_R=float(BOUNDARY_INK[0]), INK_G=float(BOUNDARY_INK[1]), INK_B=float(BOUNDARY_INK[2]),
         PALE=BOUNDARY_PALE, NONFINITE=_PACKED_NONFINITE, OPAQUE=_OPAQUE, BLOCK=block,
         STAGED=bool(config["staged"]), FLAT=next_power_of_2(block * num_classes),
-        num_warps=config["num_warps"],
     )  # fmt: skip
-    return out
+    return triton.cdiv(max(n_pixels, 1), block), args, constants, {"num_warps": config["num_warps"]}
