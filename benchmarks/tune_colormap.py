@@ -81,22 +81,26 @@ def sweep(size: int, classes: int, mode: str, peak_bytes_per_s: float, device: t
     return sorted(rows, key=lambda r: r.get("ms", float("inf")))
 
 
-def table(size: int, rows: list[dict]) -> str:
-    lines = [
-        f"{size}²: {'rows':<8} {'block':>6} {'warps':>5} {'ms':>8} {'GB/s':>7} {'of peak':>7} {'err':>4}"
-    ]
+def _rows_table(header: str, rows: list[dict], columns, indent: str = "") -> str:
+    """One line a configuration: its launch, then ``columns(row)`` (or its error)."""
+    lines = [f"{header}{'rows':<8} {'block':>6} {'warps':>5} {columns(None)}"]
     for r in rows:
-        head = f"{'':6}{'staged' if r['staged'] else 'strided':<8} {r['block']:>6} {r['num_warps']:>5}"
-        if "error" in r:
-            lines.append(f"{head}  {r['error']}")
-            continue
-        flag = " (in use)" if r["default"] else ""
-        flag += "  WRONG" if r["max_channel_error"] > 1 else ""
-        lines.append(
-            f"{head} {r.get('ms', float('nan')):>8.4f} {r.get('bytes_per_s', 0) / 1e9:>7.0f} "
+        head = f"{indent}{'staged' if r['staged'] else 'strided':<8} {r['block']:>6} {r['num_warps']:>5}"
+        lines.append(f"{head}  {r['error']}" if "error" in r else f"{head} {columns(r)}")
+    return "\n".join(lines)
+
+
+def table(size: int, rows: list[dict]) -> str:
+    def columns(r: dict | None) -> str:
+        if r is None:
+            return f"{'ms':>8} {'GB/s':>7} {'of peak':>7} {'err':>4}"
+        flag = (" (in use)" if r["default"] else "") + ("  WRONG" if r["max_channel_error"] > 1 else "")
+        return (
+            f"{r.get('ms', float('nan')):>8.4f} {r.get('bytes_per_s', 0) / 1e9:>7.0f} "
             f"{r.get('fraction_of_copy_peak', 0):>7.1%} {r['max_channel_error']:>4}{flag}"
         )
-    return "\n".join(lines)
+
+    return _rows_table(f"{size}²: ", rows, columns, indent=" " * 6)
 
 
 def compile_report(config: dict, size: int, classes: int, mode: str, arch: int = 90) -> dict:
@@ -110,19 +114,13 @@ def compile_report(config: dict, size: int, classes: int, mode: str, arch: int =
 
 
 def report_table(rows: list[dict]) -> str:
-    lines = [
-        f"{'rows':<8} {'block':>6} {'warps':>5} {'registers':>9} {'spilled':>7} {'shared':>7}  global loads"
-    ]
-    for r in rows:
-        head = f"{'staged' if r['staged'] else 'strided':<8} {r['block']:>6} {r['num_warps']:>5}"
-        if "error" in r:
-            lines.append(f"{head}  {r['error']}")
-            continue
+    def columns(r: dict | None) -> str:
+        if r is None:
+            return f"{'registers':>9} {'spilled':>7} {'shared':>9}  global loads"
         loads = ", ".join(f"{n} x {bits}-bit" for bits, n in r["ldg"].items() if n)
-        lines.append(
-            f"{head} {r['registers']:>9} {r['spill_bytes']:>7} {r['shared_bytes'] // 1024:>5} KiB  {loads}"
-        )
-    return "\n".join(lines)
+        return f"{r['registers']:>9} {r['spill_bytes']:>7} {r['shared_bytes'] // 1024:>5} KiB  {loads}"
+
+    return _rows_table("", rows, columns)
 
 
 def main(argv: list[str] | None = None) -> int:
