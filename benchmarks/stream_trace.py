@@ -176,18 +176,17 @@ def _launched_by(gpu: Sequence[dict], launcher: dict, train_tid) -> list[bool]:
     the trace's correlation ids; an event whose launch the trace lacks (a library's own launch
     API the profiler does not record) goes with what the known launches on its stream are
     mostly, and with the probe where none on its stream is known."""
+    launches = [launcher.get(e.get("args", {}).get("correlation")) for e in gpu]
+    streams = [e.get("args", {}).get("stream") for e in gpu]
     known: dict = {}  # stream -> [launched by training?] of its events with a known launch
-    for e in gpu:
-        tid = launcher.get(e.get("args", {}).get("correlation"))
+    for tid, stream in zip(launches, streams, strict=True):
         if tid is not None:
-            known.setdefault(e.get("args", {}).get("stream"), []).append(tid == train_tid)
+            known.setdefault(stream, []).append(tid == train_tid)
     mostly = {stream: 2 * sum(flags) > len(flags) for stream, flags in known.items()}
-    out = []
-    for e in gpu:
-        args = e.get("args", {})
-        tid = launcher.get(args.get("correlation"))
-        out.append(tid == train_tid if tid is not None else mostly.get(args.get("stream"), False))
-    return out
+    return [
+        tid == train_tid if tid is not None else mostly.get(stream, False)
+        for tid, stream in zip(launches, streams, strict=True)
+    ]
 
 
 def analyse(events: Sequence[dict]) -> dict:
