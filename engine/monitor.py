@@ -236,7 +236,12 @@ class Monitor:
             )
             for p in probes
         }
-        self._adaptive = [st for st in self._probes.values() if st.adaptive]
+        self._states = tuple(self._probes.values())
+        self._adaptive = [st for st in self._states if st.adaptive]
+        # Whether a frame may be in flight (launched and not yet seen ended at a step boundary):
+        # while none is, a step's frames are known without asking each probe (its lock).
+        self._in_flight = False
+        self._no_frames: tuple[None, ...] = (None,) * len(self._states)
         self._step_times: list[tuple[float, float | None, tuple[int | None, ...]]] = []  # not yet told
         self._host_budgets = bool(self._adaptive) and self._clock is None  # own work timed per event
         self._callbacks = sorted([*probes, *callbacks], key=lambda c: c.order)
@@ -485,8 +490,8 @@ class Monitor:
     def step(self, loss=None) -> None:
         """Call after each optimizer step; ``loss`` is the batch's loss (a tensor is fine)."""
         t_enter = time.perf_counter()
-        if loss is not None:
-            self._record_loss(loss)
+        if loss is not None and self.probing:
+            self.history.append(History.BATCH_LOSS, self._step + 1, self._epoch, loss)
         self._after_step(t_enter, {})
 
     def log(self, **values) -> None:
@@ -548,33 +553,25 @@ class Monitor:
         self._after_step(time.perf_counter(), kwargs)
 
     def _after_step(self, t_enter: float, kwargs: dict) -> None:
+        # The training thread's path at every step: kept short (on a step of half a
+        # millisecond, each microsecond here is 0.2 % of training; see benchmarks.budget_accounting).
         if not self._started:
             self.start()
         if not self.probing:
             self._step += 1
             return
-        between, self._own_between = self._own_between, 0.0
-        # Every probe's frame of the step (the budgets' idle steps have none), read where the
-        # step's time is known: a mark read without a time would be lost. The budgets are told
-        # every STEP_BATCH steps (a step costs an append here).
-        if self._clock is not None and self._adaptive:  # CUDA: the steps' GPU time, no sync
-            for step_s, frames in self._clock.mark(self._step_frames()):
-                self._step_times.append((step_s, None, frames))
-        elif self._t_last_step is not None and self._adaptive:
-            # Without the Monitor's own work, told beside it: this method's time at the step
-            # before and the batch's events since.
-            own_s = None if self._own_s is None else self._own_s + between
-            self._step_times.append((t_enter - self._t_last_step - between, own_s, self._step_frames()))
-        if len(self._step_times) >= self.STEP_BATCH:
-            self._tell_steps()
-        self._step += 1
-        self._last_step_epoch = self._epoch
+        if self._adaptive:
+            self._time_step(t_enter)
+        step = self._step = self._step + 1
+        epoch = self._last_step_epoch = self._epoch
         lr = _learning_rate(self.optimizer)
         if lr is not None:
-            self.history.append("lr", self._step, self._epoch, lr)
-        self._fire("after_step", **kwargs)
+            self.history.append("lr", step, epoch, lr)
+        if self._handlers("after_step"):
+            self._fire("after_step", **kwargs)
         due = self._due_at_step()
-        self._probe_now(due)
+        if due:
+            self._probe_now(due)
         if self.viewer is not None:
             self._pump_viewer()
         self._t_last_step = time.perf_counter()
@@ -582,8 +579,33 @@ class Monitor:
         # a launch's snapshot is counted apart).
         self._own_s = self._t_last_step - t_enter if not due else None
 
+    def _time_step(self, t_enter: float) -> None:
+        """Note the step that just ended for the budgets: every probe's frame of the step (the
+        budgets' idle steps have none), read where the step's time is known (a mark read
+        without a time would be lost), and its time. The budgets are told every STEP_BATCH
+        steps (a step costs an append here)."""
+        between, self._own_between = self._own_between, 0.0
+        if self._clock is not None:  # CUDA: the steps' GPU time, no sync
+            frames = self._step_frames() if self._in_flight else self._no_frames
+            for step_s, step_frames in self._clock.mark(frames):
+                self._step_times.append((step_s, None, step_frames))
+        elif self._t_last_step is not None:
+            # Without the Monitor's own work, told beside it: this method's time at the step
+            # before and the batch's events since.
+            frames = self._step_frames() if self._in_flight else self._no_frames
+            own_s = None if self._own_s is None else self._own_s + between
+            self._step_times.append((t_enter - self._t_last_step - between, own_s, frames))
+        if len(self._step_times) >= self.STEP_BATCH:
+            self._tell_steps()
+
     def _step_frames(self) -> tuple[int | None, ...]:
-        return tuple(st.step_frame() for st in self._probes.values())
+        """Each probe's frame of the step that just ended (see ``_ProbeState.step_frame``).
+        Once no frame ran in it, none is running or queued and none waits for the recorder,
+        nothing is in flight until the next launch (launches happen on this thread)."""
+        frames = tuple([st.step_frame() for st in self._states])
+        if frames == self._no_frames and not any(st.busy or st.in_step is not None for st in self._states):
+            self._in_flight = False
+        return frames
 
     def _tell_steps(self) -> None:
         """Tell each budget the steps timed since it was last told: each step's time, its own
@@ -592,15 +614,16 @@ class Monitor:
         steps, self._step_times = self._step_times, []
         if not self._adaptive:
             return
-        states = list(self._probes.values())
+        states, no_frames = self._states, self._no_frames
         told: dict[int, list[StepTime]] = {id(st): [] for st in self._adaptive}
+        lists = list(told.values())
         for step_s, own_s, frames in steps:
-            running = [st for st, frame in zip(states, frames, strict=True) if frame is not None]
-            if not running:  # most steps: the same words for every budget
+            if frames == no_frames:  # most steps: the same words for every budget
                 quiet = StepTime(step_s, None, True, 1.0, own_s)
-                for lst in told.values():
+                for lst in lists:
                     lst.append(quiet)
                 continue
+            running = [st for st, frame in zip(states, frames, strict=True) if frame is not None]
             shares = _shares(running) if len(running) > 1 else {}
             for st, frame in zip(states, frames, strict=True):
                 if st.adaptive:
@@ -689,8 +712,15 @@ class Monitor:
 
     def _due_at_step(self) -> list[_ProbeState]:
         info = StepInfo(self._step, self._epoch, self)
-        due = [st for st in self._probes.values() if st.enabled and self._ask(st, "due", info)]
-        return self._skip_busy(due)
+        due = []
+        for st in self._states:  # _ask("due") written out: this runs at every step
+            if st.enabled:
+                try:
+                    if st.probe.schedule.due(info):
+                        due.append(st)
+                except Exception as err:
+                    _disable(st, "had its schedule raise", err)
+        return self._skip_busy(due) if due else due
 
     @staticmethod
     def _skip_busy(due: list[_ProbeState]) -> list[_ProbeState]:
@@ -720,6 +750,7 @@ class Monitor:
             st.busy, st.last_step = True, self._step
             st.launched += 1
             frames.append(None if inline else st.launched)
+        self._in_flight = self._in_flight or not inline
         epoch = self._epoch if epoch is None else epoch
         job = _Job(self, shadow, states, frames, self._step, epoch, self.history.lengths(), copy_s)
         if inline:

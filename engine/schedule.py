@@ -15,7 +15,6 @@ import statistics
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -27,9 +26,9 @@ from probescope.validation import positive_int
 log = logging.getLogger("probescope")
 
 
-@dataclass(frozen=True)
-class StepInfo:
-    """What a callable schedule is told about the step it decides on."""
+class StepInfo(NamedTuple):
+    """What a callable schedule is told about the step it decides on (made at every step: a
+    tuple is the cheapest immutable record)."""
 
     step: int
     epoch: int
@@ -372,7 +371,12 @@ class Budget(Schedule):
             for step_s, frame, quiet, share, own_s in steps:
                 if own_s is not None and own_s >= 0:
                     self._own.append(own_s)
-                if step_s > 0:
+                if step_s <= 0:
+                    continue
+                if frame is None and quiet:  # most steps: _step_seen's first case written out
+                    self._running = None
+                    self._idle.append(step_s)
+                else:
                     self._step_seen(step_s, frame, quiet, share)
             self._settle_frames()
             self._adapt()

@@ -239,6 +239,69 @@ def test_monitor_tells_a_budget_every_step_a_frame_ran_in_even_one_shorter_than_
     assert schedule.steps.count(None) >= len(schedule.steps) - len(tagged) > 0
 
 
+def test_monitor_asks_its_probes_for_frames_only_while_one_may_be_in_flight(mlp, monkeypatch):
+    # Most steps run beside no frame: the Monitor then knows the step's frames without asking
+    # each probe (a lock per probe at every step), and asks again from the next launch until
+    # a step in which nothing ran, nothing is queued and nothing waits for the recorder.
+    import threading
+    import time
+
+    from probescope import Probe
+    from probescope.monitor import _ProbeState
+
+    asked = []
+    step_frame = _ProbeState.step_frame
+
+    def counting(self):
+        asked.append(monitor.step_count)
+        return step_frame(self)
+
+    monkeypatch.setattr(_ProbeState, "step_frame", counting)
+    started, gate = threading.Event(), threading.Event()
+
+    class Gated(Probe):  # its frame of step 10 runs until the test lets it end
+        def evaluate(self, model, context):
+            if context.step == 10:
+                started.set()
+                gate.wait(10)
+            return {"step": context.step}
+
+    class Every10(Schedule):  # adaptive (it has a state): told the steps, a batch at a time
+        def __init__(self):
+            self.told = []
+
+        def due(self, info):
+            return info.step % 10 == 0
+
+        def observe_steps(self, steps):
+            self.told.extend(steps)
+
+        def state(self):
+            return {}
+
+    schedule = Every10()
+    with Monitor(mlp, [Gated(name="gated", schedule=schedule)], final_frame=False) as monitor:
+        for i in range(26):  # call i ends step i + 1 (times the step since call i - 1)
+            if i == 13:
+                gate.set()
+                monitor._worker.wait_idle(10)
+            time.sleep(0.002)
+            monitor.step()
+            if i == 9:
+                started.wait(10)
+            elif not 9 < i < 13:
+                monitor._worker.wait_idle(10)
+        monitor._tell_steps()
+    assert monitor.stats["gated"].run == 3  # frames 1, 2, 3 of steps 0, 10 and 20
+    # Frame 1 (launched at start) ends before the first step is timed, frame 2 runs from call
+    # 9 to call 13 (the four steps between), frame 3 ends within the step after call 19.
+    frames = [t.frame for t in schedule.told]  # the steps timed at calls 1 to 25
+    assert frames == [1] + [None] * 8 + [2] * 4 + [None] * 6 + [3] + [None] * 5
+    # Asked (step counts at the calls) from each launch to the first step with nothing in
+    # flight, never in the quiet stretches between.
+    assert asked == [1, 2, 10, 11, 12, 13, 14, 20, 21]
+
+
 def test_budget_counts_an_inline_sync_frame_in_full(mlp):
     # A "sync" frame runs in the training thread between two timed steps: no step shows its
     # cost, so the whole evaluation is what it costs, measured at once (no trial frames).
