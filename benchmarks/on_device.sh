@@ -5,8 +5,8 @@
 # (tune-target: the launch sweep of the MLPs behind the kernel targets only; report: what the
 # grid kernel compiles to with this machine's Triton, and whether it still miscompiles chained
 # row-major products: benchmarks/triton_report.py, benchmarks/triton_chained_dot.py)
-# (tests-par: the whole suite but the pixels layout's tests in 8 pytest-xdist workers, two CPU
-# threads each; tests-pixels: those, in one process)
+# (tests-par: the whole suite but the pixels and kloop layouts' tests in 8 pytest-xdist workers,
+# two CPU threads each; tests-pixels: those, in one process)
 # STEP_TIMEOUT (seconds, default 900) bounds each step, so one slow step leaves time for the rest.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-benchmark-results}
@@ -41,11 +41,11 @@ for step in "$@"; do
   T="timeout ${STEP_TIMEOUT:-900}"
   case $step in
     tests) $T python3 -m pytest -q -p no:cacheprovider -x --timeout 300 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
-    # The grid kernel's pixels-layout tests (every tile size; 39 passed on an H100, 2026-11-24) run
+    # The grid kernel's pixels- and kloop-layout tests (pixels: 39 passed on an H100, 2026-11-24) run
     # in a process of their own (tests-pixels), so an illegal address there (a sticky CUDA error)
     # cannot fail others.
-    tests-par) OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 NUMBA_NUM_THREADS=2 $T python3 -m pytest -v -p no:cacheprovider -p no:benchmark -n 8 --timeout 300 -rfE --durations=15 -k "not (layouts and pixels)" 2>&1 | tee "$OUT/pytest.log" | grep -v "PASSED\|SKIPPED" | tail -60 ;;
-    tests-pixels) $T python3 -m pytest -v -p no:cacheprovider -p no:benchmark --timeout 300 -rfE -k "layouts and pixels" 2>&1 | tee "$OUT/pytest-pixels.log" | grep -v PASSED | tail -40 ;;
+    tests-par) OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 NUMBA_NUM_THREADS=2 $T python3 -m pytest -v -p no:cacheprovider -p no:benchmark -n 8 --timeout 300 -rfE --durations=15 -k "not (layouts and (pixels or kloop))" 2>&1 | tee "$OUT/pytest.log" | grep -v "PASSED\|SKIPPED" | tail -60 ;;
+    tests-pixels) $T python3 -m pytest -v -p no:cacheprovider -p no:benchmark --timeout 300 -rfE -k "layouts and (pixels or kloop)" 2>&1 | tee "$OUT/pytest-pixels.log" | grep -v PASSED | tail -40 ;;
     tests-all) $T python3 -m pytest -q -p no:cacheprovider --timeout 300 2>&1 | tee "$OUT/pytest.log" | tail -60 ;;
     tune) $T python3 -m benchmarks.tune_grid_mlp --out "$OUT" 2>&1 | tee "$OUT/tune.log" ;;
     # one process an MLP: a configuration that faults the GPU cannot lose the other's sweep

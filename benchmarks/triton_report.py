@@ -56,7 +56,7 @@ def _tool(name: str) -> str:
 def compile_config(widths: tuple[int, ...], dtype: torch.dtype, config: tuple, arch: int = 90) -> dict:
     """Compile the kernel for the ReLU MLP of ``widths`` in one configuration for ``sm_<arch>``
     and report what the binary holds."""
-    from probescope.kernels._triton.grid_mlp import LAYOUTS, _grid_mlp_kernel, kernel_arguments
+    from probescope.kernels._triton.grid_mlp import _grid_mlp_kernel, kernel_arguments, layout_constants
 
     layout, block_m, block_n, num_warps, num_stages = config
     mlp = FusableMLP.from_module(build_mlp(widths, dtype, "cpu"))
@@ -64,7 +64,7 @@ def compile_config(widths: tuple[int, ...], dtype: torch.dtype, config: tuple, a
     grid = GridSpec.rectangle((-3.0, 3.0, -3.0, 3.0), 1024, 1024)
     out = torch.empty(1, output_width(mode, mlp.out_features))
     args, constants = kernel_arguments(mlp, grid, mode, out, emulate=False)
-    constants = {**constants, "BLOCK_M": block_m, "BLOCK_N": block_n, "PIXELS_FIRST": LAYOUTS[layout]}
+    constants = {**constants, "BLOCK_M": block_m, "BLOCK_N": block_n, **layout_constants(layout)}
     signature, attrs = launch_signature(_grid_mlp_kernel, args, constants)
     options = {"num_warps": num_warps, "num_stages": num_stages}
     return {"config": config, **compile_kernel(_grid_mlp_kernel, signature, constants, attrs, options, arch)}

@@ -36,7 +36,8 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 def candidates(hidden: int, dtype: torch.dtype):
     """Launch configurations to time: the ``units`` layout, and for 16-bit
-    MLPs the ``pixels`` layout (whose products are all warp-group products only in 16 bits),
+    MLPs the ``pixels`` and ``kloop`` layouts (whose products are all warp-group products only
+    in 16 bits),
     including the configurations ``benchmarks.triton_report`` compiles without spills."""
     for bm, bn, warps, stages in itertools.product([32, 64, 128], [32, 64, 128], [4, 8], [2, 3]):
         if bn <= hidden:  # two stages: some tiles fit shared memory only so (64/64/4 at width 256)
@@ -46,6 +47,9 @@ def candidates(hidden: int, dtype: torch.dtype):
     for bm, bn, warps, stages in itertools.product([64, 128], [32, 64, 128], [4, 8, 16], [2, 3]):
         if bn <= hidden and not (bm == 64 and warps == 16):
             yield {"layout": "pixels", "block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages}
+    for bm, bn, warps, stages in itertools.product([64, 128], [32, 64, 128], [4, 8], [2, 3]):
+        if bn <= hidden:  # one warp group per 64 pixels (128: two, or one with twice the rows)
+            yield {"layout": "kloop", "block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages}
 
 
 def tune_case(

@@ -74,7 +74,7 @@ from benchmarks.triton_report import compile_config
 from probescope.kernels._triton.grid_mlp import launch_config, padded_hidden
 for widths in {shapes}:
     for dtype in (torch.float32, torch.bfloat16):
-        for config in (("units", 64, 32, 4, 2), ("pixels", 64, 32, 4, 2)):
+        for config in (("units", 64, 32, 4, 2), ("pixels", 64, 32, 4, 2), ("kloop", 64, 32, 4, 2)):
             report = compile_config(widths, dtype, config)
             print(json.dumps({{"widths": widths, "dtype": str(dtype), **report}}))
 # the launch configurations impl="auto" uses: fp32 up to width 64, 16-bit up to 256
@@ -105,7 +105,7 @@ def test_every_grid_kernel_variant_compiles_for_hopper_and_the_report_reads_it()
     reports = [json.loads(line) for line in done.stdout.splitlines()]
     defaults = [r for r in reports if r.get("default")]
     reports = [r for r in reports if not r.get("default")]
-    assert len(reports) == len(COMPILED_SHAPES) * 2 * 2 and len(defaults) == 4
+    assert len(reports) == len(COMPILED_SHAPES) * 2 * 3 and len(defaults) == 4
     for r in defaults:  # what impl="auto" launches keeps every value in registers
         assert "error" not in r and r["spill_bytes"] == 0, r
     for r in reports:
@@ -118,6 +118,11 @@ def test_every_grid_kernel_variant_compiles_for_hopper_and_the_report_reads_it()
     pixels, units = wide["torch.bfloat16", "pixels"], wide["torch.bfloat16", "units"]
     assert pixels["hgmma"] > units["hgmma"] > 0
     assert 0 < 3 * pixels["hmma"] <= units["hmma"]
+    # kloop: the first hidden layer's product over chunks of the plane's units, full width
+    # (warp-group products too); no full-width activations held while it runs, so fewer
+    # registers than pixels on the same tile and no spill.
+    kloop = wide["torch.bfloat16", "kloop"]
+    assert kloop["hgmma"] > 0 and kloop["spill_bytes"] == 0 and kloop["registers"] < pixels["registers"]
     # fp32 products are exact ("ieee"): on the CUDA cores, no matrix-unit instruction at all
     assert wide["torch.float32", "pixels"]["hgmma"] == wide["torch.float32", "pixels"]["hmma"] == 0
     assert "HGMMA" in triton_report_row(wide["torch.bfloat16", "pixels"])
@@ -197,7 +202,7 @@ def test_the_launch_sweep_checks_every_configuration_it_times(monkeypatch, capsy
     assert not pixels["correct"]
     assert "WRONG" in capsys.readouterr().out
     layouts = {c["layout"] for c in tune_grid_mlp.candidates(256, torch.bfloat16)}
-    assert layouts == {"units", "pixels"}  # 16-bit: both; fp32: units only (its products are FMAs)
+    assert layouts == {"units", "pixels", "kloop"}  # 16-bit: all; fp32: units only (its products are FMAs)
     assert {c["layout"] for c in tune_grid_mlp.candidates(256, torch.float32)} == {"units"}
 
 

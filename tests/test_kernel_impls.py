@@ -158,7 +158,7 @@ if DEVICE.type == "cuda":
 
 
 @pytest.mark.parametrize("impl", [TRITON])
-@pytest.mark.parametrize("layout", ["units", "pixels"])
+@pytest.mark.parametrize("layout", ["units", "pixels", "kloop"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("widths", "activation", "w", "h", "config"), LAYOUT_CASES)
 def test_triton_grid_mlp_layouts_match_the_reference(impl, layout, dtype, widths, activation, w, h, config):

@@ -9,7 +9,7 @@ pair's second layer, so a full-width hidden layer never has to exist anywhere, a
 layer is one plain product. Softmax (or the sigmoid pair) runs on the logits in registers,
 and only the (pixels, classes) probabilities are stored.
 
-Two layouts of the same computation (``layout`` in the launch configuration):
+Three layouts of the same computation (``layout`` in the launch configuration):
 
 - ``units``: activations held transposed, (units, pixels), every product
   weights @ activations, the weight tile being the matrix units' A operand. A pair's first
@@ -24,8 +24,21 @@ Two layouts of the same computation (``layout`` in the launch configuration):
   (benchmarks/triton_chained_dot.py, RESULTS.md), which is exactly that product. On an H100
   its CUDA tests passed and it was the fastest configuration swept for 16-bit hidden widths
   64 to 256 (2026-11-24, RESULTS.md), which therefore take it; the rest keep ``units``.
+- ``kloop``: the ``pixels`` layout with the pairs shifted by one layer. The first hidden
+  layer is a plain matrix product's main loop over the plane layer's units, BLOCK_N of them
+  at a time, each chunk computed where it is used (the plane layer is a few multiply-adds a
+  unit), so no full-width activations are held while it runs; the pairs start at the next
+  layer, and where the hidden layers left are odd in number the output layer closes the last
+  pair instead of following alone. The products have the same shapes as in ``pixels`` (for
+  2-256-256-256-7: one (64 x 256) @ (256 x BLOCK_N) and one (64 x BLOCK_N) @ (BLOCK_N x
+  256) per chunk), the kernel holds less: on the tile ``pixels`` is launched with (64
+  pixels, BLOCK_N 32, 4 warps, 2 stages), bf16, it compiles for sm_90a to 207 registers a
+  thread and 37 KiB of shared memory against 249 and 96 KiB (``python -m
+  benchmarks.triton_report``, Triton 3.9), which leaves room for wider chunks (BLOCK_N 64:
+  242 registers, no spill). Not yet timed on a GPU: the launch sweep times it
+  (``benchmarks.tune_grid_mlp``).
 
-Either way the logits come out (outputs, pixels), and the softmax and store are shared.
+In every layout the logits come out (outputs, pixels), and the softmax and store are shared.
 Widths are padded to powers of two with zero weights, so padded units contribute nothing.
 """
 
@@ -158,6 +171,27 @@ def _plane_layer(plane_ptr, u, v, slope, N: tl.constexpr, ACT: tl.constexpr, PIX
 
 
 @triton.jit
+def _plane_product(plane_ptr, u, v, w_ptr, b_ptr, slope, PLANE_ACT: tl.constexpr, ACT: tl.constexpr,
+                   HIDDEN: tl.constexpr, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
+                   BLOCK_K: tl.constexpr):  # fmt: skip
+    """act(act_plane(c0 + u·cu + v·cv) W + b), (pixels, HIDDEN): the first hidden layer's
+    product over the plane layer's units BLOCK_K at a time, each chunk of units computed where
+    it is used; W stored (in, out) row-major."""
+    cols = tl.arange(0, HIDDEN)
+    chunk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((u.shape[0], HIDDEN), tl.float32)
+    for k0 in range(0, HIDDEN, BLOCK_K):
+        units = k0 + chunk
+        c0 = tl.load(plane_ptr + units)[None, :]
+        cu = tl.load(plane_ptr + HIDDEN + units)[None, :]
+        cv = tl.load(plane_ptr + 2 * HIDDEN + units)[None, :]
+        h = _activate(c0 + cu * u[:, None] + cv * v[:, None], PLANE_ACT, slope)
+        w = tl.load(w_ptr + units[:, None] * HIDDEN + cols[None, :])  # (BLOCK_K, HIDDEN)
+        acc = _pixels_dot(h, w, acc, DOT_DTYPE, EMULATE)
+    return _activate(acc + tl.load(b_ptr + cols)[None, :], ACT, slope)
+
+
+@triton.jit
 def _outputs(logits, col, NUM_OUT: tl.constexpr, OUT_MODE: tl.constexpr):
     """Softmax over the NUM_OUT real outputs, the [1 - p, p] sigmoid pair, or the raw logits,
     on (OUT_PAD, pixels) logits; ``col`` is each row's output column."""
@@ -180,7 +214,7 @@ def _grid_mlp_kernel(
     NUM_LINEAR: tl.constexpr, NUM_OUT: tl.constexpr, OUT_COLS: tl.constexpr,
     HIDDEN: tl.constexpr, OUT_PAD: tl.constexpr, ACTS: tl.constexpr, OUT_MODE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PIXELS_FIRST: tl.constexpr,
+    PIXELS_FIRST: tl.constexpr, K_FIRST: tl.constexpr,
 ):  # fmt: skip
     pixel = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row = pixel // width
@@ -188,21 +222,29 @@ def _grid_mlp_kernel(
     v = v0 + row.to(tl.float32) * dv
 
     # Logits always come out (OUT_PAD, pixels): the output layer's narrow product is taken in
-    # the units form in both layouts (see the module's docstring).
+    # the units form in every layout (see the module's docstring).
     if NUM_LINEAR == 1:
         logits = _plane_layer(plane_ptr, u, v, slope, OUT_PAD, ACTS & 15, False)
     else:
-        h = _plane_layer(plane_ptr, u, v, slope, HIDDEN, ACTS & 15, PIXELS_FIRST)
-        # Linear layers 1 .. NUM_LINEAR-1 in pairs (middle, second): first the pairs whose second
-        # layer is hidden, then either a last pair ending in the output layer or the output alone.
-        for pair in tl.static_range((NUM_LINEAR - 2) // 2):
-            h = _layer_pair(h, hidden_w_ptr + 2 * pair * HIDDEN * HIDDEN, hidden_b_ptr + 2 * pair * HIDDEN,
-                            hidden_w_ptr + (2 * pair + 1) * HIDDEN * HIDDEN,
-                            hidden_b_ptr + (2 * pair + 1) * HIDDEN, slope,
-                            (ACTS >> (4 * (2 * pair + 1))) & 15, (ACTS >> (4 * (2 * pair + 2))) & 15,
+        # Linear layer 0 is the plane's; with K_FIRST layer 1 is taken with it (a product over
+        # its units, chunk by chunk) when it is a hidden layer. FIRST: the layers done so far.
+        FIRST: tl.constexpr = 2 if K_FIRST and NUM_LINEAR >= 3 else 1
+        if FIRST == 2:
+            h = _plane_product(plane_ptr, u, v, hidden_w_ptr, hidden_b_ptr, slope, ACTS & 15,
+                               (ACTS >> 4) & 15, HIDDEN, DOT_DTYPE, EMULATE, BLOCK_N)  # fmt: skip
+        else:
+            h = _plane_layer(plane_ptr, u, v, slope, HIDDEN, ACTS & 15, PIXELS_FIRST)
+        # The hidden layers left (FIRST .. NUM_LINEAR-2) in pairs (middle, second), hidden layer
+        # i's weights at hidden_w_ptr[i - 1]; then either a last pair ending in the output layer
+        # or the output layer alone.
+        for pair in tl.static_range((NUM_LINEAR - 1 - FIRST) // 2):
+            mid = FIRST + 2 * pair  # the pair's middle layer
+            h = _layer_pair(h, hidden_w_ptr + (mid - 1) * HIDDEN * HIDDEN, hidden_b_ptr + (mid - 1) * HIDDEN,
+                            hidden_w_ptr + mid * HIDDEN * HIDDEN, hidden_b_ptr + mid * HIDDEN, slope,
+                            (ACTS >> (4 * mid)) & 15, (ACTS >> (4 * (mid + 1))) & 15,
                             HIDDEN, HIDDEN, DOT_DTYPE, EMULATE, BLOCK_N, PIXELS_FIRST,
                             UNITS_OUT=False)  # fmt: skip
-        if (NUM_LINEAR - 1) % 2 == 0:
+        if (NUM_LINEAR - 1 - FIRST) % 2 == 1:
             logits = _layer_pair(h, hidden_w_ptr + (NUM_LINEAR - 3) * HIDDEN * HIDDEN,
                                  hidden_b_ptr + (NUM_LINEAR - 3) * HIDDEN, out_w_ptr, out_b_ptr, slope,
                                  (ACTS >> (4 * (NUM_LINEAR - 2))) & 15, (ACTS >> (4 * (NUM_LINEAR - 1))) & 15,
@@ -382,13 +424,19 @@ def kernel_arguments(
     return args, constants
 
 
-LAYOUTS = {"units": False, "pixels": True}  # layout -> PIXELS_FIRST
+LAYOUTS = {"units": (False, False), "pixels": (True, False), "kloop": (True, True)}  # (PIXELS_FIRST, K_FIRST)
+
+
+def layout_constants(layout: str) -> dict:
+    """The kernel's compile-time constants that make ``layout``."""
+    pixels_first, k_first = LAYOUTS[layout]
+    return {"PIXELS_FIRST": pixels_first, "K_FIRST": k_first}
 
 
 def _launch(args: tuple, constants: dict, config: dict) -> None:
     stages = {"num_stages": config["num_stages"]} if "num_stages" in config else {}
     _grid_mlp_kernel[(triton.cdiv(args[6], config["block_m"]),)](
         *args, **constants, BLOCK_M=config["block_m"], BLOCK_N=config["block_n"],
-        PIXELS_FIRST=LAYOUTS[config.get("layout", "units")],
+        **layout_constants(config.get("layout", "units")),
         num_warps=config["num_warps"], **stages,
     )  # fmt: skip
