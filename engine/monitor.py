@@ -490,8 +490,8 @@ class Monitor:
     def step(self, loss=None) -> None:
         """Call after each optimizer step; ``loss`` is the batch's loss (a tensor is fine)."""
         t_enter = time.perf_counter()
-        if loss is not None and self.probing:
-            self.history.append(History.BATCH_LOSS, self._step + 1, self._epoch, loss)
+        if loss is not None:
+            self._record_loss(loss)
         self._after_step(t_enter, {})
 
     def log(self, **values) -> None:

@@ -32,7 +32,7 @@ Three layouts of the same computation (``layout`` in the launch configuration):
   pair instead of following alone. The products have the same shapes as in ``pixels`` (for
   2-256-256-256-7: one (64 x 256) @ (256 x BLOCK_N) and one (64 x BLOCK_N) @ (BLOCK_N x
   256) per chunk), the kernel holds less: on the tile ``pixels`` is launched with (64
-  pixels, BLOCK_N 32, 4 warps, 2 stages), bf16, it compiles for sm_90a to 207 registers a
+  pixels, BLOCK_N 32, 4 warps, 2 stages), bf16, it compiles for sm_90a to 204 registers a
   thread and 37 KiB of shared memory against 249 and 96 KiB (``python -m
   benchmarks.triton_report``, Triton 3.9), which leaves room for wider chunks (BLOCK_N 64:
   242 registers, no spill). Not yet timed on a GPU: the launch sweep times it
@@ -162,7 +162,13 @@ def _last_layer(h, w_ptr, b_ptr, slope, ACT: tl.constexpr, HIDDEN: tl.constexpr,
 @triton.jit
 def _plane_layer(plane_ptr, u, v, slope, N: tl.constexpr, ACT: tl.constexpr, PIXELS_FIRST: tl.constexpr):
     """act(c0 + u·cu + v·cv): the first layer's N units at each pixel's plane coordinates."""
-    units = tl.arange(0, N)
+    return _plane_units(plane_ptr, u, v, slope, tl.arange(0, N), N, ACT, PIXELS_FIRST)
+
+
+@triton.jit
+def _plane_units(plane_ptr, u, v, slope, units, N: tl.constexpr, ACT: tl.constexpr,
+                 PIXELS_FIRST: tl.constexpr):  # fmt: skip
+    """The first layer's ``units`` (of its N) at each pixel's plane coordinates."""
     axis: tl.constexpr = 1 if PIXELS_FIRST else 0  # where the units run
     c0 = tl.expand_dims(tl.load(plane_ptr + units), 1 - axis)
     cu = tl.expand_dims(tl.load(plane_ptr + N + units), 1 - axis)
@@ -178,14 +184,10 @@ def _plane_product(plane_ptr, u, v, w_ptr, b_ptr, slope, PLANE_ACT: tl.constexpr
     product over the plane layer's units BLOCK_K at a time, each chunk of units computed where
     it is used; W stored (in, out) row-major."""
     cols = tl.arange(0, HIDDEN)
-    chunk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((u.shape[0], HIDDEN), tl.float32)
     for k0 in range(0, HIDDEN, BLOCK_K):
-        units = k0 + chunk
-        c0 = tl.load(plane_ptr + units)[None, :]
-        cu = tl.load(plane_ptr + HIDDEN + units)[None, :]
-        cv = tl.load(plane_ptr + 2 * HIDDEN + units)[None, :]
-        h = _activate(c0 + cu * u[:, None] + cv * v[:, None], PLANE_ACT, slope)
+        units = k0 + tl.arange(0, BLOCK_K)
+        h = _plane_units(plane_ptr, u, v, slope, units, HIDDEN, PLANE_ACT, True)  # (pixels, BLOCK_K)
         w = tl.load(w_ptr + units[:, None] * HIDDEN + cols[None, :])  # (BLOCK_K, HIDDEN)
         acc = _pixels_dot(h, w, acc, DOT_DTYPE, EMULATE)
     return _activate(acc + tl.load(b_ptr + cols)[None, :], ACT, slope)
