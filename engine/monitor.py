@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -21,7 +22,7 @@ from probescope.history import History
 from probescope.probes.base import Probe, ProbeContext, ProbeStats, model_device_dtype
 from probescope.ring import Frame, FrameRing
 from probescope.run import RunWriter
-from probescope.schedule import Budget, StepInfo, StepTime
+from probescope.schedule import Budget, StepInfo, StepTime, next_due
 from probescope.snapshot import SnapshotPool
 from probescope.streams import ProbeStreams, StepClock
 from probescope.validation import fraction, positive_int
@@ -42,6 +43,7 @@ class _ProbeState:
     adaptive: bool = False  # its schedule learns from timings (budget mode)
     launched: int = 0  # frames launched so far; the last one's number
     in_step: int | None = None  # the frame evaluated at some moment of the step in progress
+    next_due: float = 0  # the schedule is not asked before this step (Schedule.next_due)
     running: bool = False  # evaluating now (not merely queued behind another probe's frame)
     evaluated: int | None = None  # the frame evaluated last (its ring frame is the newest)
     recording: bool = False  # the recorder writes every frame to the run directory
@@ -263,6 +265,8 @@ class Monitor:
         self._own_between = 0.0  # the Monitor's own time in the batch's events since (host clock)
         self._failed_callbacks: set[int] = set()
         self._event_handlers: dict[str, list] = {}  # event -> the callbacks that handle it
+        self._step_handlers: list = []  # the callbacks that handle after_step (set at start)
+        self._next_due: float = 0  # no schedule is asked before this step: the probes' first
         self._viewer_mode, self._viewer_fps = viewer, viewer_fps
         self.viewer = None
 
@@ -374,6 +378,7 @@ class Monitor:
             )
             self._recorder.start()
         self._fire("before_fit")
+        self._step_handlers = self._handlers("after_step")
         self._warm_up()
         self._probe_now(self._due_at_step())
         if self._viewer_mode:
@@ -567,9 +572,9 @@ class Monitor:
         lr = _learning_rate(self.optimizer)
         if lr is not None:
             self.history.append("lr", step, epoch, lr)
-        if self._handlers("after_step"):
+        if self._step_handlers:
             self._fire("after_step", **kwargs)
-        due = self._due_at_step()
+        due = self._due_at_step() if step >= self._next_due else None
         if due:
             self._probe_now(due)
         if self.viewer is not None:
@@ -631,6 +636,9 @@ class Monitor:
                     told[id(st)].append(StepTime(step_s, frame, False, share, own_s))
         for st in self._adaptive:
             _observe(st, "observe_steps", told[id(st)])
+        for st in self._adaptive:  # their intervals may have changed
+            _plan(st, self._step)
+        self._next_due = min((st.next_due for st in self._states if st.enabled), default=math.inf)
 
     def after_batch(self, **kwargs) -> None:
         self._between("after_batch", kwargs)
@@ -711,15 +719,22 @@ class Monitor:
             return False
 
     def _due_at_step(self) -> list[_ProbeState]:
-        info = StepInfo(self._step, self._epoch, self)
+        """The probes due at this step (not busy), each schedule asked only from the step it
+        named (``Schedule.next_due``: most can say, as every n steps, a list, a budget's
+        interval), and the next step at which any may be due."""
+        step = self._step
+        info = StepInfo(step, self._epoch, self)
         due = []
-        for st in self._states:  # _ask("due") written out: this runs at every step
-            if st.enabled:
+        for st in self._states:  # _ask("due") written out: this can run at every step
+            if st.enabled and step >= st.next_due:
                 try:
                     if st.probe.schedule.due(info):
                         due.append(st)
                 except Exception as err:
                     _disable(st, "had its schedule raise", err)
+                    continue
+                _plan(st, step)
+        self._next_due = min((st.next_due for st in self._states if st.enabled), default=math.inf)
         return self._skip_busy(due) if due else due
 
     @staticmethod
@@ -909,6 +924,12 @@ def _shares(running: list[_ProbeState]) -> dict[str, float]:
         weights = [1.0] * len(running)
     total = sum(weights)
     return {st.probe.name: w / total for st, w in zip(running, weights, strict=True)}
+
+
+def _plan(st: _ProbeState, step: int) -> None:
+    """The next step after ``step`` at which ``st``'s schedule is asked."""
+    first = next_due(st.probe.schedule, step)
+    st.next_due = math.inf if first is None else first
 
 
 def _learning_rate(optimizer):

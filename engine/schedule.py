@@ -7,10 +7,12 @@ an epoch ends (``Monitor.end_epoch()``), epochs counted from 0.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import inspect
 import logging
 import math
+import operator
 import statistics
 import threading
 from collections import deque
@@ -56,6 +58,16 @@ class Schedule(Reproducible):
     def due_at_epoch_end(self, epoch: int) -> bool:
         """Whether the probe is due when epoch ``epoch`` ends."""
         return False
+
+    def next_due(self, step: int) -> int | None:
+        """The first step after ``step`` at which ``due`` may be true, as far as the schedule
+        knows now; None if no later step will be. The Monitor does not ask ``due`` before that
+        step (an adaptive schedule is asked again whenever it has been told steps), so a
+        schedule that can tell spares the training thread a call at every step. By default the
+        next step: ``due`` is asked at every step (never, for a schedule that is never due).
+        A subclass that overrides ``due`` below the class that answers this is asked at every
+        step (``next_due`` below)."""
+        return None if type(self).due is Schedule.due else step + 1
 
     def describe(self) -> dict:
         """A JSON-serialisable description, stored in the run's metadata."""
@@ -146,6 +158,9 @@ class EveryNSteps(Schedule):
     def due(self, info: StepInfo) -> bool:
         return info.step % self.n == 0
 
+    def next_due(self, step: int) -> int | None:
+        return (step // self.n + 1) * self.n
+
     def describe(self) -> dict:
         return {"kind": "every", "n": self.n}
 
@@ -156,6 +171,9 @@ class EveryNEpochs(Schedule):
 
     def due(self, info: StepInfo) -> bool:
         return info.step == 0
+
+    def next_due(self, step: int) -> int | None:
+        return None  # after step 0, only at epoch ends
 
     def due_at_epoch_end(self, epoch: int) -> bool:
         return (epoch + 1) % self.n == 0
@@ -169,9 +187,13 @@ class AtSteps(Schedule):
         self.steps = frozenset(int(s) for s in steps)
         if any(s < 0 for s in self.steps):
             raise ValueError(f"Schedule.steps: steps must be >= 0, got {sorted(self.steps)[:5]}")
+        self._sorted = sorted(self.steps)
 
     def due(self, info: StepInfo) -> bool:
         return info.step in self.steps
+
+    def next_due(self, step: int) -> int | None:
+        return _first_after(self._sorted, step)
 
     def describe(self) -> dict:
         return {"kind": "steps", "steps": sorted(self.steps)}
@@ -183,9 +205,13 @@ class AtSteps(Schedule):
 class StepMask(Schedule):
     def __init__(self, mask: Sequence[bool]):
         self.mask = [bool(m) for m in mask]
+        self._true = [i for i, m in enumerate(self.mask) if m]
 
     def due(self, info: StepInfo) -> bool:
         return info.step < len(self.mask) and self.mask[info.step]
+
+    def next_due(self, step: int) -> int | None:
+        return _first_after(self._true, step)
 
     def describe(self) -> dict:
         return {"kind": "mask", "length": len(self.mask), "true": sum(self.mask)}
@@ -220,11 +246,17 @@ class LogSpaced(Schedule):
         s = info.step
         if s <= 1:
             return True
-        # The first k whose target reaches s; s is due exactly when that target equals s.
+        return self._first_target(s) == s
+
+    def next_due(self, step: int) -> int | None:
+        return step + 1 if step < 1 else self._first_target(step + 1)
+
+    def _first_target(self, s: int) -> int:
+        """The first target at or after step ``s`` >= 2; ``s`` is due exactly when it is ``s``."""
         k = max(0, math.floor(self.per_decade * math.log10(s - 1)) - 1)
         while self._target(k) < s:
             k += 1
-        return self._target(k) == s
+        return self._target(k)
 
     def describe(self) -> dict:
         return {"kind": "log_spaced", "per_decade": self.per_decade}
@@ -313,6 +345,10 @@ class Budget(Schedule):
             self._last = info.step
             return True
         return False
+
+    def next_due(self, step: int) -> int | None:
+        self._step = step  # the step it knows of, for its change log
+        return max(step + 1, self._last + self.interval)
 
     @property
     def step_s(self) -> float | None:
@@ -459,6 +495,9 @@ class AnyOf(Schedule):
     def due(self, info: StepInfo) -> bool:
         return any(s.due(info) for s in self.schedules)
 
+    def next_due(self, step: int) -> int | None:
+        return min((n for s in self.schedules if (n := next_due(s, step)) is not None), default=None)
+
     def due_at_epoch_end(self, epoch: int) -> bool:
         return any(s.due_at_epoch_end(epoch) for s in self.schedules)
 
@@ -479,6 +518,34 @@ class AnyOf(Schedule):
     def state(self) -> dict | None:
         states = [s.state() for s in self.schedules]
         return {"of": states} if any(x is not None for x in states) else None
+
+
+def next_due(schedule: Schedule, step: int) -> int | None:
+    """``schedule.next_due(step)`` where it can be trusted, else ``step + 1`` (ask at every
+    step): a subclass that overrides ``due`` below the class that answers ``next_due`` (its own
+    rule on an inherited schedule), an answer that raises, and one that is not an integer are
+    not trusted. An answer at or before ``step`` is taken as ``step + 1``."""
+    if not _answers_next_due(type(schedule)):
+        return step + 1
+    try:
+        first = schedule.next_due(step)
+        return None if first is None else max(step + 1, operator.index(first))
+    except Exception:
+        return step + 1
+
+
+@functools.cache
+def _answers_next_due(cls: type) -> bool:
+    def owner(name: str) -> type:
+        return next(k for k in cls.__mro__ if name in vars(k))
+
+    return issubclass(owner("next_due"), owner("due"))
+
+
+def _first_after(steps: Sequence[int], step: int) -> int | None:
+    """The first of the sorted ``steps`` after ``step``, or None."""
+    i = bisect.bisect_right(steps, step)
+    return steps[i] if i < len(steps) else None
 
 
 @functools.cache

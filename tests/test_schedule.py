@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from probescope import Monitor, Schedule, StepInfo, StepTime
-from probescope.schedule import Budget
+from probescope.schedule import Budget, next_due
 from tests.conftest import train_steps
 
 
@@ -38,6 +38,135 @@ def test_log_spaced_is_dense_early_and_sparse_late():
 
 def test_union_of_schedules():
     assert fired(Schedule.every(10) | Schedule.steps([3]), 25) == [0, 3, 10, 20]
+
+
+def asked_and_fired(schedule, steps):
+    """Where a Monitor asks ``schedule`` (step 0, then each step its ``next_due`` names) and
+    where it is due among them."""
+    asked, at, step = [], [], 0
+    while step is not None and step <= steps:
+        asked.append(step)
+        if schedule.due(StepInfo(step, 0)):
+            at.append(step)
+        step = next_due(schedule, step)
+    return asked, at
+
+
+SCHEDULES = {
+    "every": lambda: Schedule.every(7),
+    "steps": lambda: Schedule.steps([3, 5, 40, 999]),
+    "mask": lambda: Schedule.mask([False, True, False, True, True]),
+    "log_spaced": lambda: Schedule.log_spaced(4),
+    "log_spaced(1)": lambda: Schedule.log_spaced(1),
+    "every_epoch": lambda: Schedule.every_epoch(3),
+    "never": Schedule.never,
+    "union": lambda: Schedule.every(10) | Schedule.steps([3, 57]) | Schedule.log_spaced(2),
+    "budget": lambda: Schedule.budget(0.1, start=6),
+}
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_a_schedule_asked_only_where_it_may_be_due_fires_at_every_step_it_would(name):
+    asked, at = asked_and_fired(SCHEDULES[name](), 1000)
+    assert at == fired(SCHEDULES[name](), 1000)
+    assert set(asked) - set(at) <= {0}  # asked nowhere else (step 0 is always asked)
+
+
+def test_a_schedule_that_cannot_tell_its_next_step_is_asked_at_every_step():
+    class Odd(Schedule.every(3).__class__):  # its own rule on an inherited next_due
+        def due(self, info):
+            return info.step % 2 == 1
+
+    class Raising(Schedule):
+        def due(self, info):
+            return info.step == 12
+
+        def next_due(self, step):
+            raise RuntimeError("no idea")
+
+    class Early(Raising):
+        def next_due(self, step):
+            return step - 5  # at or before the step: taken as the next one
+
+    every_step = list(range(31))
+    assert asked_and_fired(Schedule.when(lambda info: info.step % 9 == 4), 30) == (every_step, [4, 13, 22])
+    assert asked_and_fired(Odd(3), 30) == (every_step, list(range(1, 31, 2)))
+    assert asked_and_fired(Raising(), 30) == (every_step, [12])
+    assert asked_and_fired(Early(), 30) == (every_step, [12])
+    assert asked_and_fired(Odd(3) | Schedule.every(10), 30)[0] == every_step
+
+
+def test_a_budget_names_its_next_step_from_its_interval_as_it_changes():
+    budget = Schedule.budget(0.05, start=7)
+    assert budget.due(StepInfo(0, 0)) and next_due(budget, 0) == 7 and next_due(budget, 3) == 7
+    budget.observe(probe_s=0.005)
+    for _ in range(5):
+        budget.observe(step_s=0.010)  # every 10 steps now
+    assert budget.interval == 10 and next_due(budget, 4) == 10
+    for _ in range(40):  # every 3: the next step is at once where 3 have passed
+        budget.observe(step_s=0.040)
+    assert budget.interval == 3 and next_due(budget, 4) == 5 and next_due(budget, 1) == 3
+
+
+def test_monitor_asks_a_schedule_only_at_the_steps_it_names(mlp, blobs, recording_probe):
+    class Counted(Schedule):
+        def __init__(self, n):
+            self.n, self.asked = n, []
+
+        def due(self, info):
+            self.asked.append(info.step)
+            return info.step % self.n == 0
+
+        def next_due(self, step):
+            return (step // self.n + 1) * self.n
+
+    class CountedAll(Counted):
+        def due(self, info):
+            return super().due(info)  # its own due, no next_due of its own: every step
+
+    sparse, dense = Counted(5), CountedAll(4)
+    probes = [recording_probe(name="sparse", schedule=sparse), recording_probe(name="dense", schedule=dense)]
+    with Monitor(mlp, probes, final_frame=False) as monitor:
+        train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 13)
+    assert sparse.asked == [0, 5, 10] and probes[0].steps == [0, 5, 10]
+    assert dense.asked == list(range(14)) and probes[1].steps == [0, 4, 8, 12]
+
+
+def test_monitor_asks_an_adaptive_schedule_again_once_told_steps(mlp):
+    # A budget's interval changes as it learns: the Monitor plans its next ask again after
+    # telling it steps, so a shorter interval takes effect within a batch of steps.
+    from probescope import Probe
+
+    class Shrinking(Schedule):  # every 1000 steps until told some steps, then every 3
+        def __init__(self):
+            self.n, self.asked = 1000, []
+
+        def due(self, info):
+            self.asked.append(info.step)
+            return info.step % self.n == 0
+
+        def next_due(self, step):
+            return (step // self.n + 1) * self.n
+
+        def observe_steps(self, steps):
+            self.n = 3
+
+        def state(self):
+            return {"interval": self.n}
+
+    class Quick(Probe):
+        def evaluate(self, model, context):
+            return {"step": context.step}
+
+    schedule = Shrinking()
+    with Monitor(mlp, [Quick(name="quick", schedule=schedule)], final_frame=False) as monitor:
+        for _ in range(20):
+            monitor.step()
+            monitor.drain(10)
+    # Told the first STEP_BATCH steps timed by call STEP_BATCH + 1 (the first call times none),
+    # before it counts its step: asked again at the first multiple of 3 after step STEP_BATCH.
+    assert schedule.asked == [0, *range((Monitor.STEP_BATCH // 3 + 1) * 3, 21, 3)]
+    assert monitor.stats["quick"].run == len(schedule.asked)
 
 
 def test_every_epoch_fires_at_step_zero_and_at_ends_of_every_nth_epoch():
