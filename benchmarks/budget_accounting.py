@@ -10,6 +10,10 @@
 - ``budget``: the probe on ``Schedule.budget(--budget)``, the budgets told the steps
   ``Monitor.STEP_BATCH`` at a time;
 - ``budget, told per step``: the same with every step told at once (``STEP_BATCH = 1``).
+- ``python work``: no Monitor, but ``--work-us`` microseconds of interpreter work unrelated
+  to training after every step (a loop on the clock): what any Python work of the Monitor's
+  size costs the steps around it, beyond its own time (``idle med``: the median step, timed
+  without the work, against ``off``'s).
 
 Denormal floats are flushed (``--denormals keep`` leaves them): as Adam's state decays towards
 zero, denormal arithmetic makes this loop's step slower minute by minute, a drift that would
@@ -38,11 +42,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.overhead import _sync, _train, leave_a_core_to_probes, mlp_workload
+from benchmarks.overhead import _sync, _train, leave_a_core_to_probes, mlp_workload, train_step
 from probescope import Monitor, Schedule
 from probescope.schedule import Budget, StepTime
 
-MODES = ("off", "attached", "budget", "budget, told per step")
+MODES = ("off", "attached", "budget", "budget, told per step", "python work")
 
 
 class Recorded(Budget):
@@ -71,6 +75,27 @@ def _off(w, device: torch.device, steps: int) -> tuple[float, list[float]]:
     _sync(device)
     elapsed = time.perf_counter() - ends[0]
     return elapsed / steps, [b - a for a, b in itertools.pairwise(ends)]
+
+
+def _python_work(w, device: torch.device, steps: int, seconds: float) -> dict:
+    """A window without a Monitor but with ``seconds`` of interpreter work after every step:
+    its time per step, each step's time without the work, and the work's mean time."""
+    clock = time.perf_counter
+    _train(w, None, 20)
+    _sync(device)
+    t_start = t_last = clock()
+    own, work = [], 0.0
+    for _ in range(steps):
+        train_step(w)
+        t = clock()
+        own.append(t - t_last)
+        end = t + seconds
+        while clock() < end:
+            pass
+        t_last = clock()
+        work += t_last - t
+    _sync(device)
+    return {"step_s": (clock() - t_start) / steps, "steps": own, "work_s": work / steps}
 
 
 def _monitored(w, device: torch.device, steps: int, schedule, batch: int) -> dict:
@@ -131,6 +156,7 @@ def run_round(w, device: torch.device, args) -> dict:
     batched_run = _monitored(w, device, args.steps, batched, Monitor.STEP_BATCH)
     per_step = Recorded(args.budget)
     per_step_run = _monitored(w, device, args.steps, per_step, 1)
+    work = _python_work(w, device, args.steps, args.work_us * 1e-6)
     after, more = _off(w, device, args.steps)
     off_s, off_median = (before + after) / 2, statistics.median(off_steps + more)
     out = {
@@ -138,6 +164,11 @@ def run_round(w, device: torch.device, args) -> dict:
         "attached": {"slowdown": attached["step_s"] / off_s},
     }
     out["attached"]["own_s"] = statistics.median(attached["calls"])
+    out["python work"] = {
+        "slowdown": work["step_s"] / off_s,
+        "own_s": work["work_s"],
+        "idle_median_excess": statistics.median(work["steps"]) / off_median - 1.0,
+    }
     for mode, run, schedule in (
         ("budget", batched_run, batched),
         ("budget, told per step", per_step_run, per_step),
@@ -191,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=0.05)
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--work-us", type=float, default=20.0, help="the python work mode's work per step")
     parser.add_argument("--denormals", choices=("flush", "keep"), default="flush")
     parser.add_argument("--out", type=Path, help="write the rounds and their medians as JSON here")
     args = parser.parse_args(argv)

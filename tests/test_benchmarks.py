@@ -403,6 +403,9 @@ def test_the_budget_accounting_benchmark_breaks_each_budgets_slowdown_down(tmp_p
         # The parts are per-step times of one window: together they are its excess over off.
         parts = b["own_s"] + b["idle_excess_s"] + b["frames_s"]
         assert abs(parts) < 10 * rnd["off"]["step_s"]
+    # 20 µs of work after each step (timed), the steps themselves timed apart
+    work = rnd["python work"]
+    assert 20e-6 <= work["own_s"] < 1e-3 and work["slowdown"] > 0 and -0.5 < work["idle_median_excess"] < 2
     assert not budget_accounting._flushing()  # denormals as they were before the run
 
 
