@@ -1,7 +1,7 @@
 """Where a budget's share of training time goes, and how much of it the budget sees (a diagnostic).
 
 ``python -m benchmarks.budget_accounting [--steps 6000] [--rounds 4] [--budget 0.05]
-[--resolution 512] [--device cpu|cuda] [--out FILE]``: the overhead suite's MLP workload
+[--resolution 512] [--work-us 20] [--device cpu|cuda] [--out FILE]``: the overhead suite's MLP workload
 (2-64-64-7 on the blobs, batch 256, Adam, a GridProbe) trains in rounds of windows of
 ``--steps`` steps each, taken in turn:
 

@@ -638,7 +638,7 @@ class Monitor:
             _observe(st, "observe_steps", told[id(st)])
         for st in self._adaptive:  # their intervals may have changed
             _plan(st, self._step)
-        self._next_due = min((st.next_due for st in self._states if st.enabled), default=math.inf)
+        self._next_due = self._earliest_due()
 
     def after_batch(self, **kwargs) -> None:
         self._between("after_batch", kwargs)
@@ -734,8 +734,12 @@ class Monitor:
                     _disable(st, "had its schedule raise", err)
                     continue
                 _plan(st, step)
-        self._next_due = min((st.next_due for st in self._states if st.enabled), default=math.inf)
+        self._next_due = self._earliest_due()
         return self._skip_busy(due) if due else due
+
+    def _earliest_due(self) -> float:
+        """The first step at which any enabled probe's schedule is asked next."""
+        return min((st.next_due for st in self._states if st.enabled), default=math.inf)
 
     @staticmethod
     def _skip_busy(due: list[_ProbeState]) -> list[_ProbeState]:

@@ -3,9 +3,16 @@
 import pytest
 import torch
 
-from probescope import Monitor, Schedule, StepInfo, StepTime
+from probescope import Monitor, Probe, Schedule, StepInfo, StepTime
 from probescope.schedule import Budget, next_due
 from tests.conftest import train_steps
+
+
+class StepProbe(Probe):
+    """A probe whose frame is its step, at once."""
+
+    def evaluate(self, model, context):
+        return {"step": context.step}
 
 
 def fired(schedule, steps=60):
@@ -135,7 +142,6 @@ def test_monitor_asks_a_schedule_only_at_the_steps_it_names(mlp, blobs, recordin
 def test_monitor_asks_an_adaptive_schedule_again_once_told_steps(mlp):
     # A budget's interval changes as it learns: the Monitor plans its next ask again after
     # telling it steps, so a shorter interval takes effect within a batch of steps.
-    from probescope import Probe
 
     class Shrinking(Schedule):  # every 1000 steps until told some steps, then every 3
         def __init__(self):
@@ -154,12 +160,8 @@ def test_monitor_asks_an_adaptive_schedule_again_once_told_steps(mlp):
         def state(self):
             return {"interval": self.n}
 
-    class Quick(Probe):
-        def evaluate(self, model, context):
-            return {"step": context.step}
-
     schedule = Shrinking()
-    with Monitor(mlp, [Quick(name="quick", schedule=schedule)], final_frame=False) as monitor:
+    with Monitor(mlp, [StepProbe(name="quick", schedule=schedule)], final_frame=False) as monitor:
         for _ in range(20):
             monitor.step()
             monitor.drain(10)
@@ -331,8 +333,6 @@ def test_monitor_tells_a_budget_every_step_a_frame_ran_in_even_one_shorter_than_
     import threading
     import time
 
-    from probescope import Probe
-
     class Recording(Schedule):
         def __init__(self):
             self.steps, self.ends, self.lock = [], [], threading.Lock()
@@ -350,12 +350,8 @@ def test_monitor_tells_a_budget_every_step_a_frame_ran_in_even_one_shorter_than_
         def state(self):
             return {}  # an adaptive schedule: the Monitor tells it timings
 
-    class Quick(Probe):
-        def evaluate(self, model, context):
-            return {"step": context.step}
-
     schedule = Recording()
-    with Monitor(mlp, [Quick(name="quick", schedule=schedule)], final_frame=False) as monitor:
+    with Monitor(mlp, [StepProbe(name="quick", schedule=schedule)], final_frame=False) as monitor:
         for _ in range(12):
             time.sleep(0.005)  # a step much longer than the frame, which ends inside it
             monitor.step()
@@ -607,7 +603,7 @@ def test_with_a_run_directory_a_frame_is_in_flight_until_the_recorder_has_writte
     import threading
     import time
 
-    from probescope import Probe, open_run
+    from probescope import open_run
     from probescope.run import RunWriter
 
     class Told(Schedule):
@@ -624,10 +620,6 @@ def test_with_a_run_directory_a_frame_is_in_flight_until_the_recorder_has_writte
         def state(self):
             return {}
 
-    class Quick(Probe):
-        def evaluate(self, model, context):
-            return {"step": context.step}
-
     release, writing = threading.Event(), threading.Event()
     write = RunWriter.write_frame
 
@@ -639,7 +631,7 @@ def test_with_a_run_directory_a_frame_is_in_flight_until_the_recorder_has_writte
 
     monkeypatch.setattr(RunWriter, "write_frame", slow_write)
     schedule = Told()
-    probe = Quick(name="quick", schedule=schedule)
+    probe = StepProbe(name="quick", schedule=schedule)
     with Monitor(mlp, [probe], run_dir=tmp_path / "run", final_frame=False) as monitor:
         monitor._worker.wait_idle(10)
         monitor.step()  # step 1: the frame is launched
@@ -831,7 +823,6 @@ def test_the_monitor_tells_budgets_their_steps_a_batch_at_a_time_and_the_rest_at
 
 
 def test_a_schedule_whose_observe_raises_is_warned_about_once_and_training_goes_on(mlp, caplog):
-    from probescope import Probe
 
     class Broken(Schedule):
         def due(self, info):
@@ -846,11 +837,7 @@ def test_a_schedule_whose_observe_raises_is_warned_about_once_and_training_goes_
         def state(self):
             return {}
 
-    class Quick(Probe):
-        def evaluate(self, model, context):
-            return {"step": context.step}
-
-    with Monitor(mlp, [Quick(name="quick", schedule=Broken())], final_frame=False) as monitor:
+    with Monitor(mlp, [StepProbe(name="quick", schedule=Broken())], final_frame=False) as monitor:
         for _ in range(40):
             monitor.step()
             monitor.drain(10)
