@@ -26,7 +26,7 @@ from probescope.schedule import Budget, StepInfo, StepTime, next_due
 from probescope.snapshot import SnapshotPool
 from probescope.streams import ProbeStreams, StepClock
 from probescope.validation import fraction, positive_int
-from probescope.worker import ProbeWorker
+from probescope.worker import ProbeWorker, start_thread
 
 log = logging.getLogger("probescope")
 
@@ -373,10 +373,7 @@ class Monitor:
         if self.writer is not None:  # without a run directory nobody reads every frame
             for st in self._probes.values():
                 st.recording = True
-            self._recorder = threading.Thread(
-                target=self._record_loop, name="probescope-recorder", daemon=True
-            )
-            self._recorder.start()
+            self._recorder = start_thread(self._record_loop, "probescope-recorder", self._probe_threads)
         self._fire("before_fit")
         self._step_handlers = self._handlers("after_step")
         self._warm_up()

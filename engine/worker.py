@@ -14,6 +14,35 @@ log = logging.getLogger("probescope")
 _STOP = object()
 
 
+def start_thread(target: Callable[[], None], name: str, threads: int) -> threading.Thread:
+    """Start a daemon thread running ``target`` whose torch operations (and the Numba kernels,
+    which follow torch, see ``kernels._numba.threads``) use ``threads`` CPU threads.
+
+    torch keeps one process-wide thread count besides each thread's own: a thread takes the
+    process-wide count as its own the first time it asks for it, and ``torch.set_num_threads``
+    sets both. So the new thread fixes its own count first (a later change of the process-wide
+    one cannot reach it), then sets it, and the caller puts the process-wide count back to its
+    own: the caller, and threads started later (a training thread, a data loader's), keep the
+    count they would have had without probescope.
+    """
+    default = torch.get_num_threads()  # fixes the caller's own count, if nothing did yet
+    ready = threading.Event()
+
+    def run() -> None:
+        try:
+            torch.get_num_threads()
+            torch.set_num_threads(threads)
+        finally:
+            ready.set()
+        target()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    ready.wait()
+    torch.set_num_threads(default)
+    return thread
+
+
 class ProbeWorker:
     """Runs submitted jobs on a daemon thread, with gradients off; never raises into callers.
 
@@ -23,12 +52,10 @@ class ProbeWorker:
     """
 
     def __init__(self, name: str = "probescope-worker", threads: int = 1):
-        self._threads = threads
         self._queue: queue.Queue = queue.Queue()
         self._pending = 0
         self._idle = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._run, name, threads)
 
     def submit(self, job: Callable[[], None]) -> None:
         """Queue a job; returns at once."""
@@ -49,7 +76,6 @@ class ProbeWorker:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
-        torch.set_num_threads(self._threads)  # Numba kernels follow it (kernels._numba.threads)
         while True:
             job = self._queue.get()
             if job is _STOP:

@@ -346,6 +346,45 @@ def test_a_cpu_model_whose_training_threads_leave_no_core_to_the_probes_gets_a_w
         torch.set_num_threads(before)
 
 
+def test_the_probe_threads_count_stays_with_the_probes_threads():
+    """torch keeps a process-wide thread count that a thread takes as its own the first time it
+    runs parallel work, and ``torch.set_num_threads`` sets both. The probe worker's
+    ``torch.set_num_threads(1)`` once became the training thread's count when it had set its
+    own but run no parallel op yet (as the Monitor's oversubscription hint advises), and the
+    count of every thread started later. A fresh interpreter, so that no thread ran parallel
+    work before, with a recorder, the Monitor's other thread."""
+    import subprocess
+    import sys
+
+    code = """
+import tempfile, threading
+import torch
+torch.set_num_threads(3)
+from torch import nn
+from probescope import Monitor, Probe
+
+class ThreadsProbe(Probe):
+    def evaluate(self, model, context):
+        return {"threads": torch.tensor(torch.get_num_threads())}
+
+model = nn.Linear(2, 3)
+seen = {}
+with tempfile.TemporaryDirectory() as run_dir:
+    monitor = Monitor(model, [ThreadsProbe(name="threads")], run_dir=run_dir, final_frame=False).start()
+    seen["caller"] = torch.get_num_threads()
+    later = threading.Thread(target=lambda: seen.setdefault("later", torch.get_num_threads()))
+    later.start()
+    later.join()
+    monitor.close()
+    seen["recorder"] = monitor.writer.frames_written
+    seen["probe"] = int(monitor.latest("threads").data["threads"])
+print(seen["caller"], seen["later"], seen["probe"], seen["recorder"])
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-4:] == ["3", "3", "1", "1"]  # caller, a later thread, probe, recorder
+
+
 def test_a_torch_profile_shows_the_monitors_snapshots_and_frames(mlp, blobs, recording_probe):
     from torch.profiler import ProfilerActivity, profile
 
