@@ -782,7 +782,14 @@ class Monitor:
             for st in self._probes.values():
                 for frame in st.ring.read_since(st.recorded_seq):
                     st.recorded_seq = frame.seq
-                    self.writer.write_frame(frame)
+                    try:
+                        self.writer.write_frame(frame)  # a full disk: the writer's own warning
+                    except Exception as err:  # this frame only: the recorder goes on
+                        st.probe.warn_once(
+                            "unwritable",
+                            f"a frame could not be written ({type(err).__name__}: {err}); such frames "
+                            "are left out of the run directory, the others are written",
+                        )
                     st.written_seq = frame.seq  # its budget stops counting steps against it
                 if st.ring.dropped:
                     st.probe.warn_once(

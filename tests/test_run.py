@@ -1,5 +1,6 @@
 """The run directory: append-only, readable while written and after a kill, no pickle."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -75,6 +76,36 @@ def test_a_full_disk_stops_recording_with_one_warning_and_training_goes_on(
     assert monitor.step_count == 5 and monitor.stats["grid"].run == 6
     warnings = [r for r in caplog.records if "No space left" in r.getMessage()]
     assert len(warnings) == 1 and "training goes on" in warnings[0].getMessage()
+
+
+def test_a_frame_the_writer_cannot_store_is_left_out_and_the_next_ones_are_written(
+    tmp_path, mlp, blobs, caplog, monkeypatch
+):
+    # Anything else than a disk error (which stops recording, above) costs that frame only:
+    # the recorder thread once died of it and recorded nothing more, with no warning of ours.
+    import probescope.run as run_module
+
+    write, calls = run_module._write_npz, []
+
+    def fails_once(path, arrays, *args):
+        if path.parent.name == "frames":
+            calls.append(path.name)
+            if len(calls) == 2:
+                raise ValueError("cannot store this frame")
+        write(path, arrays, *args)
+
+    monkeypatch.setattr(run_module, "_write_npz", fails_once)
+    probe = GridProbe(blobs.x_train, resolution=4, schedule=Schedule.every(1))
+    monitor = Monitor(mlp, [probe], run_dir=tmp_path, final_frame=False).start()
+    with caplog.at_level(logging.WARNING, logger="probescope"):
+        train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 5)
+        monitor.close()
+    assert monitor.stats["grid"].run == 6 and len(calls) == 6
+    assert sorted(p.name for p in (tmp_path / "probes" / "grid" / "frames").iterdir()) == sorted(
+        calls[:1] + calls[2:]
+    )
+    warnings = [r.getMessage() for r in caplog.records if "could not be written" in r.getMessage()]
+    assert len(warnings) == 1 and "ValueError: cannot store this frame" in warnings[0]
 
 
 WRITER = textwrap.dedent("""
