@@ -104,7 +104,10 @@ class Monitor:
     ``snapshot_params`` (glob patterns over state_dict names) copies only part of a model
     too large to copy whole; ``snapshot_host=True`` keeps the copy in (pinned) host memory and
     evaluates probes on the CPU (see probescope.snapshot). ``summary()["snapshot_bytes"]`` and
-    the run's metadata give the snapshot's memory.
+    the run's metadata give the snapshot's memory. The copies run without the model's forward
+    and backward hooks (a logger of activations sees training's forwards only), except torch's
+    own that compute the forward (weight and spectral norm, pruning); ``snapshot_hooks=True``
+    keeps them all.
 
     ``cuda_graphs=True`` captures each probe's fixed-batch forward (predictions, curve,
     valid set), and GridProbe's whole frame, as a CUDA graph per shadow and replays it: a
@@ -151,6 +154,7 @@ class Monitor:
         viewer_fps: float = 30.0,
         snapshot_params: Sequence[str] | None = None,
         snapshot_host: bool = False,
+        snapshot_hooks: bool = False,
         cuda_graphs: bool = False,
         probe_rank: int = 0,
         budget: float | None = None,
@@ -222,7 +226,14 @@ class Monitor:
             defer_wait=optimizer is not None and hasattr(optimizer, "register_step_pre_hook"),
             params=snapshot_params,
             host=snapshot_host,
+            hooks=snapshot_hooks,
         )
+        if self._pool.dropped_hooks:
+            log.info(
+                "Monitor: the probes' copies of the model run without its hooks (%s): they observe "
+                "training, not probes; snapshot_hooks=True keeps them",
+                ", ".join(self._pool.dropped_hooks),
+            )
         self._clock = StepClock(device) if self._streams is not None else None
         self._optimizer_hook = None
         if self._streams is not None and not self._pool._wait_now:

@@ -21,6 +21,12 @@ tensor with the live model, so probes read those live (racy, like ``live``). ``h
 keeps the shadow in host memory (pinned when CUDA is present; the copy is non-blocking on
 the probe stream and the probe waits for its event), and probes evaluate it on the CPU.
 ``nbytes`` is what the snapshot holds.
+
+A ``copy`` shadow runs without the model's forward and backward hooks, except torch's own that
+compute the forward (weight and spectral norm, pruning): hooks observe training (a user's
+activation logger, a library's), and a probe's forward on the worker thread is not theirs
+to see. ``hooks=True`` keeps every hook (deep-copied with the model). ``sync`` and ``live``
+run the live model, hooks and all.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -52,6 +58,7 @@ class SnapshotPool:
         defer_wait: bool = False,
         params: Sequence[str] | None = None,
         host: bool = False,
+        hooks: bool = False,
     ):
         if strategy not in STRATEGIES:
             raise ValueError(f"snapshot must be one of {STRATEGIES}, got {strategy!r}")
@@ -72,6 +79,7 @@ class SnapshotPool:
         self._shadow_grads: dict[int, list[tuple[nn.Parameter, torch.Tensor]]] = {}
         self._ready: dict[int, torch.cuda.Event] = {}
         self.host = host
+        self.dropped_hooks: list[str] = []  # "module: kind" of each hook the shadows run without
         if strategy == "copy":
             named = _named_state_tensors(model)
             chosen = _select(named, params)
@@ -80,8 +88,10 @@ class SnapshotPool:
             if grads:
                 self._live_params = [p for p in model.parameters() if p.requires_grad and id(p) in copied]
             shared = {id(t): t for _, t in named if id(t) not in copied}
+            if not hooks:
+                self.dropped_hooks = observer_hooks(model)
             for _ in range(size):
-                shadow, twin = shadow_copy(model, shared)
+                shadow, twin = shadow_copy(model, shared, hooks=hooks)
                 shadow.eval()
                 own = [twin[id(t)] for t in self._live_tensors]
                 for t in own:
@@ -105,6 +115,7 @@ class SnapshotPool:
             "copied_elements": copied if self.strategy == "copy" else 0,
             "model_elements": total,
             "bytes": self.nbytes,
+            "dropped_hooks": list(self.dropped_hooks),
         }
 
     @property
@@ -174,10 +185,12 @@ class SnapshotPool:
 
 
 def shadow_copy(
-    model: nn.Module, shared: dict[int, torch.Tensor]
+    model: nn.Module, shared: dict[int, torch.Tensor], hooks: bool = False
 ) -> tuple[nn.Module, dict[int, torch.Tensor]]:
     """A copy of ``model`` that shares the tensors in ``shared`` (by id) and owns the rest, and
     for each state tensor of ``model`` its counterpart in the copy (by the original's id).
+    Unless ``hooks``, the copy keeps only the hooks that compute its forward (``observer_hooks``
+    names the others); they are left out before copying, so nothing they hold is copied.
 
     Counterparts come from ``copy.deepcopy``'s memo, so they hold whatever the copy renames
     or reorders. A Keras model (Keras 3 on its torch backend) copies through its saving format
@@ -191,7 +204,7 @@ def shadow_copy(
         from probescope.integrations.keras import clone_for_probes
 
         return clone_for_probes(model)
-    memo = dict(shared)
+    memo: dict[int, object] = {**shared, **_copy_memo(model, hooks)}
     shadow = copy.deepcopy(model, memo)
     named = _named_state_tensors(model)
     twin = {id(t): memo[id(t)] for _, t in named if id(t) in memo}
@@ -202,6 +215,67 @@ def shadow_copy(
             f"({missing[:3]} have no counterpart); use snapshot='sync' or 'live'"
         )
     return shadow, twin
+
+
+# A module's hooks by handle id, and the sets of those ids that change how a hook is called.
+_HOOK_DICTS = {
+    "_forward_pre_hooks": "forward pre-hook",
+    "_forward_hooks": "forward hook",
+    "_backward_pre_hooks": "backward pre-hook",
+    "_backward_hooks": "backward hook",
+}
+_HOOK_ID_SETS = (
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def computes_forward(hook) -> bool:
+    """Whether ``hook`` is part of what its module computes: torch's weight norm, spectral norm
+    and pruning recompute a weight in a forward pre-hook. (They keep no state of their own, so
+    a shadow shares them with the model.)"""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return isinstance(hook, (WeightNorm, SpectralNorm, BasePruningMethod))
+
+
+def observer_hooks(model: nn.Module) -> list[str]:
+    """``"module: kind"`` for each hook of ``model`` that a shadow runs without."""
+    return [
+        f"{name or type(model).__name__}: {kind}"
+        for name, module in model.named_modules()
+        for attr, kind in _HOOK_DICTS.items()
+        for hook in (getattr(module, attr, None) or {}).values()
+        if not computes_forward(hook)
+    ]
+
+
+def _copy_memo(model: nn.Module, hooks: bool) -> dict[int, object]:
+    """``copy.deepcopy`` memo entries for the shadow of ``model``: each module's copy keeps only
+    the hooks that compute (all, with ``hooks``), and a tensor attribute computed from
+    parameters (weight norm's ``weight``, which deepcopy refuses: it is no graph leaf) is
+    copied detached; its hook computes it again at every forward."""
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+        if hooks:
+            continue
+        kept: set[int] = set()
+        for attr in _HOOK_DICTS:
+            table: Mapping | None = getattr(module, attr, None)
+            if table:
+                memo[id(table)] = type(table)((k, h) for k, h in table.items() if computes_forward(h))
+                kept.update(memo[id(table)])
+        for attr in _HOOK_ID_SETS:
+            ids: Mapping | None = getattr(module, attr, None)
+            if ids:
+                memo[id(ids)] = type(ids)((k, v) for k, v in ids.items() if k in kept)
+    return memo
 
 
 def _unique(tensors) -> list[torch.Tensor]:

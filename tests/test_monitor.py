@@ -248,6 +248,73 @@ def test_a_tied_weight_is_copied_once_and_stays_tied_in_the_snapshot():
     assert frames and all(np.all(f.data["values"] == f.step) for f in frames)
 
 
+class ActivationLog:
+    """A user's activation logger: a hook owned by an object that a deepcopy cannot copy."""
+
+    def __init__(self, module: nn.Module):
+        self.lock = threading.Lock()
+        self.batches: list[int] = []
+        module.register_forward_hook(self.hook)
+
+    def hook(self, module, inputs, output):
+        with self.lock:
+            self.batches.append(inputs[0].shape[0])
+
+
+def test_the_snapshots_run_without_the_models_hooks_so_a_logger_sees_training_only(
+    mlp, blobs, tmp_path, caplog
+):
+    from probescope import PredictionProbe
+
+    log = ActivationLog(mlp[0])
+    probe = PredictionProbe(blobs.x_valid[:10], blobs.y_valid[:10], schedule=Schedule.every(1))
+    with caplog.at_level(logging.INFO, logger="probescope"):
+        monitor = Monitor(mlp, [probe], run_dir=tmp_path / "run").start()  # once: a lock's deepcopy
+    log.batches.clear()  # the probe's check of the model at attach ran it on the live model
+    train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 4, batch=50)
+    monitor.close()
+    assert monitor.stats[probe.name].run >= 5  # step 0 and four steps
+    assert log.batches == [50] * 4
+    assert any("run without its hooks (0: forward hook)" in r.getMessage() for r in caplog.records)
+    assert open_run(tmp_path / "run").meta["snapshot_detail"]["dropped_hooks"] == ["0: forward hook"]
+
+
+def test_with_snapshot_hooks_the_snapshots_keep_them(mlp, blobs):
+    from probescope import PredictionProbe
+
+    calls = []
+    mlp[0].register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    probe = PredictionProbe(blobs.x_valid[:10], blobs.y_valid[:10], schedule=Schedule.every(1))
+    monitor = Monitor(mlp, [probe], snapshot_hooks=True)
+    calls.clear()  # the probe's check of the model at attach ran it on the live model
+    monitor.start()
+    train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 2, batch=50)
+    monitor.close()
+    assert sorted(calls) == [10] * monitor.stats[probe.name].run + [50] * 2
+    assert monitor.snapshot_detail["dropped_hooks"] == []
+
+
+def test_the_snapshots_keep_torchs_hooks_that_compute_the_forward():
+    import warnings
+
+    from torch.nn.utils import prune
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # weight_norm's newer API is a parametrization
+        normed = nn.utils.weight_norm(nn.Linear(3, 8))
+    model = nn.Sequential(normed, nn.Tanh(), prune.l1_unstructured(nn.Linear(8, 2), "weight", 0.5))
+    monitor = Monitor(model, [StepReader()], final_frame=False)
+    assert monitor.snapshot_detail["dropped_hooks"] == []
+    with torch.no_grad():  # the hooks recompute each weight from these at every forward
+        model[0].weight_g.mul_(2.0)
+        model[2].weight_mask[0].zero_()
+    shadow = monitor._pool.acquire()
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(shadow(x), model(x), rtol=0, atol=0)
+    assert torch.all(shadow(x)[:, 0] == model[2].bias[0])
+    monitor.close()
+
+
 class Rebuilt(nn.Linear):
     """A module whose deepcopy builds a new one from its state (as Keras's copy does)."""
 
