@@ -170,6 +170,8 @@ def _info(args: argparse.Namespace) -> int:
         return 0
     print(f"run       {run.path}")
     print(f"status    {meta.get('status')}   created {meta.get('created')}")
+    if meta.get("error"):
+        print(f"error     {meta['error']}")
     model = meta.get("model", {})
     if model:
         print(

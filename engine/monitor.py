@@ -454,8 +454,10 @@ class Monitor:
         to: this is for benchmarks, tests and notebooks); False on timeout."""
         return self._worker is None or self._worker.wait_idle(timeout)
 
-    def close(self) -> None:
-        """Finish: wait for running probes, take the final frames, flush the run (idempotent)."""
+    def close(self, error: BaseException | None = None) -> None:
+        """Finish: wait for running probes, take the final frames, flush the run (idempotent).
+        ``error``: what ended training early (the ``with`` block's exception); the run's status
+        is then ``interrupted`` (KeyboardInterrupt) or ``failed``, with the error in run.json."""
         if self._closed or not self._started or not self.probing:
             self._closed = True
             return
@@ -491,13 +493,13 @@ class Monitor:
             for st in self._probes.values():
                 if st.probe.tabular and st.ring.written:
                     self.writer.write_table(st.probe.name)
-            self.writer.finish(self.summary())
+            self.writer.finish(self.summary(), error)
 
     def __enter__(self) -> Monitor:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(exc)
 
     # ---- the training loop's calls ------------------------------------------------------
     def step(self, loss=None) -> None:

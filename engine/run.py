@@ -178,10 +178,15 @@ class RunWriter:
         path = self.path / "probes" / name / "table.parquet"
         self._guard(lambda: atomic_write(path, lambda f: table.to_parquet(f, index=False)))
 
-    def finish(self, summary: dict) -> None:
-        """Mark the run finished and store its summary."""
+    def finish(self, summary: dict, error: BaseException | None = None) -> None:
+        """Store the run's summary and how it ended: ``finished``, or with the ``error`` that
+        ended training, ``interrupted`` (Ctrl-C) or ``failed`` (the error in ``error``)."""
+        status = "finished"
+        if error is not None:
+            status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+            self.meta["error"] = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         self.update_meta(
-            status="finished",
+            status=status,
             finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             summary=summary,
         )
@@ -240,11 +245,11 @@ class ProbeRecord:
     def table(self):
         """A tabular probe's frames (e.g. StatsProbe's) as a pandas DataFrame: one row per frame,
         columns ``step``, ``epoch``, ``time`` and one per metric. Reads ``table.parquet`` when
-        the run has finished, else the frames recorded so far."""
+        the run has ended (written at its close), else the frames recorded so far."""
         import pandas as pd
 
         parquet = self.folder / "table.parquet"
-        if parquet.exists() and self.run.meta.get("status") == "finished":
+        if parquet.exists() and self.run.meta.get("status") != "running":
             return pd.read_parquet(parquet)
         if "columns" not in self.static:
             raise ValueError(f"probe {self.name!r} ({self.kind}) does not record a table")

@@ -210,7 +210,8 @@ def test_a_failing_fit_closes_the_monitor_and_keeps_its_frames(tmp_path):
     with pytest.raises(RuntimeError, match="data loader failed"), callback:
         learn.fit(2, 1e-2, cbs=[callback, Boom()])
     run = open_run(tmp_path / "run")
-    assert run.meta["status"] == "finished" and run.meta["summary"]["steps"] == 5
+    assert run.meta["status"] == "failed" and run.meta["summary"]["steps"] == 5
+    assert run.meta["error"].startswith("RuntimeError: ") and "data loader failed" in run.meta["error"]
     assert len(run.probe("loss")) >= 1
 
 

@@ -358,7 +358,7 @@ def test_the_callback_closes_its_monitor_when_fit_raises(tmp_path):
         model.fit(x, np.sin(3 * x), epochs=2, batch_size=32, verbose=0, callbacks=[callback, Boom()])
     assert callback.monitor.summary()["steps"] == 3  # the third batch raised after its step
     run = open_run(tmp_path / "run")
-    assert run.meta["status"] == "finished"
+    assert run.meta["status"] == "failed" and run.meta["error"] == "RuntimeError: data loader failed"
     assert len(run.probe("curve")) >= 1
 
 

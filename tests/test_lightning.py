@@ -114,7 +114,8 @@ def test_a_failing_fit_closes_the_monitor_and_keeps_its_frames(tmp_path, blobs):
     with pytest.raises(RuntimeError, match="training diverged"):
         _fit(Blobs(fail_at=3), blobs, callback)
     run = ps.open_run(tmp_path / "run")
-    assert run.meta["finished"]
+    assert run.meta["finished"] and run.meta["status"] == "failed"
+    assert run.meta["error"] == "RuntimeError: training diverged"
     steps = [f.step for f in run.probe("grid").frames()]
     assert steps == [0, 1, 2, 3]  # every step until the failure, the last one from close()
 

@@ -33,6 +33,25 @@ def test_every_frame_lands_with_its_step_epoch_and_config(tmp_path, mlp, blobs):
     assert run.meta["summary"]["probes"]["grid"]["run"] == 5
 
 
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [(KeyboardInterrupt(), "interrupted"), (FloatingPointError("loss is nan"), "failed")],
+    ids=["ctrl-c", "error"],
+)
+def test_a_run_ended_by_an_error_says_so_and_keeps_its_frames(tmp_path, mlp, blobs, capsys, error, status):
+    from probescope.cli import main
+
+    with pytest.raises(type(error)), Monitor(mlp, [LossProbe(schedule=Schedule.every(1))], run_dir=tmp_path):
+        raise error
+    run = open_run(tmp_path)
+    assert run.meta["status"] == status and run.probe("loss").steps() == [0]
+    message = "KeyboardInterrupt" if status == "interrupted" else "FloatingPointError: loss is nan"
+    assert run.meta["error"] == message
+    assert main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"status    {status}" in out and f"error     {message}" in out
+
+
 def test_final_weights_are_a_state_dict_that_loads_without_pickle(tmp_path, mlp, blobs):
     with Monitor(mlp, [GridProbe(blobs.x_train, resolution=4)], run_dir=tmp_path) as monitor:
         train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 3)

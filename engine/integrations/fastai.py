@@ -68,8 +68,8 @@ class ProbescopeCallback(Callback):
     def __enter__(self) -> ProbescopeCallback:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(exc)
 
     def before_fit(self) -> None:
         self.close()  # a Monitor left open by a fit that raised
@@ -109,10 +109,11 @@ class ProbescopeCallback(Callback):
     def after_fit(self) -> None:
         self.close()
 
-    def close(self) -> None:
-        """Close the Monitor of the last fit (a no-op when it is closed already)."""
+    def close(self, error: BaseException | None = None) -> None:
+        """Close the Monitor of the last fit (a no-op when it is closed already); ``error``:
+        what ended the fit early (see ``Monitor.close``)."""
         if self.monitor is not None:
-            self.monitor.close()
+            self.monitor.close(error)
 
 
 def default_probes(learn) -> list[Probe]:

@@ -68,8 +68,8 @@ class ProbescopeCallback(keras.callbacks.Callback):
     def __enter__(self) -> ProbescopeCallback:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(exc)
 
     def on_train_begin(self, logs=None) -> None:
         self.close()  # a Monitor left open by a fit that raised
@@ -100,10 +100,11 @@ class ProbescopeCallback(keras.callbacks.Callback):
     def on_train_end(self, logs=None) -> None:
         self.close()
 
-    def close(self) -> None:
-        """Close the Monitor of the last fit (a no-op when it is closed already)."""
+    def close(self, error: BaseException | None = None) -> None:
+        """Close the Monitor of the last fit (a no-op when it is closed already); ``error``:
+        what ended the fit early (see ``Monitor.close``)."""
         if self.monitor is not None:
-            self.monitor.close()
+            self.monitor.close(error)
 
     def _batch_loss(self) -> torch.Tensor | None:
         """This batch's loss (its samples' mean), as a device tensor: the growth of Keras's

@@ -82,8 +82,8 @@ class ProbescopeCallback(L.Callback):
         self._close()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self._close()
+        self._close(exception)
 
-    def _close(self) -> None:
+    def _close(self, error: BaseException | None = None) -> None:
         if self.monitor is not None:
-            self.monitor.close()
+            self.monitor.close(error)
