@@ -19,7 +19,7 @@ from probescope.distributed import Placement, check_probeable, placement, unwrap
 from probescope.events import EVENTS, Callback
 from probescope.graphs import ForwardGraphs
 from probescope.history import History
-from probescope.probes.base import Probe, ProbeContext, ProbeStats, model_device_dtype
+from probescope.probes.base import Probe, ProbeContext, ProbeStats, eval_mode, model_device_dtype
 from probescope.ring import Frame, FrameRing
 from probescope.run import RunWriter
 from probescope.schedule import Budget, StepInfo, StepTime, next_due
@@ -850,14 +850,13 @@ class _Job:
         import torch
 
         pool = self.monitor._pool
-        restore = pool.strategy == "sync" and self.shadow.training
+        # sync: the live model, in eval mode for its probes (a copy is in eval mode for good)
+        modes = eval_mode(self.shadow) if pool.strategy == "sync" else contextlib.nullcontext()
         streams = self.monitor._streams
         on_stream = streams.probe_context() if streams and not pool.inline else contextlib.nullcontext()
         try:
-            if restore:
-                self.shadow.eval()
             pool.wait_ready(self.shadow)
-            with torch.no_grad(), on_stream:
+            with modes, torch.no_grad(), on_stream:
                 history, cut = self.monitor.history, self.cut
                 context = ProbeContext(self.step, self.epoch, read=lambda: history.read(cut))
                 for st, frame in zip(self.states, self.frames, strict=True):
@@ -865,8 +864,6 @@ class _Job:
         finally:
             for st in self.states:
                 st.busy = st.running = False
-            if restore:
-                self.shadow.train()
             pool.release(self.shadow)
 
     def _evaluate(self, st: _ProbeState, frame: int | None, context: ProbeContext) -> None:

@@ -248,6 +248,36 @@ def test_a_tied_weight_is_copied_once_and_stays_tied_in_the_snapshot():
     assert frames and all(np.all(f.data["values"] == f.step) for f in frames)
 
 
+class FineTuned(nn.Module):
+    """A backbone kept in eval mode (its batch norm frozen) under a head that trains."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.1), nn.Linear(8, 7))
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+@pytest.mark.parametrize("snapshot", ["copy", "sync"])
+def test_probes_leave_every_module_of_the_live_model_in_its_own_mode(blobs, snapshot):
+    from probescope import PredictionProbe
+
+    model = FineTuned()
+    model.backbone.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    assert modes["backbone.1"] is False and modes["head.0"] is True
+    stats = model.backbone[1].running_mean.clone()
+    probe = PredictionProbe(blobs.x_valid[:10], blobs.y_valid[:10], schedule=Schedule.every(1))
+    monitor = Monitor(model, [probe], snapshot=snapshot).start()  # attach ran the model once
+    train_steps(monitor, model, blobs.x_train, blobs.y_train, 3)
+    monitor.close()
+    assert monitor.stats[probe.name].run >= 3
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert torch.equal(model.backbone[1].running_mean, stats)  # frozen: no forward updated it
+
+
 class ActivationLog:
     """A user's activation logger: a hook owned by an object that a deepcopy cannot copy."""
 

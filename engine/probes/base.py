@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -231,21 +232,31 @@ class ValidSet:
         return [float(self.loss_fn(pred, self.y))] + [float(fn(pred, self.y)) for fn in self.metrics.values()]
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside; after, every module back in its own mode. (``train(was)``
+    would put a part the user keeps in eval, a frozen backbone's batch norms, in train mode.)"""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(modes[0][1])
+        for module, training in modes:
+            module.training = training
+
+
 def check_forward(owner: str, model: nn.Module, sample: torch.Tensor) -> torch.Tensor:
     """Run the model once on ``sample``; turn a shape error into a sentence about the input."""
     device, dtype = model_device_dtype(model)
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             out = model(to_model(sample, device, dtype))
     except Exception as err:
         raise ValueError(
             f"{owner}: the model rejected inputs of shape {tuple(sample.shape)} "
             f"(input width {sample.shape[-1]}): {type(err).__name__}: {err}"
         ) from err
-    finally:
-        model.train(was_training)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{owner}: the model must return a tensor, got {type(out).__name__}")
     return out
