@@ -316,6 +316,27 @@ def test_models_that_do_not_fuse_say_why(model, reason):
         FusableMLP.from_module(model)
 
 
+def test_a_model_with_forward_hooks_takes_its_forward_which_runs_them():
+    # The fused kernels read the Linear layers' weights and cannot run hooks: torch's
+    # weight_norm computes the weight in a pre-hook at every forward (read as it stood when the
+    # hook last ran, the map was stale), a hook of the user's may scale the outputs.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        normed = nn.Sequential(nn.utils.weight_norm(nn.Linear(2, 16)), nn.Tanh(), nn.Linear(16, 3))
+    scaled = make_mlp((2, 16, 3), "relu")
+    scaled[-1].register_forward_hook(lambda module, inputs, output: output / 4.0)
+    grid = random_grid(2, 9, 7)
+    with torch.no_grad():
+        normed[0].weight_g.mul_(3.0)  # the weight the hook computes at the next forward changes
+    for model, hooked in ((normed, "0 has forward hooks"), (scaled, "2 has forward hooks")):
+        with pytest.raises(NotFusableError, match=hooked):
+            FusableMLP.from_module(model)
+        assert fused_path(model).startswith("module forward")
+        assert max_error(grid_mlp(model, grid), module_forward_on_grid(model, grid)) <= 1e-6
+
+
 def test_nested_sequentials_dropout_in_eval_and_identity_fuse():
     inner = nn.Sequential(nn.Linear(2, 8), nn.ReLU())
     model = nn.Sequential(nn.Flatten(), inner, nn.Dropout(0.5), nn.Identity(), nn.Linear(8, 3)).eval()
