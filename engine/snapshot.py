@@ -205,7 +205,14 @@ def shadow_copy(
 
         return clone_for_probes(model)
     memo: dict[int, object] = {**shared, **_copy_memo(model, hooks)}
-    shadow = copy.deepcopy(model, memo)
+    try:
+        shadow = copy.deepcopy(model, memo)
+    except Exception as err:  # an attribute that cannot be copied: a lock, a file, a connection
+        raise ValueError(
+            f"the 'copy' snapshot cannot copy a {type(model).__name__} ({type(err).__name__}: {err}); "
+            "give the object that fails a __deepcopy__, keep it off the model, or use snapshot='sync' "
+            "(probes between steps) or 'live'"
+        ) from err
     named = _named_state_tensors(model)
     twin = {id(t): memo[id(t)] for _, t in named if id(t) in memo}
     missing = [n for n, t in named if id(t) not in twin]

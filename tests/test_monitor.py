@@ -354,6 +354,20 @@ class Rebuilt(nn.Linear):
         return copy
 
 
+class Guarded(nn.Linear):
+    """A module holding something no deepcopy can copy."""
+
+    def __init__(self):
+        super().__init__(2, 3)
+        self.lock = threading.Lock()
+
+
+def test_a_model_that_cannot_be_copied_is_refused_clearly_and_sync_still_works():
+    with pytest.raises(ValueError, match=r"cannot copy a Guarded \(TypeError: .*lock.*snapshot='sync'"):
+        Monitor(Guarded(), [StepReader()])
+    Monitor(Guarded(), [StepReader()], snapshot="sync").start().close()
+
+
 def test_a_model_whose_copy_cannot_be_paired_tensor_by_tensor_is_refused_clearly():
     with pytest.raises(ValueError, match=r"does not copy its tensors one by one.*snapshot='sync' or 'live'"):
         Monitor(Rebuilt(2, 3), [StepReader()])
