@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
 import os
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +32,21 @@ from probescope.validation import fraction, positive_int
 from probescope.worker import ProbeWorker, start_thread
 
 log = logging.getLogger("probescope")
+
+_OPEN: weakref.WeakSet[Monitor] = weakref.WeakSet()  # started, not yet closed, in this process
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Close every Monitor a script left open (no ``close()``, no ``with`` block) when the
+    interpreter exits, so that its last frames, weights and status reach the run directory;
+    an uncaught error that ended the script is the run's error."""
+    error = getattr(sys, "last_value", None)
+    for monitor in list(_OPEN):
+        if monitor._pid == os.getpid():  # not in a forked child
+            log.warning("Monitor: closed at exit; call close() or use it as a context manager")
+            monitor._close_timeout = min(monitor._close_timeout, 10.0)
+            monitor.close(error)
 
 
 @dataclass
@@ -342,6 +360,8 @@ class Monitor:
             raise RuntimeError("Monitor: a closed monitor cannot start again")
         self._started = True
         self._t_start = time.perf_counter()
+        self._pid = os.getpid()
+        _OPEN.add(self)
         if not self.probing:
             log.info(
                 "Monitor: rank %d of %d is not the probing rank; it probes and records nothing",
@@ -458,6 +478,7 @@ class Monitor:
         """Finish: wait for running probes, take the final frames, flush the run (idempotent).
         ``error``: what ended training early (the ``with`` block's exception); the run's status
         is then ``interrupted`` (KeyboardInterrupt) or ``failed``, with the error in run.json."""
+        _OPEN.discard(self)
         if self._closed or not self._started or not self.probing:
             self._closed = True
             return

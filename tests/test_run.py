@@ -52,6 +52,35 @@ def test_a_run_ended_by_an_error_says_so_and_keeps_its_frames(tmp_path, mlp, blo
     assert f"status    {status}" in out and f"error     {message}" in out
 
 
+LEFT_OPEN = textwrap.dedent("""
+    import sys, torch
+    from torch import nn
+    from probescope import LossProbe, Monitor, Schedule
+    model = nn.Linear(2, 2)
+    monitor = Monitor(model, [LossProbe(schedule=Schedule.every(100))], run_dir=sys.argv[1]).start()
+    for step in range(3):
+        monitor.step(loss=float(step))
+    if sys.argv[2] == "raise":
+        raise RuntimeError("the data ran out")
+""")
+
+
+@pytest.mark.parametrize("ending", ["exit", "raise"])
+def test_a_monitor_a_script_left_open_is_closed_at_exit(tmp_path, ending):
+    done = subprocess.run(
+        [sys.executable, "-c", LEFT_OPEN, str(tmp_path), ending], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == (0 if ending == "exit" else 1), done.stderr[-2000:]
+    assert "Monitor: closed at exit" in done.stderr
+    run = open_run(tmp_path)
+    assert run.probe("loss").steps() == [0, 3]  # the final frame, taken by the close at exit
+    assert run.model_state()["weight"].shape == (2, 2)
+    if ending == "exit":
+        assert run.meta["status"] == "finished" and "error" not in run.meta
+    else:
+        assert run.meta["status"] == "failed" and run.meta["error"] == "RuntimeError: the data ran out"
+
+
 def test_final_weights_are_a_state_dict_that_loads_without_pickle(tmp_path, mlp, blobs):
     with Monitor(mlp, [GridProbe(blobs.x_train, resolution=4)], run_dir=tmp_path) as monitor:
         train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 3)
