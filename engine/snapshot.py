@@ -6,7 +6,9 @@ Strategies:
 - ``sync``: no copy; the probe runs inline in the training thread between steps (for tiny
   models, where a copy costs more than the probe).
 - ``live``: no copy; the worker reads the live module while training goes on. Racy: a frame
-  may mix weights of neighbouring steps. The module runs in whatever mode it is in.
+  may mix weights of neighbouring steps. The module runs in whatever mode it is in, so in
+  train mode its batch norms update their statistics and its dropouts draw from the global
+  generator (a warning at construction names them).
 
 With ``grads=True`` (a probe reads gradients), a ``copy`` snapshot also copies each
 parameter's ``.grad`` into a preallocated buffer of the shadow; a parameter with no gradient
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import logging
 import threading
 from collections.abc import Mapping, Sequence
 
@@ -41,6 +44,8 @@ from torch import nn
 
 from probescope.kernels.grid_mlp import is_keras_model
 from probescope.streams import ProbeStreams
+
+log = logging.getLogger("probescope")
 
 STRATEGIES = ("copy", "sync", "live")
 
@@ -80,6 +85,14 @@ class SnapshotPool:
         self._ready: dict[int, torch.cuda.Event] = {}
         self.host = host
         self.dropped_hooks: list[str] = []  # "module: kind" of each hook the shadows run without
+        changing = train_mode_effects(model) if strategy == "live" else []
+        if changing:
+            log.warning(
+                "snapshot='live': probes run the live model in its own mode, and in train mode %s "
+                "update running statistics or draw from the global random generator, which changes "
+                "training; snapshot='copy' (the default) evaluates copies in eval mode",
+                ", ".join(changing),
+            )
         if strategy == "copy":
             named = _named_state_tensors(model)
             chosen = _select(named, params)
@@ -222,6 +235,24 @@ def shadow_copy(
             f"({missing[:3]} have no counterpart); use snapshot='sync' or 'live'"
         )
     return shadow, twin
+
+
+def train_mode_effects(model: nn.Module) -> list[str]:
+    """``"name (Class)"`` of each module in train mode whose forward changes something outside
+    its output: batch or instance norm with running statistics, dropout."""
+    from torch.nn.modules.batchnorm import _NormBase
+    from torch.nn.modules.dropout import _DropoutNd
+
+    return [
+        f"{name} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if m.training
+        and (
+            (isinstance(m, _NormBase) and m.track_running_stats)
+            or (isinstance(m, _DropoutNd) and m.p > 0)
+            or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0)
+        )
+    ]
 
 
 # A module's hooks by handle id, and the sets of those ids that change how a hook is called.

@@ -278,6 +278,58 @@ def test_probes_leave_every_module_of_the_live_model_in_its_own_mode(blobs, snap
     assert torch.equal(model.backbone[1].running_mean, stats)  # frozen: no forward updated it
 
 
+def _train_with_noise(monitor_kwargs=None, probes=()):
+    """Twelve steps of a model that draws from the global generator (dropout) and keeps running
+    statistics (batch norm); its final state, with or without a Monitor around it."""
+    from probescope.datasets import make_dataset
+
+    torch.manual_seed(0)
+    data = make_dataset("blobs7", seed=3, n=700)
+    model = nn.Sequential(nn.Linear(2, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 7))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = Monitor(model, list(probes), **monitor_kwargs).start() if monitor_kwargs is not None else None
+    for step in range(12):
+        batch = slice(step * 25, step * 25 + 25)
+        loss = nn.functional.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if monitor is not None:
+            monitor.step(loss=loss.detach())
+            monitor._worker.wait_idle(10)
+    if monitor is not None:
+        monitor.close()
+    return model.state_dict(), torch.rand(3)  # the generator's next draws: what training used of it
+
+
+@pytest.mark.parametrize("snapshot", ["copy", "sync"])
+def test_probes_do_not_change_training_by_one_bit(snapshot, blobs):
+    from probescope import LossProbe, PredictionProbe, StatsProbe
+
+    every = Schedule.every(1)
+    probes = [
+        GridProbe(blobs.x_train, blobs.y_train, resolution=16, smoothing=0.5, schedule=every),
+        PredictionProbe(blobs.x_valid, blobs.y_valid, schedule=every),
+        StatsProbe(targets=["weights", "grads", "activations"], batch=blobs.x_valid, schedule=every),
+        LossProbe(),
+    ]
+    alone, draws = _train_with_noise()
+    monitored, monitored_draws = _train_with_noise({"snapshot": snapshot}, probes)
+    for key, value in alone.items():
+        assert torch.equal(monitored[key], value), key  # weights and batch norm statistics
+    assert torch.equal(monitored_draws, draws)
+
+
+def test_a_live_snapshot_of_a_model_that_trains_differently_in_train_mode_gets_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="probescope"):
+        Monitor(nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2)), [StepReader()], snapshot="live")
+        assert not caplog.records
+        model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Dropout(0.1), nn.Linear(4, 2))
+        Monitor(model, [StepReader()], snapshot="live")
+    (record,) = caplog.records
+    assert "1 (BatchNorm1d), 2 (Dropout)" in record.getMessage() and "snapshot='copy'" in record.getMessage()
+
+
 class ActivationLog:
     """A user's activation logger: a hook owned by an object that a deepcopy cannot copy."""
 

@@ -12,7 +12,14 @@ from torch import nn
 
 from probescope.kernels import GridSpec, default_palette, ema_frames, fused_path, grid_mlp, probs_to_rgba
 from probescope.kernels.colormap import MODES
-from probescope.probes.base import Probe, ProbeContext, as_float_tensor, check_forward, model_device_dtype
+from probescope.probes.base import (
+    Probe,
+    ProbeContext,
+    as_float_tensor,
+    check_forward,
+    eval_mode,
+    model_device_dtype,
+)
 from probescope.schedule import Schedule
 from probescope.validation import positive_int
 
@@ -113,11 +120,14 @@ class GridProbe(Probe):
                 f"{owner}: class_index {self.class_index} is out of range for {self.num_classes} classes"
             )
         self.palette = default_palette(self.num_classes)
-        self.path = fused_path(model)
-        # Compile the kernels now, before training, on a 2 x 2 grid of the same model.
-        tiny = GridSpec.on_plane(self.origin, self.axis_u, self.axis_v, self.domain, 2, 2)
-        probs = grid_mlp(model, tiny, self._kernel_output(), batch_size=self.batch_size)
-        probs_to_rgba(probs.float(), self.mode, self.palette, self.class_index)
+        # In eval mode, as frames see the model: the path they take, and no dropout draw or
+        # batch norm update on the live model.
+        with eval_mode(model), torch.no_grad():
+            self.path = fused_path(model)
+            # Compile the kernels now, before training, on a 2 x 2 grid of the same model.
+            tiny = GridSpec.on_plane(self.origin, self.axis_u, self.axis_v, self.domain, 2, 2)
+            probs = grid_mlp(model, tiny, self._kernel_output(), batch_size=self.batch_size)
+            probs_to_rgba(probs.float(), self.mode, self.palette, self.class_index)
 
     def _kernel_output(self) -> str:
         return "raw" if self.output == "probs" else self.output
