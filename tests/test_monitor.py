@@ -299,22 +299,27 @@ def _train_with_noise(monitor_kwargs=None, probes=()):
             monitor._worker.wait_idle(10)
     if monitor is not None:
         monitor.close()
-    return model.state_dict(), torch.rand(3)  # the generator's next draws: what training used of it
+    stats = monitor.stats if monitor is not None else {}
+    return model.state_dict(), torch.rand(3), stats  # the generator's next draws: what training used
 
 
 @pytest.mark.parametrize("snapshot", ["copy", "sync"])
-def test_probes_do_not_change_training_by_one_bit(snapshot, blobs):
-    from probescope import LossProbe, PredictionProbe, StatsProbe
+def test_probes_do_not_change_training_by_one_bit(snapshot, blobs, tmp_path):
+    from probescope import CheckpointProbe, LossProbe, NeuronProbe, PredictionProbe, StatsProbe
 
     every = Schedule.every(1)
+    valid = (blobs.x_valid, blobs.y_valid)
     probes = [
         GridProbe(blobs.x_train, blobs.y_train, resolution=16, smoothing=0.5, schedule=every),
-        PredictionProbe(blobs.x_valid, blobs.y_valid, schedule=every),
+        NeuronProbe(blobs.x_train, "1", units=4, resolution=8, schedule=every),
+        PredictionProbe(*valid, schedule=every),
         StatsProbe(targets=["weights", "grads", "activations"], batch=blobs.x_valid, schedule=every),
-        LossProbe(),
+        LossProbe(valid=valid, loss_fn=nn.functional.cross_entropy, schedule=every),
+        CheckpointProbe(valid=valid, loss_fn=nn.functional.cross_entropy, schedule=every),
     ]
-    alone, draws = _train_with_noise()
-    monitored, monitored_draws = _train_with_noise({"snapshot": snapshot}, probes)
+    alone, draws, _ = _train_with_noise()
+    monitored, monitored_draws, stats = _train_with_noise({"snapshot": snapshot, "run_dir": tmp_path}, probes)
+    assert all(s.run >= 12 and not s.failed for s in stats.values()) and len(stats) == len(probes)
     for key, value in alone.items():
         assert torch.equal(monitored[key], value), key  # weights and batch norm statistics
     assert torch.equal(monitored_draws, draws)
