@@ -278,19 +278,27 @@ def test_probes_leave_every_module_of_the_live_model_in_its_own_mode(blobs, snap
     assert torch.equal(model.backbone[1].running_mean, stats)  # frozen: no forward updated it
 
 
-def _train_with_noise(monitor_kwargs=None, probes=()):
-    """Twelve steps of a model that draws from the global generator (dropout) and keeps running
-    statistics (batch norm); its final state, with or without a Monitor around it."""
+def _train_with_noise(monitor_kwargs=None, probes=(), *, curve=False):
+    """Steps of a model that draws from the global generator (dropout) and keeps running
+    statistics (batch norm), a classifier of blobs or (``curve``) a 1-D regression; its final
+    state, the generator's next draws (what training used of it) and the probes' counters,
+    with or without a Monitor around it."""
     from probescope.datasets import make_dataset
 
     torch.manual_seed(0)
-    data = make_dataset("blobs7", seed=3, n=700)
-    model = nn.Sequential(nn.Linear(2, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 7))
+    if curve:
+        x = torch.linspace(-2, 2, 300)[:, None]
+        data, loss_fn = (x, torch.sin(2 * x)), nn.functional.mse_loss
+    else:
+        blobs = make_dataset("blobs7", seed=3, n=700)
+        data, loss_fn = (blobs.x_train, blobs.y_train), nn.functional.cross_entropy
+    noisy = (nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3))
+    model = nn.Sequential(nn.Linear(data[0].shape[1], 16), *noisy, nn.Linear(16, 1 if curve else 7))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     monitor = Monitor(model, list(probes), **monitor_kwargs).start() if monitor_kwargs is not None else None
     for step in range(12):
         batch = slice(step * 25, step * 25 + 25)
-        loss = nn.functional.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
+        loss = loss_fn(model(data[0][batch]), data[1][batch])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -300,7 +308,7 @@ def _train_with_noise(monitor_kwargs=None, probes=()):
     if monitor is not None:
         monitor.close()
     stats = monitor.stats if monitor is not None else {}
-    return model.state_dict(), torch.rand(3), stats  # the generator's next draws: what training used
+    return model.state_dict(), torch.rand(3), stats
 
 
 @pytest.mark.parametrize("snapshot", ["copy", "sync"])
@@ -323,6 +331,18 @@ def test_probes_do_not_change_training_by_one_bit(snapshot, blobs, tmp_path):
     for key, value in alone.items():
         assert torch.equal(monitored[key], value), key  # weights and batch norm statistics
     assert torch.equal(monitored_draws, draws)
+
+
+@pytest.mark.parametrize("snapshot", ["copy", "sync"])
+def test_a_curve_probe_does_not_change_training_by_one_bit(snapshot):
+    from probescope import CurveProbe
+
+    probe = CurveProbe(torch.linspace(-2, 2, 40)[:, None], torch.zeros(40, 1), loss_smoothing=5)
+    probe.schedule = Schedule.every(1)
+    alone, draws, _ = _train_with_noise(curve=True)
+    monitored, monitored_draws, stats = _train_with_noise({"snapshot": snapshot}, [probe], curve=True)
+    assert stats["curve"].run >= 12 and not stats["curve"].failed
+    assert all(torch.equal(monitored[k], v) for k, v in alone.items()) and torch.equal(monitored_draws, draws)
 
 
 def test_a_live_snapshot_of_a_model_that_trains_differently_in_train_mode_gets_a_warning(caplog):
