@@ -191,8 +191,9 @@ class FusableMLP:
             acts[-1] = name
             if name == "leaky_relu":
                 slopes.add(float(layer.negative_slope))
-        hooked = next((n for n, m in inner.named_modules() if m._forward_pre_hooks or m._forward_hooks), None)
-        if hooked is not None:  # e.g. torch's weight_norm, which computes the weight in its hook
+        if any(m._forward_pre_hooks or m._forward_hooks for m in inner.modules()):  # asked every frame
+            hooked = next(n for n, m in inner.named_modules() if m._forward_pre_hooks or m._forward_hooks)
+            # e.g. torch's weight_norm, which computes the weight in its hook
             raise NotFusableError(
                 f"{hooked or type(inner).__name__} has forward hooks, which only its forward runs"
             )
