@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from probescope.distributed import Placement, check_probeable, placement, unwrap, wrapper_names
 from probescope.events import EVENTS, Callback
@@ -192,6 +193,13 @@ class Monitor:
         self.wrappers = wrapper_names(model)
         model = unwrap(model)
         check_probeable(model, self.placement)
+        lazy = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if is_lazy(t)]
+        if lazy:
+            raise ValueError(
+                f"Monitor: the model's {', '.join(lazy[:4])}{' ...' if len(lazy) > 4 else ''} are not "
+                "initialized yet (lazy modules take their shapes from their first forward); run one "
+                "batch through the model before creating the Monitor, e.g. model(x[:1])"
+            )
         # Every rank checks its arguments and attaches its probes (the same errors everywhere);
         # only the probing rank keeps them.
         self.probing = self.placement.rank == probe_rank
@@ -808,6 +816,27 @@ class Monitor:
         else:
             self._worker.submit(job)
 
+    def _check_model(self, step: int) -> None:
+        """Before a frame (on the probe's thread): if the model changed since the Monitor was
+        created (``SnapshotPool.model_change``), the probes that read it were set up for the old
+        one and would show stale or misplaced frames: disable them, with one warning."""
+        change = self._pool.model_change()
+        if change is None:
+            return
+        stopped = [st for st in self._probes.values() if st.enabled and st.probe.reads_model]
+        for st in stopped:
+            st.enabled = False
+        if stopped:
+            log.warning(
+                "Monitor: the model changed after the Monitor was created (%s, seen at step %d); "
+                "its probes were set up for the model as it was, so %s stop here; training goes "
+                "on. Create the Monitor once the model is final: on its device, in its dtype, "
+                "with its layers in place",
+                change,
+                step,
+                ", ".join(f"{type(st.probe).__name__} {st.probe.name!r}" for st in stopped),
+            )
+
     def _record_loop(self) -> None:
         while True:
             self._wake.wait(0.25)
@@ -877,11 +906,14 @@ class _Job:
         on_stream = streams.probe_context() if streams and not pool.inline else contextlib.nullcontext()
         try:
             pool.wait_ready(self.shadow)
+            if any(st.probe.reads_model for st in self.states):
+                self.monitor._check_model(self.step)
             with modes, torch.no_grad(), on_stream:
                 history, cut = self.monitor.history, self.cut
                 context = ProbeContext(self.step, self.epoch, read=lambda: history.read(cut))
                 for st, frame in zip(self.states, self.frames, strict=True):
-                    self._evaluate(st, frame, context)
+                    if st.enabled:
+                        self._evaluate(st, frame, context)
         finally:
             for st in self.states:
                 st.busy = st.running = False

@@ -29,6 +29,10 @@ compute the forward (weight and spectral norm, pruning): hooks observe training 
 activation logger, a library's), and a probe's forward on the worker thread is not theirs
 to see. ``hooks=True`` keeps every hook (deep-copied with the model). ``sync`` and ``live``
 run the live model, hooks and all.
+
+A snapshot is set up for the model as it is when the Monitor is created. ``model_change``
+says what has changed since (a parameter replaced, or moved to another device or dtype),
+which would leave a ``copy`` snapshot copying tensors training no longer updates.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ class SnapshotPool:
         self._ready: dict[int, torch.cuda.Event] = {}
         self.host = host
         self.dropped_hooks: list[str] = []  # "module: kind" of each hook the shadows run without
+        self._params = [(p, p.device, p.dtype) for p in _parameters(model)]
         changing = train_mode_effects(model) if strategy == "live" else []
         if changing:
             log.warning(
@@ -117,6 +122,28 @@ class SnapshotPool:
                         (twin[id(p)], _grad_buffer(p, host)) for p in self._live_params
                     ]
                 self._free.append(shadow)
+
+    def model_change(self) -> str | None:
+        """What has changed in the live model since the snapshot was set up (None: nothing
+        that matters): a parameter replaced (a ``copy`` snapshot would go on copying the old
+        one; ``sync`` and ``live`` read the new one), added or removed, or moved to another
+        device or dtype (probes placed their inputs for the old one). Buffers are not
+        compared: a module may replace its own (a cache) in its forward, and the shadow's
+        forward does the same. A walk over the parameters, for the probe's thread."""
+        now = list(_parameters(self.model))
+        if len(now) != len(self._params):
+            return f"its parameters went from {len(self._params)} to {len(now)}"
+        replaced = self.strategy == "copy"
+        for (old, device, dtype), p in zip(self._params, now, strict=True):
+            if (replaced and p is not old) or p.device != device or p.dtype != dtype:
+                named = self.model.named_parameters(remove_duplicate=False)
+                name = next((n for n, q in named if q is p), "?")
+                if p is not old and replaced:
+                    return f"its parameter {name!r} was replaced by another"
+                if p.device != device:
+                    return f"its parameter {name!r} moved from {device} to {p.device}"
+                return f"its parameter {name!r} went from {_dtype(dtype)} to {_dtype(p.dtype)}"
+        return None
 
     def describe(self) -> dict:
         """Strategy, what is copied, where, and the memory held (for the run's metadata)."""
@@ -314,6 +341,18 @@ def _copy_memo(model: nn.Module, hooks: bool) -> dict[int, object]:
             if ids:
                 memo[id(ids)] = type(ids)((k, v) for k, v in ids.items() if k in kept)
     return memo
+
+
+def _parameters(model: nn.Module):
+    """Every parameter of ``model``, module by module, a shared one each time it is held."""
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                yield p
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _unique(tensors) -> list[torch.Tensor]:

@@ -463,6 +463,72 @@ def test_a_host_snapshot_evaluates_consistent_frames(tmp_path):
     assert monitor._pool.describe()["host"] is True
 
 
+def _replace_head(model):
+    model[1] = nn.Linear(16, 4)
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "change", "seen"),
+    [
+        ("copy", _replace_head, "parameter '1.weight' was replaced by another"),
+        ("copy", nn.Module.double, "parameter '0.weight' went from float32 to float64"),
+        ("sync", nn.Module.double, "parameter '0.weight' went from float32 to float64"),
+        ("live", nn.Module.double, "parameter '0.weight' went from float32 to float64"),
+    ],
+)
+def test_a_model_changed_after_the_monitor_stops_the_probes_that_read_it_with_one_warning(
+    snapshot, change, seen, caplog
+):
+    from probescope import LossProbe
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+    reader, losses = StepReader(schedule=Schedule.every(1)), LossProbe(schedule=Schedule.every(1))
+    monitor = Monitor(model, [reader, losses], snapshot=snapshot, ring_capacity=64).start()
+    monitor.drain(10)
+    for step in range(1, 4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float(step))
+        monitor.step()
+        monitor.drain(10)
+    with caplog.at_level(logging.WARNING, logger="probescope"):
+        change(model)  # a copy snapshot would go on copying the old tensors: stale frames
+        x = torch.randn(8, 16, dtype=next(model.parameters()).dtype)
+        for _ in range(4):
+            loss = model(x).square().mean()
+            loss.backward()
+            monitor.step(loss=loss)
+            monitor.drain(10)
+    monitor.close()
+    warnings = [r.getMessage() for r in caplog.records if "model changed" in r.getMessage()]
+    assert len(warnings) == 1 and seen in warnings[0] and "StepReader 'weights'" in warnings[0]
+    assert "LossProbe" not in warnings[0]
+    assert not monitor.summary()["probes"]["weights"]["enabled"]
+    assert [f.step for f in monitor.ring("weights").read_since(-1)] == [0, 1, 2, 3]  # none after
+    assert monitor.stats["loss"].run == 1 + 3 + 4  # step 0, then every step: it reads no model
+    assert monitor.latest("loss").data["series/train_loss/steps"].tolist() == [4, 5, 6, 7]
+
+
+def test_a_sync_or_live_probe_reads_a_replaced_layer_and_goes_on(caplog):
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+    probe = StepReader(schedule=Schedule.every(1))
+    monitor = Monitor(model, [probe], snapshot="sync", ring_capacity=64).start()
+    with caplog.at_level(logging.WARNING, logger="probescope"):
+        _replace_head(model)
+        _steps_set_to_their_number(monitor, model, 4)
+    monitor.close()
+    assert not [r for r in caplog.records if "model changed" in r.getMessage()]
+    assert monitor.latest("weights").data["values"].tolist() == [3.0] * (16 * 16 + 16 + 16 * 4 + 4)
+
+
+def test_a_model_with_lazy_modules_not_yet_initialized_is_refused_with_the_way_out():
+    model = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.LazyLinear(3))
+    with pytest.raises(ValueError, match=r"0.weight, 0.bias, 2.weight, 2.bias are not initialized.*model\(x"):
+        Monitor(model, [StepReader()])
+    model(torch.randn(1, 5))
+    Monitor(model, [StepReader()]).close()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

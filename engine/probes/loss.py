@@ -46,6 +46,7 @@ class LossProbe(Probe):
     ):
         super().__init__(name=name, schedule=schedule)
         self.valid = ValidSet(f"LossProbe {self.name!r}", valid, loss_fn, metrics, batch_size)
+        self.reads_model = bool(self.valid)
         self.max_points = at_least(f"LossProbe {self.name!r}: max_points", max_points, MIN_POINTS)
         self._probe_series: dict[str, tuple[list[int], list[float]]] = {}
 
