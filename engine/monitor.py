@@ -829,9 +829,9 @@ class Monitor:
         if stopped:
             log.warning(
                 "Monitor: the model changed after the Monitor was created (%s, seen at step %d); "
-                "its probes were set up for the model as it was, so %s stop here; training goes "
-                "on. Create the Monitor once the model is final: on its device, in its dtype, "
-                "with its layers in place",
+                "probes are set up for the model as it was, so those that read it stop here (%s); "
+                "training goes on. Create the Monitor once the model is final: on its device, in "
+                "its dtype, with its layers in place",
                 change,
                 step,
                 ", ".join(f"{type(st.probe).__name__} {st.probe.name!r}" for st in stopped),
