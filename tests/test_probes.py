@@ -310,6 +310,50 @@ def test_prediction_probe_classification_reports_probability_of_the_true_class(m
     assert float(frame["accuracy"]) == pytest.approx(float((probs.argmax(1) == labels).double().mean()))
 
 
+class TokenModel(nn.Module):
+    """A language model that returns a dict of per-position logits (as Hugging Face models do)."""
+
+    def __init__(self, vocab: int = 11, width: int = 16):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(vocab, width), nn.Linear(width, vocab)
+
+    def forward(self, tokens):
+        return {"logits": self.head(torch.tanh(self.embed(tokens).cumsum(1))), "aux": tokens}
+
+
+class LastLogits(nn.Module):
+    """What a probe reads of a TokenModel: the last position's logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens):
+        return self.model(tokens)["logits"][:, -1]
+
+
+def test_a_model_with_structured_outputs_is_probed_through_a_module_that_picks_the_tensor():
+    torch.manual_seed(0)
+    model = TokenModel()
+    tokens, answers = torch.randint(0, 11, (40, 6)), torch.randint(0, 11, (40,))
+    with pytest.raises(TypeError, match=r"must return a tensor, got dict; give the Monitor a module"):
+        Monitor(model, [PredictionProbe(tokens, answers)])
+    probe = PredictionProbe(tokens, answers, schedule=Schedule.every(1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    with Monitor(LastLogits(model), [probe]) as monitor:
+        for _ in range(5):  # training calls the model itself; the probe reads the same weights
+            loss = nn.functional.cross_entropy(model(tokens)["logits"][:, -1], answers)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss=loss)
+    frame = monitor.latest(probe.name)
+    assert probe.task == "classification" and probe.num_classes == 11 and frame.step == 5
+    with torch.no_grad():
+        probs = torch.softmax(model(tokens)["logits"][:, -1], 1).double()
+    np.testing.assert_allclose(frame.data["prob_true"], probs[torch.arange(40), answers].numpy(), rtol=1e-5)
+
+
 def test_prediction_probe_binary_sensitivity_and_specificity_at_threshold():
     model = nn.Linear(1, 1)
     with torch.no_grad():

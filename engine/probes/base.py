@@ -260,7 +260,11 @@ def check_forward(owner: str, model: nn.Module, sample: torch.Tensor) -> torch.T
             f"(input width {sample.shape[-1]}): {type(err).__name__}: {err}"
         ) from err
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"{owner}: the model must return a tensor, got {type(out).__name__}")
+        raise TypeError(
+            f"{owner}: the model must return a tensor, got {type(out).__name__}; give the Monitor a "
+            "module whose forward returns the tensor to probe and holds the model (its weights are "
+            "the model's), e.g. forward(self, x): return self.model(x).logits[:, -1]"
+        )
     return out
 
 
