@@ -113,7 +113,13 @@ class History:
             cuda = value.is_cuda
             value = value.detach() if cuda else value.item()
         else:
-            value = float(value)
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"{name}: expected a number or a tensor with one element, got "
+                    f"{type(value).__name__} {str(value)[:40]!r}"
+                ) from None
         column = self._columns.get(name)
         if column is None:
             column = self._columns.setdefault(name, _Column())

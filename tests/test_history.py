@@ -39,6 +39,12 @@ def test_a_tensor_with_more_than_one_element_is_refused():
         History().append("loss", 1, 0, torch.ones(2))
 
 
+@pytest.mark.parametrize("value", ["high", [0.1, 0.2], {"loss": 0.1}])
+def test_a_value_that_is_no_number_is_refused_with_its_name_and_type(value):
+    with pytest.raises(TypeError, match=rf"^accuracy: expected a number .*, got {type(value).__name__} "):
+        History().append("accuracy", 1, 0, value)
+
+
 def test_cpu_tensors_are_kept_as_floats():
     history = History()
     history.append("loss", 1, 0, torch.tensor(0.5, requires_grad=True) * 2)
