@@ -291,7 +291,7 @@ class Monitor:
         self._step = 0
         self._epoch = 0
         self._last_step_epoch = 0
-        self._started = self._closed = False
+        self._started = self._closed = self._warned_closed = False
         self._stop_recorder = False
         self._worker: ProbeWorker | None = None
         self._recorder: threading.Thread | None = None
@@ -362,10 +362,10 @@ class Monitor:
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> Monitor:
         """Open the run directory, start the worker and take the step-0 frames (idempotent)."""
+        if self._closed:
+            raise RuntimeError("Monitor: a closed monitor cannot start again; create a new one")
         if self._started:
             return self
-        if self._closed:
-            raise RuntimeError("Monitor: a closed monitor cannot start again")
         self._started = True
         self._t_start = time.perf_counter()
         self._pid = os.getpid()
@@ -540,6 +540,8 @@ class Monitor:
 
     def log(self, **values) -> None:
         """Record scalars at the current step, e.g. ``log(valid_loss=0.3, accuracy=0.9)``."""
+        if self._closed:
+            return self._ignore_after_close("log")
         if not self.probing:
             return
         for name, value in values.items():
@@ -599,6 +601,8 @@ class Monitor:
     def _after_step(self, t_enter: float, kwargs: dict) -> None:
         # The training thread's path at every step: kept short (on a step of half a
         # millisecond, each microsecond here is 0.2 % of training; see benchmarks.budget_accounting).
+        if self._closed:
+            return self._ignore_after_close("step")
         if not self._started:
             self.start()
         if not self.probing:
@@ -695,6 +699,8 @@ class Monitor:
 
     def after_epoch(self, **kwargs) -> None:
         """An epoch ended: fire epoch schedules, then move to the next epoch."""
+        if self._closed:
+            return self._ignore_after_close("end of epoch")
         if not self._started:
             self.start()
         self._fire("after_epoch", **kwargs)
@@ -711,8 +717,19 @@ class Monitor:
         self.close()
 
     # ---- internals ----------------------------------------------------------------------
+    def _ignore_after_close(self, call: str) -> None:
+        """A training-loop call after ``close()``: the run is finished (its worker stopped, its
+        run directory written), so nothing is recorded or launched; one warning says so."""
+        if not self._warned_closed:
+            self._warned_closed = True
+            log.warning(
+                "Monitor: a %s after close() is ignored: the run is finished; create a new Monitor "
+                "to probe more training",
+                call,
+            )
+
     def _record_loss(self, loss) -> None:
-        if self.probing:
+        if self.probing and not self._closed:
             self.history.append(History.BATCH_LOSS, self._step + 1, self._epoch, loss)
 
     def _handlers(self, event: str) -> list:

@@ -116,6 +116,25 @@ def test_closing_mid_probe_neither_deadlocks_nor_loses_written_frames(tmp_path, 
     assert len(run.probe("quick")) == monitor.stats["quick"].run >= 1
 
 
+def test_calls_after_close_are_ignored_with_one_warning_and_a_closed_monitor_does_not_restart(
+    tmp_path, mlp, blobs, recording_probe, caplog
+):
+    probe = recording_probe(schedule=Schedule.every(1))
+    monitor = Monitor(mlp, [probe], run_dir=tmp_path / "run").start()
+    train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 3)
+    monitor.close()
+    with caplog.at_level(logging.WARNING, logger="probescope"):
+        for _ in range(3):  # each would launch a frame on the stopped worker
+            monitor.step(loss=1.0)
+            monitor.log(accuracy=0.5)
+            monitor.end_epoch()
+    assert len([r for r in caplog.records if "after close() is ignored" in r.getMessage()]) == 1
+    assert probe.steps == [0, 1, 2, 3] and monitor.step_count == 3 and monitor.epoch == 0
+    assert monitor.history.lengths() == {"batch_loss": 3}
+    with pytest.raises(RuntimeError, match="cannot start again"):
+        monitor.start()
+
+
 def test_fastai_event_names_reach_callbacks_in_order(mlp, blobs):
     trace = []
 
