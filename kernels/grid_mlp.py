@@ -147,7 +147,10 @@ class FusableMLP:
     ``activations[i]`` follows Linear i; the last one is usually ``identity``. ``final`` says
     what the module's outputs are (see :func:`final_output_kind`): a trailing Softmax or
     LogSoftmax is not among the layers but recorded there. Tensors are the module's own
-    parameters (no copy), so a FusableMLP always sees the current weights.
+    parameters (no copy), so a FusableMLP always sees the current weights; a Linear layer
+    with a batch norm folded in (eval mode: an affine map per feature, see :class:`_Folds`)
+    is a buffer of that layer's, refilled from the current weights and statistics at every
+    ``from_module``.
     """
 
     weights: tuple[torch.Tensor, ...]
@@ -166,6 +169,7 @@ class FusableMLP:
         weights, biases, acts = [], [], []
         slopes = set()
         final = None  # a Softmax / LogSoftmax seen: only pass-through layers may follow it
+        folds = _Folds()
         for layer in layers:
             if final is not None and not _passes_through(layer):
                 raise NotFusableError(f"{type(layer).__name__} follows a {final} over the outputs")
@@ -178,6 +182,10 @@ class FusableMLP:
                 weights.append(layer.weight)
                 biases.append(layer.bias)
                 acts.append("identity")
+                folds.linear(layer, weights, biases)
+                continue
+            if isinstance(layer, nn.BatchNorm1d):
+                folds.norm(layer, weights, biases, after_activation=not weights or acts[-1] != "identity")
                 continue
             if _passes_through(layer):
                 continue
@@ -197,6 +205,7 @@ class FusableMLP:
             raise NotFusableError(
                 f"{hooked or type(inner).__name__} has forward hooks, which only its forward runs"
             )
+        folds.finish(weights, biases)
         return cls._build(weights, biases, acts, slopes, final)
 
     @classmethod
@@ -268,6 +277,115 @@ class FusableMLP:
         return plane.to(torch.float32) if out is None else out.copy_(plane)
 
 
+class _Folds:
+    """Batch norms folded into the Linear layers next to them, for ``FusableMLP.from_module``.
+
+    In eval mode a BatchNorm1d is ``x * scale + shift`` per feature, with ``scale = gamma /
+    sqrt(running_var + eps)`` and ``shift = beta - running_mean * scale``. Right after a
+    Linear layer (before its activation) it folds into that layer's rows: ``W' = scale * W``,
+    ``b' = scale * b + shift``. Anywhere else (on the inputs, after an activation) it waits
+    for the next Linear layer and folds into its columns: ``W' = W * scale``, ``b' = b + W
+    shift``. Folds are worked out in float32 (in the layer's dtype when that is wider) and
+    written into buffers kept per Linear layer, so the tensors a kernel reads keep their
+    identity from frame to frame (the Triton path's packed weights and CUDA graphs rely on
+    that)."""
+
+    def __init__(self):
+        self.pending: tuple[torch.Tensor, torch.Tensor, nn.Module] | None = None  # waits for a Linear
+        self.folded: dict[int, nn.Linear] = {}  # index of each Linear changed by a fold
+        self._linear: nn.Linear | None = None  # the last Linear layer seen
+
+    @staticmethod
+    def _affine(norm: nn.BatchNorm1d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if norm.training:
+            raise NotFusableError(f"{type(norm).__name__} in train mode normalises by its batch")
+        if norm.running_mean is None or norm.running_var is None:
+            raise NotFusableError(f"{type(norm).__name__} without running statistics normalises by its batch")
+        mean, var = norm.running_mean.detach().to(dtype), norm.running_var.detach().to(dtype)
+        scale = torch.rsqrt(var + norm.eps)
+        if norm.weight is not None:
+            scale = scale * norm.weight.detach().to(dtype)
+        shift = -mean * scale
+        if norm.bias is not None:
+            shift = shift + norm.bias.detach().to(dtype)
+        return scale, shift
+
+    @staticmethod
+    def _dtype(weight: torch.Tensor) -> torch.dtype:
+        return torch.promote_types(weight.dtype, torch.float32)
+
+    def norm(self, norm: nn.BatchNorm1d, weights: list, biases: list, after_activation: bool) -> None:
+        """Fold ``norm`` into the last Linear layer, or keep it for the next one."""
+        dtype = self._dtype(weights[-1]) if weights else torch.float32
+        scale, shift = self._affine(norm, dtype)
+        if not after_activation and self.pending is None:
+            w, b = weights[-1], biases[-1]
+            if w.shape[0] != scale.shape[0]:
+                raise NotFusableError(
+                    f"{type(norm).__name__} of {scale.shape[0]} features after {w.shape[0]}"
+                )
+            weights[-1] = w.detach().to(dtype) * scale[:, None]
+            biases[-1] = shift if b is None else b.detach().to(dtype) * scale + shift
+            self.folded[len(weights) - 1] = self._linear
+            return
+        if self.pending is not None:  # two in a row: one affine map
+            before, after, _ = self.pending
+            scale, shift = before * scale, after * scale + shift
+        self.pending = (scale, shift, norm)
+
+    def linear(self, layer: nn.Linear, weights: list, biases: list) -> None:
+        """A Linear layer was appended: fold a waiting norm into its columns."""
+        self._linear = layer
+        if self.pending is None:
+            return
+        scale, shift, norm = self.pending
+        self.pending = None
+        if layer.in_features != scale.shape[0]:
+            raise NotFusableError(
+                f"{type(norm).__name__} of {scale.shape[0]} features before a Linear layer of "
+                f"{layer.in_features} inputs"
+            )
+        dtype = self._dtype(layer.weight)
+        w = layer.weight.detach().to(dtype)
+        weights[-1] = w * scale.to(dtype)[None, :]
+        folded_shift = w @ shift.to(dtype)
+        biases[-1] = folded_shift if layer.bias is None else layer.bias.detach().to(dtype) + folded_shift
+        self.folded[len(weights) - 1] = layer
+
+    def finish(self, weights: list, biases: list) -> None:
+        """Write every folded layer into its buffers (in the layer's dtype)."""
+        if self.pending is not None:
+            raise NotFusableError(
+                f"{type(self.pending[2]).__name__} follows the last Linear layer's activation"
+            )
+        for i, layer in self.folded.items():
+            weights[i], biases[i] = _fold_buffers(layer, weights[i], biases[i])
+
+
+_FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Linear -> its folded (weight, bias)
+_FOLDED_LOCK = threading.Lock()
+
+
+def _fold_buffers(
+    layer: nn.Linear, weight: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``layer``'s folded weight and bias, written into buffers of its own (one pair per layer,
+    kept while it lives)."""
+    dtype, device = layer.weight.dtype, layer.weight.device
+    with _FOLDED_LOCK:
+        pair = _FOLDED.get(layer)
+        held = None if pair is None else (pair[0].shape, pair[0].dtype, pair[0].device)
+        if held != (weight.shape, dtype, device):
+            pair = _FOLDED[layer] = (
+                torch.empty(weight.shape, dtype=dtype, device=device),
+                torch.empty(bias.shape, dtype=dtype, device=device),
+            )
+    with torch.no_grad():
+        pair[0].copy_(weight)
+        pair[1].copy_(bias)
+    return pair
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The model inside the wrappers that only change how it runs: ``torch.compile``'s
     OptimizedModule, DataParallel, DistributedDataParallel (same parameters, same function)."""
@@ -324,8 +442,8 @@ def traced_layers(module: nn.Module) -> tuple[nn.Module, ...]:
     The chain is read by running the forward once on a batch of two zero inputs under a
     ``TorchFunctionMode`` that records every torch function it calls (a mode is the calling
     thread's own: training on another thread is untouched), and only for a module that holds
-    nothing but Linear layers, activations, Dropout, Identity, Flatten, Softmax and
-    LogSoftmax. Every recorded call must take the previous one's output and nothing else that
+    nothing but Linear layers, batch norms, activations, Dropout, Identity, Flatten, Softmax
+    and LogSoftmax. Every recorded call must take the previous one's output and nothing else that
     is computed, and the forward must return the last one's. What is read is kept per module
     structure and mode (a snapshot's shadow copy in the same mode is not run again)."""
     with _TRACED_LOCK:
@@ -336,6 +454,9 @@ def traced_layers(module: nn.Module) -> tuple[nn.Module, ...]:
             _ODD_LAYERS[module] = odd
     if odd:
         raise NotFusableError(odd)
+    for m in module.modules():  # their forward in train mode changes them or draws random numbers
+        if m.training and (isinstance(m, nn.BatchNorm1d) or (isinstance(m, nn.Dropout) and m.p > 0)):
+            raise NotFusableError(f"{type(m).__name__} in train mode: not run to read the chain")
     key = _structure(module)
     with _TRACED_LOCK:
         resolved = _RESOLVED.get(module)
@@ -368,7 +489,7 @@ def _structure(module: nn.Module) -> tuple:
     return (type(module), *parts)
 
 
-_CHAIN_PARTS = (nn.Linear, nn.Dropout, nn.Identity, nn.Flatten, nn.Softmax, nn.LogSoftmax)
+_CHAIN_PARTS = (nn.Linear, nn.BatchNorm1d, nn.Dropout, nn.Identity, nn.Flatten, nn.Softmax, nn.LogSoftmax)
 
 
 class _Calls(torch.overrides.TorchFunctionMode):
@@ -418,6 +539,8 @@ def _chain_recipe(own: str, calls: list[tuple], x, out, names: dict) -> tuple:
     constructors, in order."""
     current, recipe = x, []
     for func, args, kwargs, result in calls:
+        if not isinstance(result, torch.Tensor) and args and args[0] is current:
+            continue  # a look at the tensor (x.dim(), x.shape): no step of the chain
         called = getattr(func, "__name__", str(func))
         if not args or args[0] is not current:
             raise NotFusableError(f"{own}, which is not a chain of Linear layers and activations ({called})")
@@ -441,6 +564,9 @@ _ACTIVATION_FUNCTIONS = {
 }  # fmt: skip
 
 
+_BATCH_NORM_ARGS = ("running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
 def _chain_step(func, args, kwargs, result, names: dict):
     """A submodule's name (a Linear), a layer constructor (an activation), ``_PASS``, or None."""
     extra = list(args[1:])
@@ -450,6 +576,13 @@ def _chain_step(func, args, kwargs, result, names: dict):
         bias = extra[1] if len(extra) > 1 else kwargs.get("bias")
         owner = next((m for m in names if isinstance(m, nn.Linear) and m.weight is weight), None)
         return names[owner] if owner is not None and owner.bias is bias else None
+    if func is F.batch_norm:  # an eval-mode BatchNorm1d's own call: its statistics, no batch's
+        given = {**dict(zip(_BATCH_NORM_ARGS, extra, strict=False)), **kwargs}
+        mean = given.get("running_mean")
+        owner = next((m for m in names if isinstance(m, nn.BatchNorm1d) and m.running_mean is mean), None)
+        own = owner is not None and mean is not None and not given.get("training", False)
+        own = own and all(given.get(k) is getattr(owner, k) for k in ("running_var", "weight", "bias"))
+        return names[owner] if own and given.get("eps", 1e-5) == owner.eps else None
     if func is F.dropout:
         training = extra[1] if len(extra) > 1 else kwargs.get("training", True)
         p = extra[0] if extra else kwargs.get("p", 0.5)

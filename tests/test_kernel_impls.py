@@ -304,7 +304,7 @@ def test_a_non_fusable_model_gives_the_same_map_through_the_fallback():
 @pytest.mark.parametrize(
     ("model", "reason"),
     [
-        (nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), "BatchNorm1d"),
+        (nn.Sequential(nn.Linear(2, 4), nn.LayerNorm(4), nn.Linear(4, 2)), "LayerNorm"),
         (nn.Sequential(nn.ReLU(), nn.Linear(2, 2)), "before the first Linear"),
         (nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Tanh(), nn.Linear(4, 2)), "two activations"),
         (nn.Sequential(nn.Linear(2, 2048), nn.ReLU(), nn.Linear(2048, 2)), "width 2048"),
@@ -344,6 +344,118 @@ def test_nested_sequentials_dropout_in_eval_and_identity_fuse():
     assert mlp.widths == (8, 3) and mlp.activations == ("relu", "identity")
     grid = random_grid(2, 5, 5)
     assert max_error(grid_mlp(model, grid), module_forward_on_grid(model, grid)) <= 1e-5
+
+
+# ---------------------------------------------------------------- batch norms folded in
+
+
+def with_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``model`` with its batch norms given random running statistics and affine parameters
+    (fresh ones are the identity map, which any fold would pass)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d) and m.running_mean is not None:
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g))
+                m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.25)
+                if m.affine:
+                    m.weight.copy_(torch.randn(n, generator=g))
+                    m.bias.copy_(torch.randn(n, generator=g))
+    return model
+
+
+def module_reference(model: nn.Module, grid: GridSpec) -> torch.Tensor:
+    """The module's own forward on the grid, in float64 (parameters and statistics widened)."""
+    import copy
+
+    return module_forward_on_grid(copy.deepcopy(model).cpu().double(), grid)
+
+
+BN = nn.BatchNorm1d
+NORM_CASES = {
+    "after a linear": lambda: nn.Sequential(nn.Linear(2, 24), BN(24), nn.ReLU(), nn.Linear(24, 5)),
+    "after an activation": lambda: nn.Sequential(nn.Linear(2, 24), nn.GELU(), BN(24), nn.Linear(24, 5)),
+    "on the inputs": lambda: nn.Sequential(BN(3), nn.Linear(3, 17), nn.Tanh(), nn.Linear(17, 4)),
+    "everywhere": lambda: nn.Sequential(
+        BN(2), BN(2, affine=False), nn.Linear(2, 20, bias=False), BN(20), nn.SiLU(), nn.Dropout(0.3),
+        nn.Linear(20, 13), nn.ReLU(), BN(13), nn.Linear(13, 3), BN(3),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", sorted(NORM_CASES))
+def test_batch_norms_fold_into_the_linear_layers_next_to_them(poisoned, impl, case):
+    model = with_statistics(NORM_CASES[case]()).eval().to(device_for(impl))
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    grid = random_grid(linears[0].in_features, 19, 7)
+    mlp = FusableMLP.from_module(model)  # it used to take the module's forward
+    assert mlp.widths == tuple(m.out_features for m in linears)
+    got = grid_mlp(model, grid, impl=impl)
+    assert max_error(got, module_reference(model, grid)) <= PROB_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_batch_norms_fold_into_half_precision_models(poisoned, impl, dtype):
+    model = with_statistics(NORM_CASES["everywhere"]()).eval().to(device_for(impl), dtype)
+    grid = random_grid(2, 21, 10)
+    mlp = FusableMLP.from_module(model)
+    assert all(w.dtype == dtype for w in mlp.weights)
+    assert max_error(grid_mlp(model, grid, impl=impl), module_reference(model, grid)) <= PROB_TOL[dtype]
+
+
+def test_folded_layers_keep_their_tensors_from_frame_to_frame_and_follow_the_statistics():
+    model = with_statistics(NORM_CASES["after a linear"]()).eval()
+    grid = random_grid(2, 9, 8)
+    first, again = FusableMLP.from_module(model), FusableMLP.from_module(model)
+    assert first.weights[0] is again.weights[0] and first.biases[0] is again.biases[0]
+    assert first.weights[1] is model[3].weight  # a layer with no norm beside it is read as it is
+    with torch.no_grad():
+        model[1].running_mean.add_(1.5)  # training moved the statistics (the snapshot copies them)
+    assert max_error(grid_mlp(model, grid), module_reference(model, grid)) <= PROB_TOL[torch.float32]
+
+
+class NormedMLP(nn.Module):
+    """A forward of its own that calls a batch norm between its layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(2, 16), nn.BatchNorm1d(16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.norm(self.fc1(x))))
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda: NORM_CASES["after a linear"]().train(), "BatchNorm1d in train mode normalises by its batch"),
+        (lambda: NormedMLP().train(), "BatchNorm1d in train mode: not run"),
+        (
+            lambda: nn.Sequential(nn.Linear(2, 4), BN(4, track_running_stats=False), nn.Linear(4, 2)).eval(),
+            "without running statistics",
+        ),
+        (lambda: nn.Sequential(nn.Linear(2, 4), nn.ReLU(), BN(4)).eval(), "follows the last Linear"),
+        (lambda: nn.Sequential(nn.Linear(2, 4), BN(5), nn.Linear(5, 2)).eval(), "of 5 features after 4"),
+    ],
+)
+def test_batch_norms_that_do_not_fold_take_the_forward_and_say_why(make, reason):
+    model = with_statistics(make())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NotFusableError, match=reason):
+        FusableMLP.from_module(model)
+    assert fused_path(model).startswith("module forward")
+    # nothing was run to find out: a batch norm in train mode kept its statistics
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_forward_of_its_own_with_a_batch_norm_fuses():
+    model = with_statistics(NormedMLP()).eval()
+    grid = random_grid(2, 11, 13)
+    assert fused_path(model) == "numba"
+    assert max_error(grid_mlp(model, grid), module_reference(model, grid)) <= PROB_TOL[torch.float32]
 
 
 def test_grid_spec_rectangle_puts_row_zero_at_the_top_and_validates():

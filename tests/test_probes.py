@@ -47,6 +47,24 @@ def test_grid_fuses_a_sequential_mlp_and_falls_back_to_the_forward_of_anything_e
     np.testing.assert_allclose(a["probs"].numpy(), b["probs"].numpy(), atol=1e-5)
 
 
+def test_a_grid_of_a_batch_normed_mlp_in_training_is_fused_and_shows_its_eval_mode_map(blobs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 7))
+    probe = GridProbe(blobs.x_train, resolution=(23, 17), schedule=Schedule.every(1))
+    monitor = Monitor(model, [probe])
+    assert probe.config()["path"] == "numba"  # the model was in train mode: attached in eval mode
+    with monitor:
+        train_steps(monitor, model, blobs.x_train, blobs.y_train, 6)  # statistics move every step
+    frame = monitor.latest(probe.name)
+    assert frame.step == 6 and model.training
+    points = torch.stack([torch.as_tensor(probe.static()[k]) for k in ("origin", "axis_u", "axis_v")])
+    us, vs = torch.as_tensor(probe.static()["us"]), torch.as_tensor(probe.static()["vs"])
+    inputs = points[0] + us[None, :, None] * points[1] + vs[:, None, None] * points[2]
+    with torch.no_grad():
+        expected = torch.softmax(model.eval()(inputs.reshape(-1, 2).float()), 1).reshape(17, 23, 7)
+    np.testing.assert_allclose(frame.data["probs"], expected.numpy(), atol=1e-5)
+
+
 def test_grid_smoothing_is_an_ema_of_the_unsmoothed_maps(mlp):
     data = torch.randn(50, 2) * 3
     plain, smooth = GridProbe(data, resolution=9), GridProbe(data, resolution=9, smoothing=0.25)

@@ -36,8 +36,9 @@ class GridProbe(Probe):
     (``plane=(a, b, c)``) or through the data's mean along its two principal directions
     (``plane="pca"``, the default).
 
-    An ``nn.Sequential`` MLP is evaluated by the fused ``grid_mlp`` kernel (Numba on CPU, Triton
-    on CUDA): the grid's points and hidden activations never exist in memory. Any other model
+    An MLP (Linear layers, activations, eval-mode batch norms) is evaluated by the fused
+    ``grid_mlp`` kernel (Numba on CPU, Triton on CUDA): the grid's points and hidden
+    activations never exist in memory. Any other model
     runs its own forward on the grid in chunks of ``batch_size``. ``smoothing`` (an EMA weight
     in (0, 1]) blends each map with the previous ones so that a live view does not flicker.
     """
