@@ -125,25 +125,32 @@ class SnapshotPool:
 
     def model_change(self) -> str | None:
         """What has changed in the live model since the snapshot was set up (None: nothing
-        that matters): a parameter replaced (a ``copy`` snapshot would go on copying the old
-        one; ``sync`` and ``live`` read the new one), added or removed, or moved to another
-        device or dtype (probes placed their inputs for the old one). Buffers are not
-        compared: a module may replace its own (a cache) in its forward, and the shadow's
+        that matters). For ``copy``: a parameter replaced, added or removed (the shadows would
+        go on copying the old ones) or moved to another device or dtype. For ``sync`` and
+        ``live``, which read the live model, only a parameter on a device or in a dtype the
+        probes were not set up for (they placed their inputs for the old ones). Buffers are
+        not compared: a module may replace its own (a cache) in its forward, and the shadow's
         forward does the same. A walk over the parameters, for the probe's thread."""
         now = list(_parameters(self.model))
-        if len(now) != len(self._params):
-            return f"its parameters went from {len(self._params)} to {len(now)}"
-        replaced = self.strategy == "copy"
-        for (old, device, dtype), p in zip(self._params, now, strict=True):
-            if (replaced and p is not old) or p.device != device or p.dtype != dtype:
-                named = self.model.named_parameters(remove_duplicate=False)
-                name = next((n for n, q in named if q is p), "?")
-                if p is not old and replaced:
-                    return f"its parameter {name!r} was replaced by another"
-                if p.device != device:
-                    return f"its parameter {name!r} moved from {device} to {p.device}"
-                return f"its parameter {name!r} went from {_dtype(dtype)} to {_dtype(p.dtype)}"
-        return None
+        if self.strategy == "copy":
+            if len(now) != len(self._params):
+                return f"its parameters went from {len(self._params)} to {len(now)}"
+            for (old, device, dtype), p in zip(self._params, now, strict=True):
+                if p is not old:
+                    return f"its parameter {self._name(p)!r} was replaced by another"
+                if (p.device, p.dtype) != (device, dtype):
+                    was, now_at = _placed(device, dtype), _placed(p.device, p.dtype)
+                    return f"its parameter {self._name(p)!r} went from {was} to {now_at}"
+            return None
+        placed = {(device, dtype) for _, device, dtype in self._params}
+        moved = next((p for p in now if (p.device, p.dtype) not in placed), None)
+        if moved is None:
+            return None
+        was = " or ".join(sorted(_placed(*pair) for pair in placed))
+        return f"its parameter {self._name(moved)!r} is {_placed(moved.device, moved.dtype)}, not {was}"
+
+    def _name(self, param: torch.Tensor) -> str:
+        return next((n for n, q in self.model.named_parameters(remove_duplicate=False) if q is param), "?")
 
     def describe(self) -> dict:
         """Strategy, what is copied, where, and the memory held (for the run's metadata)."""
@@ -351,8 +358,8 @@ def _parameters(model: nn.Module):
                 yield p
 
 
-def _dtype(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def _placed(device: torch.device, dtype: torch.dtype) -> str:
+    return f"{str(dtype).removeprefix('torch.')} on {device}"
 
 
 def _unique(tensors) -> list[torch.Tensor]:

@@ -490,9 +490,9 @@ def _replace_head(model):
     ("snapshot", "change", "seen"),
     [
         ("copy", _replace_head, "parameter '1.weight' was replaced by another"),
-        ("copy", nn.Module.double, "parameter '0.weight' went from float32 to float64"),
-        ("sync", nn.Module.double, "parameter '0.weight' went from float32 to float64"),
-        ("live", nn.Module.double, "parameter '0.weight' went from float32 to float64"),
+        ("copy", nn.Module.double, "parameter '0.weight' went from float32 on cpu to float64 on cpu"),
+        ("sync", nn.Module.double, "parameter '0.weight' is float64 on cpu, not float32 on cpu"),
+        ("live", nn.Module.double, "parameter '0.weight' is float64 on cpu, not float32 on cpu"),
     ],
 )
 def test_a_model_changed_after_the_monitor_stops_the_probes_that_read_it_with_one_warning(
@@ -528,16 +528,19 @@ def test_a_model_changed_after_the_monitor_stops_the_probes_that_read_it_with_on
     assert monitor.latest("loss").data["series/train_loss/steps"].tolist() == [4, 5, 6, 7]
 
 
-def test_a_sync_or_live_probe_reads_a_replaced_layer_and_goes_on(caplog):
+def test_a_sync_probe_reads_a_replaced_or_added_layer_and_goes_on(caplog):
     model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
     probe = StepReader(schedule=Schedule.every(1))
     monitor = Monitor(model, [probe], snapshot="sync", ring_capacity=64).start()
     with caplog.at_level(logging.WARNING, logger="probescope"):
         _replace_head(model)
+        model.append(nn.Linear(4, 4))
         _steps_set_to_their_number(monitor, model, 4)
     monitor.close()
     assert not [r for r in caplog.records if "model changed" in r.getMessage()]
-    assert monitor.latest("weights").data["values"].tolist() == [3.0] * (16 * 16 + 16 + 16 * 4 + 4)
+    assert monitor.latest("weights").data["values"].tolist() == [3.0] * (
+        16 * 16 + 16 + 16 * 4 + 4 + 4 * 4 + 4
+    )
 
 
 def test_a_model_with_lazy_modules_not_yet_initialized_is_refused_with_the_way_out():
