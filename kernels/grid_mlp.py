@@ -455,7 +455,9 @@ def traced_layers(module: nn.Module) -> tuple[nn.Module, ...]:
     if odd:
         raise NotFusableError(odd)
     for m in module.modules():  # their forward in train mode changes them or draws random numbers
-        if m.training and (isinstance(m, nn.BatchNorm1d) or (isinstance(m, nn.Dropout) and m.p > 0)):
+        if (isinstance(m, nn.BatchNorm1d) and m.training) or (
+            isinstance(m, nn.Dropout) and not _passes_through(m)
+        ):
             raise NotFusableError(f"{type(m).__name__} in train mode: not run to read the chain")
     key = _structure(module)
     with _TRACED_LOCK:
