@@ -120,7 +120,7 @@ class Monitor:
     ``high_priority_training=True`` creates a high-priority stream for training to run on:
     wrap the loop in ``with monitor.training_stream():``.
 
-    ``snapshot_params`` (glob patterns over state_dict names) copies only part of a model
+    ``snapshot_params`` (glob patterns over parameter and buffer names) copies only part of a model
     too large to copy whole; ``snapshot_host=True`` keeps the copy in (pinned) host memory and
     evaluates probes on the CPU (see probescope.snapshot). ``summary()["snapshot_bytes"]`` and
     the run's metadata give the snapshot's memory. The copies run without the model's forward

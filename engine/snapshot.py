@@ -17,7 +17,7 @@ at the step boundary has none in the shadow either.
 On CUDA (``streams`` given) the copy runs on the probe stream, ordered against training by
 events only (see probescope.streams): the training thread enqueues it and goes on.
 
-For models too large to copy whole: ``params`` (glob patterns over state_dict names, e.g.
+For models too large to copy whole: ``params`` (glob patterns over parameter and buffer names, e.g.
 ``["head.*", "blocks.11.*"]``) copies only the matching tensors; the shadow shares every other
 tensor with the live model, so probes read those live (racy, like ``live``). ``host=True``
 keeps the shadow in host memory (pinned when CUDA is present; the copy is non-blocking on
@@ -371,11 +371,14 @@ def _unique(tensors) -> list[torch.Tensor]:
 
 
 def _named_state_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return [(n, t) for n, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)]
+    """Every parameter and buffer of ``model`` by name (its state_dict's names), under each
+    name it has; the buffers a state_dict leaves out (``persistent=False``) too: training may
+    change them (a temperature, a mask), and a shadow must follow."""
+    return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
 
 
 def _select(named: list[tuple[str, torch.Tensor]], patterns: Sequence[str] | None) -> set[str]:
-    """The state_dict names to copy: all, or those matching any of ``patterns``."""
+    """The parameter and buffer names to copy: all, or those matching any of ``patterns``."""
     names = [n for n, _ in named]
     if patterns is None:
         return set(names)

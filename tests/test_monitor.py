@@ -61,12 +61,12 @@ def test_probe_exception_disables_it_with_one_warning_and_training_goes_on(
 
 
 class StepReader(Probe):
-    """Reads back every weight of the snapshot it is given."""
+    """Reads back every weight and buffer of the snapshot it is given."""
 
     kind = "weights"
 
     def evaluate(self, model, context):
-        values = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        values = torch.cat([t.detach().reshape(-1).float() for t in [*model.parameters(), *model.buffers()]])
         return {"values": values.numpy().copy()}
 
 
@@ -220,11 +220,11 @@ def test_counters_and_ring_are_exposed(mlp, blobs):
 
 
 def _steps_set_to_their_number(monitor, model, steps):
-    """Steps of a model whose every weight is set to the step number before the step."""
+    """Steps of a model whose every weight and buffer is set to the step number before the step."""
     for step in range(1, steps):
         with torch.no_grad():
-            for p in model.parameters():
-                p.fill_(float(step))
+            for t in [*model.parameters(), *model.buffers()]:
+                t.fill_(float(step))
         monitor.step()
         time.sleep(0.0005)  # a training step takes time; without it the loop outruns the worker
 
@@ -265,6 +265,32 @@ def test_a_tied_weight_is_copied_once_and_stays_tied_in_the_snapshot():
     monitor.close()
     frames = [f for f in monitor.ring(probe.name).read_since(-1) if f.step > 0]
     assert frames and all(np.all(f.data["values"] == f.step) for f in frames)
+
+
+class Tempered(nn.Module):
+    """A linear layer under a temperature the loop sets: a buffer no state_dict holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.register_buffer("temperature", torch.ones(()), persistent=False)
+
+    def forward(self, x):
+        return self.fc(x) / self.temperature
+
+
+def test_a_buffer_left_out_of_the_state_dict_is_copied_with_the_step_it_belongs_to():
+    model = Tempered()
+    probe = StepReader(schedule=Schedule.every(1))
+    monitor = Monitor(model, [probe], ring_capacity=256)
+    assert monitor.snapshot_detail["copied_elements"] == 8 * 4 + 4 + 1
+    monitor.start()
+    _steps_set_to_their_number(monitor, model, 20)
+    monitor.close()
+    frames = [f for f in monitor.ring(probe.name).read_since(-1) if f.step > 0]
+    assert len(frames) >= 3
+    for frame in frames:  # the last value read is the temperature
+        assert np.all(frame.data["values"] == frame.step), f"frame at step {frame.step} holds another step"
 
 
 class FineTuned(nn.Module):
