@@ -88,6 +88,24 @@ def test_constant_metrics_are_dropped_and_gaps_carried_forward():
     assert _agreement(result.states, truth) >= 0.95
 
 
+def test_a_state_the_runs_reach_only_at_their_last_step_is_kept_and_never_left():
+    rng = np.random.default_rng(0)
+    series = []
+    for i in range(3):
+        values = rng.normal(size=(30, 2))
+        values[-1] += 1000.0  # each run blows up at its last frame: EM sees that state left never
+        series.append(RunSeries(f"run{i}", np.arange(30), values))
+    result = latent_states(series, max_states=4, restarts=2, n_jobs=1)
+    assert result.n_states == 2
+    assert all(result.boundaries(i) == [29] for i in range(3))
+    np.testing.assert_allclose(result.transmat.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(result.transmat[1], [0.0, 1.0])  # absorbing
+    for row in result.selection:  # each candidate scored; a fit with an empty state is left out
+        assert np.isfinite([row["bic"], row["aic"], row["train_loglik"], row["heldout_loglik"]]).all()
+    probs = result.state_model().tracker().update(series[0].values[-1])
+    np.testing.assert_allclose(probs.sum(), 1.0)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"n_states": 0}, "positive integer or 'auto'"), ({"n_states": "many"}, "positive integer or 'auto'"),

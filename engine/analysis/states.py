@@ -335,7 +335,12 @@ def _refit(model, parts: list[np.ndarray], n_iter: int):
 
 
 def _quiet_fit(model, x: np.ndarray, lengths: list[int], what: str):
-    """Fit without hmmlearn's convergence chatter; None if it fails or degenerates."""
+    """Fit without hmmlearn's convergence chatter; None if it fails or degenerates (a state
+    no step is in has no mean).
+
+    A state the runs are in only at their last step (a run that blew up as it ended) is never
+    left, so EM leaves its row of the transition matrix all zeros, which hmmlearn's own
+    scoring then refuses: such a state is made absorbing (what the data shows of it)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("hmmlearn").setLevel(logging.ERROR)
@@ -344,7 +349,12 @@ def _quiet_fit(model, x: np.ndarray, lengths: list[int], what: str):
         except (ValueError, np.linalg.LinAlgError) as err:
             log.debug("%s failed: %s", what, err)
             return None
-    return model if np.all(np.isfinite(model.transmat_)) else None
+    fitted = (model.transmat_, model.means_, model._covars_)
+    if not all(np.all(np.isfinite(a)) for a in fitted):  # e.g. a state no step is in
+        return None
+    never_left = model.transmat_.sum(axis=1) == 0
+    model.transmat_[never_left] = np.eye(model.n_components)[never_left]
+    return model
 
 
 def _tolerance(n_observations: int) -> float:
