@@ -184,6 +184,8 @@ def _info(args: argparse.Namespace) -> int:
             f"training  {summary.get('steps')} steps, {summary.get('epochs')} epochs, "
             f"{summary.get('wall_seconds')} s monitored"
         )
+    for series, first in (summary.get("nonfinite") or {}).items():
+        print(f"nonfinite {series}: {first.get('value')} first at step {first.get('step')}")
     snap = meta.get("snapshot_detail")
     if snap:
         where = "pinned host memory" if snap.get("host") else "the model's device"

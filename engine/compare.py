@@ -3,7 +3,8 @@
 For benchmark suites (many models x probes): ``compare_runs(["runs/a", "runs/b", ...])`` reads
 each run directory (finished or still running) and returns a pandas DataFrame with one row
 per run: the model, its size, steps and epochs, the monitored wall time, a digest of its probe
-spec (equal digests: the runs were probed the same way), the last value of every loss and
+spec (equal digests: the runs were probed the same way), the first series to go NaN or
+infinite and where (``nonfinite``: a run that diverged), the last value of every loss and
 metric series (LossProbe, or StatsProbe's table), each PredictionProbe's last accuracy (or MSE
 and R²), each CurveProbe's last sample loss, each CheckpointProbe's best value, and each
 probe's frames, milliseconds per frame and failures. ``probescope compare RUN [RUN ...]``
@@ -50,6 +51,7 @@ def run_row(run: Run) -> dict[str, Any]:
         "epochs": summary.get("epochs"),
         "wall_seconds": summary.get("wall_seconds"),
         "probe_spec": _spec_digest(run),
+        "nonfinite": _first_nonfinite(summary.get("nonfinite") or {}),
     }
     metrics: dict[str, float] = {}
     costs: dict[str, Any] = {}
@@ -65,16 +67,25 @@ def run_row(run: Run) -> dict[str, Any]:
         elif record.kind == "stats":
             table = record.table()
             for column in table.columns:
-                if column.startswith("loss/"):
-                    values = table[column].dropna()
-                    if len(values):
-                        metrics.setdefault(column.removeprefix("loss/"), float(values.iloc[-1]))
+                # NaN before a series' first value (nothing logged yet); a NaN after it is the
+                # series' own (a loss that diverged) and stays
+                if column.startswith("loss/") and table[column].notna().any():
+                    metrics.setdefault(column.removeprefix("loss/"), float(table[column].iloc[-1]))
         elif record.kind in SCALARS:
             data = record.frame(len(record) - 1).data
             for key in SCALARS[record.kind]:
                 if key in data:
                     row[f"{name}/{key}"] = float(data[key])
     return {**row, **{k: metrics[k] for k in sorted(metrics)}, **costs}
+
+
+def _first_nonfinite(found: dict[str, dict]) -> str:
+    """The first series of a run to go NaN or infinite, as ``"train_loss nan at step 122"``
+    (empty when none did)."""
+    if not found:
+        return ""
+    name, first = min(found.items(), key=lambda item: item[1].get("step", 0))
+    return f"{name} {first.get('value')} at step {first.get('step')}"
 
 
 def _spec_digest(run: Run) -> str:

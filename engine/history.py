@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,7 @@ class _Column:
         self._steps = np.empty(0, np.int64)
         self._epochs = np.empty(0, np.int64)
         self._values = np.empty(0, np.float64)
+        self.nonfinite: tuple[int, float] | None = None  # (step, value) of the first NaN or inf
 
     def compact(self) -> None:
         """On the training thread: the loose device scalars at the end of ``raw`` become views
@@ -79,6 +81,9 @@ class _Column:
         for i in range(start, length):
             self.raw[i] = None  # let the tensors go
         self._done = length
+        bad = np.flatnonzero(~np.isfinite(self._values[start:length]))
+        if len(bad) and self.nonfinite is None:
+            self.nonfinite = (int(self._steps[start + bad[0]]), float(self._values[start + bad[0]]))
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
@@ -88,13 +93,20 @@ def _read_only(a: np.ndarray) -> np.ndarray:
 
 
 class History:
-    """Append-only scalar series by name; ``batch_loss`` holds the training batch losses."""
+    """Append-only scalar series by name; ``batch_loss`` holds the training batch losses.
+
+    The first value of a series that is not finite (a loss that went NaN) is kept, with its
+    step, and given to ``on_nonfinite(name, step, value)`` once per series: at once for a host
+    value, when it is read for a device one (reading it earlier would wait for the GPU)."""
 
     BATCH_LOSS = "batch_loss"
 
-    def __init__(self) -> None:
+    def __init__(self, on_nonfinite: Callable[[str, int, float], None] | None = None) -> None:
         self._columns: dict[str, _Column] = {}
         self._read_lock = threading.Lock()
+        self._on_nonfinite = on_nonfinite
+        self._reported: set[str] = set()
+        self._report_lock = threading.Lock()
 
     #: Loose device scalars a series holds before they are stacked into one tensor.
     COMPACT = 256
@@ -129,6 +141,9 @@ class History:
         column.loose = column.loose + 1 if cuda else 0
         if column.loose >= self.COMPACT:
             column.compact()
+        if not cuda and not math.isfinite(value) and column.nonfinite is None:
+            column.nonfinite = (step, value)
+            self._report(name)
 
     def lengths(self) -> dict[str, int]:
         """The current length of every series: a consistent cut to read up to later."""
@@ -138,7 +153,30 @@ class History:
         """Every series, each up to its length in ``cut`` (default: everything so far)."""
         cut = self.lengths() if cut is None else cut
         with self._read_lock:
-            return {name: self._columns[name].series(n) for name, n in cut.items()}
+            out = {name: self._columns[name].series(n) for name, n in cut.items()}
+        for name in cut:
+            self._report(name)
+        return out
+
+    def nonfinite(self) -> dict[str, tuple[int, float]]:
+        """Per series read or appended so far with a NaN or an infinity: the step and value of
+        the first one."""
+        return {name: col.nonfinite for name, col in list(self._columns.items()) if col.nonfinite}
+
+    def _report(self, name: str) -> None:
+        found = self._columns[name].nonfinite
+        if found is None or self._on_nonfinite is None:
+            return
+        with self._report_lock:  # the training thread appends, a probe's thread reads
+            if name in self._reported:
+                return
+            self._reported.add(name)
+        self._on_nonfinite(name, *found)
+
+
+def display_name(name: str) -> str:
+    """A series as the probes and tables name it: the batch losses are ``train_loss``."""
+    return "train_loss" if name == History.BATCH_LOSS else name
 
 
 def epoch_means(series: Series) -> Series:

@@ -22,7 +22,7 @@ from torch.nn.parameter import is_lazy
 from probescope.distributed import Placement, check_probeable, placement, unwrap, wrapper_names
 from probescope.events import EVENTS, Callback
 from probescope.graphs import ForwardGraphs
-from probescope.history import History
+from probescope.history import History, display_name
 from probescope.probes.base import Probe, ProbeContext, ProbeStats, eval_mode, model_device_dtype
 from probescope.ring import Frame, FrameRing
 from probescope.run import RunWriter
@@ -236,7 +236,7 @@ class Monitor:
         if not self.probing:
             probes, callbacks, run_dir, viewer = [], [], None, False
         self.model, self.optimizer = model, optimizer
-        self.history = History()
+        self.history = History(on_nonfinite=_warn_nonfinite)
         device, _ = model_device_dtype(model)
         self._streams = (
             ProbeStreams(device, high_priority_training)
@@ -518,6 +518,12 @@ class Monitor:
         if self._recorder is not None:
             self._recorder.join()
         if self.writer is not None:
+            try:  # every value read once, so that the summary lists each series that went NaN
+                self.history.read()
+            except Exception as err:
+                log.warning(
+                    "Monitor: the scalar history could not be read at close (%s: %s)", type(err).__name__, err
+                )
             self.writer.save_model(self.model)
             for st in self._probes.values():
                 if st.probe.tabular and st.ring.written:
@@ -891,6 +897,10 @@ class Monitor:
             "snapshot_bytes": self._pool.nbytes,
             "frames_written": self.writer.frames_written if self.writer else 0,
             **({"budget": self.budget} if self.budget is not None else {}),
+            "nonfinite": {
+                display_name(name): {"step": step, "value": str(value)}
+                for name, (step, value) in self.history.nonfinite().items()
+            },
             "probes": {
                 name: {
                     **st.stats.as_dict(),
@@ -985,6 +995,16 @@ def _disable(st: _ProbeState, happened: str, err: Exception) -> None:
         happened,
         type(err).__name__,
         err,
+    )
+
+
+def _warn_nonfinite(name: str, step: int, value: float) -> None:
+    log.warning(
+        "Monitor: %s is %s at step %d, its first value that is not a finite number; training goes "
+        "on as the loop decides, and run.json lists it (summary.nonfinite)",
+        display_name(name),
+        value,
+        step,
     )
 
 

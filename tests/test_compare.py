@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from probescope import CurveProbe, Monitor, Schedule, open_run
+from probescope import CurveProbe, Monitor, Schedule, StatsProbe, open_run
 from probescope.cli import main
 from probescope.compare import compare_runs
 from tests.conftest import fit_curve, record_blobs_run
@@ -52,6 +52,7 @@ def test_one_row_per_run_with_its_last_metrics_and_probe_costs(runs):
         float(long.probe("prediction").frame(-1).data["accuracy"])
     )
     assert row["model"] == "Sequential" and row["status"] == "finished"
+    assert list(table["nonfinite"]) == [""] * len(runs)  # no run diverged
     digests = table["probe_spec"]  # long and short were probed the same way, the others not
     assert digests.iloc[0] == digests.iloc[1] and len(set(digests)) == 3
     assert all(len(d) == 12 for d in digests)
@@ -84,3 +85,30 @@ def test_compare_refuses_what_it_cannot_read(runs, tmp_path, capsys):
     assert "no run.json" in capsys.readouterr().err
     assert main(["compare", str(runs[0]), "--out", str(tmp_path / "t.xlsx")]) != 0
     assert "write .csv, .json or .md" in capsys.readouterr().err
+
+
+def test_a_run_whose_loss_went_nan_is_warned_once_and_compared_with_where(blobs, tmp_path, caplog, capsys):
+    torch.manual_seed(0)
+    x, y = blobs.x_train, blobs.y_train
+    model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 7))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = StatsProbe(batch=x[:16], schedule=Schedule.every(2))
+    with Monitor(model, [probe], optimizer=optimizer, run_dir=tmp_path / "run") as monitor:
+        for step in range(1, 11):
+            if step == 7:
+                with torch.no_grad():
+                    model[0].weight[0, 0] = float("nan")  # the run blows up: every loss from step 7 is NaN
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss=loss)
+    warned = [r.getMessage() for r in caplog.records if "not a finite number" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("Monitor: train_loss is nan at step 7,")
+    summary = open_run(tmp_path / "run").meta["summary"]
+    assert summary["nonfinite"] == {"train_loss": {"step": 7, "value": "nan"}}
+    row = compare_runs([tmp_path / "run"]).iloc[0]
+    assert row["nonfinite"] == "train_loss nan at step 7"
+    assert np.isnan(row["train_loss"])  # the last loss, not the last finite one
+    assert main(["info", str(tmp_path / "run")]) == 0
+    assert "nonfinite train_loss: nan first at step 7" in capsys.readouterr().out

@@ -63,6 +63,25 @@ def test_device_scalars_are_stacked_every_compact_steps_and_read_back_exactly():
     np.testing.assert_array_equal(history.read()["loss"].values, values.double().cpu().numpy())
 
 
+@pytest.mark.parametrize("device", _devices())
+def test_the_first_value_that_is_not_finite_is_reported_once_per_series_with_its_step(device):
+    found = []
+    history = History(on_nonfinite=lambda *report: found.append(report))
+    for step, value in enumerate([0.5, 0.4, float("nan"), float("inf"), 0.3], start=1):
+        given = torch.tensor(value, device=device) if step % 2 else value  # tensors and floats
+        history.append("loss", step, 0, given)
+        history.append("accuracy", step, 0, 0.5)
+    history.append("valid_loss", 5, 0, float("-inf"))
+    history.read()
+    history.read()  # read again: nothing new to report
+    reports = {name: (step, value) for name, step, value in found}  # a host value's at once
+    assert len(found) == 2 and set(reports) == {"loss", "valid_loss"}
+    assert reports["loss"][0] == 3 and np.isnan(reports["loss"][1])
+    assert reports["valid_loss"] == (5, float("-inf"))
+    assert set(history.nonfinite()) == {"loss", "valid_loss"}  # accuracy stayed finite
+    assert history.nonfinite()["valid_loss"] == (5, float("-inf"))
+
+
 def test_epoch_means_match_a_per_epoch_reference_with_nans_and_empty_epochs():
     from probescope.history import Series, epoch_means
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from probescope.history import MIN_POINTS, History, Series, envelope, epoch_means
+from probescope.history import MIN_POINTS, Series, display_name, envelope, epoch_means
 from probescope.probes.base import Probe, ProbeContext, ValidSet, check_forward
 from probescope.schedule import Schedule
 from probescope.validation import at_least
@@ -62,7 +62,7 @@ class LossProbe(Probe):
     def evaluate(self, model: nn.Module, context: ProbeContext) -> dict[str, Any]:
         series: dict[str, Series] = {}
         for name, s in context.history.items():
-            series["train_loss" if name == History.BATCH_LOSS else name] = s
+            series[display_name(name)] = s
         if "train_loss" in series:
             series["train_loss_epoch"] = epoch_means(series["train_loss"])
         if self.valid:

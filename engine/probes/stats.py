@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from probescope.history import History
+from probescope.history import display_name
 from probescope.kernels.stats import STAT_NAMES, spectral_norm, tensor_stats
 from probescope.probes.base import (
     ForwardHooks,
@@ -291,8 +291,7 @@ class StatsProbe(Probe):
                 continue
             recent = series.steps > self._last_step
             values = series.values[recent] if recent.any() else series.values[-1:]
-            key = "train_loss" if name == History.BATCH_LOSS else name
-            out[f"loss/{key}"] = np.float64(np.mean(values))
+            out[f"loss/{display_name(name)}"] = np.float64(np.mean(values))
         return out
 
     # ---- what the run stores ------------------------------------------------------------
