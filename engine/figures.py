@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from probescope.kernels import default_palette
+from probescope.probes.loss import first_nonfinite, frame_series
 from probescope.run import ProbeRecord
 
 BAND_COLOUR = "steelblue"
@@ -153,6 +154,25 @@ class SeriesPanel:
         self.ax.autoscale_view()
 
 
+def mark_divergence(
+    ax: Axes, series: dict[str, tuple[np.ndarray, np.ndarray]], kept: list, since: float | None = None
+) -> None:
+    """A red dotted line at the first NaN or infinity of ``series`` (where the run diverged),
+    labelled with it, unless it comes before step ``since``; ``kept`` holds the line between
+    frames (updated in place, hidden when there is none)."""
+    diverged = first_nonfinite(series)
+    if diverged is None or (since is not None and diverged[1] < since):
+        for line in kept:
+            line.set_visible(False)
+        return
+    name, step, value = diverged
+    if not kept:
+        kept.append(ax.axvline(step, color="tab:red", ls=":", lw=1.2))
+    kept[0].set_xdata([step, step])
+    kept[0].set_label(f"{name} {value} at step {step}")
+    kept[0].set_visible(True)
+
+
 class LossPanel:
     """Train loss per step and per epoch, valid loss, and metrics on a second axis."""
 
@@ -181,6 +201,7 @@ class LossPanel:
             ax.set_ylabel("loss")
             self.metrics_ax.set_ylabel("metrics (dashed)")
         self.compact = compact
+        self._diverged: list = []  # the line at the step where a series turned NaN or infinite
 
     def _metric_colour(self, name: str) -> str:
         known = {**self.metrics.lines, **self.losses.lines}
@@ -189,18 +210,17 @@ class LossPanel:
         return self.METRIC_COLOURS[len(known) % len(self.METRIC_COLOURS)]
 
     def update(self, data: dict[str, np.ndarray]) -> None:
-        names = sorted({k.split("/")[1] for k in data if k.startswith("series/")})
-        for name in names:
-            steps, values = data[f"series/{name}/steps"], data[f"series/{name}/values"]
-            if name == "lr":
-                continue
+        series = frame_series(data)
+        for name, (steps, values) in series.items():
             target = self.losses if "loss" in name else self.metrics
             style = self.STYLES.get(name) or {"lw": 1.5, "ls": "--", "color": self._metric_colour(name)}
             target.set_series(name, steps, values, **style)
         self.losses.rescale()
         self.metrics.rescale()
-        if not self.compact and names:
+        mark_divergence(self.losses.ax, series, self._diverged)
+        if not self.compact and series:
             handles = list(self.losses.lines.values()) + list(self.metrics.lines.values())
+            handles += [line for line in self._diverged if line.get_visible()]
             self.losses.ax.legend(
                 handles=handles, labels=[h.get_label() for h in handles], fontsize=8, loc="upper right"
             )
@@ -390,12 +410,7 @@ def metrics_figure(record: ProbeRecord, *, final_losses: bool = True, perc: floa
         raise ValueError(f"perc must be in (0, 1], got {perc!r}")
     if not len(record):
         raise ValueError(f"probe {record.name!r} has no frames yet")
-    data = record.frame(-1).data
-    series = {
-        key.split("/")[1]: (data[key], data[key.removesuffix("steps") + "values"])
-        for key in data
-        if key.startswith("series/") and key.endswith("/steps") and key.split("/")[1] != "lr"
-    }
+    series = frame_series(record.frame(-1).data)
     losses = {n: s for n, s in series.items() if "loss" in n}
     groups: dict[str, dict[str, tuple]] = {}
     for name, s in series.items():
@@ -420,6 +435,7 @@ def metrics_figure(record: ProbeRecord, *, final_losses: bool = True, perc: floa
                 steps, values = steps[keep], values[keep]
             style = LossPanel.STYLES.get(name, {"lw": 1.5, "marker": "o", "ms": 3})
             ax.plot(steps, values, label=name, **style)
+        mark_divergence(ax, members, [], since=start)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(color="gainsboro", lw=0.5)

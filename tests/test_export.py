@@ -151,6 +151,28 @@ def test_a_run_with_a_stats_probe_exports_and_draws_it_over_training(tmp_path, c
     assert (tmp_path / "cli" / "stats_final.png").exists()
 
 
+def test_loss_figures_mark_the_step_where_the_loss_turned_nan(tmp_path):
+    from probescope import LossProbe
+    from probescope.figures import metrics_figure, plot_frame
+
+    model = nn.Linear(2, 2)
+    with Monitor(model, [LossProbe(schedule=Schedule.never())], snapshot="sync", run_dir=tmp_path) as monitor:
+        for step in range(1, 21):
+            monitor.step(loss=torch.tensor(10.0 / step if step < 12 else float("nan")))
+    record = open_run(tmp_path).probe("loss")
+
+    def marks(ax):
+        red = [line for line in ax.lines if line.get_color() == "tab:red"]
+        return [(line.get_label(), list(line.get_xdata())) for line in red]
+
+    frame = plot_frame(record)
+    assert marks(frame.axes[0]) == [("train_loss nan at step 12", [12, 12])]
+    assert "train_loss nan at step 12" in [t.get_text() for t in frame.axes[0].get_legend().get_texts()]
+    losses, final = [ax for ax in metrics_figure(record, perc=0.25).axes if ax.get_visible()][:2]
+    assert marks(losses) == [("train_loss nan at step 12", [12, 12])]
+    assert marks(final) == []  # the last quarter starts after it: no line that says another step
+
+
 def test_metrics_figure_draws_losses_their_last_part_and_a_panel_per_metric(tmp_path):
     from probescope import LossProbe
     from probescope.figures import metrics_figure

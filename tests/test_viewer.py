@@ -21,7 +21,7 @@ from tests.conftest import fit_curve, record_blobs_run, train_steps
 
 viewer_module = pytest.importorskip("probescope.viewers.viewer")
 from probescope.viewers.backend import ViewerUnavailable, use_backend  # noqa: E402
-from probescope.viewers.panels import BAND, GREY, PanelSpec  # noqa: E402
+from probescope.viewers.panels import BAND, DIVERGED, GREY, PanelSpec  # noqa: E402
 
 try:
     use_backend(offscreen=True)
@@ -183,6 +183,32 @@ def test_loss_panel_plots_log10_loss_over_steps():
         near = distance_near(image, panel, steps[i], np.log10(loss[i]), grey)
         assert near <= 100, f"loss at step {steps[i]}"
         assert np.all(pixel(image, panel, steps[i], np.log10(loss[i]) + 0.3) >= 250)
+    viewer.close()
+
+
+def test_loss_panel_marks_and_names_the_step_where_a_series_turned_nan():
+    steps = np.arange(1, 41, dtype=np.float64)
+    loss = 2.0 * np.exp(-steps / 15.0)
+    loss[24:] = np.nan  # the run blew up at step 25
+    valid = np.array([1.5, 1.0, np.inf])
+    spec = PanelSpec("loss", "loss", {}, {})
+    source = FrameSource(spec)
+    data = {"series/train_loss/steps": steps, "series/train_loss/values": loss,
+            "series/valid_loss/steps": np.array([10.0, 20.0, 30.0]),
+            "series/valid_loss/values": valid}  # fmt: skip
+    source.show("loss", data, 40)
+    viewer = Viewer(source, offscreen=True, size=(640, 480))
+    viewer.refresh()
+    image = viewer.render()
+    panel = viewer.panels["loss"]
+    assert panel.caption.text.endswith("train_loss nan at step 25")
+    red = np.array(DIVERGED[:3]) * 255
+    for y in np.log10([0.6, 1.0, 1.4]):  # the line runs the panel's height at step 25
+        assert distance_near(image, panel, 25.0, y, red) <= 60
+        assert distance_near(image, panel, 21.0, y, red) > 100
+    source.show("loss", {"series/train_loss/steps": steps[:20], "series/train_loss/values": loss[:20]}, 20)
+    viewer.refresh()  # a replay back before it: no line, no words
+    assert "nan" not in panel.caption.text and not panel.diverged.visible
     viewer.close()
 
 

@@ -18,9 +18,11 @@ from vispy.visuals.transforms import STTransform
 
 from probescope.figures import fixed_limits
 from probescope.kernels import default_palette
+from probescope.probes.loss import first_nonfinite, frame_series
 
 BAND = (0.84, 0.15, 0.16)  # the curve and its loss band
 GREY = (0.45, 0.45, 0.45, 1.0)
+DIVERGED = (0.84, 0.15, 0.16, 1.0)  # the step where a series turned NaN or infinite
 METRIC_COLOURS = ((0.17, 0.63, 0.17), (0.58, 0.40, 0.74), (0.84, 0.15, 0.16), (0.55, 0.34, 0.29))
 
 
@@ -397,6 +399,7 @@ class SeriesPanel(Panel):
         super().__init__(parent_grid, spec, row, col, legend)
         self.lines: dict[str, scene.visuals.Line] = {}
         self.series: dict[str, np.ndarray] = {}  # each line's vertices in data units (x, y)
+        self.spans: dict[str, tuple[float, float]] = {}  # each series' first and last step
         self.view.camera.transform.changed.connect(self._lines_in_pixels)  # pans, zooms, resizes
 
     def set_series(
@@ -405,11 +408,16 @@ class SeriesPanel(Panel):
         """Draw series ``name``; ``dense``: one point a step or so (a batch loss), drawn as a
         thin GL line (vispy's antialiased lines break up on a zigzag of hundreds of points)."""
         values = np.asarray(values, np.float64)
+        steps = np.asarray(steps, np.float64)
+        if len(steps):  # every step, drawn or not: a run's stretch of NaN stays on the axis
+            self.spans[name] = (float(steps.min()), float(steps.max()))
+        else:
+            self.spans.pop(name, None)
         if self.log_y:
             with np.errstate(divide="ignore", invalid="ignore"):
                 values = np.where(values > 0, np.log10(values), np.nan)
         keep = np.isfinite(values)
-        pos = np.stack([np.asarray(steps, np.float64)[keep], values[keep]], 1).astype(np.float32)
+        pos = np.stack([steps[keep], values[keep]], 1).astype(np.float32)
         if len(pos) < 2:
             pos = np.concatenate([pos, pos])[:2] if len(pos) else np.zeros((2, 2), np.float32)
         self.series[name] = pos
@@ -441,7 +449,8 @@ class SeriesPanel(Panel):
     def rescale(self) -> None:
         if self.series:
             stacked = np.concatenate(list(self.series.values()))
-            self.set_range(fixed_limits(stacked[:, 0], 0.02), fixed_limits(stacked[:, 1]))
+            steps = np.concatenate([stacked[:, 0], np.ravel(list(self.spans.values()))])
+            self.set_range(fixed_limits(steps, 0.02), fixed_limits(stacked[:, 1]))
 
     def _lines_in_pixels(self, event=None) -> None:
         for name, line in self.lines.items():  # the pixels per data unit changed
@@ -457,6 +466,7 @@ class LossPanel(SeriesPanel):
 
     def __init__(self, parent_grid, spec: PanelSpec, row: int, col: int, log_y: bool = True):
         super().__init__(parent_grid, spec, row, col, log_y=log_y)
+        self.diverged: scene.visuals.InfiniteLine | None = None  # at the first NaN or infinity
 
     def colour(self, name: str):
         if name in self.COLOURS:
@@ -464,17 +474,28 @@ class LossPanel(SeriesPanel):
         return (*METRIC_COLOURS[len(self.lines) % len(METRIC_COLOURS)], 1.0)
 
     def draw(self, data: dict[str, np.ndarray]) -> None:
-        names = sorted({k.split("/")[1] for k in data if k.startswith("series/")} - {"lr"})
-        for name in names:
+        series = frame_series(data)
+        for name, (steps, values) in series.items():
             line = self.lines.get(name)
             colour = line.color if line is not None else self.colour(name)
-            steps, values = data[f"series/{name}/steps"], data[f"series/{name}/values"]
             self.set_series(name, steps, values, colour, dense=name == "train_loss")
         self.rescale()
+        diverged = first_nonfinite(series)
+        if diverged is not None and self.diverged is None:  # where the run blew up
+            self.diverged = scene.visuals.InfiniteLine(0.0, DIVERGED, vertical=True, parent=self.view.scene)
+        if self.diverged is not None:
+            self.diverged.visible = diverged is not None
+            if diverged is not None:
+                self.diverged.set_data(pos=float(diverged[1]))
 
     def subtitle(self, data: dict[str, np.ndarray]) -> str:
-        names = sorted({k.split("/")[1] for k in data if k.startswith("series/")} - {"lr"})
-        return "  ·  " + ", ".join(names) if names else ""
+        series = frame_series(data)
+        diverged = first_nonfinite(series)
+        text = "  ·  " + ", ".join(series) if series else ""
+        if diverged is not None:
+            name, step, value = diverged
+            text += f"  ·  {name} {value} at step {step}"
+        return text
 
 
 class StatsPanel(SeriesPanel):

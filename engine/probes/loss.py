@@ -82,3 +82,24 @@ class LossProbe(Probe):
             "valid_samples": int(self.valid.x.shape[0]) if self.valid else 0,
             "metrics": sorted(self.valid.metrics),
         }
+
+
+def frame_series(data: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A LossProbe frame's series, ``{name: (steps, values)}`` by name, the learning rate left out."""
+    names = sorted({key.split("/")[1] for key in data if key.startswith("series/")} - {"lr"})
+    return {name: (data[f"series/{name}/steps"], data[f"series/{name}/values"]) for name in names}
+
+
+def first_nonfinite(series: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> tuple[str, int, float] | None:
+    """Where a run diverged: the earliest NaN or infinity of ``series`` (``frame_series``'s),
+    as ``(name, step, value)``, or None. (A frame keeps each series' first NaN however long
+    the run: see ``envelope``.)"""
+    found = []
+    for name, (steps, values) in series.items():
+        bad = np.flatnonzero(~np.isfinite(np.asarray(values, np.float64)))
+        if len(bad):
+            found.append((int(steps[bad[0]]), name, float(values[bad[0]])))
+    if not found:
+        return None
+    step, name, value = min(found, key=lambda f: (f[0], f[1]))
+    return name, step, value
