@@ -1,8 +1,10 @@
 """Temporal exponential smoothing of successive frames, so a live map does not flicker.
 
 ``s_t = s_{t-1} + alpha * (x_t - s_{t-1})``, seeded by ``state`` when given, else by the first
-frame (so ``s_0 = x_0``). Non-finite values propagate: a NaN frame makes the average NaN,
-which the colour map then shows.
+frame (so ``s_0 = x_0``). A NaN or infinite frame makes the average NaN or infinite there,
+which the colour map then shows, and an average that is not finite starts again from the
+next frame (``s_t = x_t``): a model that recovers (a loop that reloads its last good weights)
+gets its map back at once instead of a NaN held forever.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def ema_frames_reference(
     s = state.to(torch.float64) if state is not None else (x[0] if len(x) else None)
     out = torch.empty_like(x)
     for t in range(x.shape[0]):
-        s = s + alpha * (x[t] - s)
+        s = torch.where(torch.isfinite(s), s + alpha * (x[t] - s), x[t])
         out[t] = s
     if state is not None and s is not None:
         state.copy_(s)

@@ -581,6 +581,29 @@ def test_ema_frames_matches_reference_and_chains_through_state(poisoned, impl, s
     assert max_error(state, ref[-1]) <= 1e-6
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ema_frames_shows_a_nan_frame_and_starts_again_from_the_next_one(poisoned, impl):
+    device = device_for(impl)
+    frames = torch.rand(5, 13, 7, generator=torch.Generator().manual_seed(5))
+    frames[2, 3:6, 2] = float("nan")  # a frame the model got wrong in places
+    frames[2, 0, 0] = float("inf")
+    ref = ema_frames_reference(frames.double(), 0.25)
+    got = ema_frames(frames.to(device), 0.25, impl=impl)
+    assert torch.equal(torch.isnan(got.cpu()), torch.isnan(ref)) and torch.isnan(got[2, 3:6, 2]).all()
+    assert got[2, 0, 0].item() == float("inf")
+    np.testing.assert_array_equal(got[3, 3:6, 2].cpu(), frames[3, 3:6, 2])  # the next frame, as it is
+    assert got[3, 0, 0].item() == frames[3, 0, 0].item()
+    finite = torch.isfinite(ref)
+    assert max_error(got.cpu()[finite], ref[finite]) <= 1e-6
+    assert max_error(got[4, 3:6, 2], 0.75 * frames[3, 3:6, 2] + 0.25 * frames[4, 3:6, 2]) <= 1e-6
+    # The same through ``state``, a frame per call (as a probe calls it).
+    state = frames[0].clone().to(device)
+    chained = torch.cat(
+        [ema_frames(frames[t : t + 1].to(device), 0.25, state=state, impl=impl) for t in range(5)]
+    )
+    assert max_error(chained.cpu()[finite], ref[finite]) <= 1e-6 and torch.isfinite(state).all()
+
+
 def test_ema_frames_rejects_bad_alpha_and_state():
     with pytest.raises(ValueError, match="alpha"):
         ema_frames(torch.zeros(2, 3), 0.0)

@@ -80,6 +80,21 @@ def test_grid_smoothing_is_an_ema_of_the_unsmoothed_maps(mlp):
         np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-6)
 
 
+def test_a_smoothed_map_shows_a_nan_frame_and_comes_back_when_the_model_does(mlp, caplog):
+    probe = GridProbe(torch.randn(50, 2) * 3, resolution=9, smoothing=0.25)
+    probe.attach(mlp)
+    good = {k: v.clone() for k, v in mlp.state_dict().items()}
+    first = probe.evaluate(mlp, ProbeContext(step=1, epoch=0))
+    with torch.no_grad():
+        mlp[0].weight.fill_(float("nan"))  # the run blew up
+    blown = probe.evaluate(mlp, ProbeContext(step=2, epoch=0))
+    assert torch.isnan(blown["probs"]).all() and (blown["rgba"][..., :3] == torch.tensor([255, 0, 255])).all()
+    mlp.load_state_dict(good)  # the loop reloads its last good weights
+    back = probe.evaluate(mlp, ProbeContext(step=3, epoch=0))
+    np.testing.assert_allclose(back["probs"].numpy(), first["probs"].numpy(), atol=1e-6)  # the map, as it was
+    assert torch.isfinite(back["probs"]).all()
+
+
 def test_grid_region_colour_is_the_class_colour_shaded_by_probability(mlp):
     probe = GridProbe(torch.randn(40, 2), resolution=9)
     frame = _evaluate(probe, mlp)

@@ -40,7 +40,8 @@ class GridProbe(Probe):
     ``grid_mlp`` kernel (Numba on CPU, Triton on CUDA): the grid's points and hidden
     activations never exist in memory. Any other model
     runs its own forward on the grid in chunks of ``batch_size``. ``smoothing`` (an EMA weight
-    in (0, 1]) blends each map with the previous ones so that a live view does not flicker.
+    in (0, 1]) blends each map with the previous ones so that a live view does not flicker (a
+    NaN frame shows, and the blend starts again from the next frame: see ``ema_frames``).
     """
 
     kind = "grid"

@@ -22,7 +22,7 @@ def ema_frames_kernel(frames, state, out, alpha):
         for t in range(steps):
             x, y = frames[t, lo:hi], out[t, lo:hi]
             for i in range(hi - lo):
-                s[i] += alpha * (x[i] - s[i])
+                s[i] = s[i] + alpha * (x[i] - s[i]) if np.isfinite(s[i]) else x[i]
                 y[i] = s[i]
         state[lo:hi] = s
 

@@ -19,7 +19,8 @@ def _ema_frames_kernel(
         s = tl.load(frames_ptr + index, mask=mask, other=0.0).to(tl.float32)
     for t in range(0, steps):
         x = tl.load(frames_ptr + t * n + index, mask=mask, other=0.0).to(tl.float32)
-        s = s + alpha * (x - s)
+        finite = (s - s) == 0.0  # false for NaN and for an infinity (inf - inf is NaN)
+        s = tl.where(finite, s + alpha * (x - s), x)
         tl.store(out_ptr + t * n + index, s.to(out_ptr.dtype.element_ty), mask=mask)
     if HAS_STATE:
         tl.store(state_ptr + index, s.to(state_ptr.dtype.element_ty), mask=mask)
