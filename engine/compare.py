@@ -66,11 +66,13 @@ def run_row(run: Run) -> dict[str, Any]:
             metrics.update(_last_series(record.frame(len(record) - 1).data))
         elif record.kind == "stats":
             table = record.table()
+            diverged = summary.get("nonfinite") or {}
             for column in table.columns:
-                # NaN before a series' first value (nothing logged yet); a NaN after it is the
-                # series' own (a loss that diverged) and stays
-                if column.startswith("loss/") and table[column].notna().any():
-                    metrics.setdefault(column.removeprefix("loss/"), float(table[column].iloc[-1]))
+                # NaN in a frame before anything was logged; after that a NaN is the series' own
+                # (a loss that diverged; every frame taken after it may hold NaN only) and stays
+                name = column.removeprefix("loss/")
+                if column.startswith("loss/") and (table[column].notna().any() or name in diverged):
+                    metrics.setdefault(name, float(table[column].iloc[-1]))
         elif record.kind in SCALARS:
             data = record.frame(len(record) - 1).data
             for key in SCALARS[record.kind]:

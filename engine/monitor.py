@@ -517,13 +517,11 @@ class Monitor:
         self._wake.set()
         if self._recorder is not None:
             self._recorder.join()
+        try:  # every value read once: a series that went NaN is warned about and summarised
+            self.history.read()
+        except Exception as err:
+            log.warning("Monitor: the history could not be read at close (%s: %s)", type(err).__name__, err)
         if self.writer is not None:
-            try:  # every value read once, so that the summary lists each series that went NaN
-                self.history.read()
-            except Exception as err:
-                log.warning(
-                    "Monitor: the scalar history could not be read at close (%s: %s)", type(err).__name__, err
-                )
             self.writer.save_model(self.model)
             for st in self._probes.values():
                 if st.probe.tabular and st.ring.written:

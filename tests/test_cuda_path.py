@@ -258,3 +258,21 @@ def test_graphs_are_captured_before_the_first_step_and_ring_buffers_reused():
     frames = monitor.stats[probe.name].run
     assert frames >= 8 and probe.graphs.replays == 2 + frames  # every frame in training: a replay
     assert buffers() == first_lap  # later laps write into the same device and pinned buffers
+
+
+def test_a_cuda_loss_that_turns_nan_is_warned_about_at_close_without_a_sync(caplog):
+    model = nn.Linear(2, 3).cuda()
+    monitor = Monitor(model, [GridProbe(torch.randn(32, 2), resolution=8, schedule=Schedule.never())])
+    monitor.start()
+    losses = [torch.tensor(float("nan") if step >= 5 else 1.0 / step, device="cuda") for step in range(1, 9)]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for loss in losses:  # no probe reads the history while training runs
+            monitor.step(loss=loss)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with caplog.at_level(logging.WARNING, logger="probescope"):
+        monitor.close()
+    warned = [r.getMessage() for r in caplog.records if "not a finite number" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("Monitor: train_loss is nan at step 5,")
+    assert monitor.summary()["nonfinite"] == {"train_loss": {"step": 5, "value": "nan"}}
