@@ -285,7 +285,7 @@ def test_a_buffer_left_out_of_the_state_dict_is_copied_with_the_step_it_belongs_
     monitor = Monitor(model, [probe], ring_capacity=256)
     assert monitor.snapshot_detail["copied_elements"] == 8 * 4 + 4 + 1
     monitor.start()
-    _steps_set_to_their_number(monitor, model, 20)
+    _steps_set_to_their_number(monitor, model, 40)
     monitor.close()
     frames = [f for f in monitor.ring(probe.name).read_since(-1) if f.step > 0]
     assert len(frames) >= 3
