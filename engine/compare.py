@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from probescope.probes.loss import frame_series
 from probescope.run import Run, open_run
 from probescope.spec import spec_digest
 
@@ -103,14 +104,7 @@ def _spec_digest(run: Run) -> str:
 
 def _last_series(data: dict[str, np.ndarray]) -> dict[str, float]:
     """The last value of every series of a LossProbe frame (the learning rate left out)."""
-    out = {}
-    for key, values in data.items():
-        parts = key.split("/")
-        if len(parts) == 3 and parts[0] == "series" and parts[2] == "values" and parts[1] != "lr":
-            series = np.asarray(values, np.float64)
-            if series.size:
-                out[parts[1]] = float(series[-1])
-    return out
+    return {name: float(values[-1]) for name, (_, values) in frame_series(data).items() if len(values)}
 
 
 def write_table(table, path: str | os.PathLike) -> None:

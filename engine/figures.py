@@ -155,22 +155,23 @@ class SeriesPanel:
 
 
 def mark_divergence(
-    ax: Axes, series: dict[str, tuple[np.ndarray, np.ndarray]], kept: list, since: float | None = None
-) -> None:
+    ax: Axes, series: dict[str, tuple[np.ndarray, np.ndarray]], line=None, since: float | None = None
+):
     """A red dotted line at the first NaN or infinity of ``series`` (where the run diverged),
-    labelled with it, unless it comes before step ``since``; ``kept`` holds the line between
-    frames (updated in place, hidden when there is none)."""
+    labelled with it, unless it comes before step ``since``: ``line`` (the one of an earlier
+    frame) moved there or hidden, or a new one when there is something to mark. Returns it."""
     diverged = first_nonfinite(series)
     if diverged is None or (since is not None and diverged[1] < since):
-        for line in kept:
+        if line is not None:
             line.set_visible(False)
-        return
+        return line
     name, step, value = diverged
-    if not kept:
-        kept.append(ax.axvline(step, color="tab:red", ls=":", lw=1.2))
-    kept[0].set_xdata([step, step])
-    kept[0].set_label(f"{name} {value} at step {step}")
-    kept[0].set_visible(True)
+    if line is None:
+        line = ax.axvline(step, color="tab:red", ls=":", lw=1.2)
+    line.set_xdata([step, step])
+    line.set_label(f"{name} {value} at step {step}")
+    line.set_visible(True)
+    return line
 
 
 class LossPanel:
@@ -201,7 +202,7 @@ class LossPanel:
             ax.set_ylabel("loss")
             self.metrics_ax.set_ylabel("metrics (dashed)")
         self.compact = compact
-        self._diverged: list = []  # the line at the step where a series turned NaN or infinite
+        self._diverged = None  # the line at the step where a series turned NaN or infinite
 
     def _metric_colour(self, name: str) -> str:
         known = {**self.metrics.lines, **self.losses.lines}
@@ -217,10 +218,11 @@ class LossPanel:
             target.set_series(name, steps, values, **style)
         self.losses.rescale()
         self.metrics.rescale()
-        mark_divergence(self.losses.ax, series, self._diverged)
+        self._diverged = mark_divergence(self.losses.ax, series, self._diverged)
         if not self.compact and series:
             handles = list(self.losses.lines.values()) + list(self.metrics.lines.values())
-            handles += [line for line in self._diverged if line.get_visible()]
+            if self._diverged is not None and self._diverged.get_visible():
+                handles.append(self._diverged)
             self.losses.ax.legend(
                 handles=handles, labels=[h.get_label() for h in handles], fontsize=8, loc="upper right"
             )
@@ -435,7 +437,7 @@ def metrics_figure(record: ProbeRecord, *, final_losses: bool = True, perc: floa
                 steps, values = steps[keep], values[keep]
             style = LossPanel.STYLES.get(name, {"lw": 1.5, "marker": "o", "ms": 3})
             ax.plot(steps, values, label=name, **style)
-        mark_divergence(ax, members, [], since=start)
+        mark_divergence(ax, members, since=start)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(color="gainsboro", lw=0.5)

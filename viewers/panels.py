@@ -467,6 +467,8 @@ class LossPanel(SeriesPanel):
     def __init__(self, parent_grid, spec: PanelSpec, row: int, col: int, log_y: bool = True):
         super().__init__(parent_grid, spec, row, col, log_y=log_y)
         self.diverged: scene.visuals.InfiniteLine | None = None  # at the first NaN or infinity
+        self.names: list[str] = []  # the frame's series and its first NaN or infinity, for the caption
+        self.divergence: tuple[str, int, float] | None = None
 
     def colour(self, name: str):
         if name in self.COLOURS:
@@ -480,20 +482,20 @@ class LossPanel(SeriesPanel):
             colour = line.color if line is not None else self.colour(name)
             self.set_series(name, steps, values, colour, dense=name == "train_loss")
         self.rescale()
-        diverged = first_nonfinite(series)
-        if diverged is not None and self.diverged is None:  # where the run blew up
+        self.names, self.divergence = list(series), first_nonfinite(series)
+        if self.divergence is not None and self.diverged is None:  # where the run blew up
             self.diverged = scene.visuals.InfiniteLine(0.0, DIVERGED, vertical=True, parent=self.view.scene)
         if self.diverged is not None:
-            self.diverged.visible = diverged is not None
-            if diverged is not None:
-                self.diverged.set_data(pos=float(diverged[1]))
+            self.diverged.visible = self.divergence is not None
+            if self.divergence is not None:
+                self.diverged.set_data(pos=float(self.divergence[1]))
 
     def subtitle(self, data: dict[str, np.ndarray]) -> str:
-        series = frame_series(data)
-        diverged = first_nonfinite(series)
-        text = "  ·  " + ", ".join(series) if series else ""
-        if diverged is not None:
-            name, step, value = diverged
+        """The series drawn and where one first turned NaN or infinite (as of the last draw:
+        the caption is redrawn at every move of the pointer)."""
+        text = "  ·  " + ", ".join(self.names) if self.names else ""
+        if self.divergence is not None:
+            name, step, value = self.divergence
             text += f"  ·  {name} {value} at step {step}"
         return text
 
