@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +26,15 @@ class Series:
     values: np.ndarray
 
 
+_IN_BLOCK = object()  # an entry of ``_Column.raw`` whose value is in one of its blocks
+
+
+def _deferred(value: torch.Tensor) -> bool:
+    """Whether a tensor appended to the history is kept as it is, to be read later (a CUDA
+    tensor: reading it now would wait for the GPU); any other tensor is read at once."""
+    return value.is_cuda
+
+
 class _Column:
     """One series as the training thread appends it (Python lists: an append is cheap) and as
     readers see it (float arrays, converted once per entry: a read costs the new entries only)."""
@@ -32,7 +42,10 @@ class _Column:
     def __init__(self) -> None:
         self.steps: list[int] = []
         self.epochs: list[int] = []
-        self.raw: list[object] = []  # floats or detached tensors with one element
+        self.raw: list[object] = []  # numbers, tensors with one element, or _IN_BLOCK
+        # (index of its first entry, the values): each run of ``loose`` device scalars stacked
+        # into one tensor; appended by the training thread, dropped by readers once converted
+        self.blocks: deque[tuple[int, torch.Tensor]] = deque()
         self._done = 0  # entries converted into the arrays below
         self.loose = 0  # device scalars at the end of raw, each its own allocation
         self._steps = np.empty(0, np.int64)
@@ -41,17 +54,17 @@ class _Column:
         self.nonfinite: tuple[int, float] | None = None  # (step, value) of the first NaN or inf
 
     def compact(self) -> None:
-        """On the training thread: the loose device scalars at the end of ``raw`` become views
-        of one stacked tensor (one kernel on the training stream, no sync)."""
+        """On the training thread: the loose device scalars at the end of ``raw`` become one
+        stacked tensor, a block (one kernel on the training stream, no sync), and their entries
+        ``_IN_BLOCK``: a long run that no probe reads holds one allocation per block, and a
+        read copies each block whole."""
         n, self.loose = self.loose, 0
-        tail = self.raw[-n:]
+        start = len(self.raw) - n
+        tail = self.raw[start:]
         if not all(isinstance(t, torch.Tensor) for t in tail) or len({t.shape for t in tail}) != 1:
             return  # a reader converted some of them meanwhile, or shapes differ: leave them
-        views = torch.stack(tail).reshape(-1).unbind(0)
-        start = len(self.raw) - n
-        for i, view in enumerate(views):  # entries a reader converted meanwhile stay converted
-            if isinstance(self.raw[start + i], torch.Tensor):
-                self.raw[start + i] = view
+        self.blocks.append((start, torch.stack(tail).reshape(-1)))  # before a reader can miss it
+        self.raw[start:] = [_IN_BLOCK] * n  # entries a reader converted meanwhile are never read
 
     def series(self, length: int) -> Series:
         start = self._done
@@ -60,14 +73,36 @@ class _Column:
         return Series(*(_read_only(a[:length]) for a in (self._steps, self._epochs, self._values)))
 
     def _convert(self, start: int, length: int) -> None:
-        pending = self.raw[start:length]
-        on_gpu = [i for i, v in enumerate(pending) if isinstance(v, torch.Tensor) and v.is_cuda]
-        if on_gpu:  # one pinned copy and an event wait: no stream synchronisation
-            from probescope.streams import to_host
+        pending = self.raw[start:length]  # before the blocks: an _IN_BLOCK in it has its block
+        values = np.array(
+            [math.nan if v is _IN_BLOCK or isinstance(v, torch.Tensor) else v for v in pending],
+            dtype=np.float64,
+        )
+        pieces, slots = [], []  # tensors to read and where their values go in ``values``
+        covered = np.zeros(len(pending), dtype=bool)
+        for first, block in list(self.blocks):
+            lo, hi = max(start, first), min(length, first + len(block))
+            if lo < hi:
+                pieces.append(block[lo - first : hi - first])
+                slots.append(slice(lo - start, hi - start))
+                covered[lo - start : hi - start] = True
+        loose = [i for i, v in enumerate(pending) if isinstance(v, torch.Tensor) and not covered[i]]
+        if loose:
+            pieces.append(torch.stack([pending[i].reshape(()) for i in loose]))
+            slots.append(np.array(loose))
+        for on_gpu in (False, True):
+            chosen = [(p, s) for p, s in zip(pieces, slots, strict=True) if p.is_cuda == on_gpu]
+            if not chosen:
+                continue
+            flat = torch.cat([p.reshape(-1).double() for p, _ in chosen])
+            if on_gpu:  # one pinned copy and an event wait: no stream synchronisation
+                from probescope.streams import to_host
 
-            (host,) = to_host([torch.stack([pending[i].reshape(()).float() for i in on_gpu])])
-            for i, value in zip(on_gpu, host.tolist(), strict=True):
-                pending[i] = value
+                (flat,) = to_host([flat])
+            host, offset = flat.numpy(), 0
+            for piece, slot in chosen:
+                values[slot] = host[offset : offset + piece.numel()]
+                offset += piece.numel()
         if length > len(self._values):  # grow by doubling: amortised O(1) per entry
             size = max(length, 2 * len(self._values), 64)
             self._steps, self._epochs, self._values = (
@@ -75,15 +110,14 @@ class _Column:
             )
         self._steps[start:length] = self.steps[start:length]
         self._epochs[start:length] = self.epochs[start:length]
-        self._values[start:length] = [
-            float(v.reshape(()).item()) if isinstance(v, torch.Tensor) else v for v in pending
-        ]
-        for i in range(start, length):
-            self.raw[i] = None  # let the tensors go
+        self._values[start:length] = values
+        self.raw[start:length] = [None] * (length - start)  # let the tensors go
+        while self.blocks and self.blocks[0][0] + len(self.blocks[0][1]) <= length:
+            self.blocks.popleft()  # wholly converted
         self._done = length
-        bad = np.flatnonzero(~np.isfinite(self._values[start:length]))
+        bad = np.flatnonzero(~np.isfinite(values))
         if len(bad) and self.nonfinite is None:
-            self.nonfinite = (int(self._steps[start + bad[0]]), float(self._values[start + bad[0]]))
+            self.nonfinite = (int(self._steps[start + bad[0]]), float(values[bad[0]]))
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
@@ -122,7 +156,7 @@ class History:
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise ValueError(f"{name}: expected a scalar, got a tensor of shape {tuple(value.shape)}")
-            cuda = value.is_cuda
+            cuda = _deferred(value)
             value = value.detach() if cuda else value.item()
         else:
             try:

@@ -51,16 +51,35 @@ def test_cpu_tensors_are_kept_as_floats():
     assert history._columns["loss"].raw == [1.0]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_device_scalars_are_stacked_every_compact_steps_and_read_back_exactly():
-    history = History()
-    values = torch.randn(2 * History.COMPACT + 7, device="cuda")
+@pytest.mark.parametrize("device", _devices())
+def test_device_scalars_are_stacked_into_blocks_and_read_back_exactly(device, monkeypatch):
+    # On CPU, tensors are kept as they are (as CUDA ones always are): the same blocks and reads.
+    monkeypatch.setattr("probescope.history._deferred", lambda value: True)
+    found = []
+    history = History(on_nonfinite=lambda *report: found.append(report))
+    n = History.COMPACT
+    values = torch.randn(4 * n + 7, dtype=torch.float64, device=device)
+    values[n + 17] = float("nan")  # inside the second block
     for i in range(values.shape[0]):
-        history.append("loss", i, 0, values[i].clone())  # one allocation each, as a loss is
-    raw = history._columns["loss"].raw
-    storages = {t.untyped_storage().data_ptr() for t in raw}
-    assert len(storages) == 2 + 7  # two stacked blocks, seven loose scalars at the end
-    np.testing.assert_array_equal(history.read()["loss"].values, values.double().cpu().numpy())
+        if i == 2 * n + 5:
+            given = float(values[i])  # a host value ends a run of device scalars
+        elif i == 2 * n + 9:
+            given = values[i].reshape(1).clone()  # another shape: the run it is in stays loose
+        else:
+            given = values[i].clone()  # one allocation each, as a loss is
+        history.append("loss", i, i // 100, given)
+    column = history._columns["loss"]
+    # Blocks: [0, n), [n, 2n), not the run [2n + 6, 3n + 6) with the odd shape, then the next.
+    assert [(first, len(block)) for first, block in column.blocks] == [(0, n), (n, n), (3 * n + 6, n)]
+    assert sum(isinstance(v, torch.Tensor) for v in column.raw) == n + 6  # the rest stay loose
+    want = values.cpu().numpy()
+    for length in (1, n - 1, n + 17, n + 18, 2 * n + 10, 3 * n + 12, 4 * n + 6, 4 * n + 7):  # across blocks
+        series = history.read({"loss": length})["loss"]
+        np.testing.assert_array_equal(series.values, want[:length])
+        np.testing.assert_array_equal(series.steps, np.arange(length))
+        assert found == ([] if length <= n + 17 else [("loss", n + 17, found[0][2])])
+    assert np.isnan(found[0][2])
+    assert not column.blocks and all(v is None for v in column.raw)  # everything converted is let go
 
 
 @pytest.mark.parametrize("device", _devices())
