@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -169,7 +170,9 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps(meta, indent=2))
         return 0
     print(f"run       {run.path}")
-    print(f"status    {meta.get('status')}   created {meta.get('created')}")
+    print(f"status    {run.status}   created {meta.get('created')}")
+    if run.status in ("running", "stopped"):
+        print(f"writer    {_writer_line(run)}")
     if meta.get("error"):
         print(f"error     {meta['error']}")
     model = meta.get("model", {})
@@ -184,6 +187,10 @@ def _info(args: argparse.Namespace) -> int:
             f"training  {summary.get('steps')} steps, {summary.get('epochs')} epochs, "
             f"{summary.get('wall_seconds')} s monitored"
         )
+    else:
+        last = run.last_step()
+        reached = "no frame yet" if last is None else f"the last frame is of step {last}"
+        print(f"training  no summary (written when the Monitor closes); {reached}")
     for series, first in (summary.get("nonfinite") or {}).items():
         print(f"nonfinite {series}: {first.get('value')} first at step {first.get('step')}")
     snap = meta.get("snapshot_detail")
@@ -214,6 +221,33 @@ def _info(args: argparse.Namespace) -> int:
         if learned:  # budget mode: what it measured and chose
             print(f"  {'':<12} {_budget_line(learned)}")
     return 0
+
+
+def _writer_line(run) -> str:
+    """Who writes a run that has not closed, whether it still runs, when it last wrote."""
+    import time
+
+    writer = run.meta.get("writer")
+    ago = f"last write {_duration(time.time() - run.last_written())} ago"
+    if not writer:
+        return f"not recorded (an earlier version wrote the run); {ago}"
+    state = {
+        True: "still runs",
+        False: "is gone: the run ended without closing (killed or crashed)",
+        None: "is on another machine: not checked",
+    }[run.writer_alive()]
+    return f"process {writer.get('pid')} on {writer.get('host')} {state}; {ago}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
 def _budget_line(state: dict) -> str:
@@ -357,10 +391,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught below, not at exit
+        return code
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
         print(f"probescope {args.command}: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (``probescope info RUN | head``): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at exit's flush
+        return 141  # what a shell reports for SIGPIPE
 
 
 if __name__ == "__main__":

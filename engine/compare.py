@@ -2,9 +2,10 @@
 
 For benchmark suites (many models x probes): ``compare_runs(["runs/a", "runs/b", ...])`` reads
 each run directory (finished or still running) and returns a pandas DataFrame with one row
-per run: the model, its size, steps and epochs, the monitored wall time, a digest of its probe
-spec (equal digests: the runs were probed the same way), the first series to go NaN or
-infinite and where (``nonfinite``: a run that diverged), the last value of every loss and
+per run: how it stands (``stopped``: its process died without closing it), the model, its
+size, steps and epochs, the step of its newest frame, the monitored wall time, a digest of
+its probe spec (equal digests: the runs were probed the same way), the first series to go NaN
+or infinite and where (``nonfinite``: a run that diverged), the last value of every loss and
 metric series (LossProbe, or StatsProbe's table), each PredictionProbe's last accuracy (or MSE
 and R²), each CurveProbe's last sample loss, each CheckpointProbe's best value, and each
 probe's frames, milliseconds per frame and failures. ``probescope compare RUN [RUN ...]``
@@ -45,10 +46,11 @@ def run_row(run: Run) -> dict[str, Any]:
     summary = meta.get("summary", {})
     row: dict[str, Any] = {
         "run": str(run.path),
-        "status": meta.get("status"),
+        "status": run.status,
         "model": str(model.get("class", "")).rsplit(".", 1)[-1],
         "parameters": model.get("parameters"),
         "steps": summary.get("steps"),
+        "last_step": run.last_step(),
         "epochs": summary.get("epochs"),
         "wall_seconds": summary.get("wall_seconds"),
         "probe_spec": _spec_digest(run),

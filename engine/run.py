@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
@@ -38,6 +39,52 @@ log = logging.getLogger("probescope")
 FORMAT = "probescope-run"
 FORMAT_VERSION = 1
 _META_KEYS = ("__seq__", "__step__", "__epoch__", "__time__")
+
+
+def _process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux): tells it from a later
+    process given the same pid. None where /proc is not there or holds no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name in parentheses may hold spaces
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def writer_identity() -> dict[str, Any]:
+    """Who writes a run: host, process id, the process's start and the machine's boot (Linux),
+    so that a reader can tell whether it still runs."""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid), "boot": _boot_id()}
+
+
+def writer_alive(writer: Mapping[str, Any] | None) -> bool | None:
+    """Whether the process ``writer`` (``writer_identity()``'s record) still runs; None when
+    this machine cannot tell (another host, or a run recorded without it)."""
+    if not writer or writer.get("host") != socket.gethostname():
+        return None
+    if writer.get("boot") and _boot_id() and writer["boot"] != _boot_id():
+        return False  # the machine restarted since
+    pid = int(writer["pid"])
+    start = _process_start(pid)
+    if start is not None:
+        return writer.get("start") in (None, start)  # else another process got its pid
+    if Path("/proc/self/stat").exists():
+        return False  # /proc is there and has no such process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def atomic_write(path: Path, write) -> None:
@@ -87,6 +134,7 @@ class RunWriter:
             "format_version": FORMAT_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "status": "running",
+            "writer": writer_identity(),
             "probes": {},
         }
         self.frames_written = 0
@@ -249,7 +297,7 @@ class ProbeRecord:
         import pandas as pd
 
         parquet = self.folder / "table.parquet"
-        if parquet.exists() and self.run.meta.get("status") != "running":
+        if parquet.exists() and self.run.meta.get("status") != "running":  # written at close
             return pd.read_parquet(parquet)
         if "columns" not in self.static:
             raise ValueError(f"probe {self.name!r} ({self.kind}) does not record a table")
@@ -275,6 +323,32 @@ class Run:
         if self.meta.get("format") != FORMAT:
             raise ValueError(f"{meta_path} is not a probescope run file")
         self.probes = {name: ProbeRecord(self, name, info) for name, info in self.meta["probes"].items()}
+
+    @property
+    def status(self) -> str:
+        """How the run stands: ``running``, ``finished``, ``interrupted``, ``failed`` (run.json's
+        status), or ``stopped``: run.json says running but its writer's process is gone
+        (killed, crashed, the machine restarted) without closing it. A run written on another
+        machine is taken at its word."""
+        status = self.meta.get("status", "unknown")
+        if status == "running" and self.writer_alive() is False:
+            return "stopped"
+        return status
+
+    def writer_alive(self) -> bool | None:
+        """Whether the process that writes the run still runs (None: this machine cannot tell)."""
+        return writer_alive(self.meta.get("writer"))
+
+    def last_written(self) -> float:
+        """When anything in the run was last written (seconds since the epoch): run.json or
+        the newest frame of each probe."""
+        paths = [self.path / "run.json", *(p.paths[-1] for p in self.probes.values() if p.paths)]
+        return max(p.stat().st_mtime for p in paths if p.exists())
+
+    def last_step(self) -> int | None:
+        """The step of the newest recorded frame of any probe (None before the first)."""
+        steps = [p.frame(-1).step for p in self.probes.values() if len(p)]
+        return max(steps) if steps else None
 
     def probe(self, name: str) -> ProbeRecord:
         """One probe's record, by name."""

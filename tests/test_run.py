@@ -3,6 +3,7 @@
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,8 @@ import pytest
 import torch
 
 from probescope import GridProbe, LossProbe, Monitor, Schedule, open_run
+from probescope.compare import compare_runs
+from probescope.run import RunWriter
 from tests.conftest import train_steps
 
 
@@ -175,7 +178,9 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def test_a_writer_killed_mid_run_leaves_a_readable_run(tmp_path):
+def test_a_writer_killed_mid_run_leaves_a_readable_run(tmp_path, capsys):
+    from probescope.cli import main
+
     run_dir = tmp_path / "run"
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
@@ -186,16 +191,68 @@ def test_a_writer_killed_mid_run_leaves_a_readable_run(tmp_path):
         while time.monotonic() < deadline and len(list(frames.glob("*.npz"))) < 20:
             time.sleep(0.05)
         assert len(list(frames.glob("*.npz"))) >= 20, "the writer did not record frames in time"
+        live = open_run(run_dir)
+        assert live.status == "running" and live.writer_alive() is True
+        assert live.meta["writer"]["pid"] == proc.pid
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     run = open_run(run_dir)
-    assert run.meta["status"] == "running"
+    assert run.meta["status"] == "running"  # as the writer left it; the reader knows better:
+    assert run.status == "stopped" and run.writer_alive() is False
     grid = run.probe("grid")
     assert len(grid) >= 20
     steps = [frame.step for frame in grid.frames()]  # every file loads whole
     assert steps == sorted(steps) and len(set(steps)) == len(steps)
     assert grid.frame(-1).data["probs"].shape == (64, 64, 2)
+    assert run.last_step() == steps[-1]
+    row = compare_runs([run_dir]).iloc[0]
+    assert row["status"] == "stopped" and row["last_step"] == steps[-1] and row.isna()["steps"]
+    assert main(["info", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "status    stopped" in out
+    assert f"process {proc.pid} on {socket.gethostname()} is gone: the run ended without closing" in out
+    assert f"no summary (written when the Monitor closes); the last frame is of step {steps[-1]}" in out
+
+
+def test_info_into_a_closed_pipe_exits_quietly(tmp_path):
+    RunWriter(tmp_path / "run")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line (``probescope info RUN | head -0``)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "probescope.cli", "info", str(tmp_path / "run")],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")
+
+
+def test_whether_a_writer_runs_is_told_only_where_it_can_be(tmp_path, monkeypatch):
+    import probescope.run as run_module
+
+    me = run_module.writer_identity()
+    assert me["pid"] == os.getpid() and me["host"] == socket.gethostname()
+    assert run_module.writer_alive(me) is True
+    assert run_module.writer_alive({**me, "host": me["host"] + "-other"}) is None  # not checked
+    assert run_module.writer_alive(None) is None  # a run.json without the record
+    if me["start"] is not None:  # Linux: a later process given the same pid is not the writer
+        assert run_module.writer_alive({**me, "start": me["start"] + 1}) is False
+    if me["boot"] is not None:  # the machine restarted since
+        assert run_module.writer_alive({**me, "boot": "another-boot"}) is False
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: its pid names no process now
+    assert run_module.writer_alive({**me, "pid": child.pid, "start": None}) is False
+    # Without /proc (macOS): a signal 0 tells whether the pid is there.
+    monkeypatch.setattr(run_module, "_process_start", lambda pid: None)
+    monkeypatch.setattr(run_module, "_boot_id", lambda: None)
+    monkeypatch.setattr(run_module.Path, "exists", lambda self: False)
+    assert run_module.writer_alive({**me, "boot": None}) is True
+    assert run_module.writer_alive({**me, "pid": child.pid, "boot": None}) is False
 
 
 def test_a_reader_follows_a_run_while_it_is_written(tmp_path, mlp, blobs):
