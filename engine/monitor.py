@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -45,9 +46,66 @@ def _close_at_exit() -> None:
     error = getattr(sys, "last_value", None)
     for monitor in list(_OPEN):
         if monitor._pid == os.getpid():  # not in a forked child
-            log.warning("Monitor: closed at exit; call close() or use it as a context manager")
+            if monitor._ended_by is None:
+                log.warning("Monitor: closed at exit; call close() or use it as a context manager")
             monitor._close_timeout = min(monitor._close_timeout, 10.0)
             monitor.close(error)
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread when the process gets SIGTERM (a scheduler's time limit,
+    ``docker stop``, ``kill``) while a Monitor with ``handle_sigterm`` is open: the training
+    loop unwinds (``finally`` blocks run), every open Monitor closes with status
+    ``interrupted`` (final frames, weights, summary), and the process exits with status 143,
+    as a process killed by SIGTERM is reported."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+    def __str__(self) -> str:
+        return "the process got SIGTERM"
+
+
+def _on_sigterm(signum, frame) -> None:
+    mine = [m for m in list(_OPEN) if m._pid == os.getpid()]
+    if not mine:  # a forked child (a data loader's worker), or every Monitor closed
+        if signal.getsignal(signum) is _on_sigterm:  # as without us: the default, death
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        return  # else a handler of the program's that calls ours too: its own decides
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    log.warning(
+        "Monitor: SIGTERM: closing the run (final frames, weights, status), then exiting with "
+        "status 143; a second SIGTERM ends the process at once"
+    )
+    error = Terminated()
+    for monitor in mine:
+        monitor._ended_by = error  # closed by the with block, or at exit: either way, this
+    raise error
+
+
+def _take_sigterm() -> bool:
+    """Install the SIGTERM handler where the process has none (the default) and this is the
+    main thread, the only one that may; True if ours is in place."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    current = signal.getsignal(signal.SIGTERM)
+    if current is _on_sigterm:
+        return True
+    if current != signal.SIG_DFL:  # the program's own (or SIG_IGN, or one set outside Python)
+        return False
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    return True
+
+
+def _give_back_sigterm() -> None:
+    """Restore the default SIGTERM handling once no Monitor of this process is open."""
+    if any(m._pid == os.getpid() for m in list(_OPEN)):
+        return
+    if threading.current_thread() is not threading.main_thread():
+        return  # left in place: with no Monitor open it does what the default does
+    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @dataclass
@@ -144,6 +202,13 @@ class Monitor:
     is that rank's own batch loss. Sharded models (FSDP) are refused: see
     probescope.distributed.
 
+    ``handle_sigterm`` (default True): while the Monitor is open, SIGTERM (a scheduler's time
+    limit, ``docker stop``, ``kill``) raises ``Terminated`` (a SystemExit) in the main
+    thread, so the loop unwinds and the run closes whole, status ``interrupted``, before the
+    process exits with status 143; a second SIGTERM ends it at once. Installed only from the
+    main thread and only when the program has no SIGTERM handler of its own; removed when
+    the last Monitor closes.
+
     ``viewer=True`` opens the OpenGL viewer in this process (``"offscreen"``: rendered
     through EGL, for headless machines and tests); the training thread lets it draw the
     newest frames at most ``viewer_fps`` times a second. A viewer that cannot open or is
@@ -177,6 +242,7 @@ class Monitor:
         cuda_graphs: bool = False,
         probe_rank: int = 0,
         budget: float | None = None,
+        handle_sigterm: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -286,6 +352,8 @@ class Monitor:
         self._callbacks = sorted([*probes, *callbacks], key=lambda c: c.order)
         self._run_dir, self._overwrite = run_dir, overwrite
         self._final_frame, self._close_timeout = final_frame, close_timeout
+        self._handle_sigterm = handle_sigterm
+        self._ended_by: BaseException | None = None  # what ended training, if a signal did
         self._metadata = dict(metadata or {})
         self._probe_threads = probe_threads
         self._step = 0
@@ -377,6 +445,8 @@ class Monitor:
                 self.placement.world_size,
             )
             return self
+        if self._handle_sigterm and not _take_sigterm():
+            log.info("Monitor: SIGTERM is the program's own to handle (or not the main thread)")
         if self._run_dir is not None:
             self.writer = RunWriter(self._run_dir, overwrite=self._overwrite)
             for st in self._probes.values():
@@ -487,10 +557,12 @@ class Monitor:
         ``error``: what ended training early (the ``with`` block's exception); the run's status
         is then ``interrupted`` (KeyboardInterrupt) or ``failed``, with the error in run.json."""
         _OPEN.discard(self)
+        _give_back_sigterm()
         if self._closed or not self._started or not self.probing:
             self._closed = True
             return
         self._closed = True
+        error = error if error is not None else self._ended_by
         self._tell_steps()
         if not self._worker.wait_idle(self._close_timeout):
             log.warning(

@@ -228,10 +228,11 @@ class RunWriter:
 
     def finish(self, summary: dict, error: BaseException | None = None) -> None:
         """Store the run's summary and how it ended: ``finished``, or with the ``error`` that
-        ended training, ``interrupted`` (Ctrl-C) or ``failed`` (the error in ``error``)."""
+        ended training, ``interrupted`` (Ctrl-C, SIGTERM, ``sys.exit``) or ``failed`` (the
+        error in ``error``)."""
         status = "finished"
         if error is not None:
-            status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+            status = "interrupted" if isinstance(error, KeyboardInterrupt | SystemExit) else "failed"
             self.meta["error"] = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         self.update_meta(
             status=status,

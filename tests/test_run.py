@@ -160,21 +160,32 @@ def test_a_frame_the_writer_cannot_store_is_left_out_and_the_next_ones_are_writt
 
 
 WRITER = textwrap.dedent("""
-    import sys, torch
+    import pathlib, sys, torch
     from torch import nn
-    from probescope import GridProbe, Monitor, Schedule
+    from probescope import GridProbe, LossProbe, Monitor, Schedule
     torch.manual_seed(0)
     x = torch.randn(400, 2)
     y = (x[:, 0] > 0).long()
     model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    probe = GridProbe(x, y, resolution=64, schedule=Schedule.every(1))
-    monitor = Monitor(model, [probe], run_dir=sys.argv[1])
-    monitor.start()
-    while True:  # trains until killed
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(); loss.backward(); opt.step()
-        monitor.step(loss=loss.detach())
+    probes = [GridProbe(x, y, resolution=64, schedule=Schedule.every(1)), LossProbe()]
+    monitor = Monitor(model, probes, run_dir=sys.argv[1])
+
+    def train():
+        while True:  # until the process is told to stop
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(); loss.backward(); opt.step()
+            monitor.step(loss=loss.detach())
+
+    try:
+        if sys.argv[2] == "with":
+            with monitor:
+                train()
+        else:  # started, never closed: the interpreter's exit closes it
+            monitor.start()
+            train()
+    finally:
+        pathlib.Path(sys.argv[1], "unwound").write_text("the loop's finally ran")
 """)
 
 
@@ -184,7 +195,7 @@ def test_a_writer_killed_mid_run_leaves_a_readable_run(tmp_path, capsys):
     run_dir = tmp_path / "run"
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
-    proc = subprocess.Popen([sys.executable, str(script), str(run_dir)])
+    proc = subprocess.Popen([sys.executable, str(script), str(run_dir), "exit"])
     try:
         frames = run_dir / "probes" / "grid" / "frames"
         deadline = time.monotonic() + 60
@@ -200,6 +211,7 @@ def test_a_writer_killed_mid_run_leaves_a_readable_run(tmp_path, capsys):
     run = open_run(run_dir)
     assert run.meta["status"] == "running"  # as the writer left it; the reader knows better:
     assert run.status == "stopped" and run.writer_alive() is False
+    assert not (run_dir / "unwound").exists()  # SIGKILL: nothing ran after it
     grid = run.probe("grid")
     assert len(grid) >= 20
     steps = [frame.step for frame in grid.frames()]  # every file loads whole
@@ -274,3 +286,65 @@ def test_a_reader_follows_a_run_while_it_is_written(tmp_path, mlp, blobs):
     assert recorded(6) == 6
     assert grid.steps() == [0, 1, 2, 3, 4, 5]
     monitor.close()
+
+
+@pytest.mark.parametrize("closed_by", ["with", "exit"])
+def test_sigterm_closes_the_run_whole_and_exits_143(tmp_path, closed_by):
+    run_dir, script = tmp_path / "run", tmp_path / "train.py"
+    script.write_text(WRITER)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(run_dir), closed_by], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        frames = run_dir / "probes" / "grid" / "frames"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(list(frames.glob("*.npz"))) < 5:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    run = open_run(run_dir)
+    assert run.status == "interrupted" and run.meta["error"] == "Terminated: the process got SIGTERM"
+    assert run.meta["summary"]["steps"] >= 5 and (run_dir / "model.pt").exists()
+    assert len(run.probe("loss")) >= 1  # the final frames were taken
+    assert (run_dir / "unwound").exists()
+    assert stderr.count("SIGTERM: closing the run") == 1 and "closed at exit" not in stderr
+    assert "Traceback" not in stderr
+
+
+def test_sigterm_handling_is_the_monitors_only_while_one_is_open_and_never_the_programs(tmp_path, mlp):
+    import probescope.monitor as monitor_module
+
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    first, second = Monitor(mlp, []).start(), Monitor(mlp, []).start()
+    assert signal.getsignal(signal.SIGTERM) is monitor_module._on_sigterm
+    first.close()
+    assert signal.getsignal(signal.SIGTERM) is monitor_module._on_sigterm  # the second is open
+    second.close()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    with Monitor(mlp, [], handle_sigterm=False):
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+    def programs_own(signum, frame):
+        pass
+
+    signal.signal(signal.SIGTERM, programs_own)
+    try:
+        with Monitor(mlp, []):
+            assert signal.getsignal(signal.SIGTERM) is programs_own
+        assert signal.getsignal(signal.SIGTERM) is programs_own
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_a_forked_child_dies_of_sigterm_as_it_would_without_a_monitor(mlp):
+    with Monitor(mlp, []):
+        child = os.fork()  # a data loader's worker, say: a copy of this thread, not of the Monitor's
+        if child == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+            os._exit(7)  # reached only if SIGTERM did not end it
+        _, status = os.waitpid(child, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
