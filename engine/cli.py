@@ -127,6 +127,18 @@ def _view(args: argparse.Namespace) -> int:
     from probescope.viewers.backend import ViewerUnavailable
     from probescope.viewers.viewer import RunSource, RunsSource, Viewer
 
+    if args.follow:  # a viewer may start before the training job: wait for its runs
+        from probescope.run import started, wait_for_run
+
+        for path in args.run:
+            if not started(path):
+                print(
+                    f"probescope view: waiting for a run to start in {path} (Ctrl-C to stop)", file=sys.stderr
+                )
+                try:
+                    wait_for_run(path)
+                except KeyboardInterrupt:
+                    return 130
     several = len(args.run) > 1  # side by side: one row of panels per run
     source = RunsSource(args.run, args.follow, args.probe) if several else RunSource(args.run[0], args.follow)
     try:

@@ -374,3 +374,25 @@ class Run:
 def open_run(path: str | os.PathLike) -> Run:
     """Open a run directory for reading."""
     return Run(path)
+
+
+def started(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a run whose Monitor has declared all its probes (a viewer that
+    opens it then sees every one), or one that ended."""
+    meta_path = Path(path) / "run.json"
+    if not meta_path.exists():
+        return False
+    meta = json.loads(meta_path.read_text())  # whole: written through a rename
+    return "model" in meta or meta.get("status") != "running"
+
+
+def wait_for_run(path: str | os.PathLike, timeout: float | None = None, poll: float = 0.2) -> Run:
+    """Open the run at ``path`` once it has started (``started``), waiting for it as long as
+    ``timeout`` seconds (None: as long as it takes): a viewer started before the training job.
+    TimeoutError when it has not started by then."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not started(path):
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"{path}: no run started there within {timeout:g} s")
+        time.sleep(poll)
+    return Run(path)

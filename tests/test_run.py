@@ -348,3 +348,20 @@ def test_a_forked_child_dies_of_sigterm_as_it_would_without_a_monitor(mlp):
             os._exit(7)  # reached only if SIGTERM did not end it
         _, status = os.waitpid(child, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+
+
+def test_a_run_has_started_once_its_monitor_declared_its_probes(tmp_path, mlp):
+    from probescope.run import started, wait_for_run
+
+    path = tmp_path / "run"
+    assert not started(path)
+    with pytest.raises(TimeoutError, match=r"no run started there within 0\.3 s"):
+        wait_for_run(path, timeout=0.3, poll=0.05)
+    writer = RunWriter(path)
+    writer.add_probe("loss", "loss", {}, {})
+    assert not started(path)  # probes may still be coming
+    writer.update_meta(model={"class": "Linear"})  # what Monitor.start writes once they are all in
+    assert started(path) and wait_for_run(path, timeout=0).probes.keys() == {"loss"}
+    other = RunWriter(tmp_path / "plain")
+    other.finish({})  # a run that ended, however it was written
+    assert started(tmp_path / "plain")

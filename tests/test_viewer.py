@@ -390,6 +390,32 @@ def test_follow_sees_a_run_grow_while_it_is_written(tmp_path, mlp, blobs):
     viewer.close()
 
 
+def test_follow_waits_for_a_run_that_has_not_started_yet(tmp_path, mlp, blobs, capsys):
+    import threading
+
+    import imageio.v3 as iio
+
+    from probescope.cli import main
+
+    run_dir = tmp_path / "later"
+    probe = GridProbe(blobs.x_train, blobs.y_train, resolution=16, schedule=Schedule.every(1))
+
+    def train_later():  # the training job starts after its viewer
+        time.sleep(1.0)
+        with Monitor(mlp, [probe], run_dir=run_dir) as monitor:
+            train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 3)
+
+    job = threading.Thread(target=train_later)
+    job.start()
+    out = tmp_path / "view.png"
+    try:
+        assert main(["view", str(run_dir), "--follow", "--offscreen", "--out", str(out)]) == 0
+    finally:
+        job.join()
+    assert f"waiting for a run to start in {run_dir}" in capsys.readouterr().err
+    assert iio.imread(out).shape[2] in (3, 4)
+
+
 def test_keys_pause_save_record_step_and_quit(recorded, tmp_path):
     class Key:
         def __init__(self, name):
