@@ -20,6 +20,7 @@ from probescope.probes import (
 from probescope.ring import Frame, FrameRing
 from probescope.run import Run, RunWriter, open_run
 from probescope.schedule import Schedule, StepInfo, StepTime
+from probescope.sinks import Sink, TensorBoardSink
 from probescope.spec import load_probes, save_probes
 
 __version__ = "0.1.0"
@@ -42,9 +43,11 @@ __all__ = [
     "Run",
     "RunWriter",
     "Schedule",
+    "Sink",
     "StatsProbe",
     "StepInfo",
     "StepTime",
+    "TensorBoardSink",
     "__version__",
     "load_probes",
     "open_run",

@@ -87,9 +87,11 @@ def _formats(text: str) -> list[str]:
     from probescope.export import FORMATS
 
     formats = [f.strip() for f in text.split(",") if f.strip()]
-    bad = [f for f in formats if f not in FORMATS]
+    bad = [f for f in formats if f not in (*FORMATS, "tensorboard")]
     if bad or not formats:
-        raise argparse.ArgumentTypeError(f"formats must be among {', '.join(FORMATS)}; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"formats must be among {', '.join(FORMATS)}, tensorboard; got {text!r}"
+        )
     return formats
 
 
@@ -100,18 +102,29 @@ def _export(args: argparse.Namespace) -> int:
     run = open_run(args.run)
     out = Path(args.out or Path(args.run) / "exports")
     formats = [f for group in args.format for f in group]
-    files = export_run(
-        run,
-        out,
-        formats,
-        probes=args.probe,
-        interpolate=args.interpolate,
-        method=args.method,
-        fps=args.fps,
-        progress=not args.quiet,
-        renderer=args.renderer,
+    written = []
+    if "tensorboard" in formats:  # event files, not pictures: every probe's frames
+        from probescope.sinks import export_tensorboard
+
+        log_dir = export_tensorboard(run, out / "tensorboard", probes=args.probe, progress=not args.quiet)
+        print(f"{log_dir} (tensorboard --logdir {log_dir})")
+        formats = [f for f in formats if f != "tensorboard"]
+    files = (
+        export_run(
+            run,
+            out,
+            formats,
+            probes=args.probe,
+            interpolate=args.interpolate,
+            method=args.method,
+            fps=args.fps,
+            progress=not args.quiet,
+            renderer=args.renderer,
+        )
+        if formats
+        else {}
     )
-    written = [p for paths in files.values() for p in paths]
+    written += [p for paths in files.values() for p in paths]
     if args.final_pictures:
         written += export_final_pictures(run, out)
     pngs = [p for p in written if p.suffix == ".png"]
@@ -341,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_formats,
         action="append",
         required=True,
-        help="mp4, gif or png; repeat or separate with commas",
+        help="mp4, gif, png or tensorboard (event files); repeat or separate with commas",
     )
     export.add_argument("--out", type=Path, default=None, help="output folder (default RUN/exports)")
     export.add_argument("--probe", action="append", default=None, help="only this probe (repeatable)")

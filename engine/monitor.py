@@ -28,6 +28,7 @@ from probescope.probes.base import Probe, ProbeContext, ProbeStats, eval_mode, m
 from probescope.ring import Frame, FrameRing
 from probescope.run import RunWriter
 from probescope.schedule import Budget, StepInfo, StepTime, next_due
+from probescope.sinks import Sink
 from probescope.snapshot import SnapshotPool
 from probescope.streams import ProbeStreams, StepClock
 from probescope.validation import fraction, positive_int
@@ -209,6 +210,10 @@ class Monitor:
     main thread and only when the program has no SIGTERM handler of its own; removed when
     the last Monitor closes.
 
+    ``sinks`` (e.g. ``[TensorBoardSink("runs/tb")]``, see probescope.sinks) get every frame
+    and the run's scalar series on the recorder thread, beside the run directory or without
+    one; a sink that raises is dropped with one warning.
+
     ``viewer=True`` opens the OpenGL viewer in this process (``"offscreen"``: rendered
     through EGL, for headless machines and tests); the training thread lets it draw the
     newest frames at most ``viewer_fps`` times a second. A viewer that cannot open or is
@@ -243,6 +248,7 @@ class Monitor:
         probe_rank: int = 0,
         budget: float | None = None,
         handle_sigterm: bool = True,
+        sinks: Iterable[Sink] = (),
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -364,6 +370,10 @@ class Monitor:
         self._worker: ProbeWorker | None = None
         self._recorder: threading.Thread | None = None
         self.writer: RunWriter | None = None
+        self._sinks: list[Sink] = list(sinks)
+        for sink in self._sinks:
+            if not callable(getattr(sink, "write", None)):
+                raise TypeError(f"Monitor: a sink needs a write(frame) method, got {type(sink).__name__}")
         self._t_start = 0.0
         self._t_last_step: float | None = None
         self._own_s: float | None = None  # after_step's own time at the last step (host clock)
@@ -479,7 +489,10 @@ class Monitor:
                 ": while a probe evaluates, training waits for a core" if on_cpu else "",
                 max(1, cores - self._probe_threads),
             )
-        if self.writer is not None:  # without a run directory nobody reads every frame
+        for st in self._probes.values():
+            p = st.probe
+            self._to_sinks("add_probe", p.name, p.kind, p.config(), p.static())
+        if self.writer is not None or self._sinks:  # else nobody reads every frame
             for st in self._probes.values():
                 st.recording = True
             self._recorder = start_thread(self._record_loop, "probescope-recorder", self._probe_threads)
@@ -589,6 +602,7 @@ class Monitor:
         self._wake.set()
         if self._recorder is not None:
             self._recorder.join()
+        self._to_sinks("close")
         try:  # every value read once: a series that went NaN is warned about and summarised
             self.history.read()
         except Exception as err:
@@ -939,21 +953,56 @@ class Monitor:
                 for frame in st.ring.read_since(st.recorded_seq):
                     st.recorded_seq = frame.seq
                     try:
-                        self.writer.write_frame(frame)  # a full disk: the writer's own warning
+                        if self.writer is not None:
+                            self.writer.write_frame(frame)  # a full disk: the writer's own warning
                     except Exception as err:  # this frame only: the recorder goes on
                         st.probe.warn_once(
                             "unwritable",
                             f"a frame could not be written ({type(err).__name__}: {err}); such frames "
                             "are left out of the run directory, the others are written",
                         )
+                    self._to_sinks("write", frame)
                     st.written_seq = frame.seq  # its budget stops counting steps against it
                 if st.ring.dropped:
                     st.probe.warn_once(
                         "dropped",
                         "the recorder fell behind and lost frames; raise ring_capacity or probe less often",
                     )
+            if any(getattr(sink, "wants_scalars", False) for sink in self._sinks):
+                try:
+                    series = self.history.read()
+                except Exception as err:
+                    log.warning(
+                        "Monitor: the history could not be read for the sinks (%s: %s)",
+                        type(err).__name__,
+                        err,
+                    )
+                else:
+                    self._to_sinks("scalars", series, wanted="wants_scalars")
             if stopping:
                 return
+
+    def _to_sinks(self, method: str, *args, wanted: str | None = None) -> None:
+        """Call ``method`` of every sink (that has ``wanted`` set); a sink that raises is
+        dropped with one warning, and the others go on."""
+        for sink in list(self._sinks):
+            if wanted is not None and not getattr(sink, wanted, False):
+                continue
+            call = getattr(sink, method, None)
+            if call is None:
+                continue
+            try:
+                call(*args)
+            except Exception as err:
+                self._sinks.remove(sink)
+                log.warning(
+                    "Monitor: sink %s failed in %s (%s: %s); it gets nothing more, training and the "
+                    "run directory go on",
+                    type(sink).__name__,
+                    method,
+                    type(err).__name__,
+                    err,
+                )
 
     def summary(self) -> dict[str, Any]:
         """What happened so far: steps, epochs, frames, per-probe counters, memory."""

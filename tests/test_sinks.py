@@ -1,0 +1,171 @@
+"""Sinks: every frame and every point of the run's series, on the recorder thread; TensorBoard."""
+
+import io
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from probescope import GridProbe, LossProbe, Monitor, PredictionProbe, Schedule, StatsProbe, open_run
+from probescope.sinks import Sink, TensorBoardSink, export_tensorboard
+
+pytest.importorskip("tensorboard")
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+def _events(log_dir):
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
+    events.Reload()
+    return events
+
+
+def _scalars(events, tag):
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+class Kept(Sink):
+    """Keeps what it is given."""
+
+    wants_scalars = True
+
+    def __init__(self):
+        self.probes, self.frames, self.series, self.closed = {}, [], {}, False
+
+    def add_probe(self, name, kind, config, static):
+        self.probes[name] = kind
+
+    def write(self, frame):
+        self.frames.append((frame.probe, frame.step))
+
+    def scalars(self, series):
+        self.series = {name: s.values.copy() for name, s in series.items()}
+
+    def close(self):
+        self.closed = True
+
+
+def _train(monitor, model, x, y, steps, losses):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(steps):
+        i = (step * 50) % (x.shape[0] - 50)
+        loss = nn.functional.cross_entropy(model(x[i : i + 50]), y[i : i + 50])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        monitor.step(loss=loss)
+        monitor.log(lr_scale=0.5 + step)
+        if step % 10 == 9:
+            monitor.end_epoch()
+
+
+def test_a_live_run_reaches_tensorboard_as_its_run_directory_holds_it(tmp_path, mlp, blobs):
+    x, y = blobs.x_train, blobs.y_train
+    probes = [
+        GridProbe(x, y, resolution=24, schedule=Schedule.every(7)),
+        PredictionProbe(x[:64], y[:64], schedule=Schedule.every(5)),
+        LossProbe(valid=(blobs.x_valid, blobs.y_valid), loss_fn=nn.functional.cross_entropy),
+        StatsProbe(schedule=Schedule.every(4)),
+    ]
+    kept, losses = Kept(), []
+    sinks = [TensorBoardSink(tmp_path / "tb"), kept]
+    with Monitor(mlp, probes, run_dir=tmp_path / "run", sinks=sinks) as monitor:
+        _train(monitor, mlp, x, y, 30, losses)
+    run = open_run(tmp_path / "run")
+    events = _events(tmp_path / "tb")
+
+    # Every batch loss once, at its step (monitor.step counts from 1), in float32.
+    train = _scalars(events, "loss/train_loss")
+    assert sorted(train) == list(range(1, 31))
+    np.testing.assert_allclose([train[s] for s in range(1, 31)], losses, rtol=1e-6)
+    assert _scalars(events, "loss/lr_scale") == {s: pytest.approx(s - 0.5) for s in range(1, 31)}
+    # The LossProbe's own series (valid loss per frame, epoch means) come from its frames.
+    loss_frames = list(run.probe("loss").frames())
+    steps, values = (loss_frames[-1].data[f"series/valid_loss/{k}"] for k in ("steps", "values"))
+    valid = _scalars(events, "loss/valid_loss")
+    assert sorted(valid) == steps.tolist()
+    np.testing.assert_allclose([valid[s] for s in steps.tolist()], values, rtol=1e-6)
+    assert sorted(_scalars(events, "loss/train_loss_epoch")) == [10, 20, 30]
+    # Each number of each frame, at its step.
+    accuracy = _scalars(events, "prediction/accuracy")
+    for frame in run.probe("prediction").frames():
+        assert accuracy[frame.step] == pytest.approx(float(frame.data["accuracy"]))
+    assert len(events.Histograms("prediction/prob_true")) == len(run.probe("prediction"))
+    table = run.probe("stats").table()
+    column = next(c for c in table.columns if c.endswith("weight/l2"))
+    got = _scalars(events, f"stats/{column}")
+    assert sorted(got) == table["step"].tolist()
+    np.testing.assert_allclose([got[s] for s in table["step"]], table[column], rtol=1e-6)
+    # Each map as it was recorded, pixel for pixel (PNG is lossless).
+    images = events.Images("grid/map")
+    grid = list(run.probe("grid").frames())
+    assert [e.step for e in images] == [f.step for f in grid]
+    for event, frame in zip(images, grid, strict=True):
+        decoded = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))
+        np.testing.assert_array_equal(decoded, frame.data["rgba"])
+    # The other sink got every frame too, in each probe's order, and was closed.
+    for name, record in run.probes.items():
+        assert [s for p, s in kept.frames if p == name] == record.steps()
+    assert kept.probes == {n: r.kind for n, r in run.probes.items()} and kept.closed
+    np.testing.assert_allclose(kept.series["batch_loss"], losses, rtol=1e-6)
+
+
+def test_sinks_work_without_a_run_directory_and_a_failing_one_is_dropped(tmp_path, mlp, blobs, caplog):
+    class Broken(Sink):
+        def write(self, frame):
+            raise OSError("no space left on device")
+
+    kept, losses = Kept(), []
+    probe = GridProbe(blobs.x_train, resolution=8, schedule=Schedule.every(3))
+    with (
+        caplog.at_level(logging.WARNING, logger="probescope"),
+        Monitor(mlp, [probe], sinks=[Broken(), kept]) as monitor,
+    ):
+        _train(monitor, mlp, blobs.x_train, blobs.y_train, 12, losses)
+    steps = [s for _, s in kept.frames]  # those a busy worker did not skip, and the final one
+    assert steps[0] == 0 and steps[-1] == 12 and all(s % 3 == 0 for s in steps) and steps == sorted(steps)
+    summary = monitor.summary()["probes"]["grid"]
+    assert len(steps) == summary["frames"] and summary["failed"] == 0 and len(losses) == 12
+    warned = [r.getMessage() for r in caplog.records if "sink Broken failed" in r.getMessage()]
+    assert len(warned) == 1 and "OSError: no space left on device" in warned[0]
+    with pytest.raises(TypeError, match="a sink needs a write"):
+        Monitor(mlp, [], sinks=[object()])
+
+
+def test_a_recorded_run_exports_to_the_same_event_files(tmp_path, mlp, blobs):
+    from probescope.cli import main
+
+    x, y = blobs.x_train, blobs.y_train
+    probes = [
+        GridProbe(x, y, resolution=64, schedule=Schedule.every(6)),
+        PredictionProbe(x[:64], y[:64], schedule=Schedule.every(6)),
+        LossProbe(schedule=Schedule.every(6)),
+    ]
+    losses = []
+    with Monitor(mlp, probes, run_dir=tmp_path / "run", sinks=[TensorBoardSink(tmp_path / "live")]) as m:
+        _train(m, mlp, x, y, 18, losses)
+    assert main(["export", str(tmp_path / "run"), "--format", "tensorboard", "--quiet"]) == 0
+    live, exported = _events(tmp_path / "live"), _events(tmp_path / "run" / "exports" / "tensorboard")
+    assert set(exported.Tags()["scalars"]) == set(live.Tags()["scalars"])
+    for tag in live.Tags()["scalars"]:  # every point a frame holds (a LossProbe's: the whole series)
+        got, want = _scalars(exported, tag), _scalars(live, tag)
+        assert got == {step: want[step] for step in got}, tag
+    # (The live sink reads the series itself: it also has what was logged after the last frame.)
+    assert _scalars(exported, "loss/train_loss") == _scalars(live, "loss/train_loss")
+    assert [e.step for e in exported.Images("grid/map")] == [e.step for e in live.Images("grid/map")]
+    # One probe, named: its frames only.
+    only = export_tensorboard(open_run(tmp_path / "run"), tmp_path / "grid", probes=["grid"], progress=False)
+    assert only == tmp_path / "grid" and _events(only).Tags()["scalars"] == []
+    # A smaller image for TensorBoard: every 4th grid point of the 64 x 64 map.
+    sink = TensorBoardSink(tmp_path / "strided", max_image_side=20)
+    record = open_run(tmp_path / "run").probe("grid")
+    sink.write(record.frame(-1))
+    sink.close()
+    (event,) = _events(tmp_path / "strided").Images("grid/map")
+    decoded = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))
+    np.testing.assert_array_equal(decoded, record.frame(-1).data["rgba"][::4, ::4])
+    with pytest.raises(ValueError, match="max_image_side must be at least 1"):
+        TensorBoardSink(tmp_path / "bad", max_image_side=0)
