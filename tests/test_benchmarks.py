@@ -578,3 +578,13 @@ def test_a_gpu_event_without_a_known_launch_goes_with_its_streams_known_ones():
     gpu = [kernel(corr, stream) for corr, stream in pairs]
     # streams: 7 mostly training's (2 of 3), 8 the probe's, 9 unknown (the probe's)
     assert _launched_by(gpu, launcher, "train") == [True, True, False, False, True, False, False]
+
+
+def test_the_sinks_benchmark_times_every_mode(capsys):
+    pytest.importorskip("tensorboard")
+    from benchmarks.sinks import main
+
+    assert main(["--steps", "40", "--rounds", "1", "--resolution", "8"]) == 0
+    rows = {line[:14].strip(): line[14:].split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert list(rows) == ["off", "sink", "library sink", "in the loop"]
+    assert rows["off"][1] == "1.000" and all(float(rate) > 0 for rate, _ in rows.values())
