@@ -969,8 +969,12 @@ class Monitor:
                         "the recorder fell behind and lost frames; raise ring_capacity or probe less often",
                     )
             if any(getattr(sink, "wants_scalars", False) for sink in self._sinks):
+                # Device losses are copied on the stream training runs on, after the work that
+                # made them (this thread's own stream is not ordered after a training stream).
+                training = self._streams.training if self._streams is not None else None
                 try:
-                    series = self.history.read()
+                    with torch.cuda.stream(training) if training is not None else contextlib.nullcontext():
+                        series = self.history.read()
                 except Exception as err:
                     log.warning(
                         "Monitor: the history could not be read for the sinks (%s: %s)",

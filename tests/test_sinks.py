@@ -169,3 +169,23 @@ def test_a_recorded_run_exports_to_the_same_event_files(tmp_path, mlp, blobs):
     np.testing.assert_array_equal(decoded, record.frame(-1).data["rgba"][::4, ::4])
     with pytest.raises(ValueError, match="max_image_side must be at least 1"):
         TensorBoardSink(tmp_path / "bad", max_image_side=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("high_priority", [False, True])
+def test_device_losses_reach_a_sink_exactly_whichever_stream_trains(mlp, blobs, high_priority):
+    model = mlp.cuda()
+    x, y = blobs.x_train.cuda(), blobs.y_train.cuda()
+    kept, losses = Kept(), []
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = Monitor(model, [], sinks=[kept], high_priority_training=high_priority)
+    with monitor, monitor.training_stream():
+        for step in range(200):
+            i = (step * 50) % (x.shape[0] - 50)
+            loss = nn.functional.cross_entropy(model(x[i : i + 50]), y[i : i + 50])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+            monitor.step(loss=loss)
+    np.testing.assert_allclose(kept.series["batch_loss"], torch.stack(losses).cpu().numpy(), rtol=1e-6)
