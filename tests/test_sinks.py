@@ -47,7 +47,7 @@ class Kept(Sink):
         self.closed = True
 
 
-def _train(monitor, model, x, y, steps, losses):
+def _train(monitor, model, x, y, steps, losses, keep=lambda loss: loss.item()):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(steps):
         i = (step * 50) % (x.shape[0] - 50)
@@ -55,7 +55,7 @@ def _train(monitor, model, x, y, steps, losses):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(keep(loss))
         monitor.step(loss=loss)
         monitor.log(lr_scale=0.5 + step)
         if step % 10 == 9:
@@ -177,15 +177,7 @@ def test_device_losses_reach_a_sink_exactly_whichever_stream_trains(mlp, blobs, 
     model = mlp.cuda()
     x, y = blobs.x_train.cuda(), blobs.y_train.cuda()
     kept, losses = Kept(), []
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     monitor = Monitor(model, [], sinks=[kept], high_priority_training=high_priority)
     with monitor, monitor.training_stream():
-        for step in range(200):
-            i = (step * 50) % (x.shape[0] - 50)
-            loss = nn.functional.cross_entropy(model(x[i : i + 50]), y[i : i + 50])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())
-            monitor.step(loss=loss)
+        _train(monitor, model, x, y, 200, losses, keep=lambda loss: loss.detach())  # no sync
     np.testing.assert_allclose(kept.series["batch_loss"], torch.stack(losses).cpu().numpy(), rtol=1e-6)
