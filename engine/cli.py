@@ -198,6 +198,11 @@ def _info(args: argparse.Namespace) -> int:
     print(f"status    {run.status}   created {meta.get('created')}")
     if run.status in ("running", "stopped"):
         print(f"writer    {_writer_line(run)}")
+    for resumed in meta.get("resumes", []):
+        print(
+            f"resumed   at step {resumed.get('step')} {resumed.get('time')} (it was "
+            f"{resumed.get('previous_status')}; {resumed.get('superseded_frames')} later frame(s) superseded)"
+        )
     if meta.get("error"):
         print(f"error     {meta['error']}")
     model = meta.get("model", {})

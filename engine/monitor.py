@@ -14,6 +14,7 @@ import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,8 +26,9 @@ from probescope.events import EVENTS, Callback
 from probescope.graphs import ForwardGraphs
 from probescope.history import History, display_name
 from probescope.probes.base import Probe, ProbeContext, ProbeStats, eval_mode, model_device_dtype
+from probescope.probes.loss import seed_history
 from probescope.ring import Frame, FrameRing
-from probescope.run import RunWriter
+from probescope.run import RunWriter, open_run
 from probescope.schedule import Budget, StepInfo, StepTime, next_due
 from probescope.sinks import Sink
 from probescope.snapshot import SnapshotPool
@@ -249,6 +251,7 @@ class Monitor:
         budget: float | None = None,
         handle_sigterm: bool = True,
         sinks: Iterable[Sink] = (),
+        resume: bool | int = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -357,6 +360,17 @@ class Monitor:
         self._host_budgets = bool(self._adaptive) and self._clock is None  # own work timed per event
         self._callbacks = sorted([*probes, *callbacks], key=lambda c: c.order)
         self._run_dir, self._overwrite = run_dir, overwrite
+        if not isinstance(resume, (bool, int)):
+            raise TypeError(f"Monitor: resume must be True, False or a step (an int), got {resume!r}")
+        if not isinstance(resume, bool) and resume < 0:
+            raise ValueError(f"Monitor: resume must be a step >= 0, got {resume}")
+        if resume is not False and run_dir is None:
+            raise ValueError("Monitor: resume continues a run directory; give run_dir")
+        if resume is not False and overwrite:
+            raise ValueError("Monitor: resume and overwrite exclude each other")
+        self._resume = resume
+        #: The step a resumed run continues from (None: a new run).
+        self.resumed_at: int | None = None
         self._final_frame, self._close_timeout = final_frame, close_timeout
         self._handle_sigterm = handle_sigterm
         self._ended_by: BaseException | None = None  # what ended training, if a signal did
@@ -430,6 +444,80 @@ class Monitor:
             raise KeyError(f"Monitor: no probe named {name!r}; the probes are {sorted(self._probes)}")
         return st.ring.latest()
 
+    def _open_run_dir(self) -> None:
+        """Create the run directory (or continue the run in it) and declare every probe."""
+        previous = self._previous_run()
+        step = None
+        if previous is not None:
+            step = self._resume_step(previous)
+            for st in self._probes.values():  # checked before the run is touched
+                if st.probe.name in previous.probes:
+                    previous.probe(st.probe.name).check_same(st.probe.kind, st.probe.static())
+        self.writer = RunWriter(self._run_dir, overwrite=self._overwrite, resume_at=step)
+        if previous is not None:
+            self._continue(open_run(self._run_dir), step)
+        for st in self._probes.values():
+            p = st.probe
+            self.writer.add_probe(
+                p.name, p.kind, {**p.config(), "schedule": p.schedule.describe()}, p.static()
+            )
+        self.writer.save_probes([st.probe for st in self._probes.values()])
+        self.writer.update_meta(
+            model={**_describe_model(self.model), "wrappers": self.wrappers},
+            distributed=self.placement.describe(),
+            snapshot=self._pool.strategy,
+            snapshot_detail=self._pool.describe(),
+            metadata=self._metadata,
+        )
+
+    def _previous_run(self):
+        """The run to resume in ``run_dir`` (None: none there, or not resuming)."""
+        if self._resume is False or not (Path(self._run_dir) / "run.json").exists():
+            return None
+        return open_run(self._run_dir)
+
+    def _resume_step(self, previous) -> int:
+        """The step to continue from: the one given, else where the previous process ended."""
+        if not isinstance(self._resume, bool):
+            return self._resume
+        steps = (previous.meta.get("summary") or {}).get("steps")
+        if previous.status in ("finished", "interrupted", "failed") and steps is not None:
+            return int(steps)  # closed: its summary counts every step
+        last = previous.last_step() or 0
+        log.warning(
+            "Monitor: %s was not closed (status %s); resuming after its last frame, step %d. Give "
+            "resume=STEP, the step of the weights you loaded, to continue from another",
+            previous.path,
+            previous.status,
+            last,
+        )
+        return last
+
+    def _continue(self, run, step: int) -> None:
+        """Continue ``run`` (its frames after ``step`` superseded already): the step and epoch
+        counters, the scalar series up to ``step`` (from its last LossProbe frame), and each
+        probe's own state (``Probe.resume`` with its last frame); a probe with a frame of
+        ``step`` already is not asked again at it."""
+        last = {name: record.frame(-1) for name, record in run.probes.items() if len(record)}
+        summary = run.meta.get("summary") or {}
+        if summary.get("steps") == step and summary.get("epochs") is not None:
+            epoch = int(summary["epochs"])
+        else:
+            epoch = max((f.epoch for f in last.values()), default=0)
+        self._step, self._epoch, self._last_step_epoch = step, epoch, epoch
+        self.resumed_at = step
+        losses = [f for name, f in last.items() if run.probe(name).kind == "loss"]
+        if losses:
+            frame = max(losses, key=lambda f: f.step)
+            seed_history(self.history, frame, run.probe(frame.probe).config, step)
+        for name, frame in last.items():
+            st = self._probes.get(name)
+            if st is not None and st.probe.kind == run.probe(name).kind:
+                st.probe.resume(frame)
+                if frame.step == step:
+                    st.last_step, st.next_due = step, step + 1
+        log.info("Monitor: %s resumed at step %d, epoch %d", run.path, step, epoch)
+
     def training_stream(self):
         """A context manager that runs training on the high-priority stream (CUDA, with
         ``high_priority_training=True``); a no-op otherwise."""
@@ -458,20 +546,15 @@ class Monitor:
         if self._handle_sigterm and not _take_sigterm():
             log.info("Monitor: SIGTERM is the program's own to handle (or not the main thread)")
         if self._run_dir is not None:
-            self.writer = RunWriter(self._run_dir, overwrite=self._overwrite)
-            for st in self._probes.values():
-                p = st.probe
-                self.writer.add_probe(
-                    p.name, p.kind, {**p.config(), "schedule": p.schedule.describe()}, p.static()
-                )
-            self.writer.save_probes([st.probe for st in self._probes.values()])
-            self.writer.update_meta(
-                model={**_describe_model(self.model), "wrappers": self.wrappers},
-                distributed=self.placement.describe(),
-                snapshot=self._pool.strategy,
-                snapshot_detail=self._pool.describe(),
-                metadata=self._metadata,
-            )
+            try:
+                self._open_run_dir()
+            except BaseException as err:  # nothing started yet: this Monitor is done, not open
+                _OPEN.discard(self)
+                _give_back_sigterm()
+                self._closed = True
+                if self.writer is not None:
+                    self.writer.finish(self.summary(), err)
+                raise
         self._worker = ProbeWorker(threads=self._probe_threads)
         cores = os.cpu_count() or 1
         if torch.get_num_threads() + self._probe_threads > cores:

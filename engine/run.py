@@ -87,6 +87,22 @@ def writer_alive(writer: Mapping[str, Any] | None) -> bool | None:
     return True
 
 
+def check_same_probe(run: Path, name: str, recorded_kind: str, static_path: Path, kind: str, static) -> None:
+    """A resumed run's probe ``name`` must be the one it recorded: the same kind and the same
+    static arrays (data points, grid axes, columns); ValueError otherwise."""
+    if recorded_kind != kind:
+        raise ValueError(f"{run}: probe {name!r} is a {recorded_kind} probe here, not {kind}")
+    with np.load(static_path, allow_pickle=False) as z:
+        recorded = {k: z[k] for k in z.files}
+    if recorded.keys() != set(static) or not all(
+        np.array_equal(recorded[k], np.asarray(v)) for k, v in static.items()
+    ):
+        raise ValueError(
+            f"{run}: probe {name!r} is not the one this run recorded (its data, grid or columns "
+            "differ); resume with the same probes, or record into another directory"
+        )
+
+
 def atomic_write(path: Path, write) -> None:
     """Write ``path`` through a temporary file beside it, so that readers never see half of it."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -117,12 +133,23 @@ class RunWriter:
     # with less Python); the contention benchmark swaps in np.savez to compare.
     write_arrays = staticmethod(write_npz)
 
-    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False):
+    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False, resume_at: int | None = None):
+        """``resume_at``: continue the run already in ``path`` (if there is one) after that step:
+        its frames of later steps move to ``probes/<name>/superseded/`` (kept, not shown), new
+        frames are numbered after every frame it holds, and run.json lists the resumption
+        (``resumes``). Refused while the process that writes it still runs."""
         self.path = Path(path)
+        self._seq_base: dict[str, int] = {}  # added to a probe's ring numbers (a resumed run)
+        self.frames_written = 0
+        self.failed = False
+        if resume_at is not None and (self.path / "run.json").exists():
+            self._reopen(resume_at)
+            return
         if (self.path / "run.json").exists():
             if not overwrite:
                 raise FileExistsError(
-                    f"{self.path} already holds a run; pass overwrite=True or choose another directory"
+                    f"{self.path} already holds a run; pass overwrite=True, resume it (Monitor(resume=True)) "
+                    "or choose another directory"
                 )
             for folder in ("probes", "checkpoints"):
                 shutil.rmtree(self.path / folder, ignore_errors=True)
@@ -137,9 +164,42 @@ class RunWriter:
             "writer": writer_identity(),
             "probes": {},
         }
-        self.frames_written = 0
-        self.failed = False
         self._guard(lambda: _write_json(self.path / "run.json", self.meta))
+
+    def _reopen(self, step: int) -> None:
+        previous = Run(self.path)
+        writer = previous.meta.get("writer") or {}
+        if previous.status == "running":
+            where = f"process {writer.get('pid')} on {writer.get('host')}"
+            if previous.writer_alive():
+                raise RuntimeError(
+                    f"{self.path}: the run is still being written ({where}); stop it first, or "
+                    "record into another directory"
+                )
+            log.warning(
+                "RunWriter %s: resuming a run marked running whose writer (%s) cannot be checked "
+                "from this machine; two processes writing one run would mix their frames",
+                self.path,
+                where,
+            )
+        moved = 0
+        for name, record in previous.probes.items():
+            moved += record.supersede_after(step)
+            self._seq_base[name] = record.next_seq()
+        self.meta = previous.meta
+        end = {k: self.meta.pop(k) for k in ("finished", "error") if k in self.meta}
+        self.meta.setdefault("resumes", []).append(
+            {
+                "step": step,
+                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "previous_status": previous.status,
+                **({"previous_error": end["error"]} if "error" in end else {}),
+                "superseded_frames": moved,
+            }
+        )
+        self.meta.update(status="running", writer=writer_identity())
+        self._guard(lambda: _write_json(self.path / "run.json", self.meta))
+        log.info("RunWriter %s: resumed at step %d (%d later frame(s) superseded)", self.path, step, moved)
 
     def _guard(self, action) -> bool:
         if self.failed:
@@ -160,6 +220,9 @@ class RunWriter:
     def add_probe(self, name: str, kind: str, config: dict, static: Mapping[str, np.ndarray]) -> None:
         """Declare a probe: its folder, its config and its static arrays."""
         folder = self.path / "probes" / name
+        known = self.meta["probes"].get(name)
+        if known is not None and (folder / "static.npz").exists():  # resuming: the same probe
+            check_same_probe(self.path, name, known["kind"], folder / "static.npz", kind, static)
 
         def write() -> None:
             (folder / "frames").mkdir(parents=True, exist_ok=True)
@@ -199,13 +262,14 @@ class RunWriter:
     def write_frame(self, frame: Frame) -> bool:
         """Append one frame; False if it could not be written."""
         arrays = dict(frame.data)
+        seq = frame.seq + self._seq_base.get(frame.probe, 0)
         arrays.update(
-            __seq__=np.int64(frame.seq),
+            __seq__=np.int64(seq),
             __step__=np.int64(frame.step),
             __epoch__=np.int64(frame.epoch),
             __time__=np.float64(frame.time),
         )
-        path = self.path / "probes" / frame.probe / "frames" / f"{frame.seq:07d}.npz"
+        path = self.path / "probes" / frame.probe / "frames" / f"{seq:07d}.npz"
         ok = self._guard(lambda: _write_npz(path, arrays, self.write_arrays))
         self.frames_written += ok
         return ok
@@ -281,6 +345,27 @@ class ProbeRecord:
                 time=float(z["__time__"]),
                 data=data,
             )
+
+    def supersede_after(self, step: int) -> int:
+        """Move the frames of steps after ``step`` into ``superseded/`` (a run resumed from
+        ``step`` records them again); returns how many moved."""
+        moved = 0
+        target = self.folder / "superseded"
+        while self.paths and self.frame(-1).step > step:  # steps grow with the sequence
+            path = self.paths.pop()
+            target.mkdir(exist_ok=True)
+            os.replace(path, target / path.name)
+            moved += 1
+        return moved
+
+    def check_same(self, kind: str, static: Mapping[str, np.ndarray]) -> None:
+        """ValueError unless a probe of ``kind`` with ``static`` is the one recorded here."""
+        check_same_probe(self.run.path, self.name, self.kind, self.folder / "static.npz", kind, static)
+
+    def next_seq(self) -> int:
+        """A sequence number after every frame the probe ever recorded, superseded ones too."""
+        names = [p.stem for p in (*self.paths, *(self.folder / "superseded").glob("*.npz"))]
+        return max((int(n) for n in names if n.isdigit()), default=-1) + 1
 
     def frames(self) -> Iterator[Frame]:
         """Every recorded frame, oldest first."""

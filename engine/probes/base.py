@@ -124,6 +124,11 @@ class Probe(Callback, Reproducible):
         """Arrays that never change between frames (grid axes, data points)."""
         return {}
 
+    def resume(self, frame) -> None:
+        """A run is resumed (``Monitor(resume=...)``): ``frame`` is this probe's last frame
+        before the step it continues from; take back any state that frames build on (a
+        series of its own). Here: nothing."""
+
     def config(self) -> dict[str, Any]:
         """JSON-serialisable parameters, stored in the run's metadata."""
         return {}

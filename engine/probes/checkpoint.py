@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,26 @@ class CheckpointProbe(Probe):
                 "snapshot (partial or live) would mix steps"
             )
         self.directory.mkdir(parents=True, exist_ok=True)
+        if monitor.resumed_at is not None and (self.directory / INDEX).exists():
+            self._continue(monitor.resumed_at)
+
+    def _continue(self, step: int) -> None:
+        """A resumed run: keep the checkpoints up to ``step`` and the best among them; those of
+        later steps (a timeline the run goes back on) move to ``superseded/``."""
+        index = json.loads((self.directory / INDEX).read_text())
+        files = index.get("files", [])
+        self.files = [f for f in files if f["step"] <= step]
+        for entry in files:
+            if entry["step"] > step and (self.directory / entry["file"]).exists():
+                (self.directory / "superseded").mkdir(exist_ok=True)
+                os.replace(self.directory / entry["file"], self.directory / "superseded" / entry["file"])
+        best = index.get("best")
+        if best is not None and best["step"] > step:
+            scored = [f for f in self.files if math.isfinite(f["value"])]
+            pick = min if self.comp == "min" else max
+            best = pick(scored, key=lambda f: f["value"]) if scored else None
+        self.best = best
+        self._write_index()
 
     def evaluate(self, model: nn.Module, context: ProbeContext) -> dict[str, Any]:
         value = self._value(model, context)

@@ -181,6 +181,10 @@ class CurveProbe(Probe):
             "batch_loss_series": batch.values,
         }
 
+    def resume(self, frame) -> None:
+        self._total_steps = frame.data["total_loss_steps"].tolist()
+        self._total_loss = frame.data["total_loss_series"].tolist()
+
     def static(self) -> dict[str, np.ndarray]:
         return {
             "x": self.x_eval.numpy(),

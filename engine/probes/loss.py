@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from probescope.history import MIN_POINTS, Series, display_name, envelope, epoch_means
+from probescope.history import MIN_POINTS, History, Series, display_name, envelope, epoch_means
 from probescope.probes.base import Probe, ProbeContext, ValidSet, check_forward
 from probescope.schedule import Schedule
 from probescope.validation import at_least
@@ -77,6 +77,14 @@ class LossProbe(Probe):
             frame[f"series/{key}/values"] = s.values
         return frame
 
+    def resume(self, frame) -> None:
+        if self.valid:  # the valid-set series this probe scored itself
+            self._probe_series = {
+                key: (frame.data[f"series/{key}/steps"].tolist(), frame.data[f"series/{key}/values"].tolist())
+                for key in self.valid.names
+                if f"series/{key}/steps" in frame.data
+            }
+
     def config(self) -> dict[str, Any]:
         return {
             "valid_samples": int(self.valid.x.shape[0]) if self.valid else 0,
@@ -103,3 +111,27 @@ def first_nonfinite(series: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> tupl
         return None
     step, name, value = min(found, key=lambda f: (f[0], f[1]))
     return name, step, value
+
+
+def seed_history(history: History, frame, config: Mapping[str, Any], step: int) -> None:
+    """Fill ``history`` (empty) with the scalar series a LossProbe ``frame`` holds, up to
+    ``step``: a run resumed there goes on from them. The batch losses and logged values come
+    back at their steps; their epochs from the frame's epoch means (an epoch ends at the step of
+    each); the probe's own series (``train_loss_epoch``, its valid loss and metrics) are not
+    the history's. A series longer than the probe's ``max_points`` comes back as the frame
+    kept it (its envelope)."""
+    names = sorted({key.split("/")[1] for key in frame.data if key.startswith("series/")})
+    own = {"train_loss_epoch"} | (
+        {"valid_loss", *config.get("metrics", [])} if config.get("valid_samples") else set()
+    )
+    ends = frame.data.get("series/train_loss_epoch/steps")
+    for name in names:
+        if name in own:
+            continue
+        steps, values = frame.data[f"series/{name}/steps"], frame.data[f"series/{name}/values"]
+        keep = steps <= step
+        steps, values = steps[keep], values[keep]
+        epochs = np.searchsorted(ends, steps, side="left") if ends is not None else np.zeros_like(steps)
+        target = History.BATCH_LOSS if name == "train_loss" else name
+        for s, e, v in zip(steps.tolist(), epochs.tolist(), values.tolist(), strict=True):
+            history.append(target, s, e, v)

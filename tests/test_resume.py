@@ -1,0 +1,179 @@
+"""A run resumed in its own directory (a preempted job started again): one timeline, nothing lost."""
+
+import json
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import probescope.monitor as monitor_module
+from probescope import (
+    CheckpointProbe,
+    CurveProbe,
+    GridProbe,
+    LossProbe,
+    Monitor,
+    Schedule,
+    StatsProbe,
+    open_run,
+)
+from probescope.compare import compare_runs
+from tests.conftest import fit_curve
+
+
+def _probes(blobs, resolution=12):
+    x, y = blobs.x_train, blobs.y_train
+    valid = (blobs.x_valid, blobs.y_valid)
+    return [
+        GridProbe(x, y, resolution=resolution, schedule=Schedule.every(5)),
+        LossProbe(valid=valid, loss_fn=nn.functional.cross_entropy, schedule=Schedule.every(10)),
+        StatsProbe(schedule=Schedule.every(5)),
+        CheckpointProbe(valid=valid, loss_fn=nn.functional.cross_entropy, schedule=Schedule.every(10)),
+    ]
+
+
+def _train(monitor, model, blobs, steps, losses, optimizer):
+    x, y = blobs.x_train, blobs.y_train
+    for _ in range(steps):
+        i = (len(losses) * 50) % (x.shape[0] - 50)
+        loss = nn.functional.cross_entropy(model(x[i : i + 50]), y[i : i + 50])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        monitor.step(loss=loss)
+        if len(losses) % 10 == 0:
+            monitor.end_epoch()
+        monitor._worker.wait_idle(10)  # every due frame taken: the test compares whole timelines
+
+
+def test_a_closed_run_resumed_reads_as_one_run(tmp_path, mlp, blobs, capsys):
+    from probescope.cli import main
+
+    run_dir, losses = tmp_path / "run", []
+    optimizer = torch.optim.SGD(mlp.parameters(), lr=0.1)
+    with Monitor(mlp, _probes(blobs), run_dir=run_dir) as first:
+        _train(first, mlp, blobs, 30, losses, optimizer)
+    second = Monitor(mlp, _probes(blobs), run_dir=run_dir, resume=True)
+    with second:  # the same script, started again: the model and optimizer are the loop's own
+        assert second.resumed_at == 30 and second.step_count == 30
+        _train(second, mlp, blobs, 20, losses, optimizer)
+    assert second.step_count == 50
+
+    run = open_run(run_dir)
+    assert run.status == "finished" and run.meta["summary"]["steps"] == 50
+    (resumed,) = run.meta["resumes"]
+    assert resumed["step"] == 30 and resumed["previous_status"] == "finished"
+    grid = run.probe("grid")
+    assert grid.steps() == list(range(0, 55, 5))  # one timeline: 0..30 from the first, 35..50 after
+    seqs = [f.seq for f in grid.frames()]
+    assert seqs == sorted(set(seqs)) and resumed["superseded_frames"] == 0
+    # The loss graph goes on: every batch loss of both processes, the valid loss of each frame.
+    last = run.probe("loss").frame(-1).data
+    np.testing.assert_array_equal(last["series/train_loss/steps"], np.arange(1, 51))
+    np.testing.assert_allclose(last["series/train_loss/values"], losses, rtol=1e-6)
+    assert last["series/valid_loss/steps"].tolist() == [0, 10, 20, 30, 40, 50]
+    assert last["series/train_loss_epoch/steps"].tolist() == [10, 20, 30, 40, 50]
+    table = run.probe("stats").table()
+    assert table["step"].tolist() == list(range(0, 55, 5))
+    # The best checkpoint is the best of the whole run, whichever process scored it.
+    index = json.loads((run_dir / "checkpoints" / "checkpoints.json").read_text())
+    values = dict(zip(*(last[f"series/valid_loss/{k}"].tolist() for k in ("steps", "values")), strict=True))
+    scored = {f.step: float(f.data["value"]) for f in run.probe("checkpoint").frames()}
+    assert index["best"]["value"] == pytest.approx(min(scored.values()))
+    assert scored[40] == pytest.approx(values[40])
+    assert compare_runs([run_dir]).iloc[0]["steps"] == 50
+    assert main(["info", str(run_dir)]) == 0
+    assert "resumed   at step 30 " in capsys.readouterr().out
+
+
+def test_a_killed_run_resumes_from_the_step_of_the_weights_loaded(tmp_path, mlp, blobs, caplog):
+    run_dir, losses = tmp_path / "run", []
+    optimizer = torch.optim.SGD(mlp.parameters(), lr=0.1)
+    with Monitor(mlp, _probes(blobs), run_dir=run_dir, final_frame=False) as first:
+        _train(first, mlp, blobs, 23, losses, optimizer)
+    # As if the process had been killed after step 23: run.json says running, its writer is gone.
+    meta = json.loads((run_dir / "run.json").read_text())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    meta.update(status="running", writer={**meta["writer"], "pid": child.pid})
+    del meta["summary"], meta["finished"]
+    (run_dir / "run.json").write_text(json.dumps(meta))
+    assert open_run(run_dir).status == "stopped"
+    before = json.loads((run_dir / "checkpoints" / "checkpoints.json").read_text())
+
+    with caplog.at_level(logging.WARNING, logger="probescope"):
+        guessed = Monitor(mlp, _probes(blobs), run_dir=run_dir, resume=True).start()
+    assert guessed.resumed_at == 20  # the last frame's step, with a warning to say so
+    assert any("was not closed (status stopped)" in r.getMessage() for r in caplog.records)
+    guessed.close()
+
+    # The loop restored a checkpoint of step 12: the frames of later steps go aside.
+    losses = losses[:12]
+    second = Monitor(mlp, _probes(blobs), run_dir=run_dir, resume=12).start()
+    assert second.step_count == 12 and second.resumed_at == 12
+    _train(second, mlp, blobs, 8, losses, optimizer)
+    second.close()
+
+    run = open_run(run_dir)
+    assert run.probe("grid").steps() == [0, 5, 10, 15, 20]
+    assert run.probe("stats").table()["step"].tolist() == [0, 5, 10, 15, 20]
+    assert [r["previous_status"] for r in run.meta["resumes"]] == ["stopped", "finished"]
+    # The series as the last LossProbe frame before step 12 held them (step 10), then the new.
+    last = run.probe("loss").frame(-1).data
+    assert last["series/train_loss/steps"].tolist() == [*range(1, 11), *range(13, 21)]
+    np.testing.assert_allclose(last["series/train_loss/values"][10:], losses[12:], rtol=1e-6)
+    # Checkpoints after step 12 went aside; the best is the best of those the run keeps.
+    index = json.loads((run_dir / "checkpoints" / "checkpoints.json").read_text())
+    scored = {f.step: float(f.data["value"]) for f in run.probe("checkpoint").frames()}
+    assert sorted(scored) == [0, 10, 20]
+    assert index["best"]["value"] == pytest.approx(min(scored.values()))
+    if before["best"]["step"] > 12:  # the first process's best came later: kept aside
+        assert (run_dir / "checkpoints" / "superseded" / "model.pt").exists()
+
+
+def test_resuming_refuses_other_probes_a_live_writer_and_bad_arguments(tmp_path, mlp, blobs):
+    run_dir = tmp_path / "run"
+    with Monitor(mlp, _probes(blobs), run_dir=run_dir):
+        pass
+    refused = Monitor(mlp, _probes(blobs, resolution=16), run_dir=run_dir, resume=True)
+    with pytest.raises(ValueError, match="probe 'grid' is not the one this run recorded"):
+        refused.start()
+    assert open_run(run_dir).status == "finished" and "resumes" not in open_run(run_dir).meta  # untouched
+    assert refused not in monitor_module._OPEN  # nothing to close at exit
+    live = Monitor(mlp, _probes(blobs), run_dir=run_dir, resume=True).start()
+    with pytest.raises(RuntimeError, match="the run is still being written"):
+        Monitor(mlp, [], run_dir=run_dir, resume=True).start()
+    live.close()
+    with pytest.raises(ValueError, match="give run_dir"):
+        Monitor(mlp, [], resume=True)
+    with pytest.raises(ValueError, match="exclude each other"):
+        Monitor(mlp, [], run_dir=run_dir, resume=True, overwrite=True)
+    with pytest.raises(ValueError, match="a step >= 0"):
+        Monitor(mlp, [], run_dir=run_dir, resume=-1)
+    with pytest.raises(TypeError, match="resume must be True, False or a step"):
+        Monitor(mlp, [], run_dir=run_dir, resume="yes")
+    existing = Monitor(mlp, [], run_dir=run_dir)
+    with pytest.raises(FileExistsError, match=r"resume it \(Monitor\(resume=True\)\)"):
+        existing.start()
+    assert existing not in monitor_module._OPEN
+
+
+def test_a_curve_probe_goes_on_with_its_loss_series(tmp_path):
+    torch.manual_seed(0)
+    x = torch.linspace(-2, 2, 100)
+    y = torch.sin(2 * x)
+    model = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1))
+    for resume in (False, True):
+        probe = CurveProbe(x[:, None], y[:, None], schedule=Schedule.every(5))
+        with Monitor(model, [probe], run_dir=tmp_path / "run", resume=resume) as monitor:
+            fit_curve(monitor, model, x, y, 10)
+    frames = list(open_run(tmp_path / "run").probe("curve").frames())
+    assert [f.step for f in frames] == [0, 5, 10, 15, 20]
+    totals = frames[-1].data["total_loss_series"]
+    assert frames[-1].data["total_loss_steps"].tolist() == [0, 5, 10, 15, 20]
+    np.testing.assert_allclose(totals, [float(f.data["total_loss"]) for f in frames])
