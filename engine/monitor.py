@@ -385,6 +385,7 @@ class Monitor:
         self._recorder: threading.Thread | None = None
         self.writer: RunWriter | None = None
         self._sinks: list[Sink] = list(sinks)
+        self._sinks_unread = False  # the history could not be read for them (warned once)
         for sink in self._sinks:
             if not callable(getattr(sink, "write", None)):
                 raise TypeError(f"Monitor: a sink needs a write(frame) method, got {type(sink).__name__}")
@@ -1058,12 +1059,10 @@ class Monitor:
                 try:
                     with torch.cuda.stream(training) if training is not None else contextlib.nullcontext():
                         series = self.history.read()
-                except Exception as err:
-                    log.warning(
-                        "Monitor: the history could not be read for the sinks (%s: %s)",
-                        type(err).__name__,
-                        err,
-                    )
+                except Exception as err:  # once: the recorder asks again at every wake
+                    if not self._sinks_unread:
+                        log.warning("Monitor: the sinks get no series (%s: %s)", type(err).__name__, err)
+                    self._sinks_unread = True
                 else:
                     self._to_sinks("scalars", series, wanted="wants_scalars")
             if stopping:

@@ -181,3 +181,21 @@ def test_device_losses_reach_a_sink_exactly_whichever_stream_trains(mlp, blobs, 
     with monitor, monitor.training_stream():
         _train(monitor, model, x, y, 200, losses, keep=lambda loss: loss.detach())  # no sync
     np.testing.assert_allclose(kept.series["batch_loss"], torch.stack(losses).cpu().numpy(), rtol=1e-6)
+
+
+def test_a_history_that_cannot_be_read_costs_the_sinks_their_series_with_one_warning(mlp, blobs, caplog):
+    kept, losses = Kept(), []
+    probe = GridProbe(blobs.x_train, resolution=8, schedule=Schedule.every(2))
+    monitor = Monitor(mlp, [probe], sinks=[kept])
+
+    def unreadable(cut=None):
+        raise RuntimeError("device lost")
+
+    monitor.history.read = unreadable
+    with caplog.at_level(logging.WARNING, logger="probescope"), monitor:
+        for _ in range(4):  # the recorder wakes for each frame, and asks again each time
+            _train(monitor, mlp, blobs.x_train, blobs.y_train, 5, losses)
+            monitor.drain(10)
+    warned = [r.getMessage() for r in caplog.records if "the sinks get no series" in r.getMessage()]
+    assert warned == ["Monitor: the sinks get no series (RuntimeError: device lost)"]
+    assert len(kept.frames) >= 5 and kept.series == {}  # frames still arrive
