@@ -371,6 +371,7 @@ class Monitor:
         self._resume = resume
         #: The step a resumed run continues from (None: a new run).
         self.resumed_at: int | None = None
+        self._wall_before = 0.0  # a resumed run's monitored seconds before this process
         self._final_frame, self._close_timeout = final_frame, close_timeout
         self._handle_sigterm = handle_sigterm
         self._ended_by: BaseException | None = None  # what ended training, if a signal did
@@ -390,6 +391,7 @@ class Monitor:
             if not callable(getattr(sink, "write", None)):
                 raise TypeError(f"Monitor: a sink needs a write(frame) method, got {type(sink).__name__}")
         self._t_start = 0.0
+        self._t_end: float | None = None
         self._t_last_step: float | None = None
         self._own_s: float | None = None  # after_step's own time at the last step (host clock)
         self._own_between = 0.0  # the Monitor's own time in the batch's events since (host clock)
@@ -507,6 +509,7 @@ class Monitor:
             epoch = max((f.epoch for f in last.values()), default=0)
         self._step, self._epoch, self._last_step_epoch = step, epoch, epoch
         self.resumed_at = step
+        self._wall_before = float(summary.get("wall_seconds") or 0.0)  # unknown for a killed run
         losses = [f for name, f in last.items() if run.probe(name).kind == "loss"]
         if losses:
             frame = max(losses, key=lambda f: f.step)
@@ -659,6 +662,7 @@ class Monitor:
             self._closed = True
             return
         self._closed = True
+        self._t_end = time.perf_counter()
         error = error if error is not None else self._ended_by
         self._tell_steps()
         if not self._worker.wait_idle(self._close_timeout):
@@ -1092,13 +1096,14 @@ class Monitor:
 
     def summary(self) -> dict[str, Any]:
         """What happened so far: steps, epochs, frames, per-probe counters, memory."""
-        elapsed = time.perf_counter() - self._t_start if self._started else 0.0
+        end = self._t_end if self._t_end is not None else time.perf_counter()  # frozen at close
+        elapsed = end - self._t_start if self._started else 0.0
         return {
             "steps": self._step,
             "epochs": self._epoch,
             "rank": self.placement.rank,
             "probing": self.probing,
-            "wall_seconds": round(elapsed, 3),
+            "wall_seconds": round(elapsed + self._wall_before, 3),
             "snapshot_bytes": self._pool.nbytes,
             "frames_written": self.writer.frames_written if self.writer else 0,
             **({"budget": self.budget} if self.budget is not None else {}),

@@ -58,6 +58,7 @@ def test_a_closed_run_resumed_reads_as_one_run(tmp_path, mlp, blobs, capsys):
     optimizer = torch.optim.SGD(mlp.parameters(), lr=0.1)
     with Monitor(mlp, _probes(blobs), run_dir=run_dir) as first:
         _train(first, mlp, blobs, 30, losses, optimizer)
+    assert first.summary() == first.summary()  # closed: the wall time no longer grows
     second = Monitor(mlp, _probes(blobs), run_dir=run_dir, resume=True)
     with second:  # the same script, started again: the model and optimizer are the loop's own
         assert second.resumed_at == 30 and second.step_count == 30
@@ -66,6 +67,7 @@ def test_a_closed_run_resumed_reads_as_one_run(tmp_path, mlp, blobs, capsys):
 
     run = open_run(run_dir)
     assert run.status == "finished" and run.meta["summary"]["steps"] == 50
+    assert run.meta["summary"]["wall_seconds"] > first.summary()["wall_seconds"]  # both processes'
     (resumed,) = run.meta["resumes"]
     assert resumed["step"] == 30 and resumed["previous_status"] == "finished"
     grid = run.probe("grid")
