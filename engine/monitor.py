@@ -579,6 +579,8 @@ class Monitor:
         for st in self._probes.values():
             p = st.probe
             self._to_sinks("add_probe", p.name, p.kind, p.config(), p.static())
+        if self.resumed_at is not None:
+            self._to_sinks("resume", self.resumed_at)
         if self.writer is not None or self._sinks:  # else nobody reads every frame
             for st in self._probes.values():
                 st.recording = True

@@ -47,6 +47,10 @@ class Sink:
     def write(self, frame: Frame) -> None:
         """One frame of a probe, in each probe's order."""
 
+    def resume(self, step: int) -> None:
+        """The run is resumed after ``step`` (``Monitor(resume=...)``): what the sink holds of
+        later steps belongs to a timeline the run went back on."""
+
     def scalars(self, series: Mapping[str, Series]) -> None:
         """Every scalar series of the run so far (``train_loss``, logged values)."""
 
@@ -86,6 +90,10 @@ class EventFile:
     def add(self, step: int, summary) -> None:
         """One ``Summary`` proto at ``step``."""
         self._add(self._event(wall_time=time.time(), step=step, summary=summary))
+
+    def add_event(self, step: int, **fields) -> None:
+        """An ``Event`` with other ``fields`` (a ``session_log``) at ``step``."""
+        self._add(self._event(wall_time=time.time(), step=step, **fields))
 
     def _add(self, event) -> None:
         data = event.SerializeToString()
@@ -144,9 +152,23 @@ class TensorBoardSink(Sink):
         self.log_dir = Path(log_dir)
         self.images, self.histograms, self.max_image_side = images, histograms, max_image_side
         self._summary = Summary
+        self._had_files = any(self.log_dir.glob("*tfevents*"))
+        self._floor = -1  # steps up to this one are in the log directory already (resume)
         self._file = EventFile(self.log_dir, flush_secs)
         self._columns: dict[str, list[str]] = {}
         self._last: dict[str, int] = {}  # the step of the last point written, per scalar tag
+
+    def resume(self, step: int) -> None:
+        """Into a log directory that held event files already (the run's, written before):
+        TensorBoard is told to drop what they hold after ``step`` (a session start there, as
+        torch's ``SummaryWriter(purge_step=...)`` writes), and the series up to ``step`` are
+        not written again. Into a new one, everything the run gives from now on is written."""
+        if not self._had_files:
+            return
+        from tensorboard.compat.proto.event_pb2 import SessionLog
+
+        self._file.add_event(step + 1, session_log=SessionLog(status=SessionLog.START))
+        self._floor = step
 
     def add_probe(self, name: str, kind: str, config: Mapping, static: Mapping[str, np.ndarray]) -> None:
         if "columns" in static:
@@ -195,15 +217,15 @@ class TensorBoardSink(Sink):
             self._series(f"loss/{display_name(name)}", s.steps, s.values)
 
     def _series(self, tag: str, steps: np.ndarray, values: np.ndarray) -> None:
-        last = self._last.get(tag)
-        start = 0 if last is None else int(np.searchsorted(steps, last, side="right"))
+        last = max(self._last.get(tag, -1), self._floor)
+        start = int(np.searchsorted(steps, last, side="right"))
         for step, value in zip(steps[start:].tolist(), values[start:].tolist(), strict=True):
             self._add_scalar(tag, step, value)
         if len(steps) > start:
             self._last[tag] = int(steps[-1])
 
     def _scalar(self, tag: str, step: int, value: float) -> None:
-        if step > self._last.get(tag, -1):  # once per step (a final frame may repeat the last)
+        if step > max(self._last.get(tag, -1), self._floor):  # once per step (a final frame repeats)
             self._add_scalar(tag, step, value)
             self._last[tag] = step
 

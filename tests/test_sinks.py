@@ -199,3 +199,25 @@ def test_a_history_that_cannot_be_read_costs_the_sinks_their_series_with_one_war
     warned = [r.getMessage() for r in caplog.records if "the sinks get no series" in r.getMessage()]
     assert warned == ["Monitor: the sinks get no series (RuntimeError: device lost)"]
     assert len(kept.frames) >= 5 and kept.series == {}  # frames still arrive
+
+
+def test_a_resumed_run_goes_on_in_the_same_tensorboard_directory(tmp_path, mlp, blobs):
+    run_dir, log_dir, first, second = tmp_path / "run", tmp_path / "tb", [], []
+
+    def probes():
+        return [
+            GridProbe(blobs.x_train, resolution=8, schedule=Schedule.every(5)),
+            LossProbe(schedule=Schedule.every(10)),
+        ]
+
+    with Monitor(mlp, probes(), run_dir=run_dir, sinks=[TensorBoardSink(log_dir)]) as monitor:
+        _train(monitor, mlp, blobs.x_train, blobs.y_train, 30, first)
+    # Started again from the weights of step 12: TensorBoard drops the points after it, and the
+    # series the resumed Monitor takes back (to step 10, its last loss frame) are not written again.
+    with Monitor(mlp, probes(), run_dir=run_dir, sinks=[TensorBoardSink(log_dir)], resume=12) as monitor:
+        _train(monitor, mlp, blobs.x_train, blobs.y_train, 8, second)
+    events = _events(log_dir)
+    train = _scalars(events, "loss/train_loss")
+    assert sorted(train) == list(range(1, 21))  # 1-12 once (not again from the resumed history)
+    np.testing.assert_allclose([train[s] for s in range(1, 21)], first[:12] + second, rtol=1e-6)
+    assert [e.step for e in events.Images("grid/map")] == [0, 5, 10, 15, 20]
