@@ -202,7 +202,7 @@ class TensorBoardSink(Sink):
         from PIL import Image
 
         png = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(rgba), "RGBA").save(png, format="PNG", compress_level=1)
+        Image.fromarray(np.ascontiguousarray(rgba)).save(png, format="PNG", compress_level=1)  # RGBA: 4 bytes
         height, width = rgba.shape[:2]
         image = self._summary.Image(
             height=height, width=width, colorspace=4, encoded_image_string=png.getvalue()

@@ -220,4 +220,5 @@ def test_a_resumed_run_goes_on_in_the_same_tensorboard_directory(tmp_path, mlp, 
     train = _scalars(events, "loss/train_loss")
     assert sorted(train) == list(range(1, 21))  # 1-12 once (not again from the resumed history)
     np.testing.assert_allclose([train[s] for s in range(1, 21)], first[:12] + second, rtol=1e-6)
-    assert [e.step for e in events.Images("grid/map")] == [0, 5, 10, 15, 20]
+    # One image per map the run shows (a busy worker may skip some): none of the superseded.
+    assert [e.step for e in events.Images("grid/map")] == open_run(run_dir).probe("grid").steps()
