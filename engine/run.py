@@ -4,7 +4,7 @@ Layout::
 
     RUN/run.json                      metadata: probes and their configs, model, status, summary
     RUN/probes/<name>/static.npz      arrays that never change (grid axes, data points)
-    RUN/probes/<name>/frames/<seq>.npz one file per frame: its arrays plus __step__, __epoch__, ...
+    RUN/probes/<name>/frames/<seq>_<step>.npz one file per frame: its arrays plus __step__, ...
     RUN/model.pt                      the model's final state_dict
     RUN/probes.json, RUN/probes.npz   the probe spec: what was probed (see probescope.spec)
     RUN/checkpoints/                  a CheckpointProbe's weights and checkpoints.json
@@ -85,6 +85,18 @@ def writer_alive(writer: Mapping[str, Any] | None) -> bool | None:
     except PermissionError:
         return True  # someone else's process
     return True
+
+
+def frame_name(seq: int, step: int) -> str:
+    """A frame's file name: its sequence number (zero-padded: names sort in recording order)
+    and its step, so listing a probe's steps reads no file."""
+    return f"{seq:07d}_{step}.npz"
+
+
+def _seq_step(path: Path) -> tuple[int, int | None]:
+    """A frame file's sequence number and step (None for a run written before names held it)."""
+    seq, _, step = path.stem.partition("_")
+    return int(seq), int(step) if step else None
 
 
 def check_same_probe(run: Path, name: str, recorded_kind: str, static_path: Path, kind: str, static) -> None:
@@ -269,7 +281,7 @@ class RunWriter:
             __epoch__=np.int64(frame.epoch),
             __time__=np.float64(frame.time),
         )
-        path = self.path / "probes" / frame.probe / "frames" / f"{seq:07d}.npz"
+        path = self.path / "probes" / frame.probe / "frames" / frame_name(seq, frame.step)
         ok = self._guard(lambda: _write_npz(path, arrays, self.write_arrays))
         self.frames_written += ok
         return ok
@@ -351,7 +363,7 @@ class ProbeRecord:
         ``step`` records them again); returns how many moved."""
         moved = 0
         target = self.folder / "superseded"
-        while self.paths and self.frame(-1).step > step:  # steps grow with the sequence
+        while self.paths and self._step_of(-1) > step:  # steps grow with the sequence
             path = self.paths.pop()
             target.mkdir(exist_ok=True)
             os.replace(path, target / path.name)
@@ -364,8 +376,8 @@ class ProbeRecord:
 
     def next_seq(self) -> int:
         """A sequence number after every frame the probe ever recorded, superseded ones too."""
-        names = [p.stem for p in (*self.paths, *(self.folder / "superseded").glob("*.npz"))]
-        return max((int(n) for n in names if n.isdigit()), default=-1) + 1
+        paths = (*self.paths, *(self.folder / "superseded").glob("*.npz"))
+        return max((_seq_step(p)[0] for p in paths), default=-1) + 1
 
     def frames(self) -> Iterator[Frame]:
         """Every recorded frame, oldest first."""
@@ -373,8 +385,12 @@ class ProbeRecord:
             yield self.frame(i)
 
     def steps(self) -> list[int]:
-        """The step of every recorded frame."""
-        return [f.step for f in self.frames()]
+        """The step of every recorded frame (from the file names: no file is read)."""
+        return [self._step_of(i) for i in range(len(self.paths))]
+
+    def _step_of(self, index: int) -> int:
+        step = _seq_step(self.paths[index])[1]
+        return step if step is not None else self.frame(index).step
 
     def table(self):
         """A tabular probe's frames (e.g. StatsProbe's) as a pandas DataFrame: one row per frame,
@@ -433,7 +449,7 @@ class Run:
 
     def last_step(self) -> int | None:
         """The step of the newest recorded frame of any probe (None before the first)."""
-        steps = [p.frame(-1).step for p in self.probes.values() if len(p)]
+        steps = [p._step_of(-1) for p in self.probes.values() if len(p)]
         return max(steps) if steps else None
 
     def probe(self, name: str) -> ProbeRecord:

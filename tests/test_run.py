@@ -365,3 +365,21 @@ def test_a_run_has_started_once_its_monitor_declared_its_probes(tmp_path, mlp):
     other = RunWriter(tmp_path / "plain")
     other.finish({})  # a run that ended, however it was written
     assert started(tmp_path / "plain")
+
+
+def test_a_probes_steps_are_listed_from_its_file_names(tmp_path, mlp, blobs, monkeypatch):
+    probe = GridProbe(blobs.x_train, resolution=4, schedule=Schedule.every(3))
+    with Monitor(mlp, [probe], run_dir=tmp_path) as monitor:
+        train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 9)
+    grid = open_run(tmp_path).probe("grid")
+    want = [frame.step for frame in grid.frames()]
+    assert want == [0, 3, 6, 9]
+    # A run written before names held the step: its frames are read for it.
+    old = grid.paths[1]
+    old.rename(old.with_name(old.name.split("_")[0] + ".npz"))
+    grid = open_run(tmp_path).probe("grid")
+    read = []
+    original = grid.frame
+    monkeypatch.setattr(grid, "frame", lambda index: read.append(index) or original(index))
+    assert grid.steps() == want and read == [1]  # the one old name only
+    assert open_run(tmp_path).last_step() == 9
