@@ -55,18 +55,25 @@ def _close_at_exit() -> None:
             monitor.close(error)
 
 
-class Terminated(SystemExit):
-    """Raised in the main thread when the process gets SIGTERM (a scheduler's time limit,
-    ``docker stop``, ``kill``) while a Monitor with ``handle_sigterm`` is open: the training
-    loop unwinds (``finally`` blocks run), every open Monitor closes with status
-    ``interrupted`` (final frames, weights, summary), and the process exits with status 143,
-    as a process killed by SIGTERM is reported."""
+#: The signals that end a process on the spot by default and that an open Monitor turns into
+#: a clean close: SIGTERM (a scheduler's time limit, ``docker stop``, ``kill``) and SIGHUP
+#: (the terminal of an ssh session closed under a run started without nohup or tmux).
+ENDING_SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
 
-    def __init__(self) -> None:
-        super().__init__(128 + signal.SIGTERM)
+
+class Terminated(SystemExit):
+    """Raised in the main thread when the process gets one of ``ENDING_SIGNALS`` while a
+    Monitor with ``handle_sigterm`` is open: the training loop unwinds (``finally`` blocks
+    run), every open Monitor closes with status ``interrupted`` (final frames, weights,
+    summary), and the process exits with status 128 + the signal's number (143 for SIGTERM),
+    as a process killed by it is reported."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(128 + signum)
+        self.signal = signal.Signals(signum).name
 
     def __str__(self) -> str:
-        return "the process got SIGTERM"
+        return f"the process got {self.signal}"
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -76,39 +83,45 @@ def _on_sigterm(signum, frame) -> None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
         return  # else a handler of the program's that calls ours too: its own decides
-    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    for other in ENDING_SIGNALS:  # a second signal ends the process at once
+        if signal.getsignal(other) is _on_sigterm:
+            signal.signal(other, signal.SIG_DFL)
+    error = Terminated(signum)
     log.warning(
-        "Monitor: SIGTERM: closing the run (final frames, weights, status), then exiting with "
-        "status 143; a second SIGTERM ends the process at once"
+        "Monitor: %s: closing the run (final frames, weights, status), then exiting with status "
+        "%d; a second signal ends the process at once",
+        error.signal,
+        error.code,
     )
-    error = Terminated()
     for monitor in mine:
         monitor._ended_by = error  # closed by the with block, or at exit: either way, this
     raise error
 
 
 def _take_sigterm() -> bool:
-    """Install the SIGTERM handler where the process has none (the default) and this is the
-    main thread, the only one that may; True if ours is in place."""
+    """Install the handler for each of ``ENDING_SIGNALS`` the process has no handler for (the
+    default), from the main thread, the only one that may; True if ours is in place for any."""
     if threading.current_thread() is not threading.main_thread():
         return False
-    current = signal.getsignal(signal.SIGTERM)
-    if current is _on_sigterm:
-        return True
-    if current != signal.SIG_DFL:  # the program's own (or SIG_IGN, or one set outside Python)
-        return False
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    return True
+    ours = False
+    for signum in ENDING_SIGNALS:
+        current = signal.getsignal(signum)
+        if current == signal.SIG_DFL:  # not the program's own (or SIG_IGN, or one set outside Python)
+            signal.signal(signum, _on_sigterm)
+            current = _on_sigterm
+        ours = ours or current is _on_sigterm
+    return ours
 
 
 def _give_back_sigterm() -> None:
-    """Restore the default SIGTERM handling once no Monitor of this process is open."""
+    """Restore the default handling once no Monitor of this process is open."""
     if any(m._pid == os.getpid() for m in list(_OPEN)):
         return
     if threading.current_thread() is not threading.main_thread():
         return  # left in place: with no Monitor open it does what the default does
-    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for signum in ENDING_SIGNALS:
+        if signal.getsignal(signum) is _on_sigterm:
+            signal.signal(signum, signal.SIG_DFL)
 
 
 @dataclass
@@ -206,11 +219,11 @@ class Monitor:
     probescope.distributed.
 
     ``handle_sigterm`` (default True): while the Monitor is open, SIGTERM (a scheduler's time
-    limit, ``docker stop``, ``kill``) raises ``Terminated`` (a SystemExit) in the main
-    thread, so the loop unwinds and the run closes whole, status ``interrupted``, before the
-    process exits with status 143; a second SIGTERM ends it at once. Installed only from the
-    main thread and only when the program has no SIGTERM handler of its own; removed when
-    the last Monitor closes.
+    limit, ``docker stop``, ``kill``) or SIGHUP (a closed terminal) raises ``Terminated`` (a
+    SystemExit) in the main thread, so the loop unwinds and the run closes whole, status
+    ``interrupted``, before the process exits with status 143 (129 for SIGHUP); a second
+    signal ends it at once. Installed only from the main thread and only for a signal the
+    program has no handler of its own for; removed when the last Monitor closes.
 
     ``sinks`` (e.g. ``[TensorBoardSink("runs/tb")]``, see probescope.sinks) get every frame
     and the run's scalar series on the recorder thread, beside the run directory or without

@@ -288,8 +288,10 @@ def test_a_reader_follows_a_run_while_it_is_written(tmp_path, mlp, blobs):
     monitor.close()
 
 
-@pytest.mark.parametrize("closed_by", ["with", "exit"])
-def test_sigterm_closes_the_run_whole_and_exits_143(tmp_path, closed_by):
+@pytest.mark.parametrize(
+    ("closed_by", "signum"), [("with", signal.SIGTERM), ("exit", signal.SIGTERM), ("with", signal.SIGHUP)]
+)
+def test_sigterm_closes_the_run_whole_and_exits_143(tmp_path, closed_by, signum):
     run_dir, script = tmp_path / "run", tmp_path / "train.py"
     script.write_text(WRITER)
     proc = subprocess.Popen(
@@ -300,30 +302,31 @@ def test_sigterm_closes_the_run_whole_and_exits_143(tmp_path, closed_by):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(list(frames.glob("*.npz"))) < 5:
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 143, stderr
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, stderr  # 143 for SIGTERM, 129 for SIGHUP
     run = open_run(run_dir)
-    assert run.status == "interrupted" and run.meta["error"] == "Terminated: the process got SIGTERM"
+    assert run.status == "interrupted" and run.meta["error"] == f"Terminated: the process got {name}"
     assert run.meta["summary"]["steps"] >= 5 and (run_dir / "model.pt").exists()
     assert len(run.probe("loss")) >= 1  # the final frames were taken
     assert (run_dir / "unwound").exists()
-    assert stderr.count("SIGTERM: closing the run") == 1 and "closed at exit" not in stderr
+    assert stderr.count(f"{name}: closing the run") == 1 and "closed at exit" not in stderr
     assert "Traceback" not in stderr
 
 
 def test_sigterm_handling_is_the_monitors_only_while_one_is_open_and_never_the_programs(tmp_path, mlp):
     import probescope.monitor as monitor_module
 
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
     first, second = Monitor(mlp, []).start(), Monitor(mlp, []).start()
-    assert signal.getsignal(signal.SIGTERM) is monitor_module._on_sigterm
+    assert signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGHUP) is monitor_module._on_sigterm
     first.close()
     assert signal.getsignal(signal.SIGTERM) is monitor_module._on_sigterm  # the second is open
     second.close()
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
     with Monitor(mlp, [], handle_sigterm=False):
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
@@ -334,7 +337,9 @@ def test_sigterm_handling_is_the_monitors_only_while_one_is_open_and_never_the_p
     try:
         with Monitor(mlp, []):
             assert signal.getsignal(signal.SIGTERM) is programs_own
+            assert signal.getsignal(signal.SIGHUP) is monitor_module._on_sigterm  # none of its own
         assert signal.getsignal(signal.SIGTERM) is programs_own
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
