@@ -124,6 +124,20 @@ def _give_back_sigterm() -> None:
             signal.signal(signum, signal.SIG_DFL)
 
 
+def _check_resume(resume) -> None:
+    """``Monitor(resume=...)``: False, True, a step, or a (step, epoch) pair, numbers >= 0."""
+    if isinstance(resume, bool):
+        return
+    pair = isinstance(resume, tuple) and len(resume) == 2
+    numbers = resume if pair else (resume,)
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in numbers):
+        raise TypeError(
+            f"Monitor: resume must be True, False, a step or a (step, epoch) pair, got {resume!r}"
+        )
+    if any(n < 0 for n in numbers):
+        raise ValueError(f"Monitor: resume must be a step >= 0 (and an epoch >= 0), got {resume}")
+
+
 @dataclass
 class _ProbeState:
     probe: Probe
@@ -373,10 +387,7 @@ class Monitor:
         self._host_budgets = bool(self._adaptive) and self._clock is None  # own work timed per event
         self._callbacks = sorted([*probes, *callbacks], key=lambda c: c.order)
         self._run_dir, self._overwrite = run_dir, overwrite
-        if not isinstance(resume, (bool, int)):
-            raise TypeError(f"Monitor: resume must be True, False or a step (an int), got {resume!r}")
-        if not isinstance(resume, bool) and resume < 0:
-            raise ValueError(f"Monitor: resume must be a step >= 0, got {resume}")
+        _check_resume(resume)
         if resume is not False and run_dir is None:
             raise ValueError("Monitor: resume continues a run directory; give run_dir")
         if resume is not False and overwrite:
@@ -494,6 +505,8 @@ class Monitor:
 
     def _resume_step(self, previous) -> int:
         """The step to continue from: the one given, else where the previous process ended."""
+        if isinstance(self._resume, tuple):
+            return self._resume[0]
         if not isinstance(self._resume, bool):
             return self._resume
         steps = (previous.meta.get("summary") or {}).get("steps")
@@ -516,7 +529,9 @@ class Monitor:
         ``step`` already is not asked again at it."""
         last = {name: record.frame(-1) for name, record in run.probes.items() if len(record)}
         summary = run.meta.get("summary") or {}
-        if summary.get("steps") == step and summary.get("epochs") is not None:
+        if isinstance(self._resume, tuple):
+            epoch = self._resume[1]
+        elif summary.get("steps") == step and summary.get("epochs") is not None:
             epoch = int(summary["epochs"])
         else:
             epoch = max((f.epoch for f in last.values()), default=0)

@@ -41,7 +41,7 @@ class Blobs(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.2)
 
 
-def _fit(module, data, callback, epochs=2, accumulate=1):
+def _fit(module, data, callback, epochs=2, accumulate=1, ckpt_path=None):
     x, y = data.x_train[:320], data.y_train[:320]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
     valid = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:96], y[:96]), batch_size=48)
@@ -49,14 +49,14 @@ def _fit(module, data, callback, epochs=2, accumulate=1):
         max_epochs=epochs,
         accelerator="cpu",
         devices=1,
-        callbacks=[callback],
+        callbacks=callback if isinstance(callback, list) else [callback],
         accumulate_grad_batches=accumulate,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(module, loader, valid)
+    trainer.fit(module, loader, valid, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -136,7 +136,7 @@ def test_under_ddp_one_rank_probes_and_writes_the_run(tmp_path, blobs):
         accelerator="cpu",
         devices=2,
         strategy="ddp_spawn",
-        callbacks=[callback],
+        callbacks=callback if isinstance(callback, list) else [callback],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -148,3 +148,28 @@ def test_under_ddp_one_rank_probes_and_writes_the_run(tmp_path, blobs):
     assert run.meta["distributed"]["rank"] == 0
     assert run.meta["summary"]["steps"] == 4  # 256 samples, 32 a batch, split over two ranks
     assert run.meta["summary"]["probes"]["grid"]["failed"] == 0
+
+
+def test_a_fit_from_a_checkpoint_goes_on_in_the_same_run_from_the_checkpoints_step(tmp_path, blobs):
+    x, y = blobs.x_train, blobs.y_train
+
+    def callback():
+        probes = [ps.GridProbe(x, y, resolution=8, schedule=ps.Schedule.every(2)), ps.LossProbe()]
+        return ProbescopeCallback(probes, run_dir=tmp_path / "run", snapshot="sync", resume=True)
+
+    class SaveAfterEpoch3(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 2:
+                trainer.save_checkpoint(tmp_path / "epoch3.ckpt")
+
+    _fit(Blobs(), blobs, [callback(), SaveAfterEpoch3()], epochs=5)  # 10 steps an epoch: 50
+    # The job starts again from the checkpoint of step 30: the frames after it go aside.
+    resumed = callback()
+    trainer = _fit(Blobs(), blobs, resumed, epochs=4, ckpt_path=tmp_path / "epoch3.ckpt")
+    assert trainer.global_step == 40 and resumed.monitor.resumed_at == 30
+    run = ps.open_run(tmp_path / "run")
+    assert [r["step"] for r in run.meta["resumes"]] == [30]
+    assert run.probe("grid").steps() == list(range(0, 42, 2))
+    assert run.meta["summary"]["steps"] == 40 and run.meta["summary"]["epochs"] == 4
+    superseded = sorted((tmp_path / "run" / "probes" / "grid" / "superseded").glob("*.npz"))
+    assert [int(p.stem.split("_")[1]) for p in superseded] == list(range(32, 52, 2))

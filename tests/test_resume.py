@@ -157,8 +157,11 @@ def test_resuming_refuses_other_probes_a_live_writer_and_bad_arguments(tmp_path,
         Monitor(mlp, [], run_dir=run_dir, resume=True, overwrite=True)
     with pytest.raises(ValueError, match="a step >= 0"):
         Monitor(mlp, [], run_dir=run_dir, resume=-1)
-    with pytest.raises(TypeError, match="resume must be True, False or a step"):
-        Monitor(mlp, [], run_dir=run_dir, resume="yes")
+    for bad in ("yes", (1,), (1, 2, 3), (1.5, 2), 2.0):
+        with pytest.raises(TypeError, match="resume must be True, False, a step or a"):
+            Monitor(mlp, [], run_dir=run_dir, resume=bad)
+    with pytest.raises(ValueError, match="a step >= 0"):
+        Monitor(mlp, [], run_dir=run_dir, resume=(3, -1))
     existing = Monitor(mlp, [], run_dir=run_dir)
     with pytest.raises(FileExistsError, match=r"resume it \(Monitor\(resume=True\)\)"):
         existing.start()

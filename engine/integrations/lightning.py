@@ -5,11 +5,12 @@
     trainer = L.Trainer(callbacks=[ProbescopeCallback([ps.GridProbe(x, y)], run_dir="runs/x")])
 
 The Monitor starts when fitting starts (the module is on its device and the optimizers
-exist), takes a step after every optimizer step (with gradient accumulation, every
-``accumulate_grad_batches`` batches), records each batch's training loss, and closes when
-fitting ends or fails (the frames written so far stay on disk). Probes call the
-LightningModule's ``forward``. Lightning runs callbacks on every rank; the Monitor probes on
-one (see probescope.distributed).
+exist; with ``resume=True`` and ``fit(ckpt_path=...)``, once Lightning has restored the
+checkpoint's step and epoch, and the run goes on from them), takes a step after every
+optimizer step (with gradient accumulation, every ``accumulate_grad_batches`` batches),
+records each batch's training loss, and closes when fitting ends or fails (the frames
+written so far stay on disk). Probes call the LightningModule's ``forward``. Lightning runs
+callbacks on every rank; the Monitor probes on one (see probescope.distributed).
 
 The metrics logged during validation (``self.log`` in ``validation_step``) are recorded at
 the end of each validation run, so LossProbe draws them beside the training loss.
@@ -45,10 +46,25 @@ class ProbescopeCallback(L.Callback):
         self.monitor: Monitor | None = None
         self._optimizer_steps = 0
         self._before_validation: dict[str, Any] = {}
+        self._deferred = False
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.monitor_kwargs.get("resume") is True and trainer.ckpt_path:
+            # Fitting from a checkpoint: Lightning restores its step after this hook; the run
+            # goes on from that step, in on_train_start.
+            self._deferred = True
+            return
+        self._start(trainer, pl_module, self.monitor_kwargs)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._deferred:
+            self._deferred = False
+            resume = (trainer.global_step, trainer.current_epoch)
+            self._start(trainer, pl_module, {**self.monitor_kwargs, "resume": resume})
+
+    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule, kwargs: dict[str, Any]) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        self.monitor = Monitor(pl_module, self.probes, optimizer=optimizer, **self.monitor_kwargs)
+        self.monitor = Monitor(pl_module, self.probes, optimizer=optimizer, **kwargs)
         self._optimizer_steps = trainer.global_step
         self.monitor.start()
 
