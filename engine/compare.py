@@ -3,7 +3,8 @@
 For benchmark suites (many models x probes): ``compare_runs(["runs/a", "runs/b", ...])`` reads
 each run directory (finished or still running) and returns a pandas DataFrame with one row
 per run: how it stands (``stopped``: its process died without closing it), the model, its
-size, steps and epochs, the step of its newest frame, the monitored wall time, a digest of
+size, steps and epochs, the step of its newest frame, how many times it was resumed
+(``Monitor(resume=...)``: a preempted job), the monitored wall time, a digest of
 its probe spec (equal digests: the runs were probed the same way), the first series to go NaN
 or infinite and where (``nonfinite``: a run that diverged), the last value of every loss and
 metric series (LossProbe, or StatsProbe's table), each PredictionProbe's last accuracy (or MSE
@@ -51,6 +52,7 @@ def run_row(run: Run) -> dict[str, Any]:
         "parameters": model.get("parameters"),
         "steps": summary.get("steps"),
         "last_step": run.last_step(),
+        "resumes": len(meta.get("resumes", [])),
         "epochs": summary.get("epochs"),
         "wall_seconds": summary.get("wall_seconds"),
         "probe_spec": _spec_digest(run),

@@ -88,7 +88,8 @@ def test_a_closed_run_resumed_reads_as_one_run(tmp_path, mlp, blobs, capsys):
     scored = {f.step: float(f.data["value"]) for f in run.probe("checkpoint").frames()}
     assert index["best"]["value"] == pytest.approx(min(scored.values()))
     assert scored[40] == pytest.approx(values[40])
-    assert compare_runs([run_dir]).iloc[0]["steps"] == 50
+    row = compare_runs([run_dir]).iloc[0]
+    assert row["steps"] == 50 and row["resumes"] == 1
     assert main(["info", str(run_dir)]) == 0
     assert "resumed   at step 30 " in capsys.readouterr().out
 
