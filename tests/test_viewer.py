@@ -416,6 +416,29 @@ def test_follow_waits_for_a_run_that_has_not_started_yet(tmp_path, mlp, blobs, c
     assert iio.imread(out).shape[2] in (3, 4)
 
 
+def test_follow_reads_past_a_frame_moved_aside_as_it_was_listed(recorded, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(recorded, run_dir)
+    source = RunSource(run_dir, follow=True)
+    record = source.run.probe("grid")
+    listed, moved = record.refresh, []
+
+    def then_superseded():  # a resumed run moves the newest frame aside right after a listing
+        count = listed()
+        if not moved:
+            newest = record.paths[-1]
+            (newest.parent.parent / "superseded").mkdir(exist_ok=True)
+            moved.append(newest.rename(newest.parent.parent / "superseded" / newest.name))
+        return count
+
+    record.refresh = then_superseded
+    steps = [frame.step for frame in record.frames()]
+    frame = source.latest("grid")
+    assert moved and frame is not None and frame.step == steps[-2]  # the newest still there
+
+
 def test_keys_pause_save_record_step_and_quit(recorded, tmp_path):
     class Key:
         def __init__(self, name):

@@ -66,7 +66,12 @@ class RunSource:
         record = self.run.probe(name)
         if self.follow:
             record.refresh()
-        return record.frame(len(record) - 1) if len(record) else None
+        for _ in range(3):
+            try:
+                return record.frame(len(record) - 1) if len(record) else None
+            except FileNotFoundError:  # moved aside since the listing (a resumed run supersedes)
+                record.refresh()
+        return None
 
     def steps(self, name: str) -> list[int]:
         if name not in self._steps:
