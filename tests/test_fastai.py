@@ -140,6 +140,18 @@ def test_lr_find_is_not_recorded_and_each_later_fit_records_a_run_of_its_own(tmp
     assert not (tmp_path / "run-fit3").exists()
 
 
+def test_with_resume_fine_tunes_two_fits_are_one_run(tmp_path):
+    callback = ProbescopeCallback([LossProbe()], run_dir=tmp_path / "run", resume=True)
+    learn = learner(blobs_dls(), mlp(), cbs=callback)
+    learn.fit(1, 1e-2)
+    learn.fit_one_cycle(2, 1e-2)  # as fine_tune does: a first fit, then a second on it
+    assert callback.fits == 2 and not (tmp_path / "run-fit2").exists()
+    run = open_run(tmp_path / "run")
+    assert run.meta["status"] == "finished" and [r["step"] for r in run.meta["resumes"]] == [10]
+    assert run.meta["summary"]["steps"] == 30 and run.meta["summary"]["epochs"] == 3
+    assert run.probe("loss").frame(-1).data["series/train_loss/steps"].tolist() == list(range(1, 31))
+
+
 def test_a_step_that_gradient_accumulation_cancels_is_no_step(tmp_path):
     seen = Seen()
     callback = ProbescopeCallback([LossProbe()], run_dir=tmp_path / "run")

@@ -411,6 +411,22 @@ def test_each_later_fit_with_the_same_callback_records_a_run_of_its_own(tmp_path
     assert first.meta["summary"]["steps"] == 8 and second.meta["summary"]["steps"] == 12
 
 
+def test_with_resume_each_later_fit_goes_on_in_the_same_run(tmp_path):
+    x = np.random.default_rng(0).normal(size=(128, 1)).astype("float32")
+    model = sequential(dense(8, "tanh"), dense(1), inputs=1)
+    model.compile("adam", "mse")
+    callback = ProbescopeCallback([LossProbe()], run_dir=tmp_path / "run", resume=True)
+    for epochs in (2, 3):  # fit, then fit on: one training, one run
+        model.fit(x, 2 * x, epochs=epochs, batch_size=32, verbose=0, callbacks=[callback])
+    assert callback.fits == 2 and not (tmp_path / "run-fit2").exists()
+    run = open_run(tmp_path / "run")
+    assert run.meta["status"] == "finished" and [r["step"] for r in run.meta["resumes"]] == [8]
+    assert run.meta["summary"]["steps"] == 20 and run.meta["summary"]["epochs"] == 5
+    last = run.probe("loss").frame(-1).data
+    assert last["series/train_loss/steps"].tolist() == list(range(1, 21))  # 4 batches an epoch
+    assert last["series/train_loss_epoch/steps"].tolist() == [4, 8, 12, 16, 20]
+
+
 def test_keras_runs_feed_the_latent_state_analysis(tmp_path):
     from probescope.analysis import latent_states, write_report
 

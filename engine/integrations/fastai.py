@@ -16,7 +16,8 @@ metric as ``valid_<name>`` (``train_<name>`` for training metrics). It closes wh
 ends. ``lr_find`` runs are not recorded.
 
 A later fit with the same callback records into ``RUN_DIR-fit2``, ``-fit3``, ... (``fine_tune``
-fits twice: frozen, then the whole model). fastai calls no callback when ``fit`` raises
+fits twice: frozen, then the whole model); with ``resume=True`` every fit goes on in the same
+run (see ``Monitor(resume=...)``). fastai calls no callback when ``fit`` raises
 (other than its own Cancel exceptions): use the callback as a context manager (``with
 ProbescopeCallback(...) as cb: learn.fit(..., cbs=cb)``) to close the Monitor then too,
 keeping the frames written so far.
@@ -78,7 +79,8 @@ class ProbescopeCallback(Callback):
             return  # lr_find's fit is thrown away (fastai puts the weights back): not a run
         self.fits += 1
         kwargs = dict(self.monitor_kwargs)
-        if self.fits > 1 and kwargs.get("run_dir") is not None:  # the first fit's run stays as it is
+        later = self.fits > 1 and kwargs.get("run_dir") is not None
+        if later and kwargs.get("resume") is not True:  # the first fit's run stays as it is
             kwargs["run_dir"] = f"{os.fspath(kwargs['run_dir'])}-fit{self.fits}"
         probes = self.probes if self.probes is not None else default_probes(self.learn)
         optimizer = getattr(self.learn.opt, "opt", self.learn.opt)  # OptimWrapper: the torch one

@@ -16,8 +16,9 @@ each epoch the validation logs are recorded as ``valid_<name>`` (``val_loss`` be
 ``train_<name>``. A model's last activation (softmax, sigmoid) is read from its last layer,
 so ``output="auto"`` takes its outputs as probabilities.
 
-A later ``fit`` with the same callback records into ``RUN_DIR-fit2``, ``-fit3``, ...
-Keras calls no callback when ``fit`` raises: use the callback as a context manager (``with
+A later ``fit`` with the same callback records into ``RUN_DIR-fit2``, ``-fit3``, ...; with
+``resume=True`` every fit goes on in the same run (see ``Monitor(resume=...)``). Keras calls
+no callback when ``fit`` raises: use the callback as a context manager (``with
 ProbescopeCallback(...) as cb: model.fit(..., callbacks=[cb])``) to close the Monitor then
 too, keeping the frames written so far.
 """
@@ -75,7 +76,8 @@ class ProbescopeCallback(keras.callbacks.Callback):
         self.close()  # a Monitor left open by a fit that raised
         self.fits += 1
         kwargs = dict(self.monitor_kwargs)
-        if self.fits > 1 and kwargs.get("run_dir") is not None:  # the first fit's run stays as it is
+        later = self.fits > 1 and kwargs.get("run_dir") is not None
+        if later and kwargs.get("resume") is not True:  # the first fit's run stays as it is
             kwargs["run_dir"] = f"{os.fspath(kwargs['run_dir'])}-fit{self.fits}"
         self.monitor = Monitor(self.model, self.probes, **kwargs)
         self.monitor.start()
