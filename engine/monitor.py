@@ -482,7 +482,9 @@ class Monitor:
                     previous.probe(st.probe.name).check_same(st.probe.kind, st.probe.static())
         self.writer = RunWriter(self._run_dir, overwrite=self._overwrite, resume_at=step)
         if previous is not None:
-            self._continue(open_run(self._run_dir), step)
+            for record in previous.probes.values():
+                record.refresh()  # the frames of later steps are superseded now
+            self._continue(previous, step)
         for st in self._probes.values():
             p = st.probe
             self.writer.add_probe(

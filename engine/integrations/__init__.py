@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any
 
 
@@ -18,6 +19,16 @@ def check_monitor_kwargs(owner: str, kwargs: dict[str, Any], own: tuple[str, ...
     if unknown:
         options = ", ".join(k for k in parameters if k not in own)
         raise TypeError(f"{owner}: unknown Monitor arguments {unknown}; they are {options}")
+
+
+def fit_kwargs(kwargs: dict[str, Any], fits: int) -> dict[str, Any]:
+    """The Monitor arguments of fit number ``fits`` of one callback: a later fit records into
+    ``RUN_DIR-fit<n>`` (the first fit's run stays as it is), unless ``resume=True``, with
+    which every fit goes on in the same run."""
+    kwargs = dict(kwargs)
+    if fits > 1 and kwargs.get("run_dir") is not None and kwargs.get("resume") is not True:
+        kwargs["run_dir"] = f"{os.fspath(kwargs['run_dir'])}-fit{fits}"
+    return kwargs
 
 
 def is_scalar(value) -> bool:

@@ -26,7 +26,6 @@ keeping the frames written so far.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,7 +34,7 @@ from fastai.callback.core import Callback
 from fastai.callback.schedule import LRFinder
 from fastai.learner import Recorder
 
-from probescope.integrations import check_monitor_kwargs, is_scalar
+from probescope.integrations import check_monitor_kwargs, fit_kwargs, is_scalar
 from probescope.monitor import Monitor
 from probescope.probes.base import Probe
 from probescope.probes.loss import LossProbe
@@ -78,10 +77,7 @@ class ProbescopeCallback(Callback):
         if any(isinstance(cb, LRFinder) for cb in self.learn.cbs):
             return  # lr_find's fit is thrown away (fastai puts the weights back): not a run
         self.fits += 1
-        kwargs = dict(self.monitor_kwargs)
-        later = self.fits > 1 and kwargs.get("run_dir") is not None
-        if later and kwargs.get("resume") is not True:  # the first fit's run stays as it is
-            kwargs["run_dir"] = f"{os.fspath(kwargs['run_dir'])}-fit{self.fits}"
+        kwargs = fit_kwargs(self.monitor_kwargs, self.fits)
         probes = self.probes if self.probes is not None else default_probes(self.learn)
         optimizer = getattr(self.learn.opt, "opt", self.learn.opt)  # OptimWrapper: the torch one
         self.monitor = self._live = Monitor(self.learn.model, probes, optimizer=optimizer, **kwargs)

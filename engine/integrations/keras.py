@@ -36,7 +36,7 @@ import keras  # the backend is chosen by the environment at import
 import torch
 from torch import nn
 
-from probescope.integrations import check_monitor_kwargs, is_scalar
+from probescope.integrations import check_monitor_kwargs, fit_kwargs, is_scalar
 from probescope.monitor import Monitor
 from probescope.probes.base import Probe
 
@@ -75,10 +75,7 @@ class ProbescopeCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs=None) -> None:
         self.close()  # a Monitor left open by a fit that raised
         self.fits += 1
-        kwargs = dict(self.monitor_kwargs)
-        later = self.fits > 1 and kwargs.get("run_dir") is not None
-        if later and kwargs.get("resume") is not True:  # the first fit's run stays as it is
-            kwargs["run_dir"] = f"{os.fspath(kwargs['run_dir'])}-fit{self.fits}"
+        kwargs = fit_kwargs(self.monitor_kwargs, self.fits)
         self.monitor = Monitor(self.model, self.probes, **kwargs)
         self.monitor.start()
 

@@ -92,9 +92,14 @@ class LossProbe(Probe):
         }
 
 
-def frame_series(data: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """A LossProbe frame's series, ``{name: (steps, values)}`` by name, the learning rate left out."""
-    names = sorted({key.split("/")[1] for key in data if key.startswith("series/")} - {"lr"})
+def frame_series(
+    data: Mapping[str, np.ndarray], lr: bool = False
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A LossProbe frame's series, ``{name: (steps, values)}`` by name (the learning rate left
+    out unless ``lr``)."""
+    names = sorted(
+        {key.split("/")[1] for key in data if key.startswith("series/")} - (set() if lr else {"lr"})
+    )
     return {name: (data[f"series/{name}/steps"], data[f"series/{name}/values"]) for name in names}
 
 
@@ -120,15 +125,13 @@ def seed_history(history: History, frame, config: Mapping[str, Any], step: int) 
     each); the probe's own series (``train_loss_epoch``, its valid loss and metrics) are not
     the history's. A series longer than the probe's ``max_points`` comes back as the frame
     kept it (its envelope)."""
-    names = sorted({key.split("/")[1] for key in frame.data if key.startswith("series/")})
     own = {"train_loss_epoch"} | (
         {"valid_loss", *config.get("metrics", [])} if config.get("valid_samples") else set()
     )
     ends = frame.data.get("series/train_loss_epoch/steps")
-    for name in names:
+    for name, (steps, values) in frame_series(frame.data, lr=True).items():
         if name in own:
             continue
-        steps, values = frame.data[f"series/{name}/steps"], frame.data[f"series/{name}/values"]
         keep = steps <= step
         steps, values = steps[keep], values[keep]
         epochs = np.searchsorted(ends, steps, side="left") if ends is not None else np.zeros_like(steps)
