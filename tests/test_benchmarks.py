@@ -585,6 +585,11 @@ def test_the_sinks_benchmark_times_every_mode(capsys):
     from benchmarks.sinks import main
 
     assert main(["--steps", "40", "--rounds", "1", "--resolution", "8"]) == 0
-    rows = {line[:14].strip(): line[14:].split() for line in capsys.readouterr().out.splitlines()[2:]}
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line[:14].strip(): line[14:].split() for line in lines[2:6]}
     assert list(rows) == ["off", "sink", "library sink", "in the loop"]
+    assert [line.split(": ")[0] for line in lines[6:]] == [
+        "checksum of 100 kB, tensorboard (pure Python)",
+        "checksum of 100 kB, google-crc32c",
+    ]
     assert rows["off"][1] == "1.000" and all(float(rate) > 0 for rate, _ in rows.values())
