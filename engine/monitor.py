@@ -245,8 +245,11 @@ class Monitor:
 
     ``viewer=True`` opens the OpenGL viewer in this process (``"offscreen"``: rendered
     through EGL, for headless machines and tests); the training thread lets it draw the
-    newest frames at most ``viewer_fps`` times a second. A viewer that cannot open or is
-    closed costs one warning; training goes on.
+    newest frames at most ``viewer_fps`` times a second (default 30). In a Jupyter notebook,
+    ``viewer=True`` (or ``"notebook"``) shows the panels as an output of the cell instead,
+    drawn on a thread of the view's own at most ``viewer_fps`` times a second (default 2; see
+    probescope.viewers.notebook). A viewer that cannot open or is closed costs one warning;
+    training goes on.
     """
 
     #: Steps the Monitor times before it tells the budgets (``Schedule.observe_steps``).
@@ -269,7 +272,7 @@ class Monitor:
         metadata: Mapping[str, Any] | None = None,
         high_priority_training: bool = False,
         viewer: bool | str = False,
-        viewer_fps: float = 30.0,
+        viewer_fps: float | None = None,
         snapshot_params: Sequence[str] | None = None,
         snapshot_host: bool = False,
         snapshot_hooks: bool = False,
@@ -282,8 +285,12 @@ class Monitor:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor: model must be a torch.nn.Module, got {type(model).__name__}")
-        if viewer not in (False, True, "offscreen"):
-            raise ValueError(f"Monitor: viewer must be True, False or 'offscreen', got {viewer!r}")
+        if viewer not in (False, True, "offscreen", "notebook"):
+            raise ValueError(
+                f"Monitor: viewer must be True, False, 'offscreen' or 'notebook', got {viewer!r}"
+            )
+        if viewer_fps is not None and not viewer_fps > 0:
+            raise ValueError(f"Monitor: viewer_fps must be > 0, got {viewer_fps!r}")
         if isinstance(probe_rank, bool) or not isinstance(probe_rank, int) or probe_rank < 0:
             raise ValueError(f"Monitor: probe_rank must be a rank (an int >= 0), got {probe_rank!r}")
         self.placement: Placement = placement()
@@ -656,11 +663,22 @@ class Monitor:
 
     def _open_viewer(self) -> None:
         try:
+            from probescope.viewers.notebook import DEFAULT_FPS, NotebookView, in_notebook
             from probescope.viewers.viewer import MonitorSource, Viewer
 
-            self.viewer = Viewer(
-                MonitorSource(self), offscreen=self._viewer_mode == "offscreen", fps=self._viewer_fps
-            )
+            mode, fps = self._viewer_mode, self._viewer_fps
+            if mode is True and in_notebook():
+                mode = "notebook"
+            if mode == "notebook":
+                if not in_notebook():
+                    raise RuntimeError("viewer='notebook' needs a Jupyter kernel, and this is none")
+                # Before the first step, as compiling is: the step-0 frames, then the first
+                # picture, which compiles the canvas's shaders (seconds on a CPU's llvmpipe).
+                self._worker.wait_idle(self._close_timeout)
+                self.viewer = NotebookView(MonitorSource(self), fps=fps or DEFAULT_FPS)
+                self.viewer.wait_ready(self._close_timeout)
+            else:
+                self.viewer = Viewer(MonitorSource(self), offscreen=mode == "offscreen", fps=fps or 30.0)
         except Exception as err:
             log.warning(
                 "Monitor: the viewer could not open (%s: %s); training goes on", type(err).__name__, err

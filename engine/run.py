@@ -131,7 +131,9 @@ def save_state(model: torch.nn.Module, path: Path) -> None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+    # Keys in the order they were made: the probes' order is the one the user gave, which the
+    # viewer, exports and compare show them in.
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def _write_npz(path: Path, arrays: Mapping[str, np.ndarray], write=write_npz) -> None:
@@ -432,10 +434,7 @@ class Run:
         status), or ``stopped``: run.json says running but its writer's process is gone
         (killed, crashed, the machine restarted) without closing it. A run written on another
         machine is taken at its word."""
-        status = self.meta.get("status", "unknown")
-        if status == "running" and self.writer_alive() is False:
-            return "stopped"
-        return status
+        return _status(self.meta)
 
     def writer_alive(self) -> bool | None:
         """Whether the process that writes the run still runs (None: this machine cannot tell)."""
@@ -475,6 +474,18 @@ class Run:
 def open_run(path: str | os.PathLike) -> Run:
     """Open a run directory for reading."""
     return Run(path)
+
+
+def run_status(path: str | os.PathLike) -> str:
+    """:attr:`Run.status` from run.json alone (no listing of frames): for a follower's polls."""
+    return _status(json.loads((Path(path) / "run.json").read_text()))
+
+
+def _status(meta: dict) -> str:
+    status = meta.get("status", "unknown")
+    if status == "running" and writer_alive(meta.get("writer")) is False:
+        return "stopped"
+    return status
 
 
 def started(path: str | os.PathLike) -> bool:

@@ -2,6 +2,7 @@
 does less (or something else) would be a false figure."""
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -593,3 +594,21 @@ def test_the_sinks_benchmark_times_every_mode(capsys):
         "checksum of 100 kB, google-crc32c",
     ]
     assert rows["off"][1] == "1.000" and all(float(rate) > 0 for rate, _ in rows.values())
+
+
+def test_the_notebook_benchmark_times_the_view_in_a_kernel(capsys):
+    pytest.importorskip("jupyter_client")
+    if importlib.util.find_spec("ipykernel") is None:
+        pytest.skip("needs ipykernel")
+    from benchmarks.notebook import main
+
+    runs = main(["--steps", "400", "--rounds", "1", "--resolution", "32", "--fps", "8"])
+    assert list(runs) == ["off", "notebook 8 fps"]
+    (view,) = runs["notebook 8 fps"]
+    # The view sent its first picture before training and every later one reached the client.
+    assert view["error"] is None and view["images"] >= 1 and view["updates"] == view["images"]
+    assert view["startup_seconds"] > 0 and view["bytes"] > 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:3] == ["mode", "steps/s", "slowdown"]
+    assert lines[2].split()[0] == "off" and lines[2].split()[2] == "1.000x"
+    assert lines[3].startswith("notebook 8 fps") and len(lines[3].split()) == 9

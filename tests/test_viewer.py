@@ -234,6 +234,31 @@ def test_replay_visits_every_recorded_step(recorded):
     viewer.close()
 
 
+def test_panels_keep_the_order_the_probes_were_given_in(recorded):
+    assert list(open_run(recorded).probes) == ["grid", "prediction", "loss"]  # not alphabetical
+    viewer = Viewer(RunSource(recorded), offscreen=True, size=(900, 400))
+    assert list(viewer.panels) == ["grid", "prediction", "loss"]
+    viewer.close()
+
+
+def test_the_same_frames_draw_the_same_pixels_on_every_canvas(recorded):
+    # The layout solver once chose among equally good layouts anew for each canvas: legends
+    # and axes moved, so a replay, an export and the live view drew one frame differently.
+    images = []
+    for _ in range(6):
+        viewer = Viewer(RunSource(recorded), offscreen=True)
+        assert viewer.refresh()
+        images.append(viewer.render())
+        for panel in viewer.panels.values():  # legend entries start at the top of the view
+            if panel.legend is not None:
+                tops = [text.pos[0][1] for text in panel.legend.texts]
+                assert tops[0] == panel.view.pos[1] + 0.5 * panel.legend.ROW
+                assert np.allclose(np.diff(tops), panel.legend.ROW)
+        viewer.close()
+    for image in images[1:]:
+        np.testing.assert_array_equal(image, images[0])
+
+
 def test_closing_the_viewer_never_stops_training(mlp, blobs, caplog):
     probe = GridProbe(blobs.x_train, blobs.y_train, resolution=16, schedule=Schedule.every(2))
     monitor = Monitor(mlp, [probe], viewer="offscreen", viewer_fps=1000.0).start()

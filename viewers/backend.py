@@ -20,10 +20,16 @@ class ViewerUnavailable(RuntimeError):
     """No OpenGL backend can be used here; the message says what to do instead."""
 
 
-def _in_notebook() -> bool:
-    shell = sys.modules.get("IPython")
+def in_notebook() -> bool:
+    """True in a Jupyter kernel (JupyterLab, Notebook, VS Code, Colab): an IPython shell
+    whose outputs go to a frontend. Imports nothing that is not imported already."""
+    if "IPython" not in sys.modules or "ipykernel" not in sys.modules:
+        return False
     try:
-        return shell is not None and shell.get_ipython().__class__.__name__ == "ZMQInteractiveShell"
+        from ipykernel.zmqshell import ZMQInteractiveShell
+        from IPython import get_ipython
+
+        return isinstance(get_ipython(), ZMQInteractiveShell)
     except Exception:
         return False
 
@@ -49,7 +55,7 @@ def use_backend(offscreen: bool) -> str:
     if offscreen:
         os.environ.setdefault("EGL_PLATFORM", "surfaceless")
         candidates = ["egl"]
-    elif _in_notebook() and importlib.util.find_spec("jupyter_rfb") is not None:
+    elif in_notebook() and importlib.util.find_spec("jupyter_rfb") is not None:
         candidates = ["jupyter_rfb"]
     elif (
         os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform in ("darwin", "win32")

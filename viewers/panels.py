@@ -65,6 +65,34 @@ class LeftLabel(scene.Label):
         self._text_visual.pos = (rect.left + self.MARGIN, rect.center[1])
 
 
+class Legend:
+    """Names in their colours, one row each, beside the top of a panel's view. Placed by hand
+    from the view's rectangle: as labels in a column of the layout, the entries moved from one
+    canvas to the next (the layout solver's choice among equally good solutions), so the same
+    frame drew differently."""
+
+    ROW = 23.0  # pixels per entry
+    WIDTH = 90.0  # the column the layout keeps for it
+    MARGIN = LeftLabel.MARGIN
+
+    def __init__(self, grid, view, entries: list[tuple[str, tuple]], row: int, col: int):
+        column = scene.Widget()  # holds the column's width in the layout; draws nothing
+        column.width_min = column.width_max = self.WIDTH
+        grid.add_widget(column, row=row, col=col)
+        self.view = view
+        self.texts = [
+            scene.visuals.Text(text, color=c, font_size=7, anchor_x="left", anchor_y="center", parent=grid)
+            for text, c in entries
+        ]
+        view.events.resize.connect(self.place)
+        self.place()
+
+    def place(self, event=None) -> None:
+        left, top = self.view.pos[0] + self.view.size[0], self.view.pos[1]
+        for i, text in enumerate(self.texts):
+            text.pos = (left + self.MARGIN, top + (i + 0.5) * self.ROW)
+
+
 class Panel:
     """Caption, a pan-and-zoom view with ticked axes, and an optional legend column."""
 
@@ -76,29 +104,25 @@ class Panel:
         self.spec = spec
         self.grid = parent_grid.add_grid(row=row, col=col, margin=4)
         self.caption = LeftLabel(spec.name, color="black", font_size=9)
-        self.caption.height_max = 26
+        # Fixed sizes for everything but the view: with only maxima, the layout solver sized
+        # them differently from one canvas to the next, and the same frame drew differently.
+        self.caption.height_min = self.caption.height_max = 26
         self.grid.add_widget(self.caption, row=0, col=0, col_span=3 if legend else 2)
         self.y_axis = scene.AxisWidget(orientation="left", axis_label=self.y_label, axis_font_size=7,
                                        axis_label_margin=32, tick_label_margin=4, text_color="black",
                                        axis_color="black", tick_color="black")  # fmt: skip
-        self.y_axis.width_max = 58
+        self.y_axis.width_min = self.y_axis.width_max = 58
         self.grid.add_widget(self.y_axis, row=1, col=0)
         self.x_axis = scene.AxisWidget(orientation="bottom", axis_label=self.x_label, axis_font_size=7,
                                        axis_label_margin=26, tick_label_margin=12, text_color="black",
                                        axis_color="black", tick_color="black")  # fmt: skip
-        self.x_axis.height_max = 40
+        self.x_axis.height_min = self.x_axis.height_max = 40
         self.grid.add_widget(self.x_axis, row=2, col=1)
         self.view = self.grid.add_view(row=1, col=1, border_color=(0.5, 0.5, 0.5, 1.0), bgcolor="white")
         self.view.camera = scene.PanZoomCamera()
         self.x_axis.link_view(self.view)
         self.y_axis.link_view(self.view)
-        if legend:
-            column = self.grid.add_grid(row=1, col=2)
-            column.width_max = 90
-            for i, (text, colour) in enumerate(legend):
-                label = LeftLabel(text, color=colour, font_size=7)
-                column.add_widget(label, row=i, col=0)
-            column.add_widget(scene.Widget(), row=len(legend), col=0)  # pushes the entries up
+        self.legend = Legend(self.grid, self.view, legend, row=1, col=2) if legend else None
         self.step = self.epoch = None
         self.data: dict[str, np.ndarray] | None = None  # the frame on screen
         self.hover = ""  # what the pointer is over, in the caption
@@ -383,7 +407,10 @@ def in_pixels(line: scene.visuals.Line, pos: np.ndarray, view) -> None:
     sx = width / rect.width if rect.width > 0 and width > 0 else 1.0
     sy = height / rect.height if rect.height > 0 and height > 0 else 1.0
     line.set_data(pos=(np.asarray(pos, np.float64) * (sx, sy)).astype(np.float32))
-    line.transform = STTransform(scale=(1.0 / sx, 1.0 / sy))
+    if isinstance(line.transform, STTransform):  # new values, same transform: no shader rebuilt
+        line.transform.scale = (1.0 / sx, 1.0 / sy)
+    else:  # a new transform changes the line's shader program, which is built again (ms each)
+        line.transform = STTransform(scale=(1.0 / sx, 1.0 / sy))
 
 
 class SeriesPanel(Panel):

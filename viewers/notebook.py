@@ -1,0 +1,183 @@
+"""The live view in a Jupyter notebook: the viewer's canvas as one image output of the cell.
+
+A window cannot be driven from a notebook cell that trains (the kernel runs the cell, not an
+event loop), and a widget that draws when the browser asks (jupyter_rfb) waits until the cell
+ends. This view renders the viewer's canvas offscreen (EGL) on a thread of its own and replaces
+one output of the cell with the newest picture, at most ``fps`` times a second and only when a
+frame changed, while the cell runs; the output keeps the last picture when training ends, so
+the saved notebook shows it. Updates go by display id, so they reach the output from any thread.
+
+``Monitor(viewer="notebook")`` (or ``viewer=True`` in a notebook) opens one for its probes;
+:func:`watch` follows or replays a run directory the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from probescope.viewers.backend import in_notebook
+
+__all__ = ["DEFAULT_FPS", "NotebookView", "in_notebook", "png_bytes", "watch"]
+
+log = logging.getLogger("probescope")
+
+DEFAULT_FPS = 2.0
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """An (H, W, 3 or 4) uint8 image as PNG (zlib level 1: a third of level 6's time on a
+    canvas of maps, a few percent larger)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image[..., :3])).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+class NotebookView:
+    """Panels for every probe of ``source`` as one image output of the current cell.
+
+    Created on the cell's thread (it displays the output there, with a line saying it waits
+    for frames); the canvas is made and drawn on the view's own thread, so neither training
+    nor the probes wait for it. ``close()`` draws the newest frames once more and stops.
+    The interface the Monitor drives a window through (``pump``, ``refresh``, ``close``,
+    ``closed``) is here too; ``pump`` and ``refresh`` cost nothing, the thread draws.
+    ``until``: asked after each drawing; when it returns True the view draws once more and
+    stops (a followed run that has ended).
+    """
+
+    def __init__(
+        self,
+        source,
+        *,
+        fps: float = DEFAULT_FPS,
+        size: tuple[int, int] | None = None,
+        columns: int | None = None,
+        probes=None,
+        until: Callable[[], bool] | None = None,
+        start: bool = True,
+    ):
+        if not fps > 0:
+            raise ValueError(f"NotebookView: fps must be > 0, got {fps!r}")
+        from IPython.display import display
+
+        self.source, self.fps, self._until = source, float(fps), until
+        self._viewer_args = {"size": size, "columns": columns, "probes": probes, "fps": self.fps}
+        self.viewer = None  # the offscreen Viewer, once the thread has made it
+        self.images = 0  # pictures sent to the output
+        self.bytes_sent = 0  # PNG bytes (base64 adds a third on the wire)
+        self.seconds = 0.0  # the thread's time on them: upload, draw, read-back, PNG, send
+        self.startup_seconds = 0.0  # making the canvas and its first picture (shaders compiled)
+        self.error: str | None = None
+        self.closed = False
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self.handle = display(
+            {"text/plain": "probescope: the view shows the first frames as soon as they exist"},
+            raw=True,
+            display_id=True,
+        )
+        self._thread = threading.Thread(target=self._run, name="probescope-notebook", daemon=True)
+        if start:
+            self._thread.start()
+
+    # ---- what the Monitor calls on the training thread ----------------------------------
+    def pump(self) -> None:
+        """Nothing to do: the view's thread draws."""
+
+    def refresh(self) -> bool:
+        """Nothing to do: the view's thread draws (``close`` draws the last frames)."""
+        return False
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Draw the newest frames once more and stop the thread (idempotent)."""
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("notebook view: still drawing after %.0f s; leaving it", timeout)
+        self.closed = True
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the canvas exists and has drawn the frames there were (or failed to);
+        True if that happened in time."""
+        return self._ready.wait(timeout)
+
+    # ---- the view's thread --------------------------------------------------------------
+    def _run(self) -> None:
+        from probescope.viewers.viewer import Viewer
+
+        try:  # the GL context belongs to this thread: made, drawn and closed here
+            t0 = time.perf_counter()
+            self.viewer = Viewer(self.source, offscreen=True, **self._viewer_args)
+            self._draw()  # the first picture compiles the shaders (seconds on llvmpipe)
+            self.startup_seconds, self.seconds = time.perf_counter() - t0, 0.0
+        except Exception as err:
+            self._fail("could not open", err)
+            return
+        finally:
+            self._ready.set()
+        period = 1.0 / self.fps
+        try:
+            while True:
+                t0 = time.perf_counter()
+                stopping = self._stop.is_set() or (self._until is not None and self._until())
+                self._draw()
+                if stopping:
+                    break
+                self._stop.wait(max(0.0, period - (time.perf_counter() - t0)))
+        except Exception as err:
+            self._fail("failed", err)
+        finally:
+            with contextlib.suppress(Exception):
+                self.viewer.close()
+
+    def _draw(self) -> None:
+        t0 = time.perf_counter()
+        if not self.viewer.refresh():
+            return
+        data = png_bytes(self.viewer.render())
+        self.handle.update({"image/png": base64.b64encode(data).decode("ascii")}, raw=True)
+        self.images += 1
+        self.bytes_sent += len(data)
+        self.seconds += time.perf_counter() - t0
+
+    def _fail(self, what: str, err: Exception) -> None:
+        self.error = f"{type(err).__name__}: {err}"
+        log.warning("notebook view: %s (%s); training goes on", what, self.error)
+        with contextlib.suppress(Exception):
+            self.handle.update({"text/plain": f"probescope: the view {what} ({self.error})"}, raw=True)
+        self.closed = True
+
+
+def watch(
+    path: str | Path,
+    *,
+    follow: bool = True,
+    fps: float = DEFAULT_FPS,
+    timeout: float | None = None,
+    **viewer_args,
+) -> NotebookView:
+    """In a notebook, show a run directory: ``follow`` its newest frames while another process
+    trains it (waiting up to ``timeout`` seconds for it to start; None: as long as it takes)
+    until it ends, or show its last frames (``follow=False``). Returns the view; ``close()``
+    stops following earlier. ``viewer_args``: the Viewer's ``size``, ``columns``, ``probes``."""
+    from probescope.run import run_status, wait_for_run
+    from probescope.viewers.viewer import RunSource
+
+    if follow:
+        wait_for_run(path, timeout)
+    until = (lambda: run_status(path) != "running") if follow else None
+    view = NotebookView(RunSource(path, follow=follow), fps=fps, until=until, **viewer_args)
+    if not follow:
+        view.close()  # one picture of the last frames
+    return view
