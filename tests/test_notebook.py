@@ -143,19 +143,26 @@ def test_the_cell_shows_the_panels_while_it_trains(kernel, tmp_path):
     assert differ.max() <= 2 and (differ > 0).mean() < 1e-4
 
 
-def test_a_view_that_cannot_open_says_why_in_the_cell_and_training_goes_on(kernel, tmp_path):
-    broken = textwrap.dedent(
-        """
+def failing_viewer(error: str, run, viewer) -> str:
+    """A cell whose GL viewer cannot be made (its constructor raises ``error``) trains with
+    the view as TRAIN does; the viewer is put back after it."""
+    swap = textwrap.dedent(
+        f"""
         import probescope.viewers.viewer as viewer_module
+        from probescope.viewers.backend import ViewerUnavailable
         real_viewer = viewer_module.Viewer
-        class NoGL:
+        class FailingViewer:
             def __init__(self, *args, **kwargs):
-                raise RuntimeError("no OpenGL context for you")
-        viewer_module.Viewer = NoGL
+                raise {error}
+        viewer_module.Viewer = FailingViewer
         """
     )
     restore = "viewer_module.Viewer = real_viewer\n"
-    code = broken + TRAIN.format(run=str(tmp_path / "run"), viewer="notebook", pictures=1) + restore
+    return swap + TRAIN.format(run=str(run), viewer=viewer, pictures=3) + restore
+
+
+def test_a_view_that_cannot_open_says_why_in_the_cell_and_training_goes_on(kernel, tmp_path):
+    code = failing_viewer("RuntimeError('no OpenGL context for you')", tmp_path / "run", "notebook")
     shown, updates, text, errors = outputs(kernel.run(code))
     assert not errors, errors
     outcome = result(text)
@@ -165,6 +172,26 @@ def test_a_view_that_cannot_open_says_why_in_the_cell_and_training_goes_on(kerne
     assert len(shown) == 1 and len(updates) == 1
     said = updates[0]["content"]["data"]
     assert "image/png" not in said and "could not open" in said["text/plain"]
+
+
+def test_without_opengl_the_cell_shows_the_exporters_figures(kernel, tmp_path):
+    from probescope.viewers.notebook import FigureCanvas
+
+    run_dir = tmp_path / "run"
+    code = failing_viewer("ViewerUnavailable('no EGL on this machine')", run_dir, True)
+    shown, updates, text, errors = outputs(kernel.run(code))
+    assert not errors, errors
+    outcome = result(text)
+    assert outcome["view"] == "NotebookView" and outcome["error"] is None
+    assert "no OpenGL here (no EGL on this machine); drawing matplotlib's figures instead" in text
+    assert len(shown) == 1
+    assert outcome["shown"] == outcome["newest"] and len(updates) == outcome["images"] >= 4
+    pictures = [picture(m) for m in updates]
+    assert pictures[0].shape == (460, 3 * 560, 3) and len({p.tobytes() for p in pictures}) >= 3
+    # The last picture: the figures of the run's final frames, tiled.
+    canvas = FigureCanvas(viewer_module.RunSource(run_dir))
+    assert canvas.refresh()
+    np.testing.assert_array_equal(pictures[-1], canvas.render())
 
 
 def test_watch_shows_a_finished_run(kernel, tmp_path):

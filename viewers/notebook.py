@@ -6,6 +6,7 @@ ends. This view renders the viewer's canvas offscreen (EGL) on a thread of its o
 one output of the cell with the newest picture, at most ``fps`` times a second and only when a
 frame changed, while the cell runs; the output keeps the last picture when training ends, so
 the saved notebook shows it. Updates go by display id, so they reach the output from any thread.
+Where OpenGL cannot render offscreen (no EGL), the exporters' matplotlib figures stand in.
 
 ``Monitor(viewer="notebook")`` (or ``viewer=True`` in a notebook) opens one for its probes;
 :func:`watch` follows or replays a run directory the same way.
@@ -114,11 +115,16 @@ class NotebookView:
 
     # ---- the view's thread --------------------------------------------------------------
     def _run(self) -> None:
+        from probescope.viewers.backend import ViewerUnavailable
         from probescope.viewers.viewer import Viewer
 
         try:  # the GL context belongs to this thread: made, drawn and closed here
             t0 = time.perf_counter()
-            self.viewer = Viewer(self.source, offscreen=True, **self._viewer_args)
+            try:
+                self.viewer = Viewer(self.source, offscreen=True, **self._viewer_args)
+            except ViewerUnavailable as err:
+                log.warning("notebook view: no OpenGL here (%s); drawing matplotlib's figures instead", err)
+                self.viewer = FigureCanvas(self.source, **self._viewer_args)
             self._draw()  # the first picture compiles the shaders (seconds on llvmpipe)
             self.startup_seconds, self.seconds = time.perf_counter() - t0, 0.0
         except Exception as err:
@@ -157,6 +163,61 @@ class NotebookView:
         with contextlib.suppress(Exception):
             self.handle.update({"text/plain": f"probescope: the view {what} ({self.error})"}, raw=True)
         self.closed = True
+
+
+class FigureCanvas:
+    """The exporters' matplotlib figures of the probes, tiled as the viewer tiles its panels:
+    the notebook view's canvas where OpenGL cannot render offscreen (no EGL: macOS, a machine
+    without Mesa). Probes without a figure (statistics, checkpoints) are left out. Draws only
+    the figures whose frame changed; the interface the view uses of a Viewer."""
+
+    CELL = (560, 460)  # pixels per figure, the viewer's panel size
+
+    def __init__(self, source, *, size=None, columns=None, probes=None, fps=None):
+        from probescope.figures import PANELS, FrameRenderer
+
+        self.source = source
+        specs = [s for s in source.specs if s.kind in PANELS and (probes is None or s.name in set(probes))]
+        if not specs:
+            raise ValueError("no probe here has a figure (grid, curve, prediction, loss or neurons)")
+        self.columns = columns or min(len(specs), 3)
+        rows = -(-len(specs) // self.columns)
+        cell = (size[0] // self.columns, size[1] // rows) if size else self.CELL
+        self.renderers = {spec.name: FrameRenderer(spec, size=cell) for spec in specs}
+        self.images: dict[str, np.ndarray] = {}
+        self.shown: dict[str, int] = {}  # probe -> seq of the frame drawn
+        self._blank = np.full((*cell[::-1], 3), 255, np.uint8)
+
+    def refresh(self) -> bool:
+        """Draw the figure of every probe whose newest frame is new; True if any was."""
+        changed = False
+        for name, renderer in self.renderers.items():
+            frame = self.source.latest(name)
+            if frame is None or self.shown.get(name) == frame.seq:
+                continue
+            renderer.draw(frame.data, frame.step, frame.epoch)
+            self.images[name] = self._fit(renderer.image())
+            self.shown[name] = frame.seq
+            changed = True
+        return changed
+
+    def _fit(self, image: np.ndarray) -> np.ndarray:
+        """``image`` cut or padded (white) to the cell's size (a figure's size in pixels is
+        rounded from inches)."""
+        out = self._blank.copy()
+        h, w = min(out.shape[0], image.shape[0]), min(out.shape[1], image.shape[1])
+        out[:h, :w] = image[:h, :w]
+        return out
+
+    def render(self) -> np.ndarray:
+        """The figures tiled in rows of ``columns``, as an (H, W, 3) uint8 array."""
+        tiles = [self.images.get(name, self._blank) for name in self.renderers]
+        tiles += [self._blank] * (-len(tiles) % self.columns)
+        rows = [np.hstack(tiles[i : i + self.columns]) for i in range(0, len(tiles), self.columns)]
+        return np.vstack(rows)
+
+    def close(self) -> None:
+        self.renderers.clear()
 
 
 def watch(
