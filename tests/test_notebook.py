@@ -68,7 +68,7 @@ view = monitor.viewer
 print("RESULT", json.dumps({{"started": started, "ended": ended, "steps": monitor.step_count,
     "view": type(view).__name__,
     "images": getattr(view, "images", None), "error": getattr(view, "error", None),
-    "shown": getattr(getattr(view, "viewer", None), "shown", None),
+    "shown": getattr(view, "shown", None), "renderer": getattr(view, "renderer", None),
     "newest": {{name: monitor.latest(name).seq for name in monitor.probes}}}}))
 """
 
@@ -143,47 +143,27 @@ def test_the_cell_shows_the_panels_while_it_trains(kernel, tmp_path):
     assert differ.max() <= 2 and (differ > 0).mean() < 1e-4
 
 
-def failing_viewer(error: str, run, viewer) -> str:
-    """A cell whose GL viewer cannot be made (its constructor raises ``error``) trains with
-    the view as TRAIN does; the viewer is put back after it."""
-    swap = textwrap.dedent(
-        f"""
-        import probescope.viewers.viewer as viewer_module
-        from probescope.viewers.backend import ViewerUnavailable
-        real_viewer = viewer_module.Viewer
-        class FailingViewer:
-            def __init__(self, *args, **kwargs):
-                raise {error}
-        viewer_module.Viewer = FailingViewer
-        """
+def without_egl(code: str) -> str:
+    """``code`` run with an EGL platform that does not exist, as on a machine without EGL: the
+    render process the view spawns inherits it, and OpenGL cannot render there."""
+    return (
+        "import os\nsaved = os.environ.get('EGL_PLATFORM')\nos.environ['EGL_PLATFORM'] = 'none-such'\n"
+        f"try:\n{textwrap.indent(code, '    ')}\n"
+        "finally:\n    os.environ['EGL_PLATFORM'] = saved or 'surfaceless'\n"
     )
-    restore = "viewer_module.Viewer = real_viewer\n"
-    return swap + TRAIN.format(run=str(run), viewer=viewer, pictures=3) + restore
-
-
-def test_a_view_that_cannot_open_says_why_in_the_cell_and_training_goes_on(kernel, tmp_path):
-    code = failing_viewer("RuntimeError('no OpenGL context for you')", tmp_path / "run", "notebook")
-    shown, updates, text, errors = outputs(kernel.run(code))
-    assert not errors, errors
-    outcome = result(text)
-    assert outcome["steps"] == 12  # training went on; the Monitor let go of the closed view
-    assert outcome["view"] == "NoneType"
-    assert "notebook view: could not open (RuntimeError: no OpenGL context for you)" in text
-    assert len(shown) == 1 and len(updates) == 1
-    said = updates[0]["content"]["data"]
-    assert "image/png" not in said and "could not open" in said["text/plain"]
 
 
 def test_without_opengl_the_cell_shows_the_exporters_figures(kernel, tmp_path):
     from probescope.viewers.notebook import FigureCanvas
 
     run_dir = tmp_path / "run"
-    code = failing_viewer("ViewerUnavailable('no EGL on this machine')", run_dir, True)
+    code = without_egl(TRAIN.format(run=str(run_dir), viewer=True, pictures=3))
     shown, updates, text, errors = outputs(kernel.run(code))
     assert not errors, errors
     outcome = result(text)
     assert outcome["view"] == "NotebookView" and outcome["error"] is None
-    assert "no OpenGL here (no EGL on this machine); drawing matplotlib's figures instead" in text
+    assert outcome["renderer"] == "figures"
+    assert "no OpenGL here (no OpenGL backend could start" in text and "drawing matplotlib's figures" in text
     assert len(shown) == 1
     assert outcome["shown"] == outcome["newest"] and len(updates) == outcome["images"] >= 4
     pictures = [picture(m) for m in updates]
@@ -192,6 +172,44 @@ def test_without_opengl_the_cell_shows_the_exporters_figures(kernel, tmp_path):
     canvas = FigureCanvas(viewer_module.RunSource(run_dir))
     assert canvas.refresh()
     np.testing.assert_array_equal(pictures[-1], canvas.render())
+
+
+def test_a_view_that_cannot_open_says_why_in_the_cell_and_training_goes_on(kernel, tmp_path):
+    # No OpenGL, and no probe with a matplotlib figure either (statistics only).
+    cell = f"""
+import torch, probescope as ps
+model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+with ps.Monitor(model, [ps.StatsProbe()], run_dir={str(tmp_path / "run")!r}, viewer=True) as monitor:
+    for step in range(12):
+        model(torch.randn(16, 2)).sum().backward()
+        monitor.step()
+print("RESULT", json.dumps({{"steps": monitor.step_count, "view": type(monitor.viewer).__name__}}))
+"""
+    shown, updates, text, errors = outputs(kernel.run("import json\n" + without_egl(cell)))
+    assert not errors, errors
+    assert result(text) == {"steps": 12, "view": "NoneType"}  # the Monitor let go of the view
+    assert "notebook view: could not open (ValueError: no probe here has a figure" in text
+    assert "training goes on" in text
+    assert len(shown) == 1 and len(updates) == 1
+    said = updates[0]["content"]["data"]
+    assert "image/png" not in said and "could not open" in said["text/plain"]
+
+
+def test_a_render_process_that_dies_costs_a_warning_and_training_goes_on(kernel, tmp_path):
+    # The render process is killed (out of memory, say) while the cell trains.
+    cell = TRAIN.replace(
+        "        step += 1\n",
+        "        step += 1\n        if step == 20: monitor.viewer._process.kill()\n"
+        "        if step == 20: time.sleep(1.0)\n",
+    ).format(run=str(tmp_path / "run"), viewer=True, pictures=10**6)
+    shown, updates, text, errors = outputs(kernel.run(cell))
+    assert len(shown) == 1
+    assert not errors, errors
+    outcome = result(text)
+    assert outcome["view"] == "NoneType" and outcome["steps"] > 20  # training went on
+    assert "notebook view: failed" in text and "training goes on" in text
+    assert "image/png" in updates[0]["content"]["data"]  # it drew until it died
+    assert "failed" in updates[-1]["content"]["data"]["text/plain"]
 
 
 def test_watch_shows_a_finished_run(kernel, tmp_path):

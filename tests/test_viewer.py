@@ -251,8 +251,8 @@ def test_the_same_frames_draw_the_same_pixels_on_every_canvas(recorded):
         images.append(viewer.render())
         for panel in viewer.panels.values():  # legend entries start at the top of the view
             if panel.legend is not None:
-                tops = [text.pos[0][1] for text in panel.legend.texts]
-                assert tops[0] == panel.view.pos[1] + 0.5 * panel.legend.ROW
+                tops = panel.legend.positions()[:, 1]
+                assert len(tops) == 7 and tops[0] == panel.view.pos[1] + 0.5 * panel.legend.ROW
                 assert np.allclose(np.diff(tops), panel.legend.ROW)
         viewer.close()
     for image in images[1:]:

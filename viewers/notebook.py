@@ -2,11 +2,12 @@
 
 A window cannot be driven from a notebook cell that trains (the kernel runs the cell, not an
 event loop), and a widget that draws when the browser asks (jupyter_rfb) waits until the cell
-ends. This view renders the viewer's canvas offscreen (EGL) on a thread of its own and replaces
-one output of the cell with the newest picture, at most ``fps`` times a second and only when a
-frame changed, while the cell runs; the output keeps the last picture when training ends, so
-the saved notebook shows it. Updates go by display id, so they reach the output from any thread.
-Where OpenGL cannot render offscreen (no EGL), the exporters' matplotlib figures stand in.
+ends. This view renders the viewer's canvas offscreen (EGL) in a process of its own and, from a
+thread here, replaces one output of the cell with the newest picture, at most ``fps`` times a
+second and only when a frame changed, while the cell runs; the output keeps the last picture
+when training ends, so the saved notebook shows it. Updates go by display id, so they reach the
+output from any thread. Where OpenGL cannot render offscreen (no EGL), the exporters'
+matplotlib figures stand in.
 
 ``Monitor(viewer="notebook")`` (or ``viewer=True`` in a notebook) opens one for its probes;
 :func:`watch` follows or replays a run directory the same way.
@@ -18,6 +19,7 @@ import base64
 import contextlib
 import io
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -48,12 +50,14 @@ class NotebookView:
     """Panels for every probe of ``source`` as one image output of the current cell.
 
     Created on the cell's thread (it displays the output there, with a line saying it waits
-    for frames); the canvas is made and drawn on the view's own thread, so neither training
-    nor the probes wait for it. ``close()`` draws the newest frames once more and stops.
-    The interface the Monitor drives a window through (``pump``, ``refresh``, ``close``,
-    ``closed``) is here too; ``pump`` and ``refresh`` cost nothing, the thread draws.
-    ``until``: asked after each drawing; when it returns True the view draws once more and
-    stops (a followed run that has ended).
+    for frames). The canvas lives in a render process of its own (spawned), so its drawing,
+    hundreds of GL calls through Python a picture, never holds this process's GIL: the view's
+    thread here only hands the newest frames over and the PNG it gets back to the output.
+    ``close()`` draws the newest frames once more and stops both. The interface the Monitor
+    drives a window through (``pump``, ``refresh``, ``close``, ``closed``) is here too;
+    ``pump`` and ``refresh`` cost nothing, the thread draws. ``until``: asked after each
+    drawing; when it returns True the view draws once more and stops (a followed run that has
+    ended).
     """
 
     def __init__(
@@ -71,17 +75,23 @@ class NotebookView:
             raise ValueError(f"NotebookView: fps must be > 0, got {fps!r}")
         from IPython.display import display
 
+        from probescope.viewers.panels import PANELS
+
         self.source, self.fps, self._until = source, float(fps), until
-        self._viewer_args = {"size": size, "columns": columns, "probes": probes, "fps": self.fps}
-        self.viewer = None  # the offscreen Viewer, once the thread has made it
+        self._viewer_args = {"size": size, "columns": columns, "probes": probes}
+        wanted = {s.name for s in source.specs} if probes is None else set(probes)
+        self._names = [s.name for s in source.specs if s.kind in PANELS and s.name in wanted]
+        self.renderer: str | None = None  # "gl" (the viewer's canvas) or "figures" (matplotlib)
+        self.shown: dict[str, int] = {}  # probe -> seq of the frame in the output's picture
         self.images = 0  # pictures sent to the output
         self.bytes_sent = 0  # PNG bytes (base64 adds a third on the wire)
-        self.seconds = 0.0  # the thread's time on them: upload, draw, read-back, PNG, send
-        self.startup_seconds = 0.0  # making the canvas and its first picture (shaders compiled)
+        self.seconds = 0.0  # the render process's time on them: upload, draw, read-back, PNG
+        self.startup_seconds = 0.0  # starting it, making the canvas, the first picture
         self.error: str | None = None
         self.closed = False
         self._stop = threading.Event()
         self._ready = threading.Event()
+        self._process = self._conn = None
         self.handle = display(
             {"text/plain": "probescope: the view shows the first frames as soon as they exist"},
             raw=True,
@@ -100,7 +110,8 @@ class NotebookView:
         return False
 
     def close(self, timeout: float = 30.0) -> None:
-        """Draw the newest frames once more and stop the thread (idempotent)."""
+        """Draw the newest frames once more and stop the thread and the render process
+        (idempotent)."""
         self._stop.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
@@ -115,20 +126,14 @@ class NotebookView:
 
     # ---- the view's thread --------------------------------------------------------------
     def _run(self) -> None:
-        from probescope.viewers.backend import ViewerUnavailable
-        from probescope.viewers.viewer import Viewer
-
-        try:  # the GL context belongs to this thread: made, drawn and closed here
+        try:
             t0 = time.perf_counter()
-            try:
-                self.viewer = Viewer(self.source, offscreen=True, **self._viewer_args)
-            except ViewerUnavailable as err:
-                log.warning("notebook view: no OpenGL here (%s); drawing matplotlib's figures instead", err)
-                self.viewer = FigureCanvas(self.source, **self._viewer_args)
+            self._start_renderer()
             self._draw()  # the first picture compiles the shaders (seconds on llvmpipe)
             self.startup_seconds, self.seconds = time.perf_counter() - t0, 0.0
         except Exception as err:
             self._fail("could not open", err)
+            self._stop_renderer()
             return
         finally:
             self._ready.set()
@@ -144,25 +149,131 @@ class NotebookView:
         except Exception as err:
             self._fail("failed", err)
         finally:
-            with contextlib.suppress(Exception):
-                self.viewer.close()
+            self._stop_renderer()
+
+    def _start_renderer(self) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # no fork of a process with threads, CUDA
+        self._conn, theirs = context.Pipe()
+        specs = [spec for spec in self.source.specs if spec.name in self._names]
+        self._process = context.Process(
+            target=_render, args=(theirs, specs, self._viewer_args), name="probescope-notebook", daemon=True
+        )
+        self._process.start()
+        theirs.close()
+        kind, payload = self._receive()
+        if kind == "figures":
+            log.warning("notebook view: no OpenGL here (%s); drawing matplotlib's figures instead", payload)
+        self.renderer = "gl" if kind == "gl" else "figures"
+
+    def _receive(self):
+        """The render process's next message; its error raised here."""
+        if not self._conn.poll(RENDER_TIMEOUT):
+            raise TimeoutError(f"the render process did not answer in {RENDER_TIMEOUT:g} s")
+        kind, *rest = self._conn.recv()
+        if kind == "error":
+            raise RenderError(rest[0])
+        return (kind, *rest)
 
     def _draw(self) -> None:
-        t0 = time.perf_counter()
-        if not self.viewer.refresh():
+        frames = {}
+        for name in self._names:
+            frame = self.source.latest(name)
+            if frame is not None and self.shown.get(name) != frame.seq:
+                frames[name] = frame
+        if not frames:
             return
-        data = png_bytes(self.viewer.render())
+        self._conn.send(frames)
+        _, data, seconds = self._receive()
+        self.shown.update({name: frame.seq for name, frame in frames.items()})
+        if data is None:  # nothing visible changed
+            return
         self.handle.update({"image/png": base64.b64encode(data).decode("ascii")}, raw=True)
         self.images += 1
         self.bytes_sent += len(data)
-        self.seconds += time.perf_counter() - t0
+        self.seconds += seconds
+
+    def _stop_renderer(self) -> None:
+        if self._process is None:
+            return
+        with contextlib.suppress(Exception):
+            self._conn.send(None)
+        self._process.join(5.0)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(5.0)
+        with contextlib.suppress(Exception):
+            self._conn.close()
 
     def _fail(self, what: str, err: Exception) -> None:
-        self.error = f"{type(err).__name__}: {err}"
+        self.error = str(err) if isinstance(err, RenderError) else f"{type(err).__name__}: {err}"
         log.warning("notebook view: %s (%s); training goes on", what, self.error)
         with contextlib.suppress(Exception):
             self.handle.update({"text/plain": f"probescope: the view {what} ({self.error})"}, raw=True)
         self.closed = True
+
+
+class RenderError(RuntimeError):
+    """What the render process reported (the error's type and message there)."""
+
+
+RENDER_NICENESS = 10  # the render process's, added to this one's (POSIX)
+RENDER_TIMEOUT = 120.0  # seconds the view waits for the render process (its start: imports, shaders)
+
+
+class _SentFrames:
+    """The render process's viewer source: the frames the view's thread sent last."""
+
+    def __init__(self, specs):
+        self.specs = specs
+        self.frames: dict = {}
+        self.out_dir = Path.cwd()
+
+    def latest(self, name: str):
+        return self.frames.get(name)
+
+    def upload_path(self) -> str:
+        return "host"
+
+
+def _render(conn, specs, viewer_args: dict) -> None:
+    """The render process: make the canvas (the viewer's, offscreen; without OpenGL, the
+    exporters' figures), then for each batch of frames received, draw and answer with the PNG
+    (None when nothing visible changed), until None or the pipe closes."""
+    source = _SentFrames(specs)
+    with contextlib.suppress(AttributeError, OSError):
+        os.nice(RENDER_NICENESS)  # where cores are short, training and probes come first
+    try:
+        from probescope.viewers.backend import ViewerUnavailable
+        from probescope.viewers.viewer import Viewer
+
+        try:
+            canvas = Viewer(source, offscreen=True, **viewer_args)
+            conn.send(("gl", None))
+        except ViewerUnavailable as err:
+            canvas = FigureCanvas(source, **viewer_args)
+            conn.send(("figures", str(err)))
+    except Exception as err:
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+        return
+    while True:
+        try:
+            frames = conn.recv()
+        except (EOFError, OSError):
+            break
+        if frames is None:
+            break
+        try:
+            t0 = time.perf_counter()
+            source.frames.update(frames)
+            data = png_bytes(canvas.render()) if canvas.refresh() else None
+            conn.send(("png", data, time.perf_counter() - t0))
+        except Exception as err:
+            conn.send(("error", f"{type(err).__name__}: {err}"))
+            break
+    with contextlib.suppress(Exception):
+        canvas.close()
 
 
 class FigureCanvas:
@@ -173,7 +284,7 @@ class FigureCanvas:
 
     CELL = (560, 460)  # pixels per figure, the viewer's panel size
 
-    def __init__(self, source, *, size=None, columns=None, probes=None, fps=None):
+    def __init__(self, source, *, size=None, columns=None, probes=None):
         from probescope.figures import PANELS, FrameRenderer
 
         self.source = source

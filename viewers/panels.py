@@ -80,17 +80,27 @@ class Legend:
         column.width_min = column.width_max = self.WIDTH
         grid.add_widget(column, row=row, col=col)
         self.view = view
-        self.texts = [
-            scene.visuals.Text(text, color=c, font_size=7, anchor_x="left", anchor_y="center", parent=grid)
-            for text, c in entries
-        ]
+        # One visual for every entry (a draw call, not one per entry: each costs the drawing
+        # thread GL calls, and GIL hand-offs beside a training thread).
+        self.text = scene.visuals.Text(
+            [text for text, _ in entries],
+            color=np.array([c for _, c in entries], np.float32),
+            font_size=7,
+            anchor_x="left",
+            anchor_y="center",
+            parent=grid,
+        )
+        self.rows = len(entries)
         view.events.resize.connect(self.place)
         self.place()
 
     def place(self, event=None) -> None:
         left, top = self.view.pos[0] + self.view.size[0], self.view.pos[1]
-        for i, text in enumerate(self.texts):
-            text.pos = (left + self.MARGIN, top + (i + 0.5) * self.ROW)
+        self.text.pos = [(left + self.MARGIN, top + (i + 0.5) * self.ROW) for i in range(self.rows)]
+
+    def positions(self) -> np.ndarray:
+        """Where each entry's text is anchored, (entries, 2) in the panel grid's pixels."""
+        return np.asarray(self.text.pos)[:, :2]
 
 
 class Panel:
