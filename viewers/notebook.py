@@ -29,7 +29,7 @@ import numpy as np
 
 from probescope.viewers.backend import in_notebook
 
-__all__ = ["DEFAULT_FPS", "NotebookView", "in_notebook", "png_bytes", "watch"]
+__all__ = ["DEFAULT_FPS", "FigureCanvas", "NotebookView", "RenderError", "in_notebook", "png_bytes", "watch"]
 
 log = logging.getLogger("probescope")
 
@@ -37,8 +37,9 @@ DEFAULT_FPS = 2.0
 
 
 def png_bytes(image: np.ndarray) -> bytes:
-    """An (H, W, 3 or 4) uint8 image as PNG (zlib level 1: a third of level 6's time on a
-    canvas of maps, a few percent larger)."""
+    """An (H, W, 3 or 4) uint8 image as PNG, compressed at zlib's fastest level (a picture
+    goes out every second or so; its encoding is most of the render process's CPU after the
+    drawing)."""
     from PIL import Image
 
     buffer = io.BytesIO()
