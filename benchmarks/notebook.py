@@ -35,7 +35,7 @@ def train(viewer, fps, steps, resolution, hidden, batch):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(2, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden),
                                 torch.nn.ReLU(), torch.nn.Linear(hidden, 7))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02)
     probes = [ps.GridProbe(data.x_train, data.y_train, resolution=resolution, schedule=ps.Schedule.every(20)),
               ps.PredictionProbe(data.x_valid, data.y_valid, schedule=ps.Schedule.every(100)),
               ps.LossProbe(schedule=ps.Schedule.every(100))]
@@ -49,6 +49,8 @@ def train(viewer, fps, steps, resolution, hidden, batch):
             opt.zero_grad(); loss.backward(); opt.step()
             monitor.step(loss=loss)
         seconds = time.perf_counter() - t0
+    if monitor.summary()["nonfinite"]:
+        raise RuntimeError(f"training diverged: {monitor.summary()['nonfinite']}")
     out = {"steps_per_s": steps / seconds, "seconds": seconds}
     if view is not None:
         out.update(images=view.images, bytes=view.bytes_sent, view_seconds=view.seconds,

@@ -243,9 +243,10 @@ class Monitor:
     and the run's scalar series on the recorder thread, beside the run directory or without
     one; a sink that raises is dropped with one warning.
 
-    ``viewer=True`` opens the OpenGL viewer in this process (``"offscreen"``: rendered
-    through EGL, for headless machines and tests); the training thread lets it draw the
-    newest frames at most ``viewer_fps`` times a second (default 30). In a Jupyter notebook,
+    ``viewer=True`` opens the OpenGL viewer's window in a render process of its own (see
+    probescope.viewers.window), fed the newest frames at most ``viewer_fps`` times a second
+    (default 30); ``"offscreen"``: in this process through EGL, drawn only when asked (tests,
+    recordings). In a Jupyter notebook,
     ``viewer=True`` (or ``"notebook"``) shows the panels as an output of the cell instead,
     drawn on a thread of the view's own at most ``viewer_fps`` times a second (default 2; see
     probescope.viewers.notebook). A viewer that cannot open or is closed costs one warning;
@@ -665,6 +666,7 @@ class Monitor:
         try:
             from probescope.viewers.notebook import DEFAULT_FPS, NotebookView, in_notebook
             from probescope.viewers.viewer import MonitorSource, Viewer
+            from probescope.viewers.window import WindowView
 
             mode, fps = self._viewer_mode, self._viewer_fps
             if mode is True and in_notebook():
@@ -677,8 +679,15 @@ class Monitor:
                 self._worker.wait_idle(self._close_timeout)
                 self.viewer = NotebookView(MonitorSource(self), fps=fps or DEFAULT_FPS)
                 self.viewer.wait_ready(self._close_timeout)
-            else:
-                self.viewer = Viewer(MonitorSource(self), offscreen=mode == "offscreen", fps=fps or 30.0)
+            elif mode is True:  # a window, drawn in a process of its own
+                view = WindowView(MonitorSource(self), fps=fps or 30.0)
+                view.wait_ready(self._close_timeout)
+                if view.error is not None:  # the render process says what it was
+                    log.warning("Monitor: the viewer could not open (%s); training goes on", view.error)
+                    return
+                self.viewer = view
+            else:  # offscreen, in this process: drawn only when asked (tests, recordings)
+                self.viewer = Viewer(MonitorSource(self), offscreen=True, fps=fps or 30.0)
         except Exception as err:
             log.warning(
                 "Monitor: the viewer could not open (%s: %s); training goes on", type(err).__name__, err

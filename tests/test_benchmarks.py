@@ -612,3 +612,22 @@ def test_the_notebook_benchmark_times_the_view_in_a_kernel(capsys):
     assert lines[1].split()[:3] == ["mode", "steps/s", "slowdown"]
     assert lines[2].split()[0] == "off" and lines[2].split()[2] == "1.000x"
     assert lines[3].startswith("notebook 8 fps") and len(lines[3].split()) == 9
+
+
+def test_the_window_benchmark_times_every_mode(request):
+    import shutil
+
+    if not (os.environ.get("DISPLAY") or shutil.which("xvfb-run")):
+        pytest.skip("needs a display or xvfb-run")
+    pytest.importorskip("glfw")
+    argv = [sys.executable, "-m", "benchmarks.window", "--steps", "200", "--rounds", "1", "--fps", "10"]
+    if not os.environ.get("DISPLAY"):
+        argv = ["xvfb-run", "-a", *argv]
+    root = request.config.rootpath
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    rows = {line[:18].strip(): line[18:].split() for line in lines[-3:]}
+    assert list(rows) == ["off", "window", "drawn by the loop"]
+    assert rows["off"][1] == "1.000x" and all(float(rate) > 0 for rate, _ in rows.values())

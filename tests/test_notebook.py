@@ -199,7 +199,7 @@ def test_a_render_process_that_dies_costs_a_warning_and_training_goes_on(kernel,
     # The render process is killed (out of memory, say) while the cell trains.
     cell = TRAIN.replace(
         "        step += 1\n",
-        "        step += 1\n        if step == 20: monitor.viewer._process.kill()\n"
+        "        step += 1\n        if step == 20: monitor.viewer._renderer.kill()\n"
         "        if step == 20: time.sleep(1.0)\n",
     ).format(run=str(tmp_path / "run"), viewer=True, pictures=10**6)
     shown, updates, text, errors = outputs(kernel.run(cell))

@@ -315,6 +315,73 @@ def test_no_display_gives_a_clear_message_and_training_goes_on(tmp_path):
     assert "the viewer could not open" in done.stderr
 
 
+# A training script as users write them: no ``if __name__ == "__main__":`` guard.
+WINDOW_SCRIPT = """
+import json, time, torch
+from torch import nn
+from probescope import GridProbe, LossProbe, Monitor, PredictionProbe, Schedule
+from probescope.datasets import make_dataset
+print("TOP")
+data = make_dataset("blobs7", seed=3, n=700)
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 7))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+probes = [GridProbe(data.x_train, data.y_train, resolution=48, schedule=Schedule.every(3)),
+          PredictionProbe(data.x_valid, data.y_valid, schedule=Schedule.every(3)),
+          LossProbe(schedule=Schedule.every(3))]
+with Monitor(model, probes, optimizer=opt, viewer=True) as monitor:
+    view = monitor.viewer
+    for step in range(STEPS):
+        i = (step * 50) % 600
+        loss = nn.functional.cross_entropy(model(data.x_train[i : i + 50]), data.y_train[i : i + 50])
+        opt.zero_grad(); loss.backward(); opt.step()
+        monitor.step(loss=loss)
+        time.sleep(0.01)
+        if step == CLOSE_AT:
+            view._renderer.process.terminate()  # as closing the window ends its process
+            time.sleep(1.0)
+    newest = {name: monitor.latest(name).seq for name in monitor.probes}
+print("RESULT", json.dumps({"view": type(view).__name__, "backend": view.backend, "sent": view.shown,
+    "window_shown": view.window_shown, "newest": newest, "steps": monitor.step_count,
+    "after": type(monitor.viewer).__name__}))
+"""
+
+
+def window_run(tmp_path, steps: int, close_at: int = -1) -> tuple[dict, str]:
+    """WINDOW_SCRIPT run as a file under a virtual X display; (its RESULT, its log)."""
+    import json
+    import shutil
+
+    if shutil.which("xvfb-run") is None:
+        pytest.skip("needs xvfb-run (Debian: xvfb xauth); .ci/run installs it")
+    pytest.importorskip("glfw")
+    script = tmp_path / "train.py"
+    script.write_text(WINDOW_SCRIPT.replace("STEPS", str(steps)).replace("CLOSE_AT", str(close_at)))
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    done = subprocess.run(["xvfb-run", "-a", sys.executable, str(script)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :]), done.stdout + done.stderr
+
+
+def test_the_window_draws_in_a_process_of_its_own(tmp_path):
+    outcome, log = window_run(tmp_path, steps=60)
+    assert log.count("TOP") == 1  # the script did not run again in the render process
+    assert outcome["view"] == "WindowView" and outcome["backend"] in ("glfw", "pyqt6", "pyside6", "pyqt5")
+    # The window got every probe's newest frame and said so when training ended.
+    assert outcome["sent"] == outcome["newest"] == outcome["window_shown"]
+    assert outcome["steps"] == 60 and outcome["after"] == "WindowView"
+    assert "could not open" not in log and "Traceback" not in log
+
+
+def test_a_window_closed_while_training_leaves_training_as_it_was(tmp_path):
+    outcome, log = window_run(tmp_path, steps=40, close_at=10)
+    assert outcome["steps"] == 40 and outcome["after"] == "NoneType"  # the Monitor let it go
+    assert outcome["window_shown"] is None
+    assert "Traceback" not in log
+
+
 def test_curve_probe_run_replays_in_the_curve_panel(tmp_path):
     torch.manual_seed(0)
     x = torch.linspace(-2, 2, 200).unsqueeze(1)

@@ -19,7 +19,6 @@ import base64
 import contextlib
 import io
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from probescope.viewers.backend import in_notebook
+from probescope.viewers.process import (
+    RenderError,
+    RenderProcess,
+    SentFrames,
+    lower_priority,
+    newest_frames,
+    panel_names,
+)
 
 __all__ = ["DEFAULT_FPS", "FigureCanvas", "NotebookView", "RenderError", "in_notebook", "png_bytes", "watch"]
 
@@ -76,12 +83,9 @@ class NotebookView:
             raise ValueError(f"NotebookView: fps must be > 0, got {fps!r}")
         from IPython.display import display
 
-        from probescope.viewers.panels import PANELS
-
         self.source, self.fps, self._until = source, float(fps), until
         self._viewer_args = {"size": size, "columns": columns, "probes": probes}
-        wanted = {s.name for s in source.specs} if probes is None else set(probes)
-        self._names = [s.name for s in source.specs if s.kind in PANELS and s.name in wanted]
+        self._names = panel_names(source, probes)
         self.renderer: str | None = None  # "gl" (the viewer's canvas) or "figures" (matplotlib)
         self.shown: dict[str, int] = {}  # probe -> seq of the frame in the output's picture
         self.images = 0  # pictures sent to the output
@@ -92,7 +96,7 @@ class NotebookView:
         self.closed = False
         self._stop = threading.Event()
         self._ready = threading.Event()
-        self._process = self._conn = None
+        self._renderer: RenderProcess | None = None
         self.handle = display(
             {"text/plain": "probescope: the view shows the first frames as soon as they exist"},
             raw=True,
@@ -153,40 +157,19 @@ class NotebookView:
             self._stop_renderer()
 
     def _start_renderer(self) -> None:
-        import multiprocessing
-
-        context = multiprocessing.get_context("spawn")  # no fork of a process with threads, CUDA
-        self._conn, theirs = context.Pipe()
         specs = [spec for spec in self.source.specs if spec.name in self._names]
-        self._process = context.Process(
-            target=_render, args=(theirs, specs, self._viewer_args), name="probescope-notebook", daemon=True
-        )
-        self._process.start()
-        theirs.close()
-        kind, payload = self._receive()
+        self._renderer = RenderProcess(_render, specs, self._viewer_args, name="probescope-notebook")
+        kind, payload = self._renderer.receive()
         if kind == "figures":
             log.warning("notebook view: no OpenGL here (%s); drawing matplotlib's figures instead", payload)
         self.renderer = "gl" if kind == "gl" else "figures"
 
-    def _receive(self):
-        """The render process's next message; its error raised here."""
-        if not self._conn.poll(RENDER_TIMEOUT):
-            raise TimeoutError(f"the render process did not answer in {RENDER_TIMEOUT:g} s")
-        kind, *rest = self._conn.recv()
-        if kind == "error":
-            raise RenderError(rest[0])
-        return (kind, *rest)
-
     def _draw(self) -> None:
-        frames = {}
-        for name in self._names:
-            frame = self.source.latest(name)
-            if frame is not None and self.shown.get(name) != frame.seq:
-                frames[name] = frame
+        frames = newest_frames(self.source, self._names, self.shown)
         if not frames:
             return
-        self._conn.send(frames)
-        _, data, seconds = self._receive()
+        self._renderer.send(frames)
+        _, data, seconds = self._renderer.receive()
         self.shown.update({name: frame.seq for name, frame in frames.items()})
         if data is None:  # nothing visible changed
             return
@@ -196,16 +179,8 @@ class NotebookView:
         self.seconds += seconds
 
     def _stop_renderer(self) -> None:
-        if self._process is None:
-            return
-        with contextlib.suppress(Exception):
-            self._conn.send(None)
-        self._process.join(5.0)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join(5.0)
-        with contextlib.suppress(Exception):
-            self._conn.close()
+        if self._renderer is not None:
+            self._renderer.stop()
 
     def _fail(self, what: str, err: Exception) -> None:
         self.error = str(err) if isinstance(err, RenderError) else f"{type(err).__name__}: {err}"
@@ -215,36 +190,12 @@ class NotebookView:
         self.closed = True
 
 
-class RenderError(RuntimeError):
-    """What the render process reported (the error's type and message there)."""
-
-
-RENDER_NICENESS = 10  # the render process's, added to this one's (POSIX)
-RENDER_TIMEOUT = 120.0  # seconds the view waits for the render process (its start: imports, shaders)
-
-
-class _SentFrames:
-    """The render process's viewer source: the frames the view's thread sent last."""
-
-    def __init__(self, specs):
-        self.specs = specs
-        self.frames: dict = {}
-        self.out_dir = Path.cwd()
-
-    def latest(self, name: str):
-        return self.frames.get(name)
-
-    def upload_path(self) -> str:
-        return "host"
-
-
 def _render(conn, specs, viewer_args: dict) -> None:
     """The render process: make the canvas (the viewer's, offscreen; without OpenGL, the
     exporters' figures), then for each batch of frames received, draw and answer with the PNG
     (None when nothing visible changed), until None or the pipe closes."""
-    source = _SentFrames(specs)
-    with contextlib.suppress(AttributeError, OSError):
-        os.nice(RENDER_NICENESS)  # where cores are short, training and probes come first
+    source = SentFrames(specs)
+    lower_priority()
     try:
         from probescope.viewers.backend import ViewerUnavailable
         from probescope.viewers.viewer import Viewer

@@ -1,0 +1,171 @@
+"""A canvas in a process of its own, fed the newest frames through a pipe.
+
+Drawing a vispy canvas is hundreds of GL calls through Python a picture; on a thread of the
+training process it holds the GIL for all of them and hands it back and forth at each call,
+which slows a training loop several times over (a window drawn on the training thread cut a
+3800 steps/s loop to 1100). The notebook view and the window therefore draw in a spawned
+process at lower CPU priority; a thread of the training process sends each probe's newest
+frame when it changed, and nothing else of the training process waits for the drawing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import multiprocessing
+import multiprocessing.connection
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RENDER_NICENESS = 10  # the render process's, added to this one's (POSIX)
+RENDER_TIMEOUT = 120.0  # seconds to wait for the render process (its start: imports, shaders)
+
+
+class RenderError(RuntimeError):
+    """What the render process reported (the error's type and message there)."""
+
+
+class SentFrames:
+    """The render process's viewer source: the newest frames sent to it."""
+
+    def __init__(self, specs, out_dir: str | Path | None = None):
+        self.specs = specs
+        self.frames: dict = {}
+        self.out_dir = Path(out_dir) if out_dir is not None else Path.cwd()
+
+    def latest(self, name: str):
+        return self.frames.get(name)
+
+    def upload_path(self) -> str:
+        return "host (frames sent to the render process)"
+
+
+def lower_priority() -> None:
+    """In the render process: leave the cores to training and the probes where they compete."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.nice(RENDER_NICENESS)
+
+
+class RenderProcess:
+    """``target(conn, *args)`` in a new Python process, with one end of a pipe; the other end
+    here. On POSIX the process is ``python -m probescope.viewers.process FD`` with the pipe's
+    socket passed down: unlike multiprocessing's spawn, it never imports the program's main
+    module again (a training script without an ``if __name__ == "__main__":`` guard would run
+    again in it), and it forks nothing of a process with threads or a CUDA context. Elsewhere,
+    multiprocessing's spawn."""
+
+    def __init__(self, target, *args, name: str):
+        ours, theirs = multiprocessing.Pipe()
+        self.conn = ours
+        where = f"{target.__module__}:{target.__qualname__}"
+        if os.name == "posix":
+            fd = theirs.fileno()
+            self.process = _Popen(
+                [sys.executable, "-m", "probescope.viewers.process", str(fd)], pass_fds=(fd,), name=name
+            )
+            theirs.close()
+            ours.send((where, args))
+        else:
+            context = multiprocessing.get_context("spawn")
+            self.process = context.Process(target=target, args=(theirs, *args), name=name, daemon=True)
+            self.process.start()
+            theirs.close()
+
+    def receive(self, timeout: float = RENDER_TIMEOUT) -> tuple:
+        """The process's next message; an error it reports is raised here, as is its end."""
+        deadline = time.monotonic() + timeout
+        while not self.conn.poll(0.2):
+            if not self.alive():
+                raise RenderError(f"the render process ended (exit code {self.exitcode})")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the render process did not answer in {timeout:g} s")
+        kind, *rest = self.conn.recv()
+        if kind == "error":
+            raise RenderError(rest[0])
+        return (kind, *rest)
+
+    def send(self, message) -> None:
+        self.conn.send(message)
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.process.exitcode
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask it to finish (None), then end it if it has not."""
+        with contextlib.suppress(Exception):
+            self.conn.send(None)
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout)
+        with contextlib.suppress(Exception):
+            self.conn.close()
+
+
+class _Popen:
+    """A subprocess with multiprocessing.Process's few methods used here."""
+
+    def __init__(self, argv: list[str], pass_fds, name: str):
+        self.name = name
+        self._popen = subprocess.Popen(argv, pass_fds=pass_fds, stdin=subprocess.DEVNULL)
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._popen.poll()
+
+    def join(self, timeout: float | None = None) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._popen.wait(timeout)
+
+    def terminate(self) -> None:
+        self._popen.terminate()
+
+    def kill(self) -> None:
+        self._popen.kill()
+
+
+def _main(fd: int) -> None:
+    """The render process's entry on POSIX: the pipe's end from ``fd``, then the target and
+    its arguments from the pipe."""
+    conn = multiprocessing.connection.Connection(fd)
+    where, args = conn.recv()
+    module, qualname = where.split(":")
+    target = importlib.import_module(module)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    target(conn, *args)
+
+
+def newest_frames(source, names: list[str], shown: dict[str, int]) -> dict:
+    """Each probe's newest frame in ``source`` that is not the one ``shown`` (name -> seq)."""
+    frames = {}
+    for name in names:
+        frame = source.latest(name)
+        if frame is not None and shown.get(name) != frame.seq:
+            frames[name] = frame
+    return frames
+
+
+def panel_names(source, probes=None) -> list[str]:
+    """The probes of ``source`` the viewer has a panel for (of ``probes``, if given)."""
+    from probescope.viewers.panels import PANELS
+
+    wanted = {s.name for s in source.specs} if probes is None else set(probes)
+    return [s.name for s in source.specs if s.kind in PANELS and s.name in wanted]
+
+
+if __name__ == "__main__":
+    _main(int(sys.argv[1]))

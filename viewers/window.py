@@ -1,0 +1,169 @@
+"""The viewer's window for a training process, drawn in a render process of its own.
+
+``Monitor(viewer=True)`` in a script opens one. A thread of the training process sends each
+probe's newest frame when it changed, at most ``fps`` times a second; the window (keys, mouse
+readouts, PNG and MP4 recording, as ``probescope view``) runs its own event loop in the render
+process, so training never draws, and a window that is closed, or a display that goes away,
+leaves training as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from pathlib import Path
+
+from probescope.viewers.process import (
+    RenderError,
+    RenderProcess,
+    SentFrames,
+    lower_priority,
+    newest_frames,
+    panel_names,
+)
+
+log = logging.getLogger("probescope")
+
+
+class WindowView:
+    """Panels for every probe of ``source`` in a window of a render process.
+
+    Made on the training process's side; ``wait_ready()`` returns once the window is open
+    (``error`` says why when it could not). ``closed`` turns True when the window is closed
+    or its process ends. The interface the Monitor drives a viewer through (``pump``,
+    ``refresh``, ``close``, ``closed``) is here; ``pump`` and ``refresh`` cost nothing.
+    """
+
+    def __init__(
+        self,
+        source,
+        *,
+        fps: float = 30.0,
+        size: tuple[int, int] | None = None,
+        columns: int | None = None,
+        probes=None,
+    ):
+        if not fps > 0:
+            raise ValueError(f"WindowView: fps must be > 0, got {fps!r}")
+        self.source, self.fps = source, float(fps)
+        self._names = panel_names(source, probes)
+        self._args = ({"size": size, "columns": columns, "probes": probes}, self.fps, _out_dir(source))
+        self.backend: str | None = None  # the window's vispy backend, once open
+        self.shown: dict[str, int] = {}  # probe -> seq of the newest frame sent to the window
+        self.window_shown: dict[str, int] | None = None  # what the window said it showed last
+        self.error: str | None = None
+        self.closed = False
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._renderer: RenderProcess | None = None
+        self._thread = threading.Thread(target=self._run, name="probescope-window", daemon=True)
+        self._thread.start()
+
+    def pump(self) -> None:
+        """Nothing to do: the window's process draws."""
+
+    def refresh(self) -> bool:
+        """Nothing to do: the feeding thread sends the newest frames (``close`` the last)."""
+        return False
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the window is open (or could not open); True if that happened in time."""
+        return self._ready.wait(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Send the newest frames, close the window and end its process (idempotent)."""
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        self.closed = True
+
+    def _run(self) -> None:
+        try:
+            specs = [spec for spec in self.source.specs if spec.name in self._names]
+            self._renderer = RenderProcess(_window, specs, *self._args, name="probescope-window")
+            _, self.backend = self._renderer.receive()
+        except Exception as err:
+            self.error = str(err) if isinstance(err, RenderError) else f"{type(err).__name__}: {err}"
+            self.closed = True
+            if self._renderer is not None:
+                self._renderer.stop()
+            return
+        finally:
+            self._ready.set()
+        period = 1.0 / self.fps
+        try:
+            while True:
+                t0 = time.perf_counter()
+                stopping = self._stop.is_set()
+                if not self._renderer.alive():
+                    break  # the window was closed
+                frames = newest_frames(self.source, self._names, self.shown)
+                if frames:
+                    self._renderer.send(frames)
+                    self.shown.update({name: frame.seq for name, frame in frames.items()})
+                if stopping:
+                    self._renderer.send(None)
+                    with contextlib.suppress(Exception):
+                        _, self.window_shown = self._renderer.receive(timeout=10.0)
+                    break
+                self._stop.wait(max(0.0, period - (time.perf_counter() - t0)))
+        except (BrokenPipeError, EOFError, OSError):
+            pass  # the window's process ended under us: closed
+        except Exception as err:
+            self.error = f"{type(err).__name__}: {err}"
+            log.warning("viewer: the window's feed failed (%s); training goes on", self.error)
+        finally:
+            self._renderer.stop()
+            self.closed = True
+
+
+def _out_dir(source) -> Path | None:
+    out = getattr(source, "out_dir", None)
+    return Path(out) if out is not None else None
+
+
+def _window(conn, specs, viewer_args: dict, fps: float, out_dir) -> None:
+    """The render process: open the viewer's window and run its event loop; a timer takes the
+    frames received and draws the newest. On None, or when the pipe closes, it answers with
+    the frames it showed and closes the window; closed by the user, the process ends."""
+    lower_priority()
+    source = SentFrames(specs, out_dir)
+    try:
+        from vispy import app
+
+        from probescope.viewers.viewer import Viewer
+
+        viewer = Viewer(source, offscreen=False, fps=fps, **viewer_args)
+    except Exception as err:
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+        return
+    conn.send(("ready", viewer.backend))
+
+    def finish(answer: bool) -> None:
+        if answer:
+            with contextlib.suppress(Exception):
+                viewer.refresh()
+                conn.send(("shown", dict(viewer.shown)))
+        timer.stop()
+        viewer.close()
+        app.quit()
+
+    def take_frames(event) -> None:
+        try:
+            while conn.poll():
+                frames = conn.recv()
+                if frames is None:
+                    finish(answer=True)
+                    return
+                source.frames.update(frames)
+        except (EOFError, OSError):
+            finish(answer=False)
+            return
+        viewer.refresh()
+
+    timer = app.Timer(1.0 / fps, connect=take_frames, start=True)
+    viewer.canvas.events.close.connect(lambda event: app.quit())
+    viewer.canvas.show()
+    app.run()
