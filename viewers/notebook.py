@@ -19,7 +19,6 @@ import base64
 import contextlib
 import io
 import logging
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,9 +27,11 @@ import numpy as np
 
 from probescope.viewers.backend import in_notebook
 from probescope.viewers.process import (
+    FedView,
     RenderError,
     RenderProcess,
     SentFrames,
+    describe,
     lower_priority,
     newest_frames,
     panel_names,
@@ -54,19 +55,18 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-class NotebookView:
+class NotebookView(FedView):
     """Panels for every probe of ``source`` as one image output of the current cell.
 
     Created on the cell's thread (it displays the output there, with a line saying it waits
-    for frames). The canvas lives in a render process of its own (spawned), so its drawing,
-    hundreds of GL calls through Python a picture, never holds this process's GIL: the view's
-    thread here only hands the newest frames over and the PNG it gets back to the output.
-    ``close()`` draws the newest frames once more and stops both. The interface the Monitor
-    drives a window through (``pump``, ``refresh``, ``close``, ``closed``) is here too;
-    ``pump`` and ``refresh`` cost nothing, the thread draws. ``until``: asked after each
-    drawing; when it returns True the view draws once more and stops (a followed run that has
-    ended).
+    for frames). The canvas lives in a render process (see probescope.viewers.process): the
+    view's thread here hands it each probe's newest frame and puts the PNG it returns in the
+    output. ``close()`` draws the newest frames once more and stops both. ``until``: asked
+    before each drawing; when it returns True the view draws once more and stops (a followed
+    run that has ended).
     """
+
+    thread_name = "probescope-notebook"
 
     def __init__(
         self,
@@ -77,13 +77,11 @@ class NotebookView:
         columns: int | None = None,
         probes=None,
         until: Callable[[], bool] | None = None,
-        start: bool = True,
     ):
-        if not fps > 0:
-            raise ValueError(f"NotebookView: fps must be > 0, got {fps!r}")
+        super().__init__(fps)
         from IPython.display import display
 
-        self.source, self.fps, self._until = source, float(fps), until
+        self.source, self._until = source, until
         self._viewer_args = {"size": size, "columns": columns, "probes": probes}
         self._names = panel_names(source, probes)
         self.renderer: str | None = None  # "gl" (the viewer's canvas) or "figures" (matplotlib)
@@ -92,77 +90,30 @@ class NotebookView:
         self.bytes_sent = 0  # PNG bytes (base64 adds a third on the wire)
         self.seconds = 0.0  # the render process's time on them: upload, draw, read-back, PNG
         self.startup_seconds = 0.0  # starting it, making the canvas, the first picture
-        self.error: str | None = None
-        self.closed = False
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._renderer: RenderProcess | None = None
         self.handle = display(
             {"text/plain": "probescope: the view shows the first frames as soon as they exist"},
             raw=True,
             display_id=True,
         )
-        self._thread = threading.Thread(target=self._run, name="probescope-notebook", daemon=True)
-        if start:
-            self._thread.start()
+        self._thread.start()
 
-    # ---- what the Monitor calls on the training thread ----------------------------------
-    def pump(self) -> None:
-        """Nothing to do: the view's thread draws."""
-
-    def refresh(self) -> bool:
-        """Nothing to do: the view's thread draws (``close`` draws the last frames)."""
-        return False
-
-    def close(self, timeout: float = 30.0) -> None:
-        """Draw the newest frames once more and stop the thread and the render process
-        (idempotent)."""
-        self._stop.set()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.warning("notebook view: still drawing after %.0f s; leaving it", timeout)
-        self.closed = True
-
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        """Wait until the canvas exists and has drawn the frames there were (or failed to);
-        True if that happened in time."""
-        return self._ready.wait(timeout)
-
-    # ---- the view's thread --------------------------------------------------------------
-    def _run(self) -> None:
-        try:
-            t0 = time.perf_counter()
-            self._start_renderer()
-            self._draw()  # the first picture compiles the shaders (seconds on llvmpipe)
-            self.startup_seconds, self.seconds = time.perf_counter() - t0, 0.0
-        except Exception as err:
-            self._fail("could not open", err)
-            self._stop_renderer()
-            return
-        finally:
-            self._ready.set()
-        period = 1.0 / self.fps
-        try:
-            while True:
-                t0 = time.perf_counter()
-                stopping = self._stop.is_set() or (self._until is not None and self._until())
-                self._draw()
-                if stopping:
-                    break
-                self._stop.wait(max(0.0, period - (time.perf_counter() - t0)))
-        except Exception as err:
-            self._fail("failed", err)
-        finally:
-            self._stop_renderer()
-
-    def _start_renderer(self) -> None:
+    def _open(self) -> None:
+        t0 = time.perf_counter()
         specs = [spec for spec in self.source.specs if spec.name in self._names]
-        self._renderer = RenderProcess(_render, specs, self._viewer_args, name="probescope-notebook")
+        self._renderer = RenderProcess(_render, specs, self._viewer_args, name=self.thread_name)
         kind, payload = self._renderer.receive()
         if kind == "figures":
             log.warning("notebook view: no OpenGL here (%s); drawing matplotlib's figures instead", payload)
         self.renderer = "gl" if kind == "gl" else "figures"
+        self._draw()  # the first picture compiles the shaders (seconds on llvmpipe)
+        self.startup_seconds, self.seconds = time.perf_counter() - t0, 0.0
+
+    def _done(self) -> bool:
+        return self._until is not None and self._until()
+
+    def _tick(self, last: bool) -> bool:
+        self._draw()
+        return True
 
     def _draw(self) -> None:
         frames = newest_frames(self.source, self._names, self.shown)
@@ -178,16 +129,17 @@ class NotebookView:
         self.bytes_sent += len(data)
         self.seconds += seconds
 
-    def _stop_renderer(self) -> None:
-        if self._renderer is not None:
-            self._renderer.stop()
+    def _open_failed(self, err: Exception) -> None:
+        self._say("could not open", err)
 
-    def _fail(self, what: str, err: Exception) -> None:
-        self.error = str(err) if isinstance(err, RenderError) else f"{type(err).__name__}: {err}"
+    def _failed(self, err: Exception) -> None:
+        self._say("failed", err)
+
+    def _say(self, what: str, err: Exception) -> None:
+        self.error = describe(err)
         log.warning("notebook view: %s (%s); training goes on", what, self.error)
         with contextlib.suppress(Exception):
             self.handle.update({"text/plain": f"probescope: the view {what} ({self.error})"}, raw=True)
-        self.closed = True
 
 
 def _render(conn, specs, viewer_args: dict) -> None:

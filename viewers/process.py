@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+
+log = logging.getLogger("probescope")
 
 RENDER_NICENESS = 10  # the render process's, added to this one's (POSIX)
 RENDER_TIMEOUT = 120.0  # seconds to wait for the render process (its start: imports, shaders)
@@ -147,6 +151,99 @@ def _main(fd: int) -> None:
     for part in qualname.split("."):
         target = getattr(target, part)
     target(conn, *args)
+
+
+class FedView:
+    """A view whose canvas lives in a render process, fed by a thread of this process.
+
+    The thread opens it (``_open``), then calls ``_tick(last)`` at most ``fps`` times a
+    second until ``close()`` (``last`` is then True, for the final frames) or until ``_tick``
+    returns False or ``_done()`` True, and stops the render process. A failure to open goes
+    to ``_open_failed``, a later one to ``_failed``; either way training goes on. The interface
+    the Monitor drives a viewer through (``pump``, ``refresh``, ``close``, ``closed``) is
+    here; ``pump`` and ``refresh`` cost nothing, the thread does the work.
+    """
+
+    thread_name = "probescope-view"
+
+    def __init__(self, fps: float):
+        if not fps > 0:
+            raise ValueError(f"{type(self).__name__}: fps must be > 0, got {fps!r}")
+        self.fps = float(fps)
+        self.error: str | None = None
+        self.closed = False
+        self._renderer: RenderProcess | None = None
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+
+    def pump(self) -> None:
+        """Nothing to do: the view's thread works."""
+
+    def refresh(self) -> bool:
+        """Nothing to do: the view's thread works (``close`` shows the last frames)."""
+        return False
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the view has opened (or failed to); True if that happened in time."""
+        return self._ready.wait(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Show the newest frames once more and stop the thread and the render process
+        (idempotent)."""
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("%s: still busy after %.0f s; leaving it", self.thread_name, timeout)
+        self.closed = True
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def _tick(self, last: bool) -> bool:
+        raise NotImplementedError
+
+    def _done(self) -> bool:
+        return False
+
+    def _open_failed(self, err: Exception) -> None:
+        self.error = describe(err)
+
+    def _failed(self, err: Exception) -> None:
+        self.error = describe(err)
+
+    def _run(self) -> None:
+        try:
+            self._open()
+        except Exception as err:
+            self._open_failed(err)
+            self._end()
+            return
+        finally:
+            self._ready.set()
+        period = 1.0 / self.fps
+        try:
+            while True:
+                t0 = time.perf_counter()
+                last = self._stop.is_set() or self._done()
+                if not self._tick(last) or last:
+                    break
+                self._stop.wait(max(0.0, period - (time.perf_counter() - t0)))
+        except Exception as err:
+            self._failed(err)
+        finally:
+            self._end()
+
+    def _end(self) -> None:
+        if self._renderer is not None:
+            self._renderer.stop()
+        self.closed = True
+
+
+def describe(err: Exception) -> str:
+    """An error in words: the render process's as it said it, others as ``Type: message``."""
+    return str(err) if isinstance(err, RenderError) else f"{type(err).__name__}: {err}"
 
 
 def newest_frames(source, names: list[str], shown: dict[str, int]) -> dict:

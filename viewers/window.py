@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
-import time
 from pathlib import Path
 
 from probescope.viewers.process import (
+    FedView,
     RenderError,
     RenderProcess,
     SentFrames,
@@ -27,14 +26,15 @@ from probescope.viewers.process import (
 log = logging.getLogger("probescope")
 
 
-class WindowView:
+class WindowView(FedView):
     """Panels for every probe of ``source`` in a window of a render process.
 
     Made on the training process's side; ``wait_ready()`` returns once the window is open
     (``error`` says why when it could not). ``closed`` turns True when the window is closed
-    or its process ends. The interface the Monitor drives a viewer through (``pump``,
-    ``refresh``, ``close``, ``closed``) is here; ``pump`` and ``refresh`` cost nothing.
+    or its process ends.
     """
+
+    thread_name = "probescope-window"
 
     def __init__(
         self,
@@ -45,78 +45,38 @@ class WindowView:
         columns: int | None = None,
         probes=None,
     ):
-        if not fps > 0:
-            raise ValueError(f"WindowView: fps must be > 0, got {fps!r}")
-        self.source, self.fps = source, float(fps)
+        super().__init__(fps)
+        self.source = source
         self._names = panel_names(source, probes)
         self._args = ({"size": size, "columns": columns, "probes": probes}, self.fps, _out_dir(source))
         self.backend: str | None = None  # the window's vispy backend, once open
         self.shown: dict[str, int] = {}  # probe -> seq of the newest frame sent to the window
         self.window_shown: dict[str, int] | None = None  # what the window said it showed last
-        self.error: str | None = None
-        self.closed = False
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._renderer: RenderProcess | None = None
-        self._thread = threading.Thread(target=self._run, name="probescope-window", daemon=True)
         self._thread.start()
 
-    def pump(self) -> None:
-        """Nothing to do: the window's process draws."""
+    def _open(self) -> None:
+        specs = [spec for spec in self.source.specs if spec.name in self._names]
+        self._renderer = RenderProcess(_window, specs, *self._args, name=self.thread_name)
+        _, self.backend = self._renderer.receive()
 
-    def refresh(self) -> bool:
-        """Nothing to do: the feeding thread sends the newest frames (``close`` the last)."""
-        return False
-
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        """Wait until the window is open (or could not open); True if that happened in time."""
-        return self._ready.wait(timeout)
-
-    def close(self, timeout: float = 30.0) -> None:
-        """Send the newest frames, close the window and end its process (idempotent)."""
-        self._stop.set()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-        self.closed = True
-
-    def _run(self) -> None:
+    def _tick(self, last: bool) -> bool:
+        if not self._renderer.alive():
+            return False  # the window was closed
         try:
-            specs = [spec for spec in self.source.specs if spec.name in self._names]
-            self._renderer = RenderProcess(_window, specs, *self._args, name="probescope-window")
-            _, self.backend = self._renderer.receive()
-        except Exception as err:
-            self.error = str(err) if isinstance(err, RenderError) else f"{type(err).__name__}: {err}"
-            self.closed = True
-            if self._renderer is not None:
-                self._renderer.stop()
-            return
-        finally:
-            self._ready.set()
-        period = 1.0 / self.fps
-        try:
-            while True:
-                t0 = time.perf_counter()
-                stopping = self._stop.is_set()
-                if not self._renderer.alive():
-                    break  # the window was closed
-                frames = newest_frames(self.source, self._names, self.shown)
-                if frames:
-                    self._renderer.send(frames)
-                    self.shown.update({name: frame.seq for name, frame in frames.items()})
-                if stopping:
-                    self._renderer.send(None)
-                    with contextlib.suppress(Exception):
-                        _, self.window_shown = self._renderer.receive(timeout=10.0)
-                    break
-                self._stop.wait(max(0.0, period - (time.perf_counter() - t0)))
-        except (BrokenPipeError, EOFError, OSError):
-            pass  # the window's process ended under us: closed
-        except Exception as err:
-            self.error = f"{type(err).__name__}: {err}"
-            log.warning("viewer: the window's feed failed (%s); training goes on", self.error)
-        finally:
-            self._renderer.stop()
-            self.closed = True
+            frames = newest_frames(self.source, self._names, self.shown)
+            if frames:
+                self._renderer.send(frames)
+                self.shown.update({name: frame.seq for name, frame in frames.items()})
+            if last:
+                self._renderer.send(None)
+                _, self.window_shown = self._renderer.receive(timeout=10.0)
+        except (BrokenPipeError, EOFError, ConnectionError, RenderError):
+            return False  # the window's process ended under us: closed
+        return True
+
+    def _failed(self, err: Exception) -> None:
+        super()._failed(err)
+        log.warning("viewer: the window's feed failed (%s); training goes on", self.error)
 
 
 def _out_dir(source) -> Path | None:
