@@ -863,3 +863,31 @@ def test_checkpoint_panel_rings_saved_frames_and_starts_over_when_a_replay_goes_
     viewer.refresh()
     assert list(panel.history) == [1.0] and "best 0.6 at step 1" in panel.caption.text
     viewer.close()
+
+
+def test_frames_reach_a_render_process_whole_with_their_arrays_out_of_band():
+    import multiprocessing
+    import threading
+
+    from probescope.viewers.process import receive_out_of_band, send_out_of_band
+
+    ours, theirs = multiprocessing.Pipe()
+    rng = np.random.default_rng(0)
+    frames = {
+        "grid": Frame("grid", 3, 30, 1, 0.5, {"rgba": rng.integers(0, 255, (257, 129, 4), dtype=np.uint8),
+                                              "probs": rng.random((257, 129, 7), dtype=np.float32)}),
+        "loss": Frame("loss", 1, 30, 1, 0.5, {"series": rng.random(1001)[::2], "name": np.array("loss")}),
+    }  # fmt: skip
+    got = []
+    reader = threading.Thread(target=lambda: got.extend(receive_out_of_band(theirs) for _ in range(2)))
+    reader.start()
+    send_out_of_band(ours, frames)
+    send_out_of_band(ours, None)
+    reader.join(10)
+    received, end = got
+    assert end is None and list(received) == ["grid", "loss"]
+    for name, frame in frames.items():
+        assert (received[name].seq, received[name].step) == (frame.seq, frame.step)
+        for key, value in frame.data.items():
+            np.testing.assert_array_equal(received[name].data[key], value)
+            assert received[name].data[key].dtype == value.dtype

@@ -35,6 +35,7 @@ from probescope.viewers.process import (
     lower_priority,
     newest_frames,
     panel_names,
+    receive_out_of_band,
 )
 
 __all__ = ["DEFAULT_FPS", "FigureCanvas", "NotebookView", "RenderError", "in_notebook", "png_bytes", "watch"]
@@ -163,7 +164,7 @@ def _render(conn, specs, viewer_args: dict) -> None:
         return
     while True:
         try:
-            frames = conn.recv()
+            frames = receive_out_of_band(conn)
         except (EOFError, OSError):
             break
         if frames is None:

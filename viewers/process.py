@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -92,7 +93,7 @@ class RenderProcess:
         return (kind, *rest)
 
     def send(self, message) -> None:
-        self.conn.send(message)
+        send_out_of_band(self.conn, message)
 
     def alive(self) -> bool:
         return self.process.is_alive()
@@ -107,7 +108,7 @@ class RenderProcess:
     def stop(self, timeout: float = 5.0) -> None:
         """Ask it to finish (None), then end it if it has not."""
         with contextlib.suppress(Exception):
-            self.conn.send(None)
+            self.send(None)
         self.process.join(timeout)
         if self.process.is_alive():
             self.process.terminate()
@@ -244,6 +245,23 @@ class FedView:
 def describe(err: Exception) -> str:
     """An error in words: the render process's as it said it, others as ``Type: message``."""
     return str(err) if isinstance(err, RenderError) else f"{type(err).__name__}: {err}"
+
+
+def send_out_of_band(conn, message) -> None:
+    """``message`` pickled with its arrays' buffers sent as they are (pickle protocol 5): a
+    frame's arrays (a 1024² map's probabilities and colours are 33 MB) are neither copied nor
+    pickled under this process's GIL; the socket writes, which release it, send them."""
+    buffers: list[pickle.PickleBuffer] = []
+    header = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    conn.send((header, len(buffers)))
+    for buffer in buffers:
+        conn.send_bytes(buffer.raw())
+
+
+def receive_out_of_band(conn):
+    """A message of :func:`send_out_of_band`."""
+    header, count = conn.recv()
+    return pickle.loads(header, buffers=[conn.recv_bytes() for _ in range(count)])
 
 
 def newest_frames(source, names: list[str], shown: dict[str, int]) -> dict:

@@ -21,6 +21,7 @@ from probescope.viewers.process import (
     lower_priority,
     newest_frames,
     panel_names,
+    receive_out_of_band,
 )
 
 log = logging.getLogger("probescope")
@@ -113,7 +114,7 @@ def _window(conn, specs, viewer_args: dict, fps: float, out_dir) -> None:
     def take_frames(event) -> None:
         try:
             while conn.poll():
-                frames = conn.recv()
+                frames = receive_out_of_band(conn)
                 if frames is None:
                     finish(answer=True)
                     return
