@@ -87,8 +87,9 @@ def _out_dir(source) -> Path | None:
 
 def _window(conn, specs, viewer_args: dict, fps: float, out_dir) -> None:
     """The render process: open the viewer's window and run its event loop; a timer takes the
-    frames received and draws the newest. On None, or when the pipe closes, it answers with
-    the frames it showed and closes the window; closed by the user, the process ends."""
+    frames received and draws the newest. On None it answers with the frames it showed and
+    closes the window; when the pipe closes (the training process ended) or the user closes
+    the window, the process ends."""
     lower_priority()
     source = SentFrames(specs, out_dir)
     try:
