@@ -186,6 +186,30 @@ def test_loss_panel_plots_log10_loss_over_steps():
     viewer.close()
 
 
+def test_a_new_frame_does_not_build_a_line_shader_again(monkeypatch):
+    # A line's pixel transform is updated in place: a new transform object each frame made
+    # vispy build the line's shader program again at every draw (7 ms a frame on llvmpipe).
+    from vispy.visuals.shaders import program as shader_program
+
+    steps = np.arange(1, 51, dtype=np.float64)
+    source = FrameSource(PanelSpec("loss", "loss", {}, {}))
+    viewer = Viewer(source, offscreen=True, size=(640, 480))
+    builds = []
+    real_build = shader_program.ModularProgram._build
+    for i, scale in enumerate((2.0, 3.0, 5.0, 9.0)):  # each frame rescales the axes
+        data = {"series/train_loss/steps": steps, "series/train_loss/values": scale / steps}
+        # and has an epoch mean of one point so far, as a LossProbe's frames in a first epoch
+        data |= {"series/train_loss_epoch/steps": steps[-1:], "series/train_loss_epoch/values": [0.1]}
+        source.show("loss", data, 50)
+        viewer.refresh()
+        viewer.render()
+        if i == 0:  # the first frame builds every program; count the builds after it
+            counted = lambda program: builds.append(program) or real_build(program)  # noqa: E731
+            monkeypatch.setattr(shader_program.ModularProgram, "_build", counted)
+    viewer.close()
+    assert builds == []
+
+
 def test_loss_panel_marks_and_names_the_step_where_a_series_turned_nan():
     steps = np.arange(1, 41, dtype=np.float64)
     loss = 2.0 * np.exp(-steps / 15.0)
