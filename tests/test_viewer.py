@@ -336,7 +336,7 @@ def test_no_display_gives_a_clear_message_and_training_goes_on(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "MESSAGE no display here" in done.stdout and "--follow" in done.stdout
     assert "STEPS 3" in done.stdout
-    assert "the viewer could not open" in done.stderr
+    assert "the viewer could not open (ViewerUnavailable: no display here" in done.stderr
 
 
 # A training script as users write them: no ``if __name__ == "__main__":`` guard.

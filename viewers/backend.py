@@ -34,6 +34,20 @@ def in_notebook() -> bool:
         return False
 
 
+NO_DISPLAY = (
+    "no display here (DISPLAY and WAYLAND_DISPLAY are unset): watch the run from another "
+    "machine with `probescope view RUN --follow`, render offscreen (`--offscreen`), or use "
+    "`probescope export RUN --format mp4`"
+)
+
+
+def has_display() -> bool:
+    """Whether a window can be shown here (an X or Wayland display, or macOS or Windows)."""
+    return bool(
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform in ("darwin", "win32")
+    )
+
+
 def use_backend(offscreen: bool) -> str:
     """Select vispy's application backend (once per process) and return its name.
 
@@ -57,16 +71,10 @@ def use_backend(offscreen: bool) -> str:
         candidates = ["egl"]
     elif in_notebook() and importlib.util.find_spec("jupyter_rfb") is not None:
         candidates = ["jupyter_rfb"]
-    elif (
-        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform in ("darwin", "win32")
-    ):
+    elif has_display():
         candidates = [name for name in ONSCREEN if _importable(name)]
     else:
-        raise ViewerUnavailable(
-            "no display here (DISPLAY and WAYLAND_DISPLAY are unset): watch the run from another "
-            "machine with `probescope view RUN --follow`, render offscreen (`--offscreen`), or use "
-            "`probescope export RUN --format mp4`"
-        )
+        raise ViewerUnavailable(NO_DISPLAY)
     errors = []
     for name in candidates:
         try:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 from pathlib import Path
 
+from probescope.viewers.backend import NO_DISPLAY, ViewerUnavailable, has_display
 from probescope.viewers.process import (
     FedView,
     RenderError,
@@ -56,6 +57,8 @@ class WindowView(FedView):
         self._thread.start()
 
     def _open(self) -> None:
+        if not has_display():  # say so now, not after starting a process to find out
+            raise ViewerUnavailable(NO_DISPLAY)
         specs = [spec for spec in self.source.specs if spec.name in self._names]
         self._renderer = RenderProcess(_window, specs, *self._args, name=self.thread_name)
         _, self.backend = self._renderer.receive()
