@@ -2,9 +2,9 @@
 
 Drawing a vispy canvas is hundreds of GL calls through Python a picture; on a thread of the
 training process it holds the GIL for all of them and hands it back and forth at each call,
-which slows a training loop several times over (a window drawn on the training thread cut a
-3800 steps/s loop to 1100). The notebook view and the window therefore draw in a spawned
-process at lower CPU priority; a thread of the training process sends each probe's newest
+which slows a training loop several times over (a window drawn by the loop cut a 3600 steps/s
+loop to 1060: ``python -m benchmarks.window``). The notebook view and the window therefore draw
+in a process of their own at lower CPU priority; a thread of the training process sends each probe's newest
 frame when it changed, and nothing else of the training process waits for the drawing.
 """
 
@@ -59,8 +59,8 @@ class RenderProcess:
     here. On POSIX the process is ``python -m probescope.viewers.process FD`` with the pipe's
     socket passed down: unlike multiprocessing's spawn, it never imports the program's main
     module again (a training script without an ``if __name__ == "__main__":`` guard would run
-    again in it), and it forks nothing of a process with threads or a CUDA context. Elsewhere,
-    multiprocessing's spawn."""
+    again in it), and it is a fresh interpreter (exec'd at once), not a forked copy of a
+    process with threads or a CUDA context. Elsewhere, multiprocessing's spawn."""
 
     def __init__(self, target, *args, name: str):
         ours, theirs = multiprocessing.Pipe()
