@@ -246,11 +246,10 @@ class Monitor:
     ``viewer=True`` opens the OpenGL viewer's window in a render process of its own (see
     probescope.viewers.window), fed the newest frames at most ``viewer_fps`` times a second
     (default 30); ``"offscreen"``: in this process through EGL, drawn only when asked (tests,
-    recordings). In a Jupyter notebook,
-    ``viewer=True`` (or ``"notebook"``) shows the panels as an output of the cell instead,
-    drawn on a thread of the view's own at most ``viewer_fps`` times a second (default 2; see
-    probescope.viewers.notebook). A viewer that cannot open or is closed costs one warning;
-    training goes on.
+    recordings). In a Jupyter notebook, ``viewer=True`` (or ``"notebook"``) shows the panels
+    as an output of the cell instead, drawn in a render process at most ``viewer_fps`` times a
+    second (default 2; see probescope.viewers.notebook). A viewer that cannot open or is
+    closed costs one warning; training goes on.
     """
 
     #: Steps the Monitor times before it tells the budgets (``Schedule.observe_steps``).

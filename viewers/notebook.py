@@ -34,7 +34,6 @@ from probescope.viewers.process import (
     describe,
     lower_priority,
     newest_frames,
-    panel_names,
     receive_out_of_band,
 )
 
@@ -79,14 +78,12 @@ class NotebookView(FedView):
         probes=None,
         until: Callable[[], bool] | None = None,
     ):
-        super().__init__(fps)
+        super().__init__(source, fps, probes)
         from IPython.display import display
 
-        self.source, self._until = source, until
+        self._until = until
         self._viewer_args = {"size": size, "columns": columns, "probes": probes}
-        self._names = panel_names(source, probes)
         self.renderer: str | None = None  # "gl" (the viewer's canvas) or "figures" (matplotlib)
-        self.shown: dict[str, int] = {}  # probe -> seq of the frame in the output's picture
         self.images = 0  # pictures sent to the output
         self.bytes_sent = 0  # PNG bytes (base64 adds a third on the wire)
         self.seconds = 0.0  # the render process's time on them: upload, draw, read-back, PNG
@@ -100,8 +97,7 @@ class NotebookView(FedView):
 
     def _open(self) -> None:
         t0 = time.perf_counter()
-        specs = [spec for spec in self.source.specs if spec.name in self._names]
-        self._renderer = RenderProcess(_render, specs, self._viewer_args, name=self.thread_name)
+        self._renderer = RenderProcess(_render, self._specs(), self._viewer_args, name=self.thread_name)
         kind, payload = self._renderer.receive()
         if kind == "figures":
             log.warning("notebook view: no OpenGL here (%s); drawing matplotlib's figures instead", payload)
@@ -117,7 +113,7 @@ class NotebookView(FedView):
         return True
 
     def _draw(self) -> None:
-        frames = newest_frames(self.source, self._names, self.shown)
+        frames = self._newest()
         if not frames:
             return
         self._renderer.send(frames)
@@ -206,16 +202,13 @@ class FigureCanvas:
 
     def refresh(self) -> bool:
         """Draw the figure of every probe whose newest frame is new; True if any was."""
-        changed = False
-        for name, renderer in self.renderers.items():
-            frame = self.source.latest(name)
-            if frame is None or self.shown.get(name) == frame.seq:
-                continue
+        frames = newest_frames(self.source, list(self.renderers), self.shown)
+        for name, frame in frames.items():
+            renderer = self.renderers[name]
             renderer.draw(frame.data, frame.step, frame.epoch)
             self.images[name] = self._fit(renderer.image())
             self.shown[name] = frame.seq
-            changed = True
-        return changed
+        return bool(frames)
 
     def _fit(self, image: np.ndarray) -> np.ndarray:
         """``image`` cut or padded (white) to the cell's size (a figure's size in pixels is

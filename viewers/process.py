@@ -167,10 +167,12 @@ class FedView:
 
     thread_name = "probescope-view"
 
-    def __init__(self, fps: float):
+    def __init__(self, source, fps: float, probes=None):
         if not fps > 0:
             raise ValueError(f"{type(self).__name__}: fps must be > 0, got {fps!r}")
-        self.fps = float(fps)
+        self.source, self.fps = source, float(fps)
+        self._names = panel_names(source, probes)
+        self.shown: dict[str, int] = {}  # probe -> seq of the newest frame given to the canvas
         self.error: str | None = None
         self.closed = False
         self._renderer: RenderProcess | None = None
@@ -198,6 +200,14 @@ class FedView:
             if self._thread.is_alive():
                 log.warning("%s: still busy after %.0f s; leaving it", self.thread_name, timeout)
         self.closed = True
+
+    def _specs(self) -> list:
+        """The panels' specs, for the render process."""
+        return [spec for spec in self.source.specs if spec.name in self._names]
+
+    def _newest(self) -> dict:
+        """Each shown probe's newest frame that the canvas has not been given."""
+        return newest_frames(self.source, self._names, self.shown)
 
     def _open(self) -> None:
         raise NotImplementedError

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from pathlib import Path
 
 from probescope.viewers.backend import NO_DISPLAY, ViewerUnavailable, has_display
 from probescope.viewers.process import (
@@ -20,8 +19,6 @@ from probescope.viewers.process import (
     RenderProcess,
     SentFrames,
     lower_priority,
-    newest_frames,
-    panel_names,
     receive_out_of_band,
 )
 
@@ -47,27 +44,24 @@ class WindowView(FedView):
         columns: int | None = None,
         probes=None,
     ):
-        super().__init__(fps)
-        self.source = source
-        self._names = panel_names(source, probes)
-        self._args = ({"size": size, "columns": columns, "probes": probes}, self.fps, _out_dir(source))
+        super().__init__(source, fps, probes)
+        out_dir = getattr(source, "out_dir", None)
+        self._args = ({"size": size, "columns": columns, "probes": probes}, self.fps, out_dir)
         self.backend: str | None = None  # the window's vispy backend, once open
-        self.shown: dict[str, int] = {}  # probe -> seq of the newest frame sent to the window
         self.window_shown: dict[str, int] | None = None  # what the window said it showed last
         self._thread.start()
 
     def _open(self) -> None:
         if not has_display():  # say so now, not after starting a process to find out
             raise ViewerUnavailable(NO_DISPLAY)
-        specs = [spec for spec in self.source.specs if spec.name in self._names]
-        self._renderer = RenderProcess(_window, specs, *self._args, name=self.thread_name)
+        self._renderer = RenderProcess(_window, self._specs(), *self._args, name=self.thread_name)
         _, self.backend = self._renderer.receive()
 
     def _tick(self, last: bool) -> bool:
         if not self._renderer.alive():
             return False  # the window was closed
         try:
-            frames = newest_frames(self.source, self._names, self.shown)
+            frames = self._newest()
             if frames:
                 self._renderer.send(frames)
                 self.shown.update({name: frame.seq for name, frame in frames.items()})
@@ -81,11 +75,6 @@ class WindowView(FedView):
     def _failed(self, err: Exception) -> None:
         super()._failed(err)
         log.warning("viewer: the window's feed failed (%s); training goes on", self.error)
-
-
-def _out_dir(source) -> Path | None:
-    out = getattr(source, "out_dir", None)
-    return Path(out) if out is not None else None
 
 
 def _window(conn, specs, viewer_args: dict, fps: float, out_dir) -> None:
