@@ -57,6 +57,7 @@ for step in "$@"; do
     tune-colormap) $T python3 -m benchmarks.tune_colormap --out "$OUT/tune_colormap" 2>&1 | tee "$OUT/tune_colormap.log" ;;
     stream-trace) for r in 1024 512; do $T python3 -m benchmarks.stream_trace --device cuda --resolution $r --out "$OUT/stream_trace-$r" 2>&1 | tee "$OUT/stream_trace-$r.log"; done ;;
     budget-accounting) $T python3 -m benchmarks.budget_accounting --device cuda --resolution 1024 --rounds 2 --steps 3000 --budget 0.02 --out "$OUT/budget_accounting.json" 2>&1 | tee "$OUT/budget_accounting.log" ;;
+    grid-frame) $T python3 -m benchmarks.grid_frame --device cuda --rounds 9 --out "$OUT/grid_frame.json" 2>&1 | tee "$OUT/grid_frame.log" ;;
     report) $T python3 -m benchmarks.triton_report 2>&1 | tee "$OUT/triton_report.log"
       $T python3 -m benchmarks.triton_chained_dot 2>&1 | tee "$OUT/triton_chained_dot.log" ;;
     *) $T python3 -m benchmarks "$step" --device cuda --out "$OUT/$step" 2>&1 | tee "$OUT/$step.log" | grep -v '%|' ;;

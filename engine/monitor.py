@@ -1208,6 +1208,7 @@ class _Job:
                 context = ProbeContext(self.step, self.epoch, read=lambda: history.read(cut))
                 for st, frame in zip(self.states, self.frames, strict=True):
                     if st.enabled:
+                        context.claim = st.ring.claim  # its kernels write into its ring
                         self._evaluate(st, frame, context)
         finally:
             for st in self.states:

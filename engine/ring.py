@@ -61,6 +61,35 @@ class _Slot:
         self.time = 0.0
 
 
+#: The torch dtypes a CPU slot's NumPy arrays can hold (a claimed tensor is a view of one).
+_NUMPY_DTYPES = {
+    torch.float64: np.dtype(np.float64),
+    torch.float32: np.dtype(np.float32),
+    torch.float16: np.dtype(np.float16),
+    torch.int64: np.dtype(np.int64),
+    torch.int32: np.dtype(np.int32),
+    torch.int16: np.dtype(np.int16),
+    torch.int8: np.dtype(np.int8),
+    torch.uint8: np.dtype(np.uint8),
+    torch.bool: np.dtype(np.bool_),
+}
+
+
+def _same_array(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two arrays of one shape and dtype are the same memory, element for element."""
+    return a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.strides == b.strides
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.dtype == b.dtype
+        and a.stride() == b.stride()
+        and a.device == b.device
+    )
+
+
 def _as_numpy(value) -> np.ndarray:
     if isinstance(value, torch.Tensor):  # (CUDA ones go through _write_device)
         value = value.detach()
@@ -92,11 +121,44 @@ class FrameRing:
         """Sequence number of the newest completed frame, -1 when empty."""
         return self._next_seq - 1
 
+    def claim(
+        self, key: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """Storage for ``key`` in the slot the next ``write`` fills, for a probe's kernels to
+        write the frame straight into; ``write`` copies nothing for a value that is this tensor.
+
+        The slot's old frame is given up at once (a reader finds it gone and counts it
+        dropped), so while a frame is being made the ring holds ``capacity - 1`` others. On the
+        CPU the storage is the slot's own array; a dtype NumPy lacks (bfloat16) gets a tensor
+        of its own, which ``write`` copies as any other value."""
+        slot = self._slots[self._next_seq % self.capacity]
+        self._open(slot)
+        shape = tuple(shape)
+        if device.type == "cuda":
+            dst = slot.device.get(key)
+            if dst is None or tuple(dst.shape) != shape or dst.dtype != dtype or dst.device != device:
+                dst = slot.device[key] = torch.empty(shape, dtype=dtype, device=device)
+            return dst
+        np_dtype = _NUMPY_DTYPES.get(dtype)
+        if device.type != "cpu" or np_dtype is None:
+            return torch.empty(shape, dtype=dtype, device=device)
+        dst = slot.arrays.get(key)
+        if dst is None or dst.shape != shape or dst.dtype != np_dtype:
+            dst = slot.arrays[key] = np.empty(shape, np_dtype)
+        return torch.from_numpy(dst)
+
+    @staticmethod
+    def _open(slot: _Slot) -> None:
+        if slot.version % 2 == 0:
+            slot.version += 1  # odd: readers of the old content will notice
+            slot.seq = -1
+
     def write(self, data: Mapping[str, object], step: int, epoch: int) -> int:
-        """Copy ``data`` into the next slot, reusing its arrays when shapes match; returns seq."""
+        """Copy ``data`` into the next slot, reusing its arrays when shapes match (a value that
+        is the slot's own storage, from ``claim``, is not copied); returns seq."""
         seq = self._next_seq
         slot = self._slots[seq % self.capacity]
-        slot.version += 1  # odd: readers of the old content will notice
+        self._open(slot)
         arrays = slot.arrays
         for key in list(arrays):
             if key not in data:
@@ -111,7 +173,8 @@ class FrameRing:
             src = _as_numpy(value)
             dst = arrays.get(key)
             if dst is not None and dst.shape == src.shape and dst.dtype == src.dtype:
-                np.copyto(dst, src)
+                if not _same_array(dst, src):  # else written in place (claim)
+                    np.copyto(dst, src)
             else:
                 arrays[key] = np.array(src, copy=True)
         slot.seq, slot.step, slot.epoch, slot.time = seq, step, epoch, time.time()
@@ -131,8 +194,11 @@ class FrameRing:
             if dst is None or dst.shape != t.shape or dst.dtype != t.dtype or dst.device != t.device:
                 slot.device[key] = torch.empty_like(t, memory_format=torch.contiguous_format)
         # One multi-tensor copy: each call from the probe thread is a moment it takes Python's
-        # lock from the training thread, so a frame makes as few as it can.
-        torch._foreach_copy_([slot.device[k] for k in tensors], [t.detach() for t in tensors.values()])
+        # lock from the training thread, so a frame makes as few as it can. A tensor that is
+        # the slot's own (claim) is already there.
+        copies = [k for k, t in tensors.items() if not _same_tensor(slot.device[k], t)]
+        if copies:
+            torch._foreach_copy_([slot.device[k] for k in copies], [tensors[k].detach() for k in copies])
         for key in [k for k in slot.device if k not in tensors]:
             del slot.device[key]
         slot.event = torch.cuda.Event()

@@ -596,6 +596,50 @@ def test_the_sinks_benchmark_times_every_mode(capsys):
     assert rows["off"][1] == "1.000" and all(float(rate) > 0 for rate, _ in rows.values())
 
 
+def test_the_grid_frame_benchmark_times_every_variant_on_the_same_frames(tmp_path, capsys):
+    from benchmarks.grid_frame import MLPS, VARIANTS, main
+
+    out = tmp_path / "grid_frame.json"
+    assert main(["--device", "cpu", "--rounds", "2", "--sizes", "16,7", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["case"], r["variant"]) for r in rows] == [
+        (f"{'-'.join(map(str, m))} at {s}²", v) for m in MLPS for s in (16, 7) for v in VARIANTS
+    ]
+    assert all(r["median_ms"] > 0 for r in rows)
+    assert [r["over_ring_slot"] for r in rows if r["variant"] == "ring slot"] == [1.0] * 4
+    assert len(capsys.readouterr().out.splitlines()) == 2 + len(rows)
+
+
+def test_the_grid_frame_benchmarks_variants_make_the_same_frame_their_own_way():
+    """``ring slot`` writes into the ring's storage, the others into tensors the ring copies;
+    the f64 variant's check is the float64 sum, and the probe's own is put back after."""
+    import probescope.probes.grid as grid_module
+    from benchmarks.grid_frame import Frames
+    from probescope.probes.base import all_finite
+
+    frames = Frames((2, 8, 3), 12, torch.device("cpu"))
+    frames.check()  # raises if two variants' frames differ
+    seen = {}
+    real_write = frames.rings["ring slot"].write.__func__
+
+    def write(ring, data, step, epoch):
+        slot = ring._slots[ring._next_seq % ring.capacity]
+        seen[ring], seen[(ring, "check")] = (
+            any(np.shares_memory(v.numpy(), slot.arrays.get(k, np.empty(0))) for k, v in data.items()),
+            grid_module.all_finite,
+        )
+        return real_write(ring, data, step, epoch)
+
+    for variant, ring in frames.rings.items():
+        ring.write = write.__get__(ring)
+        frames.frame(variant)
+    shares = [seen[frames.rings[v]] for v in ("ring slot", "copied", "copied, f64 check")]
+    assert shares == [True, False, False]
+    checks = [seen[(frames.rings[v], "check")] for v in ("ring slot", "copied", "copied, f64 check")]
+    assert checks[0] is checks[1] is all_finite and checks[2] is not all_finite
+    assert grid_module.all_finite is all_finite
+
+
 def test_the_notebook_benchmark_times_the_view_in_a_kernel(capsys):
     pytest.importorskip("jupyter_client")
     if importlib.util.find_spec("ipykernel") is None:

@@ -156,6 +156,43 @@ def test_device_ring_hands_out_the_newest_completed_frame_without_a_sync():
     monitor.close()
 
 
+def test_grid_frames_are_written_straight_into_the_device_ring():
+    """On CUDA the kernels write into the ring's device slot (no device-to-device copy), the
+    host copy goes to the slot's pinned buffers, and both hold the same frame."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 5)).cuda()
+    probe = GridProbe(torch.randn(200, 2), resolution=(70, 33), schedule=Schedule.every(1))
+    claimed = []
+    monitor = Monitor(model, [probe])
+    ring = monitor.ring("grid")
+    real_claim = ring.claim
+
+    def claim(key, shape, dtype, device):
+        out = real_claim(key, shape, dtype, device)
+        claimed.append((key, out.data_ptr(), ring._next_seq))
+        return out
+
+    ring.claim = claim
+    monitor.start()
+    optimizer = torch.optim.SGD(model.parameters(), 0.1)
+    for _ in range(5):
+        loss = model(torch.randn(64, 2, device="cuda")).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        monitor.step(loss=loss)
+    monitor.drain(30)
+    frame = ring.latest_device()
+    host = monitor.latest("grid")
+    assert frame is not None and frame.seq == host.seq
+    slot = ring._slots[frame.seq % ring.capacity]
+    mine = {key: ptr for key, ptr, seq in claimed if seq == frame.seq}
+    assert mine == {key: slot.device[key].data_ptr() for key in ("probs", "rgba")}
+    for key in ("probs", "rgba"):
+        np.testing.assert_array_equal(frame.tensors[key].cpu().numpy(), host.data[key])
+    monitor.close()
+
+
 def test_high_priority_training_stream_trains_and_probes_still_run():
     model = _big_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)

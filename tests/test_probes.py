@@ -1,5 +1,6 @@
 """Each probe computes what it claims, checked against an independent computation."""
 
+import functools
 import logging
 
 import numpy as np
@@ -78,6 +79,49 @@ def test_grid_smoothing_is_an_ema_of_the_unsmoothed_maps(mlp):
         got = smooth.evaluate(mlp, ProbeContext(step=step, epoch=0))["probs"]
         expected = raw if expected is None else expected + 0.25 * (raw - expected)
         np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-6)
+
+
+class Residual(nn.Module):  # not an MLP: the map comes from its own forward
+    def __init__(self):
+        super().__init__()
+        self.inner, self.out = nn.Linear(2, 2), nn.Linear(2, 7)
+
+    def forward(self, x):
+        return self.out(x + torch.tanh(self.inner(x)))
+
+
+@pytest.mark.parametrize(
+    ("model", "smoothing", "in_place"),
+    [("mlp", None, {"probs", "rgba"}), ("mlp", 0.5, {"rgba"}), ("residual", None, {"probs", "rgba"})],
+)
+def test_a_monitors_grid_frames_are_written_straight_into_the_ring(mlp, blobs, model, smoothing, in_place):
+    """The kernels write probabilities and colours into the ring's slot: the frame the probe
+    returns is the slot's own memory, which the ring does not copy (a smoothed map's
+    probabilities are the running average, which it does); the frames read back are right."""
+    model = mlp if model == "mlp" else Residual()
+    probe = GridProbe(blobs.x_train, resolution=(11, 6), smoothing=smoothing, schedule=Schedule.every(1))
+    shared = []
+
+    def write(data, step, epoch, real):
+        slot = ring._slots[ring._next_seq % ring.capacity]
+        shared.append(
+            {k for k, v in data.items() if np.shares_memory(v.numpy(), slot.arrays.get(k, np.empty(0)))}
+        )
+        return real(data, step, epoch)
+
+    with Monitor(model, [probe]) as monitor:
+        ring = monitor.ring("grid")
+        ring.write = functools.partial(write, real=ring.write)
+        train_steps(monitor, model, blobs.x_train, blobs.y_train, 4)
+    assert len(shared) == 5 and all(keys == in_place for keys in shared)  # steps 0 to 4
+    frame = ring.latest()
+    if not smoothing:  # the last weights' map (an average would need every earlier model)
+        expected = _evaluate(GridProbe(blobs.x_train, resolution=(11, 6)), model)["probs"]
+        np.testing.assert_allclose(frame.data["probs"], expected.numpy(), atol=1e-6)
+    np.testing.assert_array_equal(
+        frame.data["rgba"],
+        probs_to_rgba(torch.from_numpy(frame.data["probs"]), "region", probe.palette, 1).numpy(),
+    )
 
 
 def test_a_smoothed_map_shows_a_nan_frame_and_comes_back_when_the_model_does(mlp, caplog):
@@ -192,6 +236,30 @@ def test_grid_non_finite_outputs_get_magenta_one_warning_and_training_goes_on(bl
     assert monitor.stats["grid"].run == 4 and monitor.stats["grid"].failed == 0  # steps 0..3
     warnings = [r for r in caplog.records if "non-finite" in r.getMessage()]
     assert len(warnings) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(1,), (7, 5, 3), (64, 33, 1), (0, 4)])
+def test_all_finite_is_exact_for_every_kind_of_non_finite_entry_anywhere(dtype, shape):
+    """Against torch.isfinite(t).all() on random tensors with NaN, +inf or -inf at a random
+    place, and on tensors of huge finite values, whose sum overflows to inf (a sum-based check
+    would call them non-finite)."""
+    from probescope.probes.base import all_finite
+
+    generator = torch.Generator().manual_seed(hash((str(dtype), shape)) % 2**31)
+    clean = torch.randn(shape, generator=generator).to(dtype)
+    cases = [clean, torch.full(shape, torch.finfo(dtype).max, dtype=dtype)]
+    for poison in (float("nan"), float("inf"), float("-inf")):
+        if clean.numel():
+            t = clean.clone().reshape(-1)
+            t[torch.randint(0, t.numel(), (1,), generator=generator)] = poison
+            cases.append(t.reshape(shape))
+    for t in cases:
+        result = all_finite(t)
+        assert result.dtype == torch.bool and result.shape == ()
+        assert bool(result) == bool(torch.isfinite(t).all())
+    if clean.numel() > 1:
+        assert not torch.isfinite(cases[1].sum())  # the overflow a sum would trip on
 
 
 @pytest.mark.parametrize(

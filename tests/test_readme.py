@@ -12,7 +12,9 @@ import runpy
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 import probescope as ps
 from probescope.cli import build_parser, main
@@ -133,7 +135,7 @@ def plain_loop_run(tmp_path_factory):
     """The README's plain loop, run as written, then the two commands it says to run next."""
     folder = tmp_path_factory.mktemp("readme")
     script = folder / "plain_loop.py"
-    script.write_text(_block("import torch, probescope as ps"))
+    script.write_text(_block("import torch, probescope as ps\n\nx, y = "))
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         runpy.run_path(str(script), run_name="__main__")
@@ -182,3 +184,25 @@ def test_the_keras_example_runs(tmp_path):
     assert run.meta["status"] == "finished"
     assert list(run.meta["probes"]) == ["curve", "loss"]
     assert run.probe("curve").frame(-1).step == 20 * 29  # 900 training samples in batches of 32
+
+
+def test_the_probe_of_your_own_example_runs_and_its_frames_are_right(tmp_path, capsys):
+    script = tmp_path / "margins.py"
+    script.write_text(_block("import torch, probescope as ps\n\n\nclass Margins(ps.Probe):"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        space = runpy.run_path(str(script), run_name="__main__")
+    run = ps.open_run(tmp_path / "runs" / "margins")
+    probe = run.probe("margins")
+    assert run.meta["status"] == "finished" and probe.kind == "margins"
+    steps = [probe.frame(i).step for i in range(len(probe))]  # a frame due while one runs is skipped
+    assert steps[0] == 0 and steps[-1] == 200 and set(steps) <= set(range(0, 201, 20)) and len(steps) > 5
+    model, x, y = space["model"], space["x"][:64], space["y"][:64]
+    with torch.no_grad():
+        logits = model(x)
+    true = logits[torch.arange(64), y]
+    other = torch.stack([torch.cat([row[:c], row[c + 1 :]]).max() for row, c in zip(logits, y, strict=True)])
+    last = probe.frame(-1).data
+    np.testing.assert_allclose(last["margins"], (true - other).numpy(), rtol=1e-5, atol=1e-6)
+    assert int(last["wrong"]) == int((true < other).sum())
+    assert capsys.readouterr().out.strip() == str(last["wrong"])

@@ -3,6 +3,7 @@
 import threading
 
 import numpy as np
+import torch
 
 from probescope import FrameRing
 
@@ -59,3 +60,67 @@ def test_a_reader_never_sees_a_torn_frame_while_the_writer_laps_it():
     finally:
         stop.set()
         thread.join()
+
+
+def _claimed_frame(ring, step, value, key="v", shape=(6, 5)):
+    """A frame written the way a probe's kernels write one: into the claimed slot storage."""
+    out = ring.claim(key, shape, torch.float32, torch.device("cpu"))
+    out.fill_(value)  # the kernel
+    return ring.write({key: out}, step, 0)
+
+
+def test_a_claimed_slot_is_written_in_place_and_read_like_any_frame():
+    ring = FrameRing("p", capacity=3)
+    for step in range(7):  # two laps: every slot claimed again, its array reused
+        seq = _claimed_frame(ring, step, float(step))
+        assert ring.latest().seq == seq and (ring.latest().data["v"] == step).all()
+    assert [f.step for f in ring.read_since(3)] == [4, 5, 6]
+    claimed = ring.claim("v", (6, 5), torch.float32, torch.device("cpu"))  # the slot of frame 7
+    assert np.shares_memory(claimed.numpy(), ring._slots[7 % 3].arrays["v"])  # no copy to make
+
+
+def test_write_copies_nothing_for_a_claimed_value(monkeypatch):
+    ring = FrameRing("p", capacity=2)
+    _claimed_frame(ring, 0, 1.0)  # allocates slot 0's array
+    _claimed_frame(ring, 1, 1.0)
+    copies = []
+    real = np.copyto
+    monkeypatch.setattr(np, "copyto", lambda dst, src, **kw: (copies.append(dst.shape), real(dst, src, **kw)))
+    _claimed_frame(ring, 2, 3.0)
+    ring.write({"v": torch.full((6, 5), 4.0)}, 3, 0)  # a value of its own: copied as before
+    assert copies == [(6, 5)]
+    assert [float(f.data["v"][0, 0]) for f in ring.read_since(1)] == [3.0, 4.0]
+
+
+def test_claiming_gives_up_the_slots_old_frame_at_once():
+    ring = FrameRing("p", capacity=3)
+    for step in range(3):
+        ring.write({"v": np.full(4, step)}, step, 0)
+    out = ring.claim("v", (4,), torch.int64, torch.device("cpu"))  # frame 3 goes where 0 was
+    out[:] = -1  # half-made: a reader must not take it for frame 0
+    assert [f.step for f in ring.read_since(-1)] == [1, 2] and ring.dropped == 1
+    assert ring.latest().step == 2
+    out[:] = 3
+    ring.write({"v": out}, 3, 0)
+    assert [f.data["v"].tolist() for f in ring.read_since(1)] == [[2] * 4, [3] * 4]
+
+
+def test_a_frame_that_claimed_and_failed_leaves_its_slot_to_the_next_one():
+    ring = FrameRing("p", capacity=2)
+    ring.write({"v": np.zeros(3)}, 0, 0)
+    ring.claim("v", (3,), torch.float64, torch.device("cpu"))  # then the probe raises: no write
+    ring.claim("v", (3,), torch.float64, torch.device("cpu"))  # the next frame claims it again
+    assert ring.write({"v": np.ones(3)}, 1, 0) == 1
+    assert [f.step for f in ring.read_since(-1)] == [0, 1]
+
+
+def test_a_claim_of_another_shape_or_dtype_replaces_the_slots_array():
+    ring = FrameRing("p", capacity=2)
+    _claimed_frame(ring, 0, 1.0, shape=(4, 4))
+    _claimed_frame(ring, 1, 2.0, shape=(4, 4))
+    _claimed_frame(ring, 2, 3.0, shape=(2, 9))  # the grid's resolution changed
+    assert ring.latest().data["v"].shape == (2, 9)
+    uint8 = ring.claim("v", (2, 9), torch.uint8, torch.device("cpu"))
+    assert uint8.dtype == torch.uint8 and ring._slots[1].arrays["v"].dtype == np.uint8
+    bf16 = ring.claim("w", (3,), torch.bfloat16, torch.device("cpu"))  # NumPy has none: its own tensor
+    assert bf16.dtype == torch.bfloat16 and "w" not in ring._slots[1].arrays

@@ -55,7 +55,7 @@ class ProbeContext:
     ``history`` is read when a probe first asks for it (``read``, a callable, gives it), so a
     probe that never looks at the history does not pay for converting the step's losses."""
 
-    __slots__ = ("_history", "_read", "epoch", "step")
+    __slots__ = ("_history", "_read", "claim", "epoch", "step")
 
     def __init__(
         self,
@@ -64,15 +64,26 @@ class ProbeContext:
         history: dict[str, Series] | None = None,
         *,
         read: Callable[[], dict[str, Series]] | None = None,
+        claim: Callable[[str, tuple[int, ...], torch.dtype, torch.device], torch.Tensor] | None = None,
     ):
         self.step, self.epoch = step, epoch
         self._history, self._read = history, read
+        self.claim = claim  # the Monitor's: the probe's ring (FrameRing.claim), set per probe
 
     @property
     def history(self) -> dict[str, Series]:
         if self._history is None:
             self._history = self._read() if self._read is not None else {}
         return self._history
+
+    def buffer(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+        """Where the frame's ``key`` can be written: in the Monitor, the ring slot the frame goes
+        to (the ring then copies nothing for it: the kernels write the frame straight into the
+        ring); elsewhere a new tensor. Return it in the frame as it is, written whole."""
+        device = torch.device(device)
+        if self.claim is not None:
+            return self.claim(key, tuple(shape), dtype, device)
+        return torch.empty(shape, dtype=dtype, device=device)
 
 
 class Probe(Callback, Reproducible):
@@ -290,6 +301,19 @@ def batched_forward(
             outs.append(out.float())
     out = torch.cat(outs)
     return out.reshape(out.shape[0], -1).cpu()
+
+
+def all_finite(t: torch.Tensor) -> torch.Tensor:
+    """Whether every entry of ``t`` is finite, as a device scalar (nothing waits for the GPU).
+
+    One min-max pass, exact: a NaN propagates to both, an infinity is the min or the max, and
+    finite values cannot overflow it as they can a float32 sum. On a CPU it costs a fifteenth
+    to a twenty-fifth of a float64 sum (1 ms against 15 for a 1024 x 1024 x 7 map), and it is
+    one fixed kernel, so CUDA graphs capture it."""
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    lo, hi = torch.aminmax(t)
+    return torch.isfinite(lo) & torch.isfinite(hi)
 
 
 def outputs_to_probs(logits: torch.Tensor, output: str, final: str = "logits") -> torch.Tensor:

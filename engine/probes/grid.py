@@ -15,6 +15,7 @@ from probescope.kernels.colormap import MODES
 from probescope.probes.base import (
     Probe,
     ProbeContext,
+    all_finite,
     as_float_tensor,
     check_forward,
     eval_mode,
@@ -95,6 +96,7 @@ class GridProbe(Probe):
         self.vs = self.grid.vs().float()
         self.smoothing = smoothing
         self._ema_state: torch.Tensor | None = None
+        self._channels = 0  # the frame's probabilities per pixel (set by attach)
         self.path = "not attached"
         self.mode, self.class_index, self.output = mode, class_index, output
         self.points, self.point_sparsity, self.batch_size = points, point_sparsity, batch_size
@@ -130,6 +132,7 @@ class GridProbe(Probe):
             tiny = GridSpec.on_plane(self.origin, self.axis_u, self.axis_v, self.domain, 2, 2)
             probs = grid_mlp(model, tiny, self._kernel_output(), batch_size=self.batch_size)
             probs_to_rgba(probs.float(), self.mode, self.palette, self.class_index)
+        self._channels = probs.shape[-1]
 
     def _kernel_output(self) -> str:
         return "raw" if self.output == "probs" else self.output
@@ -138,7 +141,10 @@ class GridProbe(Probe):
         # Everything stays on the model's device (on CUDA: the probe stream) until the ring
         # copies the frame out; the colour mapping runs there too. With CUDA graphs on, the
         # whole frame is one replay per shadow model.
-        probs, rgba, finite = self._frame(model) if self.graphs is None else self._graphed_frame(model)
+        if self.graphs is None:  # written straight into the ring's slot
+            probs, rgba, finite = self._frame(model, context.buffer)
+        else:  # into the graph's own outputs, which the ring copies
+            probs, rgba, finite = self._graphed_frame(model)
         if not bool(finite):  # on CUDA, waits for the probe stream only
             self.warn_once(
                 "nonfinite",
@@ -151,10 +157,16 @@ class GridProbe(Probe):
         device, _ = model_device_dtype(model)
         return self.graphs.run(("frame", id(model)), device, lambda: self._frame(model))
 
-    def _frame(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _frame(self, model: nn.Module, buffer=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Probabilities, colours and whether every probability is finite (a device scalar):
-        the same kernels on the same tensors at every call, so CUDA graphs can capture it."""
-        probs = grid_mlp(model, self.grid, self._kernel_output(), batch_size=self.batch_size)
+        the same kernels on the same tensors at every call, so CUDA graphs can capture it.
+        ``buffer`` (``ProbeContext.buffer``) gives the storage the kernels write the frame
+        into: the ring's slot in a Monitor."""
+        size, device = (self.height, self.width), model_device_dtype(model)[0]
+        out = None
+        if buffer is not None and self.smoothing is None:  # (smoothed: the average is the frame)
+            out = buffer("probs", (*size, self._channels), torch.float32, device)
+        probs = grid_mlp(model, self.grid, self._kernel_output(), out=out, batch_size=self.batch_size)
         if self.smoothing is not None:
             if (
                 self._ema_state is None
@@ -163,10 +175,9 @@ class GridProbe(Probe):
             ):
                 self._ema_state = probs.clone()
             probs = ema_frames(probs[None], self.smoothing, state=self._ema_state)[0]
-        # One float64 sum instead of a boolean map: it cannot overflow from float32 values, so
-        # it is non-finite exactly when an entry is (a fifth of a CPU frame before).
-        finite = torch.isfinite(probs.sum(dtype=torch.float64))
-        return probs, probs_to_rgba(probs, self.mode, self.palette, self.class_index), finite
+        finite = all_finite(probs)
+        out = None if buffer is None else buffer("rgba", (*size, 4), torch.uint8, device)
+        return probs, probs_to_rgba(probs, self.mode, self.palette, self.class_index, out=out), finite
 
     def static(self) -> dict[str, np.ndarray]:
         keep = slice(None, None, self.point_sparsity)

@@ -21,6 +21,7 @@ from probescope.probes.base import (
     ForwardHooks,
     Probe,
     ProbeContext,
+    all_finite,
     check_forward,
     model_device_dtype,
     named_layers,
@@ -129,7 +130,7 @@ class NeuronProbe(Probe):
                 parts.append(out.reshape(out.shape[0], -1).index_select(1, index).float())
         size = self.resolution
         activations = torch.cat(parts).T.reshape(len(self.units), size, size).contiguous()
-        if not bool(torch.isfinite(activations).all()):
+        if not bool(all_finite(activations)):
             self.warn_once(
                 "nonfinite", f"non-finite outputs of {self.layer!r} at step {context.step}; drawn in magenta"
             )
