@@ -258,7 +258,7 @@ class Monitor:
     def __init__(
         self,
         model: nn.Module,
-        probes: Iterable[Probe] = (),
+        probes: Probe | Iterable[Probe] = (),
         *,
         optimizer=None,
         run_dir: str | os.PathLike | None = None,
@@ -312,7 +312,7 @@ class Monitor:
         # Every rank checks its arguments and attaches its probes (the same errors everywhere);
         # only the probing rank keeps them.
         self.probing = self.placement.rank == probe_rank
-        probes = list(probes)
+        probes = [probes] if isinstance(probes, Probe) else list(probes)
         for p in probes:
             if not isinstance(p, Probe):
                 raise TypeError(f"Monitor: probes must be Probe instances, got {type(p).__name__}")
@@ -598,10 +598,12 @@ class Monitor:
                 raise
         self._worker = ProbeWorker(threads=self._probe_threads)
         cores = os.cpu_count() or 1
-        if torch.get_num_threads() + self._probe_threads > cores:
+        evaluating = any(st.probe.reads_model for st in self._probes.values())
+        if evaluating and torch.get_num_threads() + self._probe_threads > cores:
             # Training on the CPU: while a probe evaluates, training's threads wait at every
             # parallel region for the one that shares a core with it (a frame then costs training
-            # about its whole evaluation). On a GPU the host threads matter little.
+            # about its whole evaluation). On a GPU the host threads matter little. (Probes of
+            # the loop's series alone compute next to nothing.)
             on_cpu = model_device_dtype(self.model)[0].type == "cpu"
             log.log(
                 logging.WARNING if on_cpu else logging.INFO,

@@ -156,6 +156,8 @@ class RunWriter:
         self._seq_base: dict[str, int] = {}  # added to a probe's ring numbers (a resumed run)
         self.frames_written = 0
         self.failed = False
+        if self.path.exists() and not self.path.is_dir():
+            raise NotADirectoryError(f"the run directory {self.path} is a file; choose another run_dir")
         if resume_at is not None and (self.path / "run.json").exists():
             self._reopen(resume_at)
             return

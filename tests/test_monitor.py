@@ -209,6 +209,15 @@ def test_duplicate_probe_names_are_rejected(mlp, blobs):
         Monitor(mlp, [GridProbe(blobs.x_train), GridProbe(blobs.x_train)])
 
 
+def test_one_probe_is_taken_as_a_list_of_one_and_anything_else_is_refused(mlp, blobs):
+    probe = GridProbe(blobs.x_train, resolution=5, schedule=Schedule.every(1))
+    with Monitor(mlp, probe) as monitor:
+        train_steps(monitor, mlp, blobs.x_train, blobs.y_train, 2)
+    assert list(monitor.probes) == ["grid"] and monitor.stats["grid"].run == 3
+    with pytest.raises(TypeError, match="probes must be Probe instances, got function"):
+        Monitor(mlp, [lambda model, context: {}])
+
+
 def test_counters_and_ring_are_exposed(mlp, blobs):
     probe = GridProbe(blobs.x_train, resolution=8, schedule=Schedule.every(2))
     with Monitor(mlp, [probe]) as monitor:
@@ -636,12 +645,19 @@ def test_a_cpu_model_whose_training_threads_leave_no_core_to_the_probes_gets_a_w
     from probescope import LossProbe
 
     cores, before = os.cpu_count() or 1, torch.get_num_threads()
+    evaluates = [GridProbe(torch.randn(20, 2), resolution=4)]
+    series = [LossProbe()]  # the loop's series only: next to nothing to compute, no hint
     try:
-        for threads, warned in [(cores, True), (max(1, cores - 1), cores == 1)]:
+        for threads, probes, warned in [
+            (cores, evaluates, True),
+            (max(1, cores - 1), evaluates, cores == 1),
+            (cores, series, False),
+            (cores, [], False),
+        ]:
             torch.set_num_threads(threads)
             caplog.clear()
             with caplog.at_level(logging.INFO, logger="probescope"):
-                Monitor(mlp, [LossProbe()], final_frame=False).start().close()
+                Monitor(mlp, probes, final_frame=False).start().close()
             hints = [r for r in caplog.records if "oversubscription" in r.message]
             assert len(hints) == int(warned)
             for record in hints:

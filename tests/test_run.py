@@ -109,6 +109,13 @@ def test_an_existing_run_is_not_overwritten_by_accident(tmp_path, mlp, blobs):
     Monitor(mlp, [], run_dir=tmp_path, overwrite=True).start().close()
 
 
+def test_a_run_directory_that_is_a_file_is_refused_by_name(tmp_path, mlp):
+    (tmp_path / "run").write_text("not a run")
+    with pytest.raises(NotADirectoryError, match=r"run directory .*run is a file; choose another run_dir"):
+        Monitor(mlp, [], run_dir=tmp_path / "run").start()
+    assert (tmp_path / "run").read_text() == "not a run"
+
+
 def test_a_full_disk_stops_recording_with_one_warning_and_training_goes_on(
     tmp_path, mlp, blobs, caplog, monkeypatch
 ):
