@@ -194,10 +194,16 @@ class DemoResult:
             )
         if self.seconds_without_probes:
             ratio = self.seconds_with_probes / self.seconds_without_probes
+            step_ms = 1e3 * self.seconds_without_probes / max(self.steps, 1)
             lines.append(
                 f"  training loop: {self.seconds_with_probes:.2f} s with probes, "
                 f"{self.seconds_without_probes:.2f} s without ({ratio:.2f}x); "
                 f"final frames and flush {self.seconds_closing:.2f} s"
+            )
+            lines.append(
+                f"    (steps of {step_ms:.2f} ms, mostly Python, which the probe thread shares; the demo "
+                "films training, a frame every few steps: Schedule.budget(0.05) keeps probes to 5 % "
+                "of a loop's time)"
             )
         else:
             lines.append(f"  training loop: {self.seconds_with_probes:.2f} s with probes")

@@ -39,6 +39,23 @@ def test_demo_reaches_95_percent_and_prints_a_summary(blobs7_run, capsys):
     assert run.meta["status"] == "finished"
 
 
+def test_the_demos_report_puts_its_slowdown_beside_the_step_time_it_comes_from(tmp_path):
+    from probescope.demo import DemoResult
+
+    probes = {"grid": {"frames": 26, "mean_ms": 6.5, "skipped": 3, "failed": 0}}
+    accuracy = {"valid_accuracy": 0.98}
+    result = DemoResult(
+        "blobs7", tmp_path, 20, 880, accuracy, 0.66, 0.44, 0.01, probes, [tmp_path / "grid.mp4"]
+    )
+    lines = result.report().splitlines()
+    assert lines[5] == (
+        "  training loop: 0.66 s with probes, 0.44 s without (1.50x); final frames and flush 0.01 s"
+    )
+    assert lines[6].startswith("    (steps of 0.50 ms, mostly Python") and "Schedule.budget(0.05)" in lines[6]
+    text = DemoResult("blobs7", tmp_path, 20, 880, accuracy, 0.66, None, 0.0, probes).report()
+    assert "steps of" not in text and "training loop: 0.66 s with probes" in text
+
+
 def test_demo_leaves_an_mp4_and_a_gif_whose_frames_change(blobs7_run):
     for name in ("grid.mp4", "grid.gif"):
         frames = list(iio.imiter(blobs7_run / name))
