@@ -124,6 +124,15 @@ def _export(args: argparse.Namespace) -> int:
         if formats
         else {}
     )
+    if formats and not files and not args.final_pictures:
+        probes = ", ".join(
+            f"{name} ({record.kind}, {len(record)} frames)" for name, record in run.probes.items()
+        )
+        raise ValueError(
+            f"nothing to draw as {', '.join(formats)}: no probe of the run has frames of a kind drawn "
+            f"frame by frame ({probes or 'it has no probes'}); --final-pictures draws statistics over "
+            "training, --format tensorboard exports every probe's numbers"
+        )
     written += [p for paths in files.values() for p in paths]
     if args.final_pictures:
         written += export_final_pictures(run, out)

@@ -137,6 +137,31 @@ def test_export_command_writes_each_format(blobs7_run, tmp_path, capsys):
     assert len(list((tmp_path / "loss").glob("*.png"))) == 2 * n - 1
 
 
+def test_a_run_with_nothing_to_draw_says_so_instead_of_writing_nothing(tmp_path, capsys):
+    """A probe of the user's own kind has no picture: export and view say which probes the run
+    has; its numbers still export to TensorBoard."""
+    from probescope import Monitor, Probe
+
+    class Norm(Probe):
+        kind = "norm"
+
+        def evaluate(self, model, context):
+            return {"norm": torch.cat([p.reshape(-1) for p in model.parameters()]).norm()}
+
+    model = nn.Linear(2, 2)
+    with Monitor(model, Norm(schedule=None), run_dir=tmp_path / "run") as monitor:
+        for _ in range(3):
+            monitor.step()
+    assert main(["export", str(tmp_path / "run"), "--format", "png", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to draw as png" in err and "norm (norm, " in err and "--format tensorboard" in err
+    assert not (tmp_path / "run" / "exports").exists()
+    assert main(["view", str(tmp_path / "run"), "--offscreen"]) == 2
+    err = capsys.readouterr().err
+    assert "no probe to show (it draws grid, curve, prediction, loss, stats, neurons, checkpoint)" in err
+    assert main(["export", str(tmp_path / "run"), "--format", "tensorboard", "--quiet"]) == 0
+
+
 def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert main(["info", str(tmp_path)]) == 2
     assert "not a probescope run" in capsys.readouterr().err

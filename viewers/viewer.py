@@ -179,7 +179,7 @@ class Viewer:
         self.source, self.offscreen, self.fps = source, offscreen, fps
         specs = [s for s in source.specs if s.kind in PANELS and (probes is None or s.name in set(probes))]
         if not specs:
-            raise ValueError("the viewer has no probe to show (grid, curve, prediction, loss or stats)")
+            raise ValueError(f"the viewer has no probe to show (it draws {', '.join(PANELS)})")
         columns = columns or getattr(source, "columns", None) or min(len(specs), 3)
         rows = math.ceil(len(specs) / columns)
         size = size or (min(560 * columns, 1680), min(460 * rows, 1380))
