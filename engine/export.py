@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from probescope.figures import (
     PANELS,
     FrameRenderer,
+    confusion_figure,
     metrics_figure,
     plot_frame,
     small_multiples,
@@ -231,7 +232,8 @@ def export_run(
 
 
 def export_final_pictures(run: Run, out: str | Path) -> list[Path]:
-    """PNGs of the final state: each probe's last frame, its small multiples, and raw grid maps.
+    """PNGs of the final state: each probe's last frame, its small multiples, raw grid maps,
+    a LossProbe's losses and metrics and a classification PredictionProbe's confusion matrix.
 
     ``<grid>_final_map.png`` is the last map itself, one pixel per grid point, exactly the
     recorded RGBA; the other pictures are figures with axes and captions.
@@ -256,6 +258,10 @@ def export_final_pictures(run: Run, out: str | Path) -> list[Path]:
         if record.kind == "loss":
             path = out / f"{name}_metrics.png"
             metrics_figure(record).savefig(path)
+            written.append(path)
+        if record.kind == "prediction" and "confusion" in record.frame(-1).data:  # classification
+            path = out / f"{name}_confusion.png"
+            confusion_figure(record).savefig(path)
             written.append(path)
         if record.kind == "grid":
             path = out / f"{name}_final_map.png"

@@ -449,6 +449,43 @@ def metrics_figure(record: ProbeRecord, *, final_losses: bool = True, perc: floa
     return figure
 
 
+def confusion_figure(record: ProbeRecord, frame: int = -1) -> Figure:
+    """A classification PredictionProbe's confusion matrix at one frame (default the last):
+    rows the true class, columns the predicted one, each cell shaded by its share of its row
+    (the class's recall on the diagonal) and, up to 20 classes, labelled with its count."""
+    if not len(record):
+        raise ValueError(f"probe {record.name!r} has no frames yet")
+    shown = record.frame(frame)
+    if "confusion" not in shown.data:
+        raise ValueError(f"probe {record.name!r} ({record.kind}) has no confusion matrix in its frames")
+    counts = np.asarray(shown.data["confusion"], np.int64)
+    classes = len(counts)
+    totals = counts.sum(1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    side = min(3.2 + 0.45 * classes, 12.0)
+    figure = Figure(figsize=(side + 1.2, side), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot(1, 1, 1)
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    figure.colorbar(image, ax=ax, label="share of the true class's samples", shrink=0.8)
+    if classes <= 20:
+        for (r, c), n in np.ndenumerate(counts):
+            colour = "white" if shares[r, c] > 0.6 else "black"
+            ax.text(c, r, str(n), ha="center", va="center", fontsize=8, color=colour)
+    ticks = range(classes) if classes <= 30 else range(0, classes, -(-classes // 15))
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    right = int(np.trace(counts))
+    ax.set_title(
+        f"{record.name} · step {shown.step} · {right} of {int(counts.sum())} right "
+        f"(accuracy {float(shown.data['accuracy']):.3f})",
+        fontsize=10,
+    )
+    return figure
+
+
 def stats_figure(record: ProbeRecord, lines: int = 6) -> Figure:
     """A StatsProbe over training: weight norms (L2 and spectral, log scale) above, its loss
     and metric columns below, the background coloured by latent state when the probe

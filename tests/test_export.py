@@ -79,6 +79,44 @@ def test_png_export_writes_one_file_per_frame(recorded, tmp_path):
         assert iio.imread(pngs[0]).shape == (512, 768, 4) or iio.imread(pngs[0]).shape == (512, 768, 3)
 
 
+def test_the_confusion_figure_shades_each_row_by_its_share_and_writes_the_counts(recorded, tmp_path):
+    from probescope.figures import confusion_figure
+
+    record = recorded.probe("prediction")
+    assert tmp_path / "prediction_confusion.png" in export_final_pictures(recorded, tmp_path)
+    for index in (0, -1):
+        frame = record.frame(index)
+        counts = np.asarray(frame.data["confusion"])
+        figure = confusion_figure(record, index)
+        ax = figure.axes[0]
+        shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        np.testing.assert_allclose(ax.images[0].get_array(), shares)
+        texts = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+        assert texts == {(r, c): str(n) for (r, c), n in np.ndenumerate(counts)}
+        right, total = int(np.trace(counts)), int(counts.sum())
+        assert total == len(record.static["y_true"])
+        assert f"step {frame.step} · {right} of {total} right" in ax.get_title()
+    assert iio.imread(tmp_path / "prediction_confusion.png").shape[0] > 100
+
+
+def test_a_regression_prediction_probe_has_no_confusion_figure(tmp_path):
+    from probescope import PredictionProbe
+    from probescope.figures import confusion_figure
+
+    x = torch.linspace(-1, 1, 40)[:, None]
+    model = nn.Linear(1, 1)
+    with Monitor(model, [PredictionProbe(x, 2 * x, task="regression")], run_dir=tmp_path / "run") as monitor:
+        monitor.step()
+    run = open_run(tmp_path / "run")
+    written = export_final_pictures(run, tmp_path / "final")
+    assert (
+        not any("confusion" in p.name for p in written)
+        and (tmp_path / "final" / "prediction_final.png").exists()
+    )
+    with pytest.raises(ValueError, match="no confusion matrix"):
+        confusion_figure(run.probe("prediction"))
+
+
 def test_final_map_png_is_exactly_the_last_recorded_map(recorded, tmp_path):
     export_final_pictures(recorded, tmp_path)
     png = iio.imread(tmp_path / "grid_final_map.png")
