@@ -124,3 +124,35 @@ def test_a_claim_of_another_shape_or_dtype_replaces_the_slots_array():
     assert uint8.dtype == torch.uint8 and ring._slots[1].arrays["v"].dtype == np.uint8
     bf16 = ring.claim("w", (3,), torch.bfloat16, torch.device("cpu"))  # NumPy has none: its own tensor
     assert bf16.dtype == torch.bfloat16 and "w" not in ring._slots[1].arrays
+
+
+def test_a_reader_never_sees_a_torn_frame_while_the_writer_fills_claimed_slots():
+    """As the probe's kernels do: fill the claimed storage bit by bit, then write it."""
+    ring = FrameRing("p", capacity=2)
+    stop = threading.Event()
+
+    def writer():
+        value = 0
+        while not stop.is_set():
+            out = ring.claim("v", (200_000,), torch.int64, torch.device("cpu"))
+            for part in range(4):  # a kernel writing in pieces, readers looking on
+                out[part * 50_000 : (part + 1) * 50_000] = value
+            ring.write({"v": out}, value, 0)
+            value += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        seen = 0
+        while seen < 200:
+            frame = ring.latest()
+            if frame is None:
+                continue
+            v = frame.data["v"]
+            assert v.min() == v.max() == frame.step, "latest() returned a half-written frame"
+            seen += 1
+        frames = ring.read_since(-1)
+        assert all(f.data["v"].min() == f.data["v"].max() == f.step for f in frames)
+    finally:
+        stop.set()
+        thread.join()
