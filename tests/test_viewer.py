@@ -584,6 +584,61 @@ def test_keys_pause_save_record_step_and_quit(recorded, tmp_path):
     assert viewer.closed
 
 
+@pytest.mark.parametrize("task", ["classification", "binary"])
+def test_key_c_shows_the_confusion_matrix_in_place_of_the_predictions_and_back(task):
+    from probescope.viewers.panels import CONFUSION_BLUE
+
+    classes = 3 if task == "classification" else 2
+    y = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2][: 9 if classes == 3 else 5], np.float32)
+    spec = PanelSpec("prediction", "prediction", {"task": task, "num_classes": classes, "threshold": 0.5},
+                     {"y_true": y, "jitter": np.zeros_like(y)})  # fmt: skip
+    regression = PanelSpec(
+        "fit", "prediction", {"task": "regression"}, {"y_true": y, "jitter": np.zeros_like(y)}
+    )
+    source = FrameSource(spec, regression)
+    confusion = np.array([[3, 0, 0], [1, 1, 0], [0, 3, 1]])[:classes, :classes]
+    data = {"prob_true": np.full(len(y), 0.8), "prob_pos": np.full(len(y), 0.8), "accuracy": np.float64(0.5),
+            "class_mean": np.full(classes, 0.5), "confusion": confusion}  # fmt: skip
+    source.show("prediction", data, 4)
+    source.show("fit", {"y_pred": y, "mse": np.float64(0.0), "r2": np.float64(1.0)}, 4)
+    viewer = Viewer(source, offscreen=True, size=(1000, 480))
+    viewer.refresh()
+    panel = viewer.panels["prediction"]
+    marker = (0.0, 0.8) if task == "classification" else (0.8, 0.0)  # a sample's marker, class 0
+    before = viewer.render()
+    assert pixel(before, panel, *marker).max() < 250  # the markers are drawn
+
+    class Key:
+        key = type("K", (), {"name": "C"})()
+        text = "c"
+
+    viewer._on_key(Key())
+    assert panel.confusion_shown and not viewer.panels["fit"].confusion_shown  # a regression has none
+    image = viewer.render()
+    shares = confusion / confusion.sum(1, keepdims=True)
+    for (r, c), share in np.ndenumerate(shares):
+        expected = 255 + (np.asarray(CONFUSION_BLUE) - 255) * share
+        assert np.abs(pixel(image, panel, c + 0.35, r + 0.35) - expected).max() <= 3, (
+            r,
+            c,
+        )  # beside the count
+    assert list(panel.counts.text) == [str(n) for n in confusion.reshape(-1)]
+    assert panel.x_axis.axis.axis_label == "predicted class" and panel.y_axis.axis.axis_label == "true class"
+    viewer.render()
+    viewer._on_mouse(_Pointer(panel.data_to_canvas(1.1, 0.9)))
+    assert "true class 1, predicted 1: 1 samples (50% of the class)" in panel.caption.text
+    confusion = confusion.copy()
+    confusion[1], confusion[1, 1] = 0, 2  # a new frame: the matrix follows it
+    source.show("prediction", {**data, "confusion": confusion}, 5)
+    viewer.refresh()
+    assert np.abs(pixel(viewer.render(), panel, 1.35, 1.35) - np.asarray(CONFUSION_BLUE)).max() <= 3
+    assert viewer.toggle_confusion() == ["prediction"]  # and back to the predictions
+    after = viewer.render()
+    np.testing.assert_array_equal(pixel(after, panel, *marker), pixel(before, panel, *marker))
+    assert panel.x_axis.axis.axis_label == panel.x_label
+    viewer.close()
+
+
 def test_stats_panel_shows_the_latent_state_of_every_frame():
     from vispy.color import Color
 

@@ -354,17 +354,49 @@ class PredictionPanel(Panel):
                 legend = [(f"class {i}", tuple(c)) for i, c in enumerate(_rgba(palette))]
         super().__init__(parent_grid, spec, row, col, legend)
         self.points = scene.visuals.Markers(parent=self.view.scene)
+        self.guide = None
         if self.task == "regression":
             lo, hi = fixed_limits(self.y)
-            scene.visuals.Line(np.array([[lo, lo], [hi, hi]], np.float32), color=GREY, parent=self.view.scene)
-            self.set_range((lo, hi), (lo, hi))
+            self.guide = scene.visuals.Line(np.array([[lo, lo], [hi, hi]], np.float32), color=GREY,
+                                            parent=self.view.scene)  # fmt: skip
+            self.scatter_range = ((lo, hi), (lo, hi))
         elif self.task == "binary":
             threshold = float(config.get("threshold", 0.5))
-            scene.visuals.Line(np.array([[threshold, -0.5], [threshold, 1.5]], np.float32), color=GREY,
-                               parent=self.view.scene)  # fmt: skip
-            self.set_range((-0.02, 1.02), (-0.5, 1.5))
+            self.guide = scene.visuals.Line(np.array([[threshold, -0.5], [threshold, 1.5]], np.float32),
+                                            color=GREY, parent=self.view.scene)  # fmt: skip
+            self.scatter_range = ((-0.02, 1.02), (-0.5, 1.5))
         else:
-            self.set_range((-0.6, int(config["num_classes"]) - 0.4), (-0.02, 1.02))
+            self.scatter_range = ((-0.6, int(config["num_classes"]) - 0.4), (-0.02, 1.02))
+        self.set_range(*self.scatter_range)
+        self.confusion_shown = False
+        self.matrix: scene.visuals.Image | None = None  # the confusion matrix (key c), made when first shown
+        self.counts: scene.visuals.Text | None = None
+
+    def toggle_confusion(self) -> bool:
+        """Show the confusion matrix instead of the predictions, or the predictions again (key
+        ``c``); False for a regression, which has none."""
+        if self.task == "regression":
+            return False
+        self.confusion_shown = not self.confusion_shown
+        shown = self.confusion_shown
+        if shown and self.matrix is None:
+            self.matrix = scene.visuals.Image(np.zeros((1, 1, 4), np.uint8), interpolation="nearest",
+                                              parent=self.view.scene)  # fmt: skip
+            self.matrix.transform = STTransform(translate=(-0.5, -0.5))  # cell (r, c) centred on (c, r)
+            self.counts = scene.visuals.Text("", font_size=7, anchor_x="center", anchor_y="center",
+                                             parent=self.view.scene)  # fmt: skip
+        for visual in (self.points, self.guide):
+            if visual is not None:
+                visual.visible = not shown
+        if self.matrix is not None:
+            self.matrix.visible = self.counts.visible = shown
+        self.x_axis.axis.axis_label = "predicted class" if shown else self.x_label
+        self.y_axis.axis.axis_label = "true class" if shown else self.y_label
+        classes = int(self.spec.config.get("num_classes") or 2)
+        self.set_range(*(((-0.5, classes - 0.5),) * 2 if shown else self.scatter_range))
+        if self.data is not None:
+            self.draw(self.data)
+        return True
 
     def positions(self, data: dict[str, np.ndarray]) -> np.ndarray:
         if self.task == "regression":
@@ -376,6 +408,28 @@ class PredictionPanel(Panel):
     def draw(self, data: dict[str, np.ndarray]) -> None:
         colour = (0.17, 0.63, 0.17, 0.6) if self.task == "regression" else self.colours
         self.points.set_data(self.positions(data), face_color=colour, edge_width=0, size=6)
+        if self.confusion_shown and data.get("confusion") is not None:
+            self._draw_matrix(np.asarray(data["confusion"]))
+
+    def _draw_matrix(self, counts: np.ndarray) -> None:
+        """Each cell shaded from white to blue by its share of its row (the true class), as
+        ``probescope.figures.confusion_figure`` draws it, and up to 20 classes its count."""
+        totals = counts.sum(1, keepdims=True)
+        shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+        rgb = 255.0 + (np.asarray(CONFUSION_BLUE, np.float64) - 255.0) * shares[..., None]
+        alpha = np.full((*shares.shape, 1), 255.0)
+        self.matrix.set_data(np.round(np.concatenate([rgb, alpha], -1)).astype(np.uint8))
+        classes = len(counts)
+        if classes <= 20:
+            rows, cols = np.indices(counts.shape)
+            self.counts.text = [str(int(n)) for n in counts.reshape(-1)]
+            self.counts.pos = np.stack([cols.reshape(-1), rows.reshape(-1)], 1).astype(np.float32)
+            dark = shares.reshape(-1) > 0.6
+            self.counts.color = np.where(dark[:, None], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]).astype(
+                np.float32
+            )
+        else:
+            self.counts.text = ""
 
     def subtitle(self, data: dict[str, np.ndarray]) -> str:
         if self.task == "regression":
@@ -384,11 +438,19 @@ class PredictionPanel(Panel):
 
     def readout(self, x: float, y: float) -> str | None:
         """Over a class (the x-axis, or the y-axis of a binary task): its samples, how many
-        are right, and the class they are most often mistaken for."""
+        are right, and the class they are most often mistaken for. Over a cell of the
+        confusion matrix: its count and its share of the true class."""
         confusion = None if self.data is None else self.data.get("confusion")
         if confusion is None:
             return None
         confusion = np.asarray(confusion)
+        if self.confusion_shown:
+            r, c = round(y), round(x)
+            if not (0 <= r < len(confusion) and 0 <= c < len(confusion)):
+                return None
+            total = int(confusion[r].sum())
+            share = f" ({confusion[r, c] / total:.0%} of the class)" if total else ""
+            return f"true class {r}, predicted {c}: {int(confusion[r, c])} samples{share}"
         where = y if self.task == "binary" else x
         k = round(where)
         if not 0 <= k < len(confusion) or abs(where - k) > 0.45:
@@ -404,6 +466,10 @@ class PredictionPanel(Panel):
             j = int(wrong.argmax())
             text += f", {int(wrong[j])} taken for class {j}"
         return text
+
+
+#: The darkest cell of a confusion matrix (matplotlib's "Blues" at 1), drawn at a share of 1.
+CONFUSION_BLUE = (8, 48, 107)
 
 
 def in_pixels(line: scene.visuals.Line, pos: np.ndarray, view) -> None:

@@ -327,6 +327,18 @@ class Viewer:
         h, w = (image.shape[0] // 16) * 16, (image.shape[1] // 16) * 16
         self.recording.append_data(np.ascontiguousarray(image[:h, :w]))
 
+    def toggle_confusion(self) -> list[str]:
+        """Key ``c``: every classification prediction panel shows its confusion matrix instead
+        of its predictions, or its predictions again; returns the panels that switched."""
+        switched = [
+            n
+            for n, panel in self.panels.items()
+            if hasattr(panel, "toggle_confusion") and panel.toggle_confusion()
+        ]
+        if switched:
+            self._after_change()
+        return switched
+
     def _on_key(self, event) -> None:
         key = event.key.name if event.key is not None else event.text
         if key == "Space":
@@ -338,6 +350,8 @@ class Viewer:
             self.save_png()
         elif key in ("R", "r"):
             self.toggle_recording()
+        elif key in ("C", "c"):
+            self.toggle_confusion()
         elif key in ("Q", "q", "Escape"):
             self.close()
         elif key == "Right" and self.timeline:
