@@ -81,6 +81,26 @@ def test_a_documented_signature_is_the_real_one(name):
     assert documented == real
 
 
+def _kernel_rows() -> list[tuple[str, str]]:
+    """(op, written arguments) of every call in the Kernels section's table."""
+    rows = re.findall(r"^\| (`.*?`) \|", _section("Kernels"), re.M)
+    return [(m[1], m[2]) for row in rows for m in re.finditer(r"`(\w+)\((.*?)\)`", row)]
+
+
+def test_the_kernels_table_names_real_ops_and_their_arguments():
+    import probescope.kernels as kernels
+
+    rows = _kernel_rows()
+    assert len(rows) == 8
+    for op, written in rows:
+        parameters = inspect.signature(getattr(kernels, op)).parameters
+        positional = [p for p in parameters.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        arguments = [a.strip() for a in written.split(",") if a.strip() not in ("", "...")]
+        keywords = [a.split("=")[0] for a in arguments if "=" in a]
+        assert set(keywords) <= set(parameters), (op, keywords)
+        assert len(arguments) - len(keywords) <= len(positional), op
+
+
 def _command_bullets() -> dict[str, str]:
     """Command -> the text of its bullets in "Command line" (a command can have two)."""
     bullets: dict[str, str] = {}
