@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import math
 import os
-import signal
-import sys
 import threading
 import time
-import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,98 +26,16 @@ from probescope.probes.loss import seed_history
 from probescope.ring import Frame, FrameRing
 from probescope.run import RunWriter, open_run
 from probescope.schedule import Budget, StepInfo, StepTime, next_due
+from probescope.shutdown import OPEN, Terminated, give_back_ending_signals, take_ending_signals
 from probescope.sinks import Sink
 from probescope.snapshot import SnapshotPool
 from probescope.streams import ProbeStreams, StepClock
 from probescope.validation import fraction, positive_int
 from probescope.worker import ProbeWorker, start_thread
 
+__all__ = ["Monitor", "Terminated"]  # Terminated: where the README (and earlier code) says it is
+
 log = logging.getLogger("probescope")
-
-_OPEN: weakref.WeakSet[Monitor] = weakref.WeakSet()  # started, not yet closed, in this process
-
-
-@atexit.register
-def _close_at_exit() -> None:
-    """Close every Monitor a script left open (no ``close()``, no ``with`` block) when the
-    interpreter exits, so that its last frames, weights and status reach the run directory;
-    an uncaught error that ended the script is the run's error."""
-    error = getattr(sys, "last_value", None)
-    for monitor in list(_OPEN):
-        if monitor._pid == os.getpid():  # not in a forked child
-            if monitor._ended_by is None:
-                log.warning("Monitor: closed at exit; call close() or use it as a context manager")
-            monitor._close_timeout = min(monitor._close_timeout, 10.0)
-            monitor.close(error)
-
-
-#: The signals that end a process on the spot by default and that an open Monitor turns into
-#: a clean close: SIGTERM (a scheduler's time limit, ``docker stop``, ``kill``) and SIGHUP
-#: (the terminal of an ssh session closed under a run started without nohup or tmux).
-ENDING_SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
-
-
-class Terminated(SystemExit):
-    """Raised in the main thread when the process gets one of ``ENDING_SIGNALS`` while a
-    Monitor with ``handle_sigterm`` is open: the training loop unwinds (``finally`` blocks
-    run), every open Monitor closes with status ``interrupted`` (final frames, weights,
-    summary), and the process exits with status 128 + the signal's number (143 for SIGTERM),
-    as a process killed by it is reported."""
-
-    def __init__(self, signum: int = signal.SIGTERM) -> None:
-        super().__init__(128 + signum)
-        self.signal = signal.Signals(signum).name
-
-    def __str__(self) -> str:
-        return f"the process got {self.signal}"
-
-
-def _on_sigterm(signum, frame) -> None:
-    mine = [m for m in list(_OPEN) if m._pid == os.getpid()]
-    if not mine:  # a forked child (a data loader's worker), or every Monitor closed
-        if signal.getsignal(signum) is _on_sigterm:  # as without us: the default, death
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        return  # else a handler of the program's that calls ours too: its own decides
-    for other in ENDING_SIGNALS:  # a second signal ends the process at once
-        if signal.getsignal(other) is _on_sigterm:
-            signal.signal(other, signal.SIG_DFL)
-    error = Terminated(signum)
-    log.warning(
-        "Monitor: %s: closing the run (final frames, weights, status), then exiting with status "
-        "%d; a second signal ends the process at once",
-        error.signal,
-        error.code,
-    )
-    for monitor in mine:
-        monitor._ended_by = error  # closed by the with block, or at exit: either way, this
-    raise error
-
-
-def _take_sigterm() -> bool:
-    """Install the handler for each of ``ENDING_SIGNALS`` the process has no handler for (the
-    default), from the main thread, the only one that may; True if ours is in place for any."""
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    ours = False
-    for signum in ENDING_SIGNALS:
-        current = signal.getsignal(signum)
-        if current == signal.SIG_DFL:  # not the program's own (or SIG_IGN, or one set outside Python)
-            signal.signal(signum, _on_sigterm)
-            current = _on_sigterm
-        ours = ours or current is _on_sigterm
-    return ours
-
-
-def _give_back_sigterm() -> None:
-    """Restore the default handling once no Monitor of this process is open."""
-    if any(m._pid == os.getpid() for m in list(_OPEN)):
-        return
-    if threading.current_thread() is not threading.main_thread():
-        return  # left in place: with no Monitor open it does what the default does
-    for signum in ENDING_SIGNALS:
-        if signal.getsignal(signum) is _on_sigterm:
-            signal.signal(signum, signal.SIG_DFL)
 
 
 def _check_resume(resume) -> None:
@@ -576,7 +490,7 @@ class Monitor:
         self._started = True
         self._t_start = time.perf_counter()
         self._pid = os.getpid()
-        _OPEN.add(self)
+        OPEN.add(self)
         if not self.probing:
             log.info(
                 "Monitor: rank %d of %d is not the probing rank; it probes and records nothing",
@@ -584,14 +498,14 @@ class Monitor:
                 self.placement.world_size,
             )
             return self
-        if self._handle_sigterm and not _take_sigterm():
+        if self._handle_sigterm and not take_ending_signals():
             log.info("Monitor: SIGTERM is the program's own to handle (or not the main thread)")
         if self._run_dir is not None:
             try:
                 self._open_run_dir()
             except BaseException as err:  # nothing started yet: this Monitor is done, not open
-                _OPEN.discard(self)
-                _give_back_sigterm()
+                OPEN.discard(self)
+                give_back_ending_signals()
                 self._closed = True
                 if self.writer is not None:
                     self.writer.finish(self.summary(), err)
@@ -716,8 +630,8 @@ class Monitor:
         """Finish: wait for running probes, take the final frames, flush the run (idempotent).
         ``error``: what ended training early (the ``with`` block's exception); the run's status
         is then ``interrupted`` (KeyboardInterrupt) or ``failed``, with the error in run.json."""
-        _OPEN.discard(self)
-        _give_back_sigterm()
+        OPEN.discard(self)
+        give_back_ending_signals()
         if self._closed or not self._started or not self.probing:
             self._closed = True
             return

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import probescope.monitor as monitor_module
+import probescope.shutdown as shutdown
 from probescope import (
     CheckpointProbe,
     CurveProbe,
@@ -147,7 +147,7 @@ def test_resuming_refuses_other_probes_a_live_writer_and_bad_arguments(tmp_path,
     with pytest.raises(ValueError, match="probe 'grid' is not the one this run recorded"):
         refused.start()
     assert open_run(run_dir).status == "finished" and "resumes" not in open_run(run_dir).meta  # untouched
-    assert refused not in monitor_module._OPEN  # nothing to close at exit
+    assert refused not in shutdown.OPEN  # nothing to close at exit
     live = Monitor(mlp, _probes(blobs), run_dir=run_dir, resume=True).start()
     with pytest.raises(RuntimeError, match="the run is still being written"):
         Monitor(mlp, [], run_dir=run_dir, resume=True).start()
@@ -166,7 +166,7 @@ def test_resuming_refuses_other_probes_a_live_writer_and_bad_arguments(tmp_path,
     existing = Monitor(mlp, [], run_dir=run_dir)
     with pytest.raises(FileExistsError, match=r"resume it \(Monitor\(resume=True\)\)"):
         existing.start()
-    assert existing not in monitor_module._OPEN
+    assert existing not in shutdown.OPEN
 
 
 def test_a_curve_probe_goes_on_with_its_loss_series(tmp_path):

@@ -325,13 +325,13 @@ def test_sigterm_closes_the_run_whole_and_exits_143(tmp_path, closed_by, signum)
 
 
 def test_sigterm_handling_is_the_monitors_only_while_one_is_open_and_never_the_programs(tmp_path, mlp):
-    import probescope.monitor as monitor_module
+    import probescope.shutdown as shutdown
 
     assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
     first, second = Monitor(mlp, []).start(), Monitor(mlp, []).start()
-    assert signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGHUP) is monitor_module._on_sigterm
+    assert signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGHUP) is shutdown._on_sigterm
     first.close()
-    assert signal.getsignal(signal.SIGTERM) is monitor_module._on_sigterm  # the second is open
+    assert signal.getsignal(signal.SIGTERM) is shutdown._on_sigterm  # the second is open
     second.close()
     assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
     with Monitor(mlp, [], handle_sigterm=False):
@@ -344,7 +344,7 @@ def test_sigterm_handling_is_the_monitors_only_while_one_is_open_and_never_the_p
     try:
         with Monitor(mlp, []):
             assert signal.getsignal(signal.SIGTERM) is programs_own
-            assert signal.getsignal(signal.SIGHUP) is monitor_module._on_sigterm  # none of its own
+            assert signal.getsignal(signal.SIGHUP) is shutdown._on_sigterm  # none of its own
         assert signal.getsignal(signal.SIGTERM) is programs_own
         assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
     finally:
