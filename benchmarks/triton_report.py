@@ -27,7 +27,8 @@ import torch
 from benchmarks.kernels import MLPS, build_mlp
 from probescope.kernels import GridSpec
 from probescope.kernels.backend import triton_interpreting
-from probescope.kernels.grid_mlp import FusableMLP, output_width, resolve_output
+from probescope.kernels.grid_mlp import output_width, resolve_output
+from probescope.kernels.mlp import FusableMLP
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _POINTER_TYPES = {

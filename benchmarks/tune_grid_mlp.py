@@ -18,7 +18,8 @@ import torch
 from benchmarks.kernels import MLPS, build_mlp, mlp_flops, naive_torch
 from benchmarks.timing import measure
 from probescope.kernels import GridSpec
-from probescope.kernels.grid_mlp import FusableMLP, resolve_output
+from probescope.kernels.grid_mlp import resolve_output
+from probescope.kernels.mlp import FusableMLP
 
 # The target's case first: a configuration that faults the GPU ends the sweep's process.
 CASES = [

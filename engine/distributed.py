@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from probescope.kernels.grid_mlp import unwrap, wrapper_names
+from probescope.kernels.mlp import unwrap, wrapper_names
 
 __all__ = ["Placement", "check_probeable", "placement", "sharding", "unwrap", "wrapper_names"]
 

@@ -46,7 +46,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from probescope.kernels.grid_mlp import is_keras_model
+from probescope.kernels.mlp import is_keras_model
 from probescope.streams import ProbeStreams
 
 log = logging.getLogger("probescope")

@@ -14,19 +14,11 @@ from probescope.kernels.colormap import (
     probs_to_rgba_reference,
 )
 from probescope.kernels.ema import ema_frames, ema_frames_reference
-from probescope.kernels.grid import grid_inputs, grid_inputs_reference
-from probescope.kernels.grid_mlp import (
-    FusableMLP,
-    GridSpec,
-    NotFusableError,
-    final_output_kind,
-    fused_path,
-    grid_mlp,
-    grid_mlp_reference,
-    module_forward_on_grid,
-)
+from probescope.kernels.grid import GridSpec, grid_inputs, grid_inputs_reference
+from probescope.kernels.grid_mlp import fused_path, grid_mlp, grid_mlp_reference, module_forward_on_grid
 from probescope.kernels.interpolate import interpolate_frames, interpolate_frames_reference
 from probescope.kernels.lds import lds_kernel_window, lds_weights, lds_weights_reference
+from probescope.kernels.mlp import FusableMLP, NotFusableError, final_output_kind
 from probescope.kernels.smooth import smooth_1d, smooth_1d_reference
 from probescope.kernels.stats import (
     STAT_NAMES,

@@ -25,7 +25,8 @@ from probescope.kernels import (
     smooth_1d_reference,
     tensor_stats_reference,
 )
-from probescope.kernels.grid_mlp import FusableMLP, grid_mlp_reference
+from probescope.kernels.grid_mlp import grid_mlp_reference
+from probescope.kernels.mlp import FusableMLP
 
 
 @pytest.fixture

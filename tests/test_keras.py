@@ -22,15 +22,15 @@ from probescope import (
     StatsProbe,
     open_run,
 )
-from probescope.kernels.grid_mlp import (
+from probescope.kernels import (
     FusableMLP,
     GridSpec,
     final_output_kind,
     fused_path,
     grid_mlp,
     grid_mlp_reference,
-    is_keras_model,
 )
+from probescope.kernels.mlp import is_keras_model
 from tests.kernel_cases import DEVICE, IMPLS, device_for
 
 os.environ.setdefault("KERAS_BACKEND", "torch")  # before Keras is first imported

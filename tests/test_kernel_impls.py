@@ -1092,7 +1092,7 @@ def test_a_forward_that_is_not_a_chain_of_layers_takes_the_fallback_with_its_rea
 
 
 def test_a_structure_is_read_once_and_its_answer_kept_for_every_frame(monkeypatch):
-    module = importlib.import_module("probescope.kernels.grid_mlp")
+    module = importlib.import_module("probescope.kernels.mlp")
 
     monkeypatch.setattr(module, "_RECIPES", {})
     calls = []
@@ -1119,7 +1119,7 @@ def test_the_chain_is_read_in_the_reading_thread_only(monkeypatch):
     its thread: a training step on another thread at the same moment runs as it would."""
     import threading
 
-    module = importlib.import_module("probescope.kernels.grid_mlp")
+    module = importlib.import_module("probescope.kernels.mlp")
 
     monkeypatch.setattr(module, "_RECIPES", {})
     entered, release = threading.Event(), threading.Event()
@@ -1148,7 +1148,7 @@ def test_the_chain_is_read_in_the_reading_thread_only(monkeypatch):
 def test_a_model_of_other_layers_is_walked_once_not_at_every_frame(monkeypatch):
     """The fallback path asks at every frame whether the model fuses: a model holding other
     layers (a CNN, a transformer) is not walked module by module each time."""
-    module = importlib.import_module("probescope.kernels.grid_mlp")
+    module = importlib.import_module("probescope.kernels.mlp")
     walks = []
     odd_layers = module._odd_layers
     monkeypatch.setattr(module, "_odd_layers", lambda m: walks.append(m) or odd_layers(m))

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from probescope.kernels.grid_mlp import final_output_kind
+from probescope.kernels.mlp import final_output_kind
 from probescope.probes.base import (
     Probe,
     ProbeContext,

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from probescope.kernels._numba import FASTMATH, host_array, threads_aware
-from probescope.kernels.grid_mlp import OUTPUT_CODES, FusableMLP, GridSpec
+from probescope.kernels.grid import GridSpec
+from probescope.kernels.grid_mlp import OUTPUT_CODES
+from probescope.kernels.mlp import FusableMLP
 
 BLOCK = 128  # pixels per parallel iteration: 8 AVX-512 vectors of float32
 

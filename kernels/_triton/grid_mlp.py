@@ -52,7 +52,9 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from probescope.kernels.backend import next_power_of_2, triton_interpreting
-from probescope.kernels.grid_mlp import OUTPUT_CODES, FusableMLP, GridSpec, output_width
+from probescope.kernels.grid import GridSpec
+from probescope.kernels.grid_mlp import OUTPUT_CODES, output_width
+from probescope.kernels.mlp import FusableMLP
 
 _DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
