@@ -254,7 +254,8 @@ def _info(args: argparse.Namespace) -> int:
         )
         print(f"  {name:<12} {record.kind:<10} {len(record):>5} frames  {span}{cost}")
         config = {k: v for k, v in record.config.items() if k != "schedule"}
-        print(f"  {'':<12} {json.dumps(config)}")
+        if config:  # (a probe of one's own may have none)
+            print(f"  {'':<12} {json.dumps(config)}")
         print(f"  {'':<12} schedule {json.dumps(record.config.get('schedule'))}")
         learned = (stats or {}).get("schedule")
         if learned:  # budget mode: what it measured and chose

@@ -160,6 +160,11 @@ def test_a_run_with_nothing_to_draw_says_so_instead_of_writing_nothing(tmp_path,
     err = capsys.readouterr().err
     assert "no probe to show (it draws grid, curve, prediction, loss, stats, neurons, checkpoint)" in err
     assert main(["export", str(tmp_path / "run"), "--format", "tensorboard", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "run")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    where = next(i for i, line in enumerate(lines) if line.strip().startswith("norm "))
+    assert lines[where + 1].strip() == 'schedule {"kind": "every", "n": 10}'  # no empty config line
 
 
 def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
