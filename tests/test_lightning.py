@@ -173,3 +173,34 @@ def test_a_fit_from_a_checkpoint_goes_on_in_the_same_run_from_the_checkpoints_st
     assert run.meta["summary"]["steps"] == 40 and run.meta["summary"]["epochs"] == 4
     superseded = sorted((tmp_path / "run" / "probes" / "grid" / "superseded").glob("*.npz"))
     assert [int(p.stem.split("_")[1]) for p in superseded] == list(range(32, 52, 2))
+
+
+class ManualBlobs(Blobs):
+    """Manual optimization: the module steps its optimizer itself, twice a batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        x, y = batch
+        for _ in range(2):
+            loss = nn.functional.cross_entropy(self(x), y)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+        return loss
+
+
+def test_manual_optimization_is_monitored_at_every_optimizer_step(tmp_path, blobs):
+    x, y = blobs.x_train, blobs.y_train
+    grid = ps.GridProbe(x, y, resolution=8, schedule=ps.Schedule.every(4))
+    callback = ProbescopeCallback([grid, ps.LossProbe()], run_dir=tmp_path / "run", snapshot="sync")
+    trainer = _fit(ManualBlobs(), blobs, callback, epochs=2)  # 10 batches an epoch, 2 steps each
+    monitor = callback.monitor
+    assert trainer.global_step == 40 and monitor.step_count == 40 and monitor.epoch == 2
+    run = ps.open_run(tmp_path / "run")
+    assert run.probe("grid").steps() == list(range(0, 41, 4))
+    losses = run.probe("loss").frame(-1).data
+    assert len(losses["series/train_loss/values"]) == 20  # the loss each batch returned

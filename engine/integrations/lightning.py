@@ -7,7 +7,8 @@
 The Monitor starts when fitting starts (the module is on its device and the optimizers
 exist; with ``resume=True`` and ``fit(ckpt_path=...)``, once Lightning has restored the
 checkpoint's step and epoch, and the run goes on from them), takes a step after every
-optimizer step (with gradient accumulation, every ``accumulate_grad_batches`` batches),
+optimizer step (with gradient accumulation, every ``accumulate_grad_batches`` batches; with
+manual optimization, every step of any of the module's optimizers, as it ends),
 records each batch's training loss, and closes when fitting ends or fails (the frames
 written so far stay on disk). Probes call the LightningModule's ``forward``. Lightning runs
 callbacks on every rank; the Monitor probes on one (see probescope.distributed).
@@ -47,6 +48,7 @@ class ProbescopeCallback(L.Callback):
         self._optimizer_steps = 0
         self._before_validation: dict[str, Any] = {}
         self._deferred = False
+        self._step_hooks: list = []  # manual optimization: a post-hook on each optimizer
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.monitor_kwargs.get("resume") is True and trainer.ckpt_path:
@@ -67,12 +69,23 @@ class ProbescopeCallback(L.Callback):
         self.monitor = Monitor(pl_module, self.probes, optimizer=optimizer, **kwargs)
         self._optimizer_steps = trainer.global_step
         self.monitor.start()
+        if not pl_module.automatic_optimization:
+            # The module steps its optimizers itself, any number of times a batch (Lightning
+            # counts each in global_step): each is a step of the Monitor's, taken as it ends,
+            # so its frames see that step's weights.
+            self._step_hooks = [
+                o.register_step_post_hook(self._after_optimizer_step) for o in trainer.optimizers
+            ]
+
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self._optimizer_steps += 1
+        self.monitor.after_step()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             self.monitor.after_loss(loss=loss.detach())
-        if trainer.global_step > self._optimizer_steps:  # an optimizer step has just run
+        if not self._step_hooks and trainer.global_step > self._optimizer_steps:  # a step has just run
             self._optimizer_steps = trainer.global_step
             self.monitor.after_step()
 
@@ -101,5 +114,8 @@ class ProbescopeCallback(L.Callback):
         self._close(exception)
 
     def _close(self, error: BaseException | None = None) -> None:
+        for hook in self._step_hooks:
+            hook.remove()
+        self._step_hooks = []
         if self.monitor is not None:
             self.monitor.close(error)
