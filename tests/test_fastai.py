@@ -140,6 +140,26 @@ def test_lr_find_is_not_recorded_and_each_later_fit_records_a_run_of_its_own(tmp
     assert not (tmp_path / "run-fit3").exists()
 
 
+def test_validate_and_get_preds_make_no_run_and_no_warning(tmp_path, caplog):
+    """They run a fit's events (before_fit ... after_fit) around a validation pass and train
+    nothing: no run directory, the fit's Monitor stays the callback's, and nothing to warn about."""
+    callback = ProbescopeCallback(run_dir=tmp_path / "run")
+    learn = learner(blobs_dls(), mlp(), metrics=accuracy, cbs=callback)
+    learn.fit(1, 1e-2)
+    fitted = callback.monitor
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        valid_loss, acc = learn.validate()
+        preds, targets = learn.get_preds()
+    assert len(targets) == 200 and valid_loss > 0
+    assert preds.shape == (200, 7) and 0.0 <= acc <= 1.0
+    assert callback.fits == 1 and callback.monitor is fitted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert [r.getMessage() for r in caplog.records if "probescope" in r.name] == []
+    learn.fit(1, 1e-2)  # the next fit is the next run
+    assert callback.fits == 2 and open_run(tmp_path / "run-fit2").meta["summary"]["steps"] == 10
+
+
 def test_with_resume_fine_tunes_two_fits_are_one_run(tmp_path):
     callback = ProbescopeCallback([LossProbe()], run_dir=tmp_path / "run", resume=True)
     learn = learner(blobs_dls(), mlp(), cbs=callback)

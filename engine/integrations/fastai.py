@@ -8,8 +8,9 @@
 
 With no probes, the callback watches what tsai's PredictionDynamics does, live and off the
 training path: a PredictionProbe on a fixed batch of the validation set (its first) and a
-LossProbe; pass ``probes`` to choose them. The Monitor starts when fitting starts (the
-optimizer exists then), takes a step after every optimizer step (a step that a callback
+LossProbe; pass ``probes`` to choose them. The Monitor starts when a fit first trains (the
+optimizer exists then; ``validate`` and ``get_preds``, which run a fit's events around a
+validation pass, make no run), takes a step after every optimizer step (a step that a callback
 cancels, as GradientAccumulation and MixedPrecision do, is no step), records each batch's
 training loss, and at the end of each epoch the Recorder's values: ``valid_loss`` and each
 metric as ``valid_<name>`` (``train_<name>`` for training metrics). It closes when fitting
@@ -64,6 +65,7 @@ class ProbescopeCallback(Callback):
         self.monitor: Monitor | None = None
         self.fits = 0
         self._live: Monitor | None = None  # the Monitor events go to (none during lr_find)
+        self._starting = False  # a fit began; its Monitor starts when it first trains
 
     def __enter__(self) -> ProbescopeCallback:
         return self
@@ -74,8 +76,16 @@ class ProbescopeCallback(Callback):
     def before_fit(self) -> None:
         self.close()  # a Monitor left open by a fit that raised
         self._live = None
-        if any(isinstance(cb, LRFinder) for cb in self.learn.cbs):
-            return  # lr_find's fit is thrown away (fastai puts the weights back): not a run
+        # lr_find's fit is thrown away (fastai puts the weights back): not a run.
+        self._starting = not any(isinstance(cb, LRFinder) for cb in self.learn.cbs)
+
+    def before_train(self) -> None:
+        """The Monitor starts with the fit's first training epoch: ``validate`` and
+        ``get_preds`` run the fit's events around a validation pass (``before_fit`` ...
+        ``after_fit``) and train nothing, so they make no run."""
+        if not self._starting:
+            return
+        self._starting = False
         self.fits += 1
         kwargs = fit_kwargs(self.monitor_kwargs, self.fits)
         probes = self.probes if self.probes is not None else default_probes(self.learn)
