@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -204,3 +206,21 @@ def test_manual_optimization_is_monitored_at_every_optimizer_step(tmp_path, blob
     assert run.probe("grid").steps() == list(range(0, 41, 4))
     losses = run.probe("loss").frame(-1).data
     assert len(losses["series/train_loss/values"]) == 20  # the loss each batch returned
+
+
+def test_validating_after_the_fit_records_nothing_and_warns_nothing(tmp_path, blobs, caplog):
+    callback = ProbescopeCallback([ps.LossProbe()], run_dir=tmp_path / "run")
+    module = Blobs()
+    trainer = _fit(module, blobs, callback, epochs=1)
+    before = ps.open_run(tmp_path / "run").probe("loss").frame(-1).data
+    caplog.clear()
+    x, y = blobs.x_train[:96], blobs.y_train[:96]
+    valid = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=48)
+    with caplog.at_level(logging.WARNING):
+        (metrics,) = trainer.validate(module, valid, verbose=False)
+    assert "valid_loss" in metrics
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("probescope")] == []
+    after = ps.open_run(tmp_path / "run").probe("loss").frame(-1).data
+    assert after.keys() == before.keys()
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key])

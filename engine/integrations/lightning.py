@@ -24,6 +24,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 from probescope.integrations import check_monitor_kwargs, is_scalar
 from probescope.monitor import Monitor
@@ -93,8 +94,8 @@ class ProbescopeCallback(L.Callback):
         self._before_validation = dict(trainer.callback_metrics)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or self.monitor is None:
-            return
+        if trainer.sanity_checking or self.monitor is None or trainer.state.fn != TrainerFn.FITTING:
+            return  # (trainer.validate() after a fit: the fit's run is finished)
         before = self._before_validation
         logged = {
             name: value
