@@ -224,3 +224,15 @@ def test_validating_after_the_fit_records_nothing_and_warns_nothing(tmp_path, bl
     assert after.keys() == before.keys()
     for key in before:
         np.testing.assert_array_equal(after[key], before[key])
+
+
+def test_each_later_fit_with_the_same_callback_records_a_run_of_its_own(tmp_path, blobs):
+    callback = ProbescopeCallback([ps.LossProbe()], run_dir=tmp_path / "run")
+    module = Blobs()
+    _fit(module, blobs, callback, epochs=1)
+    first = callback.monitor
+    _fit(module, blobs, callback, epochs=2)  # a new Trainer, the same callback and module
+    assert callback.fits == 2 and callback.monitor is not first
+    runs = ps.open_run(tmp_path / "run"), ps.open_run(tmp_path / "run-fit2")
+    assert [r.meta["status"] for r in runs] == ["finished", "finished"]
+    assert [r.meta["summary"]["steps"] for r in runs] == [10, 20]

@@ -11,7 +11,9 @@ optimizer step (with gradient accumulation, every ``accumulate_grad_batches`` ba
 manual optimization, every step of any of the module's optimizers, as it ends),
 records each batch's training loss, and closes when fitting ends or fails (the frames
 written so far stay on disk). Probes call the LightningModule's ``forward``. Lightning runs
-callbacks on every rank; the Monitor probes on one (see probescope.distributed).
+callbacks on every rank; the Monitor probes on one (see probescope.distributed). A later fit
+with the same callback records into ``RUN_DIR-fit2``, ``-fit3``, ... (with ``resume=True``,
+every fit goes on in the same run).
 
 The metrics logged during validation (``self.log`` in ``validation_step``) are recorded at
 the end of each validation run, so LossProbe draws them beside the training loss.
@@ -26,7 +28,7 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
-from probescope.integrations import check_monitor_kwargs, is_scalar
+from probescope.integrations import check_monitor_kwargs, fit_kwargs, is_scalar
 from probescope.monitor import Monitor
 from probescope.probes.base import Probe
 
@@ -46,24 +48,27 @@ class ProbescopeCallback(L.Callback):
         self.probes = list(probes)
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Monitor | None = None
+        self.fits = 0
         self._optimizer_steps = 0
         self._before_validation: dict[str, Any] = {}
-        self._deferred = False
+        self._deferred: dict[str, Any] | None = None  # a fit's Monitor arguments, until its step is known
         self._step_hooks: list = []  # manual optimization: a post-hook on each optimizer
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.monitor_kwargs.get("resume") is True and trainer.ckpt_path:
+        self.fits += 1
+        kwargs = fit_kwargs(self.monitor_kwargs, self.fits)  # a later fit: RUN_DIR-fit<n>
+        if kwargs.get("resume") is True and trainer.ckpt_path:
             # Fitting from a checkpoint: Lightning restores its step after this hook; the run
             # goes on from that step, in on_train_start.
-            self._deferred = True
+            self._deferred = kwargs
             return
-        self._start(trainer, pl_module, self.monitor_kwargs)
+        self._start(trainer, pl_module, kwargs)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._deferred:
-            self._deferred = False
+        if self._deferred is not None:
+            kwargs, self._deferred = self._deferred, None
             resume = (trainer.global_step, trainer.current_epoch)
-            self._start(trainer, pl_module, {**self.monitor_kwargs, "resume": resume})
+            self._start(trainer, pl_module, {**kwargs, "resume": resume})
 
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule, kwargs: dict[str, Any]) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
