@@ -135,6 +135,8 @@ class FrameRing:
         self._open(slot)
         shape = tuple(shape)
         if device.type == "cuda":
+            if device.index is None:  # "cuda": the current device, as a tensor's device names it
+                device = torch.device("cuda", torch.cuda.current_device())
             dst = slot.device.get(key)
             if dst is None or tuple(dst.shape) != shape or dst.dtype != dtype or dst.device != device:
                 dst = slot.device[key] = torch.empty(shape, dtype=dtype, device=device)
