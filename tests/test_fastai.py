@@ -160,6 +160,28 @@ def test_validate_and_get_preds_make_no_run_and_no_warning(tmp_path, caplog):
     assert callback.fits == 2 and open_run(tmp_path / "run-fit2").meta["summary"]["steps"] == 10
 
 
+def test_a_learner_holding_the_callback_pickles_after_a_fit(tmp_path):
+    """``learn.export()`` pickles the Learner with its callbacks: the callback goes without
+    the last fit's Monitor (threads, locks), its probes and arguments with it."""
+    import io
+
+    from fastcore.basics import noop
+
+    x, y = blobs7(300, torch.Generator().manual_seed(1))
+    callback = ProbescopeCallback([GridProbe(x, y, resolution=8), LossProbe()], run_dir=tmp_path / "run")
+    learn = learner(blobs_dls(), mlp(), cbs=callback)
+    learn.fit(1, 1e-2)
+    learn.logger, learn.dls, learn.opt = noop, None, None  # as export() leaves them (and no lambda)
+    buffer = io.BytesIO()
+    torch.save(learn, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    (copy,) = [cb for cb in loaded.cbs if isinstance(cb, ProbescopeCallback)]
+    assert copy.monitor is None and copy.fits == 1 and copy.monitor_kwargs == {"run_dir": tmp_path / "run"}
+    assert [type(p).__name__ for p in copy.probes] == ["GridProbe", "LossProbe"]
+    assert callback.monitor is not None  # the original keeps its Monitor
+
+
 def test_with_resume_fine_tunes_two_fits_are_one_run(tmp_path):
     callback = ProbescopeCallback([LossProbe()], run_dir=tmp_path / "run", resume=True)
     learn = learner(blobs_dls(), mlp(), cbs=callback)

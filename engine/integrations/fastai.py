@@ -67,6 +67,13 @@ class ProbescopeCallback(Callback):
         self._live: Monitor | None = None  # the Monitor events go to (none during lr_find)
         self._starting = False  # a fit began; its Monitor starts when it first trains
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Without the Monitor of the last fit (threads, locks, open files: it belongs to this
+        process), so that ``learn.export()`` pickles a Learner that holds the callback."""
+        state = dict(self.__dict__)
+        state["monitor"] = state["_live"] = None
+        return state
+
     def __enter__(self) -> ProbescopeCallback:
         return self
 
