@@ -236,3 +236,16 @@ def test_each_later_fit_with_the_same_callback_records_a_run_of_its_own(tmp_path
     runs = ps.open_run(tmp_path / "run"), ps.open_run(tmp_path / "run-fit2")
     assert [r.meta["status"] for r in runs] == ["finished", "finished"]
     assert [r.meta["summary"]["steps"] for r in runs] == [10, 20]
+
+
+def test_the_callback_pickles_after_a_fit_without_its_monitor(tmp_path, blobs):
+    import pickle
+
+    callback = ProbescopeCallback(
+        [ps.GridProbe(blobs.x_train, blobs.y_train, resolution=8)], run_dir=tmp_path / "r"
+    )
+    _fit(ManualBlobs(), blobs, callback, epochs=1)  # manual optimization: hooks on the optimizer too
+    copy = pickle.loads(pickle.dumps(callback))
+    assert copy.monitor is None and copy._step_hooks == [] and copy.fits == 1
+    assert copy.monitor_kwargs == {"run_dir": tmp_path / "r"} and type(copy.probes[0]).__name__ == "GridProbe"
+    assert callback.monitor is not None

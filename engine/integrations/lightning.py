@@ -54,6 +54,13 @@ class ProbescopeCallback(L.Callback):
         self._deferred: dict[str, Any] | None = None  # a fit's Monitor arguments, until its step is known
         self._step_hooks: list = []  # manual optimization: a post-hook on each optimizer
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Without the Monitor of the last fit and its hooks (threads, locks: they belong to
+        this process), so that a spawning strategy or a checkpoint can pickle the callback."""
+        state = dict(self.__dict__)
+        state["monitor"], state["_step_hooks"], state["_deferred"] = None, [], None
+        return state
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.fits += 1
         kwargs = fit_kwargs(self.monitor_kwargs, self.fits)  # a later fit: RUN_DIR-fit<n>
