@@ -118,6 +118,25 @@ def test_bad_arguments_are_refused(kwargs, match):
         latent_states(series, **kwargs)
 
 
+def test_a_few_steps_allow_no_more_states_than_they_can_tell_apart(caplog):
+    """Two steps of a run fit two states perfectly (one each), and BIC, with far more
+    parameters than values, picks them: with ``auto`` every candidate needs two steps a state,
+    and a chosen model with more parameters than values is said to be undetermined."""
+    import logging
+
+    rng = np.random.default_rng(0)
+    few = [RunSeries("short", np.arange(4), rng.normal(size=(4, 6)))]  # 3 steps to fit, 1 held out
+    with caplog.at_level(logging.WARNING, logger="probescope"):
+        result = latent_states(few, restarts=1, n_jobs=1)
+    assert result.n_states == 1 and [row["n_states"] for row in result.selection] == [1]
+    assert any("allow at most 1 state" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="probescope"):
+        forced = latent_states(few, n_states=2, restarts=1, n_jobs=1)  # asked for: fitted, and said so
+    assert forced.n_states == 2
+    assert any("not well determined" in r.getMessage() for r in caplog.records)
+
+
 def test_dataframes_work_as_runs():
     series, truth = _sample_runs(runs=2, length=300, metrics=3, seed=2)
     frames = []

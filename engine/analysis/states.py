@@ -236,6 +236,16 @@ def latent_states(
         raise ValueError("every run needs at least two recorded steps")
 
     train, held = _split(z)
+    observations = sum(len(x) for x in train)
+    most = max(1, observations // 2)  # two steps a state at least: fewer, each step is a state
+    if n_states == "auto" and max(candidates) > most:
+        candidates = [k for k in candidates if k <= most]
+        log.warning(
+            "latent states: %d recorded steps to fit (after the held-out split) allow at most %d "
+            "state(s); record StatsProbe frames more often for more",
+            observations,
+            most,
+        )
     jobs = [(k, random_state + r) for k in candidates for r in range(restarts)]
     fitted = _run_jobs(
         [(train, k, seed, n_iter, covariance_type) for k, seed in jobs],
@@ -272,6 +282,18 @@ def latent_states(
     chosen = min(selection, key=lambda row: row["bic"])["n_states"]
     # The chosen candidate, refitted on every run from its best training-split fit.
     best = best_fit[chosen]
+    parameters = sum(best._get_n_fit_scalars_per_param().values())
+    if chosen > 1 and parameters > observations * len(names):
+        log.warning(
+            "latent states: %d states of %d metrics have %d parameters, more than the %d values of "
+            "%d recorded steps; the states are not well determined (record more steps, or pass "
+            "fewer metrics)",
+            chosen,
+            len(names),
+            parameters,
+            observations * len(names),
+            observations,
+        )
     model = _refit(best, z, n_iter)
     return _describe(model, series, z, names, dropped, selection, (mean, std))
 
