@@ -17,6 +17,7 @@ from matplotlib.patches import Patch
 
 from probescope.kernels import default_palette
 from probescope.probes.loss import first_nonfinite, frame_series
+from probescope.probes.prediction import confusion_shares
 from probescope.run import ProbeRecord
 
 BAND_COLOUR = "steelblue"
@@ -460,8 +461,7 @@ def confusion_figure(record: ProbeRecord, frame: int = -1) -> Figure:
         raise ValueError(f"probe {record.name!r} ({record.kind}) has no confusion matrix in its frames")
     counts = np.asarray(shown.data["confusion"], np.int64)
     classes = len(counts)
-    totals = counts.sum(1, keepdims=True)
-    shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    shares = confusion_shares(counts)
     side = min(3.2 + 0.45 * classes, 12.0)
     figure = Figure(figsize=(side + 1.2, side), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)

@@ -19,6 +19,7 @@ from vispy.visuals.transforms import STTransform
 from probescope.figures import fixed_limits
 from probescope.kernels import default_palette
 from probescope.probes.loss import first_nonfinite, frame_series
+from probescope.probes.prediction import confusion_shares
 
 BAND = (0.84, 0.15, 0.16)  # the curve and its loss band
 GREY = (0.45, 0.45, 0.45, 1.0)
@@ -414,8 +415,7 @@ class PredictionPanel(Panel):
     def _draw_matrix(self, counts: np.ndarray) -> None:
         """Each cell shaded from white to blue by its share of its row (the true class), as
         ``probescope.figures.confusion_figure`` draws it, and up to 20 classes its count."""
-        totals = counts.sum(1, keepdims=True)
-        shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+        shares = confusion_shares(counts)
         rgb = 255.0 + (np.asarray(CONFUSION_BLUE, np.float64) - 255.0) * shares[..., None]
         alpha = np.full((*shares.shape, 1), 255.0)
         self.matrix.set_data(np.round(np.concatenate([rgb, alpha], -1)).astype(np.uint8))

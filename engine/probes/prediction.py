@@ -163,6 +163,14 @@ class PredictionProbe(Probe):
         }
 
 
+def confusion_shares(counts) -> np.ndarray:
+    """A confusion matrix's rows as shares of their true class (0 for a class with no sample):
+    what its figure and its viewer panel shade each cell by."""
+    counts = np.asarray(counts, np.float64)
+    totals = counts.sum(1, keepdims=True)
+    return np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+
+
 def _confusion(labels: torch.Tensor, pred: torch.Tensor, classes: int) -> torch.Tensor:
     """Counts of (true class, predicted class): row i, column j is how many samples of class
     i were predicted as class j."""
