@@ -383,7 +383,9 @@ def test_the_budget_start_benchmark_records_each_probes_frames(tmp_path, capsys)
         assert run["steps_per_s"] > 0 and set(run["probes"]) == {"grid", "loss"}
         for probe in run["probes"].values():
             assert probe["frames"] >= 1 and probe["interval"] >= 1 and probe["step_ms"] > 0
-            assert probe["second_frame"] is None or 0 < probe["second_frame"] < 120
+            # Frames see the weights after a step: the last step's frame is step 120, and on a
+            # slow machine a probe's second frame may be that one.
+            assert probe["second_frame"] is None or 0 < probe["second_frame"] <= 120
         assert f"{variant:<13} grid" in table and f"{variant:<13} loss" in table
 
 
