@@ -683,11 +683,16 @@ class Monitor:
         self.close(exc)
 
     # ---- the training loop's calls ------------------------------------------------------
-    def step(self, loss=None) -> None:
-        """Call after each optimizer step; ``loss`` is the batch's loss (a tensor is fine)."""
+    def step(self, loss=None, **values) -> None:
+        """Call after each optimizer step; ``loss`` is the batch's loss (a tensor is fine).
+        ``values``: other scalars of this step (``grad_norm=...``), recorded at it, as
+        ``log`` does after the step, but before its frames are taken."""
         t_enter = time.perf_counter()
         if loss is not None:
             self._record_loss(loss)
+        if values and self.probing and not self._closed:
+            for name, value in values.items():
+                self.history.append(name, self._step + 1, self._epoch, value)
         self._after_step(t_enter, {})
 
     def log(self, **values) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,15 @@ def outputs_to_probs(outputs: torch.Tensor, output: str, final: str = "logits") 
     return torch.softmax(outputs, dim=-1)
 
 
+def model_output(out):
+    """What a probe reads of a model's output: a tensor as it is; of a mapping (a Hugging Face
+    ``ModelOutput``, a dict), its ``logits`` tensor. Anything else is returned for the caller
+    to refuse."""
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor):
+        return out["logits"]
+    return out
+
+
 def grid_mlp_reference(mlp: FusableMLP, grid: GridSpec, output: str = "auto") -> torch.Tensor:
     """``(height, width, C)`` float64: the MLP's exact weights evaluated in float64 on the grid."""
     h = grid.points(torch.float64).to(mlp.device)
@@ -105,7 +115,7 @@ def module_forward_on_grid(
     with torch.no_grad():
         for start in range(0, points.shape[0], batch_size):
             x = points[start : start + batch_size].to(device, dtype, non_blocking=True)
-            y = model(x).float()
+            y = model_output(model(x)).float()
             chunks.append(y.reshape(y.shape[0], -1))
     outputs = torch.cat(chunks)
     return outputs_to_probs(outputs, output, final_output_kind(model)).reshape(grid.height, grid.width, -1)

@@ -726,3 +726,23 @@ def test_a_torch_profile_shows_the_monitors_snapshots_and_frames(mlp, blobs, rec
     assert names.count("probescope.snapshot") == 3  # steps 2, 4, 6 (step 0 came before)
     assert names.count("probescope.frame:grid") == 3
     assert probe.steps == [0, 2, 4, 6]
+
+
+def test_values_given_with_a_step_are_recorded_at_it_before_its_frames():
+    from probescope import LossProbe
+
+    model = nn.Linear(2, 2)
+    probe = LossProbe(schedule=Schedule.every(2))
+    with Monitor(model, [probe], snapshot="sync") as monitor:
+        for step in range(1, 5):
+            monitor.step(loss=torch.tensor(1.0 / step), grad_norm=10.0 * step)
+        monitor.log(after=1.0)  # log(): at the step that ended
+    frame = monitor.latest("loss")
+    assert frame.step == 4
+    assert frame.data["series/grad_norm/steps"].tolist() == [1, 2, 3, 4]
+    np.testing.assert_allclose(frame.data["series/grad_norm/values"], [10.0, 20.0, 30.0, 40.0])
+    assert frame.data["series/train_loss/steps"].tolist() == [1, 2, 3, 4]
+    history = monitor.history.read()
+    assert history["after"].steps.tolist() == [4]
+    monitor.step(grad_norm=1.0)  # after close: ignored, as log() is
+    assert monitor.history.read()["grad_norm"].steps.tolist() == [1, 2, 3, 4]

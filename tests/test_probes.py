@@ -437,7 +437,8 @@ def test_a_model_with_structured_outputs_is_probed_through_a_module_that_picks_t
     torch.manual_seed(0)
     model = TokenModel()
     tokens, answers = torch.randint(0, 11, (40, 6)), torch.randint(0, 11, (40,))
-    with pytest.raises(TypeError, match=r"must return a tensor, got dict; give the Monitor a module"):
+    # Its logits are (batch, position, vocabulary): which position to probe is the user's to say.
+    with pytest.raises(TypeError, match=r"returns logits of shape \(2, 6, 11\), and a probe reads one row"):
         Monitor(model, [PredictionProbe(tokens, answers)])
     probe = PredictionProbe(tokens, answers, schedule=Schedule.every(1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -600,3 +601,41 @@ def test_grid_spacing_survives_a_spec_round_trip(tmp_path):
     save_probes([probe], tmp_path / "probes.json")
     (again,) = load_probes(tmp_path / "probes.json")
     assert (again.width, again.height, again.domain) == (probe.width, probe.height, probe.domain)
+
+
+class DictOutputs(nn.Module):
+    """A classifier that returns a mapping (as a Hugging Face model returns a ModelOutput)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return {"logits": self.net(x), "hidden": x}
+
+
+def test_a_model_returning_a_mapping_is_probed_through_its_logits(blobs):
+    x, y = blobs.x_train, blobs.y_train
+    torch.manual_seed(0)
+    net = Residual()  # not fusable: the grid goes through the module's own forward
+
+    def frames(model):
+        probes = [
+            GridProbe(x, y, resolution=12, schedule=Schedule.every(2)),
+            PredictionProbe(x[:30], y[:30], schedule=Schedule.every(2)),
+        ]
+        with Monitor(model, probes, snapshot="sync") as monitor:
+            monitor.step()
+            monitor.step()
+        return {name: monitor.latest(name) for name in ("grid", "prediction")}, monitor
+
+    got, monitor = frames(DictOutputs(net))
+    want, _ = frames(net)
+    for name in ("grid", "prediction"):
+        assert got[name].step == want[name].step == 2
+        assert got[name].data.keys() == want[name].data.keys()
+        for key, value in want[name].data.items():
+            np.testing.assert_array_equal(np.asarray(got[name].data[key]), np.asarray(value), err_msg=key)
+    with torch.no_grad():
+        probs = torch.softmax(net(monitor.probes["grid"].grid.points()), -1).reshape(12, 12, 7)
+    torch.testing.assert_close(torch.as_tensor(got["grid"].data["probs"]), probs, atol=1e-6, rtol=0)

@@ -7,6 +7,7 @@ README does not follow fails here, as does an example that no longer runs.
 import ast
 import importlib.util
 import inspect
+import json
 import re
 import runpy
 import shutil
@@ -226,3 +227,23 @@ def test_the_probe_of_your_own_example_runs_and_its_frames_are_right(tmp_path, c
     np.testing.assert_allclose(last["margins"], (true - other).numpy(), rtol=1e-5, atol=1e-6)
     assert int(last["wrong"]) == int((true < other).sum())
     assert capsys.readouterr().out.strip() == str(last["wrong"])
+
+
+def test_the_transformers_example_runs(tmp_path):
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("needs transformers (the transformers extra)")
+    script = tmp_path / "transformers_example.py"
+    script.write_text(_block("import torch, probescope as ps\nfrom transformers"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        runpy.run_path(str(script), run_name="__main__")
+    run = ps.open_run(tmp_path / "runs" / "bert")
+    assert run.meta["status"] == "finished" and run.meta["summary"]["steps"] == 200
+    assert list(run.meta["probes"]) == ["prediction", "stats", "loss", "checkpoint"]
+    for name, counters in run.meta["summary"]["probes"].items():
+        assert counters["failed"] == 0, (name, counters)
+    last = run.probe("loss").frame(-1).data
+    assert last["series/train_loss/steps"].tolist() == list(range(1, 201))
+    assert last["series/valid_loss/steps"].tolist() == [50, 100, 150, 200]
+    index = json.loads((tmp_path / "runs" / "bert" / "checkpoints" / "checkpoints.json").read_text())
+    assert index["best"]["step"] in (50, 100, 150, 200)

@@ -1,6 +1,6 @@
 """Thin adapters from training frameworks to the Monitor (import the one you use:
 ``probescope.integrations.lightning``, ``probescope.integrations.keras``,
-``probescope.integrations.fastai``)."""
+``probescope.integrations.fastai``, ``probescope.integrations.transformers``)."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from torch import nn
 from probescope.events import Callback
 from probescope.graphs import ForwardGraphs
 from probescope.history import Series
+from probescope.kernels.grid_mlp import model_output
 from probescope.kernels.grid_mlp import outputs_to_probs as kernel_outputs_to_probs
 from probescope.kernels.mlp import is_keras_model
 from probescope.schedule import Schedule
@@ -269,19 +270,24 @@ def check_forward(owner: str, model: nn.Module, sample: torch.Tensor) -> torch.T
     device, dtype = model_device_dtype(model)
     try:
         with eval_mode(model), torch.no_grad():
-            out = model(to_model(sample, device, dtype))
+            returned = model(to_model(sample, device, dtype))
     except Exception as err:
         raise ValueError(
             f"{owner}: the model rejected inputs of shape {tuple(sample.shape)} "
             f"(input width {sample.shape[-1]}): {type(err).__name__}: {err}"
         ) from err
+    out = model_output(returned)
     if not isinstance(out, torch.Tensor):
-        raise TypeError(
-            f"{owner}: the model must return a tensor, got {type(out).__name__}; give the Monitor a "
-            "module whose forward returns the tensor to probe and holds the model (its weights are "
-            "the model's), e.g. forward(self, x): return self.model(x).logits[:, -1]"
-        )
-    return out
+        problem = f"must return a tensor (or a mapping with its 'logits'), got {type(out).__name__}"
+    elif out is not returned and out.dim() > 2:  # e.g. a language model's (batch, position, vocab)
+        problem = f"returns logits of shape {tuple(out.shape)}, and a probe reads one row per sample"
+    else:
+        return out
+    raise TypeError(
+        f"{owner}: the model {problem}; give the Monitor a module whose forward returns the "
+        "tensor to probe and holds the model (its weights are the model's), e.g. "
+        "forward(self, x): return self.model(x).logits[:, -1]"
+    )
 
 
 def batched_forward(
@@ -298,7 +304,7 @@ def batched_forward(
                 return to_model(inputs[start : start + batch_size], device, dtype)
 
             out = model(chunk()) if graphs is None else graphs.forward(model, i, chunk)
-            outs.append(out.float())
+            outs.append(model_output(out).float())
     out = torch.cat(outs)
     return out.reshape(out.shape[0], -1).cpu()
 
