@@ -95,6 +95,18 @@ def _formats(text: str) -> list[str]:
     return formats
 
 
+def _brief(config: dict, shown: int = 4) -> dict:
+    """A probe's config for a line of ``info``: a list longer than a few items (a StatsProbe's
+    every parameter of a large model) as its first items and how many there are in all
+    (``info --json`` prints everything)."""
+    return {
+        key: [*value[:shown], f"... {len(value)} in all"]
+        if isinstance(value, list) and len(value) > shown + 1
+        else value
+        for key, value in config.items()
+    }
+
+
 def _export(args: argparse.Namespace) -> int:
     from probescope.export import export_final_pictures, export_run
     from probescope.run import open_run
@@ -102,6 +114,10 @@ def _export(args: argparse.Namespace) -> int:
     run = open_run(args.run)
     out = Path(args.out or Path(args.run) / "exports")
     formats = [f for group in args.format for f in group]
+    if not formats and not args.final_pictures:
+        raise ValueError(
+            "nothing to export: give --format (mp4, gif, png, tensorboard), --final-pictures or both"
+        )
     written = []
     if "tensorboard" in formats:  # event files, not pictures: every probe's frames
         from probescope.sinks import export_tensorboard
@@ -255,7 +271,7 @@ def _info(args: argparse.Namespace) -> int:
         print(f"  {name:<12} {record.kind:<10} {len(record):>5} frames  {span}{cost}")
         config = {k: v for k, v in record.config.items() if k != "schedule"}
         if config:  # (a probe of one's own may have none)
-            print(f"  {'':<12} {json.dumps(config)}")
+            print(f"  {'':<12} {json.dumps(_brief(config))}")
         print(f"  {'':<12} schedule {json.dumps(record.config.get('schedule'))}")
         learned = (stats or {}).get("schedule")
         if learned:  # budget mode: what it measured and chose
@@ -368,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         type=_formats,
         action="append",
-        required=True,
+        default=[],
         help="mp4, gif, png or tensorboard (event files); repeat or separate with commas",
     )
     export.add_argument("--out", type=Path, default=None, help="output folder (default RUN/exports)")
@@ -385,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--final-pictures",
         action="store_true",
-        help="also write each probe's final figure, small multiples and raw final map",
+        help="write each probe's final figure, small multiples and raw final map (with --format: as well)",
     )
     export.add_argument("--quiet", action="store_true")
     export.set_defaults(func=_export)

@@ -209,3 +209,29 @@ def test_info_shows_a_shared_budget_and_what_each_probe_learned(tmp_path, capsys
     lines = [line.strip() for line in text.splitlines() if line.strip().startswith("budget 0.025: every ")]
     assert len(lines) == 2  # one per probe: its half of the budget, what it measured
     assert all("a frame costs training" in line and "ms a step" in line for line in lines)
+
+
+def test_export_of_the_final_pictures_alone_needs_no_format(blobs7_run, tmp_path, capsys):
+    assert main(["export", str(blobs7_run), "--final-pictures", "--out", str(tmp_path), "--quiet"]) == 0
+    names = {p.name for p in tmp_path.rglob("*.png")}
+    assert {"loss_metrics.png", "prediction_confusion.png"} <= names
+    assert not list(tmp_path.rglob("*.gif")) and not list(tmp_path.rglob("*.mp4"))
+    assert main(["export", str(blobs7_run), "--out", str(tmp_path / "none")]) == 2
+    assert "nothing to export: give --format" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
+def test_info_shortens_a_long_list_of_a_probes_config_and_json_keeps_it_whole(tmp_path, capsys):
+    from probescope import Monitor, StatsProbe
+
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(8)])  # 16 parameters
+    with Monitor(model, [StatsProbe(schedule=None)], run_dir=tmp_path / "run") as monitor:
+        monitor.step()
+    assert main(["info", str(tmp_path / "run")]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if '"parameters"' in line)
+    config = json.loads(line.strip())
+    assert config["parameters"] == ["0.weight", "0.bias", "1.weight", "1.bias", "... 16 in all"]
+    assert config["hooks"] == ["*"]  # a short list as it is
+    assert main(["info", str(tmp_path / "run"), "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert len(meta["probes"]["stats"]["config"]["parameters"]) == 16
