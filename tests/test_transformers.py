@@ -280,9 +280,57 @@ def test_training_from_a_checkpoint_goes_on_in_the_same_run_from_its_step(tmp_pa
     assert run.meta["summary"]["steps"] == 10
 
 
+class LastLogits(nn.Module):
+    """What probes read of a language model: the next token's logits after each prompt."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(ids).logits[:, -1]
+
+
+def test_a_language_model_is_probed_through_a_module_that_holds_it(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=LENGTH, n_embd=16, n_layer=1, n_head=2)
+    model = GPT2LMHeadModel(config)  # its output layer is its token embedding (tied weights)
+    ids, _ = _tokens(24, seed=2)
+    prompts, following = ids[:, :-1], ids[:, -1]
+    probe = ps.PredictionProbe(prompts, following, schedule=ps.Schedule.every(3))
+    loss = ps.LossProbe(schedule=ps.Schedule.every(100))
+    callback = ProbescopeCallback([probe, loss], model=LastLogits(model), run_dir=tmp_path / "run")
+    trainer = _trainer(tmp_path, model, [callback], steps=6, accumulate=2, causal=True)
+    trainer.train()
+    run = ps.open_run(tmp_path / "run")
+    assert run.probe("prediction").steps() == [0, 3, 6]
+    model.eval()
+    with torch.no_grad():
+        own = torch.softmax(model(prompts).logits[:, -1], -1)
+    torch.testing.assert_close(
+        torch.as_tensor(run.probe("prediction").frame(-1).data["prob_true"]),
+        own.gather(1, following[:, None])[:, 0].double(),
+        atol=1e-5,
+        rtol=0,
+    )
+    steps, values = _series(run, "train_loss")  # read from the Trainer's model, not the wrapper
+    logged_steps, logged = _logged(trainer, "loss")
+    assert steps == logged_steps == list(range(1, 7))
+    np.testing.assert_allclose(values, logged, rtol=1e-5, atol=0)
+
+
+def test_a_probed_model_that_does_not_hold_the_trainers_is_refused_when_training_starts(tmp_path):
+    callback = ProbescopeCallback([ps.LossProbe()], model=LastLogits(_llama()), run_dir=tmp_path / "run")
+    refused = r"model= \(LastLogits\) must hold the Trainer's model \(Classifier\)"
+    with pytest.raises(ValueError, match=refused):
+        _trainer(tmp_path, Classifier(), [callback], steps=2).train()
+
+
 def test_unknown_monitor_arguments_are_refused_at_construction():
-    with pytest.raises(TypeError, match=r"unknown Monitor arguments \['model', 'run_directory'\]"):
-        ProbescopeCallback([], run_directory="x", model=None)
+    with pytest.raises(TypeError, match=r"unknown Monitor arguments \['optimizer', 'run_directory'\]"):
+        ProbescopeCallback([], run_directory="x", optimizer=None)
 
 
 def test_the_callback_pickles_after_training_without_its_monitor(tmp_path):
@@ -292,3 +340,46 @@ def test_the_callback_pickles_after_training_without_its_monitor(tmp_path):
     copy = pickle.loads(pickle.dumps(callback))
     assert copy.monitor is None and copy.fits == 1 and copy.monitor_kwargs == callback.monitor_kwargs
     assert [p.name for p in copy.probes] == ["loss"]
+
+
+TORCHRUN_SCRIPT = """
+import sys, torch, torch.distributed as dist, probescope as ps
+from transformers import Trainer, TrainingArguments
+from probescope.integrations.transformers import ProbescopeCallback
+sys.path.insert(0, sys.argv[2])
+from tests.test_transformers import Classifier, Tokens, _tokens
+
+ids, labels = _tokens(64, seed=2)
+every = ps.Schedule.every
+probes = [ps.PredictionProbe(ids, labels, schedule=every(4)), ps.LossProbe(schedule=every(8))]
+callback = ProbescopeCallback(probes, run_dir=sys.argv[1])
+args = TrainingArguments(sys.argv[1] + "-trainer", max_steps=16, per_device_train_batch_size=16,
+                         learning_rate=0.05, logging_steps=1, save_strategy="no", report_to=[],
+                         use_cpu=True, disable_tqdm=True)
+Trainer(Classifier(), args, train_dataset=Tokens(512), callbacks=[callback]).train()
+print(f"rank {dist.get_rank()} probing {callback.monitor.probing} steps {callback.monitor.step_count}")
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_under_torchrun_one_rank_probes_and_writes_the_run(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "train.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    root = str(Path(__file__).parents[1])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
+               str(script), str(tmp_path / "run"), root]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0 probing True steps 16" in done.stdout and "rank 1 probing False steps 16" in done.stdout
+    run = ps.open_run(tmp_path / "run")
+    assert run.meta["finished"] and run.meta["distributed"]["world_size"] == 2
+    assert run.meta["distributed"]["rank"] == 0 and run.meta["summary"]["steps"] == 16
+    assert run.probe("prediction").steps() == [0, 4, 8, 12, 16]
+    last = run.probe("loss").frame(-1).data
+    assert last["series/train_loss/steps"].tolist() == list(range(1, 17))  # rank 0's own losses

@@ -37,6 +37,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import TrainerCallback
 
 from probescope.integrations import check_monitor_kwargs, fit_kwargs, is_scalar
@@ -56,12 +57,16 @@ class ProbescopeCallback(TrainerCallback):
 
     ``probes`` and every keyword argument go to ``probescope.Monitor`` (``run_dir``,
     ``viewer``, ``snapshot``, ``cuda_graphs``, ...); the model and its optimizer come from
-    the Trainer. ``monitor`` is the Monitor of the training in progress (or the last one).
+    the Trainer. ``model``: what the probes call instead, a module that holds the Trainer's
+    model and picks the tensor they read (a language model's last position:
+    ``forward(self, ids): return self.model(ids).logits[:, -1]``). ``monitor`` is the
+    Monitor of the training in progress (or the last one).
     """
 
-    def __init__(self, probes: Iterable[Probe], **monitor_kwargs: Any):
+    def __init__(self, probes: Iterable[Probe], model: nn.Module | None = None, **monitor_kwargs: Any):
         check_monitor_kwargs("ProbescopeCallback", monitor_kwargs, _OWN)
         self.probes = list(probes)
+        self.probed_model = model
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Monitor | None = None
         self.fits = 0
@@ -93,7 +98,8 @@ class ProbescopeCallback(TrainerCallback):
         if monitor_kwargs.get("resume") is True and state.global_step > 0:
             # From a checkpoint: the Trainer has restored its step; the run goes on from it.
             monitor_kwargs["resume"] = (state.global_step, int(state.epoch))
-        self.monitor = Monitor(model, self.probes, optimizer=optimizer, **monitor_kwargs)
+        probed = model if self.probed_model is None else _holding(self.probed_model, model)
+        self.monitor = Monitor(probed, self.probes, optimizer=optimizer, **monitor_kwargs)
         self._losses, self._shares, self._step_losses = [], False, False
         self._pending, self._epoch_ended = None, False
         self._hook = model.register_forward_hook(self._read_loss, with_kwargs=True)
@@ -191,6 +197,18 @@ class ProbescopeCallback(TrainerCallback):
             self._hook = None
         if self.monitor is not None:
             self.monitor.close(error)
+
+
+def _holding(probed: nn.Module, model: nn.Module) -> nn.Module:
+    """``probed``, once it is known to hold the Trainer's ``model`` (the weights it trains)."""
+    held = {id(p) for p in probed.parameters()}
+    if not all(id(p) in held for p in model.parameters()):
+        raise ValueError(
+            f"ProbescopeCallback: model= ({type(probed).__name__}) must hold the Trainer's model "
+            f"({type(model).__name__}), whose weights the probes watch; e.g. LastLogits(model) "
+            "built on the model given to the Trainer"
+        )
+    return probed
 
 
 def _is_series(name: str) -> bool:
