@@ -1,5 +1,5 @@
 """A training framework's own fit with and without probescope's callback: Keras 3 (torch
-backend), fastai and Lightning.
+backend), fastai, Lightning and Hugging Face's Trainer.
 
 Fit: a 2-H-H-7 MLP on the blobs7 data in the framework's own loop, with no callback, and with
 a GridProbe and a LossProbe every 10 steps, every step and on one 5 % budget (the Monitor's
@@ -13,7 +13,7 @@ trains one fit (no callback) per kind of work from ``benchmarks.contention`` (GI
 Python, short GIL-free calls, the fused grid kernel, written GridProbe and LossProbe frames)
 beside a probe worker thread that alternates between that work and rest, and sorts the fit's
 steps by phase: what each kind of work costs the framework's own loop. Run:
-``python -m benchmarks.fit [--framework keras|fastai|lightning] [--rounds 3] [--epochs 4]
+``python -m benchmarks.fit [--framework keras|fastai|lightning|transformers] [--rounds 3] [--epochs 4]
 [--contention] [--out DIR]``.
 """
 
@@ -246,7 +246,68 @@ class Lightning:
         trainer.fit(model, loader)
 
 
-FRAMEWORKS = {"keras": Keras, "fastai": Fastai, "lightning": Lightning}
+class Transformers:
+    """Hugging Face's ``Trainer.train`` (AdamW without weight decay, a constant learning rate)
+    without progress bar, logging or checkpoints, on a module that returns its loss and logits
+    as a Hugging Face model does."""
+
+    name = "Transformers"
+
+    def __init__(self):
+        import transformers
+        from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+        from probescope.integrations.transformers import ProbescopeCallback
+
+        self.Trainer, self.TrainerCallback = Trainer, TrainerCallback
+        self.TrainingArguments, self.printer = TrainingArguments, PrinterCallback
+        self.callback = ProbescopeCallback
+        self.version = f"transformers {transformers.__version__}"
+
+    def model(self, hidden: int, classes: int) -> nn.Module:
+        class Module(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = torch_mlp(hidden, classes)
+
+            def forward(self, x, labels=None):
+                logits = self.net(x)
+                if labels is None:
+                    return {"logits": logits}
+                return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+        return Module()
+
+    def fit(self, model, data, args, callback, clock: Clock) -> None:
+        class Timed(self.TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                clock.step_end()
+
+            def on_epoch_end(self, args, state, control, **kwargs):
+                clock.epoch_end(round(state.epoch) - 1)
+
+        with tempfile.TemporaryDirectory() as out:
+            arguments = self.TrainingArguments(
+                out,
+                num_train_epochs=args.epochs,
+                per_device_train_batch_size=args.batch_size,
+                learning_rate=LR,
+                weight_decay=0.0,
+                lr_scheduler_type="constant",
+                logging_strategy="no",
+                save_strategy="no",
+                report_to=[],
+                disable_tqdm=True,
+                use_cpu=not torch.cuda.is_available(),
+            )
+            samples = [{"x": x, "labels": y} for x, y in zip(data.x_train, data.y_train, strict=True)]
+            callbacks = [Timed()] if callback is None else [callback, Timed()]
+            trainer = self.Trainer(model, arguments, train_dataset=samples, callbacks=callbacks)
+            trainer.remove_callback(self.printer)
+            trainer.train()
+
+
+FRAMEWORKS = {"keras": Keras, "fastai": Fastai, "lightning": Lightning, "transformers": Transformers}
 
 
 def fit_once(framework, variant: str, data, args, out: str) -> tuple[float, dict]:

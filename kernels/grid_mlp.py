@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +27,7 @@ from probescope.kernels.mlp import (
     NotFusableError,
     apply_activation,
     final_output_kind,
+    model_output,
 )
 
 log = logging.getLogger("probescope")
@@ -80,15 +80,6 @@ def outputs_to_probs(outputs: torch.Tensor, output: str, final: str = "logits") 
         p = torch.sigmoid(outputs[..., :1])
         return torch.cat([1.0 - p, p], dim=-1)
     return torch.softmax(outputs, dim=-1)
-
-
-def model_output(out):
-    """What a probe reads of a model's output: a tensor as it is; of a mapping (a Hugging Face
-    ``ModelOutput``, a dict), its ``logits`` tensor. Anything else is returned for the caller
-    to refuse."""
-    if isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor):
-        return out["logits"]
-    return out
 
 
 def grid_mlp_reference(mlp: FusableMLP, grid: GridSpec, output: str = "auto") -> torch.Tensor:

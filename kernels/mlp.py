@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import threading
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -339,6 +340,15 @@ _TRACED_LOCK = threading.Lock()
 _PASS = "pass"  # an op that leaves its input as it is (Dropout off, Flatten of a 2-D batch)
 
 
+def model_output(out):
+    """What a probe reads of a model's output: a tensor as it is; of a mapping (a Hugging Face
+    ``ModelOutput``, a dict), its ``logits`` tensor. Anything else is returned for the caller
+    to refuse."""
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor):
+        return out["logits"]
+    return out
+
+
 def traced_layers(module: nn.Module) -> tuple[nn.Module, ...]:
     """The layers a module with a forward of its own applies, when that forward is a chain of
     them: ``x = F.relu(self.fc1(x)); ...; return self.out(x)``, a LightningModule whose forward
@@ -435,7 +445,7 @@ def _trace_chain(module: nn.Module) -> tuple:
         recorder = _Calls()
         try:
             with torch.no_grad(), recorder:
-                out = module(x)
+                out = model_output(module(x))
         except Exception:
             continue
         return _chain_recipe(own, recorder.calls, x, out, names)

@@ -220,7 +220,7 @@ def test_demo_ab_runs_the_demo_with_and_without_the_named_probe(capsys):
     assert "median loop with checkpoint" in out and "median loop without checkpoint" in out
 
 
-@pytest.mark.parametrize("framework", ["keras", "fastai", "lightning"])
+@pytest.mark.parametrize("framework", ["keras", "fastai", "lightning", "transformers"])
 def test_the_fit_benchmark_trains_every_variant_and_records_the_runs_frames(framework, tmp_path, capsys):
     """Not a timing: the benchmark runs each framework's fit with every variant, and its probed
     fits really record (a callback that never stepped would time nothing)."""

@@ -972,9 +972,25 @@ class MethodsMLP(nn.Module):
         return self.d(x).softmax(dim=-1)
 
 
+class LossAndLogits(nn.Module):
+    """As a model trained by Hugging Face's Trainer: keyword labels, a mapping of outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_mlp((2, 12, 12, 3), "relu")
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits, labels)
+        return out
+
+
 def custom_forward_models():
     torch.manual_seed(4)
     return {
+        "mapping": (LossAndLogits(), ("relu", "relu", "identity"), "logits"),
         "functional": (FunctionalMLP(), ("leaky_relu", "tanh", "identity"), "logits"),
         "delegating": (
             Delegating(make_mlp((3, 20, 20, 5), "gelu")).eval(),
@@ -985,7 +1001,7 @@ def custom_forward_models():
     }
 
 
-@pytest.mark.parametrize("name", ["functional", "delegating", "methods"])
+@pytest.mark.parametrize("name", ["functional", "delegating", "methods", "mapping"])
 def test_an_mlp_with_a_forward_of_its_own_fuses_and_draws_the_map_of_its_forward(name):
     """Read by torch.fx: the chain of layers its forward applies; the fused map is the map of
     the module's own forward on the grid's points (fp32: 1e-5 on probabilities)."""

@@ -16,9 +16,8 @@ from torch import nn
 from probescope.events import Callback
 from probescope.graphs import ForwardGraphs
 from probescope.history import Series
-from probescope.kernels.grid_mlp import model_output
 from probescope.kernels.grid_mlp import outputs_to_probs as kernel_outputs_to_probs
-from probescope.kernels.mlp import is_keras_model
+from probescope.kernels.mlp import is_keras_model, model_output
 from probescope.schedule import Schedule
 from probescope.spec import Reproducible
 
