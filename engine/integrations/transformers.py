@@ -112,7 +112,7 @@ class ProbescopeCallback(TrainerCallback):
             return
         loss = output.get("loss")
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            self._losses.append(loss.detach().reshape(()))
+            self._losses.append(loss.detach() if loss.dim() == 0 else loss.detach().reshape(()))
             self._shares = kwargs.get("num_items_in_batch") is not None
 
     def on_step_begin(self, args, state, control, **kwargs) -> None:
@@ -120,7 +120,9 @@ class ProbescopeCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
         loss = None
-        if self._losses:
+        if len(self._losses) == 1:  # no gradient accumulation: the step's loss as it is
+            loss, self._losses, self._step_losses = self._losses[0], [], True
+        elif self._losses:
             losses = torch.stack(self._losses)
             loss = losses.sum() if self._shares else losses.mean()
             self._losses, self._step_losses = [], True
