@@ -229,3 +229,34 @@ def test_on_cuda_each_file_holds_the_weights_of_its_step(tmp_path, blobs):
         saved = torch.load(file, weights_only=True)
         for key, tensor in states[int(file.stem[6:])].items():
             assert torch.equal(saved[key], tensor.cpu()), (file.name, key)
+
+
+def test_a_value_given_with_the_step_scores_that_steps_frame(tmp_path, blobs, caplog):
+    """Validated every 3 steps, inside the loop: ``step(loss, valid_loss=...)`` records the
+    value before the step's frame, so every frame of a validated step is scored."""
+    probe = CheckpointProbe(schedule=Schedule.every(3))
+    model = _model()
+    logged = {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with (
+        caplog.at_level(logging.WARNING, logger="probescope"),
+        Monitor(model, [probe], run_dir=tmp_path / "run") as monitor,
+    ):
+        for step in range(1, 13):
+            loss = F.cross_entropy(model(blobs.x_train[:60]), blobs.y_train[:60])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            values = {}
+            if step % 3 == 0:
+                with torch.no_grad():
+                    values["valid_loss"] = logged[step] = float(
+                        F.cross_entropy(model(blobs.x_valid), blobs.y_valid)
+                    )
+            monitor.step(loss=loss.detach(), **values)
+            monitor.drain(10)
+    assert "was logged" not in caplog.text
+    frames = {f.step: float(f.data["value"]) for f in open_run(tmp_path / "run").probe("checkpoint").frames()}
+    assert np.isnan(frames.pop(0)) and frames == logged
+    index = json.loads((tmp_path / "run" / "checkpoints" / "checkpoints.json").read_text())
+    assert index["best"]["step"] == min(logged, key=logged.get)

@@ -176,7 +176,8 @@ class CheckpointProbe(Probe):
                 "no value",
                 f"no {self.metric!r} was logged at step {context.step} (the snapshot's step), so "
                 "frames like it are not scored and never count as the best. Log it before the "
-                "probe runs (Monitor.log or after_validate, then end_epoch) or give valid=(x, y)",
+                f"probe runs (Monitor.step(loss, {self.metric}=...) with the step; Monitor.log or "
+                "after_validate, then end_epoch) or give valid=(x, y)",
             )
             return math.nan
         return float(series.values[at_step[-1]])
