@@ -123,7 +123,8 @@ class Monitor:
     wrap the loop in ``with monitor.training_stream():``.
 
     ``snapshot_params`` (glob patterns over parameter and buffer names) copies only part of a model
-    too large to copy whole; ``snapshot_host=True`` keeps the copy in (pinned) host memory and
+    too large to copy whole (``"trainable"``: the parameters that require gradients and the
+    buffers, sharing the frozen ones); ``snapshot_host=True`` keeps the copy in (pinned) host memory and
     evaluates probes on the CPU (see probescope.snapshot). ``summary()["snapshot_bytes"]`` and
     the run's metadata give the snapshot's memory. The copies run without the model's forward
     and backward hooks (a logger of activations sees training's forwards only), except torch's
@@ -187,7 +188,7 @@ class Monitor:
         high_priority_training: bool = False,
         viewer: bool | str = False,
         viewer_fps: float | None = None,
-        snapshot_params: Sequence[str] | None = None,
+        snapshot_params: Sequence[str] | str | None = None,
         snapshot_host: bool = False,
         snapshot_hooks: bool = False,
         cuda_graphs: bool = False,

@@ -19,7 +19,12 @@ events only (see probescope.streams): the training thread enqueues it and goes o
 
 For models too large to copy whole: ``params`` (glob patterns over parameter and buffer names, e.g.
 ``["head.*", "blocks.11.*"]``) copies only the matching tensors; the shadow shares every other
-tensor with the live model, so probes read those live (racy, like ``live``). ``host=True``
+tensor with the live model, so probes read those live (racy, like ``live``). ``params=
+"trainable"`` copies the parameters that require gradients and every buffer, and shares the
+frozen parameters, which the optimizer never changes (a fine-tune's frozen backbone, a LoRA
+model's base weights: exact, unless something else writes them in place, as an EMA teacher's
+update does). A copy of the whole model whose frozen parameters are most of it and more than
+``FROZEN_HINT_BYTES`` gets one warning that says so. ``host=True``
 keeps the shadow in host memory (pinned when CUDA is present; the copy is non-blocking on
 the probe stream and the probe waits for its event), and probes evaluate it on the CPU.
 ``nbytes`` is what the snapshot holds.
@@ -52,6 +57,8 @@ from probescope.streams import ProbeStreams
 log = logging.getLogger("probescope")
 
 STRATEGIES = ("copy", "sync", "live")
+TRAINABLE = "trainable"  # params=: what the optimizer changes, and the buffers
+FROZEN_HINT_BYTES = 256 * 2**20  # frozen parameters worth a warning when a snapshot copies them
 
 
 class SnapshotPool:
@@ -100,7 +107,9 @@ class SnapshotPool:
             )
         if strategy == "copy":
             named = _named_state_tensors(model)
-            chosen = _select(named, params)
+            chosen = _trainable(model) if params == TRAINABLE else _select(named, params)
+            if params is None:
+                _hint_frozen(model, size)
             self._live_tensors = _unique(t for n, t in named if n in chosen)
             copied = {id(t) for t in self._live_tensors}
             if grads:
@@ -375,6 +384,39 @@ def _named_state_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     name it has; the buffers a state_dict leaves out (``persistent=False``) too: training may
     change them (a temperature, a mask), and a shadow must follow."""
     return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+
+
+def _trainable(model: nn.Module) -> set[str]:
+    """The names of the parameters that require gradients and of every buffer."""
+    chosen = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    if not chosen:
+        raise ValueError("snapshot_params='trainable': no parameter of the model requires gradients")
+    return chosen | {n for n, _ in model.named_buffers(remove_duplicate=False)}
+
+
+def _hint_frozen(model: nn.Module, copies: int) -> None:
+    """One warning when most of what a whole-model copy holds are frozen parameters."""
+    params = _unique(model.parameters())
+    frozen = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)
+    total = sum(p.numel() * p.element_size() for p in params)
+    if frozen >= FROZEN_HINT_BYTES and 2 * frozen > total:
+        log.warning(
+            "snapshot: %s of the model's %s of parameters do not train (requires_grad=False) "
+            "and are copied into each of the snapshot's %d copies at every frame; "
+            "snapshot_params='trainable' copies the trainable ones and the buffers and shares "
+            "the frozen ones",
+            _bytes(frozen),
+            _bytes(total),
+            copies,
+        )
+
+
+def _bytes(n: int) -> str:
+    """``n`` bytes in the largest binary unit that keeps a number of at least 1."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 def _select(named: list[tuple[str, torch.Tensor]], patterns: Sequence[str] | None) -> set[str]:

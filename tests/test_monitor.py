@@ -260,6 +260,61 @@ def test_a_parameter_subset_snapshot_copies_only_the_chosen_tensors(tmp_path):
     assert detail["copied_elements"] == 64 * 4 + 4 and detail["bytes"] == 2 * layer1
 
 
+def _frozen_backbone() -> nn.Sequential:
+    """A frozen first layer (most of the model), a batch norm and a head that train."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.Linear(64, 4))
+    model[0].requires_grad_(False)
+    return model
+
+
+def test_a_trainable_snapshot_shares_the_frozen_parameters_and_copies_the_rest(tmp_path):
+    model = _frozen_backbone()
+    probe = StepReader(schedule=Schedule.every(1))
+    monitor = Monitor(
+        model, [probe], snapshot_params="trainable", ring_capacity=256, run_dir=tmp_path / "run"
+    )
+    shadow = monitor._pool._free[0]
+    assert shadow[0].weight is model[0].weight and shadow[0].bias is model[0].bias  # shared
+    copied = [*model[1].parameters(), *model[1].buffers(), *model[2].parameters()]
+    own = [*shadow[1].parameters(), *shadow[1].buffers(), *shadow[2].parameters()]
+    assert all(a is not b for a, b in zip(copied, own, strict=True))  # the running statistics too
+    assert monitor.snapshot_bytes == 2 * sum(t.numel() * t.element_size() for t in copied)
+    monitor.start()
+    _steps_set_to_their_number(monitor, model, 40)
+    monitor.close()
+    frames = [f for f in monitor.ring(probe.name).read_since(-1) if f.step > 0]
+    frozen = 64 * 64 + 64  # StepReader lists layer 0's parameters first
+    buffers = 64 + 64 + 1  # then every parameter, then the buffers
+    assert len(frames) >= 3
+    for frame in frames:
+        values = frame.data["values"]
+        assert np.all(values[frozen:] == frame.step)  # what trains and the buffers: one step
+    assert open_run(tmp_path / "run").meta["snapshot_detail"]["copied_elements"] == len(values) - frozen
+    assert buffers == sum(b.numel() for b in model.buffers())
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="'trainable': no parameter of the model requires gradients"):
+        Monitor(model, [StepReader()], snapshot_params="trainable")
+
+
+def test_a_whole_copy_that_is_mostly_frozen_parameters_gets_one_warning(monkeypatch, caplog):
+    from probescope import snapshot
+
+    model = _frozen_backbone()
+    monkeypatch.setattr(snapshot, "FROZEN_HINT_BYTES", 16 * 1024)
+    with caplog.at_level(logging.WARNING, logger="probescope"):
+        Monitor(model, [StepReader()])
+        Monitor(model, [StepReader()], snapshot_params="trainable")
+        Monitor(model, [StepReader()], snapshot="sync")
+        model[0].requires_grad_(True)
+        Monitor(model, [StepReader()])
+    hints = [r.getMessage() for r in caplog.records if "do not train" in r.getMessage()]
+    assert hints == [
+        "snapshot: 16.2 KiB of the model's 17.8 KiB of parameters do not train (requires_grad=False) "
+        "and are copied into each of the snapshot's 2 copies at every frame; "
+        "snapshot_params='trainable' copies the trainable ones and the buffers and shares the frozen ones"
+    ]
+
+
 def test_a_tied_weight_is_copied_once_and_stays_tied_in_the_snapshot():
     shared = nn.Linear(8, 8)
     model = nn.Sequential(shared, nn.Tanh(), shared)  # one weight under two state_dict names
