@@ -24,7 +24,7 @@ from probescope.history import History, display_name
 from probescope.probes.base import Probe, ProbeContext, ProbeStats, eval_mode, model_device_dtype
 from probescope.probes.loss import seed_history
 from probescope.ring import Frame, FrameRing
-from probescope.run import RunWriter, open_run
+from probescope.run import RunWriter, open_run, seed
 from probescope.schedule import Budget, StepInfo, StepTime, next_due
 from probescope.shutdown import OPEN, Terminated, give_back_ending_signals, take_ending_signals
 from probescope.sinks import Sink
@@ -448,7 +448,8 @@ class Monitor:
 
     def _continue(self, run, step: int) -> None:
         """Continue ``run`` (its frames after ``step`` superseded already): the step and epoch
-        counters, the scalar series up to ``step`` (from its last LossProbe frame), and each
+        counters, the scalar series up to ``step`` (from its history.npz if it was closed,
+        else from its last LossProbe frame), and each
         probe's own state (``Probe.resume`` with its last frame); a probe with a frame of
         ``step`` already is not asked again at it."""
         last = {name: record.frame(-1) for name, record in run.probes.items() if len(record)}
@@ -463,7 +464,10 @@ class Monitor:
         self.resumed_at = step
         self._wall_before = float(summary.get("wall_seconds") or 0.0)  # unknown for a killed run
         losses = [f for name, f in last.items() if run.probe(name).kind == "loss"]
-        if losses:
+        whole = run.history() if run.status in ("finished", "interrupted", "failed") else {}
+        if whole:  # written when that run closed: every series, exact
+            seed(self.history, whole, step)
+        elif losses:
             frame = max(losses, key=lambda f: f.step)
             seed_history(self.history, frame, run.probe(frame.probe).config, step)
         for name, frame in last.items():
@@ -666,11 +670,14 @@ class Monitor:
         if self._recorder is not None:
             self._recorder.join()
         self._to_sinks("close")
+        series = None
         try:  # every value read once: a series that went NaN is warned about and summarised
-            self.history.read()
+            series = self.history.read()
         except Exception as err:
             log.warning("Monitor: the history could not be read at close (%s: %s)", type(err).__name__, err)
         if self.writer is not None:
+            if series is not None:
+                self.writer.write_history(series)  # whole: values logged after the last frames too
             self.writer.save_model(self.model)
             for st in self._probes.values():
                 if st.probe.tabular and st.ring.written:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from probescope.history import History, Series, display_name
 from probescope.npz import write_npz
 from probescope.ring import Frame
 
@@ -136,6 +137,20 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
+HISTORY = "history.npz"  # every scalar series of a run, whole, written at close
+
+
+def seed(history: History, series: Mapping[str, Series], step: int) -> None:
+    """Fill ``history`` (empty) with ``series`` (``Run.history()``) up to ``step``."""
+    for name, one in series.items():
+        keep = one.steps <= step
+        target = History.BATCH_LOSS if name == "train_loss" else name
+        for s, e, v in zip(
+            one.steps[keep].tolist(), one.epochs[keep].tolist(), one.values[keep].tolist(), strict=True
+        ):
+            history.append(target, s, e, v)
+
+
 def _write_npz(path: Path, arrays: Mapping[str, np.ndarray], write=write_npz) -> None:
     atomic_write(path, lambda f: write(f, arrays))
 
@@ -169,7 +184,7 @@ class RunWriter:
                 )
             for folder in ("probes", "checkpoints"):
                 shutil.rmtree(self.path / folder, ignore_errors=True)
-            for name in ("run.json", "model.pt", "probes.json", "probes.npz"):
+            for name in ("run.json", "model.pt", "probes.json", "probes.npz", HISTORY):
                 (self.path / name).unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
         self.meta: dict[str, Any] = {
@@ -289,6 +304,17 @@ class RunWriter:
         ok = self._guard(lambda: _write_npz(path, arrays, self.write_arrays))
         self.frames_written += ok
         return ok
+
+    def write_history(self, series: Mapping[str, Series]) -> None:
+        """Store every scalar series of the run, whole, as history.npz (``<name>/steps``,
+        ``<name>/epochs``, ``<name>/values``; the batch losses under ``train_loss``)."""
+        arrays = {}
+        for name, one in series.items():
+            key = display_name(name)
+            arrays[f"{key}/steps"] = np.asarray(one.steps, np.int64)
+            arrays[f"{key}/epochs"] = np.asarray(one.epochs, np.int64)
+            arrays[f"{key}/values"] = np.asarray(one.values, np.float64)
+        self._guard(lambda: _write_npz(self.path / HISTORY, arrays))
 
     def save_model(self, model: torch.nn.Module) -> None:
         """Save the model's state_dict as model.pt."""
@@ -458,6 +484,19 @@ class Run:
         if name not in self.probes:
             raise KeyError(f"no probe {name!r} in {self.path}; it has {sorted(self.probes)}")
         return self.probes[name]
+
+    def history(self) -> dict[str, Series]:
+        """Every scalar series of the run, whole: name -> ``Series(steps, epochs, values)``,
+        the batch losses as ``train_loss`` (history.npz, written when the Monitor closes;
+        empty before). A LossProbe frame holds them as of its step, cut to its
+        ``max_points``."""
+        path = self.path / HISTORY
+        if not path.exists():
+            return {}
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {key: z[key] for key in z.files}
+        names = dict.fromkeys(key.rpartition("/")[0] for key in arrays)
+        return {n: Series(arrays[f"{n}/steps"], arrays[f"{n}/epochs"], arrays[f"{n}/values"]) for n in names}
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """The final weights (model.pt), loaded without unpickling arbitrary objects."""

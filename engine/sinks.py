@@ -234,13 +234,16 @@ class TensorBoardSink(Sink):
 
 def export_tensorboard(run: Run, log_dir: str | os.PathLike, probes=None, progress: bool = True) -> Path:
     """Write a recorded run's frames (``probes``: names, default all) as TensorBoard event
-    files in ``log_dir``, as a live ``TensorBoardSink`` would have (the run's series as its
-    LossProbe frames hold them). Returns ``log_dir``."""
+    files in ``log_dir``, as a live ``TensorBoardSink`` would have: the run's series whole
+    from its history (or as its LossProbe frames hold them, for a run not closed yet), with
+    every probe or a LossProbe among ``probes``. Returns ``log_dir``."""
     from tqdm.auto import tqdm
 
     sink = TensorBoardSink(log_dir)
     names = list(run.probes) if probes is None else list(probes)
     try:
+        if probes is None or any(run.probe(name).kind == "loss" for name in names):
+            sink.scalars(run.history())  # the frames' points of these series are older: skipped
         for name in names:
             record = run.probe(name)
             sink.add_probe(name, record.kind, record.config, record.static)

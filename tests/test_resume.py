@@ -126,10 +126,12 @@ def test_a_killed_run_resumes_from_the_step_of_the_weights_loaded(tmp_path, mlp,
     assert run.probe("grid").steps() == [0, 5, 10, 15, 20]
     assert run.probe("stats").table()["step"].tolist() == [0, 5, 10, 15, 20]
     assert [r["previous_status"] for r in run.meta["resumes"]] == ["stopped", "finished"]
-    # The series as the last LossProbe frame before step 12 held them (step 10), then the new.
+    # The series up to step 12 as the run closed last held them (history.npz: whole, steps 11
+    # and 12 too, which no LossProbe frame before step 12 holds), then the new.
     last = run.probe("loss").frame(-1).data
-    assert last["series/train_loss/steps"].tolist() == [*range(1, 11), *range(13, 21)]
-    np.testing.assert_allclose(last["series/train_loss/values"][10:], losses[12:], rtol=1e-6)
+    assert last["series/train_loss/steps"].tolist() == list(range(1, 21))
+    np.testing.assert_allclose(last["series/train_loss/values"], losses, rtol=1e-6)
+    assert run.history()["train_loss"].steps.tolist() == list(range(1, 21))
     # Checkpoints after step 12 went aside; the best is the best of those the run keeps.
     index = json.loads((run_dir / "checkpoints" / "checkpoints.json").read_text())
     scored = {f.step: float(f.data["value"]) for f in run.probe("checkpoint").frames()}
@@ -183,3 +185,43 @@ def test_a_curve_probe_goes_on_with_its_loss_series(tmp_path):
     totals = frames[-1].data["total_loss_series"]
     assert frames[-1].data["total_loss_steps"].tolist() == [0, 5, 10, 15, 20]
     np.testing.assert_allclose(totals, [float(f.data["total_loss"]) for f in frames])
+
+
+def test_the_whole_history_is_kept_and_a_resumed_run_goes_on_from_it_exactly(tmp_path, mlp, blobs):
+    """A LossProbe frame holds the series cut to ``max_points``; history.npz holds them whole,
+    values logged after the last frame too, and a run resumed after a closed one goes on from
+    it, not from the cut series."""
+    run_dir, losses = tmp_path / "run", []
+    optimizer = torch.optim.SGD(mlp.parameters(), lr=0.1)
+
+    def probes():
+        return [LossProbe(max_points=8, schedule=Schedule.every(10))]
+
+    with Monitor(mlp, probes(), optimizer=optimizer, run_dir=run_dir) as first:
+        _train(first, mlp, blobs, 60, losses, optimizer)
+        first.log(test_accuracy=0.75)  # after the last frame (step 60), at its step
+    run = open_run(run_dir)
+    assert len(run.probe("loss").frame(-1).data["series/train_loss/steps"]) < 60  # cut
+    history = run.history()
+    assert history["train_loss"].steps.tolist() == list(range(1, 61))
+    np.testing.assert_allclose(history["train_loss"].values, losses, rtol=1e-6)
+    assert history["train_loss"].epochs.tolist() == [(s - 1) // 10 for s in range(1, 61)]
+    assert history["test_accuracy"].steps.tolist() == [60] and history["test_accuracy"].values[0] == 0.75
+    assert history["lr"].steps.tolist() == list(range(1, 61)) and np.all(history["lr"].values == 0.1)
+
+    with Monitor(mlp, probes(), optimizer=optimizer, run_dir=run_dir, resume=True) as second:
+        _train(second, mlp, blobs, 5, losses, optimizer)
+    history = open_run(run_dir).history()
+    assert history["train_loss"].steps.tolist() == list(range(1, 66))
+    np.testing.assert_allclose(history["train_loss"].values, losses, rtol=1e-6)
+    assert history["test_accuracy"].steps.tolist() == [60]
+
+
+def test_a_run_without_a_loss_probe_keeps_its_history_too(tmp_path, mlp, blobs):
+    with Monitor(mlp, [GridProbe(blobs.x_train, blobs.y_train, resolution=8)], run_dir=tmp_path / "run") as m:
+        for step in range(1, 4):
+            m.step(loss=torch.tensor(float(step)), grad_norm=2.0 * step)
+    history = open_run(tmp_path / "run").history()
+    assert sorted(history) == ["grad_norm", "train_loss"]
+    assert history["train_loss"].values.tolist() == [1.0, 2.0, 3.0]
+    assert history["grad_norm"].steps.tolist() == [1, 2, 3]
