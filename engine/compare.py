@@ -7,7 +7,8 @@ size, steps and epochs, the step of its newest frame, how many times it was resu
 (``Monitor(resume=...)``: a preempted job), the monitored wall time, a digest of
 its probe spec (equal digests: the runs were probed the same way), the first series to go NaN
 or infinite and where (``nonfinite``: a run that diverged), the last value of every loss and
-metric series (LossProbe, or StatsProbe's table), each PredictionProbe's last accuracy (or MSE
+metric series (the run's history once it is closed, with or without a LossProbe; before,
+LossProbe's last frame or StatsProbe's table), each PredictionProbe's last accuracy (or MSE
 and R²), each CurveProbe's last sample loss, each CheckpointProbe's best value, and each
 probe's frames, milliseconds per frame and failures. ``probescope compare RUN [RUN ...]``
 prints it and writes it as CSV, JSON or Markdown.
@@ -83,6 +84,9 @@ def run_row(run: Run) -> dict[str, Any]:
             for key in SCALARS[record.kind]:
                 if key in data:
                     row[f"{name}/{key}"] = float(data[key])
+    for series_name, series in run.history().items():  # whole, at close: newer than any frame
+        if series_name != "lr" and len(series.values):
+            metrics[series_name] = float(series.values[-1])
     return {**row, **{k: metrics[k] for k in sorted(metrics)}, **costs}
 
 

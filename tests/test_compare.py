@@ -60,6 +60,9 @@ def test_one_row_per_run_with_its_last_metrics_and_probe_costs(runs):
     curve = open_run(runs[2]).probe("curve").frame(-1).data
     assert table.loc[str(runs[2]), "curve/total_loss"] == pytest.approx(float(curve["total_loss"]))
     assert np.isnan(table.loc[str(runs[2]), "prediction/accuracy"])  # it has no prediction probe
+    # Nor a LossProbe: its losses come from the run's history, written when it closed.
+    losses = open_run(runs[2]).history()["train_loss"]
+    assert len(losses.values) == 8 and table.loc[str(runs[2]), "train_loss"] == losses.values[-1]
     stats = open_run(runs[3]).probe("stats").table()
     assert table.loc[str(runs[3]), "valid_accuracy"] == pytest.approx(stats["loss/valid_accuracy"].iloc[-1])
 
