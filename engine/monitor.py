@@ -259,6 +259,7 @@ class Monitor:
                     p.valid.graphs = ForwardGraphs(f"{p.name} (valid set)")
         if not self.probing:
             probes, callbacks, run_dir, viewer = [], [], None, False
+        optimizer = torch_optimizer(optimizer)
         self.model, self.optimizer = model, optimizer
         self.history = History(on_nonfinite=_warn_nonfinite)
         device, _ = model_device_dtype(model)
@@ -1236,6 +1237,20 @@ def _plan(st: _ProbeState, step: int) -> None:
     """The next step after ``step`` at which ``st``'s schedule is asked."""
     first = next_due(st.probe.schedule, step)
     st.next_due = math.inf if first is None else first
+
+
+def torch_optimizer(optimizer):
+    """The torch optimizer a framework's wrapper holds (accelerate's ``AcceleratedOptimizer``,
+    which Hugging Face's Trainer hands its callbacks), or ``optimizer`` itself. Such a wrapper
+    subclasses ``torch.optim.Optimizer`` without running its ``__init__``: a step hook
+    registered on it fails, and its ``step`` would not call one; the one it holds steps."""
+    while (
+        isinstance(optimizer, torch.optim.Optimizer)
+        and not hasattr(optimizer, "_optimizer_step_pre_hooks")
+        and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer)
+    ):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def _learning_rate(optimizer):

@@ -801,3 +801,38 @@ def test_values_given_with_a_step_are_recorded_at_it_before_its_frames():
     assert history["after"].steps.tolist() == [4]
     monitor.step(grad_norm=1.0)  # after close: ignored, as log() is
     assert monitor.history.read()["grad_norm"].steps.tolist() == [1, 2, 3, 4]
+
+
+class WrappedOptimizer(torch.optim.Optimizer):
+    """As accelerate's AcceleratedOptimizer: a torch Optimizer by class, never initialised as
+    one, stepping the optimizer it holds."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+
+def test_the_monitor_takes_the_torch_optimizer_a_wrapper_holds():
+    model = nn.Linear(2, 2)
+    inner = torch.optim.SGD(model.parameters(), lr=0.25)
+    wrapper = WrappedOptimizer(inner)
+    with pytest.raises(AttributeError):  # what a step hook on the wrapper itself does
+        wrapper.register_step_pre_hook(lambda *_: None)
+    monitor = Monitor(model, [], optimizer=wrapper)
+    assert monitor.optimizer is inner
+    calls = []
+    monitor.optimizer.register_step_pre_hook(lambda *_: calls.append(1))  # as the CUDA path does
+    model(torch.ones(1, 2)).sum().backward()
+    wrapper.step()
+    assert calls == [1]
+    with monitor:
+        monitor.step()
+    assert monitor.history.read()["lr"].values.tolist() == [0.25]
+    plain = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert Monitor(model, [], optimizer=plain).optimizer is plain

@@ -140,6 +140,9 @@ def test_training_is_monitored_step_by_step_with_the_trainers_losses_and_metrics
 
     monitor = callback.monitor
     assert monitor.model is model and monitor.step_count == trainer.state.global_step == 12
+    # The Trainer hands callbacks accelerate's wrapper: the Monitor hooks the optimizer inside.
+    assert type(trainer.optimizer).__name__ == "AcceleratedOptimizer"
+    assert monitor.optimizer is trainer.optimizer.optimizer
     for name, counters in monitor.summary()["probes"].items():
         assert counters["failed"] == 0 and counters["frames"] >= 2, (name, counters)
     run = ps.open_run(tmp_path / "run")
