@@ -25,8 +25,11 @@ frozen parameters, which the optimizer never changes (a fine-tune's frozen backb
 model's base weights: exact, unless something else writes them in place, as an EMA teacher's
 update does). A copy of the whole model whose frozen parameters are most of it and more than
 ``FROZEN_HINT_BYTES`` gets one warning that says so. ``host=True``
-keeps the shadow in host memory (pinned when CUDA is present; the copy is non-blocking on
-the probe stream and the probe waits for its event), and probes evaluate it on the CPU.
+keeps the shadow in host memory (pinned when CUDA is present, made there; the copy is
+non-blocking on the probe stream and the probe waits for its event), and probes evaluate it
+on the CPU. Copies on a CUDA device may take half of its free memory; past that the pool
+keeps one, else goes to the host, and copies that run out of memory as they are made go to
+the host (a part of a model: ``sync``), each with one warning (``plan_copies``).
 ``nbytes`` is what the snapshot holds.
 
 A ``copy`` shadow runs without the model's forward and backward hooks, except torch's own that
@@ -46,7 +49,7 @@ import copy
 import fnmatch
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -117,20 +120,64 @@ class SnapshotPool:
             shared = {id(t): t for _, t in named if id(t) not in copied}
             if not hooks:
                 self.dropped_hooks = observer_hooks(model)
-            for _ in range(size):
-                shadow, twin = shadow_copy(model, shared, hooks=hooks)
-                shadow.eval()
-                own = [twin[id(t)] for t in self._live_tensors]
-                for t in own:
-                    t.requires_grad_(False)
-                if host:
-                    _to_host(own)
-                self._shadow_tensors[id(shadow)] = own
-                if grads:
-                    self._shadow_grads[id(shadow)] = [
-                        (twin[id(p)], _grad_buffer(p, host)) for p in self._live_params
-                    ]
-                self._free.append(shadow)
+            self._make_copies(model, shared, hooks, whole=not shared)
+
+    def _make_copies(
+        self, model: nn.Module, shared: dict[int, torch.Tensor], hooks: bool, whole: bool
+    ) -> None:
+        """The shadows, as many as fit: on a CUDA device whose free memory they would take more
+        than half of (training still allocates: optimizer state at its first step, activations),
+        one copy, else the host (a whole copy), else no copy at all (``sync``), each with one
+        warning; a copy that runs out of device memory as it is made goes the same way."""
+        per_copy = sum(t.numel() * t.element_size() for t in self._live_tensors)
+        per_copy += sum(p.numel() * p.element_size() for p in self._live_params)
+        device = self._params[0][1] if self._params else torch.device("cpu")
+        size, host = self.size, self.host
+        if not host:
+            size, host, why = plan_copies(per_copy, size, device_free_memory(device), whole)
+            if why:
+                log.warning("snapshot: %s", why)
+        while True:
+            try:
+                for _ in range(size):
+                    self._add_shadow(model, shared, hooks, host)
+                break
+            except torch.OutOfMemoryError as err:
+                self._free, self._shadow_tensors, self._shadow_grads = [], {}, {}
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if host or not whole:
+                    log.warning(
+                        "snapshot: its copies do not fit in memory (%s); probes run between steps "
+                        "instead (snapshot='sync')",
+                        str(err).splitlines()[0],
+                    )
+                    self.strategy, size = "sync", 0
+                    break
+                log.warning(
+                    "snapshot: its copies do not fit in %s's memory (%s); they are kept in host "
+                    "memory instead (snapshot_host=True) and probes evaluate them on the CPU",
+                    device,
+                    str(err).splitlines()[0],
+                )
+                host = True
+        self.size, self.host = (size if self.strategy == "copy" else 1), host
+        if self.strategy == "sync":
+            self._live_tensors, self._live_params = [], []
+
+    def _add_shadow(self, model: nn.Module, shared: dict[int, torch.Tensor], hooks: bool, host: bool) -> None:
+        place = _host_place if host else None  # a host copy never passes through the device
+        shadow, twin = shadow_copy(model, shared, hooks=hooks, place=place)
+        shadow.eval()
+        own = [twin[id(t)] for t in self._live_tensors]
+        for t in own:
+            t.requires_grad_(False)
+        if host:
+            _to_host(own)  # (a Keras model's clone: made on its device)
+        self._shadow_tensors[id(shadow)] = own
+        if self._live_params:
+            self._shadow_grads[id(shadow)] = [(twin[id(p)], _grad_buffer(p, host)) for p in self._live_params]
+        self._free.append(shadow)
 
     def model_change(self) -> str | None:
         """What has changed in the live model since the snapshot was set up (None: nothing
@@ -240,13 +287,48 @@ class SnapshotPool:
                 self._free.append(shadow)
 
 
+def plan_copies(per_copy: int, size: int, free: int | None, whole: bool) -> tuple[int, bool, str | None]:
+    """How to hold ``size`` copies of ``per_copy`` bytes on a device with ``free`` bytes free
+    (None: not a CUDA device, no limit known): ``(copies, on the host, why)``. The copies may
+    take half of the free memory; past that, one copy, else the host (a whole copy only: a
+    part shares the rest with the model on its device)."""
+    if free is None or size * per_copy <= free // 2:
+        return size, False, None
+    need = f"{size} copies of {_bytes(per_copy)} would take over half of the device's {_bytes(free)} free"
+    if per_copy <= free // 2:
+        return 1, False, f"{need}; it keeps one (a frame is skipped while the one before still runs)"
+    if whole:
+        where = "they are kept in host memory (snapshot_host=True), probes evaluate them on the CPU"
+        return size, True, f"{need}; {where}"
+    return 1, False, f"{need}, and it copies part of the model; it keeps one, which may not fit"
+
+
+def device_free_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA device (None for any other)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def _host_place(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised host tensor like ``t``, pinned when CUDA is present."""
+    return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+
+
 def shadow_copy(
-    model: nn.Module, shared: dict[int, torch.Tensor], hooks: bool = False
+    model: nn.Module,
+    shared: dict[int, torch.Tensor],
+    hooks: bool = False,
+    place: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[nn.Module, dict[int, torch.Tensor]]:
     """A copy of ``model`` that shares the tensors in ``shared`` (by id) and owns the rest, and
     for each state tensor of ``model`` its counterpart in the copy (by the original's id).
     Unless ``hooks``, the copy keeps only the hooks that compute its forward (``observer_hooks``
     names the others); they are left out before copying, so nothing they hold is copied.
+
+    ``place``: where each state tensor the copy owns is made, uninitialised, instead of a copy
+    on the model's device (a host snapshot; the pool fills it before every frame).
 
     Counterparts come from ``copy.deepcopy``'s memo, so they hold whatever the copy renames
     or reorders. A Keras model (Keras 3 on its torch backend) copies through its saving format
@@ -261,6 +343,14 @@ def shadow_copy(
 
         return clone_for_probes(model)
     memo: dict[int, object] = {**shared, **_copy_memo(model, hooks)}
+    if place is not None:
+        for _, t in _named_state_tensors(model):
+            if id(t) in memo:
+                continue
+            if type(t) is nn.Parameter:
+                memo[id(t)] = nn.Parameter(place(t), requires_grad=t.requires_grad)
+            elif type(t) is torch.Tensor:
+                memo[id(t)] = place(t)
     try:
         shadow = copy.deepcopy(model, memo)
     except Exception as err:  # an attribute that cannot be copied: a lock, a file, a connection
@@ -441,7 +531,10 @@ def _grad_buffer(param: torch.Tensor, host: bool) -> torch.Tensor:
 
 
 def _to_host(tensors: list[torch.Tensor]) -> None:
-    """Move a shadow's own tensors to host memory, pinned when CUDA is present."""
+    """Move a shadow's own tensors to host memory, pinned when CUDA is present (those there
+    already stay as they are)."""
     pin = torch.cuda.is_available()
     for t in tensors:
+        if t.device.type == "cpu" and (t.is_pinned() or not pin):
+            continue
         t.data = t.data.to("cpu").pin_memory() if pin else t.data.to("cpu")

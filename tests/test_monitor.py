@@ -836,3 +836,96 @@ def test_the_monitor_takes_the_torch_optimizer_a_wrapper_holds():
     assert monitor.history.read()["lr"].values.tolist() == [0.25]
     plain = torch.optim.SGD(model.parameters(), lr=0.1)
     assert Monitor(model, [], optimizer=plain).optimizer is plain
+
+
+def test_copies_are_planned_against_the_devices_free_memory():
+    from probescope.snapshot import plan_copies
+
+    mib = 2**20
+    assert plan_copies(100 * mib, 2, None, whole=True) == (2, False, None)  # not a CUDA device
+    assert plan_copies(100 * mib, 2, 400 * mib, whole=True) == (2, False, None)  # half the free
+    size, host, why = plan_copies(100 * mib, 2, 399 * mib, whole=True)
+    assert (size, host) == (1, False)
+    assert why == (
+        "2 copies of 100.0 MiB would take over half of the device's 399.0 MiB free; it keeps one "
+        "(a frame is skipped while the one before still runs)"
+    )
+    size, host, why = plan_copies(100 * mib, 2, 150 * mib, whole=True)
+    assert (size, host) == (2, True) and "kept in host memory (snapshot_host=True)" in why
+    size, host, why = plan_copies(100 * mib, 2, 150 * mib, whole=False)  # a part: not on the host
+    assert (size, host) == (1, False) and why.endswith("it keeps one, which may not fit")
+
+
+def _frames_of_steps(monitor, model, steps=6):
+    """Train-free steps whose weights are the step number; the frames read back."""
+    probe = next(iter(monitor.probes.values()))
+    monitor.start()
+    _steps_set_to_their_number(monitor, model, steps)
+    monitor.close()
+    return [f for f in monitor.ring(probe.name).read_since(-1) if f.step > 0]
+
+
+@pytest.mark.parametrize(
+    ("free_copies", "size", "host"), [(3, 1, False), (1, 2, True)], ids=["one copy", "host"]
+)
+def test_copies_that_would_crowd_the_device_are_fewer_or_on_the_host(
+    monkeypatch, caplog, free_copies, size, host
+):
+    from probescope import snapshot
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+    per_copy = sum(p.numel() * p.element_size() for p in model.parameters())
+    monkeypatch.setattr(snapshot, "device_free_memory", lambda device: free_copies * per_copy)
+    with caplog.at_level(logging.WARNING, logger="probescope"):
+        monitor = Monitor(model, [StepReader(schedule=Schedule.every(1))], ring_capacity=64)
+    assert (monitor._pool.size, monitor._pool.host, len(monitor._pool._free)) == (size, host, size)
+    assert monitor.snapshot_detail["host"] is host
+    assert sum("would take over half of the device's" in r.getMessage() for r in caplog.records) == 1
+    frames = _frames_of_steps(monitor, model)
+    assert frames and all(np.all(f.data["values"] == f.step) for f in frames)
+
+
+def test_copies_that_run_out_of_memory_go_to_the_host_or_to_sync(monkeypatch, caplog):
+    from probescope import snapshot
+
+    made = []
+
+    def device_copy_fails(model, shared, hooks=False, place=None):
+        if place is None and not made:
+            made.append("failed")
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return copy_shadow(model, shared, hooks=hooks, place=place)
+
+    copy_shadow = snapshot.shadow_copy
+    monkeypatch.setattr(snapshot, "shadow_copy", device_copy_fails)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+    with caplog.at_level(logging.WARNING, logger="probescope"):
+        monitor = Monitor(model, [StepReader(schedule=Schedule.every(1))], ring_capacity=64)
+    assert monitor._pool.host and monitor._pool.strategy == "copy" and len(monitor._pool._free) == 2
+    assert (
+        "its copies do not fit in cpu's memory (CUDA out of memory. Tried to allocate 2.00 GiB)"
+        in caplog.text
+    )
+    frames = _frames_of_steps(monitor, model)
+    assert frames and all(np.all(f.data["values"] == f.step) for f in frames)
+
+    made.clear()  # a copy of part of the model cannot go to the host: probes run between steps
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="probescope"):
+        monitor = Monitor(model, [StepReader(schedule=Schedule.every(1))], snapshot_params=["1.*"])
+    assert monitor._pool.strategy == "sync" and monitor._pool.inline and monitor.snapshot_bytes == 0
+    assert "probes run between steps instead (snapshot='sync')" in caplog.text
+    frames = _frames_of_steps(monitor, model)
+    assert frames and all(np.all(f.data["values"] == f.step) for f in frames)
+
+
+def test_a_host_snapshot_is_made_on_the_host_not_through_the_models_device():
+    from probescope.snapshot import SnapshotPool
+
+    with torch.device("meta"):  # no data on the model's device to copy: the copies cannot come from it
+        model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    pool = SnapshotPool(model, host=True)
+    for shadow in pool._free:
+        tensors = [*shadow.parameters(), *shadow.buffers()]
+        assert tensors and all(t.device.type == "cpu" for t in tensors)
+        assert [t.shape for t in tensors] == [t.shape for t in [*model.parameters(), *model.buffers()]]
