@@ -249,3 +249,46 @@ def test_the_callback_pickles_after_a_fit_without_its_monitor(tmp_path, blobs):
     assert copy.monitor is None and copy._step_hooks == [] and copy.fits == 1
     assert copy.monitor_kwargs == {"run_dir": tmp_path / "r"} and type(copy.probes[0]).__name__ == "GridProbe"
     assert callback.monitor is not None
+
+
+def test_a_steps_frames_see_the_validation_that_ran_after_it(tmp_path, blobs, caplog):
+    """Validated every 5 batches (val_check_interval) and at each epoch's end: the frames of a
+    validated step are taken after its validation, so CheckpointProbe scores every one of them
+    and a LossProbe frame of that step holds its metrics."""
+    import json
+
+    x, y = blobs.x_train, blobs.y_train
+    callback = ProbescopeCallback(
+        [ps.CheckpointProbe(schedule=ps.Schedule.every(5)), ps.LossProbe(schedule=ps.Schedule.every(5))],
+        run_dir=tmp_path / "run",
+        snapshot="sync",
+    )
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:320], y[:320]), batch_size=32)
+    valid = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:96], y[:96]), batch_size=48)
+    trainer = L.Trainer(
+        max_epochs=2,
+        val_check_interval=5,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with caplog.at_level(logging.WARNING, logger="probescope"):
+        trainer.fit(Blobs(), loader, valid)
+    assert not [r for r in caplog.records if "was logged" in r.getMessage()]
+    run = ps.open_run(tmp_path / "run")
+    loss = run.probe("loss")
+    for frame in loss.frames():
+        if frame.step:  # each frame of a validated step holds that step's validation
+            assert frame.data["series/valid_loss/steps"][-1] == frame.step
+    validated = loss.frame(-1).data
+    steps, values = validated["series/valid_loss/steps"].tolist(), validated["series/valid_loss/values"]
+    assert steps == [5, 10, 15, 20]
+    scored = {f.step: float(f.data["value"]) for f in run.probe("checkpoint").frames() if f.step}
+    assert scored == pytest.approx(dict(zip(steps, values.tolist(), strict=True)))
+    index = json.loads((tmp_path / "run" / "checkpoints" / "checkpoints.json").read_text())
+    assert index["best"]["step"] == steps[int(np.argmin(values))]

@@ -16,7 +16,10 @@ with the same callback records into ``RUN_DIR-fit2``, ``-fit3``, ... (with ``res
 every fit goes on in the same run).
 
 The metrics logged during validation (``self.log`` in ``validation_step``) are recorded at
-the end of each validation run, so LossProbe draws them beside the training loss.
+the end of each validation run, so LossProbe draws them beside the training loss. A step's
+frames are taken when the next batch starts, or, when a validation runs right after the step
+(at the end of an epoch, or every ``val_check_interval`` batches), once it has ended: they see
+the metrics of their step (CheckpointProbe keeps the best by them).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class ProbescopeCallback(L.Callback):
         self._before_validation: dict[str, Any] = {}
         self._deferred: dict[str, Any] | None = None  # a fit's Monitor arguments, until its step is known
         self._step_hooks: list = []  # manual optimization: a post-hook on each optimizer
+        self._pending = False  # an optimizer step whose Monitor step waits (see on_train_batch_end)
 
     def __getstate__(self) -> dict[str, Any]:
         """Without the Monitor of the last fit and its hooks (threads, locks: they belong to
@@ -80,7 +84,7 @@ class ProbescopeCallback(L.Callback):
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule, kwargs: dict[str, Any]) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self.monitor = Monitor(pl_module, self.probes, optimizer=optimizer, **kwargs)
-        self._optimizer_steps = trainer.global_step
+        self._optimizer_steps, self._pending = trainer.global_step, False
         self.monitor.start()
         if not pl_module.automatic_optimization:
             # The module steps its optimizers itself, any number of times a batch (Lightning
@@ -99,8 +103,21 @@ class ProbescopeCallback(L.Callback):
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             self.monitor.after_loss(loss=loss.detach())
         if not self._step_hooks and trainer.global_step > self._optimizer_steps:  # a step has just run
+            # Taken when the next batch starts, or once a validation that runs after this
+            # batch has ended (its frames then see the metrics of their step: CheckpointProbe
+            # keeps the best by them). The weights do not change in between.
             self._optimizer_steps = trainer.global_step
-            self.monitor.after_step()
+            self._pending = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._take_step()
+
+    def _take_step(self, **values) -> None:
+        if self._pending:
+            self._pending = False
+            self.monitor.step(**values)
+        elif values:
+            self.monitor.after_validate(**values)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._before_validation = dict(trainer.callback_metrics)
@@ -114,10 +131,10 @@ class ProbescopeCallback(L.Callback):
             for name, value in trainer.callback_metrics.items()
             if before.get(name) is not value and is_scalar(value)
         }
-        if logged:
-            self.monitor.after_validate(**logged)
+        self._take_step(**logged)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._take_step()
         self.monitor.end_epoch()
 
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -127,6 +144,8 @@ class ProbescopeCallback(L.Callback):
         self._close(exception)
 
     def _close(self, error: BaseException | None = None) -> None:
+        if self.monitor is not None:
+            self._take_step()  # the last step, when nothing came after it
         for hook in self._step_hooks:
             hook.remove()
         self._step_hooks = []
