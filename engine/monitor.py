@@ -286,6 +286,15 @@ class Monitor:
                 ", ".join(self._pool.dropped_hooks),
             )
         self._clock = StepClock(device) if self._streams is not None else None
+        # The learning rate of each step, read as the optimizer steps: a scheduler may change it
+        # before the Monitor's step is taken (a loop's scheduler.step() before monitor.step(),
+        # a framework's per-batch scheduler before a deferred step).
+        self._step_lr = None
+        self._lr_hook = (
+            optimizer.register_step_pre_hook(self._note_lr)
+            if self.probing and hasattr(optimizer, "_optimizer_step_pre_hooks")
+            else None
+        )
         self._optimizer_hook = None
         if self._streams is not None and not self._pool._wait_now:
             self._optimizer_hook = optimizer.register_step_pre_hook(
@@ -659,6 +668,8 @@ class Monitor:
             self._probe_now(final, inline=True, epoch=self._last_step_epoch)
         self._fire("after_fit")
         self._worker.close(timeout=1.0)
+        if self._lr_hook is not None:
+            self._lr_hook.remove()
         if self._optimizer_hook is not None:
             self._optimizer_hook.remove()
             self._streams.before_weights_change()
@@ -778,7 +789,7 @@ class Monitor:
             self._time_step(t_enter)
         step = self._step = self._step + 1
         epoch = self._last_step_epoch = self._epoch
-        lr = _learning_rate(self.optimizer)
+        lr = self._step_lr if self._lr_hook is not None else _learning_rate(self.optimizer)
         if lr is not None:
             self.history.append("lr", step, epoch, lr)
         if self._step_handlers:
@@ -893,6 +904,9 @@ class Monitor:
                 "to probe more training",
                 call,
             )
+
+    def _note_lr(self, optimizer, args, kwargs) -> None:
+        self._step_lr = _step_learning_rate(optimizer)
 
     def _record_loss(self, loss) -> None:
         if self.probing and not self._closed:
@@ -1251,6 +1265,12 @@ def torch_optimizer(optimizer):
     ):
         optimizer = optimizer.optimizer
     return optimizer
+
+
+def _step_learning_rate(optimizer):
+    """The learning rate a step is about to use (a tensor one copied: schedulers write it in place)."""
+    lr = _learning_rate(optimizer)
+    return lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
 
 
 def _learning_rate(optimizer):

@@ -293,3 +293,31 @@ def test_batch_losses_reach_the_monitor_as_plain_tensors(monkeypatch):
     assert seen.loss_types == {TensorBase}  # what fastai computed
     assert len(given) == 10 and all(type(t) is torch.Tensor and not t.requires_grad for t in given)
     assert [t.item() for t in given] == pytest.approx(seen.losses, rel=1e-6)
+
+
+def test_an_epochs_last_step_is_taken_after_its_validation(tmp_path, caplog):
+    """A CheckpointProbe on steps that end epochs (10 steps an epoch): each frame is taken
+    after the epoch's validation and scored by its valid_loss, with no warning."""
+    import json
+
+    from probescope import CheckpointProbe, Schedule
+
+    dls = blobs_dls()
+    callback = ProbescopeCallback(
+        [CheckpointProbe(schedule=Schedule.every(10)), LossProbe(schedule=Schedule.every(10))],
+        run_dir=tmp_path / "run",
+        snapshot="sync",
+    )
+    learn = learner(dls, mlp(), metrics=[accuracy])
+    with caplog.at_level(logging.WARNING, logger="probescope"):
+        learn.fit(3, 1e-2, cbs=[callback])
+    assert not [r for r in caplog.records if "was logged" in r.getMessage()]
+    run = open_run(tmp_path / "run")
+    valid = [row[1] for row in learn.recorder.values]  # per epoch: train_loss, valid_loss, accuracy
+    scored = {f.step: float(f.data["value"]) for f in run.probe("checkpoint").frames() if f.step}
+    assert scored == pytest.approx({10: valid[0], 20: valid[1], 30: valid[2]})
+    for frame in run.probe("loss").frames():
+        if frame.step:
+            assert frame.data["series/valid_loss/steps"][-1] == frame.step
+    index = json.loads((tmp_path / "run" / "checkpoints" / "checkpoints.json").read_text())
+    assert index["best"]["step"] == 10 * (1 + int(np.argmin(valid)))

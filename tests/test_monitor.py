@@ -929,3 +929,34 @@ def test_a_host_snapshot_is_made_on_the_host_not_through_the_models_device():
         tensors = [*shadow.parameters(), *shadow.buffers()]
         assert tensors and all(t.device.type == "cpu" for t in tensors)
         assert [t.shape for t in tensors] == [t.shape for t in [*model.parameters(), *model.buffers()]]
+
+
+def test_the_learning_rate_of_a_step_is_the_one_it_used():
+    """Read as the optimizer steps: a scheduler stepped before the Monitor's step does not
+    shift the series (the lr recorded at step s is the one step s used)."""
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    used = []
+    with Monitor(model, [], optimizer=optimizer) as monitor:
+        for _ in range(4):
+            model(torch.ones(3, 2)).sum().backward()
+            used.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+            monitor.step()
+    lr = monitor.history.read()["lr"]
+    assert lr.steps.tolist() == [1, 2, 3, 4] and lr.values.tolist() == used == [1.0, 0.5, 0.25, 0.125]
+    assert not optimizer._optimizer_step_pre_hooks  # the Monitor's hook goes with it
+
+
+def test_a_tensor_learning_rate_is_copied_as_the_step_uses_it():
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=torch.tensor(1.0))
+    with Monitor(model, [], optimizer=optimizer) as monitor:
+        for _ in range(3):
+            model(torch.ones(3, 2)).sum().backward()
+            optimizer.step()
+            optimizer.param_groups[0]["lr"].mul_(0.5)  # a scheduler writing it in place
+            monitor.step()
+    assert monitor.history.read()["lr"].values.tolist() == [1.0, 0.5, 0.25]

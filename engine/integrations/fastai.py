@@ -66,6 +66,7 @@ class ProbescopeCallback(Callback):
         self.fits = 0
         self._live: Monitor | None = None  # the Monitor events go to (none during lr_find)
         self._starting = False  # a fit began; its Monitor starts when it first trains
+        self._pending = False  # an optimizer step whose Monitor step waits (see after_step)
 
     def __getstate__(self) -> dict[str, Any]:
         """Without the Monitor of the last fit (threads, locks, open files: it belongs to this
@@ -98,6 +99,7 @@ class ProbescopeCallback(Callback):
         probes = self.probes if self.probes is not None else default_probes(self.learn)
         optimizer = getattr(self.learn.opt, "opt", self.learn.opt)  # OptimWrapper: the torch one
         self.monitor = self._live = Monitor(self.learn.model, probes, optimizer=optimizer, **kwargs)
+        self._pending = False
         self.monitor.start()
 
     def after_loss(self) -> None:
@@ -110,15 +112,26 @@ class ProbescopeCallback(Callback):
                 self._live.after_loss(loss=loss.detach())
 
     def after_step(self) -> None:
-        if self._live is not None:
+        if self._live is None:
+            return
+        if self.learn.iter < self.learn.n_iter - 1:
             self._live.after_step()
+        else:  # the epoch's last step: taken after its validation, so that its frames see the
+            self._pending = True  # epoch's values (CheckpointProbe keeps the best by them)
+
+    def _take_step(self, **values) -> None:
+        if self._live is None:
+            return
+        if self._pending:
+            self._pending = False
+            self._live.step(**values)
+        elif values:
+            self._live.after_validate(**values)
 
     def after_epoch(self) -> None:
         if self._live is None:
             return
-        values = epoch_values(self.learn)
-        if values:
-            self._live.after_validate(**values)
+        self._take_step(**epoch_values(self.learn))
         self._live.end_epoch()
 
     def after_fit(self) -> None:
@@ -127,6 +140,7 @@ class ProbescopeCallback(Callback):
     def close(self, error: BaseException | None = None) -> None:
         """Close the Monitor of the last fit (a no-op when it is closed already); ``error``:
         what ended the fit early (see ``Monitor.close``)."""
+        self._take_step()  # a step whose epoch did not end (a fit that raised)
         if self.monitor is not None:
             self.monitor.close(error)
 
