@@ -142,7 +142,7 @@ class SnapshotPool:
                 for _ in range(size):
                     self._add_shadow(model, shared, hooks, host)
                 break
-            except torch.OutOfMemoryError as err:
+            except torch.cuda.OutOfMemoryError as err:
                 self._free, self._shadow_tensors, self._shadow_grads = [], {}, {}
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

@@ -893,7 +893,7 @@ def test_copies_that_run_out_of_memory_go_to_the_host_or_to_sync(monkeypatch, ca
     def device_copy_fails(model, shared, hooks=False, place=None):
         if place is None and not made:
             made.append("failed")
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return copy_shadow(model, shared, hooks=hooks, place=place)
 
     copy_shadow = snapshot.shadow_copy
