@@ -273,10 +273,11 @@ def test_the_same_frames_draw_the_same_pixels_on_every_canvas(recorded):
         viewer = Viewer(RunSource(recorded), offscreen=True)
         assert viewer.refresh()
         images.append(viewer.render())
-        for panel in viewer.panels.values():  # legend entries start at the top of the view
+        for name, panel in viewer.panels.items():  # legend entries start at the top of the view
             if panel.legend is not None:
                 tops = panel.legend.positions()[:, 1]
-                assert len(tops) == 7 and tops[0] == panel.view.pos[1] + 0.5 * panel.legend.ROW
+                entries = 2 if name == "loss" else 7  # train_loss and its epoch means; 7 classes
+                assert len(tops) == entries and tops[0] == panel.view.pos[1] + 0.5 * panel.legend.ROW
                 assert np.allclose(np.diff(tops), panel.legend.ROW)
         viewer.close()
     for image in images[1:]:
@@ -970,3 +971,33 @@ def test_frames_reach_a_render_process_whole_with_their_arrays_out_of_band():
         for key, value in frame.data.items():
             np.testing.assert_array_equal(received[name].data[key], value)
             assert received[name].data[key].dtype == value.dtype
+
+
+def test_loss_panel_legend_names_each_series_in_its_colour_as_it_appears():
+    steps = np.arange(1, 41, dtype=np.float64)
+    source = FrameSource(PanelSpec("loss", "loss", {}, {}))
+    source.show("loss", {"series/train_loss/steps": steps, "series/train_loss/values": 1.0 / steps}, 40)
+    viewer = Viewer(source, offscreen=True, size=(640, 480))
+    viewer.refresh()
+    panel = viewer.panels["loss"]
+    orange = np.array(panel.COLOURS["valid_loss"][:3]) * 255
+
+    def legend_has(image, colour):
+        """Whether text of ``colour`` is drawn right of the plot, where the legend is."""
+        right, top = (int(v) for v in panel.data_to_canvas(steps[-1], 0.0))
+        area = image[: top + 200, right + 20 : right + 120, :3].astype(float)
+        return bool((np.abs(area - colour).max(-1) < 60).any())
+
+    image = viewer.render()
+    assert list(panel.legend.text.text) == ["train_loss"] and not legend_has(image, orange)
+    valid = {"series/valid_loss/steps": np.array([20.0, 40.0]), "series/valid_loss/values": [0.5, 0.3]}
+    source.show(
+        "loss", {"series/train_loss/steps": steps, "series/train_loss/values": 1.0 / steps} | valid, 40
+    )
+    viewer.refresh()
+    image = viewer.render()
+    assert list(panel.legend.text.text) == ["train_loss", "valid_loss"]
+    np.testing.assert_allclose(panel.legend.text.color.rgba[1], panel.COLOURS["valid_loss"])
+    assert legend_has(image, orange)
+    assert "valid_loss" not in panel.caption.text  # named by the legend, not the caption
+    viewer.close()

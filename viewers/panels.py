@@ -103,6 +103,13 @@ class Legend:
         """Where each entry's text is anchored, (entries, 2) in the panel grid's pixels."""
         return np.asarray(self.text.pos)[:, :2]
 
+    def set_entries(self, entries: list[tuple[str, tuple]]) -> None:
+        """Other names and colours (a panel whose series appear as training goes on)."""
+        self.text.text = [text for text, _ in entries]
+        self.text.color = np.array([c for _, c in entries], np.float32)
+        self.rows = len(entries)
+        self.place()
+
 
 class Panel:
     """Caption, a pan-and-zoom view with ticked axes, and an optional legend column."""
@@ -568,10 +575,12 @@ class LossPanel(SeriesPanel):
                                  "valid_loss": (1.0, 0.5, 0.05, 1.0)}  # fmt: skip
 
     def __init__(self, parent_grid, spec: PanelSpec, row: int, col: int, log_y: bool = True):
-        super().__init__(parent_grid, spec, row, col, log_y=log_y)
+        # The legend names the series in their colours as they appear (none before a frame).
+        super().__init__(parent_grid, spec, row, col, log_y=log_y, legend=[("", (0.0, 0.0, 0.0, 0.0))])
         self.diverged: scene.visuals.InfiniteLine | None = None  # at the first NaN or infinity
         self.names: list[str] = []  # the frame's series and its first NaN or infinity, for the caption
         self.divergence: tuple[str, int, float] | None = None
+        self.colours: dict[str, tuple] = {}  # each series' colour, kept from its first frame
 
     def colour(self, name: str):
         if name in self.COLOURS:
@@ -581,9 +590,10 @@ class LossPanel(SeriesPanel):
     def draw(self, data: dict[str, np.ndarray]) -> None:
         series = frame_series(data)
         for name, (steps, values) in series.items():
-            line = self.lines.get(name)
-            colour = line.color if line is not None else self.colour(name)
+            colour = self.colours.setdefault(name, self.colour(name))
             self.set_series(name, steps, values, colour, dense=name == "train_loss")
+        if list(series) != self.names:
+            self.legend.set_entries([(name, self.colours[name]) for name in series] or [("", (0, 0, 0, 0))])
         self.rescale()
         self.names, self.divergence = list(series), first_nonfinite(series)
         if self.divergence is not None and self.diverged is None:  # where the run blew up
@@ -594,13 +604,12 @@ class LossPanel(SeriesPanel):
                 self.diverged.set_data(pos=float(self.divergence[1]))
 
     def subtitle(self, data: dict[str, np.ndarray]) -> str:
-        """The series drawn and where one first turned NaN or infinite (as of the last draw:
-        the caption is redrawn at every move of the pointer)."""
-        text = "  ·  " + ", ".join(self.names) if self.names else ""
-        if self.divergence is not None:
-            name, step, value = self.divergence
-            text += f"  ·  {name} {value} at step {step}"
-        return text
+        """Where a series first turned NaN or infinite (as of the last draw: the caption is
+        redrawn at every move of the pointer); the legend names the series."""
+        if self.divergence is None:
+            return ""
+        name, step, value = self.divergence
+        return f"  ·  {name} {value} at step {step}"
 
 
 class StatsPanel(SeriesPanel):
