@@ -1001,3 +1001,17 @@ def test_loss_panel_legend_names_each_series_in_its_colour_as_it_appears():
     assert legend_has(image, orange)
     assert "valid_loss" not in panel.caption.text  # named by the legend, not the caption
     viewer.close()
+
+
+def test_the_stats_legend_spreads_its_lines_over_the_model_with_names_that_fit():
+    from probescope.viewers.panels import legend_names, spread
+
+    layers = [f"weight/model.blocks.{i}.mlp.fc.weight/l2" for i in range(12)]
+    assert spread(layers, 4) == [layers[0], layers[4], layers[7], layers[11]]  # first to last
+    assert spread(layers[:3], 6) == layers[:3]
+    names = legend_names(spread(layers, 4))
+    assert names == ["0.mlp.fc/l2", "4.mlp.fc/l2", "7.mlp.fc/l2", "11.mlp.fc/l2"]  # shared prefix gone
+    mixed = ["weight/bert.encoder.layer.0.attention.self.query.weight/spectral", "act/classifier/l2"]
+    assert legend_names(mixed) == ["…self.query/spectral", "act/classifier/l2"]
+    assert all(len(n) <= 20 for n in legend_names(mixed))
+    assert legend_names(["weight/fc.weight/l2"]) == ["weight/fc/l2"]

@@ -612,6 +612,28 @@ class LossPanel(SeriesPanel):
         return f"  ·  {name} {value} at step {step}"
 
 
+def spread(items: list[str], n: int) -> list[str]:
+    """``n`` of ``items`` spaced evenly from the first to the last (all of them if no more)."""
+    if len(items) <= n:
+        return list(items)
+    return [items[i] for i in dict.fromkeys(np.linspace(0, len(items) - 1, n).round().astype(int))]
+
+
+def legend_names(names: list[str], width: int = 20) -> list[str]:
+    """Names short enough for a legend column: without the prefix they all share (up to a
+    ``/`` or ``.``) and ``.weight``, the rest cut at the front to ``width`` characters
+    (``…layer.3.mlp.fc/l2``): the end names the layer and the statistic. The pointer's
+    readout gives them whole."""
+    if len(names) > 1:
+        first, last = min(names), max(names)  # the prefix all share is these two's
+        pairs = enumerate(zip(first, last, strict=False))  # (first is a prefix of last: all of it)
+        common = first[: next((i for i, (a, b) in pairs if a != b), len(first))]
+        cut = max(common.rfind("/"), common.rfind(".")) + 1
+        names = [n[cut:] for n in names]
+    names = [n.replace(".weight/", "/") for n in names]
+    return [n if len(n) <= width else "…" + n[-(width - 1) :] for n in names]
+
+
 class StatsPanel(SeriesPanel):
     """Statistics at the hook points over the frames seen so far (L2 norms, spectral norms).
 
@@ -623,9 +645,11 @@ class StatsPanel(SeriesPanel):
 
     def __init__(self, parent_grid, spec: PanelSpec, row: int, col: int, max_lines: int = 6):
         columns = [str(c) for c in spec.static.get("columns", [])]
-        chosen = [c for c in columns if c.endswith("/l2") or c.endswith("/spectral")][:max_lines]
+        norms = [c for c in columns if c.endswith("/l2") or c.endswith("/spectral")]
+        chosen = spread(norms, max_lines)  # from the first layers to the last, not the first few
         self.columns = {c: columns.index(c) for c in chosen}
-        legend = [(c, (*METRIC_COLOURS[i % len(METRIC_COLOURS)], 1.0)) for i, c in enumerate(chosen)]
+        colours = [(*METRIC_COLOURS[i % len(METRIC_COLOURS)], 1.0) for i in range(len(chosen))]
+        legend = list(zip(legend_names(chosen), colours, strict=True))
         super().__init__(parent_grid, spec, row, col, log_y=True, legend=legend)
         self.history: dict[str, list[tuple[float, float]]] = {c: [] for c in chosen}
         self.states: list[tuple[float, int]] = []  # (step, latent state) per frame
