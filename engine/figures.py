@@ -486,6 +486,13 @@ def confusion_figure(record: ProbeRecord, frame: int = -1) -> Figure:
     return figure
 
 
+def spread(items: list[str], n: int) -> list[str]:
+    """``n`` of ``items`` spaced evenly from the first to the last (all of them if no more)."""
+    if len(items) <= n:
+        return list(items)
+    return [items[i] for i in dict.fromkeys(np.linspace(0, len(items) - 1, n).round().astype(int))]
+
+
 def stats_figure(record: ProbeRecord, lines: int = 6) -> Figure:
     """A StatsProbe over training: weight norms (L2 and spectral, log scale) above, its loss
     and metric columns below, the background coloured by latent state when the probe
@@ -494,7 +501,7 @@ def stats_figure(record: ProbeRecord, lines: int = 6) -> Figure:
     if not len(table):
         raise ValueError(f"probe {record.name!r} has no frames yet")
     steps = table["step"].to_numpy(np.float64)
-    norms = [c for c in table.columns if c.endswith("/l2") or c.endswith("/spectral")][:lines]
+    norms = spread([c for c in table.columns if c.endswith("/l2") or c.endswith("/spectral")], lines)
     losses = [c for c in table.columns if c.startswith("loss/")][:lines]
     figure = Figure(figsize=(9, 6), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)

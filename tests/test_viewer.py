@@ -1004,7 +1004,8 @@ def test_loss_panel_legend_names_each_series_in_its_colour_as_it_appears():
 
 
 def test_the_stats_legend_spreads_its_lines_over_the_model_with_names_that_fit():
-    from probescope.viewers.panels import legend_names, spread
+    from probescope.figures import spread
+    from probescope.viewers.panels import legend_names
 
     layers = [f"weight/model.blocks.{i}.mlp.fc.weight/l2" for i in range(12)]
     assert spread(layers, 4) == [layers[0], layers[4], layers[7], layers[11]]  # first to last

@@ -16,7 +16,7 @@ from vispy import scene
 from vispy.color import Color
 from vispy.visuals.transforms import STTransform
 
-from probescope.figures import fixed_limits
+from probescope.figures import fixed_limits, spread
 from probescope.kernels import default_palette
 from probescope.probes.loss import first_nonfinite, frame_series
 from probescope.probes.prediction import confusion_shares
@@ -610,13 +610,6 @@ class LossPanel(SeriesPanel):
             return ""
         name, step, value = self.divergence
         return f"  ·  {name} {value} at step {step}"
-
-
-def spread(items: list[str], n: int) -> list[str]:
-    """``n`` of ``items`` spaced evenly from the first to the last (all of them if no more)."""
-    if len(items) <= n:
-        return list(items)
-    return [items[i] for i in dict.fromkeys(np.linspace(0, len(items) - 1, n).round().astype(int))]
 
 
 def legend_names(names: list[str], width: int = 20) -> list[str]:
