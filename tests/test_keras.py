@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
@@ -446,3 +447,25 @@ def test_keras_runs_feed_the_latent_state_analysis(tmp_path):
     assert [len(s) for s in result.states] == [len(open_run(r).probe("stats")) for r in runs]
     paths = write_report(result, tmp_path / "report")
     assert "weight/net/h/kernel" in paths["report.html"].read_text()
+
+
+def test_an_epochs_last_step_is_taken_after_its_validation(tmp_path, caplog):
+    """A CheckpointProbe on the steps that end epochs (7 steps an epoch): each frame is taken
+    after the epoch's validation and scored by its val_loss, with no warning."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(500, 2, generator=g)
+    y = ((x[:, 0] * x[:, 1]) > 0).long()
+    model = sequential(dense(16, "relu"), dense(2, "softmax"))
+    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+    probes = [CheckpointProbe(schedule=Schedule.every(7)), LossProbe(schedule=Schedule.every(7))]
+    callback = ProbescopeCallback(probes, run_dir=tmp_path / "run", snapshot="sync")
+    with caplog.at_level(logging.WARNING, logger="probescope"):
+        fit = {"epochs": 3, "batch_size": 64, "validation_split": 0.2, "verbose": 0}
+        history = model.fit(x.numpy(), y.numpy(), callbacks=[callback], **fit)
+    assert not [r for r in caplog.records if "was logged" in r.getMessage()]
+    run = open_run(tmp_path / "run")
+    scored = {f.step: float(f.data["value"]) for f in run.probe("checkpoint").frames() if f.step}
+    assert scored == pytest.approx(dict(zip((7, 14, 21), history.history["val_loss"], strict=True)))
+    for frame in run.probe("loss").frames():
+        if frame.step:
+            assert frame.data["series/valid_loss/steps"][-1] == frame.step

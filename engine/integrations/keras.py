@@ -13,7 +13,8 @@ step is k optimizer steps), and closes when fitting ends. Each batch's own loss 
 the difference of Keras's running loss mean, on the device, without a sync); at the end of
 each epoch the validation logs are recorded as ``valid_<name>`` (``val_loss`` becomes
 ``valid_loss``, the name CheckpointProbe and LossProbe use) and the other epoch metrics as
-``train_<name>``. A model's last activation (softmax, sigmoid) is read from its last layer,
+``train_<name>``; the epoch's last step is taken after its validation, so that its frames
+see them. A model's last activation (softmax, sigmoid) is read from its last layer,
 so ``output="auto"`` takes its outputs as probabilities.
 
 A later ``fit`` with the same callback records into ``RUN_DIR-fit2``, ``-fit3``, ...; with
@@ -65,6 +66,7 @@ class ProbescopeCallback(keras.callbacks.Callback):
         self.monitor: Monitor | None = None
         self.fits = 0
         self._seen: torch.Tensor | None = None  # Keras's loss total and sample count so far
+        self._pending = False  # an epoch's last step, taken once its validation has run
 
     def __enter__(self) -> ProbescopeCallback:
         return self
@@ -77,6 +79,7 @@ class ProbescopeCallback(keras.callbacks.Callback):
         self.fits += 1
         kwargs = fit_kwargs(self.monitor_kwargs, self.fits)
         self.monitor = Monitor(self.model, self.probes, **kwargs)
+        self._pending = False
         self.monitor.start()
 
     def on_epoch_begin(self, epoch, logs=None) -> None:
@@ -88,13 +91,23 @@ class ProbescopeCallback(keras.callbacks.Callback):
             loss = logs["loss"]  # without Keras's loss tracker: its running mean of the epoch
         if loss is not None:
             self.monitor.after_loss(loss=loss)
-        self.monitor.after_step()
+        steps = (self.params or {}).get("steps")
+        if steps is not None and batch == steps - 1:  # the epoch's last step: taken after its
+            self._pending = True  # validation, so that its frames see the epoch's logs
+        else:
+            self.monitor.after_step()
 
     def on_epoch_end(self, epoch, logs=None) -> None:
         values = {_series_name(k): v for k, v in (logs or {}).items() if k != "loss" and is_scalar(v)}
-        if values:
-            self.monitor.after_validate(**values)
+        self._take_step(**values)
         self.monitor.end_epoch()
+
+    def _take_step(self, **values) -> None:
+        if self._pending:
+            self._pending = False
+            self.monitor.step(**values)
+        elif values:
+            self.monitor.after_validate(**values)
 
     def on_train_end(self, logs=None) -> None:
         self.close()
@@ -103,6 +116,7 @@ class ProbescopeCallback(keras.callbacks.Callback):
         """Close the Monitor of the last fit (a no-op when it is closed already); ``error``:
         what ended the fit early (see ``Monitor.close``)."""
         if self.monitor is not None:
+            self._take_step()  # a last step whose epoch did not end (a fit that raised)
             self.monitor.close(error)
 
     def _batch_loss(self) -> torch.Tensor | None:
