@@ -39,3 +39,16 @@ def is_scalar(value) -> bool:
     if callable(numel):
         return numel() == 1
     return getattr(value, "shape", None) == ()  # NumPy and Keras scalars
+
+
+def take_step(monitor, pending: bool, **values) -> bool:
+    """The Monitor's step of an optimizer step that waited (``pending``) for the validation
+    run right after it, with that validation's ``values`` recorded at the step before its
+    frames are taken (they see them: CheckpointProbe keeps the best by them); with none
+    waiting, ``values`` as the validation of the step that ended. Returns False: nothing
+    waits any more."""
+    if pending:
+        monitor.step(**values)
+    elif values:
+        monitor.after_validate(**values)
+    return False

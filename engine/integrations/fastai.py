@@ -35,7 +35,7 @@ from fastai.callback.core import Callback
 from fastai.callback.schedule import LRFinder
 from fastai.learner import Recorder
 
-from probescope.integrations import check_monitor_kwargs, fit_kwargs, is_scalar
+from probescope.integrations import check_monitor_kwargs, fit_kwargs, is_scalar, take_step
 from probescope.monitor import Monitor
 from probescope.probes.base import Probe
 from probescope.probes.loss import LossProbe
@@ -120,13 +120,8 @@ class ProbescopeCallback(Callback):
             self._pending = True  # epoch's values (CheckpointProbe keeps the best by them)
 
     def _take_step(self, **values) -> None:
-        if self._live is None:
-            return
-        if self._pending:
-            self._pending = False
-            self._live.step(**values)
-        elif values:
-            self._live.after_validate(**values)
+        if self._live is not None:
+            self._pending = take_step(self._live, self._pending, **values)
 
     def after_epoch(self) -> None:
         if self._live is None:

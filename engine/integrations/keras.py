@@ -37,7 +37,7 @@ import keras  # the backend is chosen by the environment at import
 import torch
 from torch import nn
 
-from probescope.integrations import check_monitor_kwargs, fit_kwargs, is_scalar
+from probescope.integrations import check_monitor_kwargs, fit_kwargs, is_scalar, take_step
 from probescope.monitor import Monitor
 from probescope.probes.base import Probe
 
@@ -103,11 +103,7 @@ class ProbescopeCallback(keras.callbacks.Callback):
         self.monitor.end_epoch()
 
     def _take_step(self, **values) -> None:
-        if self._pending:
-            self._pending = False
-            self.monitor.step(**values)
-        elif values:
-            self.monitor.after_validate(**values)
+        self._pending = take_step(self.monitor, self._pending, **values)
 
     def on_train_end(self, logs=None) -> None:
         self.close()

@@ -31,7 +31,7 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
-from probescope.integrations import check_monitor_kwargs, fit_kwargs, is_scalar
+from probescope.integrations import check_monitor_kwargs, fit_kwargs, is_scalar, take_step
 from probescope.monitor import Monitor
 from probescope.probes.base import Probe
 
@@ -113,11 +113,7 @@ class ProbescopeCallback(L.Callback):
         self._take_step()
 
     def _take_step(self, **values) -> None:
-        if self._pending:
-            self._pending = False
-            self.monitor.step(**values)
-        elif values:
-            self.monitor.after_validate(**values)
+        self._pending = take_step(self.monitor, self._pending, **values)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._before_validation = dict(trainer.callback_metrics)
