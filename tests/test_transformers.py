@@ -163,11 +163,12 @@ def test_training_is_monitored_step_by_step_with_the_trainers_losses_and_metrics
     logged_steps, logged = _logged(trainer, "loss")
     assert steps == logged_steps == list(range(1, 13))
     np.testing.assert_allclose(values, logged, rtol=1e-5, atol=0)
-    for name in ("learning_rate", "grad_norm"):
-        steps, values = _series(run, name)
-        logged_steps, logged = _logged(trainer, name)
+    for name, logged_name in (("grad_norm", "grad_norm"), ("lr", "learning_rate")):
+        steps, values = _series(run, name)  # the rate each step used, as the Trainer logs it
+        logged_steps, logged = _logged(trainer, logged_name)
         assert steps == logged_steps
         np.testing.assert_allclose(values, logged, rtol=1e-6, atol=0)
+    assert "series/learning_rate/steps" not in run.probe("loss").frame(-1).data  # not twice
     steps, values = _series(run, "valid_loss")  # the Trainer's evaluations, as valid_loss
     logged_steps, logged = _logged(trainer, "eval_loss")
     assert steps == logged_steps == [6, 12]

@@ -19,8 +19,9 @@ whose output holds no loss (a ``compute_loss_func``, label smoothing) gets the l
 Trainer logs, every ``logging_steps``. The loss is this process's: under torchrun the
 Monitor probes on one rank (see probescope.distributed).
 
-Everything else the Trainer logs while training is recorded at its step (``learning_rate``,
-``grad_norm``, your own ``trainer.log`` values), except its timings and counters; each
+Everything else the Trainer logs while training is recorded at its step (``grad_norm``,
+your own ``trainer.log`` values), except its timings and counters and its ``learning_rate``
+(the Monitor records the rate each step used as ``lr``, every step); each
 evaluation's metrics are recorded as ``valid_<name>`` (``eval_loss`` becomes ``valid_loss``,
 the name LossProbe and CheckpointProbe use). Probes evaluate the model as the Trainer holds it:
 on token ids, a Hugging Face model returns a ``ModelOutput``, whose ``logits`` the probes read.
@@ -47,8 +48,9 @@ from probescope.probes.base import Probe
 _OWN = ("model", "probes", "optimizer")  # what the callback passes to the Monitor itself
 
 # What the Trainer logs that is not a series of the run: its timings, counters, the epoch
-# (the Monitor counts epochs itself) and the whole run's mean loss at the end.
-_NOT_SERIES = ("epoch", "total_flos", "train_loss", "num_input_tokens_seen")
+# (the Monitor counts epochs itself), the learning rate (the Monitor records the optimizer's
+# own as ``lr``, at every step) and the whole run's mean loss at the end.
+_NOT_SERIES = ("epoch", "total_flos", "train_loss", "num_input_tokens_seen", "learning_rate")
 _NOT_SERIES_SUFFIXES = ("_runtime", "_per_second", "_flos")
 
 
