@@ -387,3 +387,12 @@ def test_under_torchrun_one_rank_probes_and_writes_the_run(tmp_path):
     assert run.probe("prediction").steps() == [0, 4, 8, 12, 16]
     last = run.probe("loss").frame(-1).data
     assert last["series/train_loss/steps"].tolist() == list(range(1, 17))  # rank 0's own losses
+
+
+def test_without_probes_the_callback_records_every_steps_loss_and_the_evaluations(tmp_path):
+    callback = ProbescopeCallback(run_dir=tmp_path / "run")
+    trainer = _trainer(tmp_path, Classifier(), [callback], steps=6, eval_strategy="steps", eval_steps=3)
+    trainer.train()
+    run = ps.open_run(tmp_path / "run")
+    assert list(run.probes) == ["loss"] and run.probe("loss").steps()[-1] == 6
+    assert _series(run, "train_loss")[0] == list(range(1, 7)) and _series(run, "valid_loss")[0] == [3, 6]

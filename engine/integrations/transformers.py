@@ -44,6 +44,7 @@ from transformers import TrainerCallback
 from probescope.integrations import check_monitor_kwargs, fit_kwargs, is_scalar
 from probescope.monitor import Monitor
 from probescope.probes.base import Probe
+from probescope.probes.loss import LossProbe
 
 _OWN = ("model", "probes", "optimizer")  # what the callback passes to the Monitor itself
 
@@ -57,7 +58,8 @@ _NOT_SERIES_SUFFIXES = ("_runtime", "_per_second", "_flos")
 class ProbescopeCallback(TrainerCallback):
     """Monitor a model while a Hugging Face ``Trainer`` trains it.
 
-    ``probes`` and every keyword argument go to ``probescope.Monitor`` (``run_dir``,
+    ``probes`` (default: a LossProbe, the loss of every step, the Trainer's logs and
+    evaluations) and every keyword argument go to ``probescope.Monitor`` (``run_dir``,
     ``viewer``, ``snapshot``, ``cuda_graphs``, ...); the model and its optimizer come from
     the Trainer. ``model``: what the probes call instead, a module that holds the Trainer's
     model and picks the tensor they read (a language model's last position:
@@ -65,9 +67,11 @@ class ProbescopeCallback(TrainerCallback):
     Monitor of the training in progress (or the last one).
     """
 
-    def __init__(self, probes: Iterable[Probe], model: nn.Module | None = None, **monitor_kwargs: Any):
+    def __init__(
+        self, probes: Iterable[Probe] | None = None, model: nn.Module | None = None, **monitor_kwargs: Any
+    ):
         check_monitor_kwargs("ProbescopeCallback", monitor_kwargs, _OWN)
-        self.probes = list(probes)
+        self.probes = [LossProbe()] if probes is None else list(probes)
         self.probed_model = model
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Monitor | None = None
