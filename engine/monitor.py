@@ -1039,6 +1039,21 @@ class Monitor:
             self._wake.wait(0.25)
             self._wake.clear()
             stopping = self._stop_recorder
+            # The run's series before the frames (a sink that takes them writes them whole, and a
+            # LossProbe frame's copy, cut to its max_points, adds nothing to them).
+            if any(getattr(sink, "wants_scalars", False) for sink in self._sinks):
+                # Device losses are copied on the stream training runs on, after the work that
+                # made them (this thread's own stream is not ordered after a training stream).
+                training = self._streams.training if self._streams is not None else None
+                try:
+                    with torch.cuda.stream(training) if training is not None else contextlib.nullcontext():
+                        series = self.history.read()
+                except Exception as err:  # once: the recorder asks again at every wake
+                    if not self._sinks_unread:
+                        log.warning("Monitor: the sinks get no series (%s: %s)", type(err).__name__, err)
+                    self._sinks_unread = True
+                else:
+                    self._to_sinks("scalars", series, wanted="wants_scalars")
             for st in self._probes.values():
                 for frame in st.ring.read_since(st.recorded_seq):
                     st.recorded_seq = frame.seq
@@ -1058,19 +1073,6 @@ class Monitor:
                         "dropped",
                         "the recorder fell behind and lost frames; raise ring_capacity or probe less often",
                     )
-            if any(getattr(sink, "wants_scalars", False) for sink in self._sinks):
-                # Device losses are copied on the stream training runs on, after the work that
-                # made them (this thread's own stream is not ordered after a training stream).
-                training = self._streams.training if self._streams is not None else None
-                try:
-                    with torch.cuda.stream(training) if training is not None else contextlib.nullcontext():
-                        series = self.history.read()
-                except Exception as err:  # once: the recorder asks again at every wake
-                    if not self._sinks_unread:
-                        log.warning("Monitor: the sinks get no series (%s: %s)", type(err).__name__, err)
-                    self._sinks_unread = True
-                else:
-                    self._to_sinks("scalars", series, wanted="wants_scalars")
             if stopping:
                 return
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from probescope.history import Series, display_name
-from probescope.probes.loss import frame_series
+from probescope.probes.loss import frame_series, own_series
 
 if TYPE_CHECKING:
     from probescope.ring import Frame
@@ -156,6 +156,8 @@ class TensorBoardSink(Sink):
         self._file = EventFile(self.log_dir, flush_secs)
         self._columns: dict[str, list[str]] = {}
         self._last: dict[str, int] = {}  # the step of the last point written, per scalar tag
+        self._own: dict[str, set[str]] = {}  # per LossProbe, the series it makes itself
+        self._given_series = False  # whether the run's series come whole (scalars)
 
     def resume(self, step: int) -> None:
         """Into a log directory that held event files already (the run's, written before):
@@ -172,13 +174,17 @@ class TensorBoardSink(Sink):
     def add_probe(self, name: str, kind: str, config: Mapping, static: Mapping[str, np.ndarray]) -> None:
         if "columns" in static:
             self._columns[name] = [str(c) for c in static["columns"]]
+        if kind == "loss":
+            self._own[name] = own_series(config)
 
     def write(self, frame: Frame) -> None:
         data, step = frame.data, frame.step
         series = frame_series(data)
-        if series:  # a LossProbe frame: its points newer than those written already
-            for name, (steps, values) in series.items():
-                self._series(f"loss/{name}", steps, values)
+        own = self._own.get(frame.probe)
+        for name, (steps, values) in series.items():  # a LossProbe frame: its newer points
+            if self._given_series and own is not None and name not in own:
+                continue  # the run's series: whole from scalars() (a frame's may be cut to max_points)
+            self._series(f"loss/{name}", steps, values)
         if "values" in data and frame.probe in self._columns:  # a StatsProbe's table row
             for column, value in zip(self._columns[frame.probe], data["values"].tolist(), strict=True):
                 self._scalar(f"{frame.probe}/{column}", step, value)
@@ -212,6 +218,7 @@ class TensorBoardSink(Sink):
         self._file.add(step, self._summary(value=[self._summary.Value(tag=tag, simple_value=value)]))
 
     def scalars(self, series: Mapping[str, Series]) -> None:
+        self._given_series = True
         for name, s in series.items():
             self._series(f"loss/{display_name(name)}", s.steps, s.values)
 
@@ -242,8 +249,9 @@ def export_tensorboard(run: Run, log_dir: str | os.PathLike, probes=None, progre
     sink = TensorBoardSink(log_dir)
     names = list(run.probes) if probes is None else list(probes)
     try:
-        if probes is None or any(run.probe(name).kind == "loss" for name in names):
-            sink.scalars(run.history())  # the frames' points of these series are older: skipped
+        history = run.history()  # (none for a run not closed: its LossProbe frames have them)
+        if history and (probes is None or any(run.probe(name).kind == "loss" for name in names)):
+            sink.scalars(history)
         for name in names:
             record = run.probe(name)
             sink.add_probe(name, record.kind, record.config, record.static)

@@ -220,3 +220,35 @@ def test_a_resumed_run_goes_on_in_the_same_tensorboard_directory(tmp_path, mlp, 
     np.testing.assert_allclose([train[s] for s in range(1, 21)], first[:12] + second, rtol=1e-6)
     # One image per map the run shows (a busy worker may skip some): none of the superseded.
     assert [e.step for e in events.Images("grid/map")] == open_run(run_dir).probe("grid").steps()
+
+
+def test_a_live_sink_writes_the_runs_series_whole_whatever_comes_first(tmp_path):
+    """A LossProbe frame's series are cut to its max_points; the live sink takes the run's
+    series from the history (scalars) and from a frame only the series the probe makes
+    itself, so a frame that arrives before the points it cut leaves none out."""
+    from probescope.history import Series
+    from probescope.ring import Frame
+
+    sink = TensorBoardSink(tmp_path / "live")
+    sink.add_probe("loss", "loss", {"valid_samples": 0, "metrics": []}, {})
+    sink.scalars({})  # the Monitor's first wake: nothing recorded yet
+    cut = np.array([1, 4, 8, 12])  # what the frame of step 12 kept of steps 1..12
+    data = {"series/train_loss/steps": cut, "series/train_loss/values": 1.0 / cut,
+            "series/train_loss_epoch/steps": np.array([12]),
+            "series/train_loss_epoch/values": np.array([0.5])}  # fmt: skip
+    sink.write(Frame("loss", 0, 12, 1, 0.0, data))
+    steps = np.arange(1, 13)
+    sink.scalars({"batch_loss": Series(steps, np.zeros(12, np.int64), 1.0 / steps)})
+    sink.close()
+    events = _events(tmp_path / "live")
+    assert sorted(_scalars(events, "loss/train_loss")) == list(range(1, 13))
+    assert _scalars(events, "loss/train_loss_epoch") == {12: 0.5}  # the probe's own, from its frame
+
+
+def test_a_run_not_closed_exports_its_series_from_its_loss_frames(tmp_path, mlp, blobs):
+    x, y = blobs.x_train, blobs.y_train
+    with Monitor(mlp, [LossProbe(schedule=Schedule.every(4))], run_dir=tmp_path / "run") as m:
+        _train(m, mlp, x, y, 8, [])
+    (tmp_path / "run" / "history.npz").unlink()  # as a run whose process was killed has none
+    log_dir = export_tensorboard(open_run(tmp_path / "run"), tmp_path / "tb", progress=False)
+    assert sorted(_scalars(_events(log_dir), "loss/train_loss")) == list(range(1, 9))

@@ -118,6 +118,13 @@ def first_nonfinite(series: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> tupl
     return name, step, value
 
 
+def own_series(config: Mapping[str, Any]) -> set[str]:
+    """The series a LossProbe of ``config`` makes itself (the rest of its frames' series are
+    the run's history): the epoch means, and its valid loss and metrics when it scores them."""
+    scored = {"valid_loss", *config.get("metrics", [])} if config.get("valid_samples") else set()
+    return {"train_loss_epoch"} | scored
+
+
 def seed_history(history: History, frame, config: Mapping[str, Any], step: int) -> None:
     """Fill ``history`` (empty) with the scalar series a LossProbe ``frame`` holds, up to
     ``step``: a run resumed there goes on from them. The batch losses and logged values come
@@ -125,9 +132,7 @@ def seed_history(history: History, frame, config: Mapping[str, Any], step: int) 
     each); the probe's own series (``train_loss_epoch``, its valid loss and metrics) are not
     the history's. A series longer than the probe's ``max_points`` comes back as the frame
     kept it (its envelope)."""
-    own = {"train_loss_epoch"} | (
-        {"valid_loss", *config.get("metrics", [])} if config.get("valid_samples") else set()
-    )
+    own = own_series(config)
     ends = frame.data.get("series/train_loss_epoch/steps")
     for name, (steps, values) in frame_series(frame.data, lr=True).items():
         if name in own:
