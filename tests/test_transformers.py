@@ -133,6 +133,7 @@ def test_training_is_monitored_step_by_step_with_the_trainers_losses_and_metrics
             ps.LossProbe(schedule=ps.Schedule.every(6)),
         ],
         run_dir=tmp_path / "run",
+        snapshot="sync",  # every due frame taken (a copy's frame is skipped while one runs)
     )
     model = _bert()
     trainer = _trainer(tmp_path, model, [callback], eval_strategy="steps", eval_steps=6)
@@ -305,7 +306,8 @@ def test_a_language_model_is_probed_through_a_module_that_holds_it(tmp_path):
     prompts, following = ids[:, :-1], ids[:, -1]
     probe = ps.PredictionProbe(prompts, following, schedule=ps.Schedule.every(3))
     loss = ps.LossProbe(schedule=ps.Schedule.every(100))
-    callback = ProbescopeCallback([probe, loss], model=LastLogits(model), run_dir=tmp_path / "run")
+    probed = LastLogits(model)
+    callback = ProbescopeCallback([probe, loss], model=probed, run_dir=tmp_path / "run", snapshot="sync")
     trainer = _trainer(tmp_path, model, [callback], steps=6, accumulate=2, causal=True)
     trainer.train()
     run = ps.open_run(tmp_path / "run")
@@ -356,7 +358,7 @@ from tests.test_transformers import Classifier, Tokens, _tokens
 ids, labels = _tokens(64, seed=2)
 every = ps.Schedule.every
 probes = [ps.PredictionProbe(ids, labels, schedule=every(4)), ps.LossProbe(schedule=every(8))]
-callback = ProbescopeCallback(probes, run_dir=sys.argv[1])
+callback = ProbescopeCallback(probes, run_dir=sys.argv[1], snapshot="sync")  # every due frame
 args = TrainingArguments(sys.argv[1] + "-trainer", max_steps=16, per_device_train_batch_size=16,
                          learning_rate=0.05, logging_steps=1, save_strategy="no", report_to=[],
                          use_cpu=True, disable_tqdm=True)
