@@ -258,6 +258,12 @@ def _info(args: argparse.Namespace) -> int:
         print(f"budget    {summary['budget']:.3g} of training time, shared by {shared} probe(s)")
     has_model = (run.path / "model.pt").exists()
     print(f"weights   {'model.pt' if has_model else '(none yet)'}")
+    history = run.history()
+    if history:
+        points = max(len(one.steps) for one in history.values())
+        print(f"history   history.npz: {', '.join(history)} (up to {points:,} points each)")
+    else:
+        print("history   (none yet: written when the Monitor closes)")
     print("probes")
     for name, record in run.probes.items():
         steps = record.steps() if len(record) else []

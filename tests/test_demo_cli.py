@@ -111,6 +111,8 @@ def test_info_describes_the_run(blobs7_run, capsys):
     text = capsys.readouterr().out
     assert "finished" in text and "grid" in text and "frames" in text
     assert "snapshot  copy: " in text and "in the model's device" in text  # what the copy holds
+    history = open_run(blobs7_run).history()
+    assert f"history   history.npz: {', '.join(history)} (up to " in text and "train_loss" in history
     assert main(["info", str(blobs7_run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["format"] == "probescope-run"
 
