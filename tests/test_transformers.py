@@ -396,5 +396,6 @@ def test_without_probes_the_callback_records_every_steps_loss_and_the_evaluation
     trainer = _trainer(tmp_path, Classifier(), [callback], steps=6, eval_strategy="steps", eval_steps=3)
     trainer.train()
     run = ps.open_run(tmp_path / "run")
-    assert list(run.probes) == ["loss"] and run.probe("loss").steps()[-1] == 6
+    assert list(run.probes) == ["loss"] and run.probe("loss").config["schedule"]["kind"] == "log_spaced"
+    assert run.probe("loss").steps()[-1] == 6
     assert _series(run, "train_loss")[0] == list(range(1, 7)) and _series(run, "valid_loss")[0] == [3, 6]

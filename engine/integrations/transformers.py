@@ -45,6 +45,7 @@ from probescope.integrations import check_monitor_kwargs, fit_kwargs, is_scalar
 from probescope.monitor import Monitor
 from probescope.probes.base import Probe
 from probescope.probes.loss import LossProbe
+from probescope.schedule import Schedule
 
 _OWN = ("model", "probes", "optimizer")  # what the callback passes to the Monitor itself
 
@@ -58,10 +59,10 @@ _NOT_SERIES_SUFFIXES = ("_runtime", "_per_second", "_flos")
 class ProbescopeCallback(TrainerCallback):
     """Monitor a model while a Hugging Face ``Trainer`` trains it.
 
-    ``probes`` (default: a LossProbe, the loss of every step, the Trainer's logs and
-    evaluations) and every keyword argument go to ``probescope.Monitor`` (``run_dir``,
-    ``viewer``, ``snapshot``, ``cuda_graphs``, ...); the model and its optimizer come from
-    the Trainer. ``model``: what the probes call instead, a module that holds the Trainer's
+    ``probes`` (default: a LossProbe on log-spaced steps, 20 a decade: the loss of every
+    step, the Trainer's logs and evaluations) and every keyword argument go to
+    ``probescope.Monitor`` (``run_dir``, ``viewer``, ``snapshot``, ``cuda_graphs``, ...);
+    the model and its optimizer come from the Trainer. ``model``: what the probes call instead, a module that holds the Trainer's
     model and picks the tensor they read (a language model's last position:
     ``forward(self, ids): return self.model(ids).logits[:, -1]``). ``monitor`` is the
     Monitor of the training in progress (or the last one).
@@ -71,7 +72,9 @@ class ProbescopeCallback(TrainerCallback):
         self, probes: Iterable[Probe] | None = None, model: nn.Module | None = None, **monitor_kwargs: Any
     ):
         check_monitor_kwargs("ProbescopeCallback", monitor_kwargs, _OWN)
-        self.probes = [LossProbe()] if probes is None else list(probes)
+        # By default the loss graph, on log-spaced steps: often early, a bounded number over a
+        # long run (the whole series is in the run's history either way).
+        self.probes = [LossProbe(schedule=Schedule.log_spaced(20))] if probes is None else list(probes)
         self.probed_model = model
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Monitor | None = None
