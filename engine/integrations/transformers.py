@@ -62,10 +62,10 @@ class ProbescopeCallback(TrainerCallback):
     ``probes`` (default: a LossProbe on log-spaced steps, 20 a decade: the loss of every
     step, the Trainer's logs and evaluations) and every keyword argument go to
     ``probescope.Monitor`` (``run_dir``, ``viewer``, ``snapshot``, ``cuda_graphs``, ...);
-    the model and its optimizer come from the Trainer. ``model``: what the probes call instead, a module that holds the Trainer's
-    model and picks the tensor they read (a language model's last position:
-    ``forward(self, ids): return self.model(ids).logits[:, -1]``). ``monitor`` is the
-    Monitor of the training in progress (or the last one).
+    the model and its optimizer come from the Trainer. ``model``: what the probes call
+    instead, a module that holds the Trainer's model and picks the tensor they read (a
+    language model's last position: ``forward(self, ids): return self.model(ids).logits[:,
+    -1]``). ``monitor`` is the Monitor of the training in progress (or the last one).
     """
 
     def __init__(
