@@ -100,7 +100,7 @@ def _trainer(tmp_path, model, callbacks, *, steps=12, accumulate=1, logging=1, c
         learning_rate=kwargs.pop("learning_rate", 5e-3),
         logging_steps=logging,
         report_to=[],
-        use_cpu=True,
+        use_cpu=kwargs.pop("use_cpu", True),
         save_strategy=kwargs.pop("save_strategy", "no"),
         disable_tqdm=True,
         **kwargs,
@@ -399,3 +399,34 @@ def test_without_probes_the_callback_records_every_steps_loss_and_the_evaluation
     assert list(run.probes) == ["loss"] and run.probe("loss").config["schedule"]["kind"] == "log_spaced"
     assert run.probe("loss").steps()[-1] == 6
     assert _series(run, "train_loss")[0] == list(range(1, 7)) and _series(run, "valid_loss")[0] == [3, 6]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_trainers_model_is_probed_from_copies_on_the_probe_stream(tmp_path):
+    """The CUDA path under the Trainer: copies on the probe stream, the training stream waiting
+    for a copy only before the next optimizer step (a pre-hook on the optimizer inside
+    accelerate's wrapper), frames of the trained weights."""
+    ids, labels = _tokens(40, seed=2)
+    probes = [ps.PredictionProbe(ids, labels, schedule=ps.Schedule.every(3)), ps.LossProbe()]
+    callback = ProbescopeCallback(probes, run_dir=tmp_path / "run")
+    model = _bert()
+    trainer = _trainer(tmp_path, model, [callback], use_cpu=False)
+    assert trainer.args.device.type == "cuda"
+    trainer.train()
+    monitor = callback.monitor
+    assert monitor._streams is not None and monitor._optimizer_hook is not None
+    assert monitor.snapshot_detail["strategy"] == "copy" and not monitor.snapshot_detail["host"]
+    for name, counters in monitor.summary()["probes"].items():
+        assert counters["failed"] == 0 and counters["frames"] >= 2, (name, counters)
+    run = ps.open_run(tmp_path / "run")
+    model.eval()
+    with torch.no_grad():
+        own = torch.softmax(model(ids.cuda()).logits, -1).cpu()
+    last = run.probe("prediction").frame(-1)
+    assert last.step == 12
+    expected = own.gather(1, labels[:, None])[:, 0].double()
+    torch.testing.assert_close(torch.as_tensor(last.data["prob_true"]), expected, atol=1e-4, rtol=0)
+    steps, values = _series(run, "train_loss")
+    logged_steps, logged = _logged(trainer, "loss")
+    assert steps == logged_steps == list(range(1, 13))
+    np.testing.assert_allclose(values, logged, rtol=1e-4, atol=0)
