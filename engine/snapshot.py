@@ -152,7 +152,7 @@ class SnapshotPool:
                         "instead (snapshot='sync')",
                         str(err).splitlines()[0],
                     )
-                    self.strategy, size = "sync", 0
+                    self.strategy, size, host = "sync", 0, False  # probes read the model itself
                     break
                 log.warning(
                     "snapshot: its copies do not fit in %s's memory (%s); they are kept in host "

@@ -914,8 +914,18 @@ def test_copies_that_run_out_of_memory_go_to_the_host_or_to_sync(monkeypatch, ca
     with caplog.at_level(logging.WARNING, logger="probescope"):
         monitor = Monitor(model, [StepReader(schedule=Schedule.every(1))], snapshot_params=["1.*"])
     assert monitor._pool.strategy == "sync" and monitor._pool.inline and monitor.snapshot_bytes == 0
+    assert not monitor.snapshot_detail["host"]
     assert "probes run between steps instead (snapshot='sync')" in caplog.text
     frames = _frames_of_steps(monitor, model)
+    assert frames and all(np.all(f.data["values"] == f.step) for f in frames)
+
+    def every_copy_fails(model, shared, hooks=False, place=None):
+        raise torch.cuda.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(snapshot, "shadow_copy", every_copy_fails)  # the host has no room either
+    monitor = Monitor(model, [StepReader(schedule=Schedule.every(1))])
+    assert monitor._pool.strategy == "sync" and not monitor.snapshot_detail["host"]
+    frames = _frames_of_steps(monitor, model)  # the live model, between steps
     assert frames and all(np.all(f.data["values"] == f.step) for f in frames)
 
 
