@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,6 +144,16 @@ class History:
 
     #: Loose device scalars a series holds before they are stacked into one tensor.
     COMPACT = 256
+
+    def load(self, series: Mapping[str, Series], upto: int) -> None:
+        """Append ``series`` (by their display names: the batch losses as ``train_loss``), each
+        up to step ``upto``: a resumed run's series of its earlier steps."""
+        for name, one in series.items():
+            keep = one.steps <= upto
+            target = self.BATCH_LOSS if name == "train_loss" else name
+            columns = (one.steps[keep].tolist(), one.epochs[keep].tolist(), one.values[keep].tolist())
+            for step, epoch, value in zip(*columns, strict=True):
+                self.append(target, step, epoch, value)
 
     def append(self, name: str, step: int, epoch: int, value) -> None:
         """Record ``value`` (a float or a tensor with one element) for ``name`` at ``step``.

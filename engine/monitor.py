@@ -24,7 +24,7 @@ from probescope.history import History, display_name
 from probescope.probes.base import Probe, ProbeContext, ProbeStats, eval_mode, model_device_dtype
 from probescope.probes.loss import seed_history
 from probescope.ring import Frame, FrameRing
-from probescope.run import RunWriter, open_run, seed
+from probescope.run import RunWriter, open_run
 from probescope.schedule import Budget, StepInfo, StepTime, next_due
 from probescope.shutdown import OPEN, Terminated, give_back_ending_signals, take_ending_signals
 from probescope.sinks import Sink
@@ -476,7 +476,7 @@ class Monitor:
         losses = [f for name, f in last.items() if run.probe(name).kind == "loss"]
         whole = run.history() if run.status in ("finished", "interrupted", "failed") else {}
         if whole:  # written when that run closed: every series, exact
-            seed(self.history, whole, step)
+            self.history.load(whole, step)
         elif losses:
             frame = max(losses, key=lambda f: f.step)
             seed_history(self.history, frame, run.probe(frame.probe).config, step)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from probescope.history import History, Series, display_name
+from probescope.history import Series, display_name
 from probescope.npz import write_npz
 from probescope.ring import Frame
 
@@ -138,17 +138,6 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 HISTORY = "history.npz"  # every scalar series of a run, whole, written at close
-
-
-def seed(history: History, series: Mapping[str, Series], step: int) -> None:
-    """Fill ``history`` (empty) with ``series`` (``Run.history()``) up to ``step``."""
-    for name, one in series.items():
-        keep = one.steps <= step
-        target = History.BATCH_LOSS if name == "train_loss" else name
-        for s, e, v in zip(
-            one.steps[keep].tolist(), one.epochs[keep].tolist(), one.values[keep].tolist(), strict=True
-        ):
-            history.append(target, s, e, v)
 
 
 def _write_npz(path: Path, arrays: Mapping[str, np.ndarray], write=write_npz) -> None:

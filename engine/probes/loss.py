@@ -134,12 +134,9 @@ def seed_history(history: History, frame, config: Mapping[str, Any], step: int) 
     kept it (its envelope)."""
     own = own_series(config)
     ends = frame.data.get("series/train_loss_epoch/steps")
+    series = {}
     for name, (steps, values) in frame_series(frame.data, lr=True).items():
-        if name in own:
-            continue
-        keep = steps <= step
-        steps, values = steps[keep], values[keep]
-        epochs = np.searchsorted(ends, steps, side="left") if ends is not None else np.zeros_like(steps)
-        target = History.BATCH_LOSS if name == "train_loss" else name
-        for s, e, v in zip(steps.tolist(), epochs.tolist(), values.tolist(), strict=True):
-            history.append(target, s, e, v)
+        if name not in own:
+            epochs = np.searchsorted(ends, steps, side="left") if ends is not None else np.zeros_like(steps)
+            series[name] = Series(steps, epochs, values)
+    history.load(series, step)
