@@ -151,15 +151,25 @@ def _block(first_line: str) -> str:
     return block
 
 
+def _run_block(folder: Path, first_line: str, name: str, env: dict[str, str] | None = None) -> dict:
+    """Run the README's block that starts with ``first_line`` as the script ``name`` in
+    ``folder`` (its working directory), as a user would; its globals at the end."""
+    script = folder / name
+    script.write_text(_block(first_line))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        for key, value in (env or {}).items():
+            patch.setenv(key, value)  # put back after
+        return runpy.run_path(str(script), run_name="__main__")
+
+
 @pytest.fixture(scope="module")
 def plain_loop_run(tmp_path_factory):
     """The README's plain loop, run as written, then the two commands it says to run next."""
     folder = tmp_path_factory.mktemp("readme")
-    script = folder / "plain_loop.py"
-    script.write_text(_block("import torch, probescope as ps\n\nx, y = "))
+    _run_block(folder, "import torch, probescope as ps\n\nx, y = ", "plain_loop.py")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
-        runpy.run_path(str(script), run_name="__main__")
         commands = re.search(r"Then `probescope (export .*?)` and\s+`probescope (info .*?)`", README)
         assert commands is not None, "the commands after the plain loop moved"
         for command in commands.groups():
@@ -195,12 +205,8 @@ def test_the_open_run_and_spec_examples_run_on_it(plain_loop_run, tmp_path):
 def test_the_keras_example_runs(tmp_path):
     if importlib.util.find_spec("keras") is None:
         pytest.skip("needs keras (the keras extra)")
-    script = tmp_path / "keras_example.py"
-    script.write_text(_block("import os"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(tmp_path)
-        patch.setenv("KERAS_BACKEND", "torch")  # the example sets it too; this puts it back after
-        runpy.run_path(str(script), run_name="__main__")
+    # The example sets KERAS_BACKEND too; setting it here puts it back after.
+    _run_block(tmp_path, "import os", "keras_example.py", env={"KERAS_BACKEND": "torch"})
     run = ps.open_run(tmp_path / "runs" / "keras")
     assert run.meta["status"] == "finished"
     assert list(run.meta["probes"]) == ["curve", "loss"]
@@ -208,11 +214,7 @@ def test_the_keras_example_runs(tmp_path):
 
 
 def test_the_probe_of_your_own_example_runs_and_its_frames_are_right(tmp_path, capsys):
-    script = tmp_path / "margins.py"
-    script.write_text(_block("import torch, probescope as ps\n\n\nclass Margins(ps.Probe):"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(tmp_path)
-        space = runpy.run_path(str(script), run_name="__main__")
+    space = _run_block(tmp_path, "import torch, probescope as ps\n\n\nclass Margins(ps.Probe):", "margins.py")
     run = ps.open_run(tmp_path / "runs" / "margins")
     probe = run.probe("margins")
     assert run.meta["status"] == "finished" and probe.kind == "margins"
@@ -232,11 +234,7 @@ def test_the_probe_of_your_own_example_runs_and_its_frames_are_right(tmp_path, c
 def test_the_transformers_example_runs(tmp_path):
     if importlib.util.find_spec("transformers") is None:
         pytest.skip("needs transformers (the transformers extra)")
-    script = tmp_path / "transformers_example.py"
-    script.write_text(_block("import torch, probescope as ps\nfrom transformers"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(tmp_path)
-        runpy.run_path(str(script), run_name="__main__")
+    _run_block(tmp_path, "import torch, probescope as ps\nfrom transformers", "transformers_example.py")
     run = ps.open_run(tmp_path / "runs" / "bert")
     assert run.meta["status"] == "finished" and run.meta["summary"]["steps"] == 200
     assert list(run.meta["probes"]) == ["prediction", "stats", "loss", "checkpoint"]
