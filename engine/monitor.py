@@ -874,6 +874,15 @@ class Monitor:
         self.log(**values)
         self._fire("after_validate", **values)
 
+    def validated_step(self, validation: Mapping[str, Any], loss=None, **values) -> None:
+        """``step`` of an optimizer step whose validation ran before the Monitor's step was
+        taken (the framework integrations wait for it): ``validation`` and the other
+        ``values`` are recorded at the step before its frames, then callbacks hear
+        ``after_validate`` with ``validation`` as usual."""
+        self.step(loss, **values, **validation)
+        if validation and not self._closed:
+            self._fire("after_validate", **validation)
+
     def after_epoch(self, **kwargs) -> None:
         """An epoch ended: fire epoch schedules, then move to the next epoch."""
         if self._closed:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from probescope import Callback as ProbescopeEventCallback
 from probescope import GridProbe, LossProbe, StatsProbe, open_run
 from probescope.datasets import blobs7
 
@@ -303,10 +304,12 @@ def test_an_epochs_last_step_is_taken_after_its_validation(tmp_path, caplog):
     from probescope import CheckpointProbe, Schedule
 
     dls = blobs_dls()
+    heard = Validations()
     callback = ProbescopeCallback(
         [CheckpointProbe(schedule=Schedule.every(10)), LossProbe(schedule=Schedule.every(10))],
         run_dir=tmp_path / "run",
         snapshot="sync",
+        callbacks=[heard],
     )
     learn = learner(dls, mlp(), metrics=[accuracy])
     with caplog.at_level(logging.WARNING, logger="probescope"):
@@ -321,3 +324,16 @@ def test_an_epochs_last_step_is_taken_after_its_validation(tmp_path, caplog):
             assert frame.data["series/valid_loss/steps"][-1] == frame.step
     index = json.loads((tmp_path / "run" / "checkpoints" / "checkpoints.json").read_text())
     assert index["best"]["step"] == 10 * (1 + int(np.argmin(valid)))
+    # Monitor callbacks still hear each validation, after the step it belongs to.
+    assert [step for step, _ in heard.calls] == [10, 20, 30]
+    assert [values["valid_loss"] for _, values in heard.calls] == pytest.approx(valid)
+
+
+class Validations(ProbescopeEventCallback):
+    """A Monitor callback: the step and values of each after_validate it hears."""
+
+    def __init__(self):
+        self.calls = []
+
+    def after_validate(self, monitor, **values):
+        self.calls.append((monitor.step_count, values))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from probescope import Callback as ps_Callback
 from probescope import (
     CheckpointProbe,
     CurveProbe,
@@ -458,7 +459,15 @@ def test_an_epochs_last_step_is_taken_after_its_validation(tmp_path, caplog):
     model = sequential(dense(16, "relu"), dense(2, "softmax"))
     model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
     probes = [CheckpointProbe(schedule=Schedule.every(7)), LossProbe(schedule=Schedule.every(7))]
-    callback = ProbescopeCallback(probes, run_dir=tmp_path / "run", snapshot="sync")
+    heard = []
+
+    class Validations(ps_Callback):
+        def after_validate(self, monitor, **values):
+            heard.append((monitor.step_count, values["valid_loss"]))
+
+    callback = ProbescopeCallback(
+        probes, run_dir=tmp_path / "run", snapshot="sync", callbacks=[Validations()]
+    )
     with caplog.at_level(logging.WARNING, logger="probescope"):
         fit = {"epochs": 3, "batch_size": 64, "validation_split": 0.2, "verbose": 0}
         history = model.fit(x.numpy(), y.numpy(), callbacks=[callback], **fit)
@@ -469,3 +478,6 @@ def test_an_epochs_last_step_is_taken_after_its_validation(tmp_path, caplog):
     for frame in run.probe("loss").frames():
         if frame.step:
             assert frame.data["series/valid_loss/steps"][-1] == frame.step
+    # Monitor callbacks still hear each validation, after the step it belongs to.
+    assert [step for step, _ in heard] == [7, 14, 21]
+    assert [value for _, value in heard] == pytest.approx(history.history["val_loss"])

@@ -258,10 +258,17 @@ def test_a_steps_frames_see_the_validation_that_ran_after_it(tmp_path, blobs, ca
     import json
 
     x, y = blobs.x_train, blobs.y_train
+    heard = []
+
+    class Validations(ps.Callback):  # a Monitor callback hears each validation, at its step
+        def after_validate(self, monitor, **values):
+            heard.append((monitor.step_count, float(values["valid_loss"])))
+
     callback = ProbescopeCallback(
         [ps.CheckpointProbe(schedule=ps.Schedule.every(5)), ps.LossProbe(schedule=ps.Schedule.every(5))],
         run_dir=tmp_path / "run",
         snapshot="sync",
+        callbacks=[Validations()],
     )
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:320], y[:320]), batch_size=32)
     valid = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:96], y[:96]), batch_size=48)
@@ -288,6 +295,7 @@ def test_a_steps_frames_see_the_validation_that_ran_after_it(tmp_path, blobs, ca
     validated = loss.frame(-1).data
     steps, values = validated["series/valid_loss/steps"].tolist(), validated["series/valid_loss/values"]
     assert steps == [5, 10, 15, 20]
+    assert [step for step, _ in heard] == steps and [v for _, v in heard] == pytest.approx(values.tolist())
     scored = {f.step: float(f.data["value"]) for f in run.probe("checkpoint").frames() if f.step}
     assert scored == pytest.approx(dict(zip(steps, values.tolist(), strict=True)))
     index = json.loads((tmp_path / "run" / "checkpoints" / "checkpoints.json").read_text())

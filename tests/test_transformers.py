@@ -187,7 +187,16 @@ def test_checkpoints_keep_the_best_model_by_the_trainers_evaluations(tmp_path, c
     # 512 samples, 16 a step: 32 steps an epoch; evaluated every 8 steps or every epoch.
     every = 8 if strategy == "steps" else 32
     checkpoint = ps.CheckpointProbe("valid_loss", schedule=ps.Schedule.every(every))
-    callback = ProbescopeCallback([checkpoint], run_dir=tmp_path / "run", snapshot="sync")
+    heard = []
+
+    class Validations(ps.Callback):  # a Monitor callback hears each evaluation, at its step
+        def after_validate(self, monitor, **values):
+            heard.append((monitor.step_count, values["valid_loss"]))
+
+    callbacks = [Validations()]
+    callback = ProbescopeCallback(
+        [checkpoint], run_dir=tmp_path / "run", snapshot="sync", callbacks=callbacks
+    )
     model = Classifier()
     trainer = _trainer(
         tmp_path, model, [callback], steps=64, learning_rate=0.05, eval_strategy=strategy, eval_steps=8
@@ -197,6 +206,7 @@ def test_checkpoints_keep_the_best_model_by_the_trainers_evaluations(tmp_path, c
     assert not [r for r in caplog.records if "CheckpointProbe" in r.getMessage()]
     steps, values = _logged(trainer, "eval_loss")
     assert steps == list(range(every, 65, every))
+    assert [step for step, _ in heard] == steps and [v for _, v in heard] == pytest.approx(values)
     index = json.loads((tmp_path / "run" / "checkpoints" / "checkpoints.json").read_text())
     best = int(np.argmin(values))
     assert index["best"]["step"] == steps[best]

@@ -48,7 +48,7 @@ def take_step(monitor, pending: bool, **values) -> bool:
     waiting, ``values`` as the validation of the step that ended. Returns False: nothing
     waits any more."""
     if pending:
-        monitor.step(**values)
+        monitor.validated_step(values)
     elif values:
         monitor.after_validate(**values)
     return False

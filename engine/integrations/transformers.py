@@ -84,7 +84,8 @@ class ProbescopeCallback(TrainerCallback):
         self._shares = False  # whether they are shares of the step's loss (num_items_in_batch)
         self._step_losses = False  # whether the model's outputs gave this training's losses
         self._hook = None
-        self._pending: dict[str, Any] | None = None  # a step's loss and metrics, until it is taken
+        self._pending: dict[str, Any] | None = None  # a step's loss and logs, until it is taken
+        self._evaluated: dict[str, Any] = {}  # and its evaluation's metrics
         self._epoch_ended = False
 
     def __getstate__(self) -> dict[str, Any]:
@@ -92,6 +93,7 @@ class ProbescopeCallback(TrainerCallback):
         belong to this process)."""
         state = dict(self.__dict__)
         state["monitor"], state["_hook"], state["_losses"], state["_pending"] = None, None, [], None
+        state["_evaluated"] = {}
         return state
 
     def __enter__(self) -> ProbescopeCallback:
@@ -110,7 +112,7 @@ class ProbescopeCallback(TrainerCallback):
         probed = model if self.probed_model is None else _holding(self.probed_model, model)
         self.monitor = Monitor(probed, self.probes, optimizer=optimizer, **monitor_kwargs)
         self._losses, self._shares, self._step_losses = [], False, False
-        self._pending, self._epoch_ended = None, False
+        self._pending, self._evaluated, self._epoch_ended = None, {}, False
         self._hook = model.register_forward_hook(self._read_loss, with_kwargs=True)
         self._training = True
         self.monitor.start()
@@ -144,8 +146,9 @@ class ProbescopeCallback(TrainerCallback):
 
     def _take_step(self) -> None:
         if self._pending is not None:
-            values, self._pending = self._pending, None
-            self.monitor.step(**values)
+            values, evaluated = self._pending, self._evaluated
+            self._pending, self._evaluated = None, {}
+            self.monitor.validated_step(evaluated, **values)
 
     def on_epoch_begin(self, args, state, control, **kwargs) -> None:
         self._end_epoch()
@@ -178,13 +181,15 @@ class ProbescopeCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs) -> None:
         if not self._training:
             return
-        self._record(
-            {
-                _valid_name(name): value
-                for name, value in (metrics or {}).items()
-                if _is_series(name) and is_scalar(value)
-            }
-        )
+        values = {
+            _valid_name(name): value
+            for name, value in (metrics or {}).items()
+            if _is_series(name) and is_scalar(value)
+        }
+        if self._pending is not None:  # the step's own: taken with them
+            self._evaluated.update(values)
+        elif values:
+            self.monitor.after_validate(**values)
 
     def _record(self, values: dict[str, Any]) -> None:
         """Values the Trainer logged at its current step: the step's own while it waits."""
