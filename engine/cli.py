@@ -253,6 +253,12 @@ def _info(args: argparse.Namespace) -> int:
         where = "pinned host memory" if snap.get("host") else "the model's device"
         share = f"{snap['copied_elements']:,} of {snap['model_elements']:,} elements"
         print(f"snapshot  {snap['strategy']}: {share} in {where}, {snap['bytes'] / 2**20:.1f} MiB")
+    if meta.get("model", {}).get("sharded"):
+        gathers = summary.get("gathers") or {}
+        done = "weights gathered when probes are due (a count at close)"
+        if gathers:
+            done = f"{gathers.get('count', 0)} gathers, {gathers.get('seconds', 0):.3g} s"
+        print(f"sharded   {meta['model']['sharded']}; {done}")
     if summary.get("budget") is not None:
         shared = len(summary.get("probes", {}))
         print(f"budget    {summary['budget']:.3g} of training time, shared by {shared} probe(s)")

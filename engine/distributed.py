@@ -13,9 +13,11 @@ hang the job. The Monitor takes the module inside the wrappers that only change 
 runs (DDP, DataParallel, ``torch.compile``; see ``unwrap``) and everything (probes, snapshot,
 ``model.pt``, module names for hook patterns) refers to that module.
 
-Sharded models (FSDP, FSDP2's ``fully_shard``, any DTensor parameter) hold part of each
-weight on each rank: a forward gathers the rest from every rank, so it cannot run on one rank
-alone, and no single rank's copy is the model. The Monitor refuses them with a clear error.
+Sharded models (FSDP2's ``fully_shard``, any DTensor parameter) hold part of each weight on
+each rank: a forward gathers the rest from every rank, so it cannot run on one rank alone, and
+no single rank's copy is the model. Their probes evaluate an unsharded copy whose weights every
+rank gathers when a probe is due (probescope.gather); ``check_sharded`` refuses what cannot
+work that way, with the reason.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 
 from probescope.kernels.mlp import unwrap, wrapper_names
 
-__all__ = ["Placement", "check_probeable", "placement", "sharding", "unwrap", "wrapper_names"]
+__all__ = ["Placement", "check_sharded", "placement", "sharding", "unwrap", "wrapper_names"]
 
 
 @dataclass(frozen=True)
@@ -76,13 +78,57 @@ def sharding(model: nn.Module) -> str | None:
     return None
 
 
-def check_probeable(model: nn.Module, where: Placement) -> None:
-    """Raise a clear ValueError if the Monitor's probes cannot evaluate ``model`` on one rank."""
-    reason = sharding(model)
-    if reason is not None:
+def check_sharded(
+    reason: str | None, where: Placement, probes, unsharded, snapshot_params, snapshot: str
+) -> None:
+    """Raise a clear ValueError where the Monitor cannot probe a sharded model as asked
+    (``reason``: why it is sharded, from ``sharding``; None: it is not, and ``unsharded``, which
+    is given, has no use)."""
+    if reason is None:
         raise ValueError(
-            f"Monitor: the model is sharded across the job's {where.world_size} ranks ({reason}); a probe "
-            "on one rank cannot run its forward (every rank would have to join each gather), so "
-            "probescope does not probe sharded models. Probe an unsharded copy of the model, or "
-            "train it with DistributedDataParallel."
+            "Monitor: unsharded= is for a model sharded across ranks (FSDP2's fully_shard, "
+            "DTensor parameters); this one is whole, and probes evaluate it as it is"
         )
+    head = f"Monitor: the model is sharded across the job's {where.world_size} ranks ({reason})"
+    if "FullyShardedDataParallel" in reason:
+        raise ValueError(
+            f"{head}; probescope gathers the weights of models sharded by fully_shard (FSDP2) or "
+            "made of DTensor parameters, not those of the FullyShardedDataParallel wrapper: shard "
+            "the model with torch.distributed.fsdp.fully_shard"
+        )
+    evaluating = [f"{type(p).__name__} {p.name!r}" for p in probes if p.reads_model]
+    if evaluating and unsharded is None:
+        raise ValueError(
+            f"{head}: a forward on one rank cannot run, so probes that evaluate the model "
+            f"({', '.join(evaluating)}) run an unsharded copy that every rank gathers the weights "
+            "for when one is due. Give the model as defined before sharding: "
+            "Monitor(..., unsharded=lambda: MyModel(...)) (built on the meta device: it costs no "
+            "memory), or train it with DistributedDataParallel"
+        )
+    problems = []
+    adaptive = [p.name for p in probes if p.schedule.state() is not None]
+    if adaptive:
+        problems.append(
+            f"budget schedules ({', '.join(adaptive)}) adapt to the probing rank's own timings, "
+            "which the other ranks cannot know, and every rank must gather at the same steps: "
+            "give them step schedules (Schedule.every, log_spaced, steps, every_epoch)"
+        )
+    grads = [p.name for p in probes if p.needs_grads]
+    if grads:
+        problems.append(
+            f"{', '.join(grads)} read gradients, which are not gathered: a StatsProbe of a sharded "
+            "model takes targets=('weights', 'activations')"
+        )
+    loading = [p.name for p in probes if getattr(p, "load_best", False)]
+    if loading:
+        problems.append(
+            f"{', '.join(loading)} would load the best weights into the model on one rank: give "
+            "load_best=False and load the saved file on every rank "
+            "(torch.distributed.checkpoint.state_dict.set_model_state_dict)"
+        )
+    if snapshot_params is not None:
+        problems.append("snapshot_params: the gathered copy holds the whole model")
+    if snapshot == "live":
+        problems.append("snapshot='live' reads the model in place: use 'copy' (the default) or 'sync'")
+    if problems:
+        raise ValueError(f"{head}; " + "; ".join(problems))

@@ -8,7 +8,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-from probescope.distributed import Placement, check_probeable, placement, unwrap, wrapper_names
+from probescope.distributed import Placement, check_sharded, placement, sharding, unwrap, wrapper_names
 from probescope.events import EVENTS, Callback
+from probescope.gather import GatheredPool, GatherPlan, build_unsharded
 from probescope.graphs import ForwardGraphs
 from probescope.history import History, display_name
 from probescope.probes.base import Probe, ProbeContext, ProbeStats, eval_mode, model_device_dtype
@@ -144,8 +145,10 @@ class Monitor:
     state_dict. Under ``torch.distributed`` only rank ``probe_rank`` (0) probes and records;
     on every other rank the Monitor is inert (no snapshot, thread, run directory, viewer or
     callbacks; a step costs a counter), so run the same script on every rank. Its loss graph
-    is that rank's own batch loss. Sharded models (FSDP) are refused: see
-    probescope.distributed.
+    is that rank's own batch loss. A sharded model (FSDP2's ``fully_shard``, DTensor
+    parameters) is probed through ``unsharded`` (the model as defined before sharding, or a
+    function that builds it), into which every rank gathers the weights at the steps its
+    probes are due (see probescope.gather).
 
     ``handle_sigterm`` (default True): while the Monitor is open, SIGTERM (a scheduler's time
     limit, ``docker stop``, ``kill``) or SIGHUP (a closed terminal) raises ``Terminated`` (a
@@ -197,6 +200,7 @@ class Monitor:
         handle_sigterm: bool = True,
         sinks: Iterable[Sink] = (),
         resume: bool | int = False,
+        unsharded: nn.Module | Callable[[], nn.Module] | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -216,7 +220,8 @@ class Monitor:
             )
         self.wrappers = wrapper_names(model)
         model = unwrap(model)
-        check_probeable(model, self.placement)
+        #: Why the model is sharded across ranks (None: whole on every rank); see probescope.gather.
+        self.sharded: str | None = sharding(model)
         lazy = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if is_lazy(t)]
         if lazy:
             raise ValueError(
@@ -245,40 +250,64 @@ class Monitor:
         adaptive = [id(p.schedule) for p in probes if p.schedule.state() is not None]
         if len(adaptive) != len(set(adaptive)):
             raise ValueError("Monitor: each probe needs its own Schedule.budget(...); two probes share one")
+        if self.sharded is not None or unsharded is not None:
+            check_sharded(self.sharded, self.placement, probes, unsharded, snapshot_params, snapshot)
         positive_int("Monitor: probe_threads", probe_threads)
         positive_int("Monitor: ring_capacity", ring_capacity)
         callbacks = list(callbacks)
         for c in callbacks:
             if not isinstance(c, Callback):
                 raise TypeError(f"Monitor: callbacks must be Callback instances, got {type(c).__name__}")
+        optimizer = torch_optimizer(optimizer)
+        defer_wait = optimizer is not None and hasattr(optimizer, "register_step_pre_hook")
+        self._plan: GatherPlan | None = None
+        template = None
+        if self.sharded is not None:  # probes evaluate unsharded shadows the gathers fill
+            self._plan = GatherPlan(p.schedule for p in probes if p.reads_model)
+            if self.probing and unsharded is not None:
+                template = build_unsharded(unsharded)
+            self._pool = GatheredPool(
+                model,
+                template,
+                snapshot,
+                size=2,
+                defer_wait=defer_wait,
+                host=snapshot_host,
+                hooks=snapshot_hooks,
+            )
+        probed = self._pool.reference if template is not None else model
         for p in probes:
-            p.attach(model)
+            if probed is not model or not (self.sharded and p.reads_model):
+                p.attach(probed)
             if cuda_graphs:  # fixed-batch forwards replay CUDA graphs (see probescope.graphs)
                 p.graphs = ForwardGraphs(p.name)
                 if getattr(p, "valid", None) is not None:
                     p.valid.graphs = ForwardGraphs(f"{p.name} (valid set)")
+        self._saves_model = run_dir is not None  # (a sharded model's every rank gathers for it)
         if not self.probing:
             probes, callbacks, run_dir, viewer = [], [], None, False
-        optimizer = torch_optimizer(optimizer)
         self.model, self.optimizer = model, optimizer
         self.history = History(on_nonfinite=_warn_nonfinite)
-        device, _ = model_device_dtype(model)
+        device, _ = model_device_dtype(probed)
         self._streams = (
             ProbeStreams(device, high_priority_training)
             if self.probing and device.type == "cuda" and torch.cuda.is_available()
             else None
         )
-        self._pool = SnapshotPool(
-            model,
-            snapshot,
-            size=2 if self.probing else 0,  # an inert rank checks the arguments and copies nothing
-            grads=any(p.needs_grads for p in probes),
-            streams=self._streams,
-            defer_wait=optimizer is not None and hasattr(optimizer, "register_step_pre_hook"),
-            params=snapshot_params,
-            host=snapshot_host,
-            hooks=snapshot_hooks,
-        )
+        if self.sharded is not None:
+            self._pool.streams = self._streams
+        else:
+            self._pool = SnapshotPool(
+                model,
+                snapshot,
+                size=2 if self.probing else 0,  # an inert rank checks the arguments and copies nothing
+                grads=any(p.needs_grads for p in probes),
+                streams=self._streams,
+                defer_wait=defer_wait,
+                params=snapshot_params,
+                host=snapshot_host,
+                hooks=snapshot_hooks,
+            )
         if self._pool.dropped_hooks:
             log.info(
                 "Monitor: the probes' copies of the model run without its hooks (%s): they observe "
@@ -424,7 +453,7 @@ class Monitor:
             )
         self.writer.save_probes([st.probe for st in self._probes.values()])
         self.writer.update_meta(
-            model={**_describe_model(self.model), "wrappers": self.wrappers},
+            model={**_describe_model(self.model), "wrappers": self.wrappers, "sharded": self.sharded},
             distributed=self.placement.describe(),
             snapshot=self._pool.strategy,
             snapshot_detail=self._pool.describe(),
@@ -508,10 +537,12 @@ class Monitor:
         OPEN.add(self)
         if not self.probing:
             log.info(
-                "Monitor: rank %d of %d is not the probing rank; it probes and records nothing",
+                "Monitor: rank %d of %d is not the probing rank; it probes and records nothing%s",
                 self.placement.rank,
                 self.placement.world_size,
+                " (it gathers the sharded weights with the others)" if self._plan is not None else "",
             )
+            self._gather_only(self._plan is not None and self._plan.at_step(0, self._epoch))
             return self
         if self._handle_sigterm and not take_ending_signals():
             log.info("Monitor: SIGTERM is the program's own to handle (or not the main thread)")
@@ -556,7 +587,7 @@ class Monitor:
         self._fire("before_fit")
         self._step_handlers = self._handlers("after_step")
         self._warm_up()
-        self._probe_now(self._due_at_step())
+        self._launch(self._due_at_step(), self._plan is not None and self._plan.at_step(0, self._epoch))
         if self._viewer_mode:
             self._open_viewer()
         return self
@@ -569,7 +600,7 @@ class Monitor:
         if not states or self._streams is None or self._pool.inline:
             return
         shadows = []
-        while len(shadows) < self._pool.size and (shadow := self._pool.acquire()) is not None:
+        while len(shadows) < self._pool.size and (shadow := self._pool.acquire(fill=False)) is not None:
             shadows.append(shadow)
         try:
             with torch.no_grad(), self._streams.probe_context():
@@ -647,12 +678,22 @@ class Monitor:
         is then ``interrupted`` (KeyboardInterrupt) or ``failed``, with the error in run.json."""
         OPEN.discard(self)
         give_back_ending_signals()
-        if self._closed or not self._started or not self.probing:
+        if self._closed or not self._started:
             self._closed = True
             return
         self._closed = True
-        self._t_end = time.perf_counter()
         error = error if error is not None else self._ended_by
+        # A sharded model's ranks gather at close for the final frames and model.pt, unless
+        # training ended with an error (a rank that failed may never come).
+        gathers = self._plan is not None and error is None
+        final_gather = gathers and self._final_frame and bool(self._plan.schedules)
+        if not self.probing:
+            if gathers:
+                self._gather_only(final_gather)
+                if self._saves_model:
+                    self._pool.state_dict(keep=False)
+            return
+        self._t_end = time.perf_counter()
         self._tell_steps()
         if not self._worker.wait_idle(self._close_timeout):
             log.warning(
@@ -665,7 +706,10 @@ class Monitor:
                 for st in self._probes.values()
                 if st.enabled and not st.busy and st.last_step != self._step
             ]
-            self._probe_now(final, inline=True, epoch=self._last_step_epoch)
+            if self._plan is None:
+                self._probe_now(final, inline=True, epoch=self._last_step_epoch)
+            elif final_gather:
+                self._launch(final, True, inline=True, epoch=self._last_step_epoch)
         self._fire("after_fit")
         self._worker.close(timeout=1.0)
         if self._lr_hook is not None:
@@ -690,7 +734,15 @@ class Monitor:
         if self.writer is not None:
             if series is not None:
                 self.writer.write_history(series)  # whole: values logged after the last frames too
-            self.writer.save_model(self.model)
+            if self._plan is None:
+                self.writer.save_model(self.model)
+            elif gathers:
+                self.writer.save_state(self._pool.state_dict(keep=True))
+            else:
+                log.warning(
+                    "Monitor: no model.pt: the run ended with an error, and the sharded model's "
+                    "weights are gathered with every rank, which may not all come"
+                )
             for st in self._probes.values():
                 if st.probe.tabular and st.ring.written:
                     self.writer.write_table(st.probe.name)
@@ -784,6 +836,8 @@ class Monitor:
             self.start()
         if not self.probing:
             self._step += 1
+            if self._plan is not None:
+                self._gather_only(self._plan.at_step(self._step, self._epoch))
             return
         if self._adaptive:
             self._time_step(t_enter)
@@ -795,7 +849,9 @@ class Monitor:
         if self._step_handlers:
             self._fire("after_step", **kwargs)
         due = self._due_at_step() if step >= self._next_due else None
-        if due:
+        if self._plan is not None:
+            self._launch(due, self._plan.at_step(step, epoch))
+        elif due:
             self._probe_now(due)
         if self.viewer is not None:
             self._pump_viewer()
@@ -895,7 +951,8 @@ class Monitor:
             for st in self._probes.values()
             if st.enabled and st.last_step != self._step and self._ask(st, "due_at_epoch_end", self._epoch)
         ]
-        self._probe_now(self._skip_busy(due))
+        gathers = self._plan is not None and self._plan.at_epoch_end(self._epoch)
+        self._launch(self._skip_busy(due), gathers)
         self._epoch += 1
 
     def after_fit(self, **kwargs) -> None:
@@ -995,6 +1052,24 @@ class Monitor:
             else:
                 free.append(st)
         return free
+
+    def _launch(self, states: list[_ProbeState] | None, gathers: bool, **how) -> None:
+        """``_probe_now(states)``; with a sharded model, at a step at which every rank gathers
+        (``gathers``: see probescope.gather), the snapshot is the gather, which runs whether
+        or not a probe takes it."""
+        if not gathers:
+            if states:
+                self._probe_now(states, **how)
+            return
+        with self._pool.gathering(True):
+            if states:
+                self._probe_now(states, **how)
+
+    def _gather_only(self, gathers: bool) -> None:
+        """A rank that does not probe joins the gathers of a sharded model's weights."""
+        if gathers:
+            with self._pool.gathering(True):
+                pass
 
     def _probe_now(self, states: list[_ProbeState], inline: bool = False, epoch: int | None = None) -> None:
         """Snapshot the weights and evaluate ``states`` on the worker (or here, if inline)."""
@@ -1120,6 +1195,11 @@ class Monitor:
             "snapshot_bytes": self._pool.nbytes,
             "frames_written": self.writer.frames_written if self.writer else 0,
             **({"budget": self.budget} if self.budget is not None else {}),
+            **(
+                {"gathers": {"count": self._pool.gathers, "seconds": round(self._pool.gather_s, 6)}}
+                if self.sharded is not None
+                else {}
+            ),
             "nonfinite": {
                 display_name(name): {"step": step, "value": str(value)}
                 for name, (step, value) in self.history.nonfinite().items()

@@ -309,6 +309,10 @@ class RunWriter:
         """Save the model's state_dict as model.pt."""
         self._guard(lambda: save_state(model, self.path / "model.pt"))
 
+    def save_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Save a state_dict made already (a sharded model's, gathered whole) as model.pt."""
+        self._guard(lambda: atomic_write(self.path / "model.pt", lambda f: torch.save(dict(state), f)))
+
     def write_table(self, name: str) -> None:
         """Store a tabular probe's frames as ``probes/<name>/table.parquet`` (needs pandas, pyarrow)."""
         try:

@@ -233,16 +233,19 @@ class SnapshotPool:
         grads = sum(g.numel() * g.element_size() for gs in self._shadow_grads.values() for _, g in gs)
         return weights + grads
 
-    def acquire(self) -> nn.Module | None:
-        """A model with this step's weights, or None if every shadow is still in use."""
+    def acquire(self, fill: bool = True) -> nn.Module | None:
+        """A model with this step's weights, or None if every shadow is still in use.
+        ``fill=False``: a free shadow as it is (to warm probes up on)."""
         if self.strategy != "copy":
-            if self.strategy == "live" and self.streams is not None:
+            if fill and self.strategy == "live" and self.streams is not None:
                 self.streams.start_snapshot()  # the probe stream still waits for this step's work
             return self.model
         with self._lock:
             if not self._free:
                 return None
             shadow = self._free.pop()
+        if not fill:
+            return shadow
         if self.streams is None:
             self._copy_into(shadow)
             return shadow

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import probescope as ps
+from probescope.cli import main
 from probescope.distributed import sharding
 
 STEPS = 12
@@ -161,6 +162,119 @@ def test_one_rank_of_a_ddp_job_probes_and_the_others_do_nothing(tmp_path, probe_
     )
 
 
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Linear(2, 16), nn.GELU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _batches(rank: int):
+    """Rank ``rank``'s batches (each rank its own data, as a data-parallel job has)."""
+    g = torch.Generator().manual_seed(200 + rank)
+    x = torch.randn(STEPS * 16, 2, generator=g)
+    return x, (x[:, 0] > x[:, 1]).long() + (x[:, 0] > 1).long()
+
+
+def _fsdp_job(rank: int, world: int, store: str, out: str, snapshot: str, built: str) -> None:
+    """An FSDP2 job (fully_shard, every rank the same script) with probes that evaluate the
+    model, and beside it, on every rank, the same model unsharded, trained on the whole
+    batch: the frames must be that model's at their steps."""
+    _join(rank, world, store)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        torch.manual_seed(0)
+        model = _net()
+        reference = _net()
+        reference.load_state_dict(model.state_dict())
+        fully_shard(model[0])
+        fully_shard(model[2])
+        fully_shard(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+        ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.2)
+        data = [_batches(r) for r in range(world)]
+        x, y = data[rank]
+        held = torch.linspace(-2, 2, 24).reshape(12, 2)
+        probes = [
+            ps.GridProbe(x, y, resolution=12, domain=(-3, 3, -3, 3), schedule=ps.Schedule.every(3)),
+            ps.PredictionProbe(held, torch.arange(12) % 3, schedule=ps.Schedule.every(2)),
+            ps.StatsProbe(["0", "4"], batch=held, schedule=ps.Schedule.every_epoch()),
+            ps.LossProbe(),
+        ]
+        unsharded = _net if built == "callable" else _net()
+        expected = {}  # step -> the reference's probabilities on the held-out batch
+        with ps.Monitor(
+            model,
+            probes,
+            optimizer=optimizer,
+            run_dir=Path(store).parent / "run",
+            snapshot=snapshot,
+            unsharded=unsharded,
+        ) as monitor:
+            expected[0] = torch.softmax(reference(held), 1).tolist()
+            for step in range(STEPS):
+                i = step * 16
+                loss = nn.functional.cross_entropy(model(x[i : i + 16]), y[i : i + 16])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                xs = torch.cat([d[0][i : i + 16] for d in data])
+                ys = torch.cat([d[1][i : i + 16] for d in data])
+                ref_loss = nn.functional.cross_entropy(reference(xs), ys)
+                ref_optimizer.zero_grad()
+                ref_loss.backward()
+                ref_optimizer.step()
+                with torch.no_grad():
+                    expected[step + 1] = torch.softmax(reference(held), 1).tolist()
+                monitor.step(loss=loss)
+                if step == STEPS // 2 - 1:
+                    monitor.end_epoch()
+            monitor.end_epoch()
+        result = {
+            "probing": monitor.probing,
+            "summary": monitor.summary(),
+            "detail": monitor.snapshot_detail,
+            "expected": expected,
+            "reference": {k: v.tolist() for k, v in reference.state_dict().items()},
+        }
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        _leave()
+
+
+@pytest.mark.parametrize(("snapshot", "built"), [("copy", "callable"), ("sync", "module")])
+def test_a_sharded_model_is_probed_through_weights_every_rank_gathers(tmp_path, capsys, snapshot, built):
+    prober, other = run_ranks(_fsdp_job, tmp_path, snapshot, built)
+    assert prober["probing"] and not other["probing"]
+    for name, counters in prober["summary"]["probes"].items():
+        assert counters["failed"] == 0 and counters["frames"] >= 2, (name, counters)
+    # Steps 0, 2, 3, 4, 6, 8, 9, 10, 12 (every 2 or 3), two epoch ends, and the final frames.
+    assert prober["detail"]["sharded"] and prober["detail"]["gathers"] == 12
+    assert prober["summary"]["gathers"]["count"] == 12 and prober["summary"]["gathers"]["seconds"] > 0
+
+    run = ps.open_run(tmp_path / "run")
+    assert run.meta["model"]["sharded"].endswith("was sharded by fully_shard (FSDP2)")
+    frames = list(run.probe("prediction").frames())
+    assert [f.step for f in frames] == [0, 2, 4, 6, 8, 10, 12]
+    for frame in frames:  # the unsharded model's probabilities at the frame's step
+        probs = np.asarray(prober["expected"][str(frame.step)])
+        np.testing.assert_allclose(
+            frame.data["prob_true"], probs[np.arange(12), np.arange(12) % 3], rtol=0, atol=1e-5
+        )
+    assert [f.step for f in run.probe("grid").frames()] == [0, 3, 6, 9, 12]
+    assert [f.step for f in run.probe("stats").frames()] == [0, 6, 12]
+    stats = run.probe("stats").table()
+    last = stats[stats.step == 12].iloc[0]
+    weight = np.asarray(prober["reference"]["4.weight"])
+    np.testing.assert_allclose(last["weight/4.weight/l2"], np.linalg.norm(weight), rtol=1e-5)
+    assert main(["info", str(tmp_path / "run")]) == 0
+    info = capsys.readouterr().out
+    assert "sharded   module '(root)' was sharded by fully_shard (FSDP2); 12 gathers" in info
+    # model.pt: the whole model, gathered at close.
+    state = torch.load(tmp_path / "run" / "model.pt")
+    assert sorted(state) == sorted(prober["reference"])
+    for key, value in prober["reference"].items():
+        np.testing.assert_allclose(state[key].numpy(), value, rtol=0, atol=1e-5, err_msg=key)
+
+
 def _sharded_job(rank: int, world: int, store: str, out: str) -> None:
     _join(rank, world, store)
     try:
@@ -171,30 +285,70 @@ def _sharded_job(rank: int, world: int, store: str, out: str) -> None:
         fsdp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 3))
         fully_shard(fsdp)
         found["fsdp2"] = sharding(fsdp)
-        try:
-            ps.Monitor(fsdp, [ps.LossProbe()])
-        except ValueError as err:
-            found["refused"] = str(err)
+        x = torch.randn(16, 2)
+        asks = {
+            "no_unsharded": ([ps.PredictionProbe(x, torch.zeros(16))], {}),
+            "budget": ([ps.PredictionProbe(x, torch.zeros(16), schedule=ps.Schedule.budget(0.1))], {}),
+            "grads": ([ps.StatsProbe(targets=("weights", "grads"))], {}),
+            "live": ([ps.StatsProbe()], {"snapshot": "live"}),
+            "other_model": ([ps.StatsProbe()], {"unsharded": lambda: nn.Sequential(nn.Linear(2, 9))}),
+        }
+        unsharded = lambda: nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 3))  # noqa: E731
+        for name, (probes, kwargs) in asks.items():
+            kwargs = {"unsharded": unsharded, **kwargs} if name != "no_unsharded" else {}
+            try:
+                ps.Monitor(fsdp, probes, **kwargs)
+            except ValueError as err:
+                found[name] = str(err)
+        # A model of the loop's series alone needs no unsharded copy.
+        with ps.Monitor(fsdp, [ps.LossProbe()]) as monitor:
+            monitor.step(loss=1.0)
+        found["loss_only"] = monitor.summary()["steps"]
+        # Tensor parallelism: a DTensor weight sharded by rows is gathered whole.
         mesh = init_device_mesh("cpu", (world,))
+        torch.manual_seed(1)
         tensor_parallel = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        plain.load_state_dict(tensor_parallel.state_dict())
         weight = tensor_parallel[0].weight
         tensor_parallel[0].weight = nn.Parameter(distribute_tensor(weight.detach(), mesh, [Shard(0)]))
         found["dtensor"] = sharding(tensor_parallel)
+        held = torch.randn(5, 4)
+        probe = ps.PredictionProbe(held, torch.zeros(5, dtype=torch.long))
+        with ps.Monitor(tensor_parallel, [probe], unsharded=plain, snapshot="sync") as monitor:
+            pass
+        latest = monitor.latest("prediction")
+        found["tp_probs"] = None if latest is None else latest.data["prob_true"].tolist()
+        found["plain_probs"] = torch.softmax(plain(held), 1)[:, 0].tolist()
         found["plain"] = sharding(nn.Sequential(nn.Linear(2, 3)))
         Path(out, f"rank{rank}.json").write_text(json.dumps(found))
     finally:
         _leave()
 
 
-def test_sharded_models_are_refused_on_every_rank_with_the_reason(tmp_path):
-    for found in run_ranks(_sharded_job, tmp_path):
+def test_sharded_models_are_refused_on_every_rank_where_they_cannot_be_probed(tmp_path):
+    for rank, found in enumerate(run_ranks(_sharded_job, tmp_path)):
         assert "fully_shard" in found["fsdp2"]
-        assert (
-            "sharded across the job's 2 ranks" in found["refused"]
-            and "DistributedDataParallel" in found["refused"]
-        )
+        assert "sharded across the job's 2 ranks" in found["no_unsharded"]
+        assert "unsharded=lambda: MyModel(...)" in found["no_unsharded"]
+        assert "PredictionProbe 'prediction'" in found["no_unsharded"]
+        assert "budget schedules (prediction)" in found["budget"]
+        assert "read gradients" in found["grads"]
+        assert "snapshot='live'" in found["live"]
+        if rank == 0:  # only the probing rank builds the unsharded model
+            assert "its '0.weight' is (9, 2)" in found["other_model"]
+        assert found["loss_only"] == 1
         assert "'0.weight' is a DTensor" in found["dtensor"]
+        if rank == 0:
+            np.testing.assert_allclose(found["tp_probs"], found["plain_probs"], rtol=0, atol=1e-6)
+        else:
+            assert found["tp_probs"] is None
         assert found["plain"] is None
+
+
+def test_unsharded_is_refused_for_a_model_that_is_whole(mlp):
+    with pytest.raises(ValueError, match="unsharded= is for a model sharded across ranks"):
+        ps.Monitor(mlp, [ps.LossProbe()], unsharded=mlp)
 
 
 # ---- wrappers in one process --------------------------------------------------------------

@@ -1,0 +1,165 @@
+"""What probing a sharded model costs its training: an FSDP2 job (``fully_shard``) on
+``--ranks`` processes, its steps timed with no Monitor, with a Monitor whose probes do not read
+the model (a LossProbe: no gather), and with a PredictionProbe every 10 steps and every step
+(each of those steps every rank gathers the whole model for the probing rank's unsharded
+copy), the variants taking turns round after round. The table gives the probing rank's
+median steps/s per variant, its ratio to no Monitor, and the gathers' mean time in its
+training thread. Each rank trains on one CPU thread over gloo (``--device cuda`` with NCCL,
+one GPU per rank, where the machine has them). Run:
+``python -m benchmarks.sharded [--ranks 2] [--hidden 512] [--rounds 3] [--steps 60] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import probescope as ps
+from benchmarks.timing import device_name
+
+VARIANTS = ("off", "loss only", "every 10", "every step")
+BATCH = 256
+
+
+def mlp(hidden: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 7)
+    )
+
+
+def _probes(variant: str, held: torch.Tensor) -> list:
+    if variant == "loss only":
+        return [ps.LossProbe()]
+    every = 10 if variant == "every 10" else 1
+    labels = torch.zeros(len(held), dtype=torch.long)
+    return [ps.LossProbe(), ps.PredictionProbe(held, labels, schedule=ps.Schedule.every(every))]
+
+
+def _fit(model, optimizer, x, y, steps: int, monitor) -> float:
+    """Seconds for ``steps`` steps after a first untimed one (set-up, first gathers)."""
+    start = 0.0
+    for step in range(steps + 1):
+        if step == 1:
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            dist.barrier()
+            start = time.perf_counter()
+        i = (step * BATCH) % (len(x) - BATCH)
+        loss = nn.functional.cross_entropy(model(x[i : i + BATCH]), y[i : i + BATCH])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if monitor is not None:
+            monitor.step(loss=loss)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _rank(rank: int, world: int, store: str, out: str, args: dict) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    cuda = args["device"] == "cuda"
+    torch.set_num_threads(1)
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank, world_size=world
+    )
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(8192, 2, generator=g).to(device)
+    y = (x[:, 0] > x[:, 1]).long()
+    held = torch.randn(512, 2, generator=g)
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    gathers: list[float] = []
+    try:
+        for _ in range(args["rounds"]):
+            for variant in VARIANTS:
+                torch.manual_seed(0)
+                model = mlp(args["hidden"]).to(device)
+                for layer in (model[0], model[2], model[4]):
+                    fully_shard(layer)
+                fully_shard(model)
+                optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+                if variant == "off":
+                    times[variant].append(_fit(model, optimizer, x, y, args["steps"], None))
+                    continue
+                with ps.Monitor(
+                    model,
+                    _probes(variant, held),
+                    optimizer=optimizer,
+                    unsharded=lambda: mlp(args["hidden"]),
+                    final_frame=False,
+                ) as monitor:
+                    times[variant].append(_fit(model, optimizer, x, y, args["steps"], monitor))
+                    monitor.drain()
+                done = monitor.summary().get("gathers", {})
+                if monitor.probing and done.get("count"):
+                    gathers.append(done["seconds"] / done["count"])
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"times": times, "gathers": gathers}))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sharded", description=__doc__)
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and torch.cuda.device_count() < args.ranks:
+        parser.error(f"--device cuda needs a GPU per rank; this machine has {torch.cuda.device_count()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp, "out")
+        out.mkdir()
+        mp.start_processes(
+            _rank, args=(args.ranks, os.path.join(tmp, "store"), str(out), vars(args)), nprocs=args.ranks
+        )
+        probing = json.loads((out / "rank0.json").read_text())
+    rates = {v: args.steps / statistics.median(t) for v, t in probing["times"].items()}
+    params = sum(p.numel() for p in mlp(args.hidden).parameters())
+    lines = [
+        f"FSDP2 MLP 2-{args.hidden}-{args.hidden}-7 ({params:,} parameters) on {args.ranks} ranks, "
+        f"batch {BATCH} a rank, {args.steps} steps x {args.rounds} rounds",
+        "",
+        "| variant | steps/s (rank 0, median) | ratio to off |",
+        "|---|---|---|",
+        *(f"| {v} | {r:.1f} | {rates['off'] / r:.3f} |" for v, r in rates.items()),
+    ]
+    if probing["gathers"]:
+        gather_ms = 1e3 * statistics.mean(probing["gathers"])
+        lines += ["", f"a gather in rank 0's training thread: {gather_ms:.2f} ms (mean)"]
+    device = torch.device("cuda" if args.device == "cuda" else "cpu")
+    meta = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "command": "python -m benchmarks.sharded " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"meta": meta, "args": {k: str(v) for k, v in vars(args).items()}, "rates": rates, **probing}
+    (args.out / "sharded.json").write_text(json.dumps(result, indent=1))
+    print(f"{meta['device']} · torch {meta['torch']} · {meta['date']}")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

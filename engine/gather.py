@@ -1,0 +1,333 @@
+"""Probes of a sharded model: every rank joins a gather of the whole weights at the steps the
+probes are due, and the probing rank evaluates them in an unsharded copy of the model.
+
+A model sharded across ranks (FSDP2's ``fully_shard``, tensor parallelism: any DTensor
+parameter) holds a part of each weight on each rank, and its forward gathers the rest from
+every rank: a probe cannot run it on one rank alone. Instead, at each step at which a probe
+that reads the model is due, every rank takes part in gathering each sharded parameter whole
+(``DTensor.full_tensor()``, parameter by parameter in the model's order: at most one whole
+parameter more on a rank at a time), and the probing rank writes the gathered weights (and
+its own buffers, which are whole on every rank) into a shadow: an unsharded model built from
+the one the user gives (``Monitor(..., unsharded=...)``: the model as defined before
+sharding, or a function that builds it; on the meta device it costs no memory, and its
+shadows are made on the sharded model's device). Probes then evaluate the shadow off the
+training path, as with the ``copy`` snapshot; the other ranks drop what they gathered.
+
+Which steps gather must be the same on every rank, or one rank would wait for a collective
+that the others never start: a ``GatherPlan`` asks the probes' schedules on every rank, from
+the step and epoch alone (a busy or disabled probe on the probing rank does not change it).
+Schedules that adapt to the probing rank's own timings (``Schedule.budget``) cannot be known
+by the other ranks and are refused. A gather is a collective in the training thread of every
+rank, so a gathering step costs training about one all-gather of the parameters (more than a
+forward's, since every parameter goes whole to every rank, and to the host when the shadows
+are there): ``GatheredPool.describe()`` counts the gathers and their time on the probing rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from probescope.schedule import Schedule, StepInfo, next_due
+from probescope.snapshot import (
+    _host_place,
+    _named_state_tensors,
+    _unique,
+    device_free_memory,
+    observer_hooks,
+    plan_copies,
+    shadow_copy,
+)
+from probescope.streams import ProbeStreams
+
+log = logging.getLogger("probescope")
+
+
+class GatherPlan:
+    """The steps and epoch ends at which every rank gathers: those at which any of
+    ``schedules`` (those of the probes that read the model) is due, asked from the step and
+    epoch alone, the same way on every rank. A schedule that raises is never due again (on
+    every rank alike)."""
+
+    def __init__(self, schedules: Iterable[Schedule]):
+        self.schedules = list(schedules)
+        self._next: list[float] = [0] * len(self.schedules)  # inf: never again; -inf: it raised
+
+    def at_step(self, step: int, epoch: int) -> bool:
+        due = False
+        info = StepInfo(step, epoch, None)
+        for i, schedule in enumerate(self.schedules):
+            if step < self._next[i] or self._next[i] == -math.inf:
+                continue
+            try:
+                due = bool(schedule.due(info)) or due
+            except Exception:
+                self._next[i] = -math.inf
+                continue
+            following = next_due(schedule, step)
+            self._next[i] = math.inf if following is None else following
+        return due
+
+    def at_epoch_end(self, epoch: int) -> bool:
+        due = False
+        for i, schedule in enumerate(self.schedules):
+            if self._next[i] == -math.inf:
+                continue
+            try:
+                due = bool(schedule.due_at_epoch_end(epoch)) or due
+            except Exception:
+                self._next[i] = -math.inf
+        return due
+
+
+def build_unsharded(unsharded: nn.Module | Callable[[], nn.Module]) -> nn.Module:
+    """The unsharded template: the module given, or what the function given builds, built on
+    the meta device (its shadows are made, whole, where the probes run)."""
+    if isinstance(unsharded, nn.Module):
+        return unsharded
+    if not callable(unsharded):
+        raise TypeError(
+            "Monitor: unsharded must be the model as defined before sharding (a torch.nn.Module, "
+            f"e.g. on the meta device) or a function that builds it, got {type(unsharded).__name__}"
+        )
+    with torch.device("meta"):
+        built = unsharded()
+    if not isinstance(built, nn.Module):
+        raise TypeError(f"Monitor: unsharded() must return a torch.nn.Module, got {type(built).__name__}")
+    return built
+
+
+class GatheredPool:
+    """Shadows of a sharded model, filled by a gather in which every rank takes part.
+
+    Every rank holds one (the same sources, in the same order); the probing rank's has
+    ``size`` shadows made from ``template`` (the unsharded model) on ``device``, or on the
+    host with ``host``. The Monitor arms it at each gathering step (``gathering``): the
+    first ``acquire`` then gathers into a free shadow, and if none took it the gather still
+    runs when the step's launches end (the other ranks gather whatever the probing rank does).
+    ``acquire`` outside a gathering step hands out no shadow: a gather there would hang the job.
+    """
+
+    def __init__(
+        self,
+        sharded: nn.Module,
+        template: nn.Module | None,
+        strategy: str = "copy",
+        size: int = 2,
+        streams: ProbeStreams | None = None,
+        defer_wait: bool = False,
+        host: bool = False,
+        hooks: bool = False,
+    ):
+        if strategy not in ("copy", "sync"):
+            raise ValueError(
+                f"Monitor: snapshot={strategy!r} reads the model in place, which a sharded model "
+                "cannot give a probe; use 'copy' (the default) or 'sync'"
+            )
+        self.model, self.strategy, self.streams, self.host = sharded, strategy, streams, host
+        self._wait_now = not defer_wait
+        named = _named_state_tensors(sharded)
+        first_name = {}
+        for name, t in named:
+            first_name.setdefault(id(t), name)
+        self._sources = _unique(t for _, t in named)  # every rank gathers them in this order
+        self._names = [first_name[id(t)] for t in self._sources]
+        self.size = 0 if template is None else (size if strategy == "copy" else 1)
+        self.dropped_hooks = observer_hooks(template) if template is not None and not hooks else []
+        self._free: list[nn.Module] = []
+        self._targets: dict[int, list[torch.Tensor]] = {}
+        self._ready: dict[int, torch.cuda.Event] = {}
+        self._lock = threading.Lock()
+        self._armed = self._gathered = False
+        self.gathers, self.gather_s = 0, 0.0
+        self.reference: nn.Module | None = None  # the shadow probes are set up for
+        if template is not None:
+            self._check_template(template)
+            self._make_shadows(template, hooks)
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def _check_template(self, template: nn.Module) -> None:
+        """The unsharded model has a tensor of each name, shape and dtype the sharded one has."""
+        theirs = {n: t for n, t in _named_state_tensors(template)}
+        problems = []
+        for name, t in zip(self._names, self._sources, strict=True):
+            other = theirs.get(name)
+            if other is None:
+                problems.append(f"it has no {name!r}")
+            elif tuple(other.shape) != tuple(t.shape) or other.dtype != t.dtype:
+                problems.append(
+                    f"its {name!r} is {tuple(other.shape)} {other.dtype}, the sharded model's "
+                    f"{tuple(t.shape)} {t.dtype}"
+                )
+        ours = set(self._names) | {n for n, _ in _named_state_tensors(self.model)}
+        problems += [f"the sharded model has no {n!r}" for n in theirs if n not in ours]
+        if problems:
+            raise ValueError(
+                "Monitor: unsharded must be the sharded model as it was defined before sharding "
+                f"(the same tensors by name, shape and dtype), but {'; '.join(problems[:4])}"
+                f"{' ...' if len(problems) > 4 else ''}"
+            )
+        self._template_names = theirs
+
+    def _make_shadows(self, template: nn.Module, hooks: bool) -> None:
+        device = _source_device(self._sources) if _on_meta(template) else _template_device(template)
+        per_copy = sum(t.numel() * t.element_size() for t in self._sources)
+        size, host, why = self.size, self.host, None
+        if not host:
+            size, host, why = plan_copies(per_copy, size, device_free_memory(device), whole=True)
+        if why:
+            log.warning("Monitor: the unsharded shadows: %s", why)
+        self.size, self.host = size, host
+        if host:
+            place = _host_place
+        else:
+
+            def place(t: torch.Tensor) -> torch.Tensor:
+                return torch.empty(t.shape, dtype=t.dtype, device=device)
+
+        for _ in range(self.size):
+            shadow, twin = shadow_copy(template, {}, hooks=hooks, place=place)
+            shadow.eval()
+            targets = [twin[id(self._template_names[name])] for name in self._names]
+            with torch.no_grad():
+                for t in targets:
+                    t.requires_grad_(False)
+                    t.zero_()  # probes set up on it read finite numbers
+            self._targets[id(shadow)] = targets
+            self._free.append(shadow)
+        self.reference = self._free[0] if self._free else None
+
+    # ---- the pool's interface (probescope.snapshot.SnapshotPool) --------------------------
+    @property
+    def inline(self) -> bool:
+        return self.strategy == "sync"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in self._targets.values() for t in ts)
+
+    def describe(self) -> dict:
+        return {
+            "strategy": self.strategy,
+            "host": self.host,
+            "sharded": True,
+            "copied_elements": sum(t.numel() for t in self._sources),
+            "model_elements": sum(t.numel() for t in self._sources),
+            "bytes": self.nbytes,
+            "dropped_hooks": list(self.dropped_hooks),
+            "gathers": self.gathers,
+            "gather_s": round(self.gather_s, 6),
+        }
+
+    def model_change(self) -> str | None:
+        """None: the gathers read the sharded parameters found at construction, which FSDP
+        keeps (updated in place) while it registers unsharded ones on the modules during each
+        forward and backward, so the modules' parameters, which a probe's thread would compare
+        while training runs, say nothing about a change."""
+        return None
+
+    def acquire(self, fill: bool = True) -> nn.Module | None:
+        """A shadow holding this step's gathered weights (the first acquire of a gathering step
+        gathers), or None: every shadow in use, the step's gather already taken by another
+        shadow, or not a gathering step. ``fill=False``: any free shadow, as it is (warm-up)."""
+        with self._lock:
+            if not self._free or (fill and (not self._armed or self._gathered)):
+                return None
+            shadow = self._free.pop()
+        if not fill:
+            return shadow
+        targets = self._targets[id(shadow)]
+        if self.streams is None:
+            self._gather(targets)
+            return shadow
+        self.streams.start_snapshot()
+        with self.streams.probe_context():
+            self._gather(targets)
+            if self.host:
+                self._ready[id(shadow)] = ready = torch.cuda.Event()
+                ready.record()
+        self.streams.end_snapshot(wait_now=self._wait_now)
+        return shadow
+
+    def wait_ready(self, shadow: nn.Module) -> None:
+        ready = self._ready.pop(id(shadow), None)
+        if ready is not None:
+            ready.synchronize()
+
+    def release(self, shadow: nn.Module) -> None:
+        with self._lock:
+            self._free.append(shadow)
+
+    # ---- gathering ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def gathering(self, due: bool):
+        """Around a step's (or an epoch end's, or close's) launches, on every rank: with ``due``
+        the step gathers exactly once, into the shadow the first ``acquire`` takes, or for
+        nothing after the launches if none did."""
+        if not due:
+            yield
+            return
+        self._armed, self._gathered = True, False
+        try:
+            yield
+        finally:
+            if not self._gathered:
+                self._gather(None)
+            self._armed = False
+
+    def _gather(self, into: list[torch.Tensor] | None) -> None:
+        """Every source whole, in order (a collective per sharded one, on every rank), written
+        into ``into`` (the probing rank's shadow) or dropped."""
+        from torch.distributed.tensor import DTensor
+
+        t0 = time.perf_counter()
+        self._gathered = True
+        with torch.no_grad():
+            for i, source in enumerate(self._sources):
+                if isinstance(source, DTensor):
+                    whole = source.full_tensor()
+                elif into is None:
+                    continue  # a buffer: whole on every rank already
+                else:
+                    whole = source
+                if into is not None:
+                    into[i].copy_(whole, non_blocking=self.host)
+        self.gathers += 1
+        self.gather_s += time.perf_counter() - t0
+
+    def state_dict(self, keep: bool) -> dict[str, torch.Tensor] | None:
+        """The sharded model's state_dict, whole, on the host (``model.pt``): a collective on
+        every rank; the tensors on the rank that ``keep``s them (the probing rank), else None."""
+        from torch.distributed.tensor import DTensor
+
+        state = {}
+        with torch.no_grad():
+            for name, t in self.model.state_dict().items():
+                whole = t.full_tensor() if isinstance(t, DTensor) else t
+                if keep:
+                    state[name] = whole.detach().cpu()
+        return state if keep else None
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return any(t.is_meta for _, t in _named_state_tensors(module))
+
+
+def _template_device(module: nn.Module) -> torch.device:
+    for _, t in _named_state_tensors(module):
+        return t.device
+    return torch.device("cpu")
+
+
+def _source_device(sources: list[torch.Tensor]) -> torch.device:
+    """Where the sharded model's local shards are (a DTensor's device is its local tensor's)."""
+    for t in sources:
+        return t.device
+    return torch.device("cpu")
