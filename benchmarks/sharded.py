@@ -2,7 +2,9 @@
 ``--ranks`` processes, its steps timed with no Monitor, with a Monitor whose probes do not read
 the model (a LossProbe: no gather), and with a PredictionProbe every 10 steps and every step
 (each of those steps every rank gathers the whole model for the probing rank's unsharded
-copy), the variants taking turns round after round. The table gives the probing rank's
+copy, in buckets: one collective each), and every step gathered the naive way, a collective
+per parameter (``DTensor.full_tensor()``, as torch.distributed.checkpoint's full state dict
+does), the variants taking turns round after round. The table gives the probing rank's
 median steps/s per variant, its ratio to no Monitor, and the gathers' mean time in its
 training thread. Each rank trains on one CPU thread over gloo (``--device cuda`` with NCCL,
 one GPU per rank, where the machine has them). Run:
@@ -28,8 +30,9 @@ from torch import nn
 
 import probescope as ps
 from benchmarks.timing import device_name
+from probescope import gather
 
-VARIANTS = ("off", "loss only", "every 10", "every step")
+VARIANTS = ("off", "loss only", "every 10", "every step", "every step, per parameter")
 BATCH = 256
 
 
@@ -42,7 +45,7 @@ def mlp(hidden: int) -> nn.Sequential:
 def _probes(variant: str, held: torch.Tensor) -> list:
     if variant == "loss only":
         return [ps.LossProbe()]
-    every = 10 if variant == "every 10" else 1
+    every = 10 if variant == "every 10" else 1  # "per parameter": gathered the naive way
     labels = torch.zeros(len(held), dtype=torch.long)
     return [ps.LossProbe(), ps.PredictionProbe(held, labels, schedule=ps.Schedule.every(every))]
 
@@ -68,6 +71,13 @@ def _fit(model, optimizer, x, y, steps: int, monitor) -> float:
     return time.perf_counter() - start
 
 
+def _one_by_one(sources, probe_rank):
+    """No buckets: every sharded parameter gathered whole on every rank, one by one."""
+    from torch.distributed.tensor import DTensor
+
+    return [], [i for i, t in enumerate(sources) if isinstance(t, DTensor)]
+
+
 def _rank(rank: int, world: int, store: str, out: str, args: dict) -> None:
     from torch.distributed.fsdp import fully_shard
 
@@ -84,7 +94,8 @@ def _rank(rank: int, world: int, store: str, out: str, args: dict) -> None:
     y = (x[:, 0] > x[:, 1]).long()
     held = torch.randn(512, 2, generator=g)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    gathers: list[float] = []
+    gathers: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    bucketed = gather.plan_buckets
     try:
         for _ in range(args["rounds"]):
             for variant in VARIANTS:
@@ -94,6 +105,7 @@ def _rank(rank: int, world: int, store: str, out: str, args: dict) -> None:
                     fully_shard(layer)
                 fully_shard(model)
                 optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+                gather.plan_buckets = _one_by_one if variant.endswith("per parameter") else bucketed
                 if variant == "off":
                     times[variant].append(_fit(model, optimizer, x, y, args["steps"], None))
                     continue
@@ -108,11 +120,15 @@ def _rank(rank: int, world: int, store: str, out: str, args: dict) -> None:
                     monitor.drain()
                 done = monitor.summary().get("gathers", {})
                 if monitor.probing and done.get("count"):
-                    gathers.append(done["seconds"] / done["count"])
+                    gathers[variant].append(done["seconds"] / done["count"])
         Path(out, f"rank{rank}.json").write_text(json.dumps({"times": times, "gathers": gathers}))
     finally:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _ms(seconds: list[float]) -> str:
+    return f"{1e3 * statistics.mean(seconds):.2f}" if seconds else "-"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,18 +150,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         probing = json.loads((out / "rank0.json").read_text())
     rates = {v: args.steps / statistics.median(t) for v, t in probing["times"].items()}
+    gathers = probing["gathers"]
     params = sum(p.numel() for p in mlp(args.hidden).parameters())
     lines = [
         f"FSDP2 MLP 2-{args.hidden}-{args.hidden}-7 ({params:,} parameters) on {args.ranks} ranks, "
         f"batch {BATCH} a rank, {args.steps} steps x {args.rounds} rounds",
         "",
-        "| variant | steps/s (rank 0, median) | ratio to off |",
-        "|---|---|---|",
-        *(f"| {v} | {r:.1f} | {rates['off'] / r:.3f} |" for v, r in rates.items()),
+        "| variant | steps/s (rank 0, median) | slowdown (off / variant) | a gather, rank 0 (mean ms) |",
+        "|---|---|---|---|",
+        *(f"| {v} | {r:.1f} | {rates['off'] / r:.3f} | {_ms(gathers[v])} |" for v, r in rates.items()),
     ]
-    if probing["gathers"]:
-        gather_ms = 1e3 * statistics.mean(probing["gathers"])
-        lines += ["", f"a gather in rank 0's training thread: {gather_ms:.2f} ms (mean)"]
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -4,10 +4,13 @@ probes are due, and the probing rank evaluates them in an unsharded copy of the 
 A model sharded across ranks (FSDP2's ``fully_shard``, tensor parallelism: any DTensor
 parameter) holds a part of each weight on each rank, and its forward gathers the rest from
 every rank: a probe cannot run it on one rank alone. Instead, at each step at which a probe
-that reads the model is due, every rank takes part in gathering each sharded parameter whole
-(``DTensor.full_tensor()``, parameter by parameter in the model's order: at most one whole
-parameter more on a rank at a time), and the probing rank writes the gathered weights (and
-its own buffers, which are whole on every rank) into a shadow: an unsharded model built from
+that reads the model is due, every rank takes part in gathering the sharded parameters to the probing rank: those sharded
+by rows over all ranks (FSDP2's) in buckets of up to ``BUCKET_BYTES`` of whole parameters,
+one ``torch.distributed.gather`` each (a rank sends its packed rows and holds nothing more;
+one collective per parameter, as ``DTensor.full_tensor()`` or a full state dict takes, costs
+a latency each: five times the time on benchmarks.sharded's MLP), any other placement whole
+on every rank, one parameter at a time (``DTensor.full_tensor()``). The probing rank writes
+the gathered weights (and its own buffers, which are whole on every rank) into a shadow: an unsharded model built from
 the one the user gives (``Monitor(..., unsharded=...)``: the model as defined before
 sharding, or a function that builds it; on the meta device it costs no memory, and its
 shadows are made on the sharded model's device). Probes then evaluate the shadow off the
@@ -125,6 +128,7 @@ class GatheredPool:
         defer_wait: bool = False,
         host: bool = False,
         hooks: bool = False,
+        probe_rank: int = 0,
     ):
         if strategy not in ("copy", "sync"):
             raise ValueError(
@@ -139,6 +143,12 @@ class GatheredPool:
             first_name.setdefault(id(t), name)
         self._sources = _unique(t for _, t in named)  # every rank gathers them in this order
         self._names = [first_name[id(t)] for t in self._sources]
+        position = {id(t): i for i, t in enumerate(self._sources)}
+        self._index = {name: position[id(t)] for name, t in named}  # every name, aliases too
+        self.probe_rank = probe_rank
+        self._buckets, self._each = plan_buckets(self._sources, probe_rank)
+        gathered = {i for b in self._buckets for i, *_ in b.entries} | set(self._each)
+        self._local = [i for i in range(len(self._sources)) if i not in gathered]  # buffers
         self.size = 0 if template is None else (size if strategy == "copy" else 1)
         self.dropped_hooks = observer_hooks(template) if template is not None and not hooks else []
         self._free: list[nn.Module] = []
@@ -283,37 +293,125 @@ class GatheredPool:
             self._armed = False
 
     def _gather(self, into: list[torch.Tensor] | None) -> None:
-        """Every source whole, in order (a collective per sharded one, on every rank), written
-        into ``into`` (the probing rank's shadow) or dropped."""
-        from torch.distributed.tensor import DTensor
-
+        """Every source whole, in order, written into ``into`` (the probing rank's shadow) or
+        dropped: the parameters sharded by rows over all ranks (FSDP2's) in buckets, one
+        gather to the probing rank each; any other sharded one whole on every rank
+        (``DTensor.full_tensor()``); buffers, whole on every rank, copied."""
         t0 = time.perf_counter()
         self._gathered = True
         with torch.no_grad():
-            for i, source in enumerate(self._sources):
-                if isinstance(source, DTensor):
-                    whole = source.full_tensor()
-                elif into is None:
-                    continue  # a buffer: whole on every rank already
-                else:
-                    whole = source
+            for bucket in self._buckets:
+                bucket.gather(self._sources, into, self.host)
+            for i in self._each:
+                whole = self._sources[i].full_tensor()
                 if into is not None:
                     into[i].copy_(whole, non_blocking=self.host)
+            if into is not None:
+                for i in self._local:
+                    into[i].copy_(self._sources[i], non_blocking=self.host)
         self.gathers += 1
         self.gather_s += time.perf_counter() - t0
 
     def state_dict(self, keep: bool) -> dict[str, torch.Tensor] | None:
-        """The sharded model's state_dict, whole, on the host (``model.pt``): a collective on
-        every rank; the tensors on the rank that ``keep``s them (the probing rank), else None."""
-        from torch.distributed.tensor import DTensor
+        """The sharded model's state_dict, whole, on the host (``model.pt``): a gather on every
+        rank; the tensors on the rank that ``keep``s them (the probing rank), else None."""
+        keys = list(self.model.state_dict())
+        if not keep:
+            self._gather(None)
+            return None
+        whole = [torch.empty(t.shape, dtype=t.dtype) for t in self._sources]
+        self._gather(whole)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # (at close: the copies to the host are done)
+        return {key: whole[self._index[key]] for key in keys}
 
-        state = {}
-        with torch.no_grad():
-            for name, t in self.model.state_dict().items():
-                whole = t.full_tensor() if isinstance(t, DTensor) else t
-                if keep:
-                    state[name] = whole.detach().cpu()
-        return state if keep else None
+
+class _Bucket:
+    """Parameters sharded by rows (``Shard(0)``) over one process group that holds every rank,
+    gathered to the probing rank in one collective: each rank packs its rows of each into one
+    buffer, a slot per parameter as large as the largest rank's rows (``torch.chunk``'s split,
+    which DTensor's follows), and the probing rank unpacks every rank's rows into place."""
+
+    def __init__(self, group, dst: int, dtype: torch.dtype, device: torch.device):
+        import torch.distributed as dist
+
+        self.group, self.dst, self.dtype, self.device = group, dst, dtype, device  # dst: a global rank
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.receiving = dist.get_rank() == dst
+        self.entries: list[tuple[int, int, int, list[int]]] = []  # source, offset, row size, rows
+        self.size = 0  # elements of a rank's packed buffer
+        self.whole_bytes = 0
+
+    def add(self, index: int, shape: torch.Size) -> None:
+        n = shape[0]
+        per = math.ceil(n / self.world)
+        rows = [max(0, min(per, n - r * per)) for r in range(self.world)]
+        row = math.prod(shape[1:])
+        self.entries.append((index, self.size, row, rows))
+        self.size += per * row
+        self.whole_bytes += n * row * torch.empty((), dtype=self.dtype).element_size()
+
+    def gather(
+        self, sources: list[torch.Tensor], into: list[torch.Tensor] | None, non_blocking: bool
+    ) -> None:
+        import torch.distributed as dist
+
+        packed = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        for index, offset, _, rows in self.entries:
+            local = sources[index].to_local()
+            if local.shape[0] != rows[self.rank]:
+                raise RuntimeError(
+                    f"gather: a parameter sharded by rows has {local.shape[0]} rows on rank "
+                    f"{self.rank}, not the {rows[self.rank]} of torch.chunk's split"
+                )
+            packed[offset : offset + local.numel()].copy_(local.reshape(-1))
+        parts = [torch.empty_like(packed) for _ in range(self.world)] if self.receiving else None
+        dist.gather(packed, parts, dst=self.dst, group=self.group)
+        if into is None or not self.receiving:
+            return
+        for index, offset, row, rows in self.entries:
+            target, start = into[index], 0
+            for part, n in zip(parts, rows, strict=True):
+                if n:
+                    piece = part[offset : offset + n * row].view(n, *target.shape[1:])
+                    target[start : start + n].copy_(piece, non_blocking=non_blocking)
+                start += n
+
+
+BUCKET_BYTES = 256 * 2**20  # the whole parameters a bucket gathers at most (a larger one: alone)
+
+
+def plan_buckets(sources: list[torch.Tensor], probe_rank: int) -> tuple[list[_Bucket], list[int]]:
+    """The buckets of the sources that one gather per bucket brings to ``probe_rank`` (sharded
+    by rows over a group of every rank: FSDP2's parameters), and the other sharded sources,
+    gathered one by one. The same on every rank: it reads global shapes and placements only."""
+    try:
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:
+        return [], []
+    buckets: dict[tuple, _Bucket] = {}
+    chosen: list[_Bucket] = []
+    each = []
+    for i, t in enumerate(sources):
+        if not isinstance(t, DTensor):
+            continue
+        mesh = t.device_mesh
+        if mesh.ndim != 1 or tuple(t.placements) != (Shard(0),) or t.ndim == 0:
+            each.append(i)
+            continue
+        group = mesh.get_group()
+        if dist.get_world_size(group) != dist.get_world_size():
+            each.append(i)  # a group without every rank: it may not hold the probing rank
+            continue
+        key = (id(group), t.dtype, t.device)
+        bucket = buckets.get(key)
+        if bucket is None or bucket.whole_bytes + t.numel() * t.element_size() > BUCKET_BYTES:
+            bucket = buckets[key] = _Bucket(group, probe_rank, t.dtype, t.device)
+            chosen.append(bucket)
+        bucket.add(i, t.shape)
+    return chosen, each
 
 
 def _on_meta(module: nn.Module) -> bool:

@@ -274,6 +274,7 @@ class Monitor:
                 defer_wait=defer_wait,
                 host=snapshot_host,
                 hooks=snapshot_hooks,
+                probe_rank=probe_rank,
             )
         probed = self._pool.reference if template is not None else model
         for p in probes:

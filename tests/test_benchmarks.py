@@ -678,3 +678,21 @@ def test_the_window_benchmark_times_every_mode(request):
     rows = {line[:18].strip(): line[18:].split() for line in lines[-3:]}
     assert list(rows) == ["off", "window", "drawn by the loop"]
     assert rows["off"][1] == "1.000x" and all(float(rate) > 0 for rate, _ in rows.values())
+
+
+def test_the_sharded_benchmark_times_every_variant_and_the_gathers(tmp_path, capsys):
+    from benchmarks.sharded import VARIANTS, main
+
+    assert main(["--hidden", "16", "--rounds", "1", "--steps", "4", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {
+        cells[1].strip(): cells[2:5]
+        for line in lines
+        if (cells := line.split("|"))[1:2] and "|---" not in line
+    }
+    assert list(rows)[1:] == list(VARIANTS)
+    assert rows["off"][1].strip() == "1.000" and rows["off"][2].strip() == "-"
+    for variant in ("every 10", "every step", "every step, per parameter"):  # step 0's gather at least
+        assert float(rows[variant][2]) > 0, variant
+    result = json.loads((tmp_path / "sharded.json").read_text())
+    assert sorted(result["rates"]) == sorted(VARIANTS) and result["gathers"]["loss only"] == []

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import probescope as ps
+from probescope import gather
 from probescope.cli import main
 from probescope.distributed import sharding
 
@@ -246,9 +247,9 @@ def test_a_sharded_model_is_probed_through_weights_every_rank_gathers(tmp_path, 
     assert prober["probing"] and not other["probing"]
     for name, counters in prober["summary"]["probes"].items():
         assert counters["failed"] == 0 and counters["frames"] >= 2, (name, counters)
-    # Steps 0, 2, 3, 4, 6, 8, 9, 10, 12 (every 2 or 3), two epoch ends, and the final frames.
-    assert prober["detail"]["sharded"] and prober["detail"]["gathers"] == 12
-    assert prober["summary"]["gathers"]["count"] == 12 and prober["summary"]["gathers"]["seconds"] > 0
+    # Steps 0, 2, 3, 4, 6, 8, 9, 10, 12 (every 2 or 3), two epoch ends, the final frames, model.pt.
+    assert prober["detail"]["sharded"] and prober["detail"]["gathers"] == 13
+    assert prober["summary"]["gathers"]["count"] == 13 and prober["summary"]["gathers"]["seconds"] > 0
 
     run = ps.open_run(tmp_path / "run")
     assert run.meta["model"]["sharded"].endswith("was sharded by fully_shard (FSDP2)")
@@ -267,7 +268,7 @@ def test_a_sharded_model_is_probed_through_weights_every_rank_gathers(tmp_path, 
     np.testing.assert_allclose(last["weight/4.weight/l2"], np.linalg.norm(weight), rtol=1e-5)
     assert main(["info", str(tmp_path / "run")]) == 0
     info = capsys.readouterr().out
-    assert "sharded   module '(root)' was sharded by fully_shard (FSDP2); 12 gathers" in info
+    assert "sharded   module '(root)' was sharded by fully_shard (FSDP2); 13 gathers" in info
     # model.pt: the whole model, gathered at close.
     state = torch.load(tmp_path / "run" / "model.pt")
     assert sorted(state) == sorted(prober["reference"])
@@ -304,14 +305,32 @@ def _sharded_job(rank: int, world: int, store: str, out: str) -> None:
         with ps.Monitor(fsdp, [ps.LossProbe()]) as monitor:
             monitor.step(loss=1.0)
         found["loss_only"] = monitor.summary()["steps"]
-        # Tensor parallelism: a DTensor weight sharded by rows is gathered whole.
+        # Rows fewer than ranks (rank 1 holds none of a 1-row weight), in buckets of one
+        # parameter each: model.pt is the model, exactly.
+        torch.manual_seed(2)
+        narrow = nn.Sequential(nn.Linear(3, 1), nn.Linear(1, 5), nn.Linear(5, 5))
+        whole = {k: v.clone() for k, v in narrow.state_dict().items()}
+        for layer in narrow:
+            fully_shard(layer)
+        gather.BUCKET_BYTES = 16
+        with ps.Monitor(narrow, [ps.LossProbe()], run_dir=Path(store).parent / "narrow") as monitor:
+            pass
+        found["buckets"] = len(monitor._pool._buckets)
+        if monitor.probing:
+            saved = torch.load(Path(store).parent / "narrow" / "model.pt")
+            found["narrow_equal"] = sorted(saved) == sorted(whole) and all(
+                torch.equal(saved[k], whole[k]) for k in whole
+            )
+        gather.BUCKET_BYTES = 256 * 2**20
+        # Tensor parallelism: a DTensor weight sharded by rows (gathered in a bucket) and one
+        # by columns (whole on every rank) are gathered into the unsharded model.
         mesh = init_device_mesh("cpu", (world,))
         torch.manual_seed(1)
         tensor_parallel = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
         plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
         plain.load_state_dict(tensor_parallel.state_dict())
-        weight = tensor_parallel[0].weight
-        tensor_parallel[0].weight = nn.Parameter(distribute_tensor(weight.detach(), mesh, [Shard(0)]))
+        for layer, shard in ((tensor_parallel[0], Shard(0)), (tensor_parallel[2], Shard(1))):
+            layer.weight = nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [shard]))
         found["dtensor"] = sharding(tensor_parallel)
         held = torch.randn(5, 4)
         probe = ps.PredictionProbe(held, torch.zeros(5, dtype=torch.long))
@@ -339,7 +358,9 @@ def test_sharded_models_are_refused_on_every_rank_where_they_cannot_be_probed(tm
             assert "its '0.weight' is (9, 2)" in found["other_model"]
         assert found["loss_only"] == 1
         assert "'0.weight' is a DTensor" in found["dtensor"]
+        assert found["buckets"] == 5  # 12 + 4 bytes, then 20, 20, 100, 20: one each
         if rank == 0:
+            assert found["narrow_equal"]
             np.testing.assert_allclose(found["tp_probs"], found["plain_probs"], rtol=0, atol=1e-6)
         else:
             assert found["tp_probs"] is None
