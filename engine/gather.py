@@ -4,26 +4,27 @@ probes are due, and the probing rank evaluates them in an unsharded copy of the 
 A model sharded across ranks (FSDP2's ``fully_shard``, tensor parallelism: any DTensor
 parameter) holds a part of each weight on each rank, and its forward gathers the rest from
 every rank: a probe cannot run it on one rank alone. Instead, at each step at which a probe
-that reads the model is due, every rank takes part in gathering the sharded parameters to the probing rank: those sharded
-by rows over all ranks (FSDP2's) in buckets of up to ``BUCKET_BYTES`` of whole parameters,
-one ``torch.distributed.gather`` each (a rank sends its packed rows and holds nothing more;
-one collective per parameter, as ``DTensor.full_tensor()`` or a full state dict takes, costs
-a latency each: five times the time on benchmarks.sharded's MLP), any other placement whole
-on every rank, one parameter at a time (``DTensor.full_tensor()``). The probing rank writes
-the gathered weights (and its own buffers, which are whole on every rank) into a shadow: an unsharded model built from
-the one the user gives (``Monitor(..., unsharded=...)``: the model as defined before
-sharding, or a function that builds it; on the meta device it costs no memory, and its
-shadows are made on the sharded model's device). Probes then evaluate the shadow off the
-training path, as with the ``copy`` snapshot; the other ranks drop what they gathered.
+that reads the model is due, every rank takes part in gathering the sharded parameters to
+the probing rank: those sharded by rows over all ranks (FSDP2's) in buckets of up to
+``BUCKET_BYTES`` of whole parameters, one ``torch.distributed.gather`` each (a rank sends its
+packed rows and holds nothing more; a collective per parameter, as ``DTensor.full_tensor()``
+or a full state dict takes, costs a latency each: five times the time on benchmarks.sharded's
+MLP), and any other placement whole on every rank, one parameter at a time
+(``DTensor.full_tensor()``). The probing rank writes the gathered weights (and its own
+buffers, which are whole on every rank) into a shadow: an unsharded model built from the one
+the user gives (``Monitor(..., unsharded=...)``: the model as defined before sharding, or a
+function that builds it; on the meta device it costs no memory, and its shadows are made on
+the sharded model's device). Probes then evaluate the shadow off the training path, as with
+the ``copy`` snapshot; the other ranks drop what they gathered.
 
 Which steps gather must be the same on every rank, or one rank would wait for a collective
 that the others never start: a ``GatherPlan`` asks the probes' schedules on every rank, from
 the step and epoch alone (a busy or disabled probe on the probing rank does not change it).
 Schedules that adapt to the probing rank's own timings (``Schedule.budget``) cannot be known
 by the other ranks and are refused. A gather is a collective in the training thread of every
-rank, so a gathering step costs training about one all-gather of the parameters (more than a
-forward's, since every parameter goes whole to every rank, and to the host when the shadows
-are there): ``GatheredPool.describe()`` counts the gathers and their time on the probing rank.
+rank, so a gathering step costs training the time to bring the whole model to the probing
+rank (and to the host when the shadows are there), which every rank waits for:
+``GatheredPool.describe()`` counts the gathers and their time on the probing rank.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ import json
 import re
 import runpy
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -245,3 +247,33 @@ def test_the_transformers_example_runs(tmp_path):
     assert last["series/valid_loss/steps"].tolist() == [50, 100, 150, 200]
     index = json.loads((tmp_path / "runs" / "bert" / "checkpoints" / "checkpoints.json").read_text())
     assert index["best"]["step"] in (50, 100, 150, 200)
+
+
+def test_the_fsdp_example_runs_on_two_ranks(tmp_path):
+    script = tmp_path / "fsdp_example.py"
+    script.write_text(_block("# torchrun --nproc_per_node 2 fsdp_example.py"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script.name]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = ps.open_run(tmp_path / "runs" / "fsdp")
+    assert run.meta["status"] == "finished" and run.meta["summary"]["steps"] == 200
+    assert run.meta["model"]["sharded"] == "module '(root)' was sharded by fully_shard (FSDP2)"
+    for name, counters in run.meta["summary"]["probes"].items():
+        assert counters["failed"] == 0, (name, counters)
+    steps = [run.probe("grid").frame(i).step for i in range(len(run.probe("grid")))]
+    assert steps[0] == 0 and steps[-1] == 200 and set(steps) <= set(range(0, 201, 20))
+    # model.pt, gathered whole at close, loads into the model as defined; its map is the last frame.
+    model = torch.nn.Sequential(
+        torch.nn.Linear(2, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 3),
+    )
+    model.load_state_dict(torch.load(tmp_path / "runs" / "fsdp" / "model.pt"))
+    last = run.probe("grid").frame(-1)
+    probe = ps.load_probes(tmp_path / "runs" / "fsdp")[0]
+    probe.attach(model)
+    with torch.no_grad():
+        again = probe.evaluate(model, ps.ProbeContext(200, 0))
+    np.testing.assert_allclose(np.asarray(again["probs"]), last.data["probs"], rtol=0, atol=1e-5)
