@@ -285,6 +285,7 @@ class Monitor:
                 if getattr(p, "valid", None) is not None:
                     p.valid.graphs = ForwardGraphs(f"{p.name} (valid set)")
         self._saves_model = run_dir is not None  # (a sharded model's every rank gathers for it)
+        self._probe_rank = probe_rank
         if not self.probing:
             probes, callbacks, run_dir, viewer = [], [], None, False
         self.model, self.optimizer = model, optimizer
@@ -350,7 +351,7 @@ class Monitor:
         self._callbacks = sorted([*probes, *callbacks], key=lambda c: c.order)
         self._run_dir, self._overwrite = run_dir, overwrite
         _check_resume(resume)
-        if resume is not False and run_dir is None:
+        if resume is not False and not self._saves_model:  # (every rank: run_dir is the prober's)
             raise ValueError("Monitor: resume continues a run directory; give run_dir")
         if resume is not False and overwrite:
             raise ValueError("Monitor: resume and overwrite exclude each other")
@@ -543,7 +544,10 @@ class Monitor:
                 self.placement.world_size,
                 " (it gathers the sharded weights with the others)" if self._plan is not None else "",
             )
-            self._gather_only(self._plan is not None and self._plan.at_step(0, self._epoch))
+            if self._plan is not None:
+                if self._resume is not False:
+                    self._share_resume()
+                self._gather_only(self._plan.at_step(self._step, self._epoch))
             return self
         if self._handle_sigterm and not take_ending_signals():
             log.info("Monitor: SIGTERM is the program's own to handle (or not the main thread)")
@@ -588,10 +592,24 @@ class Monitor:
         self._fire("before_fit")
         self._step_handlers = self._handlers("after_step")
         self._warm_up()
-        self._launch(self._due_at_step(), self._plan is not None and self._plan.at_step(0, self._epoch))
+        if self._plan is not None and self._resume is not False:
+            self._share_resume()
+        self._launch(
+            self._due_at_step(), self._plan is not None and self._plan.at_step(self._step, self._epoch)
+        )
         if self._viewer_mode:
             self._open_viewer()
         return self
+
+    def _share_resume(self) -> None:
+        """A sharded model's ranks gather at the same steps, so every rank counts on from the
+        step and epoch at which the probing rank resumed its run (a collective)."""
+        import torch.distributed as dist
+
+        counters = [self._step, self._epoch]
+        dist.broadcast_object_list(counters, src=self._probe_rank)
+        self._step, self._epoch = counters
+        self._last_step_epoch = self._epoch
 
     def _warm_up(self) -> None:
         """With CUDA graphs: warm every probe up on every shadow before the first step, so that

@@ -276,6 +276,56 @@ def test_a_sharded_model_is_probed_through_weights_every_rank_gathers(tmp_path, 
         np.testing.assert_allclose(state[key].numpy(), value, rtol=0, atol=1e-5, err_msg=key)
 
 
+def _resume_job(rank: int, world: int, store: str, out: str, kind: str) -> None:
+    """Six steps, closed; then a Monitor with resume=True (the run's step known to the probing
+    rank only) for six more: every rank takes resume=True, and with a sharded model every
+    rank must gather at the same steps of the one count."""
+    _join(rank, world, store)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        torch.manual_seed(0)
+        model = _net()
+        if kind == "fsdp":
+            fully_shard(model)
+        else:
+            model = nn.parallel.DistributedDataParallel(model)
+        unsharded = _net if kind == "fsdp" else None
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = _batches(rank)
+        steps = []
+        for resume in (False, True):
+            probe = ps.PredictionProbe(x[:8], y[:8], schedule=ps.Schedule.every(4))
+            run_dir = Path(store).parent / "run"
+            with ps.Monitor(model, [probe], run_dir=run_dir, unsharded=unsharded, resume=resume) as monitor:
+                for step in range(6):
+                    loss = nn.functional.cross_entropy(
+                        model(x[step * 8 : step * 8 + 8]), y[step * 8 : step * 8 + 8]
+                    )
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    monitor.step(loss=loss)
+            steps.append(monitor.step_count)
+        Path(out, f"rank{rank}.json").write_text(
+            json.dumps({"steps": steps, "gathers": monitor.summary().get("gathers")})
+        )
+    finally:
+        _leave()
+
+
+@pytest.mark.parametrize("kind", ["fsdp", "ddp"])
+def test_a_run_resumed_on_every_rank_counts_on_from_the_probing_ranks_step(tmp_path, kind):
+    # Every rank but the probing one refused resume=True before ("give run_dir": the Monitor
+    # drops run_dir there); a sharded model's ranks would then gather at different steps.
+    prober, other = run_ranks(_resume_job, tmp_path, kind)
+    assert prober["steps"] == [6, 12] and other["steps"] == ([6, 12] if kind == "fsdp" else [6, 6])
+    frames = ps.open_run(tmp_path / "run").probe("prediction")
+    assert [frames.frame(i).step for i in range(len(frames))] == [0, 4, 6, 8, 12]
+    if kind == "fsdp":  # steps 8 and 12, the final frames (none due), model.pt
+        assert prober["gathers"]["count"] == 4
+
+
 def _sharded_job(rank: int, world: int, store: str, out: str) -> None:
     _join(rank, world, store)
     try:
