@@ -34,7 +34,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -55,13 +55,15 @@ log = logging.getLogger("probescope")
 
 
 class GatherPlan:
-    """The steps and epoch ends at which every rank gathers: those at which any of
-    ``schedules`` (those of the probes that read the model) is due, asked from the step and
-    epoch alone, the same way on every rank. A schedule that raises is never due again (on
-    every rank alike)."""
+    """The steps and epoch ends at which every rank gathers: those at which any of the
+    ``schedules`` (name -> schedule, of the probes that read the model) is due, asked from the
+    step and epoch alone (``StepInfo.monitor`` is None), the same way on every rank. A schedule
+    that raises here is never asked again (on every rank alike), with one warning: its probe
+    gets no frames, since the probing rank only evaluates what every rank gathered for."""
 
-    def __init__(self, schedules: Iterable[Schedule]):
-        self.schedules = list(schedules)
+    def __init__(self, schedules: Mapping[str, Schedule]):
+        self.names = list(schedules)
+        self.schedules = list(schedules.values())
         self._next: list[float] = [0] * len(self.schedules)  # inf: never again; -inf: it raised
 
     def at_step(self, step: int, epoch: int) -> bool:
@@ -72,8 +74,8 @@ class GatherPlan:
                 continue
             try:
                 due = bool(schedule.due(info)) or due
-            except Exception:
-                self._next[i] = -math.inf
+            except Exception as err:
+                self._failed(i, err)
                 continue
             following = next_due(schedule, step)
             self._next[i] = math.inf if following is None else following
@@ -86,9 +88,20 @@ class GatherPlan:
                 continue
             try:
                 due = bool(schedule.due_at_epoch_end(epoch)) or due
-            except Exception:
-                self._next[i] = -math.inf
+            except Exception as err:
+                self._failed(i, err)
         return due
+
+    def _failed(self, i: int, err: Exception) -> None:
+        self._next[i] = -math.inf
+        log.warning(
+            "Monitor: the schedule of %r raised when asked from the step and epoch alone, as "
+            "every rank of a sharded model asks it (%s: %s); no rank gathers for it any more, so "
+            "it takes no frame. A schedule of a sharded model decides from StepInfo.step and .epoch",
+            self.names[i],
+            type(err).__name__,
+            err,
+        )
 
 
 def build_unsharded(unsharded: nn.Module | Callable[[], nn.Module]) -> nn.Module:

@@ -263,7 +263,7 @@ class Monitor:
         self._plan: GatherPlan | None = None
         template = None
         if self.sharded is not None:  # probes evaluate unsharded shadows the gathers fill
-            self._plan = GatherPlan(p.schedule for p in probes if p.reads_model)
+            self._plan = GatherPlan({p.name: p.schedule for p in probes if p.reads_model})
             if self.probing and unsharded is not None:
                 template = build_unsharded(unsharded)
             self._pool = GatheredPool(

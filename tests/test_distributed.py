@@ -473,3 +473,23 @@ def test_outside_a_distributed_job_the_one_process_probes(mlp):
     assert monitor.probing and monitor.placement.world_size == 1 and not monitor.placement.distributed
     with pytest.raises(KeyError, match="no probe named 'grid'"):
         monitor.latest("grid")
+
+
+def test_the_gather_plan_asks_the_schedules_from_the_step_and_epoch_alone(caplog):
+    def by_history(info):
+        return info.monitor.history is not None  # needs the Monitor, which no rank is given here
+
+    plan = gather.GatherPlan(
+        {
+            "grid": ps.Schedule.every(3),
+            "stats": ps.Schedule.every_epoch(2),
+            "odd": ps.Schedule.when(lambda info: info.step == 5),
+            "history": ps.Schedule.when(by_history),
+        }
+    )
+    with caplog.at_level("WARNING", logger="probescope"):
+        steps = [s for s in range(10) if plan.at_step(s, 0)]
+    assert steps == [0, 3, 5, 6, 9]
+    assert [e for e in range(6) if plan.at_epoch_end(e)] == [1, 3, 5]  # every_epoch(2): ends 1, 3, 5
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "schedule of 'history' raised" in warning and "StepInfo.step and .epoch" in warning
