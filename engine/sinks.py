@@ -153,7 +153,9 @@ class TensorBoardSink(Sink):
         self._summary = Summary
         self._had_files = any(self.log_dir.glob("*tfevents*"))
         self._floor = -1  # steps up to this one are in the log directory already (resume)
-        self._file = EventFile(self.log_dir, flush_secs)
+        self._flush_secs = flush_secs
+        self._file: EventFile | None = None  # made at the first event: a sink that a rank which
+        # does not probe was given (every rank runs the script) leaves no file behind
         self._columns: dict[str, list[str]] = {}
         self._last: dict[str, int] = {}  # the step of the last point written, per scalar tag
         self._own: dict[str, set[str]] = {}  # per LossProbe, the series it makes itself
@@ -168,7 +170,7 @@ class TensorBoardSink(Sink):
             return
         from tensorboard.compat.proto.event_pb2 import SessionLog
 
-        self._file.add_event(step + 1, session_log=SessionLog(status=SessionLog.START))
+        self._events().add_event(step + 1, session_log=SessionLog(status=SessionLog.START))
         self._floor = step
 
     def add_probe(self, name: str, kind: str, config: Mapping, static: Mapping[str, np.ndarray]) -> None:
@@ -197,7 +199,7 @@ class TensorBoardSink(Sink):
                 if finite.size:
                     from torch.utils.tensorboard.summary import histogram
 
-                    self._file.add(step, histogram(f"{frame.probe}/{key}", finite, "auto"))
+                    self._events().add(step, histogram(f"{frame.probe}/{key}", finite, "auto"))
         rgba = data.get("rgba")
         if self.images and rgba is not None and rgba.ndim == 3 and rgba.shape[2] == 4:
             stride = -(-max(rgba.shape[:2]) // self.max_image_side)
@@ -212,10 +214,10 @@ class TensorBoardSink(Sink):
         image = self._summary.Image(
             height=height, width=width, colorspace=4, encoded_image_string=png.getvalue()
         )
-        self._file.add(step, self._summary(value=[self._summary.Value(tag=tag, image=image)]))
+        self._events().add(step, self._summary(value=[self._summary.Value(tag=tag, image=image)]))
 
     def _add_scalar(self, tag: str, step: int, value: float) -> None:
-        self._file.add(step, self._summary(value=[self._summary.Value(tag=tag, simple_value=value)]))
+        self._events().add(step, self._summary(value=[self._summary.Value(tag=tag, simple_value=value)]))
 
     def scalars(self, series: Mapping[str, Series]) -> None:
         self._given_series = True
@@ -235,8 +237,14 @@ class TensorBoardSink(Sink):
             self._add_scalar(tag, step, value)
             self._last[tag] = step
 
+    def _events(self) -> EventFile:
+        if self._file is None:
+            self._file = EventFile(self.log_dir, self._flush_secs)
+        return self._file
+
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def export_tensorboard(run: Run, log_dir: str | os.PathLike, probes=None, progress: bool = True) -> Path:

@@ -7,6 +7,7 @@ hold the Monitor to what a ``torchrun`` job does: every rank runs the same scrip
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import threading
 import time
@@ -25,6 +26,7 @@ from probescope.cli import main
 from probescope.distributed import sharding
 
 STEPS = 12
+TENSORBOARD = all(importlib.util.find_spec(name) for name in ("tensorboard", "google_crc32c"))
 
 
 def run_ranks(fn, tmp_path: Path, *args, world: int = 2, timeout: float = 120.0) -> list[dict]:
@@ -93,8 +95,15 @@ def _ddp_job(rank: int, world: int, store: str, out: str, probe_rank: int) -> No
             ps.LossProbe(),
         ]
         threads_before = threading.active_count()
+        # Every rank makes the sink (the same script): only the probing rank's writes a file.
+        sinks = [ps.TensorBoardSink(Path(store).parent / "tb")] if TENSORBOARD else []
         monitor = ps.Monitor(
-            ddp, probes, optimizer=optimizer, run_dir=Path(store).parent / "run", probe_rank=probe_rank
+            ddp,
+            probes,
+            optimizer=optimizer,
+            run_dir=Path(store).parent / "run",
+            probe_rank=probe_rank,
+            sinks=sinks,
         )
         with monitor:
             threads_during = threading.active_count()
@@ -157,6 +166,8 @@ def test_one_rank_of_a_ddp_job_probes_and_the_others_do_nothing(tmp_path, probe_
     assert run.meta["model"]["wrappers"] == ["DistributedDataParallel"]
     assert sorted(torch.load(tmp_path / "run" / "model.pt")) == prober["state_keys"]
     assert len(list(run.probe("grid").frames())) == prober["summary"]["probes"]["grid"]["frames"]
+    if TENSORBOARD:  # one event file (before: one a rank, the other's empty and never closed)
+        assert len(list((tmp_path / "tb").glob("*tfevents*"))) == 1
     stats = run.probe("stats").table()
     assert any(c.startswith("act/0/") for c in stats.columns) and any(
         c.startswith("act/3/") for c in stats.columns
