@@ -113,12 +113,6 @@ def check_sharded(
             "which the other ranks cannot know, and every rank must gather at the same steps: "
             "give them step schedules (Schedule.every, log_spaced, steps, every_epoch)"
         )
-    grads = [p.name for p in probes if p.needs_grads]
-    if grads:
-        problems.append(
-            f"{', '.join(grads)} read gradients, which are not gathered: a StatsProbe of a sharded "
-            "model takes targets=('weights', 'activations')"
-        )
     loading = [p.name for p in probes if getattr(p, "load_best", False)]
     if loading:
         problems.append(

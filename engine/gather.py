@@ -15,7 +15,9 @@ buffers, which are whole on every rank) into a shadow: an unsharded model built 
 the user gives (``Monitor(..., unsharded=...)``: the model as defined before sharding, or a
 function that builds it; on the meta device it costs no memory, and its shadows are made on
 the sharded model's device). Probes then evaluate the shadow off the training path, as with
-the ``copy`` snapshot; the other ranks drop what they gathered.
+the ``copy`` snapshot; the other ranks drop what they gathered. With a probe that reads
+gradients (a StatsProbe's ``grads``), each gather brings the gradients present too, the same
+way, into the shadow's ``.grad``.
 
 Which steps gather must be the same on every rank, or one rank would wait for a collective
 that the others never start: a ``GatherPlan`` asks the probes' schedules on every rank, from
@@ -143,6 +145,7 @@ class GatheredPool:
         host: bool = False,
         hooks: bool = False,
         probe_rank: int = 0,
+        grads: bool = False,
     ):
         if strategy not in ("copy", "sync"):
             raise ValueError(
@@ -150,7 +153,8 @@ class GatheredPool:
                 "cannot give a probe; use 'copy' (the default) or 'sync'"
             )
         self.model, self.strategy, self.streams, self.host = sharded, strategy, streams, host
-        self._wait_now = not defer_wait
+        # Weights change only at the next optimizer step, but gradients at the next backward.
+        self._wait_now = grads or not defer_wait
         named = _named_state_tensors(sharded)
         first_name = {}
         for name, t in named:
@@ -160,9 +164,11 @@ class GatheredPool:
         position = {id(t): i for i, t in enumerate(self._sources)}
         self._index = {name: position[id(t)] for name, t in named}  # every name, aliases too
         self.probe_rank = probe_rank
-        self._buckets, self._each = plan_buckets(self._sources, probe_rank)
-        gathered = {i for b in self._buckets for i, *_ in b.entries} | set(self._each)
-        self._local = [i for i in range(len(self._sources)) if i not in gathered]  # buffers
+        self._plan = _Gathering(self._sources, probe_rank)
+        # With grads: the parameters whose gradients every gather brings too (those present:
+        # FSDP gives every rank its shard of each, so a gradient is there on all ranks or none).
+        self._grad_params = [i for i, t in enumerate(self._sources) if grads and isinstance(t, nn.Parameter)]
+        self._grads: dict[int, list[torch.Tensor]] = {}  # a shadow's buffer per such parameter
         self.size = 0 if template is None else (size if strategy == "copy" else 1)
         self.dropped_hooks = observer_hooks(template) if template is not None and not hooks else []
         self._free: list[nn.Module] = []
@@ -225,6 +231,9 @@ class GatheredPool:
                     t.requires_grad_(False)
                     t.zero_()  # probes set up on it read finite numbers
             self._targets[id(shadow)] = targets
+            if self._grad_params:
+                buffers = [place(targets[i]) for i in self._grad_params]
+                self._grads[id(shadow)] = buffers
             self._free.append(shadow)
         self.reference = self._free[0] if self._free else None
 
@@ -235,7 +244,8 @@ class GatheredPool:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ts in self._targets.values() for t in ts)
+        held = [*self._targets.values(), *self._grads.values()]
+        return sum(t.numel() * t.element_size() for ts in held for t in ts)
 
     def describe(self) -> dict:
         return {
@@ -267,13 +277,12 @@ class GatheredPool:
             shadow = self._free.pop()
         if not fill:
             return shadow
-        targets = self._targets[id(shadow)]
         if self.streams is None:
-            self._gather(targets)
+            self._gather(shadow)
             return shadow
         self.streams.start_snapshot()
         with self.streams.probe_context():
-            self._gather(targets)
+            self._gather(shadow)
             if self.host:
                 self._ready[id(shadow)] = ready = torch.cuda.Event()
                 ready.record()
@@ -306,23 +315,24 @@ class GatheredPool:
                 self._gather(None)
             self._armed = False
 
-    def _gather(self, into: list[torch.Tensor] | None) -> None:
-        """Every source whole, in order, written into ``into`` (the probing rank's shadow) or
-        dropped: the parameters sharded by rows over all ranks (FSDP2's) in buckets, one
-        gather to the probing rank each; any other sharded one whole on every rank
-        (``DTensor.full_tensor()``); buffers, whole on every rank, copied."""
+    def _gather(self, shadow: nn.Module | None) -> None:
+        """The weights whole (and with grads, the gradients), into ``shadow`` (the probing
+        rank's) or dropped (see ``_Gathering``)."""
         t0 = time.perf_counter()
         self._gathered = True
         with torch.no_grad():
-            for bucket in self._buckets:
-                bucket.gather(self._sources, into, self.host)
-            for i in self._each:
-                whole = self._sources[i].full_tensor()
-                if into is not None:
-                    into[i].copy_(whole, non_blocking=self.host)
-            if into is not None:
-                for i in self._local:
-                    into[i].copy_(self._sources[i], non_blocking=self.host)
+            targets = None if shadow is None else self._targets[id(shadow)]
+            self._plan.run(self._sources, targets, self.host)
+            if self._grad_params:
+                present = [i for i in self._grad_params if self._sources[i].grad is not None]
+                into = None
+                if targets is not None:
+                    held = dict(zip(self._grad_params, self._grads[id(shadow)], strict=True))
+                    into = [held[i] for i in present]
+                    for i in self._grad_params:
+                        targets[i].grad = held[i] if i in present else None
+                grads = [self._sources[i].grad for i in present]
+                _Gathering(grads, self.probe_rank).run(grads, into, self.host)
         self.gathers += 1
         self.gather_s += time.perf_counter() - t0
 
@@ -330,14 +340,39 @@ class GatheredPool:
         """The sharded model's state_dict, whole, on the host (``model.pt``): a gather on every
         rank; the tensors on the rank that ``keep``s them (the probing rank), else None."""
         keys = list(self.model.state_dict())
+        whole = [torch.empty(t.shape, dtype=t.dtype) for t in self._sources] if keep else None
+        t0 = time.perf_counter()
+        self._plan.run(self._sources, whole, self.host)
+        self.gathers += 1
+        self.gather_s += time.perf_counter() - t0
         if not keep:
-            self._gather(None)
             return None
-        whole = [torch.empty(t.shape, dtype=t.dtype) for t in self._sources]
-        self._gather(whole)
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # (at close: the copies to the host are done)
         return {key: whole[self._index[key]] for key in keys}
+
+
+class _Gathering:
+    """How a list of tensors comes whole to the probing rank, the same on every rank: those
+    sharded by rows over all ranks (FSDP2's) in buckets, one gather to the probing rank each;
+    any other DTensor whole on every rank (``DTensor.full_tensor()``); the rest (buffers),
+    whole on every rank already, copied."""
+
+    def __init__(self, sources: list[torch.Tensor], probe_rank: int):
+        self.buckets, self.each = plan_buckets(sources, probe_rank)
+        gathered = {i for b in self.buckets for i, *_ in b.entries} | set(self.each)
+        self.local = [i for i in range(len(sources)) if i not in gathered]
+
+    def run(self, sources: list[torch.Tensor], into: list[torch.Tensor] | None, non_blocking: bool) -> None:
+        for bucket in self.buckets:
+            bucket.gather(sources, into, non_blocking)
+        for i in self.each:
+            whole = sources[i].full_tensor()
+            if into is not None:
+                into[i].copy_(whole, non_blocking=non_blocking)
+        if into is not None:
+            for i in self.local:
+                into[i].copy_(sources[i], non_blocking=non_blocking)
 
 
 class _Bucket:

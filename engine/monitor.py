@@ -275,6 +275,7 @@ class Monitor:
                 host=snapshot_host,
                 hooks=snapshot_hooks,
                 probe_rank=probe_rank,
+                grads=any(p.needs_grads for p in probes),
             )
         probed = self._pool.reference if template is not None else model
         for p in probes:

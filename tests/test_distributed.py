@@ -209,10 +209,12 @@ def _fsdp_job(rank: int, world: int, store: str, out: str, snapshot: str, built:
             ps.GridProbe(x, y, resolution=12, domain=(-3, 3, -3, 3), schedule=ps.Schedule.every(3)),
             ps.PredictionProbe(held, torch.arange(12) % 3, schedule=ps.Schedule.every(2)),
             ps.StatsProbe(["0", "4"], batch=held, schedule=ps.Schedule.every_epoch()),
+            ps.StatsProbe("4", targets=("grads",), schedule=ps.Schedule.every(4), name="grads"),
             ps.LossProbe(),
         ]
         unsharded = _net if built == "callable" else _net()
         expected = {}  # step -> the reference's probabilities on the held-out batch
+        grad_norms = {}  # step -> the norm of the reference's gradient of its last weight
         with ps.Monitor(
             model,
             probes,
@@ -233,6 +235,7 @@ def _fsdp_job(rank: int, world: int, store: str, out: str, snapshot: str, built:
                 ref_loss = nn.functional.cross_entropy(reference(xs), ys)
                 ref_optimizer.zero_grad()
                 ref_loss.backward()
+                grad_norms[step + 1] = reference[4].weight.grad.norm().item()
                 ref_optimizer.step()
                 with torch.no_grad():
                     expected[step + 1] = torch.softmax(reference(held), 1).tolist()
@@ -245,6 +248,7 @@ def _fsdp_job(rank: int, world: int, store: str, out: str, snapshot: str, built:
             "summary": monitor.summary(),
             "detail": monitor.snapshot_detail,
             "expected": expected,
+            "grad_norms": grad_norms,
             "reference": {k: v.tolist() for k, v in reference.state_dict().items()},
         }
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
@@ -280,6 +284,11 @@ def test_a_sharded_model_is_probed_through_weights_every_rank_gathers(tmp_path, 
     assert main(["info", str(tmp_path / "run")]) == 0
     info = capsys.readouterr().out
     assert "sharded   module '(root)' was sharded by fully_shard (FSDP2); 13 gathers" in info
+    # The gradients of the step, gathered with its weights (none at step 0: no backward yet).
+    grads = run.probe("grads").table().set_index("step")
+    assert list(grads.index) == [0, 4, 8, 12] and np.isnan(grads.loc[0, "grad/4.weight/l2"])
+    for step in (4, 8, 12):
+        assert grads.loc[step, "grad/4.weight/l2"] == pytest.approx(prober["grad_norms"][str(step)], rel=1e-5)
     # model.pt: the whole model, gathered at close.
     state = torch.load(tmp_path / "run" / "model.pt")
     assert sorted(state) == sorted(prober["reference"])
@@ -351,7 +360,6 @@ def _sharded_job(rank: int, world: int, store: str, out: str) -> None:
         asks = {
             "no_unsharded": ([ps.PredictionProbe(x, torch.zeros(16))], {}),
             "budget": ([ps.PredictionProbe(x, torch.zeros(16), schedule=ps.Schedule.budget(0.1))], {}),
-            "grads": ([ps.StatsProbe(targets=("weights", "grads"))], {}),
             "live": ([ps.StatsProbe()], {"snapshot": "live"}),
             "other_model": ([ps.StatsProbe()], {"unsharded": lambda: nn.Sequential(nn.Linear(2, 9))}),
         }
@@ -376,7 +384,7 @@ def _sharded_job(rank: int, world: int, store: str, out: str) -> None:
         gather.BUCKET_BYTES = 16
         with ps.Monitor(narrow, [ps.LossProbe()], run_dir=Path(store).parent / "narrow") as monitor:
             pass
-        found["buckets"] = len(monitor._pool._buckets)
+        found["buckets"] = len(monitor._pool._plan.buckets)
         if monitor.probing:
             saved = torch.load(Path(store).parent / "narrow" / "model.pt")
             found["narrow_equal"] = sorted(saved) == sorted(whole) and all(
@@ -413,7 +421,6 @@ def test_sharded_models_are_refused_on_every_rank_where_they_cannot_be_probed(tm
         assert "unsharded=lambda: MyModel(...)" in found["no_unsharded"]
         assert "PredictionProbe 'prediction'" in found["no_unsharded"]
         assert "budget schedules (prediction)" in found["budget"]
-        assert "read gradients" in found["grads"]
         assert "snapshot='live'" in found["live"]
         if rank == 0:  # only the probing rank builds the unsharded model
             assert "its '0.weight' is (9, 2)" in found["other_model"]
