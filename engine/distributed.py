@@ -106,13 +106,6 @@ def check_sharded(
             "memory), or train it with DistributedDataParallel"
         )
     problems = []
-    adaptive = [p.name for p in probes if p.schedule.state() is not None]
-    if adaptive:
-        problems.append(
-            f"budget schedules ({', '.join(adaptive)}) adapt to the probing rank's own timings, "
-            "which the other ranks cannot know, and every rank must gather at the same steps: "
-            "give them step schedules (Schedule.every, log_spaced, steps, every_epoch)"
-        )
     loading = [p.name for p in probes if getattr(p, "load_best", False)]
     if loading:
         problems.append(

@@ -22,8 +22,9 @@ way, into the shadow's ``.grad``.
 Which steps gather must be the same on every rank, or one rank would wait for a collective
 that the others never start: a ``GatherPlan`` asks the probes' schedules on every rank, from
 the step and epoch alone (a busy or disabled probe on the probing rank does not change it).
-Schedules that adapt to the probing rank's own timings (``Schedule.budget``) cannot be known
-by the other ranks and are refused. A gather is a collective in the training thread of every
+Schedules that adapt to the probing rank's own timings (``Schedule.budget``) cannot be asked
+by the other ranks: the probing rank announces their next step (``GatherPlan.announce``).
+A gather is a collective in the training thread of every
 rank, so a gathering step costs training the time to bring the whole model to the probing
 rank (and to the host when the shadows are there), which every rank waits for:
 ``GatheredPool.describe()`` counts the gathers and their time on the probing rank.
@@ -61,15 +62,31 @@ class GatherPlan:
     ``schedules`` (name -> schedule, of the probes that read the model) is due, asked from the
     step and epoch alone (``StepInfo.monitor`` is None), the same way on every rank. A schedule
     that raises here is never asked again (on every rank alike), with one warning: its probe
-    gets no frames, since the probing rank only evaluates what every rank gathered for."""
+    gets no frames, since the probing rank only evaluates what every rank gathered for.
 
-    def __init__(self, schedules: Mapping[str, Schedule]):
+    Budget schedules (``adaptive``) follow the probing rank's own timings, which the other ranks
+    cannot know: every rank gathers at the step a Monitor starts (a budget's first frame), and
+    after each gather the probing rank ``announce``s the step at which its budget probes are
+    next due (a broadcast, at gathering steps only), at which every rank gathers next. A budget
+    that has grown its interval since is not due there (a gather for nothing; the next step is
+    announced from it), and one that has shrunk it waits for the step announced."""
+
+    def __init__(self, schedules: Mapping[str, Schedule], adaptive: bool = False):
         self.names = list(schedules)
         self.schedules = list(schedules.values())
+        self.adaptive = adaptive
+        self.announced: int | None = None  # the step at which the budget probes are due next
         self._next: list[float] = [0] * len(self.schedules)  # inf: never again; -inf: it raised
 
-    def at_step(self, step: int, epoch: int) -> bool:
-        due = False
+    @property
+    def reads(self) -> bool:
+        """Whether any probe reads the model (a final frame gathers)."""
+        return bool(self.schedules) or self.adaptive
+
+    def at_step(self, step: int, epoch: int, first: bool = False) -> bool:
+        """Whether every rank gathers after step ``step`` (``first``: the step the Monitor
+        starts at)."""
+        due = (first and self.adaptive) or step == self.announced
         info = StepInfo(step, epoch, None)
         for i, schedule in enumerate(self.schedules):
             if step < self._next[i] or self._next[i] == -math.inf:
@@ -82,6 +99,15 @@ class GatherPlan:
             following = next_due(schedule, step)
             self._next[i] = math.inf if following is None else following
         return due
+
+    def announce(self, step: int | None, src: int) -> None:
+        """Every rank: the step at which the budget probes are next due, as the probing rank
+        ``src`` says (None: none will be)."""
+        import torch.distributed as dist
+
+        said = [step]
+        dist.broadcast_object_list(said, src=src)
+        self.announced = said[0]
 
     def at_epoch_end(self, epoch: int) -> bool:
         due = False

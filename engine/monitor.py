@@ -260,10 +260,13 @@ class Monitor:
                 raise TypeError(f"Monitor: callbacks must be Callback instances, got {type(c).__name__}")
         optimizer = torch_optimizer(optimizer)
         defer_wait = optimizer is not None and hasattr(optimizer, "register_step_pre_hook")
-        self._plan: GatherPlan | None = None
+        self._gather_plan: GatherPlan | None = None
         template = None
         if self.sharded is not None:  # probes evaluate unsharded shadows the gathers fill
-            self._plan = GatherPlan({p.name: p.schedule for p in probes if p.reads_model})
+            self._gather_plan = GatherPlan(
+                {p.name: p.schedule for p in probes if p.reads_model and id(p.schedule) not in adaptive},
+                adaptive=any(p.reads_model and id(p.schedule) in adaptive for p in probes),
+            )
             if self.probing and unsharded is not None:
                 template = build_unsharded(unsharded)
             self._pool = GatheredPool(
@@ -543,12 +546,12 @@ class Monitor:
                 "Monitor: rank %d of %d is not the probing rank; it probes and records nothing%s",
                 self.placement.rank,
                 self.placement.world_size,
-                " (it gathers the sharded weights with the others)" if self._plan is not None else "",
+                " (it gathers the sharded weights with the others)" if self._gather_plan is not None else "",
             )
-            if self._plan is not None:
+            if self._gather_plan is not None:
                 if self._resume is not False:
                     self._share_resume()
-                self._gather_only(self._plan.at_step(self._step, self._epoch))
+                self._step_gather(None, first=True)
             return self
         if self._handle_sigterm and not take_ending_signals():
             log.info("Monitor: SIGTERM is the program's own to handle (or not the main thread)")
@@ -593,11 +596,12 @@ class Monitor:
         self._fire("before_fit")
         self._step_handlers = self._handlers("after_step")
         self._warm_up()
-        if self._plan is not None and self._resume is not False:
-            self._share_resume()
-        self._launch(
-            self._due_at_step(), self._plan is not None and self._plan.at_step(self._step, self._epoch)
-        )
+        if self._gather_plan is None:
+            self._probe_now(self._due_at_step())
+        else:
+            if self._resume is not False:
+                self._share_resume()
+            self._step_gather(self._due_at_step(), first=True)
         if self._viewer_mode:
             self._open_viewer()
         return self
@@ -705,8 +709,8 @@ class Monitor:
         error = error if error is not None else self._ended_by
         # A sharded model's ranks gather at close for the final frames and model.pt, unless
         # training ended with an error (a rank that failed may never come).
-        gathers = self._plan is not None and error is None
-        final_gather = gathers and self._final_frame and bool(self._plan.schedules)
+        gathers = self._gather_plan is not None and error is None
+        final_gather = gathers and self._final_frame and self._gather_plan.reads
         if not self.probing:
             if gathers:
                 self._gather_only(final_gather)
@@ -726,7 +730,7 @@ class Monitor:
                 for st in self._probes.values()
                 if st.enabled and not st.busy and st.last_step != self._step
             ]
-            if self._plan is None:
+            if self._gather_plan is None:
                 self._probe_now(final, inline=True, epoch=self._last_step_epoch)
             elif final_gather:
                 self._launch(final, True, inline=True, epoch=self._last_step_epoch)
@@ -754,7 +758,7 @@ class Monitor:
         if self.writer is not None:
             if series is not None:
                 self.writer.write_history(series)  # whole: values logged after the last frames too
-            if self._plan is None:
+            if self._gather_plan is None:
                 self.writer.save_model(self.model)
             elif gathers:
                 self.writer.save_state(self._pool.state_dict(keep=True))
@@ -856,8 +860,8 @@ class Monitor:
             self.start()
         if not self.probing:
             self._step += 1
-            if self._plan is not None:
-                self._gather_only(self._plan.at_step(self._step, self._epoch))
+            if self._gather_plan is not None:
+                self._step_gather(None)
             return
         if self._adaptive:
             self._time_step(t_enter)
@@ -869,8 +873,8 @@ class Monitor:
         if self._step_handlers:
             self._fire("after_step", **kwargs)
         due = self._due_at_step() if step >= self._next_due else None
-        if self._plan is not None:
-            self._launch(due, self._plan.at_step(step, epoch))
+        if self._gather_plan is not None:
+            self._step_gather(due)
         elif due:
             self._probe_now(due)
         if self.viewer is not None:
@@ -934,6 +938,8 @@ class Monitor:
             _observe(st, "observe_steps", told[id(st)])
         for st in self._adaptive:  # their intervals may have changed
             _plan(st, self._step)
+            if self._gather_plan is not None and st.probe.reads_model:  # due at announced steps only
+                st.next_due = max(st.next_due, self._gather_plan.announced or 0)
         self._next_due = self._earliest_due()
 
     def after_batch(self, **kwargs) -> None:
@@ -971,7 +977,7 @@ class Monitor:
             for st in self._probes.values()
             if st.enabled and st.last_step != self._step and self._ask(st, "due_at_epoch_end", self._epoch)
         ]
-        gathers = self._plan is not None and self._plan.at_epoch_end(self._epoch)
+        gathers = self._gather_plan is not None and self._gather_plan.at_epoch_end(self._epoch)
         self._launch(self._skip_busy(due), gathers)
         self._epoch += 1
 
@@ -1085,6 +1091,24 @@ class Monitor:
             if states:
                 self._probe_now(states, **how)
 
+    def _step_gather(self, due: list[_ProbeState] | None, first: bool = False) -> None:
+        """A step of a sharded model, on every rank: gather if the plan says so (launching
+        ``due`` on the probing rank), then, with budget probes, announce the step at which
+        they are next due (see probescope.gather)."""
+        plan = self._gather_plan
+        gathers = plan.at_step(self._step, self._epoch, first=first)
+        if self.probing:
+            self._launch(due, gathers)
+        else:
+            self._gather_only(gathers)
+        if gathers and plan.adaptive:
+            steps = [
+                st.next_due
+                for st in self._adaptive
+                if st.enabled and st.probe.reads_model and st.next_due < math.inf
+            ]
+            plan.announce(int(min(steps)) if steps else None, self._probe_rank)
+
     def _gather_only(self, gathers: bool) -> None:
         """A rank that does not probe joins the gathers of a sharded model's weights."""
         if gathers:
@@ -1092,15 +1116,21 @@ class Monitor:
                 pass
 
     def _probe_now(self, states: list[_ProbeState], inline: bool = False, epoch: int | None = None) -> None:
-        """Snapshot the weights and evaluate ``states`` on the worker (or here, if inline)."""
+        """Snapshot the weights and evaluate ``states`` on the worker (or here, if inline).
+        Probes that read nothing of the model (a LossProbe of the loop's series) take no
+        snapshot: a copy of the model for them alone would cost the training thread for nothing
+        (and a sharded model's, a gather of every rank)."""
         if not states:
             return
         inline = inline or self._pool.inline
+        reads = any(st.probe.reads_model for st in states)
         t0 = time.perf_counter()
-        with _traced("probescope.snapshot"):
-            shadow = self._pool.acquire()
+        shadow = None
+        if reads:
+            with _traced("probescope.snapshot"):
+                shadow = self._pool.acquire()
         copy_s = (time.perf_counter() - t0) / len(states)  # the snapshot's cost, shared out
-        if shadow is None:
+        if reads and shadow is None:
             for st in states:
                 st.stats.skipped += 1
             return
@@ -1249,14 +1279,15 @@ class _Job:
     def __call__(self) -> None:
         import torch
 
-        pool = self.monitor._pool
+        pool, shadow = self.monitor._pool, self.shadow
         # sync: the live model, in eval mode for its probes (a copy is in eval mode for good)
-        modes = eval_mode(self.shadow) if pool.strategy == "sync" else contextlib.nullcontext()
+        reads = shadow is not None  # else none of the probes reads the model
+        modes = eval_mode(shadow) if reads and pool.strategy == "sync" else contextlib.nullcontext()
         streams = self.monitor._streams
         on_stream = streams.probe_context() if streams and not pool.inline else contextlib.nullcontext()
         try:
-            pool.wait_ready(self.shadow)
-            if any(st.probe.reads_model for st in self.states):
+            if reads:
+                pool.wait_ready(shadow)
                 self.monitor._check_model(self.step)
             with modes, torch.no_grad(), on_stream:
                 history, cut = self.monitor.history, self.cut
@@ -1268,14 +1299,17 @@ class _Job:
         finally:
             for st in self.states:
                 st.busy = st.running = False
-            pool.release(self.shadow)
+            if reads:
+                pool.release(shadow)
 
     def _evaluate(self, st: _ProbeState, frame: int | None, context: ProbeContext) -> None:
         st.evaluating(frame)
         t0 = time.perf_counter()
         try:
+            # A probe that reads nothing of the model is handed the live one, unread.
+            model = self.shadow if self.shadow is not None else self.monitor.model
             with _traced(f"probescope.frame:{st.probe.name}"):
-                data = st.probe.evaluate(self.shadow, context)
+                data = st.probe.evaluate(model, context)
                 st.ring.write(data, self.step, self.epoch)
         except Exception as err:
             st.stats.failed += 1

@@ -346,6 +346,72 @@ def test_a_run_resumed_on_every_rank_counts_on_from_the_probing_ranks_step(tmp_p
         assert prober["gathers"]["count"] == 4
 
 
+def _fsdp_budget_job(rank: int, world: int, store: str, out: str, snapshot: str) -> None:
+    """Budget probes of a sharded model: the probing rank announces their next step at each
+    gather; every rank records the steps at which it gathered."""
+    _join(rank, world, store)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        torch.manual_seed(0)
+        model = _net()
+        fully_shard(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = _batches(rank)
+        probes = [
+            ps.PredictionProbe(x[:64], y[:64], schedule=ps.Schedule.budget(0.3, start=3)),
+            ps.StatsProbe("4", schedule=ps.Schedule.every(7)),
+            ps.LossProbe(schedule=ps.Schedule.budget(0.5, start=2)),  # reads no weights: no gathers
+        ]
+        monitor = ps.Monitor(
+            model,
+            probes,
+            optimizer=optimizer,
+            run_dir=Path(store).parent / "run",
+            unsharded=_net,
+            snapshot=snapshot,
+        )
+        gathered, gather = [], monitor._pool._gather
+
+        def noting(shadow):
+            gathered.append(monitor.step_count)
+            gather(shadow)
+
+        monitor._pool._gather = noting
+        with monitor:
+            for step in range(STEPS * 4):
+                i = (step * 8) % 180
+                loss = nn.functional.cross_entropy(model(x[i : i + 8]), y[i : i + 8])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                monitor.step(loss=loss)
+        result = {"summary": monitor.summary(), "gathered": gathered, "probing": monitor.probing}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        _leave()
+
+
+@pytest.mark.parametrize("snapshot", ["sync", "copy"])
+def test_budget_probes_of_a_sharded_model_frame_at_steps_every_rank_gathers(tmp_path, snapshot):
+    prober, other = run_ranks(_fsdp_budget_job, tmp_path, snapshot)
+    assert prober["gathered"] == other["gathered"]  # the same steps (and close's), in order
+    steps = set(prober["gathered"])
+    counters = prober["summary"]["probes"]["prediction"]
+    assert counters["failed"] == 0 and counters["frames"] >= 4
+    if snapshot == "sync":  # nothing is ever busy: a budget frame not gathered for would be skipped
+        assert counters["skipped"] == 0
+        # The LossProbe reads no weights: its frames need no gather (before: skipped unless one ran).
+        assert prober["summary"]["probes"]["loss"]["skipped"] == 0
+    run = ps.open_run(tmp_path / "run")
+    for name in ("prediction", "stats"):
+        record = run.probe(name)
+        assert {record.frame(i).step for i in range(len(record))} <= steps, name
+    # The budget decided where the frames fell: not every step, not only the stats' every 7.
+    frames = {run.probe("prediction").frame(i).step for i in range(len(run.probe("prediction")))}
+    assert frames - set(range(0, STEPS * 4 + 1, 7))
+
+
 def _sharded_job(rank: int, world: int, store: str, out: str) -> None:
     _join(rank, world, store)
     try:
@@ -359,7 +425,6 @@ def _sharded_job(rank: int, world: int, store: str, out: str) -> None:
         x = torch.randn(16, 2)
         asks = {
             "no_unsharded": ([ps.PredictionProbe(x, torch.zeros(16))], {}),
-            "budget": ([ps.PredictionProbe(x, torch.zeros(16), schedule=ps.Schedule.budget(0.1))], {}),
             "live": ([ps.StatsProbe()], {"snapshot": "live"}),
             "other_model": ([ps.StatsProbe()], {"unsharded": lambda: nn.Sequential(nn.Linear(2, 9))}),
         }
@@ -420,7 +485,6 @@ def test_sharded_models_are_refused_on_every_rank_where_they_cannot_be_probed(tm
         assert "sharded across the job's 2 ranks" in found["no_unsharded"]
         assert "unsharded=lambda: MyModel(...)" in found["no_unsharded"]
         assert "PredictionProbe 'prediction'" in found["no_unsharded"]
-        assert "budget schedules (prediction)" in found["budget"]
         assert "snapshot='live'" in found["live"]
         if rank == 0:  # only the probing rank builds the unsharded model
             assert "its '0.weight' is (9, 2)" in found["other_model"]

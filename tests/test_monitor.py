@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from probescope import EVENTS, Callback, GridProbe, Monitor, Probe, Schedule, open_run
+from probescope import EVENTS, Callback, GridProbe, LossProbe, Monitor, Probe, Schedule, open_run
 from tests.conftest import train_steps
 
 
@@ -970,3 +970,24 @@ def test_a_tensor_learning_rate_is_copied_as_the_step_uses_it():
             optimizer.param_groups[0]["lr"].mul_(0.5)  # a scheduler writing it in place
             monitor.step()
     assert monitor.history.read()["lr"].values.tolist() == [1.0, 0.5, 0.25]
+
+
+@pytest.mark.parametrize("snapshot", ["copy", "sync"])
+def test_probes_that_read_nothing_of_the_model_take_no_snapshot(mlp, blobs, snapshot):
+    grid = GridProbe(blobs.x_train, blobs.y_train, resolution=8, schedule=Schedule.never())
+    loss = LossProbe(schedule=Schedule.every(1))
+    monitor = Monitor(mlp, [grid, loss], snapshot=snapshot)
+    acquired = []
+    acquire = monitor._pool.acquire
+
+    def counting(*args, **kwargs):
+        acquired.append(monitor.step_count)
+        return acquire(*args, **kwargs)
+
+    monitor._pool.acquire = counting
+    with monitor:
+        for _ in range(10):
+            monitor.drain()  # (a frame due while the one before runs would be skipped)
+            monitor.step(loss=1.0)
+    assert monitor.stats["loss"].run == 11 and monitor.stats["loss"].skipped == 0
+    assert acquired == [10]  # the grid's final frame only (before: a copy for every loss frame)

@@ -99,7 +99,8 @@ class Probe(Callback, Reproducible):
     default_schedule: ClassVar[Schedule] = Schedule.every(10)
     #: Whether ``evaluate`` reads ``.grad`` of the parameters (the snapshot then copies them).
     needs_grads: bool = False
-    #: Whether ``evaluate`` runs or reads the model (a probe of the run's series alone does not).
+    #: Whether ``evaluate`` runs or reads the model (a probe of the run's series alone does not:
+    #: its frames take no snapshot, and ``evaluate`` is handed the live model, to leave unread).
     reads_model: bool = True
     #: Whether frames are table rows (``values`` under the static ``columns``, plus scalars):
     #: the finished run then also stores ``table.parquet``.
