@@ -1,8 +1,9 @@
 """What probing a sharded model costs its training: an FSDP2 job (``fully_shard``) on
 ``--ranks`` processes, its steps timed with no Monitor, with a Monitor whose probes do not read
-the model (a LossProbe: no gather), and with a PredictionProbe every 10 steps and every step
-(each of those steps every rank gathers the whole model for the probing rank's unsharded
-copy, in buckets: one collective each), and every step gathered the naive way, a collective
+the model (a LossProbe: no gather), and with a PredictionProbe every 10 steps, on a 5 % budget
+(the probing rank announces each next step) and every step (each of those steps every rank
+gathers the whole model for the probing rank's unsharded copy, in buckets: one collective
+each), and every step gathered the naive way, a collective
 per parameter (``DTensor.full_tensor()``, as torch.distributed.checkpoint's full state dict
 does), the variants taking turns round after round. The table gives the probing rank's
 median steps/s per variant, its ratio to no Monitor, and the gathers' mean time in its
@@ -32,7 +33,7 @@ import probescope as ps
 from benchmarks.timing import device_name
 from probescope import gather
 
-VARIANTS = ("off", "loss only", "every 10", "every step", "every step, per parameter")
+VARIANTS = ("off", "loss only", "every 10", "budget 5%", "every step", "every step, per parameter")
 BATCH = 256
 
 
@@ -45,9 +46,9 @@ def mlp(hidden: int) -> nn.Sequential:
 def _probes(variant: str, held: torch.Tensor) -> list:
     if variant == "loss only":
         return [ps.LossProbe()]
-    every = 10 if variant == "every 10" else 1  # "per parameter": gathered the naive way
-    labels = torch.zeros(len(held), dtype=torch.long)
-    return [ps.LossProbe(), ps.PredictionProbe(held, labels, schedule=ps.Schedule.every(every))]
+    schedule = {"every 10": ps.Schedule.every(10), "budget 5%": ps.Schedule.budget(0.05)}.get(variant)
+    labels = torch.zeros(len(held), dtype=torch.long)  # "per parameter": gathered the naive way
+    return [ps.LossProbe(), ps.PredictionProbe(held, labels, schedule=schedule or ps.Schedule.every(1))]
 
 
 def _fit(model, optimizer, x, y, steps: int, monitor) -> float:
