@@ -185,7 +185,9 @@ def _batches(rank: int):
     return x, (x[:, 0] > x[:, 1]).long() + (x[:, 0] > 1).long()
 
 
-def _fsdp_job(rank: int, world: int, store: str, out: str, snapshot: str, built: str) -> None:
+def _fsdp_job(
+    rank: int, world: int, store: str, out: str, snapshot: str, built: str, probe_rank: int
+) -> None:
     """An FSDP2 job (fully_shard, every rank the same script) with probes that evaluate the
     model, and beside it, on every rank, the same model unsharded, trained on the whole
     batch: the frames must be that model's at their steps."""
@@ -222,6 +224,7 @@ def _fsdp_job(rank: int, world: int, store: str, out: str, snapshot: str, built:
             run_dir=Path(store).parent / "run",
             snapshot=snapshot,
             unsharded=unsharded,
+            probe_rank=probe_rank,
         ) as monitor:
             expected[0] = torch.softmax(reference(held), 1).tolist()
             for step in range(STEPS):
@@ -256,9 +259,14 @@ def _fsdp_job(rank: int, world: int, store: str, out: str, snapshot: str, built:
         _leave()
 
 
-@pytest.mark.parametrize(("snapshot", "built"), [("copy", "callable"), ("sync", "module")])
-def test_a_sharded_model_is_probed_through_weights_every_rank_gathers(tmp_path, capsys, snapshot, built):
-    prober, other = run_ranks(_fsdp_job, tmp_path, snapshot, built)
+@pytest.mark.parametrize(
+    ("snapshot", "built", "probe_rank"), [("copy", "callable", 0), ("sync", "module", 1)]
+)
+def test_a_sharded_model_is_probed_through_weights_every_rank_gathers(
+    tmp_path, capsys, snapshot, built, probe_rank
+):
+    results = run_ranks(_fsdp_job, tmp_path, snapshot, built, probe_rank)
+    prober, other = results[probe_rank], results[1 - probe_rank]
     assert prober["probing"] and not other["probing"]
     for name, counters in prober["summary"]["probes"].items():
         assert counters["failed"] == 0 and counters["frames"] >= 2, (name, counters)
