@@ -432,7 +432,10 @@ class _Bucket:
     ) -> None:
         import torch.distributed as dist
 
-        packed = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        # Each rank's rows go in its parameter's slot; a slot's tail past a rank's rows (uneven
+        # shards) is never read, so the buffer need not be cleared. One foreach copy each way.
+        packed = torch.empty(self.size, dtype=self.dtype, device=self.device)
+        views, locals_ = [], []
         for index, offset, _, rows in self.entries:
             local = sources[index].to_local()
             if local.shape[0] != rows[self.rank]:
@@ -440,18 +443,25 @@ class _Bucket:
                     f"gather: a parameter sharded by rows has {local.shape[0]} rows on rank "
                     f"{self.rank}, not the {rows[self.rank]} of torch.chunk's split"
                 )
-            packed[offset : offset + local.numel()].copy_(local.reshape(-1))
+            if local.numel():
+                views.append(packed[offset : offset + local.numel()])
+                locals_.append(local.reshape(-1))
+        if views:
+            torch._foreach_copy_(views, locals_)
         parts = [torch.empty_like(packed) for _ in range(self.world)] if self.receiving else None
         dist.gather(packed, parts, dst=self.dst, group=self.group)
         if into is None or not self.receiving:
             return
+        targets, pieces = [], []
         for index, offset, row, rows in self.entries:
             target, start = into[index], 0
             for part, n in zip(parts, rows, strict=True):
                 if n:
-                    piece = part[offset : offset + n * row].view(n, *target.shape[1:])
-                    target[start : start + n].copy_(piece, non_blocking=non_blocking)
+                    targets.append(target[start : start + n])
+                    pieces.append(part[offset : offset + n * row].view(n, *target.shape[1:]))
                 start += n
+        if targets:
+            torch._foreach_copy_(targets, pieces, non_blocking=non_blocking)
 
 
 BUCKET_BYTES = 256 * 2**20  # the whole parameters a bucket gathers at most (a larger one: alone)
