@@ -113,8 +113,11 @@ def check_sharded(
             "load_best=False and load the saved file on every rank "
             "(torch.distributed.checkpoint.state_dict.set_model_state_dict)"
         )
-    if snapshot_params is not None:
-        problems.append("snapshot_params: the gathered copy holds the whole model")
+    if snapshot_params not in (None, "trainable"):
+        problems.append(
+            "snapshot_params: the gathered copy holds the whole model (snapshot_params='trainable' "
+            "gathers the frozen parameters once and the rest at every gather)"
+        )
     if snapshot == "live":
         problems.append("snapshot='live' reads the model in place: use 'copy' (the default) or 'sync'")
     if problems:

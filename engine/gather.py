@@ -17,7 +17,9 @@ function that builds it; on the meta device it costs no memory, and its shadows 
 the sharded model's device). Probes then evaluate the shadow off the training path, as with
 the ``copy`` snapshot; the other ranks drop what they gathered. With a probe that reads
 gradients (a StatsProbe's ``grads``), each gather brings the gradients present too, the same
-way, into the shadow's ``.grad``.
+way, into the shadow's ``.grad``. With ``params="trainable"`` (``Monitor(snapshot_params=)``)
+the frozen parameters, which training never changes, are gathered once, into tensors the
+shadows share, and every later gather brings only the rest.
 
 Which steps gather must be the same on every rank, or one rank would wait for a collective
 that the others never start: a ``GatherPlan`` asks the probes' schedules on every rank, from
@@ -44,6 +46,8 @@ from torch import nn
 
 from probescope.schedule import Schedule, StepInfo, next_due
 from probescope.snapshot import (
+    TRAINABLE,
+    _hint_frozen,
     _host_place,
     _named_state_tensors,
     _unique,
@@ -172,6 +176,7 @@ class GatheredPool:
         hooks: bool = False,
         probe_rank: int = 0,
         grads: bool = False,
+        params: str | None = None,
     ):
         if strategy not in ("copy", "sync"):
             raise ValueError(
@@ -191,6 +196,19 @@ class GatheredPool:
         self._index = {name: position[id(t)] for name, t in named}  # every name, aliases too
         self.probe_rank = probe_rank
         self._plan = _Gathering(self._sources, probe_rank)
+        # params="trainable": the frozen parameters (a LoRA model's base weights, a frozen
+        # backbone), which training never changes, are gathered once, at the first gather (on
+        # every rank alike), into tensors all shadows share; later gathers bring the rest.
+        frozen = {
+            i
+            for i, t in enumerate(self._sources)
+            if params == TRAINABLE and isinstance(t, nn.Parameter) and not t.requires_grad
+        }
+        self._live = [i for i in range(len(self._sources)) if i not in frozen]
+        self._live_plan = _Gathering([self._sources[i] for i in self._live], probe_rank) if frozen else None
+        self._frozen: dict[int, torch.Tensor] = dict.fromkeys(sorted(frozen))  # shared targets
+        self._frozen_filled = not frozen
+        self.gathered_elements = 0  # what the gathers brought, all told
         # With grads: the parameters whose gradients every gather brings too (those present:
         # FSDP gives every rank its shard of each, so a gradient is there on all ranks or none).
         self._grad_params = [i for i, t in enumerate(self._sources) if grads and isinstance(t, nn.Parameter)]
@@ -206,6 +224,8 @@ class GatheredPool:
         self.reference: nn.Module | None = None  # the shadow probes are set up for
         if template is not None:
             self._check_template(template)
+            if params is None:
+                _hint_frozen(sharded, self.size)
             self._make_shadows(template, hooks)
 
     # ---- set-up ---------------------------------------------------------------------------
@@ -248,8 +268,11 @@ class GatheredPool:
             def place(t: torch.Tensor) -> torch.Tensor:
                 return torch.empty(t.shape, dtype=t.dtype, device=device)
 
-        for _ in range(self.size):
-            shadow, twin = shadow_copy(template, {}, hooks=hooks, place=place)
+        for k in range(self.size):
+            shared = (
+                {id(self._template_names[self._names[i]]): t for i, t in self._frozen.items()} if k else {}
+            )
+            shadow, twin = shadow_copy(template, shared, hooks=hooks, place=place)
             shadow.eval()
             targets = [twin[id(self._template_names[name])] for name in self._names]
             with torch.no_grad():
@@ -257,6 +280,8 @@ class GatheredPool:
                     t.requires_grad_(False)
                     t.zero_()  # probes set up on it read finite numbers
             self._targets[id(shadow)] = targets
+            for i in self._frozen:
+                self._frozen[i] = targets[i]  # (the first shadow's; the others share them)
             if self._grad_params:
                 buffers = [place(targets[i]) for i in self._grad_params]
                 self._grads[id(shadow)] = buffers
@@ -270,19 +295,20 @@ class GatheredPool:
 
     @property
     def nbytes(self) -> int:
-        held = [*self._targets.values(), *self._grads.values()]
-        return sum(t.numel() * t.element_size() for ts in held for t in ts)
+        held = _unique(t for ts in [*self._targets.values(), *self._grads.values()] for t in ts)
+        return sum(t.numel() * t.element_size() for t in held)
 
     def describe(self) -> dict:
         return {
             "strategy": self.strategy,
             "host": self.host,
             "sharded": True,
-            "copied_elements": sum(t.numel() for t in self._sources),
+            "copied_elements": sum(self._sources[i].numel() for i in self._live),
             "model_elements": sum(t.numel() for t in self._sources),
             "bytes": self.nbytes,
             "dropped_hooks": list(self.dropped_hooks),
             "gathers": self.gathers,
+            "gathered_elements": self.gathered_elements,
             "gather_s": round(self.gather_s, 6),
         }
 
@@ -348,7 +374,16 @@ class GatheredPool:
         self._gathered = True
         with torch.no_grad():
             targets = None if shadow is None else self._targets[id(shadow)]
-            self._plan.run(self._sources, targets, self.host)
+            if not self._frozen_filled:  # the first gather: every tensor, the frozen ones too
+                if targets is None and self._frozen:
+                    targets = [self._frozen.get(i) for i in range(len(self._sources))]
+                self._run(self._plan, self._sources, targets)
+                self._frozen_filled = True
+            elif self._live_plan is not None:
+                into = None if targets is None else [targets[i] for i in self._live]
+                self._run(self._live_plan, [self._sources[i] for i in self._live], into)
+            else:
+                self._run(self._plan, self._sources, targets)
             if self._grad_params:
                 present = [i for i in self._grad_params if self._sources[i].grad is not None]
                 into = None
@@ -358,7 +393,7 @@ class GatheredPool:
                     for i in self._grad_params:
                         targets[i].grad = held[i] if i in present else None
                 grads = [self._sources[i].grad for i in present]
-                _Gathering(grads, self.probe_rank).run(grads, into, self.host)
+                self._run(_Gathering(grads, self.probe_rank), grads, into)
         self.gathers += 1
         self.gather_s += time.perf_counter() - t0
 
@@ -368,7 +403,7 @@ class GatheredPool:
         keys = list(self.model.state_dict())
         whole = [torch.empty(t.shape, dtype=t.dtype) for t in self._sources] if keep else None
         t0 = time.perf_counter()
-        self._plan.run(self._sources, whole, self.host)
+        self._run(self._plan, self._sources, whole)
         self.gathers += 1
         self.gather_s += time.perf_counter() - t0
         if not keep:
@@ -376,6 +411,10 @@ class GatheredPool:
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # (at close: the copies to the host are done)
         return {key: whole[self._index[key]] for key in keys}
+
+    def _run(self, plan: _Gathering, sources: list[torch.Tensor], into: list | None) -> None:
+        plan.run(sources, into, self.host)
+        self.gathered_elements += sum(t.numel() for t in sources)
 
 
 class _Gathering:
@@ -394,11 +433,12 @@ class _Gathering:
             bucket.gather(sources, into, non_blocking)
         for i in self.each:
             whole = sources[i].full_tensor()
-            if into is not None:
+            if into is not None and into[i] is not None:
                 into[i].copy_(whole, non_blocking=non_blocking)
         if into is not None:
             for i in self.local:
-                into[i].copy_(sources[i], non_blocking=non_blocking)
+                if into[i] is not None:
+                    into[i].copy_(sources[i], non_blocking=non_blocking)
 
 
 class _Bucket:
@@ -455,6 +495,8 @@ class _Bucket:
         targets, pieces = [], []
         for index, offset, row, rows in self.entries:
             target, start = into[index], 0
+            if target is None:  # (not wanted: a shadow's, when none was free)
+                continue
             for part, n in zip(parts, rows, strict=True):
                 if n:
                     targets.append(target[start : start + n])

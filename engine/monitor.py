@@ -279,6 +279,7 @@ class Monitor:
                 hooks=snapshot_hooks,
                 probe_rank=probe_rank,
                 grads=any(p.needs_grads for p in probes),
+                params=snapshot_params,
             )
         probed = self._pool.reference if template is not None else model
         for p in probes:

@@ -304,6 +304,93 @@ def test_a_sharded_model_is_probed_through_weights_every_rank_gathers(
         np.testing.assert_allclose(state[key].numpy(), value, rtol=0, atol=1e-5, err_msg=key)
 
 
+def _frozen_job(rank: int, world: int, store: str, out: str) -> None:
+    """An FSDP2 model whose first layer is frozen (a fine-tune's backbone), probed with
+    snapshot_params="trainable": the frozen weights are gathered once, into tensors every
+    shadow shares; the frames must still be the model's at their steps."""
+    _join(rank, world, store)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        torch.manual_seed(0)
+        model, reference = _net(), _net()
+        reference.load_state_dict(model.state_dict())
+        for m in (model, reference):
+            m[0].requires_grad_(False)
+        for layer in (model[0], model[2], model[4]):
+            fully_shard(layer)
+        fully_shard(model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(trainable, lr=0.2)
+        ref_optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.2)
+        data = [_batches(r) for r in range(world)]
+        x, y = data[rank]
+        held = torch.linspace(-2, 2, 24).reshape(12, 2)
+        probes = [
+            ps.PredictionProbe(held, torch.arange(12) % 3, schedule=ps.Schedule.every(2)),
+            ps.PredictionProbe(held, torch.arange(12) % 3, schedule=ps.Schedule.every(3), name="other"),
+        ]
+        expected = {}
+        monitor = ps.Monitor(
+            model,
+            probes,
+            optimizer=optimizer,
+            run_dir=Path(store).parent / "run",
+            unsharded=_net,
+            snapshot_params="trainable",
+        )
+        with monitor:
+            expected[0] = torch.softmax(reference(held), 1).tolist()
+            for step in range(STEPS):
+                i = step * 16
+                loss = nn.functional.cross_entropy(model(x[i : i + 16]), y[i : i + 16])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                xs = torch.cat([d[0][i : i + 16] for d in data])
+                ys = torch.cat([d[1][i : i + 16] for d in data])
+                ref_optimizer.zero_grad()
+                nn.functional.cross_entropy(reference(xs), ys).backward()
+                ref_optimizer.step()
+                with torch.no_grad():
+                    expected[step + 1] = torch.softmax(reference(held), 1).tolist()
+                monitor.step(loss=loss)
+        pool = monitor._pool
+        shadows = list(pool._targets.values())
+        result = {
+            "probing": monitor.probing,
+            "expected": expected,
+            "detail": monitor.snapshot_detail,
+            "shared": monitor.probing
+            and all(a is b for a, b in zip(shadows[0][:2], shadows[1][:2], strict=True)),
+            "own": monitor.probing and shadows[0][2] is not shadows[1][2],
+            "sizes": [sum(t.numel() for t in model.parameters()), sum(t.numel() for t in trainable)],
+        }
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        _leave()
+
+
+def test_a_sharded_models_frozen_weights_are_gathered_once_with_snapshot_params_trainable(tmp_path):
+    prober, _ = run_ranks(_frozen_job, tmp_path)
+    run = ps.open_run(tmp_path / "run")
+    for name in ("prediction", "other"):
+        record = run.probe(name)
+        assert len(record) >= 4
+        for i in range(len(record)):  # the frozen layer's weights are there in every shadow
+            frame = record.frame(i)
+            probs = np.asarray(prober["expected"][str(frame.step)])
+            np.testing.assert_allclose(
+                frame.data["prob_true"], probs[np.arange(12), np.arange(12) % 3], atol=1e-5
+            )
+    assert prober["shared"] and prober["own"]  # layer 0's weight and bias shared, layer 2's not
+    every, trainable = prober["sizes"]
+    gathers = prober["detail"]["gathers"]
+    # The first gather and model.pt bring every weight; every other gather the trainable ones.
+    assert prober["detail"]["gathered_elements"] == 2 * every + (gathers - 2) * trainable
+    assert prober["detail"]["copied_elements"] == trainable
+
+
 def _resume_job(rank: int, world: int, store: str, out: str, kind: str) -> None:
     """Six steps, closed; then a Monitor with resume=True (the run's step known to the probing
     rank only) for six more: every rank takes resume=True, and with a sharded model every
