@@ -185,6 +185,36 @@ def _batches(rank: int):
     return x, (x[:, 0] > x[:, 1]).long() + (x[:, 0] > 1).long()
 
 
+def _train_beside(monitor, model, reference, optimizers, rank: int, held) -> tuple[dict, dict]:
+    """Train the sharded ``model`` (each rank on its batches) and, beside it, the unsharded
+    ``reference`` on the batches of every rank: the same updates. The reference's
+    probabilities on ``held`` and the norm of its last weight's gradient at each step."""
+    data = [_batches(r) for r in range(2)]
+    x, y = data[rank]
+    optimizer, ref_optimizer = optimizers
+    expected = {0: torch.softmax(reference(held), 1).tolist()}
+    grad_norms = {}
+    for step in range(STEPS):
+        i = step * 16
+        loss = nn.functional.cross_entropy(model(x[i : i + 16]), y[i : i + 16])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        xs = torch.cat([d[0][i : i + 16] for d in data])
+        ys = torch.cat([d[1][i : i + 16] for d in data])
+        ref_optimizer.zero_grad()
+        nn.functional.cross_entropy(reference(xs), ys).backward()
+        grad_norms[step + 1] = reference[4].weight.grad.norm().item()
+        ref_optimizer.step()
+        with torch.no_grad():
+            expected[step + 1] = torch.softmax(reference(held), 1).tolist()
+        monitor.step(loss=loss)
+        if step == STEPS // 2 - 1:
+            monitor.end_epoch()
+    monitor.end_epoch()
+    return expected, grad_norms
+
+
 def _fsdp_job(
     rank: int, world: int, store: str, out: str, snapshot: str, built: str, probe_rank: int
 ) -> None:
@@ -204,8 +234,7 @@ def _fsdp_job(
         fully_shard(model)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
         ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.2)
-        data = [_batches(r) for r in range(world)]
-        x, y = data[rank]
+        x, y = _batches(rank)
         held = torch.linspace(-2, 2, 24).reshape(12, 2)
         probes = [
             ps.GridProbe(x, y, resolution=12, domain=(-3, 3, -3, 3), schedule=ps.Schedule.every(3)),
@@ -215,8 +244,6 @@ def _fsdp_job(
             ps.LossProbe(),
         ]
         unsharded = _net if built == "callable" else _net()
-        expected = {}  # step -> the reference's probabilities on the held-out batch
-        grad_norms = {}  # step -> the norm of the reference's gradient of its last weight
         with ps.Monitor(
             model,
             probes,
@@ -226,26 +253,9 @@ def _fsdp_job(
             unsharded=unsharded,
             probe_rank=probe_rank,
         ) as monitor:
-            expected[0] = torch.softmax(reference(held), 1).tolist()
-            for step in range(STEPS):
-                i = step * 16
-                loss = nn.functional.cross_entropy(model(x[i : i + 16]), y[i : i + 16])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                xs = torch.cat([d[0][i : i + 16] for d in data])
-                ys = torch.cat([d[1][i : i + 16] for d in data])
-                ref_loss = nn.functional.cross_entropy(reference(xs), ys)
-                ref_optimizer.zero_grad()
-                ref_loss.backward()
-                grad_norms[step + 1] = reference[4].weight.grad.norm().item()
-                ref_optimizer.step()
-                with torch.no_grad():
-                    expected[step + 1] = torch.softmax(reference(held), 1).tolist()
-                monitor.step(loss=loss)
-                if step == STEPS // 2 - 1:
-                    monitor.end_epoch()
-            monitor.end_epoch()
+            expected, grad_norms = _train_beside(
+                monitor, model, reference, (optimizer, ref_optimizer), rank, held
+            )
         result = {
             "probing": monitor.probing,
             "summary": monitor.summary(),
@@ -323,14 +333,11 @@ def _frozen_job(rank: int, world: int, store: str, out: str) -> None:
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(trainable, lr=0.2)
         ref_optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.2)
-        data = [_batches(r) for r in range(world)]
-        x, y = data[rank]
         held = torch.linspace(-2, 2, 24).reshape(12, 2)
         probes = [
             ps.PredictionProbe(held, torch.arange(12) % 3, schedule=ps.Schedule.every(2)),
             ps.PredictionProbe(held, torch.arange(12) % 3, schedule=ps.Schedule.every(3), name="other"),
         ]
-        expected = {}
         monitor = ps.Monitor(
             model,
             probes,
@@ -340,21 +347,7 @@ def _frozen_job(rank: int, world: int, store: str, out: str) -> None:
             snapshot_params="trainable",
         )
         with monitor:
-            expected[0] = torch.softmax(reference(held), 1).tolist()
-            for step in range(STEPS):
-                i = step * 16
-                loss = nn.functional.cross_entropy(model(x[i : i + 16]), y[i : i + 16])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                xs = torch.cat([d[0][i : i + 16] for d in data])
-                ys = torch.cat([d[1][i : i + 16] for d in data])
-                ref_optimizer.zero_grad()
-                nn.functional.cross_entropy(reference(xs), ys).backward()
-                ref_optimizer.step()
-                with torch.no_grad():
-                    expected[step + 1] = torch.softmax(reference(held), 1).tolist()
-                monitor.step(loss=loss)
+            expected, _ = _train_beside(monitor, model, reference, (optimizer, ref_optimizer), rank, held)
         pool = monitor._pool
         shadows = list(pool._targets.values())
         result = {
