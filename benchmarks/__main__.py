@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks import analysis, frame_cost, kernels, overhead, viewer
+from benchmarks import analysis, frame_cost, kernels, overhead, sharded, viewer
 from benchmarks.timing import device_name, device_peaks
 
 SUITES = {
@@ -21,6 +21,7 @@ SUITES = {
     "frames": frame_cost,
     "analysis": analysis,
     "viewer": viewer,
+    "sharded": sharded,
 }
 
 

@@ -132,6 +132,48 @@ def _ms(seconds: list[float]) -> str:
     return f"{1e3 * statistics.mean(seconds):.2f}" if seconds else "-"
 
 
+def measure(ranks: int, hidden: int, rounds: int, steps: int, device: str) -> dict:
+    """Run the job on ``ranks`` processes: the probing rank's step times and gather times,
+    per variant."""
+    settings = {"hidden": hidden, "rounds": rounds, "steps": steps, "device": device}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp, "out")
+        out.mkdir()
+        mp.start_processes(_rank, args=(ranks, os.path.join(tmp, "store"), str(out), settings), nprocs=ranks)
+        return json.loads((out / "rank0.json").read_text())
+
+
+def usable(device: torch.device, ranks: int = 2) -> bool:
+    """Whether ``device`` can hold the job: the CPU (gloo), or a GPU a rank (NCCL)."""
+    return device.type == "cpu" or torch.cuda.device_count() >= ranks
+
+
+def run(device: torch.device, quick: bool, peaks: dict):
+    """The ``sharded`` suite of ``python -m benchmarks``: one row, the variants as providers,
+    each a step's median time and the slowdown against no Monitor (on CUDA only where the
+    machine has a GPU for each of two ranks)."""
+    if not usable(device):
+        print("sharded: two ranks need two GPUs (NCCL); skipped")
+        return
+    hidden, rounds, steps = (256, 2, 30) if quick else (512, 5, 100)
+    probing = measure(2, hidden, rounds, steps, device.type)
+    results = {}
+    for variant, times in probing["times"].items():
+        step_s = statistics.median(times) / steps
+        gathers = probing["gathers"][variant]
+        results[variant] = {
+            "median_s": step_s,
+            "repeats": rounds,
+            "rate": f"{1 / step_s:.1f} steps/s" + (f", gather {_ms(gathers)} ms" if gathers else ""),
+        }
+    case = f"FSDP2 MLP 2-{hidden}-{hidden}-7, 2 ranks"
+    yield {"op": "sharded", "case": case, "results": results, "ours": "off", "reference": "off"}
+
+
+def count(device: torch.device, quick: bool) -> int:
+    return 1 if usable(device) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sharded", description=__doc__)
     parser.add_argument("--ranks", type=int, default=2)
@@ -143,13 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cuda" and torch.cuda.device_count() < args.ranks:
         parser.error(f"--device cuda needs a GPU per rank; this machine has {torch.cuda.device_count()}")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp, "out")
-        out.mkdir()
-        mp.start_processes(
-            _rank, args=(args.ranks, os.path.join(tmp, "store"), str(out), vars(args)), nprocs=args.ranks
-        )
-        probing = json.loads((out / "rank0.json").read_text())
+    probing = measure(args.ranks, args.hidden, args.rounds, args.steps, args.device)
     rates = {v: args.steps / statistics.median(t) for v, t in probing["times"].items()}
     gathers = probing["gathers"]
     params = sum(p.numel() for p in mlp(args.hidden).parameters())

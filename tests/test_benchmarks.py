@@ -696,3 +696,15 @@ def test_the_sharded_benchmark_times_every_variant_and_the_gathers(tmp_path, cap
         assert float(rows[variant][2]) > 0, variant
     result = json.loads((tmp_path / "sharded.json").read_text())
     assert sorted(result["rates"]) == sorted(VARIANTS) and result["gathers"]["loss only"] == []
+
+
+def test_the_benchmark_runner_runs_the_sharded_suite(tmp_path, capsys):
+    from benchmarks.__main__ import main
+    from benchmarks.sharded import VARIANTS
+
+    assert main(["sharded", "--quick", "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert row["suite"] == "sharded" and list(row["results"]) == list(VARIANTS)
+    assert all(r["median_s"] > 0 for r in row["results"].values())
+    assert "gather" in row["results"]["every step"]["rate"] and "gather" not in row["results"]["off"]["rate"]
+    assert "| sharded | FSDP2 MLP 2-256-256-7, 2 ranks | off |" in (tmp_path / "results.md").read_text()
