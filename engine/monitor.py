@@ -735,6 +735,9 @@ class Monitor:
                 self._probe_now(final, inline=True, epoch=self._last_step_epoch)
             elif final_gather:
                 self._launch(final, True, inline=True, epoch=self._last_step_epoch)
+            else:  # no gather: the final frames of the probes that read nothing of the model
+                unread = [st for st in final if not st.probe.reads_model]
+                self._probe_now(unread, inline=True, epoch=self._last_step_epoch)
         self._fire("after_fit")
         self._worker.close(timeout=1.0)
         if self._lr_hook is not None:

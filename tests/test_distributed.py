@@ -384,6 +384,48 @@ def test_a_sharded_models_frozen_weights_are_gathered_once_with_snapshot_params_
     assert prober["detail"]["copied_elements"] == trainable
 
 
+def _failing_job(rank: int, world: int, store: str, out: str) -> None:
+    """Training raises on every rank at step 5: the Monitors close with the error, gather
+    nothing (no final frame of a probe that reads the model, no model.pt) and do not hang."""
+    _join(rank, world, store)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        torch.manual_seed(0)
+        model = _net()
+        fully_shard(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = _batches(rank)
+        probes = [ps.PredictionProbe(x[:8], y[:8], schedule=ps.Schedule.every(2)), ps.LossProbe()]
+        try:
+            with ps.Monitor(model, probes, run_dir=Path(store).parent / "run", unsharded=_net) as monitor:
+                for step in range(STEPS):
+                    if step == 5:
+                        raise RuntimeError("the loss went NaN")
+                    loss = nn.functional.cross_entropy(model(x[:8]), y[:8])
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    monitor.step(loss=loss)
+        except RuntimeError as err:
+            error = str(err)
+        Path(out, f"rank{rank}.json").write_text(
+            json.dumps({"error": error, "gathers": monitor._pool.gathers})
+        )
+    finally:
+        _leave()
+
+
+def test_a_sharded_run_that_fails_on_every_rank_closes_without_gathering(tmp_path):
+    prober, other = run_ranks(_failing_job, tmp_path)
+    assert prober["error"] == other["error"] == "the loss went NaN"
+    assert prober["gathers"] == other["gathers"] == 3  # steps 0, 2 and 4 only
+    run = ps.open_run(tmp_path / "run")
+    assert run.meta["status"] == "failed" and not (tmp_path / "run" / "model.pt").exists()
+    assert run.probe("prediction").frame(-1).step == 4
+    assert run.probe("loss").frame(-1).step == 5  # its final frame needs no gather
+
+
 def _resume_job(rank: int, world: int, store: str, out: str, kind: str) -> None:
     """Six steps, closed; then a Monitor with resume=True (the run's step known to the probing
     rank only) for six more: every rank takes resume=True, and with a sharded model every
