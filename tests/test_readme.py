@@ -252,7 +252,9 @@ def test_the_transformers_example_runs(tmp_path):
 def test_the_fsdp_example_runs_on_two_ranks(tmp_path):
     script = tmp_path / "fsdp_example.py"
     script.write_text(_block("# torchrun --nproc_per_node 2 fsdp_example.py"))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script.name]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", script.name]  # fmt: skip
+    # (a free port: not torchrun's default 29500, which another job on the machine may hold)
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     run = ps.open_run(tmp_path / "runs" / "fsdp")
