@@ -43,8 +43,7 @@ class LibrarySink(TensorBoardSink):
     def __init__(self, log_dir):
         from torch.utils.tensorboard import SummaryWriter
 
-        super().__init__(log_dir)
-        self._file.close()
+        super().__init__(log_dir)  # (its own event file is made at a first event, which never comes)
         self._writer = SummaryWriter(str(log_dir))
 
     def _add_scalar(self, tag, step, value):
