@@ -215,6 +215,30 @@ def test_modules_that_never_run_are_refused_by_name_and_left_out_by_pattern():
     assert broad.modules == ["used"] and not any(c.startswith("act/unused") for c in broad.columns)
 
 
+def test_a_container_named_exactly_is_measured_and_a_glob_takes_leaves(tmp_path):
+    class Block(nn.Module):  # a residual block: its output is none of its children's
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.Tanh()
+
+        def forward(self, x):
+            return x + self.act(self.fc(x))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), Block(), nn.Linear(4, 3))
+    x = torch.randn(16, 2)
+    named = StatsProbe(["1"], targets=("activations",), batch=x)
+    glob = StatsProbe(["1*"], targets=("activations",), batch=x, name="glob")
+    with Monitor(model, [named, glob], snapshot="sync", run_dir=tmp_path / "run"):
+        pass
+    assert named.modules == ["1"] and glob.modules == ["1.fc", "1.act"]
+    row = open_run(tmp_path / "run").probe("stats").table().iloc[-1]
+    with torch.no_grad():
+        expected = tensor_stats_reference(model[1](model[0](x)).double())
+    for stat, value in zip(STAT_NAMES, expected, strict=True):
+        assert row[f"act/1/{stat}"] == pytest.approx(float(value), rel=1e-5, abs=1e-7), stat
+
+
 def _two_state_model(metric="weight/0.weight/l2", low=1.0, high=9.0):
     from probescope.analysis import StateModel
 

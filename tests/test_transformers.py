@@ -440,3 +440,112 @@ def test_on_a_gpu_the_trainers_model_is_probed_from_copies_on_the_probe_stream(t
     logged_steps, logged = _logged(trainer, "loss")
     assert steps == logged_steps == list(range(1, 13))
     np.testing.assert_allclose(values, logged, rtol=1e-4, atol=0)
+
+
+# ---- a language model sharded with FSDP2 ---------------------------------------------------
+
+
+class LastTokenLogits(nn.Module):
+    """A causal LM's logits at the last position: one row of class scores per sequence."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        return self.lm(input_ids=ids).logits[:, -1]
+
+
+def _tiny_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,  # one weight under two names
+    )
+    return LastTokenLogits(LlamaForCausalLM(config))  # rotary inv_freq: a buffer out of the state_dict
+
+
+def _sharded_llama_job(rank: int, world: int, store: str, out: str) -> None:
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from tests.test_distributed import _join, _leave
+
+    _join(rank, world, store)
+    try:
+        torch.manual_seed(0)
+        model, reference = _tiny_llama(), _tiny_llama()
+        reference.load_state_dict(model.state_dict())
+        for layer in model.lm.model.layers:
+            fully_shard(layer)
+        fully_shard(model.lm)
+        fully_shard(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
+        ids = [
+            torch.randint(0, 64, (72, 12), generator=torch.Generator().manual_seed(r)) for r in range(world)
+        ]
+        held = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(9))
+        probes = [
+            ps.PredictionProbe(held, held[:, 0], schedule=ps.Schedule.every(3)),
+            ps.StatsProbe(
+                ["lm.model.layers.0", "lm.model.layers.1.mlp.*"], batch=held, schedule=ps.Schedule.every(3)
+            ),
+        ]
+        run_dir = Path(store).parent / "run"
+        with ps.Monitor(
+            model, probes, optimizer=optimizer, run_dir=run_dir, unsharded=_tiny_llama
+        ) as monitor:
+            for step in range(9):
+                batch = ids[rank][step * 8 : step * 8 + 8]
+                loss = model.lm(input_ids=batch, labels=batch).loss
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                whole = torch.cat([i[step * 8 : step * 8 + 8] for i in ids])
+                ref_optimizer.zero_grad()  # the mean of the ranks' losses: each rank's batch is 8
+                (sum(reference.lm(input_ids=whole[k * 8 : k * 8 + 8], labels=whole[k * 8 : k * 8 + 8]).loss
+                     for k in range(world)) / world).backward()  # fmt: skip
+                ref_optimizer.step()
+                monitor.step(loss=loss)
+        with torch.no_grad():
+            probs = torch.softmax(reference(held), 1)
+        result = {
+            "probing": monitor.probing,
+            "summary": monitor.summary(),
+            "reference_probs": probs[torch.arange(16), held[:, 0]].tolist(),
+            "reference_state": {k: v.tolist() for k, v in reference.state_dict().items()},
+        }
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()
+    finally:
+        _leave()
+
+
+def test_a_language_model_sharded_with_fsdp2_is_probed_through_its_gathered_weights(tmp_path):
+    """A Llama with tied embeddings and rotary buffers, sharded per layer, trained on two ranks
+    beside the same model unsharded: the last frames are the unsharded model's."""
+    from tests.test_distributed import run_ranks
+
+    prober, _ = run_ranks(_sharded_llama_job, tmp_path)
+    for name, counters in prober["summary"]["probes"].items():
+        assert counters["failed"] == 0 and counters["frames"] == 4, (name, counters)
+    run = ps.open_run(tmp_path / "run")
+    last = run.probe("prediction").frame(-1)
+    assert last.step == 9
+    np.testing.assert_allclose(last.data["prob_true"], prober["reference_probs"], rtol=0, atol=1e-5)
+    stats = run.probe("stats").table()
+    assert "act/lm.model.layers.0/mean" in stats.columns  # a decoder layer's output (named exactly)
+    state = torch.load(tmp_path / "run" / "model.pt")
+    assert sorted(state) == sorted(prober["reference_state"])  # tied names both there
+    for key, value in prober["reference_state"].items():
+        np.testing.assert_allclose(state[key].numpy(), value, rtol=0, atol=1e-5, err_msg=key)

@@ -143,10 +143,14 @@ class StatsProbe(Probe):
         owned = {id(p) for m in matched for p in own_parameters(modules[m])}
         self.parameters = [q for q, p in model.named_parameters() if id(p) in owned and p.is_floating_point()]
         if "activations" in self.targets:
-            # Leaf modules only under a broad pattern: a container's output repeats its last child's.
-            self.modules = [m for m in matched if m and is_leaf(modules[m])]
+            # Leaf modules only under a glob (a container's output often repeats its last
+            # child's); a container named exactly is measured (a transformer block's output).
+            self.modules = [m for m in matched if m and (is_leaf(modules[m]) or m in self.patterns)]
             if not self.modules:
-                raise ValueError(f"{owner}: the hook patterns match no module whose output can be measured")
+                raise ValueError(
+                    f"{owner}: the hook patterns match no module whose output can be measured (a glob "
+                    "takes the leaf modules it matches; name a container exactly to measure its output)"
+                )
             self._check_outputs(model)
         if not self.parameters and "activations" not in self.targets:
             raise ValueError(f"{owner}: the hook patterns {self.patterns} match no module with parameters")
