@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 # Before any Triton kernel module is imported: without a GPU, Triton kernels run in its
 # interpreter on CPU tensors, so the CPU suite still holds them to the references.
@@ -119,3 +122,25 @@ def record_blobs_run(path, *, grid_every: int, other_every: int, steps: int, epo
     with Monitor(model, probes, run_dir=path) as monitor:
         train_steps(monitor, model, data.x_train, data.y_train, steps, epoch_every=epoch_every)
     return path
+
+
+#: What torch 2.13's gloo prints when a rank's process aborts at exit, after the job's work and
+#: its ranks' final barrier, now and then (plain DDP without probescope too): a C++ thread of
+#: the process group destroyed while still joinable.
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+
+
+def torchrun(script: Path, *args: str, ranks: int = 2, timeout: float = 300.0, attempts: int = 2):
+    """Run ``script`` under ``torch.distributed.run`` on ``ranks`` CPU processes, on a free
+    port, in a fresh folder beside it per attempt (its working directory); the completed
+    process and that folder. An attempt that fails only by gloo's abort at exit
+    (``GLOO_EXIT_ABORT``) is run again, in a folder of its own, up to ``attempts`` times."""
+    for attempt in range(attempts):
+        folder = script.parent / f"attempt{attempt}"
+        folder.mkdir()
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks)]
+        command = [*launch, "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", str(script), *args]
+        done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=timeout)
+        if done.returncode == 0 or GLOO_EXIT_ABORT not in done.stderr:
+            break
+    return done, folder

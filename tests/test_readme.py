@@ -11,8 +11,6 @@ import json
 import re
 import runpy
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ import torch
 
 import probescope as ps
 from probescope.cli import build_parser, main
+from tests.conftest import torchrun
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
 
@@ -252,12 +251,9 @@ def test_the_transformers_example_runs(tmp_path):
 def test_the_fsdp_example_runs_on_two_ranks(tmp_path):
     script = tmp_path / "fsdp_example.py"
     script.write_text(_block("# torchrun --nproc_per_node 2 fsdp_example.py"))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", script.name]  # fmt: skip
-    # (a free port: not torchrun's default 29500, which another job on the machine may hold)
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done, folder = torchrun(script)
     assert done.returncode == 0, done.stderr[-3000:]
-    run = ps.open_run(tmp_path / "runs" / "fsdp")
+    run = ps.open_run(folder / "runs" / "fsdp")
     assert run.meta["status"] == "finished" and run.meta["summary"]["steps"] == 200
     assert run.meta["model"]["sharded"] == "module '(root)' was sharded by fully_shard (FSDP2)"
     for name, counters in run.meta["summary"]["probes"].items():
@@ -272,9 +268,9 @@ def test_the_fsdp_example_runs_on_two_ranks(tmp_path):
         torch.nn.ReLU(),
         torch.nn.Linear(256, 3),
     )
-    model.load_state_dict(torch.load(tmp_path / "runs" / "fsdp" / "model.pt"))
+    model.load_state_dict(torch.load(folder / "runs" / "fsdp" / "model.pt"))
     last = run.probe("grid").frame(-1)
-    probe = ps.load_probes(tmp_path / "runs" / "fsdp")[0]
+    probe = ps.load_probes(folder / "runs" / "fsdp")[0]
     probe.attach(model)
     with torch.no_grad():
         again = probe.evaluate(model, ps.ProbeContext(200, 0))

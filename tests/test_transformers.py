@@ -380,18 +380,15 @@ dist.destroy_process_group()
 
 
 def test_under_torchrun_one_rank_probes_and_writes_the_run(tmp_path):
-    import subprocess
-    import sys
     from pathlib import Path
+
+    from tests.conftest import torchrun
 
     script = tmp_path / "train.py"
     script.write_text(TORCHRUN_SCRIPT)
-    root = str(Path(__file__).parents[1])
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
-               str(script), str(tmp_path / "run"), root]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    done, folder = torchrun(script, "run", str(Path(__file__).parents[1]))
     assert done.returncode == 0, done.stderr[-3000:]
+    tmp_path = folder  # the attempt's folder holds the run
     assert "rank 0 probing True steps 16" in done.stdout and "rank 1 probing False steps 16" in done.stdout
     run = ps.open_run(tmp_path / "run")
     assert run.meta["finished"] and run.meta["distributed"]["world_size"] == 2
