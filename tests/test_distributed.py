@@ -453,6 +453,63 @@ def test_a_sharded_run_that_fails_on_every_rank_closes_without_gathering(tmp_pat
     assert run.probe("loss").frame(-1).step == 5  # its final frame needs no gather
 
 
+def _hsdp_job(rank: int, world: int, store: str, out: str) -> None:
+    """FSDP2 over a 2-D mesh (HSDP: replicated across two groups, sharded within each): its
+    parameters are (Replicate(), Shard(0)) DTensors, gathered whole one by one."""
+    _join(rank, world, store)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        torch.manual_seed(0)
+        model, reference = _net(), _net()
+        reference.load_state_dict(model.state_dict())
+        for layer in (model[0], model[2], model[4]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+        ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.2)
+        held = torch.linspace(-2, 2, 24).reshape(12, 2)
+        probe = ps.PredictionProbe(held, torch.arange(12) % 3, schedule=ps.Schedule.every(2))
+        monitor = ps.Monitor(
+            model, [probe], optimizer=optimizer, run_dir=Path(store).parent / "run", unsharded=_net
+        )
+        data = [_batches(r) for r in range(world)]
+        with monitor:
+            for step in range(6):
+                i = step * 16
+                loss = nn.functional.cross_entropy(
+                    model(data[rank][0][i : i + 16]), data[rank][1][i : i + 16]
+                )
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                ref_optimizer.zero_grad()
+                sum(
+                    nn.functional.cross_entropy(reference(d[0][i : i + 16]), d[1][i : i + 16]) for d in data
+                ).div(world).backward()
+                ref_optimizer.step()
+                monitor.step(loss=loss)
+        with torch.no_grad():
+            expected = torch.softmax(reference(held), 1)[torch.arange(12), torch.arange(12) % 3]
+        placements = [str(p.placements) for p in model.parameters()]
+        result = {"expected": expected.tolist(), "placements": placements, "probing": monitor.probing}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        _leave()
+
+
+def test_a_model_sharded_over_a_2d_mesh_is_gathered_whole(tmp_path):
+    results = run_ranks(_hsdp_job, tmp_path, world=4)
+    assert [r["probing"] for r in results] == [True, False, False, False]
+    assert results[0]["placements"][0] == "(Replicate(), Shard(dim=0))"
+    run = ps.open_run(tmp_path / "run")
+    last = run.probe("prediction").frame(-1)
+    assert last.step == 6 and len(run.probe("prediction")) == 4  # steps 0, 2, 4, 6
+    np.testing.assert_allclose(last.data["prob_true"], results[0]["expected"], rtol=0, atol=1e-5)
+
+
 def _resume_job(rank: int, world: int, store: str, out: str, kind: str) -> None:
     """Six steps, closed; then a Monitor with resume=True (the run's step known to the probing
     rank only) for six more: every rank takes resume=True, and with a sharded model every
