@@ -1,15 +1,17 @@
 """What probing a sharded model costs its training: an FSDP2 job (``fully_shard``) on
-``--ranks`` processes, its steps timed with no Monitor, with a Monitor whose probes do not read
-the model (a LossProbe: no gather), and with a PredictionProbe every 10 steps, on a 5 % budget
-(the probing rank announces each next step) and every step (each of those steps every rank
-gathers the whole model for the probing rank's unsharded copy, in buckets: one collective
-each), and every step gathered the naive way, a collective
-per parameter (``DTensor.full_tensor()``, as torch.distributed.checkpoint's full state dict
-does), the variants taking turns round after round. The table gives the probing rank's
-median steps/s per variant, its ratio to no Monitor, and the gathers' mean time in its
-training thread. Each rank trains on one CPU thread over gloo (``--device cuda`` with NCCL,
-one GPU per rank, where the machine has them). Run:
-``python -m benchmarks.sharded [--ranks 2] [--hidden 512] [--rounds 3] [--steps 60] [--out DIR]``.
+``--ranks`` processes, its steps timed with no Monitor; with a Monitor whose probes do not
+read the model (a LossProbe: no gather); with a PredictionProbe every 10 steps, on a 5 %
+budget (the probing rank announces each next step) and every step (at each of those steps
+every rank gathers the whole model for the probing rank's unsharded copy, in buckets: one
+collective each); every step gathered the naive way, a collective per parameter
+(``DTensor.full_tensor()``, as torch.distributed.checkpoint's full state dict does); and with
+``--frozen`` (all but the last layer frozen, as a fine-tune's body) also every step with
+``snapshot_params="trainable"`` (the frozen weights gathered once). The variants take turns
+round after round. The table gives the probing rank's median steps/s per variant, its ratio
+to no Monitor, and the gathers' mean time in its training thread. Each rank trains on one
+CPU thread over gloo (``--device cuda`` with NCCL, one GPU per rank, where the machine has
+them). Run: ``python -m benchmarks.sharded [--ranks 2] [--hidden 512] [--rounds 3]
+[--steps 60] [--frozen] [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ from benchmarks.timing import device_name
 from probescope import gather
 
 VARIANTS = ("off", "loss only", "every 10", "budget 5%", "every step", "every step, per parameter")
+TRAINABLE = "every step, trainable"  # with --frozen: snapshot_params="trainable"
+
+
+def variants(frozen: bool) -> tuple[str, ...]:
+    return (*VARIANTS, TRAINABLE) if frozen else VARIANTS
+
+
 BATCH = 256
 
 
@@ -94,18 +103,22 @@ def _rank(rank: int, world: int, store: str, out: str, args: dict) -> None:
     x = torch.randn(8192, 2, generator=g).to(device)
     y = (x[:, 0] > x[:, 1]).long()
     held = torch.randn(512, 2, generator=g)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    gathers: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    runs = variants(args.get("frozen", False))
+    times: dict[str, list[float]] = {v: [] for v in runs}
+    gathers: dict[str, list[float]] = {v: [] for v in runs}
+    moved: dict[str, list[float]] = {v: [] for v in runs}  # elements a gather brought, mean
     bucketed = gather.plan_buckets
     try:
         for _ in range(args["rounds"]):
-            for variant in VARIANTS:
+            for variant in runs:
                 torch.manual_seed(0)
                 model = mlp(args["hidden"]).to(device)
+                if args.get("frozen"):  # a fine-tune's frozen body: only the last layer trains
+                    model[:4].requires_grad_(False)
                 for layer in (model[0], model[2], model[4]):
                     fully_shard(layer)
                 fully_shard(model)
-                optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+                optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], 1e-3)
                 gather.plan_buckets = _one_by_one if variant.endswith("per parameter") else bucketed
                 if variant == "off":
                     times[variant].append(_fit(model, optimizer, x, y, args["steps"], None))
@@ -116,13 +129,16 @@ def _rank(rank: int, world: int, store: str, out: str, args: dict) -> None:
                     optimizer=optimizer,
                     unsharded=lambda: mlp(args["hidden"]),
                     final_frame=False,
+                    snapshot_params="trainable" if variant == TRAINABLE else None,
                 ) as monitor:
                     times[variant].append(_fit(model, optimizer, x, y, args["steps"], monitor))
                     monitor.drain()
                 done = monitor.summary().get("gathers", {})
                 if monitor.probing and done.get("count"):
                     gathers[variant].append(done["seconds"] / done["count"])
-        Path(out, f"rank{rank}.json").write_text(json.dumps({"times": times, "gathers": gathers}))
+                    moved[variant].append(monitor.snapshot_detail["gathered_elements"] / done["count"])
+        result = {"times": times, "gathers": gathers, "elements": moved}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.barrier()
         dist.destroy_process_group()
@@ -132,10 +148,14 @@ def _ms(seconds: list[float]) -> str:
     return f"{1e3 * statistics.mean(seconds):.2f}" if seconds else "-"
 
 
-def measure(ranks: int, hidden: int, rounds: int, steps: int, device: str) -> dict:
+def _count(elements: list[float]) -> str:
+    return f"{statistics.mean(elements):,.0f}" if elements else "-"
+
+
+def measure(ranks: int, hidden: int, rounds: int, steps: int, device: str, frozen: bool = False) -> dict:
     """Run the job on ``ranks`` processes: the probing rank's step times and gather times,
     per variant."""
-    settings = {"hidden": hidden, "rounds": rounds, "steps": steps, "device": device}
+    settings = {"hidden": hidden, "rounds": rounds, "steps": steps, "device": device, "frozen": frozen}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "out")
         out.mkdir()
@@ -181,21 +201,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--frozen", action="store_true", help="freeze all but the last layer, and add a trainable-only gather"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
     args = parser.parse_args(argv)
     if args.device == "cuda" and torch.cuda.device_count() < args.ranks:
         parser.error(f"--device cuda needs a GPU per rank; this machine has {torch.cuda.device_count()}")
-    probing = measure(args.ranks, args.hidden, args.rounds, args.steps, args.device)
+    probing = measure(args.ranks, args.hidden, args.rounds, args.steps, args.device, args.frozen)
     rates = {v: args.steps / statistics.median(t) for v, t in probing["times"].items()}
-    gathers = probing["gathers"]
+    gathers, elements = probing["gathers"], probing["elements"]
     params = sum(p.numel() for p in mlp(args.hidden).parameters())
     lines = [
         f"FSDP2 MLP 2-{args.hidden}-{args.hidden}-7 ({params:,} parameters) on {args.ranks} ranks, "
-        f"batch {BATCH} a rank, {args.steps} steps x {args.rounds} rounds",
+        f"batch {BATCH} a rank, {args.steps} steps x {args.rounds} rounds"
+        + (", all but the last layer frozen" if args.frozen else ""),
         "",
-        "| variant | steps/s (rank 0, median) | slowdown (off / variant) | a gather, rank 0 (mean ms) |",
-        "|---|---|---|---|",
-        *(f"| {v} | {r:.1f} | {rates['off'] / r:.3f} | {_ms(gathers[v])} |" for v, r in rates.items()),
+        "| variant | steps/s (rank 0, median) | slowdown (off / variant) | a gather, rank 0 (mean ms) "
+        "| elements a gather (mean) |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {v} | {r:.1f} | {rates['off'] / r:.3f} | {_ms(gathers[v])} | {_count(elements[v])} |"
+            for v, r in rates.items()
+        ),
     ]
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
     meta = {

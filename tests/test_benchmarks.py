@@ -680,22 +680,26 @@ def test_the_window_benchmark_times_every_mode(request):
     assert rows["off"][1] == "1.000x" and all(float(rate) > 0 for rate, _ in rows.values())
 
 
-def test_the_sharded_benchmark_times_every_variant_and_the_gathers(tmp_path, capsys):
-    from benchmarks.sharded import VARIANTS, main
+@pytest.mark.parametrize("frozen", [False, True])
+def test_the_sharded_benchmark_times_every_variant_and_the_gathers(tmp_path, capsys, frozen):
+    from benchmarks.sharded import TRAINABLE, variants
+    from benchmarks.sharded import main as sharded
 
-    assert main(["--hidden", "16", "--rounds", "1", "--steps", "4", "--out", str(tmp_path)]) == 0
+    argv = ["--hidden", "16", "--rounds", "1", "--steps", "4", "--out", str(tmp_path)]
+    assert sharded([*argv, *(["--frozen"] if frozen else [])]) == 0
     lines = capsys.readouterr().out.splitlines()
-    rows = {
-        cells[1].strip(): cells[2:5]
-        for line in lines
-        if (cells := line.split("|"))[1:2] and "|---" not in line
-    }
-    assert list(rows)[1:] == list(VARIANTS)
+    table = [line.split("|") for line in lines if line.startswith("| ") and not line.startswith("| variant")]
+    rows = {cells[1].strip(): cells[2:6] for cells in table}
+    assert list(rows) == list(variants(frozen)) and (TRAINABLE in rows) == frozen
     assert rows["off"][1].strip() == "1.000" and rows["off"][2].strip() == "-"
-    for variant in ("every 10", "every step", "every step, per parameter"):  # step 0's gather at least
+    gathering = ["every 10", "every step", "every step, per parameter", *([TRAINABLE] if frozen else [])]
+    for variant in gathering:  # step 0's gather at least
         assert float(rows[variant][2]) > 0, variant
     result = json.loads((tmp_path / "sharded.json").read_text())
-    assert sorted(result["rates"]) == sorted(VARIANTS) and result["gathers"]["loss only"] == []
+    assert sorted(result["rates"]) == sorted(variants(frozen)) and result["gathers"]["loss only"] == []
+    if frozen:  # the frozen body's weights are gathered once, not at every step
+        elements = {v: float(rows[v][3].replace(",", "")) for v in (TRAINABLE, "every step")}
+        assert elements[TRAINABLE] < elements["every step"] / 2
 
 
 def test_the_benchmark_runner_runs_the_sharded_suite(tmp_path, capsys):
