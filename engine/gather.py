@@ -157,11 +157,15 @@ class GatheredPool:
     """Shadows of a sharded model, filled by a gather in which every rank takes part.
 
     Every rank holds one (the same sources, in the same order); the probing rank's has
-    ``size`` shadows made from ``template`` (the unsharded model) on ``device``, or on the
-    host with ``host``. The Monitor arms it at each gathering step (``gathering``): the
-    first ``acquire`` then gathers into a free shadow, and if none took it the gather still
-    runs when the step's launches end (the other ranks gather whatever the probing rank does).
-    ``acquire`` outside a gathering step hands out no shadow: a gather there would hang the job.
+    ``size`` shadows made from ``template`` (the unsharded model) on the sharded model's
+    device (or the template's, if it is not on the meta device), or on the host with ``host``.
+    The Monitor arms it at each gathering step (``gathering``): the first ``acquire`` then
+    gathers into a free shadow, and if none took it the gather still runs when the step's
+    launches end (the other ranks gather whatever the probing rank does). ``acquire`` outside
+    a gathering step hands out no shadow: a gather there would hang the job. ``grads``: the
+    gradients come too, into each shadow's ``.grad``; ``params="trainable"``: the frozen
+    parameters are gathered once, into tensors the shadows share. ``state_dict`` gathers the
+    model whole to the host (``model.pt``).
     """
 
     def __init__(
