@@ -258,6 +258,8 @@ def _info(args: argparse.Namespace) -> int:
         done = "weights gathered when probes are due (a count at close)"
         if gathers:
             done = f"{gathers.get('count', 0)} gathers, {gathers.get('seconds', 0):.3g} s"
+            if gathers.get("elements"):
+                done += f", {gathers['elements']:,} elements"
         print(f"sharded   {meta['model']['sharded']}; {done}")
     if summary.get("budget") is not None:
         shared = len(summary.get("probes", {}))

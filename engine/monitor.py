@@ -1250,7 +1250,13 @@ class Monitor:
             "frames_written": self.writer.frames_written if self.writer else 0,
             **({"budget": self.budget} if self.budget is not None else {}),
             **(
-                {"gathers": {"count": self._pool.gathers, "seconds": round(self._pool.gather_s, 6)}}
+                {
+                    "gathers": {
+                        "count": self._pool.gathers,
+                        "seconds": round(self._pool.gather_s, 6),
+                        "elements": self._pool.gathered_elements,
+                    }
+                }
                 if self.sharded is not None
                 else {}
             ),

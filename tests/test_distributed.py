@@ -329,6 +329,10 @@ def test_a_sharded_model_is_probed_through_weights_every_rank_gathers(
     assert main(["info", str(tmp_path / "run")]) == 0
     info = capsys.readouterr().out
     assert "sharded   module '(root)' was sharded by fully_shard (FSDP2); 13 gathers" in info
+    elements = prober["summary"]["gathers"]["elements"]
+    whole = sum(len(np.ravel(v)) for v in prober["reference"].values())
+    assert elements == (13 + 11) * whole  # the weights each time, the gradients but at step 0 and model.pt
+    assert f"{elements:,} elements" in info
     # The gradients of the step, gathered with its weights (none at step 0: no backward yet).
     grads = run.probe("grads").table().set_index("step")
     assert list(grads.index) == [0, 4, 8, 12] and np.isnan(grads.loc[0, "grad/4.weight/l2"])
