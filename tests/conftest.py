@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -144,3 +146,18 @@ def torchrun(script: Path, *args: str, ranks: int = 2, timeout: float = 300.0, a
         if done.returncode == 0 or GLOO_EXIT_ABORT not in done.stderr:
             break
     return done, folder
+
+
+@contextlib.contextmanager
+def gloo_exit_abort_allowed():
+    """Around spawned ranks (Lightning's ``ddp_spawn``) whose work the test checks after: a
+    rank killed by SIGABRT (torch 2.13 gloo's abort at exit, ``GLOO_EXIT_ABORT``) passes, any
+    other failure does not. The test's own checks of the finished run tell whether the abort
+    came after the work."""
+    import torch.multiprocessing as mp
+
+    try:
+        yield
+    except mp.ProcessExitedException as err:
+        if err.exit_code != -signal.SIGABRT:
+            raise

@@ -793,3 +793,12 @@ def test_the_gather_plan_asks_the_schedules_from_the_step_and_epoch_alone(caplog
     assert [e for e in range(6) if plan.at_epoch_end(e)] == [1, 3, 5]  # every_epoch(2): ends 1, 3, 5
     (warning,) = [r.getMessage() for r in caplog.records]
     assert "schedule of 'history' raised" in warning and "StepInfo.step and .epoch" in warning
+
+
+def test_spawned_ranks_may_abort_at_exit_and_fail_otherwise():
+    from tests.conftest import gloo_exit_abort_allowed
+
+    with gloo_exit_abort_allowed():
+        raise mp.ProcessExitedException("abort", error_index=1, error_pid=1, exit_code=-signal.SIGABRT)
+    with pytest.raises(mp.ProcessExitedException), gloo_exit_abort_allowed():
+        raise mp.ProcessExitedException("exit 1", error_index=1, error_pid=1, exit_code=1)
