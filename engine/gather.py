@@ -52,6 +52,7 @@ from probescope.snapshot import (
     _named_state_tensors,
     _unique,
     device_free_memory,
+    fill_shadow,
     observer_hooks,
     plan_copies,
     shadow_copy,
@@ -331,18 +332,8 @@ class GatheredPool:
             if not self._free or (fill and (not self._armed or self._gathered)):
                 return None
             shadow = self._free.pop()
-        if not fill:
-            return shadow
-        if self.streams is None:
-            self._gather(shadow)
-            return shadow
-        self.streams.start_snapshot()
-        with self.streams.probe_context():
-            self._gather(shadow)
-            if self.host:
-                self._ready[id(shadow)] = ready = torch.cuda.Event()
-                ready.record()
-        self.streams.end_snapshot(wait_now=self._wait_now)
+        if fill:
+            fill_shadow(shadow, self._gather, self.streams, self.host, self._wait_now, self._ready)
         return shadow
 
     def wait_ready(self, shadow: nn.Module) -> None:

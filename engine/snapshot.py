@@ -244,18 +244,8 @@ class SnapshotPool:
             if not self._free:
                 return None
             shadow = self._free.pop()
-        if not fill:
-            return shadow
-        if self.streams is None:
-            self._copy_into(shadow)
-            return shadow
-        self.streams.start_snapshot()
-        with self.streams.probe_context():
-            self._copy_into(shadow)
-            if self.host:
-                self._ready[id(shadow)] = ready = torch.cuda.Event()
-                ready.record()
-        self.streams.end_snapshot(wait_now=self._wait_now)
+        if fill:
+            fill_shadow(shadow, self._copy_into, self.streams, self.host, self._wait_now, self._ready)
         return shadow
 
     def wait_ready(self, shadow: nn.Module) -> None:
@@ -288,6 +278,30 @@ class SnapshotPool:
         if self.strategy == "copy":
             with self._lock:
                 self._free.append(shadow)
+
+
+def fill_shadow(
+    shadow: nn.Module,
+    fill: Callable[[nn.Module], None],
+    streams: ProbeStreams | None,
+    host: bool,
+    wait_now: bool,
+    ready: dict[int, torch.cuda.Event],
+) -> None:
+    """``fill(shadow)`` at the step boundary: here (CPU), or enqueued on the probe stream after
+    the training stream's work so far, training waiting for it on the GPU now or before its
+    next optimizer step (``wait_now``); a host shadow's event goes in ``ready``
+    (``wait_ready`` on the probe's thread)."""
+    if streams is None:
+        fill(shadow)
+        return
+    streams.start_snapshot()
+    with streams.probe_context():
+        fill(shadow)
+        if host:
+            ready[id(shadow)] = event = torch.cuda.Event()
+            event.record()
+    streams.end_snapshot(wait_now=wait_now)
 
 
 def plan_copies(per_copy: int, size: int, free: int | None, whole: bool) -> tuple[int, bool, str | None]:

@@ -212,6 +212,16 @@ def _batches(rank: int):
     return x, (x[:, 0] > x[:, 1]).long() + (x[:, 0] > 1).long()
 
 
+def _fsdp_net() -> tuple[nn.Module, torch.optim.Optimizer]:
+    """``_net()`` (seeded) sharded as one unit by fully_shard, and its SGD."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = _net()
+    fully_shard(model)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
 def _train_beside(monitor, model, reference, optimizers, rank: int, held) -> tuple[dict, dict]:
     """Train the sharded ``model`` (each rank on its batches) and, beside it, the unsharded
     ``reference`` on the batches of every rank: the same updates. The reference's
@@ -420,12 +430,7 @@ def _failing_job(rank: int, world: int, store: str, out: str) -> None:
     nothing (no final frame of a probe that reads the model, no model.pt) and do not hang."""
     _join(rank, world, store)
     try:
-        from torch.distributed.fsdp import fully_shard
-
-        torch.manual_seed(0)
-        model = _net()
-        fully_shard(model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model, optimizer = _fsdp_net()
         x, y = _batches(rank)
         probes = [ps.PredictionProbe(x[:8], y[:8], schedule=ps.Schedule.every(2)), ps.LossProbe()]
         try:
@@ -569,12 +574,7 @@ def _fsdp_budget_job(rank: int, world: int, store: str, out: str, snapshot: str)
     gather; every rank records the steps at which it gathered."""
     _join(rank, world, store)
     try:
-        from torch.distributed.fsdp import fully_shard
-
-        torch.manual_seed(0)
-        model = _net()
-        fully_shard(model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model, optimizer = _fsdp_net()
         x, y = _batches(rank)
         probes = [
             ps.PredictionProbe(x[:64], y[:64], schedule=ps.Schedule.budget(0.3, start=3)),
