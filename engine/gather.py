@@ -247,7 +247,7 @@ class GatheredPool:
                     f"its {name!r} is {tuple(other.shape)} {other.dtype}, the sharded model's "
                     f"{tuple(t.shape)} {t.dtype}"
                 )
-        ours = set(self._names) | {n for n, _ in _named_state_tensors(self.model)}
+        ours = {n for n, _ in _named_state_tensors(self.model)}  # every name, aliases too
         problems += [f"the sharded model has no {n!r}" for n in theirs if n not in ours]
         if problems:
             raise ValueError(
