@@ -8,10 +8,10 @@ size, steps and epochs, the step of its newest frame, how many times it was resu
 its probe spec (equal digests: the runs were probed the same way), the first series to go NaN
 or infinite and where (``nonfinite``: a run that diverged), the last value of every loss and
 metric series (the run's history once it is closed, with or without a LossProbe; before,
-LossProbe's last frame or StatsProbe's table), each PredictionProbe's last accuracy (or MSE
-and R²), each CurveProbe's last sample loss, each CheckpointProbe's best value, and each
-probe's frames, milliseconds per frame and failures. ``probescope compare RUN [RUN ...]``
-prints it and writes it as CSV, JSON or Markdown.
+LossProbe's last frame or StatsProbe's table), each PredictionProbe's last accuracy (labels:
+also exact match and F1; or MSE and R²), each CurveProbe's last sample loss, each
+CheckpointProbe's best value, and each probe's frames, milliseconds per frame and failures.
+``probescope compare RUN [RUN ...]`` prints it and writes it as CSV, JSON or Markdown.
 """
 
 from __future__ import annotations
@@ -27,7 +27,11 @@ from probescope.probes.loss import frame_series
 from probescope.run import Run, open_run
 from probescope.spec import spec_digest
 
-SCALARS = {"prediction": ("accuracy", "mse", "r2"), "curve": ("total_loss",), "checkpoint": ("best",)}
+SCALARS = {
+    "prediction": ("accuracy", "exact_match", "f1", "mse", "r2"),
+    "curve": ("total_loss",),
+    "checkpoint": ("best",),
+}
 
 
 def compare_runs(runs: Iterable[str | os.PathLike | Run]):

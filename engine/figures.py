@@ -17,7 +17,7 @@ from matplotlib.patches import Patch
 
 from probescope.kernels import default_palette
 from probescope.probes.loss import first_nonfinite, frame_series
-from probescope.probes.prediction import confusion_shares
+from probescope.probes.prediction import confusion_shares, scatter_colours, scatter_legend, scatter_points
 from probescope.run import ProbeRecord
 
 BAND_COLOUR = "steelblue"
@@ -230,65 +230,70 @@ class LossPanel:
 
 
 class PredictionPanel:
-    """Predictions on the fixed batch: jittered probability of the true class, or y_hat vs y."""
+    """Predictions on the fixed batch: jittered probability of the true class (of each label's
+    true state), or y_hat vs y."""
 
     def __init__(self, ax: Axes, record: ProbeRecord, compact: bool = False):
         static, config = record.static, record.config
         self.ax, self.task = ax, config["task"]
-        y, jitter = static["y_true"], static["jitter"]
+        self.y, self.jitter = static["y_true"], static["jitter"]
+        colours = scatter_colours(self.task, self.y)
         size = 4 if compact else 10
+        self.points = ax.scatter(*np.zeros((2, len(colours))), s=size, c=colours, alpha=0.5, linewidths=0)
+        self.means = []
         if self.task == "regression":
-            lo, hi = fixed_limits(y)
+            lo, hi = fixed_limits(self.y)
             ax.plot([lo, hi], [lo, hi], color="0.4", lw=1, ls="--")
-            self.points = ax.scatter(y, y, s=size, color="tab:green", alpha=0.5, linewidths=0)
             ax.set_xlim(lo, hi)
             ax.set_ylim(lo, hi)
-            if not compact:
-                ax.set_xlabel("y (true)")
-                ax.set_ylabel("ŷ (predicted)")
+            labels = ("y (true)", "ŷ (predicted)")
         elif self.task == "binary":
-            self.y = y
-            colours = _colours(default_palette(2).numpy(), y)
-            self.points = ax.scatter(np.zeros_like(y), y + jitter, s=size, c=colours, alpha=0.5, linewidths=0)
             ax.axvline(config["threshold"], color="0.3", lw=1, ls="--")
             ax.set_xlim(-0.02, 1.02)
             ax.set_yticks([0, 1], ["class 0", "class 1"])
-            if not compact:
-                ax.set_xlabel("predicted P(class 1)")
+            labels = ("predicted P(class 1)", None)
         else:
             classes = config["num_classes"]
-            palette = default_palette(classes).numpy()
-            self.points = ax.scatter(
-                y + jitter, np.zeros_like(y), s=size, c=_colours(palette, y), alpha=0.5, linewidths=0
-            )
             self.means = [
                 ax.plot([c - 0.4, c + 0.4], [np.nan, np.nan], color="black", lw=2)[0] for c in range(classes)
             ]
             ax.set_ylim(-0.02, 1.02)
             ax.set_xlim(-0.6, classes - 0.4)
             ax.set_xticks(range(classes))
-            if not compact:
-                ax.set_xlabel("true class")
-                ax.set_ylabel("predicted P(true class)")
+            labels = (
+                ("label (pale: samples without it)", "predicted P(true state)")
+                if self.task == "multilabel"
+                else ("true class", "predicted P(true class)")
+            )
+        if not compact:
+            ax.set_xlabel(labels[0])
+            if labels[1]:
+                ax.set_ylabel(labels[1])
+            if self.task in ("regression", "multilabel"):  # (the classes are the x ticks)
+                entries = scatter_legend(self.task, config)
+                if entries:
+                    handles = [Patch(color=colour, label=name) for name, colour in entries]
+                    ax.legend(handles=handles, fontsize=7, loc="best")
         self.ax, self.compact = ax, compact
 
     def update(self, data: dict[str, np.ndarray]) -> None:
-        offsets = self.points.get_offsets()
+        self.points.set_offsets(scatter_points(self.task, self.y, self.jitter, data))
+        for line, mean in zip(self.means, data.get("class_mean", ()), strict=False):
+            line.set_ydata([mean, mean])
         if self.task == "regression":
-            offsets[:, 1] = data["y_pred"]
             label = f"MSE {float(data['mse']):.4g}   R² {float(data['r2']):.3f}"
         elif self.task == "binary":
-            offsets[:, 0] = data["prob_pos"]
             label = (
                 f"accuracy {float(data['accuracy']):.3f}   sensitivity {float(data['sensitivity']):.3f}"
                 f"   specificity {float(data['specificity']):.3f}"
             )
+        elif self.task == "multilabel":
+            label = (
+                f"accuracy {float(data['accuracy']):.3f}   exact match {float(data['exact_match']):.3f}"
+                f"   F1 {float(data['f1']):.3f}"
+            )
         else:
-            offsets[:, 1] = data["prob_true"]
-            for line, mean in zip(self.means, data["class_mean"], strict=True):
-                line.set_ydata([mean, mean])
             label = f"accuracy {float(data['accuracy']):.3f}"
-        self.points.set_offsets(offsets)
         if not self.compact:
             self.ax.set_title(label, fontsize=9)
 

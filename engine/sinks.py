@@ -120,9 +120,9 @@ class TensorBoardSink(Sink):
     Images (``images``): each frame's RGBA map (GridProbe, NeuronProbe) as ``<probe>/map``,
     at most ``max_image_side`` pixels on a side (larger maps are strided down).
     Histograms (``histograms``): a PredictionProbe's per-sample values (the probability of
-    the true class, or the prediction) as ``<probe>/<key>``. Needs the ``tensorboard`` and
-    ``google-crc32c`` packages (``pip install probescope[tensorboard]``); the event files are
-    flushed every ``flush_secs`` and at the end."""
+    the true class or of each label's true state, or the prediction) as ``<probe>/<key>``.
+    Needs the ``tensorboard`` and ``google-crc32c`` packages (``pip install
+    probescope[tensorboard]``); the event files are flushed every ``flush_secs`` and at the end."""
 
     wants_scalars = True
 
@@ -194,8 +194,8 @@ class TensorBoardSink(Sink):
             value = np.asarray(value)
             if value.ndim == 0 and value.dtype.kind in "fiub":
                 self._scalar(f"{frame.probe}/{key}", step, float(value))
-            elif self.histograms and key in self.HISTOGRAMS and value.ndim == 1 and value.size:
-                finite = value[np.isfinite(value)]
+            elif self.histograms and key in self.HISTOGRAMS and value.ndim in (1, 2) and value.size:
+                finite = value[np.isfinite(value)]  # (a row per sample: its outputs, or labels, all)
                 if finite.size:
                     from torch.utils.tensorboard.summary import histogram
 

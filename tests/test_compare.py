@@ -115,3 +115,18 @@ def test_a_run_whose_loss_went_nan_is_warned_once_and_compared_with_where(blobs,
     assert np.isnan(row["train_loss"])  # the last loss, not the last finite one
     assert main(["info", str(tmp_path / "run")]) == 0
     assert "nonfinite train_loss: nan first at step 7" in capsys.readouterr().out
+
+
+def test_a_label_prediction_probe_gives_its_exact_match_and_f1(tmp_path):
+    from probescope import PredictionProbe
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 3)
+    y = (x > 0).float()
+    with Monitor(nn.Linear(3, 3), [PredictionProbe(x, y)], run_dir=tmp_path / "labels") as monitor:
+        monitor.step()
+    row = compare_runs([tmp_path / "labels"]).iloc[0]
+    last = open_run(tmp_path / "labels").probe("prediction").frame(-1).data
+    for key in ("accuracy", "exact_match", "f1"):
+        assert row[f"prediction/{key}"] == pytest.approx(float(last[key]))
+    assert "prediction/mse" not in row.index

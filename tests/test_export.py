@@ -117,6 +117,54 @@ def test_a_regression_prediction_probe_has_no_confusion_figure(tmp_path):
         confusion_figure(run.probe("prediction"))
 
 
+@pytest.mark.parametrize("task", ["multilabel", "regression"])
+def test_a_row_of_targets_per_sample_is_recorded_and_drawn_point_for_point(task, tmp_path):
+    from probescope import PredictionProbe, load_probes
+    from probescope.figures import plot_frame
+    from probescope.probes.prediction import scatter_colours, scatter_points
+
+    torch.manual_seed(0)
+    x = torch.randn(60, 4)
+    y = (x[:, :3] > 0).float() if task == "multilabel" else x[:, :3] * torch.tensor([1.0, -2.0, 0.5])
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = (
+        nn.functional.binary_cross_entropy_with_logits if task == "multilabel" else nn.functional.mse_loss
+    )
+    probe = PredictionProbe(x, y, schedule=Schedule.every(2))
+    with Monitor(model, [probe], run_dir=tmp_path / "run", snapshot="sync") as monitor:  # every frame
+        for _ in range(4):
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss=loss)
+    run = open_run(tmp_path / "run")
+    record = run.probe("prediction")
+    assert record.config["task"] == task and record.config["outputs"] == 3 and len(record) == 3
+    np.testing.assert_array_equal(record.static["y_true"], y.double().numpy())
+    data = record.frame(-1).data
+    with torch.no_grad():
+        out = model(x).double().numpy()
+    if task == "multilabel":
+        p = 1 / (1 + np.exp(-out))
+        np.testing.assert_allclose(data["prob_true"], np.where(y.numpy() == 1, p, 1 - p), rtol=1e-6)
+    else:
+        np.testing.assert_allclose(data["y_pred"], out, rtol=1e-6)
+    figure = plot_frame(record)
+    points = figure.axes[0].collections[0]
+    expected = scatter_points(task, record.static["y_true"], record.static["jitter"], data)
+    assert expected.shape == (180, 2)  # every sample's every label (output)
+    np.testing.assert_allclose(points.get_offsets(), expected)
+    np.testing.assert_allclose(points.get_facecolors()[:, :3], scatter_colours(task, record.static["y_true"]))
+    written = export_final_pictures(run, tmp_path / "final")
+    assert (tmp_path / "final" / "prediction_final.png") in written
+    assert not any("confusion" in p.name for p in written)  # no one matrix for them all
+    (again,) = load_probes(tmp_path / "run")  # the spec makes the same probe again
+    again.attach(model)
+    assert again.task == task and torch.equal(again.y, probe.y)
+
+
 def test_final_map_png_is_exactly_the_last_recorded_map(recorded, tmp_path):
     export_final_pictures(recorded, tmp_path)
     png = iio.imread(tmp_path / "grid_final_map.png")

@@ -254,6 +254,53 @@ def test_validation_batches_of_several_inputs_get_no_prediction_probe(tmp_path, 
     assert open_run(tmp_path / "run").meta["summary"]["steps"] == 4
 
 
+def label_dls(y_of, n=300, valid=128, seed=0):
+    """Five features; targets ``y_of(x)``."""
+    x = torch.randn(n + valid, 5, generator=torch.Generator().manual_seed(seed))
+    items = list(zip(x, y_of(x), strict=True))
+    return DataLoaders(DataLoader(items[:n], bs=50), DataLoader(items[n:], bs=valid), device="cpu")
+
+
+def test_a_multilabel_learner_gets_a_prediction_probe_of_its_labels(tmp_path):
+    from fastai.losses import BCEWithLogitsLossFlat
+
+    dls = label_dls(lambda x: (x[:, :3] > 0).float())
+    torch.manual_seed(0)
+    learn = learner(dls, nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)))
+    learn.loss_func = BCEWithLogitsLossFlat()
+    learn.fit(2, 1e-2, cbs=ProbescopeCallback(run_dir=tmp_path / "run", snapshot="sync"))
+    record = open_run(tmp_path / "run").probe("prediction")
+    assert record.config["task"] == "multilabel" and record.config["num_classes"] == 3
+    x, y = dls.valid.one_batch()
+    with torch.no_grad():
+        p = torch.sigmoid(learn.model(x)).double().numpy()
+    np.testing.assert_allclose(
+        last_frame(open_run(tmp_path / "run"), "prediction").data["prob_true"],
+        np.where(y.numpy() == 1, p, 1 - p),
+        rtol=1e-5,
+    )
+
+
+def test_targets_a_prediction_probe_cannot_score_cost_the_fit_that_probe_only(tmp_path, caplog):
+    class Masks(nn.Module):  # a 2x2 mask of 3 classes per sample
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(5, 12)
+
+        def forward(self, x):
+            return self.net(x).reshape(-1, 3, 2, 2)
+
+    dls = label_dls(lambda x: (x[:, :4] > 0).long().reshape(-1, 2, 2))
+    callback = ProbescopeCallback(run_dir=tmp_path / "run")
+    learn = learner(dls, Masks())
+    learn.loss_func = CrossEntropyLossFlat(axis=1)  # (fastai's loss for masks)
+    with caplog.at_level(logging.WARNING, logger="probescope.integrations.fastai"):
+        learn.fit(1, 1e-2, cbs=callback)
+    assert "no PredictionProbe" in caplog.text and "got shape (128, 2, 2)" in caplog.text
+    assert set(callback.monitor.summary()["probes"]) == {"loss"}
+    assert open_run(tmp_path / "run").meta["summary"]["steps"] == 6
+
+
 def test_a_failing_fit_closes_the_monitor_and_keeps_its_frames(tmp_path):
     class Boom(Callback):
         def after_batch(self):

@@ -495,6 +495,110 @@ def test_prediction_probe_regression_reports_y_hat(mlp):
     assert float(frame["mse"]) == pytest.approx(float(((y_hat - y.double()) ** 2).mean()))
 
 
+def _labels(samples: int, labels: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and a 0/1 row of labels per sample (each label present in some samples)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, 5, generator=generator)
+    y = (torch.rand(samples, labels, generator=generator) < 0.4).float()
+    return x, y
+
+
+@pytest.mark.parametrize(("samples", "labels"), [(37, 4), (64, 2), (9, 7)])
+def test_prediction_probe_multilabel_scores_each_labels_true_state(samples, labels):
+    x, y = _labels(samples, labels)
+    model = nn.Linear(5, labels)
+    probe = PredictionProbe(x, y, threshold=0.45)
+    frame = _evaluate(probe, model)
+    assert probe.task == "multilabel" and probe.num_classes == labels
+    with torch.no_grad():
+        p = torch.sigmoid(model(x).double()).numpy()
+    present = y.numpy() == 1
+    np.testing.assert_allclose(frame["prob_true"].numpy(), np.where(present, p, 1 - p), rtol=1e-6)
+    pred = p >= 0.45
+    np.testing.assert_array_equal(frame["pred"].numpy(), pred)
+    assert float(frame["accuracy"]) == pytest.approx((pred == present).mean())
+    assert float(frame["exact_match"]) == pytest.approx((pred == present).all(1).mean())
+    tp, fp, fn = (pred & present).sum(), (pred & ~present).sum(), (~pred & present).sum()
+    assert float(frame["f1"]) == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    np.testing.assert_allclose(frame["label_accuracy"].numpy(), (pred == present).mean(0))
+    np.testing.assert_allclose(frame["class_mean"].numpy(), np.where(present, p, 1 - p).mean(0), rtol=1e-6)
+    for j in range(labels):
+        expected = [[np.sum(~present[:, j] & ~pred[:, j]), np.sum(~present[:, j] & pred[:, j])],
+                    [np.sum(present[:, j] & ~pred[:, j]), np.sum(present[:, j] & pred[:, j])]]  # fmt: skip
+        np.testing.assert_array_equal(frame["label_confusion"][j].numpy(), expected)
+
+
+def test_prediction_probe_multilabel_takes_a_sigmoid_models_probabilities_as_they_are():
+    x, y = _labels(30, 3)
+    model = nn.Sequential(nn.Linear(5, 3), nn.Sigmoid())
+    frame = _evaluate(PredictionProbe(x, y), model)
+    with torch.no_grad():
+        p = model(x).double().numpy()
+    np.testing.assert_allclose(frame["prob_true"].numpy(), np.where(y.numpy() == 1, p, 1 - p), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("samples", "outputs"), [(30, 3), (7, 2), (50, 5)])
+def test_prediction_probe_regression_with_a_target_per_output(samples, outputs):
+    generator = torch.Generator().manual_seed(outputs)
+    x = torch.randn(samples, 4, generator=generator)
+    y = torch.randn(samples, outputs, generator=generator) * torch.arange(1, outputs + 1)
+    model = nn.Linear(4, outputs)
+    probe = PredictionProbe(x, y)
+    frame = _evaluate(probe, model)
+    assert probe.task == "regression" and probe.config()["outputs"] == outputs
+    with torch.no_grad():
+        y_hat = model(x).double().numpy()
+    truth = y.double().numpy()
+    np.testing.assert_allclose(frame["y_pred"].numpy(), y_hat, rtol=1e-6)
+    mse = ((y_hat - truth) ** 2).mean(0)
+    r2 = 1 - mse / truth.var(0)
+    np.testing.assert_allclose(frame["mse_per_output"].numpy(), mse, rtol=1e-9)
+    np.testing.assert_allclose(frame["r2_per_output"].numpy(), r2, rtol=1e-9)
+    assert float(frame["mse"]) == pytest.approx(((y_hat - truth) ** 2).mean())
+    assert float(frame["r2"]) == pytest.approx(r2.mean())  # uniform over outputs, as scikit-learn
+
+
+def test_prediction_probe_decides_labels_or_regression_from_a_row_of_targets():
+    x, labels = _labels(20, 3)
+    model = nn.Linear(5, 3)
+    assert _task(PredictionProbe(x, labels), model) == "multilabel"
+    assert _task(PredictionProbe(x, labels.bool()), model) == "multilabel"
+    assert _task(PredictionProbe(x, labels, task="regression"), model) == "regression"
+    assert _task(PredictionProbe(x, labels * 0.5 + 0.2), model) == "regression"
+    assert _task(PredictionProbe(x, labels[:, :1]), nn.Linear(5, 1)) == "binary"  # one column: one label
+    assert _task(PredictionProbe(x, labels[:, :1, None]), nn.Linear(5, 1)) == "binary"
+
+
+def _task(probe: PredictionProbe, model: nn.Module) -> str:
+    probe.attach(model)
+    return probe.task
+
+
+@pytest.mark.parametrize(
+    ("y", "kwargs", "width", "message"),
+    [
+        (torch.ones(20, 3), {"task": "classification"}, 3, "needs one class label per sample"),
+        (torch.ones(20, 3), {"task": "binary"}, 3, "needs one class label per sample"),
+        (torch.ones(20, 3), {"output": "softmax"}, 3, "output must be 'auto', 'sigmoid' or 'probs'"),
+        (torch.full((20, 3), 0.5), {"task": "multilabel"}, 3, "needs y of 0s and 1s"),
+        (torch.ones(20, 3), {}, 4, "y has 3 targets per sample, the model gives 4 outputs"),
+        (torch.ones(20), {"task": "multilabel"}, 3, "needs a row of 0/1 labels per sample"),
+        (torch.randn(20), {"task": "regression"}, 3, "regression needs one output per sample"),
+    ],
+)
+def test_prediction_probe_refuses_targets_that_do_not_fit_the_task_or_model(y, kwargs, width, message):
+    probe = PredictionProbe(torch.randn(20, 5), y, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        probe.attach(nn.Linear(5, width))
+
+
+def test_prediction_probe_refuses_targets_of_more_than_one_row_per_sample():
+    with pytest.raises(
+        ValueError, match=r"one row of targets \(one per output or label\), got shape \(8, 6, 6\)"
+    ):
+        PredictionProbe(torch.randn(8, 3, 6, 6), torch.randint(0, 4, (8, 6, 6)))
+
+
 def test_loss_probe_reports_step_epoch_and_valid_series(mlp, blobs):
     probe = LossProbe(
         valid=(blobs.x_valid, blobs.y_valid),

@@ -113,6 +113,27 @@ def test_a_live_run_reaches_tensorboard_as_its_run_directory_holds_it(tmp_path, 
     np.testing.assert_allclose(kept.series["batch_loss"], losses, rtol=1e-6)
 
 
+def test_each_labels_probabilities_reach_tensorboard_as_one_histogram_a_frame(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(30, 4)
+    y = (x[:, :3] > 0).float()
+    probe = PredictionProbe(x, y, schedule=Schedule.every(1))
+    with Monitor(
+        nn.Linear(4, 3), [probe], snapshot="sync", sinks=[TensorBoardSink(tmp_path / "tb")]
+    ) as monitor:
+        monitor.step()
+    events = _events(tmp_path / "tb")
+    histograms = events.Histograms("prediction/prob_true")
+    assert [h.step for h in histograms] == [0, 1]
+    assert histograms[-1].histogram_value.num == 90  # every sample's every label
+    assert histograms[-1].histogram_value.sum == pytest.approx(
+        float(monitor.latest("prediction").data["prob_true"].sum())
+    )
+    assert _scalars(events, "prediction/exact_match")[1] == pytest.approx(
+        float(monitor.latest("prediction").data["exact_match"])
+    )
+
+
 def test_sinks_work_without_a_run_directory_and_a_failing_one_is_dropped(tmp_path, mlp, blobs, caplog):
     class Broken(Sink):
         def write(self, frame):

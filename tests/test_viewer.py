@@ -143,6 +143,15 @@ def test_curve_panel_draws_the_curve_and_its_loss_band():
     viewer.close()
 
 
+def _render_one(spec: PanelSpec, data: dict, step: int):
+    """An offscreen viewer of ``spec``'s one panel showing ``data``: (viewer, image, panel)."""
+    source = FrameSource(spec)
+    source.show(spec.name, data, step)
+    viewer = Viewer(source, offscreen=True, size=(640, 480))
+    viewer.refresh()
+    return viewer, viewer.render(), viewer.panels[spec.name]
+
+
 def test_prediction_markers_sit_at_each_sample_in_its_class_colour():
     from probescope.kernels import default_palette
 
@@ -152,18 +161,58 @@ def test_prediction_markers_sit_at_each_sample_in_its_class_colour():
         "pred", "prediction", {"task": "multiclass", "num_classes": 3}, {"y_true": y_true, "jitter": jitter}
     )
     prob_true = np.array([0.9, 0.2, 0.6, 0.1, 0.95, 0.4], np.float32)
-    source = FrameSource(spec)
-    source.show("pred", {"prob_true": prob_true, "class_mean": np.zeros(3), "accuracy": np.float64(0.5)}, 3)
-    viewer = Viewer(source, offscreen=True, size=(640, 480))
-    viewer.refresh()
-    image = viewer.render()
-    panel = viewer.panels["pred"]
+    data = {"prob_true": prob_true, "class_mean": np.zeros(3), "accuracy": np.float64(0.5)}
+    viewer, image, panel = _render_one(spec, data, 3)
     palette = default_palette(3).numpy().astype(float)
     for cls, p in zip(y_true, prob_true, strict=True):
         expected = 0.6 * palette[cls] + 0.4 * 255  # markers at 60 % opacity over white
         assert np.abs(pixel(image, panel, cls, p) - expected).max() <= 14, f"class {cls} at {p}"
     assert np.all(pixel(image, panel, 1.0, 0.55) >= 250)  # no marker there
     assert "accuracy 0.500" in panel.caption.text
+    viewer.close()
+
+
+def test_label_markers_sit_at_each_labels_true_state_paled_where_absent():
+    from probescope.kernels import default_palette
+
+    y_true = np.array([[1, 0, 1], [0, 0, 1], [1, 1, 0], [0, 1, 1]], np.float64)
+    jitter = np.zeros(4, np.float32)
+    config = {"task": "multilabel", "num_classes": 3, "outputs": 3, "threshold": 0.5}
+    spec = PanelSpec("labels", "prediction", config, {"y_true": y_true, "jitter": jitter})
+    prob_true = np.array([[0.9, 0.15, 0.3], [0.7, 0.35, 0.5], [0.5, 0.55, 0.7], [0.3, 0.75, 0.9]])
+    counts = np.array([[[2, 0], [0, 2]], [[1, 1], [1, 1]], [[1, 0], [1, 2]]])  # each label's 2x2
+    data = {"prob_true": prob_true, "class_mean": prob_true.mean(0), "accuracy": np.float64(0.75),
+            "exact_match": np.float64(0.25), "f1": np.float64(0.8), "label_confusion": counts}  # fmt: skip
+    viewer, image, panel = _render_one(spec, data, 3)
+    palette = default_palette(3).numpy().astype(float)
+    for (i, j), p in np.ndenumerate(prob_true):
+        colour = palette[j] if y_true[i, j] else 0.5 * palette[j] + 0.5 * 255  # absent: paled
+        expected = 0.6 * colour + 0.4 * 255  # markers at 60 % opacity over white
+        assert np.abs(pixel(image, panel, j, p) - expected).max() <= 14, f"sample {i}, label {j}"
+    assert np.all(pixel(image, panel, 1.0, 0.95) >= 250)  # no marker there
+    assert "accuracy 0.750  exact 0.250  F1 0.800" in panel.caption.text
+    viewer._on_mouse(_Pointer(panel.data_to_canvas(2.1, 0.6)))
+    assert "label 2: 3 of 4 right; present in 3, 1 missed; 0 marked where absent" in panel.caption.text
+    assert viewer.toggle_confusion() == []  # each label has its own 2x2: the pointer reads it
+    viewer.close()
+
+
+def test_regression_markers_of_each_output_in_its_colour():
+    from probescope.kernels import default_palette
+
+    y_true = np.array([[-1.0, 1.0], [0.0, -0.5], [1.0, 0.5]])
+    y_pred = np.array([[-0.8, 0.6], [0.3, -0.9], [0.7, 0.2]])
+    config = {"task": "regression", "num_classes": None, "outputs": 2}
+    spec = PanelSpec("fit", "prediction", config, {"y_true": y_true, "jitter": np.zeros(3)})
+    data = {"y_pred": y_pred, "mse": np.float64(0.1), "r2": np.float64(0.8)}
+    viewer, image, panel = _render_one(spec, data, 2)
+    palette = default_palette(2).numpy().astype(float)
+    for (i, j), truth in np.ndenumerate(y_true):
+        expected = 0.6 * palette[j] + 0.4 * 255
+        assert np.abs(pixel(image, panel, truth, y_pred[i, j]) - expected).max() <= 14, (
+            f"sample {i}, output {j}"
+        )
+    assert list(panel.legend.text.text) == ["output 0", "output 1"]
     viewer.close()
 
 

@@ -19,7 +19,7 @@ from vispy.visuals.transforms import STTransform
 from probescope.figures import fixed_limits, spread
 from probescope.kernels import default_palette
 from probescope.probes.loss import first_nonfinite, frame_series
-from probescope.probes.prediction import confusion_shares
+from probescope.probes.prediction import confusion_shares, scatter_colours, scatter_legend, scatter_points
 
 BAND = (0.84, 0.15, 0.16)  # the curve and its loss band
 GREY = (0.45, 0.45, 0.45, 1.0)
@@ -339,27 +339,21 @@ class CurvePanel(Panel):
 
 
 class PredictionPanel(Panel):
-    """Predictions on the fixed batch: jittered probability of the true class, or y_hat vs y."""
+    """Predictions on the fixed batch: jittered probability of the true class (of each label's
+    true state), or y_hat vs y."""
 
     def __init__(self, parent_grid, spec: PanelSpec, row: int, col: int):
         config, static = spec.config, spec.static
         self.task = config["task"]
         self.y = np.asarray(static["y_true"], np.float32)
         self.jitter = np.asarray(static["jitter"], np.float32)
-        legend = None
-        if self.task == "regression":
-            self.x_label, self.y_label = "y (true)", "y (predicted)"
-        elif self.task == "binary":
-            self.x_label, self.y_label = "predicted P(class 1)", "true class"
-            self.colours = _rgba(default_palette(2).numpy()[self.y.astype(int)], 0.6)
-            legend = [(f"class {i}", tuple(c)) for i, c in enumerate(_rgba(default_palette(2).numpy()))]
-        else:
-            classes = int(config["num_classes"])
-            palette = default_palette(classes).numpy()
-            self.x_label, self.y_label = "true class", "predicted P(true class)"
-            self.colours = _rgba(palette[self.y.astype(int)], 0.6)
-            if classes <= 12:
-                legend = [(f"class {i}", tuple(c)) for i, c in enumerate(_rgba(palette))]
+        self.colours = _rgba(scatter_colours(self.task, self.y), 0.6)
+        legend = [(name, (*colour, 1.0)) for name, colour in scatter_legend(self.task, config)] or None
+        self.x_label, self.y_label = {
+            "regression": ("y (true)", "y (predicted)"),
+            "binary": ("predicted P(class 1)", "true class"),
+            "multilabel": ("label (pale: samples without it)", "predicted P(true state)"),
+        }.get(self.task, ("true class", "predicted P(true class)"))
         super().__init__(parent_grid, spec, row, col, legend)
         self.points = scene.visuals.Markers(parent=self.view.scene)
         self.guide = None
@@ -382,8 +376,9 @@ class PredictionPanel(Panel):
 
     def toggle_confusion(self) -> bool:
         """Show the confusion matrix instead of the predictions, or the predictions again (key
-        ``c``); False for a regression, which has none."""
-        if self.task == "regression":
+        ``c``); False for a regression, which has none, and for labels (each its own 2x2, which
+        the pointer reads out over the label)."""
+        if self.task in ("regression", "multilabel"):
             return False
         self.confusion_shown = not self.confusion_shown
         shown = self.confusion_shown
@@ -407,15 +402,10 @@ class PredictionPanel(Panel):
         return True
 
     def positions(self, data: dict[str, np.ndarray]) -> np.ndarray:
-        if self.task == "regression":
-            return np.stack([self.y, np.asarray(data["y_pred"], np.float32)], 1)
-        if self.task == "binary":
-            return np.stack([np.asarray(data["prob_pos"], np.float32), self.y + self.jitter], 1)
-        return np.stack([self.y + self.jitter, np.asarray(data["prob_true"], np.float32)], 1)
+        return scatter_points(self.task, self.y, self.jitter, data).astype(np.float32)
 
     def draw(self, data: dict[str, np.ndarray]) -> None:
-        colour = (0.17, 0.63, 0.17, 0.6) if self.task == "regression" else self.colours
-        self.points.set_data(self.positions(data), face_color=colour, edge_width=0, size=6)
+        self.points.set_data(self.positions(data), face_color=self.colours, edge_width=0, size=6)
         if self.confusion_shown and data.get("confusion") is not None:
             self._draw_matrix(np.asarray(data["confusion"]))
 
@@ -441,12 +431,20 @@ class PredictionPanel(Panel):
     def subtitle(self, data: dict[str, np.ndarray]) -> str:
         if self.task == "regression":
             return f"  ·  MSE {float(data['mse']):.4g}  R² {float(data['r2']):.3f}"
+        if self.task == "multilabel":
+            return (
+                f"  ·  accuracy {float(data['accuracy']):.3f}  exact {float(data['exact_match']):.3f}"
+                f"  F1 {float(data['f1']):.3f}"
+            )
         return f"  ·  accuracy {float(data['accuracy']):.3f}"
 
     def readout(self, x: float, y: float) -> str | None:
         """Over a class (the x-axis, or the y-axis of a binary task): its samples, how many
         are right, and the class they are most often mistaken for. Over a cell of the
-        confusion matrix: its count and its share of the true class."""
+        confusion matrix: its count and its share of the true class. Over a label: its samples
+        right, and those it misses and those it marks wrongly."""
+        if self.task == "multilabel" and self.data is not None:
+            return _label_readout(np.asarray(self.data["label_confusion"]), x)
         confusion = None if self.data is None else self.data.get("confusion")
         if confusion is None:
             return None
@@ -473,6 +471,20 @@ class PredictionPanel(Panel):
             j = int(wrong.argmax())
             text += f", {int(wrong[j])} taken for class {j}"
         return text
+
+
+def _label_readout(label_confusion: np.ndarray, x: float) -> str | None:
+    """What the pointer over label ``round(x)`` says, from its 2x2 counts (rows: absent,
+    present; columns: predicted absent, present)."""
+    k = round(x)
+    if not 0 <= k < len(label_confusion) or abs(x - k) > 0.45:
+        return None
+    true_neg, false_pos, false_neg, true_pos = (int(n) for n in label_confusion[k].reshape(-1))
+    total = true_neg + false_pos + false_neg + true_pos
+    return (
+        f"label {k}: {true_pos + true_neg} of {total} right; present in {false_neg + true_pos}, "
+        f"{false_neg} missed; {false_pos} marked where absent"
+    )
 
 
 #: The darkest cell of a confusion matrix (matplotlib's "Blues" at 1), drawn at a share of 1.

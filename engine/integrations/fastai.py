@@ -141,8 +141,9 @@ class ProbescopeCallback(Callback):
 
 
 def default_probes(learn) -> list[Probe]:
-    """A LossProbe and, when the validation set has batches of one input, a PredictionProbe
-    on its first batch (fixed for the fit)."""
+    """A LossProbe and, when the validation set has batches of one input and one target that a
+    PredictionProbe can score (a class, a 0/1 row of labels, a value or a row of values per
+    sample), a PredictionProbe on its first batch (fixed for the fit)."""
     probes: list[Probe] = [LossProbe()]
     valid = learn.dls.valid
     try:
@@ -159,7 +160,13 @@ def default_probes(learn) -> list[Probe]:
         )
         return probes
     x, y = (_plain(t) for t in batch)
-    return [PredictionProbe(x, y), *probes]
+    try:  # targets it cannot score (a mask per sample) cost the fit its PredictionProbe only
+        probe = PredictionProbe(x, y)
+        probe.attach(learn.model)  # (the Monitor attaches it again)
+    except (ValueError, TypeError) as err:
+        log.warning("probescope: no PredictionProbe: %s; pass probes=[...] to choose them", err)
+        return probes
+    return [probe, *probes]
 
 
 def epoch_values(learn) -> dict[str, float]:

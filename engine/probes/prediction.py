@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from probescope.kernels.colormap import default_palette
 from probescope.kernels.mlp import final_output_kind
 from probescope.probes.base import (
     Probe,
@@ -19,7 +21,7 @@ from probescope.probes.base import (
 )
 from probescope.schedule import Schedule
 
-TASKS = ("auto", "classification", "binary", "regression")
+TASKS = ("auto", "classification", "binary", "multilabel", "regression")
 
 
 class PredictionProbe(Probe):
@@ -29,10 +31,19 @@ class PredictionProbe(Probe):
       a jittered scatter per true class), the predicted class, accuracy and per-class means;
     - ``binary``: the predicted probability of the positive class, accuracy, and the
       sensitivity and specificity at ``threshold``;
-    - ``regression``: y_hat for every y, with MSE and R².
+    - ``multilabel`` (``y`` a 0/1 row per sample, one column per label, a sigmoid per
+      output): per sample and label, the probability the model gives the label's true state
+      (present or absent; drawn as a jittered scatter per label), the predictions at
+      ``threshold``, the share of labels right (``accuracy``), of samples with every label
+      right (``exact_match``), micro-averaged F1, and per label its accuracy, mean and 2x2
+      confusion;
+    - ``regression``: y_hat for every y, with MSE and R²; with a row of targets per sample
+      (one per output), the MSE over them all and the mean of the outputs' R², and each
+      output's own.
 
-    ``task="auto"`` decides from the targets and the model's output width. ``show_perc``
-    keeps a fixed random fraction of the batch.
+    ``task="auto"`` decides from the targets and the model's output width: a column of
+    whole numbers is classes, a row of 0s and 1s per sample labels, anything else
+    regression. ``show_perc`` keeps a fixed random fraction of the batch.
     """
 
     kind = "prediction"
@@ -57,10 +68,14 @@ class PredictionProbe(Probe):
         owner = f"PredictionProbe {self.name!r}"
         xt = as_input_tensor("x", x, owner=owner)
         yt = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).detach().cpu()
-        if yt.dim() > 1:
-            yt = yt.reshape(yt.shape[0], -1)
-            if yt.shape[1] != 1:
-                raise ValueError(f"{owner}: y must hold one target per sample, got shape {tuple(yt.shape)}")
+        if yt.dim() > 2 and math.prod(yt.shape[2:]) == 1:
+            yt = yt.reshape(yt.shape[:2])
+        if yt.dim() > 2 or yt.dim() == 0:
+            raise ValueError(
+                f"{owner}: y must hold one target per sample, or one row of targets (one per output "
+                f"or label), got shape {tuple(yt.shape)}"
+            )
+        if yt.dim() == 2 and yt.shape[1] == 1:
             yt = yt[:, 0]
         if yt.shape[0] != xt.shape[0]:
             raise ValueError(f"{owner}: x has {xt.shape[0]} samples but y has {yt.shape[0]}")
@@ -73,13 +88,14 @@ class PredictionProbe(Probe):
         n_keep = max(1, round(show_perc * xt.shape[0]))
         generator = torch.Generator().manual_seed(seed)
         keep = torch.randperm(xt.shape[0], generator=generator)[:n_keep].sort().values
-        self.x, self.y = xt[keep], yt[keep].double()
+        self.x, self.y = xt[keep], yt[keep].double()  # (samples,) or (samples, targets)
         self.jitter = (torch.rand(n_keep, generator=generator, dtype=torch.float64) - 0.5) * 2 * jitter
         self.task, self.requested_task = task, task
         self.show_perc, self.threshold, self.output = show_perc, threshold, output
         self.final = "logits"  # what the model's outputs are; read from it when attached
         self.batch_size = batch_size
-        self.num_classes: int | None = None
+        self.num_classes: int | None = None  # classes, or labels
+        self.outputs = 1 if self.y.dim() == 1 else self.y.shape[1]  # targets per sample
 
     def warm_up(self, model: nn.Module) -> None:
         batched_forward(model, self.x, self.batch_size, self.graphs)
@@ -91,7 +107,31 @@ class PredictionProbe(Probe):
         width = out.reshape(out.shape[0], -1).shape[1]
         integral = bool(torch.all(self.y == self.y.round()))
         task = self.requested_task
-        if task == "auto":
+        if self.outputs > 1:  # a row of targets per sample: labels, or one target per output
+            if width != self.outputs:
+                raise ValueError(
+                    f"{owner}: y has {self.outputs} targets per sample, the model gives {width} outputs"
+                )
+            zero_one = bool(torch.all((self.y == 0) | (self.y == 1)))
+            if task == "auto":
+                task = "multilabel" if zero_one else "regression"
+            if task in ("classification", "binary"):
+                raise ValueError(
+                    f"{owner}: task {task!r} needs one class label per sample, y has {self.outputs} "
+                    "targets per sample (task='multilabel' for a 0/1 row of labels)"
+                )
+            if task == "multilabel":
+                if not zero_one:
+                    raise ValueError(f"{owner}: task 'multilabel' needs y of 0s and 1s, one column per label")
+                if self.output == "softmax":
+                    raise ValueError(
+                        f"{owner}: task 'multilabel' takes a sigmoid per label: output must be 'auto', "
+                        "'sigmoid' or 'probs', got 'softmax'"
+                    )
+                self.num_classes = self.outputs
+        elif task == "multilabel":
+            raise ValueError(f"{owner}: task 'multilabel' needs a row of 0/1 labels per sample, y has one")
+        elif task == "auto":
             if not integral:
                 task = "regression"
             elif width == 1:
@@ -107,21 +147,16 @@ class PredictionProbe(Probe):
                     f"{owner}: labels must lie in [0, {self.num_classes}), got "
                     f"[{int(self.y.min())}, {int(self.y.max())}]"
                 )
-        elif width != 1:
+        elif task == "regression" and width != self.outputs:
             raise ValueError(f"{owner}: regression needs one output per sample, the model gives {width}")
         self.task = task
 
     def evaluate(self, model: nn.Module, context: ProbeContext) -> dict[str, Any]:
         out = batched_forward(model, self.x, self.batch_size, self.graphs)
         if self.task == "regression":
-            y_pred = out[:, 0].double()
-            mse = float(((y_pred - self.y) ** 2).mean())
-            var = float(((self.y - self.y.mean()) ** 2).mean())
-            return {
-                "y_pred": y_pred,
-                "mse": np.float64(mse),
-                "r2": np.float64(1.0 - mse / var if var > 0 else np.nan),
-            }
+            return self._regression(out.reshape(out.shape[0], -1).double())
+        if self.task == "multilabel":
+            return self._multilabel(label_probs(out, self.output, self.final).double())
         probs = outputs_to_probs(out, self.output, self.final).double()
         labels = self.y.long()
         if self.task == "binary":
@@ -150,6 +185,41 @@ class PredictionProbe(Probe):
             "confusion": _confusion(labels, pred, self.num_classes),
         }
 
+    def _regression(self, out: torch.Tensor) -> dict[str, Any]:
+        y = self.y.reshape(out.shape)
+        mse = ((out - y) ** 2).mean(0)  # per output
+        var = ((y - y.mean(0)) ** 2).mean(0)
+        r2 = torch.where(var > 0, 1.0 - mse / var, torch.full_like(var, math.nan))
+        frame = {
+            "y_pred": out[:, 0] if self.outputs == 1 else out,
+            "mse": np.float64(float(mse.mean())),
+            "r2": np.float64(float(r2.mean())),
+        }
+        if self.outputs > 1:  # R² averaged over the outputs, uniformly (scikit-learn's default)
+            frame.update(mse_per_output=mse, r2_per_output=r2)
+        return frame
+
+    def _multilabel(self, probs: torch.Tensor) -> dict[str, Any]:
+        present = self.y == 1
+        prob_true = torch.where(present, probs, 1.0 - probs)  # the probability of each label's truth
+        pred = probs >= self.threshold
+        right = pred == present
+        hits, marked = int((pred & present).sum()), int(pred.sum() + present.sum())
+        f1 = 2.0 * hits / marked if marked else math.nan  # micro-averaged: every (sample, label)
+        # Per label, rows: absent, present; columns: predicted absent, present.
+        cells = present.long() * 2 + pred.long() + 4 * torch.arange(self.outputs, device=pred.device)
+        label_confusion = torch.bincount(cells.reshape(-1), minlength=4 * self.outputs).reshape(-1, 2, 2)
+        return {
+            "prob_true": prob_true,
+            "pred": pred,
+            "accuracy": np.float64(float(right.double().mean())),
+            "exact_match": np.float64(float(right.all(1).double().mean())),
+            "f1": np.float64(f1),
+            "class_mean": prob_true.mean(0),
+            "label_accuracy": right.double().mean(0),
+            "label_confusion": label_confusion,
+        }
+
     def static(self) -> dict[str, np.ndarray]:
         return {"y_true": self.y.numpy(), "jitter": self.jitter.numpy()}
 
@@ -157,10 +227,71 @@ class PredictionProbe(Probe):
         return {
             "task": self.task,
             "num_classes": self.num_classes,
+            "outputs": self.outputs,
             "samples": int(self.x.shape[0]),
             "show_perc": self.show_perc,
             "threshold": self.threshold,
         }
+
+
+def label_probs(outputs: torch.Tensor, output: str, final: str = "logits") -> torch.Tensor:
+    """``(N, K)`` model outputs -> each of K labels' probability of being present: a sigmoid
+    per output, unless the outputs are probabilities already (``probs``, or with ``auto`` a
+    model whose last layer is an nn.Sigmoid)."""
+    outputs = outputs.reshape(outputs.shape[0], -1)
+    if output == "probs" or (output == "auto" and final == "sigmoid"):
+        return outputs
+    return torch.sigmoid(outputs)
+
+
+#: A regression's points with one target per sample (matplotlib's "tab:green").
+REGRESSION_GREEN = (0.17, 0.63, 0.17)
+
+
+def scatter_points(task: str, y_true: np.ndarray, jitter: np.ndarray, data) -> np.ndarray:
+    """``(points, 2)``: where a frame's predictions are drawn, one point per sample (per sample
+    and output, or label, in row order, for a row of targets): ŷ against y (regression), the
+    probability of class 1 against the jittered class (binary), the probability of the true
+    class (of each label's true state) against the jittered class (label)."""
+    y_true, jitter = np.asarray(y_true, np.float64), np.asarray(jitter, np.float64)
+    if task == "regression":
+        return np.stack([y_true.reshape(-1), np.asarray(data["y_pred"], np.float64).reshape(-1)], 1)
+    if task == "binary":
+        return np.stack([np.asarray(data["prob_pos"], np.float64), y_true + jitter], 1)
+    if task == "multilabel":
+        columns = np.arange(y_true.shape[1]) + jitter[:, None]
+        return np.stack([columns.reshape(-1), np.asarray(data["prob_true"], np.float64).reshape(-1)], 1)
+    return np.stack([y_true + jitter, np.asarray(data["prob_true"], np.float64)], 1)
+
+
+def scatter_colours(task: str, y_true: np.ndarray) -> np.ndarray:
+    """``(points, 3)`` RGB in [0, 1], in ``scatter_points``'s order: each class's (label's,
+    output's) palette colour; a label's absent samples in its colour paled halfway to white; a
+    regression with one output in green."""
+    y_true = np.asarray(y_true)
+    if task == "regression":
+        if y_true.ndim == 1:
+            return np.tile(REGRESSION_GREEN, (len(y_true), 1))
+        palette = default_palette(y_true.shape[1]).numpy() / 255.0
+        return np.tile(palette, (len(y_true), 1))
+    if task == "multilabel":
+        palette = default_palette(y_true.shape[1]).numpy() / 255.0
+        colours = np.broadcast_to(palette, (*y_true.shape, 3))
+        absent = (y_true == 0)[..., None]
+        return np.where(absent, 0.5 + 0.5 * colours, colours).reshape(-1, 3)
+    classes = 2 if task == "binary" else int(y_true.max(initial=0)) + 1
+    return default_palette(classes).numpy()[y_true.astype(np.int64)] / 255.0
+
+
+def scatter_legend(task: str, config, limit: int = 12) -> list[tuple[str, tuple]]:
+    """The names and RGB colours a prediction panel's legend lists (none past ``limit``, and
+    none for a regression with one output)."""
+    count = int(config.get("num_classes") or 0) if task != "regression" else int(config.get("outputs", 1))
+    if (task == "regression" and count == 1) or not 0 < count <= limit:
+        return []
+    word = {"regression": "output", "multilabel": "label"}.get(task, "class")
+    palette = default_palette(count).numpy() / 255.0
+    return [(f"{word} {i}", tuple(float(v) for v in c)) for i, c in enumerate(palette)]
 
 
 def confusion_shares(counts) -> np.ndarray:
