@@ -51,10 +51,9 @@ from probescope.snapshot import (
     _host_place,
     _named_state_tensors,
     _unique,
-    device_free_memory,
     fill_shadow,
     observer_hooks,
-    plan_copies,
+    place_copies,
     shadow_copy,
 )
 from probescope.streams import ProbeStreams
@@ -259,14 +258,18 @@ class GatheredPool:
 
     def _make_shadows(self, template: nn.Module, hooks: bool) -> None:
         device = _source_device(self._sources) if _on_meta(template) else _template_device(template)
-        per_copy = sum(t.numel() * t.element_size() for t in self._sources)
-        size, host, why = self.size, self.host, None
-        if not host:
-            size, host, why = plan_copies(per_copy, size, device_free_memory(device), whole=True)
+        held = [*self._sources, *(self._sources[i] for i in self._grad_params)]  # weights, gradients
+        per_copy = sum(t.numel() * t.element_size() for t in held)
+        size, host, why = place_copies(per_copy, self.size, device, self.host, whole=True)
+        if size == 0:  # before training: a rank that cannot hold the model whole cannot probe it
+            raise ValueError(
+                f"Monitor: the probing rank has no room for the unsharded model: {why}; probes that "
+                "read the model cannot run there"
+            )
         if why:
             log.warning("Monitor: the unsharded shadows: %s", why)
         self.size, self.host = size, host
-        if host:
+        if self.host:
             place = _host_place
         else:
 

@@ -125,19 +125,20 @@ class SnapshotPool:
     def _make_copies(
         self, model: nn.Module, shared: dict[int, torch.Tensor], hooks: bool, whole: bool
     ) -> None:
-        """The shadows, as many as fit: on a CUDA device whose free memory they would take more
-        than half of (training still allocates: optimizer state at its first step, activations),
-        one copy, else the host (a whole copy), else no copy at all (``sync``), each with one
-        warning; a copy that runs out of device memory as it is made goes the same way."""
+        """The shadows, as many as fit (``plan_copies``): where they would take more than half of
+        the free memory (training still allocates: optimizer state at its first step,
+        activations), one copy, else from a CUDA device the host (a whole copy), else no copy
+        at all (``sync``), each with one warning; a copy that runs out of device memory as it is
+        made goes the same way."""
         per_copy = sum(t.numel() * t.element_size() for t in self._live_tensors)
         per_copy += sum(p.numel() * p.element_size() for p in self._live_params)
         device = self._params[0][1] if self._params else torch.device("cpu")
-        size, host = self.size, self.host
-        if not host:
-            size, host, why = plan_copies(per_copy, size, device_free_memory(device), whole)
-            if why:
-                log.warning("snapshot: %s", why)
-        while True:
+        size, host, why = place_copies(per_copy, self.size, device, self.host, whole)
+        if why:
+            log.warning(
+                "snapshot: %s%s", why, "" if size else ": probes run between steps instead (snapshot='sync')"
+            )
+        while size > 0:
             try:
                 for _ in range(size):
                     self._add_shadow(model, shared, hooks, host)
@@ -146,21 +147,28 @@ class SnapshotPool:
                 self._free, self._shadow_tensors, self._shadow_grads = [], {}, {}
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+                failed = str(err).splitlines()[0]
                 if host or not whole:
                     log.warning(
                         "snapshot: its copies do not fit in memory (%s); probes run between steps "
                         "instead (snapshot='sync')",
-                        str(err).splitlines()[0],
+                        failed,
                     )
-                    self.strategy, size, host = "sync", 0, False  # probes read the model itself
+                    size = 0
                     break
+                size, _, why = plan_copies(per_copy, self.size, host_free_memory(), whole, on_host=True)
                 log.warning(
-                    "snapshot: its copies do not fit in %s's memory (%s); they are kept in host "
-                    "memory instead (snapshot_host=True) and probes evaluate them on the CPU",
+                    "snapshot: its copies do not fit in %s's memory (%s); %s",
                     device,
-                    str(err).splitlines()[0],
+                    failed,
+                    "they are kept in host memory instead (snapshot_host=True) and probes evaluate "
+                    "them on the CPU" + (f" ({why})" if why else "")
+                    if size
+                    else f"{why}: probes run between steps instead (snapshot='sync')",
                 )
                 host = True
+        if size == 0:  # not even one copy fits: probes read the model itself, between steps
+            self.strategy, host = "sync", False
         self.size, self.host = (size if self.strategy == "copy" else 1), host
         if self.strategy == "sync":
             self._live_tensors, self._live_params = [], []
@@ -304,28 +312,126 @@ def fill_shadow(
     streams.end_snapshot(wait_now=wait_now)
 
 
-def plan_copies(per_copy: int, size: int, free: int | None, whole: bool) -> tuple[int, bool, str | None]:
-    """How to hold ``size`` copies of ``per_copy`` bytes on a device with ``free`` bytes free
-    (None: not a CUDA device, no limit known): ``(copies, on the host, why)``. The copies may
-    take half of the free memory; past that, one copy, else the host (a whole copy only: a
-    part shares the rest with the model on its device)."""
+def plan_copies(
+    per_copy: int,
+    size: int,
+    free: int | None,
+    whole: bool,
+    on_host: bool = False,
+    host_free: int | None = None,
+) -> tuple[int, bool, str | None]:
+    """How to hold ``size`` copies of ``per_copy`` bytes: ``(copies, moved to the host, why)``.
+
+    ``free``: the bytes free where they go (a CUDA device's; the host's available memory with
+    ``on_host``: a model on the CPU, or ``snapshot_host``; None: no limit known). The copies may
+    take half of it; past that, one copy; past that, from a CUDA device, a whole copy goes to
+    the host (``host_free``, by the same rule; a part shares the rest with the model on its
+    device, so it keeps one there), and where not even one fits, none (0; the snapshot then
+    runs probes between steps, ``sync``). Host memory a process takes past what the host has
+    is not an error it could catch: the system kills the process, training and all."""
     if free is None or size * per_copy <= free // 2:
         return size, False, None
-    need = f"{size} copies of {_bytes(per_copy)} would take over half of the device's {_bytes(free)} free"
+    where = "the host's" if on_host else "the device's"
+    need = f"{size} copies of {_bytes(per_copy)} would take over half of {where} {_bytes(free)} free"
     if per_copy <= free // 2:
         return 1, False, f"{need}; it keeps one (a frame is skipped while the one before still runs)"
-    if whole:
-        where = "they are kept in host memory (snapshot_host=True), probes evaluate them on the CPU"
-        return size, True, f"{need}; {where}"
-    return 1, False, f"{need}, and it copies part of the model; it keeps one, which may not fit"
+    if not on_host and not whole:
+        return 1, False, f"{need}, and it copies part of the model; it keeps one, which may not fit"
+    if not on_host:
+        copies, _, why = plan_copies(per_copy, size, host_free, whole, on_host=True)
+        if copies:
+            held = "they are" if copies > 1 else "one is"
+            moved = f"{held} kept in host memory (snapshot_host=True), probes evaluate them on the CPU"
+            return copies, True, f"{need}; {moved}" + (f" ({why})" if why else "")
+        return 0, False, f"{need}, and {why}"
+    return 0, False, f"{need}; not one copy fits"
+
+
+def place_copies(
+    per_copy: int, size: int, device: torch.device, host: bool, whole: bool
+) -> tuple[int, bool, str | None]:
+    """``plan_copies`` for copies of tensors on ``device`` (``host``: kept in host memory, as
+    ``snapshot_host`` asks), against the memory free now: ``(copies, in host memory, why)``."""
+    on_host = host or device.type != "cuda"
+    free = host_free_memory() if host else device_free_memory(device)
+    copies, moved, why = plan_copies(
+        per_copy, size, free, whole, on_host, None if on_host else host_free_memory()
+    )
+    return copies, host or moved, why
 
 
 def device_free_memory(device: torch.device) -> int | None:
-    """Free bytes on a CUDA device (None for any other)."""
-    if device.type != "cuda" or not torch.cuda.is_available():
+    """Bytes free for copies of tensors on ``device``: a CUDA device's free memory, the host's
+    available memory for any other (``host_free_memory``)."""
+    if device.type != "cuda":
+        return host_free_memory()
+    if not torch.cuda.is_available():
         return None
     free, _ = torch.cuda.mem_get_info(device)
     return int(free)
+
+
+def host_free_memory() -> int | None:
+    """Bytes the host can still give this process without swapping: Linux's ``MemAvailable``,
+    or less where the process's control group (a container's or a job's memory limit) leaves
+    less room; None where neither can be read (another system)."""
+    available = None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    room = _cgroup_room()
+    if room is not None:
+        available = room if available is None else min(available, room)
+    return available
+
+
+# Where a control group's limit, usage and reclaimable page cache are read (cgroup v2, v1).
+_CGROUPS = (
+    (
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory.current",
+        "/sys/fs/cgroup/memory.stat",
+        "inactive_file",
+    ),
+    (
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        "/sys/fs/cgroup/memory/memory.stat",
+        "total_inactive_file",
+    ),
+)
+
+
+def _cgroup_room() -> int | None:
+    """The bytes this process's memory control group still allows (its limit, less what it
+    uses, plus the page cache it could give back), or None: no limit, or none readable."""
+    for limit_path, usage_path, stat_path, inactive_key in _CGROUPS:
+        try:
+            with open(limit_path) as f:
+                limit = f.read().strip()
+            with open(usage_path) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 2**60:  # no limit set
+            return None
+        inactive = 0
+        try:
+            with open(stat_path) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == inactive_key:
+                        inactive = int(value)
+                        break
+        except (OSError, ValueError):
+            pass
+        return max(0, int(limit) - usage + inactive)
+    return None
 
 
 def _host_place(t: torch.Tensor) -> torch.Tensor:

@@ -842,7 +842,7 @@ def test_copies_are_planned_against_the_devices_free_memory():
     from probescope.snapshot import plan_copies
 
     mib = 2**20
-    assert plan_copies(100 * mib, 2, None, whole=True) == (2, False, None)  # not a CUDA device
+    assert plan_copies(100 * mib, 2, None, whole=True) == (2, False, None)  # no limit known
     assert plan_copies(100 * mib, 2, 400 * mib, whole=True) == (2, False, None)  # half the free
     size, host, why = plan_copies(100 * mib, 2, 399 * mib, whole=True)
     assert (size, host) == (1, False)
@@ -851,9 +851,90 @@ def test_copies_are_planned_against_the_devices_free_memory():
         "(a frame is skipped while the one before still runs)"
     )
     size, host, why = plan_copies(100 * mib, 2, 150 * mib, whole=True)
-    assert (size, host) == (2, True) and "kept in host memory (snapshot_host=True)" in why
+    assert (size, host) == (2, True) and "they are kept in host memory (snapshot_host=True)" in why
     size, host, why = plan_copies(100 * mib, 2, 150 * mib, whole=False)  # a part: not on the host
     assert (size, host) == (1, False) and why.endswith("it keeps one, which may not fit")
+
+
+def test_copies_to_the_host_are_planned_against_its_available_memory():
+    from probescope.snapshot import plan_copies
+
+    mib = 2**20
+    # From a full device to a host with room for one: one copy there.
+    size, host, why = plan_copies(100 * mib, 2, 150 * mib, whole=True, host_free=250 * mib)
+    assert (size, host) == (1, True)
+    assert why.startswith(
+        "2 copies of 100.0 MiB would take over half of the device's 150.0 MiB free; one is kept"
+    )
+    assert "over half of the host's 250.0 MiB free; it keeps one" in why
+    # Room for none anywhere: no copy (the snapshot probes between steps).
+    size, host, why = plan_copies(100 * mib, 2, 150 * mib, whole=True, host_free=150 * mib)
+    assert (size, host) == (0, False) and why == (
+        "2 copies of 100.0 MiB would take over half of the device's 150.0 MiB free, and 2 copies "
+        "of 100.0 MiB would take over half of the host's 150.0 MiB free; not one copy fits"
+    )
+    # A model on the CPU (or a host snapshot): one copy, else none; the host has no host to go to.
+    assert plan_copies(100 * mib, 2, 399 * mib, whole=True, on_host=True)[:2] == (1, False)
+    size, host, why = plan_copies(100 * mib, 2, 199 * mib, whole=False, on_host=True)
+    assert (size, host) == (0, False) and why.endswith("the host's 199.0 MiB free; not one copy fits")
+
+
+@pytest.mark.parametrize(
+    ("device_free", "host_free", "host", "expected"),
+    [(250, 1000, False, (1, False)), (150, 1000, False, (2, True)), (150, 250, False, (1, True)),
+     (150, 150, False, (0, False)), (10, 450, True, (2, True)), (10, 250, True, (1, True))],
+)  # fmt: skip
+def test_copies_of_a_cuda_model_go_by_the_devices_memory_then_the_hosts(
+    monkeypatch, device_free, host_free, host, expected
+):
+    from probescope import snapshot
+
+    mib = 2**20
+    monkeypatch.setattr(snapshot, "device_free_memory", lambda device: device_free * mib)
+    monkeypatch.setattr(snapshot, "host_free_memory", lambda: host_free * mib)
+    copies, held, _ = snapshot.place_copies(100 * mib, 2, torch.device("cuda", 0), host, whole=True)
+    assert (copies, held) == expected
+
+
+def test_host_memory_is_what_linux_has_available_or_less_under_a_control_groups_limit(monkeypatch, tmp_path):
+    import os
+
+    from probescope import snapshot
+
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    monkeypatch.setattr(snapshot, "_CGROUPS", ())  # no control group to read
+    available = snapshot.host_free_memory()
+    assert available is not None and 0 < available <= total
+    mib = 2**20
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text(f"{1024 * mib}\n")
+    (v2 / "memory.current").write_text(f"{600 * mib}\n")
+    (v2 / "memory.stat").write_text(f"anon 1\ninactive_file {100 * mib}\nactive_file 5\n")
+    group = (str(v2 / "memory.max"), str(v2 / "memory.current"), str(v2 / "memory.stat"), "inactive_file")
+    monkeypatch.setattr(snapshot, "_CGROUPS", (group,))
+    assert snapshot.host_free_memory() == min(available, 524 * mib)  # limit - usage + inactive cache
+    (v2 / "memory.max").write_text("max\n")  # no limit: the host's
+    assert abs(snapshot.host_free_memory() - available) < 512 * mib
+
+
+@pytest.mark.parametrize(("free_copies", "copies", "strategy"), [(3, 1, "copy"), (1, 0, "sync")])
+def test_copies_of_a_cpu_model_take_at_most_half_the_hosts_memory(
+    monkeypatch, caplog, free_copies, copies, strategy
+):
+    from probescope import snapshot
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+    per_copy = sum(p.numel() * p.element_size() for p in model.parameters())
+    monkeypatch.setattr(snapshot, "host_free_memory", lambda: free_copies * per_copy)
+    with caplog.at_level(logging.WARNING, logger="probescope"):
+        monitor = Monitor(model, [StepReader(schedule=Schedule.every(1))], ring_capacity=64)
+    assert (monitor._pool.strategy, len(monitor._pool._free), monitor._pool.host) == (strategy, copies, False)
+    assert sum("would take over half of the host's" in r.getMessage() for r in caplog.records) == 1
+    if strategy == "sync":
+        assert "probes run between steps instead (snapshot='sync')" in caplog.text
+    frames = _frames_of_steps(monitor, model)
+    assert frames and all(np.all(f.data["values"] == f.step) for f in frames)
 
 
 def _frames_of_steps(monitor, model, steps=6):
@@ -863,26 +944,6 @@ def _frames_of_steps(monitor, model, steps=6):
     _steps_set_to_their_number(monitor, model, steps)
     monitor.close()
     return [f for f in monitor.ring(probe.name).read_since(-1) if f.step > 0]
-
-
-@pytest.mark.parametrize(
-    ("free_copies", "size", "host"), [(3, 1, False), (1, 2, True)], ids=["one copy", "host"]
-)
-def test_copies_that_would_crowd_the_device_are_fewer_or_on_the_host(
-    monkeypatch, caplog, free_copies, size, host
-):
-    from probescope import snapshot
-
-    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
-    per_copy = sum(p.numel() * p.element_size() for p in model.parameters())
-    monkeypatch.setattr(snapshot, "device_free_memory", lambda device: free_copies * per_copy)
-    with caplog.at_level(logging.WARNING, logger="probescope"):
-        monitor = Monitor(model, [StepReader(schedule=Schedule.every(1))], ring_capacity=64)
-    assert (monitor._pool.size, monitor._pool.host, len(monitor._pool._free)) == (size, host, size)
-    assert monitor.snapshot_detail["host"] is host
-    assert sum("would take over half of the device's" in r.getMessage() for r in caplog.records) == 1
-    frames = _frames_of_steps(monitor, model)
-    assert frames and all(np.all(f.data["values"] == f.step) for f in frames)
 
 
 def test_copies_that_run_out_of_memory_go_to_the_host_or_to_sync(monkeypatch, caplog):
