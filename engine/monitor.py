@@ -1270,6 +1270,7 @@ class Monitor:
                     "enabled": st.enabled,
                     "frames": st.ring.written,
                     "dropped": st.ring.dropped,
+                    "ring_bytes": st.ring.nbytes,
                     **({"schedule": _schedule_state(st)} if st.adaptive else {}),
                 }
                 for name, st in self._probes.items()

@@ -117,6 +117,20 @@ class FrameRing:
         self.dropped = 0
 
     @property
+    def nbytes(self) -> dict[str, int]:
+        """The memory the ring's slots hold now (they grow to ``capacity`` frames as frames
+        come): ``host`` (arrays, pinned buffers among them) and ``device`` (CUDA slots)."""
+        host, device, seen = 0, 0, set()
+        for slot in self._slots:
+            for a in [*list(slot.arrays.values()), *(t.numpy() for t in list(slot.pinned.values()))]:
+                key = (a.__array_interface__["data"][0], a.nbytes)
+                if key not in seen:  # a CUDA frame's arrays are its pinned buffers
+                    seen.add(key)
+                    host += a.nbytes
+            device += sum(t.numel() * t.element_size() for t in list(slot.device.values()))
+        return {"host": host, "device": device}
+
+    @property
     def newest_seq(self) -> int:
         """Sequence number of the newest completed frame, -1 when empty."""
         return self._next_seq - 1

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from probescope import GridProbe, LossProbe, Monitor, PredictionProbe, Probe, Schedule
+from probescope import FrameRing, GridProbe, LossProbe, Monitor, PredictionProbe, Probe, Schedule
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -154,6 +154,14 @@ def test_device_ring_hands_out_the_newest_completed_frame_without_a_sync():
     assert frame is not None and frame.seq == host.seq and frame.tensors["values"].is_cuda
     np.testing.assert_array_equal(frame.tensors["values"].cpu().numpy(), host.data["values"])
     monitor.close()
+
+
+def test_a_cuda_rings_memory_counts_its_device_slots_and_their_pinned_host_copies_once():
+    ring = FrameRing("p", capacity=2)
+    for step in range(3):
+        ring.write({"v": torch.zeros(256, device="cuda"), "n": np.zeros(4)}, step, 0)
+    torch.cuda.synchronize()
+    assert ring.nbytes == {"host": 2 * (1024 + 32), "device": 2 * 1024}
 
 
 def test_grid_frames_are_written_straight_into_the_device_ring():

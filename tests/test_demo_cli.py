@@ -113,6 +113,12 @@ def test_info_describes_the_run(blobs7_run, capsys):
     assert "snapshot  copy: " in text and "in the model's device" in text  # what the copy holds
     history = open_run(blobs7_run).history()
     assert f"history   history.npz: {', '.join(history)} (up to " in text and "train_loss" in history
+    run = open_run(blobs7_run)
+    grid = run.probe("grid")
+    held = run.meta["summary"]["probes"]["grid"]["ring_bytes"]
+    frame_bytes = sum(np.asarray(a).nbytes for a in grid.frame(-1).data.values())
+    assert held == {"host": min(len(grid), 8) * frame_bytes, "device": 0}  # its 8 slots, full
+    assert f"ring {held['host'] / 2**20:.1f} MiB in host memory" in text
     assert main(["info", str(blobs7_run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["format"] == "probescope-run"
 

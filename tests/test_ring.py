@@ -140,3 +140,16 @@ def test_a_reader_never_sees_a_torn_frame_while_the_writer_laps_it(write):
     finally:
         stop.set()
         thread.join()
+
+
+def test_the_ring_says_how_much_memory_its_slots_hold():
+    ring = FrameRing("p", capacity=3)
+    assert ring.nbytes == {"host": 0, "device": 0}
+    ring.write({"a": np.zeros(10, np.float32), "b": np.zeros((4, 4), np.uint8)}, 0, 0)
+    assert ring.nbytes == {"host": 40 + 16, "device": 0}
+    for step in range(1, 5):  # slots fill up to the capacity, then are reused
+        ring.write({"a": np.zeros(10, np.float32), "b": np.zeros((4, 4), np.uint8)}, step, 0)
+    assert ring.nbytes == {"host": 3 * (40 + 16), "device": 0}
+    claimed = ring.claim("c", (5,), torch.float64, torch.device("cpu"))  # a kernel's storage
+    ring.write({"a": np.zeros(10, np.float32), "b": np.zeros((4, 4), np.uint8), "c": claimed}, 5, 0)
+    assert ring.nbytes == {"host": 3 * (40 + 16) + 40, "device": 0}  # counted once
