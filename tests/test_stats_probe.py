@@ -239,6 +239,54 @@ def test_a_container_named_exactly_is_measured_and_a_glob_takes_leaves(tmp_path)
         assert row[f"act/1/{stat}"] == pytest.approx(float(value), rel=1e-5, abs=1e-7), stat
 
 
+def test_a_parametrized_layer_is_one_layer_with_its_computed_weight_and_its_originals(tmp_path):
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        parametrizations.weight_norm(nn.Linear(2, 8)), nn.Tanh(), parametrizations.orthogonal(nn.Linear(8, 8))
+    )
+    x, y = torch.randn(40, 2), torch.randn(40, 8)
+    glob = StatsProbe("*", targets=("weights", "grads", "activations"), batch=x[:13], name="glob")
+    named = StatsProbe("0", targets=("weights", "activations"), batch=x[:13], name="named")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Monitor(model, [glob, named], snapshot="sync", run_dir=tmp_path / "run") as monitor:
+        for _ in range(3):
+            loss = F.mse_loss(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss=loss)
+    # The layers, not the modules that compute their weights (whose "output" is a weight).
+    assert glob.modules == ["0", "1", "2"] and named.modules == ["0"]
+    assert glob.computed == ["0.weight", "2.weight"] and named.computed == ["0.weight"]
+    originals = ["0.parametrizations.weight.original0", "0.parametrizations.weight.original1"]
+    assert named.parameters == ["0.bias", *originals]  # named exactly: its originals too
+    table = open_run(tmp_path / "run").probe("glob").table()
+    row = table.iloc[-1]
+    with torch.no_grad():
+        model.eval()
+        hidden = model[0](x[:13])
+        outputs = {"0": hidden, "2": model[2](torch.tanh(hidden))}
+        computed = {"0.weight": model[0].weight, "2.weight": model[2].weight}
+    for name, out in outputs.items():
+        expected = tensor_stats_reference(out.double(), glob.near_zero).numpy()
+        got = np.array([row[f"act/{name}/{stat}"] for stat in STAT_NAMES])
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7, err_msg=f"output of {name}")
+    for name, weight in computed.items():
+        expected = tensor_stats_reference(weight, glob.near_zero).numpy()
+        got = np.array([row[f"weight/{name}/{stat}"] for stat in STAT_NAMES])
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7, err_msg=name)
+        assert row[f"weight/{name}/spectral"] == pytest.approx(spectral_norm_reference(weight), rel=5e-3)
+    assert row["weight/2.weight/spectral"] == pytest.approx(1.0, rel=5e-3)  # orthogonal
+    params = dict(model.named_parameters())
+    for name in originals:  # what the optimizer steps, gradients and all
+        expected = tensor_stats_reference(params[name].grad, glob.near_zero).numpy()
+        got = np.array([row[f"grad/{name}/{stat}"] for stat in STAT_NAMES])
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9, err_msg=f"grad {name}")
+    assert not any("parametrizations.weight.0" in column for column in table.columns)
+
+
 def _two_state_model(metric="weight/0.weight/l2", low=1.0, high=9.0):
     from probescope.analysis import StateModel
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from probescope.history import display_name
 from probescope.kernels.stats import STAT_NAMES, spectral_norm, tensor_stats
@@ -134,30 +135,47 @@ class StatsProbe(Probe):
     def attach(self, model: nn.Module) -> None:
         owner = f"StatsProbe {self.name!r}"
         modules = named_layers(model)
-        matched = [n for n in modules if self._matches(n) or (n == "" and "" in self.patterns)]
         unused = [p for p in self.patterns if not any(fnmatch.fnmatchcase(n, p) for n in modules)]
         if unused:
             names = ", ".join(repr(n) for n in modules if n) or "(none)"
             raise ValueError(f"{owner}: hook patterns {unused} match no module; the modules are {names}")
-        # Each floating-point parameter once (a tied one under its first name), as the model names it.
-        owned = {id(p) for m in matched for p in own_parameters(modules[m])}
+        # A parametrized layer (weight_norm, orthogonal, spectral_norm's parametrizations) is one
+        # layer: the modules that compute its weights are not layers whose output is measured.
+        inner = _parametrization_modules(modules)
+        matched = [
+            n for n in modules if n not in inner and (self._matches(n) or (n == "" and "" in self.patterns))
+        ]
+        # Each floating-point parameter once (a tied one under its first name), as the model names it;
+        # a parametrized layer's are the originals its parametrizations hold.
+        owned = {id(p) for m in matched for p in [*own_parameters(modules[m]), *_originals(modules[m])]}
         self.parameters = [q for q, p in model.named_parameters() if id(p) in owned and p.is_floating_point()]
+        # ... and the weights they compute (``layer.weight``), which the layer multiplies by.
+        self.computed = [
+            f"{m}.{t}" if m else t
+            for m in matched
+            if parametrize.is_parametrized(modules[m])
+            for t in modules[m].parametrizations
+        ]
         if "activations" in self.targets:
             # Leaf modules only under a glob (a container's output often repeats its last
             # child's); a container named exactly is measured (a transformer block's output).
-            self.modules = [m for m in matched if m and (is_leaf(modules[m]) or m in self.patterns)]
+            self.modules = [m for m in matched if m and (_is_layer(modules[m]) or m in self.patterns)]
             if not self.modules:
                 raise ValueError(
                     f"{owner}: the hook patterns match no module whose output can be measured (a glob "
                     "takes the leaf modules it matches; name a container exactly to measure its output)"
                 )
             self._check_outputs(model)
-        if not self.parameters and "activations" not in self.targets:
+        if not self.parameters and not self.computed and "activations" not in self.targets:
             raise ValueError(f"{owner}: the hook patterns {self.patterns} match no module with parameters")
         if self.valid:
             check_forward(owner, model, self.valid.x[:2])
         named = dict(model.named_parameters())
-        self._matrices = {q for q in self.parameters if named[q].dim() >= 2}
+        with torch.no_grad():
+            shapes = {q: named[q].shape for q in self.parameters} | {
+                q: _computed(model, q).shape for q in self.computed
+            }
+        self._matrices = {q for q, shape in shapes.items() if len(shape) >= 2}
         self.columns = self._column_names()
         if self.states is not None:
             self._check_states(owner)
@@ -191,7 +209,7 @@ class StatsProbe(Probe):
         columns = []
         for target in ("weights", "grads"):
             if target in self.targets:
-                for p in self.parameters:
+                for p in [*self.parameters, *(self.computed if target == "weights" else [])]:
                     columns += [f"{_PREFIX[target]}/{_label(p)}/{s}" for s in STAT_NAMES]
                     if target == "weights" and self.spectral and p in self._matrices:
                         columns.append(f"weight/{_label(p)}/spectral")
@@ -224,6 +242,13 @@ class StatsProbe(Probe):
                     parts.append(tensor_stats(tensor, self.near_zero))
                 if target == "weights" and self.spectral and qualified in self._matrices:
                     parts.append(self._spectral(qualified, p.detach()).to(torch.float64))
+            if target == "weights":
+                with torch.no_grad():
+                    for qualified in self.computed:
+                        weight = _computed(model, qualified)
+                        parts.append(tensor_stats(weight, self.near_zero))
+                        if self.spectral and qualified in self._matrices:
+                            parts.append(self._spectral(qualified, weight).to(torch.float64))
         if "activations" in self.targets:
             parts += self._activation_stats(model, device, nan)
         values = torch.cat([t.reshape(-1) for t in parts]).cpu().numpy() if parts else np.zeros(0)
@@ -311,6 +336,7 @@ class StatsProbe(Probe):
             "hooks": self.patterns,
             "targets": list(self.targets),
             "parameters": self.parameters,
+            **({"computed": self.computed} if self.computed else {}),
             "modules": self.modules,
             "spectral": self.spectral,
             "near_zero": self.near_zero,
@@ -334,6 +360,36 @@ def _state_model(owner: str, states):
     raise TypeError(
         f"{owner}: states must be a StateModel, a LatentStates or a path, got {type(states).__name__}"
     )
+
+
+def _parametrization_modules(modules: dict[str, nn.Module]) -> set[str]:
+    """The names of the modules inside parametrized layers' ``parametrizations`` (each
+    computes a weight from its originals; torch.nn.utils.parametrize)."""
+    inside = {
+        id(inner)
+        for module in modules.values()
+        if parametrize.is_parametrized(module)
+        for inner in module.parametrizations.modules()
+    }
+    return {name for name, module in modules.items() if id(module) in inside}
+
+
+def _originals(module: nn.Module) -> list[torch.Tensor]:
+    """A parametrized layer's original parameters (none for any other module)."""
+    return list(module.parametrizations.parameters()) if parametrize.is_parametrized(module) else []
+
+
+def _is_layer(module: nn.Module) -> bool:
+    """A leaf module, or a parametrized one whose only sub-modules compute its weights."""
+    if parametrize.is_parametrized(module):
+        return all(name == "parametrizations" for name, _ in module.named_children())
+    return is_leaf(module)
+
+
+def _computed(model: nn.Module, qualified: str) -> torch.Tensor:
+    """The tensor a parametrized layer computes, e.g. ``"head.weight"``, as its forward uses it."""
+    owner, _, attribute = qualified.rpartition(".")
+    return getattr(model.get_submodule(owner), attribute).detach()
 
 
 def _label(name: str) -> str:
