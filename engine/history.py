@@ -225,19 +225,22 @@ def display_name(name: str) -> str:
 
 def epoch_means(series: Series) -> Series:
     """Mean of the finite values per epoch (NaN for an epoch without one); the step of each
-    mean is the epoch's last step. One pass, whatever the number of epochs: a loss frame of a
-    long run computes it on the probe worker, holding the GIL a training loop needs."""
+    mean is the epoch's last step. One pass over runs of equal epochs (a history's epochs never
+    decrease; others are sorted first): a loss frame of a long run computes it on the probe
+    worker, beside a training loop."""
     if len(series.values) == 0:
         return series
-    epochs, which = np.unique(series.epochs, return_inverse=True)
-    steps = np.full(len(epochs), np.iinfo(np.int64).min, dtype=np.int64)
-    np.maximum.at(steps, which, series.steps)
-    finite = np.isfinite(series.values)
-    sums = np.bincount(which[finite], weights=series.values[finite], minlength=len(epochs))
-    counts = np.bincount(which[finite], minlength=len(epochs))
+    steps, epochs, values = series.steps, series.epochs, series.values
+    if np.any(epochs[1:] < epochs[:-1]):
+        order = np.argsort(epochs, kind="stable")
+        steps, epochs, values = steps[order], epochs[order], values[order]
+    starts = np.flatnonzero(np.concatenate([[True], epochs[1:] != epochs[:-1]]))
+    finite = np.isfinite(values)
+    sums = np.add.reduceat(np.where(finite, values, 0.0), starts)
+    counts = np.add.reduceat(finite.astype(np.int64), starts)
     with np.errstate(invalid="ignore", divide="ignore"):
         means = np.where(counts > 0, sums / counts, math.nan)
-    return Series(steps, epochs.astype(np.int64), means)
+    return Series(np.maximum.reduceat(steps, starts), epochs[starts].astype(np.int64), means)
 
 
 MIN_POINTS = 8  # the fewest points ``envelope`` may be asked for (it keeps up to 5 per call)

@@ -101,7 +101,8 @@ def test_the_first_value_that_is_not_finite_is_reported_once_per_series_with_its
     assert history.nonfinite()["valid_loss"] == (5, float("-inf"))
 
 
-def test_epoch_means_match_a_per_epoch_reference_with_nans_and_empty_epochs():
+@pytest.mark.parametrize("order", ["steps", "shuffled"])
+def test_epoch_means_match_a_per_epoch_reference_with_nans_and_empty_epochs(order):
     from probescope.history import Series, epoch_means
 
     rng = np.random.default_rng(3)
@@ -110,6 +111,9 @@ def test_epoch_means_match_a_per_epoch_reference_with_nans_and_empty_epochs():
     values = rng.normal(size=5000)
     values[rng.random(5000) < 0.05] = np.nan
     values[epochs == epochs[100]] = np.inf  # an epoch with no finite value: NaN
+    if order == "shuffled":  # (not a history's order: its epochs never decrease)
+        shuffle = rng.permutation(5000)
+        steps, epochs, values = steps[shuffle], epochs[shuffle], values[shuffle]
     got = epoch_means(Series(steps, epochs, values))
     want_epochs = np.unique(epochs)
     assert got.epochs.tolist() == want_epochs.tolist()
