@@ -20,6 +20,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -159,7 +160,20 @@ def measure(ranks: int, hidden: int, rounds: int, steps: int, device: str, froze
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "out")
         out.mkdir()
-        mp.start_processes(_rank, args=(ranks, os.path.join(tmp, "store"), str(out), settings), nprocs=ranks)
+        try:
+            mp.start_processes(
+                _rank, args=(ranks, os.path.join(tmp, "store"), str(out), settings), nprocs=ranks
+            )
+        except mp.ProcessExitedException as err:
+            # torch 2.13's gloo aborts a process at exit now and then ("terminate called without
+            # an active exception"), after the ranks' final barrier: the results are whole then.
+            if err.exit_code != -signal.SIGABRT or not all(
+                (out / f"rank{r}.json").exists() for r in range(ranks)
+            ):
+                raise
+            print(
+                f"sharded: rank {err.error_index} aborted at exit, after its results (gloo)", file=sys.stderr
+            )
         return json.loads((out / "rank0.json").read_text())
 
 

@@ -712,3 +712,28 @@ def test_the_benchmark_runner_runs_the_sharded_suite(tmp_path, capsys):
     assert all(r["median_s"] > 0 for r in row["results"].values())
     assert "gather" in row["results"]["every step"]["rate"] and "gather" not in row["results"]["off"]["rate"]
     assert "| sharded | FSDP2 MLP 2-256-256-7, 2 ranks | off |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("written", [2, 1], ids=["after-results", "before-results"])
+def test_the_sharded_benchmark_keeps_results_a_gloo_abort_at_exit_leaves_whole(monkeypatch, capsys, written):
+    import signal
+
+    import torch.multiprocessing as mp
+
+    from benchmarks import sharded
+
+    def ranks_then_abort(fn, args, nprocs):
+        out = Path(args[2])
+        for rank in range(written):
+            (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank}))
+        raise mp.ProcessExitedException(
+            "process 1 terminated with signal SIGABRT", error_index=1, error_pid=1, exit_code=-signal.SIGABRT
+        )
+
+    monkeypatch.setattr(sharded.mp, "start_processes", ranks_then_abort)
+    if written == 2:  # every rank's results are in: the abort came after the work
+        assert sharded.measure(2, 8, 1, 1, "cpu") == {"rank": 0}
+        assert "rank 1 aborted at exit, after its results" in capsys.readouterr().err
+    else:
+        with pytest.raises(mp.ProcessExitedException):
+            sharded.measure(2, 8, 1, 1, "cpu")

@@ -122,6 +122,7 @@ class StatsProbe(Probe):
         self.needs_grads = "grads" in self.targets
         self.valid = ValidSet(owner, valid, loss_fn, metrics, batch_size)
         self.parameters: list[str] = []  # qualified parameter names
+        self.computed: list[str] = []  # weights parametrized layers compute, e.g. "fc.weight"
         self.modules: list[str] = []  # modules whose outputs are measured
         self.columns: list[str] = []
         self._matrices: set[str] = set()
