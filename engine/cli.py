@@ -282,11 +282,11 @@ def _info(args: argparse.Namespace) -> int:
             if stats
             else ""
         )
-        print(f"  {name:<12} {record.kind:<10} {len(record):>5} frames  {span}{cost}")
         held = (stats or {}).get("ring_bytes")
         if held:  # what its ring held at the end (runs before 2026-11-24 do not say)
-            device = f", {held['device'] / 2**20:.1f} MiB on the device" if held.get("device") else ""
-            print(f"  {'':<12} ring {held['host'] / 2**20:.1f} MiB in host memory{device}")
+            cost += f", ring {held['host'] / 2**20:.1f} MiB"
+            cost += f" (+{held['device'] / 2**20:.1f} MiB on the device)" if held.get("device") else ""
+        print(f"  {name:<12} {record.kind:<10} {len(record):>5} frames  {span}{cost}")
         config = {k: v for k, v in record.config.items() if k != "schedule"}
         if config:  # (a probe of one's own may have none)
             print(f"  {'':<12} {json.dumps(_brief(config))}")

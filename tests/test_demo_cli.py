@@ -118,7 +118,7 @@ def test_info_describes_the_run(blobs7_run, capsys):
     held = run.meta["summary"]["probes"]["grid"]["ring_bytes"]
     frame_bytes = sum(np.asarray(a).nbytes for a in grid.frame(-1).data.values())
     assert held == {"host": min(len(grid), 8) * frame_bytes, "device": 0}  # its 8 slots, full
-    assert f"ring {held['host'] / 2**20:.1f} MiB in host memory" in text
+    assert f"0 failed, ring {held['host'] / 2**20:.1f} MiB\n" in text
     assert main(["info", str(blobs7_run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["format"] == "probescope-run"
 
