@@ -592,6 +592,28 @@ def test_prediction_probe_refuses_targets_that_do_not_fit_the_task_or_model(y, k
         probe.attach(nn.Linear(5, width))
 
 
+@pytest.mark.parametrize("make", ["grid", "prediction"])
+def test_a_sigmoid_output_of_a_model_of_several_outputs_is_refused_not_read_in_part(make):
+    x = torch.randn(20, 2)
+    probe = (
+        GridProbe(x, output="sigmoid")
+        if make == "grid"
+        else PredictionProbe(x, torch.randint(0, 3, (20,)), output="sigmoid")
+    )
+    with pytest.raises(
+        ValueError, match=r"output='sigmoid' takes a model of one output .* the model gives 3"
+    ):
+        probe.attach(nn.Linear(2, 3))
+    if make == "grid":  # one output: its sigmoid, as before
+        probe.attach(nn.Linear(2, 1))
+        assert probe.num_classes == 2
+
+
+def test_an_unknown_output_is_refused_at_construction():
+    with pytest.raises(ValueError, match=r"output must be one of \('auto', 'softmax', 'sigmoid', 'probs'\)"):
+        PredictionProbe(torch.randn(5, 2), torch.zeros(5), output="logits")
+
+
 def test_prediction_probe_refuses_targets_of_more_than_one_row_per_sample():
     with pytest.raises(
         ValueError, match=r"one row of targets \(one per output or label\), got shape \(8, 6, 6\)"

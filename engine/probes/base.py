@@ -322,6 +322,23 @@ def all_finite(t: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(lo) & torch.isfinite(hi)
 
 
+#: What a probe's ``output=`` may say its model's outputs are turned into.
+OUTPUTS = ("auto", "softmax", "sigmoid", "probs")
+
+
+def check_output(owner: str, output: str, width: int | None = None) -> None:
+    """``output`` is one of ``OUTPUTS``; ``sigmoid`` (a binary model's one logit) needs a model
+    of one output (``width``, when known): of several it would read the first alone."""
+    if output not in OUTPUTS:
+        raise ValueError(f"{owner}: output must be one of {OUTPUTS}, got {output!r}")
+    if output == "sigmoid" and width not in (None, 1):
+        raise ValueError(
+            f"{owner}: output='sigmoid' takes a model of one output (a binary model's logit), the "
+            f"model gives {width}; 'softmax' for classes, or for independent labels one map per "
+            "label through a module that picks its output"
+        )
+
+
 def outputs_to_probs(logits: torch.Tensor, output: str, final: str = "logits") -> torch.Tensor:
     """``(N, K)`` model outputs -> ``(N, C)`` class probabilities (``probs``: already probabilities;
     ``final``: what the model's last layer makes them, see ``final_output_kind``)."""

@@ -18,13 +18,12 @@ from probescope.probes.base import (
     all_finite,
     as_float_tensor,
     check_forward,
+    check_output,
     eval_mode,
     model_device_dtype,
 )
 from probescope.schedule import Schedule
 from probescope.validation import positive_int
-
-OUTPUTS = ("auto", "softmax", "sigmoid", "probs")
 
 
 class GridProbe(Probe):
@@ -72,8 +71,7 @@ class GridProbe(Probe):
         owner = f"GridProbe {self.name!r}"
         if mode not in MODES:
             raise ValueError(f"{owner}: mode must be one of {MODES}, got {mode!r}")
-        if output not in OUTPUTS:
-            raise ValueError(f"{owner}: output must be one of {OUTPUTS}, got {output!r}")
+        check_output(owner, output)
         width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
         positive_int(f"{owner}: resolution width", width)
         positive_int(f"{owner}: resolution height", height)
@@ -118,6 +116,7 @@ class GridProbe(Probe):
                 f"got {tuple(out.shape)} for a batch of {len(sample)}"
             )
         k = out.shape[1]
+        check_output(owner, self.output, k)
         self.num_classes = 2 if (self.output == "sigmoid" or (self.output == "auto" and k == 1)) else k
         if self.mode == "prob" and not 0 <= self.class_index < self.num_classes:
             raise ValueError(

@@ -17,6 +17,7 @@ from probescope.probes.base import (
     as_input_tensor,
     batched_forward,
     check_forward,
+    check_output,
     outputs_to_probs,
 )
 from probescope.schedule import Schedule
@@ -81,6 +82,7 @@ class PredictionProbe(Probe):
             raise ValueError(f"{owner}: x has {xt.shape[0]} samples but y has {yt.shape[0]}")
         if task not in TASKS:
             raise ValueError(f"{owner}: task must be one of {TASKS}, got {task!r}")
+        check_output(owner, output)
         if not 0.0 < show_perc <= 1.0:
             raise ValueError(f"{owner}: show_perc must be in (0, 1], got {show_perc!r}")
         if not 0.0 < threshold < 1.0:
@@ -139,6 +141,7 @@ class PredictionProbe(Probe):
             else:
                 task = "binary" if width == 2 else "classification"
         if task in ("classification", "binary"):
+            check_output(owner, self.output, width)
             if not integral:
                 raise ValueError(f"{owner}: task {task!r} needs integer class labels")
             self.num_classes = 2 if task == "binary" else width
