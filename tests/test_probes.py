@@ -558,6 +558,67 @@ def test_prediction_probe_regression_with_a_target_per_output(samples, outputs):
     assert float(frame["r2"]) == pytest.approx(r2.mean())  # uniform over outputs, as scikit-learn
 
 
+def test_prediction_probe_leaves_unknown_labels_out_of_every_score():
+    x, y = _labels(40, 3, seed=2)
+    unknown = torch.rand(40, 3, generator=torch.Generator().manual_seed(5)) < 0.3
+    unknown[0] = True  # a sample with no label known
+    y = torch.where(unknown, torch.nan, y)
+    model = nn.Linear(5, 3)
+    probe = PredictionProbe(x, y, threshold=0.5)
+    frame = _evaluate(probe, model)
+    assert probe.task == "multilabel"  # 0s, 1s and NaN: labels, some unknown
+    with torch.no_grad():
+        p = torch.sigmoid(model(x).double()).numpy()
+    known, present, pred = ~unknown.numpy(), y.numpy() == 1, p >= 0.5
+    right = (pred == present) & known
+    np.testing.assert_allclose(
+        frame["prob_true"].numpy()[known], np.where(present, p, 1 - p)[known], rtol=1e-6
+    )
+    assert np.isnan(frame["prob_true"].numpy()[~known]).all()
+    assert float(frame["accuracy"]) == pytest.approx(right.sum() / known.sum())
+    scored = known.any(1)
+    assert float(frame["exact_match"]) == pytest.approx((right | ~known).all(1)[scored].mean())
+    tp, fp, fn = (pred & present).sum(), (pred & ~present & known).sum(), (~pred & present).sum()
+    assert float(frame["f1"]) == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    np.testing.assert_allclose(frame["label_accuracy"].numpy(), right.sum(0) / known.sum(0))
+    assert int(frame["label_confusion"].sum()) == known.sum()
+    for j in range(3):
+        k = known[:, j]
+        np.testing.assert_array_equal(
+            frame["label_confusion"][j].numpy(),
+            [[np.sum(~present[k, j] & ~pred[k, j]), np.sum(~present[k, j] & pred[k, j])],
+             [np.sum(present[k, j] & ~pred[k, j]), np.sum(present[k, j] & pred[k, j])]],
+        )  # fmt: skip
+    from probescope.probes.prediction import scatter_colours, scatter_points
+
+    data = {key: np.asarray(v) for key, v in frame.items()}
+    assert len(scatter_points("multilabel", y.numpy(), np.zeros(40), data)) == known.sum()
+    assert len(scatter_colours("multilabel", y.numpy())) == known.sum()
+
+
+@pytest.mark.parametrize("outputs", [1, 3])
+def test_prediction_probe_leaves_unknown_regression_targets_out_of_every_score(outputs):
+    generator = torch.Generator().manual_seed(outputs)
+    x = torch.randn(30, 4, generator=generator)
+    y = torch.randn(30, outputs, generator=generator)
+    y[torch.rand(30, outputs, generator=generator) < 0.25] = torch.nan
+    model = nn.Linear(4, outputs)
+    frame = _evaluate(PredictionProbe(x, y if outputs > 1 else y[:, 0]), model)
+    with torch.no_grad():
+        y_hat = model(x).double().numpy()
+    truth = y.double().numpy()
+    known = np.isfinite(truth)
+    mse = np.array([np.mean((y_hat[known[:, j], j] - truth[known[:, j], j]) ** 2) for j in range(outputs)])
+    r2 = np.array([1 - mse[j] / np.var(truth[known[:, j], j]) for j in range(outputs)])
+    assert float(frame["mse"]) == pytest.approx(
+        np.sum((y_hat - np.nan_to_num(truth))[known] ** 2) / known.sum()
+    )
+    assert float(frame["r2"]) == pytest.approx(r2.mean())
+    if outputs > 1:
+        np.testing.assert_allclose(frame["mse_per_output"].numpy(), mse, rtol=1e-9)
+        np.testing.assert_allclose(frame["r2_per_output"].numpy(), r2, rtol=1e-9)
+
+
 def test_prediction_probe_decides_labels_or_regression_from_a_row_of_targets():
     x, labels = _labels(20, 3)
     model = nn.Linear(5, 3)

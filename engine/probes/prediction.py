@@ -114,7 +114,9 @@ class PredictionProbe(Probe):
                 raise ValueError(
                     f"{owner}: y has {self.outputs} targets per sample, the model gives {width} outputs"
                 )
-            zero_one = bool(torch.all((self.y == 0) | (self.y == 1)))
+            zero_one = bool(
+                torch.all((self.y == 0) | (self.y == 1) | ~torch.isfinite(self.y))
+            )  # NaN: unknown
             if task == "auto":
                 task = "multilabel" if zero_one else "regression"
             if task in ("classification", "binary"):
@@ -190,37 +192,47 @@ class PredictionProbe(Probe):
 
     def _regression(self, out: torch.Tensor) -> dict[str, Any]:
         y = self.y.reshape(out.shape)
-        mse = ((out - y) ** 2).mean(0)  # per output
-        var = ((y - y.mean(0)) ** 2).mean(0)
+        known = torch.isfinite(y)  # a target given as NaN is unknown: left out of every score
+        count = known.sum(0)
+        y0 = torch.where(known, y, 0.0)
+        squared = torch.where(known, (out - y0) ** 2, 0.0)
+        mse = squared.sum(0) / count  # per output (NaN for one with no target known)
+        mean = y0.sum(0) / count
+        var = torch.where(known, (y0 - mean) ** 2, 0.0).sum(0) / count
         r2 = torch.where(var > 0, 1.0 - mse / var, torch.full_like(var, math.nan))
+        total = int(count.sum())
         frame = {
             "y_pred": out[:, 0] if self.outputs == 1 else out,
-            "mse": np.float64(float(mse.mean())),
-            "r2": np.float64(float(r2.mean())),
+            "mse": np.float64(float(squared.sum()) / total if total else math.nan),
+            "r2": np.float64(float(r2.nanmean()) if bool(torch.isfinite(r2).any()) else math.nan),
         }
         if self.outputs > 1:  # R² averaged over the outputs, uniformly (scikit-learn's default)
             frame.update(mse_per_output=mse, r2_per_output=r2)
         return frame
 
     def _multilabel(self, probs: torch.Tensor) -> dict[str, Any]:
+        known = torch.isfinite(self.y)  # a label given as NaN is unknown: left out of every score
         present = self.y == 1
         prob_true = torch.where(present, probs, 1.0 - probs)  # the probability of each label's truth
+        prob_true = torch.where(known, prob_true, math.nan)
         pred = probs >= self.threshold
-        right = pred == present
-        hits, marked = int((pred & present).sum()), int(pred.sum() + present.sum())
+        right = (pred == present) & known
+        hits = int((pred & present).sum())
+        marked = int((pred & known).sum() + present.sum())
         f1 = 2.0 * hits / marked if marked else math.nan  # micro-averaged: every (sample, label)
-        # Per label, rows: absent, present; columns: predicted absent, present.
+        # Per label, rows: absent, present; columns: predicted absent, present (known labels only).
         cells = present.long() * 2 + pred.long() + 4 * torch.arange(self.outputs, device=pred.device)
-        label_confusion = torch.bincount(cells.reshape(-1), minlength=4 * self.outputs).reshape(-1, 2, 2)
+        counted = torch.bincount(cells[known], minlength=4 * self.outputs)
+        scored = known.any(1)  # samples with a label known
         return {
             "prob_true": prob_true,
             "pred": pred,
-            "accuracy": np.float64(float(right.double().mean())),
-            "exact_match": np.float64(float(right.all(1).double().mean())),
+            "accuracy": np.float64(_share(right.sum(), known.sum())),
+            "exact_match": np.float64(_share((right | ~known).all(1)[scored].sum(), scored.sum())),
             "f1": np.float64(f1),
-            "class_mean": prob_true.mean(0),
-            "label_accuracy": right.double().mean(0),
-            "label_confusion": label_confusion,
+            "class_mean": prob_true.nanmean(0),
+            "label_accuracy": right.sum(0).double() / known.sum(0),
+            "label_confusion": counted.reshape(-1, 2, 2),
         }
 
     def static(self) -> dict[str, np.ndarray]:
@@ -235,6 +247,11 @@ class PredictionProbe(Probe):
             "show_perc": self.show_perc,
             "threshold": self.threshold,
         }
+
+
+def _share(part: torch.Tensor, whole: torch.Tensor) -> float:
+    """``part / whole`` as a float, NaN for a whole of nothing."""
+    return float(part) / float(whole) if int(whole) else math.nan
 
 
 def label_probs(outputs: torch.Tensor, output: str, final: str = "logits") -> torch.Tensor:
@@ -253,18 +270,22 @@ REGRESSION_GREEN = (0.17, 0.63, 0.17)
 
 def scatter_points(task: str, y_true: np.ndarray, jitter: np.ndarray, data) -> np.ndarray:
     """``(points, 2)``: where a frame's predictions are drawn, one point per sample (per sample
-    and output, or label, in row order, for a row of targets): ŷ against y (regression), the
-    probability of class 1 against the jittered class (binary), the probability of the true
-    class (of each label's true state) against the jittered class (label)."""
+    and output, or label, in row order, for a row of targets; none for a target unknown,
+    NaN): ŷ against y (regression), the probability of class 1 against the jittered class
+    (binary), the probability of the true class (of each label's true state) against the
+    jittered class (label)."""
     y_true, jitter = np.asarray(y_true, np.float64), np.asarray(jitter, np.float64)
+    known = np.isfinite(y_true).reshape(-1)
     if task == "regression":
-        return np.stack([y_true.reshape(-1), np.asarray(data["y_pred"], np.float64).reshape(-1)], 1)
-    if task == "binary":
-        return np.stack([np.asarray(data["prob_pos"], np.float64), y_true + jitter], 1)
-    if task == "multilabel":
+        points = np.stack([y_true.reshape(-1), np.asarray(data["y_pred"], np.float64).reshape(-1)], 1)
+    elif task == "binary":
+        points = np.stack([np.asarray(data["prob_pos"], np.float64), y_true + jitter], 1)
+    elif task == "multilabel":
         columns = np.arange(y_true.shape[1]) + jitter[:, None]
-        return np.stack([columns.reshape(-1), np.asarray(data["prob_true"], np.float64).reshape(-1)], 1)
-    return np.stack([y_true + jitter, np.asarray(data["prob_true"], np.float64)], 1)
+        points = np.stack([columns.reshape(-1), np.asarray(data["prob_true"], np.float64).reshape(-1)], 1)
+    else:
+        points = np.stack([y_true + jitter, np.asarray(data["prob_true"], np.float64)], 1)
+    return points[known]
 
 
 def scatter_colours(task: str, y_true: np.ndarray) -> np.ndarray:
@@ -272,16 +293,17 @@ def scatter_colours(task: str, y_true: np.ndarray) -> np.ndarray:
     output's) palette colour; a label's absent samples in its colour paled halfway to white; a
     regression with one output in green."""
     y_true = np.asarray(y_true)
+    known = np.isfinite(y_true).reshape(-1)
     if task == "regression":
         if y_true.ndim == 1:
-            return np.tile(REGRESSION_GREEN, (len(y_true), 1))
+            return np.tile(REGRESSION_GREEN, (len(y_true), 1))[known]
         palette = default_palette(y_true.shape[1]).numpy() / 255.0
-        return np.tile(palette, (len(y_true), 1))
+        return np.tile(palette, (len(y_true), 1))[known]
     if task == "multilabel":
         palette = default_palette(y_true.shape[1]).numpy() / 255.0
         colours = np.broadcast_to(palette, (*y_true.shape, 3))
         absent = (y_true == 0)[..., None]
-        return np.where(absent, 0.5 + 0.5 * colours, colours).reshape(-1, 3)
+        return np.where(absent, 0.5 + 0.5 * colours, colours).reshape(-1, 3)[known]
     classes = 2 if task == "binary" else int(y_true.max(initial=0)) + 1
     return default_palette(classes).numpy()[y_true.astype(np.int64)] / 255.0
 
