@@ -239,6 +239,60 @@ def test_a_container_named_exactly_is_measured_and_a_glob_takes_leaves(tmp_path)
         assert row[f"act/1/{stat}"] == pytest.approx(float(value), rel=1e-5, abs=1e-7), stat
 
 
+class Attending(nn.Module):
+    """Attention over a sequence, then a head: ``nn.MultiheadAttention`` computes its output
+    without calling the ``out_proj`` it holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h, _ = self.attention(x, x, x)
+        return self.head(h.mean(1))
+
+
+def _outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each named module's (first) output on ``x``, in eval mode without gradients, as probes run."""
+    modules, outputs = dict(model.named_modules()), {}
+
+    def keep(name):
+        return lambda m, a, out: outputs.__setitem__(name, out[0] if isinstance(out, tuple) else out)
+
+    handles = [modules[n].register_forward_hook(keep(n)) for n in names]
+    with torch.no_grad():
+        model.eval()
+        model(x)
+        model.train()
+    for h in handles:
+        h.remove()
+    return outputs
+
+
+@pytest.mark.parametrize("make", ["attention", "encoder-layer"])
+def test_a_glob_measures_a_container_whose_own_forward_computes_its_output(tmp_path, make):
+    torch.manual_seed(0)
+    if make == "attention":
+        model = Attending()
+    else:  # its eval forward may be one fused kernel that calls none of its sub-modules
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        model = nn.Sequential(layer, nn.Flatten(), nn.Linear(40, 3))
+    x = torch.randn(12, 5, 8)
+    probe = StatsProbe("*", targets=("activations",), batch=x)
+    with Monitor(model, [probe], snapshot="sync", run_dir=tmp_path / "run"):
+        pass
+    if make == "attention":
+        assert probe.modules == ["attention", "head"]  # not out_proj, which never runs
+    row = open_run(tmp_path / "run").probe("stats").table().iloc[-1]
+    outputs = _outputs(model, probe.modules, x)
+    assert set(outputs) == set(probe.modules)  # each measured module runs in the probes' forward
+    for name, out in outputs.items():
+        expected = tensor_stats_reference(out.double(), probe.near_zero).numpy()
+        got = np.array([row[f"act/{name}/{stat}"] for stat in STAT_NAMES])
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
 def test_a_parametrized_layer_is_one_layer_with_its_computed_weight_and_its_originals(tmp_path):
     from torch.nn.utils import parametrizations
 

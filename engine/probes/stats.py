@@ -158,15 +158,7 @@ class StatsProbe(Probe):
             for t in modules[m].parametrizations
         ]
         if "activations" in self.targets:
-            # Leaf modules only under a glob (a container's output often repeats its last
-            # child's); a container named exactly is measured (a transformer block's output).
-            self.modules = [m for m in matched if m and (_is_layer(modules[m]) or m in self.patterns)]
-            if not self.modules:
-                raise ValueError(
-                    f"{owner}: the hook patterns match no module whose output can be measured (a glob "
-                    "takes the leaf modules it matches; name a container exactly to measure its output)"
-                )
-            self._check_outputs(model)
+            self.modules = self._measured_modules(model, modules, inner, [m for m in matched if m])
         if not self.parameters and not self.computed and "activations" not in self.targets:
             raise ValueError(f"{owner}: the hook patterns {self.patterns} match no module with parameters")
         if self.valid:
@@ -186,25 +178,50 @@ class StatsProbe(Probe):
         if self._matrices and self.spectral:
             spectral_norm(probe, 1)
 
-    def _check_outputs(self, model: nn.Module) -> None:
-        """Keep the modules that produce a tensor on the batch. One named exactly must; one
-        matched by a glob pattern is dropped if it does not (e.g. the ``out_proj`` that
-        ``nn.MultiheadAttention`` holds but never calls)."""
-        kinds: dict[str, str] = {}
-        with ForwardHooks(model, self.modules, lambda n, t: kinds.__setitem__(n, "tensor")):
-            check_forward(f"StatsProbe {self.name!r}", model, self.batch[:2])
-        silent = [m for m in self.modules if m not in kinds]
-        named = [m for m in silent if m in self.patterns]
+    def _measured_modules(
+        self, model: nn.Module, modules: dict[str, nn.Module], inner: set[str], candidates: list[str]
+    ) -> list[str]:
+        """The modules whose outputs are measured, found by a forward of the batch: each one named
+        exactly (it must give a floating-point tensor); under a glob, the layers (leaf modules)
+        that give one, and the containers none of whose sub-modules runs (their own forward
+        computes their output: ``nn.MultiheadAttention``, which holds an ``out_proj`` it never
+        calls), not a container whose output often repeats its last child's. A module a glob
+        matches that gives no tensor (never called) is left out."""
+        owner = f"StatsProbe {self.name!r}"
+        gave: set[str] = set()  # floating-point outputs
+        ran: set[str] = set()  # called at all
+        hookable = [n for n in modules if n and n not in inner]
+        handles = [modules[n].register_forward_hook(lambda *_, n=n: ran.add(n)) for n in hookable]
+        try:
+            with ForwardHooks(model, candidates, lambda n, t: gave.add(n)):
+                check_forward(owner, model, self.batch[:2])
+        finally:
+            for handle in handles:
+                handle.remove()
+
+        def measured(m: str) -> bool:
+            if m in self.patterns or _is_layer(modules[m]):
+                return True
+            return not any(n in ran for n in hookable if n.startswith(f"{m}."))
+
+        chosen = [m for m in candidates if measured(m)]
+        named = [m for m in chosen if m in self.patterns and m not in gave]
         if named:
             raise ValueError(
-                f"StatsProbe {self.name!r}: modules {named} produced no floating-point tensor on the batch "
+                f"{owner}: modules {named} produced no floating-point tensor on the batch "
                 "(not called in forward, or their output is not a tensor)"
             )
+        silent = [m for m in chosen if m not in gave]
         if silent:
             log.info("StatsProbe %r: no activations from %s (not called in forward)", self.name, silent)
-        self.modules = [m for m in self.modules if m in kinds]
-        if not self.modules:
-            raise ValueError(f"StatsProbe {self.name!r}: no hooked module produced a tensor on the batch")
+        chosen = [m for m in chosen if m in gave]
+        if not chosen:
+            raise ValueError(
+                f"{owner}: the hook patterns match no module whose output can be measured on the batch "
+                "(a glob takes the layers it matches that run; name a container exactly to measure its "
+                "output)"
+            )
+        return chosen
 
     def _column_names(self) -> list[str]:
         columns = []
