@@ -24,12 +24,12 @@ from probescope.graphs import ForwardGraphs
 from probescope.history import History, display_name
 from probescope.probes.base import Probe, ProbeContext, ProbeStats, eval_mode, model_device_dtype
 from probescope.probes.loss import seed_history
-from probescope.ring import Frame, FrameRing
+from probescope.ring import Frame, FrameRing, fit_capacities
 from probescope.run import RunWriter, open_run
 from probescope.schedule import Budget, StepInfo, StepTime, next_due
 from probescope.shutdown import OPEN, Terminated, give_back_ending_signals, take_ending_signals
 from probescope.sinks import Sink
-from probescope.snapshot import SnapshotPool
+from probescope.snapshot import SnapshotPool, device_free_memory, host_free_memory
 from probescope.streams import ProbeStreams, StepClock
 from probescope.validation import fraction, positive_int
 from probescope.worker import ProbeWorker, start_thread
@@ -337,10 +337,19 @@ class Monitor:
                 lambda *_: self._streams.before_weights_change()
             )
         self._wake = threading.Event()
+        cuda_frames = device.type == "cuda" and not self._pool.host
+        capacities, why = fit_capacities(
+            {p.name: p.frame_nbytes() for p in probes},
+            ring_capacity,
+            host_free_memory(),
+            device_free_memory(device) if cuda_frames else None,
+        )
+        if why:
+            log.warning("Monitor: %s", why)
         self._probes = {
             p.name: _ProbeState(
                 p,
-                FrameRing(p.name, ring_capacity, on_commit=self._wake.set),
+                FrameRing(p.name, capacities[p.name], on_commit=self._wake.set),
                 adaptive=id(p.schedule) in adaptive,
             )
             for p in probes

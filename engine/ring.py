@@ -75,6 +75,43 @@ _NUMPY_DTYPES = {
 }
 
 
+#: The share of free memory the rings of large frames may take together, host and device
+#: apart (the snapshot's copies may take half).
+RING_SHARE = 0.25
+
+
+def fit_capacities(
+    frame_bytes: Mapping[str, int | None], capacity: int, host_free: int | None, device_free: int | None
+) -> tuple[dict[str, int], str | None]:
+    """Each ring's slots: ``capacity``, or for rings of large frames (``frame_bytes``, known
+    where a probe says) fewer, as many as fit together in ``RING_SHARE`` of the host's free
+    memory (every frame has a host copy) and of the device's (``device_free``: CUDA frames,
+    which keep a device copy too; None: no limit known), and why; at least 2 a ring (ValueError
+    past that: lower the resolution)."""
+    large = {name: b for name, b in frame_bytes.items() if b}
+    total = sum(large.values())
+    fits = capacity
+    for free in (host_free, device_free):
+        if free is not None and total:
+            fits = min(fits, int(free * RING_SHARE) // total)
+    capacities = {name: capacity for name in frame_bytes}
+    if fits >= capacity:
+        return capacities, None
+    sizes = ", ".join(f"{name!r} {_mib(b)} MiB" for name, b in large.items())
+    room = f"a frame of {sizes} in {capacity} slots would take over {RING_SHARE:.0%} of the free memory"
+    if fits < 2:
+        raise ValueError(f"Monitor: {room}, and two slots do not fit either; lower the probes' resolution")
+    capacities.update(dict.fromkeys(large, fits))
+    return (
+        capacities,
+        f"{room}; their rings keep {fits} slots (a viewer or recorder that falls behind loses frames sooner)",
+    )
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f}"
+
+
 def _same_array(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether two arrays of one shape and dtype are the same memory, element for element."""
     return a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.strides == b.strides

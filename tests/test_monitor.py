@@ -896,6 +896,25 @@ def test_copies_of_a_cuda_model_go_by_the_devices_memory_then_the_hosts(
     assert (copies, held) == expected
 
 
+def test_a_large_maps_ring_keeps_the_slots_the_hosts_memory_has_room_for(monkeypatch, caplog):
+    from probescope import monitor as monitor_module
+    from probescope.ring import RING_SHARE
+
+    frame = 64 * 64 * (4 * 3 + 4)  # a 64 x 64 map of three classes: probabilities and colours
+    monkeypatch.setattr(monitor_module, "host_free_memory", lambda: int(4 * frame / RING_SHARE))
+    model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 3))
+    grid = GridProbe(torch.randn(50, 2), resolution=64, schedule=Schedule.every(1))
+    with caplog.at_level(logging.WARNING, logger="probescope"):
+        monitor = Monitor(model, [grid, LossProbe()], snapshot="sync")
+    assert monitor.ring(grid.name).capacity == 4 and monitor.ring("loss").capacity == 8
+    assert "their rings keep 4 slots" in caplog.text
+    with monitor:
+        for _ in range(6):
+            monitor.step()
+    assert monitor.latest(grid.name).step == 6
+    assert monitor.ring(grid.name).nbytes["host"] == 4 * frame  # four slots, full
+
+
 def test_host_memory_is_what_linux_has_available_or_less_under_a_control_groups_limit(monkeypatch, tmp_path):
     import os
 

@@ -153,3 +153,26 @@ def test_the_ring_says_how_much_memory_its_slots_hold():
     claimed = ring.claim("c", (5,), torch.float64, torch.device("cpu"))  # a kernel's storage
     ring.write({"a": np.zeros(10, np.float32), "b": np.zeros((4, 4), np.uint8), "c": claimed}, 5, 0)
     assert ring.nbytes == {"host": 3 * (40 + 16) + 40, "device": 0}  # counted once
+
+
+def test_rings_of_large_frames_get_the_slots_that_fit_in_a_share_of_free_memory():
+    from probescope.ring import RING_SHARE, fit_capacities
+
+    mib = 2**20
+    sizes = {"grid": 100 * mib, "neurons": 10 * mib, "loss": None}  # a LossProbe's frame is small
+    assert fit_capacities(sizes, 8, None, None) == (
+        {"grid": 8, "neurons": 8, "loss": 8},
+        None,
+    )  # no limit known
+    room = int(8 * 110 * mib / RING_SHARE)
+    assert fit_capacities(sizes, 8, room, None) == ({"grid": 8, "neurons": 8, "loss": 8}, None)
+    capacities, why = fit_capacities(sizes, 8, room - 1, None)
+    assert capacities == {"grid": 7, "neurons": 7, "loss": 8}
+    assert why.startswith("a frame of 'grid' 100.0 MiB, 'neurons' 10.0 MiB in 8 slots would take over 25%")
+    assert why.endswith(
+        "their rings keep 7 slots (a viewer or recorder that falls behind loses frames sooner)"
+    )
+    # CUDA frames keep a device copy too: the device's free memory counts as well.
+    assert fit_capacities(sizes, 8, room, int(3 * 110 * mib / RING_SHARE))[0]["grid"] == 3
+    with pytest.raises(ValueError, match="two slots do not fit either; lower the probes' resolution"):
+        fit_capacities(sizes, 8, int(110 * mib / RING_SHARE), None)

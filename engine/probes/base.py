@@ -145,6 +145,11 @@ class Probe(Callback, Reproducible):
         """JSON-serialisable parameters, stored in the run's metadata."""
         return {}
 
+    def frame_nbytes(self) -> int | None:
+        """About how many bytes one frame holds, once attached; the Monitor sizes rings of large
+        frames by it. None: a few kilobytes, not worth counting."""
+        return None
+
     def evaluate(self, model: nn.Module, context: ProbeContext) -> dict[str, Any]:
         """One frame from a snapshot of the model."""
         raise NotImplementedError

@@ -133,6 +133,10 @@ class GridProbe(Probe):
             probs_to_rgba(probs.float(), self.mode, self.palette, self.class_index)
         self._channels = probs.shape[-1]
 
+    def frame_nbytes(self) -> int | None:
+        """Its probabilities (float32 per class) and colours (RGBA) of every pixel."""
+        return self.width * self.height * (4 * self._channels + 4)
+
     def _kernel_output(self) -> str:
         return "raw" if self.output == "probs" else self.output
 
