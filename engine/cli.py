@@ -261,6 +261,17 @@ def _info(args: argparse.Namespace) -> int:
             if gathers.get("elements"):
                 done += f", {gathers['elements']:,} elements"
         print(f"sharded   {meta['model']['sharded']}; {done}")
+    disk = meta.get("disk") or {}
+    if disk.get("budget_bytes"):
+        written, budget = disk["frames_bytes"] / 2**20, disk["budget_bytes"] / 2**20
+        line = f"disk      {written:.1f} MiB of frames, budget {budget:.1f} MiB"
+        if disk.get("thinned_from_step") is not None:
+            left = sum(disk.get("left_out", {}).values())
+            line += (
+                f"; thinned from step {disk['thinned_from_step']}: 1 frame in {disk['stride']} kept at "
+                f"the end, {left} left out"
+            )
+        print(line)
     if summary.get("budget") is not None:
         shared = len(summary.get("probes", {}))
         print(f"budget    {summary['budget']:.3g} of training time, shared by {shared} probe(s)")
@@ -282,6 +293,8 @@ def _info(args: argparse.Namespace) -> int:
             if stats
             else ""
         )
+        if (stats or {}).get("left_out"):
+            cost += f", {stats['left_out']} left out (disk budget)"
         held = (stats or {}).get("ring_bytes")
         if held:  # what its ring held at the end (runs before 2026-11-24 do not say)
             cost += f", ring {held['host'] / 2**20:.1f} MiB"

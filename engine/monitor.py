@@ -39,6 +39,21 @@ __all__ = ["Monitor", "Terminated"]  # Terminated: where the README (and earlier
 log = logging.getLogger("probescope")
 
 
+def _check_disk_budget(budget):
+    """``disk_budget``: None, bytes (an int > 0), or a share of the free disk (a float in (0, 1])."""
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, int | float):
+        raise TypeError(
+            f"Monitor: disk_budget must be bytes (an int), a share of the free disk or None, got {budget!r}"
+        )
+    if isinstance(budget, int) and budget <= 0:
+        raise ValueError(f"Monitor: disk_budget must be a positive number of bytes, got {budget}")
+    if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+        raise ValueError(f"Monitor: disk_budget as a share of the free disk must be in (0, 1], got {budget}")
+    return budget
+
+
 def _check_resume(resume) -> None:
     """``Monitor(resume=...)``: False, True, a step, or a (step, epoch) pair, numbers >= 0."""
     if isinstance(resume, bool):
@@ -201,6 +216,7 @@ class Monitor:
         sinks: Iterable[Sink] = (),
         resume: bool | int = False,
         unsharded: nn.Module | Callable[[], nn.Module] | None = None,
+        disk_budget: float | int | None = 0.25,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -364,6 +380,7 @@ class Monitor:
         self._host_budgets = bool(self._adaptive) and self._clock is None  # own work timed per event
         self._callbacks = sorted([*probes, *callbacks], key=lambda c: c.order)
         self._run_dir, self._overwrite = run_dir, overwrite
+        self._disk_budget = _check_disk_budget(disk_budget)
         _check_resume(resume)
         if resume is not False and not self._saves_model:  # (every rank: run_dir is the prober's)
             raise ValueError("Monitor: resume continues a run directory; give run_dir")
@@ -457,7 +474,9 @@ class Monitor:
             for st in self._probes.values():  # checked before the run is touched
                 if st.probe.name in previous.probes:
                     previous.probe(st.probe.name).check_same(st.probe.kind, st.probe.static())
-        self.writer = RunWriter(self._run_dir, overwrite=self._overwrite, resume_at=step)
+        self.writer = RunWriter(
+            self._run_dir, overwrite=self._overwrite, resume_at=step, disk_budget=self._disk_budget
+        )
         if previous is not None:
             for record in previous.probes.values():
                 record.refresh()  # the frames of later steps are superseded now
@@ -763,6 +782,8 @@ class Monitor:
         if self._recorder is not None:
             self._recorder.join()
         self._to_sinks("close")
+        if self.writer is not None:
+            self.writer.flush()  # each probe's last frame, whatever the disk budget left out
         series = None
         try:  # every value read once: a series that went NaN is warned about and summarised
             series = self.history.read()
@@ -1280,6 +1301,11 @@ class Monitor:
                     "frames": st.ring.written,
                     "dropped": st.ring.dropped,
                     "ring_bytes": st.ring.nbytes,
+                    **(
+                        {"left_out": self.writer.left_out[name]}
+                        if self.writer and self.writer.left_out.get(name)
+                        else {}
+                    ),
                     **({"schedule": _schedule_state(st)} if st.adaptive else {}),
                 }
                 for name, st in self._probes.items()

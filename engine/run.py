@@ -151,15 +151,39 @@ class RunWriter:
     # with less Python); the contention benchmark swaps in np.savez to compare.
     write_arrays = staticmethod(write_npz)
 
-    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False, resume_at: int | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        resume_at: int | None = None,
+        disk_budget: float | int | None = None,
+    ):
         """``resume_at``: continue the run already in ``path`` (if there is one) after that step:
         its frames of later steps move to ``probes/<name>/superseded/`` (kept, not shown), new
         frames are numbered after every frame it holds, and run.json lists the resumption
-        (``resumes``). Refused while the process that writes it still runs."""
+        (``resumes``). Refused while the process that writes it still runs.
+
+        ``disk_budget``: the bytes of frames this writer may write (an int), or that share of
+        the disk's free space as it starts (a float in (0, 1]); None: no limit. Once half of it
+        is written, every other frame of each probe is left out, every 3 of 4 from three
+        quarters, and so on: the frames thin out as the run goes on instead of stopping, and
+        pass the budget only by a frame larger than what it had left (none is written after
+        it) and by each probe's newest frame, which ``flush`` writes whatever the budget (the
+        run ends on its final frames)."""
         self.path = Path(path)
         self._seq_base: dict[str, int] = {}  # added to a probe's ring numbers (a resumed run)
         self.frames_written = 0
         self.failed = False
+        self._budget_arg = disk_budget
+        self.disk_budget: int | None = None  # bytes, once the directory exists
+        self.bytes_written = 0  # of frames
+        self.stride = 1  # a probe's frames: every ``stride``-th is written
+        self.thinned_from: int | None = None  # the step of the first frame left out
+        self.spent = False  # a frame took the budget whole: none more but the last ones
+        self._offered: dict[str, int] = {}  # frames offered per probe
+        self.left_out: dict[str, int] = {}  # frames left out per probe
+        self._pending: dict[str, Frame] = {}  # each probe's newest frame left out, for flush
         if self.path.exists() and not self.path.is_dir():
             raise NotADirectoryError(f"the run directory {self.path} is a file; choose another run_dir")
         if resume_at is not None and (self.path / "run.json").exists():
@@ -185,6 +209,15 @@ class RunWriter:
             "probes": {},
         }
         self._guard(lambda: _write_json(self.path / "run.json", self.meta))
+        self._set_budget()
+
+    def _set_budget(self) -> None:
+        budget = self._budget_arg
+        if budget is None:
+            return
+        if isinstance(budget, float):
+            budget = int(budget * shutil.disk_usage(self.path).free)
+        self.disk_budget = budget
 
     def _reopen(self, step: int) -> None:
         previous = Run(self.path)
@@ -220,6 +253,7 @@ class RunWriter:
         self.meta.update(status="running", writer=writer_identity())
         self._guard(lambda: _write_json(self.path / "run.json", self.meta))
         log.info("RunWriter %s: resumed at step %d (%d later frame(s) superseded)", self.path, step, moved)
+        self._set_budget()
 
     def _guard(self, action) -> bool:
         if self.failed:
@@ -280,7 +314,26 @@ class RunWriter:
             self.update_meta()
 
     def write_frame(self, frame: Frame) -> bool:
-        """Append one frame; False if it could not be written."""
+        """Append one frame (or, past half of the disk budget, leave it out as the budget's
+        stride says); False if it could not be written or was left out."""
+        offered = self._offered.get(frame.probe, 0)
+        self._offered[frame.probe] = offered + 1
+        if self.spent or offered % self.stride:
+            self.left_out[frame.probe] = self.left_out.get(frame.probe, 0) + 1
+            self._pending[frame.probe] = frame
+            return False
+        self._pending.pop(frame.probe, None)
+        return self._write(frame)
+
+    def flush(self) -> None:
+        """Write each probe's newest frame if the budget left it out: a run ends on its final
+        frames."""
+        for name, frame in list(self._pending.items()):
+            if self._write(frame):
+                self.left_out[name] -= 1
+        self._pending.clear()
+
+    def _write(self, frame: Frame) -> bool:
         arrays = dict(frame.data)
         seq = frame.seq + self._seq_base.get(frame.probe, 0)
         arrays.update(
@@ -292,7 +345,50 @@ class RunWriter:
         path = self.path / "probes" / frame.probe / "frames" / frame_name(seq, frame.step)
         ok = self._guard(lambda: _write_npz(path, arrays, self.write_arrays))
         self.frames_written += ok
+        if ok:  # what the file takes on the disk: its size in whole blocks of 4 KiB
+            self.bytes_written += -(-path.stat().st_size // 4096) * 4096
+            self._thin(frame.step)
         return ok
+
+    def _thin(self, step: int) -> None:
+        """Past ``1 - 1 / (2 * stride)`` of the budget, double the stride: half of the budget
+        at stride 1, a quarter at 2, ... (the frames never pass it)."""
+        if self.disk_budget is None or self.spent:
+            return
+        if self.bytes_written >= self.disk_budget:  # (a frame larger than what was left)
+            self.spent = True
+            log.warning(
+                "RunWriter %s: the disk budget (disk_budget=%s) is spent; no more frames are written "
+                "but each probe's last, at the end",
+                self.path,
+                _size(self.disk_budget),
+            )
+            return
+        while self.bytes_written >= self.disk_budget * (1.0 - 0.5 / self.stride):
+            self.stride *= 2
+            if self.thinned_from is None:
+                self.thinned_from = step
+            log.warning(
+                "RunWriter %s: %s of frames written, %s of the disk budget (disk_budget=%s); from "
+                "now on it keeps every %s frame of each probe (the viewer, the sinks and the "
+                "rings still get them all, and each probe's last is written at the end)",
+                self.path,
+                _size(self.bytes_written),
+                f"{self.bytes_written / self.disk_budget:.0%}",
+                _size(self.disk_budget),
+                "other" if self.stride == 2 else f"{self.stride}th",
+            )
+
+    def disk_detail(self) -> dict[str, Any]:
+        """What the frames took and what the disk budget left out (run.json's ``disk``)."""
+        return {
+            "budget_bytes": self.disk_budget,
+            "frames_bytes": self.bytes_written,
+            "stride": self.stride,
+            "thinned_from_step": self.thinned_from,
+            "spent": self.spent,
+            "left_out": {name: n for name, n in self.left_out.items() if n},
+        }
 
     def write_history(self, series: Mapping[str, Series]) -> None:
         """Store every scalar series of the run, whole, as history.npz (``<name>/steps``,
@@ -337,7 +433,12 @@ class RunWriter:
             status=status,
             finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             summary=summary,
+            disk=self.disk_detail(),
         )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
 class ProbeRecord:

@@ -1,5 +1,6 @@
 """The run directory: append-only, readable while written and after a kill, no pickle."""
 
+import itertools
 import logging
 import os
 import signal
@@ -395,3 +396,73 @@ def test_a_probes_steps_are_listed_from_its_file_names(tmp_path, mlp, blobs, mon
     monkeypatch.setattr(grid, "frame", lambda index: read.append(index) or original(index))
     assert grid.steps() == want and read == [1]  # the one old name only
     assert open_run(tmp_path).last_step() == 9
+
+
+def _frame(probe: str, seq: int, kib: int = 12):
+    """A frame of ``kib`` KiB of data (16 KiB on the disk with the .npz's headers, in 4 KiB blocks)."""
+    from probescope.ring import Frame
+
+    return Frame(probe, seq, seq, 0, 0.0, {"v": np.full(kib * 256, seq, np.float32)})
+
+
+def test_a_disk_budget_thins_the_frames_written_so_that_they_never_pass_it(tmp_path, caplog):
+    budget = 16 * 2**10 * 16  # sixteen frames of 16 KiB
+    writer = RunWriter(tmp_path / "run", disk_budget=budget)
+    writer.add_probe("a", "mine", {}, {})
+    with caplog.at_level(logging.WARNING, logger="probescope"):
+        written = [seq for seq in range(200) if writer.write_frame(_frame("a", seq))]
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "run" / "probes" / "a" / "frames").iterdir())
+    assert writer.bytes_written <= budget and on_disk <= budget
+    # Half the budget at every frame (8), a quarter at every 2nd (4), an eighth at every 4th (2), ...
+    assert written[:8] == list(range(8)) and written[8:12] == [8, 10, 12, 14]
+    assert written[12:14] == [16, 20]
+    assert all(b - a >= 8 for a, b in itertools.pairwise(written[14:]))  # then sparser
+    assert writer.thinned_from == 7 and writer.left_out["a"] == 200 - len(written)
+    assert "keeps every other frame of each probe" in caplog.text and "keeps every 4th frame" in caplog.text
+    writer.flush()  # the last frame, which the stride left out, is written at the end
+    run = open_run(tmp_path / "run")
+    assert run.probe("a").steps()[-1] == 199 and writer.left_out["a"] == 199 - len(written)
+    detail = writer.disk_detail()
+    assert detail["budget_bytes"] == budget and detail["stride"] == writer.stride >= 16
+    assert detail["left_out"] == {"a": 199 - len(written)} and detail["thinned_from_step"] == 7
+
+
+def test_a_disk_budget_given_as_a_share_is_of_the_free_space_at_the_start(tmp_path):
+    import shutil
+
+    writer = RunWriter(tmp_path / "run", disk_budget=0.25)
+    free = shutil.disk_usage(tmp_path).free
+    assert abs(writer.disk_budget - free / 4) < 0.01 * free  # (other processes write meanwhile)
+    assert RunWriter(tmp_path / "other").disk_budget is None  # no budget: every frame
+
+
+def test_a_monitor_on_a_disk_budget_ends_its_run_on_its_final_frames(tmp_path, capsys):
+    from probescope.cli import main
+
+    model = torch.nn.Linear(2, 3)
+    grid = GridProbe(torch.randn(30, 2), resolution=64, schedule=Schedule.every(1))  # 64 KiB a frame
+    frame = 68 * 2**10  # on the disk
+    with Monitor(model, [grid], run_dir=tmp_path / "run", snapshot="sync", disk_budget=8 * frame) as monitor:
+        for _ in range(40):
+            monitor.step()
+            time.sleep(0.02)  # the recorder keeps up: the ring loses none
+    run = open_run(tmp_path / "run")
+    steps = run.probe("grid").steps()
+    assert run.meta["summary"]["probes"]["grid"]["dropped"] == 0
+    assert steps[:4] == [0, 1, 2, 3] and steps[-1] == 40 and len(steps) < 12
+    disk = run.meta["disk"]
+    assert disk["frames_bytes"] <= 9 * frame  # the budget, and the final frame written whatever it is
+    left = 41 - len(steps)
+    assert disk["left_out"] == {"grid": left} and run.meta["summary"]["probes"]["grid"]["left_out"] == left
+    assert main(["info", str(tmp_path / "run")]) == 0
+    text = capsys.readouterr().out
+    assert f"{left} left out (disk budget)" in text and f"kept at the end, {left} left out" in text
+
+
+@pytest.mark.parametrize(
+    ("budget", "error"),
+    [(0, ValueError), (1.5, ValueError), (-3, ValueError), ("1G", TypeError), (True, TypeError)],
+)
+def test_a_disk_budget_must_be_bytes_or_a_share_of_the_free_disk(budget, error):
+    with pytest.raises(error, match="disk_budget"):
+        Monitor(torch.nn.Linear(2, 2), [], disk_budget=budget)
