@@ -212,7 +212,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from probescope.run import open_run
+    from probescope.run import open_run, size_text
 
     run = open_run(args.run)
     meta = run.meta
@@ -263,8 +263,9 @@ def _info(args: argparse.Namespace) -> int:
         print(f"sharded   {meta['model']['sharded']}; {done}")
     disk = meta.get("disk") or {}
     if disk.get("budget_bytes"):
-        written, budget = disk["frames_bytes"] / 2**20, disk["budget_bytes"] / 2**20
-        line = f"disk      {written:.1f} MiB of frames, budget {budget:.1f} MiB"
+        line = (
+            f"disk      {size_text(disk['frames_bytes'])} of frames, budget {size_text(disk['budget_bytes'])}"
+        )
         if disk.get("thinned_from_step") is not None:
             left = sum(disk.get("left_out", {}).values())
             line += (

@@ -361,7 +361,7 @@ class RunWriter:
                 "RunWriter %s: the disk budget (disk_budget=%s) is spent; no more frames are written "
                 "but each probe's last, at the end",
                 self.path,
-                _size(self.disk_budget),
+                size_text(self.disk_budget),
             )
             return
         while self.bytes_written >= self.disk_budget * (1.0 - 0.5 / self.stride):
@@ -373,9 +373,9 @@ class RunWriter:
                 "now on it keeps every %s frame of each probe (the viewer, the sinks and the "
                 "rings still get them all, and each probe's last is written at the end)",
                 self.path,
-                _size(self.bytes_written),
+                size_text(self.bytes_written),
                 f"{self.bytes_written / self.disk_budget:.0%}",
-                _size(self.disk_budget),
+                size_text(self.disk_budget),
                 "other" if self.stride == 2 else f"{self.stride}th",
             )
 
@@ -437,8 +437,9 @@ class RunWriter:
         )
 
 
-def _size(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+def size_text(n: int) -> str:
+    """Bytes in MiB, or GiB from one."""
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
 
 
 class ProbeRecord:
