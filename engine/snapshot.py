@@ -29,7 +29,10 @@ keeps the shadow in host memory (pinned when CUDA is present, made there; the co
 non-blocking on the probe stream and the probe waits for its event), and probes evaluate it
 on the CPU. Copies on a CUDA device may take half of its free memory; past that the pool
 keeps one, else goes to the host, and copies that run out of memory as they are made go to
-the host (a part of a model: ``sync``), each with one warning (``plan_copies``).
+the host (a part of a model: ``sync``), each with one warning (``plan_copies``). Copies in
+host memory (a model on the CPU, ``host``, or moved there) may take half of what the host
+has available (``host_free_memory``: Linux's MemAvailable, or a cgroup's room); past that
+one, else none (``sync``): memory taken past what the host has gets the process killed.
 ``nbytes`` is what the snapshot holds.
 
 A ``copy`` shadow runs without the model's forward and backward hooks, except torch's own that
