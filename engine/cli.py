@@ -212,7 +212,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from probescope.run import open_run, size_text
+    from probescope.run import open_run
+    from probescope.units import bytes_text
 
     run = open_run(args.run)
     meta = run.meta
@@ -263,9 +264,8 @@ def _info(args: argparse.Namespace) -> int:
         print(f"sharded   {meta['model']['sharded']}; {done}")
     disk = meta.get("disk") or {}
     if disk.get("budget_bytes"):
-        line = (
-            f"disk      {size_text(disk['frames_bytes'])} of frames, budget {size_text(disk['budget_bytes'])}"
-        )
+        written, budget = bytes_text(disk["frames_bytes"]), bytes_text(disk["budget_bytes"])
+        line = f"disk      {written} of frames, budget {budget}"
         if disk.get("thinned_from_step") is not None:
             left = sum(disk.get("left_out", {}).values())
             line += (

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from probescope.units import bytes_text
+
 
 @dataclass
 class Frame:
@@ -97,7 +99,7 @@ def fit_capacities(
     capacities = {name: capacity for name in frame_bytes}
     if fits >= capacity:
         return capacities, None
-    sizes = ", ".join(f"{name!r} {_mib(b)} MiB" for name, b in large.items())
+    sizes = ", ".join(f"{name!r} {bytes_text(b)}" for name, b in large.items())
     room = f"a frame of {sizes} in {capacity} slots would take over {RING_SHARE:.0%} of the free memory"
     if fits < 2:
         raise ValueError(f"Monitor: {room}, and two slots do not fit either; lower the probes' resolution")
@@ -106,10 +108,6 @@ def fit_capacities(
         capacities,
         f"{room}; their rings keep {fits} slots (a viewer or recorder that falls behind loses frames sooner)",
     )
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f}"
 
 
 def _same_array(a: np.ndarray, b: np.ndarray) -> bool:

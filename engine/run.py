@@ -34,6 +34,7 @@ import torch
 from probescope.history import Series, display_name
 from probescope.npz import write_npz
 from probescope.ring import Frame
+from probescope.units import bytes_text
 
 log = logging.getLogger("probescope")
 
@@ -361,7 +362,7 @@ class RunWriter:
                 "RunWriter %s: the disk budget (disk_budget=%s) is spent; no more frames are written "
                 "but each probe's last, at the end",
                 self.path,
-                size_text(self.disk_budget),
+                bytes_text(self.disk_budget),
             )
             return
         while self.bytes_written >= self.disk_budget * (1.0 - 0.5 / self.stride):
@@ -373,9 +374,9 @@ class RunWriter:
                 "now on it keeps every %s frame of each probe (the viewer, the sinks and the "
                 "rings still get them all, and each probe's last is written at the end)",
                 self.path,
-                size_text(self.bytes_written),
+                bytes_text(self.bytes_written),
                 f"{self.bytes_written / self.disk_budget:.0%}",
-                size_text(self.disk_budget),
+                bytes_text(self.disk_budget),
                 "other" if self.stride == 2 else f"{self.stride}th",
             )
 
@@ -435,11 +436,6 @@ class RunWriter:
             summary=summary,
             disk=self.disk_detail(),
         )
-
-
-def size_text(n: int) -> str:
-    """Bytes in MiB, or GiB from one."""
-    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
 
 
 class ProbeRecord:

@@ -59,6 +59,7 @@ from torch import nn
 
 from probescope.kernels.mlp import is_keras_model
 from probescope.streams import ProbeStreams
+from probescope.units import bytes_text
 
 log = logging.getLogger("probescope")
 
@@ -335,7 +336,7 @@ def plan_copies(
     if free is None or size * per_copy <= free // 2:
         return size, False, None
     where = "the host's" if on_host else "the device's"
-    need = f"{size} copies of {_bytes(per_copy)} would take over half of {where} {_bytes(free)} free"
+    need = f"{size} copies of {bytes_text(per_copy)} would take over half of {where} {bytes_text(free)} free"
     if per_copy <= free // 2:
         return 1, False, f"{need}; it keeps one (a frame is skipped while the one before still runs)"
     if not on_host and not whole:
@@ -621,18 +622,10 @@ def _hint_frozen(model: nn.Module, copies: int) -> None:
             "and are copied into each of the snapshot's %d copies at every frame; "
             "snapshot_params='trainable' copies the trainable ones and the buffers and shares "
             "the frozen ones",
-            _bytes(frozen),
-            _bytes(total),
+            bytes_text(frozen),
+            bytes_text(total),
             copies,
         )
-
-
-def _bytes(n: int) -> str:
-    """``n`` bytes in the largest binary unit that keeps a number of at least 1."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 def _select(named: list[tuple[str, torch.Tensor]], patterns: Sequence[str] | None) -> set[str]:
