@@ -199,12 +199,9 @@ class StatsProbe(Probe):
             for handle in handles:
                 handle.remove()
 
-        def measured(m: str) -> bool:
-            if m in self.patterns or _is_layer(modules[m]):
-                return True
-            return not any(n in ran for n in hookable if n.startswith(f"{m}."))
-
-        chosen = [m for m in candidates if measured(m)]
+        # The containers of a module that ran: their outputs are made by their sub-modules.
+        parents = {n.rsplit(".", k)[0] for n in ran for k in range(1, n.count(".") + 1)}
+        chosen = [m for m in candidates if m in self.patterns or _is_layer(modules[m]) or m not in parents]
         named = [m for m in chosen if m in self.patterns and m not in gave]
         if named:
             raise ValueError(
