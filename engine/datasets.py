@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-DATASETS = ("blobs7", "spirals", "moons", "wave")
+DATASETS = ("blobs7", "spirals", "moons", "wave", "peaks")
+REGRESSION = ("wave", "peaks")
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,31 @@ def wave(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor
     return x, (clean + noise_scale * torch.randn(n, 1, generator=generator))[:, 0]
 
 
-_MAKERS = {"blobs7": (blobs7, 3500), "spirals": (spirals, 3000), "moons": (moons, 2000), "wave": (wave, 2500)}
+def peaks_surface(x: torch.Tensor) -> torch.Tensor:
+    """MATLAB's ``peaks`` at the points ``x`` (N, 2), scaled by 1/4: two peaks, a pit and a
+    saddle over [-3, 3]², values about -1.6 to 2."""
+    a, b = x[:, 0], x[:, 1]
+    surface = (
+        3 * (1 - a) ** 2 * torch.exp(-(a**2) - (b + 1) ** 2)
+        - 10 * (a / 5 - a**3 - b**5) * torch.exp(-(a**2) - b**2)
+        - torch.exp(-((a + 1) ** 2) - b**2) / 3
+    )
+    return surface / 4
+
+
+def peaks(n: int, generator: torch.Generator, noise: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D regression: ``peaks_surface`` at points uniform over [-3, 3]², plus Gaussian noise."""
+    x = torch.rand(n, 2, generator=generator) * 6.0 - 3.0
+    return x, peaks_surface(x) + noise * torch.randn(n, generator=generator)
+
+
+_MAKERS = {
+    "blobs7": (blobs7, 3500),
+    "spirals": (spirals, 3000),
+    "moons": (moons, 2000),
+    "wave": (wave, 2500),
+    "peaks": (peaks, 4000),
+}
 
 
 def make_dataset(name: str, seed: int = 0, n: int | None = None) -> Dataset:
@@ -79,6 +104,6 @@ def make_dataset(name: str, seed: int = 0, n: int | None = None) -> Dataset:
     order = torch.randperm(x.shape[0], generator=generator)
     x, y = x[order], y[order]
     cut = int(0.8 * x.shape[0])
-    task = "regression" if name == "wave" else "classification"
+    task = "regression" if name in REGRESSION else "classification"
     classes = int(y.max()) + 1 if task == "classification" else 0
     return Dataset(name, x[:cut], y[:cut], x[cut:], y[cut:], task, classes)

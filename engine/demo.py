@@ -34,6 +34,7 @@ SETTINGS = {
     "moons": ((64, 64), "relu", 25, 1e-2),
     "spirals": ((128, 128, 128), "relu", 60, 5e-3),
     "wave": ((64, 64, 64), "silu", 60, 5e-3),
+    "peaks": ((64, 64, 64), "silu", 40, 5e-3),
 }
 
 
@@ -48,7 +49,8 @@ def build_mlp(widths: list[int] | tuple[int, ...], activation: str = "relu") -> 
 
 
 def demo_probes(data: Dataset, resolution: int = 192, model: nn.Module | None = None) -> list[Probe]:
-    """The probes that fit the data set: a map (or a curve), predictions and losses, the best
+    """The probes that fit the data set: a map (of classes, or of a regression's values) or a
+    curve (one input), predictions and losses, the best
     weights by the valid result the loop logs each epoch, and given the model, the maps of its
     last hidden layer's units."""
     dense_early = Schedule.log_spaced(12)
@@ -58,7 +60,7 @@ def demo_probes(data: Dataset, resolution: int = 192, model: nn.Module | None = 
         LossProbe(schedule=Schedule.every_epoch()),
         CheckpointProbe(best_by, schedule=Schedule.every_epoch()),
     ]
-    if data.task == "regression":
+    if data.input_dim == 1:
         probes.insert(
             0,
             CurveProbe(
@@ -71,7 +73,7 @@ def demo_probes(data: Dataset, resolution: int = 192, model: nn.Module | None = 
             ),
         )
     else:
-        mode = "prob" if data.num_classes == 2 else "region"
+        mode = "value" if data.task == "regression" else "prob" if data.num_classes == 2 else "region"
         probes.insert(
             0,
             GridProbe(

@@ -37,7 +37,8 @@ def _blend(record: ProbeRecord, first: dict, second: dict, k: int, method: str) 
     ``geometric`` blends arrays that are non-negative in both frames (probabilities, losses,
     scales) and the rest linearly (activations, predictions); a grid's in-between
     probabilities are then normalised again per pixel: a straight line in log-probability
-    (pixels where the two frames share no class above 0 are blended linearly)."""
+    (pixels where the two frames share no class above 0 are blended linearly); a ``value``
+    map's outputs are not probabilities, and are not normalised."""
     blended = [dict(first) for _ in range(k)]
     for key, a in first.items():
         b = second.get(key)
@@ -45,7 +46,12 @@ def _blend(record: ProbeRecord, first: dict, second: dict, k: int, method: str) 
             continue
         how = "linear" if method == "geometric" and (np.any(a < 0) or np.any(b < 0)) else method
         frames = interpolate_frames(torch.from_numpy(a), torch.from_numpy(b), k, how).numpy()
-        if how == "geometric" and key == "probs" and record.kind == "grid":
+        if (
+            how == "geometric"
+            and key == "probs"
+            and record.kind == "grid"
+            and record.config["mode"] != "value"
+        ):
             total = frames.sum(axis=-1, keepdims=True)
             # A pixel whose two frames share no class above 0 (saturated softmax) blends linearly.
             linear = np.zeros_like(frames)
@@ -58,8 +64,13 @@ def _blend(record: ProbeRecord, first: dict, second: dict, k: int, method: str) 
         config = record.config
         palette = torch.from_numpy(record.static["palette"])
         for data in blended:
+            value_range = config.get("value_range")
             data["rgba"] = probs_to_rgba(
-                torch.from_numpy(data["probs"]), config["mode"], palette, config["class_index"]
+                torch.from_numpy(data["probs"]),
+                config["mode"],
+                palette,
+                config["class_index"],
+                value_range=None if value_range is None else tuple(value_range),
             ).numpy()
     elif record.kind == "neurons":  # the maps are blended, then coloured again
         from probescope.probes.neurons import neuron_mosaic

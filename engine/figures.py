@@ -16,15 +16,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from probescope.kernels import default_palette
+from probescope.probes.grid import point_colours, ramp_ends
 from probescope.probes.loss import first_nonfinite, frame_series
 from probescope.probes.prediction import confusion_shares, scatter_colours, scatter_legend, scatter_points
 from probescope.run import ProbeRecord
 
 BAND_COLOUR = "steelblue"
-
-
-def _colours(palette: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    return palette[labels.astype(np.int64) % len(palette)] / 255.0
 
 
 def fixed_limits(values, pad: float = 0.08) -> tuple[float, float]:
@@ -53,8 +50,8 @@ class GridPanel:
         palette = static["palette"] if len(static["palette"]) else default_palette(2).numpy()
         if "points_uv" in static:
             uv = static["points_uv"]
-            labels = static.get("points_label")
-            colours = _colours(palette, labels) if labels is not None else "white"
+            colours = point_colours(config, static)
+            colours = colours / 255.0 if colours is not None else "white"
             ax.scatter(
                 uv[:, 0],
                 uv[:, 1],
@@ -73,8 +70,9 @@ class GridPanel:
         else:
             ax.set_xlabel("u (plane axis 1)" if plane else "x₁")
             ax.set_ylabel("v (plane axis 2)" if plane else "x₂")
-            if config["mode"] == "prob":
-                ax.set_title(f"P(class {config['class_index']}): blue 0, white 0.5, red 1", fontsize=9)
+            ends = ramp_ends(config)
+            if ends is not None:
+                ax.set_title(f"{ends[0]}: blue {ends[1]}, white {ends[2]}, red {ends[3]}", fontsize=9)
             elif len(palette) <= 12:
                 handles = [Patch(color=c / 255.0, label=f"class {i}") for i, c in enumerate(palette)]
                 ax.legend(

@@ -1,4 +1,5 @@
-"""Probabilities -> RGBA pixels for the map modes ``region``, ``boundary`` and ``prob``.
+"""Probabilities (or a regression's values) -> RGBA pixels for the map modes ``region``,
+``boundary``, ``prob`` and ``value``.
 
 Exact semantics (every implementation matches ``probs_to_rgba_reference``):
 
@@ -8,7 +9,11 @@ Exact semantics (every implementation matches ``probs_to_rgba_reference``):
 - ``boundary``: a pale class colour that darkens to ``BOUNDARY_INK`` where the margin
   ``m = p_top1 - p_top2`` vanishes, ``t = 1 - (1 - m)^4``;
 - ``prob``: the probability of one class through a blue-white-red diverging ramp
-  (white at 0.5).
+  (white at 0.5);
+- ``value``: one output of a regression through the same ramp, over a fixed
+  ``value_range = (lo, hi)``: ``q = clamp((v - lo) * (1 / (hi - lo)), 0, 1)`` (white at
+  the middle of the range; values outside it take the colour of its end). ``prob`` is
+  ``value`` over (0, 1).
 
 Channels are rounded half up and clamped to [0, 255]; alpha is 255.
 """
@@ -16,12 +21,13 @@ Channels are rounded half up and clamped to [0, 255]; alpha is 255.
 from __future__ import annotations
 
 import colorsys
+import math
 
 import torch
 
 from probescope.kernels.backend import choose_impl
 
-MODES = ("region", "boundary", "prob")
+MODES = ("region", "boundary", "prob", "value")  # (the kernels take the index)
 NONFINITE_RGBA = (255, 0, 255, 255)
 BOUNDARY_INK = (28, 28, 36)
 BOUNDARY_PALE = 0.55
@@ -53,13 +59,34 @@ def _to_uint8(rgb: torch.Tensor) -> torch.Tensor:
     return (rgb + 0.5).floor().clamp(0, 255).to(torch.uint8)
 
 
+def ramp_scale(mode: str, value_range: tuple[float, float] | None) -> tuple[float, float]:
+    """``(lo, 1 / (hi - lo))`` in float32, as every implementation scales the ramp's values."""
+    lo, hi = (0.0, 1.0) if mode == "prob" or value_range is None else value_range
+    lo32 = float(torch.tensor(lo, dtype=torch.float32))
+    return lo32, float(torch.tensor(1.0 / (hi - lo), dtype=torch.float32))
+
+
+def check_value_range(value_range) -> tuple[float, float]:
+    """``value_range`` as two floats ``lo < hi``, finite and apart in float32."""
+    try:
+        lo, hi = (float(v) for v in value_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"value_range must be two numbers (lo, hi), got {value_range!r}") from None
+    scale = 1.0 / (hi - lo) if hi > lo else math.inf
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo and scale < 3.4e38):
+        raise ValueError(f"value_range must be two finite numbers lo < hi, got {value_range!r}")
+    return lo, hi
+
+
 def probs_to_rgba_reference(
     probs: torch.Tensor,
     mode: str,
     palette: torch.Tensor,
     class_index: int = 0,
+    value_range: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    """``(H, W, C)`` probabilities -> ``(H, W, 4)`` uint8 RGBA, computed in float32."""
+    """``(H, W, C)`` probabilities (``value``: values) -> ``(H, W, 4)`` uint8 RGBA, computed
+    in float32."""
     p = probs.to(torch.float32)
     num_classes = p.shape[-1]
     pal = palette.to(device=p.device, dtype=torch.float32)
@@ -83,9 +110,11 @@ def probs_to_rgba_reference(
         pale = pal[k] * (1.0 - BOUNDARY_PALE) + 255.0 * BOUNDARY_PALE
         ink = torch.tensor(BOUNDARY_INK, dtype=torch.float32, device=p.device)
         rgb = ink + (pale - ink) * t[..., None]
-    elif mode == "prob":
+    elif mode in ("prob", "value"):
         anchors = torch.tensor(DIVERGING_ANCHORS, dtype=torch.float32, device=p.device)
-        q = torch.nan_to_num(p[..., class_index]).clamp(0.0, 1.0) * (len(DIVERGING_ANCHORS) - 1)
+        lo, scale = ramp_scale(mode, value_range)
+        q = (torch.nan_to_num(p[..., class_index]) - lo) * scale
+        q = q.clamp(0.0, 1.0) * (len(DIVERGING_ANCHORS) - 1)
         lo = q.floor().clamp(max=len(DIVERGING_ANCHORS) - 2).long()
         frac = (q - lo)[..., None]
         rgb = anchors[lo] + (anchors[lo + 1] - anchors[lo]) * frac
@@ -107,24 +136,34 @@ def probs_to_rgba(
     class_index: int = 0,
     out: torch.Tensor | None = None,
     *,
+    value_range: tuple[float, float] | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Colour a ``(..., C)`` probability map into ``(..., 4)`` uint8; writes into ``out`` (a ring slot)."""
+    """Colour a ``(..., C)`` probability map (``value``: a map of ``C`` outputs, coloured over
+    ``value_range``) into ``(..., 4)`` uint8; writes into ``out`` (a ring slot)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     num_classes = probs.shape[-1]
-    if palette.shape != (num_classes, 3) and mode != "prob":
+    ramp = mode in ("prob", "value")
+    if palette.shape != (num_classes, 3) and not ramp:
         raise ValueError(
             f"palette must be ({num_classes}, 3) for {num_classes} classes, got {tuple(palette.shape)}"
         )
-    if mode == "prob" and not 0 <= class_index < num_classes:
-        raise ValueError(f"class_index {class_index} is out of range for {num_classes} classes")
+    if ramp and not 0 <= class_index < num_classes:
+        what = "outputs" if mode == "value" else "classes"
+        raise ValueError(f"class_index {class_index} is out of range for {num_classes} {what}")
+    if mode == "value":
+        if value_range is None:
+            raise ValueError("mode 'value' needs value_range=(lo, hi), the values the ramp spans")
+        value_range = check_value_range(value_range)
+    elif value_range is not None:
+        raise ValueError(f"value_range is for mode 'value', not {mode!r}")
     shape = (*probs.shape[:-1], 4)
     if out is not None and (tuple(out.shape) != shape or out.dtype != torch.uint8):
         raise ValueError(f"out must be a uint8 tensor of shape {shape}, got {out.dtype} {tuple(out.shape)}")
     kind = choose_impl("probs_to_rgba", probs.device, impl)
     if kind == "torch":
-        rgba = probs_to_rgba_reference(probs, mode, palette, class_index)
+        rgba = probs_to_rgba_reference(probs, mode, palette, class_index, value_range)
         return rgba if out is None else out.copy_(rgba)
     target = (
         out
@@ -135,7 +174,7 @@ def probs_to_rgba(
         from probescope.kernels._triton.colormap import probs_to_rgba_triton as run
     else:
         from probescope.kernels._numba.colormap import probs_to_rgba_numba as run
-    run(probs, mode, palette, class_index, target)
+    run(probs, mode, palette, class_index, target, ramp=ramp_scale(mode, value_range))
     if out is not None and target is not out:
         out.copy_(target)
         return out

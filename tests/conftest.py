@@ -91,6 +91,15 @@ def train_steps(monitor, model, x, y, steps: int, *, batch: int = 50, wait: bool
                 monitor._worker.wait_idle(10)
 
 
+def regression_steps(monitor, model, x, y, steps: int, *, output: int = 0, lr: float = 0.1):
+    """Full-batch SGD steps under ``monitor`` fitting output ``output`` of ``model`` to ``y``
+    (the worker finishes after each step)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    monitor._worker.wait_idle(10)
+    for _ in range(steps):
+        _sgd_step(monitor, optimizer, nn.functional.mse_loss(model(x)[:, output], y), True)
+
+
 def _sgd_step(monitor, optimizer, loss, wait: bool) -> None:
     optimizer.zero_grad()
     loss.backward()

@@ -243,3 +243,32 @@ def test_info_shortens_a_long_list_of_a_probes_config_and_json_keeps_it_whole(tm
     assert main(["info", str(tmp_path / "run"), "--json"]) == 0
     meta = json.loads(capsys.readouterr().out)
     assert len(meta["probes"]["stats"]["config"]["parameters"]) == 16
+
+
+def test_peaks_demo_maps_the_regressions_values_and_learns_the_surface(tmp_path):
+    """The 2-D regression demo: a value map over the targets' range (symmetric about 0), whose
+    last frame is near the noiseless surface (R² against it), and a video of it."""
+    import torch
+
+    from probescope.datasets import make_dataset, peaks_surface
+
+    data = make_dataset("peaks")
+    assert (data.task, data.input_dim, data.output_dim) == ("regression", 2, 1)
+    out = tmp_path / "peaks"
+    assert (
+        main(["demo", "--dataset", "peaks", "--out", str(out), "--epochs", "8", "--no-baseline", "--quiet"])
+        == 0
+    )
+    grid = open_run(out).probe("grid")
+    extent = float(data.y_train.abs().max())
+    assert grid.config["mode"] == "value" and grid.config["value_range"] == pytest.approx([-extent, extent])
+    assert "points_value" in grid.static and "neurons" in open_run(out).probes
+    last = grid.frame(len(grid) - 1).data["probs"][..., 0]
+    us, vs = grid.static["us"], grid.static["vs"]
+    points = torch.tensor(np.stack(np.meshgrid(us, vs), -1).reshape(-1, 2), dtype=torch.float32)
+    inside = (points.abs() <= 3).all(1)  # the data's square (the map's margin is extrapolation)
+    surface = peaks_surface(points[inside])
+    residual = last.reshape(-1)[inside.numpy()] - surface.numpy()
+    r2 = 1 - residual.var() / surface.numpy().var()
+    assert r2 > 0.9, r2  # (the first frame's: about 0)
+    assert len(list(iio.imiter(out / "grid.mp4"))) > 10

@@ -9,7 +9,7 @@ from torch import nn
 from probescope import CurveProbe, Monitor, Schedule, open_run
 from probescope.export import export_final_pictures, export_probe, export_run, timeline
 from probescope.figures import FrameRenderer, small_multiples
-from tests.conftest import fit_curve, record_blobs_run
+from tests.conftest import fit_curve, record_blobs_run, regression_steps
 
 
 @pytest.fixture(scope="module")
@@ -291,3 +291,32 @@ def test_metrics_figure_draws_losses_their_last_part_and_a_panel_per_metric(tmp_
     )
     with pytest.raises(ValueError, match="perc must be in"):
         metrics_figure(record, perc=0)
+
+
+def test_a_value_maps_in_between_frames_are_blended_values_coloured_over_its_range(tmp_path):
+    """Geometric blending does not normalise a regression's outputs (they are no probabilities)
+    and blends linearly where they change sign; the in-between frames are coloured over the
+    map's fixed range."""
+    from probescope import GridProbe
+    from probescope.export import _blend
+    from probescope.kernels import probs_to_rgba_reference
+
+    x = torch.rand(40, 2) * 2 - 1
+    y = 3 * x[:, 0] - x[:, 1]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2))
+    probe = GridProbe(x, y, mode="value", class_index=1, resolution=(6, 5), schedule=Schedule.every(1))
+    with Monitor(model, [probe], run_dir=tmp_path / "run") as monitor:
+        regression_steps(monitor, model, x, y, 2, output=1, lr=0.5)
+    record = open_run(tmp_path / "run").probe(probe.name)
+    a, b = (record.frame(i).data for i in (0, 1))
+    items = list(timeline(record, interpolate=1, method="geometric"))
+    middle = items[1][0]["probs"]
+    assert np.any(a["probs"] < 0)  # mixed signs: linear
+    np.testing.assert_allclose(middle, (a["probs"] + b["probs"]) / 2, rtol=1e-6, atol=1e-6)
+    palette, value_range = torch.zeros(2, 3, dtype=torch.uint8), tuple(record.config["value_range"])
+    expected = probs_to_rgba_reference(torch.from_numpy(middle), "value", palette, 1, value_range).numpy()
+    assert np.abs(items[1][0]["rgba"].astype(int) - expected.astype(int)).max() <= 1
+    positive = {"probs": np.full((1, 1, 2), 4.0, np.float32)}, {"probs": np.full((1, 1, 2), 1.0, np.float32)}
+    (half,) = _blend(record, *positive, 1, "geometric")
+    np.testing.assert_allclose(half["probs"], 2.0, rtol=1e-6)  # sqrt(4 * 1), not normalised to 0.5

@@ -44,6 +44,7 @@ from probescope.kernels import (
     tensor_stats_reference,
 )
 from probescope.kernels.backend import triton_interpreting
+from probescope.kernels.colormap import MODES, ramp_scale
 from tests.conftest import WrappedModule
 from tests.kernel_cases import DEVICE, IMPLS, device_for
 
@@ -478,18 +479,29 @@ def random_probs(h, w, c, seed=0, device="cpu"):
     return torch.softmax(logits, dim=-1).to(device)
 
 
+# value mode: values spread past both ends of the range, so that both clamps are taken
+VALUE_RANGE = (-2.0, 4.5)
+
+
+def colour_case(mode, probs):
+    """The inputs and keyword arguments of a mode: probabilities, or values for ``value``."""
+    if mode == "value":
+        return probs * 9.0 - 3.0, {"value_range": VALUE_RANGE}
+    return probs, {}
+
+
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("mode", ["region", "boundary", "prob"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(("h", "w", "c"), [(1, 1, 3), (1, 29, 2), (13, 7, 1), (17, 19, 7), (5, 3, 23)])
 def test_probs_to_rgba_matches_reference_into_a_poisoned_slot(impl, mode, h, w, c):
     device = device_for(impl)
-    probs = random_probs(h, w, c, seed=h * w * c, device=device)
+    probs, kw = colour_case(mode, random_probs(h, w, c, seed=h * w * c, device=device))
     probs[0, 0, 0] = float("nan") if h * w > 1 else probs[0, 0, 0]
     palette = default_palette(c)
-    ref = probs_to_rgba_reference(probs.cpu(), mode, palette, class_index=c - 1)
+    ref = probs_to_rgba_reference(probs.cpu(), mode, palette, class_index=c - 1, **kw)
     for poison in (0, 255):
         slot = torch.full((h, w, 4), poison, dtype=torch.uint8, device=device)
-        got = probs_to_rgba(probs, mode, palette, class_index=c - 1, out=slot, impl=impl)
+        got = probs_to_rgba(probs, mode, palette, class_index=c - 1, out=slot, impl=impl, **kw)
         assert got is slot
         # Rounding half up is exact in both; float32 evaluation order can move a channel by 1.
         diff = (got.cpu().int() - ref.int()).abs()
@@ -500,7 +512,7 @@ def test_probs_to_rgba_matches_reference_into_a_poisoned_slot(impl, mode, h, w, 
 
 
 @pytest.mark.parametrize("staged", [False, True])
-@pytest.mark.parametrize("mode", ["region", "boundary", "prob"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(("h", "w", "c"), [(1, 1, 3), (13, 7, 1), (17, 19, 7), (5, 3, 23)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_the_triton_colouring_launches_match_the_reference(staged, mode, h, w, c, dtype):
@@ -509,14 +521,18 @@ def test_the_triton_colouring_launches_match_the_reference(staged, mode, h, w, c
     from probescope.kernels._triton.colormap import probs_to_rgba_triton
 
     device = device_for("triton")
-    probs = random_probs(h, w, c, seed=h * w + c, device=device).to(dtype)
+    probs, kw = colour_case(mode, random_probs(h, w, c, seed=h * w + c, device=device))
+    probs = probs.to(dtype)
     if h * w > 1:
         probs[h - 1, w - 1, c - 1] = float("inf")
     palette = default_palette(c)
-    ref = probs_to_rgba_reference(probs.float().cpu(), mode, palette, class_index=c - 1)
+    ref = probs_to_rgba_reference(probs.float().cpu(), mode, palette, class_index=c - 1, **kw)
+    ramp = ramp_scale(mode, kw.get("value_range"))
     for block in (16, 64):
         slot = torch.full((h, w, 4), 7, dtype=torch.uint8, device=device)
-        probs_to_rgba_triton(probs, mode, palette, c - 1, slot, block=block, staged=staged, num_warps=1)
+        probs_to_rgba_triton(
+            probs, mode, palette, c - 1, slot, ramp=ramp, block=block, staged=staged, num_warps=1
+        )
         assert (slot.cpu().int() - ref.int()).abs().max() <= 1
     if h * w > 1:
         assert tuple(slot[h - 1, w - 1].cpu().tolist()) == NONFINITE_RGBA
@@ -540,6 +556,15 @@ def test_probs_to_rgba_rejects_a_wrong_slot_or_class():
         probs_to_rgba(probs, "region", default_palette(3), out=torch.zeros(4, 4, 3, dtype=torch.uint8))
     with pytest.raises(ValueError, match="class_index"):
         probs_to_rgba(probs, "prob", default_palette(3), class_index=3)
+    with pytest.raises(ValueError, match="class_index 3 is out of range for 3 outputs"):
+        probs_to_rgba(probs, "value", default_palette(3), class_index=3, value_range=(0, 1))
+    with pytest.raises(ValueError, match="needs value_range"):
+        probs_to_rgba(probs, "value", default_palette(3))
+    for bad in [(1.0, 1.0), (2.0, 1.0), (0.0, float("inf")), (float("nan"), 1.0), (0.0,), "ab", (0.0, 1e-45)]:
+        with pytest.raises(ValueError, match="value_range must be"):
+            probs_to_rgba(probs, "value", default_palette(3), value_range=bad)
+    with pytest.raises(ValueError, match="value_range is for mode 'value', not 'prob'"):
+        probs_to_rgba(probs, "prob", default_palette(3), value_range=(0, 1))
 
 
 # ---------------------------------------------------------------- smooth_1d

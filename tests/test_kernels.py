@@ -16,7 +16,7 @@ from probescope.kernels import (
     probs_to_rgba,
     smooth_1d,
 )
-from probescope.kernels.colormap import BOUNDARY_INK, DIVERGING_ANCHORS
+from probescope.kernels.colormap import BOUNDARY_INK, DIVERGING_ANCHORS, MODES
 
 
 @pytest.mark.parametrize(
@@ -130,12 +130,25 @@ def test_prob_mode_hits_the_diverging_anchors():
     assert [tuple(c) for c in rgba[0, :, :3].tolist()] == list(DIVERGING_ANCHORS)
 
 
-@pytest.mark.parametrize("mode", ["region", "boundary", "prob"])
+def test_value_mode_spans_the_ramp_over_its_range_and_clamps_outside():
+    lo, hi = -3.0, 5.0
+    v = torch.tensor([lo - 10, lo, -1.0, 1.0, 3.0, hi, hi + 0.5])[None, :, None]  # one output
+    rgba = probs_to_rgba(v, "value", default_palette(1), value_range=(lo, hi))
+    anchors = list(DIVERGING_ANCHORS)
+    assert [tuple(c) for c in rgba[0, :, :3].tolist()] == [anchors[0], *anchors, anchors[-1]]
+    # The second of two outputs, and the range's middle is white whatever the first says.
+    two = torch.stack([torch.randn(1, 3), torch.tensor([[1.0, 9.0, -7.0]])], -1)
+    middle = probs_to_rgba(two, "value", default_palette(2), 1, value_range=(-7, 9))[0, 0, :3]
+    assert tuple(middle.tolist()) == DIVERGING_ANCHORS[2]
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_non_finite_pixels_get_the_distinct_colour(mode):
     probs = torch.softmax(torch.randn(4, 5, 3), -1)
     probs[1, 2, 0] = float("nan")
     probs[3, 4, 2] = float("inf")
-    rgba = probs_to_rgba(probs, mode, default_palette(3), class_index=1)
+    value_range = (-1.0, 2.0) if mode == "value" else None
+    rgba = probs_to_rgba(probs, mode, default_palette(3), class_index=1, value_range=value_range)
     bad = torch.zeros(4, 5, dtype=torch.bool)
     bad[1, 2] = bad[3, 4] = True
     magenta = (rgba == torch.tensor(NONFINITE_RGBA, dtype=torch.uint8)).all(-1)

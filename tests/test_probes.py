@@ -12,7 +12,7 @@ from probescope import CurveProbe, GridProbe, LossProbe, Monitor, PredictionProb
 from probescope.history import History
 from probescope.kernels import NONFINITE_RGBA, default_palette, probs_to_rgba
 from probescope.probes.base import ProbeContext
-from tests.conftest import WrappedModule, fit_curve, train_steps
+from tests.conftest import WrappedModule, fit_curve, regression_steps, train_steps
 
 
 def _evaluate(probe, model, step=0):
@@ -826,3 +826,120 @@ def test_a_model_returning_a_mapping_is_probed_through_its_logits(blobs):
     with torch.no_grad():
         probs = torch.softmax(net(monitor.probes["grid"].grid.points()), -1).reshape(12, 12, 7)
     torch.testing.assert_close(torch.as_tensor(got["grid"].data["probs"]), probs, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- GridProbe mode="value"
+
+
+def _regression_mlp(outputs: int = 1, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 24), nn.SiLU(), nn.Linear(24, 24), nn.GELU(), nn.Linear(24, outputs))
+
+
+def _grid_inputs(probe) -> torch.Tensor:
+    static = probe.static()
+    origin, u, v = (torch.as_tensor(static[k]) for k in ("origin", "axis_u", "axis_v"))
+    us, vs = torch.as_tensor(static["us"]), torch.as_tensor(static["vs"])
+    return origin + us[None, :, None] * u + vs[:, None, None] * v  # (H, W, 2)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+@pytest.mark.parametrize(("outputs", "class_index", "resolution"), [(1, None, (29, 13)), (3, 2, (1, 7))])
+def test_a_value_map_is_the_models_raw_output_coloured_over_the_targets_range(
+    wrapped, outputs, class_index, resolution
+):
+    """Fused and through the module's forward: each pixel is the model's output at its point
+    (no softmax, no sigmoid), and its colour the ramp over the range of the targets, which
+    have both signs and so widen to be symmetric about 0."""
+    g = torch.Generator().manual_seed(outputs)
+    x = torch.rand(60, 2, generator=g) * 4 - 2
+    y = x[:, 0] * 1.5 - x[:, 1] ** 2  # from about -7 to 3: the range is (-7, 7)
+    model = _regression_mlp(outputs)
+    net = WrappedModule(model) if wrapped else model
+    probe = GridProbe(x, y, mode="value", class_index=class_index, resolution=resolution)
+    frame = _evaluate(probe, net)
+    path = probe.config()["path"]
+    assert path.startswith("module forward") if wrapped else path == "numba"
+    extent = float(y.abs().max())
+    assert probe.value_range == pytest.approx((-extent, extent)) and float(y.max()) < extent
+    inputs = _grid_inputs(probe)
+    with torch.no_grad():
+        expected = model(inputs.reshape(-1, 2).float())
+    w, h = resolution
+    values = frame["probs"]
+    assert values.shape == (h, w, outputs)
+    np.testing.assert_allclose(values.numpy(), expected.reshape(h, w, outputs).numpy(), rtol=1e-5, atol=1e-5)
+    index = 0 if class_index is None else class_index
+    reference = probs_to_rgba(expected.reshape(h, w, outputs), "value", default_palette(outputs), index,
+                              value_range=probe.value_range, impl="torch")  # fmt: skip
+    assert (frame["rgba"].int() - reference.int()).abs().max() <= 1
+    assert probe.config()["value_range"] == list(probe.value_range)
+    assert probe.config()["num_classes"] == outputs  # one output is no binary model here
+
+
+def test_a_value_map_takes_a_given_range_and_draws_targets_on_its_ramp():
+    from probescope.kernels.colormap import DIVERGING_ANCHORS
+    from probescope.probes.grid import POINT_UNKNOWN, point_colours, ramp_ends
+
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, 0.5]])
+    y = torch.tensor([2.0, 4.0, 6.0, 99.0, float("nan")])  # positive: the range is theirs
+    assert GridProbe(x, y, mode="value").value_range == (2.0, 99.0)
+    probe = GridProbe(x, y, mode="value", value_range=(2, 6), resolution=4)
+    frame = _evaluate(probe, _regression_mlp())
+    static, config = probe.static(), probe.config()
+    np.testing.assert_array_equal(static["points_value"], y.numpy())
+    assert "points_label" not in static
+    colours = point_colours(config, static)
+    assert [tuple(c) for c in colours.tolist()] == [
+        DIVERGING_ANCHORS[0], DIVERGING_ANCHORS[2], DIVERGING_ANCHORS[4], DIVERGING_ANCHORS[4], POINT_UNKNOWN
+    ]  # fmt: skip
+    assert ramp_ends(config) == ("output 0", "2", "4", "6")
+    assert frame["rgba"].shape == (4, 4, 4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "mode='value' colours over value_range=\\(lo, hi\\).*got no labels"),
+        ({"labels": torch.ones(10)}, "targets that span no range"),
+        ({"labels": torch.full((10,), float("nan"))}, "targets that span no range"),
+        ({"value_range": (1.0, 1.0)}, "value_range must be two finite numbers lo < hi"),
+        ({"value_range": (0, 1), "output": "softmax"}, "output='softmax' is for probabilities"),
+    ],
+)
+def test_a_value_map_refuses_what_it_cannot_colour(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GridProbe(torch.randn(10, 2), mode="value", **kwargs)
+
+
+def test_value_range_is_for_value_maps_and_class_index_for_an_output_the_model_has():
+    with pytest.raises(ValueError, match="value_range is for mode='value', not mode='region'"):
+        GridProbe(torch.randn(10, 2), value_range=(0, 1))
+    probe = GridProbe(torch.randn(10, 2), mode="value", value_range=(0, 1), class_index=3)
+    with pytest.raises(ValueError, match="class_index 3 is out of range for 3 outputs"):
+        probe.attach(_regression_mlp(3))
+    # A one-output model in prob mode is a binary classifier still: its positive class.
+    binary = GridProbe(torch.randn(10, 2), mode="prob")
+    binary.attach(_regression_mlp(1))
+    assert (binary.class_index, binary.num_classes) == (1, 2)
+
+
+def test_a_value_map_survives_a_spec_round_trip_and_a_monitor_run(tmp_path):
+    from probescope import load_probes, save_probes
+    from probescope.run import open_run
+
+    x = torch.rand(80, 2) * 2 - 1
+    y = x.sum(1)
+    probe = GridProbe(x, y, mode="value", resolution=(9, 6), schedule=Schedule.every(2))
+    save_probes([probe], tmp_path / "probes.json")
+    (again,) = load_probes(tmp_path / "probes.json")
+    assert (again.mode, again.value_range, again.class_index) == ("value", probe.value_range, 0)
+    model = _regression_mlp()
+    with Monitor(model, [again], run_dir=tmp_path / "run") as monitor:
+        regression_steps(monitor, model, x, y, 4, lr=0.05)
+    record = open_run(tmp_path / "run").probe(again.name)
+    assert record.config["value_range"] == list(probe.value_range)
+    last = record.frame(len(record) - 1)
+    with torch.no_grad():
+        expected = model(_grid_inputs(again).reshape(-1, 2).float()).reshape(6, 9, 1)
+    np.testing.assert_allclose(last.data["probs"], expected.numpy(), rtol=1e-5, atol=1e-5)

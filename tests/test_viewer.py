@@ -1065,3 +1065,44 @@ def test_the_stats_legend_spreads_its_lines_over_the_model_with_names_that_fit()
     assert legend_names(mixed) == ["…self.query/spectral", "act/classifier/l2"]
     assert all(len(n) <= 20 for n in legend_names(mixed))
     assert legend_names(["weight/fc.weight/l2"]) == ["weight/fc/l2"]
+
+
+def test_a_value_map_draws_its_values_and_its_points_in_their_targets_colour():
+    """A regression's map: pixels as its frame colours them, each data point in its target's
+    colour on the same ramp, the legend naming the ramp's ends, the pointer reading values."""
+    from probescope.kernels.colormap import DIVERGING_ANCHORS
+    from probescope.probes.grid import point_colours
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(12, 2, generator=g) * 4 - 2
+    y = torch.linspace(-3.0, 3.0, 12)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1))
+    probe = GridProbe(x, y, mode="value", resolution=(31, 25), schedule=Schedule.every(1))
+    with Monitor(model, [probe]) as monitor:
+        monitor.step()
+    frame, spec = monitor.latest(probe.name), PanelSpec.of_probe(probe)
+    source = FrameSource(spec)
+    source.show(spec.name, frame.data, frame.step)
+    viewer = Viewer(source, offscreen=True, size=(700, 520))
+    assert viewer.refresh()
+    image = viewer.render()
+    panel = viewer.panels[spec.name]
+    assert list(panel.legend.text.text) == ["output 0 -3", "3"]
+    us, vs, uv = spec.static["us"], spec.static["vs"], spec.static["points_uv"]
+    checked = 0
+    for r, c in np.random.default_rng(2).integers(0, [len(vs), len(us)], (40, 2)):
+        if not _near_a_marker(panel, uv, us[c], vs[r]):
+            np.testing.assert_allclose(
+                pixel(image, panel, us[c], vs[r]), frame.data["rgba"][r, c, :3], atol=2
+            )
+            checked += 1
+    assert checked >= 10
+    colours = point_colours(spec.config, spec.static)
+    assert tuple(colours[0]) == DIVERGING_ANCHORS[0] and tuple(colours[-1]) == DIVERGING_ANCHORS[-1]
+    for point, colour in zip(uv, colours, strict=True):  # a marker's centre is its target's colour
+        assert distance_near(image, panel, *point, colour) <= 8, (point, colour)  # (neighbours: 17+ off)
+    r, c = 5, 9
+    viewer._on_mouse(_Pointer(panel.data_to_canvas(us[c], vs[r])))
+    assert f"value {frame.data['probs'][r, c, 0]:.4g}" in panel.caption.text
+    viewer.close()

@@ -18,6 +18,8 @@ from vispy.visuals.transforms import STTransform
 
 from probescope.figures import fixed_limits, spread
 from probescope.kernels import default_palette
+from probescope.kernels.colormap import DIVERGING_ANCHORS
+from probescope.probes.grid import point_colours, ramp_ends
 from probescope.probes.loss import first_nonfinite, frame_series
 from probescope.probes.prediction import confusion_shares, scatter_colours, scatter_legend, scatter_points
 
@@ -208,11 +210,10 @@ class MapPanel(Panel):
             palette = default_palette(max(2, config.get("num_classes") or 2)).numpy()
         self.palette = np.asarray(palette)
         legend = None
-        if config.get("mode") == "prob":
-            legend = [
-                (f"P(class {config.get('class_index', 1)}) 0", (0.2, 0.3, 0.9)),
-                ("1", (0.85, 0.1, 0.1)),
-            ]
+        ends = ramp_ends(config)
+        if ends is not None:
+            low, high = _rgba(np.asarray([DIVERGING_ANCHORS[0], DIVERGING_ANCHORS[-1]]))
+            legend = [(f"{ends[0]} {ends[1]}", tuple(low)), (ends[3], tuple(high))]
         elif len(self.palette) <= 12:
             legend = [(f"class {i}", tuple(c)) for i, c in enumerate(_rgba(self.palette))]
         plane = config.get("input_dim", 2) > 2
@@ -235,12 +236,8 @@ class MapPanel(Panel):
         self.points = None
         if "points_uv" in static and len(static["points_uv"]):
             uv = np.asarray(static["points_uv"], np.float32)
-            labels = static.get("points_label")
-            face = (
-                _rgba(self.palette[np.asarray(labels, int) % len(self.palette)])
-                if labels is not None
-                else np.ones((len(uv), 4), np.float32)
-            )
+            colours = point_colours(config, static)
+            face = _rgba(colours) if colours is not None else np.ones((len(uv), 4), np.float32)
             self.points = scene.visuals.Markers(parent=self.view.scene)
             self.points.set_data(uv, face_color=face, edge_color="black", edge_width=0.5, size=5)
             self.points.order = -1  # above the image
@@ -261,6 +258,9 @@ class MapPanel(Panel):
         where = f"({x:.3g}, {y:.3g})"
         if not np.all(np.isfinite(p)):
             return f"{where}: not finite"
+        if self.spec.config.get("mode") == "value":
+            index = int(self.spec.config.get("class_index", 0))
+            return f"{where}: " + (f"value {p[0]:.4g}" if len(p) == 1 else f"output {index} {p[index]:.4g}")
         if len(p) == 1:
             return f"{where}: P(class 1) {p[0]:.2f}"
         top = np.argsort(-p, kind="stable")[:3]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from probescope.kernels import GridSpec, default_palette, ema_frames, fused_path, grid_mlp, probs_to_rgba
-from probescope.kernels.colormap import MODES
+from probescope.kernels.colormap import MODES, check_value_range
 from probescope.probes.base import (
     Probe,
     ProbeContext,
@@ -27,7 +27,9 @@ from probescope.validation import positive_int
 
 
 class GridProbe(Probe):
-    """Class-probability map over a 2-D rectangle of input space, coloured by ``mode``.
+    """Class-probability map over a 2-D rectangle of input space, coloured by ``mode``
+    (``region``, ``boundary``, ``prob``); or, ``mode="value"``, a regression's output as a
+    heat map.
 
     Pixel (r, c) of every frame is the model at input
     ``origin + us[c] * axis_u + vs[r] * axis_v``; row 0 is the top of the picture, so
@@ -42,6 +44,13 @@ class GridProbe(Probe):
     runs its own forward on the grid in chunks of ``batch_size``. ``smoothing`` (an EMA weight
     in (0, 1]) blends each map with the previous ones so that a live view does not flicker (a
     NaN frame shows, and the blend starts again from the next frame: see ``ema_frames``).
+
+    ``mode="value"`` colours output ``class_index`` (default 0) of a regression model, as it
+    is, through the blue-white-red ramp over ``value_range=(lo, hi)``, the same range at every
+    frame: by default the range of ``labels``, which are then the targets (floats; NaN for
+    unknown), widened to be symmetric about 0 (white) when they have both signs. The data
+    points are drawn in the colour of their target, so a point that stands out from the map
+    around it is one the model is off on.
     """
 
     kind = "grid"
@@ -57,7 +66,8 @@ class GridProbe(Probe):
         resolution: int | tuple[int, int] = 256,
         spacing: float | None = None,
         mode: str = "region",
-        class_index: int = 1,
+        class_index: int | None = None,
+        value_range: tuple[float, float] | None = None,
         output: str = "auto",
         plane: str | tuple | None = None,
         points: bool = True,
@@ -72,6 +82,15 @@ class GridProbe(Probe):
         if mode not in MODES:
             raise ValueError(f"{owner}: mode must be one of {MODES}, got {mode!r}")
         check_output(owner, output)
+        if mode == "value" and output not in ("auto", "probs"):
+            raise ValueError(
+                f"{owner}: mode='value' colours the model's outputs as they are; output={output!r} "
+                "is for probabilities (mode='prob' colours one class's)"
+            )
+        if value_range is not None and mode != "value":
+            raise ValueError(f"{owner}: value_range is for mode='value', not mode={mode!r}")
+        if class_index is None:
+            class_index = 1 if mode == "prob" else 0  # a binary model's positive class; the first output
         width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
         positive_int(f"{owner}: resolution width", width)
         positive_int(f"{owner}: resolution height", height)
@@ -83,10 +102,11 @@ class GridProbe(Probe):
         width, height = plane_grid.grid.width, plane_grid.grid.height
         self.labels = None
         if labels is not None:
-            y = torch.as_tensor(np.asarray(labels)).reshape(-1)
+            y = torch.as_tensor(np.asarray(labels, dtype=np.float64 if mode == "value" else None)).reshape(-1)
             if y.shape[0] != len(plane_grid.uv):
                 raise ValueError(f"{owner}: {y.shape[0]} labels for {len(plane_grid.uv)} data points")
-            self.labels = y.long()
+            self.labels = y.float() if mode == "value" else y.long()
+        self.value_range = _value_range(owner, value_range, self.labels) if mode == "value" else None
         self.origin, self.axis_u, self.axis_v = plane_grid.origin, plane_grid.axis_u, plane_grid.axis_v
         self.domain, self.grid, uv = plane_grid.domain, plane_grid.grid, plane_grid.uv
         self.width, self.height = width, height
@@ -117,10 +137,12 @@ class GridProbe(Probe):
             )
         k = out.shape[1]
         check_output(owner, self.output, k)
-        self.num_classes = 2 if (self.output == "sigmoid" or (self.output == "auto" and k == 1)) else k
-        if self.mode == "prob" and not 0 <= self.class_index < self.num_classes:
+        binary = self.mode != "value" and (self.output == "sigmoid" or (self.output == "auto" and k == 1))
+        self.num_classes = 2 if binary else k
+        if self.mode in ("prob", "value") and not 0 <= self.class_index < self.num_classes:
+            what = "outputs" if self.mode == "value" else "classes"
             raise ValueError(
-                f"{owner}: class_index {self.class_index} is out of range for {self.num_classes} classes"
+                f"{owner}: class_index {self.class_index} is out of range for {self.num_classes} {what}"
             )
         self.palette = default_palette(self.num_classes)
         # In eval mode, as frames see the model: the path they take, and no dropout draw or
@@ -130,7 +152,7 @@ class GridProbe(Probe):
             # Compile the kernels now, before training, on a 2 x 2 grid of the same model.
             tiny = GridSpec.on_plane(self.origin, self.axis_u, self.axis_v, self.domain, 2, 2)
             probs = grid_mlp(model, tiny, self._kernel_output(), batch_size=self.batch_size)
-            probs_to_rgba(probs.float(), self.mode, self.palette, self.class_index)
+            self._colour(probs.float())
         self._channels = probs.shape[-1]
 
     def frame_nbytes(self) -> int | None:
@@ -138,7 +160,12 @@ class GridProbe(Probe):
         return self.width * self.height * (4 * self._channels + 4)
 
     def _kernel_output(self) -> str:
-        return "raw" if self.output == "probs" else self.output
+        return "raw" if self.output == "probs" or self.mode == "value" else self.output
+
+    def _colour(self, probs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return probs_to_rgba(
+            probs, self.mode, self.palette, self.class_index, out=out, value_range=self.value_range
+        )
 
     def evaluate(self, model: nn.Module, context: ProbeContext) -> dict[str, Any]:
         # Everything stays on the model's device (on CUDA: the probe stream) until the ring
@@ -180,7 +207,7 @@ class GridProbe(Probe):
             probs = ema_frames(probs[None], self.smoothing, state=self._ema_state)[0]
         finite = all_finite(probs)
         out = None if buffer is None else buffer("rgba", (*size, 4), torch.uint8, device)
-        return probs, probs_to_rgba(probs, self.mode, self.palette, self.class_index, out=out), finite
+        return probs, self._colour(probs, out), finite
 
     def static(self) -> dict[str, np.ndarray]:
         keep = slice(None, None, self.point_sparsity)
@@ -195,7 +222,8 @@ class GridProbe(Probe):
         if self.points:
             arrays["points_uv"] = self.data_uv[keep].numpy()
             if self.labels is not None:
-                arrays["points_label"] = self.labels[keep].numpy()
+                key = "points_value" if self.mode == "value" else "points_label"
+                arrays[key] = self.labels[keep].numpy()
         return arrays
 
     def config(self) -> dict[str, Any]:
@@ -204,6 +232,7 @@ class GridProbe(Probe):
             "resolution": [self.width, self.height],
             "mode": self.mode,
             "class_index": self.class_index,
+            "value_range": None if self.value_range is None else list(self.value_range),
             "output": self.output,
             "num_classes": self.num_classes,
             "points": self.points,
@@ -279,6 +308,26 @@ class PlaneGrid:
 MAX_POINTS_PER_AXIS = 8192
 
 
+def _value_range(owner: str, value_range, targets: torch.Tensor | None) -> tuple[float, float]:
+    """The range ``mode="value"`` colours over: the one given, else the targets' own."""
+    if value_range is not None:
+        try:
+            return check_value_range(value_range)
+        except ValueError as err:
+            raise ValueError(f"{owner}: {err}") from None
+    known = None if targets is None else targets[torch.isfinite(targets)]
+    if known is None or known.numel() == 0 or float(known.min()) == float(known.max()):
+        got = "no labels" if targets is None else "targets that span no range"
+        raise ValueError(
+            f"{owner}: mode='value' colours over value_range=(lo, hi), by default the targets' "
+            f"(labels=) range; got {got}: pass value_range="
+        )
+    lo, hi = float(known.min()), float(known.max())
+    if lo < 0 < hi:  # signed targets: white at 0
+        lo, hi = -max(-lo, hi), max(-lo, hi)
+    return lo, hi
+
+
 def _points_per_axis(owner: str, extent: float, spacing: float) -> int:
     """How many pixels ``spacing`` wide cover ``extent``."""
     if not (isinstance(spacing, (int, float)) and math.isfinite(spacing) and spacing > 0):
@@ -330,3 +379,36 @@ def _plane(owner: str, x: torch.Tensor, plane) -> tuple[torch.Tensor, torch.Tens
 def _project(x: torch.Tensor, origin, axis_u, axis_v) -> torch.Tensor:
     rel = x - origin
     return torch.stack([rel @ axis_u, rel @ axis_v], dim=1)
+
+
+# Drawing a map's data points and its key, shared by the live viewer and the exported figures.
+
+POINT_UNKNOWN = (255, 255, 255)  # a point with no label (or an unknown target)
+
+
+def point_colours(config: dict[str, Any], static: dict[str, np.ndarray]) -> np.ndarray | None:
+    """``(N, 3)`` uint8 colours of a map's data points: their class's, or in ``value`` mode
+    their target's on the map's ramp (an unknown target: white); None when they have none."""
+    if config.get("mode") == "value" and "points_value" in static:
+        targets = torch.from_numpy(np.asarray(static["points_value"], np.float32))[:, None]
+        colours = probs_to_rgba(targets, "value", torch.zeros(1, 3, dtype=torch.uint8), 0,
+                                value_range=tuple(config["value_range"]))[:, :3].numpy()  # fmt: skip
+        colours[~np.isfinite(targets[:, 0].numpy())] = POINT_UNKNOWN
+        return colours
+    labels = static.get("points_label")
+    if labels is None:
+        return None
+    palette = np.asarray(static["palette"]) if len(static.get("palette", ())) else default_palette(2).numpy()
+    return palette[np.asarray(labels, np.int64) % len(palette)]
+
+
+def ramp_ends(config: dict[str, Any]) -> tuple[str, str, str, str] | None:
+    """In a ``prob`` or ``value`` map, what the ramp shows and what its blue, white and red
+    stand for; None for the other modes."""
+    index = config.get("class_index", 1)
+    if config.get("mode") == "prob":
+        return f"P(class {index})", "0", "0.5", "1"
+    if config.get("mode") == "value":
+        lo, hi = config["value_range"]
+        return f"output {index}", f"{lo:.3g}", f"{(lo + hi) / 2:.3g}", f"{hi:.3g}"
+    return None

@@ -33,18 +33,20 @@ def _pack(r, g, b):
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
-def probs_to_rgba_kernel(probs, palette, out, mode, class_index, ink, pale, anchors, nonfinite):
+def probs_to_rgba_kernel(
+    probs, palette, out, mode, class_index, ramp_lo, ramp_scale, ink, pale, anchors, nonfinite
+):
     n, classes = probs.shape
     chance = 1.0 / classes
     for blk in numba.prange((n + BLOCK - 1) // BLOCK):
         start = blk * BLOCK
         stop = min(start + BLOCK, n)
-        if mode == 2:
+        if mode >= 2:  # prob, value: one class (output) through the diverging ramp
             for i in range(start, stop):
                 finite = True
                 for c in range(classes):
                     finite &= math.isfinite(probs[i, c])
-                q = min(max(probs[i, class_index], 0.0), 1.0) * 4.0
+                q = min(max((probs[i, class_index] - ramp_lo) * ramp_scale, 0.0), 1.0) * 4.0
                 lo = min(math.floor(q), 3.0)
                 j = int(lo)
                 f = q - lo
@@ -88,14 +90,21 @@ probs_to_rgba_kernel = threads_aware(probs_to_rgba_kernel)
 
 
 def probs_to_rgba_numba(
-    probs: torch.Tensor, mode: str, palette: torch.Tensor, class_index: int, out: torch.Tensor
+    probs: torch.Tensor,
+    mode: str,
+    palette: torch.Tensor,
+    class_index: int,
+    out: torch.Tensor,
+    ramp: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
-    """Colour ``probs`` (..., C) into the contiguous uint8 ``out`` (..., 4)."""
+    """Colour ``probs`` (..., C) into the contiguous uint8 ``out`` (..., 4); ``ramp`` is the
+    ``prob``/``value`` ramp's ``(lo, scale)`` (``ramp_scale``)."""
     # NumPy, not torch, for the small steps around the kernel (see host_array).
     flat = np.ascontiguousarray(host_array(probs, np.float32).reshape(-1, probs.shape[-1]))
     words = out.numpy().reshape(-1, 4).view(np.uint32).reshape(-1)  # one RGBA word per pixel
     probs_to_rgba_kernel(
         flat, np.ascontiguousarray(host_array(palette, np.uint8)), words,
-        MODES.index(mode), class_index, _INK, np.float32(BOUNDARY_PALE), _ANCHORS, _NONFINITE,
+        MODES.index(mode), class_index, np.float32(ramp[0]), np.float32(ramp[1]),
+        _INK, np.float32(BOUNDARY_PALE), _ANCHORS, _NONFINITE,
     )  # fmt: skip
     return out

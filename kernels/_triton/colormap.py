@@ -33,7 +33,7 @@ def _to_byte(x):
 
 @triton.jit
 def _probs_to_rgba_kernel(
-    probs_ptr, palette_ptr, anchors_ptr, out_ptr, n_pixels, n_values, class_index,
+    probs_ptr, palette_ptr, anchors_ptr, out_ptr, n_pixels, n_values, class_index, ramp_lo, ramp_scale,
     NUM_CLASSES: tl.constexpr, MODE: tl.constexpr,
     INK_R: tl.constexpr, INK_G: tl.constexpr, INK_B: tl.constexpr, PALE: tl.constexpr,
     NONFINITE: tl.constexpr, OPAQUE: tl.constexpr, BLOCK: tl.constexpr, STAGED: tl.constexpr,
@@ -66,15 +66,15 @@ def _probs_to_rgba_kernel(
         finite = (p == p) & (tl.abs(p) != float("inf"))
         bad = bad | ~finite
         p = tl.where(finite, p, 0.0)
-        if MODE == 2:
+        if MODE >= 2:
             q = tl.where(class_index == c, p, q)
         else:
             better = p > top  # strict: the first of equal maxima wins, as torch's argmax
             second = tl.where(better, top, tl.maximum(second, p))
             k = tl.where(better, c, k)
             top = tl.where(better, p, top)
-    if MODE == 2:  # prob: one class through the diverging ramp
-        q = tl.minimum(tl.maximum(q, 0.0), 1.0) * 4.0
+    if MODE >= 2:  # prob, value: one class (output) through the diverging ramp
+        q = tl.minimum(tl.maximum((q - ramp_lo) * ramp_scale, 0.0), 1.0) * 4.0
         lo = tl.minimum(tl.floor(q), 3.0)
         frac = q - lo
         lo_i = lo.to(tl.int32)
@@ -111,17 +111,32 @@ def launch_config(num_classes: int) -> dict:
 
 
 def probs_to_rgba_triton(
-    probs: torch.Tensor, mode: str, palette: torch.Tensor, class_index: int, out: torch.Tensor, **config
+    probs: torch.Tensor,
+    mode: str,
+    palette: torch.Tensor,
+    class_index: int,
+    out: torch.Tensor,
+    ramp: tuple[float, float] = (0.0, 1.0),
+    **config,
 ) -> torch.Tensor:
-    """Colour ``probs`` (..., C) into the contiguous uint8 ``out`` (..., 4). ``config``
-    overrides :func:`launch_config` (``block``, ``num_warps``, ``staged``), for tuning."""
-    programs, args, constants, options = kernel_arguments(probs, mode, palette, class_index, out, **config)
+    """Colour ``probs`` (..., C) into the contiguous uint8 ``out`` (..., 4); ``ramp`` is the
+    ``prob``/``value`` ramp's ``(lo, scale)`` (``ramp_scale``). ``config`` overrides
+    :func:`launch_config` (``block``, ``num_warps``, ``staged``), for tuning."""
+    programs, args, constants, options = kernel_arguments(
+        probs, mode, palette, class_index, out, ramp=ramp, **config
+    )
     _probs_to_rgba_kernel[(programs,)](*args, **constants, **options)
     return out
 
 
 def kernel_arguments(
-    probs: torch.Tensor, mode: str, palette: torch.Tensor, class_index: int, out: torch.Tensor, **config
+    probs: torch.Tensor,
+    mode: str,
+    palette: torch.Tensor,
+    class_index: int,
+    out: torch.Tensor,
+    ramp: tuple[float, float] = (0.0, 1.0),
+    **config,
 ) -> tuple[int, tuple, dict, dict]:
     """The launch: its number of programs, run-time arguments, compile-time constants and
     options (``benchmarks.tune_colormap --report`` compiles from the same)."""
@@ -132,7 +147,8 @@ def kernel_arguments(
     anchors = device_copy(_ANCHORS, probs.device)
     config = {**launch_config(num_classes), **config}
     block = config["block"]
-    args = (flat, palette, anchors, out.view(torch.int32), n_pixels, n_pixels * num_classes, class_index)
+    n_values = n_pixels * num_classes
+    args = (flat, palette, anchors, out.view(torch.int32), n_pixels, n_values, class_index, *map(float, ramp))
     constants = dict(
         NUM_CLASSES=num_classes, MODE=MODES.index(mode),
         INK_R=float(BOUNDARY_INK[0]), INK_G=float(BOUNDARY_INK[1]), INK_B=float(BOUNDARY_INK[2]),
