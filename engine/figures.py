@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from probescope.kernels import default_palette
+from probescope.probes.base import display_name
 from probescope.probes.grid import point_colours, ramp_ends
 from probescope.probes.loss import first_nonfinite, frame_series
 from probescope.probes.prediction import confusion_shares, scatter_colours, scatter_legend, scatter_points
@@ -74,7 +75,9 @@ class GridPanel:
             if ends is not None:
                 ax.set_title(f"{ends[0]}: blue {ends[1]}, white {ends[2]}, red {ends[3]}", fontsize=9)
             elif len(palette) <= 12:
-                handles = [Patch(color=c / 255.0, label=f"class {i}") for i, c in enumerate(palette)]
+                handles = [
+                    Patch(color=c / 255.0, label=display_name(config, i)) for i, c in enumerate(palette)
+                ]
                 ax.legend(
                     handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False
                 )
@@ -248,8 +251,8 @@ class PredictionPanel:
         elif self.task == "binary":
             ax.axvline(config["threshold"], color="0.3", lw=1, ls="--")
             ax.set_xlim(-0.02, 1.02)
-            ax.set_yticks([0, 1], ["class 0", "class 1"])
-            labels = ("predicted P(class 1)", None)
+            ax.set_yticks([0, 1], [display_name(config, 0), display_name(config, 1)])
+            labels = (f"predicted P({display_name(config, 1)})", None)
         else:
             classes = config["num_classes"]
             self.means = [
@@ -257,7 +260,8 @@ class PredictionPanel:
             ]
             ax.set_ylim(-0.02, 1.02)
             ax.set_xlim(-0.6, classes - 0.4)
-            ax.set_xticks(range(classes))
+            names = [str(k) for k in range(classes)] if compact else _tick_names(config, range(classes))
+            ax.set_xticks(range(classes), names, rotation=_tick_rotation(names))  # (small: indices)
             labels = (
                 ("label (pale: samples without it)", "predicted P(true state)")
                 if self.task == "multilabel"
@@ -475,9 +479,10 @@ def confusion_figure(record: ProbeRecord, frame: int = -1) -> Figure:
         for (r, c), n in np.ndenumerate(counts):
             colour = "white" if shares[r, c] > 0.6 else "black"
             ax.text(c, r, str(n), ha="center", va="center", fontsize=8, color=colour)
-    ticks = range(classes) if classes <= 30 else range(0, classes, -(-classes // 15))
-    ax.set_xticks(ticks)
-    ax.set_yticks(ticks)
+    ticks = list(range(classes) if classes <= 30 else range(0, classes, -(-classes // 15)))
+    names = _tick_names(record.config, ticks)
+    ax.set_xticks(ticks, names, rotation=_tick_rotation(names))
+    ax.set_yticks(ticks, names)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     right = int(np.trace(counts))
@@ -487,6 +492,16 @@ def confusion_figure(record: ProbeRecord, frame: int = -1) -> Figure:
         fontsize=10,
     )
     return figure
+
+
+def _tick_names(config: dict, indices) -> list[str]:
+    """Tick labels of classes (labels): their ``class_names``, else their indices."""
+    return [str(config["class_names"][k]) if config.get("class_names") else str(k) for k in indices]
+
+
+def _tick_rotation(names: list[str]) -> float:
+    """Tick labels of several characters side by side slant so that they do not run together."""
+    return 30.0 if max((len(n) for n in names), default=0) > 3 else 0.0
 
 
 def spread(items: list[str], n: int) -> list[str]:

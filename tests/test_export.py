@@ -320,3 +320,28 @@ def test_a_value_maps_in_between_frames_are_blended_values_coloured_over_its_ran
     positive = {"probs": np.full((1, 1, 2), 4.0, np.float32)}, {"probs": np.full((1, 1, 2), 1.0, np.float32)}
     (half,) = _blend(record, *positive, 1, "geometric")
     np.testing.assert_allclose(half["probs"], 2.0, rtol=1e-6)  # sqrt(4 * 1), not normalised to 0.5
+
+
+def test_class_names_name_the_figures_legends_and_ticks(tmp_path):
+    """The map's legend, the predictions' class ticks and the confusion
+    matrix's ticks name the classes."""
+    from probescope import GridProbe, PredictionProbe
+    from probescope.figures import confusion_figure
+
+    x = torch.randn(90, 2)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    names = ["low", "middle", "high"]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 3))
+    probes = [GridProbe(x, y, resolution=8, class_names=names),
+              PredictionProbe(x, y, class_names=names, schedule=Schedule.every(1))]  # fmt: skip
+    with Monitor(model, probes, run_dir=tmp_path / "run") as monitor:
+        monitor.step()
+    run = open_run(tmp_path / "run")
+    grid = FrameRenderer(run.probe("grid"))
+    assert [t.get_text() for t in grid.figure.axes[0].get_legend().get_texts()] == names
+    prediction = FrameRenderer(run.probe("prediction"))
+    assert [t.get_text() for t in prediction.figure.axes[0].get_xticklabels()] == names
+    matrix = confusion_figure(run.probe("prediction")).axes[0]
+    assert [t.get_text() for t in matrix.get_xticklabels()] == names
+    assert [t.get_text() for t in matrix.get_yticklabels()] == names

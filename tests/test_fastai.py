@@ -384,3 +384,28 @@ class Validations(ProbescopeEventCallback):
 
     def after_validate(self, monitor, **values):
         self.calls.append((monitor.step_count, values))
+
+
+def test_the_default_prediction_probe_names_the_classes_by_the_dataloaders_vocab(tmp_path):
+    """A DataBlock's CategoryBlock gives the classes names (its vocab, sorted): the default
+    PredictionProbe draws them by those names; a vocab of another length names nothing."""
+    from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
+    from fastai.data.transforms import RandomSplitter
+
+    from probescope.integrations.fastai import vocab_names
+
+    colours = ["red", "green", "blue", "cyan", "magenta", "yellow", "black"]
+    x, y = blobs7(700, torch.Generator().manual_seed(0))
+    block = DataBlock(blocks=(TransformBlock, CategoryBlock), get_x=lambda i: x[i],
+                      get_y=lambda i: colours[int(y[i])], splitter=RandomSplitter(seed=0))  # fmt: skip
+    dls = block.dataloaders(list(range(700)), bs=64, device="cpu")
+    learn = learner(dls, mlp())
+    learn.fit(1, 1e-2, cbs=ProbescopeCallback(run_dir=tmp_path / "run", snapshot="sync"))
+    record = open_run(tmp_path / "run").probe("prediction")
+    assert record.config["class_names"] == sorted(colours) == list(dls.vocab)
+    # The probe's classes are the vocab's indices: a sample's named class is its own colour.
+    items = dls.valid.items[:10]  # the first validation batch's samples, in order
+    named = [record.config["class_names"][int(c)] for c in record.static["y_true"][:10]]
+    assert named == [colours[int(y[i])] for i in items]
+    assert vocab_names(dls, 6) is None and vocab_names(dls, None) is None
+    assert vocab_names(blobs_dls(), 7) is None  # DataLoaders of plain items: no vocab

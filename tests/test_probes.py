@@ -943,3 +943,47 @@ def test_a_value_map_survives_a_spec_round_trip_and_a_monitor_run(tmp_path):
     with torch.no_grad():
         expected = model(_grid_inputs(again).reshape(-1, 2).float()).reshape(6, 9, 1)
     np.testing.assert_allclose(last.data["probs"], expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- class_names
+
+
+def test_class_names_are_checked_when_given_and_counted_when_attached(mlp):
+    from probescope.probes.base import display_name
+
+    x = torch.randn(30, 2)
+    for bad, message in [("abc", "must be a sequence of names"), (3, "must be a sequence of names"),
+                         ([], "got no names"), (["a", "b", "a"], r"\['a'\] more than once")]:  # fmt: skip
+        with pytest.raises((TypeError, ValueError), match=message):
+            GridProbe(x, class_names=bad)
+        with pytest.raises((TypeError, ValueError), match=message):
+            PredictionProbe(x, torch.zeros(30), class_names=bad)
+    probe = GridProbe(x, class_names=np.array(["a", "b"]))  # mlp has 7 classes
+    with pytest.raises(ValueError, match="GridProbe 'grid': 2 class_names for 7 classes"):
+        probe.attach(mlp)
+    names = [f"kind {i}" for i in range(7)]
+    probe = GridProbe(x, class_names=names)
+    probe.attach(mlp)
+    assert probe.config()["class_names"] == names
+    assert display_name(probe.config(), 3) == "kind 3" and display_name({}, 3, "label") == "label 3"
+    binary = PredictionProbe(x, (x[:, 0] > 0).long(), class_names=("benign", "malignant"))
+    binary.attach(nn.Linear(2, 1))
+    assert binary.task == "binary" and binary.config()["class_names"] == ["benign", "malignant"]
+    with pytest.raises(ValueError, match="3 class_names for 2 outputs"):
+        PredictionProbe(x, torch.randn(30, 2), class_names=list("abc")).attach(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="2 class_names for 3 labels"):
+        PredictionProbe(x, (torch.randn(30, 3) > 0).float(), class_names=["a", "b"]).attach(nn.Linear(2, 3))
+    with pytest.raises(ValueError, match=r"1 class_names for 2 classes \(binary\)"):
+        PredictionProbe(x, (x[:, 0] > 0).long(), class_names=["yes"]).attach(nn.Linear(2, 1))
+
+
+def test_class_names_survive_a_spec_round_trip(tmp_path):
+    from probescope import load_probes, save_probes
+
+    x = torch.randn(20, 2)
+    probes = [
+        GridProbe(x, class_names=["x", "y"]),
+        PredictionProbe(x, torch.arange(20) % 2, class_names=("no", "yes")),
+    ]
+    save_probes(probes, tmp_path / "probes.json")
+    assert [p.class_names for p in load_probes(tmp_path / "probes.json")] == [("x", "y"), ("no", "yes")]

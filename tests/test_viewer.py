@@ -1106,3 +1106,33 @@ def test_a_value_map_draws_its_values_and_its_points_in_their_targets_colour():
     viewer._on_mouse(_Pointer(panel.data_to_canvas(us[c], vs[r])))
     assert f"value {frame.data['probs'][r, c, 0]:.4g}" in panel.caption.text
     viewer.close()
+
+
+def test_class_names_name_the_legend_and_the_readouts(trained_map):
+    """A map's legend and pointer, and a prediction panel's pointer over a class, over a cell
+    of its confusion matrix and over a label, say the classes' names."""
+    from probescope.viewers.panels import _label_readout
+
+    spec, frame = trained_map
+    names = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu"]
+    named = PanelSpec(spec.name, spec.kind, {**spec.config, "class_names": names}, spec.static)
+    viewer, _, panel = _render_one(named, frame.data, frame.step)
+    assert list(panel.legend.text.text) == names
+    us, vs, probs = spec.static["us"], spec.static["vs"], frame.data["probs"]
+    viewer._on_mouse(_Pointer(panel.data_to_canvas(us[4], vs[6])))
+    best = int(probs[6, 4].argmax())
+    assert f"{names[best]} {probs[6, 4, best]:.2f}" in panel.caption.text
+    viewer.close()
+    y = np.array([0, 0, 1, 1, 1], np.float32)
+    prediction = PanelSpec("prediction", "prediction",
+                           {"task": "classification", "num_classes": 2, "class_names": ["no", "yes"]},
+                           {"y_true": y, "jitter": np.zeros_like(y)})  # fmt: skip
+    data = {"prob_true": np.full(5, 0.8), "accuracy": np.float64(0.6), "class_mean": np.full(2, 0.8),
+            "confusion": np.array([[2, 0], [2, 1]])}  # fmt: skip
+    viewer, _, panel = _render_one(prediction, data, 3)
+    assert panel.readout(1.1, 0.5) == "yes: 1 of 3 right, 2 taken for no"
+    panel.confusion_shown = True
+    assert panel.readout(0.0, 1.0) == "true yes, predicted no: 2 samples (67% of the class)"
+    viewer.close()
+    counts = np.array([[[3, 1], [0, 2]]])  # one label: 3 right absent, 1 marked, 2 right present
+    assert _label_readout(counts, 0.1, {"class_names": ["urgent"]}).startswith("urgent: 5 of 6 right")

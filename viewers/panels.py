@@ -19,6 +19,7 @@ from vispy.visuals.transforms import STTransform
 from probescope.figures import fixed_limits, spread
 from probescope.kernels import default_palette
 from probescope.kernels.colormap import DIVERGING_ANCHORS
+from probescope.probes.base import display_name
 from probescope.probes.grid import point_colours, ramp_ends
 from probescope.probes.loss import first_nonfinite, frame_series
 from probescope.probes.prediction import confusion_shares, scatter_colours, scatter_legend, scatter_points
@@ -215,7 +216,7 @@ class MapPanel(Panel):
             low, high = _rgba(np.asarray([DIVERGING_ANCHORS[0], DIVERGING_ANCHORS[-1]]))
             legend = [(f"{ends[0]} {ends[1]}", tuple(low)), (ends[3], tuple(high))]
         elif len(self.palette) <= 12:
-            legend = [(f"class {i}", tuple(c)) for i, c in enumerate(_rgba(self.palette))]
+            legend = [(display_name(config, i), tuple(c)) for i, c in enumerate(_rgba(self.palette))]
         plane = config.get("input_dim", 2) > 2
         self.x_label, self.y_label = ("u", "v") if plane else ("x1", "x2")
         super().__init__(parent_grid, spec, row, col, legend)
@@ -258,13 +259,17 @@ class MapPanel(Panel):
         where = f"({x:.3g}, {y:.3g})"
         if not np.all(np.isfinite(p)):
             return f"{where}: not finite"
-        if self.spec.config.get("mode") == "value":
-            index = int(self.spec.config.get("class_index", 0))
-            return f"{where}: " + (f"value {p[0]:.4g}" if len(p) == 1 else f"output {index} {p[index]:.4g}")
+        config = self.spec.config
+        if config.get("mode") == "value":
+            index = int(config.get("class_index", 0))
+            named = len(p) > 1 or config.get("class_names")
+            return f"{where}: " + (
+                f"{display_name(config, index, 'output')} {p[index]:.4g}" if named else f"value {p[0]:.4g}"
+            )
         if len(p) == 1:
-            return f"{where}: P(class 1) {p[0]:.2f}"
+            return f"{where}: P({display_name(config, 1)}) {p[0]:.2f}"
         top = np.argsort(-p, kind="stable")[:3]
-        return f"{where}: " + ", ".join(f"class {k} {p[k]:.2f}" for k in top)
+        return f"{where}: " + ", ".join(f"{display_name(config, k)} {p[k]:.2f}" for k in top)
 
     def update_device(self, rgba, step: float, epoch: float) -> None:
         """Show an (H, W, 4) uint8 CUDA frame: through CUDA-GL interop when it can be used
@@ -444,7 +449,7 @@ class PredictionPanel(Panel):
         confusion matrix: its count and its share of the true class. Over a label: its samples
         right, and those it misses and those it marks wrongly."""
         if self.task == "multilabel" and self.data is not None:
-            return _label_readout(np.asarray(self.data["label_confusion"]), x)
+            return _label_readout(np.asarray(self.data["label_confusion"]), x, self.spec.config)
         confusion = None if self.data is None else self.data.get("confusion")
         if confusion is None:
             return None
@@ -455,25 +460,29 @@ class PredictionPanel(Panel):
                 return None
             total = int(confusion[r].sum())
             share = f" ({confusion[r, c] / total:.0%} of the class)" if total else ""
-            return f"true class {r}, predicted {c}: {int(confusion[r, c])} samples{share}"
+            config = self.spec.config
+            true = display_name(config, r)
+            predicted = display_name(config, c) if config.get("class_names") else str(c)
+            return f"true {true}, predicted {predicted}: {int(confusion[r, c])} samples{share}"
         where = y if self.task == "binary" else x
         k = round(where)
         if not 0 <= k < len(confusion) or abs(where - k) > 0.45:
             return None
         row = confusion[k]
         total = int(row.sum())
+        name = display_name(self.spec.config, k)
         if total == 0:
-            return f"class {k}: no samples"
-        text = f"class {k}: {int(row[k])} of {total} right"
+            return f"{name}: no samples"
+        text = f"{name}: {int(row[k])} of {total} right"
         wrong = row.copy()
         wrong[k] = 0
         if wrong.any():
             j = int(wrong.argmax())
-            text += f", {int(wrong[j])} taken for class {j}"
+            text += f", {int(wrong[j])} taken for {display_name(self.spec.config, j)}"
         return text
 
 
-def _label_readout(label_confusion: np.ndarray, x: float) -> str | None:
+def _label_readout(label_confusion: np.ndarray, x: float, config: dict) -> str | None:
     """What the pointer over label ``round(x)`` says, from its 2x2 counts (rows: absent,
     present; columns: predicted absent, present)."""
     k = round(x)
@@ -481,8 +490,9 @@ def _label_readout(label_confusion: np.ndarray, x: float) -> str | None:
         return None
     true_neg, false_pos, false_neg, true_pos = (int(n) for n in label_confusion[k].reshape(-1))
     total = true_neg + false_pos + false_neg + true_pos
+    name = display_name(config, k, "label")
     return (
-        f"label {k}: {true_pos + true_neg} of {total} right; present in {false_neg + true_pos}, "
+        f"{name}: {true_pos + true_neg} of {total} right; present in {false_neg + true_pos}, "
         f"{false_neg} missed; {false_pos} marked where absent"
     )
 

@@ -30,6 +30,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.schedule import LRFinder
@@ -166,7 +167,28 @@ def default_probes(learn) -> list[Probe]:
     except (ValueError, TypeError) as err:
         log.warning("probescope: no PredictionProbe: %s; pass probes=[...] to choose them", err)
         return probes
+    names = vocab_names(learn.dls, probe.num_classes if probe.task != "regression" else None)
+    if names is not None:  # the classes (labels) by the names the DataLoaders gave them
+        probe = PredictionProbe(x, y, class_names=names)
+        probe.attach(learn.model)
     return [probe, *probes]
+
+
+def vocab_names(dls, count: int | None) -> list[str] | None:
+    """The DataLoaders' vocab (a CategoryBlock's classes, a MultiCategoryBlock's labels) as
+    ``count`` names, or None when it has none, or not as many."""
+    if count is None:
+        return None
+    try:
+        vocab = dls.vocab
+    except Exception:  # (DataLoaders of plain datasets have none: fastai's lookup raises)
+        return None
+    if vocab is None or isinstance(vocab, str) or not hasattr(vocab, "__len__") or len(vocab) != count:
+        return None
+    if len(vocab) and not isinstance(vocab[0], (str, int, np.integer, bool)):
+        return None  # (a vocab per target, as a tuple of CategoryMaps: not one class per name)
+    names = [str(v) for v in vocab]
+    return names if len(set(names)) == len(names) else None
 
 
 def epoch_values(learn) -> dict[str, float]:

@@ -327,6 +327,34 @@ def all_finite(t: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(lo) & torch.isfinite(hi)
 
 
+def check_names(owner: str, names) -> tuple[str, ...] | None:
+    """``class_names`` (of classes, labels or outputs, in their order) as a tuple of distinct
+    strings: a list, a tuple, an array, a fastai vocab; None stays None."""
+    if names is None:
+        return None
+    if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):
+        raise TypeError(f"{owner}: class_names must be a sequence of names, got {type(names).__name__}")
+    names = tuple(str(n) for n in names)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if not names or repeated:
+        got = "no names" if not names else f"{repeated} more than once"
+        raise ValueError(f"{owner}: class_names must be distinct names, one per class, got {got}")
+    return names
+
+
+def check_name_count(owner: str, names: tuple[str, ...] | None, count: int, what: str) -> None:
+    """One name per class (label, output) of the attached model."""
+    if names is not None and len(names) != count:
+        raise ValueError(f"{owner}: {len(names)} class_names for {count} {what}")
+
+
+def display_name(config: dict[str, Any], index: int, word: str = "class") -> str:
+    """What a drawing calls class (label, output) ``index`` of a probe with ``config``: its
+    name from ``class_names``, else ``"<word> <index>"``."""
+    names = config.get("class_names")
+    return str(names[index]) if names and 0 <= index < len(names) else f"{word} {index}"
+
+
 #: What a probe's ``output=`` may say its model's outputs are turned into.
 OUTPUTS = ("auto", "softmax", "sigmoid", "probs")
 

@@ -18,7 +18,10 @@ from probescope.probes.base import (
     all_finite,
     as_float_tensor,
     check_forward,
+    check_name_count,
+    check_names,
     check_output,
+    display_name,
     eval_mode,
     model_device_dtype,
 )
@@ -45,6 +48,9 @@ class GridProbe(Probe):
     in (0, 1]) blends each map with the previous ones so that a live view does not flicker (a
     NaN frame shows, and the blend starts again from the next frame: see ``ema_frames``).
 
+    ``class_names`` (one per class, or per output in ``value`` mode) name them in legends
+    and readouts, in place of their indices.
+
     ``mode="value"`` colours output ``class_index`` (default 0) of a regression model, as it
     is, through the blue-white-red ramp over ``value_range=(lo, hi)``, the same range at every
     frame: by default the range of ``labels``, which are then the targets (floats; NaN for
@@ -68,6 +74,7 @@ class GridProbe(Probe):
         mode: str = "region",
         class_index: int | None = None,
         value_range: tuple[float, float] | None = None,
+        class_names=None,
         output: str = "auto",
         plane: str | tuple | None = None,
         points: bool = True,
@@ -89,6 +96,7 @@ class GridProbe(Probe):
             )
         if value_range is not None and mode != "value":
             raise ValueError(f"{owner}: value_range is for mode='value', not mode={mode!r}")
+        self.class_names = check_names(owner, class_names)
         if class_index is None:
             class_index = 1 if mode == "prob" else 0  # a binary model's positive class; the first output
         width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
@@ -139,6 +147,9 @@ class GridProbe(Probe):
         check_output(owner, self.output, k)
         binary = self.mode != "value" and (self.output == "sigmoid" or (self.output == "auto" and k == 1))
         self.num_classes = 2 if binary else k
+        check_name_count(
+            owner, self.class_names, self.num_classes, "outputs" if self.mode == "value" else "classes"
+        )
         if self.mode in ("prob", "value") and not 0 <= self.class_index < self.num_classes:
             what = "outputs" if self.mode == "value" else "classes"
             raise ValueError(
@@ -233,6 +244,7 @@ class GridProbe(Probe):
             "mode": self.mode,
             "class_index": self.class_index,
             "value_range": None if self.value_range is None else list(self.value_range),
+            "class_names": None if self.class_names is None else list(self.class_names),
             "output": self.output,
             "num_classes": self.num_classes,
             "points": self.points,
@@ -407,8 +419,8 @@ def ramp_ends(config: dict[str, Any]) -> tuple[str, str, str, str] | None:
     stand for; None for the other modes."""
     index = config.get("class_index", 1)
     if config.get("mode") == "prob":
-        return f"P(class {index})", "0", "0.5", "1"
+        return f"P({display_name(config, index)})", "0", "0.5", "1"
     if config.get("mode") == "value":
         lo, hi = config["value_range"]
-        return f"output {index}", f"{lo:.3g}", f"{(lo + hi) / 2:.3g}", f"{hi:.3g}"
+        return display_name(config, index, "output"), f"{lo:.3g}", f"{(lo + hi) / 2:.3g}", f"{hi:.3g}"
     return None

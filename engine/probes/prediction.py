@@ -17,7 +17,10 @@ from probescope.probes.base import (
     as_input_tensor,
     batched_forward,
     check_forward,
+    check_name_count,
+    check_names,
     check_output,
+    display_name,
     outputs_to_probs,
 )
 from probescope.schedule import Schedule
@@ -42,6 +45,9 @@ class PredictionProbe(Probe):
       (one per output), the MSE over them all and the mean of the outputs' R², and each
       output's own.
 
+    ``class_names`` (one per class, label or output) name them in legends, ticks and
+    readouts, in place of their indices.
+
     ``task="auto"`` decides from the targets and the model's output width: a column of
     whole numbers is classes, a row of 0s and 1s per sample labels, anything else
     regression. ``show_perc`` keeps a fixed random fraction of the batch.
@@ -59,6 +65,7 @@ class PredictionProbe(Probe):
         show_perc: float = 1.0,
         threshold: float = 0.5,
         output: str = "auto",
+        class_names=None,
         jitter: float = 0.3,
         seed: int = 0,
         batch_size: int = 65536,
@@ -83,6 +90,7 @@ class PredictionProbe(Probe):
         if task not in TASKS:
             raise ValueError(f"{owner}: task must be one of {TASKS}, got {task!r}")
         check_output(owner, output)
+        self.class_names = check_names(owner, class_names)
         if not 0.0 < show_perc <= 1.0:
             raise ValueError(f"{owner}: show_perc must be in (0, 1], got {show_perc!r}")
         if not 0.0 < threshold < 1.0:
@@ -154,6 +162,10 @@ class PredictionProbe(Probe):
                 )
         elif task == "regression" and width != self.outputs:
             raise ValueError(f"{owner}: regression needs one output per sample, the model gives {width}")
+        if task == "regression":
+            check_name_count(owner, self.class_names, self.outputs, "outputs")
+        else:
+            check_name_count(owner, self.class_names, self.num_classes, _COUNTED[task])
         self.task = task
 
     def evaluate(self, model: nn.Module, context: ProbeContext) -> dict[str, Any]:
@@ -246,7 +258,11 @@ class PredictionProbe(Probe):
             "samples": int(self.x.shape[0]),
             "show_perc": self.show_perc,
             "threshold": self.threshold,
+            "class_names": None if self.class_names is None else list(self.class_names),
         }
+
+
+_COUNTED = {"classification": "classes", "binary": "classes (binary)", "multilabel": "labels"}
 
 
 def _share(part: torch.Tensor, whole: torch.Tensor) -> float:
@@ -316,7 +332,7 @@ def scatter_legend(task: str, config, limit: int = 12) -> list[tuple[str, tuple]
         return []
     word = {"regression": "output", "multilabel": "label"}.get(task, "class")
     palette = default_palette(count).numpy() / 255.0
-    return [(f"{word} {i}", tuple(float(v) for v in c)) for i, c in enumerate(palette)]
+    return [(display_name(config, i, word), tuple(float(v) for v in c)) for i, c in enumerate(palette)]
 
 
 def confusion_shares(counts) -> np.ndarray:
