@@ -238,7 +238,7 @@ class PredictionPanel:
         static, config = record.static, record.config
         self.ax, self.task = ax, config["task"]
         self.y, self.jitter = static["y_true"], static["jitter"]
-        colours = scatter_colours(self.task, self.y)
+        colours = scatter_colours(self.task, self.y, static.get("palette"))
         size = 4 if compact else 10
         self.points = ax.scatter(*np.zeros((2, len(colours))), s=size, c=colours, alpha=0.5, linewidths=0)
         self.means = []
@@ -272,7 +272,7 @@ class PredictionPanel:
             if labels[1]:
                 ax.set_ylabel(labels[1])
             if self.task in ("regression", "multilabel"):  # (the classes are the x ticks)
-                entries = scatter_legend(self.task, config)
+                entries = scatter_legend(self.task, config, palette=static.get("palette"))
                 if entries:
                     handles = [Patch(color=colour, label=name) for name, colour in entries]
                     ax.legend(handles=handles, fontsize=7, loc="best")

@@ -12,6 +12,7 @@ from probescope.kernels.colormap import (
     default_palette,
     probs_to_rgba,
     probs_to_rgba_reference,
+    resolve_palette,
 )
 from probescope.kernels.ema import ema_frames, ema_frames_reference
 from probescope.kernels.grid import GridSpec, grid_inputs, grid_inputs_reference
@@ -53,6 +54,7 @@ __all__ = [
     "module_forward_on_grid",
     "probs_to_rgba",
     "probs_to_rgba_reference",
+    "resolve_palette",
     "smooth_1d",
     "smooth_1d_reference",
     "spectral_norm",

@@ -55,6 +55,75 @@ def default_palette(num_classes: int) -> torch.Tensor:
     return torch.tensor(colours, dtype=torch.uint8).reshape(num_classes, 3)
 
 
+def check_palette(palette):
+    """``palette=`` as a probe takes it, checked before the class count is known: None (the
+    default palette), a matplotlib colormap's name, or colours (``(r, g, b)`` of ints 0-255 or
+    floats 0-1, or names and hex strings matplotlib knows), returned as a tuple of RGB."""
+    if palette is None or isinstance(palette, str):
+        if isinstance(palette, str):
+            _colormap(palette)
+        return palette
+    if not hasattr(palette, "__iter__"):
+        raise TypeError(
+            f"palette must be a colormap's name or a sequence of colours, got {type(palette).__name__}"
+        )
+    colours = tuple(_rgb(c) for c in palette)
+    if not colours:
+        raise ValueError("palette must hold at least one colour")
+    return colours
+
+
+def resolve_palette(palette, count: int) -> torch.Tensor:
+    """A ``(count, 3)`` uint8 palette from ``check_palette``'s result: the default one, the
+    colours given (exactly ``count``), or a colormap's: a qualitative map's first ``count``
+    colours (tab10, Set1, ...), else ``count`` colours spread evenly over it."""
+    if palette is None:
+        return default_palette(count)
+    if isinstance(palette, str):
+        cmap = _colormap(palette)
+        listed = getattr(cmap, "colors", None)
+        if listed is not None and count <= cmap.N <= 32:  # qualitative: its own colours, in order
+            rgb = [tuple(c)[:3] for c in listed[:count]]
+        else:
+            rgb = [cmap(t)[:3] for t in ([0.5] if count == 1 else [i / (count - 1) for i in range(count)])]
+    else:
+        if len(palette) != count:
+            raise ValueError(f"palette has {len(palette)} colours for {count} classes")
+        rgb = list(palette)
+    return torch.tensor([[round(v * 255) for v in c] for c in rgb], dtype=torch.uint8).reshape(count, 3)
+
+
+def _colormap(name: str):
+    import matplotlib
+
+    try:
+        return matplotlib.colormaps[name]
+    except KeyError:
+        raise ValueError(f"palette {name!r} is no matplotlib colormap (tab10, Set2, viridis, ...)") from None
+
+
+def _rgb(colour) -> tuple[float, float, float]:
+    """One colour as floats 0-1: ints 0-255, floats 0-1, or a name or hex string."""
+    from matplotlib.colors import to_rgb
+
+    if isinstance(colour, str):
+        try:
+            return to_rgb(colour)
+        except ValueError:
+            raise ValueError(f"palette colour {colour!r} is no colour matplotlib knows") from None
+    values = tuple(colour) if hasattr(colour, "__iter__") else ()
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if len(values) != 3 or not numeric:
+        raise ValueError(f"palette colour {colour!r} must be (r, g, b) or a name or hex string")
+    if all(isinstance(v, int) for v in values):
+        if not all(0 <= v <= 255 for v in values):
+            raise ValueError(f"palette colour {colour!r}: ints are 0-255")
+        return tuple(v / 255.0 for v in values)
+    if not all(0.0 <= v <= 1.0 for v in values):
+        raise ValueError(f"palette colour {colour!r}: floats are 0-1 (ints 0-255)")
+    return tuple(float(v) for v in values)
+
+
 def _to_uint8(rgb: torch.Tensor) -> torch.Tensor:
     return (rgb + 0.5).floor().clamp(0, 255).to(torch.uint8)
 

@@ -323,7 +323,7 @@ def test_a_value_maps_in_between_frames_are_blended_values_coloured_over_its_ran
 
 
 def test_class_names_name_the_figures_legends_and_ticks(tmp_path):
-    """The map's legend, the predictions' class ticks and the confusion
+    """The map's legend, the predictions' class ticks (and colours, from a palette) and the confusion
     matrix's ticks name the classes."""
     from probescope import GridProbe, PredictionProbe
     from probescope.figures import confusion_figure
@@ -334,7 +334,8 @@ def test_class_names_name_the_figures_legends_and_ticks(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 3))
     probes = [GridProbe(x, y, resolution=8, class_names=names),
-              PredictionProbe(x, y, class_names=names, schedule=Schedule.every(1))]  # fmt: skip
+              PredictionProbe(x, y, class_names=names, palette=["black", "gray", "red"],
+                              schedule=Schedule.every(1))]  # fmt: skip
     with Monitor(model, probes, run_dir=tmp_path / "run") as monitor:
         monitor.step()
     run = open_run(tmp_path / "run")
@@ -342,6 +343,11 @@ def test_class_names_name_the_figures_legends_and_ticks(tmp_path):
     assert [t.get_text() for t in grid.figure.axes[0].get_legend().get_texts()] == names
     prediction = FrameRenderer(run.probe("prediction"))
     assert [t.get_text() for t in prediction.figure.axes[0].get_xticklabels()] == names
+    faces = prediction.panel.points.get_facecolors()[:, :3]  # each sample in its class's colour
+    palette = np.array([[0, 0, 0], [128, 128, 128], [255, 0, 0]]) / 255.0
+    np.testing.assert_allclose(
+        faces, palette[run.probe("prediction").static["y_true"].astype(int)], atol=0.003
+    )
     matrix = confusion_figure(run.probe("prediction")).axes[0]
     assert [t.get_text() for t in matrix.get_xticklabels()] == names
     assert [t.get_text() for t in matrix.get_yticklabels()] == names

@@ -343,3 +343,28 @@ def test_interpolation_weights_are_built_once_so_the_gpu_copies_them_once():
     assert interpolation_weights(4, "linear") is not interpolation_weights(4, "smoothstep")
     expected = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
     assert torch.allclose(interpolation_weights(3, "linear"), expected)
+
+
+def test_a_palette_is_taken_as_colours_or_from_a_colormap():
+    import matplotlib
+
+    from probescope.kernels.colormap import check_palette, resolve_palette
+
+    given = check_palette(["#ff0000", (0, 128, 255), (0.0, 0.5, 1.0), "black"])
+    assert resolve_palette(given, 4).tolist() == [[255, 0, 0], [0, 128, 255], [0, 128, 255], [0, 0, 0]]
+    tab10 = resolve_palette(check_palette("tab10"), 3).numpy()
+    expected = np.round(np.asarray(matplotlib.colormaps["tab10"].colors[:3]) * 255)
+    np.testing.assert_array_equal(tab10, expected)  # a qualitative map's own first colours
+    viridis = resolve_palette("viridis", 5).numpy()
+    ends = np.asarray([matplotlib.colormaps["viridis"](t)[:3] for t in (0.0, 1.0)])
+    np.testing.assert_array_equal(viridis[[0, -1]], np.round(ends * 255))  # spread over a continuous one
+    assert len({tuple(c) for c in resolve_palette("tab10", 12).tolist()}) >= 10  # spread past its ten
+    assert torch.equal(resolve_palette(None, 4), default_palette(4))
+    for bad, message in [("nope", "no matplotlib colormap"), (["#12"], "no colour matplotlib knows"),
+                         ([(1, 2)], "must be \\(r, g, b\\)"), ([(0, 0, 300)], "ints are 0-255"),
+                         ([(0.0, 0.5, 1.5)], "floats are 0-1"), ([], "at least one colour"),
+                         (7, "a colormap's name or a sequence")]:  # fmt: skip
+        with pytest.raises((TypeError, ValueError), match=message):
+            check_palette(bad)
+    with pytest.raises(ValueError, match="palette has 2 colours for 3 classes"):
+        resolve_palette(check_palette(["red", "blue"]), 3)

@@ -987,3 +987,28 @@ def test_class_names_survive_a_spec_round_trip(tmp_path):
     ]
     save_probes(probes, tmp_path / "probes.json")
     assert [p.class_names for p in load_probes(tmp_path / "probes.json")] == [("x", "y"), ("no", "yes")]
+
+
+def test_a_palette_colours_the_map_and_the_predictions(mlp):
+    from probescope.probes.prediction import scatter_colours
+
+    x = torch.randn(40, 2) * 3
+    colours = [(200, 10, 10), (10, 200, 10), (10, 10, 200), "gold", "#000000", "white", (0.5, 0.5, 0.5)]
+    probe = GridProbe(x, resolution=32, mode="region", palette=colours)
+    frame = _evaluate(probe, mlp)
+    palette = probe.static()["palette"]
+    assert palette[3].tolist() == [255, 215, 0] and palette[5].tolist() == [255, 255, 255]
+    expected = probs_to_rgba(frame["probs"], "region", torch.from_numpy(palette), impl="torch")
+    assert (frame["rgba"].int() - expected.int()).abs().max() <= 1
+    assert not torch.equal(
+        expected, probs_to_rgba(frame["probs"], "region", default_palette(7), impl="torch")
+    )
+    with pytest.raises(ValueError, match="palette has 2 colours for 7 classes"):
+        GridProbe(x, palette=["red", "blue"]).attach(mlp)
+    prediction = PredictionProbe(x, torch.arange(40) % 7, palette="Set1")
+    prediction.attach(mlp)
+    static = prediction.static()
+    assert static["palette"].shape == (7, 3)
+    drawn = scatter_colours(prediction.task, static["y_true"], static["palette"])
+    np.testing.assert_allclose(drawn * 255, static["palette"][static["y_true"].astype(int)], atol=1e-9)
+    assert "palette" not in PredictionProbe(x, torch.arange(40) % 7).static()  # (the default)

@@ -352,8 +352,10 @@ class PredictionPanel(Panel):
         self.task = config["task"]
         self.y = np.asarray(static["y_true"], np.float32)
         self.jitter = np.asarray(static["jitter"], np.float32)
-        self.colours = _rgba(scatter_colours(self.task, self.y), 0.6)
-        legend = [(name, (*colour, 1.0)) for name, colour in scatter_legend(self.task, config)] or None
+        palette = spec.static.get("palette")
+        self.colours = _rgba(scatter_colours(self.task, self.y, palette), 0.6)
+        entries = scatter_legend(self.task, config, palette=palette)
+        legend = [(name, (*colour, 1.0)) for name, colour in entries] or None
         self.x_label, self.y_label = {
             "regression": ("y (true)", "y (predicted)"),
             "binary": ("predicted P(class 1)", "true class"),

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from probescope.kernels import GridSpec, default_palette, ema_frames, fused_path, grid_mlp, probs_to_rgba
-from probescope.kernels.colormap import MODES, check_value_range
+from probescope.kernels.colormap import MODES, check_palette, check_value_range, resolve_palette
 from probescope.probes.base import (
     Probe,
     ProbeContext,
@@ -49,7 +49,8 @@ class GridProbe(Probe):
     NaN frame shows, and the blend starts again from the next frame: see ``ema_frames``).
 
     ``class_names`` (one per class, or per output in ``value`` mode) name them in legends
-    and readouts, in place of their indices.
+    and readouts, in place of their indices; ``palette`` colours the classes (colours, one
+    per class, or a matplotlib colormap's name: see ``probescope.kernels.resolve_palette``).
 
     ``mode="value"`` colours output ``class_index`` (default 0) of a regression model, as it
     is, through the blue-white-red ramp over ``value_range=(lo, hi)``, the same range at every
@@ -75,6 +76,7 @@ class GridProbe(Probe):
         class_index: int | None = None,
         value_range: tuple[float, float] | None = None,
         class_names=None,
+        palette=None,
         output: str = "auto",
         plane: str | tuple | None = None,
         points: bool = True,
@@ -97,6 +99,10 @@ class GridProbe(Probe):
         if value_range is not None and mode != "value":
             raise ValueError(f"{owner}: value_range is for mode='value', not mode={mode!r}")
         self.class_names = check_names(owner, class_names)
+        try:
+            self.requested_palette = check_palette(palette)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{owner}: {err}") from None
         if class_index is None:
             class_index = 1 if mode == "prob" else 0  # a binary model's positive class; the first output
         width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
@@ -155,7 +161,10 @@ class GridProbe(Probe):
             raise ValueError(
                 f"{owner}: class_index {self.class_index} is out of range for {self.num_classes} {what}"
             )
-        self.palette = default_palette(self.num_classes)
+        try:
+            self.palette = resolve_palette(self.requested_palette, self.num_classes)
+        except ValueError as err:
+            raise ValueError(f"{owner}: {err}") from None
         # In eval mode, as frames see the model: the path they take, and no dropout draw or
         # batch norm update on the live model.
         with eval_mode(model), torch.no_grad():

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from probescope.kernels.colormap import default_palette
+from probescope.kernels.colormap import check_palette, default_palette, resolve_palette
 from probescope.kernels.mlp import final_output_kind
 from probescope.probes.base import (
     Probe,
@@ -46,7 +46,7 @@ class PredictionProbe(Probe):
       output's own.
 
     ``class_names`` (one per class, label or output) name them in legends, ticks and
-    readouts, in place of their indices.
+    readouts, in place of their indices; ``palette`` colours them (as GridProbe's).
 
     ``task="auto"`` decides from the targets and the model's output width: a column of
     whole numbers is classes, a row of 0s and 1s per sample labels, anything else
@@ -66,6 +66,7 @@ class PredictionProbe(Probe):
         threshold: float = 0.5,
         output: str = "auto",
         class_names=None,
+        palette=None,
         jitter: float = 0.3,
         seed: int = 0,
         batch_size: int = 65536,
@@ -91,6 +92,11 @@ class PredictionProbe(Probe):
             raise ValueError(f"{owner}: task must be one of {TASKS}, got {task!r}")
         check_output(owner, output)
         self.class_names = check_names(owner, class_names)
+        try:
+            self.requested_palette = check_palette(palette)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{owner}: {err}") from None
+        self.palette: torch.Tensor | None = None  # (colours, 3) uint8, once attached
         if not 0.0 < show_perc <= 1.0:
             raise ValueError(f"{owner}: show_perc must be in (0, 1], got {show_perc!r}")
         if not 0.0 < threshold < 1.0:
@@ -162,10 +168,16 @@ class PredictionProbe(Probe):
                 )
         elif task == "regression" and width != self.outputs:
             raise ValueError(f"{owner}: regression needs one output per sample, the model gives {width}")
-        if task == "regression":
-            check_name_count(owner, self.class_names, self.outputs, "outputs")
-        else:
-            check_name_count(owner, self.class_names, self.num_classes, _COUNTED[task])
+        count = self.outputs if task == "regression" else self.num_classes
+        check_name_count(
+            owner, self.class_names, count, "outputs" if task == "regression" else _COUNTED[task]
+        )
+        self.palette = None
+        if self.requested_palette is not None:  # (else the drawings' defaults)
+            try:
+                self.palette = resolve_palette(self.requested_palette, count)
+            except ValueError as err:
+                raise ValueError(f"{owner}: {err}") from None
         self.task = task
 
     def evaluate(self, model: nn.Module, context: ProbeContext) -> dict[str, Any]:
@@ -248,7 +260,10 @@ class PredictionProbe(Probe):
         }
 
     def static(self) -> dict[str, np.ndarray]:
-        return {"y_true": self.y.numpy(), "jitter": self.jitter.numpy()}
+        arrays = {"y_true": self.y.numpy(), "jitter": self.jitter.numpy()}
+        if self.palette is not None:
+            arrays["palette"] = self.palette.numpy()
+        return arrays
 
     def config(self) -> dict[str, Any]:
         return {
@@ -304,34 +319,42 @@ def scatter_points(task: str, y_true: np.ndarray, jitter: np.ndarray, data) -> n
     return points[known]
 
 
-def scatter_colours(task: str, y_true: np.ndarray) -> np.ndarray:
+def scatter_colours(task: str, y_true: np.ndarray, palette: np.ndarray | None = None) -> np.ndarray:
     """``(points, 3)`` RGB in [0, 1], in ``scatter_points``'s order: each class's (label's,
-    output's) palette colour; a label's absent samples in its colour paled halfway to white; a
-    regression with one output in green."""
+    output's) colour in ``palette`` (the probe's static ``palette``, else the default one); a
+    label's absent samples in its colour paled halfway to white; a regression with one output
+    in green, unless its palette says otherwise."""
     y_true = np.asarray(y_true)
     known = np.isfinite(y_true).reshape(-1)
     if task == "regression":
-        if y_true.ndim == 1:
+        if y_true.ndim == 1 and palette is None:
             return np.tile(REGRESSION_GREEN, (len(y_true), 1))[known]
-        palette = default_palette(y_true.shape[1]).numpy() / 255.0
-        return np.tile(palette, (len(y_true), 1))[known]
+        colours = _palette(palette, 1 if y_true.ndim == 1 else y_true.shape[1])
+        return np.tile(colours, (len(y_true), 1))[known]
     if task == "multilabel":
-        palette = default_palette(y_true.shape[1]).numpy() / 255.0
-        colours = np.broadcast_to(palette, (*y_true.shape, 3))
+        colours = np.broadcast_to(_palette(palette, y_true.shape[1]), (*y_true.shape, 3))
         absent = (y_true == 0)[..., None]
         return np.where(absent, 0.5 + 0.5 * colours, colours).reshape(-1, 3)[known]
     classes = 2 if task == "binary" else int(y_true.max(initial=0)) + 1
-    return default_palette(classes).numpy()[y_true.astype(np.int64)] / 255.0
+    colours = _palette(palette, classes)
+    return colours[y_true.astype(np.int64) % len(colours)]
 
 
-def scatter_legend(task: str, config, limit: int = 12) -> list[tuple[str, tuple]]:
+def _palette(palette: np.ndarray | None, count: int) -> np.ndarray:
+    """RGB in [0, 1] of ``count`` classes: the probe's palette, or the default one."""
+    return (default_palette(count).numpy() if palette is None else np.asarray(palette)) / 255.0
+
+
+def scatter_legend(
+    task: str, config, limit: int = 12, palette: np.ndarray | None = None
+) -> list[tuple[str, tuple]]:
     """The names and RGB colours a prediction panel's legend lists (none past ``limit``, and
     none for a regression with one output)."""
     count = int(config.get("num_classes") or 0) if task != "regression" else int(config.get("outputs", 1))
     if (task == "regression" and count == 1) or not 0 < count <= limit:
         return []
     word = {"regression": "output", "multilabel": "label"}.get(task, "class")
-    palette = default_palette(count).numpy() / 255.0
+    palette = _palette(palette, count)
     return [(display_name(config, i, word), tuple(float(v) for v in c)) for i, c in enumerate(palette)]
 
 
