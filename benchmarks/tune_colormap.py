@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tune_colormap", description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--classes", type=int, default=7)
-    parser.add_argument("--mode", choices=("region", "boundary", "prob"), default="region")
+    parser.add_argument("--mode", choices=("region", "boundary", "prob", "blend"), default="region")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--report", action="store_true", help="compile for sm_90a and read the binaries")
     args = parser.parse_args(argv)

@@ -10,6 +10,10 @@ Exact semantics (every implementation matches ``probs_to_rgba_reference``):
   ``m = p_top1 - p_top2`` vanishes, ``t = 1 - (1 - m)^4``;
 - ``prob``: the probability of one class through a blue-white-red diverging ramp
   (white at 0.5);
+- ``blend``: the class colours mixed by probability,
+  ``rgb = sum_c w_c * colour_c / sum_c w_c`` with ``w_c = max(p_c, 0)`` (white where every
+  ``w_c`` is 0): a pixel torn between two classes shows their mixture, a sure one its
+  class's colour (TF Playground's look, for any number of classes);
 - ``value``: one output of a regression through the same ramp, over a fixed
   ``value_range = (lo, hi)``: ``q = clamp((v - lo) * (1 / (hi - lo)), 0, 1)`` (white at
   the middle of the range; values outside it take the colour of its end). ``prob`` is
@@ -27,7 +31,7 @@ import torch
 
 from probescope.kernels.backend import choose_impl
 
-MODES = ("region", "boundary", "prob", "value")  # (the kernels take the index)
+MODES = ("region", "boundary", "prob", "value", "blend")  # (the kernels take the index)
 NONFINITE_RGBA = (255, 0, 255, 255)
 BOUNDARY_INK = (28, 28, 36)
 BOUNDARY_PALE = 0.55
@@ -179,6 +183,11 @@ def probs_to_rgba_reference(
         pale = pal[k] * (1.0 - BOUNDARY_PALE) + 255.0 * BOUNDARY_PALE
         ink = torch.tensor(BOUNDARY_INK, dtype=torch.float32, device=p.device)
         rgb = ink + (pale - ink) * t[..., None]
+    elif mode == "blend":
+        w = torch.nan_to_num(p).clamp(min=0.0)
+        total = w.sum(-1, keepdim=True)
+        mixed = (w @ pal) / torch.where(total > 0, total, 1.0)
+        rgb = torch.where(total > 0, mixed, torch.full_like(mixed, 255.0))
     elif mode in ("prob", "value"):
         anchors = torch.tensor(DIVERGING_ANCHORS, dtype=torch.float32, device=p.device)
         lo, scale = ramp_scale(mode, value_range)

@@ -368,3 +368,19 @@ def test_a_palette_is_taken_as_colours_or_from_a_colormap():
             check_palette(bad)
     with pytest.raises(ValueError, match="palette has 2 colours for 3 classes"):
         resolve_palette(check_palette(["red", "blue"]), 3)
+
+
+@pytest.mark.parametrize("impl", ["torch", "numba"])
+def test_blend_mode_mixes_the_class_colours_by_probability(impl):
+    palette = torch.tensor([[255, 0, 0], [0, 0, 255], [0, 200, 0]], dtype=torch.uint8)
+    probs = torch.tensor(
+        [[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.25, 0.25, 0.5], [0.0, 0.0, 0.0], [-1.0, 1.0, 0.0]]]
+    )
+    rgba = probs_to_rgba(probs, "blend", palette, impl=impl)
+    assert rgba[0, :, :3].tolist() == [
+        [255, 0, 0],  # sure: its class's colour
+        [128, 0, 128],  # torn between two: their mixture (127.5 rounds half up)
+        [64, 100, 64],
+        [255, 255, 255],  # no weight anywhere: white
+        [0, 0, 255],  # a negative value weighs nothing
+    ]

@@ -1012,3 +1012,14 @@ def test_a_palette_colours_the_map_and_the_predictions(mlp):
     drawn = scatter_colours(prediction.task, static["y_true"], static["palette"])
     np.testing.assert_allclose(drawn * 255, static["palette"][static["y_true"].astype(int)], atol=1e-9)
     assert "palette" not in PredictionProbe(x, torch.arange(40) % 7).static()  # (the default)
+
+
+def test_a_blend_map_mixes_its_classes_colours_by_probability(mlp):
+    from probescope.kernels import probs_to_rgba_reference
+
+    probe = GridProbe(torch.randn(40, 2) * 3, mode="blend", resolution=(21, 13))
+    frame = _evaluate(probe, mlp)
+    expected = probs_to_rgba_reference(frame["probs"], "blend", torch.from_numpy(probe.static()["palette"]))
+    assert (frame["rgba"].int() - expected.int()).abs().max() <= 1
+    region = probs_to_rgba_reference(frame["probs"], "region", torch.from_numpy(probe.static()["palette"]))
+    assert (expected.int() - region.int()).abs().max() > 20  # (another picture than region's)

@@ -41,6 +41,21 @@ def probs_to_rgba_kernel(
     for blk in numba.prange((n + BLOCK - 1) // BLOCK):
         start = blk * BLOCK
         stop = min(start + BLOCK, n)
+        if mode == 4:  # blend: the class colours mixed by probability (white where none weighs)
+            for i in range(start, stop):
+                finite = True
+                r = g = b = total = np.float32(0.0)
+                for c in range(classes):
+                    p = probs[i, c]
+                    finite &= math.isfinite(p)
+                    w = max(p, np.float32(0.0)) if math.isfinite(p) else np.float32(0.0)
+                    r += w * np.float32(palette[c, 0])
+                    g += w * np.float32(palette[c, 1])
+                    b += w * np.float32(palette[c, 2])
+                    total += w
+                packed = _pack(r / total, g / total, b / total) if total > 0 else _pack(255.0, 255.0, 255.0)
+                out[i] = packed if finite else nonfinite
+            continue
         if mode >= 2:  # prob, value: one class (output) through the diverging ramp
             for i in range(start, stop):
                 finite = True

@@ -58,6 +58,10 @@ def _probs_to_rgba_kernel(
     second = tl.full([BLOCK], float("-inf"), tl.float32)
     k = tl.zeros([BLOCK], dtype=tl.int32)
     q = tl.zeros([BLOCK], dtype=tl.float32)
+    mix_r = tl.zeros([BLOCK], dtype=tl.float32)  # blend: the weighted colours and their weight
+    mix_g = tl.zeros([BLOCK], dtype=tl.float32)
+    mix_b = tl.zeros([BLOCK], dtype=tl.float32)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
     for c in tl.static_range(NUM_CLASSES):
         if STAGED:
             p = tl.gather(flat, local + c, 0)
@@ -66,14 +70,26 @@ def _probs_to_rgba_kernel(
         finite = (p == p) & (tl.abs(p) != float("inf"))
         bad = bad | ~finite
         p = tl.where(finite, p, 0.0)
-        if MODE >= 2:
+        if MODE == 4:
+            w = tl.maximum(p, 0.0)
+            mix_r += w * tl.load(palette_ptr + c * 3).to(tl.float32)
+            mix_g += w * tl.load(palette_ptr + c * 3 + 1).to(tl.float32)
+            mix_b += w * tl.load(palette_ptr + c * 3 + 2).to(tl.float32)
+            total += w
+        elif MODE >= 2:
             q = tl.where(class_index == c, p, q)
         else:
             better = p > top  # strict: the first of equal maxima wins, as torch's argmax
             second = tl.where(better, top, tl.maximum(second, p))
             k = tl.where(better, c, k)
             top = tl.where(better, p, top)
-    if MODE >= 2:  # prob, value: one class (output) through the diverging ramp
+    if MODE == 4:  # blend: the class colours mixed by probability (white where none weighs)
+        some = total > 0.0
+        weight = tl.where(some, total, 1.0)
+        r = tl.where(some, mix_r / weight, 255.0)
+        g = tl.where(some, mix_g / weight, 255.0)
+        b = tl.where(some, mix_b / weight, 255.0)
+    elif MODE >= 2:  # prob, value: one class (output) through the diverging ramp
         q = tl.minimum(tl.maximum((q - ramp_lo) * ramp_scale, 0.0), 1.0) * 4.0
         lo = tl.minimum(tl.floor(q), 3.0)
         frac = q - lo
