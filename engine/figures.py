@@ -17,6 +17,7 @@ from matplotlib.patches import Patch
 
 from probescope.kernels import default_palette
 from probescope.probes.base import display_name
+from probescope.probes.curve import x_label
 from probescope.probes.grid import point_colours, ramp_ends
 from probescope.probes.loss import first_nonfinite, frame_series
 from probescope.probes.prediction import confusion_shares, scatter_colours, scatter_legend, scatter_points
@@ -111,7 +112,7 @@ class CurvePanel:
             ax.set_xticks([])
             ax.set_yticks([])
         else:
-            ax.set_xlabel("x")
+            ax.set_xlabel(x_label(record.config))
             ax.set_ylabel("y")
 
     def update(self, data: dict[str, np.ndarray]) -> None:

@@ -351,3 +351,14 @@ def test_class_names_name_the_figures_legends_and_ticks(tmp_path):
     matrix = confusion_figure(run.probe("prediction")).axes[0]
     assert [t.get_text() for t in matrix.get_xticklabels()] == names
     assert [t.get_text() for t in matrix.get_yticklabels()] == names
+
+
+def test_a_curve_along_a_line_labels_its_axis_with_the_position(tmp_path):
+    x = torch.randn(80, 3)
+    probe = CurveProbe(x, x.sum(1), schedule=Schedule.every(1))
+    with Monitor(
+        nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)), [probe], run_dir=tmp_path / "r"
+    ) as m:
+        m.step()
+    renderer = FrameRenderer(open_run(tmp_path / "r").probe(probe.name))
+    assert renderer.figure.axes[0].get_xlabel() == "t (along the line)"

@@ -386,7 +386,14 @@ def test_curve_probe_output_must_fit_the_model(targets, output, message):
         ({"loss_smoothing": 4}, "odd"),
         ({"loss_smoothing": 0}, "odd"),
         ({"x": torch.zeros(0), "y": torch.zeros(0)}, "empty"),
-        ({"x": torch.zeros(5, 2), "y": torch.zeros(5)}, "one feature"),
+        (
+            {"x": torch.zeros(5, 1), "y": torch.zeros(5), "line": "pca"},
+            "line is for inputs of several features",
+        ),
+        ({"x": torch.zeros(5, 2), "y": torch.zeros(5)}, "spans no direction"),
+        ({"x": torch.randn(5, 2), "y": torch.zeros(5), "line": "axis"}, "line must be None, 'pca' or two"),
+        ({"x": torch.randn(5, 2), "y": torch.zeros(5), "line": ([1.0, 2.0], [1.0, 2.0])}, "coincide"),
+        ({"x": torch.randn(5, 2), "y": torch.zeros(5), "line": ([1.0, 2.0], [1.0])}, "width 2 and 1"),
         ({"y": torch.zeros(3)}, "points but y has"),
         ({"loss": "hinge"}, "loss must be one of"),
         ({"graph_sparsity": 0}, "graph_sparsity"),
@@ -1023,3 +1030,61 @@ def test_a_blend_map_mixes_its_classes_colours_by_probability(mlp):
     assert (frame["rgba"].int() - expected.int()).abs().max() <= 1
     region = probs_to_rgba_reference(frame["probs"], "region", torch.from_numpy(probe.static()["palette"]))
     assert (expected.int() - region.int()).abs().max() > 20  # (another picture than region's)
+
+
+# ---------------------------------------------------------------- CurveProbe along a line
+
+
+@pytest.mark.parametrize("through", ["pca", "samples"])
+def test_a_curve_of_several_features_follows_a_line_through_input_space(through):
+    """The curve is the model on the line at the samples' positions along it, the band the
+    samples' own smoothed loss in the order of their positions, each against a float64 torch
+    reference computed here from the line alone."""
+    from probescope.kernels import smooth_1d_reference
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 3, generator=g) * torch.tensor([3.0, 1.0, 0.3])  # the first axis dominates
+    y = torch.sin(x[:, 0]) + 0.1 * x[:, 1]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
+    line = None if through == "pca" else (x[7], x[11])
+    probe = CurveProbe(x, y, line=line, loss_smoothing=5, graph_sparsity=2)
+    frame = _evaluate(probe, model)
+    static, config = probe.static(), probe.config()
+    assert config["input_dim"] == 3 and config["line"] == through
+    origin, direction = (
+        torch.as_tensor(static["origin"]).double(),
+        torch.as_tensor(static["direction"]).double(),
+    )
+    if through == "pca":  # the data's mean along its first principal direction
+        np.testing.assert_allclose(static["origin"], x.mean(0).numpy(), atol=1e-5)
+        assert abs(float(direction[0])) > 0.95
+    else:  # from a at 0 to b at |b - a|
+        np.testing.assert_allclose(static["origin"], x[7].numpy())
+        span = (x[11] - x[7]).double()
+        np.testing.assert_allclose(direction.numpy(), (span / span.norm()).numpy(), atol=1e-6)
+    t = ((x.double() - origin) @ direction).sort().values[::2]
+    np.testing.assert_allclose(static["x"], t.numpy(), atol=1e-5)
+    order = ((x.double() - origin) @ direction).argsort(stable=True)[::2]
+    np.testing.assert_allclose(static["y"], y[order].numpy())
+    with torch.no_grad():
+        curve = model((origin + t[:, None] * direction).float())[:, 0]
+        loss = (model(x[order])[:, 0].double() - y[order].double()) ** 2
+    np.testing.assert_allclose(frame["y_pred"].numpy(), curve.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        frame["loss"].numpy(), smooth_1d_reference(loss, 5).numpy(), rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        (frame["band_upper"] - frame["y_pred"]).numpy(), frame["loss"].numpy(), atol=1e-6
+    )
+
+
+def test_a_curves_line_survives_a_spec_round_trip(tmp_path):
+    from probescope import load_probes, save_probes
+
+    x = torch.randn(50, 3)
+    probes = [CurveProbe(x, x[:, 0], name="pca"), CurveProbe(x, x[:, 0], line=(x[0], x[1]), name="two")]
+    save_probes(probes, tmp_path / "probes.json")
+    for before, after in zip(probes, load_probes(tmp_path / "probes.json"), strict=True):
+        assert torch.equal(before.origin, after.origin) and torch.equal(before.direction, after.direction)
+        assert after.config()["line"] == before.config()["line"]

@@ -1136,3 +1136,22 @@ def test_class_names_name_the_legend_and_the_readouts(trained_map):
     viewer.close()
     counts = np.array([[[3, 1], [0, 2]]])  # one label: 3 right absent, 1 marked, 2 right present
     assert _label_readout(counts, 0.1, {"class_names": ["urgent"]}).startswith("urgent: 5 of 6 right")
+
+
+def test_a_curve_along_a_line_says_so_on_its_axis():
+    x = torch.randn(60, 4)
+    probe = CurveProbe(x, x[:, 0] - x[:, 2], loss_smoothing=3)
+    frame = _evaluate_once(probe, nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)))
+    viewer, _, panel = _render_one(PanelSpec.of_probe(probe), frame, 1)
+    assert panel.x_axis.axis.axis_label == "t (along the line)"
+    viewer.close()
+
+
+def _evaluate_once(probe, model) -> dict:
+    from probescope.probes.base import ProbeContext
+
+    probe.attach(model)
+    return {
+        k: (v.numpy() if isinstance(v, torch.Tensor) else v)
+        for k, v in probe.evaluate(model, ProbeContext(1, 0)).items()
+    }

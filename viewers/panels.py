@@ -20,6 +20,7 @@ from probescope.figures import fixed_limits, spread
 from probescope.kernels import default_palette
 from probescope.kernels.colormap import DIVERGING_ANCHORS
 from probescope.probes.base import display_name
+from probescope.probes.curve import x_label
 from probescope.probes.grid import point_colours, ramp_ends
 from probescope.probes.loss import first_nonfinite, frame_series
 from probescope.probes.prediction import confusion_shares, scatter_colours, scatter_legend, scatter_points
@@ -300,6 +301,7 @@ class CurvePanel(Panel):
     """Data points, the model's curve and the per-point loss band."""
 
     def __init__(self, parent_grid, spec: PanelSpec, row: int, col: int):
+        self.x_label = x_label(spec.config)
         super().__init__(parent_grid, spec, row, col)
         static = spec.static
         self.x = np.asarray(static["x"], np.float32)

@@ -24,9 +24,17 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 class CurveProbe(Probe):
     """The model's current curve over a fixed, sorted representative sample of (x, y).
 
-    One input feature. For a model with several outputs, ``output=j`` draws output ``j``
-    against target ``j`` (``y`` then holds either that target or one column per output);
-    one probe per output draws them all.
+    One input feature; or several, and then the curve follows a line through input space,
+    ``origin + t * direction``: through the data's mean along its first principal direction
+    (``line="pca"``, the default) or through two given samples (``line=(a, b)``, from ``a``
+    at 0 to ``b`` at ``|b - a|``). Each sample is drawn at its position ``t`` along the line
+    (its projection onto it) against its target, the curve is the model on the line at those
+    positions, and the band the loss of the samples around each position on their own inputs:
+    where along its main direction the model errs.
+
+    For a model with several outputs, ``output=j`` draws output ``j`` against target ``j``
+    (``y`` then holds either that target or one column per output); one probe per output
+    draws them all.
 
     Each frame holds the curve ``y_pred``, the per-point ``loss`` (smoothed by a moving
     average of odd width ``loss_smoothing``, as ``numpy.convolve(mode='same')`` does), the
@@ -51,6 +59,7 @@ class CurveProbe(Probe):
         graph_sparsity: int = 1,
         scatter_sparsity: int = 1,
         output: int | None = None,
+        line: str | tuple | None = None,
         batch_size: int = 65536,
         max_points: int = 10_000,
         name: str | None = None,
@@ -61,8 +70,8 @@ class CurveProbe(Probe):
         self.max_points = at_least(f"{owner}: max_points", max_points, MIN_POINTS)
         xt = as_float_tensor("x", x, ndim=(1, 2), owner=owner).reshape(len(x), -1)
         yt = as_float_tensor("y", y, ndim=(1, 2), owner=owner).reshape(len(y), -1)
-        if xt.shape[1] != 1:
-            raise ValueError(f"{owner}: needs one feature, got x of width {xt.shape[1]}")
+        if line is not None and xt.shape[1] == 1:
+            raise ValueError(f"{owner}: line is for inputs of several features; x has one")
         if output is not None and (isinstance(output, bool) or not isinstance(output, int) or output < 0):
             raise ValueError(f"{owner}: output must be the index of one model output, got {output!r}")
         if yt.shape[1] != 1:
@@ -97,10 +106,18 @@ class CurveProbe(Probe):
         positive_int(f"{owner}: scatter_sparsity", scatter_sparsity)
         positive_int(f"{owner}: batch_size", batch_size)
         self.output, self.targets = output, yt.shape[1]
-        order = torch.argsort(xt[:, 0], stable=True)
-        self.x_all, self.y_all = xt[order, 0], yt[order, 0 if self.targets == 1 else output]
+        self.origin, self.direction = _line(owner, xt, line)
+        self.line = None if xt.shape[1] == 1 else ("pca" if line is None else line)
+        position = (xt - self.origin) @ self.direction  # t of every sample: x itself for one feature
+        order = torch.argsort(position, stable=True)
+        self.x_all, self.y_all = position[order], yt[order, 0 if self.targets == 1 else output]
         self.x_eval = self.x_all[::graph_sparsity].contiguous()
         self.y_eval = self.y_all[::graph_sparsity].contiguous()
+        # The model's inputs: the evaluated samples (their loss), and the line at their positions
+        # (the curve); for one feature the two are the same points.
+        self.inputs = xt[order][::graph_sparsity].contiguous()
+        on_line = self.origin + self.x_eval[:, None] * self.direction
+        self._forward_inputs = self.inputs if self.line is None else torch.cat([on_line, self.inputs])
         if self.x_eval.shape[0] < loss_smoothing:
             raise ValueError(
                 f"{owner}: loss_smoothing {loss_smoothing} is wider than the "
@@ -118,11 +135,17 @@ class CurveProbe(Probe):
         self._total_loss: list[float] = []
 
     def warm_up(self, model: nn.Module) -> None:
-        batched_forward(model, self.x_eval[:, None], self.batch_size, self.graphs)
+        self._forward(model)
+
+    def _forward(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chosen output on the line (the curve) and at the evaluated samples (their loss)."""
+        out = batched_forward(model, self._forward_inputs, self.batch_size, self.graphs)[:, self.output or 0]
+        n = len(self.inputs)
+        return (out, out) if self.line is None else (out[:n], out[n:])
 
     def attach(self, model: nn.Module) -> None:
         owner = f"CurveProbe {self.name!r}"
-        out = check_forward(owner, model, self.x_eval[:2, None])
+        out = check_forward(owner, model, self.inputs[:2])
         width = out.reshape(2, -1).shape[1]
         if self.output is None and width != 1:
             raise ValueError(
@@ -147,10 +170,8 @@ class CurveProbe(Probe):
         return loss
 
     def evaluate(self, model: nn.Module, context: ProbeContext) -> dict[str, Any]:
-        y_pred = batched_forward(model, self.x_eval[:, None], self.batch_size, self.graphs)[
-            :, self.output or 0
-        ]
-        raw = self.per_point_loss(y_pred)
+        y_pred, at_samples = self._forward(model)
+        raw = self.per_point_loss(at_samples)
         smoothed = smooth_1d(raw, self.loss_smoothing, self.smoothing_kind)
         half_width = smoothed.clamp(min=0).sqrt() if self.band == "rms" else smoothed
         total = float(raw.mean())
@@ -186,12 +207,15 @@ class CurveProbe(Probe):
         self._total_loss = frame.data["total_loss_series"].tolist()
 
     def static(self) -> dict[str, np.ndarray]:
-        return {
+        arrays = {
             "x": self.x_eval.numpy(),
             "y": self.y_eval.numpy(),
             "scatter_x": self.x_all[:: self.scatter_sparsity].numpy(),
             "scatter_y": self.y_all[:: self.scatter_sparsity].numpy(),
         }
+        if self.line is not None:
+            arrays.update(origin=self.origin.numpy(), direction=self.direction.numpy())
+        return arrays
 
     def config(self) -> dict[str, Any]:
         return {
@@ -203,4 +227,39 @@ class CurveProbe(Probe):
             "scatter_sparsity": self.scatter_sparsity,
             "output": self.output,
             "points": int(self.x_eval.shape[0]),
+            "input_dim": int(self.origin.shape[0]),
+            "line": "samples" if isinstance(self.line, tuple) else self.line,
         }
+
+
+def x_label(config: dict[str, Any]) -> str:
+    """What a curve's x axis is: the input, or the position along the line through the inputs."""
+    return "t (along the line)" if config.get("input_dim", 1) > 1 else "x"
+
+
+def _line(owner: str, x: torch.Tensor, line) -> tuple[torch.Tensor, torch.Tensor]:
+    """Origin and unit direction of the line a curve of ``x`` (N, d) follows: x itself for one
+    feature; the data's mean and first principal direction; or two samples."""
+    d = x.shape[1]
+    if d == 1:
+        return torch.zeros(1), torch.ones(1)
+    if line is None or isinstance(line, str):
+        if line not in (None, "pca"):
+            raise ValueError(f"{owner}: line must be None, 'pca' or two samples, got {line!r}")
+        mean = x.mean(dim=0)
+        _, s, vh = torch.linalg.svd((x - mean).double(), full_matrices=False)
+        if x.shape[0] < 2 or s[0] <= 0:
+            raise ValueError(f"{owner}: the data spans no direction; no PCA line (pass line=(a, b))")
+        direction = vh[0]
+        direction = direction * torch.sign(direction[direction.abs().argmax()])  # (its sign: fixed)
+        return mean, direction.float()
+    try:
+        a, b = (as_float_tensor("line point", p, ndim=(1,), owner=owner) for p in line)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{owner}: line must be two samples of width {d}: {err}") from None
+    if a.shape[0] != d or b.shape[0] != d:
+        raise ValueError(f"{owner}: line samples have width {a.shape[0]} and {b.shape[0]}, x has {d}")
+    span = (b - a).double()
+    if span.norm() == 0:
+        raise ValueError(f"{owner}: the line's two samples coincide")
+    return a, (span / span.norm()).float()
