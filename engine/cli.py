@@ -365,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset",
         choices=(*DATASETS, "modadd"),
         default="blobs7",
-        help="a 2-D data set, or modadd: modular addition, several seeds, and their latent states (grokking)",
+        help="generated data (blobs7, spirals, moons: 2-D classes; wave: 1-D regression; peaks: 2-D "
+        "regression), or modadd: modular addition, several seeds, and their latent states (grokking)",
     )
     demo.add_argument("--out", type=Path, default=None, help="run directory (default runs/demo-<dataset>)")
     demo.add_argument("--epochs", type=int, default=None, help="epochs (default depends on the data set)")
