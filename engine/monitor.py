@@ -54,6 +54,46 @@ def _check_disk_budget(budget):
     return budget
 
 
+def _checked_probes(probes: Probe | Iterable[Probe]) -> list[Probe]:
+    """The Monitor's probes as a list: Probe instances, of distinct names."""
+    probes = [probes] if isinstance(probes, Probe) else list(probes)
+    for p in probes:
+        if not isinstance(p, Probe):
+            raise TypeError(f"Monitor: probes must be Probe instances, got {type(p).__name__}")
+    names = [p.name for p in probes]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(
+            f"Monitor: probe names must be unique; {duplicates} repeat (give each probe a name=...)"
+        )
+    return probes
+
+
+def _share_budget(probes: list[Probe], budget: float | None) -> float | None:
+    """``Monitor(budget=...)``: one budget, shared evenly by the probes (each gets an adaptive
+    schedule of its share; the Monitor's own work comes off the whole once)."""
+    if budget is None:
+        return None
+    budget = fraction("Monitor: budget", budget)
+    for p in probes:
+        p.schedule = Budget(budget / len(probes), own_share=1.0 / len(probes))
+    return budget
+
+
+def _ring_capacities(probes: list[Probe], capacity: int, cuda: torch.device | None) -> dict[str, int]:
+    """Slots per probe's ring: ``capacity``, or as many as a quarter of the free memory holds
+    (the host's; the device's too when frames stay on ``cuda``), with one warning."""
+    capacities, why = fit_capacities(
+        {p.name: p.frame_nbytes() for p in probes},
+        capacity,
+        host_free_memory(),
+        device_free_memory(cuda) if cuda is not None else None,
+    )
+    if why:
+        log.warning("Monitor: %s", why)
+    return capacities
+
+
 def _check_resume(resume) -> None:
     """``Monitor(resume=...)``: False, True, a step, or a (step, epoch) pair, numbers >= 0."""
     if isinstance(resume, bool):
@@ -248,21 +288,8 @@ class Monitor:
         # Every rank checks its arguments and attaches its probes (the same errors everywhere);
         # only the probing rank keeps them.
         self.probing = self.placement.rank == probe_rank
-        probes = [probes] if isinstance(probes, Probe) else list(probes)
-        for p in probes:
-            if not isinstance(p, Probe):
-                raise TypeError(f"Monitor: probes must be Probe instances, got {type(p).__name__}")
-        names = [p.name for p in probes]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(
-                f"Monitor: probe names must be unique; {duplicates} repeat (give each probe a name=...)"
-            )
-        if budget is not None:
-            budget = fraction("Monitor: budget", budget)
-            for p in probes:  # one budget, shared evenly; the Monitor's own work comes off it once
-                p.schedule = Budget(budget / len(probes), own_share=1.0 / len(probes))
-        self.budget = budget
+        probes = _checked_probes(probes)
+        self.budget = _share_budget(probes, budget)
         adaptive = [id(p.schedule) for p in probes if p.schedule.state() is not None]
         if len(adaptive) != len(set(adaptive)):
             raise ValueError("Monitor: each probe needs its own Schedule.budget(...); two probes share one")
@@ -354,14 +381,7 @@ class Monitor:
             )
         self._wake = threading.Event()
         cuda_frames = device.type == "cuda" and not self._pool.host
-        capacities, why = fit_capacities(
-            {p.name: p.frame_nbytes() for p in probes},
-            ring_capacity,
-            host_free_memory(),
-            device_free_memory(device) if cuda_frames else None,
-        )
-        if why:
-            log.warning("Monitor: %s", why)
+        capacities = _ring_capacities(probes, ring_capacity, device if cuda_frames else None)
         self._probes = {
             p.name: _ProbeState(
                 p,
