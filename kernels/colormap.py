@@ -1,5 +1,5 @@
 """Probabilities (or a regression's values) -> RGBA pixels for the map modes ``region``,
-``boundary``, ``prob`` and ``value``.
+``boundary``, ``prob``, ``blend`` and ``value``.
 
 Exact semantics (every implementation matches ``probs_to_rgba_reference``):
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import colorsys
 import math
+import numbers
 
 import torch
 
@@ -71,6 +72,8 @@ def check_palette(palette):
         raise TypeError(
             f"palette must be a colormap's name or a sequence of colours, got {type(palette).__name__}"
         )
+    if hasattr(palette, "tolist"):  # an array or a tensor of rows
+        palette = palette.tolist()
     colours = tuple(_rgb(c) for c in palette)
     if not colours:
         raise ValueError("palette must hold at least one colour")
@@ -116,10 +119,10 @@ def _rgb(colour) -> tuple[float, float, float]:
         except ValueError:
             raise ValueError(f"palette colour {colour!r} is no colour matplotlib knows") from None
     values = tuple(colour) if hasattr(colour, "__iter__") else ()
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    numeric = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)
     if len(values) != 3 or not numeric:
         raise ValueError(f"palette colour {colour!r} must be (r, g, b) or a name or hex string")
-    if all(isinstance(v, int) for v in values):
+    if all(isinstance(v, numbers.Integral) for v in values):
         if not all(0 <= v <= 255 for v in values):
             raise ValueError(f"palette colour {colour!r}: ints are 0-255")
         return tuple(v / 255.0 for v in values)

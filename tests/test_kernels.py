@@ -360,6 +360,12 @@ def test_a_palette_is_taken_as_colours_or_from_a_colormap():
     np.testing.assert_array_equal(viridis[[0, -1]], np.round(ends * 255))  # spread over a continuous one
     assert len({tuple(c) for c in resolve_palette("tab10", 12).tolist()}) >= 10  # spread past its ten
     assert torch.equal(resolve_palette(None, 4), default_palette(4))
+    for rows in (
+        default_palette(3),
+        default_palette(3).numpy(),
+        default_palette(3).numpy().astype(np.float32) / 255,
+    ):
+        assert torch.equal(resolve_palette(check_palette(rows), 3), default_palette(3))  # arrays and tensors
     for bad, message in [("nope", "no matplotlib colormap"), (["#12"], "no colour matplotlib knows"),
                          ([(1, 2)], "must be \\(r, g, b\\)"), ([(0, 0, 300)], "ints are 0-255"),
                          ([(0.0, 0.5, 1.5)], "floats are 0-1"), ([], "at least one colour"),

@@ -31,8 +31,8 @@ from probescope.validation import positive_int
 
 class GridProbe(Probe):
     """Class-probability map over a 2-D rectangle of input space, coloured by ``mode``
-    (``region``, ``boundary``, ``prob``); or, ``mode="value"``, a regression's output as a
-    heat map.
+    (``region``, ``boundary``, ``prob``, ``blend``: see ``probescope.kernels.colormap``); or,
+    ``mode="value"``, a regression's output as a heat map.
 
     Pixel (r, c) of every frame is the model at input
     ``origin + us[c] * axis_u + vs[r] * axis_v``; row 0 is the top of the picture, so
