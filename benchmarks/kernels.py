@@ -173,6 +173,11 @@ def _map_cases(size: int, g: torch.Generator, device: torch.device) -> dict:
             probs.numel() * 4 + slot.numel(),
             lambda: numpy_region(p, palette.numpy()),
         ),
+        "probs_to_rgba blend": (
+            lambda i: probs_to_rgba(probs, "blend", palette, out=slot, impl=i),
+            probs.numel() * 4 + slot.numel(),
+            lambda: numpy_blend(p, palette.numpy()),
+        ),
         "ema_frames 4 frames": (
             lambda i: ema_frames(frames, 0.3, impl=i),
             frames.numel() * 8,
@@ -196,6 +201,19 @@ def numpy_region(p: np.ndarray, palette: np.ndarray) -> np.ndarray:
         rgba[..., :3] = np.clip(np.floor(255 + (palette[k].astype(np.float32) - 255) * shade + 0.5), 0, 255)
     rgba[..., 3] = 255
     rgba[~np.isfinite(p).all(axis=-1)] = NONFINITE_RGBA
+    return rgba
+
+
+def numpy_blend(p: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """probs_to_rgba's blend mode in float32 NumPy: the class colours mixed by probability."""
+    finite = np.isfinite(p).all(axis=-1)
+    w = np.clip(np.where(np.isfinite(p), p, 0), 0, None)
+    total = w.sum(axis=-1, keepdims=True)
+    mixed = (w @ palette.astype(np.float32)) / np.where(total > 0, total, 1)
+    rgba = np.empty((*p.shape[:-1], 4), np.uint8)
+    rgba[..., :3] = np.clip(np.floor(np.where(total > 0, mixed, 255) + 0.5), 0, 255)
+    rgba[..., 3] = 255
+    rgba[~finite] = NONFINITE_RGBA
     return rgba
 
 

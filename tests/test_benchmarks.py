@@ -53,6 +53,18 @@ def test_numpy_region_colours_like_the_reference_with_non_finite_pixels(g):
     np.testing.assert_array_equal(got[2, 3], [255, 0, 255, 255])
 
 
+def test_numpy_blend_colours_like_the_reference_with_non_finite_and_empty_pixels(g):
+    probs = torch.softmax(3 * torch.randn(13, 17, 5, generator=g), -1)
+    probs[2, 3, 1], probs[5, 0, 4] = float("nan"), float("inf")
+    probs[7, 7] = 0.0  # no weight: white
+    palette = default_palette(5)
+    expected = probs_to_rgba_reference(probs, "blend", palette).numpy()
+    got = suite.numpy_blend(probs.numpy(), palette.numpy())
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    np.testing.assert_array_equal(got[2, 3], [255, 0, 255, 255])
+    np.testing.assert_array_equal(got[7, 7], [255, 255, 255, 255])
+
+
 def test_numpy_frame_and_vector_baselines_match_the_references(g):
     frames = torch.rand(4, 9, 5, 7, generator=g)
     np.testing.assert_allclose(
