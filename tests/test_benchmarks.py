@@ -155,7 +155,7 @@ def test_the_colouring_kernel_compiles_for_hopper_staged_rows_in_128_bit_loads()
     table, _, rest = done.stdout.partition("JSON\n")
     assert "staged" in table and "128-bit" in table and "error" not in table.lower()
     reports = [json.loads(line) for line in rest.splitlines()]
-    assert len(reports) == 6
+    assert len(reports) == 10
     for r in reports:  # every mode, both read paths, the launch in use: no spill
         assert "error" not in r and r["spill_bytes"] == 0, r
         if r["staged"]:  # the program's rows in one span, 128 bits a load, through shared memory
@@ -169,7 +169,7 @@ import json
 from benchmarks import tune_colormap
 tune_colormap.main(["--report", "--sizes", "1024"])
 print("JSON")
-for mode in ("region", "boundary", "prob"):
+for mode in ("region", "boundary", "prob", "value", "blend"):
     for staged in (False, True):
         config = {"staged": staged, "block": 1024, "num_warps": 4}
         print(json.dumps(tune_colormap.compile_report(config, 1024, 7, mode)))
