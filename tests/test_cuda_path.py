@@ -248,14 +248,15 @@ def test_cuda_graph_replays_match_eager_forwards_or_fall_back(capturable):
 
 
 @pytest.mark.parametrize("smoothing", [None, 0.5])
-def test_grid_probe_replays_one_graph_per_shadow_and_matches_eager_frames(smoothing, caplog):
+@pytest.mark.parametrize("mode", ["boundary", "blend", "value"])
+def test_grid_probe_replays_one_graph_per_shadow_and_matches_eager_frames(smoothing, mode, caplog):
     from probescope.graphs import ForwardGraphs
     from probescope.probes.base import ProbeContext
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)).cuda()
     data, labels = torch.randn(64, 2), torch.randint(0, 3, (64,))
-    options = dict(resolution=(37, 23), smoothing=smoothing, mode="boundary")
+    options = dict(resolution=(37, 23), smoothing=smoothing, mode=mode)  # value: output 0 over (0, 2)
     graphed, eager = GridProbe(data, labels, **options), GridProbe(data, labels, **options)
     graphed.attach(model), eager.attach(model)
     graphed.graphs = ForwardGraphs("grid")
