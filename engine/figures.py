@@ -261,7 +261,7 @@ class PredictionPanel:
             ]
             ax.set_ylim(-0.02, 1.02)
             ax.set_xlim(-0.6, classes - 0.4)
-            names = [str(k) for k in range(classes)] if compact else _tick_names(config, range(classes))
+            names = [display_name({} if compact else config, k, None) for k in range(classes)]
             ax.set_xticks(range(classes), names, rotation=_tick_rotation(names))  # (small: indices)
             labels = (
                 ("label (pale: samples without it)", "predicted P(true state)")
@@ -481,7 +481,7 @@ def confusion_figure(record: ProbeRecord, frame: int = -1) -> Figure:
             colour = "white" if shares[r, c] > 0.6 else "black"
             ax.text(c, r, str(n), ha="center", va="center", fontsize=8, color=colour)
     ticks = list(range(classes) if classes <= 30 else range(0, classes, -(-classes // 15)))
-    names = _tick_names(record.config, ticks)
+    names = [display_name(record.config, k, None) for k in ticks]
     ax.set_xticks(ticks, names, rotation=_tick_rotation(names))
     ax.set_yticks(ticks, names)
     ax.set_xlabel("predicted class")
@@ -493,11 +493,6 @@ def confusion_figure(record: ProbeRecord, frame: int = -1) -> Figure:
         fontsize=10,
     )
     return figure
-
-
-def _tick_names(config: dict, indices) -> list[str]:
-    """Tick labels of classes (labels): their ``class_names``, else their indices."""
-    return [str(config["class_names"][k]) if config.get("class_names") else str(k) for k in indices]
 
 
 def _tick_rotation(names: list[str]) -> float:

@@ -738,17 +738,7 @@ def test_several_runs_side_by_side_one_row_each(recorded, tmp_path):
             frame = record.frame(int(np.searchsorted(steps, step, side="right")) - 1)
             panel = viewer.panels[f"{label} · grid"]
             assert panel.step == frame.step  # each run at its own newest frame up to the step
-            us, vs = record.static["us"], record.static["vs"]
-            checked = 0
-            for r, c in np.random.default_rng(1).integers(0, len(us), (40, 2)):
-                if _near_a_marker(panel, record.static["points_uv"], us[c], vs[r]):
-                    continue  # the training points are drawn over the map
-                got = pixel(image, panel, us[c], vs[r])
-                np.testing.assert_allclose(
-                    got, frame.data["rgba"][r, c, :3], atol=2, err_msg=f"{label} {r},{c}"
-                )
-                checked += 1
-            assert checked >= 10
+            assert _map_pixels_checked(image, panel, record.static, frame.data["rgba"], seed=1) >= 10
         # one probe in two runs: the same axes, so the runs compare at a glance
         rect_a, rect_b = (viewer.panels[f"{label} · loss"].view.camera.rect for label in (a, b))
         assert (rect_a.left, rect_a.right, rect_a.bottom, rect_a.top) == pytest.approx(
@@ -762,6 +752,21 @@ def test_several_runs_side_by_side_one_row_each(recorded, tmp_path):
     import imageio.v3 as iio
 
     assert iio.imread(out).shape[0] > 600  # two rows of panels
+
+
+def _map_pixels_checked(image, panel, static, rgba, seed: int) -> int:
+    """Checks 40 random grid points of a map panel against the frame's colours (±2), those
+    not under a training point's marker; returns how many it checked."""
+    us, vs = static["us"], static["vs"]
+    checked = 0
+    for r, c in np.random.default_rng(seed).integers(0, [len(vs), len(us)], (40, 2)):
+        if _near_a_marker(panel, static["points_uv"], us[c], vs[r]):
+            continue  # the training points are drawn over the map
+        np.testing.assert_allclose(
+            pixel(image, panel, us[c], vs[r]), rgba[r, c, :3], atol=2, err_msg=f"{r},{c}"
+        )
+        checked += 1
+    return checked
 
 
 def _near_a_marker(panel, points, x, y, pixels=10.0) -> bool:
@@ -1082,22 +1087,10 @@ def test_a_value_map_draws_its_values_and_its_points_in_their_targets_colour():
     with Monitor(model, [probe]) as monitor:
         monitor.step()
     frame, spec = monitor.latest(probe.name), PanelSpec.of_probe(probe)
-    source = FrameSource(spec)
-    source.show(spec.name, frame.data, frame.step)
-    viewer = Viewer(source, offscreen=True, size=(700, 520))
-    assert viewer.refresh()
-    image = viewer.render()
-    panel = viewer.panels[spec.name]
+    viewer, image, panel = _render_one(spec, frame.data, frame.step)
     assert list(panel.legend.text.text) == ["output 0 -3", "3"]
     us, vs, uv = spec.static["us"], spec.static["vs"], spec.static["points_uv"]
-    checked = 0
-    for r, c in np.random.default_rng(2).integers(0, [len(vs), len(us)], (40, 2)):
-        if not _near_a_marker(panel, uv, us[c], vs[r]):
-            np.testing.assert_allclose(
-                pixel(image, panel, us[c], vs[r]), frame.data["rgba"][r, c, :3], atol=2
-            )
-            checked += 1
-    assert checked >= 10
+    assert _map_pixels_checked(image, panel, spec.static, frame.data["rgba"], seed=2) >= 10
     colours = point_colours(spec.config, spec.static)
     assert tuple(colours[0]) == DIVERGING_ANCHORS[0] and tuple(colours[-1]) == DIVERGING_ANCHORS[-1]
     for point, colour in zip(uv, colours, strict=True):  # a marker's centre is its target's colour

@@ -466,7 +466,7 @@ class PredictionPanel(Panel):
             share = f" ({confusion[r, c] / total:.0%} of the class)" if total else ""
             config = self.spec.config
             true = display_name(config, r)
-            predicted = display_name(config, c) if config.get("class_names") else str(c)
+            predicted = display_name(config, c, None)
             return f"true {true}, predicted {predicted}: {int(confusion[r, c])} samples{share}"
         where = y if self.task == "binary" else x
         k = round(where)

@@ -16,6 +16,7 @@ from torch import nn
 from probescope.events import Callback
 from probescope.graphs import ForwardGraphs
 from probescope.history import Series
+from probescope.kernels.colormap import check_palette, resolve_palette
 from probescope.kernels.grid_mlp import outputs_to_probs as kernel_outputs_to_probs
 from probescope.kernels.mlp import is_keras_model, model_output
 from probescope.schedule import Schedule
@@ -348,11 +349,31 @@ def check_name_count(owner: str, names: tuple[str, ...] | None, count: int, what
         raise ValueError(f"{owner}: {len(names)} class_names for {count} {what}")
 
 
-def display_name(config: dict[str, Any], index: int, word: str = "class") -> str:
+def checked_palette(owner: str, palette):
+    """``palette=`` checked as a probe is built (``check_palette``), errors naming ``owner``."""
+    try:
+        return check_palette(palette)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{owner}: {err}") from None
+
+
+def attached_palette(owner: str, palette, count: int) -> torch.Tensor:
+    """The ``(count, 3)`` palette of an attached probe's classes (``resolve_palette``),
+    errors naming ``owner``."""
+    try:
+        return resolve_palette(palette, count)
+    except ValueError as err:
+        raise ValueError(f"{owner}: {err}") from None
+
+
+def display_name(config: dict[str, Any], index: int, word: str | None = "class") -> str:
     """What a drawing calls class (label, output) ``index`` of a probe with ``config``: its
-    name from ``class_names``, else ``"<word> <index>"``."""
+    name from ``class_names``, else ``"<word> <index>"`` (the index alone for no ``word``:
+    a tick, a cell)."""
     names = config.get("class_names")
-    return str(names[index]) if names and 0 <= index < len(names) else f"{word} {index}"
+    if names and 0 <= index < len(names):
+        return str(names[index])
+    return str(index) if word is None else f"{word} {index}"
 
 
 #: What a probe's ``output=`` may say its model's outputs are turned into.

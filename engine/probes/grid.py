@@ -11,16 +11,18 @@ import torch
 from torch import nn
 
 from probescope.kernels import GridSpec, default_palette, ema_frames, fused_path, grid_mlp, probs_to_rgba
-from probescope.kernels.colormap import MODES, check_palette, check_value_range, resolve_palette
+from probescope.kernels.colormap import MODES, check_value_range
 from probescope.probes.base import (
     Probe,
     ProbeContext,
     all_finite,
     as_float_tensor,
+    attached_palette,
     check_forward,
     check_name_count,
     check_names,
     check_output,
+    checked_palette,
     display_name,
     eval_mode,
     model_device_dtype,
@@ -99,10 +101,7 @@ class GridProbe(Probe):
         if value_range is not None and mode != "value":
             raise ValueError(f"{owner}: value_range is for mode='value', not mode={mode!r}")
         self.class_names = check_names(owner, class_names)
-        try:
-            self.requested_palette = check_palette(palette)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"{owner}: {err}") from None
+        self.requested_palette = checked_palette(owner, palette)
         if class_index is None:
             class_index = 1 if mode == "prob" else 0  # a binary model's positive class; the first output
         width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
@@ -161,10 +160,7 @@ class GridProbe(Probe):
             raise ValueError(
                 f"{owner}: class_index {self.class_index} is out of range for {self.num_classes} {what}"
             )
-        try:
-            self.palette = resolve_palette(self.requested_palette, self.num_classes)
-        except ValueError as err:
-            raise ValueError(f"{owner}: {err}") from None
+        self.palette = attached_palette(owner, self.requested_palette, self.num_classes)
         # In eval mode, as frames see the model: the path they take, and no dropout draw or
         # batch norm update on the live model.
         with eval_mode(model), torch.no_grad():

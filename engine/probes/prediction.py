@@ -9,17 +9,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from probescope.kernels.colormap import check_palette, default_palette, resolve_palette
+from probescope.kernels.colormap import default_palette
 from probescope.kernels.mlp import final_output_kind
 from probescope.probes.base import (
     Probe,
     ProbeContext,
     as_input_tensor,
+    attached_palette,
     batched_forward,
     check_forward,
     check_name_count,
     check_names,
     check_output,
+    checked_palette,
     display_name,
     outputs_to_probs,
 )
@@ -92,10 +94,7 @@ class PredictionProbe(Probe):
             raise ValueError(f"{owner}: task must be one of {TASKS}, got {task!r}")
         check_output(owner, output)
         self.class_names = check_names(owner, class_names)
-        try:
-            self.requested_palette = check_palette(palette)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"{owner}: {err}") from None
+        self.requested_palette = checked_palette(owner, palette)
         self.palette: torch.Tensor | None = None  # (colours, 3) uint8, once attached
         if not 0.0 < show_perc <= 1.0:
             raise ValueError(f"{owner}: show_perc must be in (0, 1], got {show_perc!r}")
@@ -172,12 +171,9 @@ class PredictionProbe(Probe):
         check_name_count(
             owner, self.class_names, count, "outputs" if task == "regression" else _COUNTED[task]
         )
-        self.palette = None
-        if self.requested_palette is not None:  # (else the drawings' defaults)
-            try:
-                self.palette = resolve_palette(self.requested_palette, count)
-            except ValueError as err:
-                raise ValueError(f"{owner}: {err}") from None
+        self.palette = None  # (None: the drawings' defaults)
+        if self.requested_palette is not None:
+            self.palette = attached_palette(owner, self.requested_palette, count)
         self.task = task
 
     def evaluate(self, model: nn.Module, context: ProbeContext) -> dict[str, Any]:
