@@ -16,9 +16,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from probescope.figures import (
-    PANELS,
     FrameRenderer,
     confusion_figure,
+    figure_panel,
     metrics_figure,
     plot_frame,
     small_multiples,
@@ -26,6 +26,7 @@ from probescope.figures import (
 )
 from probescope.kernels import interpolate_frames, probs_to_rgba
 from probescope.kernels.interpolate import METHODS, interpolation_weights
+from probescope.probes.views import frame_layout, is_own_kind
 from probescope.run import ProbeRecord, Run
 
 FORMATS = ("mp4", "gif", "png")
@@ -213,19 +214,22 @@ def export_run(
     """Export every probe (or the named ones) of a run; returns the files per probe. A probe
     drawn over training as a whole, not frame by frame (StatsProbe: see
     ``export_final_pictures``), is left out unless named, which is an error."""
-    animated = PANELS
-    if renderer == "gl":  # the viewer's panels: its statistics panel grows frame by frame
-        from probescope.viewers.panels import PANELS as animated
+
+    def animated(kind: str) -> bool:
+        if renderer == "gl":  # the viewer's panels: its statistics panel grows frame by frame
+            return True
+        return figure_panel(kind) is not None
+
     if probes is not None:
         names = list(probes)
-        still = [n for n in names if run.probe(n).kind not in animated]
+        still = [n for n in names if not animated(run.probe(n).kind)]
         if still:
             raise ValueError(
                 f"probes {still} have no frame-by-frame picture to animate with renderer {renderer!r}; "
                 "export_final_pictures (--final-pictures) draws them over training"
             )
     else:
-        names = [n for n, record in run.probes.items() if record.kind in animated]
+        names = [n for n, record in run.probes.items() if animated(record.kind)]
     return {
         name: export_probe(
             run.probe(name),
@@ -256,13 +260,16 @@ def export_final_pictures(run: Run, out: str | Path) -> list[Path]:
         if not len(record):
             continue
         path = out / f"{name}_final.png"
-        if record.kind not in PANELS:  # drawn over training as a whole
+        if figure_panel(record.kind) is None:  # drawn over training as a whole
             if record.kind == "stats":
                 stats_figure(record).savefig(path)
                 written.append(path)
             continue
         plot_frame(record).savefig(path)
         written.append(path)
+        own = is_own_kind(record.kind)
+        if own and frame_layout(record.frame(-1).data, record.config.get("views")).picture is None:
+            continue  # numbers alone: the final picture is their series over training
         path = out / f"{name}_small_multiples.png"
         small_multiples(record).savefig(path)
         written.append(path)

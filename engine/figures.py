@@ -21,6 +21,16 @@ from probescope.probes.curve import x_label
 from probescope.probes.grid import point_colours, ramp_ends
 from probescope.probes.loss import first_nonfinite, frame_series
 from probescope.probes.prediction import confusion_shares, scatter_colours, scatter_legend, scatter_points
+from probescope.probes.views import (
+    frame_layout,
+    heatmap_rgba,
+    histogram,
+    image_rgba,
+    is_own_kind,
+    picture_axes,
+    picture_caption,
+    scalars_caption,
+)
 from probescope.run import ProbeRecord
 
 BAND_COLOUR = "steelblue"
@@ -327,6 +337,62 @@ class NeuronsPanel:
             )
 
 
+class FramePanel:
+    """A probe of the user's own kind, drawn from what its frames hold (probescope.probes.views):
+    one entry as a picture (an image, a heat map, a histogram or a line over its index), its
+    numbers in the title; frames of numbers alone as series over the frames drawn so far (so
+    an animation grows them). Redrawn from scratch each frame: what a frame holds may change."""
+
+    accumulates = True
+
+    def __init__(self, ax: Axes, record: ProbeRecord, compact: bool = False):
+        self.ax, self.compact = ax, compact
+        self.views = dict(record.config.get("views") or {})
+        self.history: dict[str, dict[float, float]] = {}  # number -> {step: value}
+
+    def update(self, data: dict[str, np.ndarray], step: float | None = None) -> None:
+        layout = frame_layout(data, self.views)
+        if step is not None:
+            if any(step < max(by_step) for by_step in self.history.values()):  # went back: start over
+                self.history.clear()
+            for key, value in layout.scalars.items():
+                self.history.setdefault(key, {})[float(step)] = value
+        ax = self.ax
+        ax.clear()
+        caption = ""
+        if layout.picture is not None:
+            key, view = layout.picture
+            value = np.asarray(data[key])
+            extra = None
+            if view in ("image", "heatmap"):
+                rgba, extra = (image_rgba(value), None) if view == "image" else heatmap_rgba(value)
+                ax.imshow(rgba, interpolation="nearest", aspect="equal" if view == "image" else "auto")
+            elif view == "histogram":
+                counts, edges, extra = histogram(value)
+                ax.stairs(counts, edges, fill=True, color="tab:purple", alpha=0.8)
+            else:
+                ax.plot(np.arange(len(value)), value, color="tab:purple", lw=1.5)
+            x, y = picture_axes(key, view)
+            caption = picture_caption(key, view, value, extra)
+        else:
+            for key, by_step in self.history.items():
+                steps = np.array(sorted(by_step), np.float64)
+                ax.plot(steps, [by_step[s] for s in steps], lw=1.5, label=key)
+            if self.history:
+                ax.legend(fontsize=7)
+            x, y = "step", "value"
+        numbers = scalars_caption(layout.scalars)
+        caption = "  ·  ".join(c for c in (caption, numbers) if c)
+        if self.compact:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel(caption, fontsize=6)
+        else:
+            ax.set_xlabel(x)
+            ax.set_ylabel(y)
+            ax.set_title(caption, fontsize=9)
+
+
 PANELS = {
     "grid": GridPanel,
     "curve": CurvePanel,
@@ -336,11 +402,18 @@ PANELS = {
 }
 
 
+def figure_panel(kind: str):
+    """The figure panel of a probe kind: a built-in kind's own (None for the kinds drawn over
+    training as a whole: statistics, checkpoints), any other kind's a FramePanel."""
+    return PANELS.get(kind) or (FramePanel if is_own_kind(kind) else None)
+
+
 class FrameRenderer:
     """Renders frames of one probe to RGB images, reusing one figure and its artists."""
 
     def __init__(self, record: ProbeRecord, *, size: tuple[int, int] = (768, 512), dpi: int = 100):
-        if record.kind not in PANELS:
+        panel = figure_panel(record.kind)
+        if panel is None:
             raise ValueError(f"no figure for probe kind {record.kind!r}")
         self.record = record
         self.figure = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
@@ -354,7 +427,7 @@ class FrameRenderer:
                 SeriesPanel(self.figure.add_subplot(spec[1, 2]), "batch loss"),
             ]
         else:
-            self.panel = PANELS[record.kind](self.figure.add_subplot(1, 1, 1), record)
+            self.panel = panel(self.figure.add_subplot(1, 1, 1), record)
         self.title = self.figure.suptitle("", fontsize=11)
         self.figure.set_layout_engine("tight" if record.kind != "grid" else "constrained")
         # A map's axes never change, so the layout of its first picture holds for every frame:
@@ -364,7 +437,10 @@ class FrameRenderer:
 
     def draw(self, data: dict[str, np.ndarray], step: float, epoch: float) -> None:
         """Update every artist to ``data`` and caption the figure with step and epoch."""
-        self.panel.update(data)
+        if getattr(self.panel, "accumulates", False):
+            self.panel.update(data, step)
+        else:
+            self.panel.update(data)
         if self.side:
             self.side[0].set_series(
                 "sample", data["total_loss_steps"], data["total_loss_series"], color=BAND_COLOUR, lw=1.5
@@ -386,10 +462,14 @@ class FrameRenderer:
 
 
 def plot_frame(record: ProbeRecord, index: int = -1, **kwargs) -> Figure:
-    """A figure of one recorded frame (default: the last)."""
-    frame = record.frame(index)
+    """A figure of one recorded frame (default: the last); a panel that draws the frames so
+    far (a probe of the user's own kind's numbers) is given every frame up to it."""
     renderer = FrameRenderer(record, **kwargs)
-    renderer.draw(frame.data, frame.step, frame.epoch)
+    index = range(len(record))[index]
+    first = 0 if getattr(renderer.panel, "accumulates", False) else index
+    for i in range(first, index + 1):
+        frame = record.frame(i)
+        renderer.draw(frame.data, frame.step, frame.epoch)
     return renderer.figure
 
 
@@ -406,7 +486,7 @@ def small_multiples(record: ProbeRecord, count: int = 12, columns: int = 4, cell
     for i, index in enumerate(picks):
         ax = figure.add_subplot(rows, cols, i + 1)
         frame = record.frame(index)
-        PANELS[record.kind](ax, record, compact=True).update(frame.data)
+        figure_panel(record.kind)(ax, record, compact=True).update(frame.data)
         ax.set_title(f"step {frame.step} · epoch {frame.epoch}", fontsize=8)
     figure.suptitle(f"{record.name} across training", fontsize=10)
     return figure

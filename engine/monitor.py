@@ -24,6 +24,7 @@ from probescope.graphs import ForwardGraphs
 from probescope.history import History, display_name
 from probescope.probes.base import Probe, ProbeContext, ProbeStats, eval_mode, model_device_dtype
 from probescope.probes.loss import seed_history
+from probescope.probes.views import views_config
 from probescope.ring import Frame, FrameRing, fit_capacities
 from probescope.run import RunWriter, open_run
 from probescope.schedule import Budget, StepInfo, StepTime, next_due
@@ -60,6 +61,7 @@ def _checked_probes(probes: Probe | Iterable[Probe]) -> list[Probe]:
     for p in probes:
         if not isinstance(p, Probe):
             raise TypeError(f"Monitor: probes must be Probe instances, got {type(p).__name__}")
+        views_config(p)  # how a probe of the user's own kind is drawn: checked before training
     names = [p.name for p in probes]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -503,9 +505,8 @@ class Monitor:
             self._continue(previous, step)
         for st in self._probes.values():
             p = st.probe
-            self.writer.add_probe(
-                p.name, p.kind, {**p.config(), "schedule": p.schedule.describe()}, p.static()
-            )
+            config = {**p.config(), **views_config(p), "schedule": p.schedule.describe()}
+            self.writer.add_probe(p.name, p.kind, config, p.static())
         self.writer.save_probes([st.probe for st in self._probes.values()])
         self.writer.update_meta(
             model={**_describe_model(self.model), "wrappers": self.wrappers, "sharded": self.sharded},
@@ -635,7 +636,7 @@ class Monitor:
             )
         for st in self._probes.values():
             p = st.probe
-            self._to_sinks("add_probe", p.name, p.kind, p.config(), p.static())
+            self._to_sinks("add_probe", p.name, p.kind, {**p.config(), **views_config(p)}, p.static())
         if self.resumed_at is not None:
             self._to_sinks("resume", self.resumed_at)
         if self.writer is not None or self._sinks:  # else nobody reads every frame

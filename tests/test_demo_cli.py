@@ -146,9 +146,10 @@ def test_export_command_writes_each_format(blobs7_run, tmp_path, capsys):
 
 
 def test_a_run_with_nothing_to_draw_says_so_instead_of_writing_nothing(tmp_path, capsys):
-    """A probe of the user's own kind has no picture: export and view say which probes the run
-    has; its numbers still export to TensorBoard."""
-    from probescope import Monitor, Probe
+    """Statistics are drawn over training as a whole, not frame by frame: export says which
+    probes the run has; their numbers still export to TensorBoard. A probe of the user's own
+    kind is drawn from its frames (probescope.probes.views): exported and viewed."""
+    from probescope import Monitor, Probe, StatsProbe
 
     class Norm(Probe):
         kind = "norm"
@@ -156,20 +157,22 @@ def test_a_run_with_nothing_to_draw_says_so_instead_of_writing_nothing(tmp_path,
         def evaluate(self, model, context):
             return {"norm": torch.cat([p.reshape(-1) for p in model.parameters()]).norm()}
 
-    model = nn.Linear(2, 2)
-    with Monitor(model, Norm(schedule=None), run_dir=tmp_path / "run") as monitor:
-        for _ in range(3):
-            monitor.step()
-    assert main(["export", str(tmp_path / "run"), "--format", "png", "--quiet"]) == 2
+    for name, probe in (("stats", StatsProbe(spectral=False)), ("norm", Norm(schedule=None))):
+        with Monitor(nn.Linear(2, 2), probe, run_dir=tmp_path / name) as monitor:
+            for _ in range(3):
+                monitor.step()
+    assert main(["export", str(tmp_path / "stats"), "--format", "png", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "nothing to draw as png" in err and "norm (norm, " in err and "--format tensorboard" in err
-    assert not (tmp_path / "run" / "exports").exists()
-    assert main(["view", str(tmp_path / "run"), "--offscreen"]) == 2
-    err = capsys.readouterr().err
-    assert "no probe to show (it draws grid, curve, prediction, loss, stats, neurons, checkpoint)" in err
-    assert main(["export", str(tmp_path / "run"), "--format", "tensorboard", "--quiet"]) == 0
+    assert "nothing to draw as png" in err and "stats (stats, " in err and "--format tensorboard" in err
+    assert not (tmp_path / "stats" / "exports").exists()
+    assert main(["export", str(tmp_path / "stats"), "--format", "tensorboard", "--quiet"]) == 0
+    assert main(["export", str(tmp_path / "norm"), "--format", "png", "--quiet"]) == 0
+    assert len(list((tmp_path / "norm" / "exports" / "norm").glob("*.png"))) == len(
+        open_run(tmp_path / "norm").probe("norm")
+    )
+    assert main(["view", str(tmp_path / "norm"), "--offscreen"]) == 0
     capsys.readouterr()
-    assert main(["info", str(tmp_path / "run")]) == 0
+    assert main(["info", str(tmp_path / "norm")]) == 0
     lines = capsys.readouterr().out.splitlines()
     where = next(i for i, line in enumerate(lines) if line.strip().startswith("norm "))
     assert lines[where + 1].strip() == 'schedule {"kind": "every", "n": 10}'  # no empty config line

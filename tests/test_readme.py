@@ -230,6 +230,12 @@ def test_the_probe_of_your_own_example_runs_and_its_frames_are_right(tmp_path, c
     np.testing.assert_allclose(last["margins"], (true - other).numpy(), rtol=1e-5, atol=1e-6)
     assert int(last["wrong"]) == int((true < other).sum())
     assert capsys.readouterr().out.strip() == str(last["wrong"])
+    # as the README says, drawn as the margins' histogram, how many are wrong in the caption
+    from probescope.figures import plot_frame
+
+    ax = plot_frame(probe).axes[0]
+    assert ax.get_xlabel() == "margins" and ax.get_ylabel() == "count"
+    assert ax.get_title() == f"margins (64)  ·  wrong {int(last['wrong'])}"
 
 
 def test_the_transformers_example_runs(tmp_path):

@@ -393,16 +393,22 @@ def test_no_display_gives_a_clear_message_and_training_goes_on(tmp_path):
 WINDOW_SCRIPT = """
 import json, time, torch
 from torch import nn
-from probescope import GridProbe, LossProbe, Monitor, PredictionProbe, Schedule
+from probescope import GridProbe, LossProbe, Monitor, PredictionProbe, Probe, Schedule
 from probescope.datasets import make_dataset
 print("TOP")
+class Margins(Probe):  # a probe of the user's own kind: a histogram and a number
+    kind = "margins"
+    def evaluate(self, model, context):
+        logits = model(data.x_valid)
+        top2 = logits.topk(2, dim=1).values
+        return {"margins": top2[:, 0] - top2[:, 1], "mean": top2.mean()}
 data = make_dataset("blobs7", seed=3, n=700)
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 7))
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 probes = [GridProbe(data.x_train, data.y_train, resolution=48, schedule=Schedule.every(3)),
           PredictionProbe(data.x_valid, data.y_valid, schedule=Schedule.every(3)),
-          LossProbe(schedule=Schedule.every(3))]
+          LossProbe(schedule=Schedule.every(3)), Margins(schedule=Schedule.every(3))]
 with Monitor(model, probes, optimizer=opt, viewer=True) as monitor:
     view = monitor.viewer
     for step in range(STEPS):
@@ -1148,3 +1154,86 @@ def _evaluate_once(probe, model) -> dict:
         k: (v.numpy() if isinstance(v, torch.Tensor) else v)
         for k, v in probe.evaluate(model, ProbeContext(1, 0)).items()
     }
+
+
+def _own_kind(name: str, frames: list[tuple[int, dict]], views=None):
+    """An offscreen viewer of one probe of the user's own kind that has been shown ``frames``
+    (step, data) in turn: (viewer, image, panel)."""
+    spec = PanelSpec(name, "mine", {"views": views} if views else {}, {})
+    source = FrameSource(spec)
+    viewer = Viewer(source, offscreen=True, size=(640, 480))
+    for step, data in frames:
+        source.show(name, data, step)
+        viewer.refresh()
+    return viewer, viewer.render(), viewer.panels[name]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (6, 9), (13, 4)])
+def test_a_probe_of_your_own_kind_draws_its_images_and_heat_maps(shape):
+    from probescope.probes.views import heatmap_rgba
+
+    rng = np.random.default_rng(shape[0])
+    picture = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    viewer, image, panel = _own_kind("mine", [(7, {"picture": picture, "wrong": np.int64(3)})])
+    assert type(panel).__name__ == "FramePanel"
+    height, width = shape
+    for r, c in itertools.product(range(height), range(width)):
+        np.testing.assert_allclose(pixel(image, panel, c + 0.5, height - r - 0.5), picture[r, c], atol=2)
+    assert f"picture ({height}x{width}x3)" in panel.caption.text and "wrong 3" in panel.caption.text
+    viewer.close()
+
+    values = rng.normal(size=shape)
+    viewer, image, panel = _own_kind("mine", [(7, {"w": values})])
+    rgba, (lo, _) = heatmap_rgba(values)
+    for r, c in itertools.product(range(height), range(width)):
+        np.testing.assert_allclose(pixel(image, panel, c + 0.5, height - r - 0.5), rgba[r, c, :3], atol=2)
+    assert f"blue {lo:.3g}" in panel.caption.text
+    assert panel.readout(0.5, height - 0.5) == f"row 0, column 0: {values[0, 0]:.4g}"
+    viewer.close()
+
+
+def test_a_probe_of_your_own_kind_draws_a_histogram_and_a_line():
+    bar = (np.array([0.58, 0.40, 0.74]) * 255).round()  # METRIC_COLOURS[1] at alpha 0.8 on white
+    bar = 0.8 * bar + 0.2 * 255
+    values = np.array([0.0] * 3 + [1.0] * 7 + [np.nan])
+    viewer, image, panel = _own_kind("mine", [(3, {"margins": values})])
+    width = 1.0 / 30  # 30 bins over [0, 1]
+    assert np.abs(pixel(image, panel, width / 2, 1.5) - bar).max() <= 3  # 3 zeros: a bar of 3
+    assert np.all(pixel(image, panel, width / 2, 4.0) >= 250)  # and no higher
+    assert np.abs(pixel(image, panel, 1 - width / 2, 6.5) - bar).max() <= 3  # 7 ones
+    assert np.all(pixel(image, panel, 0.5, 1.5) >= 250)  # nothing in between
+    assert "margins (11): 1 not finite" in panel.caption.text
+    assert panel.readout(width / 2, 1.0) == "[0, 0.03333): 3"
+    viewer.close()
+
+    ys = np.sin(np.arange(12) / 2.0)
+    viewer, image, panel = _own_kind("mine", [(3, {"margins": ys})], views={"margins": "line"})
+    line = np.array([0.58, 0.40, 0.74]) * 255
+    for i in range(12):
+        assert distance_near(image, panel, i, ys[i], line, radius=2) <= 40, f"point {i}"
+    assert panel.readout(4.2, 0.0) == f"index 4: {ys[4]:.4g}"
+    viewer.close()
+
+
+def test_numbers_alone_draw_as_series_over_the_frames_seen_and_start_over_on_a_replay_back():
+    from probescope.viewers.panels import METRIC_COLOURS
+
+    frames = [(s, {"acc": np.float32(s / 100), "wrong": np.int64(50 - s)}) for s in range(0, 50, 5)]
+    viewer, image, panel = _own_kind("mine", frames)
+    assert set(panel.series) == {"acc", "wrong"}
+    for i, name in enumerate(("acc", "wrong")):
+        colour = np.array(METRIC_COLOURS[i]) * 255
+        for step, data in frames[1:-1]:
+            assert distance_near(image, panel, step, float(data[name]), colour, radius=2) <= 60, (name, step)
+    assert "acc 0.45, wrong 5" in panel.caption.text
+    assert panel.readout(20.4, 10.0) == "step 20: acc 0.2, wrong 30"
+    panel.update(*frames[2][::-1], 0)  # a replay that went back: only the frames from there on
+    assert len(panel.series["acc"]) == 2  # (one point is drawn twice as a line of two)
+    viewer.close()
+
+
+def test_a_view_that_does_not_fit_its_entry_is_said():
+    viewer, _, panel = _own_kind("mine", [(1, {"m": np.arange(4.0)})], views={"m": "image"})
+    assert "m: drawn by shape (its view does not fit it)" in panel.caption.text
+    assert panel.layout.picture == ("m", "histogram")
+    viewer.close()

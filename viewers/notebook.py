@@ -186,12 +186,16 @@ class FigureCanvas:
     CELL = (560, 460)  # pixels per figure, the viewer's panel size
 
     def __init__(self, source, *, size=None, columns=None, probes=None):
-        from probescope.figures import PANELS, FrameRenderer
+        from probescope.figures import FrameRenderer, figure_panel
 
         self.source = source
-        specs = [s for s in source.specs if s.kind in PANELS and (probes is None or s.name in set(probes))]
+        specs = [
+            s for s in source.specs if figure_panel(s.kind) and (probes is None or s.name in set(probes))
+        ]
         if not specs:
-            raise ValueError("no probe here has a figure (grid, curve, prediction, loss or neurons)")
+            raise ValueError(
+                "no probe here has a figure (statistics and checkpoints are drawn by the viewer)"
+            )
         self.columns = columns or min(len(specs), 3)
         rows = -(-len(specs) // self.columns)
         cell = (size[0] // self.columns, size[1] // rows) if size else self.CELL

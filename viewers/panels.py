@@ -24,6 +24,17 @@ from probescope.probes.curve import x_label
 from probescope.probes.grid import point_colours, ramp_ends
 from probescope.probes.loss import first_nonfinite, frame_series
 from probescope.probes.prediction import confusion_shares, scatter_colours, scatter_legend, scatter_points
+from probescope.probes.views import (
+    frame_layout,
+    heatmap_rgba,
+    histogram,
+    image_rgba,
+    picture_axes,
+    picture_caption,
+    picture_readout,
+    scalars_caption,
+    views_config,
+)
 
 BAND = (0.84, 0.15, 0.16)  # the curve and its loss band
 GREY = (0.45, 0.45, 0.45, 1.0)
@@ -42,7 +53,7 @@ class PanelSpec:
 
     @classmethod
     def of_probe(cls, probe) -> PanelSpec:
-        return cls(probe.name, probe.kind, probe.config(), probe.static())
+        return cls(probe.name, probe.kind, {**probe.config(), **views_config(probe)}, probe.static())
 
     @classmethod
     def of_record(cls, record) -> PanelSpec:
@@ -838,6 +849,151 @@ class NeuronsPanel(Panel):
         return f"unit {int(units[unit])} at ({us[c]:.3g}, {vs[r]:.3g}): {float(activations[unit, r, c]):.3g}"
 
 
+class FramePanel(SeriesPanel):
+    """A probe of the user's own kind, drawn from what its frames hold (probescope.probes.views):
+    one entry as a picture (an image, a heat map, a histogram or a line over its index), its
+    numbers in the caption; a frame of numbers alone draws them as series over the frames
+    seen so far."""
+
+    accumulates = True
+
+    def __init__(self, parent_grid, spec: PanelSpec, row: int, col: int):
+        super().__init__(parent_grid, spec, row, col, log_y=False, legend=[("", (0.0, 0.0, 0.0, 0.0))])
+        self.views = dict(spec.config.get("views") or {})
+        self.layout = frame_layout({})
+        self.history: dict[str, dict[float, float]] = {}  # number -> {step: value}
+        self.picture_visuals: dict[str, Any] = {}  # view -> its visual, made at first use
+        self.picture_extra = None  # a heat map's range, a histogram's (counts, edges)
+        self.picture_caption = ""
+        self.axes: tuple[str, str] | None = None
+        self.nonfinite = 0  # a histogram's values left out
+        self.legend_shown: list[str] = []
+        self._last_step: float | None = None
+
+    def update(self, data: dict[str, np.ndarray], step: float, epoch: float) -> None:
+        if self._last_step is not None and step < self._last_step:  # replay went back: start over
+            self.history.clear()
+        self._last_step = step
+        self.layout = frame_layout(data, self.views)
+        for key, value in self.layout.scalars.items():
+            self.history.setdefault(key, {})[float(step)] = value
+        super().update(data, step, epoch)
+
+    def draw(self, data: dict[str, np.ndarray]) -> None:
+        picture = self.layout.picture
+        for view, visual in self.picture_visuals.items():
+            visual.visible = picture is not None and view == picture[1]
+        if picture is None:
+            self._draw_series()
+            return
+        for line in self.lines.values():
+            line.visible = False
+        key, view = picture
+        value = np.asarray(data[key])
+        self._label_axes(*picture_axes(key, view))
+        getattr(self, f"_draw_{view}")(value)
+        extra = self.picture_extra if view != "histogram" else self.nonfinite
+        self.picture_caption = picture_caption(key, view, value, extra)
+
+    def _visual(self, view: str, make):
+        if view not in self.picture_visuals:
+            self.picture_visuals[view] = make()
+        return self.picture_visuals[view]
+
+    def _label_axes(self, x: str, y: str) -> None:
+        if self.axes != (x, y):
+            self.x_axis.axis.axis_label, self.y_axis.axis.axis_label = x, y
+            self.axes = (x, y)
+
+    def _draw_series(self) -> None:
+        self._label_axes("step", "value")
+        for i, (key, by_step) in enumerate(self.history.items()):
+            steps = np.array(sorted(by_step), np.float64)
+            colour = (*METRIC_COLOURS[i % len(METRIC_COLOURS)], 1.0)
+            self.set_series(key, steps, np.array([by_step[s] for s in steps]), colour)
+            self.lines[key].visible = True
+        names = legend_names(list(self.history))
+        if names != self.legend_shown:
+            colours = [(*METRIC_COLOURS[i % len(METRIC_COLOURS)], 1.0) for i in range(len(names))]
+            self.legend.set_entries(list(zip(names, colours, strict=True)) or [("", (0.0, 0.0, 0.0, 0.0))])
+            self.legend_shown = names
+        self.rescale()
+        self.picture_caption = ""
+
+    def _draw_image(self, value: np.ndarray, rgba: np.ndarray | None = None) -> None:
+        rgba = image_rgba(value) if rgba is None else rgba
+        height, width = rgba.shape[:2]
+
+        def make():
+            image = scene.visuals.Image(
+                rgba, parent=self.view.scene, interpolation="nearest", method="subdivide"
+            )
+            image.transform = STTransform(scale=(1.0, -1.0), translate=(0.0, height))  # row 0 on top
+            return image
+
+        image = self._visual("image", make)
+        image.set_data(rgba)
+        image.transform.translate = (0.0, height)
+        image.visible = True
+        self.picture_extra = None
+        self.set_range((0, width), (0, height))
+
+    def _draw_heatmap(self, value: np.ndarray) -> None:
+        rgba, value_range = heatmap_rgba(value)
+        self._draw_image(value, rgba)
+        self.picture_extra = value_range
+
+    def _draw_histogram(self, value: np.ndarray) -> None:
+        counts, edges, self.nonfinite = histogram(value)
+        n = len(counts)
+        left, right, top = edges[:-1], edges[1:], counts.astype(np.float64)
+        vertices = np.empty((4 * n, 2), np.float32)
+        vertices[0::4] = np.stack([left, np.zeros(n)], 1)
+        vertices[1::4] = np.stack([right, np.zeros(n)], 1)
+        vertices[2::4] = np.stack([right, top], 1)
+        vertices[3::4] = np.stack([left, top], 1)
+        first = 4 * np.arange(n, dtype=np.uint32)[:, None]
+        faces = np.concatenate(
+            [first + np.array([0, 1, 2], np.uint32), first + np.array([0, 2, 3], np.uint32)]
+        )
+        colour = (*METRIC_COLOURS[1], 0.8)
+        bars = self._visual(
+            "histogram", lambda: scene.visuals.Mesh(vertices, faces, color=colour, parent=self.view.scene)
+        )
+        bars.set_data(vertices=vertices, faces=faces, color=colour)
+        self.picture_extra = (counts, edges)
+        self.set_range(fixed_limits(edges, 0.02), (0.0, max(1.0, float(top.max())) * 1.08))
+
+    def _draw_line(self, value: np.ndarray) -> None:
+        y = np.asarray(value, np.float64)
+        pos = np.stack([np.arange(len(y), dtype=np.float64), y], 1)
+        finite = np.isfinite(y)
+        pos = pos[finite].astype(np.float32) if finite.any() else np.zeros((2, 2), np.float32)
+        if len(pos) < 2:
+            pos = np.concatenate([pos, pos])
+        colour = (*METRIC_COLOURS[1], 1.0)
+        line = self._visual(
+            "line",
+            lambda: scene.visuals.Line(pos, color=colour, width=2.0, method="gl", parent=self.view.scene),
+        )
+        line.set_data(pos=pos, color=colour)
+        self.picture_extra = None
+        self.set_range(fixed_limits([-0.5, len(y) - 0.5], 0.0), fixed_limits(y))
+
+    def subtitle(self, data: dict[str, np.ndarray]) -> str:
+        parts = [self.picture_caption, scalars_caption(self.layout.scalars)]
+        if self.layout.misfits:
+            parts.append(f"{', '.join(self.layout.misfits)}: drawn by shape (its view does not fit it)")
+        return "".join(f"  ·  {p}" for p in parts if p)
+
+    def readout(self, x: float, y: float) -> str | None:
+        picture = self.layout.picture
+        if picture is None:
+            return super().readout(x, y)
+        key, view = picture
+        return picture_readout(view, np.asarray(self.data[key]), x, y, self.picture_extra)
+
+
 PANELS = {
     "grid": MapPanel,
     "curve": CurvePanel,
@@ -847,3 +1003,8 @@ PANELS = {
     "neurons": NeuronsPanel,
     "checkpoint": CheckpointPanel,
 }
+
+
+def panel_class(kind: str):
+    """The panel of a probe kind: a built-in kind's own, any other kind's a FramePanel."""
+    return PANELS.get(kind, FramePanel)

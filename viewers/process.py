@@ -285,11 +285,9 @@ def newest_frames(source, names: list[str], shown: dict[str, int]) -> dict:
 
 
 def panel_names(source, probes=None) -> list[str]:
-    """The probes of ``source`` the viewer has a panel for (of ``probes``, if given)."""
-    from probescope.viewers.panels import PANELS
-
+    """The probes of ``source`` the viewer draws (of ``probes``, if given)."""
     wanted = {s.name for s in source.specs} if probes is None else set(probes)
-    return [s.name for s in source.specs if s.kind in PANELS and s.name in wanted]
+    return [s.name for s in source.specs if s.name in wanted]
 
 
 if __name__ == "__main__":

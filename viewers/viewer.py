@@ -53,12 +53,11 @@ class RunSource:
 
     def __init__(self, path: str | Path, follow: bool = False):
         from probescope.run import open_run
-        from probescope.viewers.panels import PANELS, PanelSpec
+        from probescope.viewers.panels import PanelSpec
 
         self.run = open_run(path)
         self.follow = follow
         self.specs = [PanelSpec.of_record(self.run.probe(n)) for n in self.run.probes]
-        self.specs = [s for s in self.specs if s.kind in PANELS]
         self.out_dir = Path(path)
         self._steps: dict[str, list[int]] = {}  # a replay reads each probe's steps once
 
@@ -174,12 +173,13 @@ class Viewer:
         self.backend = use_backend(offscreen)
         from vispy import scene
 
-        from probescope.viewers.panels import PANELS, LossPanel
+        from probescope.viewers.panels import LossPanel, panel_class
 
         self.source, self.offscreen, self.fps = source, offscreen, fps
-        specs = [s for s in source.specs if s.kind in PANELS and (probes is None or s.name in set(probes))]
+        specs = [s for s in source.specs if probes is None or s.name in set(probes)]
         if not specs:
-            raise ValueError(f"the viewer has no probe to show (it draws {', '.join(PANELS)})")
+            names = ", ".join(s.name for s in source.specs) or "none"
+            raise ValueError(f"the viewer has no probe to show (the probes: {names})")
         columns = columns or getattr(source, "columns", None) or min(len(specs), 3)
         rows = math.ceil(len(specs) / columns)
         size = size or (min(560 * columns, 1680), min(460 * rows, 1380))
@@ -190,7 +190,7 @@ class Viewer:
         self.panels = {}
         for i, spec in enumerate(specs):
             row, col = divmod(i, columns)
-            kind = PANELS[spec.kind]
+            kind = panel_class(spec.kind)
             extra = {"log_y": log_loss} if kind is LossPanel else {}
             self.panels[spec.name] = kind(grid, spec, row, col, **extra)
         self.shown: dict[str, int] = {}  # probe -> seq of the frame on screen
@@ -415,10 +415,6 @@ class GLFrameRenderer:
     ``draw(data, step, epoch)`` then ``image()`` (H, W, 3 uint8). For the exporters."""
 
     def __init__(self, record, *, size: tuple[int, int] = (768, 512)):
-        from probescope.viewers.panels import PANELS
-
-        if record.kind not in PANELS:
-            raise ValueError(f"no GL panel for probe kind {record.kind!r}")
         self.viewer = Viewer(_RecordSource(record), offscreen=True, size=size, columns=1)
         self.panel = self.viewer.panels[record.name]
 

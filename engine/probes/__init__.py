@@ -9,7 +9,15 @@ from probescope.probes.neurons import NeuronProbe
 from probescope.probes.prediction import PredictionProbe
 from probescope.probes.stats import StatsProbe
 
+#: The kinds of probescope's own probes, each drawn by a panel of its own; a probe of any other
+#: kind is drawn from what its frames hold (probescope.probes.views).
+BUILT_IN_KINDS = frozenset(
+    p.kind
+    for p in (CheckpointProbe, CurveProbe, GridProbe, LossProbe, NeuronProbe, PredictionProbe, StatsProbe)
+)
+
 __all__ = [
+    "BUILT_IN_KINDS",
     "CheckpointProbe",
     "CurveProbe",
     "GridProbe",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -106,6 +106,10 @@ class Probe(Callback, Reproducible):
     #: Whether frames are table rows (``values`` under the static ``columns``, plus scalars):
     #: the finished run then also stores ``table.parquet``.
     tabular: ClassVar[bool] = False
+    #: How the viewer and the exporters draw a probe of your own kind: frame entry -> one of
+    #: ``image``, ``heatmap``, ``histogram``, ``line``, ``series``, ``hidden`` (the rest by their
+    #: shape; see probescope.probes.views). The built-in kinds have panels of their own.
+    views: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, *, name: str | None = None, schedule: Schedule | None = None):
         if name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
