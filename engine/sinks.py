@@ -25,6 +25,7 @@ import numpy as np
 
 from probescope.history import Series, display_name
 from probescope.probes.loss import frame_series, own_series
+from probescope.probes.views import frame_layout, heatmap_rgba, image_rgba, is_own_kind
 
 if TYPE_CHECKING:
     from probescope.ring import Frame
@@ -121,6 +122,8 @@ class TensorBoardSink(Sink):
     at most ``max_image_side`` pixels on a side (larger maps are strided down).
     Histograms (``histograms``): a PredictionProbe's per-sample values (the probability of
     the true class or of each label's true state, or the prediction) as ``<probe>/<key>``.
+    A probe of the user's own kind: its pictures as the viewer draws them (probescope.probes.views),
+    images and heat maps as the images ``<probe>/<key>``, histograms' values as histograms.
     Needs the ``tensorboard`` and ``google-crc32c`` packages (``pip install
     probescope[tensorboard]``); the event files are flushed every ``flush_secs`` and at the end."""
 
@@ -160,6 +163,7 @@ class TensorBoardSink(Sink):
         self._last: dict[str, int] = {}  # the step of the last point written, per scalar tag
         self._own: dict[str, set[str]] = {}  # per LossProbe, the series it makes itself
         self._given_series = False  # whether the run's series come whole (scalars)
+        self._own_kinds: dict[str, dict[str, str]] = {}  # probes of the user's own kind: their views
 
     def resume(self, step: int) -> None:
         """Into a log directory that held event files already (the run's, written before):
@@ -178,6 +182,8 @@ class TensorBoardSink(Sink):
             self._columns[name] = [str(c) for c in static["columns"]]
         if kind == "loss":
             self._own[name] = own_series(config)
+        if is_own_kind(kind):
+            self._own_kinds[name] = dict(config.get("views") or {})
 
     def write(self, frame: Frame) -> None:
         data, step = frame.data, frame.step
@@ -195,19 +201,41 @@ class TensorBoardSink(Sink):
             if value.ndim == 0 and value.dtype.kind in "fiub":
                 self._scalar(f"{frame.probe}/{key}", step, float(value))
             elif self.histograms and key in self.HISTOGRAMS and value.ndim in (1, 2) and value.size:
-                finite = value[np.isfinite(value)]  # (a row per sample: its outputs, or labels, all)
-                if finite.size:
-                    from torch.utils.tensorboard.summary import histogram
-
-                    self._events().add(step, histogram(f"{frame.probe}/{key}", finite, "auto"))
+                self._histogram(f"{frame.probe}/{key}", step, value)  # a row per sample: all of it
+        views = self._own_kinds.get(frame.probe)
+        if views is not None:
+            self._own_picture(frame.probe, step, data, views)
+            return
         rgba = data.get("rgba")
         if self.images and rgba is not None and rgba.ndim == 3 and rgba.shape[2] == 4:
-            stride = -(-max(rgba.shape[:2]) // self.max_image_side)
-            self._image(f"{frame.probe}/map", step, rgba[::stride, ::stride])  # row 0 is the top
+            self._image(f"{frame.probe}/map", step, rgba)
+
+    def _own_picture(self, probe: str, step: int, data: Mapping, views: Mapping[str, str]) -> None:
+        """A probe of the user's own kind: each of its pictures as the viewer draws them (images
+        and heat maps as ``<probe>/<key>`` images, a histogram's values as a histogram; a line
+        has no TensorBoard picture)."""
+        for key, view in frame_layout(data, views).pictures:
+            value = np.asarray(data[key])
+            if view in ("image", "heatmap") and self.images:
+                rgba = image_rgba(value) if view == "image" else heatmap_rgba(value)[0]
+                self._image(f"{probe}/{key}", step, rgba)
+            elif view == "histogram" and self.histograms:
+                self._histogram(f"{probe}/{key}", step, value)
+
+    def _histogram(self, tag: str, step: int, values: np.ndarray) -> None:
+        finite = values[np.isfinite(values)]
+        if finite.size:
+            from torch.utils.tensorboard.summary import histogram
+
+            self._events().add(step, histogram(tag, finite, "auto"))
 
     def _image(self, tag: str, step: int, rgba: np.ndarray) -> None:
+        """An (H, W, 4) uint8 picture, row 0 on top, at most ``max_image_side`` on a side
+        (strided down)."""
         from PIL import Image
 
+        stride = -(-max(rgba.shape[:2]) // self.max_image_side)
+        rgba = rgba[::stride, ::stride]
         png = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(rgba)).save(png, format="PNG", compress_level=1)  # RGBA: 4 bytes
         height, width = rgba.shape[:2]

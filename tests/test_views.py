@@ -2,6 +2,7 @@
 (probescope.probes.views), checked against numpy and the colour kernel's torch reference, and
 drawn by the figures and the exporters. The viewer's panel is tested in test_viewer.py."""
 
+import io
 from typing import ClassVar
 
 import imageio.v3 as iio
@@ -273,3 +274,29 @@ def test_exports_animate_and_picture_probes_of_the_users_kind(own_run, tmp_path)
     written = {p.name for p in export_final_pictures(run, tmp_path)}
     assert {"margins_final.png", "margins_small_multiples.png", "norms_final.png"} <= written
     assert "norms_small_multiples.png" not in written  # numbers alone: their series is the picture
+
+
+def test_tensorboard_gets_every_picture_and_number_of_a_probe_of_the_users_kind(own_run, tmp_path):
+    pytest.importorskip("tensorboard")
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from probescope.sinks import export_tensorboard
+
+    run = open_run(own_run)
+    export_tensorboard(run, tmp_path)
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
+    events.Reload()
+    record = run.probe("margins")
+    frames = [record.frame(i) for i in range(len(record))]
+    assert [h.step for h in events.Histograms("margins/margins")] == [f.step for f in frames]
+    last = events.Histograms("margins/margins")[-1].histogram_value
+    assert last.num == 40 and last.sum == pytest.approx(float(frames[-1].data["margins"].sum()), rel=1e-5)
+    images = events.Images("margins/weight")  # the heat map, as the viewer colours it
+    assert [i.step for i in images] == [f.step for f in frames]
+    decoded = np.asarray(Image.open(io.BytesIO(images[-1].encoded_image_string)))
+    np.testing.assert_array_equal(decoded, heatmap_rgba(frames[-1].data["weight"])[0])
+    assert {e.step: e.value for e in events.Scalars("margins/wrong")} == {
+        f.step: float(f.data["wrong"]) for f in frames
+    }
+    assert "norms/p3" in events.Tags()["scalars"] and events.Tags()["images"] == ["margins/weight"]

@@ -76,17 +76,21 @@ def fits(view: str, value: np.ndarray) -> bool:
 
 @dataclass
 class Layout:
-    """What a frame's panel draws: ``picture`` (entry, view) or None, the numbers as
-    ``scalars`` and the entries whose declared view their value does not fit (``misfits``,
-    drawn by their shape instead)."""
+    """What a frame holds to draw: its ``pictures`` (entry, view) in frame order, of which a
+    panel draws the first (``picture``), the numbers as ``scalars``, and the entries whose
+    declared view their value does not fit (``misfits``, drawn by their shape instead)."""
 
-    picture: tuple[str, str] | None = None
+    pictures: list[tuple[str, str]] = field(default_factory=list)
     scalars: dict[str, float] = field(default_factory=dict)
     misfits: list[str] = field(default_factory=list)
 
+    @property
+    def picture(self) -> tuple[str, str] | None:
+        return self.pictures[0] if self.pictures else None
+
 
 def frame_layout(data: Mapping, views: Mapping[str, str] | None = None) -> Layout:
-    """The layout of one frame: its first entry drawn as a picture, and its numbers."""
+    """The layout of one frame: its entries drawn as pictures, and its numbers."""
     views = views or {}
     layout = Layout()
     for key, value in data.items():
@@ -98,8 +102,8 @@ def frame_layout(data: Mapping, views: Mapping[str, str] | None = None) -> Layou
         view = view or default_view(value)
         if view == "series":
             layout.scalars[key] = float(value.reshape(-1)[0])
-        elif view != "hidden" and layout.picture is None:
-            layout.picture = (key, view)
+        elif view != "hidden":
+            layout.pictures.append((key, view))
     return layout
 
 
