@@ -10,7 +10,8 @@ or infinite and where (``nonfinite``: a run that diverged), the last value of ev
 metric series (the run's history once it is closed, with or without a LossProbe; before,
 LossProbe's last frame or StatsProbe's table), each PredictionProbe's last accuracy (labels:
 also exact match and F1; or MSE and R²), each CurveProbe's last sample loss, each
-CheckpointProbe's best value, and each probe's frames, milliseconds per frame and failures.
+CheckpointProbe's best value, every number of the last frame of a probe of the user's own
+kind, and each probe's frames, milliseconds per frame and failures.
 ``probescope compare RUN [RUN ...]`` prints it and writes it as CSV, JSON or Markdown.
 """
 
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from probescope.probes.loss import frame_series
+from probescope.probes.views import frame_layout, is_own_kind
 from probescope.run import Run, open_run
 from probescope.spec import spec_digest
 
@@ -88,6 +90,9 @@ def run_row(run: Run) -> dict[str, Any]:
             for key in SCALARS[record.kind]:
                 if key in data:
                     row[f"{name}/{key}"] = float(data[key])
+        elif is_own_kind(record.kind):  # the numbers of its last frame
+            layout = frame_layout(record.frame(len(record) - 1).data, record.config.get("views"))
+            row.update({f"{name}/{key}": value for key, value in layout.scalars.items()})
     for series_name, series in run.history().items():  # whole, at close: newer than any frame
         if series_name != "lr" and len(series.values):
             metrics[series_name] = float(series.values[-1])

@@ -300,3 +300,15 @@ def test_tensorboard_gets_every_picture_and_number_of_a_probe_of_the_users_kind(
         f.step: float(f.data["wrong"]) for f in frames
     }
     assert "norms/p3" in events.Tags()["scalars"] and events.Tags()["images"] == ["margins/weight"]
+
+
+def test_compare_lists_the_last_numbers_of_a_probe_of_the_users_kind(own_run):
+    from probescope.compare import compare_runs
+
+    run = open_run(own_run)
+    row = compare_runs([own_run]).iloc[0]
+    last = run.probe("margins").frame(-1).data
+    assert row["margins/wrong"] == float(last["wrong"])
+    assert "margins/margins" not in row and "margins/weight" not in row  # pictures, not numbers
+    norms = run.probe("norms").frame(-1).data
+    assert [row[f"norms/p{i}"] for i in range(4)] == [float(norms[f"p{i}"]) for i in range(4)]
