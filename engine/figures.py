@@ -23,12 +23,11 @@ from probescope.probes.loss import first_nonfinite, frame_series
 from probescope.probes.prediction import confusion_shares, scatter_colours, scatter_legend, scatter_points
 from probescope.probes.views import (
     frame_layout,
-    heatmap_rgba,
     histogram,
-    image_rgba,
     is_own_kind,
     picture_axes,
     picture_caption,
+    picture_rgba,
     scalars_caption,
 )
 from probescope.run import ProbeRecord
@@ -365,7 +364,7 @@ class FramePanel:
             value = np.asarray(data[key])
             extra = None
             if view in ("image", "heatmap"):
-                rgba, extra = (image_rgba(value), None) if view == "image" else heatmap_rgba(value)
+                rgba, extra = picture_rgba(key, view, value, self.views)
                 ax.imshow(rgba, interpolation="nearest", aspect="equal" if view == "image" else "auto")
             elif view == "histogram":
                 counts, edges, extra = histogram(value)

@@ -25,7 +25,7 @@ import numpy as np
 
 from probescope.history import Series, display_name
 from probescope.probes.loss import frame_series, own_series
-from probescope.probes.views import frame_layout, heatmap_rgba, image_rgba, is_own_kind
+from probescope.probes.views import frame_layout, is_own_kind, picture_rgba
 
 if TYPE_CHECKING:
     from probescope.ring import Frame
@@ -217,8 +217,7 @@ class TensorBoardSink(Sink):
         for key, view in frame_layout(data, views).pictures:
             value = np.asarray(data[key])
             if view in ("image", "heatmap") and self.images:
-                rgba = image_rgba(value) if view == "image" else heatmap_rgba(value)[0]
-                self._image(f"{probe}/{key}", step, rgba)
+                self._image(f"{probe}/{key}", step, picture_rgba(key, view, value, views)[0])
             elif view == "histogram" and self.histograms:
                 self._histogram(f"{probe}/{key}", step, value)
 

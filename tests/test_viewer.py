@@ -1192,6 +1192,20 @@ def test_a_probe_of_your_own_kind_draws_its_images_and_heat_maps(shape):
     viewer.close()
 
 
+def test_a_heat_map_over_a_fixed_range_keeps_its_colours_from_frame_to_frame():
+    frames = [(1, {"w": np.array([[-1.0, 0.5]])}), (2, {"w": np.array([[0.5, 3.0]])})]
+    views = {"w": ["heatmap", -2.0, 2.0]}
+    first = _own_kind("mine", frames[:1], views=views)
+    second = _own_kind("mine", frames, views=views)
+    (_, image1, panel1), (_, image2, panel2) = first, second
+    # 0.5 is the same colour in both frames (each frame's own range would have made it a pale
+    # red in the first, over -1..1, and the bluest blue in the second, over 0.5..3)
+    np.testing.assert_allclose(pixel(image1, panel1, 1.5, 0.5), pixel(image2, panel2, 0.5, 0.5), atol=2)
+    assert "w (1x2): blue -2, white 0, red 2" in panel2.caption.text
+    first[0].close()
+    second[0].close()
+
+
 def test_a_probe_of_your_own_kind_draws_a_histogram_and_a_line():
     bar = (np.array([0.58, 0.40, 0.74]) * 255).round()  # METRIC_COLOURS[1] at alpha 0.8 on white
     bar = 0.8 * bar + 0.2 * 255

@@ -19,6 +19,7 @@ from probescope.probes.views import (
     MAGENTA,
     check_views,
     default_view,
+    fixed_range,
     frame_layout,
     heatmap_range,
     heatmap_rgba,
@@ -69,6 +70,30 @@ def test_the_first_picture_is_drawn_and_the_numbers_are_listed():
     misfit = frame_layout(data, {"margins": "image"})
     assert misfit.picture == ("margins", "histogram") and misfit.misfits == ["margins"]
     assert frame_layout({"n": np.float32(1.0)}).picture is None
+
+
+def test_a_heat_map_may_keep_one_range_for_the_run():
+    views = check_views("P", {"w": ("heatmap", -2, 2), "m": "histogram"})
+    assert views == {"w": ["heatmap", -2.0, 2.0], "m": "histogram"}  # as run.json holds it
+    assert fixed_range(views, "w") == (-2.0, 2.0) and fixed_range(views, "m") is None
+    assert frame_layout({"w": np.ones((2, 3))}, views).picture == ("w", "heatmap")
+    for bad in (("heatmap", 1, 1), ("heatmap", 0, np.inf), ("heatmap", "a", 1)):
+        with pytest.raises(ValueError, match=r"views\['w'\]: a heat map's value_range must be"):
+            check_views("P", {"w": bad})
+    with pytest.raises(ValueError, match=r"or \('heatmap', lo, hi\)"):
+        check_views("P", {"w": ("histogram", 0, 1)})
+    # over a fixed range: values beyond it take its ends, the same value the same colour
+    frames = [np.array([[-5.0, 0.0, 1.0]]), np.array([[0.0, 1.0, 7.0]])]
+    coloured = [heatmap_rgba(f, (-2.0, 2.0)) for f in frames]
+    assert all(r == (-2.0, 2.0) for _, r in coloured)
+    first, second = (rgba for rgba, _ in coloured)
+    np.testing.assert_array_equal(first[0, 2], second[0, 1])  # 1.0 in both frames
+    np.testing.assert_allclose(first[0, 0, :3], DIVERGING_ANCHORS[0], atol=1)
+    np.testing.assert_allclose(second[0, 2, :3], DIVERGING_ANCHORS[-1], atol=1)
+    reference = probs_to_rgba_reference(
+        torch.from_numpy(frames[1]).float()[..., None], "value", torch.zeros(1, 3), 0, (-2.0, 2.0)
+    ).numpy()
+    np.testing.assert_allclose(second.astype(int), reference.astype(int), atol=1)
 
 
 def test_views_are_checked_before_training():
@@ -194,7 +219,7 @@ class Margins(Probe):
     weights (a heat map)."""
 
     kind = "margins"
-    views: ClassVar = {"weight": "heatmap"}
+    views: ClassVar = {"weight": ("heatmap", -1.5, 1.5)}  # one colour scale for every frame
 
     def __init__(self, x, y, *, name=None, schedule=None):
         super().__init__(name=name, schedule=schedule)
@@ -235,7 +260,7 @@ def own_run(tmp_path_factory):
 
 def test_the_run_records_the_probes_views(own_run):
     run = open_run(own_run)
-    assert run.probe("margins").config["views"] == {"weight": "heatmap"}
+    assert run.probe("margins").config["views"] == {"weight": ["heatmap", -1.5, 1.5]}
     assert "views" not in run.probe("norms").config
 
 
@@ -295,7 +320,7 @@ def test_tensorboard_gets_every_picture_and_number_of_a_probe_of_the_users_kind(
     images = events.Images("margins/weight")  # the heat map, as the viewer colours it
     assert [i.step for i in images] == [f.step for f in frames]
     decoded = np.asarray(Image.open(io.BytesIO(images[-1].encoded_image_string)))
-    np.testing.assert_array_equal(decoded, heatmap_rgba(frames[-1].data["weight"])[0])
+    np.testing.assert_array_equal(decoded, heatmap_rgba(frames[-1].data["weight"], (-1.5, 1.5))[0])
     assert {e.step: e.value for e in events.Scalars("margins/wrong")} == {
         f.step: float(f.data["wrong"]) for f in frames
     }

@@ -26,12 +26,11 @@ from probescope.probes.loss import first_nonfinite, frame_series
 from probescope.probes.prediction import confusion_shares, scatter_colours, scatter_legend, scatter_points
 from probescope.probes.views import (
     frame_layout,
-    heatmap_rgba,
     histogram,
-    image_rgba,
     picture_axes,
     picture_caption,
     picture_readout,
+    picture_rgba,
     scalars_caption,
     views_config,
 )
@@ -920,8 +919,9 @@ class FramePanel(SeriesPanel):
         self.rescale()
         self.picture_caption = ""
 
-    def _draw_image(self, value: np.ndarray, rgba: np.ndarray | None = None) -> None:
-        rgba = image_rgba(value) if rgba is None else rgba
+    def _draw_image(self, value: np.ndarray) -> None:
+        key, view = self.layout.picture
+        rgba, self.picture_extra = picture_rgba(key, view, value, self.views)
         height, width = rgba.shape[:2]
 
         def make():
@@ -935,13 +935,9 @@ class FramePanel(SeriesPanel):
         image.set_data(rgba)
         image.transform.translate = (0.0, height)
         image.visible = True
-        self.picture_extra = None
         self.set_range((0, width), (0, height))
 
-    def _draw_heatmap(self, value: np.ndarray) -> None:
-        rgba, value_range = heatmap_rgba(value)
-        self._draw_image(value, rgba)
-        self.picture_extra = value_range
+    _draw_heatmap = _draw_image  # coloured by picture_rgba
 
     def _draw_histogram(self, value: np.ndarray) -> None:
         counts, edges, self.nonfinite = histogram(value)

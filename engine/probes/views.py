@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from probescope.kernels.colormap import check_value_range
+
 #: What an entry can be drawn as.
 VIEWS = ("image", "heatmap", "histogram", "line", "series", "hidden")
 #: The pictures (a panel draws one of them); a ``series`` is drawn over steps.
@@ -21,18 +23,40 @@ PICTURES = ("image", "heatmap", "histogram", "line")
 BINS = 30  # a histogram's bins, over the finite values' range
 
 
-def check_views(owner: str, views) -> dict[str, str]:
-    """``views`` (entry -> one of VIEWS) as a dict, or a ValueError that says what is wrong."""
+def check_views(owner: str, views) -> dict:
+    """``views`` (entry -> one of VIEWS, or ``("heatmap", lo, hi)``: a heat map over a range
+    fixed for the run) as a JSON-ready dict, or a ValueError that says what is wrong."""
     if views is None:
         return {}
     if not isinstance(views, Mapping):
         raise ValueError(f"{owner}: views must map frame entries to {VIEWS}, got {type(views).__name__}")
+    checked = {}
     for key, view in views.items():
         if not isinstance(key, str):
             raise ValueError(f"{owner}: views must name frame entries by string, got {key!r}")
-        if view not in VIEWS:
-            raise ValueError(f"{owner}: views[{key!r}] must be one of {VIEWS}, got {view!r}")
-    return dict(views)
+        if isinstance(view, (tuple, list)) and len(view) == 3 and view[0] == "heatmap":
+            try:
+                checked[key] = ["heatmap", *check_value_range(view[1:])]
+            except ValueError as err:
+                raise ValueError(f"{owner}: views[{key!r}]: a heat map's {err}") from None
+        elif isinstance(view, str) and view in VIEWS:
+            checked[key] = view
+        else:
+            raise ValueError(
+                f"{owner}: views[{key!r}] must be one of {VIEWS} or ('heatmap', lo, hi), got {view!r}"
+            )
+    return checked
+
+
+def view_name(view) -> str:
+    """The view of a checked ``views`` entry (``["heatmap", lo, hi]`` is a heat map)."""
+    return view if isinstance(view, str) else view[0]
+
+
+def fixed_range(views: Mapping | None, key: str) -> tuple[float, float] | None:
+    """The range ``views`` fixes for the heat map of ``key``, or None (each frame's own)."""
+    view = (views or {}).get(key)
+    return None if view is None or isinstance(view, str) else (float(view[1]), float(view[2]))
 
 
 def views_config(probe) -> dict:
@@ -96,6 +120,7 @@ def frame_layout(data: Mapping, views: Mapping[str, str] | None = None) -> Layou
     for key, value in data.items():
         value = np.asarray(value)
         view = views.get(key)
+        view = None if view is None else view_name(view)
         if view is not None and not fits(view, value):
             layout.misfits.append(key)
             view = None
@@ -143,15 +168,28 @@ def heatmap_range(value: np.ndarray) -> tuple[float, float]:
     return lo, hi
 
 
-def heatmap_rgba(value: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
-    """A 2-D array through the maps' blue-white-red ramp over ``heatmap_range`` (non-finite
-    values magenta): (H, W, 4) uint8 and the range."""
+def heatmap_rgba(
+    value: np.ndarray, value_range: tuple[float, float] | None = None
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """A 2-D array through the maps' blue-white-red ramp over ``value_range`` (values beyond
+    it take its ends), by default ``heatmap_range`` of the frame; non-finite values magenta.
+    Returns (H, W, 4) uint8 and the range."""
     from probescope.kernels import probs_to_rgba
 
-    value_range = heatmap_range(value)
+    value_range = heatmap_range(value) if value_range is None else value_range
     values = torch.from_numpy(np.ascontiguousarray(value, np.float32))[..., None]
     rgba = probs_to_rgba(values, "value", torch.zeros(1, 3), 0, value_range=value_range)
     return rgba.numpy(), value_range
+
+
+def picture_rgba(
+    key: str, view: str, value: np.ndarray, views: Mapping | None = None
+) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """An image or heat map entry as (H, W, 4) uint8, and a heat map's range (None for an
+    image): what the viewer, the figures and TensorBoard show alike."""
+    if view == "image":
+        return image_rgba(value), None
+    return heatmap_rgba(value, fixed_range(views, key))
 
 
 def histogram(value: np.ndarray, bins: int = BINS) -> tuple[np.ndarray, np.ndarray, int]:
