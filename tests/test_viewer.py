@@ -1251,3 +1251,31 @@ def test_a_view_that_does_not_fit_its_entry_is_said():
     assert "m: drawn by shape (its view does not fit it)" in panel.caption.text
     assert panel.layout.picture == ("m", "histogram")
     viewer.close()
+
+
+def test_probes_of_your_own_kind_export_through_the_gl_panels_and_the_notebook_figures(tmp_path):
+    import imageio.v3 as iio
+
+    from probescope import Probe
+    from probescope.export import export_run
+    from probescope.viewers.notebook import FigureCanvas
+
+    class Spread(Probe):  # a histogram of the first layer's weights and their norm
+        kind = "spread"
+
+        def evaluate(self, model, context):
+            return {"w": model[0].weight.reshape(-1).clone(), "norm": model[0].weight.norm()}
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(200, 2), torch.randint(0, 3, (200,))
+    with Monitor(model, [Spread(schedule=Schedule.every(4))], run_dir=tmp_path / "run") as monitor:
+        train_steps(monitor, model, x, y, 12)
+    run = open_run(tmp_path / "run")
+    files = export_run(run, tmp_path / "gl", ["gif"], renderer="gl")
+    frames = iio.imread(files["spread"][0], index=None)
+    assert frames.shape[0] == len(run.probe("spread")) == 4
+    assert len({f.tobytes() for f in frames}) == 4  # each frame its own histogram and caption
+    canvas = FigureCanvas(RunSource(tmp_path / "run"))
+    assert list(canvas.renderers) == ["spread"] and canvas.refresh()
+    assert canvas.render().std() > 10  # a figure, not a blank canvas
