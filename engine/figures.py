@@ -338,7 +338,7 @@ class NeuronsPanel:
 
 class FramePanel:
     """A probe of the user's own kind, drawn from what its frames hold (probescope.probes.views):
-    one entry as a picture (an image, a heat map, a histogram or a line over its index), its
+    one entry as a picture (an image, a heat map, a mosaic of maps, a histogram or a line), its
     numbers in the title; frames of numbers alone as series over the frames drawn so far (so
     an animation grows them). Redrawn from scratch each frame: what a frame holds may change."""
 
@@ -363,9 +363,9 @@ class FramePanel:
             key, view = layout.picture
             value = np.asarray(data[key])
             extra = None
-            if view in ("image", "heatmap"):
+            if view in ("image", "heatmap", "maps"):
                 rgba, extra = picture_rgba(key, view, value, self.views)
-                ax.imshow(rgba, interpolation="nearest", aspect="equal" if view == "image" else "auto")
+                ax.imshow(rgba, interpolation="nearest", aspect="auto" if view == "heatmap" else "equal")
             elif view == "histogram":
                 counts, edges, extra = histogram(value)
                 ax.stairs(counts, edges, fill=True, color="tab:purple", alpha=0.8)

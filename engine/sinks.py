@@ -123,7 +123,7 @@ class TensorBoardSink(Sink):
     Histograms (``histograms``): a PredictionProbe's per-sample values (the probability of
     the true class or of each label's true state, or the prediction) as ``<probe>/<key>``.
     A probe of the user's own kind: its pictures as the viewer draws them (probescope.probes.views),
-    images and heat maps as the images ``<probe>/<key>``, histograms' values as histograms.
+    images, heat maps and mosaics of maps as the images ``<probe>/<key>``, histograms' values as histograms.
     Needs the ``tensorboard`` and ``google-crc32c`` packages (``pip install
     probescope[tensorboard]``); the event files are flushed every ``flush_secs`` and at the end."""
 
@@ -211,12 +211,12 @@ class TensorBoardSink(Sink):
             self._image(f"{frame.probe}/map", step, rgba)
 
     def _own_picture(self, probe: str, step: int, data: Mapping, views: Mapping[str, str]) -> None:
-        """A probe of the user's own kind: each of its pictures as the viewer draws them (images
-        and heat maps as ``<probe>/<key>`` images, a histogram's values as a histogram; a line
+        """A probe of the user's own kind: each of its pictures as the viewer draws them (images,
+        heat maps and mosaics of maps as ``<probe>/<key>`` images, a histogram's values as a histogram; a line
         has no TensorBoard picture)."""
         for key, view in frame_layout(data, views).pictures:
             value = np.asarray(data[key])
-            if view in ("image", "heatmap") and self.images:
+            if view in ("image", "heatmap", "maps") and self.images:
                 self._image(f"{probe}/{key}", step, picture_rgba(key, view, value, views)[0])
             elif view == "histogram" and self.histograms:
                 self._histogram(f"{probe}/{key}", step, value)

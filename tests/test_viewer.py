@@ -1192,6 +1192,22 @@ def test_a_probe_of_your_own_kind_draws_its_images_and_heat_maps(shape):
     viewer.close()
 
 
+def test_maps_draw_as_a_mosaic_and_the_pointer_names_the_map():
+    from probescope.probes.views import maps_rgba
+
+    values = np.random.default_rng(5).normal(size=(5, 3, 4))  # e.g. 5 attention heads
+    viewer, image, panel = _own_kind("mine", [(2, {"heads": values})])
+    mosaic, (lo, _) = maps_rgba(values)
+    height, width = mosaic.shape[:2]
+    for r, c in itertools.product(range(height), range(width)):
+        np.testing.assert_allclose(pixel(image, panel, c + 0.5, height - r - 0.5), mosaic[r, c, :3], atol=2)
+    assert f"heads (5x3x4): blue {lo:.3g}" in panel.caption.text
+    # map 4 is the second map of the second row (3 a row); its row 1, column 2
+    x, y = (4 + 2) + 2 + 0.5, height - ((3 + 2) + 1) - 0.5
+    assert panel.readout(x, y) == f"map 4, row 1, column 2: {values[4, 1, 2]:.4g}"
+    viewer.close()
+
+
 def test_a_heat_map_over_a_fixed_range_keeps_its_colours_from_frame_to_frame():
     frames = [(1, {"w": np.array([[-1.0, 0.5]])}), (2, {"w": np.array([[0.5, 3.0]])})]
     views = {"w": ["heatmap", -2.0, 2.0]}

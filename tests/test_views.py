@@ -41,7 +41,8 @@ from probescope.probes.views import (
         (np.zeros((3, 5), np.float64), "heatmap"),
         (np.zeros((4, 6, 3), np.uint8), "image"),
         (np.zeros((4, 6, 4), np.uint8), "image"),
-        (np.zeros((4, 6, 3), np.float32), "hidden"),  # a float (H, W, 3) may be anything: say so
+        (np.zeros((4, 6, 3), np.float32), "maps"),  # numbers, not bytes: 4 maps of 6x3
+        (np.zeros((2, 3, 5), np.uint8), "maps"),  # bytes, but not 3 or 4 channels
         (np.zeros((2, 3, 4, 5)), "hidden"),
         (np.array(["a", "b"]), "hidden"),
         (np.zeros(0), "hidden"),
@@ -78,9 +79,9 @@ def test_a_heat_map_may_keep_one_range_for_the_run():
     assert fixed_range(views, "w") == (-2.0, 2.0) and fixed_range(views, "m") is None
     assert frame_layout({"w": np.ones((2, 3))}, views).picture == ("w", "heatmap")
     for bad in (("heatmap", 1, 1), ("heatmap", 0, np.inf), ("heatmap", "a", 1)):
-        with pytest.raises(ValueError, match=r"views\['w'\]: a heat map's value_range must be"):
+        with pytest.raises(ValueError, match=r"views\['w'\]: a heatmap view's value_range must be"):
             check_views("P", {"w": bad})
-    with pytest.raises(ValueError, match=r"or \('heatmap', lo, hi\)"):
+    with pytest.raises(ValueError, match=r"or \(view, lo, hi\) for one of \('heatmap', 'maps'\)"):
         check_views("P", {"w": ("histogram", 0, 1)})
     # over a fixed range: values beyond it take its ends, the same value the same colour
     frames = [np.array([[-5.0, 0.0, 1.0]]), np.array([[0.0, 1.0, 7.0]])]
@@ -94,6 +95,35 @@ def test_a_heat_map_may_keep_one_range_for_the_run():
         torch.from_numpy(frames[1]).float()[..., None], "value", torch.zeros(1, 3), 0, (-2.0, 2.0)
     ).numpy()
     np.testing.assert_allclose(second.astype(int), reference.astype(int), atol=1)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 2, 5), (7, 4, 4), (10, 1, 9)])
+def test_maps_are_tiled_heat_maps_over_one_range(shape):
+    from probescope.probes.neurons import GAP
+    from probescope.probes.views import maps_rgba, mosaic_columns
+
+    n, h, w = shape
+    rng = np.random.default_rng(n * 100 + h * 10 + w)
+    values = rng.normal(size=shape)
+    values[0, 0, 0] = np.nan
+    for value_range in (None, (-0.5, 2.0)):
+        mosaic, used = maps_rgba(values, value_range)
+        assert used == (value_range or heatmap_range(values))  # one range for every map
+        columns = mosaic_columns(n)
+        rows = -(-n // columns)
+        assert mosaic.shape == (rows * (h + GAP) - GAP, columns * (w + GAP) - GAP, 4)
+        for i in range(n):  # each map where it belongs, coloured as a heat map over that range
+            r0, c0 = (i // columns) * (h + GAP), (i % columns) * (w + GAP)
+            alone, _ = heatmap_rgba(values[i], used)
+            np.testing.assert_array_equal(mosaic[r0 : r0 + h, c0 : c0 + w], alone)
+            x, y = c0 + w - 0.5, mosaic.shape[0] - (r0 + h - 1) - 0.5  # its last pixel
+            assert picture_readout("maps", values, x, y) == (
+                f"map {i}, row {h - 1}, column {w - 1}: {values[i, h - 1, w - 1]:.4g}"
+            )
+        if columns > 1:  # the gap between the first two maps is white, and reads nothing
+            assert np.all(mosaic[:h, w : w + GAP] == 255)
+            assert picture_readout("maps", values, w + 0.5, mosaic.shape[0] - 0.5) is None
+    assert check_views("P", {"a": ("maps", 0, 1)}) == {"a": ["maps", 0.0, 1.0]}
 
 
 def test_views_are_checked_before_training():

@@ -850,7 +850,7 @@ class NeuronsPanel(Panel):
 
 class FramePanel(SeriesPanel):
     """A probe of the user's own kind, drawn from what its frames hold (probescope.probes.views):
-    one entry as a picture (an image, a heat map, a histogram or a line over its index), its
+    one entry as a picture (an image, a heat map, a mosaic of maps, a histogram or a line), its
     numbers in the caption; a frame of numbers alone draws them as series over the frames
     seen so far."""
 
@@ -937,7 +937,7 @@ class FramePanel(SeriesPanel):
         image.visible = True
         self.set_range((0, width), (0, height))
 
-    _draw_heatmap = _draw_image  # coloured by picture_rgba
+    _draw_heatmap = _draw_maps = _draw_image  # coloured by picture_rgba
 
     def _draw_histogram(self, value: np.ndarray) -> None:
         counts, edges, self.nonfinite = histogram(value)

@@ -107,9 +107,9 @@ class Probe(Callback, Reproducible):
     #: the finished run then also stores ``table.parquet``.
     tabular: ClassVar[bool] = False
     #: How the viewer and the exporters draw a probe of your own kind: frame entry -> one of
-    #: ``image``, ``heatmap``, ``("heatmap", lo, hi)``, ``histogram``, ``line``, ``series``,
-    #: ``hidden`` (the rest by their shape; see probescope.probes.views). The built-in kinds
-    #: have panels of their own.
+    #: ``image``, ``heatmap``, ``maps``, ``(view, lo, hi)`` for those two, ``histogram``,
+    #: ``line``, ``series``, ``hidden`` (the rest by their shape; see probescope.probes.views).
+    #: The built-in kinds have panels of their own.
     views: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, *, name: str | None = None, schedule: Schedule | None = None):

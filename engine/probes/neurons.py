@@ -168,11 +168,18 @@ def neuron_mosaic(activations: torch.Tensor, scale: float | torch.Tensor, column
     picture: unit ``u`` at row ``u // columns``, column ``u % columns``; -scale blue, 0 white,
     +scale red, non-finite magenta; white between maps."""
     units, h, w = activations.shape
-    rows = math.ceil(units / columns)
     p = ((activations.float() / scale).clamp(-1.0, 1.0) + 1.0) * 0.5
     p = torch.where(torch.isfinite(activations), p, activations.float())  # keep NaN/inf: magenta
     palette = torch.zeros((1, 3), dtype=torch.uint8)
     tiles = probs_to_rgba(p.reshape(units * h, w, 1).contiguous(), "prob", palette, 0).reshape(units, h, w, 4)
+    return tile_mosaic(tiles, columns)
+
+
+def tile_mosaic(tiles: torch.Tensor, columns: int) -> torch.Tensor:
+    """``(U, H, W, 4)`` uint8 tiles -> one mosaic, tile ``u`` at row ``u // columns``, column
+    ``u % columns``, ``GAP`` white pixels between them."""
+    units, h, w, _ = tiles.shape
+    rows = math.ceil(units / columns)
     # Every tile padded with white to (h + GAP, w + GAP), rows x columns of them, then laid
     # out row by row in one copy; the last gap of each direction is cut off.
     padded = torch.full((rows * columns, h + GAP, w + GAP, 4), WHITE, dtype=torch.uint8, device=tiles.device)

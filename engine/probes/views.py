@@ -1,13 +1,14 @@
 """How the viewer and the exporters draw the frames of a probe of the user's own kind.
 
 A built-in probe has a panel of its own; a probe of another kind is drawn from what its
-frames hold: one entry as the panel's picture (an image, a heat map, a histogram or a line),
-chosen by its shape or by the probe's ``views``, and every number as a series over steps
-(the picture when the frame holds nothing else) and in the caption.
+frames hold: one entry as the panel's picture (an image, a heat map, a mosaic of maps, a
+histogram or a line), chosen by its shape or by the probe's ``views``, and every number as a
+series over steps (the picture when the frame holds nothing else) and in the caption.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -17,15 +18,18 @@ import torch
 from probescope.kernels.colormap import check_value_range
 
 #: What an entry can be drawn as.
-VIEWS = ("image", "heatmap", "histogram", "line", "series", "hidden")
+VIEWS = ("image", "heatmap", "maps", "histogram", "line", "series", "hidden")
 #: The pictures (a panel draws one of them); a ``series`` is drawn over steps.
-PICTURES = ("image", "heatmap", "histogram", "line")
+PICTURES = ("image", "heatmap", "maps", "histogram", "line")
+#: The views coloured over a range, which ``(view, lo, hi)`` fixes for the run.
+RANGED = ("heatmap", "maps")
 BINS = 30  # a histogram's bins, over the finite values' range
 
 
 def check_views(owner: str, views) -> dict:
-    """``views`` (entry -> one of VIEWS, or ``("heatmap", lo, hi)``: a heat map over a range
-    fixed for the run) as a JSON-ready dict, or a ValueError that says what is wrong."""
+    """``views`` (entry -> one of VIEWS, or ``("heatmap", lo, hi)`` / ``("maps", lo, hi)``:
+    coloured over a range fixed for the run) as a JSON-ready dict, or a ValueError that says
+    what is wrong."""
     if views is None:
         return {}
     if not isinstance(views, Mapping):
@@ -34,16 +38,17 @@ def check_views(owner: str, views) -> dict:
     for key, view in views.items():
         if not isinstance(key, str):
             raise ValueError(f"{owner}: views must name frame entries by string, got {key!r}")
-        if isinstance(view, (tuple, list)) and len(view) == 3 and view[0] == "heatmap":
+        if isinstance(view, (tuple, list)) and len(view) == 3 and view[0] in RANGED:
             try:
-                checked[key] = ["heatmap", *check_value_range(view[1:])]
+                checked[key] = [view[0], *check_value_range(view[1:])]
             except ValueError as err:
-                raise ValueError(f"{owner}: views[{key!r}]: a heat map's {err}") from None
+                raise ValueError(f"{owner}: views[{key!r}]: a {view[0]} view's {err}") from None
         elif isinstance(view, str) and view in VIEWS:
             checked[key] = view
         else:
             raise ValueError(
-                f"{owner}: views[{key!r}] must be one of {VIEWS} or ('heatmap', lo, hi), got {view!r}"
+                f"{owner}: views[{key!r}] must be one of {VIEWS} or (view, lo, hi) for one of "
+                f"{RANGED}, got {view!r}"
             )
     return checked
 
@@ -54,7 +59,7 @@ def view_name(view) -> str:
 
 
 def fixed_range(views: Mapping | None, key: str) -> tuple[float, float] | None:
-    """The range ``views`` fixes for the heat map of ``key``, or None (each frame's own)."""
+    """The range ``views`` fixes for the colours of ``key``, or None (each frame's own)."""
     view = (views or {}).get(key)
     return None if view is None or isinstance(view, str) else (float(view[1]), float(view[2]))
 
@@ -80,7 +85,7 @@ def default_view(value: np.ndarray) -> str:
         return "series"
     if value.ndim == 3 and value.shape[2] in (3, 4) and value.dtype == np.uint8:
         return "image"
-    return {1: "histogram", 2: "heatmap"}.get(value.ndim, "hidden")
+    return {1: "histogram", 2: "heatmap", 3: "maps"}.get(value.ndim, "hidden")
 
 
 def fits(view: str, value: np.ndarray) -> bool:
@@ -92,6 +97,7 @@ def fits(view: str, value: np.ndarray) -> bool:
     return {
         "image": value.ndim == 3 and value.shape[2] in (3, 4),
         "heatmap": value.ndim == 2,
+        "maps": value.ndim == 3,
         "histogram": True,
         "line": value.ndim == 1,
         "series": value.size == 1,
@@ -185,11 +191,32 @@ def heatmap_rgba(
 def picture_rgba(
     key: str, view: str, value: np.ndarray, views: Mapping | None = None
 ) -> tuple[np.ndarray, tuple[float, float] | None]:
-    """An image or heat map entry as (H, W, 4) uint8, and a heat map's range (None for an
-    image): what the viewer, the figures and TensorBoard show alike."""
+    """An image, heat map or maps entry as (H, W, 4) uint8, and the range of its colours (None
+    for an image): what the viewer, the figures and TensorBoard show alike."""
     if view == "image":
         return image_rgba(value), None
+    if view == "maps":
+        return maps_rgba(value, fixed_range(views, key))
     return heatmap_rgba(value, fixed_range(views, key))
+
+
+def maps_rgba(
+    value: np.ndarray, value_range: tuple[float, float] | None = None
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """``(N, H, W)`` maps (attention heads, feature maps) as one mosaic of heat maps, ``N``
+    coloured over one range (``value_range``, or ``heatmap_range`` of all of them), laid out
+    ``mosaic_columns(N)`` a row with white between: (rows, columns) of tiles as NeuronProbe's."""
+    from probescope.probes.neurons import tile_mosaic
+
+    n, h, w = value.shape
+    rgba, value_range = heatmap_rgba(np.asarray(value).reshape(n * h, w), value_range)
+    mosaic = tile_mosaic(torch.from_numpy(rgba.reshape(n, h, w, 4)), mosaic_columns(n))
+    return mosaic.numpy(), value_range
+
+
+def mosaic_columns(n: int) -> int:
+    """Maps a row in a mosaic of ``n``: as square as it gets."""
+    return math.ceil(math.sqrt(n))
 
 
 def histogram(value: np.ndarray, bins: int = BINS) -> tuple[np.ndarray, np.ndarray, int]:
@@ -211,6 +238,7 @@ def picture_axes(key: str, view: str) -> tuple[str, str]:
     return {
         "image": ("column", "row"),
         "heatmap": ("column", "row"),
+        "maps": ("maps", "maps"),
         "histogram": (key, "count"),
         "line": ("index", key),
     }[view]
@@ -221,7 +249,7 @@ def picture_caption(key: str, view: str, value: np.ndarray, extra: tuple[float, 
     values are not finite."""
     shape = "x".join(str(n) for n in value.shape)
     text = f"{key} ({shape})"
-    if view == "heatmap" and extra is not None:
+    if view in RANGED and extra is not None:
         lo, hi = extra
         text += f": blue {lo:.3g}, white {(lo + hi) / 2:.3g}, red {hi:.3g}"
     elif view == "histogram" and extra:
@@ -238,9 +266,11 @@ def scalars_caption(scalars: Mapping[str, float], limit: int = 4) -> str:
 
 
 def picture_readout(view: str, value: np.ndarray, x: float, y: float, extra=None) -> str | None:
-    """The picture's value at data point (x, y), in words (None outside it). Images and heat
-    maps put pixel (r, c) at x = c + 0.5, y = H - r - 0.5 (row 0 on top); a histogram's bars
-    span their edges (``extra``: the edges); a line's point i is at x = i."""
+    """The picture's value at data point (x, y), in words (None outside it). Images, heat
+    maps and mosaics put pixel (r, c) at x = c + 0.5, y = H - r - 0.5 (row 0 on top); a
+    histogram's bars span their edges (``extra``: the edges); a line's point i is at x = i."""
+    if view == "maps":
+        return _maps_readout(value, x, y)
     if view in ("image", "heatmap"):
         height, width = value.shape[:2]
         c, r = int(np.floor(x)), int(np.floor(height - y))
@@ -261,3 +291,18 @@ def picture_readout(view: str, value: np.ndarray, x: float, y: float, extra=None
         i = round(float(x))
         return f"index {i}: {float(value[i]):.4g}" if 0 <= i < len(value) else None
     return None
+
+
+def _maps_readout(value: np.ndarray, x: float, y: float) -> str | None:
+    """The map, row and column under (x, y) of a mosaic of ``value`` (N, H, W), and its value."""
+    from probescope.probes.neurons import GAP
+
+    n, h, w = value.shape
+    columns = mosaic_columns(n)
+    height = math.ceil(n / columns) * (h + GAP) - GAP
+    tile_row, r = divmod(int(np.floor(height - y)), h + GAP)
+    tile_col, c = divmod(int(np.floor(x)), w + GAP)
+    index = tile_row * columns + tile_col
+    if min(tile_row, tile_col) < 0 or r >= h or c >= w or tile_col >= columns or index >= n:
+        return None
+    return f"map {index}, row {r}, column {c}: {float(value[index, r, c]):.4g}"
