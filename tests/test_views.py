@@ -239,6 +239,7 @@ def test_readouts_say_the_value_under_the_pointer():
     assert picture_readout("heatmap", values, 4.5, 0.5) is None
     counts, edges, _ = histogram(np.array([0.0, 0.0, 1.0]), bins=2)
     assert picture_readout("histogram", None, 0.2, 1.0, (counts, edges)) == "[0, 0.5): 2"
+    assert picture_readout("histogram", None, 1.0, 1.0, (counts, edges)) == "[0.5, 1]: 1"  # its edge too
     assert picture_readout("histogram", None, 1.5, 1.0, (counts, edges)) is None
     assert picture_readout("line", np.array([5.0, 6.0]), 0.9, 0.0) == "index 1: 6"
     assert scalars_caption({"a": 1.0, "b": 2.5, "c": 3, "d": 4, "e": 5}, limit=2) == "a 1, b 2.5, +3 more"

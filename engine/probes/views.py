@@ -284,9 +284,12 @@ def picture_readout(view: str, value: np.ndarray, x: float, y: float, extra=None
     if view == "histogram":
         counts, edges = extra
         i = int(np.searchsorted(edges, x, side="right")) - 1
+        if x == edges[-1]:  # the last bin holds its right edge (numpy's histogram)
+            i = len(counts) - 1
         if not 0 <= i < len(counts):
             return None
-        return f"[{edges[i]:.4g}, {edges[i + 1]:.4g}): {int(counts[i])}"
+        close = "]" if i == len(counts) - 1 else ")"
+        return f"[{edges[i]:.4g}, {edges[i + 1]:.4g}{close}: {int(counts[i])}"
     if view == "line":
         i = round(float(x))
         return f"index {i}: {float(value[i]):.4g}" if 0 <= i < len(value) else None
