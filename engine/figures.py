@@ -22,6 +22,7 @@ from probescope.probes.grid import point_colours, ramp_ends
 from probescope.probes.loss import first_nonfinite, frame_series
 from probescope.probes.prediction import confusion_shares, scatter_colours, scatter_legend, scatter_points
 from probescope.probes.views import (
+    Numbers,
     frame_layout,
     histogram,
     is_own_kind,
@@ -347,15 +348,12 @@ class FramePanel:
     def __init__(self, ax: Axes, record: ProbeRecord, compact: bool = False):
         self.ax, self.compact = ax, compact
         self.views = dict(record.config.get("views") or {})
-        self.history: dict[str, dict[float, float]] = {}  # number -> {step: value}
+        self.numbers = Numbers()
 
     def update(self, data: dict[str, np.ndarray], step: float | None = None) -> None:
         layout = frame_layout(data, self.views)
         if step is not None:
-            if any(step < max(by_step) for by_step in self.history.values()):  # went back: start over
-                self.history.clear()
-            for key, value in layout.scalars.items():
-                self.history.setdefault(key, {})[float(step)] = value
+            self.numbers.add(step, layout.scalars)
         ax = self.ax
         ax.clear()
         caption = ""
@@ -374,10 +372,9 @@ class FramePanel:
             x, y = picture_axes(key, view)
             caption = picture_caption(key, view, value, extra)
         else:
-            for key, by_step in self.history.items():
-                steps = np.array(sorted(by_step), np.float64)
-                ax.plot(steps, [by_step[s] for s in steps], lw=1.5, label=key)
-            if self.history:
+            for key, steps, values in self.numbers.series():
+                ax.plot(steps, values, lw=1.5, label=key)
+            if self.numbers.names():
                 ax.legend(fontsize=7)
             x, y = "step", "value"
         numbers = scalars_caption(layout.scalars)

@@ -25,6 +25,7 @@ from probescope.probes.grid import point_colours, ramp_ends
 from probescope.probes.loss import first_nonfinite, frame_series
 from probescope.probes.prediction import confusion_shares, scatter_colours, scatter_legend, scatter_points
 from probescope.probes.views import (
+    Numbers,
     frame_layout,
     histogram,
     picture_axes,
@@ -860,22 +861,17 @@ class FramePanel(SeriesPanel):
         super().__init__(parent_grid, spec, row, col, log_y=False, legend=[("", (0.0, 0.0, 0.0, 0.0))])
         self.views = dict(spec.config.get("views") or {})
         self.layout = frame_layout({})
-        self.history: dict[str, dict[float, float]] = {}  # number -> {step: value}
+        self.numbers = Numbers()
         self.picture_visuals: dict[str, Any] = {}  # view -> its visual, made at first use
         self.picture_extra = None  # a heat map's range, a histogram's (counts, edges)
         self.picture_caption = ""
         self.axes: tuple[str, str] | None = None
         self.nonfinite = 0  # a histogram's values left out
         self.legend_shown: list[str] = []
-        self._last_step: float | None = None
 
     def update(self, data: dict[str, np.ndarray], step: float, epoch: float) -> None:
-        if self._last_step is not None and step < self._last_step:  # replay went back: start over
-            self.history.clear()
-        self._last_step = step
         self.layout = frame_layout(data, self.views)
-        for key, value in self.layout.scalars.items():
-            self.history.setdefault(key, {})[float(step)] = value
+        self.numbers.add(step, self.layout.scalars)
         super().update(data, step, epoch)
 
     def draw(self, data: dict[str, np.ndarray]) -> None:
@@ -906,12 +902,10 @@ class FramePanel(SeriesPanel):
 
     def _draw_series(self) -> None:
         self._label_axes("step", "value")
-        for i, (key, by_step) in enumerate(self.history.items()):
-            steps = np.array(sorted(by_step), np.float64)
-            colour = (*METRIC_COLOURS[i % len(METRIC_COLOURS)], 1.0)
-            self.set_series(key, steps, np.array([by_step[s] for s in steps]), colour)
+        for i, (key, steps, values) in enumerate(self.numbers.series()):
+            self.set_series(key, steps, values, (*METRIC_COLOURS[i % len(METRIC_COLOURS)], 1.0))
             self.lines[key].visible = True
-        names = legend_names(list(self.history))
+        names = legend_names(self.numbers.names())
         if names != self.legend_shown:
             colours = [(*METRIC_COLOURS[i % len(METRIC_COLOURS)], 1.0) for i in range(len(names))]
             self.legend.set_entries(list(zip(names, colours, strict=True)) or [("", (0.0, 0.0, 0.0, 0.0))])

@@ -138,6 +138,31 @@ def frame_layout(data: Mapping, views: Mapping[str, str] | None = None) -> Layou
     return layout
 
 
+class Numbers:
+    """The numbers of the frames drawn so far, each by step; a frame of an earlier step than the
+    last starts them over (a replay went back)."""
+
+    def __init__(self):
+        self.by_step: dict[str, dict[float, float]] = {}
+        self.last: float | None = None
+
+    def add(self, step: float, scalars: Mapping[str, float]) -> None:
+        if self.last is not None and step < self.last:
+            self.by_step.clear()
+        self.last = step
+        for key, value in scalars.items():
+            self.by_step.setdefault(key, {})[float(step)] = value
+
+    def names(self) -> list[str]:
+        return list(self.by_step)
+
+    def series(self):
+        """(name, steps, values) of each number, in step order."""
+        for key, values in self.by_step.items():
+            steps = np.array(sorted(values), np.float64)
+            yield key, steps, np.array([values[s] for s in steps], np.float64)
+
+
 MAGENTA = np.array([255, 0, 255, 255], np.uint8)  # non-finite, as the maps draw it
 
 
