@@ -1295,3 +1295,8 @@ def test_probes_of_your_own_kind_export_through_the_gl_panels_and_the_notebook_f
     canvas = FigureCanvas(RunSource(tmp_path / "run"))
     assert list(canvas.renderers) == ["spread"] and canvas.refresh()
     assert canvas.render().std() > 10  # a figure, not a blank canvas
+
+
+def test_asking_the_viewer_for_no_probe_of_the_run_names_those_it_has(recorded):
+    with pytest.raises(ValueError, match=r"no probe to show \(the probes: grid, prediction, loss\)"):
+        Viewer(RunSource(recorded), offscreen=True, probes=["nope"])
