@@ -12,13 +12,14 @@ from typing import Any, ClassVar
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from probescope.kernels import default_palette
 from probescope.probes.base import display_name
 from probescope.probes.curve import x_label
-from probescope.probes.grid import point_colours, ramp_ends
+from probescope.probes.grid import line_segments, point_colours, ramp_ends
 from probescope.probes.loss import first_nonfinite, frame_series
 from probescope.probes.prediction import confusion_shares, scatter_colours, scatter_legend, scatter_points
 from probescope.probes.views import (
@@ -93,8 +94,18 @@ class GridPanel:
                     handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False
                 )
 
+        self.ax, self.domain, self.hyperplanes = ax, config["domain"], None
+
     def update(self, data: dict[str, np.ndarray]) -> None:
         self.image.set_data(data["rgba"])
+        if "hyperplanes" in data:  # each first-layer unit's zero line
+            ends = line_segments(np.asarray(data["hyperplanes"]), self.domain)
+            ends = ends[np.isfinite(ends).all(axis=(1, 2))]
+            if self.hyperplanes is None:
+                self.hyperplanes = LineCollection(ends, colors="0.15", linewidths=0.8, alpha=0.55, zorder=2)
+                self.ax.add_collection(self.hyperplanes)
+            else:
+                self.hyperplanes.set_segments(ends)
 
 
 class CurvePanel:

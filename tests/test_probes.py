@@ -1088,3 +1088,85 @@ def test_a_curves_line_survives_a_spec_round_trip(tmp_path):
     for before, after in zip(probes, load_probes(tmp_path / "probes.json"), strict=True):
         assert torch.equal(before.origin, after.origin) and torch.equal(before.direction, after.direction)
         assert after.config()["line"] == before.config()["line"]
+
+
+@pytest.mark.parametrize(("features", "norm"), [(2, False), (5, False), (2, True), (7, True)])
+def test_grid_hyperplanes_are_where_each_first_layer_unit_is_zero(features, norm):
+    """Each row (A, B, C) of a frame's hyperplanes is the first layer's unit (a batch norm
+    after it folded in, eval mode) on the plane: A u + B v + C = that unit at the pixel's input
+    (float64 reference)."""
+    torch.manual_seed(features)
+    norms = [nn.BatchNorm1d(9)] if norm else []
+    model = nn.Sequential(nn.Linear(features, 9), *norms, nn.ReLU(), nn.Linear(9, 3))
+    if norm:
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(60, features)
+    probe = GridProbe(x, resolution=(11, 7), hyperplanes=True)
+    lines = _evaluate(probe, model.eval())["hyperplanes"]
+    assert lines.shape == (9, 3)
+    uv = torch.randn(25, 2, dtype=torch.float64)
+    points = probe.origin.double() + uv[:, :1] * probe.axis_u.double() + uv[:, 1:] * probe.axis_v.double()
+    with torch.no_grad():
+        units = model.double()[: 2 if norm else 1](points)  # the first layer (and its norm), float64
+    got = uv @ lines[:, :2].double().T + lines[:, 2].double()
+    torch.testing.assert_close(got, units, rtol=1e-4, atol=1e-4)  # float32 lines
+
+
+def test_grid_hyperplanes_need_an_mlp_and_a_bool(blobs):
+    x, y = blobs.x_train, blobs.y_train
+    with pytest.raises(ValueError, match="hyperplanes must be True or False"):
+        GridProbe(x, y, hyperplanes="yes")
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 3)
+
+        def forward(self, x):
+            return self.fc(x) + x.sum(1, keepdim=True)
+
+    with pytest.raises(ValueError, match="hyperplanes are the first Linear layer's units"):
+        Monitor(Residual(), [GridProbe(x, y, hyperplanes=True)])
+
+
+@pytest.mark.parametrize(
+    ("line", "ends"),
+    [
+        ((1.0, 0.0, -0.5), [[0.5, 0.0], [0.5, 1.0]]),  # u = 0.5
+        ((0.0, 2.0, -1.5), [[0.0, 0.75], [1.0, 0.75]]),  # v = 0.75
+        ((1.0, -1.0, 0.0), [[0.0, 0.0], [1.0, 1.0]]),  # the diagonal, corner to corner
+        ((1.0, 1.0, -1.5), [[0.5, 1.0], [1.0, 0.5]]),  # cuts a corner off
+        ((1.0, 1.0, -2.0), None),  # touches the corner (1, 1) only
+        ((1.0, 0.0, -3.0), None),  # misses
+        ((0.0, 0.0, 1.0), None),  # a unit with no weights is zero nowhere
+    ],
+)
+def test_line_segments_clip_each_line_to_the_map(line, ends):
+    from probescope.probes.grid import line_segments
+
+    got = line_segments(np.array([line]), (0.0, 1.0, 0.0, 1.0))[0]
+    if ends is None:
+        assert np.isnan(got).all()
+    else:  # either order
+        assert np.allclose(got, ends) or np.allclose(got[::-1], ends), got
+
+
+def test_line_segments_of_random_lines_end_on_the_border_and_lie_on_their_line():
+    from probescope.probes.grid import line_segments
+
+    rng = np.random.default_rng(3)
+    lines, domain = rng.normal(size=(500, 3)), (-1.5, 2.0, -0.5, 0.25)
+    ends = line_segments(lines, domain)
+    kept = np.isfinite(ends).all(axis=(1, 2))
+    assert 0 < kept.sum() < len(lines)  # some cross the map, some miss it
+    a, b, c = lines[kept].T
+    for end in (ends[kept, 0], ends[kept, 1]):
+        np.testing.assert_allclose(a * end[:, 0] + b * end[:, 1] + c, 0.0, atol=1e-9)
+        on_border = np.isclose(end[:, 0], domain[0]) | np.isclose(end[:, 0], domain[1])
+        on_border |= np.isclose(end[:, 1], domain[2]) | np.isclose(end[:, 1], domain[3])
+        assert on_border.all()
+    # a line that misses: its value has one sign at every corner
+    corners = np.array([(u, v) for u in domain[:2] for v in domain[2:]])
+    values = lines[~kept] @ np.c_[corners, np.ones(4)].T
+    assert (np.all(values >= -1e-12, axis=1) | np.all(values <= 1e-12, axis=1)).all()

@@ -1300,3 +1300,45 @@ def test_probes_of_your_own_kind_export_through_the_gl_panels_and_the_notebook_f
 def test_asking_the_viewer_for_no_probe_of_the_run_names_those_it_has(recorded):
     with pytest.raises(ValueError, match=r"no probe to show \(the probes: grid, prediction, loss\)"):
         Viewer(RunSource(recorded), offscreen=True, probes=["nope"])
+
+
+def test_hyperplanes_are_drawn_over_the_map_where_each_first_layer_unit_is_zero():
+    """GridProbe(hyperplanes=True): a line across the map where each unit of the first layer
+    is zero, in the viewer and the figures alike, moving with the frame."""
+    from matplotlib.figure import Figure
+
+    from probescope.figures import GridPanel
+    from probescope.probes.grid import line_segments
+    from probescope.viewers.panels import HYPERPLANE
+
+    x = torch.tensor([[-1.0, -1.0], [1.0, 1.0], [-1.0, 1.0], [1.0, -1.0]])
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    with torch.no_grad():  # unit 0 is zero on x1 = 0.5, unit 1 on x2 = -0.25
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        model[0].bias.copy_(torch.tensor([-0.5, 0.5]))
+    probe = GridProbe(x, torch.tensor([0, 1, 0, 1]), margin=0.0, resolution=40, points=False,
+                      hyperplanes=True, schedule=Schedule.every(1))  # fmt: skip
+    with Monitor(model, [probe]) as monitor:
+        monitor.step()
+    frame, spec = monitor.latest(probe.name), PanelSpec.of_probe(probe)
+    np.testing.assert_allclose(frame.data["hyperplanes"], [[1.0, 0.0, -0.5], [0.0, 2.0, 0.5]])
+    data = {**frame.data, "rgba": np.full_like(frame.data["rgba"], 255)}  # a white map: lines stand out
+    viewer, image, panel = _render_one(spec, data, frame.step)
+    ink = 255 - (255 - 255 * np.array(HYPERPLANE[:3])) * HYPERPLANE[3]  # the line blended on white
+    for v in (-0.8, 0.3, 0.9):
+        assert distance_near(image, panel, 0.5, v, ink, radius=1) <= 25, v
+        assert np.all(pixel(image, panel, 0.6, v) >= 250)  # a few pixels away: the map
+    for u in (-0.7, 0.1):
+        assert distance_near(image, panel, u, -0.25, ink, radius=1) <= 25, u
+    moved = {**data, "hyperplanes": np.array([[1.0, 0.0, 0.5], [0.0, 0.0, 1.0]], np.float32)}
+    panel.update(moved, 2, 0)  # unit 0 now at x1 = -0.5, unit 1 zero nowhere
+    image = viewer.render()
+    assert distance_near(image, panel, -0.5, 0.3, ink, radius=1) <= 25
+    assert np.all(pixel(image, panel, 0.5, 0.3) >= 250) and np.all(pixel(image, panel, 0.1, -0.25) >= 250)
+    viewer.close()
+    figure_panel = GridPanel(Figure().add_subplot(), spec)  # (a spec has what a record has)
+    figure_panel.update(frame.data)
+    np.testing.assert_allclose(
+        np.asarray(figure_panel.hyperplanes.get_segments()),
+        line_segments(frame.data["hyperplanes"], spec.config["domain"]),
+    )

@@ -21,7 +21,7 @@ from probescope.kernels import default_palette
 from probescope.kernels.colormap import DIVERGING_ANCHORS
 from probescope.probes.base import display_name
 from probescope.probes.curve import x_label
-from probescope.probes.grid import point_colours, ramp_ends
+from probescope.probes.grid import line_segments, point_colours, ramp_ends
 from probescope.probes.loss import first_nonfinite, frame_series
 from probescope.probes.prediction import confusion_shares, scatter_colours, scatter_legend, scatter_points
 from probescope.probes.views import (
@@ -38,6 +38,7 @@ from probescope.probes.views import (
 
 BAND = (0.84, 0.15, 0.16)  # the curve and its loss band
 GREY = (0.45, 0.45, 0.45, 1.0)
+HYPERPLANE = (0.15, 0.15, 0.15, 0.55)  # a first-layer unit's zero line over a map
 DIVERGED = (0.84, 0.15, 0.16, 1.0)  # the step where a series turned NaN or infinite
 METRIC_COLOURS = ((0.17, 0.63, 0.17), (0.58, 0.40, 0.74), (0.84, 0.15, 0.16), (0.55, 0.34, 0.29))
 
@@ -254,10 +255,26 @@ class MapPanel(Panel):
             self.points = scene.visuals.Markers(parent=self.view.scene)
             self.points.set_data(uv, face_color=face, edge_color="black", edge_width=0.5, size=5)
             self.points.order = -1  # above the image
+        self.hyperplanes = None  # the first layer's zero lines (GridProbe(hyperplanes=True))
         self.set_range((u0, u1), (v0, v1))
 
     def draw(self, data: dict[str, np.ndarray]) -> None:
         self.image.set_data(np.ascontiguousarray(data["rgba"]))
+        if "hyperplanes" in data:
+            self._draw_hyperplanes(np.asarray(data["hyperplanes"]))
+
+    def _draw_hyperplanes(self, lines: np.ndarray) -> None:
+        """Each unit of the first layer: the line where it is zero, across the map."""
+        ends = line_segments(lines, self.spec.config["domain"])
+        ends = ends[np.isfinite(ends).all(axis=(1, 2))].reshape(-1, 2).astype(np.float32)
+        if self.hyperplanes is None:
+            self.hyperplanes = scene.visuals.Line(
+                parent=self.view.scene, connect="segments", color=HYPERPLANE, width=1.0, method="gl"
+            )
+            self.hyperplanes.order = -1  # above the image, as the points
+        self.hyperplanes.visible = len(ends) > 0
+        if len(ends):
+            self.hyperplanes.set_data(pos=ends)
 
     def readout(self, x: float, y: float) -> str | None:
         probs = None if self.data is None else self.data.get("probs")
@@ -283,9 +300,11 @@ class MapPanel(Panel):
         top = np.argsort(-p, kind="stable")[:3]
         return f"{where}: " + ", ".join(f"{display_name(config, k)} {p[k]:.2f}" for k in top)
 
-    def update_device(self, rgba, step: float, epoch: float) -> None:
+    def update_device(self, rgba, step: float, epoch: float, hyperplanes=None) -> None:
         """Show an (H, W, 4) uint8 CUDA frame: through CUDA-GL interop when it can be used
-        (registered on first use, after the texture exists), else through host memory."""
+        (registered on first use, after the texture exists), else through host memory; its
+        ``hyperplanes`` (a few numbers a unit) through host memory."""
+        lines = None if hyperplanes is None else hyperplanes.cpu().numpy()  # (its copy is done)
         from probescope.viewers.interop import InteropTexture, why_not_interop
 
         if self.interop is None and self.upload_path == "host":
@@ -304,8 +323,11 @@ class MapPanel(Panel):
             self._set_caption()
             self.interop.upload(rgba)
             self.image.update()
+            if lines is not None:
+                self._draw_hyperplanes(lines)
         else:
-            self.update({"rgba": rgba.cpu().numpy()}, step, epoch)
+            data = {"rgba": rgba.cpu().numpy()}
+            self.update(data if lines is None else {**data, "hyperplanes": lines}, step, epoch)
 
 
 class CurvePanel(Panel):

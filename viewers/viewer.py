@@ -233,7 +233,7 @@ class Viewer:
         frame = self.source.latest_device(name)
         if frame is None or "rgba" not in frame.tensors or self.shown.get(name) == frame.seq:
             return False
-        panel.update_device(frame.tensors["rgba"], frame.step, frame.epoch)
+        panel.update_device(frame.tensors["rgba"], frame.step, frame.epoch, frame.tensors.get("hyperplanes"))
         self.shown[name] = frame.seq
         return True
 

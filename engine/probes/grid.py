@@ -12,6 +12,7 @@ from torch import nn
 
 from probescope.kernels import GridSpec, default_palette, ema_frames, fused_path, grid_mlp, probs_to_rgba
 from probescope.kernels.colormap import MODES, check_value_range
+from probescope.kernels.mlp import FusableMLP, NotFusableError
 from probescope.probes.base import (
     Probe,
     ProbeContext,
@@ -50,6 +51,10 @@ class GridProbe(Probe):
     in (0, 1]) blends each map with the previous ones so that a live view does not flicker (a
     NaN frame shows, and the blend starts again from the next frame: see ``ema_frames``).
 
+    ``hyperplanes=True`` adds each first-layer unit's zero line on the plane to every frame
+    (``hyperplanes``: rows ``(A, B, C)`` of ``A u + B v + C = 0``, see ``first_layer_lines``),
+    which the viewer and the figures draw over the map.
+
     ``class_names`` (one per class, or per output in ``value`` mode) name them in legends
     and readouts, in place of their indices; ``palette`` colours the classes (colours, one
     per class, or a matplotlib colormap's name: see ``probescope.kernels.resolve_palette``).
@@ -83,6 +88,7 @@ class GridProbe(Probe):
         plane: str | tuple | None = None,
         points: bool = True,
         point_sparsity: int = 1,
+        hyperplanes: bool = False,
         batch_size: int = 65536,
         smoothing: float | None = None,
         name: str | None = None,
@@ -111,6 +117,8 @@ class GridProbe(Probe):
         positive_int(f"{owner}: batch_size", batch_size)
         if smoothing is not None and not 0 < smoothing <= 1:
             raise ValueError(f"{owner}: smoothing must be an EMA weight in (0, 1] or None, got {smoothing!r}")
+        if not isinstance(hyperplanes, bool):
+            raise ValueError(f"{owner}: hyperplanes must be True or False, got {hyperplanes!r}")
         plane_grid = PlaneGrid.fit(owner, data, plane, domain, margin, width, height, spacing)
         width, height = plane_grid.grid.width, plane_grid.grid.height
         self.labels = None
@@ -131,6 +139,7 @@ class GridProbe(Probe):
         self.path = "not attached"
         self.mode, self.class_index, self.output = mode, class_index, output
         self.points, self.point_sparsity, self.batch_size = points, point_sparsity, batch_size
+        self.hyperplanes = hyperplanes
         self.data_uv = uv
         self.num_classes: int | None = None
         self.palette: torch.Tensor | None = None
@@ -161,6 +170,14 @@ class GridProbe(Probe):
                 f"{owner}: class_index {self.class_index} is out of range for {self.num_classes} {what}"
             )
         self.palette = attached_palette(owner, self.requested_palette, self.num_classes)
+        if self.hyperplanes:
+            try:
+                FusableMLP.from_module(model)
+            except NotFusableError as err:
+                raise ValueError(
+                    f"{owner}: hyperplanes are the first Linear layer's units, of a model the grid "
+                    f"kernel reads as an MLP; this one is not ({err})"
+                ) from None
         # In eval mode, as frames see the model: the path they take, and no dropout draw or
         # batch norm update on the live model.
         with eval_mode(model), torch.no_grad():
@@ -197,7 +214,10 @@ class GridProbe(Probe):
                 f"non-finite model outputs at step {context.step}; those pixels are drawn "
                 "in magenta (RGBA 255, 0, 255). Training goes on.",
             )
-        return {"probs": probs, "rgba": rgba}
+        frame = {"probs": probs, "rgba": rgba}
+        if self.hyperplanes:
+            frame["hyperplanes"] = first_layer_lines(model, self.origin, self.axis_u, self.axis_v)
+        return frame
 
     def _graphed_frame(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         device, _ = model_device_dtype(model)
@@ -254,6 +274,7 @@ class GridProbe(Probe):
             "num_classes": self.num_classes,
             "points": self.points,
             "point_sparsity": self.point_sparsity,
+            "hyperplanes": self.hyperplanes,
             "input_dim": int(self.origin.shape[0]),
             "smoothing": self.smoothing,
             "path": self.path,
@@ -323,6 +344,46 @@ class PlaneGrid:
 
 
 MAX_POINTS_PER_AXIS = 8192
+
+
+def first_layer_lines(model: nn.Module, origin, axis_u, axis_v) -> torch.Tensor:
+    """Where each unit of the model's first Linear layer is zero on the plane
+    ``origin + u * axis_u + v * axis_v``: (units, 3) rows ``(A, B, C)`` of the line
+    ``A u + B v + C = 0`` (a ReLU unit's kink; a batch norm right after the layer folded in), on
+    the model's device."""
+    mlp = FusableMLP.from_module(model)
+    weight, bias = mlp.weights[0], mlp.biases[0]
+    plane = torch.stack([axis_u, axis_v, origin], dim=1).to(weight.device, torch.float32)
+    lines = weight.float() @ plane
+    if bias is not None:
+        lines[:, 2] += bias.float()
+    return lines
+
+
+def line_segments(lines: np.ndarray, domain) -> np.ndarray:
+    """(k, 2, 2): the two ends of each line ``A u + B v + C = 0`` (rows of ``lines``) inside
+    the rectangle ``domain = (u0, u1, v0, v1)``; NaN for a line that misses it (or only touches
+    a corner)."""
+    u0, u1, v0, v1 = (float(d) for d in domain)
+    a, b, c = (np.asarray(lines, np.float64)[:, i, None] for i in range(3))
+    with np.errstate(divide="ignore", invalid="ignore"):  # a line parallel to an edge meets it nowhere
+        left, right, bottom, top = (np.full_like(a, edge) for edge in (u0, u1, v0, v1))
+        us = np.concatenate([left, right, -(b * bottom + c) / a, -(b * top + c) / a], 1)
+        vs = np.concatenate([-(a * left + c) / b, -(a * right + c) / b, bottom, top], 1)
+    slack = 1e-9 * max(u1 - u0, v1 - v0)
+    inside = (
+        np.isfinite(us) & np.isfinite(vs)
+        & (us >= u0 - slack) & (us <= u1 + slack) & (vs >= v0 - slack) & (vs <= v1 + slack)
+    )  # fmt: skip
+    points = np.where(inside[..., None], np.stack([us, vs], -1), 0.0)  # (k, 4 edges, 2)
+    gaps = np.linalg.norm(points[:, :, None] - points[:, None, :], axis=-1)
+    gaps = np.where(inside[:, :, None] & inside[:, None, :], gaps, -1.0)
+    best = gaps.reshape(len(points), -1).argmax(1)
+    first, second = np.divmod(best, 4)
+    rows = np.arange(len(points))
+    ends = np.stack([points[rows, first], points[rows, second]], 1)
+    ends[gaps.reshape(len(points), -1)[rows, best] <= 0] = np.nan
+    return ends
 
 
 def _value_range(owner: str, value_range, targets: torch.Tensor | None) -> tuple[float, float]:
