@@ -122,8 +122,9 @@ class TensorBoardSink(Sink):
     at most ``max_image_side`` pixels on a side (larger maps are strided down).
     Histograms (``histograms``): a PredictionProbe's per-sample values (the probability of
     the true class or of each label's true state, or the prediction) as ``<probe>/<key>``.
-    A probe of the user's own kind: its pictures as the viewer draws them (probescope.probes.views),
-    images, heat maps and mosaics of maps as the images ``<probe>/<key>``, histograms' values as histograms.
+    A probe of the user's own kind: its pictures as the viewer draws them
+    (probescope.probes.views): images, heat maps and mosaics of maps as the images
+    ``<probe>/<key>``, histograms' values as histograms.
     Needs the ``tensorboard`` and ``google-crc32c`` packages (``pip install
     probescope[tensorboard]``); the event files are flushed every ``flush_secs`` and at the end."""
 
@@ -163,7 +164,7 @@ class TensorBoardSink(Sink):
         self._last: dict[str, int] = {}  # the step of the last point written, per scalar tag
         self._own: dict[str, set[str]] = {}  # per LossProbe, the series it makes itself
         self._given_series = False  # whether the run's series come whole (scalars)
-        self._own_kinds: dict[str, dict[str, str]] = {}  # probes of the user's own kind: their views
+        self._own_kinds: dict[str, dict] = {}  # probes of the user's own kind: their views
 
     def resume(self, step: int) -> None:
         """Into a log directory that held event files already (the run's, written before):
@@ -210,10 +211,10 @@ class TensorBoardSink(Sink):
         if self.images and rgba is not None and rgba.ndim == 3 and rgba.shape[2] == 4:
             self._image(f"{frame.probe}/map", step, rgba)
 
-    def _own_picture(self, probe: str, step: int, data: Mapping, views: Mapping[str, str]) -> None:
+    def _own_picture(self, probe: str, step: int, data: Mapping, views: Mapping) -> None:
         """A probe of the user's own kind: each of its pictures as the viewer draws them (images,
-        heat maps and mosaics of maps as ``<probe>/<key>`` images, a histogram's values as a histogram; a line
-        has no TensorBoard picture)."""
+        heat maps and mosaics of maps as ``<probe>/<key>`` images, a histogram's values as a
+        histogram; a line has no TensorBoard picture)."""
         for key, view in frame_layout(data, views).pictures:
             value = np.asarray(data[key])
             if view in ("image", "heatmap", "maps") and self.images:
