@@ -17,6 +17,7 @@ from probescope.kernels.colormap import (
 from probescope.kernels.ema import ema_frames, ema_frames_reference
 from probescope.kernels.grid import GridSpec, grid_inputs, grid_inputs_reference
 from probescope.kernels.grid_mlp import fused_path, grid_mlp, grid_mlp_reference, module_forward_on_grid
+from probescope.kernels.histogram import HISTOGRAM_HEAD, tensor_histogram, tensor_histogram_reference
 from probescope.kernels.interpolate import interpolate_frames, interpolate_frames_reference
 from probescope.kernels.lds import lds_kernel_window, lds_weights, lds_weights_reference
 from probescope.kernels.mlp import FusableMLP, NotFusableError, final_output_kind
@@ -30,6 +31,7 @@ from probescope.kernels.stats import (
 )
 
 __all__ = [
+    "HISTOGRAM_HEAD",
     "IMPLS",
     "NONFINITE_RGBA",
     "STAT_NAMES",
@@ -59,6 +61,8 @@ __all__ = [
     "smooth_1d_reference",
     "spectral_norm",
     "spectral_norm_reference",
+    "tensor_histogram",
+    "tensor_histogram_reference",
     "tensor_stats",
     "tensor_stats_reference",
 ]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from probescope.kernels import (
+    HISTOGRAM_HEAD,
     NONFINITE_RGBA,
     STAT_NAMES,
     FusableMLP,
@@ -40,6 +41,8 @@ from probescope.kernels import (
     smooth_1d_reference,
     spectral_norm,
     spectral_norm_reference,
+    tensor_histogram,
+    tensor_histogram_reference,
     tensor_stats,
     tensor_stats_reference,
 )
@@ -795,6 +798,83 @@ def test_numba_combine_of_partials_equals_the_torch_one():
         out = np.empty(7)
         combine_partials_kernel(rows.numpy(), numel, out)
         np.testing.assert_allclose(out, combine_partials(rows, numel).numpy(), rtol=1e-12, equal_nan=True)
+
+
+# ---------------------------------------------------------------- tensor_histogram
+
+
+def numpy_histogram(x: torch.Tensor, bins: int) -> tuple[float, float, np.ndarray]:
+    """numpy.histogram of the finite entries over their range: the range's ends and counts."""
+    values = x.detach().double().reshape(-1).numpy()
+    values = values[np.isfinite(values)]
+    counts, edges = np.histogram(values, bins)
+    return edges[0], edges[-1], counts
+
+
+# Random entries, a few NaN and infinities; half-precision tensors; 1 entry, a block and many
+# blocks (every implementation reduces in blocks of 16384 or fewer) and awkward bin counts.
+HISTOGRAM_CASES = [((1,), torch.float32, 40), ((37, 53), torch.float32, 7), ((9000,), torch.bfloat16, 40),
+                   ((3, 5, 7, 11), torch.float16, 1), ((100_003,), torch.float32, 100),
+                   ((500,), torch.float64, 33)]  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(("shape", "dtype", "bins"), HISTOGRAM_CASES)
+def test_tensor_histogram_counts_exactly_as_the_reference(poisoned, impl, shape, dtype, bins):
+    g = torch.Generator().manual_seed(shape[0])
+    x = (torch.randn(shape, generator=g) * 3 + 1).to(dtype)
+    flat = x.reshape(-1)
+    if flat.numel() > 10:
+        flat[3], flat[7], flat[-1] = float("nan"), float("inf"), -float("inf")
+    got = tensor_histogram(x.to(device_for(impl)), bins, impl=impl).cpu()
+    ref = tensor_histogram_reference(x, bins)
+    assert got.dtype == torch.float64 and got.shape == (bins + 3,)
+    # Bin indices are computed in float64 by every implementation: the counts agree exactly.
+    assert torch.equal(got, ref)
+    assert ref[2] == (~torch.isfinite(x)).sum() and ref[3:].sum() == torch.isfinite(x).sum()
+    lo, hi, counts = numpy_histogram(x, bins)
+    assert (float(ref[0]), float(ref[1])) == (lo, hi)
+    # numpy moves an entry within rounding of an edge by comparing it with its own edges:
+    # only such entries may be counted in the next bin (bfloat16's few values sit on edges).
+    values = x.double().reshape(-1).numpy()
+    position = (values[np.isfinite(values)] - lo) * bins / (hi - lo)
+    on_edge = int((np.abs(position - np.round(position)) < 1e-9).sum())
+    assert np.abs(ref[3:].numpy() - counts).sum() <= 2 * on_edge
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tensor_histogram_of_one_value_widens_the_range_as_numpy_does(impl):
+    x = torch.full((13,), 2.0)
+    x[4] = float("nan")
+    got = tensor_histogram(x.to(device_for(impl)), 4, impl=impl).cpu()
+    lo, hi, counts = numpy_histogram(x, 4)
+    assert got.tolist()[:3] == [lo, hi, 1.0] == [1.5, 2.5, 1.0]
+    assert got[3:].tolist() == counts.tolist() == [0, 0, 12, 0]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n", [1, 5, 20_000])
+def test_tensor_histogram_of_nothing_finite_has_no_range_and_empty_bins(impl, n):
+    x = torch.full((n,), float("nan"))
+    x[::2] = float("inf")
+    got = tensor_histogram(x.to(device_for(impl)), 5, impl=impl).cpu()
+    assert dict(zip(HISTOGRAM_HEAD, got[:3].tolist(), strict=True))["nonfinite"] == n
+    assert torch.isnan(got[:2]).all() and (got[3:] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tensor_histogram_puts_the_maximum_in_the_last_bin_and_reads_strided_tensors(impl):
+    x = torch.arange(12, dtype=torch.float32).reshape(3, 4).T  # not contiguous
+    got = tensor_histogram(x.to(device_for(impl)), 4, impl=impl).cpu()
+    assert got.tolist() == [0.0, 11.0, 0.0, 3.0, 3.0, 3.0, 3.0]  # bins of width 2.75
+
+
+def test_tensor_histogram_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="floating-point"):
+        tensor_histogram(torch.arange(4))
+    for bins in (0, 1025, 2.5, True):
+        with pytest.raises(ValueError, match="bins must be an int from 1 to 1024"):
+            tensor_histogram(torch.zeros(4), bins)
 
 
 @pytest.mark.parametrize("impl", ["torch", "numba"])
