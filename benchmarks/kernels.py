@@ -26,6 +26,7 @@ from probescope.kernels import (
     lds_weights,
     probs_to_rgba,
     smooth_1d,
+    tensor_histogram,
     tensor_stats,
 )
 from probescope.kernels.interpolate import interpolation_weights
@@ -130,9 +131,10 @@ def bench_grid_mlp(device: torch.device, quick: bool, peaks: dict):
 
 
 def bench_elementwise(device: torch.device, quick: bool, peaks: dict):
-    """probs_to_rgba, ema_frames and interpolate_frames on maps; smooth_1d, lds_weights and
-    tensor_stats on vectors. Providers: ours, torch (the op's reference: the exact definition,
-    in float64 where it says so) and, on the CPU, NumPy in float32 as a user would write it."""
+    """probs_to_rgba, ema_frames and interpolate_frames on maps; smooth_1d, lds_weights,
+    tensor_stats and tensor_histogram on vectors. Providers: ours, torch (the op's reference:
+    the exact definition, in float64 where it says so) and, on the CPU, NumPy in float32 as a
+    user would write it."""
     ours = "triton" if device.type == "cuda" else "numba"
     repeats = 3 if quick else 7
     sizes = [256, 1024] if quick or device.type == "cpu" else [256, 1024, 2048]
@@ -146,6 +148,11 @@ def bench_elementwise(device: torch.device, quick: bool, peaks: dict):
     window = smoothing_window(31, "gaussian").numpy().astype(np.float32)
     cases = {
         "tensor_stats": (lambda i: tensor_stats(vec, impl=i), vec.numel() * 4, lambda: numpy_stats(x)),
+        "tensor_histogram 40 bins": (  # two reads: the range, then the bins
+            lambda i: tensor_histogram(vec, 40, impl=i),
+            vec.numel() * 8,
+            lambda: np.histogram(x, 40),
+        ),
         "lds_weights": (
             lambda i: lds_weights(vec, bins=100, impl=i),
             vec.numel() * 12,
@@ -270,5 +277,5 @@ def run(device: torch.device, quick: bool, peaks: dict):
 
 
 def count(device: torch.device, quick: bool) -> int:
-    elementwise = (2 if quick or device.type == "cpu" else 3) * 3 + 3
+    elementwise = (2 if quick or device.type == "cpu" else 3) * 4 + 4  # map ops a size, vector ops
     return sum(1 for _ in grid_cases(device, quick)) + elementwise

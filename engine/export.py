@@ -40,6 +40,8 @@ def _blend(record: ProbeRecord, first: dict, second: dict, k: int, method: str) 
     probabilities are then normalised again per pixel: a straight line in log-probability
     (pixels where the two frames share no class above 0 are blended linearly); a ``value``
     map's outputs are not probabilities, and are not normalised."""
+    if record.kind == "histograms":  # counts blend as the densities they are
+        first, second = ({**d, "counts": np.asarray(d["counts"], np.float64)} for d in (first, second))
     blended = [dict(first) for _ in range(k)]
     for key, a in first.items():
         b = second.get(key)
@@ -267,6 +269,8 @@ def export_final_pictures(run: Run, out: str | Path) -> list[Path]:
             continue
         plot_frame(record).savefig(path)
         written.append(path)
+        if getattr(figure_panel(record.kind), "over_training", False):
+            continue  # the final picture is the whole run's
         own = is_own_kind(record.kind)
         if own and frame_layout(record.frame(-1).data, record.config.get("views")).picture is None:
             continue  # numbers alone: the final picture is their series over training

@@ -20,13 +20,16 @@ from probescope.kernels import default_palette
 from probescope.probes.base import display_name
 from probescope.probes.curve import x_label
 from probescope.probes.grid import line_segments, point_colours, ramp_ends
+from probescope.probes.histogram import Distributions, distributions_rgba
 from probescope.probes.loss import first_nonfinite, frame_series
+from probescope.probes.neurons import GAP
 from probescope.probes.prediction import confusion_shares, scatter_colours, scatter_legend, scatter_points
 from probescope.probes.views import (
     Numbers,
     frame_layout,
     histogram,
     is_own_kind,
+    mosaic_columns,
     picture_axes,
     picture_caption,
     picture_rgba,
@@ -348,6 +351,50 @@ class NeuronsPanel:
             )
 
 
+class HistogramsPanel:
+    """Each tensor's distribution over the frames drawn so far (HistogramProbe), one tile per
+    tensor named by it; its last frame is the whole run's picture."""
+
+    accumulates = True
+    over_training = True  # the last frame draws every frame before it: no small multiples
+
+    def __init__(self, ax: Axes, record: ProbeRecord, compact: bool = False):
+        self.ax, self.compact = ax, compact
+        self.names = [str(n) for n in record.static.get("names", ())]
+        self.history = Distributions()
+        self.image = None
+
+    def update(self, data: dict[str, np.ndarray], step: float | None = None) -> None:
+        self.history.add(len(self.history) if step is None else step, data)
+        picture = self.history.picture()
+        rgba = distributions_rgba(picture)
+        ax = self.ax
+        if self.image is None:
+            self.image = ax.imshow(rgba, interpolation="nearest", aspect="auto")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        else:
+            self.image.set_data(rgba)
+            self.image.set_extent((-0.5, rgba.shape[1] - 0.5, rgba.shape[0] - 0.5, -0.5))
+        for text in list(ax.texts):
+            text.remove()
+        if self.compact:
+            return
+        tensors, rows, width = picture.cells.shape
+        columns = mosaic_columns(tensors)
+        for i, name in enumerate(self.names):
+            r, c = divmod(i, columns)
+            lo, hi = picture.spans[i]
+            span = "" if np.isnan(lo) else f"\n{lo:.3g} to {hi:.3g}"
+            ax.text(c * (width + GAP) + 0.5, r * (rows + GAP) + 0.5, name + span, fontsize=6, va="top",
+                    color="0.15")  # fmt: skip
+        ax.set_xlabel(
+            f"{len(picture.steps)} frames, steps {picture.steps[0]:.0f} to {picture.steps[-1]:.0f}, left to "
+            "right; values bottom to top; white none, red most, magenta not finite",
+            fontsize=8,
+        )
+
+
 class FramePanel:
     """A probe of the user's own kind, drawn from what its frames hold (probescope.probes.views):
     one entry as a picture (an image, a heat map, a mosaic of maps, a histogram or a line), its
@@ -406,6 +453,7 @@ PANELS = {
     "prediction": PredictionPanel,
     "loss": LossPanel,
     "neurons": NeuronsPanel,
+    "histograms": HistogramsPanel,
 }
 
 

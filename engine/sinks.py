@@ -122,6 +122,8 @@ class TensorBoardSink(Sink):
     at most ``max_image_side`` pixels on a side (larger maps are strided down).
     Histograms (``histograms``): a PredictionProbe's per-sample values (the probability of
     the true class or of each label's true state, or the prediction) as ``<probe>/<key>``.
+    A HistogramProbe's tensors (``histograms``) as TensorBoard histograms ``<probe>/<tensor>``
+    (its own bins; the sums TensorBoard keeps beside them are taken at the bins' centres).
     A probe of the user's own kind: its pictures as the viewer draws them
     (probescope.probes.views): images, heat maps and mosaics of maps as the images
     ``<probe>/<key>``, histograms' values as histograms.
@@ -165,6 +167,7 @@ class TensorBoardSink(Sink):
         self._own: dict[str, set[str]] = {}  # per LossProbe, the series it makes itself
         self._given_series = False  # whether the run's series come whole (scalars)
         self._own_kinds: dict[str, dict] = {}  # probes of the user's own kind: their views
+        self._tensors: dict[str, list[str]] = {}  # HistogramProbes: their tensors' names
 
     def resume(self, step: int) -> None:
         """Into a log directory that held event files already (the run's, written before):
@@ -185,6 +188,8 @@ class TensorBoardSink(Sink):
             self._own[name] = own_series(config)
         if is_own_kind(kind):
             self._own_kinds[name] = dict(config.get("views") or {})
+        if kind == "histograms":
+            self._tensors[name] = [str(n) for n in static["names"]]
 
     def write(self, frame: Frame) -> None:
         data, step = frame.data, frame.step
@@ -203,6 +208,8 @@ class TensorBoardSink(Sink):
                 self._scalar(f"{frame.probe}/{key}", step, float(value))
             elif self.histograms and key in self.HISTOGRAMS and value.ndim in (1, 2) and value.size:
                 self._histogram(f"{frame.probe}/{key}", step, value)  # a row per sample: all of it
+        if frame.probe in self._tensors and self.histograms:
+            self._tensor_histograms(frame.probe, step, data)
         views = self._own_kinds.get(frame.probe)
         if views is not None:
             self._own_picture(frame.probe, step, data, views)
@@ -221,6 +228,22 @@ class TensorBoardSink(Sink):
                 self._image(f"{probe}/{key}", step, picture_rgba(key, view, value, views)[0])
             elif view == "histogram" and self.histograms:
                 self._histogram(f"{probe}/{key}", step, value)
+
+    def _tensor_histograms(self, probe: str, step: int, data: Mapping) -> None:
+        """A HistogramProbe frame: each tensor with a finite entry, as the histogram it made."""
+        from torch.utils.tensorboard.summary import histogram_raw
+
+        for name, counts, (lo, hi) in zip(self._tensors[probe], data["counts"], data["range"], strict=True):
+            if np.isnan(lo):
+                continue
+            edges = np.linspace(lo, hi, len(counts) + 1)
+            centres = (edges[:-1] + edges[1:]) / 2
+            histogram = histogram_raw(
+                f"{probe}/{name}", min=float(lo), max=float(hi), num=int(counts.sum()),
+                sum=float(counts @ centres), sum_squares=float(counts @ centres**2),
+                bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(),
+            )  # fmt: skip
+            self._events().add(step, histogram)
 
     def _histogram(self, tag: str, step: int, values: np.ndarray) -> None:
         finite = values[np.isfinite(values)]

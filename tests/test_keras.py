@@ -16,6 +16,7 @@ from probescope import (
     CheckpointProbe,
     CurveProbe,
     GridProbe,
+    HistogramProbe,
     LossProbe,
     Monitor,
     NeuronProbe,
@@ -31,6 +32,7 @@ from probescope.kernels import (
     fused_path,
     grid_mlp,
     grid_mlp_reference,
+    tensor_histogram_reference,
 )
 from probescope.kernels.mlp import is_keras_model
 from tests.kernel_cases import DEVICE, IMPLS, device_for
@@ -375,16 +377,24 @@ def test_keras_layers_are_hook_points_for_activations_and_neuron_maps(tmp_path):
     batch = torch.randn(40, 2, generator=torch.Generator().manual_seed(2))
     stats = StatsProbe(["h", "block.*"], targets=["weights", "activations"], batch=batch, spectral=False)
     neurons = NeuronProbe(batch, "block.mix", units=4, resolution=12)
-    with Monitor(model, [stats, neurons], final_frame=False) as monitor:
+    histograms = HistogramProbe(["h", "block.*"], targets=["weights", "activations"], batch=batch, bins=9)
+    with Monitor(model, [stats, neurons, histograms], final_frame=False) as monitor:
         monitor.step()
         monitor.drain(10)
         frame_stats, frame_neurons = monitor.latest(stats.name), monitor.latest(neurons.name)
+        frame_histograms = monitor.latest(histograms.name)
     assert stats.modules == ["h", "block.mix"]  # the leaf layers, named as Keras names them
     weights = {c.removeprefix("weight/").rsplit("/", 1)[0] for c in stats.columns if c.startswith("weight/")}
     assert weights == {"net/h/kernel", "net/h/bias", "block/mix/kernel", "block/mix/bias"}  # Keras's paths
     with torch.no_grad():
         hidden = model.layers[0](batch.to(DEVICE))
         mixed = inner.layers[0](hidden)
+    assert set(histograms.names[:4]) == {f"weight/{w}" for w in weights}  # in the model's order
+    assert histograms.names[4:] == ["act/h", "act/block.mix"]
+    for i, tensor in ((4, hidden), (5, mixed)):
+        ref = tensor_histogram_reference(tensor.cpu(), 9).numpy()
+        np.testing.assert_allclose(frame_histograms.data["range"][i], ref[:2], rtol=1e-6)
+        assert np.abs(frame_histograms.data["counts"][i] - ref[3:]).sum() <= 2  # an entry at an edge may move
     values = frame_stats.data["values"]
     assert values[stats.columns.index("act/h/mean")] == pytest.approx(hidden.mean().item(), rel=1e-5)
     assert values[stats.columns.index("act/block.mix/max_abs")] == pytest.approx(

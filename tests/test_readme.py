@@ -93,7 +93,7 @@ def test_the_kernels_table_names_real_ops_and_their_arguments():
     import probescope.kernels as kernels
 
     rows = _kernel_rows()
-    assert len(rows) == 8
+    assert len(rows) == 9
     for op, written in rows:
         parameters = inspect.signature(getattr(kernels, op)).parameters
         positional = [p for p in parameters.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]

@@ -22,6 +22,7 @@ from probescope.kernels.colormap import DIVERGING_ANCHORS
 from probescope.probes.base import display_name
 from probescope.probes.curve import x_label
 from probescope.probes.grid import line_segments, point_colours, ramp_ends
+from probescope.probes.histogram import Distributions, distributions_readout, distributions_rgba
 from probescope.probes.loss import first_nonfinite, frame_series
 from probescope.probes.prediction import confusion_shares, scatter_colours, scatter_legend, scatter_points
 from probescope.probes.views import (
@@ -871,6 +872,60 @@ class NeuronsPanel(Panel):
         return f"unit {int(units[unit])} at ({us[c]:.3g}, {vs[r]:.3g}): {float(activations[unit, r, c]):.3g}"
 
 
+class HistogramsPanel(Panel):
+    """Each tensor's distribution over training (HistogramProbe), one mosaic Image of a tile per
+    tensor (probescope.probes.histogram.Distributions: columns the frames so far, rows its
+    values, highest on top); the pointer names the tensor, the step, the slice of values and
+    its share of the entries."""
+
+    x_label = "frames (tiles: tensors)"
+    y_label = "values"
+    accumulates = True
+
+    def __init__(self, parent_grid, spec: PanelSpec, row: int, col: int):
+        from probescope.kernels.colormap import DIVERGING_ANCHORS
+
+        red = np.asarray([DIVERGING_ANCHORS[-1]], np.float32)
+        legend = [
+            ("few", (0.96, 0.62, 0.56, 1.0)),
+            ("most", tuple(_rgba(red)[0])),
+            ("not finite", (1.0, 0.0, 1.0, 1.0)),
+        ]
+        super().__init__(parent_grid, spec, row, col, legend)
+        self.names = [str(n) for n in spec.static.get("names", ())]
+        self.history = Distributions()
+        self.picture = None
+        self.image = scene.visuals.Image(
+            np.zeros((1, 1, 4), np.uint8), parent=self.view.scene, interpolation="nearest", method="subdivide"
+        )
+        self.image.transform = STTransform(scale=(1.0, -1.0), translate=(0.0, 1.0))  # row 0 on top
+        for axis in (self.x_axis, self.y_axis):  # mosaic pixels are no coordinates: no tick labels
+            axis.axis.text_color = (0.0, 0.0, 0.0, 0.0)
+            axis.axis.tick_color = (0.0, 0.0, 0.0, 0.0)
+
+    def update(self, data: dict[str, np.ndarray], step: float, epoch: float) -> None:
+        self.history.add(step, data)
+        super().update(data, step, epoch)
+
+    def draw(self, data: dict[str, np.ndarray]) -> None:
+        self.picture = self.history.picture()
+        rgba = distributions_rgba(self.picture)
+        height, width = rgba.shape[:2]
+        self.image.set_data(rgba)
+        self.image.transform.translate = (0.0, height)
+        self.set_range((0, width), (0, height))
+
+    def subtitle(self, data: dict[str, np.ndarray]) -> str:
+        bad = [n for n, count in zip(self.names, np.asarray(data["nonfinite"]), strict=True) if count]
+        text = f"  ·  {len(self.names)} tensors, {len(self.history)} frames"
+        return text + (
+            f"  ·  not finite: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}" if bad else ""
+        )
+
+    def readout(self, x: float, y: float) -> str | None:
+        return distributions_readout(self.names, self.picture, x, y) if self.picture is not None else None
+
+
 class FramePanel(SeriesPanel):
     """A probe of the user's own kind, drawn from what its frames hold (probescope.probes.views):
     one entry as a picture (an image, a heat map, a mosaic of maps, a histogram or a line), its
@@ -1014,6 +1069,7 @@ PANELS = {
     "stats": StatsPanel,
     "neurons": NeuronsPanel,
     "checkpoint": CheckpointPanel,
+    "histograms": HistogramsPanel,
 }
 
 

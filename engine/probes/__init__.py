@@ -4,6 +4,7 @@ from probescope.probes.base import Probe, ProbeContext, ProbeStats
 from probescope.probes.checkpoint import CheckpointProbe
 from probescope.probes.curve import CurveProbe
 from probescope.probes.grid import GridProbe
+from probescope.probes.histogram import HistogramProbe
 from probescope.probes.loss import LossProbe
 from probescope.probes.neurons import NeuronProbe
 from probescope.probes.prediction import PredictionProbe
@@ -13,7 +14,16 @@ from probescope.probes.stats import StatsProbe
 #: kind is drawn from what its frames hold (probescope.probes.views).
 BUILT_IN_KINDS = frozenset(
     p.kind
-    for p in (CheckpointProbe, CurveProbe, GridProbe, LossProbe, NeuronProbe, PredictionProbe, StatsProbe)
+    for p in (
+        CheckpointProbe,
+        CurveProbe,
+        GridProbe,
+        HistogramProbe,
+        LossProbe,
+        NeuronProbe,
+        PredictionProbe,
+        StatsProbe,
+    )
 )
 
 __all__ = [
@@ -21,6 +31,7 @@ __all__ = [
     "CheckpointProbe",
     "CurveProbe",
     "GridProbe",
+    "HistogramProbe",
     "LossProbe",
     "NeuronProbe",
     "PredictionProbe",

@@ -9,7 +9,6 @@ Everything is computed on the model's device and copied to the host once per fra
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -18,29 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from probescope.history import display_name
 from probescope.kernels.stats import STAT_NAMES, spectral_norm, tensor_stats
-from probescope.probes.base import (
-    ForwardHooks,
-    Probe,
-    ProbeContext,
-    ValidSet,
-    as_input_tensor,
-    check_forward,
-    is_leaf,
-    model_device_dtype,
-    named_layers,
-    own_parameters,
-    to_model,
-)
+from probescope.probes.base import Probe, ProbeContext, ValidSet, check_forward
+from probescope.probes.hooks import PREFIX, HookPoints, tensor_label
 from probescope.schedule import Schedule
 
 log = logging.getLogger("probescope")
-
-TARGETS = ("weights", "grads", "activations")
-_PREFIX = {"weights": "weight", "grads": "grad", "activations": "act"}
 
 
 class StatsProbe(Probe):
@@ -98,20 +82,7 @@ class StatsProbe(Probe):
         self.transitions: list[tuple[int, int, int]] = []
         self.transition_drivers: list[list[tuple[str, float]]] = []  # per transition: (metric, d log-odds)
         self._tracker = None
-        self.patterns = [hooks] if isinstance(hooks, str) else list(hooks)
-        if not self.patterns or not all(isinstance(p, str) and p for p in self.patterns):
-            raise ValueError(f"{owner}: hooks must be module names or glob patterns, got {hooks!r}")
-        if targets is None:
-            targets = ("weights", "activations") if batch is not None else ("weights",)
-        self.targets = tuple(targets)
-        bad = [t for t in self.targets if t not in TARGETS]
-        if bad or not self.targets:
-            raise ValueError(f"{owner}: targets must be among {TARGETS}, got {list(self.targets)}")
-        if "activations" in self.targets and batch is None:
-            raise ValueError(f"{owner}: activation statistics need a fixed input batch (batch=...)")
-        self.batch = None
-        if batch is not None:
-            self.batch = as_input_tensor("batch", batch, owner=owner)
+        self.points = HookPoints(owner, hooks, targets, batch)
         if isinstance(spectral_iterations, bool) or not isinstance(spectral_iterations, int):
             raise TypeError(f"{owner}: spectral_iterations must be an int")
         if spectral_iterations < 1:
@@ -119,115 +90,65 @@ class StatsProbe(Probe):
         if not near_zero >= 0:
             raise ValueError(f"{owner}: near_zero must be >= 0, got {near_zero!r}")
         self.spectral, self.spectral_iterations, self.near_zero = spectral, spectral_iterations, near_zero
-        self.needs_grads = "grads" in self.targets
+        self.needs_grads = self.points.needs_grads
         self.valid = ValidSet(owner, valid, loss_fn, metrics, batch_size)
-        self.parameters: list[str] = []  # qualified parameter names
-        self.computed: list[str] = []  # weights parametrized layers compute, e.g. "fc.weight"
-        self.modules: list[str] = []  # modules whose outputs are measured
         self.columns: list[str] = []
         self._matrices: set[str] = set()
         self._vectors: dict[str, torch.Tensor] = {}  # power-iteration warm starts
         self._last_step = -1
 
     # ---- set-up -------------------------------------------------------------------------
-    def _matches(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+    @property
+    def patterns(self) -> list[str]:
+        return self.points.patterns
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self.points.targets
+
+    @property
+    def batch(self) -> torch.Tensor | None:
+        return self.points.batch
+
+    @property
+    def parameters(self) -> list[str]:
+        """The qualified names of the parameters measured."""
+        return self.points.parameters
+
+    @property
+    def computed(self) -> list[str]:
+        """The weights parametrized layers compute, e.g. ``"fc.weight"``."""
+        return self.points.computed
+
+    @property
+    def modules(self) -> list[str]:
+        """The modules whose outputs are measured."""
+        return self.points.modules
 
     def attach(self, model: nn.Module) -> None:
         owner = f"StatsProbe {self.name!r}"
-        modules = named_layers(model)
-        unused = [p for p in self.patterns if not any(fnmatch.fnmatchcase(n, p) for n in modules)]
-        if unused:
-            names = ", ".join(repr(n) for n in modules if n) or "(none)"
-            raise ValueError(f"{owner}: hook patterns {unused} match no module; the modules are {names}")
-        # A parametrized layer (weight_norm, orthogonal, spectral_norm's parametrizations) is one
-        # layer: the modules that compute its weights are not layers whose output is measured.
-        inner = _parametrization_modules(modules)
-        matched = [
-            n for n in modules if n not in inner and (self._matches(n) or (n == "" and "" in self.patterns))
-        ]
-        # Each floating-point parameter once (a tied one under its first name), as the model names it;
-        # a parametrized layer's are the originals its parametrizations hold.
-        owned = {id(p) for m in matched for p in [*own_parameters(modules[m]), *_originals(modules[m])]}
-        self.parameters = [q for q, p in model.named_parameters() if id(p) in owned and p.is_floating_point()]
-        # ... and the weights they compute (``layer.weight``), which the layer multiplies by.
-        self.computed = [
-            f"{m}.{t}" if m else t
-            for m in matched
-            if parametrize.is_parametrized(modules[m])
-            for t in modules[m].parametrizations
-        ]
-        if "activations" in self.targets:
-            self.modules = self._measured_modules(model, modules, inner, [m for m in matched if m])
-        if not self.parameters and not self.computed and "activations" not in self.targets:
-            raise ValueError(f"{owner}: the hook patterns {self.patterns} match no module with parameters")
+        self.points.attach(model)
         if self.valid:
             check_forward(owner, model, self.valid.x[:2])
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            shapes = {q: named[q].shape for q in self.parameters} | {
-                q: _computed(model, q).shape for q in self.computed
-            }
-        self._matrices = {q for q, shape in shapes.items() if len(shape) >= 2}
+        self._matrices = {q for q, shape in self.points.shapes.items() if len(shape) >= 2}
         self.columns = self._column_names()
         if self.states is not None:
             self._check_states(owner)
         # Compile the kernels now, before training, not in the first frame.
-        probe = torch.zeros(3, 3, device=next((p.device for p in named.values()), torch.device("cpu")))
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        probe = torch.zeros(3, 3, device=device)
         tensor_stats(probe, self.near_zero)
         if self._matrices and self.spectral:
             spectral_norm(probe, 1)
-
-    def _measured_modules(
-        self, model: nn.Module, modules: dict[str, nn.Module], inner: set[str], candidates: list[str]
-    ) -> list[str]:
-        """The modules whose outputs are measured, found by a forward of the batch: each one named
-        exactly (it must give a floating-point tensor); under a glob, the layers (leaf modules)
-        that give one, and the containers none of whose sub-modules runs (their own forward
-        computes their output: ``nn.MultiheadAttention``, which holds an ``out_proj`` it never
-        calls), not a container whose output often repeats its last child's. A module a glob
-        matches that gives no tensor (never called) is left out."""
-        owner = f"StatsProbe {self.name!r}"
-        gave: set[str] = set()  # floating-point outputs
-        ran: set[str] = set()  # called at all
-        hookable = [n for n in modules if n and n not in inner]
-        handles = [modules[n].register_forward_hook(lambda *_, n=n: ran.add(n)) for n in hookable]
-        try:
-            with ForwardHooks(model, candidates, lambda n, t: gave.add(n)):
-                check_forward(owner, model, self.batch[:2])
-        finally:
-            for handle in handles:
-                handle.remove()
-
-        # The containers of a module that ran: their outputs are made by their sub-modules.
-        parents = {n.rsplit(".", k)[0] for n in ran for k in range(1, n.count(".") + 1)}
-        chosen = [m for m in candidates if m in self.patterns or _is_layer(modules[m]) or m not in parents]
-        named = [m for m in chosen if m in self.patterns and m not in gave]
-        if named:
-            raise ValueError(
-                f"{owner}: modules {named} produced no floating-point tensor on the batch "
-                "(not called in forward, or their output is not a tensor)"
-            )
-        silent = [m for m in chosen if m not in gave]
-        if silent:
-            log.info("StatsProbe %r: no activations from %s (not called in forward)", self.name, silent)
-        chosen = [m for m in chosen if m in gave]
-        if not chosen:
-            raise ValueError(
-                f"{owner}: the hook patterns match no module whose output can be measured on the batch "
-                "(a glob takes the layers it matches that run; name a container exactly to measure its "
-                "output)"
-            )
-        return chosen
 
     def _column_names(self) -> list[str]:
         columns = []
         for target in ("weights", "grads"):
             if target in self.targets:
                 for p in [*self.parameters, *(self.computed if target == "weights" else [])]:
-                    columns += [f"{_PREFIX[target]}/{_label(p)}/{s}" for s in STAT_NAMES]
+                    columns += [f"{PREFIX[target]}/{tensor_label(p)}/{s}" for s in STAT_NAMES]
                     if target == "weights" and self.spectral and p in self._matrices:
-                        columns.append(f"weight/{_label(p)}/spectral")
+                        columns.append(f"weight/{tensor_label(p)}/spectral")
         for m in self.modules:
             columns += [f"act/{m}/{s}" for s in STAT_NAMES]
         columns += [f"loss/{k}" for k in self.valid.names] if self.valid else []
@@ -235,37 +156,19 @@ class StatsProbe(Probe):
 
     # ---- evaluation ---------------------------------------------------------------------
     def evaluate(self, model: nn.Module, context: ProbeContext) -> dict[str, Any]:
-        params = dict(model.named_parameters())
-        device = next((p.device for p in params.values()), torch.device("cpu"))
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
         nan = torch.full((len(STAT_NAMES),), float("nan"), dtype=torch.float64, device=device)
         parts: list[torch.Tensor] = []  # all on the model's device: one copy to the host at the end
-        for target in ("weights", "grads"):
-            if target not in self.targets:
-                continue
-            for qualified in self.parameters:
-                p = params[qualified]
-                tensor = p.detach() if target == "weights" else p.grad
-                if tensor is None and context.step > 0:  # before the first backward, no gradient yet
-                    self.warn_once(
-                        "no-grad",
-                        f"{qualified} has no gradient at the step boundary (call Monitor.step() before "
-                        "optimizer.zero_grad()); its gradient statistics are NaN",
-                    )
-                if tensor is None:
-                    parts.append(nan)
-                else:
-                    parts.append(tensor_stats(tensor, self.near_zero))
-                if target == "weights" and self.spectral and qualified in self._matrices:
-                    parts.append(self._spectral(qualified, p.detach()).to(torch.float64))
-            if target == "weights":
-                with torch.no_grad():
-                    for qualified in self.computed:
-                        weight = _computed(model, qualified)
-                        parts.append(tensor_stats(weight, self.near_zero))
-                        if self.spectral and qualified in self._matrices:
-                            parts.append(self._spectral(qualified, weight).to(torch.float64))
+        if "weights" in self.targets:
+            for qualified, weight in self.points.weights(model):
+                parts.append(tensor_stats(weight, self.near_zero))
+                if self.spectral and qualified in self._matrices:
+                    parts.append(self._spectral(qualified, weight).to(torch.float64))
+        if "grads" in self.targets:
+            for _, grad in self.points.grads(model, context, self.warn_once):
+                parts.append(nan if grad is None else tensor_stats(grad, self.near_zero))
         if "activations" in self.targets:
-            parts += self._activation_stats(model, device, nan)
+            parts += self._activation_stats(model, nan)
         values = torch.cat([t.reshape(-1) for t in parts]).cpu().numpy() if parts else np.zeros(0)
         if self.valid:
             values = np.concatenate([values, self.valid.evaluate(model)])
@@ -318,14 +221,13 @@ class StatsProbe(Probe):
         self._vectors[qualified] = v.detach()
         return sigma.reshape(1)
 
-    def _activation_stats(self, model: nn.Module, device, nan: torch.Tensor) -> list[torch.Tensor]:
+    def _activation_stats(self, model: nn.Module, nan: torch.Tensor) -> list[torch.Tensor]:
         found: dict[str, torch.Tensor] = {}
 
         def measure(name: str, out: torch.Tensor) -> None:
             found[name] = tensor_stats(out, self.near_zero)
 
-        with ForwardHooks(model, self.modules, measure), torch.no_grad():
-            model(to_model(self.batch, *model_device_dtype(model)))
+        self.points.activations(model, measure)
         return [found.get(m, nan) for m in self.modules]
 
     def _history_means(self, context: ProbeContext) -> dict[str, np.ndarray]:
@@ -348,11 +250,7 @@ class StatsProbe(Probe):
 
     def config(self) -> dict[str, Any]:
         return {
-            "hooks": self.patterns,
-            "targets": list(self.targets),
-            "parameters": self.parameters,
-            **({"computed": self.computed} if self.computed else {}),
-            "modules": self.modules,
+            **self.points.config(),
             "spectral": self.spectral,
             "near_zero": self.near_zero,
             "columns": len(self.columns),
@@ -375,39 +273,3 @@ def _state_model(owner: str, states):
     raise TypeError(
         f"{owner}: states must be a StateModel, a LatentStates or a path, got {type(states).__name__}"
     )
-
-
-def _parametrization_modules(modules: dict[str, nn.Module]) -> set[str]:
-    """The names of the modules inside parametrized layers' ``parametrizations`` (each
-    computes a weight from its originals; torch.nn.utils.parametrize)."""
-    inside = {
-        id(inner)
-        for module in modules.values()
-        if parametrize.is_parametrized(module)
-        for inner in module.parametrizations.modules()
-    }
-    return {name for name, module in modules.items() if id(module) in inside}
-
-
-def _originals(module: nn.Module) -> list[torch.Tensor]:
-    """A parametrized layer's original parameters (none for any other module)."""
-    return list(module.parametrizations.parameters()) if parametrize.is_parametrized(module) else []
-
-
-def _is_layer(module: nn.Module) -> bool:
-    """A leaf module, or a parametrized one whose only sub-modules compute its weights."""
-    if parametrize.is_parametrized(module):
-        return all(name == "parametrizations" for name, _ in module.named_children())
-    return is_leaf(module)
-
-
-def _computed(model: nn.Module, qualified: str) -> torch.Tensor:
-    """The tensor a parametrized layer computes, e.g. ``"head.weight"``, as its forward uses it."""
-    owner, _, attribute = qualified.rpartition(".")
-    return getattr(model.get_submodule(owner), attribute).detach()
-
-
-def _label(name: str) -> str:
-    """A parameter's name in metric names: its qualified name, or for a Keras model (whose
-    torch parameters live in ``_torch_params`` dictionaries) the Keras variable path."""
-    return name.rpartition("_torch_params.")[2]
