@@ -81,7 +81,11 @@ class EventFile:
         self._event = Event
         folder = Path(log_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.{next(_FILES)}"
+        # TensorBoard reads a directory's files in name order: the counter is padded so that a
+        # process's tenth file of a second does not sort before its ninth (a resumed run's
+        # purge of the steps it goes back on would come before the points it drops).
+        stamp = f"{int(time.time())}.{socket.gethostname()}.{os.getpid()}.{next(_FILES):06d}"
+        name = f"events.out.tfevents.{stamp}"
         self.path = folder / name
         self._file = open(self.path, "wb")  # noqa: SIM115 (closed by close())
         self._flush_secs, self._flushed = flush_secs, time.monotonic()

@@ -1,6 +1,7 @@
 """Sinks: every frame and every point of the run's series, on the recorder thread; TensorBoard."""
 
 import io
+import itertools
 import logging
 
 import numpy as np
@@ -273,3 +274,16 @@ def test_a_run_not_closed_exports_its_series_from_its_loss_frames(tmp_path, mlp,
     (tmp_path / "run" / "history.npz").unlink()  # as a run whose process was killed has none
     log_dir = export_tensorboard(open_run(tmp_path / "run"), tmp_path / "tb", progress=False)
     assert sorted(_scalars(_events(log_dir), "loss/train_loss")) == list(range(1, 9))
+
+
+def test_event_files_of_one_process_sort_by_name_in_the_order_they_were_opened(tmp_path, monkeypatch):
+    # TensorBoard reads a directory's files in name order: a resumed run's purge must come after
+    # the points it drops, also for a process's tenth file in one second.
+    from probescope import sinks
+
+    monkeypatch.setattr(sinks, "_FILES", itertools.count(8))
+    monkeypatch.setattr(sinks.time, "time", lambda: 1_700_000_000.0)
+    files = [sinks.EventFile(tmp_path) for _ in range(4)]  # counters 8 to 11, in one second
+    for f in files:
+        f.close()
+    assert sorted(f.path.name for f in files) == [f.path.name for f in files]
