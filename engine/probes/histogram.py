@@ -20,7 +20,7 @@ from torch import nn
 
 from probescope.kernels.histogram import MAX_BINS, tensor_histogram
 from probescope.probes.base import Probe, ProbeContext
-from probescope.probes.hooks import PREFIX, HookPoints, tensor_label
+from probescope.probes.hooks import HookPoints
 from probescope.probes.neurons import GAP
 from probescope.probes.views import maps_rgba, mosaic_columns
 from probescope.schedule import Schedule
@@ -66,12 +66,7 @@ class HistogramProbe(Probe):
 
     def attach(self, model: nn.Module) -> None:
         self.points.attach(model)
-        weights = [*self.points.parameters, *self.points.computed]
-        self.names = [
-            *(f"{PREFIX['weights']}/{tensor_label(q)}" for q in weights if "weights" in self.points.targets),
-            *(f"{PREFIX['grads']}/{tensor_label(q)}" for q in self.points.parameters if self.needs_grads),
-            *(f"{PREFIX['activations']}/{m}" for m in self.points.modules),
-        ]
+        self.names = [name for _, _, name in self.points.tensors()]
         # Compile the kernel now, before training, not in the first frame.
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         tensor_histogram(torch.zeros(3, device=device), self.bins)
@@ -87,13 +82,7 @@ class HistogramProbe(Probe):
             grads = self.points.grads(model, context, self.warn_once)
             rows += [none if g is None else tensor_histogram(g, self.bins) for _, g in grads]
         if self.points.modules:
-            found: dict[str, torch.Tensor] = {}
-
-            def measure(name: str, out: torch.Tensor) -> None:
-                found[name] = tensor_histogram(out, self.bins)
-
-            self.points.activations(model, measure)
-            rows += [found.get(m, none) for m in self.points.modules]
+            rows += self.points.activations(model, lambda out: tensor_histogram(out, self.bins), none)
         packed = torch.stack(rows).cpu().numpy()
         return {
             "counts": packed[:, 3:].astype(np.int64),

@@ -170,10 +170,33 @@ class HookPoints:
                 )
             yield qualified, grad
 
-    def activations(self, model: nn.Module, measure: Callable[[str, torch.Tensor], None]) -> None:
-        """Run the batch through ``model`` and hand each measured module's output to ``measure``."""
-        with ForwardHooks(model, self.modules, measure), torch.no_grad():
+    def activations(
+        self, model: nn.Module, measure: Callable[[torch.Tensor], torch.Tensor], missing: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Run the batch through ``model``: ``measure`` of each measured module's output, in the
+        order of ``modules`` (``missing`` for one that did not run this time)."""
+        found: dict[str, torch.Tensor] = {}
+
+        def hooked(name: str, out: torch.Tensor) -> None:
+            found[name] = measure(out)
+
+        with ForwardHooks(model, self.modules, hooked), torch.no_grad():
             model(to_model(self.batch, *model_device_dtype(model)))
+        return [found.get(m, missing) for m in self.modules]
+
+    def tensors(self) -> list[tuple[str, str, str]]:
+        """``(target, parameter or module, name)`` of every tensor measured, in the order the
+        iterators give them: weights (parameters, then computed weights), gradients, activations;
+        names as ``weight/<parameter>``, ``grad/<parameter>``, ``act/<module>``."""
+        chosen = [
+            *(("weights", q) for q in [*self.parameters, *self.computed] if "weights" in self.targets),
+            *(("grads", q) for q in self.parameters if self.needs_grads),
+            *(("activations", m) for m in self.modules),
+        ]
+        return [
+            (target, q, f"{PREFIX[target]}/{q if target == 'activations' else tensor_label(q)}")
+            for target, q in chosen
+        ]
 
     def config(self) -> dict:
         return {

@@ -21,7 +21,7 @@ from torch import nn
 from probescope.history import display_name
 from probescope.kernels.stats import STAT_NAMES, spectral_norm, tensor_stats
 from probescope.probes.base import Probe, ProbeContext, ValidSet, check_forward
-from probescope.probes.hooks import PREFIX, HookPoints, tensor_label
+from probescope.probes.hooks import HookPoints
 from probescope.schedule import Schedule
 
 log = logging.getLogger("probescope")
@@ -143,14 +143,10 @@ class StatsProbe(Probe):
 
     def _column_names(self) -> list[str]:
         columns = []
-        for target in ("weights", "grads"):
-            if target in self.targets:
-                for p in [*self.parameters, *(self.computed if target == "weights" else [])]:
-                    columns += [f"{PREFIX[target]}/{tensor_label(p)}/{s}" for s in STAT_NAMES]
-                    if target == "weights" and self.spectral and p in self._matrices:
-                        columns.append(f"weight/{tensor_label(p)}/spectral")
-        for m in self.modules:
-            columns += [f"act/{m}/{s}" for s in STAT_NAMES]
+        for target, qualified, name in self.points.tensors():
+            columns += [f"{name}/{s}" for s in STAT_NAMES]
+            if target == "weights" and self.spectral and qualified in self._matrices:
+                columns.append(f"{name}/spectral")
         columns += [f"loss/{k}" for k in self.valid.names] if self.valid else []
         return columns
 
@@ -168,7 +164,7 @@ class StatsProbe(Probe):
             for _, grad in self.points.grads(model, context, self.warn_once):
                 parts.append(nan if grad is None else tensor_stats(grad, self.near_zero))
         if "activations" in self.targets:
-            parts += self._activation_stats(model, nan)
+            parts += self.points.activations(model, lambda out: tensor_stats(out, self.near_zero), nan)
         values = torch.cat([t.reshape(-1) for t in parts]).cpu().numpy() if parts else np.zeros(0)
         if self.valid:
             values = np.concatenate([values, self.valid.evaluate(model)])
@@ -220,15 +216,6 @@ class StatsProbe(Probe):
         sigma, v = spectral_norm(weight, iterations, v=v)
         self._vectors[qualified] = v.detach()
         return sigma.reshape(1)
-
-    def _activation_stats(self, model: nn.Module, nan: torch.Tensor) -> list[torch.Tensor]:
-        found: dict[str, torch.Tensor] = {}
-
-        def measure(name: str, out: torch.Tensor) -> None:
-            found[name] = tensor_stats(out, self.near_zero)
-
-        self.points.activations(model, measure)
-        return [found.get(m, nan) for m in self.modules]
 
     def _history_means(self, context: ProbeContext) -> dict[str, np.ndarray]:
         out = {}

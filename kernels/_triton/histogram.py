@@ -20,16 +20,22 @@ MAX_PROGRAMS = 1024
 
 
 @triton.jit
+def _load_finite(x_ptr, start, n, BLOCK: tl.constexpr):
+    """A block of entries from ``start`` in float64, and which are inside and which finite."""
+    index = start + tl.arange(0, BLOCK)
+    inside = index < n
+    x = tl.load(x_ptr + index, mask=inside, other=0.0).to(tl.float64)
+    return x, inside, inside & (x == x) & (tl.abs(x) != float("inf"))
+
+
+@triton.jit
 def _range_kernel(x_ptr, partial_ptr, n, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     lo = tl.full([BLOCK], float("inf"), tl.float64)
     hi = tl.full([BLOCK], -float("inf"), tl.float64)
     bad = tl.zeros([BLOCK], tl.int32)
     for start in range(pid * BLOCK, n, tl.num_programs(0) * BLOCK):
-        index = start + tl.arange(0, BLOCK)
-        inside = index < n
-        x = tl.load(x_ptr + index, mask=inside, other=0.0).to(tl.float64)
-        finite = inside & (x == x) & (tl.abs(x) != float("inf"))
+        x, inside, finite = _load_finite(x_ptr, start, n, BLOCK)
         lo = tl.minimum(lo, tl.where(finite, x, float("inf")))
         hi = tl.maximum(hi, tl.where(finite, x, -float("inf")))
         bad += (inside & ~finite).to(tl.int32)
@@ -46,10 +52,7 @@ def _bins_kernel(x_ptr, scale_ptr, partial_ptr, n, bins, BINS: tl.constexpr, BLO
     scale = tl.load(scale_ptr + 1)
     counts = tl.zeros([BINS], tl.int32)
     for start in range(pid * BLOCK, n, tl.num_programs(0) * BLOCK):
-        index = start + tl.arange(0, BLOCK)
-        inside = index < n
-        x = tl.load(x_ptr + index, mask=inside, other=0.0).to(tl.float64)
-        finite = inside & (x == x) & (tl.abs(x) != float("inf"))
+        x, _, finite = _load_finite(x_ptr, start, n, BLOCK)
         at = tl.floor((tl.where(finite, x, lo) - lo) * scale)
         at = tl.minimum(tl.maximum(at, 0.0), bins - 1.0).to(tl.int32)
         counts += tl.histogram(at, BINS, mask=finite)
