@@ -60,7 +60,10 @@ class Reproducible:
         @functools.wraps(init)
         def recording_init(self, *args, **kw):
             if "_spec_arguments" not in self.__dict__:  # the outermost call names the class built
-                bound = signature.bind(self, *args, **kw)
+                try:
+                    bound = signature.bind(self, *args, **kw)
+                except TypeError as err:  # as Python would say it, naming the class
+                    raise TypeError(f"{type(self).__name__}(): {err}") from None
                 bound.apply_defaults()
                 arguments = dict(bound.arguments)
                 arguments.pop(next(iter(signature.parameters)))  # self

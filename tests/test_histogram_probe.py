@@ -86,6 +86,17 @@ def test_a_gradient_not_there_yet_has_no_range_and_nothing_counted(task, tmp_pat
     assert (record.frame(-1).data["counts"].sum(axis=1) == [48, 16]).all()
 
 
+def test_a_frozen_parameter_has_no_gradient_histogram(task):
+    model, x, y = task
+    model[0].bias.requires_grad_(False)
+    probe = ps.HistogramProbe("0", targets=("weights", "grads"), bins=5)
+    probe.attach(model)
+    assert probe.names == ["weight/0.weight", "weight/0.bias", "grad/0.weight"]
+    nn.functional.cross_entropy(model(x), y).backward()
+    frame = probe.evaluate(model, ps.ProbeContext(1, 0))
+    assert frame["counts"].sum(axis=1).tolist() == [48, 16, 48]
+
+
 def test_non_finite_weights_are_counted_apart(tmp_path):
     model = nn.Linear(4, 2)
     with torch.no_grad():

@@ -224,6 +224,13 @@ def test_overrides_replace_any_argument_and_unknown_names_are_refused(tmp_path):
         load_probes(tmp_path, overrides={"grid": {"resoluton": 5}})
 
 
+def test_wrong_arguments_to_a_probe_name_its_class():
+    with pytest.raises(TypeError, match=r"^NeuronProbe\(\): missing a required argument: 'layer'$"):
+        probescope.NeuronProbe(torch.zeros(3, 2))
+    with pytest.raises(TypeError, match=r"^GridProbe\(\): got an unexpected keyword argument 'resolutions'$"):
+        probescope.GridProbe(torch.zeros(3, 2), resolutions=4)
+
+
 def test_a_probe_class_defined_inside_a_function_is_written_but_cannot_be_built(tmp_path):
     class LocalProbe(EchoProbe):
         kind = "local"

@@ -154,6 +154,36 @@ def test_gradient_columns_warn_and_hold_nan_when_grads_are_gone_at_the_step_boun
     assert "no gradient at the step boundary" in caplog.text
 
 
+def test_frozen_parameters_have_no_gradient_columns_and_no_warning(tmp_path, caplog):
+    model, (x, y) = _model(), _data()
+    model[2].requires_grad_(False)  # a frozen layer: never a gradient
+    probe = StatsProbe("*", targets=("weights", "grads"), schedule=Schedule.every(2))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    caplog.set_level("INFO", logger="probescope")
+    with Monitor(model, [probe], run_dir=tmp_path / "run") as mon:
+        for _ in range(4):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            mon.step()
+    table = open_run(tmp_path / "run").probe("stats").table()
+    grads = sorted({c.split("/")[1] for c in table.columns if c.startswith("grad/")})
+    assert grads == ["0.bias", "0.weight", "4.bias", "4.weight"]  # not 2.weight, 2.bias
+    assert "weight/2.weight/l2" in table.columns  # its weights are measured
+    assert table.loc[table.step > 0, "grad/0.weight/l2"].notna().all()
+    assert "no gradient at the step boundary" not in caplog.text
+    assert "no gradients of the frozen parameters ['2.weight', '2.bias']" in caplog.text
+    assert probe.config()["frozen"] == ["2.weight", "2.bias"]
+
+
+def test_gradients_of_a_wholly_frozen_choice_are_an_error():
+    model = _model()
+    model[0].requires_grad_(False)
+    with pytest.raises(ValueError, match=r"the 2 parameters the hook patterns \['0'\] match are all frozen"):
+        StatsProbe("0", targets=("grads",)).attach(model)
+    StatsProbe("0", targets=("weights", "grads")).attach(model)  # weights: measured, no gradients
+
+
 def test_snapshot_copies_gradients_and_leaves_absent_ones_absent():
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     pool = SnapshotPool(model, "copy", grads=True)

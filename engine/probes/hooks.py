@@ -1,11 +1,12 @@
 """Hook points: the tensors of a model a probe measures, chosen by module names or globs.
 
 The statistics probe and the histogram probe choose alike: each module a pattern matches
-gives its own parameters (``weights``; with ``grads``, their gradients as of the step
-boundary) and, given a fixed batch, its output on that batch (``activations``, by forward
-hooks on the snapshot). A parametrized layer (weight_norm, orthogonal, spectral_norm's
-parametrizations) is one layer: it gives the originals its parametrizations hold and the
-weight they compute, and the modules inside the parametrizations are no layers of their own.
+gives its own parameters (``weights``; with ``grads``, the gradients of those that train, as
+of the step boundary) and, given a fixed batch, its output on that batch (``activations``,
+by forward hooks on the snapshot). A parametrized layer (weight_norm, orthogonal,
+spectral_norm's parametrizations) is one layer: it gives the originals its parametrizations
+hold and the weight they compute, and the modules inside the parametrizations are no layers
+of their own.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class HookPoints:
             raise ValueError(f"{owner}: activations need a fixed input batch (batch=...)")
         self.batch = None if batch is None else as_input_tensor("batch", batch, owner=owner)
         self.parameters: list[str] = []  # qualified parameter names
+        self.trained: list[str] = []  # with grads: those requiring gradients when attached
+        self.frozen: list[str] = []  # with grads: the others, which never have a gradient
         self.computed: list[str] = []  # weights parametrized layers compute, e.g. "fc.weight"
         self.modules: list[str] = []  # modules whose outputs are measured
         self.shapes: dict[str, torch.Size] = {}  # of every parameter and computed weight
@@ -92,11 +95,22 @@ class HookPoints:
             if parametrize.is_parametrized(modules[m])
             for t in modules[m].parametrizations
         ]
+        named = dict(model.named_parameters())
+        # A frozen parameter (requires_grad=False) never has a gradient: none is measured for it.
+        if self.needs_grads:
+            self.trained = [q for q in self.parameters if named[q].requires_grad]
+            self.frozen = [q for q in self.parameters if not named[q].requires_grad]
+        if self.frozen and not self.trained and self.targets == ("grads",):
+            raise ValueError(
+                f"{owner}: the {len(self.frozen)} parameters the hook patterns {self.patterns} match are "
+                "all frozen (requires_grad=False): they have no gradients to measure"
+            )
+        if self.frozen:
+            log.info("%s: no gradients of the frozen parameters %s", owner, self.frozen)
         if "activations" in self.targets:
             self.modules = self._measured_modules(model, modules, inner, [m for m in matched if m])
         if not self.parameters and not self.computed and "activations" not in self.targets:
             raise ValueError(f"{owner}: the hook patterns {self.patterns} match no module with parameters")
-        named = dict(model.named_parameters())
         with torch.no_grad():
             self.shapes = {q: named[q].shape for q in self.parameters} | {
                 q: computed_weight(model, q).shape for q in self.computed
@@ -157,10 +171,10 @@ class HookPoints:
     def grads(
         self, model: nn.Module, context: ProbeContext, warn: Callable[[str, str], None]
     ) -> Iterator[tuple[str, torch.Tensor | None]]:
-        """Every parameter's gradient as of the step boundary (None before the first backward,
-        and when the loop has cleared it: ``warn`` says so once)."""
+        """Every trained parameter's gradient as of the step boundary (None before the first
+        backward, and when the loop has cleared it: ``warn`` says so once)."""
         params = dict(model.named_parameters())
-        for qualified in self.parameters:
+        for qualified in self.trained:
             grad = params[qualified].grad
             if grad is None and context.step > 0:
                 warn(
@@ -190,7 +204,7 @@ class HookPoints:
         names as ``weight/<parameter>``, ``grad/<parameter>``, ``act/<module>``."""
         chosen = [
             *(("weights", q) for q in [*self.parameters, *self.computed] if "weights" in self.targets),
-            *(("grads", q) for q in self.parameters if self.needs_grads),
+            *(("grads", q) for q in self.trained),
             *(("activations", m) for m in self.modules),
         ]
         return [
@@ -204,6 +218,7 @@ class HookPoints:
             "targets": list(self.targets),
             "parameters": self.parameters,
             **({"computed": self.computed} if self.computed else {}),
+            **({"frozen": self.frozen} if self.frozen else {}),
             "modules": self.modules,
         }
 
