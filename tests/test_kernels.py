@@ -4,6 +4,8 @@ Tolerances: smoothing and interpolation are computed in float64, so 1e-12 relati
 channels are compared exactly where the float32 inputs make rounding unambiguous.
 """
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -268,6 +270,58 @@ def test_a_numba_kernel_uses_the_threads_torch_allows_its_calling_thread():
     assert ran[0][0] == "serial"
     if numba.config.NUMBA_NUM_THREADS >= 2:
         assert ran[1] == ("parallel", 2)
+
+
+@pytest.mark.parametrize("first", ["parallel", "serial"])
+def test_a_numba_kernels_serial_twin_and_parallel_kernel_each_load_their_own_cached_code(tmp_path, first):
+    """Numba caches a function's compiled code on disk under its qualified name, keyed by
+    signature but not by options: a serial twin of the same name loaded the parallel kernel's
+    code (and started Numba's thread pool in the probe worker), or the other way round,
+    whichever was compiled first. Each variant is compiled in one process, then the other is
+    run alone from the same cache in a fresh one; the serial code never starts the pool, the
+    parallel code always does."""
+    pytest.importorskip("numba")
+    import subprocess
+    import sys
+
+    (tmp_path / "twins.py").write_text(
+        "import numba\n"
+        "from probescope.kernels._numba import threads_aware\n\n\n"
+        "@numba.njit(parallel=True, cache=True, nogil=True)\n"
+        "def double(x, out):\n"
+        "    for i in numba.prange(x.shape[0]):\n"
+        "        out[i] = 2 * x[i]\n\n\n"
+        "double = threads_aware(double)\n"
+    )
+    code = """
+import sys
+import numpy as np
+from numba.np.ufunc import parallel as pool
+import twins
+from probescope.kernels._numba.histogram import histogram_kernel
+variant = sys.argv[1]
+x = np.arange(100, dtype=np.float32)
+out = np.empty(100, np.float32)
+getattr(twins.double, variant)(x, out)
+assert (out == 2 * x).all()
+counts = np.empty(13)
+getattr(histogram_kernel, variant)(x, counts)
+assert counts[3:].sum() == 100 and counts[0] == 0 and counts[1] == 99
+hits = sum(getattr(k, variant).stats.cache_hits.total() for k in (twins.double, histogram_kernel))
+print(variant, pool._is_initialized, hits)
+"""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(tmp_path)}
+    second = "serial" if first == "parallel" else "parallel"
+    lines = []
+    for variant in (first, second):
+        done = subprocess.run(
+            [sys.executable, "-c", code, variant], capture_output=True, text=True, timeout=300, env=env
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines.append(done.stdout.split())
+    started = {"parallel": "True", "serial": "False"}
+    assert lines[0] == [first, started[first], "0"]  # compiled here, into an empty cache
+    assert lines[1][:2] == [second, started[second]]  # its own code, not the other's from the cache
 
 
 def test_the_probe_worker_does_not_import_numba_for_probes_that_do_not_use_it():

@@ -23,7 +23,14 @@ def threads_aware(kernel):
     Under Numba's OpenMP threading layer a parallel region starts a team of every thread even
     when all but one are masked off, and the idle ones spin after it, on the cores training
     uses. The serial twin (the same code with ``prange`` as ``range``) starts no team.
+
+    The twin is compiled from a copy of the function under a name of its own: Numba's on-disk
+    cache names its entries by the function's qualified name and keys them by signature, not
+    by options (numba/numba#6845), so a twin of the same name loads whichever of the two was
+    compiled first, and the serial one ran the parallel code, or the parallel one the serial.
     """
+    import types
+
     import numba
     import torch
 
@@ -46,8 +53,13 @@ def threads_aware(kernel):
             if torch.get_num_threads() != before:
                 torch.set_num_threads(before)
 
+    func = kernel.py_func
+    twin = types.FunctionType(
+        func.__code__, func.__globals__, f"{func.__name__}_serial", func.__defaults__, func.__closure__
+    )
+    twin.__qualname__ = f"{func.__qualname__}_serial"  # its own cache entry
     call.parallel = kernel
-    call.serial = numba.njit(parallel=False, cache=True, **options)(kernel.py_func)
+    call.serial = numba.njit(parallel=False, cache=True, **options)(twin)
     call.__name__ = call.__qualname__ = kernel.__name__
     call.__doc__ = kernel.__doc__
     return call
