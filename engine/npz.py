@@ -15,6 +15,7 @@ headers beyond format 1.0, sizes that need zip64, more than 65 535 entries) goes
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zlib
@@ -31,15 +32,23 @@ _UTF8 = 0x800  # general purpose flag: the name is UTF-8
 _LIMIT = 0xFFFFFFFF  # beyond this a size or an offset needs zip64
 
 
+@functools.lru_cache(maxsize=4096)
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` 1.0 header of a C-contiguous array: a probe's frames repeat their arrays'
+    dtypes and shapes, so each header is made once."""
+    header = io.BytesIO()
+    fields = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(header, fields)
+    return header.getvalue()
+
+
 class _Entry:
     __slots__ = ("crc", "data", "flags", "head", "name", "size")
 
     def __init__(self, key: str, array: np.ndarray):
         self.name = f"{key}.npy".encode()
         self.flags = 0 if self.name.isascii() else _UTF8
-        header = io.BytesIO()
-        np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
-        self.head = header.getvalue()
+        self.head = _npy_header(array.dtype, array.shape)
         self.data = array.reshape(-1).view(np.uint8)  # the array's own memory, as bytes
         self.size = len(self.head) + self.data.nbytes
         self.crc = zlib.crc32(self.data, zlib.crc32(self.head))
