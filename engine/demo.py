@@ -19,6 +19,7 @@ from probescope.probes import (
     CheckpointProbe,
     CurveProbe,
     GridProbe,
+    HistogramProbe,
     LossProbe,
     NeuronProbe,
     PredictionProbe,
@@ -50,15 +51,21 @@ def build_mlp(widths: list[int] | tuple[int, ...], activation: str = "relu") -> 
 
 def demo_probes(data: Dataset, resolution: int = 192, model: nn.Module | None = None) -> list[Probe]:
     """The probes that fit the data set: a map (of classes, or of a regression's values) or a
-    curve (one input), predictions and losses, the best
-    weights by the valid result the loop logs each epoch, and given the model, the maps of its
-    last hidden layer's units."""
+    curve (one input), predictions and losses, the best weights by the valid result the loop
+    logs each epoch, the distributions of the layers' weights, gradients and outputs over
+    training, and given the model, the maps of its last hidden layer's units."""
     dense_early = Schedule.log_spaced(12)
     best_by = "valid_loss" if data.task == "regression" else "valid_accuracy"
     probes: list[Probe] = [
         PredictionProbe(data.x_valid, data.y_valid, schedule=Schedule.every_epoch()),
         LossProbe(schedule=Schedule.every_epoch()),
         CheckpointProbe(best_by, schedule=Schedule.every_epoch()),
+        HistogramProbe(
+            [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] if model is not None else "*",
+            targets=("weights", "grads", "activations"),
+            batch=data.x_valid[:512],
+            schedule=Schedule.every_epoch(),  # with the epoch's frames: one snapshot for them all
+        ),
     ]
     if data.input_dim == 1:
         probes.insert(

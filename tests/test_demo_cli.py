@@ -106,6 +106,25 @@ def test_demo_keeps_the_weights_of_its_best_valid_accuracy(blobs7_run):
     assert float(accuracy) == pytest.approx(index["best"]["value"])
 
 
+def test_demo_draws_its_layers_distributions_over_training(blobs7_run):
+    """A HistogramProbe on the Linear layers, a frame with every epoch's others (no snapshot of
+    its own), drawn whole in histograms_final.png."""
+    record = open_run(blobs7_run).probe("histograms")
+    names = [str(n) for n in record.static["names"]]
+    layers = ("0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias")
+    assert names == [
+        *(f"weight/{p}" for p in layers),
+        *(f"grad/{p}" for p in layers),
+        "act/0",
+        "act/2",
+        "act/4",
+    ]
+    assert record.steps() == open_run(blobs7_run).probe("prediction").steps()  # every epoch's end
+    last = record.frame(-1).data
+    assert last["counts"][names.index("act/4")].sum() == 512 * 7  # the valid batch's outputs
+    assert iio.imread(blobs7_run / "histograms_final.png").shape[-1] in (3, 4)
+
+
 def test_info_describes_the_run(blobs7_run, capsys):
     assert main(["info", str(blobs7_run)]) == 0
     text = capsys.readouterr().out
