@@ -324,6 +324,22 @@ print(variant, pool._is_initialized, hits)
     assert lines[1][:2] == [second, started[second]]  # its own code, not the other's from the cache
 
 
+def test_a_numba_kernels_first_call_compiles_both_variants_for_its_signature():
+    """A probe compiles its kernel at attach, in the training thread (the parallel variant);
+    the probe worker, on one thread, runs the serial one: compiling it at the first frame
+    would make that frame seconds long and skip the frames due meanwhile."""
+    pytest.importorskip("numba")
+    from probescope.kernels._numba.smooth import smooth_1d_kernel
+
+    values = np.random.default_rng(0).standard_normal(37).astype(np.float32)[::-1]  # a new signature
+    out = np.empty_like(values)
+    assert len(smooth_1d_kernel.serial.signatures) == len(smooth_1d_kernel.parallel.signatures)
+    before = set(smooth_1d_kernel.parallel.signatures)
+    smooth_1d_kernel(values, np.ones(3, np.float32) / 3, out)
+    added = set(smooth_1d_kernel.parallel.signatures) - before
+    assert len(added) == 1 and added <= set(smooth_1d_kernel.serial.signatures)
+
+
 def test_the_probe_worker_does_not_import_numba_for_probes_that_do_not_use_it():
     """Importing Numba takes the GIL for about 0.15 s: a worker that imported it at start
     delayed the first frame and stalled the training thread, for probes that may never call

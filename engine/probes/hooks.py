@@ -97,9 +97,12 @@ class HookPoints:
         ]
         named = dict(model.named_parameters())
         # A frozen parameter (requires_grad=False) never has a gradient: none is measured for it.
+        # (A model none of whose parameters requires gradients is a copy made for the probes, a
+        # sharded model's unsharded shadow, which says nothing of what trains: all are measured.)
         if self.needs_grads:
-            self.trained = [q for q in self.parameters if named[q].requires_grad]
-            self.frozen = [q for q in self.parameters if not named[q].requires_grad]
+            copy = not any(p.requires_grad for p in named.values())
+            self.trained = [q for q in self.parameters if copy or named[q].requires_grad]
+            self.frozen = [q for q in self.parameters if q not in self.trained]
         if self.frozen and not self.trained and self.targets == ("grads",):
             raise ValueError(
                 f"{owner}: the {len(self.frozen)} parameters the hook patterns {self.patterns} match are "

@@ -45,10 +45,14 @@ def threads_aware(kernel):
         n = threads()
         try:
             if n == 1:
-                return call.serial(*args)
-            if numba.get_num_threads() != n:
-                numba.set_num_threads(n)
-            return call.parallel(*args)
+                result = call.serial(*args)
+            else:
+                if numba.get_num_threads() != n:
+                    numba.set_num_threads(n)
+                result = call.parallel(*args)
+            if len(call.serial.overloads) != len(call.parallel.overloads):
+                compile_twins(call.serial, call.parallel)  # (loading a parallel one starts the layer)
+            return result
         finally:
             if torch.get_num_threads() != before:
                 torch.set_num_threads(before)
@@ -63,6 +67,16 @@ def threads_aware(kernel):
     call.__name__ = call.__qualname__ = kernel.__name__
     call.__doc__ = kernel.__doc__
     return call
+
+
+def compile_twins(*variants) -> None:
+    """Compile (or load from the cache) each variant for every signature another has: a
+    probe compiles its kernel at attach, in the training thread, which runs the parallel
+    variant, and the probe worker's first frame must not compile the serial one."""
+    signatures = {sig for v in variants for sig in v.signatures}
+    for variant in variants:
+        for sig in signatures.difference(variant.signatures):
+            variant.compile(sig)
 
 
 def host_array(t, dtype):
