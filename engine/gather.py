@@ -55,6 +55,7 @@ from probescope.snapshot import (
     observer_hooks,
     place_copies,
     shadow_copy,
+    stand_for,
 )
 from probescope.streams import ProbeStreams
 
@@ -276,6 +277,8 @@ class GatheredPool:
             def place(t: torch.Tensor) -> torch.Tensor:
                 return torch.empty(t.shape, dtype=t.dtype, device=device)
 
+        trains = {i for i, t in enumerate(self._sources) if isinstance(t, nn.Parameter) and t.requires_grad}
+        trained = {name for name, i in self._index.items() if i in trains}
         for k in range(self.size):
             shared = (
                 {id(self._template_names[self._names[i]]): t for i, t in self._frozen.items()} if k else {}
@@ -287,6 +290,7 @@ class GatheredPool:
                 for t in targets:
                     t.requires_grad_(False)
                     t.zero_()  # probes set up on it read finite numbers
+            stand_for(shadow, trained)  # (its own parameters require no gradients)
             self._targets[id(shadow)] = targets
             for i in self._frozen:
                 self._frozen[i] = targets[i]  # (the first shadow's; the others share them)
@@ -385,7 +389,7 @@ class GatheredPool:
             if self._grad_params:
                 present = [i for i in self._grad_params if self._sources[i].grad is not None]
                 into = None
-                if targets is not None:
+                if shadow is not None:  # (targets is a list without one at a first gather too)
                     held = dict(zip(self._grad_params, self._grads[id(shadow)], strict=True))
                     into = [held[i] for i in present]
                     for i in self._grad_params:

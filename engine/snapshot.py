@@ -52,6 +52,7 @@ import copy
 import fnmatch
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -603,9 +604,30 @@ def _named_state_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
 
 
+# Shadows whose own parameters require no gradients, by the names of those that train in the
+# model each stands for (a sharded model's unsharded shadows: see probescope.gather).
+_TRAINED_IN: weakref.WeakKeyDictionary[nn.Module, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+def stand_for(shadow: nn.Module, trained: set[str]) -> None:
+    """Say that ``shadow`` stands for a model in which the parameters named ``trained`` (and
+    no others) train, whatever its own parameters' ``requires_grad`` says."""
+    _TRAINED_IN[shadow] = frozenset(trained)
+
+
+def trained_parameters(model: nn.Module) -> set[str]:
+    """The names (every alias) of the parameters of ``model`` that train: those that require
+    gradients, or, for a shadow told what it stands for (``stand_for``), those that do in that
+    model."""
+    told = _TRAINED_IN.get(model)
+    if told is not None:
+        return set(told)
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+
+
 def _trainable(model: nn.Module) -> set[str]:
     """The names of the parameters that require gradients and of every buffer."""
-    chosen = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    chosen = trained_parameters(model)
     if not chosen:
         raise ValueError("snapshot_params='trainable': no parameter of the model requires gradients")
     return chosen | {n for n, _ in model.named_buffers(remove_duplicate=False)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import importlib.util
 import json
+import logging
 import os
 import signal
 import threading
@@ -201,6 +202,17 @@ def test_one_rank_of_a_ddp_job_probes_and_the_others_do_nothing(tmp_path, probe_
     )
 
 
+class _Warnings(logging.Handler):
+    """The warnings a rank logs, as text."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def _net() -> nn.Module:
     return nn.Sequential(nn.Linear(2, 16), nn.GELU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
 
@@ -378,6 +390,8 @@ def _frozen_job(rank: int, world: int, store: str, out: str) -> None:
         probes = [
             ps.PredictionProbe(held, torch.arange(12) % 3, schedule=ps.Schedule.every(2)),
             ps.PredictionProbe(held, torch.arange(12) % 3, schedule=ps.Schedule.every(3), name="other"),
+            # The frozen layer's parameters have no gradients: the shadow knows (its own require none).
+            ps.StatsProbe(["0", "4"], targets=("grads",), schedule=ps.Schedule.every(4), name="grads"),
         ]
         monitor = ps.Monitor(
             model,
@@ -387,8 +401,12 @@ def _frozen_job(rank: int, world: int, store: str, out: str) -> None:
             unsharded=_net,
             snapshot_params="trainable",
         )
+        warned = _Warnings()
+        logging.getLogger("probescope").addHandler(warned)
         with monitor:
-            expected, _ = _train_beside(monitor, model, reference, (optimizer, ref_optimizer), rank, held)
+            expected, grad_norms = _train_beside(
+                monitor, model, reference, (optimizer, ref_optimizer), rank, held
+            )
         pool = monitor._pool
         shadows = list(pool._targets.values())
         result = {
@@ -399,6 +417,9 @@ def _frozen_job(rank: int, world: int, store: str, out: str) -> None:
             and all(a is b for a, b in zip(shadows[0][:2], shadows[1][:2], strict=True)),
             "own": monitor.probing and shadows[0][2] is not shadows[1][2],
             "sizes": [sum(t.numel() for t in model.parameters()), sum(t.numel() for t in trainable)],
+            "grad_norms": grad_norms,
+            "frozen": probes[2].config().get("frozen"),
+            "warnings": warned.messages,
         }
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
@@ -418,10 +439,17 @@ def test_a_sharded_models_frozen_weights_are_gathered_once_with_snapshot_params_
                 frame.data["prob_true"], probs[np.arange(12), np.arange(12) % 3], atol=1e-5
             )
     assert prober["shared"] and prober["own"]  # layer 0's weight and bias shared, layer 2's not
+    grads = run.probe("grads").table().set_index("step")
+    assert not [c for c in grads.columns if c.startswith("grad/0.")]  # none for the frozen layer
+    assert prober["frozen"] == ["0.weight", "0.bias"] and prober["warnings"] == []
+    assert list(grads.index)[:3] == [0, 4, 8] and np.isnan(grads.loc[0, "grad/4.weight/l2"])
+    for step in grads.index[1:]:
+        assert grads.loc[step, "grad/4.weight/l2"] == pytest.approx(prober["grad_norms"][str(step)], rel=1e-5)
     every, trainable = prober["sizes"]
     gathers = prober["detail"]["gathers"]
-    # The first gather and model.pt bring every weight; every other gather the trainable ones.
-    assert prober["detail"]["gathered_elements"] == 2 * every + (gathers - 2) * trainable
+    # The first gather and model.pt bring every weight; every other gather the trainable ones
+    # and their gradients (the first, at the Monitor's start, finds none yet).
+    assert prober["detail"]["gathered_elements"] == 2 * every + (gathers - 2) * 2 * trainable
     assert prober["detail"]["copied_elements"] == trainable
 
 

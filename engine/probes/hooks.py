@@ -30,6 +30,7 @@ from probescope.probes.base import (
     own_parameters,
     to_model,
 )
+from probescope.snapshot import trained_parameters
 
 log = logging.getLogger("probescope")
 
@@ -97,12 +98,11 @@ class HookPoints:
         ]
         named = dict(model.named_parameters())
         # A frozen parameter (requires_grad=False) never has a gradient: none is measured for it.
-        # (A model none of whose parameters requires gradients is a copy made for the probes, a
-        # sharded model's unsharded shadow, which says nothing of what trains: all are measured.)
+        # (A sharded model's unsharded shadow says which train in the model it stands for.)
         if self.needs_grads:
-            copy = not any(p.requires_grad for p in named.values())
-            self.trained = [q for q in self.parameters if copy or named[q].requires_grad]
-            self.frozen = [q for q in self.parameters if q not in self.trained]
+            trains = trained_parameters(model)
+            self.trained = [q for q in self.parameters if q in trains]
+            self.frozen = [q for q in self.parameters if q not in trains]
         if self.frozen and not self.trained and self.targets == ("grads",):
             raise ValueError(
                 f"{owner}: the {len(self.frozen)} parameters the hook patterns {self.patterns} match are "
