@@ -72,6 +72,8 @@ def test_bad_layers_and_units_are_refused_with_the_reason(blobs):
         NeuronProbe(blobs.x_train, "1", units=[-1])
     with pytest.raises(ValueError, match="scale must be a positive number"):
         NeuronProbe(blobs.x_train, "1", scale=0.0)
+    with pytest.raises(TypeError, match=r"got Tensor \(the data come first: NeuronProbe\(data, layer\)\)"):
+        NeuronProbe("1", blobs.x_train)
 
 
 def test_a_recorded_run_exports_interpolated_mosaics(blobs, tmp_path):

@@ -69,7 +69,8 @@ class NeuronProbe(Probe):
         super().__init__(name=name, schedule=schedule)
         owner = f"NeuronProbe {self.name!r}"
         if not isinstance(layer, str):
-            raise TypeError(f"{owner}: layer must be a module name, got {type(layer).__name__}")
+            swapped = " (the data come first: NeuronProbe(data, layer))" if isinstance(data, str) else ""
+            raise TypeError(f"{owner}: layer must be a module name, got {type(layer).__name__}{swapped}")
         positive_int(f"{owner}: resolution", resolution)
         positive_int(f"{owner}: batch_size", batch_size)
         if columns is not None:
