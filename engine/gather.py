@@ -277,8 +277,6 @@ class GatheredPool:
             def place(t: torch.Tensor) -> torch.Tensor:
                 return torch.empty(t.shape, dtype=t.dtype, device=device)
 
-        trains = {i for i, t in enumerate(self._sources) if isinstance(t, nn.Parameter) and t.requires_grad}
-        trained = {name for name, i in self._index.items() if i in trains}
         for k in range(self.size):
             shared = (
                 {id(self._template_names[self._names[i]]): t for i, t in self._frozen.items()} if k else {}
@@ -290,7 +288,7 @@ class GatheredPool:
                 for t in targets:
                     t.requires_grad_(False)
                     t.zero_()  # probes set up on it read finite numbers
-            stand_for(shadow, trained)  # (its own parameters require no gradients)
+            stand_for(shadow, self.model)  # (its own parameters require no gradients)
             self._targets[id(shadow)] = targets
             for i in self._frozen:
                 self._frozen[i] = targets[i]  # (the first shadow's; the others share them)

@@ -11,8 +11,10 @@ Strategies:
   generator (a warning at construction names them).
 
 With ``grads=True`` (a probe reads gradients), a ``copy`` snapshot also copies each
-parameter's ``.grad`` into a preallocated buffer of the shadow; a parameter with no gradient
-at the step boundary has none in the shadow either.
+parameter's ``.grad`` into a preallocated buffer of the shadow (made at its first gradient for
+one frozen when the snapshot was set up: training may unfreeze it); a parameter with no
+gradient at the step boundary has none in the shadow either. A shadow says which of its
+parameters train through the model it stands for (``trained_parameters``).
 
 On CUDA (``streams`` given) the copy runs on the probe stream, ordered against training by
 events only (see probescope.streams): the training thread enqueues it and goes on.
@@ -23,8 +25,9 @@ tensor with the live model, so probes read those live (racy, like ``live``). ``p
 "trainable"`` copies the parameters that require gradients and every buffer, and shares the
 frozen parameters, which the optimizer never changes (a fine-tune's frozen backbone, a LoRA
 model's base weights: exact, unless something else writes them in place, as an EMA teacher's
-update does). A copy of the whole model whose frozen parameters are most of it and more than
-``FROZEN_HINT_BYTES`` gets one warning that says so. ``host=True``
+update does; one unfrozen later stays shared, read live). A copy of the whole model whose
+frozen parameters are most of it and more than ``FROZEN_HINT_BYTES`` gets one warning that
+says so. ``host=True``
 keeps the shadow in host memory (pinned when CUDA is present, made there; the copy is
 non-blocking on the probe stream and the probe waits for its event), and probes evaluate it
 on the CPU. Copies on a CUDA device may take half of its free memory; past that the pool
@@ -100,7 +103,7 @@ class SnapshotPool:
         self._live_tensors: list[torch.Tensor] = []
         self._shadow_tensors: dict[int, list[torch.Tensor]] = {}
         self._live_params: list[nn.Parameter] = []
-        self._shadow_grads: dict[int, list[tuple[nn.Parameter, torch.Tensor]]] = {}
+        self._shadow_grads: dict[int, list[list]] = {}  # [shadow's parameter, its gradient buffer]
         self._ready: dict[int, torch.cuda.Event] = {}
         self.host = host
         self.dropped_hooks: list[str] = []  # "module: kind" of each hook the shadows run without
@@ -120,8 +123,8 @@ class SnapshotPool:
                 _hint_frozen(model, size)
             self._live_tensors = _unique(t for n, t in named if n in chosen)
             copied = {id(t) for t in self._live_tensors}
-            if grads:
-                self._live_params = [p for p in model.parameters() if p.requires_grad and id(p) in copied]
+            if grads:  # (a frozen one's buffers are made when it first has a gradient: unfrozen)
+                self._live_params = [p for p in _unique(model.parameters()) if id(p) in copied]
             shared = {id(t): t for _, t in named if id(t) not in copied}
             if not hooks:
                 self.dropped_hooks = observer_hooks(model)
@@ -136,7 +139,7 @@ class SnapshotPool:
         at all (``sync``), each with one warning; a copy that runs out of device memory as it is
         made goes the same way."""
         per_copy = sum(t.numel() * t.element_size() for t in self._live_tensors)
-        per_copy += sum(p.numel() * p.element_size() for p in self._live_params)
+        per_copy += sum(p.numel() * p.element_size() for p in self._live_params if p.requires_grad)
         device = self._params[0][1] if self._params else torch.device("cpu")
         size, host, why = place_copies(per_copy, self.size, device, self.host, whole)
         if why:
@@ -189,7 +192,10 @@ class SnapshotPool:
             _to_host(own)  # (a Keras model's clone: made on its device)
         self._shadow_tensors[id(shadow)] = own
         if self._live_params:
-            self._shadow_grads[id(shadow)] = [(twin[id(p)], _grad_buffer(p, host)) for p in self._live_params]
+            self._shadow_grads[id(shadow)] = [
+                [twin[id(p)], _grad_buffer(p, host) if p.requires_grad else None] for p in self._live_params
+            ]
+        stand_for(shadow, model)  # (its copies require no gradients)
         self._free.append(shadow)
 
     def model_change(self) -> str | None:
@@ -243,7 +249,9 @@ class SnapshotPool:
     def nbytes(self) -> int:
         """Memory held by the shadow copies (and their gradient buffers)."""
         weights = sum(t.numel() * t.element_size() for ts in self._shadow_tensors.values() for t in ts)
-        grads = sum(g.numel() * g.element_size() for gs in self._shadow_grads.values() for _, g in gs)
+        grads = sum(
+            g.numel() * g.element_size() for gs in self._shadow_grads.values() for _, g in gs if g is not None
+        )
         return weights + grads
 
     def acquire(self, fill: bool = True) -> nn.Module | None:
@@ -274,12 +282,17 @@ class SnapshotPool:
             if self._live_params:
                 self._copy_grads(self._shadow_grads[id(shadow)])
 
-    def _copy_grads(self, pairs: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    def _copy_grads(self, pairs: list[list]) -> None:
+        """Each parameter's gradient into its buffer, made at its first gradient for one frozen
+        when the snapshot was set up (unfrozen since); none where the parameter has none."""
         sources, targets = [], []
-        for live, (param, buffer) in zip(self._live_params, pairs, strict=True):
+        for live, pair in zip(self._live_params, pairs, strict=True):
+            param, buffer = pair
             if live.grad is None:
                 param.grad = None
             else:
+                if buffer is None:
+                    buffer = pair[1] = _grad_buffer(live, self.host)
                 param.grad = buffer
                 sources.append(live.grad)
                 targets.append(buffer)
@@ -604,24 +617,22 @@ def _named_state_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
 
 
-# Shadows whose own parameters require no gradients, by the names of those that train in the
-# model each stands for (a sharded model's unsharded shadows: see probescope.gather).
-_TRAINED_IN: weakref.WeakKeyDictionary[nn.Module, frozenset[str]] = weakref.WeakKeyDictionary()
+# Shadows (whose own parameters require no gradients) by the model each stands for: the live
+# model of a copy snapshot, the sharded model of a gathered one (see probescope.gather).
+_STANDS_FOR: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
 
 
-def stand_for(shadow: nn.Module, trained: set[str]) -> None:
-    """Say that ``shadow`` stands for a model in which the parameters named ``trained`` (and
-    no others) train, whatever its own parameters' ``requires_grad`` says."""
-    _TRAINED_IN[shadow] = frozenset(trained)
+def stand_for(shadow: nn.Module, model: nn.Module) -> None:
+    """Say that ``shadow`` holds the tensors of ``model`` under the same names: which of its
+    parameters train is what ``model``'s say, now (``trained_parameters``)."""
+    _STANDS_FOR[shadow] = model
 
 
 def trained_parameters(model: nn.Module) -> set[str]:
-    """The names (every alias) of the parameters of ``model`` that train: those that require
-    gradients, or, for a shadow told what it stands for (``stand_for``), those that do in that
-    model."""
-    told = _TRAINED_IN.get(model)
-    if told is not None:
-        return set(told)
+    """The names (every alias) of the parameters of ``model`` that train now: those that
+    require gradients, or, for a shadow (``stand_for``), those that do in the model it stands
+    for (training may freeze and unfreeze them as it goes)."""
+    model = _STANDS_FOR.get(model, model)
     return {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
 
 

@@ -195,6 +195,23 @@ def test_with_resume_fine_tunes_two_fits_are_one_run(tmp_path):
     assert run.probe("loss").frame(-1).data["series/train_loss/steps"].tolist() == list(range(1, 31))
 
 
+def test_fine_tune_resumed_measures_the_bodys_gradients_once_it_is_unfrozen(tmp_path):
+    """fine_tune's first fit trains the head alone (the body frozen), its second all of it: in
+    one resumed run, the body's gradient columns are NaN in the first and measured in the second."""
+    from fastai.torch_core import params
+
+    probe = StatsProbe("*", targets=("weights", "grads"))
+    callback = ProbescopeCallback([probe], run_dir=tmp_path / "run", resume=True)
+    learn = learner(blobs_dls(), mlp(), cbs=callback, splitter=lambda m: [params(m[0]), params(m[2])])
+    learn.fine_tune(1, 1e-2, freeze_epochs=1)
+    assert callback.fits == 2 and not (tmp_path / "run-fit2").exists()
+    table = open_run(tmp_path / "run").probe("stats").table().set_index("step")
+    first, second = table.loc[1:10], table.loc[11:]
+    assert len(first) and len(second)
+    assert first["grad/0.weight/l2"].isna().all() and first["grad/2.weight/l2"].notna().all()
+    assert second["grad/0.weight/l2"].notna().all() and second["grad/2.weight/l2"].notna().all()
+
+
 def test_a_step_that_gradient_accumulation_cancels_is_no_step(tmp_path):
     seen = Seen()
     callback = ProbescopeCallback([LossProbe()], run_dir=tmp_path / "run")

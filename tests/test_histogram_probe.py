@@ -86,15 +86,20 @@ def test_a_gradient_not_there_yet_has_no_range_and_nothing_counted(task, tmp_pat
     assert (record.frame(-1).data["counts"].sum(axis=1) == [48, 16]).all()
 
 
-def test_a_frozen_parameter_has_no_gradient_histogram(task):
+def test_a_frozen_parameter_has_an_empty_gradient_histogram_until_it_trains(task, caplog):
     model, x, y = task
     model[0].bias.requires_grad_(False)
     probe = ps.HistogramProbe("0", targets=("weights", "grads"), bins=5)
     probe.attach(model)
-    assert probe.names == ["weight/0.weight", "weight/0.bias", "grad/0.weight"]
+    assert probe.names == ["weight/0.weight", "weight/0.bias", "grad/0.weight", "grad/0.bias"]
     nn.functional.cross_entropy(model(x), y).backward()
     frame = probe.evaluate(model, ps.ProbeContext(1, 0))
-    assert frame["counts"].sum(axis=1).tolist() == [48, 16, 48]
+    assert frame["counts"].sum(axis=1).tolist() == [48, 16, 48, 0]
+    model[0].bias.requires_grad_(True)  # unfrozen
+    nn.functional.cross_entropy(model(x), y).backward()
+    frame = probe.evaluate(model, ps.ProbeContext(2, 0))
+    assert frame["counts"].sum(axis=1).tolist() == [48, 16, 48, 16]
+    assert "no gradient at the step boundary" not in caplog.text
 
 
 def test_non_finite_weights_are_counted_apart(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from probescope import Monitor, Schedule, StatsProbe, open_run
+from probescope import Monitor, ProbeContext, Schedule, StatsProbe, open_run
 from probescope.kernels.stats import STAT_NAMES, spectral_norm_reference, tensor_stats_reference
 from probescope.snapshot import SnapshotPool
 
@@ -154,34 +155,90 @@ def test_gradient_columns_warn_and_hold_nan_when_grads_are_gone_at_the_step_boun
     assert "no gradient at the step boundary" in caplog.text
 
 
-def test_frozen_parameters_have_no_gradient_columns_and_no_warning(tmp_path, caplog):
+@pytest.mark.parametrize("snapshot", ["copy", "sync"])
+def test_a_frozen_parameters_gradients_are_nan_while_it_is_frozen_without_a_warning(
+    tmp_path, caplog, snapshot
+):
+    """Layer 2 frozen, unfrozen at step 4 (gradual unfreezing), layer 4 frozen at step 8: the
+    columns stay; a gradient is measured while its parameter trains, NaN otherwise, and no
+    warning blames the loop's zero_grad for the frozen ones."""
     model, (x, y) = _model(), _data()
-    model[2].requires_grad_(False)  # a frozen layer: never a gradient
+    reference = copy.deepcopy(model)
+    model[2].requires_grad_(False)
+    reference[2].requires_grad_(False)
     probe = StatsProbe("*", targets=("weights", "grads"), schedule=Schedule.every(2))
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # (SGD skips a parameter with no gradient)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
     caplog.set_level("INFO", logger="probescope")
-    with Monitor(model, [probe], run_dir=tmp_path / "run") as mon:
-        for _ in range(4):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
+    expected = {}
+    with Monitor(model, [probe], run_dir=tmp_path / "run", snapshot=snapshot) as mon:
+        for step in range(12):
+            if step == 4:
+                model[2].requires_grad_(True)
+                reference[2].requires_grad_(True)
+            if step == 8:
+                model[4].requires_grad_(False)
+                reference[4].requires_grad_(False)
+            for m, o in ((model, opt), (reference, ref_opt)):
+                o.zero_grad(set_to_none=True)
+                F.cross_entropy(m(x), y).backward()
+                o.step()
+            expected[step + 1] = {
+                n: p.grad.norm().item() for n, p in reference.named_parameters() if p.grad is not None
+            }
             mon.step()
-    table = open_run(tmp_path / "run").probe("stats").table()
+            mon.drain()  # (every frame taken: none skipped while the previous one runs)
+    table = open_run(tmp_path / "run").probe("stats").table().set_index("step")
+    assert list(table.index) == [0, 2, 4, 6, 8, 10, 12]
     grads = sorted({c.split("/")[1] for c in table.columns if c.startswith("grad/")})
-    assert grads == ["0.bias", "0.weight", "4.bias", "4.weight"]  # not 2.weight, 2.bias
-    assert "weight/2.weight/l2" in table.columns  # its weights are measured
-    assert table.loc[table.step > 0, "grad/0.weight/l2"].notna().all()
+    assert grads == ["0.bias", "0.weight", "2.bias", "2.weight", "4.bias", "4.weight"]
+    for step in table.index[1:]:
+        for name in grads:
+            got = table.loc[step, f"grad/{name}/l2"]
+            if name in expected[step]:
+                assert got == pytest.approx(expected[step][name], rel=1e-5), (step, name)
+            else:  # frozen at that step: layer 2 before step 4, layer 4 from step 8
+                assert np.isnan(got) and (
+                    (name.startswith("2.") and step <= 4) or (name.startswith("4.") and step > 8)
+                )
     assert "no gradient at the step boundary" not in caplog.text
-    assert "no gradients of the frozen parameters ['2.weight', '2.bias']" in caplog.text
-    assert probe.config()["frozen"] == ["2.weight", "2.bias"]
+    assert "the frozen parameters ['2.weight', '2.bias'] have NaN gradients while frozen" in caplog.text
 
 
-def test_gradients_of_a_wholly_frozen_choice_are_an_error():
-    model = _model()
+def test_a_run_resumed_after_unfreezing_goes_on_with_the_same_columns(tmp_path):
+    """fastai's fine_tune in a resumed run: a fit with the body frozen, then one with all of it."""
+    model, (x, y) = _model(), _data()
     model[0].requires_grad_(False)
-    with pytest.raises(ValueError, match=r"the 2 parameters the hook patterns \['0'\] match are all frozen"):
-        StatsProbe("0", targets=("grads",)).attach(model)
-    StatsProbe("0", targets=("weights", "grads")).attach(model)  # weights: measured, no gradients
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for resume in (False, True):
+        probe = StatsProbe("*", targets=("weights", "grads"), schedule=Schedule.every(2))
+        with Monitor(model, [probe], run_dir=tmp_path / "run", snapshot="sync", resume=resume) as mon:
+            for _ in range(4):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+                mon.step()
+        model[0].requires_grad_(True)
+    table = open_run(tmp_path / "run").probe("stats").table().set_index("step")
+    assert list(table.index) == [0, 2, 4, 6, 8]
+    assert table.loc[[2, 4], "grad/0.weight/l2"].isna().all()
+    assert (
+        table.loc[[6, 8], "grad/0.weight/l2"].notna().all()
+        and table.loc[2:, "grad/2.weight/l2"].notna().all()
+    )
+
+
+def test_gradients_of_a_wholly_frozen_choice_are_nan_until_it_trains():
+    model, (x, y) = _model(), _data()
+    model[0].requires_grad_(False)
+    probe = StatsProbe("0", targets=("grads",))
+    probe.attach(model)
+    F.cross_entropy(model(x), y).backward()
+    frame = probe.evaluate(model, ProbeContext(1, 0))
+    assert np.isnan(frame["values"]).all()
+    model[0].requires_grad_(True)
+    F.cross_entropy(model(x), y).backward()
+    assert np.isfinite(probe.evaluate(model, ProbeContext(2, 0))["values"]).all()
 
 
 def test_snapshot_copies_gradients_and_leaves_absent_ones_absent():

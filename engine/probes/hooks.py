@@ -59,8 +59,6 @@ class HookPoints:
             raise ValueError(f"{owner}: activations need a fixed input batch (batch=...)")
         self.batch = None if batch is None else as_input_tensor("batch", batch, owner=owner)
         self.parameters: list[str] = []  # qualified parameter names
-        self.trained: list[str] = []  # with grads: those requiring gradients when attached
-        self.frozen: list[str] = []  # with grads: the others, which never have a gradient
         self.computed: list[str] = []  # weights parametrized layers compute, e.g. "fc.weight"
         self.modules: list[str] = []  # modules whose outputs are measured
         self.shapes: dict[str, torch.Size] = {}  # of every parameter and computed weight
@@ -97,19 +95,15 @@ class HookPoints:
             for t in modules[m].parametrizations
         ]
         named = dict(model.named_parameters())
-        # A frozen parameter (requires_grad=False) never has a gradient: none is measured for it.
-        # (A sharded model's unsharded shadow says which train in the model it stands for.)
+        # A frozen parameter (requires_grad=False) has no gradient while it is frozen: its
+        # statistics are NaN then, without a warning. Training may unfreeze it (gradual
+        # unfreezing; fastai's fine_tune, whose two fits a resumed run records as one), so the
+        # columns do not depend on which train now.
         if self.needs_grads:
             trains = trained_parameters(model)
-            self.trained = [q for q in self.parameters if q in trains]
-            self.frozen = [q for q in self.parameters if q not in trains]
-        if self.frozen and not self.trained and self.targets == ("grads",):
-            raise ValueError(
-                f"{owner}: the {len(self.frozen)} parameters the hook patterns {self.patterns} match are "
-                "all frozen (requires_grad=False): they have no gradients to measure"
-            )
-        if self.frozen:
-            log.info("%s: no gradients of the frozen parameters %s", owner, self.frozen)
+            frozen = [q for q in self.parameters if q not in trains]
+            if frozen:
+                log.info("%s: the frozen parameters %s have NaN gradients while frozen", owner, frozen)
         if "activations" in self.targets:
             self.modules = self._measured_modules(model, modules, inner, [m for m in matched if m])
         if not self.parameters and not self.computed and "activations" not in self.targets:
@@ -174,12 +168,15 @@ class HookPoints:
     def grads(
         self, model: nn.Module, context: ProbeContext, warn: Callable[[str, str], None]
     ) -> Iterator[tuple[str, torch.Tensor | None]]:
-        """Every trained parameter's gradient as of the step boundary (None before the first
-        backward, and when the loop has cleared it: ``warn`` says so once)."""
+        """Every parameter's gradient as of the step boundary (None before the first backward,
+        while the parameter is frozen, and when the loop has cleared it: ``warn`` says so once)."""
         params = dict(model.named_parameters())
-        for qualified in self.trained:
+        trains = None  # the names of the parameters that train now, if one has no gradient
+        for qualified in self.parameters:
             grad = params[qualified].grad
             if grad is None and context.step > 0:
+                trains = trained_parameters(model) if trains is None else trains
+            if grad is None and context.step > 0 and qualified in trains:
                 warn(
                     "no-grad",
                     f"{qualified} has no gradient at the step boundary (call Monitor.step() before "
@@ -207,7 +204,7 @@ class HookPoints:
         names as ``weight/<parameter>``, ``grad/<parameter>``, ``act/<module>``."""
         chosen = [
             *(("weights", q) for q in [*self.parameters, *self.computed] if "weights" in self.targets),
-            *(("grads", q) for q in self.trained),
+            *(("grads", q) for q in self.parameters if self.needs_grads),
             *(("activations", m) for m in self.modules),
         ]
         return [
@@ -221,7 +218,6 @@ class HookPoints:
             "targets": list(self.targets),
             "parameters": self.parameters,
             **({"computed": self.computed} if self.computed else {}),
-            **({"frozen": self.frozen} if self.frozen else {}),
             "modules": self.modules,
         }
 
