@@ -88,6 +88,19 @@ def test_constant_metrics_are_dropped_and_gaps_carried_forward():
     assert _agreement(result.states, truth) >= 0.95
 
 
+def test_a_run_whose_metrics_end_not_finite_is_named_with_the_step(caplog):
+    series, _ = _sample_runs(runs=3, length=60, metrics=4, seed=1)
+    series[1].values[41:, [0, 2]] = np.nan  # diverged at its step 410
+    series[2].values[10:12, 1] = np.nan  # a gap, finite again after: no warning
+    latent_states(series, n_states=2, n_jobs=1, restarts=1)
+    diverged = [r.getMessage() for r in caplog.records if "diverged" in r.getMessage()]
+    assert diverged == [
+        "latent states: run seed1: 2 metric(s) (metric0, metric2) are not finite from step 410 to its "
+        "end (the run diverged?); their last finite values are carried forward, which may give that "
+        "stretch a state of its own; leave the run out to analyse the others without it"
+    ]
+
+
 def test_a_state_the_runs_reach_only_at_their_last_step_is_kept_and_never_left():
     rng = np.random.default_rng(0)
     series = []

@@ -220,6 +220,7 @@ def latent_states(
     if covariance_type not in COVARIANCE_TYPES:
         raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}")
 
+    _warn_diverged(series, names)
     data = [_fill_gaps(s.values) for s in series]
     stacked = np.concatenate(data)
     keep = np.isfinite(stacked).all(axis=0) & (
@@ -296,6 +297,29 @@ def latent_states(
         )
     model = _refit(best, z, n_iter)
     return _describe(model, series, z, names, dropped, selection, (mean, std))
+
+
+def _warn_diverged(series: list[RunSeries], metrics: list[str]) -> None:
+    """One warning per run whose metrics end not finite (a run that diverged: weights gone to
+    NaN), from the step where they stopped being finite: the analysis carries their last finite
+    values forward over that stretch, as it does over any gap."""
+    for s in series:
+        finite = np.isfinite(s.values)
+        if not len(finite) or finite[-1].all() or not finite.any(axis=0)[~finite[-1]].any():
+            continue
+        ending = ~finite[-1] & finite.any(axis=0)  # not finite at the end, finite before
+        start = int(np.flatnonzero(finite[:, ending].any(axis=1))[-1]) + 1
+        names = [metrics[j] for j in np.flatnonzero(ending)]
+        log.warning(
+            "latent states: run %s: %d metric(s) (%s%s) are not finite from step %d to its end (the "
+            "run diverged?); their last finite values are carried forward, which may give that "
+            "stretch a state of its own; leave the run out to analyse the others without it",
+            s.label,
+            len(names),
+            ", ".join(names[:3]),
+            ", ..." if len(names) > 3 else "",
+            s.steps[start],
+        )
 
 
 def _fill_gaps(values: np.ndarray) -> np.ndarray:
