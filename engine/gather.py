@@ -19,7 +19,8 @@ the ``copy`` snapshot; the other ranks drop what they gathered. With a probe tha
 gradients (a StatsProbe's ``grads``), each gather brings the gradients present too, the same
 way, into the shadow's ``.grad``. With ``params="trainable"`` (``Monitor(snapshot_params=)``)
 the frozen parameters, which training never changes, are gathered once, into tensors the
-shadows share, and every later gather brings only the rest.
+shadows share, and every later gather brings only the rest (one unfrozen later is a change of
+the model, ``model_change``: the probes that read it stop).
 
 Which steps gather must be the same on every rank, or one rank would wait for a collective
 that the others never start: a ``GatherPlan`` asks the probes' schedules on every rank, from
@@ -323,11 +324,20 @@ class GatheredPool:
         }
 
     def model_change(self) -> str | None:
-        """None: the gathers read the sharded parameters found at construction, which FSDP
-        keeps (updated in place) while it registers unsharded ones on the modules during each
-        forward and backward, so the modules' parameters, which a probe's thread would compare
-        while training runs, say nothing about a change."""
-        return None
+        """A parameter that ``params="trainable"`` gathered once, frozen then, that trains now
+        (the shadows hold its first values and share one tensor of it), else None: the gathers
+        read the sharded parameters found at construction, which FSDP keeps (updated in place)
+        while it registers unsharded ones on the modules during each forward and backward, so
+        the modules' parameters, which a probe's thread would compare while training runs, say
+        nothing else about a change."""
+        thawed = next((i for i in self._frozen if self._sources[i].requires_grad), None)
+        if thawed is None:
+            return None
+        return (
+            f"its parameter {self._names[thawed]!r} trains now, frozen when the Monitor started, and "
+            "snapshot_params='trainable' gathered it once; without snapshot_params every gather "
+            "brings it, or a new Monitor (resume=True) after unfreezing gathers what trains then"
+        )
 
     def acquire(self, fill: bool = True) -> nn.Module | None:
         """A shadow holding this step's gathered weights (the first acquire of a gathering step

@@ -452,6 +452,53 @@ def test_a_sharded_models_frozen_weights_are_gathered_once_with_snapshot_params_
     assert prober["detail"]["copied_elements"] == trainable
 
 
+def _thawed_job(rank: int, world: int, store: str, out: str) -> None:
+    """snapshot_params="trainable" gathered the frozen first layer once; unfrozen at step 6,
+    it would stay at its first values in the shadows: the probes that read the model stop,
+    with a warning that names it, and training goes on."""
+    _join(rank, world, store)
+    warned = _Warnings()
+    logging.getLogger("probescope").addHandler(warned)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        torch.manual_seed(0)
+        model = _net()
+        model[0].requires_grad_(False)
+        for layer in (model[0], model[2], model[4]):
+            fully_shard(layer)
+        fully_shard(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+        x, y = _batches(rank)
+        probe = ps.PredictionProbe(x[:8], y[:8], schedule=ps.Schedule.every(2))
+        run_dir = Path(store).parent / "run"
+        kwargs = {"unsharded": _net, "snapshot_params": "trainable", "snapshot": "sync"}
+        with ps.Monitor(model, [probe, ps.LossProbe()], run_dir=run_dir, **kwargs) as monitor:
+            for step in range(STEPS):
+                if step == 6:
+                    model[0].requires_grad_(True)
+                loss = nn.functional.cross_entropy(model(x[:8]), y[:8])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                monitor.step(loss=loss)
+        result = {"steps": monitor.step_count, "warnings": warned.messages}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        _leave()
+
+
+def test_a_parameter_gathered_once_frozen_that_trains_later_stops_the_probes(tmp_path):
+    prober, other = run_ranks(_thawed_job, tmp_path)
+    assert prober["steps"] == other["steps"] == STEPS  # training went on
+    run = ps.open_run(tmp_path / "run")
+    assert run.probe("prediction").steps() == [0, 2, 4, 6]
+    (warning,) = [w for w in prober["warnings"] if "the model changed" in w]
+    assert "its parameter '0.weight' trains now, frozen when the Monitor started" in warning
+    assert "seen at step 8" in warning and "PredictionProbe 'prediction'" in warning
+    assert run.probe("loss").frame(-1).data["series/train_loss/steps"].tolist() == list(range(1, STEPS + 1))
+
+
 def _failing_job(rank: int, world: int, store: str, out: str) -> None:
     """Training raises on every rank at step 5: the Monitors close with the error, gather
     nothing (no final frame of a probe that reads the model, no model.pt) and do not hang."""
