@@ -37,6 +37,10 @@ from probescope.probes.views import (
 )
 from probescope.run import ProbeRecord
 
+FIGURE_SIZE = (768, 512)  # a frame's figure, in pixels
+TILE_SIZE = (150, 90)  # the least room a HistogramProbe's tile takes in a picture, name and range
+MAX_SIDE = 4096
+
 BAND_COLOUR = "steelblue"
 
 
@@ -466,7 +470,7 @@ def figure_panel(kind: str):
 class FrameRenderer:
     """Renders frames of one probe to RGB images, reusing one figure and its artists."""
 
-    def __init__(self, record: ProbeRecord, *, size: tuple[int, int] = (768, 512), dpi: int = 100):
+    def __init__(self, record: ProbeRecord, *, size: tuple[int, int] = FIGURE_SIZE, dpi: int = 100):
         panel = figure_panel(record.kind)
         if panel is None:
             raise ValueError(f"no figure for probe kind {record.kind!r}")
@@ -516,9 +520,24 @@ class FrameRenderer:
         return np.asarray(self.canvas.buffer_rgba())[..., :3].copy()
 
 
+def picture_size(record: ProbeRecord) -> tuple[int, int]:
+    """The size of a picture of one frame: ``FIGURE_SIZE``, larger for a HistogramProbe of
+    more tensors than its tiles fit in with their names (at most ``MAX_SIDE`` a side)."""
+    if record.kind != "histograms":
+        return FIGURE_SIZE
+    tensors = len(record.static.get("names", ()))
+    columns = mosaic_columns(tensors)
+    rows = -(-tensors // columns) if tensors else 0
+    width = min(MAX_SIDE, max(FIGURE_SIZE[0], TILE_SIZE[0] * columns + 40))
+    height = min(MAX_SIDE, max(FIGURE_SIZE[1], TILE_SIZE[1] * rows + 90))  # (title, caption)
+    return width, height
+
+
 def plot_frame(record: ProbeRecord, index: int = -1, **kwargs) -> Figure:
-    """A figure of one recorded frame (default: the last); a panel that draws the frames so
-    far (a probe of the user's own kind's numbers) is given every frame up to it."""
+    """A figure of one recorded frame (default: the last; ``picture_size`` unless a ``size``
+    is given); a panel that draws the frames so far (a probe of the user's own kind's numbers)
+    is given every frame up to it."""
+    kwargs.setdefault("size", picture_size(record))
     renderer = FrameRenderer(record, **kwargs)
     index = range(len(record))[index]
     first = 0 if getattr(renderer.panel, "accumulates", False) else index
@@ -643,7 +662,8 @@ def spread(items: list[str], n: int) -> list[str]:
 
 
 def stats_figure(record: ProbeRecord, lines: int = 6) -> Figure:
-    """A StatsProbe over training: weight norms (L2 and spectral, log scale) above, its loss
+    """A StatsProbe over training: norms (L2 and spectral, of weights, gradients and outputs
+    as the probe measured them; log scale) above, its loss
     and metric columns below, the background coloured by latent state when the probe
     decoded one (``StatsProbe(states=...)``)."""
     table = record.table()
@@ -669,7 +689,7 @@ def stats_figure(record: ProbeRecord, lines: int = 6) -> Figure:
             known = ~np.isnan(states.astype(np.float64))
             for start, end, state in segments(states[known].astype(np.int64), steps[known]):
                 ax.axvspan(start, end, color=state_colour(state), alpha=0.15, lw=0)
-    top.set_ylabel("weight norms")
+    top.set_ylabel("norms" if any(not c.startswith("weight/") for c in norms) else "weight norms")
     bottom.set_ylabel("losses and metrics")
     bottom.set_xlabel("step")
     figure.suptitle(

@@ -229,6 +229,7 @@ def test_a_run_with_a_stats_probe_exports_and_draws_it_over_training(tmp_path, c
     figure = stats_figure(run.probe("stats"))
     top, bottom = figure.axes[:2]
     np.testing.assert_allclose(top.lines[0].get_ydata()[1:], np.arange(1.0, 11.0))  # |w| = step
+    assert top.get_ylabel() == "weight norms"  # (of weights alone; "norms" with gradients or outputs)
     assert [line.get_label() for line in bottom.lines] == ["loss/train_loss"]
     shaded = list(top.patches)  # one span per run of equal state: 0 until step 5, then 1
     assert len(shaded) == 2 and "latent states shaded" in figure.texts[0].get_text()

@@ -275,6 +275,29 @@ def test_the_figure_draws_the_whole_history_and_the_run_exports_it(recorded, tmp
     assert iio.improps(gif).shape[0] == 3 * (len(record) - 1) + 1
 
 
+def test_the_final_picture_of_many_tensors_grows_so_that_no_two_names_overlap(tmp_path):
+    """100 tensors (50 layers' weights and biases) at FIGURE_SIZE ran their names together."""
+    from probescope.figures import FIGURE_SIZE, picture_size, plot_frame
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(50)])
+    x, y = torch.randn(16, 4), torch.randint(0, 4, (16,))
+    record = train(
+        model, x, y, ps.HistogramProbe(bins=8, schedule=ps.Schedule.every(2)), tmp_path / "run", steps=4
+    )
+    width, height = picture_size(record)
+    assert width > FIGURE_SIZE[0] and height > FIGURE_SIZE[1]
+    figure = plot_frame(record)
+    assert tuple(round(v) for v in figure.get_size_inches() * figure.dpi) == (width, height)
+    figure.canvas.draw()
+    boxes = [t.get_window_extent() for t in figure.axes[0].texts]
+    assert len(boxes) == 100
+    overlapping = [(i, j) for i in range(100) for j in range(i + 1, 100) if boxes[i].overlaps(boxes[j])]
+    assert overlapping == []
+    few = train(nn.Linear(4, 4), x, y, ps.HistogramProbe(bins=8), tmp_path / "few", steps=2)
+    assert picture_size(few) == FIGURE_SIZE
+
+
 def test_the_viewer_draws_the_history_and_reads_it(recorded):
     viewer_module = pytest.importorskip("probescope.viewers.viewer")
     from probescope.viewers.backend import ViewerUnavailable, use_backend

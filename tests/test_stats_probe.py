@@ -203,6 +203,9 @@ def test_a_frozen_parameters_gradients_are_nan_while_it_is_frozen_without_a_warn
                 )
     assert "no gradient at the step boundary" not in caplog.text
     assert "the frozen parameters ['2.weight', '2.bias'] have NaN gradients while frozen" in caplog.text
+    from probescope.figures import stats_figure
+
+    assert stats_figure(open_run(tmp_path / "run").probe("stats")).axes[0].get_ylabel() == "norms"
 
 
 def test_a_run_resumed_after_unfreezing_goes_on_with_the_same_columns(tmp_path):
