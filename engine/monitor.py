@@ -378,7 +378,12 @@ class Monitor:
         )
         self._optimizer_hook = None
         if self._streams is not None and not self._pool._wait_now:
-            self._optimizer_hook = optimizer.register_step_pre_hook(
+            # Every optimizer's step waits for the copy, not only the one given: a loop may
+            # replace it (a new one after unfreezing, another for a second phase), and one whose
+            # step waited for nothing would change the weights while the copy reads them.
+            from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+            self._optimizer_hook = register_optimizer_step_pre_hook(
                 lambda *_: self._streams.before_weights_change()
             )
         self._wake = threading.Event()

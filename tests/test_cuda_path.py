@@ -49,12 +49,16 @@ def _big_model():
     return nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 1024), nn.Linear(1024, 8)).cuda()
 
 
-@pytest.mark.parametrize("hook", [False, True], ids=["wait-at-copy", "wait-at-optimizer-step"])
+@pytest.mark.parametrize(
+    "hook", [False, True, "replaced"], ids=["wait-at-copy", "wait-at-optimizer-step", "replaced-optimizer"]
+)
 def test_every_cuda_frame_sees_the_weights_of_one_single_step(hook):
     model = _big_model()
     optimizer = SetToStep(model.parameters())
     probe = SlowStepReader(schedule=Schedule.every(1))
     monitor = Monitor(model, [probe], optimizer=optimizer if hook else None, ring_capacity=512).start()
+    if hook == "replaced":  # the loop steps another optimizer than the one the Monitor was given
+        optimizer = SetToStep(model.parameters())
     for _ in range(300):
         if not hook:
             with torch.no_grad():  # the weights change outside any optimizer: wait at the copy
