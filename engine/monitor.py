@@ -370,12 +370,15 @@ class Monitor:
         # The learning rate of each step, read as the optimizer steps: a scheduler may change it
         # before the Monitor's step is taken (a loop's scheduler.step() before monitor.step(),
         # a framework's per-batch scheduler before a deferred step).
+        # Any optimizer that steps the model's parameters is heard, not only the one given: a loop
+        # may replace it (a new one after unfreezing), and the rate recorded is the stepping one's.
         self._step_lr = None
-        self._lr_hook = (
-            optimizer.register_step_pre_hook(self._note_lr)
-            if self.probing and hasattr(optimizer, "_optimizer_step_pre_hooks")
-            else None
-        )
+        self._lr_hook = None
+        if self.probing and hasattr(optimizer, "_optimizer_step_pre_hooks"):
+            from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+            self._param_ids = frozenset(id(p) for p in model.parameters())
+            self._lr_hook = register_optimizer_step_pre_hook(self._note_lr)
         self._optimizer_hook = None
         if self._streams is not None and not self._pool._wait_now:
             # Every optimizer's step waits for the copy, not only the one given: a loop may
@@ -1058,7 +1061,13 @@ class Monitor:
             )
 
     def _note_lr(self, optimizer, args, kwargs) -> None:
-        self._step_lr = _step_learning_rate(optimizer)
+        """Before any optimizer's step: the rate of one that steps the model's parameters (the
+        first of each of its groups tells; another model's optimizer is not this run's)."""
+        if optimizer is self.optimizer or any(
+            group["params"] and id(group["params"][0]) in self._param_ids
+            for group in getattr(optimizer, "param_groups", ())
+        ):
+            self._step_lr = _step_learning_rate(optimizer)
 
     def _record_loss(self, loss) -> None:
         if self.probing and not self._closed:

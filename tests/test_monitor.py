@@ -1040,6 +1040,24 @@ def test_the_learning_rate_of_a_step_is_the_one_it_used():
     assert not optimizer._optimizer_step_pre_hooks  # the Monitor's hook goes with it
 
 
+def test_the_learning_rate_is_the_stepping_optimizers_when_the_loop_replaces_it():
+    """A new optimizer for the model (after unfreezing, a second phase) is heard; another
+    model's optimizer (a GAN's other network) is not."""
+    model, other = nn.Linear(2, 2), nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    theirs = torch.optim.SGD(other.parameters(), lr=9.0)
+    with Monitor(model, [], optimizer=optimizer) as monitor:
+        for step in range(4):
+            if step == 2:
+                optimizer = torch.optim.Adam(model.parameters(), lr=0.5)
+            model(torch.ones(3, 2)).sum().backward()
+            optimizer.step()
+            other(torch.ones(3, 2)).sum().backward()
+            theirs.step()  # (after the model's: it would be the last rate noted)
+            monitor.step()
+    assert monitor.history.read()["lr"].values.tolist() == [1.0, 1.0, 0.5, 0.5]
+
+
 def test_a_tensor_learning_rate_is_copied_as_the_step_uses_it():
     model = nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=torch.tensor(1.0))
