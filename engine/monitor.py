@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from probescope.distributed import Placement, check_sharded, placement, sharding, unwrap, wrapper_names
 from probescope.events import EVENTS, Callback
@@ -369,26 +370,18 @@ class Monitor:
         self._clock = StepClock(device) if self._streams is not None else None
         # The learning rate of each step, read as the optimizer steps: a scheduler may change it
         # before the Monitor's step is taken (a loop's scheduler.step() before monitor.step(),
-        # a framework's per-batch scheduler before a deferred step).
-        # Any optimizer that steps the model's parameters is heard, not only the one given: a loop
-        # may replace it (a new one after unfreezing), and the rate recorded is the stepping one's.
+        # a framework's per-batch scheduler before a deferred step). Both hooks hear every
+        # optimizer that steps the model's parameters, not only the one given: a loop may replace
+        # it (a new one after unfreezing, another for a second phase), and one whose step waited
+        # for nothing would change the weights while the snapshot copy reads them.
+        self._param_ids = frozenset(id(p) for p in model.parameters())
         self._step_lr = None
         self._lr_hook = None
         if self.probing and hasattr(optimizer, "_optimizer_step_pre_hooks"):
-            from torch.optim.optimizer import register_optimizer_step_pre_hook
-
-            self._param_ids = frozenset(id(p) for p in model.parameters())
             self._lr_hook = register_optimizer_step_pre_hook(self._note_lr)
         self._optimizer_hook = None
         if self._streams is not None and not self._pool._wait_now:
-            # Every optimizer's step waits for the copy, not only the one given: a loop may
-            # replace it (a new one after unfreezing, another for a second phase), and one whose
-            # step waited for nothing would change the weights while the copy reads them.
-            from torch.optim.optimizer import register_optimizer_step_pre_hook
-
-            self._optimizer_hook = register_optimizer_step_pre_hook(
-                lambda *_: self._streams.before_weights_change()
-            )
+            self._optimizer_hook = register_optimizer_step_pre_hook(self._before_weights_change)
         self._wake = threading.Event()
         cuda_frames = device.type == "cuda" and not self._pool.host
         capacities = _ring_capacities(probes, ring_capacity, device if cuda_frames else None)
@@ -1060,14 +1053,24 @@ class Monitor:
                 call,
             )
 
-    def _note_lr(self, optimizer, args, kwargs) -> None:
-        """Before any optimizer's step: the rate of one that steps the model's parameters (the
-        first of each of its groups tells; another model's optimizer is not this run's)."""
-        if optimizer is self.optimizer or any(
+    def _steps_model(self, optimizer) -> bool:
+        """Whether ``optimizer`` steps the model's parameters (the first of each of its groups
+        tells; another model's optimizer, a GAN's other network's, does not)."""
+        return optimizer is self.optimizer or any(
             group["params"] and id(group["params"][0]) in self._param_ids
             for group in getattr(optimizer, "param_groups", ())
-        ):
+        )
+
+    def _note_lr(self, optimizer, args, kwargs) -> None:
+        """Before any optimizer's step: the rate of one that steps the model's parameters."""
+        if self._steps_model(optimizer):
             self._step_lr = _step_learning_rate(optimizer)
+
+    def _before_weights_change(self, optimizer, args, kwargs) -> None:
+        """Before any optimizer's step: one that steps the model's parameters waits, on the GPU,
+        for the snapshot copy in flight."""
+        if self._steps_model(optimizer):
+            self._streams.before_weights_change()
 
     def _record_loss(self, loss) -> None:
         if self.probing and not self._closed:

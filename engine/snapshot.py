@@ -124,7 +124,7 @@ class SnapshotPool:
             self._live_tensors = _unique(t for n, t in named if n in chosen)
             copied = {id(t) for t in self._live_tensors}
             if grads:  # (a frozen one's buffers are made when it first has a gradient: unfrozen)
-                self._live_params = [p for p in _unique(model.parameters()) if id(p) in copied]
+                self._live_params = [p for p in model.parameters() if id(p) in copied]
             shared = {id(t): t for _, t in named if id(t) not in copied}
             if not hooks:
                 self.dropped_hooks = observer_hooks(model)

@@ -305,9 +305,11 @@ def _warn_diverged(series: list[RunSeries], metrics: list[str]) -> None:
     values forward over that stretch, as it does over any gap."""
     for s in series:
         finite = np.isfinite(s.values)
-        if not len(finite) or finite[-1].all() or not finite.any(axis=0)[~finite[-1]].any():
+        if not len(finite):
             continue
-        ending = ~finite[-1] & finite.any(axis=0)  # not finite at the end, finite before
+        ending = ~finite[-1] & finite.any(axis=0)  # finite before, not at the end
+        if not ending.any():
+            continue
         start = int(np.flatnonzero(finite[:, ending].any(axis=1))[-1]) + 1
         names = [metrics[j] for j in np.flatnonzero(ending)]
         log.warning(

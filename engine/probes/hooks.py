@@ -176,12 +176,12 @@ class HookPoints:
             grad = params[qualified].grad
             if grad is None and context.step > 0:
                 trains = trained_parameters(model) if trains is None else trains
-            if grad is None and context.step > 0 and qualified in trains:
-                warn(
-                    "no-grad",
-                    f"{qualified} has no gradient at the step boundary (call Monitor.step() before "
-                    "optimizer.zero_grad()); its gradient statistics are NaN",
-                )
+                if qualified in trains:
+                    warn(
+                        "no-grad",
+                        f"{qualified} has no gradient at the step boundary (call Monitor.step() before "
+                        "optimizer.zero_grad()); its gradient statistics are NaN",
+                    )
             yield qualified, grad
 
     def activations(
