@@ -611,6 +611,16 @@ def test_the_sinks_benchmark_times_every_mode(capsys):
     assert rows["off"][1] == "1.000" and all(float(rate) > 0 for rate, _ in rows.values())
 
 
+def test_the_gif_benchmark_writes_every_count_with_both_writers(capsys):
+    from benchmarks.gif import main
+
+    assert main(["--frames", "3", "12", "--distinct", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.split()[:1] in (["stream"], ["pillow"])]
+    assert [(r[0], int(r[1])) for r in rows] == [(w, n) for n in (3, 12) for w in ("stream", "pillow")]
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)  # frames a second, file size
+
+
 def test_the_grid_frame_benchmark_times_every_variant_on_the_same_frames(tmp_path, capsys):
     from benchmarks.grid_frame import MLPS, VARIANTS, main
 
