@@ -212,7 +212,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from probescope.run import open_run
+    from probescope.run import JOURNAL, open_run
     from probescope.units import bytes_text
 
     run = open_run(args.run)
@@ -281,9 +281,11 @@ def _info(args: argparse.Namespace) -> int:
     history = run.history()
     if history:
         points = max(len(one.steps) for one in history.values())
-        print(f"history   history.npz: {', '.join(history)} (up to {points:,} points each)")
+        journal = (run.path / JOURNAL).exists()
+        source = "history.jsonl, the journal as last written" if journal else "history.npz"
+        print(f"history   {source}: {', '.join(history)} (up to {points:,} points each)")
     else:
-        print("history   (none yet: written when the Monitor closes)")
+        print("history   (none yet: journaled every few seconds, whole when the Monitor closes)")
     print("probes")
     for name, record in run.probes.items():
         steps = record.steps() if len(record) else []

@@ -93,7 +93,7 @@ def run_row(run: Run) -> dict[str, Any]:
         elif is_own_kind(record.kind):  # the numbers of its last frame
             layout = frame_layout(record.frame(len(record) - 1).data, record.config.get("views"))
             row.update({f"{name}/{key}": value for key, value in layout.scalars.items()})
-    for series_name, series in run.history().items():  # whole, at close: newer than any frame
+    for series_name, series in run.history().items():  # whole at close, or journaled: newer than any frame
         if series_name != "lr" and len(series.values):
             metrics[series_name] = float(series.values[-1])
     return {**row, **{k: metrics[k] for k in sorted(metrics)}, **costs}

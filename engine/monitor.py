@@ -230,6 +230,8 @@ class Monitor:
 
     #: Steps the Monitor times before it tells the budgets (``Schedule.observe_steps``).
     STEP_BATCH = 8
+    #: Seconds between the recorder's writes of the series to the run's journal (history.jsonl).
+    JOURNAL_SECONDS = 5.0
 
     def __init__(
         self,
@@ -427,7 +429,8 @@ class Monitor:
         self._recorder: threading.Thread | None = None
         self.writer: RunWriter | None = None
         self._sinks: list[Sink] = list(sinks)
-        self._sinks_unread = False  # the history could not be read for them (warned once)
+        self._history_unread = False  # the recorder could not read the history (warned once)
+        self._journaled_at = 0.0  # when the recorder last appended the series to the journal
         for sink in self._sinks:
             if not callable(getattr(sink, "write", None)):
                 raise TypeError(f"Monitor: a sink needs a write(frame) method, got {type(sink).__name__}")
@@ -544,8 +547,8 @@ class Monitor:
 
     def _continue(self, run, step: int) -> None:
         """Continue ``run`` (its frames after ``step`` superseded already): the step and epoch
-        counters, the scalar series up to ``step`` (from its history.npz if it was closed,
-        else from its last LossProbe frame), and each
+        counters, the scalar series up to ``step`` (from its history.npz if it was closed, else
+        from its journal and, after the journal's end, its last LossProbe frame), and each
         probe's own state (``Probe.resume`` with its last frame); a probe with a frame of
         ``step`` already is not asked again at it."""
         last = {name: record.frame(-1) for name, record in run.probes.items() if len(record)}
@@ -559,13 +562,15 @@ class Monitor:
         self._step, self._epoch, self._last_step_epoch = step, epoch, epoch
         self.resumed_at = step
         self._wall_before = float(summary.get("wall_seconds") or 0.0)  # unknown for a killed run
-        losses = [f for name, f in last.items() if run.probe(name).kind == "loss"]
-        whole = run.history() if run.status in ("finished", "interrupted", "failed") else {}
-        if whole:  # written when that run closed: every series, exact
-            self.history.load(whole, step)
-        elif losses:
+        # Every series, exact: whole if that run closed, else as its journal last had them;
+        # what came after (a killed run's last seconds) from its newest LossProbe frame.
+        whole = run.history()
+        self.history.load(whole, step)
+        journaled = max((int(one.steps[-1]) for one in whole.values() if len(one.steps)), default=-1)
+        losses = [f for name, f in last.items() if run.probe(name).kind == "loss" and f.step > journaled]
+        if losses:
             frame = max(losses, key=lambda f: f.step)
-            seed_history(self.history, frame, run.probe(frame.probe).config, step)
+            seed_history(self.history, frame, run.probe(frame.probe).config, step, after=journaled)
         for name, frame in last.items():
             st = self._probes.get(name)
             if st is not None and st.probe.kind == run.probe(name).kind:
@@ -1246,20 +1251,20 @@ class Monitor:
             self._wake.clear()
             stopping = self._stop_recorder
             # The run's series before the frames (a sink that takes them writes them whole, and a
-            # LossProbe frame's copy, cut to its max_points, adds nothing to them).
-            if any(getattr(sink, "wants_scalars", False) for sink in self._sinks):
-                # Device losses are copied on the stream training runs on, after the work that
-                # made them (this thread's own stream is not ordered after a training stream).
-                training = self._streams.training if self._streams is not None else None
-                try:
-                    with torch.cuda.stream(training) if training is not None else contextlib.nullcontext():
-                        series = self.history.read()
-                except Exception as err:  # once: the recorder asks again at every wake
-                    if not self._sinks_unread:
-                        log.warning("Monitor: the sinks get no series (%s: %s)", type(err).__name__, err)
-                    self._sinks_unread = True
-                else:
-                    self._to_sinks("scalars", series, wanted="wants_scalars")
+            # LossProbe frame's copy, cut to its max_points, adds nothing to them); every
+            # JOURNAL_SECONDS into the run directory's journal, what a killed run keeps of them.
+            to_sinks = any(getattr(sink, "wants_scalars", False) for sink in self._sinks)
+            journal = (
+                self.writer is not None
+                and not stopping  # (close writes them whole)
+                and time.monotonic() - self._journaled_at >= self.JOURNAL_SECONDS
+            )
+            series = self._read_history() if to_sinks or journal else None
+            if series is not None and to_sinks:
+                self._to_sinks("scalars", series, wanted="wants_scalars")
+            if series is not None and journal:
+                self.writer.journal_history(series)
+                self._journaled_at = time.monotonic()
             for st in self._probes.values():
                 for frame in st.ring.read_since(st.recorded_seq):
                     st.recorded_seq = frame.seq
@@ -1281,6 +1286,22 @@ class Monitor:
                     )
             if stopping:
                 return
+
+    def _read_history(self) -> dict | None:
+        """Every series so far, for the recorder (None, warned once, if they cannot be read)."""
+        # Device losses are copied on the stream training runs on, after the work that made
+        # them (this thread's own stream is not ordered after a training stream).
+        training = self._streams.training if self._streams is not None else None
+        try:
+            with torch.cuda.stream(training) if training is not None else contextlib.nullcontext():
+                return self.history.read()
+        except Exception as err:  # once: the recorder asks again at every wake
+            if not self._history_unread:
+                log.warning(
+                    "Monitor: the sinks and the run's journal get no series (%s: %s)", type(err).__name__, err
+                )
+            self._history_unread = True
+            return None
 
     def _to_sinks(self, method: str, *args, wanted: str | None = None) -> None:
         """Call ``method`` of every sink (that has ``wanted`` set); a sink that raises is

@@ -139,6 +139,10 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 HISTORY = "history.npz"  # every scalar series of a run, whole, written at close
+# The series as they grow, appended every few seconds while the run goes: what a run whose
+# process was killed keeps of them. One JSON line per series and write (a line cut short by
+# the kill is skipped); removed once history.npz holds them.
+JOURNAL = "history.jsonl"
 
 
 def _write_npz(path: Path, arrays: Mapping[str, np.ndarray], write=write_npz) -> None:
@@ -185,6 +189,7 @@ class RunWriter:
         self._offered: dict[str, int] = {}  # frames offered per probe
         self.left_out: dict[str, int] = {}  # frames left out per probe
         self._pending: dict[str, Frame] = {}  # each probe's newest frame left out, for flush
+        self._journaled: dict[str, int] | None = None  # entries of each series in the journal
         if self.path.exists() and not self.path.is_dir():
             raise NotADirectoryError(f"the run directory {self.path} is a file; choose another run_dir")
         if resume_at is not None and (self.path / "run.json").exists():
@@ -198,7 +203,7 @@ class RunWriter:
                 )
             for folder in ("probes", "checkpoints"):
                 shutil.rmtree(self.path / folder, ignore_errors=True)
-            for name in ("run.json", "model.pt", "probes.json", "probes.npz", HISTORY):
+            for name in ("run.json", "model.pt", "probes.json", "probes.npz", HISTORY, JOURNAL):
                 (self.path / name).unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
         self.meta: dict[str, Any] = {
@@ -393,14 +398,50 @@ class RunWriter:
 
     def write_history(self, series: Mapping[str, Series]) -> None:
         """Store every scalar series of the run, whole, as history.npz (``<name>/steps``,
-        ``<name>/epochs``, ``<name>/values``; the batch losses under ``train_loss``)."""
+        ``<name>/epochs``, ``<name>/values``; the batch losses under ``train_loss``); the
+        journal goes once it is written."""
         arrays = {}
         for name, one in series.items():
             key = display_name(name)
             arrays[f"{key}/steps"] = np.asarray(one.steps, np.int64)
             arrays[f"{key}/epochs"] = np.asarray(one.epochs, np.int64)
             arrays[f"{key}/values"] = np.asarray(one.values, np.float64)
-        self._guard(lambda: _write_npz(self.path / HISTORY, arrays))
+        if self._guard(lambda: _write_npz(self.path / HISTORY, arrays)):
+            self._guard(lambda: (self.path / JOURNAL).unlink(missing_ok=True))
+
+    def journal_history(self, series: Mapping[str, Series]) -> None:
+        """Append to the journal (history.jsonl) what ``series`` (every series so far, as
+        ``History.read`` gives them) holds beyond the previous call. The first call writes the
+        journal anew (a resumed run's series, loaded from the one before, come with it)."""
+        first = self._journaled is None
+        done = {} if first else self._journaled
+        lines = []
+        for name, one in series.items():
+            start, end = done.get(name, 0), len(one.values)
+            if end > start:
+                lines.append(
+                    json.dumps(
+                        {
+                            "series": display_name(name),
+                            "steps": one.steps[start:end].tolist(),
+                            "epochs": one.epochs[start:end].tolist(),
+                            "values": one.values[start:end].tolist(),  # NaN, Infinity: json reads them back
+                        }
+                    )
+                )
+        if not lines and not first:
+            return
+        data = "".join(line + "\n" for line in lines).encode()
+
+        def write() -> None:
+            if first:
+                atomic_write(self.path / JOURNAL, lambda f: f.write(data))
+            else:
+                with open(self.path / JOURNAL, "ab") as f:
+                    f.write(data)
+
+        if self._guard(write):
+            self._journaled = {name: len(one.values) for name, one in series.items()}
 
     def save_model(self, model: torch.nn.Module) -> None:
         """Save the model's state_dict as model.pt."""
@@ -578,10 +619,14 @@ class Run:
 
     def history(self) -> dict[str, Series]:
         """Every scalar series of the run, whole: name -> ``Series(steps, epochs, values)``,
-        the batch losses as ``train_loss`` (history.npz, written when the Monitor closes;
-        empty before). A LossProbe frame holds them as of its step, cut to its
-        ``max_points``."""
+        the batch losses as ``train_loss``: history.npz, written when the Monitor closes; before
+        that (a run that trains, or whose process was killed), the journal the Monitor appends
+        every few seconds, up to its last write. A LossProbe frame holds them as of its step,
+        cut to its ``max_points``."""
         path = self.path / HISTORY
+        journal = self.path / JOURNAL
+        if journal.exists():  # (removed once history.npz is whole; newer than a resumed run's)
+            return read_journal(journal)
         if not path.exists():
             return {}
         with np.load(path, allow_pickle=False) as z:
@@ -601,6 +646,27 @@ class Run:
             if any(p.refresh() != counts[n] for n, p in self.probes.items()):
                 return
             time.sleep(0.1)
+
+
+def read_journal(path: Path) -> dict[str, Series]:
+    """The series a journal (history.jsonl) holds, each in the order it was appended; a line
+    the writer had not finished (the process killed while it wrote) is left out."""
+    parts: dict[str, list[tuple[list, list, list]]] = {}
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break  # the last line, cut short
+            entry = json.loads(line)
+            parts.setdefault(entry["series"], []).append((entry["steps"], entry["epochs"], entry["values"]))
+    return {
+        name: Series(
+            *(
+                np.concatenate([np.asarray(chunk[i], dtype) for chunk in chunks])
+                for i, dtype in enumerate((np.int64, np.int64, np.float64))
+            )
+        )
+        for name, chunks in parts.items()
+    }
 
 
 def open_run(path: str | os.PathLike) -> Run:

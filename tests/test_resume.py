@@ -2,8 +2,10 @@
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ from probescope import (
     open_run,
 )
 from probescope.compare import compare_runs
+from probescope.run import JOURNAL, read_journal
 from tests.conftest import fit_curve
 
 
@@ -99,13 +102,7 @@ def test_a_killed_run_resumes_from_the_step_of_the_weights_loaded(tmp_path, mlp,
     optimizer = torch.optim.SGD(mlp.parameters(), lr=0.1)
     with Monitor(mlp, _probes(blobs), run_dir=run_dir, final_frame=False) as first:
         _train(first, mlp, blobs, 23, losses, optimizer)
-    # As if the process had been killed after step 23: run.json says running, its writer is gone.
-    meta = json.loads((run_dir / "run.json").read_text())
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    meta.update(status="running", writer={**meta["writer"], "pid": child.pid})
-    del meta["summary"], meta["finished"]
-    (run_dir / "run.json").write_text(json.dumps(meta))
+    _as_if_killed(run_dir)  # after step 23 (its series whole in history.npz, as closed)
     assert open_run(run_dir).status == "stopped"
     before = json.loads((run_dir / "checkpoints" / "checkpoints.json").read_text())
 
@@ -225,3 +222,97 @@ def test_a_run_without_a_loss_probe_keeps_its_history_too(tmp_path, mlp, blobs):
     assert sorted(history) == ["grad_norm", "train_loss"]
     assert history["train_loss"].values.tolist() == [1.0, 2.0, 3.0]
     assert history["grad_norm"].steps.tolist() == [1, 2, 3]
+
+
+def _as_if_killed(run_dir) -> None:
+    """run.json as a process killed mid-run leaves it: running, its writer gone."""
+    meta = json.loads((run_dir / "run.json").read_text())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    meta.update(status="running", writer={**meta["writer"], "pid": child.pid})
+    meta.pop("summary", None), meta.pop("finished", None)
+    (run_dir / "run.json").write_text(json.dumps(meta))
+
+
+def _cut_losses() -> LossProbe:
+    return LossProbe(max_points=8, schedule=Schedule.every(10))  # its frames cut the series
+
+
+def _killed_copy(tmp_path, mlp, blobs, steps, losses, optimizer, monkeypatch):
+    """A run's directory as it was while it trained (copied after ``steps`` steps, once the
+    journal held them), made to read as killed there; the run itself then closes."""
+    monkeypatch.setattr(Monitor, "JOURNAL_SECONDS", 0.0)
+    run_dir, killed = tmp_path / "run", tmp_path / "killed"
+    with Monitor(mlp, [_cut_losses()], optimizer=optimizer, run_dir=run_dir, final_frame=False) as monitor:
+        _train(monitor, mlp, blobs, steps, losses, optimizer)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            journal = read_journal(run_dir / JOURNAL) if (run_dir / JOURNAL).exists() else {}
+            if "train_loss" in journal and journal["train_loss"].steps[-1:].tolist() == [steps]:
+                break
+            time.sleep(0.02)
+        shutil.copytree(run_dir, killed)
+    assert (run_dir / "history.npz").exists() and not (run_dir / JOURNAL).exists()  # closed: whole
+    assert not (killed / "history.npz").exists()
+    _as_if_killed(killed)
+    return killed
+
+
+def test_a_killed_runs_series_come_back_whole_from_its_journal(tmp_path, mlp, blobs, monkeypatch):
+    """A LossProbe frame holds the series cut to ``max_points``; the journal holds every value
+    up to its last write, and a run resumed after the kill goes on from them exactly."""
+    losses = []
+    optimizer = torch.optim.SGD(mlp.parameters(), lr=0.1)
+    killed = _killed_copy(tmp_path, mlp, blobs, 23, losses, optimizer, monkeypatch)
+    run = open_run(killed)
+    assert run.status == "stopped" and len(run.probe("loss").frame(-1).data["series/train_loss/steps"]) < 20
+    history = run.history()
+    assert history["train_loss"].steps.tolist() == list(range(1, 24))
+    np.testing.assert_allclose(history["train_loss"].values, losses, rtol=1e-6)
+    assert history["lr"].steps.tolist() == list(range(1, 24))
+
+    losses = losses[:20]  # the weights of step 20 (its last frame's) are loaded
+    with Monitor(mlp, [_cut_losses()], run_dir=killed, resume=True) as m:
+        assert m.resumed_at == 20
+        _train(m, mlp, blobs, 5, losses, optimizer)
+    history = open_run(killed).history()
+    assert history["train_loss"].steps.tolist() == list(range(1, 26))
+    np.testing.assert_allclose(history["train_loss"].values, losses, rtol=1e-6)
+    assert not (killed / JOURNAL).exists()
+
+
+def test_what_came_after_the_journals_last_write_comes_from_the_last_loss_frame(
+    tmp_path, mlp, blobs, monkeypatch
+):
+    losses = []
+    optimizer = torch.optim.SGD(mlp.parameters(), lr=0.1)
+    killed = _killed_copy(tmp_path, mlp, blobs, 20, losses, optimizer, monkeypatch)
+    # As if the process had been killed after step 20's frame, before the journal had steps 16-20.
+    journal = read_journal(killed / JOURNAL)
+    fields = ("steps", "epochs", "values")
+    lines = [
+        {"series": name, **{k: getattr(one, k)[one.steps <= 15].tolist() for k in fields}}
+        for name, one in journal.items()
+    ]
+    (killed / JOURNAL).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    frame = open_run(killed).probe("loss").frame(-1)
+    assert frame.step == 20
+    kept = frame.data["series/train_loss/steps"]
+    assert 0 < (kept > 15).sum() < 5  # the frame's cut series: some of steps 16-20
+
+    monitor = Monitor(mlp, [_cut_losses()], run_dir=killed, resume=True)
+    monitor.start()
+    series = monitor.history.read()["batch_loss"]
+    monitor.close()
+    later = kept[kept > 15]
+    assert series.steps.tolist() == [*range(1, 16), *later.tolist()]
+    np.testing.assert_allclose(series.values[:15], losses[:15], rtol=1e-6)
+    np.testing.assert_allclose(series.values[15:], frame.data["series/train_loss/values"][kept > 15])
+
+
+def test_a_broken_last_line_of_a_journal_is_left_out(tmp_path):
+    path = tmp_path / JOURNAL
+    whole = {"series": "train_loss", "steps": [1, 2], "epochs": [0, 0], "values": [0.5, float("nan")]}
+    path.write_text(json.dumps(whole) + "\n" + json.dumps({**whole, "steps": [3, 4]})[:30])
+    (series,) = read_journal(path).values()
+    assert series.steps.tolist() == [1, 2] and series.values[0] == 0.5 and np.isnan(series.values[1])

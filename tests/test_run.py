@@ -17,7 +17,7 @@ import torch
 
 from probescope import GridProbe, LossProbe, Monitor, Schedule, open_run
 from probescope.compare import compare_runs
-from probescope.run import RunWriter
+from probescope.run import JOURNAL, RunWriter, read_journal
 from tests.conftest import train_steps
 
 
@@ -177,6 +177,7 @@ WRITER = textwrap.dedent("""
     model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     probes = [GridProbe(x, y, resolution=64, schedule=Schedule.every(1)), LossProbe()]
+    Monitor.JOURNAL_SECONDS = 0.1  # the series into the journal ten times a second
     monitor = Monitor(model, probes, run_dir=sys.argv[1])
 
     def train():
@@ -197,6 +198,11 @@ WRITER = textwrap.dedent("""
 """)
 
 
+def _journaled_losses(run_dir) -> np.ndarray:
+    losses = read_journal(run_dir / JOURNAL).get("train_loss") if (run_dir / JOURNAL).exists() else None
+    return np.empty(0) if losses is None else losses.steps
+
+
 def test_a_writer_killed_mid_run_leaves_a_readable_run(tmp_path, capsys):
     from probescope.cli import main
 
@@ -210,6 +216,8 @@ def test_a_writer_killed_mid_run_leaves_a_readable_run(tmp_path, capsys):
         while time.monotonic() < deadline and len(list(frames.glob("*.npz"))) < 20:
             time.sleep(0.05)
         assert len(list(frames.glob("*.npz"))) >= 20, "the writer did not record frames in time"
+        while time.monotonic() < deadline and len(_journaled_losses(run_dir)) < 10:
+            time.sleep(0.05)
         live = open_run(run_dir)
         assert live.status == "running" and live.writer_alive() is True
         assert live.meta["writer"]["pid"] == proc.pid
@@ -228,8 +236,13 @@ def test_a_writer_killed_mid_run_leaves_a_readable_run(tmp_path, capsys):
     assert run.last_step() == steps[-1]
     row = compare_runs([run_dir]).iloc[0]
     assert row["status"] == "stopped" and row["last_step"] == steps[-1] and row.isna()["steps"]
+    # Its batch losses as the journal last had them: every one from the first step, in order.
+    losses = run.history()["train_loss"]
+    assert losses.steps.tolist() == list(range(1, len(losses.steps) + 1)) and len(losses.steps) >= 10
+    assert np.isfinite(losses.values).all() and not (run_dir / "history.npz").exists()
     assert main(["info", str(run_dir)]) == 0
     out = capsys.readouterr().out
+    assert "history   history.jsonl, the journal as last written: train_loss" in out
     assert "status    stopped" in out
     assert f"process {proc.pid} on {socket.gethostname()} is gone: the run ended without closing" in out
     assert f"no summary (written when the Monitor closes); the last frame is of step {steps[-1]}" in out
@@ -308,8 +321,8 @@ def test_sigterm_closes_the_run_whole_and_exits_143(tmp_path, closed_by, signum)
     try:
         frames = run_dir / "probes" / "grid" / "frames"
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(list(frames.glob("*.npz"))) < 5:
-            time.sleep(0.05)
+        while time.monotonic() < deadline and len(list(frames.glob("*.npz"))) < 6:
+            time.sleep(0.05)  # (frames of steps 0 to 5: 5 steps at least)
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=60)
     finally:

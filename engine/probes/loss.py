@@ -125,9 +125,10 @@ def own_series(config: Mapping[str, Any]) -> set[str]:
     return {"train_loss_epoch"} | scored
 
 
-def seed_history(history: History, frame, config: Mapping[str, Any], step: int) -> None:
-    """Fill ``history`` (empty) with the scalar series a LossProbe ``frame`` holds, up to
-    ``step``: a run resumed there goes on from them. The batch losses and logged values come
+def seed_history(history: History, frame, config: Mapping[str, Any], step: int, after: int = -1) -> None:
+    """Fill ``history`` with the scalar series a LossProbe ``frame`` holds, after step
+    ``after`` (what the history holds already) up to ``step``: a run resumed there goes on
+    from them. The batch losses and logged values come
     back at their steps; their epochs from the frame's epoch means (an epoch ends at the step of
     each); the probe's own series (``train_loss_epoch``, its valid loss and metrics) are not
     the history's. A series longer than the probe's ``max_points`` comes back as the frame
@@ -139,4 +140,4 @@ def seed_history(history: History, frame, config: Mapping[str, Any], step: int) 
         if name not in own:
             epochs = np.searchsorted(ends, steps, side="left") if ends is not None else np.zeros_like(steps)
             series[name] = Series(steps, epochs, values)
-    history.load(series, step)
+    history.load(series, step, after=after)
