@@ -155,6 +155,46 @@ def test_gradient_columns_warn_and_hold_nan_when_grads_are_gone_at_the_step_boun
     assert "no gradient at the step boundary" in caplog.text
 
 
+def test_a_mixed_precision_loop_shows_unscaled_gradients_and_its_skipped_steps_warn_nothing(tmp_path, caplog):
+    """GradScaler multiplies the loss before backward and divides the gradients again in its
+    step: the step boundary sees them divided. A scale too high at first overflows the half-
+    precision gradients, and the scaler skips those optimizer steps (and lowers the scale): their
+    frames count the overflowed entries in ``nonfinite``, with no warning."""
+    model, (x, y) = _model(), _data()
+    probe = StatsProbe("0", targets=("weights", "grads"), spectral=False, schedule=Schedule.every(1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    gradients, weights, skipped = [], [], []
+    monitor = Monitor(model, [probe], run_dir=tmp_path / "run")
+    with caplog.at_level("WARNING", logger="probescope"), monitor as mon:
+        for _ in range(16):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            scale = scaler.get_scale()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            skipped.append(scaler.get_scale() < scale)
+            gradients.append(model[0].weight.grad.clone())
+            weights.append(model[0].weight.detach().clone())
+            mon.step(loss=loss)
+            mon.drain()
+    assert 0 < sum(skipped) < 12  # the first steps overflowed, the later ones trained
+    table = open_run(tmp_path / "run").probe("stats").table()
+    for step in range(1, 17):
+        row, grad = _row(table, step), gradients[step - 1]
+        reference = tensor_stats_reference(grad.double(), 1e-3)
+        nonfinite = float(reference[STAT_NAMES.index("nonfinite")])
+        assert row["grad/0.weight/nonfinite"] == pytest.approx(nonfinite)
+        assert skipped[step - 1] or nonfinite == 0  # an overflow skips the step
+        if nonfinite < 1:  # the finite entries' norm: the gradient as the optimizer used it
+            assert row["grad/0.weight/l2"] == pytest.approx(float(grad[grad.isfinite()].norm()), rel=1e-4)
+        assert row["weight/0.weight/l2"] == pytest.approx(float(weights[step - 1].norm()), rel=1e-5)
+    warned = [r.getMessage() for r in caplog.records if "oversubscription" not in r.getMessage()]
+    assert warned == []  # (on a small machine, the Monitor's advice on threads only)
+
+
 @pytest.mark.parametrize("snapshot", ["copy", "sync"])
 def test_a_frozen_parameters_gradients_are_nan_while_it_is_frozen_without_a_warning(
     tmp_path, caplog, snapshot
