@@ -282,7 +282,7 @@ def _info(args: argparse.Namespace) -> int:
     if history:
         points = max(len(one.steps) for one in history.values())
         journal = (run.path / JOURNAL).exists()
-        source = "history.jsonl, the journal as last written" if journal else "history.npz"
+        source = "history.journal, as last written" if journal else "history.npz"
         print(f"history   {source}: {', '.join(history)} (up to {points:,} points each)")
     else:
         print("history   (none yet: journaled every few seconds, whole when the Monitor closes)")

@@ -48,6 +48,7 @@ class _Column:
         self.blocks: deque[tuple[int, torch.Tensor]] = deque()
         self._done = 0  # entries converted into the arrays below
         self.loose = 0  # device scalars at the end of raw, each its own allocation
+        self.last_device = -1  # index of the last device scalar in raw (before it is appended)
         self._steps = np.empty(0, np.int64)
         self._epochs = np.empty(0, np.int64)
         self._values = np.empty(0, np.float64)
@@ -74,6 +75,9 @@ class _Column:
 
     def _convert(self, start: int, length: int) -> None:
         pending = self.raw[start:length]  # before the blocks: an _IN_BLOCK in it has its block
+        if self.last_device < start:  # floats only (the usual CPU run): converted in C
+            self._store(start, length, np.array(pending, dtype=np.float64))
+            return
         values = np.array(
             [math.nan if v is _IN_BLOCK or isinstance(v, torch.Tensor) else v for v in pending],
             dtype=np.float64,
@@ -103,6 +107,10 @@ class _Column:
             for piece, slot in chosen:
                 values[slot] = host[offset : offset + piece.numel()]
                 offset += piece.numel()
+        self._store(start, length, values)
+
+    def _store(self, start: int, length: int, values: np.ndarray) -> None:
+        """Entries ``start:length``, their values read, into the arrays readers see."""
         if length > len(self._values):  # grow by doubling: amortised O(1) per entry
             size = max(length, 2 * len(self._values), 64)
             self._steps, self._epochs, self._values = (
@@ -179,6 +187,8 @@ class History:
         column = self._columns.get(name)
         if column is None:
             column = self._columns.setdefault(name, _Column())
+        if cuda:  # (first: a reader that sees the entry knows it is one)
+            column.last_device = len(column.raw)
         column.steps.append(step)
         column.epochs.append(epoch)
         column.raw.append(value)

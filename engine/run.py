@@ -140,9 +140,20 @@ def _write_json(path: Path, obj: Any) -> None:
 
 HISTORY = "history.npz"  # every scalar series of a run, whole, written at close
 # The series as they grow, appended every few seconds while the run goes: what a run whose
-# process was killed keeps of them. One JSON line per series and write (a line cut short by
-# the kill is skipped); removed once history.npz holds them.
-JOURNAL = "history.jsonl"
+# process was killed keeps of them. Per series and write, a JSON line ({"series": name,
+# "count": n}) and n records (step, epoch, value); an entry cut short by the kill is left out.
+# Removed once history.npz holds them.
+JOURNAL = "history.journal"
+_JOURNAL_RECORD = np.dtype([("step", "<i8"), ("epoch", "<i8"), ("value", "<f8")])
+
+
+def journal_entry(name: str, steps, epochs, values) -> bytes:
+    """One entry of a journal: ``name``'s values at ``steps`` (and their epochs)."""
+    records = np.empty((len(steps), 3), np.int64)  # (the bytes of _JOURNAL_RECORDs, filled faster)
+    records[:, 0], records[:, 1] = steps, epochs
+    records[:, 2] = np.asarray(values, np.float64).view(np.int64)
+    header = json.dumps({"series": name, "count": len(records)}).encode()
+    return header + b"\n" + records.astype("<i8", copy=False).tobytes()
 
 
 def _write_npz(path: Path, arrays: Mapping[str, np.ndarray], write=write_npz) -> None:
@@ -410,28 +421,23 @@ class RunWriter:
             self._guard(lambda: (self.path / JOURNAL).unlink(missing_ok=True))
 
     def journal_history(self, series: Mapping[str, Series]) -> None:
-        """Append to the journal (history.jsonl) what ``series`` (every series so far, as
+        """Append to the journal (history.journal) what ``series`` (every series so far, as
         ``History.read`` gives them) holds beyond the previous call. The first call writes the
         journal anew (a resumed run's series, loaded from the one before, come with it)."""
         first = self._journaled is None
         done = {} if first else self._journaled
-        lines = []
+        entries = []
         for name, one in series.items():
             start, end = done.get(name, 0), len(one.values)
             if end > start:
-                lines.append(
-                    json.dumps(
-                        {
-                            "series": display_name(name),
-                            "steps": one.steps[start:end].tolist(),
-                            "epochs": one.epochs[start:end].tolist(),
-                            "values": one.values[start:end].tolist(),  # NaN, Infinity: json reads them back
-                        }
+                entries.append(
+                    journal_entry(
+                        display_name(name), one.steps[start:end], one.epochs[start:end], one.values[start:end]
                     )
                 )
-        if not lines and not first:
+        if not entries and not first:
             return
-        data = "".join(line + "\n" for line in lines).encode()
+        data = b"".join(entries)
 
         def write() -> None:
             if first:
@@ -649,24 +655,30 @@ class Run:
 
 
 def read_journal(path: Path) -> dict[str, Series]:
-    """The series a journal (history.jsonl) holds, each in the order it was appended; a line
-    the writer had not finished (the process killed while it wrote) is left out."""
-    parts: dict[str, list[tuple[list, list, list]]] = {}
-    with open(path, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break  # the last line, cut short
-            entry = json.loads(line)
-            parts.setdefault(entry["series"], []).append((entry["steps"], entry["epochs"], entry["values"]))
-    return {
-        name: Series(
-            *(
-                np.concatenate([np.asarray(chunk[i], dtype) for chunk in chunks])
-                for i, dtype in enumerate((np.int64, np.int64, np.float64))
-            )
-        )
-        for name, chunks in parts.items()
-    }
+    """The series a journal (history.journal) holds, each in the order it was appended; an
+    entry the writer had not finished (the process killed while it wrote) is left out."""
+    blob = path.read_bytes()
+    parts: dict[str, list[np.ndarray]] = {}
+    pos = 0
+    while pos < len(blob):
+        end = blob.find(b"\n", pos)
+        if end < 0:
+            break
+        try:
+            header = json.loads(blob[pos:end])
+            name, count = header["series"], int(header["count"])
+        except (ValueError, KeyError, TypeError):
+            break  # a header cut short
+        start = end + 1
+        if start + count * _JOURNAL_RECORD.itemsize > len(blob):
+            break  # records cut short
+        parts.setdefault(name, []).append(np.frombuffer(blob, _JOURNAL_RECORD, count, start))
+        pos = start + count * _JOURNAL_RECORD.itemsize
+    series = {}
+    for name, chunks in parts.items():
+        records = np.concatenate(chunks)
+        series[name] = Series(records["step"].copy(), records["epoch"].copy(), records["value"].copy())
+    return series
 
 
 def open_run(path: str | os.PathLike) -> Run:

@@ -80,6 +80,13 @@ def test_device_scalars_are_stacked_into_blocks_and_read_back_exactly(device, mo
         assert found == ([] if length <= n + 17 else [("loss", n + 17, found[0][2])])
     assert np.isnan(found[0][2])
     assert not column.blocks and all(v is None for v in column.raw)  # everything converted is let go
+    # Host values after them (read at once, in C: no device scalar among them), then one more.
+    for i in range(5):
+        history.append("loss", 4 * n + 7 + i, 0, 0.25 * i)
+    assert history.read()["loss"].values[-5:].tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    history.append("loss", 4 * n + 12, 0, torch.tensor(2.0, dtype=torch.float64, device=device))
+    history.append("loss", 4 * n + 13, 0, 3.0)
+    assert history.read()["loss"].values[-3:].tolist() == [1.0, 2.0, 3.0]
 
 
 @pytest.mark.parametrize("device", _devices())

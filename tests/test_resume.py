@@ -24,7 +24,7 @@ from probescope import (
     open_run,
 )
 from probescope.compare import compare_runs
-from probescope.run import JOURNAL, read_journal
+from probescope.run import JOURNAL, journal_entry, read_journal
 from tests.conftest import fit_curve
 
 
@@ -289,12 +289,11 @@ def test_what_came_after_the_journals_last_write_comes_from_the_last_loss_frame(
     killed = _killed_copy(tmp_path, mlp, blobs, 20, losses, optimizer, monkeypatch)
     # As if the process had been killed after step 20's frame, before the journal had steps 16-20.
     journal = read_journal(killed / JOURNAL)
-    fields = ("steps", "epochs", "values")
-    lines = [
-        {"series": name, **{k: getattr(one, k)[one.steps <= 15].tolist() for k in fields}}
+    entries = [
+        journal_entry(name, *(getattr(one, k)[one.steps <= 15] for k in ("steps", "epochs", "values")))
         for name, one in journal.items()
     ]
-    (killed / JOURNAL).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (killed / JOURNAL).write_bytes(b"".join(entries))
     frame = open_run(killed).probe("loss").frame(-1)
     assert frame.step == 20
     kept = frame.data["series/train_loss/steps"]
@@ -310,9 +309,14 @@ def test_what_came_after_the_journals_last_write_comes_from_the_last_loss_frame(
     np.testing.assert_allclose(series.values[15:], frame.data["series/train_loss/values"][kept > 15])
 
 
-def test_a_broken_last_line_of_a_journal_is_left_out(tmp_path):
+def test_an_entry_of_a_journal_cut_short_is_left_out(tmp_path):
     path = tmp_path / JOURNAL
-    whole = {"series": "train_loss", "steps": [1, 2], "epochs": [0, 0], "values": [0.5, float("nan")]}
-    path.write_text(json.dumps(whole) + "\n" + json.dumps({**whole, "steps": [3, 4]})[:30])
-    (series,) = read_journal(path).values()
-    assert series.steps.tolist() == [1, 2] and series.values[0] == 0.5 and np.isnan(series.values[1])
+    whole = journal_entry("train_loss", [1, 2], [0, 0], [0.5, float("nan")])
+    later = journal_entry("train_loss", [3, 4], [0, 0], [0.25, 0.125])
+    for cut in (len(later) - 1, 10):  # in its records, in its header
+        path.write_bytes(whole + journal_entry("lr", [1], [0], [0.1]) + later[:cut])
+        series = read_journal(path)
+        assert series["train_loss"].steps.tolist() == [1, 2] and series["train_loss"].values[0] == 0.5
+        assert np.isnan(series["train_loss"].values[1]) and series["lr"].values.tolist() == [0.1]
+    path.write_bytes(whole + later)
+    assert read_journal(path)["train_loss"].values.tolist()[2:] == [0.25, 0.125]
