@@ -212,7 +212,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from probescope.run import JOURNAL, open_run
+    from probescope.run import HISTORY, JOURNAL, open_run
     from probescope.units import bytes_text
 
     run = open_run(args.run)
@@ -281,8 +281,12 @@ def _info(args: argparse.Namespace) -> int:
     history = run.history()
     if history:
         points = max(len(one.steps) for one in history.values())
-        journal = (run.path / JOURNAL).exists()
-        source = "history.journal, as last written" if journal else "history.npz"
+        if (run.path / JOURNAL).exists():
+            source = "history.journal as last written, then the newest LossProbe frame"
+        elif (run.path / HISTORY).exists():
+            source = "history.npz"
+        else:
+            source = "the newest LossProbe frame (no journal yet)"
         print(f"history   {source}: {', '.join(history)} (up to {points:,} points each)")
     else:
         print("history   (none yet: journaled every few seconds, whole when the Monitor closes)")

@@ -153,11 +153,11 @@ class History:
     #: Loose device scalars a series holds before they are stacked into one tensor.
     COMPACT = 256
 
-    def load(self, series: Mapping[str, Series], upto: int, after: int = -1) -> None:
+    def load(self, series: Mapping[str, Series], upto: int) -> None:
         """Append ``series`` (by their display names: the batch losses as ``train_loss``), each
-        after step ``after`` up to step ``upto``: a resumed run's series of its earlier steps."""
+        up to step ``upto``: a resumed run's series of its earlier steps."""
         for name, one in series.items():
-            keep = (one.steps > after) & (one.steps <= upto)
+            keep = one.steps <= upto
             target = self.BATCH_LOSS if name == "train_loss" else name
             columns = (one.steps[keep].tolist(), one.epochs[keep].tolist(), one.values[keep].tolist())
             for step, epoch, value in zip(*columns, strict=True):

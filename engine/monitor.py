@@ -24,7 +24,6 @@ from probescope.gather import GatheredPool, GatherPlan, build_unsharded
 from probescope.graphs import ForwardGraphs
 from probescope.history import History, display_name
 from probescope.probes.base import Probe, ProbeContext, ProbeStats, eval_mode, model_device_dtype
-from probescope.probes.loss import seed_history
 from probescope.probes.views import views_config
 from probescope.ring import Frame, FrameRing, fit_capacities
 from probescope.run import RunWriter, open_run
@@ -547,8 +546,8 @@ class Monitor:
 
     def _continue(self, run, step: int) -> None:
         """Continue ``run`` (its frames after ``step`` superseded already): the step and epoch
-        counters, the scalar series up to ``step`` (from its history.npz if it was closed, else
-        from its journal and, after the journal's end, its last LossProbe frame), and each
+        counters, the scalar series up to ``step`` (``Run.history``: whole if it was closed, else
+        as its journal and then its newest LossProbe frame hold them), and each
         probe's own state (``Probe.resume`` with its last frame); a probe with a frame of
         ``step`` already is not asked again at it."""
         last = {name: record.frame(-1) for name, record in run.probes.items() if len(record)}
@@ -562,15 +561,7 @@ class Monitor:
         self._step, self._epoch, self._last_step_epoch = step, epoch, epoch
         self.resumed_at = step
         self._wall_before = float(summary.get("wall_seconds") or 0.0)  # unknown for a killed run
-        # Every series, exact: whole if that run closed, else as its journal last had them;
-        # what came after (a killed run's last seconds) from its newest LossProbe frame.
-        whole = run.history()
-        self.history.load(whole, step)
-        journaled = max((int(one.steps[-1]) for one in whole.values() if len(one.steps)), default=-1)
-        losses = [f for name, f in last.items() if run.probe(name).kind == "loss" and f.step > journaled]
-        if losses:
-            frame = max(losses, key=lambda f: f.step)
-            seed_history(self.history, frame, run.probe(frame.probe).config, step, after=journaled)
+        self.history.load(run.history(), step)
         for name, frame in last.items():
             st = self._probes.get(name)
             if st is not None and st.probe.kind == run.probe(name).kind:

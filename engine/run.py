@@ -624,21 +624,48 @@ class Run:
         return self.probes[name]
 
     def history(self) -> dict[str, Series]:
-        """Every scalar series of the run, whole: name -> ``Series(steps, epochs, values)``,
-        the batch losses as ``train_loss``: history.npz, written when the Monitor closes; before
-        that (a run that trains, or whose process was killed), the journal the Monitor appends
-        every few seconds, up to its last write. A LossProbe frame holds them as of its step,
-        cut to its ``max_points``."""
+        """Every scalar series of the run: name -> ``Series(steps, epochs, values)``, the batch
+        losses as ``train_loss``. A closed run's are whole (history.npz). A run not closed (that
+        trains, or whose process was killed) has them as the journal the Monitor appends every
+        few seconds last held them, then, for the steps after, as its newest LossProbe frame
+        holds them (cut to the probe's ``max_points``)."""
         path = self.path / HISTORY
         journal = self.path / JOURNAL
-        if journal.exists():  # (removed once history.npz is whole; newer than a resumed run's)
-            return read_journal(journal)
+        if journal.exists():  # (removed once history.npz is whole)
+            return self._after_journal(read_journal(journal))
         if not path.exists():
-            return {}
+            return self._after_journal({})
         with np.load(path, allow_pickle=False) as z:
             arrays = {key: z[key] for key in z.files}
         names = dict.fromkeys(key.rpartition("/")[0] for key in arrays)
         return {n: Series(arrays[f"{n}/steps"], arrays[f"{n}/epochs"], arrays[f"{n}/values"]) for n in names}
+
+    def _after_journal(self, series: dict[str, Series]) -> dict[str, Series]:
+        """``series`` and, after each one's last step, the points of the newest LossProbe frame."""
+        from probescope.probes.loss import frame_history
+
+        newest = [
+            (record, record.frame(-1))
+            for record in self.probes.values()
+            if record.kind == "loss" and len(record)
+        ]
+        if not newest:
+            return series
+        record, frame = max(newest, key=lambda pair: pair[1].step)
+        for name, points in frame_history(frame, record.config).items():
+            known = series.get(name)
+            after = int(known.steps[-1]) if known is not None and len(known.steps) else -1
+            keep = points.steps > after
+            if not keep.any():
+                continue
+            fields = [(points.steps, "steps"), (points.epochs, "epochs"), (points.values, "values")]
+            series[name] = Series(
+                *(
+                    array[keep] if known is None else np.concatenate([getattr(known, field), array[keep]])
+                    for array, field in fields
+                )
+            )
+        return series
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """The final weights (model.pt), loaded without unpickling arbitrary objects."""

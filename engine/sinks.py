@@ -305,15 +305,15 @@ class TensorBoardSink(Sink):
 def export_tensorboard(run: Run, log_dir: str | os.PathLike, probes=None, progress: bool = True) -> Path:
     """Write a recorded run's frames (``probes``: names, default all) as TensorBoard event
     files in ``log_dir``, as a live ``TensorBoardSink`` would have: the run's series whole
-    from its history (a run not closed: as its journal last had them, or, with none yet, as its
-    LossProbe frames hold them), with
+    from its history (a run not closed: as its journal last had them, then as its newest
+    LossProbe frame holds them), with
     every probe or a LossProbe among ``probes``. Returns ``log_dir``."""
     from tqdm.auto import tqdm
 
     sink = TensorBoardSink(log_dir)
     names = list(run.probes) if probes is None else list(probes)
     try:
-        history = run.history()  # (a run not closed: its journal; none before the first write)
+        history = run.history()  # (a run not closed: its journal, then its newest LossProbe frame)
         if history and (probes is None or any(run.probe(name).kind == "loss" for name in names)):
             sink.scalars(history)
         for name in names:

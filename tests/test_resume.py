@@ -299,14 +299,16 @@ def test_what_came_after_the_journals_last_write_comes_from_the_last_loss_frame(
     kept = frame.data["series/train_loss/steps"]
     assert 0 < (kept > 15).sum() < 5  # the frame's cut series: some of steps 16-20
 
+    later = kept[kept > 15]
+    read = open_run(killed).history()["train_loss"]  # what readers (info, compare, export) see
     monitor = Monitor(mlp, [_cut_losses()], run_dir=killed, resume=True)
     monitor.start()
-    series = monitor.history.read()["batch_loss"]
+    resumed = monitor.history.read()["batch_loss"]  # what the resumed run goes on from
     monitor.close()
-    later = kept[kept > 15]
-    assert series.steps.tolist() == [*range(1, 16), *later.tolist()]
-    np.testing.assert_allclose(series.values[:15], losses[:15], rtol=1e-6)
-    np.testing.assert_allclose(series.values[15:], frame.data["series/train_loss/values"][kept > 15])
+    for series in (read, resumed):
+        assert series.steps.tolist() == [*range(1, 16), *later.tolist()]
+        np.testing.assert_allclose(series.values[:15], losses[:15], rtol=1e-6)
+        np.testing.assert_allclose(series.values[15:], frame.data["series/train_loss/values"][kept > 15])
 
 
 def test_an_entry_of_a_journal_cut_short_is_left_out(tmp_path):

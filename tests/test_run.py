@@ -242,7 +242,7 @@ def test_a_writer_killed_mid_run_leaves_a_readable_run(tmp_path, capsys):
     assert np.isfinite(losses.values).all() and not (run_dir / "history.npz").exists()
     assert main(["info", str(run_dir)]) == 0
     out = capsys.readouterr().out
-    assert "history   history.journal, as last written: train_loss" in out
+    assert "history   history.journal as last written, then the newest LossProbe frame: train_loss" in out
     assert "status    stopped" in out
     assert f"process {proc.pid} on {socket.gethostname()} is gone: the run ended without closing" in out
     assert f"no summary (written when the Monitor closes); the last frame is of step {steps[-1]}" in out

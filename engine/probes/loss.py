@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from probescope.history import MIN_POINTS, History, Series, display_name, envelope, epoch_means
+from probescope.history import MIN_POINTS, Series, display_name, envelope, epoch_means
 from probescope.probes.base import Probe, ProbeContext, ValidSet, check_forward
 from probescope.schedule import Schedule
 from probescope.validation import at_least
@@ -125,14 +125,14 @@ def own_series(config: Mapping[str, Any]) -> set[str]:
     return {"train_loss_epoch"} | scored
 
 
-def seed_history(history: History, frame, config: Mapping[str, Any], step: int, after: int = -1) -> None:
-    """Fill ``history`` with the scalar series a LossProbe ``frame`` holds, after step
-    ``after`` (what the history holds already) up to ``step``: a run resumed there goes on
-    from them. The batch losses and logged values come
-    back at their steps; their epochs from the frame's epoch means (an epoch ends at the step of
-    each); the probe's own series (``train_loss_epoch``, its valid loss and metrics) are not
-    the history's. A series longer than the probe's ``max_points`` comes back as the frame
-    kept it (its envelope)."""
+def frame_history(frame, config: Mapping[str, Any]) -> dict[str, Series]:
+    """The run's scalar series a LossProbe ``frame`` holds, by display name (the batch losses
+    as ``train_loss``): what the history held at its step, for a run whose history did not
+    survive (a process killed before its journal's next write). The batch losses and logged
+    values at their steps; their epochs from the frame's epoch means (an epoch ends at the step
+    of each); the probe's own series (``train_loss_epoch``, its valid loss and metrics) are not
+    the history's. A series longer than the probe's ``max_points`` comes as the frame kept it
+    (its envelope)."""
     own = own_series(config)
     ends = frame.data.get("series/train_loss_epoch/steps")
     series = {}
@@ -140,4 +140,4 @@ def seed_history(history: History, frame, config: Mapping[str, Any], step: int, 
         if name not in own:
             epochs = np.searchsorted(ends, steps, side="left") if ends is not None else np.zeros_like(steps)
             series[name] = Series(steps, epochs, values)
-    history.load(series, step, after=after)
+    return series
