@@ -129,6 +129,10 @@ def export_probe(
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ValueError(f"formats must be among {FORMATS}, got {unknown}")
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps!r}")
+    if not 0 < gif_scale <= 1:
+        raise ValueError(f"gif_scale must be within (0, 1], got {gif_scale!r}")
     if len(record) == 0:
         raise ValueError(f"probe {record.name!r} has no frames to export")
     out = Path(out)

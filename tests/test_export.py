@@ -175,9 +175,19 @@ def test_final_map_png_is_exactly_the_last_recorded_map(recorded, tmp_path):
         ).exists()
 
 
-def test_unknown_format_is_rejected(recorded, tmp_path):
-    with pytest.raises(ValueError, match="formats must be among"):
-        export_probe(recorded.probe("grid"), tmp_path, ["avi"])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"formats": ["avi"]}, "formats must be among"),
+        ({"formats": ["mp4"], "fps": 0}, "fps must be > 0, got 0"),
+        ({"formats": ["gif"], "fps": -1.0}, "fps must be > 0, got -1.0"),
+        ({"formats": ["gif"], "gif_scale": 0}, r"gif_scale must be within \(0, 1\], got 0"),
+    ],
+)
+def test_bad_export_arguments_are_refused_before_anything_is_written(recorded, tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        export_probe(recorded.probe("grid"), tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
 
 
 def test_curve_figure_draws_the_band_and_both_loss_series(tmp_path):
