@@ -25,6 +25,7 @@ from probescope.graphs import ForwardGraphs
 from probescope.history import History, display_name
 from probescope.probes.base import Probe, ProbeContext, ProbeStats, eval_mode, model_device_dtype
 from probescope.probes.views import views_config
+from probescope.recorder import Recorder
 from probescope.ring import Frame, FrameRing, fit_capacities
 from probescope.run import RunWriter, open_run
 from probescope.schedule import Budget, StepInfo, StepTime, next_due
@@ -33,7 +34,7 @@ from probescope.sinks import Sink
 from probescope.snapshot import SnapshotPool, device_free_memory, host_free_memory
 from probescope.streams import ProbeStreams, StepClock
 from probescope.validation import fraction, positive_int
-from probescope.worker import ProbeWorker, start_thread
+from probescope.worker import ProbeWorker
 
 __all__ = ["Monitor", "Terminated"]  # Terminated: where the README (and earlier code) says it is
 
@@ -423,16 +424,19 @@ class Monitor:
         self._epoch = 0
         self._last_step_epoch = 0
         self._started = self._closed = self._warned_closed = False
-        self._stop_recorder = False
         self._worker: ProbeWorker | None = None
-        self._recorder: threading.Thread | None = None
         self.writer: RunWriter | None = None
-        self._sinks: list[Sink] = list(sinks)
-        self._history_unread = False  # the recorder could not read the history (warned once)
-        self._journaled_at = 0.0  # when the recorder last appended the series to the journal
-        for sink in self._sinks:
+        sinks = list(sinks)
+        for sink in sinks:
             if not callable(getattr(sink, "write", None)):
                 raise TypeError(f"Monitor: a sink needs a write(frame) method, got {type(sink).__name__}")
+        self._recorder = Recorder(
+            self._states,
+            self.history,
+            sinks,
+            self._wake,
+            self._streams.training if self._streams is not None else None,
+        )
         self._t_start = 0.0
         self._t_end: float | None = None
         self._t_last_step: float | None = None
@@ -633,13 +637,14 @@ class Monitor:
             )
         for st in self._probes.values():
             p = st.probe
-            self._to_sinks("add_probe", p.name, p.kind, {**p.config(), **views_config(p)}, p.static())
+            config = {**p.config(), **views_config(p)}
+            self._recorder.to_sinks("add_probe", p.name, p.kind, config, p.static())
         if self.resumed_at is not None:
-            self._to_sinks("resume", self.resumed_at)
-        if self.writer is not None or self._sinks:  # else nobody reads every frame
+            self._recorder.to_sinks("resume", self.resumed_at)
+        if self.writer is not None or self._recorder.sinks:  # else nobody reads every frame
             for st in self._probes.values():
                 st.recording = True
-            self._recorder = start_thread(self._record_loop, "probescope-recorder", self._probe_threads)
+            self._recorder.start(self.writer, self._probe_threads, self.JOURNAL_SECONDS)
         self._fire("before_fit")
         self._step_handlers = self._handlers("after_step")
         self._warm_up()
@@ -795,11 +800,8 @@ class Monitor:
             with contextlib.suppress(Exception):
                 self.viewer.refresh()
                 self.viewer.close()
-        self._stop_recorder = True
-        self._wake.set()
-        if self._recorder is not None:
-            self._recorder.join()
-        self._to_sinks("close")
+        self._recorder.stop()
+        self._recorder.to_sinks("close")
         if self.writer is not None:
             self.writer.flush()  # each probe's last frame, whatever the disk budget left out
         series = None
@@ -1235,86 +1237,6 @@ class Monitor:
                 step,
                 ", ".join(f"{type(st.probe).__name__} {st.probe.name!r}" for st in stopped),
             )
-
-    def _record_loop(self) -> None:
-        while True:
-            self._wake.wait(0.25)
-            self._wake.clear()
-            stopping = self._stop_recorder
-            # The run's series before the frames (a sink that takes them writes them whole, and a
-            # LossProbe frame's copy, cut to its max_points, adds nothing to them); every
-            # JOURNAL_SECONDS into the run directory's journal, what a killed run keeps of them.
-            to_sinks = any(getattr(sink, "wants_scalars", False) for sink in self._sinks)
-            journal = (
-                self.writer is not None
-                and not stopping  # (close writes them whole)
-                and time.monotonic() - self._journaled_at >= self.JOURNAL_SECONDS
-            )
-            series = self._read_history() if to_sinks or journal else None
-            if series is not None and to_sinks:
-                self._to_sinks("scalars", series, wanted="wants_scalars")
-            if series is not None and journal:
-                self.writer.journal_history(series)
-                self._journaled_at = time.monotonic()
-            for st in self._probes.values():
-                for frame in st.ring.read_since(st.recorded_seq):
-                    st.recorded_seq = frame.seq
-                    try:
-                        if self.writer is not None:
-                            self.writer.write_frame(frame)  # a full disk: the writer's own warning
-                    except Exception as err:  # this frame only: the recorder goes on
-                        st.probe.warn_once(
-                            "unwritable",
-                            f"a frame could not be written ({type(err).__name__}: {err}); such frames "
-                            "are left out of the run directory, the others are written",
-                        )
-                    self._to_sinks("write", frame)
-                    st.written_seq = frame.seq  # its budget stops counting steps against it
-                if st.ring.dropped:
-                    st.probe.warn_once(
-                        "dropped",
-                        "the recorder fell behind and lost frames; raise ring_capacity or probe less often",
-                    )
-            if stopping:
-                return
-
-    def _read_history(self) -> dict | None:
-        """Every series so far, for the recorder (None, warned once, if they cannot be read)."""
-        # Device losses are copied on the stream training runs on, after the work that made
-        # them (this thread's own stream is not ordered after a training stream).
-        training = self._streams.training if self._streams is not None else None
-        try:
-            with torch.cuda.stream(training) if training is not None else contextlib.nullcontext():
-                return self.history.read()
-        except Exception as err:  # once: the recorder asks again at every wake
-            if not self._history_unread:
-                log.warning(
-                    "Monitor: the sinks and the run's journal get no series (%s: %s)", type(err).__name__, err
-                )
-            self._history_unread = True
-            return None
-
-    def _to_sinks(self, method: str, *args, wanted: str | None = None) -> None:
-        """Call ``method`` of every sink (that has ``wanted`` set); a sink that raises is
-        dropped with one warning, and the others go on."""
-        for sink in list(self._sinks):
-            if wanted is not None and not getattr(sink, wanted, False):
-                continue
-            call = getattr(sink, method, None)
-            if call is None:
-                continue
-            try:
-                call(*args)
-            except Exception as err:
-                self._sinks.remove(sink)
-                log.warning(
-                    "Monitor: sink %s failed in %s (%s: %s); it gets nothing more, training and the "
-                    "run directory go on",
-                    type(sink).__name__,
-                    method,
-                    type(err).__name__,
-                    err,
-                )
 
     def summary(self) -> dict[str, Any]:
         """What happened so far: steps, epochs, frames, per-probe counters, memory."""
