@@ -136,6 +136,7 @@ def _export(args: argparse.Namespace) -> int:
             fps=args.fps,
             progress=not args.quiet,
             renderer=args.renderer,
+            jobs=args.jobs or min(os.cpu_count() or 1, 8),
         )
         if formats
         else {}
@@ -431,6 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--interpolate", type=int, default=0, help="frames to add between recorded frames")
     export.add_argument("--method", choices=METHODS, default="linear", help="interpolation easing")
     export.add_argument("--fps", type=float, default=12.0)
+    export.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="processes that draw a long export's matplotlib pictures (default: the cores, at most 8; "
+        "an export of fewer pictures is drawn in one)",
+    )
     export.add_argument(
         "--renderer",
         choices=("mpl", "gl"),

@@ -6,6 +6,7 @@ blended and coloured again, so an in-between frame is a map a model could have p
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -108,6 +109,94 @@ def timeline(
         previous = frame
 
 
+#: Pictures below which worker processes cost more to start (each imports probescope and
+#: matplotlib) than they save: a probe's export runs here.
+MIN_PARALLEL = 150
+
+
+class Painter:
+    """Draws a probe's pictures, in order: here, or, with ``jobs`` > 1 and at least
+    ``MIN_PARALLEL`` of them, in ``jobs`` worker processes (started at the first such probe,
+    kept for the next). A panel that draws the frames before it too (a HistogramProbe's, a
+    probe of the user's own kind) and the OpenGL renderer draw here."""
+
+    def __init__(self, jobs: int = 1):
+        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+            raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
+        self.jobs = jobs
+        self._pool = None
+
+    def pictures(
+        self, record: ProbeRecord, items: Iterable[tuple[dict, float, float]], total: int, size, renderer: str
+    ) -> Iterator[tuple[np.ndarray, float]]:
+        """(picture, step) of each (data, step, epoch) of ``items`` (``total`` of them)."""
+        if renderer == "gl":
+            from probescope.viewers.viewer import GLFrameRenderer
+
+            drawer = GLFrameRenderer(record, size=size)
+        elif renderer == "mpl":
+            if self.jobs > 1 and total >= MIN_PARALLEL and not _draws_history(record.kind):
+                yield from self._in_workers(record, items, size)
+                return
+            drawer = FrameRenderer(record, size=size)
+        else:
+            raise ValueError(f"renderer must be 'mpl' or 'gl', got {renderer!r}")
+        for data, step, epoch in items:
+            drawer.draw(data, step, epoch)
+            yield drawer.image(), step
+
+    def _in_workers(self, record: ProbeRecord, items, size) -> Iterator[tuple[np.ndarray, float]]:
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # Spawned, not forked: the caller may hold threads (torch's, a Monitor's).
+            self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
+        window: deque = deque()  # pictures in flight, in order: at most two per worker
+        for data, step, epoch in items:
+            job = self._pool.submit(
+                _draw_in_worker, str(record.run.path), record.name, size, data, step, epoch
+            )
+            window.append((job, step))
+            if len(window) >= 2 * self.jobs:
+                job, at = window.popleft()
+                yield job.result(), at
+        while window:
+            job, at = window.popleft()
+            yield job.result(), at
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> Painter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _draws_history(kind: str) -> bool:
+    """Whether a picture of ``kind`` draws the frames before it too (drawn in order, here)."""
+    return getattr(figure_panel(kind), "accumulates", False)
+
+
+_WORKER_RENDERERS: dict[tuple, FrameRenderer] = {}  # in a worker process: one per probe and size
+
+
+def _draw_in_worker(run_path: str, name: str, size, data: dict, step: float, epoch: float) -> np.ndarray:
+    """In a worker process: one picture, by this worker's renderer for the probe."""
+    from probescope.run import open_run
+
+    key = (run_path, name, tuple(size))
+    drawer = _WORKER_RENDERERS.get(key)
+    if drawer is None:
+        drawer = _WORKER_RENDERERS[key] = FrameRenderer(open_run(run_path).probe(name), size=size)
+    drawer.draw(data, step, epoch)
+    return drawer.image()
+
+
 def export_probe(
     record: ProbeRecord,
     out: str | Path,
@@ -120,11 +209,14 @@ def export_probe(
     gif_scale: float = 0.5,
     progress: bool = False,
     renderer: str = "mpl",
+    jobs: int | Painter = 1,
 ) -> list[Path]:
     """Render one probe's frames once and write each requested format; returns the files.
 
     ``renderer``: ``"mpl"`` draws matplotlib figures, ``"gl"`` the OpenGL viewer's panel for
-    the probe, offscreen through EGL."""
+    the probe, offscreen through EGL. ``jobs``: worker processes that draw a long export's
+    matplotlib pictures (see ``Painter``; in a script, call it under
+    ``if __name__ == "__main__":``, as the processes are spawned), or a ``Painter`` to share."""
     formats = list(dict.fromkeys(formats))
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
@@ -133,18 +225,13 @@ def export_probe(
         raise ValueError(f"fps must be > 0, got {fps!r}")
     if not 0 < gif_scale <= 1:
         raise ValueError(f"gif_scale must be within (0, 1], got {gif_scale!r}")
+    if renderer not in ("mpl", "gl"):
+        raise ValueError(f"renderer must be 'mpl' or 'gl', got {renderer!r}")
     if len(record) == 0:
         raise ValueError(f"probe {record.name!r} has no frames to export")
+    painter = jobs if isinstance(jobs, Painter) else Painter(jobs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if renderer == "gl":
-        from probescope.viewers.viewer import GLFrameRenderer
-
-        renderer = GLFrameRenderer(record, size=size)
-    elif renderer == "mpl":
-        renderer = FrameRenderer(record, size=size)
-    else:
-        raise ValueError(f"renderer must be 'mpl' or 'gl', got {renderer!r}")
     written: list[Path] = []
     mp4 = gif = None
     if "mp4" in formats:
@@ -169,12 +256,10 @@ def export_probe(
         png_dir.mkdir(exist_ok=True)
     total = len(record) + max(len(record) - 1, 0) * interpolate
     try:
-        items = timeline(record, interpolate, method)
-        for index, (data, step, epoch) in enumerate(
-            tqdm(items, total=total, desc=f"export {record.name}", disable=not progress, leave=False)
+        pictures = painter.pictures(record, timeline(record, interpolate, method), total, size, renderer)
+        for index, (image, step) in enumerate(
+            tqdm(pictures, total=total, desc=f"export {record.name}", disable=not progress, leave=False)
         ):
-            renderer.draw(data, step, epoch)
-            image = renderer.image()
             if mp4 is not None:
                 mp4.append_data(image)
             if gif is not None:
@@ -196,6 +281,8 @@ def export_probe(
             mp4.close()
         if gif is not None:
             gif.close()
+        if painter is not jobs:
+            painter.close()
     return written
 
 
@@ -210,10 +297,12 @@ def export_run(
     fps: float = 12.0,
     progress: bool = False,
     renderer: str = "mpl",
+    jobs: int = 1,
 ) -> dict[str, list[Path]]:
     """Export every probe (or the named ones) of a run; returns the files per probe. A probe
     drawn over training as a whole, not frame by frame (StatsProbe: see
-    ``export_final_pictures``), is left out unless named, which is an error."""
+    ``export_final_pictures``), is left out unless named, which is an error. ``jobs``: worker
+    processes for long exports, shared by the probes (see ``export_probe``)."""
 
     def animated(kind: str) -> bool:
         if renderer == "gl":  # the viewer's panels: its statistics panel grows frame by frame
@@ -230,20 +319,22 @@ def export_run(
             )
     else:
         names = [n for n, record in run.probes.items() if animated(record.kind)]
-    return {
-        name: export_probe(
-            run.probe(name),
-            out,
-            formats,
-            interpolate=interpolate,
-            method=method,
-            fps=fps,
-            progress=progress,
-            renderer=renderer,
-        )
-        for name in names
-        if len(run.probe(name))
-    }
+    with Painter(jobs) as painter:
+        return {
+            name: export_probe(
+                run.probe(name),
+                out,
+                formats,
+                interpolate=interpolate,
+                method=method,
+                fps=fps,
+                progress=progress,
+                renderer=renderer,
+                jobs=painter,
+            )
+            for name in names
+            if len(run.probe(name))
+        }
 
 
 def export_final_pictures(run: Run, out: str | Path) -> list[Path]:

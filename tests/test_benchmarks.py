@@ -621,6 +621,18 @@ def test_the_gif_benchmark_writes_every_count_with_both_writers(capsys):
     assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)  # frames a second, file size
 
 
+def test_the_export_benchmark_times_each_jobs_value_on_the_same_files(capsys, monkeypatch):
+    import probescope.export
+    from benchmarks.export import main
+
+    monkeypatch.setattr(probescope.export, "MIN_PARALLEL", 2)  # workers for these few pictures
+    assert main(["--frames", "4", "--interpolate", "1", "--jobs", "1", "2", "--rounds", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "4 frames, 7 pictures with 1 between each pair"
+    rows = {int(line.split()[0]): line.split()[1:] for line in lines[2:4]}
+    assert sorted(rows) == [1, 2] and rows[1][2] == "1.00" and float(rows[2][0]) > 0
+
+
 def test_the_grid_frame_benchmark_times_every_variant_on_the_same_frames(tmp_path, capsys):
     from benchmarks.grid_frame import MLPS, VARIANTS, main
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+import probescope.export
 from probescope import CurveProbe, Monitor, Schedule, open_run
-from probescope.export import export_final_pictures, export_probe, export_run, timeline
+from probescope.export import Painter, export_final_pictures, export_probe, export_run, timeline
 from probescope.figures import FrameRenderer, small_multiples
 from tests.conftest import fit_curve, record_blobs_run, regression_steps
 
@@ -56,6 +57,39 @@ def test_animations_decode_with_the_right_frame_count_and_size(recorded, tmp_pat
     assert len(frames) == len(grid) + 2 * (len(grid) - 1)
     assert frames[0].shape[:2] == (240, 320)
     assert np.abs(frames[0].astype(int) - frames[-1].astype(int)).mean() > 1, "frames do not change"
+
+
+def test_pictures_drawn_by_worker_processes_are_the_ones_drawn_here(recorded, monkeypatch):
+    monkeypatch.setattr(probescope.export, "MIN_PARALLEL", 4)  # (this run's probes have a few frames)
+    with Painter(2) as workers:
+        for name in ("grid", "prediction", "loss"):
+            record = recorded.probe(name)
+            items = list(timeline(record, interpolate=1))
+            here = list(Painter(1).pictures(record, iter(items), len(items), (320, 240), "mpl"))
+            there = list(workers.pictures(record, iter(items), len(items), (320, 240), "mpl"))
+            assert workers._pool is not None  # drawn by the workers, not here
+            assert [step for _, step in there] == [step for _, step, _ in items]
+            for (mine, _), (theirs, _) in zip(here, there, strict=True):
+                np.testing.assert_array_equal(mine, theirs, err_msg=name)
+
+
+def test_a_long_export_with_jobs_writes_what_one_process_writes(recorded, tmp_path, monkeypatch):
+    monkeypatch.setattr(probescope.export, "MIN_PARALLEL", 4)
+    files = {
+        jobs: export_run(recorded, tmp_path / str(jobs), ["png", "gif"], probes=["grid", "loss"], jobs=jobs)
+        for jobs in (1, 2)
+    }
+    assert [[p.name for p in paths] for paths in files[1].values()] == [
+        [p.name for p in paths] for paths in files[2].values()
+    ]
+    for one, two in zip(
+        (p for paths in files[1].values() for p in paths),
+        (p for paths in files[2].values() for p in paths),
+        strict=True,
+    ):
+        assert one.read_bytes() == two.read_bytes(), one.name
+    with pytest.raises(ValueError, match="jobs must be an int >= 1, got 0"):
+        export_probe(recorded.probe("grid"), tmp_path / "bad", ["png"], jobs=0)
 
 
 def test_a_reused_map_renderer_draws_every_frame_as_a_fresh_one_would(recorded):
