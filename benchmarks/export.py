@@ -29,7 +29,7 @@ from probescope.datasets import make_dataset
 from probescope.export import export_run
 
 
-def record(frames: int, folder: Path) -> Path:
+def record_run(frames: int, folder: Path) -> Path:
     """A run whose GridProbe holds ``frames`` frames."""
     torch.manual_seed(0)
     data = make_dataset("blobs7", seed=0)
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        run = open_run(record(args.frames, folder))
+        run = open_run(record_run(args.frames, folder))
         grid = run.probe("grid")
         pictures = len(grid) + (len(grid) - 1) * args.interpolate
         print(f"{len(grid)} frames, {pictures} pictures with {args.interpolate} between each pair")

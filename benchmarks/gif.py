@@ -25,13 +25,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
-from probescope import GridProbe, Monitor, Schedule, open_run
-from probescope.datasets import make_dataset
+from benchmarks.export import record_run
+from probescope import open_run
 from probescope.figures import FrameRenderer
 from probescope.gif import GifWriter
 
@@ -39,23 +36,8 @@ WRITERS = ("stream", "pillow")
 
 
 def render_frames(distinct: int, folder: Path) -> np.ndarray:
-    """``distinct`` GridProbe frames of a short training run, drawn and halved as the export does."""
-    torch.manual_seed(0)
-    data = make_dataset("blobs7", seed=0)
-    x, y = data.x_train, data.y_train
-    model = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 7))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    probe = GridProbe(x, y, resolution=128, schedule=Schedule.every(5))
-    with Monitor(model, [probe], run_dir=folder / "run", final_frame=False) as monitor:
-        for step in range(5 * distinct):
-            i = (step * 64) % (x.shape[0] - 64)
-            loss = F.cross_entropy(model(x[i : i + 64]), y[i : i + 64])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            monitor.step(loss=loss)
-            monitor.drain()  # every due frame, none skipped
-    record = open_run(folder / "run").probe(probe.name)
+    """``distinct`` + 1 GridProbe frames of a short training run, drawn and halved as the export does."""
+    record = open_run(record_run(distinct + 1, folder)).probe("grid")
     renderer = FrameRenderer(record, size=(768, 512))
     frames = []
     for index in range(len(record)):
