@@ -163,7 +163,8 @@ class Monitor:
     event names (``before_fit()``, ``after_loss(loss=...)``, ``after_step()``, ...).
     Probes run on a worker thread on a snapshot of the weights of one step; a probe due while
     its previous evaluation still runs is skipped. A probe that raises is disabled with one
-    warning; training goes on. With ``run_dir`` every frame is recorded there.
+    warning; training goes on. With ``run_dir`` every frame is recorded there, and the run's
+    scalar series every ``JOURNAL_SECONDS`` (its journal: what a killed process leaves of them).
 
     ``snapshot`` is ``"copy"``, ``"sync"`` or ``"live"`` (see probescope.snapshot);
     ``probe_threads`` caps the CPU threads the probe worker uses (training keeps the rest);
