@@ -290,7 +290,7 @@ def _info(args: argparse.Namespace) -> int:
             source = "the newest LossProbe frame (no journal yet)"
         print(f"history   {source}: {', '.join(history)} (up to {points:,} points each)")
     else:
-        print("history   (none yet: journaled every few seconds, whole when the Monitor closes)")
+        print("history   (none yet: journaled every second, whole when the Monitor closes)")
     print("probes")
     for name, record in run.probes.items():
         steps = record.steps() if len(record) else []

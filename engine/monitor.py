@@ -232,7 +232,7 @@ class Monitor:
     #: Steps the Monitor times before it tells the budgets (``Schedule.observe_steps``).
     STEP_BATCH = 8
     #: Seconds between the recorder's writes of the series to the run's journal (history.journal).
-    JOURNAL_SECONDS = 5.0
+    JOURNAL_SECONDS = 1.0
 
     def __init__(
         self,

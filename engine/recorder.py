@@ -47,7 +47,7 @@ class Recorder:
         self.wake = wake
         self.training_stream = training_stream
         self.writer: RunWriter | None = None
-        self.journal_seconds = 5.0
+        self.journal_seconds = 1.0
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._journaled_at = 0.0  # when the series were last appended to the journal

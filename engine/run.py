@@ -139,7 +139,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 HISTORY = "history.npz"  # every scalar series of a run, whole, written at close
-# The series as they grow, appended every few seconds while the run goes: what a run whose
+# The series as they grow, appended every second or so while the run goes: what a run whose
 # process was killed keeps of them. Per series and write, a JSON line ({"series": name,
 # "count": n}) and n records (step, epoch, value); an entry cut short by the kill is left out.
 # Removed once history.npz holds them.
@@ -627,8 +627,8 @@ class Run:
         """Every scalar series of the run: name -> ``Series(steps, epochs, values)``, the batch
         losses as ``train_loss``. A closed run's are whole (history.npz). A run not closed (that
         trains, or whose process was killed) has them as the journal the Monitor appends every
-        few seconds last held them, then, for the steps after, as its newest LossProbe frame
-        holds them (cut to the probe's ``max_points``)."""
+        second (``Monitor.JOURNAL_SECONDS``) last held them, then, for the steps after, as its
+        newest LossProbe frame holds them (cut to the probe's ``max_points``)."""
         path = self.path / HISTORY
         journal = self.path / JOURNAL
         if journal.exists():  # (removed once history.npz is whole)
