@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -47,7 +48,7 @@ class Recorder:
         self.wake = wake
         self.training_stream = training_stream
         self.writer: RunWriter | None = None
-        self.journal_seconds = 1.0
+        self.journal_seconds = math.inf  # (start() gives the Monitor's JOURNAL_SECONDS)
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._journaled_at = 0.0  # when the series were last appended to the journal
